@@ -1,0 +1,434 @@
+"""The chat wire protocol, version 1: message types, encode/decode, validation, limits.
+
+No I/O here and no zmq import: this module turns frames into messages and back, so it is
+tested without sockets. PROTOCOL.md explains the same in prose, with a worked session.
+
+Command socket (client DEALER -> broker ROUTER), every message is exactly three frames:
+    [kind, label, body]
+    kind   ASCII upper-case command name (HELLO, JOIN, SAY, ...)
+    label  1..64 bytes chosen by the client; the reply repeats it
+    body   a UTF-8 JSON object (fields per kind below; unknown fields are ignored)
+
+Broker -> client on the same socket, also three frames [kind, label, body]:
+    OK    label  {fields of the reply}            exactly one reply per request, or
+    ERROR label  {"code": CODE, "reason": "...", "retry_after": seconds (RATE_LIMITED only)}
+    push  b""    {fields}                         unsolicited: PRIVATE, GRANT, LIVE, KICKED,
+                                                  SHUTDOWN, EXPIRED (label is empty)
+
+Room socket (broker XPUB -> client XSUB), two frames [topic, batch]:
+    topic  room name + 0x00 + 16 hex digits of the room's current epoch (secret, changes
+           whenever someone leaves); clients never subscribe to it directly, they send the
+           subscription message 0x01 + grant, and the broker approves the topic for them
+    batch  a UTF-8 JSON array of one or more events of that room, in sequence order
+
+An event (room traffic, history, private messages) is a JSON object:
+    room, seq (per-room 1, 2, 3...), id (broker message id), ts (UTC seconds since the epoch),
+    nick (the sender, as the broker knows it), kind (msg, action, join, leave, nick, topic,
+    kick, ban, notice, private), text, and optional cmid (the sender's client message id),
+    bot (true when a bot sent it), to (private messages), reason, new (nick changes), by.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+VERSION: Final = 1
+VERSIONS: Final = (1,)
+
+# Limits, with the reason for each number.
+MAX_TEXT: Final = 4000          # a long paragraph; anything longer is a paste that wants a file
+MAX_FRAME: Final = 64 * 1024    # set as MAXMSGSIZE on the broker: larger frames never reach Python
+MAX_REQUEST: Final = 96 * 1024  # whole request, all frames: a batch of SAYs must fit too
+MAX_LABEL: Final = 64           # enough for a counter or a UUID
+MAX_BATCH: Final = 100          # messages in one SAY: bounds one request's work in the broker
+MAX_HISTORY: Final = 500        # events in one HISTORY reply: keeps replies under MAX_FRAME-ish
+MAX_NICK: Final = 32
+MAX_ROOM: Final = 32
+MAX_REASON: Final = 200         # quit/kick reasons are one short line
+MAX_TOPIC: Final = 300          # a room topic is a line, not a document
+MAX_CMID: Final = 64            # client message ids: a UUID hex is 32
+
+
+class Kind(StrEnum):
+    """Command kinds a client may send."""
+
+    HELLO = "HELLO"
+    JOIN = "JOIN"
+    LEAVE = "LEAVE"
+    SAY = "SAY"
+    PRIV = "PRIV"
+    ROOMS = "ROOMS"
+    WHO = "WHO"
+    NICK = "NICK"
+    TOPIC = "TOPIC"
+    HISTORY = "HISTORY"
+    PING = "PING"
+    BYE = "BYE"
+    KICK = "KICK"
+    BAN = "BAN"
+    UNBAN = "UNBAN"
+
+
+class Reply(StrEnum):
+    """Kinds the broker sends on the command socket."""
+
+    OK = "OK"
+    ERROR = "ERROR"
+    PRIVATE = "PRIVATE"    # a private message for you: {"event": {...}}
+    GRANT = "GRANT"        # a room's topic changed: {"room", "grant"}; subscribe with it
+    LIVE = "LIVE"          # your subscription to room is live from seq on: {"room", "seq"}
+    KICKED = "KICKED"      # you were removed from a room: {"room", "by", "reason"}
+    SHUTDOWN = "SHUTDOWN"  # the broker is stopping: {"reason"}
+    EXPIRED = "EXPIRED"    # the broker does not know you (any more): say HELLO again
+
+
+class Code(StrEnum):
+    """Stable error codes."""
+
+    BAD_REQUEST = "BAD_REQUEST"
+    BAD_VERSION = "BAD_VERSION"
+    UNKNOWN_COMMAND = "UNKNOWN_COMMAND"
+    NO_HELLO = "NO_HELLO"
+    ALREADY_HELLO = "ALREADY_HELLO"
+    NICK_INVALID = "NICK_INVALID"
+    NICK_TAKEN = "NICK_TAKEN"
+    NO_SUCH_NICK = "NO_SUCH_NICK"
+    ROOM_INVALID = "ROOM_INVALID"
+    ROOM_UNKNOWN = "ROOM_UNKNOWN"
+    NOT_MEMBER = "NOT_MEMBER"
+    NOT_OPERATOR = "NOT_OPERATOR"
+    BANNED = "BANNED"
+    TOO_LARGE = "TOO_LARGE"
+    RATE_LIMITED = "RATE_LIMITED"
+    INTERNAL = "INTERNAL"
+
+
+class ProtocolError(Exception):
+    """A request the broker refuses; becomes an ERROR reply with this code and reason."""
+
+    def __init__(self, code: Code, reason: str, **extra: Any) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.extra = extra
+
+
+# ---------------------------------------------------------------------------- names
+
+NICK_PUNCT: Final = "_-[]{}|^"
+ROOM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
+
+# Letters from other scripts that look like Latin ones: folded before nicks are compared,
+# so that a Cyrillic 'а' cannot pose as a Latin 'a'. (Lower-case forms; casefold runs first.)
+_CONFUSABLES: Final = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
+    "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "і": "i", "ј": "j", "ԁ": "d",
+    "ԛ": "q", "ԝ": "w", "ӏ": "l", "һ": "h", "ɡ": "g",
+    "α": "a", "β": "b", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p",
+    "τ": "t", "υ": "u", "χ": "x", "ϲ": "c", "η": "n", "μ": "u",
+})
+
+
+def check_nick(nick: Any) -> str:
+    """Return the nick, NFC-normalised, or raise NICK_INVALID with the reason."""
+    if not isinstance(nick, str) or not nick:
+        raise ProtocolError(Code.NICK_INVALID, "a nickname is 1 to 32 characters")
+    nick = unicodedata.normalize("NFKC", nick)
+    if len(nick) > MAX_NICK:
+        raise ProtocolError(Code.NICK_INVALID, f"nickname is longer than {MAX_NICK} characters")
+    for ch in nick:
+        if not (ch.isalpha() or ch.isdigit() or ch in NICK_PUNCT):
+            raise ProtocolError(Code.NICK_INVALID,
+                                f"nickname may hold letters, digits and {NICK_PUNCT}, "
+                                f"not {ch!r}")
+    if nick[0].isdigit() or nick[0] == "-":
+        raise ProtocolError(Code.NICK_INVALID, "nickname may not start with a digit or '-'")
+    scripts = {_script(ch) for ch in nick if ch.isalpha()} - {"COMMON"}
+    if len(scripts) > 1:
+        raise ProtocolError(Code.NICK_INVALID, "nickname mixes letters of different scripts")
+    return nick
+
+
+def _script(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    for script in ("LATIN", "CYRILLIC", "GREEK"):
+        if name.startswith(script):
+            return script
+    return name.split(" ")[0] if name else "COMMON"
+
+
+def nick_key(nick: str) -> str:
+    """The form two nicks are compared in: same key, same nick (case and look-alikes folded)."""
+    folded = unicodedata.normalize("NFKC", nick).casefold().translate(_CONFUSABLES)
+    return unicodedata.normalize("NFKC", folded)
+
+
+def check_room(room: Any) -> str:
+    """Return the room name or raise ROOM_INVALID."""
+    if not isinstance(room, str) or not ROOM_RE.match(room):
+        raise ProtocolError(Code.ROOM_INVALID,
+                            "a room name is 1 to 32 of a-z, 0-9, '_' and '-', "
+                            "starting with a letter or digit")
+    return room
+
+
+def room_topic(room: str, epoch: str) -> bytes:
+    """The publisher topic of a room in one epoch; 0x00 ends the name so no room prefixes another."""
+    return room.encode() + b"\x00" + epoch.encode()
+
+
+# ---------------------------------------------------------------------------- requests
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One decoded command: its kind, label and validated body."""
+
+    kind: Kind
+    label: bytes
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def _text(body: dict, key: str, limit: int, *, required: bool = True,
+          allow_empty: bool = False) -> str | None:
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must be a string")
+    if not value and not allow_empty:
+        raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must not be empty")
+    if len(value) > limit:
+        raise ProtocolError(Code.TOO_LARGE, f"field {key!r} is longer than {limit} characters")
+    return value
+
+
+def _int(body: dict, key: str, *, required: bool = False, low: int = 0) -> int | None:
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must be an integer >= {low}")
+    return value
+
+
+def _say_items(body: dict) -> list[dict[str, Any]]:
+    items = body.get("msgs")
+    if not isinstance(items, list) or not items:
+        raise ProtocolError(Code.BAD_REQUEST, "field 'msgs' must be a non-empty list")
+    if len(items) > MAX_BATCH:
+        raise ProtocolError(Code.TOO_LARGE, f"at most {MAX_BATCH} messages in one SAY")
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError(Code.BAD_REQUEST, "each message must be an object")
+        text = _text(item, "text", MAX_TEXT)
+        cmid = _text(item, "id", MAX_CMID)
+        out.append({"id": cmid, "text": text, "action": item.get("action") is True})
+    return out
+
+
+# One validator per kind: checks the body and returns the fields the broker may rely on.
+def _v_hello(b: dict) -> dict:
+    version = b.get("version")
+    if version not in VERSIONS:
+        raise ProtocolError(Code.BAD_VERSION,
+                            f"protocol version {version!r} is not spoken here; "
+                            f"versions: {', '.join(map(str, VERSIONS))}", versions=list(VERSIONS))
+    return {"nick": check_nick(b.get("nick")), "bot": b.get("bot") is True,
+            "resume": b.get("resume") is True}
+
+
+def _v_join(b: dict) -> dict:
+    return {"room": check_room(b.get("room")), "resume": b.get("resume") is True}
+
+
+def _v_room(b: dict) -> dict:
+    return {"room": check_room(b.get("room"))}
+
+
+def _v_say(b: dict) -> dict:
+    return {"room": check_room(b.get("room")), "msgs": _say_items(b),
+            "relay": _text(b, "relay", MAX_NICK + MAX_ROOM + 1, required=False)}
+
+
+def _v_priv(b: dict) -> dict:
+    return {"to": check_nick(b.get("to")), "text": _text(b, "text", MAX_TEXT),
+            "id": _text(b, "id", MAX_CMID)}
+
+
+def _v_none(b: dict) -> dict:
+    return {}
+
+
+def _v_who(b: dict) -> dict:
+    return {"room": check_room(b["room"]) if b.get("room") is not None else None}
+
+
+def _v_nick(b: dict) -> dict:
+    return {"nick": check_nick(b.get("nick"))}
+
+
+def _v_topic(b: dict) -> dict:
+    return {"room": check_room(b.get("room")),
+            "text": _text(b, "text", MAX_TOPIC, required=False, allow_empty=True)}
+
+
+def _v_history(b: dict) -> dict:
+    limit = _int(b, "limit", low=1)
+    since = b.get("since")
+    if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool)):
+        raise ProtocolError(Code.BAD_REQUEST, "field 'since' must be a number (UTC seconds)")
+    return {"room": check_room(b.get("room")), "after": _int(b, "after"),
+            "before": _int(b, "before"), "since": since,
+            "limit": min(limit or 50, MAX_HISTORY)}
+
+
+def _v_bye(b: dict) -> dict:
+    return {"reason": _text(b, "reason", MAX_REASON, required=False, allow_empty=True)}
+
+
+def _v_mod(b: dict) -> dict:
+    return {"room": check_room(b.get("room")), "nick": check_nick(b.get("nick")),
+            "reason": _text(b, "reason", MAX_REASON, required=False, allow_empty=True)}
+
+
+VALIDATORS: Final = {
+    Kind.HELLO: _v_hello, Kind.JOIN: _v_join, Kind.LEAVE: _v_room, Kind.SAY: _v_say,
+    Kind.PRIV: _v_priv, Kind.ROOMS: _v_none, Kind.WHO: _v_who, Kind.NICK: _v_nick,
+    Kind.TOPIC: _v_topic, Kind.HISTORY: _v_history, Kind.PING: _v_none, Kind.BYE: _v_bye,
+    Kind.KICK: _v_mod, Kind.BAN: _v_mod, Kind.UNBAN: _v_mod,
+}
+
+
+def decode_label(frames: list[bytes]) -> bytes:
+    """The label of a request, as far as it can be read, so even a bad request gets its reply."""
+    if len(frames) >= 2 and 0 < len(frames[1]) <= MAX_LABEL:
+        return frames[1]
+    return b""
+
+
+def decode_request(frames: list[bytes]) -> Request:
+    """Frames from a client (routing id already removed) -> Request, or ProtocolError."""
+    if len(frames) != 3:
+        raise ProtocolError(Code.BAD_REQUEST, f"a request is 3 frames, not {len(frames)}")
+    if sum(len(f) for f in frames) > MAX_REQUEST:
+        raise ProtocolError(Code.TOO_LARGE, f"a request is at most {MAX_REQUEST} bytes")
+    kind_b, label, body_b = frames
+    if not label or len(label) > MAX_LABEL:
+        raise ProtocolError(Code.BAD_REQUEST, f"the label is 1 to {MAX_LABEL} bytes")
+    try:
+        kind = Kind(kind_b.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(Code.UNKNOWN_COMMAND,
+                            f"unknown command {kind_b[:32]!r}; "
+                            f"commands: {', '.join(k.value for k in Kind)}") from None
+    try:
+        body = json.loads(body_b.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(Code.BAD_REQUEST, "the body must be a UTF-8 JSON object") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(Code.BAD_REQUEST, "the body must be a JSON object")
+    return Request(kind, label, VALIDATORS[kind](body))
+
+
+def encode_request(kind: Kind | str, label: bytes, body: dict[str, Any]) -> list[bytes]:
+    """Request -> the three frames a client sends."""
+    return [str(kind).encode("ascii"), label, dumps(body)]
+
+
+# ---------------------------------------------------------------------------- replies
+
+def encode_reply(kind: Reply | str, label: bytes, body: dict[str, Any]) -> list[bytes]:
+    """A reply or push -> three frames (label b"" for pushes)."""
+    return [str(kind).encode("ascii"), label, dumps(body)]
+
+
+def encode_error(label: bytes, err: ProtocolError) -> list[bytes]:
+    body = {"code": str(err.code), "reason": err.reason, **err.extra}
+    return encode_reply(Reply.ERROR, label, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A decoded message from the broker on the command socket."""
+
+    kind: str
+    label: bytes
+    body: dict[str, Any]
+
+
+def decode_response(frames: list[bytes]) -> Response:
+    """Broker frames -> Response; raises ProtocolError for anything malformed."""
+    if len(frames) != 3:
+        raise ProtocolError(Code.BAD_REQUEST, f"a reply is 3 frames, not {len(frames)}")
+    try:
+        body = json.loads(frames[2])
+        kind = frames[0].decode("ascii")
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(Code.BAD_REQUEST, "a reply body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(Code.BAD_REQUEST, "a reply body must be a JSON object")
+    return Response(kind, frames[1], body)
+
+
+# ---------------------------------------------------------------------------- events
+
+class EventKind(StrEnum):
+    MSG = "msg"
+    ACTION = "action"
+    JOIN = "join"
+    LEAVE = "leave"
+    NICK = "nick"
+    TOPIC = "topic"
+    KICK = "kick"
+    BAN = "ban"
+    NOTICE = "notice"
+    PRIVATE = "private"
+
+
+def encode_batch(room: str, epoch: str, events_json: list[bytes]) -> list[bytes]:
+    """Room events already encoded one by one -> the two published frames (one encode each)."""
+    return [room_topic(room, epoch), b"[" + b",".join(events_json) + b"]"]
+
+
+def decode_batch(frames: list[bytes]) -> list[dict[str, Any]]:
+    """Published frames -> list of event dicts; raises ProtocolError when malformed."""
+    if len(frames) != 2:
+        raise ProtocolError(Code.BAD_REQUEST, "a room batch is 2 frames")
+    try:
+        events = json.loads(frames[1])
+    except ValueError:
+        raise ProtocolError(Code.BAD_REQUEST, "a room batch is a JSON array") from None
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ProtocolError(Code.BAD_REQUEST, "a room batch is a JSON array of objects")
+    return events
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, the one encoding used on the wire."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------- grants
+
+def grant_payload(room: str, epoch: str, sid: str, expiry: int, nonce: str) -> str:
+    """The signed part of a grant; '.' never occurs in its fields."""
+    return f"{room}.{epoch}.{sid}.{expiry}.{nonce}"
+
+
+def parse_grant(data: bytes) -> tuple[str, str, str, int, str, str] | None:
+    """A subscription body -> (room, epoch, sid, expiry, nonce, mac), or None if not a grant."""
+    try:
+        parts = data.decode("ascii").split(".")
+    except UnicodeDecodeError:
+        return None
+    if len(parts) != 6 or not parts[3].isdigit():
+        return None
+    room, epoch, sid, expiry, nonce, mac = parts
+    if not ROOM_RE.match(room):
+        return None
+    return room, epoch, sid, int(expiry), nonce, mac
