@@ -201,6 +201,10 @@ def _text(body: dict, key: str, limit: int, *, required: bool = True,
         raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must be a string")
     if not value and not allow_empty:
         raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must not be empty")
+    try:
+        value.encode("utf-8")  # a lone surrogate ("\ud800") would break every later encode
+    except UnicodeEncodeError:
+        raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} is not valid Unicode") from None
     if len(value) > limit:
         raise ProtocolError(Code.TOO_LARGE, f"field {key!r} is longer than {limit} characters")
     return value
@@ -234,7 +238,7 @@ def _say_items(body: dict) -> list[dict[str, Any]]:
 # One validator per kind: checks the body and returns the fields the broker may rely on.
 def _v_hello(b: dict) -> dict:
     version = b.get("version")
-    if version not in VERSIONS:
+    if type(version) is not int or version not in VERSIONS:  # true == 1.0 == 1 in Python
         raise ProtocolError(Code.BAD_VERSION,
                             f"protocol version {version!r} is not spoken here; "
                             f"versions: {', '.join(map(str, VERSIONS))}", versions=list(VERSIONS))
@@ -328,7 +332,7 @@ def decode_request(frames: list[bytes]) -> Request:
                             f"commands: {', '.join(k.value for k in Kind)}") from None
     try:
         body = json.loads(body_b.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
         raise ProtocolError(Code.BAD_REQUEST, "the body must be a UTF-8 JSON object") from None
     if not isinstance(body, dict):
         raise ProtocolError(Code.BAD_REQUEST, "the body must be a JSON object")
@@ -368,7 +372,7 @@ def decode_response(frames: list[bytes]) -> Response:
     try:
         body = json.loads(frames[2])
         kind = frames[0].decode("ascii")
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
         raise ProtocolError(Code.BAD_REQUEST, "a reply body must be a JSON object") from None
     if not isinstance(body, dict):
         raise ProtocolError(Code.BAD_REQUEST, "a reply body must be a JSON object")
@@ -401,7 +405,7 @@ def decode_batch(frames: list[bytes]) -> list[dict[str, Any]]:
         raise ProtocolError(Code.BAD_REQUEST, "a room batch is 2 frames")
     try:
         events = json.loads(frames[1])
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deep nesting
         raise ProtocolError(Code.BAD_REQUEST, "a room batch is a JSON array") from None
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise ProtocolError(Code.BAD_REQUEST, "a room batch is a JSON array of objects")
@@ -426,7 +430,8 @@ def parse_grant(data: bytes) -> tuple[str, str, str, int, str, str] | None:
         parts = data.decode("ascii").split(".")
     except UnicodeDecodeError:
         return None
-    if len(parts) != 6 or not parts[3].isdigit():
+    # int() refuses more than 4300 digits with ValueError; 20 digits hold any 64-bit expiry.
+    if len(parts) != 6 or not parts[3].isdigit() or len(parts[3]) > 20:
         return None
     room, epoch, sid, expiry, nonce, mac = parts
     if not ROOM_RE.match(room):

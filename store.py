@@ -1,0 +1,160 @@
+"""The broker's history: every room event and private message, in one SQLite file.
+
+WAL mode; the broker appends a whole pass of events and commits them in one transaction
+before it publishes or acknowledges any of them, so an acknowledged message survives a
+crash of the broker process (with `fsync=True`, a power loss too).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from collections import OrderedDict
+from typing import Final
+
+log = logging.getLogger("store")
+
+CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS events (
+    room TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, sender TEXT NOT NULL,
+    cmid TEXT, data TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS events_cmid ON events (cmid) WHERE cmid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_ts ON events (room, ts);
+CREATE TABLE IF NOT EXISTS privates (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
+    cmid TEXT, data TEXT NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS privates_cmid ON privates (cmid) WHERE cmid IS NOT NULL;
+"""
+
+
+class StoreError(Exception):
+    """The database cannot be used (corrupt, truncated, not a database, unwritable)."""
+
+
+class Store:
+    """Append-only event history with per-room sequence numbers that survive restarts."""
+
+    def __init__(self, path: str, *, fsync: bool = False) -> None:
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._check()
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: {exc}") from None
+        self._cmids: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
+        self._in_tx = False
+
+    def _check(self) -> None:
+        """Refuse a truncated or corrupted file instead of serving silently short history."""
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        if size:
+            with open(self.path, "rb") as f:
+                header = f.read(100)
+            if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+                raise StoreError(f"{self.path}: not an SQLite database (or truncated)")
+            page = int.from_bytes(header[16:18], "big")
+            page = 65536 if page == 1 else page
+            pages = int.from_bytes(header[28:32], "big")
+            if size % page or (pages and size < pages * page):
+                raise StoreError(f"{self.path}: file is truncated ({size} bytes)")
+        rows = self.db.execute("PRAGMA integrity_check").fetchall()
+        if rows != [("ok",)]:
+            raise StoreError(f"{self.path}: integrity check failed: "
+                             + "; ".join(r[0] for r in rows[:3]))
+
+    def close(self) -> None:
+        self.commit()
+        self.db.close()
+
+    # ---------------------------------------------------------------- reading state
+    def last_seqs(self) -> dict[str, int]:
+        """Each room's highest sequence number, so numbering continues after a restart."""
+        return dict(self.db.execute("SELECT room, MAX(seq) FROM events GROUP BY room"))
+
+    def last_topic(self, room: str) -> str:
+        row = self.db.execute(
+            "SELECT data FROM events WHERE room=? AND data LIKE '%\"kind\":\"topic\"%' "
+            "ORDER BY seq DESC LIMIT 1", (room,)).fetchone()
+        return json.loads(row[0]).get("text", "") if row else ""
+
+    def find_cmid(self, cmid: str) -> tuple[str, str, int] | None:
+        """(sender, room, seq) of an already stored message with this client id, if any."""
+        hit = self._cmids.get(cmid)
+        if hit is not None:
+            return hit
+        row = self.db.execute("SELECT sender, room, seq FROM events WHERE cmid=?",
+                              (cmid,)).fetchone()
+        if row is None:
+            row = self.db.execute("SELECT sender, '', id FROM privates WHERE cmid=?",
+                                  (cmid,)).fetchone()
+        return tuple(row) if row else None  # type: ignore[return-value]
+
+    def _remember(self, cmid: str, value: tuple[str, str, int]) -> None:
+        self._cmids[cmid] = value
+        if len(self._cmids) > CMID_CACHE:
+            self._cmids.popitem(last=False)
+
+    # ---------------------------------------------------------------- writing
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self.db.execute("BEGIN")
+            self._in_tx = True
+
+    def append(self, room: str, seq: int, ts: float, sender: str, cmid: str | None,
+               data: bytes) -> None:
+        """Add one room event to the open transaction."""
+        self._begin()
+        self.db.execute("INSERT INTO events VALUES (?,?,?,?,?,?)",
+                        (room, seq, ts, sender, cmid, data.decode("utf-8")))
+        if cmid:
+            self._remember(cmid, (sender, room, seq))
+
+    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
+                       data: bytes) -> None:
+        self._begin()
+        cur = self.db.execute("INSERT INTO privates (ts, sender, recipient, cmid, data) "
+                              "VALUES (?,?,?,?,?)", (ts, sender, recipient, cmid,
+                                                     data.decode("utf-8")))
+        self._remember(cmid, (sender, "", cur.lastrowid or 0))
+
+    def commit(self) -> None:
+        """Make everything appended so far durable (one transaction per broker pass)."""
+        if self._in_tx:
+            self.db.execute("COMMIT")
+            self._in_tx = False
+
+    # ---------------------------------------------------------------- history
+    def history(self, room: str, *, after: int | None = None, before: int | None = None,
+                since: float | None = None, limit: int = 50) -> list[str]:
+        """Events of a room as stored JSON texts, oldest first.
+
+        With `after`, the first `limit` events after that seq (gap repair); otherwise the last
+        `limit` events before `before` (or the end), optionally only those at or after `since`.
+        """
+        where, args = ["room=?"], [room]
+        if after is not None:
+            where.append("seq>?")
+            args.append(after)
+        if before is not None:
+            where.append("seq<?")
+            args.append(before)
+        if since is not None:
+            where.append("ts>=?")
+            args.append(since)
+        order = "ASC" if after is not None else "DESC"
+        rows = self.db.execute(f"SELECT data FROM events WHERE {' AND '.join(where)} "
+                               f"ORDER BY seq {order} LIMIT ?", (*args, limit)).fetchall()
+        texts = [r[0] for r in rows]
+        return texts if order == "ASC" else texts[::-1]
+
+    def private_history(self, who: str, limit: int = 50) -> list[str]:
+        """The private messages one user sent or received, oldest first."""
+        rows = self.db.execute("SELECT data FROM privates WHERE sender=? OR recipient=? "
+                               "ORDER BY id DESC LIMIT ?", (who, who, limit)).fetchall()
+        return [r[0] for r in rows][::-1]
