@@ -1,0 +1,618 @@
+"""The chat client library (used by bots and by the command-line client) and the CLI entry.
+
+    async with Client("127.0.0.1", 9001, "alice") as c:   # connects, joins lobby
+        await c.say("lobby", "hello")
+        async for event in c:                             # typed events, in room order
+            print(event.nick, event.text)
+
+It keeps every room it is in complete and in order: events carry per-room sequence
+numbers, and anything missing (a slow subscription, a reconnect, a dropped frame) is fetched
+from the broker's history; duplicates are dropped. Sends are retried until acknowledged.
+If the broker goes away it reconnects with backoff and re-claims its nick and rooms.
+`BlockingClient` wraps it for simple scripts; `python client.py --help` is the CLI.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable
+
+import zmq
+import zmq.asyncio
+
+import messages as m
+
+log = logging.getLogger("client")
+
+BACKOFF_CAP = 10.0        # seconds: the longest wait between reconnect attempts
+HANDSHAKE_MS = 2000       # a ZeroMQ handshake with a stopped broker gives up after this
+
+
+class ChatError(Exception):
+    """An ERROR reply from the broker (or DISCONNECTED / TIMEOUT from the library)."""
+
+    def __init__(self, code: str, reason: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason, self.body = code, reason, body or {}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened: a room event, a private message, or a connection status.
+
+    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
+    private, or status (local: "connection lost, reconnecting...", "reconnected", ...).
+    """
+
+    kind: str
+    text: str
+    nick: str = ""
+    room: str | None = None
+    seq: int | None = None
+    ts: float = 0.0
+    bot: bool = False
+    mine: bool = False        # sent by this client
+    backlog: bool = False     # an earlier message, shown from history on join
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any], *, mine: bool, backlog: bool = False) -> "Event":
+        return cls(kind=str(d.get("kind", "")), text=str(d.get("text", "")),
+                   nick=str(d.get("nick", "")), room=d.get("room"), seq=d.get("seq"),
+                   ts=float(d.get("ts") or 0.0), bot=d.get("bot") is True, mine=mine,
+                   backlog=backlog, data=d)
+
+
+@dataclass
+class _Room:
+    last: int = 0                                     # highest seq delivered
+    buffer: dict[int, dict] = field(default_factory=dict)  # seq -> event, waiting for a gap
+    fetching: bool = False
+    target: int = 0                                   # highest seq known to exist
+
+
+@dataclass
+class _Send:
+    """One message waiting for its acknowledgement."""
+
+    kind: str        # "say" or "priv"
+    target: str      # room or nick
+    text: str
+    action: bool
+    cmid: str
+    future: asyncio.Future
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Client:
+    """A connection to the broker: commands, room events, acknowledged sends, reconnects."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 9001, nick: str = "",
+                 *, rooms: Iterable[str] = ("lobby",), bot: bool = False, backlog: int = 50,
+                 reconnect: bool = True, timeout: float = 5.0,
+                 ctx: zmq.asyncio.Context | None = None) -> None:
+        self.host, self.port, self.nick, self.bot = host, port, nick, bot
+        self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
+        self.want_rooms = list(rooms)
+        self.rooms: dict[str, _Room] = {}
+        self.welcome: dict[str, Any] = {}
+        self.heartbeat = 2.0
+        self.connected = False
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._token = secrets.token_hex(16)   # proves a reconnect is us, to re-claim the nick
+        self._labels = itertools.count(1)
+        self._waiting: dict[bytes, asyncio.Future] = {}
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._outbox: OrderedDict[str, _Send] = OrderedDict()
+        self._work = asyncio.Event()
+        self._online = asyncio.Event()
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._sub: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+        self._resuming: asyncio.Task | None = None
+        self._last_heard = time.monotonic()
+
+    # ------------------------------------------------------------------ public API
+    async def connect(self) -> dict[str, Any]:
+        """Say HELLO (ChatError on a taken or invalid nick), then join the starting rooms."""
+        self._open_sockets()
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._reader()),
+                           asyncio.create_task(self._sender())]
+        try:
+            await self._hello(resume=False)
+        except BaseException:
+            await self._close_sockets()
+            raise
+        for room in self.want_rooms:
+            await self.join(room)
+        return self.welcome
+
+    async def join(self, room: str, *, backlog: int | None = None) -> dict[str, Any]:
+        """Enter a room: the last `backlog` events arrive first (backlog=True), then live ones."""
+        reply = await self.request(m.Kind.JOIN, {"room": room})
+        await self._enter(room, reply, self.backlog if backlog is None else backlog)
+        return reply
+
+    async def leave(self, room: str) -> None:
+        self.rooms.pop(room, None)
+        await self.request(m.Kind.LEAVE, {"room": room})
+
+    async def say(self, room: str, text: str, *, action: bool = False, **extra: Any) -> int:
+        """Send to a room; returns its sequence number once the broker has stored it."""
+        return await self._queue("say", room, text, action, extra)
+
+    async def me(self, room: str, action: str) -> int:
+        return await self.say(room, action, action=True)
+
+    async def msg(self, nick: str, text: str) -> dict[str, Any]:
+        """A private message to one user (never published); returns the broker's copy."""
+        return await self._queue("priv", nick, text, False, {})
+
+    async def list_rooms(self) -> list[dict[str, Any]]:
+        return (await self.request(m.Kind.ROOMS, {}))["rooms"]
+
+    async def who(self, room: str | None = None) -> list[str]:
+        return (await self.request(m.Kind.WHO, {"room": room}))["members"]
+
+    async def set_nick(self, nick: str) -> str:
+        self.nick = (await self.request(m.Kind.NICK, {"nick": nick}))["nick"]
+        return self.nick
+
+    async def topic(self, room: str, text: str | None = None) -> str:
+        return (await self.request(m.Kind.TOPIC, {"room": room, "text": text}))["topic"]
+
+    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
+                      after: int | None = None, since: float | None = None) -> list[Event]:
+        """Stored events of a room you are in: by sequence range, or since a UTC time."""
+        reply = await self.request(m.Kind.HISTORY, {"room": room, "limit": limit,
+                                                    "before": before, "after": after,
+                                                    "since": since})
+        return [Event.from_wire(e, mine=self._is_mine(e), backlog=True)
+                for e in reply["events"]]
+
+    async def kick(self, room: str, nick: str, reason: str = "") -> None:
+        await self.request(m.Kind.KICK, {"room": room, "nick": nick, "reason": reason})
+
+    async def ban(self, room: str, nick: str, reason: str = "") -> None:
+        await self.request(m.Kind.BAN, {"room": room, "nick": nick, "reason": reason})
+
+    async def unban(self, room: str, nick: str) -> None:
+        await self.request(m.Kind.UNBAN, {"room": room, "nick": nick})
+
+    def pending(self) -> list[tuple[str, str]]:
+        """(room or nick, text) of every send not yet acknowledged."""
+        return [(s.target, s.text) for s in self._outbox.values()]
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every send so far is acknowledged."""
+        futures = [s.future for s in self._outbox.values()]
+        if futures:
+            await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+
+    async def next_event(self, timeout: float | None = None) -> Event:
+        return await asyncio.wait_for(self._events.get(), timeout)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while not (self._closing and self._events.empty()):
+            yield await self._events.get()
+
+    async def close(self, reason: str | None = None) -> None:
+        """Leave cleanly: the others are told (with the reason), then the sockets close."""
+        if self._closing:
+            return
+        if self.connected:
+            try:
+                await self.request(m.Kind.BYE, {"reason": reason}, timeout=1.0)
+            except (ChatError, asyncio.TimeoutError):
+                pass
+        self._closing = True
+        for task in [*self._tasks, self._resuming]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self._close_sockets()
+        self._events.put_nowait(Event("status", "closed"))
+
+    async def __aenter__(self) -> "Client":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ requests
+    async def request(self, kind: m.Kind, body: dict[str, Any],
+                      timeout: float | None = None) -> dict[str, Any]:
+        """Send one command and wait for its reply; RATE_LIMITED is waited out and resent."""
+        while True:
+            if not self.connected and kind is not m.Kind.HELLO:
+                raise ChatError("DISCONNECTED", "not connected to the broker")
+            try:
+                return await self._request_once(kind, body, timeout or self.timeout)
+            except ChatError as err:
+                if err.code != m.Code.RATE_LIMITED:
+                    raise
+                await asyncio.sleep(float(err.body.get("retry_after", 0.2)))
+
+    async def _request_once(self, kind: m.Kind, body: dict[str, Any],
+                            timeout: float) -> dict[str, Any]:
+        label = str(next(self._labels)).encode()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiting[label] = future
+        try:
+            assert self._dealer is not None
+            await self._dealer.send_multipart(m.encode_request(kind, label, body))
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise ChatError("TIMEOUT", f"no reply to {kind} within {timeout:g} s") from None
+        finally:
+            self._waiting.pop(label, None)
+
+    # ------------------------------------------------------------------ connection
+    def _open_sockets(self) -> None:
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        dealer.connect(f"tcp://{self.host}:{self.port}")
+        self._dealer = dealer
+        self._sub = None
+        self._gen = getattr(self, "_gen", 0) + 1
+
+    def _open_sub(self, pub_port: int) -> None:
+        sub = self._ctx.socket(zmq.XSUB)  # XSUB: we send grants, the broker does the filtering
+        sub.linger = 0
+        sub.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        sub.setsockopt(zmq.RCVHWM, 10000)
+        sub.connect(f"tcp://{self.host}:{pub_port}")
+        self._sub = sub
+        self._gen += 1
+
+    async def _close_sockets(self) -> None:
+        for sock in (self._dealer, self._sub):
+            if sock is not None:
+                sock.close(linger=0)
+        self._dealer = self._sub = None
+
+    async def _hello(self, *, resume: bool) -> None:
+        body = {"version": m.VERSION, "nick": self.nick, "bot": self.bot, "resume": resume,
+                "token": self._token}
+        reply = await self._request_once(m.Kind.HELLO, body, self.timeout if not resume
+                                         else max(1.0, self.heartbeat))
+        self.welcome = reply
+        self.nick = reply["nick"]
+        self.heartbeat = float(reply.get("heartbeat", 2.0))
+        self._open_sub(int(reply["pub_port"]))
+        self.connected = True
+        self._last_heard = time.monotonic()
+        self._online.set()
+
+    def _lost(self, why: str) -> None:
+        """The broker stopped answering (or said it is going): reconnect in the background."""
+        if not self.connected or self._closing:
+            return
+        self.connected = False
+        self._online.clear()
+        for label, fut in list(self._waiting.items()):
+            if not fut.done():
+                fut.set_exception(ChatError("DISCONNECTED", why))
+        self._emit_status(why if not self.reconnect else f"{why}, reconnecting..."
+                          if why != "connection lost" else "connection lost, reconnecting...")
+        if self.reconnect:
+            self._resuming = asyncio.create_task(self._resume())
+        else:
+            self._closing = True
+
+    async def _resume(self) -> None:
+        attempt = 0
+        while not self._closing:
+            attempt += 1
+            self._reset = True            # the reader swaps in fresh sockets
+            while self._reset and not self._closing:
+                await asyncio.sleep(0.01)
+            try:
+                await self._hello(resume=True)
+                for room in list(self.rooms):
+                    reply = await self.request(m.Kind.JOIN, {"room": room, "resume": True})
+                    await self._enter(room, reply, 0)
+                self._emit_status("reconnected")
+                self._work.set()
+                return
+            except ChatError as err:
+                if err.code == m.Code.NICK_TAKEN:
+                    self._emit_status(f"{self.nick} was taken while we were away; "
+                                      f"reconnecting as {self.nick}_")
+                    self.nick = (self.nick + "_")[-m.MAX_NICK:]
+                self.connected = False
+                self._online.clear()
+            delay = min(BACKOFF_CAP, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
+            await asyncio.sleep(delay)
+
+    async def _enter(self, room: str, reply: dict[str, Any], backlog: int) -> None:
+        seq = int(reply["seq"])
+        state = self.rooms.get(room)
+        if state is None or seq < state.last:  # new room, or a broker whose history restarted
+            state = self.rooms[room] = _Room(last=seq, target=seq)
+            if backlog and seq:
+                for ev in await self.history(room, limit=backlog, before=seq + 1):
+                    self._events.put_nowait(ev)
+        self._subscribe(reply["grant"])
+
+    def _subscribe(self, grant: str) -> None:
+        if self._sub is not None:
+            self._sub.send(b"\x01" + grant.encode("ascii"))
+
+    # ------------------------------------------------------------------ the reader
+    async def _reader(self) -> None:
+        """The one task that reads (and swaps) the sockets; also drives heartbeats."""
+        self._reset = False
+        gen, poller = -1, zmq.asyncio.Poller()
+        last_ping = 0.0
+        while not self._closing:
+            if self._reset:
+                await self._close_sockets()
+                self._open_sockets()
+                self._reset = False
+            if gen != self._gen:
+                poller = zmq.asyncio.Poller()
+                for sock in (self._dealer, self._sub):
+                    if sock is not None:
+                        poller.register(sock, zmq.POLLIN)
+                gen = self._gen
+            ready = dict(await poller.poll(100))
+            if self._dealer is not None and self._dealer in ready:
+                await self._read_dealer()
+            if self._sub is not None and self._sub in ready:
+                self._read_sub()
+            now = time.monotonic()
+            if self.connected:
+                if now - self._last_heard > 3 * self.heartbeat:
+                    self._lost("connection lost")
+                elif now - last_ping >= self.heartbeat:
+                    last_ping = now
+                    asyncio.create_task(self._ping())
+
+    async def _read_dealer(self) -> None:
+        assert self._dealer is not None
+        for _ in range(1000):
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK).result()
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            try:
+                resp = m.decode_response(frames)
+            except m.ProtocolError as err:
+                log.warning("bad frame from broker: %s", err)
+                continue
+            if resp.label:
+                fut = self._waiting.get(resp.label)
+                if fut is not None and not fut.done():
+                    if resp.kind == m.Reply.OK:
+                        fut.set_result(resp.body)
+                    else:
+                        fut.set_exception(ChatError(str(resp.body.get("code")),
+                                                    str(resp.body.get("reason")), resp.body))
+                if resp.kind == m.Reply.ERROR and resp.body.get("code") == m.Code.NO_HELLO:
+                    self._lost("connection lost")
+                continue
+            self._on_push(resp.kind, resp.body)
+
+    def _read_sub(self) -> None:
+        assert self._sub is not None
+        for _ in range(1000):
+            try:
+                frames = self._sub.recv_multipart(zmq.NOBLOCK).result()
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            try:
+                events = m.decode_batch(frames)
+            except m.ProtocolError as err:
+                log.warning("bad room frame: %s", err)
+                continue
+            if events:
+                self._ingest(str(events[0].get("room")), events)
+
+    def _on_push(self, kind: str, body: dict[str, Any]) -> None:
+        room = body.get("room")
+        if kind == m.Reply.PRIVATE:
+            ev = body.get("event", {})
+            self._events.put_nowait(Event.from_wire(ev, mine=False))
+        elif kind == m.Reply.GRANT and room in self.rooms:
+            self._subscribe(str(body.get("grant")))
+        elif kind == m.Reply.LIVE and room in self.rooms:
+            self._known(room, int(body.get("seq", 0)))
+        elif kind == m.Reply.KICKED and room in self.rooms:
+            del self.rooms[room]
+            verb = "banned" if body.get("kind") == "ban" else "kicked"
+            reason = f" ({body.get('reason')})" if body.get("reason") else ""
+            self._emit_status(f"you were {verb} from {room} by {body.get('by')}{reason}",
+                              room=room)
+        elif kind == m.Reply.SHUTDOWN:
+            self._emit_status("the broker is shutting down")
+            self._lost("connection lost")
+
+    async def _ping(self) -> None:
+        try:
+            reply = await self._request_once(m.Kind.PING, {}, 3 * self.heartbeat)
+        except ChatError:
+            return
+        for room, seq in reply.get("rooms", {}).items():
+            self._known(room, int(seq))
+
+    # ------------------------------------------------------------------ ordering and repair
+    def _ingest(self, room: str, events: list[dict[str, Any]]) -> None:
+        """Deliver a room's events in sequence order, once each; fetch what is missing."""
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        for ev in events:
+            seq = ev.get("seq")
+            if isinstance(seq, int) and seq > state.last:
+                state.buffer[seq] = ev
+        while state.last + 1 in state.buffer:
+            state.last += 1
+            ev = state.buffer.pop(state.last)
+            self._events.put_nowait(Event.from_wire(ev, mine=self._is_mine(ev)))
+        if state.buffer:
+            self._known(room, max(state.buffer))
+
+    def _known(self, room: str, seq: int) -> None:
+        """The room has reached seq: fetch from history whatever we lack up to it."""
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        state.target = max(state.target, seq)
+        if state.target > state.last and not state.fetching and self.connected:
+            state.fetching = True
+            asyncio.create_task(self._repair(room, state))
+
+    async def _repair(self, room: str, state: _Room) -> None:
+        try:
+            while state.target > state.last and self.rooms.get(room) is state:
+                reply = await self._request_once(m.Kind.HISTORY, {
+                    "room": room, "after": state.last, "limit": m.MAX_HISTORY}, self.timeout)
+                events = reply["events"]
+                if not events:
+                    state.target = min(state.target, int(reply.get("seq", state.last)))
+                    break
+                self._ingest(room, events)
+        except ChatError as err:
+            log.info("history repair of %s stopped: %s", room, err)
+        finally:
+            state.fetching = False
+
+    def _is_mine(self, ev: dict[str, Any]) -> bool:
+        """Ours if it carries one of our message ids, or (joins, nick changes) our nick."""
+        cmid = ev.get("cmid")
+        if cmid:
+            return str(cmid).startswith(self._token[:8])
+        return ev.get("nick") == self.nick
+
+    def _emit_status(self, text: str, room: str | None = None) -> None:
+        self._events.put_nowait(Event("status", text, room=room, ts=time.time()))
+
+    # ------------------------------------------------------------------ acknowledged sends
+    async def _queue(self, kind: str, target: str, text: str, action: bool,
+                     extra: dict[str, Any]) -> Any:
+        cmid = f"{self._token[:8]}{uuid.uuid4().hex[:16]}"
+        future = asyncio.get_running_loop().create_future()
+        self._outbox[cmid] = _Send(kind, target, text, action, cmid, future, extra)
+        self._work.set()
+        return await future
+
+    async def _sender(self) -> None:
+        """Send the outbox in order, batching a room's messages; retry until acknowledged."""
+        while not self._closing:
+            await self._work.wait()
+            self._work.clear()
+            while self._outbox and not self._closing:
+                await self._online.wait()
+                batch = self._next_batch()
+                try:
+                    await self._send_batch(batch)
+                except ChatError as err:
+                    if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO):
+                        await asyncio.sleep(0.05)
+                        continue     # resent as it is: the broker drops what it already has
+                    for item in batch:
+                        self._outbox.pop(item.cmid, None)
+                        if not item.future.done():
+                            item.future.set_exception(err)
+
+    def _next_batch(self) -> list[_Send]:
+        first = next(iter(self._outbox.values()))
+        if first.kind == "priv":
+            return [first]
+        limit = max(1, min(int(self.welcome.get("max_batch", m.MAX_BATCH)),
+                           int(self.welcome.get("burst", 20)) or m.MAX_BATCH))
+        batch = []
+        for item in self._outbox.values():
+            if item.kind != "say" or item.target != first.target or item.extra != first.extra \
+                    or len(batch) >= limit:
+                break
+            batch.append(item)
+        return batch
+
+    async def _send_batch(self, batch: list[_Send]) -> None:
+        first = batch[0]
+        if first.kind == "priv":
+            reply = await self.request(m.Kind.PRIV, {"to": first.target, "text": first.text,
+                                                     "id": first.cmid})
+            self._outbox.pop(first.cmid, None)
+            if not first.future.done():
+                first.future.set_result(reply.get("event") or reply)
+            if reply.get("event"):
+                self._events.put_nowait(Event.from_wire(reply["event"], mine=True))
+            return
+        body = {"room": first.target, "msgs": [{"id": i.cmid, "text": i.text,
+                                                "action": i.action} for i in batch]}
+        body.update(first.extra)
+        reply = await self.request(m.Kind.SAY, body, timeout=max(2.0, self.heartbeat))
+        for cmid, seq in reply.get("acks", []):
+            item = self._outbox.pop(cmid, None)
+            if item is not None and not item.future.done():
+                item.future.set_result(seq)
+
+
+class BlockingClient:
+    """The same client for simple scripts: plain calls, an event loop in a background thread."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._client: Client = self._call(self._make(*args, **kwargs))
+        self._call(self._client.connect())
+
+    @staticmethod
+    async def _make(*args: Any, **kwargs: Any) -> Client:
+        return Client(*args, **kwargs)
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def nick(self) -> str:
+        return self._client.nick
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+        return lambda *a, **kw: self._call(attr(*a, **kw))
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None after `timeout` seconds."""
+        try:
+            return self._call(self._client.next_event(timeout))
+        except (asyncio.TimeoutError, TimeoutError):
+            return None
+
+    def close(self, reason: str | None = None) -> None:
+        try:
+            self._call(self._client.close(reason), timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from chat_cli import main
+    sys.exit(main())
