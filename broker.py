@@ -410,6 +410,8 @@ class Broker:
         extra: dict[str, Any] = {"bot": True} if s.bot else {}
         if req.body["relay"]:
             extra["relay"] = req.body["relay"]
+        if req.body["hops"] is not None:
+            extra["hops"] = req.body["hops"]
         for item in msgs:
             prior = self.store.find_cmid(item["id"])
             if prior is not None:

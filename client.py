@@ -279,6 +279,7 @@ class Client:
         sub.setsockopt(zmq.RCVHWM, 10000)
         sub.connect(f"tcp://{self.host}:{pub_port}")
         self._sub = sub
+        self._grants: dict[str, list[str]] = {}
         self._gen += 1
 
     async def _close_sockets(self) -> None:
@@ -309,8 +310,7 @@ class Client:
         for label, fut in list(self._waiting.items()):
             if not fut.done():
                 fut.set_exception(ChatError("DISCONNECTED", why))
-        self._emit_status(why if not self.reconnect else f"{why}, reconnecting..."
-                          if why != "connection lost" else "connection lost, reconnecting...")
+        self._emit_status(f"{why}, reconnecting..." if self.reconnect else why)
         if self.reconnect:
             self._resuming = asyncio.create_task(self._resume())
         else:
@@ -349,11 +349,20 @@ class Client:
             if backlog and seq:
                 for ev in await self.history(room, limit=backlog, before=seq + 1):
                     self._events.put_nowait(ev)
-        self._subscribe(reply["grant"])
+        self._subscribe(room, reply["grant"])
 
-    def _subscribe(self, grant: str) -> None:
+    def _subscribe(self, room: str, grant: str) -> None:
+        """Ask the broker to let our subscriber hear room; LIVE tells us when it has."""
         if self._sub is not None:
             self._sub.send(b"\x01" + grant.encode("ascii"))
+            self._grants.setdefault(room, []).append(grant)
+
+    def _unsubscribe_used(self, room: str) -> None:
+        """Forget spent grants, so our subscriber's own table does not grow (LIVE proves the
+        broker has read them; the broker ignores the unsubscriptions)."""
+        if self._sub is not None:
+            for grant in self._grants.pop(room, []):
+                self._sub.send(b"\x00" + grant.encode("ascii"))
 
     # ------------------------------------------------------------------ the reader
     async def _reader(self) -> None:
@@ -433,8 +442,9 @@ class Client:
             ev = body.get("event", {})
             self._events.put_nowait(Event.from_wire(ev, mine=False))
         elif kind == m.Reply.GRANT and room in self.rooms:
-            self._subscribe(str(body.get("grant")))
+            self._subscribe(room, str(body.get("grant")))
         elif kind == m.Reply.LIVE and room in self.rooms:
+            self._unsubscribe_used(room)
             self._known(room, int(body.get("seq", 0)))
         elif kind == m.Reply.KICKED and room in self.rooms:
             del self.rooms[room]

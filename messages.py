@@ -51,6 +51,7 @@ MAX_ROOM: Final = 32
 MAX_REASON: Final = 200         # quit/kick reasons are one short line
 MAX_TOPIC: Final = 300          # a room topic is a line, not a document
 MAX_CMID: Final = 64            # client message ids: a UUID hex is 32
+MAX_HOPS: Final = 16            # bot reply chains: a count carried so bots can stop loops
 
 
 class Kind(StrEnum):
@@ -255,8 +256,10 @@ def _v_room(b: dict) -> dict:
 
 
 def _v_say(b: dict) -> dict:
+    hops = _int(b, "hops")
     return {"room": check_room(b.get("room")), "msgs": _say_items(b),
-            "relay": _text(b, "relay", MAX_NICK + MAX_ROOM + 1, required=False)}
+            "relay": _text(b, "relay", MAX_NICK + MAX_ROOM + 1, required=False),
+            "hops": min(hops, MAX_HOPS) if hops is not None else None}
 
 
 def _v_priv(b: dict) -> dict:
