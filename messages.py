@@ -30,6 +30,7 @@ An event (room traffic, history, private messages) is a JSON object:
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -287,7 +288,8 @@ def _v_topic(b: dict) -> dict:
 def _v_history(b: dict) -> dict:
     limit = _int(b, "limit", low=1)
     since = b.get("since")
-    if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool)):
+    if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool)
+                              or not math.isfinite(since)):
         raise ProtocolError(Code.BAD_REQUEST, "field 'since' must be a number (UTC seconds)")
     return {"room": check_room(b.get("room")), "after": _int(b, "after"),
             "before": _int(b, "before"), "since": since,
