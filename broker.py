@@ -363,18 +363,18 @@ class Broker:
         nick, b = req.body["nick"], req.body
         holder = self.by_nick.get(m.nick_key(nick))
         if holder is not None:
-            if b["resume"] and hmac.compare_digest(holder.token, str(req.body.get("token", ""))):
+            if b["resume"] and b["token"] and hmac.compare_digest(holder.token, b["token"]):
                 self._drop(holder, "", "replaced", quiet=True)
             else:
                 raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
         now = time.monotonic()
-        s = Session(rid, secrets.token_hex(8), nick, secrets.token_hex(16), b["bot"],
+        s = Session(rid, secrets.token_hex(8), nick, b["token"], b["bot"],
                     Bucket(self.cfg.rate, self.cfg.burst, self.cfg.burst, now), now)
         self.by_rid[rid], self.by_nick[s.key], self.by_sid[s.sid] = s, s, s
         log.info("hello %s%s", nick, " (resume)" if b["resume"] else "")
         return {"nick": nick, "version": m.VERSION, "pub_port": self.pub_port,
                 "motd": self.motd, "rooms": list(self.rooms), "heartbeat": self.cfg.heartbeat,
-                "token": s.token, "rate": self.cfg.rate, "burst": self.cfg.burst,
+                "rate": self.cfg.rate, "burst": self.cfg.burst,
                 "max_text": m.MAX_TEXT, "max_batch": m.MAX_BATCH}
 
     def _on_join(self, s: Session, req: m.Request) -> dict[str, Any]:

@@ -245,7 +245,8 @@ def _v_hello(b: dict) -> dict:
                             f"protocol version {version!r} is not spoken here; "
                             f"versions: {', '.join(map(str, VERSIONS))}", versions=list(VERSIONS))
     return {"nick": check_nick(b.get("nick")), "bot": b.get("bot") is True,
-            "resume": b.get("resume") is True}
+            "resume": b.get("resume") is True,
+            "token": _text(b, "token", MAX_CMID, required=False) or ""}
 
 
 def _v_join(b: dict) -> dict:

@@ -42,12 +42,12 @@ def refused(frames: list[bytes]) -> ProtocolError:
 # kind -> (body the client sends, fields the broker gets after validation)
 ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
     Kind.HELLO: ({"version": 1, "nick": "alice", "bot": True},
-                 {"nick": "alice", "bot": True, "resume": False}),
+                 {"nick": "alice", "bot": True, "resume": False, "token": ""}),
     Kind.JOIN: ({"room": "dev", "resume": True}, {"room": "dev", "resume": True}),
     Kind.LEAVE: ({"room": "dev"}, {"room": "dev"}),
     Kind.SAY: ({"room": "dev", "msgs": [{"id": "c1", "text": "héllo ✓"},
                                         {"id": "c2", "text": "waves", "action": True}]},
-               {"room": "dev", "relay": None,
+               {"room": "dev", "relay": None, "hops": None,
                 "msgs": [{"id": "c1", "text": "héllo ✓", "action": False},
                          {"id": "c2", "text": "waves", "action": True}]}),
     Kind.PRIV: ({"to": "bob", "text": "psst", "id": "c3"},
