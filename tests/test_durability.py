@@ -1,0 +1,323 @@
+"""Nothing lost: every member sees every acknowledged message of its room exactly once, in
+order, across broker kills, stops, slow subscribers, lost acknowledgements and late joins."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+import messages as m
+from client import Client, Event
+from conftest import ROOT
+
+HB = "0.3"
+
+
+def db_events(db: Path, room: str = "lobby") -> list[dict]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT data FROM events WHERE room=? ORDER BY seq", (room,))
+        return [json.loads(d) for (d,) in rows.fetchall()]
+
+
+class Member:
+    """A client plus everything it was given, collected by a background task."""
+
+    def __init__(self, port: int, nick: str, room: str = "lobby", **kw) -> None:
+        kw.setdefault("backlog", 0)
+        self.client = Client("127.0.0.1", port, nick, rooms=[room], **kw)
+        self.events: list[Event] = []
+        self.room = room
+
+    async def start(self) -> "Member":
+        await self.client.connect()
+        self.task = asyncio.create_task(self._collect())
+        return self
+
+    async def _collect(self) -> None:
+        async for ev in self.client:
+            self.events.append(ev)
+
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events if e.room == self.room and e.seq is not None]
+
+    def statuses(self) -> list[str]:
+        return [e.text for e in self.events if e.kind == "status"]
+
+
+async def until(cond, timeout: float, what: str) -> None:
+    """Wait for cond() with a deadline (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def say_many(member: Member, n: int, tag: str = "", pace: float = 0.002
+                   ) -> dict[str, int]:
+    """Send n distinct messages concurrently (the library batches them), pausing `pace`
+    seconds every 10; return text -> acknowledged seq."""
+    texts = [f"{member.client.nick}{tag} {i}" for i in range(n)]
+    futures = []
+    for i, text in enumerate(texts):
+        futures.append(asyncio.ensure_future(member.client.say(member.room, text)))
+        if i % 10 == 0:
+            await asyncio.sleep(pace)
+    return dict(zip(texts, await asyncio.gather(*futures)))
+
+
+async def caught_up(members: list[Member], db: Path, timeout: float = 20) -> None:
+    await until(lambda: all(mb.seqs() and mb.seqs()[-1] >= len(db_events(db, mb.room))
+                            for mb in members), timeout, "every member to catch up")
+
+
+def assert_complete(members: list[Member], db: Path, acked: dict[str, int]) -> None:
+    """Each acknowledged message is stored once under its acked seq, seqs run 1..M, and
+    every member received every event from its first to M exactly once, in order."""
+    stored = db_events(db, members[0].room)
+    assert [e["seq"] for e in stored] == list(range(1, len(stored) + 1))
+    msgs = [e for e in stored if e["kind"] == "msg"]
+    by_text = {e["text"]: e["seq"] for e in msgs}
+    assert len(by_text) == len(msgs), "a message was stored twice"
+    for text, seq in acked.items():
+        assert by_text.get(text) == seq, f"acknowledged {text!r} not stored as seq {seq}"
+    for mb in members:
+        seqs = mb.seqs()
+        assert seqs == list(range(seqs[0], len(stored) + 1)), f"{mb.client.nick}: gap or dup"
+        got = {e.seq: e.text for e in mb.events if e.room == mb.room}
+        assert all(got[e["seq"]] == e["text"] for e in stored if e["seq"] >= seqs[0])
+
+
+async def close_all(members: list[Member]) -> None:
+    for mb in members:
+        await mb.client.close()
+
+
+def test_broker_sigkilled_repeatedly_loses_nothing(make_broker_process, tmp_path):
+    """Broker SIGKILLed 3 times while 3 bots send 300 messages each: all arrive, once each."""
+    proc = make_broker_process("--heartbeat", HB, "--rate", "0")
+    db = tmp_path / "chat.db"
+
+    async def scenario() -> None:
+        bots = [await Member(proc.port, f"bot{i}").start() for i in range(3)]
+        watcher = await Member(proc.port, "watcher").start()
+        sends = asyncio.gather(*(say_many(b, 300, pace=0.1) for b in bots))
+        for k in range(3):
+            mark = len(watcher.seqs())
+            await until(lambda: len(watcher.seqs()) > mark + 30, 30, "progress")
+            proc.proc.kill()
+            proc.proc.wait()
+            proc.start()
+            await until(lambda: watcher.statuses().count("reconnected") == k + 1, 15,
+                        "the reconnect")
+        acked = {t: s for d in await asyncio.wait_for(sends, 60) for t, s in d.items()}
+        assert len(acked) == 900
+        await caught_up([*bots, watcher], db)
+        assert_complete([*bots, watcher], db, acked)
+        assert watcher.statuses().count("reconnected") == 3
+        await close_all([*bots, watcher])
+
+    asyncio.run(scenario())
+
+
+def test_broker_sigstopped_past_heartbeat_timeout(make_broker_process, tmp_path):
+    """Broker stopped (SIGSTOP) longer than the heartbeat timeout, then continued: clients
+    notice, reconnect, and every message sent meanwhile is delivered once."""
+    proc = make_broker_process("--heartbeat", HB, "--rate", "0")
+    db = tmp_path / "chat.db"
+
+    async def scenario() -> None:
+        a, b = [await Member(proc.port, n).start() for n in ("ann", "ben")]
+        acked = await say_many(a, 50, "-before")
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: "connection lost, reconnecting..." in b.statuses(), 3,
+                        "the stop to be noticed within 3 heartbeats (+ margin)")
+            pending = asyncio.gather(say_many(a, 50, "-during"), say_many(b, 20, "-during"))
+            await until(lambda: len(a.client.pending()) > 10, 2, "sends queued while stopped")
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        for d in await asyncio.wait_for(pending, 30):
+            acked.update(d)
+        await caught_up([a, b], db)
+        assert_complete([a, b], db, acked)
+        assert "reconnected" in b.statuses()
+        await close_all([a, b])
+
+    asyncio.run(scenario())
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+def test_paused_subscriber_catches_up_without_slowing_others(make_broker_process, tmp_path):
+    """One subscriber process paused while 10,000 messages pass: the broker stays small,
+    the other member gets everything at once, and the paused one catches up completely."""
+    proc = make_broker_process("--heartbeat", "5", "--rate", "0")
+    db = tmp_path / "chat.db"
+    slow = subprocess.Popen([sys.executable, str(ROOT / "tests" / "recorder.py"),
+                             str(proc.port), "slowpoke"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(slow.stdout.readline())["kind"] == "ready"
+
+        async def scenario() -> None:
+            fast = await Member(proc.port, "fast").start()
+            sender = await Member(proc.port, "sender").start()
+            rss_before = rss_kb(proc.proc.pid)
+            os.kill(slow.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            acked = await say_many(sender, 10_000)
+            await caught_up([fast, sender], db, 30)
+            fast_time = time.monotonic() - started
+            grown = rss_kb(proc.proc.pid) - rss_before
+            os.kill(slow.pid, signal.SIGCONT)
+            assert_complete([fast, sender], db, acked)
+            assert grown < 80_000, f"broker grew by {grown} kB"
+            assert fast_time < 25
+            await close_all([fast, sender])
+            return len(db_events(db))
+
+        last = asyncio.run(scenario())
+        seen: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < last - 1 and time.monotonic() < deadline:
+            ev = json.loads(slow.stdout.readline())
+            if ev.get("seq"):
+                assert ev["seq"] not in seen, "duplicate delivered"
+                seen.add(ev["seq"])
+        first = min(seen)
+        assert sorted(seen)[: last - first] == list(range(first, last)), "paused member missed"
+    finally:
+        os.kill(slow.pid, signal.SIGCONT)
+        slow.kill()
+        slow.wait()
+
+
+class DropFirstAck:
+    """A ZeroMQ relay between clients and the broker's command port that swallows the first
+    reply to a SAY: a real lost acknowledgement on a real socket."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
+        self.front = ctx.socket(zmq.ROUTER)
+        self.front.linger = 0
+        self.port = self.front.bind_to_random_port("tcp://127.0.0.1")
+        self.ctx, self.broker_port = ctx, broker_port
+        self.backs: dict[bytes, zmq.asyncio.Socket] = {}
+        self.says: set[bytes] = set()
+        self.dropped = 0
+        self.task = asyncio.create_task(self.run())
+
+    async def run(self) -> None:
+        poller = zmq.asyncio.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        while True:
+            for sock, _ in await poller.poll():
+                if sock is self.front:
+                    rid, *frames = await self.front.recv_multipart()
+                    if rid not in self.backs:
+                        back = self.backs[rid] = self.ctx.socket(zmq.DEALER)
+                        back.linger = 0
+                        back.connect(f"tcp://127.0.0.1:{self.broker_port}")
+                        poller.register(back, zmq.POLLIN)
+                    if frames[0] == b"SAY":
+                        self.says.add(frames[1])
+                    await self.backs[rid].send_multipart(frames)
+                else:
+                    frames = await sock.recv_multipart()
+                    rid = next(r for r, s in self.backs.items() if s is sock)
+                    if frames[1] in self.says and not self.dropped:
+                        self.dropped += 1
+                        continue
+                    await self.front.send_multipart([rid, *frames])
+
+
+def test_lost_acknowledgement_is_retried_without_duplicate(broker, tmp_path):
+    """The broker's reply to a SAY is lost: the client retries, the message is stored and
+    delivered once, and the send completes with its one sequence number."""
+    async def scenario() -> None:
+        relay = DropFirstAck(zmq.asyncio.Context.instance(), broker.port)
+        a = await Member(relay.port, "ann").start()
+        b = await Member(broker.port, "ben").start()
+        seq = await asyncio.wait_for(a.client.say("lobby", "only once"), 10)
+        assert relay.dropped == 1
+        await until(lambda: seq in b.seqs(), 5, "delivery")
+        stored = [e for e in db_events(Path(broker.cfg.db)) if e["text"] == "only once"]
+        assert [e["seq"] for e in stored] == [seq]
+        assert [e.text for e in b.events if e.kind == "msg"] == ["only once"]
+        relay.task.cancel()
+        await close_all([a, b])
+
+    asyncio.run(scenario())
+
+
+def test_late_joiner_during_stream_has_no_gap_or_duplicate(broker):
+    """A member joining mid-stream gets history then live with no gap and no duplicate."""
+    db = Path(broker.cfg.db)
+    broker.broker.cfg.rate = 0
+
+    async def scenario() -> None:
+        sender = await Member(broker.port, "sender").start()
+        stream = asyncio.ensure_future(say_many(sender, 2000))
+        await until(lambda: len(sender.seqs()) > 300, 10, "the stream to start")
+        late = Member(broker.port, "late", backlog=50)
+        await late.start()
+        acked = await stream
+        await caught_up([sender, late], db)
+        backlog = [e for e in late.events if e.backlog]
+        assert len(backlog) == 50
+        assert_complete([sender, late], db, acked)
+        await close_all([sender, late])
+
+    asyncio.run(scenario())
+
+
+def test_killed_client_is_announced_and_its_nick_freed(make_broker_process):
+    """A client killed with SIGKILL is announced as gone within the heartbeat timeout."""
+    proc = make_broker_process("--heartbeat", HB)
+    victim = subprocess.Popen([sys.executable, str(ROOT / "tests" / "recorder.py"),
+                               str(proc.port), "victim"], stdout=subprocess.PIPE, text=True)
+    assert json.loads(victim.stdout.readline())["kind"] == "ready"
+
+    async def scenario() -> None:
+        w = await Member(proc.port, "witness").start()
+        victim.kill()
+        victim.wait()
+        killed = time.monotonic()
+        await until(lambda: any(e.text == "victim left (connection lost)" for e in w.events),
+                    5, "the leave notice")
+        assert time.monotonic() - killed < 3 * float(HB) + 1.0
+        again = await Member(proc.port, "victim").start()
+        await close_all([w, again])
+
+    asyncio.run(scenario())
+
+
+def test_corrupted_database_is_refused_at_start(tmp_path):
+    """A corrupted or truncated history file stops the broker with a clear error."""
+    good = tmp_path / "good.db"
+    with sqlite3.connect(good) as con:
+        con.execute("CREATE TABLE t (x)")
+        con.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 200)
+    data = good.read_bytes()
+    cases = {"truncated.db": data[: len(data) // 2 + 100],
+             "garbage.db": b"this is not a database" * 100,
+             "scribbled.db": data[:4096] + os.urandom(len(data) - 4096)}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        run = subprocess.run([sys.executable, str(ROOT / "broker.py"), "--db",
+                              str(tmp_path / name), "--port", "0", "--pub-port", "0"],
+                             capture_output=True, text=True, timeout=20)
+        assert run.returncode == 4, (name, run.stdout, run.stderr)
+        assert "cannot use the history database" in run.stderr
+        assert "Traceback" not in run.stderr
