@@ -1,0 +1,279 @@
+"""Nobody hears what they should not, nobody speaks as someone else, no input breaks the broker."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+import messages as m
+from client import ChatError, Client
+from conftest import wait_for
+
+
+def raw_dealer(ctx: zmq.Context, port: int, rid: bytes | None = None) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    if rid is not None:
+        s.setsockopt(zmq.ROUTING_ID, rid)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def call(sock: zmq.Socket, kind: str, body: dict, label: bytes = b"1",
+         timeout: int = 3000) -> m.Response:
+    sock.send_multipart(m.encode_request(kind, label, body))
+    while True:
+        assert sock.poll(timeout), f"no reply to {kind}"
+        resp = m.decode_response(sock.recv_multipart())
+        if resp.label == label:
+            return resp
+
+
+def hello(sock: zmq.Socket, nick: str) -> dict:
+    resp = call(sock, "HELLO", {"version": 1, "nick": nick})
+    assert resp.kind == "OK", resp.body
+    return resp.body
+
+
+def drain(sock: zmq.Socket, ms: int = 200) -> list[list[bytes]]:
+    got = []
+    while sock.poll(ms):
+        got.append(sock.recv_multipart())
+    return got
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+class Collector:
+    def __init__(self, client: Client) -> None:
+        self.client, self.events = client, []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for ev in self.client:
+            self.events.append(ev)
+
+    def texts(self) -> list[str]:
+        return [e.text for e in self.events if e.kind == "msg"]
+
+
+def test_eavesdroppers_hear_nothing(broker):
+    """Raw subscribers to the empty prefix, room names, topic prefixes and a used grant
+    receive zero room messages, while a member hears everything."""
+    ctx = zmq.Context.instance()
+    subs = []
+    for kind in (zmq.SUB, zmq.XSUB):
+        for topic in (b"", b"lobby", b"lobby\x00", b"l", b"work\x00"):
+            s = ctx.socket(kind)
+            s.linger = 0
+            s.connect(f"tcp://127.0.0.1:{broker.pub_port}")
+            if kind == zmq.SUB:
+                s.subscribe(topic)
+            else:
+                s.send(b"\x01" + topic)
+            subs.append(s)
+    spy = raw_dealer(ctx, broker.port)
+    hello(spy, "spy")
+    grant = call(spy, "JOIN", {"room": "lobby"}).body["grant"]
+    used = ctx.socket(zmq.XSUB)
+    used.linger = 0
+    used.connect(f"tcp://127.0.0.1:{broker.pub_port}")
+    used.send(b"\x01" + grant.encode())            # the spy uses its grant once, legitimately
+    assert call(spy, "LEAVE", {"room": "lobby"}).kind == "OK"
+    replay = ctx.socket(zmq.XSUB)
+    replay.linger = 0
+    replay.connect(f"tcp://127.0.0.1:{broker.pub_port}")
+    replay.send(b"\x01" + grant.encode())          # and replays it on a new connection
+    subs += [used, replay]
+
+    async def talk() -> None:
+        async with Client("127.0.0.1", broker.port, "alice") as a, \
+                Client("127.0.0.1", broker.port, "bob") as b:
+            col = Collector(b)
+            for i in range(20):
+                await a.say("lobby", f"secret {i}")
+            await until(lambda: len(col.texts()) == 20)
+    asyncio.run(talk())
+    for s in subs:
+        got = drain(s, 100)
+        assert not got, f"eavesdropper received {got[:1]}"
+        s.close()
+    spy.close()
+
+
+def test_kicked_member_with_open_socket_hears_nothing_more(make_broker):
+    """A kicked member keeps its subscriber open and re-subscribes: it hears nothing after."""
+    b = make_broker(ops=("boss",))
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "boss") as boss, \
+                Client("127.0.0.1", b.port, "mallory") as mal, \
+                Client("127.0.0.1", b.port, "carol") as carol:
+            seen_mal, seen_carol = Collector(mal), Collector(carol)
+            await boss.say("lobby", "before")
+            await until(lambda: "before" in seen_mal.texts())
+            old_grants = [g for gs in mal._grants.values() for g in gs]
+            await boss.kick("lobby", "mallory", "spam")
+            await until(lambda: any("kicked" in e.text for e in seen_mal.events
+                                    if e.kind == "status"))
+            for g in old_grants:                      # try to get back in with old grants
+                mal._sub.send(b"\x01" + g.encode())
+            await boss.say("lobby", "after")
+            await until(lambda: "after" in seen_carol.texts())
+            kick_note = [e.text for e in seen_carol.events if e.kind == "kick"]
+            assert kick_note == ["mallory was kicked by boss (spam)"]
+            with pytest.raises(ChatError) as err:
+                await mal.history("lobby")
+            assert err.value.code == "NOT_MEMBER"
+            assert "after" not in seen_mal.texts()
+            assert "mallory" not in await carol.who("lobby")
+            with pytest.raises(ChatError) as err:
+                await carol.kick("lobby", "boss")
+            assert err.value.code == "NOT_OPERATOR"
+            await boss.ban("lobby", "mallory")
+            with pytest.raises(ChatError) as err:
+                await mal.join("lobby")
+            assert err.value.code == "BANNED"
+            await boss.unban("lobby", "mallory")
+            await mal.join("lobby")
+    asyncio.run(scenario())
+
+
+def test_history_of_a_room_not_joined_is_refused(broker):
+    """Only members get a room's history."""
+    ctx = zmq.Context.instance()
+    s = raw_dealer(ctx, broker.port)
+    hello(s, "outsider")
+    resp = call(s, "HISTORY", {"room": "work"})
+    assert resp.kind == "ERROR" and resp.body["code"] == "NOT_MEMBER"
+    s.close()
+
+
+def test_claimed_sender_is_replaced_by_the_real_one(broker):
+    """A payload claiming to be from someone else is published under the real sender."""
+    ctx = zmq.Context.instance()
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", broker.port, "alice") as alice:
+            col = Collector(alice)
+            s = raw_dealer(ctx, broker.port)
+            hello(s, "mallory")
+            call(s, "JOIN", {"room": "lobby"})
+            body = {"room": "lobby", "nick": "alice", "from": "alice",
+                    "msgs": [{"id": "x1", "text": "I am alice", "nick": "alice"}]}
+            assert call(s, "SAY", body).kind == "OK"
+            await until(lambda: "I am alice" in col.texts())
+            ev = next(e for e in col.events if e.text == "I am alice")
+            assert ev.nick == "mallory" and not ev.mine
+            s.close()
+    asyncio.run(scenario())
+
+
+def test_copied_routing_id_gains_nothing(broker):
+    """A second connection using the first one's routing id gets none of its replies."""
+    ctx = zmq.Context.instance()
+    first = raw_dealer(ctx, broker.port, b"victim-id")
+    hello(first, "victim")
+    thief = raw_dealer(ctx, broker.port, b"victim-id")
+    thief.send_multipart(m.encode_request("WHO", b"t1", {"room": "lobby"}))
+    call(first, "JOIN", {"room": "lobby"}, b"j1")
+    assert call(first, "PING", {}, b"p1").kind == "OK"
+    assert drain(thief, 300) == []
+    first.close()
+    thief.close()
+
+
+def test_rate_limit_answers_retry_after_and_never_disconnects(make_broker):
+    """Over the limit a SAY gets RATE_LIMITED with retry_after; the session stays usable."""
+    b = make_broker(rate=5.0, burst=3)
+    ctx = zmq.Context.instance()
+    s = raw_dealer(ctx, b.port)
+    hello(s, "flooder")
+    call(s, "JOIN", {"room": "lobby"})
+    codes = []
+    for i in range(6):
+        r = call(s, "SAY", {"room": "lobby", "msgs": [{"id": f"f{i}", "text": "x"}]},
+                 f"s{i}".encode())
+        codes.append(r.body.get("code", r.kind))
+        if r.kind == "ERROR":
+            assert 0 < r.body["retry_after"] <= 1.0
+    assert codes[:3] == ["OK"] * 3 and "RATE_LIMITED" in codes[3:]
+    assert call(s, "PING", {}, b"p").kind == "OK"
+    s.close()
+
+
+def test_flood_does_not_starve_another_client(make_broker):
+    """A client flooding the broker leaves another client's round trip within a few times
+    its unloaded value."""
+    b = make_broker(rate=0.0)
+    ctx = zmq.Context.instance()
+    probe = raw_dealer(ctx, b.port)
+    hello(probe, "probe")
+
+    def rtt() -> float:
+        times = []
+        for i in range(20):
+            t = time.perf_counter()
+            call(probe, "PING", {}, f"r{i}".encode())
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    quiet = rtt()
+    flood = raw_dealer(ctx, b.port)
+    hello(flood, "flood")
+    call(flood, "JOIN", {"room": "lobby"})
+    for i in range(3000):
+        flood.send_multipart(m.encode_request("SAY", b"f", {
+            "room": "lobby", "msgs": [{"id": f"fl{i}", "text": "x" * 200}]}))
+    loaded = rtt()
+    assert loaded < max(10 * quiet, 0.02), f"rtt {quiet * 1e3:.2f} ms -> {loaded * 1e3:.2f} ms"
+    flood.close()
+    probe.close()
+
+
+def _rss_kb() -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+def test_live_fuzz_leaves_broker_serving_and_bounded(broker, caplog):
+    """Random multipart frames sent to a live broker: no handler crashes, it still answers
+    a well-formed request afterwards and its memory stays bounded."""
+    rng = random.Random(1234)
+    ctx = zmq.Context.instance()
+    fuzz = raw_dealer(ctx, broker.port)
+    kinds = [k.value.encode() for k in m.Kind] + [b"", b"NOPE", b"\xff\xfe"]
+    before = _rss_kb()
+    for i in range(3000):
+        n = rng.choice([0, 1, 2, 3, 3, 3, 4, 7])
+        frames = [rng.randbytes(rng.randrange(0, 64)) for _ in range(n)]
+        if n >= 3 and rng.random() < 0.7:
+            frames[0] = rng.choice(kinds)
+            body = {rng.choice(["room", "nick", "msgs", "text", "version", "id", "limit"]):
+                    rng.choice([None, 1, -1, "lobby", "x" * 5000, [], {}, [{"id": 1}],
+                                "\x1b[2J", True, 1e308]) for _ in range(rng.randrange(4))}
+            if rng.random() < 0.3:
+                body.update({"version": 1, "nick": f"f{i}"})
+            frames[2] = json.dumps(body).encode()
+        if n == 0:
+            frames = [b""]
+        fuzz.send_multipart(frames)
+    drain(fuzz, 300)
+    check = raw_dealer(ctx, broker.port)
+    assert hello(check, "survivor")["nick"] == "survivor"
+    assert call(check, "ROOMS", {}, b"r").kind == "OK"
+    assert _rss_kb() - before < 60_000
+    assert not [r for r in caplog.records if r.levelno >= 40], "a handler raised"
+    fuzz.close()
+    check.close()
