@@ -56,6 +56,8 @@ class Config:
     ops: tuple[str, ...] = ()
     rate: float = 5.0
     burst: int = 20
+    curve_key: str | None = None     # the broker's secret key file: serve only CURVE
+    allow_keys: str | None = None    # directory of client public keys allowed in
 
 
 class State(Enum):
@@ -94,6 +96,7 @@ class Session:
     bucket: Bucket
     last_seen: float
     rooms: set[str] = field(default_factory=set)
+    pubkey: str = ""                 # the CURVE key this connection authenticated with
     topics: dict[str, bytes] = field(default_factory=dict)  # room -> topic approved on our pipe
     state: State = State.ACTIVE
 
@@ -147,6 +150,8 @@ class Broker:
             Kind.KICK: self._on_kick, Kind.BAN: self._on_ban, Kind.UNBAN: self._on_unban,
         }
         self.motd = self._load_motd()
+        self.auth = None
+        self.curve = cfg.curve_key is not None
         self._bind()
 
     # ------------------------------------------------------------------ sockets
@@ -162,6 +167,8 @@ class Broker:
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.xpub.setsockopt(zmq.MAXMSGSIZE, 512)  # subscriptions are tiny; floods stay small
         self.xpub.setsockopt(zmq.SNDHWM, 2000)
+        if self.curve:
+            self._secure()
         try:
             self.port = self._bind_one(self.router, self.cfg.port)
             self.pub_port = self._bind_one(self.xpub, self.cfg.pub_port)
@@ -169,6 +176,24 @@ class Broker:
             self.router.close()
             self.xpub.close()
             raise
+
+    def _secure(self) -> None:
+        """CURVE on both sockets, failing closed: no ZAP handler, no connection."""
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+        public, secret = zmq.auth.load_certificate(self.cfg.curve_key)
+        if not secret:
+            raise OSError(f"{self.cfg.curve_key} holds no secret key")
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve(domain="chat", location=self.cfg.allow_keys
+                                  or zmq.auth.CURVE_ALLOW_ANY)
+        for sock in (self.router, self.xpub):
+            sock.curve_secretkey = secret
+            sock.curve_publickey = public
+            sock.curve_server = True
+            sock.zap_domain = b"chat"
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
     def _bind_one(self, sock: zmq.Socket, port: int) -> int:
         if port == 0:
@@ -210,22 +235,29 @@ class Broker:
     def _drain_requests(self) -> None:
         for _ in range(DRAIN):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                if self.curve:
+                    parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    key = parts[-1].get("User-Id")
+                    frames = [p.bytes for p in parts]
+                    if not key:  # fail closed: nothing without an authenticated identity
+                        continue
+                else:
+                    frames, key = self.router.recv_multipart(zmq.NOBLOCK), ""
             except zmq.Again:
                 return
             try:
-                self._handle(frames[0], frames[1:])
+                self._handle(frames[0], frames[1:], key)
             except Exception:  # a bug must not take the broker down for everyone
                 log.exception("error handling %r", frames[:2])
 
-    def _handle(self, rid: bytes, frames: list[bytes]) -> None:
+    def _handle(self, rid: bytes, frames: list[bytes], key: str = "") -> None:
         label = m.decode_label(frames)
         session = self.by_rid.get(rid)
         try:
             req = m.decode_request(frames)
             log.debug("<- %s %s", req.kind, session.nick if session else rid.hex())
             if req.kind is Kind.HELLO:
-                body = self._on_hello(rid, session, req)
+                body = self._on_hello(rid, session, req, key)
             elif session is None:
                 raise ProtocolError(Code.NO_HELLO, "say HELLO first")
             else:
@@ -269,13 +301,14 @@ class Broker:
     def _drain_subscriptions(self) -> None:
         for _ in range(DRAIN):
             try:
-                msg = self.xpub.recv(zmq.NOBLOCK)
+                frame = self.xpub.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if msg[:1] == b"\x01":
-                self._approve(msg[1:])  # must run before the next recv: it applies to this pipe
+            msg = frame.bytes
+            if msg[:1] == b"\x01":  # approve now: it applies to the pipe just read
+                self._approve(msg[1:], frame.get("User-Id") if self.curve else "")
 
-    def _approve(self, data: bytes) -> None:
+    def _approve(self, data: bytes, key: str = "") -> None:
         """Let this connection hear a room only if `data` is a fresh, valid, unused grant."""
         parsed = m.parse_grant(data)
         if parsed is None:
@@ -286,7 +319,7 @@ class Broker:
         room, s = self.rooms.get(name), self.by_sid.get(sid)
         if (not hmac.compare_digest(mac, self._mac(payload)) or expiry < time.time()
                 or nonce in self.used_nonces or room is None or room.epoch != epoch
-                or s is None or sid not in room.members):
+                or s is None or sid not in room.members or (self.curve and key != s.pubkey)):
             log.info("refused grant for %s (stale, used or forged)", name)
             return
         self.used_nonces[nonce] = expiry
@@ -357,10 +390,16 @@ class Broker:
             del self.by_nick[s.key]
 
     # ------------------------------------------------------------------ handlers
-    def _on_hello(self, rid: bytes, session: Session | None, req: m.Request) -> dict[str, Any]:
+    def _on_hello(self, rid: bytes, session: Session | None, req: m.Request,
+                  key: str = "") -> dict[str, Any]:
         if session is not None:
             raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {session.nick}")
         nick, b = req.body["nick"], req.body
+        if self.curve:
+            owner = self.store.nick_owner(m.nick_key(nick))
+            if owner is not None and owner != key:
+                raise ProtocolError(Code.NICK_TAKEN,
+                                    f"the nickname {nick} belongs to another key")
         holder = self.by_nick.get(m.nick_key(nick))
         if holder is not None:
             if b["resume"] and b["token"] and hmac.compare_digest(holder.token, b["token"]):
@@ -370,6 +409,9 @@ class Broker:
         now = time.monotonic()
         s = Session(rid, secrets.token_hex(8), nick, b["token"], b["bot"],
                     Bucket(self.cfg.rate, self.cfg.burst, self.cfg.burst, now), now)
+        s.pubkey = key
+        if self.curve:
+            self.store.bind_nick(s.key, key)
         self.by_rid[rid], self.by_nick[s.key], self.by_sid[s.sid] = s, s, s
         log.info("hello %s%s", nick, " (resume)" if b["resume"] else "")
         return {"nick": nick, "version": m.VERSION, "pub_port": self.pub_port,
@@ -571,6 +613,8 @@ class Broker:
             self.router.close()
             self.xpub.close()
             self.store.close()
+            if self.auth is not None:
+                self.auth.stop()
 
 
 class _Raw(list):
@@ -610,16 +654,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", default="", help="comma-separated operator nicks for the rooms")
     p.add_argument("--rate", type=float, default=5.0, help="messages per second per client")
     p.add_argument("--burst", type=int, default=20, help="messages a client may send at once")
+    p.add_argument("--gen-keys", metavar="DIR", help="write a CURVE key pair to DIR and exit")
+    p.add_argument("--curve-key", metavar="FILE", help="serve only CURVE, with this secret key")
+    p.add_argument("--allow-keys", metavar="DIR", help="with --curve-key: only these clients")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if a.gen_keys:
+        import os
+        import zmq.auth
+        os.makedirs(a.gen_keys, exist_ok=True)
+        public, secret = zmq.auth.create_certificates(a.gen_keys, "broker")
+        os.chmod(secret, 0o600)
+        print(f"wrote {public} (give to clients: --server-key) and {secret} (keep secret)")
+        return 0
     try:
         rooms = tuple(m.check_room(r.strip()) for r in a.rooms.split(",") if r.strip())
     except ProtocolError as err:
         print(f"broker: --rooms: {err.reason}", file=sys.stderr)
         return 2
     cfg = Config(a.host, a.port, a.pub_port, rooms, a.allow_new_rooms, a.heartbeat, a.db,
-                 a.fsync, a.motd, tuple(n for n in a.ops.split(",") if n), a.rate, a.burst)
+                 a.fsync, a.motd, tuple(n for n in a.ops.split(",") if n), a.rate, a.burst,
+                 a.curve_key, a.allow_keys)
     try:
         broker = Broker(cfg)
     except StoreError as err:

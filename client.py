@@ -98,6 +98,7 @@ class Client:
     def __init__(self, host: str = "127.0.0.1", port: int = 9001, nick: str = "",
                  *, rooms: Iterable[str] = ("lobby",), bot: bool = False, backlog: int = 50,
                  reconnect: bool = True, timeout: float = 5.0,
+                 server_key: bytes | None = None, keypair: tuple[bytes, bytes] | None = None,
                  ctx: zmq.asyncio.Context | None = None) -> None:
         self.host, self.port, self.nick, self.bot = host, port, nick, bot
         self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
@@ -107,6 +108,7 @@ class Client:
         self.heartbeat = 2.0
         self.connected = False
         self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._curve = (server_key, *(keypair or zmq.curve_keypair())) if server_key else None
         self._token = secrets.token_hex(16)   # proves a reconnect is us, to re-claim the nick
         self._labels = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future] = {}
@@ -131,6 +133,12 @@ class Client:
         try:
             await self._hello(resume=False)
         except BaseException:
+            # The reader dies with the sockets it polls: stop both tasks, so a retry (say with
+            # another nick) starts fresh ones instead of waiting on a dead reader.
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks = []
             await self._close_sockets()
             raise
         for room in self.want_rooms:
@@ -267,6 +275,7 @@ class Client:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.linger = 0
         dealer.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        self._secure(dealer)
         dealer.connect(f"tcp://{self.host}:{self.port}")
         self._dealer = dealer
         self._sub = None
@@ -277,10 +286,15 @@ class Client:
         sub.linger = 0
         sub.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         sub.setsockopt(zmq.RCVHWM, 10000)
+        self._secure(sub)
         sub.connect(f"tcp://{self.host}:{pub_port}")
         self._sub = sub
         self._grants: dict[str, list[str]] = {}
         self._gen += 1
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if self._curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
 
     async def _close_sockets(self) -> None:
         for sock in (self._dealer, self._sub):
@@ -579,6 +593,26 @@ class Client:
                 item.future.set_result(seq)
 
 
+def curve_keys(server_key_file: str, config_dir: str | None = None
+               ) -> tuple[bytes, tuple[bytes, bytes]]:
+    """The broker's public key from its file, and our own key pair: kept in the user's config
+    directory (mode 600), made on first use. Pass them as Client(server_key=, keypair=)."""
+    import os
+
+    import zmq.auth
+    server_public, _ = zmq.auth.load_certificate(server_key_file)
+    base = config_dir or os.path.join(os.environ.get("XDG_CONFIG_HOME")
+                                      or os.path.expanduser("~/.config"), "zmqchat")
+    secret_file = os.path.join(base, "client.key_secret")
+    if not os.path.exists(secret_file):
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        _, secret_file = zmq.auth.create_certificates(base, "client")
+    os.chmod(secret_file, 0o600)
+    public, secret = zmq.auth.load_certificate(secret_file)
+    assert secret is not None
+    return server_public, (public, secret)
+
+
 class BlockingClient:
     """The same client for simple scripts: plain calls, an event loop in a background thread."""
 
@@ -614,11 +648,15 @@ class BlockingClient:
             return None
 
     def close(self, reason: str | None = None) -> None:
+        if not self._thread.is_alive():  # closed already: the loop is gone, nothing would run
+            return
         try:
             self._call(self._client.close(reason), timeout=5)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()  # its selector holds file descriptors
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS privates (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
     cmid TEXT, data TEXT NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS privates_cmid ON privates (cmid) WHERE cmid IS NOT NULL;
+CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NULL);
 """
 
 
@@ -128,6 +129,17 @@ class Store:
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
+
+    # ---------------------------------------------------------------- CURVE nick owners
+    def nick_owner(self, nick_key: str) -> str | None:
+        """The CURVE public key that first registered this nick, if any."""
+        row = self.db.execute("SELECT pubkey FROM nick_keys WHERE nick=?",
+                              (nick_key,)).fetchone()
+        return row[0] if row else None
+
+    def bind_nick(self, nick_key: str, pubkey: str) -> None:
+        self._begin()
+        self.db.execute("INSERT OR IGNORE INTO nick_keys VALUES (?,?)", (nick_key, pubkey))
 
     # ---------------------------------------------------------------- history
     def history(self, room: str, *, after: int | None = None, before: int | None = None,

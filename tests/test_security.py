@@ -277,3 +277,61 @@ def test_live_fuzz_leaves_broker_serving_and_bounded(broker, caplog):
     assert not [r for r in caplog.records if r.levelno >= 40], "a handler raised"
     fuzz.close()
     check.close()
+
+
+def test_curve_refuses_unknown_keys_and_fails_closed(make_broker, tmp_path):
+    """Under CURVE an allowed key gets in, an unknown key does not, a nick stays bound to
+    the key that first registered it, and with the authenticator gone nothing connects."""
+    import zmq.auth
+    from client import curve_keys
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    _, broker_secret = zmq.auth.create_certificates(str(keys), "broker")
+    server, mine = curve_keys(str(keys / "broker.key"), str(tmp_path / "me"))
+    assert oct(os.stat(tmp_path / "me" / "client.key_secret").st_mode & 0o777) == "0o600"
+    (allowed / "me.key").write_bytes((tmp_path / "me" / "client.key").read_bytes())
+    _, stranger = curve_keys(str(keys / "broker.key"), str(tmp_path / "stranger"))
+    b = make_broker(curve_key=broker_secret, allow_keys=str(allowed))
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "keyed", server_key=server, keypair=mine) as c:
+            await c.say("lobby", "encrypted hello")
+            assert [e.text for e in await c.history("lobby")][-1] == "encrypted hello"
+        with pytest.raises(ChatError) as err:
+            await Client("127.0.0.1", b.port, "other", server_key=server, keypair=stranger,
+                         timeout=1.0).connect()
+        assert err.value.code == "TIMEOUT"
+        with pytest.raises(ChatError) as err:   # plain text to a CURVE broker: nothing
+            await Client("127.0.0.1", b.port, "plain", timeout=1.0).connect()
+        assert err.value.code == "TIMEOUT"
+    asyncio.run(scenario())
+    b.broker.auth.stop()   # the authenticator is gone: ZAP_ENFORCE_DOMAIN refuses everyone
+
+    async def closed() -> None:
+        with pytest.raises(ChatError) as err:
+            await Client("127.0.0.1", b.port, "keyed", server_key=server, keypair=mine,
+                         timeout=1.0).connect()
+        assert err.value.code == "TIMEOUT"
+    asyncio.run(closed())
+    b.broker.auth = None
+
+
+def test_curve_binds_nick_to_first_key(make_broker, tmp_path):
+    """Under CURVE (any key allowed) another key cannot take a registered nick."""
+    import zmq.auth
+    from client import curve_keys
+    _, secret = zmq.auth.create_certificates(str(tmp_path), "broker")
+    server, k1 = curve_keys(str(tmp_path / "broker.key"), str(tmp_path / "k1"))
+    _, k2 = curve_keys(str(tmp_path / "broker.key"), str(tmp_path / "k2"))
+    b = make_broker(curve_key=secret)
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "owner", server_key=server, keypair=k1):
+            pass
+        with pytest.raises(ChatError) as err:
+            await Client("127.0.0.1", b.port, "Owner", server_key=server, keypair=k2).connect()
+        assert err.value.code == "NICK_TAKEN"
+        async with Client("127.0.0.1", b.port, "owner", server_key=server, keypair=k1) as c:
+            assert c.nick == "owner"
+    asyncio.run(scenario())
