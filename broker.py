@@ -519,17 +519,24 @@ class Broker:
 
     def _on_topic(self, s: Session, req: m.Request) -> dict[str, Any]:
         room = self._member_room(s, req.body["room"])
-        text = req.body["text"]
+        text, lock = req.body["text"], req.body["lock"]
+        if lock is not None:  # operators choose whether only they may set the topic
+            if s.key not in room.ops:
+                raise ProtocolError(Code.NOT_OPERATOR, f"you are not an operator of {room.name}")
+            room.topic_locked = lock
+            self._emit(room, m.EventKind.NOTICE, s.nick,
+                       f"{s.nick} {'locked' if lock else 'unlocked'} the topic"
+                       + (" (operators only)" if lock else ""))
         if text is None:
-            return {"room": room.name, "topic": room.topic}
+            return {"room": room.name, "topic": room.topic, "locked": room.topic_locked}
         if room.topic_locked and s.key not in room.ops:
             raise ProtocolError(Code.NOT_OPERATOR, f"only operators set the topic of {room.name}")
         if any(ord(c) < 32 for c in text):
             raise ProtocolError(Code.BAD_REQUEST, "a topic is one line of text")
         room.topic = text
-        self._emit(room, m.EventKind.TOPIC, s.nick, text,
+        self._emit(room, m.EventKind.TOPIC, s.nick, text, locked=room.topic_locked,
                    note=f"{s.nick} set the topic: {text}" if text else f"{s.nick} cleared the topic")
-        return {"room": room.name, "topic": text}
+        return {"room": room.name, "topic": text, "locked": room.topic_locked}
 
     def _on_history(self, s: Session, req: m.Request) -> dict[str, Any]:
         b = req.body

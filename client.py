@@ -176,8 +176,11 @@ class Client:
         self.nick = (await self.request(m.Kind.NICK, {"nick": nick}))["nick"]
         return self.nick
 
-    async def topic(self, room: str, text: str | None = None) -> str:
-        return (await self.request(m.Kind.TOPIC, {"room": room, "text": text}))["topic"]
+    async def topic(self, room: str, text: str | None = None, *, lock: bool | None = None
+                    ) -> str:
+        """Read (text None) or set a room's topic; operators may lock it to operators only."""
+        return (await self.request(m.Kind.TOPIC, {"room": room, "text": text,
+                                                  "lock": lock}))["topic"]
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None, since: float | None = None) -> list[Event]:

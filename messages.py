@@ -282,8 +282,12 @@ def _v_nick(b: dict) -> dict:
 
 
 def _v_topic(b: dict) -> dict:
+    lock = b.get("lock")
+    if lock is not None and not isinstance(lock, bool):
+        raise ProtocolError(Code.BAD_REQUEST, "field 'lock' must be true or false")
     return {"room": check_room(b.get("room")),
-            "text": _text(b, "text", MAX_TOPIC, required=False, allow_empty=True)}
+            "text": _text(b, "text", MAX_TOPIC, required=False, allow_empty=True),
+            "lock": lock}
 
 
 def _v_history(b: dict) -> dict:

@@ -335,3 +335,24 @@ def test_curve_binds_nick_to_first_key(make_broker, tmp_path):
         async with Client("127.0.0.1", b.port, "owner", server_key=server, keypair=k1) as c:
             assert c.nick == "owner"
     asyncio.run(scenario())
+
+
+def test_operator_locks_topic(make_broker):
+    """An operator locks the topic: then only operators set it, and the room sees who did."""
+    b = make_broker(ops=("boss",))
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "boss") as boss, \
+                Client("127.0.0.1", b.port, "pleb") as pleb:
+            seen = Collector(pleb)
+            with pytest.raises(ChatError) as err:
+                await pleb.topic("lobby", lock=True)
+            assert err.value.code == "NOT_OPERATOR"
+            await boss.topic("lobby", "official", lock=True)
+            with pytest.raises(ChatError) as err:
+                await pleb.topic("lobby", "graffiti")
+            assert err.value.code == "NOT_OPERATOR"
+            assert await pleb.topic("lobby") == "official"
+            await until(lambda: any(e.text == "official" for e in seen.events))
+            assert any(e.text == "boss locked the topic (operators only)" for e in seen.events)
+    asyncio.run(scenario())
