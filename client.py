@@ -624,7 +624,13 @@ class BlockingClient:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._client: Client = self._call(self._make(*args, **kwargs))
-        self._call(self._client.connect())
+        try:
+            self._call(self._client.connect())
+        except BaseException:  # a refused nick must not leave a thread and a loop behind
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+            raise
 
     @staticmethod
     async def _make(*args: Any, **kwargs: Any) -> Client:
