@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -20,6 +21,8 @@ from enum import Enum
 from typing import Any, Callable, Final
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 import messages as m
 from messages import Code, Kind, ProtocolError, Reply
@@ -179,8 +182,6 @@ class Broker:
 
     def _secure(self) -> None:
         """CURVE on both sockets, failing closed: no ZAP handler, no connection."""
-        import zmq.auth
-        from zmq.auth.thread import ThreadAuthenticator
         public, secret = zmq.auth.load_certificate(self.cfg.curve_key)
         if not secret:
             raise OSError(f"{self.cfg.curve_key} holds no secret key")
@@ -668,8 +669,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if a.gen_keys:
-        import os
-        import zmq.auth
         os.makedirs(a.gen_keys, exist_ok=True)
         public, secret = zmq.auth.create_certificates(a.gen_keys, "broker")
         os.chmod(secret, 0o600)

@@ -207,8 +207,10 @@ class Client:
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every send so far is acknowledged."""
         futures = [s.future for s in self._outbox.values()]
-        if futures:
-            await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+        if futures:  # asyncio.wait, not wait_for: a timeout must not cancel the sends
+            await asyncio.wait(futures, timeout=timeout)
+            if not all(f.done() for f in futures):
+                raise asyncio.TimeoutError(f"{len(self._outbox)} messages not acknowledged")
 
     async def next_event(self, timeout: float | None = None) -> Event:
         return await asyncio.wait_for(self._events.get(), timeout)

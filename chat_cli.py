@@ -1,0 +1,539 @@
+"""The command-line chat client: `python client.py [-i IP] [-p PORT] [-u NICK] [-r ROOM]`.
+
+A thin front end over `client.Client`: every command goes through the library a bot uses.
+It runs in one of three ways:
+    terminal  stdin and stdout are terminals: prompt_toolkit keeps the typed line intact while
+              messages arrive; colours, tab completion, a toolbar that shows pending messages
+    plain     otherwise: one line per event on stdout; every stdin line is sent
+    --json    one JSON object per event; at the end of stdin it waits for the acknowledgements
+Exit status: 0 left normally, 1 could not connect (or messages were left undelivered),
+2 usage (no nickname and no terminal to ask for one; an unreadable --server-key),
+3 nickname taken or invalid.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Any, AsyncIterator, Awaitable, Callable, Final
+
+import zmq
+
+import messages as m
+from cli_render import Screen, escape, escape_lines
+from client import ChatError, Client, curve_keys
+
+DEFAULT_IP: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 9001
+DEFAULT_ROOM: Final = "lobby"
+TIMEOUT: Final = 5.0      # seconds: a broker that has not answered by then is not there
+QUIT_WAIT: Final = 2.0    # seconds /quit waits for unacknowledged messages before leaving
+HISTORY: Final = 50       # events shown by /history without a number (as on joining)
+LEAVE_WORDS: Final = (".exit", "bye")
+
+HELP: Final = """\
+commands:
+  /rooms                every room, how many are in it (* = yours)
+  /join ROOM            switch to another room
+  /who [ROOM|*]         who is in this room (or ROOM; * = everyone online)
+  /msg NICK TEXT        a private message
+  /me ACTION            an action: * you wave
+  /nick NEW             change your nickname
+  /topic [TEXT]         show or set the room's topic
+  /history [N]          the room's last N events (default 50)
+  /kick NICK [REASON]   remove someone from the room (operators)
+  /ban NICK [REASON]    ban someone from the room (operators)
+  /unban NICK           lift a ban (operators)
+  /lock, /unlock        only operators may set the topic, or everyone (operators)
+  /quit [REASON]        leave; so do .exit, bye, Ctrl+D and Ctrl+C
+  //TEXT                send a message that starts with /"""
+
+
+class UsageError(Exception):
+    """A command typed wrong: answered locally, nothing is sent."""
+
+
+# ---------------------------------------------------------------------------- settings
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1 to 65535)")
+    return port
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="client.py", description="ZeroMQ chat client. Settings not given are asked "
+        "for when stdin is a terminal; otherwise IP and port take their defaults.")
+    p.add_argument("-i", "--ip", help=f"the broker's address (default {DEFAULT_IP})")
+    p.add_argument("-p", "--port", type=port_number,
+                   help=f"the broker's command port (default {DEFAULT_PORT})")
+    p.add_argument("-u", "--user", help="your nickname")
+    p.add_argument("-r", "--room", default=DEFAULT_ROOM, help="the room to start in (lobby)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per event on stdout, for scripts")
+    p.add_argument("--no-color", "--no-colour", dest="no_color", action="store_true",
+                   help="no colours (also when NO_COLOR is set)")
+    p.add_argument("--server-key", metavar="FILE",
+                   help="the broker's public CURVE key file: encrypt and authenticate")
+    return p.parse_args(argv)
+
+
+def tell(text: str) -> None:
+    """A line for the person answering questions (stderr when stdout is a pipe)."""
+    out = sys.stdout if sys.stdout.isatty() else sys.stderr
+    print(text, file=out, flush=True)
+
+
+def ask(question: str) -> str:
+    """One answer from the person at the terminal; EOFError on Ctrl+D."""
+    out = sys.stdout if sys.stdout.isatty() else sys.stderr
+    out.write(question)
+    out.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.strip()
+
+
+def ask_address(args: argparse.Namespace) -> tuple[str, int]:
+    host = args.ip if args.ip is not None else ask(f"Server IP [{DEFAULT_IP}]: ") or DEFAULT_IP
+    port = args.port
+    while port is None:
+        answer = ask(f"Port [{DEFAULT_PORT}]: ")
+        try:
+            port = port_number(answer) if answer else DEFAULT_PORT
+        except argparse.ArgumentTypeError as err:
+            tell(str(err))
+    return host, port
+
+
+def ask_nick() -> str:
+    nick = ""
+    while not nick:
+        nick = ask("Nickname: ")
+    return nick
+
+
+def fail(text: str) -> None:
+    print(f"client.py: {text}", file=sys.stderr, flush=True)
+
+
+def connect(runner: asyncio.Runner, host: str, port: int, nick: str, room: str,
+            interactive: bool, curve: dict[str, Any]) -> Client | int:
+    """A connected Client, or the exit status; a refused nick is asked again if we can."""
+    while True:
+        nick = nick or ask_nick()
+        client = Client(host, port, nick, rooms=[room], timeout=TIMEOUT, **curve)
+        if interactive:
+            tell(f"Connecting to {host}:{port} as {nick}...")
+        try:
+            runner.run(client.connect())
+            return client
+        except ChatError as err:
+            runner.run(client.close())
+            reason = escape(err.reason)
+            if err.code in (m.Code.NICK_TAKEN, m.Code.NICK_INVALID):
+                if interactive:
+                    tell(f"Sorry, {reason}. Please choose another nickname.")
+                    nick = ""
+                    continue
+                fail(f"cannot use the nickname {escape(nick)!r}: {reason}; "
+                     f"pass another one with -u NICK")
+                return 3
+            if err.code == "TIMEOUT":
+                fail(f"cannot reach the broker at {host}:{port} (no answer within "
+                     f"{TIMEOUT:g} s); is it running, and is that its command port"
+                     + ("; is --server-key its key?" if curve else "?"))
+            else:
+                fail(reason)
+            return 1
+        except zmq.ZMQError as err:
+            runner.run(client.close())
+            fail(f"cannot connect to {host}:{port}: {err}")
+            return 1
+
+
+# ---------------------------------------------------------------------------- the session
+
+class Chat:
+    """One session's state and commands, shared by the terminal and the line front ends."""
+
+    def __init__(self, client: Client, screen: Screen, room: str, *, leave_words: bool) -> None:
+        self.client, self.screen, self.room = client, screen, room
+        self.leave_words = leave_words
+        self.nicks: set[str] = set()               # for tab completion
+        self.rooms: list[str] = [str(r) for r in client.welcome.get("rooms", [])]
+        self.sends: set[asyncio.Task] = set()      # messages on their way, until acknowledged
+        self.quitting = False
+        self.finished = asyncio.Event()
+        self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
+            "rooms": self.cmd_rooms, "join": self.cmd_join, "who": self.cmd_who,
+            "msg": self.cmd_msg, "me": self.cmd_me, "nick": self.cmd_nick,
+            "topic": self.cmd_topic, "history": self.cmd_history, "help": self.cmd_help,
+            "kick": self.cmd_kick, "ban": self.cmd_ban, "unban": self.cmd_unban,
+            "lock": self.cmd_lock, "unlock": self.cmd_unlock, "quit": self.cmd_quit,
+        }
+
+    async def greet(self) -> None:
+        """The broker's banner and who and where we are."""
+        c = self.client
+        try:
+            topic = await c.topic(self.room)
+        except ChatError:
+            topic = ""
+        motd = str(c.welcome.get("motd") or "")
+        if self.screen.json_mode:
+            self.screen.note(f"connected as {c.nick} in {self.room}", kind="welcome",
+                             nick=c.nick, room=self.room, topic=topic, rooms=self.rooms,
+                             motd=motd)
+            return
+        if motd.strip():
+            self.screen.write(escape_lines(motd.strip("\n")))
+        self.screen.write(f"Welcome, {escape(c.nick)}! You are in {self.room}. "
+                          f"Type /help for the commands, /quit to leave.")
+        if topic:
+            self.screen.note(f"topic of {self.room}: {topic}")
+
+    async def show_events(self) -> None:
+        """Print every event as it comes, until the client is closed."""
+        async for ev in self.client:
+            if ev.kind == "status" and ev.text == "closed":
+                continue
+            if ev.kind == "private" and not ev.mine and ev.data.get("to") == ev.nick:
+                continue   # a note to self: the broker's copy of our own send is shown
+            self.track(ev)
+            self.screen.event(ev, me=self.client.nick, room=self.room)
+            if self.screen.closed and not self.quitting:   # nobody reads our output any more
+                asyncio.create_task(self.quit(None))
+
+    def track(self, ev: Any) -> None:
+        """Remember nicks seen, for completion."""
+        if ev.kind in ("msg", "action", "join", "private") and ev.nick:
+            self.nicks.add(ev.nick)
+        elif ev.kind in ("leave", "kick", "ban"):
+            self.nicks.discard(ev.nick)
+        elif ev.kind == "nick":
+            self.nicks.discard(ev.nick)
+            self.nicks.add(str(ev.data.get("new", "")))
+
+    async def handle(self, line: str) -> None:
+        """One typed (or piped) line: a leave word, a /command, or a message to the room."""
+        line = line.rstrip("\r\n")
+        if not line.strip() or self.quitting:
+            return
+        if self.leave_words and line.strip() in LEAVE_WORDS:
+            await self.quit(None)
+            return
+        if line.startswith("/") and not line.startswith("//"):
+            name, _, arg = line[1:].partition(" ")
+            command = self.commands.get(name.lower())
+            if command is None:
+                self.screen.error(f"unknown command /{name}: nothing was sent; "
+                                  f"type /help for the commands", "UNKNOWN_COMMAND")
+                return
+            if command not in (self.cmd_msg, self.cmd_me):   # those are sends: queued in order
+                # Let earlier messages land first: a script's "hi", "/join work" must not
+                # leave the room before "hi" is in it.
+                await self.acknowledged(TIMEOUT)
+            try:
+                await command(arg.strip())
+            except UsageError as err:
+                self.screen.error(f"usage: {err}", "USAGE")
+            except ChatError as err:
+                self.screen.error(err.reason, err.code)
+            except (KeyError, TypeError, ValueError) as err:   # a reply we did not expect
+                self.screen.error(f"/{name} failed: {err!r}", "INTERNAL")
+            return
+        text = line[1:] if line.startswith("//") else line
+        self.send(lambda: self.client.say(self.room, text), text)
+
+    def send(self, start: Callable[[], Awaitable[Any]], text: str) -> None:
+        """Start a send without waiting for it: the line is shown when the broker echoes it."""
+        limit = int(self.client.welcome.get("max_text", m.MAX_TEXT))
+        if len(text) > limit:
+            self.screen.error(f"not sent: {len(text)} characters, the limit is {limit}",
+                              "TOO_LARGE")
+            return
+        task = asyncio.ensure_future(self._deliver(start(), text))
+        self.sends.add(task)
+        task.add_done_callback(self.sends.discard)
+
+    async def _deliver(self, sending: Awaitable[Any], text: str) -> None:
+        try:
+            await sending
+        except ChatError as err:
+            short = text if len(text) <= 30 else text[:29] + "…"
+            self.screen.error(f'not sent ("{short}"): {err.reason}', err.code)
+
+    async def acknowledged(self, timeout: float) -> bool:
+        """Wait up to timeout s until every message sent so far is acknowledged (or refused).
+
+        Not Client.flush(timeout): when its timeout expires it cancels the sends it waited
+        for, and they would no longer be tracked.
+        """
+        if not self.sends:
+            return True
+        _, pending = await asyncio.wait(set(self.sends), timeout=timeout)
+        return not pending
+
+    async def quit(self, reason: str | None, wait: float | None = QUIT_WAIT) -> None:
+        """Leave cleanly: wait (up to `wait` s, None = as long as it takes) for acks, say BYE."""
+        self.quitting = True
+        if wait is not None:
+            await self.acknowledged(wait)
+        elif not await self.acknowledged(TIMEOUT):
+            print(f"client.py: waiting for {len(self.client.pending())} message(s) to be "
+                  f"acknowledged by the broker (Ctrl+C gives up)", file=sys.stderr, flush=True)
+            await self.client.flush()
+        await self.client.close(reason or None)
+        self.finished.set()
+
+    # ------------------------------------------------------------------ commands
+    async def cmd_help(self, arg: str) -> None:
+        self.screen.note(HELP, command="help")
+
+    async def cmd_rooms(self, arg: str) -> None:
+        rooms = await self.client.list_rooms()
+        self.rooms = [str(r["name"]) for r in rooms]
+        width = max((len(name) for name in self.rooms), default=0)
+        lines = ["rooms (* = you are here):"]
+        for r in rooms:
+            n = int(r.get("members", 0))
+            mark = "*" if r["name"] == self.room else " "
+            topic = f"  {r['topic']}" if r.get("topic") else ""
+            lines.append(f"{mark} {r['name']:<{width}}  {n} {'member' if n == 1 else 'members'}"
+                         f"{topic}")
+        self.screen.note("\n".join(lines), command="rooms", rooms=rooms)
+
+    async def cmd_join(self, arg: str) -> None:
+        if not arg or " " in arg:
+            raise UsageError("/join ROOM")
+        if arg == self.room and arg in self.client.rooms:
+            self.screen.note(f"you are already in {arg}")
+            return
+        # Join first, then leave: a refused join (no such room) leaves you where you were.
+        old, self.room = self.room, arg    # the new room's backlog shows as this room's
+        try:
+            reply = await self.client.join(arg)
+        except ChatError:
+            self.room = old
+            raise
+        if old != arg and old in self.client.rooms:
+            try:
+                await self.client.leave(old)
+            except ChatError as err:
+                self.screen.error(f"could not leave {old}: {err.reason}", err.code)
+        self.nicks.update(reply.get("members", []))
+        if arg not in self.rooms:
+            self.rooms.append(arg)
+        topic = reply.get("topic") or ""
+        self.screen.note(f"you are now in {arg}" + (f"; topic: {topic}" if topic else ""),
+                         command="join", room=arg, topic=topic)
+
+    async def cmd_who(self, arg: str) -> None:
+        room = None if arg == "*" else arg or self.room
+        members = await self.client.who(room)
+        self.nicks.update(members)
+        where = f"in {room}" if room else "online"
+        self.screen.note(f"{len(members)} {where}: {', '.join(members) or 'nobody'}",
+                         command="who", room=room, members=members)
+
+    async def cmd_msg(self, arg: str) -> None:
+        nick, _, text = arg.partition(" ")
+        if not nick or not text.strip():
+            raise UsageError("/msg NICK TEXT")
+        self.send(lambda: self.client.msg(nick, text), text)
+
+    async def cmd_me(self, arg: str) -> None:
+        if not arg:
+            raise UsageError("/me ACTION")
+        self.send(lambda: self.client.me(self.room, arg), arg)
+
+    async def cmd_nick(self, arg: str) -> None:
+        if not arg or " " in arg:
+            raise UsageError("/nick NEW")
+        nick = await self.client.set_nick(arg)
+        if not self.client.rooms:   # in a room, the broker's notice says so
+            self.screen.note(f"you are now known as {nick}", command="nick", nick=nick)
+
+    async def cmd_topic(self, arg: str) -> None:
+        topic = await self.client.topic(self.room, arg or None)
+        if not arg:   # setting it is announced by the broker to everyone, us included
+            self.screen.note(f"topic of {self.room}: {topic}" if topic
+                             else f"{self.room} has no topic", command="topic", topic=topic)
+
+    async def cmd_history(self, arg: str) -> None:
+        if arg and not (arg.isdigit() and int(arg) > 0):
+            raise UsageError("/history [N]   (N a number of events, 1 or more)")
+        limit = min(int(arg or HISTORY), m.MAX_HISTORY)
+        events = await self.client.history(self.room, limit=limit)
+        self.screen.note(f"the last {len(events)} events of {self.room}:" if events
+                         else f"no history in {self.room}", command="history")
+        for ev in events:
+            self.screen.event(ev, me=self.client.nick, room=self.room)
+
+    async def cmd_kick(self, arg: str) -> None:
+        nick, _, reason = arg.partition(" ")
+        if not nick:
+            raise UsageError("/kick NICK [REASON]")
+        await self.client.kick(self.room, nick, reason.strip())
+
+    async def cmd_ban(self, arg: str) -> None:
+        nick, _, reason = arg.partition(" ")
+        if not nick:
+            raise UsageError("/ban NICK [REASON]")
+        await self.client.ban(self.room, nick, reason.strip())
+
+    async def cmd_unban(self, arg: str) -> None:
+        if not arg or " " in arg:
+            raise UsageError("/unban NICK")
+        await self.client.unban(self.room, arg)
+        self.screen.note(f"{arg} may join {self.room} again", command="unban", nick=arg)
+
+    async def cmd_lock(self, arg: str) -> None:
+        await self.client.topic(self.room, lock=True)
+
+    async def cmd_unlock(self, arg: str) -> None:
+        await self.client.topic(self.room, lock=False)
+
+    async def cmd_quit(self, arg: str) -> None:
+        await self.quit(arg or None)
+
+
+# ---------------------------------------------------------------------------- front ends
+
+async def stdin_lines() -> AsyncIterator[str]:
+    """Lines of stdin without blocking the loop: a thread reads, the loop splits lines.
+
+    A daemon thread with os.read (not sys.stdin) so that exiting never waits for, or trips
+    over, a read that is still blocked (a pipe from `tail -f`, a terminal nobody types in).
+    """
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def pump() -> None:
+        while True:
+            try:
+                chunk = os.read(0, 65536)
+            except OSError:
+                chunk = b""
+            try:
+                loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            except RuntimeError:   # the loop is gone: we are exiting
+                return
+            if not chunk:
+                return
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+    buf = b""
+    while chunk := await chunks.get():
+        *lines, buf = (buf + chunk).split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if buf:
+        yield buf.decode("utf-8", "replace")
+
+
+async def read_lines(chat: Chat) -> None:
+    """Plain and JSON mode: send every stdin line; at its end, wait for acks and leave."""
+    async for line in stdin_lines():
+        await chat.handle(line)
+        if chat.quitting:
+            return
+    await chat.quit(None, wait=None)
+
+
+async def chat_session(client: Client, args: argparse.Namespace, terminal: bool) -> int:
+    """Run the chat until the user leaves; returns the exit status."""
+    colour = terminal and not args.no_color and not os.environ.get("NO_COLOR")
+    screen = Screen(json_mode=args.json, colour=colour)
+    chat = Chat(client, screen, args.room, leave_words=not args.json)
+    loop, me = asyncio.get_running_loop(), asyncio.current_task()
+    assert me is not None
+    for sig in (signal.SIGTERM, signal.SIGHUP):   # leave cleanly, as on Ctrl+C
+        loop.add_signal_handler(sig, me.cancel)
+    if terminal:
+        try:
+            chat.nicks.update(await client.who(args.room))
+        except ChatError:
+            pass
+    await chat.greet()
+    shower = asyncio.create_task(chat.show_events())
+    if terminal:
+        import cli_terminal   # prompt_toolkit is loaded only for a terminal
+        patching: Any = cli_terminal.patch_stdout(raw=True)  # lines print above the prompt
+        reading = cli_terminal.read_terminal(chat, colour)
+    else:
+        patching, reading = contextlib.nullcontext(), read_lines(chat)
+    with patching:
+        reader = asyncio.create_task(reading)
+        finished = asyncio.create_task(chat.finished.wait())
+        try:   # until the user leaves (the reader returns) or stdout goes away (finished)
+            await asyncio.wait([reader, finished], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:   # Ctrl+C outside the prompt, SIGTERM, SIGHUP
+            me.uncancel()
+        finally:
+            finished.cancel()
+            reader.cancel()   # stops a wait for acknowledgements too: Ctrl+C gives up on it
+            await asyncio.gather(reader, return_exceptions=True)
+            await chat.quit(None, wait=0)   # done already, unless interrupted
+            await asyncio.wait([shower], timeout=1.0)
+            shower.cancel()
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+    if not reader.cancelled() and reader.exception() is not None:
+        raise reader.exception()   # a bug: show it, now that the client has left
+    lost = client.pending()
+    if lost:
+        fail(f"{len(lost)} message(s) were not delivered: "
+             + " | ".join(escape(text) for _, text in lost[:5]))
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    interactive = sys.stdin.isatty()
+    terminal = interactive and sys.stdout.isatty() and not args.json
+    try:
+        if interactive:
+            host, port = ask_address(args)
+        else:
+            host, port = args.ip or DEFAULT_IP, args.port or DEFAULT_PORT
+        if not args.user and not interactive:
+            fail("no nickname given and stdin is not a terminal to ask for one: "
+                 "pass it with -u NICK")
+            return 2
+        curve: dict[str, Any] = {}
+        if args.server_key:
+            try:
+                server_key, keypair = curve_keys(args.server_key)
+            except (OSError, ValueError) as err:
+                fail(f"--server-key {args.server_key}: {err}")
+                return 2
+            curve = {"server_key": server_key, "keypair": keypair}
+        with asyncio.Runner() as runner:
+            client = connect(runner, host, port, args.user or "", args.room, interactive,
+                             curve)
+            if isinstance(client, int):
+                return client
+            return runner.run(chat_session(client, args, terminal))
+    except KeyboardInterrupt:   # Ctrl+C at a question, or a second Ctrl+C while leaving
+        print(file=sys.stderr)
+        return 130
+    except EOFError:            # Ctrl+D at a question
+        print(file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

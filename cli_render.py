@@ -1,0 +1,171 @@
+"""How the command-line client shows things: one line per event, escaped, optionally coloured.
+
+Text from the network never reaches the terminal raw: control characters (ESC, BEL, CR, C1,
+bidi overrides, ...) are shown as `\\x1b`-style escapes, so a message cannot move the cursor,
+recolour the screen or disguise itself. `Screen` writes the lines: human-readable (coloured in
+a terminal) or, with --json, one JSON object per line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import zlib
+from typing import Any, Final
+
+from client import Event
+
+# C0 and C1 controls, DEL, line/paragraph separators and the bidi controls that can make a line
+# read differently from what it holds.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                             "\u202a-\u202e\u2066-\u2069]")
+# Nick colours: the bright and normal ANSI colours that read well on dark and light backgrounds
+# (no black, white or dark blue).
+PALETTE: Final = ("31", "32", "33", "35", "36", "91", "92", "93", "94", "95", "96")
+DIM: Final = "2"
+BOLD: Final = "1"
+MENTION: Final = "30;43"    # black on yellow
+ERROR: Final = "31"
+NOTICE_KINDS: Final = frozenset({"join", "leave", "nick", "topic", "kick", "ban", "notice"})
+
+
+def escape(text: str) -> str:
+    """Text with every control character made visible: ESC becomes the four characters \\x1b."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def nick_colour(nick: str) -> str:
+    """The same colour for a nick in every session (crc32: Python's hash() is salted)."""
+    return PALETTE[zlib.crc32(nick.encode("utf-8", "replace")) % len(PALETTE)]
+
+
+def mentions(text: str, nick: str) -> bool:
+    """Does text name nick as a word (any case)?"""
+    if not nick:
+        return False
+    return re.search(rf"(?<!\w){re.escape(nick)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def clock(ts: float) -> str:
+    """HH:MM in local time; with the date when it is not today (old history)."""
+    when = time.localtime(ts or time.time())
+    if time.strftime("%Y-%m-%d", when) != time.strftime("%Y-%m-%d"):
+        return time.strftime("%Y-%m-%d %H:%M", when)
+    return time.strftime("%H:%M", when)
+
+
+def event_json(ev: Event) -> str:
+    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog)."""
+    data: dict[str, Any] = dict(ev.data)
+    data.update(kind=ev.kind, room=ev.room, seq=ev.seq, ts=ev.ts, nick=ev.nick, text=ev.text,
+                bot=ev.bot, mine=ev.mine, backlog=ev.backlog)
+    return json_line(data)
+
+
+def json_line(data: dict[str, Any]) -> str:
+    """Compact JSON, readable Unicode, and no raw control character even outside C0."""
+    return _CONTROL.sub(lambda mt: f"\\u{ord(mt.group()):04x}",
+                        json.dumps(data, ensure_ascii=False, default=str))
+
+
+class Render:
+    """Formats events and local lines; `colour` adds ANSI colours (terminal mode only)."""
+
+    def __init__(self, colour: bool) -> None:
+        self.colour = colour
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.colour and code else text
+
+    def event(self, ev: Event, *, me: str, room: str | None) -> str:
+        """One line for one event; `me` is our nick (mentions), `room` the current room."""
+        dimmed = ev.backlog  # a dimmed line keeps no inner colours: a reset would end the dim
+        nick = escape(ev.nick)
+        if not dimmed:
+            nick = self.paint(nick, BOLD + ";" + nick_colour(ev.nick) if ev.mine
+                              else nick_colour(ev.nick))
+        text = escape(ev.text)
+        if not dimmed and not ev.mine and ev.kind in ("msg", "action", "private") \
+                and mentions(ev.text, me):
+            text = self.paint(text, MENTION)
+        if ev.kind == "msg":
+            body = f"<{nick}> {text}"
+        elif ev.kind == "action":
+            body = f"* {nick} {text}"
+        elif ev.kind == "private":
+            body = (f"[private -> {escape(str(ev.data.get('to', '?')))}] {text}" if ev.mine
+                    else f"[private] {nick}: {text}")
+        elif ev.kind == "topic":
+            body = "-- " + escape(str(ev.data.get("note") or f"topic: {ev.text}"))
+        elif ev.kind == "status":
+            body = "*** " + text
+        else:  # join, leave, nick, kick, ban, notice, and kinds a newer broker may add
+            body = "-- " + text
+        if ev.bot:
+            body = "[bot] " + body
+        if ev.room and room and ev.room != room:
+            body = f"[{escape(str(ev.room))}] {body}"
+        if ev.backlog:
+            body = "[earlier] " + body
+        if dimmed:
+            return self.paint(f"{clock(ev.ts)} {body}", DIM)
+        if ev.kind in NOTICE_KINDS:   # no inner colours in a notice: the whole line is muted
+            body = self.paint(body, DIM)
+        elif ev.kind == "status":
+            body = self.paint(body, BOLD)
+        return self.paint(f"{clock(ev.ts)} ", DIM) + body
+
+    def note(self, text: str) -> str:
+        return "\n".join(f"-- {line}" for line in text.split("\n"))
+
+    def error(self, text: str) -> str:
+        return self.paint(f"!! {text}", ERROR)
+
+
+class Screen:
+    """Where the client's lines go: stdout, human lines or JSON lines, flushed one by one."""
+
+    def __init__(self, *, json_mode: bool, colour: bool) -> None:
+        self.json_mode = json_mode
+        self.render = Render(colour and not json_mode)
+        self.closed = False     # stdout went away (`client.py | head`): time to leave
+
+    def write(self, line: str) -> None:
+        if self.closed:
+            return
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            self.closed = True
+            # Later writes (and the flush at exit) go nowhere instead of raising again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+    def event(self, ev: Event, *, me: str, room: str | None) -> None:
+        self.write(event_json(ev) if self.json_mode else self.render.event(ev, me=me, room=room))
+
+    def note(self, text: str, kind: str = "info", **data: Any) -> None:
+        """A local line (a command's answer); in JSON mode an object with `kind` and `text`."""
+        if self.json_mode:
+            self.write(json_line({"kind": kind, "text": text, **data}))
+        else:
+            self.write(self.render.note(escape_lines(text)))
+
+    def error(self, text: str, code: str = "") -> None:
+        if self.json_mode:
+            self.write(json_line({"kind": "error", "code": code, "text": text}))
+        else:
+            self.write(self.render.error(escape(text)))
+
+
+def escape_lines(text: str) -> str:
+    """Escape each line of a multi-line text (a banner), keeping the line breaks."""
+    return "\n".join(escape(line) for line in text.split("\n"))

@@ -1,0 +1,381 @@
+"""End to end: the real `broker.py` and `client.py` as processes, used as people and scripts do.
+
+Interactive runs go through a pseudo-terminal (stdin and stdout are a terminal, so the client
+asks its questions and runs prompt_toolkit); scripted runs use pipes (plain and --json modes).
+Nothing sleeps to synchronise: every wait is for output, with a deadline.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import termios
+import threading
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import ROOT, free_ports, wait_for
+
+CLIENT = str(ROOT / "client.py")
+# Terminal control sequences, to read a terminal's output as the text a person sees.
+ANSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]"
+                  rb"|\x1b[=>78]")
+
+
+def client_env() -> dict[str, str]:
+    env = dict(os.environ, TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", PYTHONUNBUFFERED="1")
+    env.pop("NO_COLOR", None)
+    return env
+
+
+class Terminal:
+    """client.py on a pseudo-terminal: type into it and read its screen, as a person would."""
+
+    def __init__(self, *args: str) -> None:
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        self.proc = subprocess.Popen(
+            [sys.executable, CLIENT, *args], stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+            env=client_env(), start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # Ctrl+C is SIGINT
+        os.close(slave)
+        self.fd = master
+        self.raw = b""
+        self.mark = 0            # text before this offset has been matched already
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:       # EIO: the client exited and the terminal closed
+                return
+            if not chunk:
+                return
+            with self._lock:
+                self.raw += chunk
+
+    @property
+    def text(self) -> str:
+        """Everything shown so far, without terminal control sequences."""
+        with self._lock:
+            raw = self.raw
+        return ANSI.sub(b"", raw).replace(b"\r", b"").decode("utf-8", "replace")
+
+    def expect(self, wanted: str, timeout: float = 5.0) -> None:
+        """Wait until `wanted` is shown after what earlier expects matched."""
+        def found() -> bool:
+            at = self.text.find(wanted, self.mark)
+            if at >= 0:
+                self.mark = at + len(wanted)
+            return at >= 0
+        try:
+            wait_for(found, timeout, repr(wanted))
+        except AssertionError:
+            raise AssertionError(f"{wanted!r} not shown; the screen had:\n{self.text}") from None
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def ready(self, room: str = "lobby") -> None:
+        """Wait for the chat's prompt: from here on, keys go to prompt_toolkit."""
+        self.expect(f"{room}>")
+
+    def exit_status(self, timeout: float = 5.0) -> int:
+        return self.proc.wait(timeout)
+
+
+class Script:
+    """client.py with pipes, as a script runs it: lines in, lines (or JSON objects) out."""
+
+    def __init__(self, *args: str, **env: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, CLIENT, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=ROOT, env={**client_env(), **env})
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        for stream, into in ((self.proc.stdout, self.lines), (self.proc.stderr, self.errors)):
+            threading.Thread(target=self._collect, args=(stream, into), daemon=True).start()
+
+    @staticmethod
+    def _collect(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    def send(self, *lines: str) -> None:
+        self.proc.stdin.write("".join(line + "\n" for line in lines))
+        self.proc.stdin.flush()
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines)]
+
+    def wait_event(self, cond: Callable[[dict], bool], what: str, timeout: float = 5.0) -> dict:
+        try:
+            return wait_for(lambda: next((e for e in self.events() if cond(e)), None),
+                            timeout, what)
+        except AssertionError:
+            raise AssertionError(f"no {what}; got:\n" + "\n".join(self.lines)) from None
+
+    def wait_line(self, wanted: str, timeout: float = 5.0) -> str:
+        try:
+            return wait_for(lambda: next((ln for ln in list(self.lines) if wanted in ln), None),
+                            timeout, repr(wanted))
+        except AssertionError:
+            raise AssertionError(f"{wanted!r} not printed; got:\n" + "\n".join(self.lines)
+                                 + "\nstderr:\n" + "\n".join(self.errors)) from None
+
+    def end_input(self, timeout: float = 5.0) -> int:
+        """Close stdin (end of input) and return the exit status."""
+        self.proc.stdin.close()
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen]]:
+    """Client processes a test starts; any still running afterwards are killed."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def chat(make_broker_process, started) -> Callable[..., object]:
+    """A broker process, and a factory for clients connected to it: chat(kind, *args)."""
+    broker = make_broker_process()
+
+    def start(kind: str, *args: str, connect: bool = True):
+        where = ["-i", "127.0.0.1", "-p", str(broker.port)] if connect else []
+        runner = Terminal(*where, *args) if kind == "terminal" else Script(*where, *args)
+        started.append(runner.proc)
+        return runner
+
+    start.broker = broker
+    return start
+
+
+def watcher(chat, nick: str = "watcher", *args: str) -> Script:
+    """A --json client that reports what the others do; ready once its own join is seen."""
+    w = chat("script", "--json", "-u", nick, *args)
+    w.wait_event(lambda e: e["kind"] == "join" and e["nick"] == nick and not e["backlog"],
+                 f"{nick}'s own join")
+    return w
+
+
+def joined(w: Script, nick: str) -> dict:
+    return w.wait_event(lambda e: e["kind"] == "join" and e["nick"] == nick and not e["backlog"],
+                        f"{nick} joining")
+
+
+# ---------------------------------------------------------------------------- asking
+
+def test_asks_for_ip_port_and_nick(chat):
+    """Without flags a terminal user is asked IP, port and nick; Enter takes the default IP."""
+    t = chat("terminal", connect=False)
+    t.expect("Server IP [127.0.0.1]: ")
+    t.type("\n")
+    t.expect("Port [9001]: ")
+    t.type(f"{chat.broker.port}\n")
+    t.expect("Nickname: ")
+    t.type("\n")                       # a nickname has no default: asked again
+    t.expect("Nickname: ")
+    t.type("alice\n")
+    t.expect("ZeroMQ chat")            # the broker's banner
+    t.expect("Welcome, alice! You are in lobby. Type /help")
+    t.ready()
+    t.type(".exit\r")
+    assert t.exit_status() == 0
+
+
+def test_user_flag_asks_only_ip_and_port(chat):
+    """With -u the nick is not asked, only IP and port; Ctrl+D leaves with status 0."""
+    t = chat("terminal", "-u", "Bob", connect=False)
+    t.expect("Server IP [127.0.0.1]: ")
+    t.type("127.0.0.1\n")
+    t.expect("Port [9001]: ")
+    t.type(f"{chat.broker.port}\n")
+    t.expect("Welcome, Bob!")
+    assert "Nickname" not in t.text
+    t.ready()
+    t.type("\x04")
+    assert t.exit_status() == 0
+
+
+def test_taken_nick_is_asked_again(chat):
+    """In a terminal, a taken nick gets the broker's reason and a new question; Ctrl+C leaves."""
+    w = watcher(chat, "alice")
+    t = chat("terminal", "-u", "ALICE")      # the same nick to the broker: case is folded
+    t.expect("taken")
+    t.expect("Nickname: ")
+    t.type("alice2\n")
+    t.expect("Welcome, alice2!")
+    joined(w, "alice2")
+    t.ready()
+    t.type("\x03")
+    assert t.exit_status() == 0
+    w.wait_event(lambda e: e["kind"] == "leave" and e["nick"] == "alice2", "alice2 leaving")
+
+
+def test_missing_nick_without_terminal_exits_2(chat):
+    """With stdin not a terminal and no -u, it says to pass -u and exits with status 2."""
+    proc = subprocess.run([sys.executable, CLIENT, "-p", str(chat.broker.port)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT,
+                          timeout=10)
+    assert proc.returncode == 2
+    assert "-u" in proc.stderr and proc.stdout == ""
+
+
+def test_taken_nick_without_terminal_exits_3(chat):
+    """With stdin not a terminal, a taken nick is a clear error on stderr and status 3."""
+    watcher(chat, "alice")
+    s = chat("script", "-u", "alice")
+    assert s.end_input() == 3
+    assert any("taken" in line and "-u" in line for line in s.errors), s.errors
+    assert not any("Traceback" in line for line in s.errors)
+
+
+def test_unreachable_broker_is_an_error_not_a_hang(chat):
+    """With no broker at the address, it gives up after a few seconds: one line, status 1."""
+    port = free_ports(1)[0]
+    proc = subprocess.run([sys.executable, CLIENT, "-p", str(port), "-u", "alice"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT,
+                          timeout=15)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "cannot reach the broker" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- leaving
+
+@pytest.mark.parametrize("words, notice", [(".exit", "bob left"), ("bye", "bob left"),
+                                           ("/quit gone home", "bob left (quit: gone home)")])
+def test_leaving_words_exit_cleanly(chat, words, notice):
+    """.exit, bye and /quit REASON end the terminal client with 0; the others see it leave."""
+    w = watcher(chat)
+    t = chat("terminal", "-u", "bob")
+    t.expect("Welcome, bob!")
+    joined(w, "bob")
+    t.ready()
+    t.type(words + "\r")
+    assert t.exit_status() == 0
+    leave = w.wait_event(lambda e: e["kind"] == "leave" and e["nick"] == "bob", "bob leaving")
+    assert leave["text"] == notice
+
+
+# ---------------------------------------------------------------------------- scripts
+
+def test_json_lines_arrive_in_order_and_end_of_input_waits_for_acks(chat):
+    """--json: stdin lines reach the others in order; at end of input it exits 0, all sent."""
+    w = watcher(chat, "bob", "-r", "work")
+    lines = [f"deploy step {i}" for i in range(30)]
+    s = chat("script", "--json", "-u", "deploybot", "-r", "work")
+    s.send(*lines)
+    assert s.end_input() == 0, s.errors
+    got = w.wait_event(lambda e: e["text"] == lines[-1], "the last line")  # stored before exit
+    msgs = [e for e in w.events() if e["kind"] == "msg" and e["nick"] == "deploybot"]
+    assert [e["text"] for e in msgs] == lines
+    assert [e["seq"] for e in msgs] == list(range(msgs[0]["seq"], got["seq"] + 1))
+    assert all(e["room"] == "work" and not e["mine"] for e in msgs)
+    welcome = s.events()[0]
+    assert welcome["kind"] == "welcome" and welcome["nick"] == "deploybot"
+
+
+def test_control_characters_from_the_network_are_escaped(chat):
+    """ESC and BEL in a message reach neither a terminal nor a plain reader raw: shown as \\x1b."""
+    t = chat("terminal", "-u", "tina")
+    t.expect("Welcome, tina!")
+    plain = chat("script", "-u", "pete")
+    plain.wait_line("pete joined")
+    s = chat("script", "--json", "-u", "mallory")
+    s.send("clear \x1b[2J\x1b]0;pwned\x07 done")
+    assert s.end_input() == 0
+    shown = r"clear \x1b[2J\x1b]0;pwned\x07 done"
+    t.expect(shown)
+    assert b"\x1b[2J" not in t.raw and b"\x1b]0;pwned" not in t.raw
+    assert shown in plain.wait_line("clear")
+    assert "\x1b" not in "".join(plain.lines)
+    t.ready()
+    t.type("/quit\r")
+    assert t.exit_status() == 0
+
+
+def test_unknown_command_gets_a_hint_and_sends_nothing(chat):
+    """An unknown /command is answered locally with a hint; the room never sees it."""
+    w = watcher(chat)
+    s = chat("script", "-u", "alice")
+    s.send("/frobnicate the widgets", "after")
+    w.wait_event(lambda e: e.get("text") == "after", "alice's message")
+    assert s.end_input() == 0
+    hint = s.wait_line("/frobnicate")
+    assert "unknown command" in hint and "/help" in hint
+    assert not any("frobnicate" in json.dumps(e) for e in w.events())
+
+
+def test_private_messages_read_clearly_on_both_sides(chat):
+    """/msg shows `[private -> bob] text` to the sender and `[private] alice: text` to bob."""
+    bob = chat("script", "-u", "bob")
+    bob.wait_line("bob joined")
+    alice = chat("script", "-u", "alice")
+    alice.send("/msg bob psst, over here")
+    assert "[private] alice: psst, over here" in bob.wait_line("[private]")
+    assert "[private -> bob] psst, over here" in alice.wait_line("[private")
+    assert alice.end_input() == 0
+
+
+def test_join_switches_rooms_and_unknown_rooms_are_listed(chat):
+    """/join ROOM moves you (the old room sees you leave); an unknown room's error lists rooms."""
+    w = watcher(chat)
+    s = chat("script", "-u", "alice")
+    joined(w, "alice")
+    s.send("/join nowhere", "/join work", "/rooms")
+    error = s.wait_line("nowhere")
+    assert "lobby" in error and "work" in error
+    w.wait_event(lambda e: e["kind"] == "leave" and e["nick"] == "alice", "alice leaving lobby")
+    assert s.wait_line("* work").startswith("-- * work")
+    assert s.end_input() == 0
+
+
+def test_typed_line_survives_incoming_messages(chat):
+    """In a terminal, a half-typed line is kept while messages arrive, and is then sent whole."""
+    w = watcher(chat)
+    t = chat("terminal", "-u", "tom")
+    t.expect("Welcome, tom!")
+    joined(w, "tom")
+    t.ready()
+    t.type("half of a")
+    t.expect("half of a")
+    w.send("interrupting you")
+    t.expect("<watcher> interrupting you")
+    t.type(" sentence\r")
+    w.wait_event(lambda e: e["kind"] == "msg" and e["nick"] == "tom", "tom's line")
+    said = [e["text"] for e in w.events() if e["kind"] == "msg" and e["nick"] == "tom"]
+    assert said == ["half of a sentence"]
+    t.expect("<tom> half of a sentence")
+    t.type("bye\r")
+    assert t.exit_status() == 0
+
+
+def test_server_key_chats_over_curve(make_broker_process, started, tmp_path):
+    """--server-key FILE connects to a CURVE-only broker; its key pair goes to the config dir."""
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, str(ROOT / "broker.py"), "--gen-keys", str(keys)],
+                   check=True, capture_output=True, timeout=10)
+    broker = make_broker_process("--curve-key", str(keys / "broker.key_secret"))
+    where = ["-p", str(broker.port), "--server-key", str(keys / "broker.key")]
+    bob = Script("--json", "-u", "bob", *where, XDG_CONFIG_HOME=str(tmp_path / "bob"))
+    started.append(bob.proc)
+    bob.wait_event(lambda e: e["kind"] == "welcome", "bob's welcome")
+    alice = Script("-u", "alice", *where, XDG_CONFIG_HOME=str(tmp_path / "alice"))
+    started.append(alice.proc)
+    alice.send("over an encrypted line")
+    assert alice.end_input() == 0, alice.errors
+    bob.wait_event(lambda e: e.get("text") == "over an encrypted line", "alice's message")
+    assert (tmp_path / "alice" / "zmqchat" / "client.key_secret").exists()
+    assert bob.end_input() == 0
