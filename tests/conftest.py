@@ -108,6 +108,7 @@ class BrokerProcess:
                                      text=True, cwd=ROOT)
         line = self.proc.stdout.readline()
         assert line.startswith("Broker started"), line + self.proc.stderr.read()
+        self.started_line = line.rstrip("\n")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
