@@ -1,0 +1,300 @@
+"""PROTOCOL.md stays true: it names every command, push, error code, event kind and limit
+that messages.py defines; its field tables match what the broker reads and replies; and its
+worked session, replayed frame by frame against a fresh broker, gets the replies it shows.
+examples/minimal_client.py, written from the document alone, imports nothing of ours.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+import time
+from typing import Any
+
+import pytest
+import zmq
+
+import messages as m
+from conftest import ROOT
+
+DOC = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+VOLATILE = {"ts", "grant", "pub_port", "motd"}   # differ from run to run
+
+
+# ---------------------------------------------------------------------------- reading the doc
+
+def chapter(number: int) -> str:
+    found = re.search(rf"^## {number}\. [^\n]*\n(.*?)(?=^## |\Z)", DOC, re.M | re.S)
+    assert found, f"PROTOCOL.md has no chapter {number}"
+    return found.group(1)
+
+
+def subsections(text: str) -> dict[str, str]:
+    """`### NAME` -> the text under it."""
+    parts = re.split(r"^### (\S+)[ \t]*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def table(text: str, after: str | None = None) -> list[list[str]]:
+    """The body rows of the first table (after the line starting with `after`), cells stripped
+    of spaces and of the backticks around a name."""
+    lines = text.splitlines()
+    start = 0 if after is None else next(i for i, s in enumerate(lines) if s.startswith(after))
+    rows: list[list[str]] = []
+    for line in lines[start:]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif rows:
+            break
+    assert len(rows) >= 2, f"no table after {after!r}"
+    return [[re.sub(r"^`([^`]*)`$", r"\1", c) for c in row] for row in rows[2:]]
+
+
+def fields(text: str, after: str) -> tuple[set[str], set[str]]:
+    """(all fields, the ones always present) of a field table; 'Only ...' marks the others."""
+    rows = table(text, after)
+    return {r[0] for r in rows}, {r[0] for r in rows if not r[-1].startswith("Only")}
+
+
+COMMANDS = subsections(chapter(4))
+PUSHES = subsections(chapter(5))
+EVENT_FIELDS = {r[0] for r in table(chapter(7))}
+EVENT_KINDS = {r[0] for r in table(chapter(7), "Kinds:")}
+
+
+# ---------------------------------------------------------------------------- names and limits
+
+def test_every_command_push_code_and_event_kind_is_documented():
+    """The document's headings and tables name exactly what messages.py defines."""
+    assert set(COMMANDS) == {k.value for k in m.Kind}
+    assert set(PUSHES) == {r.value for r in m.Reply} - {"OK", "ERROR"}
+    assert {r[0] for r in table(chapter(11))} == {c.value for c in m.Code}
+    assert EVENT_KINDS == {k.value for k in m.EventKind}
+
+
+def test_limits_table_matches_messages():
+    """Every MAX_ constant of messages.py is in the limits table, with its value."""
+    rows = {r[0]: int(r[1]) for r in table(chapter(12))}
+    constants = {name: getattr(m, name) for name in dir(m) if name.startswith("MAX_")}
+    assert rows == constants
+
+
+# Smallest valid body of each command: what the broker then reads is what the table must name.
+MINIMAL = {
+    m.Kind.HELLO: {"version": 1, "nick": "ann"}, m.Kind.JOIN: {"room": "lobby"},
+    m.Kind.LEAVE: {"room": "lobby"},
+    m.Kind.SAY: {"room": "lobby", "msgs": [{"id": "c1", "text": "hi"}]},
+    m.Kind.PRIV: {"to": "bob", "text": "hi", "id": "c2"}, m.Kind.ROOMS: {}, m.Kind.WHO: {},
+    m.Kind.NICK: {"nick": "ann"}, m.Kind.TOPIC: {"room": "lobby"},
+    m.Kind.HISTORY: {"room": "lobby"}, m.Kind.PING: {}, m.Kind.BYE: {},
+    m.Kind.KICK: {"room": "lobby", "nick": "bob"}, m.Kind.BAN: {"room": "lobby", "nick": "bob"},
+    m.Kind.UNBAN: {"room": "lobby", "nick": "bob"},
+}
+
+
+@pytest.mark.parametrize("kind", list(m.Kind), ids=str)
+def test_request_table_names_what_the_broker_reads(kind: m.Kind):
+    """Each command's request table lists exactly the fields its validator reads."""
+    documented, _ = fields(COMMANDS[kind.value], "Request:")
+    read = set(m.decode_request(m.encode_request(kind, b"1", MINIMAL[kind])).body)
+    assert read <= documented, f"{kind}: undocumented {read - documented}"
+    assert documented - read <= {"version"}, f"{kind}: not read {documented - read - {'version'}}"
+
+
+# ---------------------------------------------------------------------------- the live broker
+
+class Raw:
+    """A bare DEALER speaking the protocol as PROTOCOL.md describes it."""
+
+    def __init__(self, ctx: zmq.Context, port: int) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+        self.pushes: list[tuple[str, dict]] = []
+        self.n = 0
+
+    def send(self, kind: str, label: bytes, body: bytes) -> None:
+        self.sock.send_multipart([kind.encode(), label, body])
+
+    def reply(self, label: bytes, timeout: float = 5.0) -> tuple[str, dict]:
+        while True:
+            frames = self._recv(timeout, f"the reply labelled {label!r}")
+            if frames[1] == label:
+                return frames[0].decode(), json.loads(frames[2])
+            assert frames[1] == b"", f"a reply to another request: {frames}"
+            self.pushes.append((frames[0].decode(), json.loads(frames[2])))
+
+    def push(self, kind: str, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, (k, body) in enumerate(self.pushes):
+                if k == kind:
+                    return self.pushes.pop(i)[1]
+            frames = self._recv(deadline - time.monotonic(), f"a {kind} push")
+            assert frames[1] == b"", f"an unexpected reply: {frames}"
+            self.pushes.append((frames[0].decode(), json.loads(frames[2])))
+
+    def call(self, kind: str, body: dict[str, Any]) -> tuple[str, dict]:
+        self.n += 1
+        label = f"r{self.n}".encode()
+        self.send(kind, label, json.dumps(body).encode())
+        return self.reply(label)
+
+    def ok(self, kind: str, body: dict[str, Any]) -> dict:
+        reply, answer = self.call(kind, body)
+        assert reply == "OK", (kind, answer)
+        return answer
+
+    def _recv(self, timeout: float, what: str) -> list[bytes]:
+        if timeout <= 0 or not self.sock.poll(timeout * 1000):
+            raise AssertionError(f"no {what} within the time")
+        return self.sock.recv_multipart()
+
+
+def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
+    """Every command, run for real, replies with the fields its table lists (the 'Only'
+    ones when they apply); every push and event carries only documented fields."""
+    broker = make_broker(ops=("ann",), heartbeat=2.0)
+    ctx = zmq.Context()
+    try:
+        ann, bob = Raw(ctx, broker.port), Raw(ctx, broker.port)
+        replies: dict[str, list[dict]] = {}
+
+        def ok(who: Raw, kind: str, body: dict[str, Any]) -> dict:
+            answer = who.ok(kind, body)
+            replies.setdefault(kind, []).append(answer)
+            return answer
+        welcome = ok(ann, "HELLO", {"version": 1, "nick": "ann", "token": "a1"})
+        ok(bob, "HELLO", {"version": 1, "nick": "bob", "bot": True, "token": "b1"})
+        sub = ctx.socket(zmq.XSUB)
+        sub.linger = 0
+        sub.connect(f"tcp://127.0.0.1:{welcome['pub_port']}")
+        sub.send(b"\x01" + ok(ann, "JOIN", {"room": "lobby"})["grant"].encode())
+        pushes = [("LIVE", ann.push("LIVE"))]
+        ok(bob, "JOIN", {"room": "lobby"})
+        ok(bob, "SAY", {"room": "lobby", "msgs": [{"id": "b-1", "text": "copied",
+                                                    "action": True}],
+                        "relay": "cy@work", "hops": 2})
+        ok(ann, "SAY", {"room": "lobby", "msgs": [{"id": "a-1", "text": "hi"}]})
+        private = ok(ann, "PRIV", {"to": "BOB", "text": "psst", "id": "a-2"})
+        ok(ann, "PRIV", {"to": "bob", "text": "psst", "id": "a-2"})        # duplicate
+        pushes.append(("PRIVATE", bob.push("PRIVATE")))
+        ok(ann, "ROOMS", {})
+        ok(ann, "WHO", {"room": "lobby"})
+        ok(ann, "WHO", {})
+        ok(ann, "TOPIC", {"room": "lobby"})
+        ok(ann, "TOPIC", {"room": "lobby", "text": "tea"})
+        ok(ann, "TOPIC", {"room": "lobby", "lock": True})
+        ok(ann, "PING", {})
+        ok(ann, "KICK", {"room": "lobby", "nick": "bob", "reason": "spam"})
+        pushes += [("KICKED", bob.push("KICKED")), ("GRANT", ann.push("GRANT"))]
+        ok(ann, "BAN", {"room": "lobby", "nick": "eve"})
+        ok(bob, "JOIN", {"room": "lobby"})
+        ok(ann, "BAN", {"room": "lobby", "nick": "bob", "reason": "again"})
+        ok(ann, "UNBAN", {"room": "lobby", "nick": "bob"})
+        ok(bob, "JOIN", {"room": "lobby"})
+        ok(bob, "LEAVE", {"room": "lobby"})
+        ok(ann, "NICK", {"nick": "ann"})
+        ok(ann, "NICK", {"nick": "anna"})
+        ok(bob, "BYE", {"reason": "tired"})
+        history = ok(ann, "HISTORY", {"room": "lobby", "after": 0, "limit": 500})
+        broker.stop()
+        pushes.append(("SHUTDOWN", ann.push("SHUTDOWN")))
+    finally:
+        ctx.destroy(linger=0)
+
+    assert set(replies) == {k.value for k in m.Kind}
+    for kind, bodies in replies.items():
+        documented, always = fields(COMMANDS[kind], "Reply:")
+        for body in bodies:
+            assert set(body) <= documented, f"{kind} reply: undocumented {set(body) - documented}"
+            assert always <= set(body), f"{kind} reply: missing {always - set(body)}"
+    for kind, body in pushes:
+        documented, always = fields(PUSHES[kind], "|")
+        assert always <= set(body) <= documented, (kind, body)
+    events = history["events"] + [private["event"]]
+    assert {e["kind"] for e in events} == EVENT_KINDS       # every kind happened, documented
+    for event in events:
+        assert set(event) <= EVENT_FIELDS, f"undocumented {set(event) - EVENT_FIELDS}: {event}"
+
+
+# ---------------------------------------------------------------------------- the worked session
+
+def session_lines() -> list[tuple[str, str]]:
+    block = re.search(r"^```frames\n(.*?)^```", DOC, re.M | re.S)
+    assert block, "PROTOCOL.md has no worked session (a ```frames block)"
+    return [tuple(line.split(None, 1)) for line in block.group(1).splitlines()]
+
+
+def frame(text: str) -> bytes:
+    return b"" if text == '""' else text.encode()
+
+
+def steady(value: Any) -> Any:
+    """The value without what changes from run to run (times, grants, ports, the banner)."""
+    if isinstance(value, dict):
+        return {k: steady(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [steady(v) for v in value]
+    return value
+
+
+def test_worked_session_replays_against_a_fresh_broker(make_broker):
+    """Every request of the worked session, sent to a fresh broker, gets the reply shown;
+    every push and published frame shown arrives, with the contents shown."""
+    broker = make_broker(heartbeat=2.0)
+    ctx = zmq.Context()
+    try:
+        socks = {"": Raw(ctx, broker.port), "(bob)": Raw(ctx, broker.port)}
+        sub = ctx.socket(zmq.XSUB)
+        sub.linger = 0
+        grant, checked = "", 0
+        for who, rest in session_lines():
+            actor = who[1:]
+            if who[0] == "C":
+                kind, label, body = rest.split(" | ", 2)
+                json.loads(body)
+                socks[actor].send(kind, frame(label), body.encode())
+            elif who[0] == "B":
+                kind, label, body = rest.split(" | ", 2)
+                want = json.loads(body)
+                if frame(label):
+                    got_kind, got = socks[actor].reply(frame(label))
+                    assert got_kind == kind, (rest, got)
+                    if actor == "" and "pub_port" in got:     # ann's welcome
+                        sub.connect(f"tcp://127.0.0.1:{got['pub_port']}")
+                else:
+                    got = socks[actor].push(kind)
+                assert steady(got) == steady(want), f"{who} {rest[:60]}...: got {got}"
+                if actor == "" and "grant" in got:
+                    grant = got["grant"]
+                checked += 1
+            elif who == "S":
+                assert rest.startswith("\\x01")
+                sub.send(b"\x01" + grant.encode())
+            elif who == "P":
+                topic, batch = rest.split(" | ", 1)
+                assert sub.poll(5000), f"nothing published for {rest[:60]}"
+                got_topic, got_batch = sub.recv_multipart()
+                assert got_topic.split(b"\x00")[0] == topic.split("\\x00")[0].encode()
+                assert steady(json.loads(got_batch)) == steady(json.loads(batch))
+                checked += 1
+            else:
+                raise AssertionError(f"unknown line {who} {rest}")
+        assert checked == sum(who[0] in "BP" for who, _ in session_lines()) >= 15
+    finally:
+        ctx.destroy(linger=0)
+
+
+# ---------------------------------------------------------------------------- the minimal client
+
+def test_minimal_client_uses_only_python_and_pyzmq():
+    """examples/minimal_client.py imports the standard library and zmq, nothing of ours."""
+    tree = ast.parse((ROOT / "examples" / "minimal_client.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported - {"__future__"} <= set(sys.stdlib_module_names) | {"zmq"}, imported
+    assert "sys.path" not in (ROOT / "examples" / "minimal_client.py").read_text()
