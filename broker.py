@@ -272,14 +272,18 @@ class Broker:
     def _flush(self) -> None:
         """Commit, then publish, then reply: nothing is acknowledged before it is durable."""
         self.store.commit()
-        for name, events in self.pending.items():
-            room = self.rooms.get(name)
-            if room is None:
-                continue
-            for i in range(0, len(events), BATCH_EVENTS):
-                frames = m.encode_batch(name, room.epoch, events[i:i + BATCH_EVENTS])
-                self.xpub.send_multipart(frames, zmq.NOBLOCK)
-        self.pending.clear()
+        for name in list(self.pending):
+            self._publish(self.rooms[name])
+        self._send_replies()
+
+    def _publish(self, room: Room) -> None:
+        """Publish a room's committed events under its current topic, in batches."""
+        events = self.pending.pop(room.name, [])
+        for i in range(0, len(events), BATCH_EVENTS):
+            frames = m.encode_batch(room.name, room.epoch, events[i:i + BATCH_EVENTS])
+            self.xpub.send_multipart(frames, zmq.NOBLOCK)
+
+    def _send_replies(self) -> None:
         for msg in self.outbox:
             try:
                 self.router.send_multipart(msg, zmq.NOBLOCK)
@@ -333,7 +337,12 @@ class Broker:
         self._push(s, Reply.LIVE, {"room": name, "seq": room.seq})
 
     def _rotate(self, room: Room) -> None:
-        """Change a room's topic so departed connections hear nothing; re-grant the rest."""
+        """Change a room's topic so departed connections hear nothing; re-grant the rest.
+        What happened up to now (the leave notice included) still goes out on the old topic,
+        so the members who stay see it live."""
+        if room.name in self.pending:
+            self.store.commit()
+            self._publish(room)
         room.epoch = secrets.token_hex(8)
         for s in room.members.values():
             self._push(s, Reply.GRANT, {"room": room.name, "grant": self._grant(s, room)})
@@ -448,7 +457,8 @@ class Broker:
     def _on_say(self, s: Session, req: m.Request) -> dict[str, Any]:
         room = self._member_room(s, req.body["room"])
         msgs = req.body["msgs"]
-        self._charge(s, len(msgs))
+        known = {item["id"]: self.store.find_cmid(item["id"]) for item in msgs}
+        self._charge(s, sum(1 for prior in known.values() if prior is None))  # retries free
         acks = []
         extra: dict[str, Any] = {"bot": True} if s.bot else {}
         if req.body["relay"]:
@@ -456,7 +466,7 @@ class Broker:
         if req.body["hops"] is not None:
             extra["hops"] = req.body["hops"]
         for item in msgs:
-            prior = self.store.find_cmid(item["id"])
+            prior = known[item["id"]]
             if prior is not None:
                 if prior[0] != s.key:
                     raise ProtocolError(Code.BAD_REQUEST, "message id already used by another")
@@ -468,7 +478,9 @@ class Broker:
         return {"room": room.name, "acks": acks}
 
     def _charge(self, s: Session, n: float) -> None:
-        wait = s.bucket.take(n, time.monotonic())
+        if self.cfg.rate > 0 and n > self.cfg.burst:
+            raise ProtocolError(Code.TOO_LARGE, f"at most {self.cfg.burst} messages at once")
+        wait = s.bucket.take(n, time.monotonic()) if n else 0.0
         if wait:
             raise ProtocolError(Code.RATE_LIMITED, f"slow down: retry in {wait:.2f} s",
                                 retry_after=round(wait, 3))
@@ -485,6 +497,8 @@ class Broker:
         ts = time.time()
         event = {"kind": "private", "nick": s.nick, "to": target.nick, "text": b["text"],
                  "ts": ts, "cmid": b["id"], "bot": s.bot}
+        if b["hops"] is not None:
+            event["hops"] = b["hops"]
         self.store.append_private(ts, s.key, target.key, b["id"], m.dumps(event))
         self._push(target, Reply.PRIVATE, {"event": event})
         return {"to": target.nick, "id": b["id"], "event": event}

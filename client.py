@@ -162,9 +162,9 @@ class Client:
     async def me(self, room: str, action: str) -> int:
         return await self.say(room, action, action=True)
 
-    async def msg(self, nick: str, text: str) -> dict[str, Any]:
+    async def msg(self, nick: str, text: str, **extra: Any) -> dict[str, Any]:
         """A private message to one user (never published); returns the broker's copy."""
-        return await self._queue("priv", nick, text, False, {})
+        return await self._queue("priv", nick, text, False, extra)
 
     async def list_rooms(self) -> list[dict[str, Any]]:
         return (await self.request(m.Kind.ROOMS, {}))["rooms"]
@@ -581,7 +581,7 @@ class Client:
         first = batch[0]
         if first.kind == "priv":
             reply = await self.request(m.Kind.PRIV, {"to": first.target, "text": first.text,
-                                                     "id": first.cmid})
+                                                     "id": first.cmid, **first.extra})
             self._outbox.pop(first.cmid, None)
             if not first.future.done():
                 first.future.set_result(reply.get("event") or reply)
@@ -616,6 +616,14 @@ def curve_keys(server_key_file: str, config_dir: str | None = None
     public, secret = zmq.auth.load_certificate(secret_file)
     assert secret is not None
     return server_public, (public, secret)
+
+
+def __getattr__(name: str) -> Any:
+    """`from client import Bot`: the bot framework lives in bot.py, which imports this module."""
+    if name == "Bot":
+        from bot import Bot
+        return Bot
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BlockingClient:

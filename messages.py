@@ -25,7 +25,9 @@ An event (room traffic, history, private messages) is a JSON object:
     room, seq (per-room 1, 2, 3...), id (broker message id), ts (UTC seconds since the epoch),
     nick (the sender, as the broker knows it), kind (msg, action, join, leave, nick, topic,
     kick, ban, notice, private), text, and optional cmid (the sender's client message id),
-    bot (true when a bot sent it), to (private messages), reason, new (nick changes), by.
+    bot (true when a bot sent it), to (private messages), reason and why (leaves: part, quit,
+    lost, kick), new (nick changes), by (kicks, bans), note and locked (topics), relay (copied
+    by a bridge bot), hops (length of a bot reply chain).
 """
 from __future__ import annotations
 
@@ -265,8 +267,10 @@ def _v_say(b: dict) -> dict:
 
 
 def _v_priv(b: dict) -> dict:
+    hops = _int(b, "hops")
     return {"to": check_nick(b.get("to")), "text": _text(b, "text", MAX_TEXT),
-            "id": _text(b, "id", MAX_CMID)}
+            "id": _text(b, "id", MAX_CMID),
+            "hops": min(hops, MAX_HOPS) if hops is not None else None}
 
 
 def _v_none(b: dict) -> dict:

@@ -51,7 +51,7 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
                 "msgs": [{"id": "c1", "text": "héllo ✓", "action": False},
                          {"id": "c2", "text": "waves", "action": True}]}),
     Kind.PRIV: ({"to": "bob", "text": "psst", "id": "c3"},
-                {"to": "bob", "text": "psst", "id": "c3"}),
+                {"to": "bob", "text": "psst", "id": "c3", "hops": None}),
     Kind.ROOMS: ({}, {}),
     Kind.WHO: ({"room": "dev"}, {"room": "dev"}),
     Kind.NICK: ({"nick": "alice_2"}, {"nick": "alice_2"}),
