@@ -31,10 +31,13 @@ from store import Store, StoreError
 log = logging.getLogger("broker")
 
 DEFAULT_ROOMS: Final = ("lobby", "work", "support", "team")
+# Commands that change rooms cost one rate-limit token each (SAY and PRIV pay per message).
+CHARGED: Final = frozenset({Kind.JOIN, Kind.LEAVE, Kind.NICK, Kind.TOPIC, Kind.KICK,
+                            Kind.BAN, Kind.UNBAN})
 DRAIN: Final = 1000          # requests handled per pass before committing: bounds latency
 BATCH_EVENTS: Final = 256    # events per published frame: keeps frames well under 64 KiB
 GRANT_TTL: Final = 120       # seconds a grant may wait before it is used
-LOST_MEMORY: Final = 600     # seconds we remember announcing someone as lost
+MAX_ROOMS: Final = 1000      # rooms /join may create: one client cannot fill memory
 
 BANNER: Final = r"""
   ____ _           _     __  __  ___
@@ -107,6 +110,16 @@ class Session:
     def key(self) -> str:
         return m.nick_key(self.nick)
 
+    @property
+    def owner(self) -> str:
+        """Who sent a message, stable across nick changes and reconnects: the CURVE key, else
+        a hash of the client's resume secret, else the nick."""
+        if self.pubkey:
+            return "key:" + self.pubkey
+        if self.token:
+            return "tok:" + hashlib.sha256(self.token.encode()).hexdigest()[:24]
+        return "nick:" + self.key
+
 
 @dataclass
 class Room:
@@ -141,7 +154,9 @@ class Broker:
         self.by_nick: dict[str, Session] = {}
         self.by_sid: dict[str, Session] = {}
         self.used_nonces: dict[str, float] = {}
-        self.lost: dict[tuple[str, str], float] = {}  # (nick key, room) -> when announced lost
+        # (nick key, room) of members at the last stop, or of a session replaced by its own
+        # reconnect: their resume-joins are quiet; anyone else's join is announced.
+        self.was_member: set[tuple[str, str]] = self.store.take_members()
         self.pending: dict[str, list[bytes]] = {}      # room -> encoded events to publish
         self.outbox: list[list[bytes]] = []            # [rid, kind, label, body] to send
         self.stopping = False
@@ -261,13 +276,21 @@ class Broker:
                 body = self._on_hello(rid, session, req, key)
             elif session is None:
                 raise ProtocolError(Code.NO_HELLO, "say HELLO first")
+            elif self.curve and key != session.pubkey:  # a stolen routing id gets nothing
+                raise ProtocolError(Code.NO_HELLO, "say HELLO first")
             else:
                 session.last_seen = time.monotonic()
+                if req.kind in CHARGED:
+                    self._charge(session, 1)
                 body = self.handlers[req.kind](session, req)
             self.outbox.append([rid, b"OK", label, _dumps_with_raw(body)])
         except ProtocolError as err:
             log.debug("-> ERROR %s %s", err.code, err.reason)
             self.outbox.append([rid, *m.encode_error(label, err)])
+        except Exception:  # a bug: still exactly one reply, and the loop goes on
+            log.exception("error handling %r from %s", frames[:2], rid.hex())
+            self.outbox.append([rid, *m.encode_error(label, ProtocolError(
+                Code.INTERNAL, "the broker failed on this request"))])
 
     def _flush(self) -> None:
         """Commit, then publish, then reply: nothing is acknowledged before it is durable."""
@@ -349,7 +372,7 @@ class Broker:
 
     # ------------------------------------------------------------------ events
     def _emit(self, room: Room, kind: m.EventKind, nick: str, text: str,
-              cmid: str | None = None, **extra: Any) -> int:
+              cmid: str | None = None, owner: str = "", **extra: Any) -> int:
         room.seq += 1
         ts = time.time()
         event: dict[str, Any] = {"room": room.name, "seq": room.seq,
@@ -359,7 +382,7 @@ class Broker:
             event["cmid"] = cmid
         event.update(extra)
         data = m.dumps(event)
-        self.store.append(room.name, room.seq, ts, m.nick_key(nick), cmid, data)
+        self.store.append(room.name, room.seq, ts, owner or m.nick_key(nick), cmid, data)
         self.pending.setdefault(room.name, []).append(data)
         return room.seq
 
@@ -385,13 +408,14 @@ class Broker:
                        why=why, reason=reason, bot=s.bot)
         room.members.pop(s.sid, None)
         s.rooms.discard(room.name)
+        self.store.remove_member(room.name, s.key)
         self._rotate(room)
 
     def _drop(self, s: Session, reason: str, why: str, quiet: bool = False) -> None:
         """End a session: leave notices in its rooms (unless quiet), nick freed."""
         for name in sorted(s.rooms):
-            if why == "lost":
-                self.lost[(s.key, name)] = time.monotonic()
+            if quiet:
+                self.was_member.add((s.key, name))
             self._remove(s, self.rooms[name], why, reason, quiet)
         s.state = State.GONE
         self.by_rid.pop(s.rid, None)
@@ -433,6 +457,8 @@ class Broker:
         name = req.body["room"]
         room = self.rooms.get(name)
         if room is None and self.cfg.allow_new_rooms:
+            if len(self.rooms) >= MAX_ROOMS:
+                raise ProtocolError(Code.TOO_LARGE, f"there are {MAX_ROOMS} rooms already")
             room = self.rooms[name] = Room(name, ops={s.key})
             log.info("room %s created by %s", name, s.nick)
         room = self._room(name) if room is None else room
@@ -442,8 +468,10 @@ class Broker:
         if s.sid not in room.members:
             room.members[s.sid] = s
             s.rooms.add(name)
-            was_lost = self.lost.pop((s.key, name), None) is not None
-            if not req.body["resume"] or was_lost:
+            self.store.add_member(name, s.key)
+            was_member = (s.key, name) in self.was_member
+            self.was_member.discard((s.key, name))
+            if not (req.body["resume"] and was_member):
                 self._emit(room, m.EventKind.JOIN, s.nick, f"{s.nick} joined", bot=s.bot)
         return {"room": name, "seq": before, "grant": self._grant(s, room), "topic": room.topic,
                 "members": sorted(x.nick for x in room.members.values()),
@@ -458,6 +486,9 @@ class Broker:
         room = self._member_room(s, req.body["room"])
         msgs = req.body["msgs"]
         known = {item["id"]: self.store.find_cmid(item["id"]) for item in msgs}
+        if any(prior is not None and prior[0] != s.owner for prior in known.values()):
+            raise ProtocolError(Code.BAD_REQUEST, "a message id already used by another; "
+                                                  "nothing of this request was stored")
         self._charge(s, sum(1 for prior in known.values() if prior is None))  # retries free
         acks = []
         extra: dict[str, Any] = {"bot": True} if s.bot else {}
@@ -467,14 +498,11 @@ class Broker:
             extra["hops"] = req.body["hops"]
         for item in msgs:
             prior = known[item["id"]]
-            if prior is not None:
-                if prior[0] != s.key:
-                    raise ProtocolError(Code.BAD_REQUEST, "message id already used by another")
-                acks.append([item["id"], prior[2]])
-                continue
-            kind = m.EventKind.ACTION if item["action"] else m.EventKind.MSG
-            acks.append([item["id"], self._emit(room, kind, s.nick, item["text"], item["id"],
-                                                **extra)])
+            if prior is None:  # new (a repeat within this batch counts as a retry of it)
+                kind = m.EventKind.ACTION if item["action"] else m.EventKind.MSG
+                seq = self._emit(room, kind, s.nick, item["text"], item["id"], s.owner, **extra)
+                prior = known[item["id"]] = (s.owner, room.name, seq)
+            acks.append([item["id"], prior[2]])
         return {"room": room.name, "acks": acks}
 
     def _charge(self, s: Session, n: float) -> None:
@@ -492,6 +520,8 @@ class Broker:
             raise ProtocolError(Code.NO_SUCH_NICK, f"nobody called {b['to']} is connected")
         prior = self.store.find_cmid(b["id"])
         if prior is not None:
+            if prior[0] != s.owner:
+                raise ProtocolError(Code.BAD_REQUEST, "a message id already used by another")
             return {"to": target.nick, "id": b["id"], "duplicate": True}
         self._charge(s, 1)
         ts = time.time()
@@ -499,7 +529,7 @@ class Broker:
                  "ts": ts, "cmid": b["id"], "bot": s.bot}
         if b["hops"] is not None:
             event["hops"] = b["hops"]
-        self.store.append_private(ts, s.key, target.key, b["id"], m.dumps(event))
+        self.store.append_private(ts, s.owner, target.key, b["id"], m.dumps(event))
         self._push(target, Reply.PRIVATE, {"event": event})
         return {"to": target.nick, "id": b["id"], "event": event}
 
@@ -521,6 +551,11 @@ class Broker:
         holder = self.by_nick.get(key)
         if holder is not None and holder is not s:
             raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
+        if self.curve:
+            owner = self.store.nick_owner(key)
+            if owner is not None and owner != s.pubkey:
+                raise ProtocolError(Code.NICK_TAKEN, f"the nickname {new} belongs to another key")
+            self.store.bind_nick(key, s.pubkey)
         old = s.nick
         if old == new:
             return {"nick": new}
@@ -622,8 +657,6 @@ class Broker:
         wall = time.time()
         for nonce in [n for n, exp in self.used_nonces.items() if exp < wall]:
             del self.used_nonces[nonce]
-        for k in [k for k, t in self.lost.items() if now - t > LOST_MEMORY]:
-            del self.lost[k]
 
     def _shutdown(self) -> None:
         for s in list(self.by_rid.values()):

@@ -34,6 +34,7 @@ log = logging.getLogger("client")
 
 BACKOFF_CAP = 10.0        # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000       # a ZeroMQ handshake with a stopped broker gives up after this
+MINE_MEMORY = 100_000     # message ids of ours remembered, to mark our own echoes
 
 
 class ChatError(Exception):
@@ -120,6 +121,8 @@ class Client:
         self._sub: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self._closed = False
+        self._mine: OrderedDict[str, None] = OrderedDict()   # our recent message ids
         self._resuming: asyncio.Task | None = None
         self._last_heard = time.monotonic()
 
@@ -223,8 +226,9 @@ class Client:
             yield await self._events.get()
 
     async def close(self, reason: str | None = None) -> None:
-        """Leave cleanly: the others are told (with the reason), then the sockets close."""
-        if self._closing:
+        """Leave cleanly: the others are told (with the reason), then the sockets close.
+        Sends not yet acknowledged fail with ChatError CLOSED (see pending() and flush())."""
+        if self._closed:
             return
         if self.connected:
             try:
@@ -238,6 +242,11 @@ class Client:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self._close_sockets()
+        self._closed = True
+        for item in self._outbox.values():
+            if not item.future.done():
+                item.future.set_exception(ChatError("CLOSED", "the client was closed"))
+        self._outbox.clear()
         self._events.put_nowait(Event("status", "closed"))
 
     async def __aenter__(self) -> "Client":
@@ -345,7 +354,14 @@ class Client:
             try:
                 await self._hello(resume=True)
                 for room in list(self.rooms):
-                    reply = await self.request(m.Kind.JOIN, {"room": room, "resume": True})
+                    try:
+                        reply = await self.request(m.Kind.JOIN, {"room": room, "resume": True})
+                    except ChatError as err:
+                        if err.code in ("TIMEOUT", "DISCONNECTED"):
+                            raise
+                        self.rooms.pop(room, None)   # gone, or we were banned meanwhile
+                        self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)
+                        continue
                     await self._enter(room, reply, 0)
                 self._emit_status("reconnected")
                 self._work.set()
@@ -354,7 +370,7 @@ class Client:
                 if err.code == m.Code.NICK_TAKEN:
                     self._emit_status(f"{self.nick} was taken while we were away; "
                                       f"reconnecting as {self.nick}_")
-                    self.nick = (self.nick + "_")[-m.MAX_NICK:]
+                    self.nick = self.nick[:m.MAX_NICK - 1] + "_"
                 self.connected = False
                 self._online.clear()
             delay = min(BACKOFF_CAP, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -519,7 +535,14 @@ class Client:
                 if not events:
                     state.target = min(state.target, int(reply.get("seq", state.last)))
                     break
+                before = state.last
                 self._ingest(room, events)
+                if state.last == before:  # history lacks last+1: never wait for it forever
+                    first = min(e["seq"] for e in events if isinstance(e.get("seq"), int))
+                    log.warning("%s: events %d..%d are missing from history; skipped",
+                                room, before + 1, first - 1)
+                    state.last = first - 1
+                    self._ingest(room, [])
         except ChatError as err:
             log.info("history repair of %s stopped: %s", room, err)
         finally:
@@ -529,7 +552,7 @@ class Client:
         """Ours if it carries one of our message ids, or (joins, nick changes) our nick."""
         cmid = ev.get("cmid")
         if cmid:
-            return str(cmid).startswith(self._token[:8])
+            return cmid in self._mine
         return ev.get("nick") == self.nick
 
     def _emit_status(self, text: str, room: str | None = None) -> None:
@@ -538,7 +561,12 @@ class Client:
     # ------------------------------------------------------------------ acknowledged sends
     async def _queue(self, kind: str, target: str, text: str, action: bool,
                      extra: dict[str, Any]) -> Any:
-        cmid = f"{self._token[:8]}{uuid.uuid4().hex[:16]}"
+        if self._closing:
+            raise ChatError("CLOSED", "the client was closed")
+        cmid = uuid.uuid4().hex
+        self._mine[cmid] = None
+        if len(self._mine) > MINE_MEMORY:
+            self._mine.popitem(last=False)
         future = asyncio.get_running_loop().create_future()
         self._outbox[cmid] = _Send(kind, target, text, action, cmid, future, extra)
         self._work.set()

@@ -54,6 +54,7 @@ MAX_ROOM: Final = 32
 MAX_REASON: Final = 200         # quit/kick reasons are one short line
 MAX_TOPIC: Final = 300          # a room topic is a line, not a document
 MAX_CMID: Final = 64            # client message ids: a UUID hex is 32
+MAX_INT: Final = 2**63 - 1      # what SQLite stores: larger numbers would fail there
 MAX_HOPS: Final = 16            # bot reply chains: a count carried so bots can stop loops
 
 
@@ -218,8 +219,9 @@ def _int(body: dict, key: str, *, required: bool = False, low: int = 0) -> int |
     value = body.get(key)
     if value is None and not required:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must be an integer >= {low}")
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_INT:
+        raise ProtocolError(Code.BAD_REQUEST,
+                            f"field {key!r} must be an integer from {low} to {MAX_INT}")
     return value
 
 

@@ -28,6 +28,8 @@ CREATE TABLE IF NOT EXISTS privates (
     cmid TEXT, data TEXT NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS privates_cmid ON privates (cmid) WHERE cmid IS NOT NULL;
 CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, nick TEXT NOT NULL,
+    PRIMARY KEY (room, nick)) WITHOUT ROWID;
 """
 
 
@@ -129,6 +131,22 @@ class Store:
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
+
+    # ---------------------------------------------------------------- memberships
+    def take_members(self) -> set[tuple[str, str]]:
+        """(nick key, room) of everyone who was in a room when the broker last stopped (or
+        crashed); the table starts empty again, refilled as people join."""
+        rows = self.db.execute("SELECT nick, room FROM members").fetchall()
+        self.db.execute("DELETE FROM members")
+        return {(nick, room) for nick, room in rows}
+
+    def add_member(self, room: str, nick_key: str) -> None:
+        self._begin()
+        self.db.execute("INSERT OR IGNORE INTO members VALUES (?,?)", (room, nick_key))
+
+    def remove_member(self, room: str, nick_key: str) -> None:
+        self._begin()
+        self.db.execute("DELETE FROM members WHERE room=? AND nick=?", (room, nick_key))
 
     # ---------------------------------------------------------------- CURVE nick owners
     def nick_owner(self, nick_key: str) -> str | None:

@@ -195,7 +195,8 @@ def test_copied_routing_id_gains_nothing(broker):
 
 
 def test_rate_limit_answers_retry_after_and_never_disconnects(make_broker):
-    """Over the limit a SAY gets RATE_LIMITED with retry_after; the session stays usable."""
+    """Over the limit (a JOIN costs a token, a SAY one per message) a SAY gets RATE_LIMITED
+    with retry_after; the session stays usable."""
     b = make_broker(rate=5.0, burst=3)
     ctx = zmq.Context.instance()
     s = raw_dealer(ctx, b.port)
@@ -208,7 +209,7 @@ def test_rate_limit_answers_retry_after_and_never_disconnects(make_broker):
         codes.append(r.body.get("code", r.kind))
         if r.kind == "ERROR":
             assert 0 < r.body["retry_after"] <= 1.0
-    assert codes[:3] == ["OK"] * 3 and "RATE_LIMITED" in codes[3:]
+    assert codes[:2] == ["OK"] * 2 and "RATE_LIMITED" in codes[2:]  # the JOIN took one
     assert call(s, "PING", {}, b"p").kind == "OK"
     s.close()
 
@@ -332,6 +333,10 @@ def test_curve_binds_nick_to_first_key(make_broker, tmp_path):
         with pytest.raises(ChatError) as err:
             await Client("127.0.0.1", b.port, "Owner", server_key=server, keypair=k2).connect()
         assert err.value.code == "NICK_TAKEN"
+        async with Client("127.0.0.1", b.port, "mallory", server_key=server, keypair=k2) as c:
+            with pytest.raises(ChatError) as err:
+                await c.set_nick("OWNER")          # nor by renaming into it
+            assert err.value.code == "NICK_TAKEN"
         async with Client("127.0.0.1", b.port, "owner", server_key=server, keypair=k1) as c:
             assert c.nick == "owner"
     asyncio.run(scenario())
