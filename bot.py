@@ -108,6 +108,10 @@ class Command:
                     raise UsageError(f"{p.name.upper()} is missing")
                 else:
                     out.append(p.default)
+        if rest and out and self.params and self.params[-1].annotation in (str, "str") \
+                and self.params[-1].kind is not self.params[-1].VAR_POSITIONAL:
+            out[-1] = " ".join([str(out[-1]), *rest])  # a last text argument takes the rest
+            rest = []
         if rest:
             raise UsageError(f"too many arguments: {' '.join(rest)}")
         return out

@@ -716,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if a.gen_keys:
+        if os.path.exists(os.path.join(a.gen_keys, "broker.key_secret")):
+            print(f"broker: {a.gen_keys} already holds a broker key pair; clients trust its "
+                  f"public key, so it is kept (remove it first to make a new one)",
+                  file=sys.stderr)
+            return 2
         os.makedirs(a.gen_keys, exist_ok=True)
         public, secret = zmq.auth.create_certificates(a.gen_keys, "broker")
         os.chmod(secret, 0o600)
@@ -745,6 +750,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: broker.stop())
     print(f"Broker started on tcp://{a.host}:{broker.port} (commands) and "
           f"tcp://{a.host}:{broker.pub_port} (rooms)", flush=True)
+    if cfg.curve_key:
+        print("CURVE encryption on: clients need --server-key with the public key"
+              + (f"; only the keys in {cfg.allow_keys} may connect" if cfg.allow_keys else ""),
+              flush=True)
     broker.run()
     return 0
 

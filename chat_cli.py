@@ -152,7 +152,8 @@ def connect(runner: asyncio.Runner, host: str, port: int, nick: str, room: str,
             if err.code == "TIMEOUT":
                 fail(f"cannot reach the broker at {host}:{port} (no answer within "
                      f"{TIMEOUT:g} s); is it running, and is that its command port"
-                     + ("; is --server-key its key?" if curve else "?"))
+                     + ("; is --server-key its key?" if curve else
+                        "? (a broker with encryption needs --server-key)"))
             else:
                 fail(reason)
             return 1
@@ -212,8 +213,22 @@ class Chat:
                 continue   # a note to self: the broker's copy of our own send is shown
             self.track(ev)
             self.screen.event(ev, me=self.client.nick, room=self.room)
+            if ev.kind == "status" and ev.room and ev.room == self.room \
+                    and ev.room not in self.client.rooms:   # kicked, banned, or room gone
+                asyncio.create_task(self.fall_back())
             if self.screen.closed and not self.quitting:   # nobody reads our output any more
                 asyncio.create_task(self.quit(None))
+
+    async def fall_back(self) -> None:
+        """Out of our room against our will: back to lobby, or nowhere if that was lobby."""
+        lost, self.room = self.room, ""
+        if lost != DEFAULT_ROOM:
+            try:
+                await self.cmd_join(DEFAULT_ROOM)
+                return
+            except ChatError as err:
+                self.screen.error(f"could not join {DEFAULT_ROOM}: {err.reason}", err.code)
+        self.screen.note("you are in no room now: /join ROOM to go on", command="join", room="")
 
     def track(self, ev: Any) -> None:
         """Remember nicks seen, for completion."""
@@ -254,6 +269,10 @@ class Chat:
                 self.screen.error(f"/{name} failed: {err!r}", "INTERNAL")
             return
         text = line[1:] if line.startswith("//") else line
+        if not self.room:
+            self.screen.error("you are in no room: /join ROOM first (nothing was sent)",
+                              "NOT_MEMBER")
+            return
         self.send(lambda: self.client.say(self.room, text), text)
 
     def send(self, start: Callable[[], Awaitable[Any]], text: str) -> None:
@@ -515,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         curve: dict[str, Any] = {}
         if args.server_key:
+            if not os.path.isfile(args.server_key):
+                fail(f"--server-key {args.server_key}: no such file")
+                return 2
             try:
                 server_key, keypair = curve_keys(args.server_key)
             except (OSError, ValueError) as err:

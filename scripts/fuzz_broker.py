@@ -72,6 +72,13 @@ def main() -> int:
                 errors += frames[0] == b"ERROR"
         if i % 200 == 0:
             time.sleep(0.01)
+    deadline = time.monotonic() + 2           # collect the replies still on their way
+    while time.monotonic() < deadline and replies < sent:
+        for s in socks:
+            while s.poll(10):
+                frames = s.recv_multipart()
+                replies += 1
+                errors += frames[0] == b"ERROR"
     alive = proc.proc.poll() is None
     check = ctx.socket(zmq.DEALER)
     check.linger = 0

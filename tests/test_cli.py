@@ -379,3 +379,20 @@ def test_server_key_chats_over_curve(make_broker_process, started, tmp_path):
     bob.wait_event(lambda e: e.get("text") == "over an encrypted line", "alice's message")
     assert (tmp_path / "alice" / "zmqchat" / "client.key_secret").exists()
     assert bob.end_input() == 0
+
+
+def test_kicked_user_falls_back_to_lobby(make_broker_process, started):
+    """Kicked from the room you are in, you land in lobby and your lines go there."""
+    broker = make_broker_process("--ops", "boss")
+    where = ["-i", "127.0.0.1", "-p", str(broker.port)]
+    boss = Script(*where, "--json", "-u", "boss", "-r", "work")
+    carol = Script(*where, "-u", "carol", "-r", "work")
+    started.extend([boss.proc, carol.proc])
+    boss.wait_event(lambda e: e["kind"] == "join" and e["nick"] == "carol", "carol joining")
+    boss.send("/kick carol bye now")
+    carol.wait_line("you were kicked from work by boss (bye now)")
+    carol.wait_line("you are now in lobby")
+    carol.send("/rooms", "still talking")
+    assert carol.wait_line("* lobby").startswith("-- * lobby")
+    carol.wait_line("<carol> still talking")
+    assert carol.end_input() == 0

@@ -48,7 +48,9 @@ def test_readme_weather_bot_is_short_and_works(make_broker_process, tmp_path):
     bot = run_snippet(code, proc.port, tmp_path)
     try:
         assert asyncio.run(ask(proc.port, "!weather Oslo", "Oslo")) == "Oslo: sunny, 21 C"
-        assert "weather" in asyncio.run(ask(proc.port, "!help", "weather"))
+        assert asyncio.run(ask(proc.port, "!weather New York", "York")) == \
+            "New York: sunny, 21 C"
+        assert "Today's weather in CITY" in asyncio.run(ask(proc.port, "!help", "weather"))
     finally:
         bot.send_signal(signal.SIGINT)
         assert bot.wait(10) == 0, bot.stderr.read()
