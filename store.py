@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections import OrderedDict
 from typing import Final
 
 log = logging.getLogger("store")
 
 CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
+CHECKPOINT_EVERY: Final = 0.5  # seconds between WAL checkpoints, run off the broker's loop
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
@@ -47,11 +49,30 @@ class Store:
             self._check()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            # Checkpoints copy the WAL into the database: milliseconds that would stall the
+            # broker's loop now and then. A thread of our own does them instead.
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: {exc}") from None
         self._cmids: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._in_tx = False
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
+                                              name="wal-checkpoint")
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """PASSIVE checkpoints on a second connection: they never block the broker's writes."""
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            while not self._stop.wait(CHECKPOINT_EVERY):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy now: the next round catches up
+                    log.debug("checkpoint skipped: %s", exc)
+        finally:
+            db.close()
 
     def _check(self) -> None:
         """Refuse a truncated or corrupted file instead of serving silently short history."""
@@ -73,6 +94,9 @@ class Store:
 
     def close(self) -> None:
         self.commit()
+        self._stop.set()
+        self._checkpointer.join(5)
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()
 
     # ---------------------------------------------------------------- reading state
