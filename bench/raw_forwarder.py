@@ -19,6 +19,7 @@ import zmq
 
 POLL_MS: Final = 100   # how late a SIGTERM may be noticed when idle; no cost under load
 DRAIN: Final = 10_000  # messages per wake-up before the stop flag is looked at again
+BACKLOG: Final = 1024  # as thread_server.py: a benchmark connects hundreds of clients at once
 
 
 def bind(sock: zmq.Socket, host: str, port: int) -> int:
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for sock in (router, pub):
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.BACKLOG, BACKLOG)  # ZeroMQ's default of 100 drops connections
         router.setsockopt(zmq.RCVHWM, args.hwm)
         pub.setsockopt(zmq.SNDHWM, args.hwm)
         router_port = bind(router, args.host, args.port)

@@ -1,0 +1,772 @@
+"""Benchmark: the broker against a raw ZeroMQ forwarder and a thread-per-client TCP server.
+
+    python bench/bench.py [--quick] [--json FILE] [--plot FILE.png] [--only W1F,W2,...]
+
+Every server and every load process is a process of its own (bench/loadgen.py); this script
+only starts them, tells them when to run and adds up what they report. Each figure is
+measured `--reps` times (3) and printed as the median and the spread (half the range, in
+per cent of the median). bench/README.md describes the workloads and the latest results.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Final, Iterator
+
+from peers import cpu_seconds, rss_bytes
+
+HERE: Final = Path(__file__).resolve().parent
+ROOT: Final = HERE.parent
+SYSTEMS: Final = ("broker", "forwarder", "thread")
+ROOMS: Final = 20           # W3 and W4 spread their clients over r00..r19
+WINDOW: Final = 500         # W1F: the sender is never more than this far ahead of the slowest
+LIBRARY_BACKLOG: Final = 40_000  # client.Client: about a second of the broker's work
+WORKLOADS: Final = ("W1F", "W2", "W3", "W4", "client")
+
+
+@dataclass
+class Settings:
+    """How big and how long: the full run, or --quick (scaled down to fit in a minute)."""
+
+    reps: int = 3
+    fanout: tuple[int, ...] = (10, 100, 1000)   # W1F receivers
+    fanout_secs: float = 5.0
+    latency_secs: float = 5.0                   # W2
+    latency_rate: float = 2000.0
+    latency_receivers: int = 10
+    chat_clients: int = 200                     # W3
+    chat_rate: float = 20.0
+    chat_secs: float = 5.0
+    idle_clients: int = 2000                    # W4
+    storm_clients: int = 1000
+    idle_secs: float = 4.0                      # two heartbeat intervals
+    scale_reps: int = 3
+    client_secs: float = 2.0                    # client.Client: sending while it is held
+    per_process: int = 250                      # peers per load process (at most)
+
+
+QUICK: Final = Settings(fanout=(10, 100), fanout_secs=0.5, latency_secs=0.5, chat_secs=0.5,
+                        idle_clients=500, storm_clients=250, idle_secs=1.0, scale_reps=1,
+                        client_secs=0.5)
+
+
+# ---------------------------------------------------------------------------- processes
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the benchmark dies, so nothing is left running (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ChildError(RuntimeError):
+    pass
+
+
+class Child:
+    """A process of the benchmark: JSON lines in on stdin, lines out on stdout."""
+
+    def __init__(self, name: str, argv: list[str], logdir: Path) -> None:
+        self.name = name
+        self.log = logdir / f"{name}.log"
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(self.log, "wb"), cwd=ROOT,
+                                     preexec_fn=_die_with_parent)
+        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise ChildError(f"{self.name} has exited\n{self.tail()}") from None
+
+    def expect(self, key: str, timeout: float = 60.0) -> dict[str, Any]:
+        """The next JSON line carrying `key`, waiting at most `timeout` seconds."""
+        return json.loads(self.expect_line(lambda line: line.startswith(b"{")
+                                           and key in json.loads(line), timeout))
+
+    def expect_line(self, match: Callable[[bytes], bool], timeout: float = 60.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise ChildError(f"{self.name}: nothing after {timeout:g} s\n{self.tail()}") \
+                    from None
+            if line is None:
+                raise ChildError(f"{self.name} exited with {self.proc.wait()}\n{self.tail()}")
+            if match(line):
+                return line
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def cpu(self) -> float:
+        try:
+            return cpu_seconds(self.pid)
+        except OSError:
+            return 0.0
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def stop(self, polite: bool = True) -> None:
+        """Ask it to stop (stop command or SIGTERM), then kill it if it does not."""
+        if self.proc.poll() is None:
+            try:
+                if polite:
+                    self.send(cmd="stop")
+                else:
+                    self.proc.terminate()
+                self.proc.wait(5)
+            except (ChildError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+
+class Cluster:
+    """One system under test and its load processes; all of them stopped on exit."""
+
+    def __init__(self, bench: "Bench", system: str, label: str) -> None:
+        self.bench, self.system, self.label = bench, system, label
+        self.loads: list[Child] = []
+        self.server = self._start_server()
+
+    def _start_server(self) -> Child:
+        py, logdir = sys.executable, self.bench.tmp
+        if self.system == "broker":
+            db = logdir / f"{self.label}.db"
+            rooms = ",".join(["bench", *(f"r{i:02d}" for i in range(ROOMS))])
+            argv = [py, str(self.bench.broker), "--host", "127.0.0.1", "--port", "0",
+                    "--pub-port", "0", "--db", str(db), "--rate", "0", "--heartbeat", "2",
+                    "--rooms", rooms]
+            if self.bench.profile:
+                prof = self.bench.profile / f"broker-{self.label}.prof"
+                argv[1:1] = ["-m", "cProfile", "-o", str(prof)]
+            child = Child(f"{self.label}-broker", argv, logdir)
+            line = child.expect_line(lambda l: l.startswith(b"Broker started"), 30)
+            ports = [int(w.rsplit(b":", 1)[1]) for w in line.split() if w.startswith(b"tcp:")]
+            self.addr = {"host": "127.0.0.1", "port": ports[0], "pub_port": ports[1]}
+        else:
+            script = "raw_forwarder.py" if self.system == "forwarder" else "thread_server.py"
+            child = Child(f"{self.label}-{self.system}", [py, str(HERE / script),
+                                                          "--host", "127.0.0.1"], logdir)
+            ports = [int(p) for p in child.expect_line(lambda l: l.startswith(b"READY"),
+                                                       30).split()[1:]]
+            self.addr = {"host": "127.0.0.1", "port": ports[0],
+                         "pub_port": ports[1] if len(ports) > 1 else 0}
+        return child
+
+    def spawn(self, role: str, **opts: Any) -> Child:
+        """A load process (bench/loadgen.py ROLE) for this system."""
+        argv = [sys.executable, str(HERE / "loadgen.py"), role, "--system", self.system,
+                "--addr", json.dumps(self.addr)]
+        for key, value in opts.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is not False and value is not None:
+                argv += [flag, str(value)]
+        child = Child(f"{self.label}-{self.system}-{role}{len(self.loads)}", argv,
+                      self.bench.tmp)
+        self.loads.append(child)
+        return child
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far: the server, and each kind of load process."""
+        out = {"server": self.server.cpu()}
+        for c in self.loads:
+            kind = c.name.rsplit("-", 1)[1].rstrip("0123456789")
+            out[kind] = out.get(kind, 0.0) + c.cpu()
+        return out
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        # The server first: after a mass departure the broker spends seconds re-keying rooms
+        # (one re-key per lost session), which is a measurement of its own, not teardown.
+        self.server.stop(polite=False)
+        for c in self.loads:
+            c.stop()
+
+
+def listen_drops() -> int:
+    """Connections the kernel dropped because a listen queue was full (machine-wide)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            head, values = [line.split() for line in f][:2]
+        return int(values[head.index("ListenDrops")])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def split(total: int, parts: int) -> list[int]:
+    """total peers over parts processes, as evenly as possible."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def processes_for(peers: int, per_process: int) -> int:
+    """Load processes for `peers` peers: at least two (two cores), at most per_process each."""
+    return min(peers, max(2, math.ceil(peers / per_process)))
+
+
+# ---------------------------------------------------------------------------- workloads
+
+class Bench:
+    def __init__(self, settings: Settings, broker: Path, profile: Path | None) -> None:
+        self.s = settings
+        self.broker = broker
+        self.profile = profile
+        self.tmp = Path(tempfile.mkdtemp(prefix="chatbench-"))
+
+    def cluster(self, system: str, label: str) -> Cluster:
+        return Cluster(self, system, label)
+
+    # -- one sender, many receivers: W1F, W2 and the client library
+    def one_to_many(self, system: str, label: str, *, receivers: int, secs: float, mode: str,
+                    rate: float = 0.0, latency: bool = False, library: bool = False,
+                    window: int = WINDOW) -> list[dict[str, Any]]:
+        procs = 1 if library else processes_for(receivers, self.s.per_process)
+        with self.cluster(system, label) as c:
+            sender = c.spawn("send", nick="sender", reporters=procs)
+            progress = sender.expect("ready")["progress"]
+            if library:
+                recv = [c.spawn("client", nick="lib", progress=progress)]
+            else:
+                recv = [c.spawn("recv", count=n, index=i, nick=f"p{i}x", progress=progress,
+                                latency=latency)
+                        for i, n in enumerate(split(receivers, procs))]
+            for r in recv:
+                r.expect("ready", 120)
+            sender.send(cmd="probe")
+            for r in recv:
+                r.expect("synced", 60)
+            runs = []
+            for _ in range(self.s.reps):
+                for r in recv:
+                    r.send(cmd="mark")
+                for r in recv:
+                    r.expect("marked")
+                cpu0, wall0 = c.cpu(), time.monotonic()
+                sender.send(cmd="run", mode=mode, duration=secs, rate=rate, window=window)
+                sent = sender.expect("sent", secs + 60)
+                for r in recv:
+                    r.send(cmd="finish", expect=sent["sent"], timeout=10)
+                results = [r.expect("result", 60) for r in recv]
+                runs.append(summarise(sent["t0"], sent["sent"] * receivers, results,
+                                      cpu_share(cpu0, c.cpu(), time.monotonic() - wall0)))
+            return runs
+
+    def fanout(self, system: str, receivers: int) -> list[dict[str, Any]]:
+        """W1F: lossless fan-out capacity, the sender held to WINDOW ahead of the slowest."""
+        return self.one_to_many(system, f"w1f-{receivers}", receivers=receivers,
+                                secs=self.s.fanout_secs, mode="window")
+
+    def latency(self, system: str) -> list[dict[str, Any]]:
+        """W2: end-to-end latency at a steady rate, 10 receivers."""
+        return self.one_to_many(system, "w2", receivers=self.s.latency_receivers,
+                                secs=self.s.latency_secs, mode="rate",
+                                rate=self.s.latency_rate, latency=True)
+
+    def library(self, system: str) -> list[dict[str, Any]]:
+        """Events per second one client.Client consumes from a backlog.
+
+        The client is held (blocked) while the sender sends up to LIBRARY_BACKLOG messages
+        and the broker acknowledges them all (so all are published and wait in the client's
+        socket); the rate is how fast it then works through them, with neither the broker
+        nor the round trip to the sender setting the pace. The hold stays well under three
+        heartbeats, after which the broker would drop the silent client.
+        """
+        with self.cluster(system, "client") as c:
+            sender = c.spawn("send", nick="sender", reporters=1)
+            progress = sender.expect("ready")["progress"]
+            lib = c.spawn("client", nick="lib", progress=progress)
+            lib.expect("ready", 60)
+            sender.send(cmd="probe")
+            lib.expect("synced", 60)
+            runs = []
+            for _ in range(self.s.reps):
+                lib.send(cmd="mark")
+                lib.expect("marked")
+                lib.send(cmd="hold")
+                lib.expect("held")
+                sender.send(cmd="run", mode="window", duration=self.s.client_secs,
+                            window=LIBRARY_BACKLOG)
+                sent = sender.expect("sent", self.s.client_secs + 60)
+                lib.send(cmd="release")
+                released = lib.expect("released", 60)["released"]
+                cpu0, wall0 = c.cpu(), time.monotonic()
+                lib.send(cmd="finish", expect=sent["sent"], timeout=30)
+                result = lib.expect("result", 60)
+                runs.append(summarise(released, sent["sent"], [result],
+                                      cpu_share(cpu0, c.cpu(), time.monotonic() - wall0)))
+            return runs
+
+    def many_rooms(self, system: str) -> list[dict[str, Any]]:
+        """W3: clients in 20 rooms, each sending at a steady rate and hearing its room."""
+        procs = processes_for(self.s.chat_clients, self.s.per_process)
+        with self.cluster(system, "w3") as c:
+            chats, first = [], 0
+            for n in split(self.s.chat_clients, procs):
+                chats.append(c.spawn("chat", count=n, first=first, rooms=ROOMS, nick="c"))
+                first += n
+            for p in chats:
+                p.expect("ready", 120)
+            for p in chats:
+                p.send(cmd="probe")
+            for p in chats:
+                p.expect("synced", 60)
+            runs = []
+            for _ in range(self.s.reps):
+                for p in chats:
+                    p.send(cmd="mark")
+                for p in chats:
+                    p.expect("marked")
+                cpu0, wall0 = c.cpu(), time.monotonic()
+                for p in chats:
+                    p.send(cmd="run", duration=self.s.chat_secs, rate=self.s.chat_rate)
+                sent = [p.expect("sent", self.s.chat_secs + 60) for p in chats]
+                per_room: dict[str, int] = {}
+                for s in sent:
+                    for room, n in s["sent"].items():
+                        per_room[room] = per_room.get(room, 0) + n
+                for p in chats:
+                    p.send(cmd="finish", expect=per_room, timeout=10)
+                results = [p.expect("result", 60) for p in chats]
+                members = self.s.chat_clients // ROOMS
+                runs.append(summarise(min(s["t0"] for s in sent),
+                                      sum(per_room.values()) * members, results,
+                                      cpu_share(cpu0, c.cpu(), time.monotonic() - wall0)))
+            return runs
+
+    def scale(self, system: str) -> list[dict[str, Any]]:
+        """W4: idle clients' cost to the server, then a join storm; a fresh server each time."""
+        runs = []
+        for rep in range(self.s.scale_reps):
+            with self.cluster(system, f"w4-{rep}") as c:
+                idle, storm, first = [], [], 0
+                for n in split(self.s.idle_clients,
+                               processes_for(self.s.idle_clients, 500)):
+                    idle.append(c.spawn("idle", count=n, first=first, rooms=ROOMS, nick="i"))
+                    first += n
+                for n in split(self.s.storm_clients,
+                               processes_for(self.s.storm_clients, self.s.per_process)):
+                    storm.append(c.spawn("idle", count=n, first=first, rooms=ROOMS, nick="s",
+                                         on_go=True))
+                    first += n
+                drops0 = listen_drops()
+                for p in idle + storm:
+                    p.expect("ready", 60)
+                t_setup = time.monotonic()
+                for p in idle:
+                    p.expect("joined", 180)
+                setup = time.monotonic() - t_setup
+                drops1 = listen_drops()
+                time.sleep(1.0)  # let the joins' echoes settle
+                cpu0, wall0 = c.server.cpu(), time.monotonic()
+                time.sleep(self.s.idle_secs)
+                idle_cpu = (c.server.cpu() - cpu0) / (time.monotonic() - wall0)
+                rss = c.server.rss()
+                go = time.monotonic_ns()
+                for p in storm:
+                    p.send(cmd="go")
+                joined = [p.expect("joined", 120) for p in storm]
+                run = {"idle_cpu": idle_cpu * 100, "rss_mb": rss / 2**20, "setup_s": setup,
+                       "storm_s": (max(j["joined_ns"] for j in joined) - go) / 1e9,
+                       "errors": sum(j["errors"] for j in joined),
+                       "setup_listen_drops": drops1 - drops0,
+                       "storm_listen_drops": listen_drops() - drops1}
+                if system == "broker":
+                    run["storm_live_s"] = (max(j["live_ns"] for j in joined) - go) / 1e9
+                    run["storm_welcomed_s"] = (max(j["welcomed_ns"] for j in joined) - go) / 1e9
+                runs.append(run)
+        return runs
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], wall: float
+              ) -> dict[str, float]:
+    """Per cent of one core each kind of process used over `wall` seconds."""
+    return {k: round(100 * (after.get(k, 0.0) - v) / wall, 1) for k, v in before.items()}
+
+
+def summarise(t0_ns: int, expected: int, results: list[dict[str, Any]],
+              cpu: dict[str, float]) -> dict[str, Any]:
+    """Add up what the receiving processes heard in one run."""
+    received = sum(r["received"] for r in results)
+    last = max(r["last_ns"] for r in results)
+    lat = sorted(x for r in results for x in r["lat_ns"])
+    run: dict[str, Any] = {
+        "delivered": received, "expected": expected,
+        "rate": received / max(1e-9, (last - t0_ns) / 1e9),
+        "lost": max(sum(r["missing"] for r in results), sum(r["gaps"] for r in results)),
+        "dups": sum(r["dups"] for r in results),
+        "errors": sum(r["errors"] for r in results), "cpu": cpu}
+    if lat:
+        run.update(p50_ms=pct(lat, 50) / 1e6, p99_ms=pct(lat, 99) / 1e6, max_ms=lat[-1] / 1e6,
+                   samples=len(lat))
+    return run
+
+
+def pct(sorted_values: list[int], p: float) -> float:
+    """The p-th percentile (nearest rank) of sorted values."""
+    k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
+    return sorted_values[k]
+
+
+# ---------------------------------------------------------------------------- the report
+
+@dataclass
+class Figure:
+    """One row of the table: a value per system, each the median of the runs."""
+
+    key: str
+    label: str
+    unit: str
+    values: dict[str, list[float]] = field(default_factory=dict)
+    higher_is_better: bool = True
+
+    def median(self, system: str) -> float | None:
+        v = self.values.get(system)
+        return statistics.median(v) if v else None
+
+    def spread(self, system: str) -> float | None:
+        """Half the range, as a fraction of the median."""
+        v, med = self.values.get(system), self.median(system)
+        if not v or not med:
+            return None
+        return (max(v) - min(v)) / 2 / abs(med)
+
+    def ratio(self, baseline: str) -> float | None:
+        a, b = self.median("broker"), self.median(baseline)
+        return a / b if a is not None and b else None
+
+
+def figures(results: dict[str, dict[str, list[dict[str, Any]]]],
+            s: Settings) -> list[Figure]:
+    out: list[Figure] = []
+
+    def add(key: str, label: str, unit: str, workload: str, metric: str,
+            higher: bool = True) -> None:
+        fig = Figure(key, label, unit, higher_is_better=higher)
+        for system, runs in results.get(workload, {}).items():
+            values = [r[metric] for r in runs if isinstance(r, dict) and metric in r]
+            if values:
+                fig.values[system] = values
+        if fig.values:
+            out.append(fig)
+
+    for r in s.fanout:
+        add(f"w1f_{r}", f"W1F R={r} delivered", "msg/s", f"W1F-{r}", "rate")
+        add(f"w1f_{r}_lost", f"W1F R={r} lost", "msgs", f"W1F-{r}", "lost", False)
+        add(f"w1f_{r}_dups", f"W1F R={r} duplicates", "msgs", f"W1F-{r}", "dups", False)
+    add("w2_p50", "W2 latency p50", "ms", "W2", "p50_ms", False)
+    add("w2_p99", "W2 latency p99", "ms", "W2", "p99_ms", False)
+    add("w2_max", "W2 latency max", "ms", "W2", "max_ms", False)
+    add("w2_lost", "W2 lost + duplicates", "msgs", "W2", "lost_dups", False)
+    add("w3_rate", "W3 delivered", "msg/s", "W3", "rate")
+    add("w3_p99", "W3 latency p99", "ms", "W3", "p99_ms", False)
+    add("w3_lost", "W3 lost + duplicates", "msgs", "W3", "lost_dups", False)
+    add("w4_cpu", f"W4 idle server CPU ({s.idle_clients} clients)", "% core", "W4",
+        "idle_cpu", False)
+    add("w4_rss", "W4 server RSS", "MB", "W4", "rss_mb", False)
+    add("w4_storm", f"W4 join storm ({s.storm_clients} joined)", "s", "W4", "storm_s", False)
+    add("w4_live", "W4 join storm, all subscribed (LIVE)", "s", "W4", "storm_live_s", False)
+    add("client", "client.Client consumes", "events/s", "client", "rate")
+    return out
+
+
+def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool | None, str]]:
+    """The issue's targets: (what, met or None when not measured, the numbers)."""
+    def med(key: str, system: str = "broker") -> float | None:
+        f = figs.get(key)
+        return f.median(system) if f else None
+
+    out: list[tuple[str, bool | None, str]] = []
+
+    def target(name: str, ok: bool | None, detail: str) -> None:
+        out.append((name, ok, detail))
+
+    r10, fwd, thr = med("w1f_10"), med("w1f_10", "forwarder"), med("w1f_10", "thread")
+    if r10 and fwd:
+        target("W1F R=10 >= 1.0x raw forwarder", r10 >= fwd, f"{r10 / fwd:.2f}x")
+    if r10 and thr:
+        target("W1F R=10 >= 3x thread server", r10 >= 3 * thr, f"{r10 / thr:.2f}x")
+    lost = [med(f"w1f_{r}_lost") for r in s.fanout] + [med(f"w1f_{r}_dups") for r in s.fanout]
+    if any(v is not None for v in lost):
+        target("W1F loss and duplicates = 0", all(not v for v in lost),
+               f"max {max(v or 0 for v in lost):g}")
+    p99, fp99 = med("w2_p99"), med("w2_p99", "forwarder")
+    if p99 is not None:
+        target("W2 p99 <= 1.5 ms", p99 <= 1.5, f"{p99:.3f} ms")
+    if p99 is not None and fp99:
+        target("W2 p99 <= 2x forwarder p99", p99 <= 2 * fp99, f"{p99 / fp99:.2f}x")
+    w3 = med("w3_p99")
+    if w3 is not None:
+        target("W3 p99 <= 2 ms", w3 <= 2, f"{w3:.3f} ms")
+    cpu, rss, storm = med("w4_cpu"), med("w4_rss"), med("w4_storm")
+    full = s.idle_clients >= 2000 and s.storm_clients >= 1000
+    note = "" if full else " (scaled down)"
+    if cpu is not None:
+        target("W4 idle CPU <= 10% of a core", cpu <= 10, f"{cpu:.1f}%{note}")
+    if rss is not None:
+        target("W4 RSS <= 150 MB", rss <= 150, f"{rss:.0f} MB{note}")
+    if storm is not None:
+        target("W4 join storm <= 3 s", storm <= 3, f"{storm:.2f} s{note}")
+    big, mid = med(f"w1f_{max(s.fanout)}"), med("w1f_100")
+    if big and mid and max(s.fanout) >= 1000:
+        target("W1F R=1000 >= 0.7x R=100", big >= 0.7 * mid, f"{big / mid:.2f}x")
+    return out
+
+
+def fmt(value: float | None, spread: float | None = None) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        text = "0"
+    elif abs(value) >= 1000:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.3g}" if abs(value) >= 0.01 else f"{value:.2g}"
+    if spread:
+        text += f" ±{spread * 100:.0f}%"
+    return text
+
+
+def ratio_text(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> str:
+    head = ["figure", "unit", "broker", "forwarder", "thread", "vs fwd", "vs thread"]
+    rows = [head]
+    for f in figs:
+        rows.append([f.label, f.unit,
+                     *(fmt(f.median(s), f.spread(s)) for s in SYSTEMS),
+                     ratio_text(f.ratio("forwarder")), ratio_text(f.ratio("thread"))])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = []
+    for n, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:])]
+        lines.append("| " + " | ".join(cells) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines.append("")
+    lines.append("vs fwd / vs thread: broker ÷ baseline (for ms, s, % and MB lower is better)")
+    lines.append("")
+    for name, ok, detail in targets:
+        mark = "MET " if ok else ("MISS" if ok is not None else "n/a ")
+        lines.append(f"  [{mark}] {name}: {detail}")
+    return "\n".join(lines)
+
+
+def cpu_lines(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """Who used the CPU during each run (median over runs), to show where the limit is."""
+    lines = ["CPU during the runs (% of one core, median; 2 cores = 200%):"]
+    for workload, per_system in results.items():
+        for system, runs in per_system.items():
+            shares = [r["cpu"] for r in runs if isinstance(r, dict) and "cpu" in r]
+            if not shares:
+                continue
+            kinds = sorted({k for s in shares for k in s})
+            text = ", ".join(f"{k} {statistics.median(s.get(k, 0) for s in shares):.0f}"
+                             for k in kinds)
+            lines.append(f"  {workload:<10} {system:<9} {text}")
+    return "\n".join(lines)
+
+
+def plot(path: Path, figs: dict[str, Figure], s: Settings) -> str:
+    """Throughput against R, and W2's latency percentiles; matplotlib only if installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "--plot: matplotlib is not installed (pip install matplotlib); no plot drawn"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system in SYSTEMS:
+        xs = [r for r in s.fanout if figs.get(f"w1f_{r}") and figs[f"w1f_{r}"].median(system)]
+        ys = [figs[f"w1f_{r}"].median(system) for r in xs]
+        if xs:
+            left.plot(xs, ys, marker="o", label=system)
+    left.set(xscale="log", yscale="log", xlabel="receivers R",
+             ylabel="messages delivered per second", title="W1F lossless fan-out")
+    left.legend()
+    width = 0.25
+    for i, system in enumerate(SYSTEMS):
+        vals = [figs[k].median(system) if k in figs else None
+                for k in ("w2_p50", "w2_p99", "w2_max")]
+        if any(v is not None for v in vals):
+            right.bar([x + i * width for x in range(3)], [v or 0 for v in vals], width,
+                      label=system)
+    right.axhline(1.5, color="grey", linestyle="--", linewidth=1, label="p99 target")
+    right.set_xticks([x + width for x in range(3)], ["p50", "p99", "max"])
+    right.set(yscale="log", ylabel="ms", title=f"W2 latency at {s.latency_rate:.0f} msg/s")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return f"plot written to {path}"
+
+
+# ---------------------------------------------------------------------------- main
+
+def plan(only: set[str], s: Settings) -> Iterator[tuple[str, str, str]]:
+    """(workload key, system, what) in the order they run."""
+    if "W1F" in only:
+        for r in s.fanout:
+            for system in SYSTEMS:
+                yield f"W1F-{r}", system, f"fanout:{r}"
+    if "W2" in only:
+        for system in SYSTEMS:
+            yield "W2", system, "latency"
+    if "W3" in only:
+        for system in SYSTEMS:
+            yield "W3", system, "many_rooms"
+    if "W4" in only:
+        for system in SYSTEMS:
+            yield "W4", system, "scale"
+    if "client" in only:
+        yield "client", "broker", "library"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short runs, in about a minute")
+    p.add_argument("--only", default=",".join(WORKLOADS),
+                   help=f"comma-separated workloads of {','.join(WORKLOADS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="systems to measure")
+    p.add_argument("--reps", type=int, help="runs per figure (default 3)")
+    p.add_argument("--json", default=str(HERE / "results.json"), help="results file")
+    p.add_argument("--plot", metavar="FILE.png", help="draw throughput and latency (matplotlib)")
+    p.add_argument("--broker", default=str(ROOT / "broker.py"),
+                   help="broker script to measure (a scratch copy, say)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="run the broker under cProfile, one .prof file per workload in DIR")
+    p.add_argument("--keep", action="store_true",
+                   help="keep every process's stderr log and the broker's databases")
+    a = p.parse_args(argv)
+    s = replace(QUICK if a.quick else Settings())
+    if a.reps:
+        s.reps = s.scale_reps = a.reps
+    only = {w.strip() for w in a.only.split(",") if w.strip()}
+    systems = {w.strip() for w in a.systems.split(",") if w.strip()}
+    profile = Path(a.profile) if a.profile else None
+    if profile:
+        profile.mkdir(parents=True, exist_ok=True)
+    bench = Bench(s, Path(a.broker).resolve(), profile)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwind: clusters stop children
+
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    started, load_before = time.monotonic(), os.getloadavg()[0]
+    try:
+        for key, system, what in plan(only, s):
+            if system not in systems:
+                continue
+            name, _, arg = what.partition(":")
+            t = time.monotonic()
+            try:
+                fn = getattr(bench, name)
+                runs = fn(system, int(arg)) if arg else fn(system)
+            except ChildError as err:
+                print(f"{key} {system}: FAILED: {err}", file=sys.stderr)
+                runs = [{"error": str(err).splitlines()[0]}]
+            for r in runs:
+                r["load"] = round(os.getloadavg()[0], 2)  # other work on the machine
+                if "lost" in r:
+                    r["lost_dups"] = r["lost"] + r["dups"]
+            results.setdefault(key, {})[system] = runs
+            print(f"  {key:<9} {system:<9} {time.monotonic() - t:5.1f} s  {brief(runs)}",
+                  file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: reporting what was measured", file=sys.stderr)
+    finally:
+        if a.keep:
+            print(f"logs and databases kept in {bench.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(bench.tmp, ignore_errors=True)
+
+    figs = figures(results, s)
+    by_key = {f.key: f for f in figs}
+    targets = check_targets(by_key, s)
+    elapsed = time.monotonic() - started
+    load = (load_before, os.getloadavg()[0])
+    print(f"\nZeroMQ chat benchmark ({'quick' if a.quick else 'full'} run, {s.reps} runs per "
+          f"figure, median ±half-range; {elapsed:.0f} s on {os.cpu_count()} cores; load "
+          f"average {load[0]:.1f} before, {load[1]:.1f} after)\n")
+    print(table(figs, targets))
+    print()
+    print(cpu_lines(results))
+    doc = {"meta": {"quick": a.quick, "seconds": round(elapsed, 1), "cores": os.cpu_count(),
+                    "load_average": load,
+                    "python": sys.version.split()[0], "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "broker": str(bench.broker)},
+           "settings": asdict(s),
+           "figures": {f.key: {"label": f.label, "unit": f.unit, "values": f.values,
+                               "median": {k: f.median(k) for k in f.values},
+                               "vs_forwarder": f.ratio("forwarder"),
+                               "vs_thread": f.ratio("thread")} for f in figs},
+           "targets": [{"target": n, "met": ok, "value": d} for n, ok, d in targets],
+           "runs": strip_samples(results)}
+    Path(a.json).write_text(json.dumps(doc, indent=1))
+    print(f"\nresults written to {a.json}")
+    if a.plot:
+        print(plot(Path(a.plot), by_key, s))
+    return 0
+
+
+def brief(runs: list[dict[str, Any]]) -> str:
+    """One progress line for stderr."""
+    r = runs[-1] if runs else {}
+    if "error" in r:
+        return "error"
+    keys = ("rate", "p99_ms", "lost", "dups", "idle_cpu", "rss_mb", "setup_s", "storm_s",
+            "storm_listen_drops", "load")
+    return " ".join(f"{k}={fmt(r[k])}" for k in keys if k in r)
+
+
+def strip_samples(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    return {w: {s: [{k: v for k, v in r.items() if k != "lat_ns"} for r in runs]
+                for s, runs in per.items()} for w, per in results.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+"""Benchmark participants: one class per system under test, all driven by one poll loop.
+
+A peer connects, joins one room, sends texts when told to, and hands every event it hears to
+its Tally, which decodes it and checks its sequence number. The three systems carry the same
+event (room, seq, id, ts, nick, kind, text, cmid) so that receivers do the same work for each:
+
+    broker     the project's protocol (messages.py): HELLO, JOIN, a grant on an XSUB, LIVE,
+               SAY batches on a DEALER; the broker numbers events per room
+    forwarder  bench/raw_forwarder.py: [topic, event batch] in on a DEALER, out on a SUB; the
+               sender numbers its own events (the forwarder adds nothing)
+    thread     bench/thread_server.py: "JOIN room" then one JSON event per line over TCP; the
+               sender numbers its own events
+
+Message texts are 100 characters and carry their send time (time.monotonic_ns(), a clock
+every process on the machine shares), so any receiver can compute the end-to-end latency.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Final, Iterator
+
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import messages as m  # noqa: E402  (the project's own protocol module)
+
+TEXT_SIZE: Final = 100          # bytes of message text, as the issue asks
+SEND_BATCH: Final = m.MAX_BATCH  # messages a sender writes per request (SAY) or per wake-up
+PAD: Final = "x" * TEXT_SIZE
+PROBE: Final = "probe"          # texts starting with "p" are probes, not counted as data
+FORWARDER_PING: Final = b"\x00ping"  # a topic nobody subscribes to: the forwarder drops it
+
+Handler = Callable[[int], None]
+
+
+def data_text(t_ns: int, i: int) -> str:
+    """A 100-character text: send time (ns, fixed width), message number, padding."""
+    head = f"{t_ns:019d} {i:09d} "
+    return head + PAD[len(head):]
+
+
+def probe_text(nick: str) -> str:
+    return f"{PROBE} {nick} ".ljust(TEXT_SIZE, "x")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+class Loop:
+    """An epoll loop over zmq sockets and plain descriptors (stdin, TCP sockets).
+
+    zmq_poll costs time in proportion to the sockets it watches (0.14 ms for 200 on the
+    benchmark machine), which a process with hundreds of peers pays on every wake-up, so the
+    loop uses epoll on each zmq socket's ZMQ_FD instead. That descriptor only means "look
+    again": a zmq handler drains its socket while `readable(sock)`, and a socket sent on
+    outside its own handler is looked at again (the send may have taken the signal).
+    """
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Handler] = {}
+        self.again: set[int] = set()   # zmq sockets to look at whatever epoll says
+
+    def register(self, sock: Any, handler: Handler) -> int:
+        """Call handler(epoll flags) when sock may be readable; returns its descriptor."""
+        if isinstance(sock, zmq.Socket):
+            fd = sock.get(zmq.FD)
+            self.again.add(fd)  # it may hold messages already
+        else:
+            fd = sock if isinstance(sock, int) else sock.fileno()
+        self.epoll.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+        return fd
+
+    def want_write(self, fd: int, on: bool) -> None:
+        self.epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if on else 0))
+
+    def unregister(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+        self.handlers.pop(fd, None)
+
+    def poll(self, timeout: float | None, *, precise: bool = False) -> None:
+        """Run what is ready, waiting at most `timeout` seconds (None: until something is).
+
+        epoll counts whole milliseconds; `precise` (a paced sender) sleeps for a fraction.
+        """
+        if self.again:
+            timeout = 0.0
+        if precise and timeout is not None and 0 < timeout < 0.001:
+            events = self.epoll.poll(0)
+            if not events:
+                time.sleep(timeout)
+        else:
+            events = self.epoll.poll(-1 if timeout is None else timeout)
+        todo, self.again = self.again, set()
+        for fd, flags in events:
+            todo.discard(fd)
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(flags)
+        for fd in todo:
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(select.EPOLLIN)
+
+
+_EVENTS: Final = int(zmq.EVENTS)   # plain ints: pyzmq's enums cost microseconds per use
+_POLLIN: Final = int(zmq.POLLIN)
+
+
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether a message is waiting (cheaper than a NOBLOCK recv that raises zmq.Again)."""
+    return sock.get(_EVENTS) & _POLLIN != 0
+
+
+def publications(sock: zmq.Socket) -> Iterator[list[bytes]]:
+    """Every [topic, batch] waiting on a subscriber, until zmq.Again: one exception per
+    wake-up costs less than asking ZMQ_EVENTS before each message, and two recv() calls
+    less than recv_multipart (a publication is always two frames)."""
+    recv = sock.recv
+    try:
+        while True:
+            topic = recv(_NOBLOCK)
+            yield [topic, recv()]
+    except zmq.Again:
+        return
+
+
+# ---------------------------------------------------------------------------- receiving
+
+class Tally:
+    """What one receiver heard: data messages in order, sequence gaps, repeats, latencies.
+
+    Streams are numbered independently: per room on the broker (the broker numbers them), per
+    sender on the baselines (each sender numbers its own). A stream's first event sets where it
+    starts, unless start() said so first (the broker's LIVE).
+    """
+
+    __slots__ = ("nick", "stream_key", "last", "total", "count", "gaps", "dups", "lat",
+                 "last_ns", "synced", "own_ns")
+
+    def __init__(self, nick: str, stream_key: str, latency: bool) -> None:
+        self.nick = nick
+        self.stream_key = stream_key  # "room" or "nick": which field names the stream
+        self.last: dict[str, int] = {}
+        self.total = 0        # data messages since the start (the sender's window counts these)
+        self.count = 0        # data messages since the last mark()
+        self.gaps = 0         # events missing in a stream
+        self.dups = 0         # events heard twice (or out of order)
+        self.lat: list[int] | None = [] if latency else None
+        self.last_ns = 0      # when the last data message arrived
+        self.synced = False   # heard a probe: the path from the senders is open
+        self.own_ns = 0       # when it first heard its own probe: joined, as the room sees it
+
+    def start(self, stream: str, seq: int) -> None:
+        self.last[stream] = seq
+
+    def mark(self) -> None:
+        self.count = self.gaps = self.dups = 0
+        if self.lat is not None:
+            self.lat = []
+
+    def ingest(self, events: list[dict[str, Any]], now_ns: int) -> None:
+        """Check and count decoded events (the hot path of every receiver)."""
+        last, key, lat = self.last, self.stream_key, self.lat
+        data = 0
+        for ev in events:
+            stream, seq = ev[key], ev["seq"]
+            prev = last.get(stream)
+            if prev is None:
+                prev = seq - 1
+            if seq != prev + 1:
+                if seq <= prev:
+                    self.dups += 1
+                    continue
+                self.gaps += seq - prev - 1
+            last[stream] = seq
+            if ev["kind"] != "msg":
+                continue  # joins and other notices: numbered, so checked, but not data
+            text = ev["text"]
+            if text[0] == "p":
+                self.synced = True
+                if ev["nick"] == self.nick and not self.own_ns:
+                    self.own_ns = now_ns
+                continue
+            data += 1
+            if lat is not None:
+                lat.append(now_ns - int(text[:19]))
+        if data:
+            self.total += data
+            self.count += data
+            self.last_ns = now_ns
+
+
+# ---------------------------------------------------------------------------- peers
+
+class Peer:
+    """One participant of one system; `ready` once it has joined (and is subscribing).
+
+    listen=False: a sender that does not subscribe (the thread server's echoes are read and
+    thrown away, since its protocol sends every line to the sender too).
+    """
+
+    stream_key = "nick"
+    heartbeat = 0.0          # seconds between keep-alives; 0: the system has none
+    max_batch = SEND_BATCH   # messages per request (the broker's welcome may say fewer)
+
+    def __init__(self, loop: Loop, nick: str, room: str, *, listen: bool = True,
+                 latency: bool = False) -> None:
+        self.loop, self.nick, self.room, self.listen = loop, nick, room, listen
+        self.tally = Tally(nick, self.stream_key, latency)
+        self.ready = False
+        self.failed = False               # could not join: the run cannot go on
+        self.errors = 0
+        self.times: dict[str, int] = {}   # "start", "welcomed", "joined", "live" -> ns
+        self.seq = 0                      # own numbering (baselines) / cmid counter
+        self.next_ping = 0.0              # monotonic seconds; 0: not scheduled yet
+
+    @property
+    def can_ping(self) -> bool:
+        return bool(self.heartbeat) and "start" in self.times
+
+    def start(self) -> None:
+        self.times["start"] = time.monotonic_ns()
+
+    def say(self, texts: list[str]) -> None:
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Keep-alive as the system defines it (nothing, for the thread server)."""
+
+    def unacknowledged(self) -> int:
+        """Requests sent that the server has not acknowledged (only the broker acknowledges)."""
+        return 0
+
+    def announce(self) -> None:
+        """W4 on a baseline: a message that comes back once this peer is in (own_ns is set)."""
+        self.say([probe_text(self.nick)])
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _event(self, text: str) -> bytes:
+        """The same event the broker would publish, numbered by this sender."""
+        self.seq += 1
+        return m.dumps({"room": self.room, "seq": self.seq, "id": f"{self.room}:{self.seq}",
+                        "ts": time.time(), "nick": self.nick, "kind": "msg", "text": text,
+                        "cmid": f"{self.nick}.{self.seq}"})
+
+
+class BrokerPeer(Peer):
+    """A lean client of the real broker: the protocol's own messages, no asyncio, no repair."""
+
+    stream_key = "room"
+
+    def __init__(self, loop: Loop, ctx: zmq.Context, host: str, port: int, nick: str,
+                 room: str, **kw: Any) -> None:
+        super().__init__(loop, nick, room, **kw)
+        self.host = host
+        self.heartbeat = 2.0                   # until the welcome says
+        self.live = False
+        self.early: list[dict[str, Any]] = []  # events heard before LIVE said where to start
+        self.says = self.acked = 0             # SAY requests sent, and acknowledged
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.linger = 0
+        self.dealer.connect(f"tcp://{host}:{port}")
+        self.dealer_fd = loop.register(self.dealer, self._on_dealer)
+        self.sub = ctx.socket(zmq.XSUB)
+        self.sub.linger = 0
+        self.sub.setsockopt(zmq.RCVHWM, 10000)  # as client.py does
+        self.sub_fd = loop.register(self.sub, self._on_sub)
+
+    @property
+    def can_ping(self) -> bool:
+        return "welcomed" in self.times
+
+    def start(self) -> None:
+        super().start()
+        self._request(m.Kind.HELLO, b"hello", {"version": m.VERSION, "nick": self.nick,
+                                                "bot": True, "resume": False,
+                                                "token": secrets.token_hex(8)})
+
+    def _request(self, kind: m.Kind, label: bytes, body: dict[str, Any]) -> None:
+        self.dealer.send_multipart(m.encode_request(kind, label, body))
+        self.loop.again.add(self.dealer_fd)
+
+    def _subscribe(self, grant: str) -> None:
+        self.sub.send(b"\x01" + grant.encode("ascii"))
+        self.loop.again.add(self.sub_fd)
+
+    def say(self, texts: list[str]) -> None:
+        for i in range(0, len(texts), self.max_batch):
+            msgs = []
+            for text in texts[i:i + self.max_batch]:
+                self.seq += 1
+                msgs.append({"id": f"{self.nick}.{self.seq}", "text": text})
+            self._request(m.Kind.SAY, b"say", {"room": self.room, "msgs": msgs})
+            self.says += 1
+
+    def unacknowledged(self) -> int:
+        return self.says - self.acked
+
+    def ping(self) -> None:
+        self._request(m.Kind.PING, b"ping", {})
+
+    def _on_dealer(self, flags: int) -> None:
+        while readable(self.dealer):
+            try:
+                kind, label, body = self.dealer.recv_multipart()
+            except ValueError:  # not three frames
+                self.errors += 1
+                continue
+            if kind == b"OK":
+                if label == b"hello":
+                    self._welcomed(json.loads(body))
+                elif label == b"join":
+                    self.times["joined"] = time.monotonic_ns()
+                    if self.listen:
+                        self._subscribe(json.loads(body)["grant"])
+                    self.ready = True
+                elif label == b"say":
+                    self.acked += 1  # stored and published: the acks need no decoding here
+                continue
+            if kind == b"LIVE":
+                self._on_live(m.decode_response([kind, label, body]).body)
+            elif kind == b"GRANT":  # the room was re-keyed (someone left): resubscribe
+                self._subscribe(json.loads(body)["grant"])
+            elif kind == b"ERROR":
+                self.errors += 1
+                print(f"{self.nick}: {label.decode()} -> {body.decode()}", file=sys.stderr)
+                if label in (b"hello", b"join"):
+                    self.failed = True
+                elif label == b"say":
+                    self.acked += 1  # answered, if not stored: counted as an error
+
+    def _welcomed(self, welcome: dict[str, Any]) -> None:
+        self.times["welcomed"] = time.monotonic_ns()
+        self.heartbeat = float(welcome["heartbeat"])
+        self.max_batch = min(SEND_BATCH, int(welcome.get("max_batch", SEND_BATCH)))
+        if self.listen:
+            self.sub.connect(f"tcp://{self.host}:{welcome['pub_port']}")
+        self._request(m.Kind.JOIN, b"join", {"room": self.room})
+
+    def _on_live(self, body: dict[str, Any]) -> None:
+        if self.live or body.get("room") != self.room:
+            return  # a re-key after someone left: numbering goes on
+        self.live = True
+        self.times["live"] = time.monotonic_ns()
+        self.tally.start(self.room, int(body["seq"]))
+        if self.early:
+            events, self.early = self.early, []
+            self.tally.ingest([e for e in events if e["seq"] > body["seq"]],
+                              time.monotonic_ns())
+
+    def _on_sub(self, flags: int) -> None:
+        sub, tally = self.sub, self.tally
+        for frames in publications(sub):
+            events = m.decode_batch(frames)
+            if self.live:
+                tally.ingest(events, time.monotonic_ns())
+            else:
+                self.early.extend(events)
+
+    def close(self) -> None:
+        self.dealer.close(linger=0)
+        self.sub.close(linger=0)
+
+
+class ForwarderPeer(Peer):
+    """A client of bench/raw_forwarder.py: DEALER in, SUB out on the room's plain topic."""
+
+    def __init__(self, loop: Loop, ctx: zmq.Context, host: str, port: int, pub_port: int,
+                 nick: str, room: str, **kw: Any) -> None:
+        super().__init__(loop, nick, room, **kw)
+        self.heartbeat = 2.0  # as the broker's default: a message to a topic nobody hears
+        self.topic = m.room_topic(room, "0")
+        self.own_topic = b"\x00me\x00" + nick.encode()  # for announce(): heard by us alone
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.linger = 0
+        self.dealer.connect(f"tcp://{host}:{port}")
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.linger = 0
+        if self.listen:
+            self.sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+            self.sub.setsockopt(zmq.SUBSCRIBE, self.own_topic)
+            self.sub.connect(f"tcp://{host}:{pub_port}")
+            loop.register(self.sub, self._on_sub)  # the DEALER hears nothing: not watched
+
+    def start(self) -> None:
+        super().start()
+        self.ready = True  # the subscription takes effect some time later: probes show when
+
+    def say(self, texts: list[str]) -> None:
+        send, topic = self.dealer.send_multipart, self.topic
+        for text in texts:
+            send([topic, b"[" + self._event(text) + b"]"])
+
+    def ping(self) -> None:
+        self._try_send([FORWARDER_PING, b""])
+
+    def announce(self) -> None:
+        """To our own topic: when it comes back, our SUB's subscriptions are in effect."""
+        self._try_send([self.own_topic, b"[]"])
+
+    def _try_send(self, frames: list[bytes]) -> None:
+        """A DEALER blocks until it is connected: never wait for that, just try again later."""
+        try:
+            self.dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _on_sub(self, flags: int) -> None:
+        sub, tally = self.sub, self.tally
+        for frames in publications(sub):
+            if frames[0] == self.own_topic:
+                tally.own_ns = tally.own_ns or time.monotonic_ns()
+                continue
+            tally.ingest(m.decode_batch(frames), time.monotonic_ns())
+
+    def close(self) -> None:
+        self.dealer.close(linger=0)
+        self.sub.close(linger=0)
+
+
+class ThreadPeer(Peer):
+    """A client of bench/thread_server.py: one TCP connection, JSON lines both ways.
+
+    The socket is non-blocking and written only when the poller says it can be, so a peer
+    never blocks the server (or itself) while it has lines to read.
+    """
+
+    def __init__(self, loop: Loop, host: str, port: int, nick: str, room: str,
+                 **kw: Any) -> None:
+        super().__init__(loop, nick, room, **kw)
+        self.addr = (host, port)
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.out = bytearray()
+        self.partial = b""
+        self.writing = False
+
+    def start(self) -> None:
+        super().start()
+        self.sock = socket.create_connection(self.addr)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.fd = self.loop.register(self.sock, self._on_io)
+        self.out += f"JOIN {self.room}\n".encode()
+        self._flush()
+        self.ready = True
+
+    def say(self, texts: list[str]) -> None:
+        for text in texts:
+            self.out += self._event(text)
+            self.out += b"\n"
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.sock is not None
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            sent = 0
+        del self.out[:sent]
+        want = bool(self.out)
+        if want != self.writing:
+            self.writing = want
+            self.loop.want_write(self.fd, want)
+
+    def _on_io(self, flags: int) -> None:
+        if flags & select.EPOLLOUT:
+            self._flush()
+        if not flags & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            return
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(1 << 18)
+        except BlockingIOError:
+            return
+        if not data:
+            self.errors += 1
+            self.loop.unregister(self.fd)
+            return
+        if not self.listen:
+            return  # a sender hears its own lines too; it just has to keep reading them
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        loads = json.loads
+        self.tally.ingest([loads(line) for line in lines], time.monotonic_ns())
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+def make_peer(system: str, loop: Loop, ctx: zmq.Context, addr: dict[str, Any], nick: str,
+              room: str, **kw: Any) -> Peer:
+    """A peer for `system`; addr holds host, port (and pub_port for the forwarder)."""
+    if system == "broker":
+        return BrokerPeer(loop, ctx, addr["host"], addr["port"], nick, room, **kw)
+    if system == "forwarder":
+        return ForwarderPeer(loop, ctx, addr["host"], addr["port"], addr["pub_port"], nick,
+                             room, **kw)
+    if system == "thread":
+        return ThreadPeer(loop, addr["host"], addr["port"], nick, room, **kw)
+    raise ValueError(f"unknown system {system!r}")
+
+
+def new_context(sockets: int) -> zmq.Context:
+    """A context allowed `sockets` sockets (the default of 1023 is too few for W4)."""
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.MAX_SOCKETS, max(1024, sockets + 64))
+    return ctx
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
