@@ -36,6 +36,8 @@ CHARGED: Final = frozenset({Kind.JOIN, Kind.LEAVE, Kind.NICK, Kind.TOPIC, Kind.K
                             Kind.BAN, Kind.UNBAN})
 DRAIN: Final = 1000          # requests handled per pass before committing: bounds latency
 BATCH_EVENTS: Final = 256    # events per published frame: keeps frames well under 64 KiB
+FLUSH_EVENTS: Final = 256    # pending events that make a pass flush early: a pipeline
+LISTEN_BACKLOG: Final = 4096  # connections waiting to be accepted (the kernel caps it)
 GRANT_TTL: Final = 120       # seconds a grant may wait before it is used
 MAX_ROOMS: Final = 1000      # rooms /join may create: one client cannot fill memory
 
@@ -103,6 +105,7 @@ class Session:
     last_seen: float
     rooms: set[str] = field(default_factory=set)
     pubkey: str = ""                 # the CURVE key this connection authenticated with
+    _owner: str = ""
     topics: dict[str, bytes] = field(default_factory=dict)  # room -> topic approved on our pipe
     state: State = State.ACTIVE
 
@@ -113,12 +116,15 @@ class Session:
     @property
     def owner(self) -> str:
         """Who sent a message, stable across nick changes and reconnects: the CURVE key, else
-        a hash of the client's resume secret, else the nick."""
-        if self.pubkey:
-            return "key:" + self.pubkey
-        if self.token:
-            return "tok:" + hashlib.sha256(self.token.encode()).hexdigest()[:24]
-        return "nick:" + self.key
+        a hash of the client's resume secret, else the nick (computed once)."""
+        if not self._owner:
+            if self.pubkey:
+                self._owner = "key:" + self.pubkey
+            elif self.token:
+                self._owner = "tok:" + hashlib.sha256(self.token.encode()).hexdigest()[:24]
+            else:
+                return "nick:" + self.key
+        return self._owner
 
 
 @dataclass
@@ -178,6 +184,7 @@ class Broker:
         self.xpub = self.ctx.socket(zmq.XPUB)
         for s in (self.router, self.xpub):
             s.linger = 0
+            s.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)  # ZeroMQ's 100 drops a join storm
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, m.MAX_FRAME)
         self.router.setsockopt(zmq.RCVHWM, 10000)
@@ -265,6 +272,8 @@ class Broker:
                 self._handle(frames[0], frames[1:], key)
             except Exception:  # a bug must not take the broker down for everyone
                 log.exception("error handling %r", frames[:2])
+            if sum(map(len, self.pending.values())) >= FLUSH_EVENTS:
+                self._flush()  # publish now: receivers start on these while we read on
 
     def _handle(self, rid: bytes, frames: list[bytes], key: str = "") -> None:
         label = m.decode_label(frames)
@@ -401,7 +410,7 @@ class Broker:
         return room
 
     def _remove(self, s: Session, room: Room, why: str, reason: str = "",
-                quiet: bool = False) -> None:
+                quiet: bool = False, rotate: bool = True) -> None:
         """Take s out of room (with a leave notice unless quiet) and re-key the room."""
         if not quiet:
             self._emit(room, m.EventKind.LEAVE, s.nick, leave_text(s.nick, why, reason),
@@ -409,19 +418,24 @@ class Broker:
         room.members.pop(s.sid, None)
         s.rooms.discard(room.name)
         self.store.remove_member(room.name, s.key)
-        self._rotate(room)
+        if rotate:
+            self._rotate(room)
 
-    def _drop(self, s: Session, reason: str, why: str, quiet: bool = False) -> None:
-        """End a session: leave notices in its rooms (unless quiet), nick freed."""
-        for name in sorted(s.rooms):
+    def _drop(self, s: Session, reason: str, why: str, quiet: bool = False,
+              rotate: bool = True) -> set[str]:
+        """End a session: leave notices in its rooms (unless quiet), nick freed. Returns its
+        rooms (with rotate=False the caller re-keys them, once for many departures)."""
+        rooms = set(s.rooms)
+        for name in sorted(rooms):
             if quiet:
                 self.was_member.add((s.key, name))
-            self._remove(s, self.rooms[name], why, reason, quiet)
+            self._remove(s, self.rooms[name], why, reason, quiet, rotate)
         s.state = State.GONE
         self.by_rid.pop(s.rid, None)
         self.by_sid.pop(s.sid, None)
         if self.by_nick.get(s.key) is s:
             del self.by_nick[s.key]
+        return rooms
 
     # ------------------------------------------------------------------ handlers
     def _on_hello(self, rid: bytes, session: Session | None, req: m.Request,
@@ -496,12 +510,13 @@ class Broker:
             extra["relay"] = req.body["relay"]
         if req.body["hops"] is not None:
             extra["hops"] = req.body["hops"]
+        owner = s.owner  # a hash: once per request, not once per message
         for item in msgs:
             prior = known[item["id"]]
             if prior is None:  # new (a repeat within this batch counts as a retry of it)
                 kind = m.EventKind.ACTION if item["action"] else m.EventKind.MSG
-                seq = self._emit(room, kind, s.nick, item["text"], item["id"], s.owner, **extra)
-                prior = known[item["id"]] = (s.owner, room.name, seq)
+                seq = self._emit(room, kind, s.nick, item["text"], item["id"], owner, **extra)
+                prior = known[item["id"]] = (owner, room.name, seq)
             acks.append([item["id"], prior[2]])
         return {"room": room.name, "acks": acks}
 
@@ -651,9 +666,12 @@ class Broker:
     def _sweep(self) -> None:
         now = time.monotonic()
         limit = 3 * self.cfg.heartbeat
+        emptied: set[str] = set()
         for s in [s for s in self.by_rid.values() if now - s.last_seen > limit]:
             log.info("%s missed 3 heartbeats: dropped", s.nick)
-            self._drop(s, "connection lost", "lost")
+            emptied |= self._drop(s, "connection lost", "lost", rotate=False)
+        for name in sorted(emptied):  # many vanish at once: re-key each room only once
+            self._rotate(self.rooms[name])
         wall = time.time()
         for nonce in [n for n, exp in self.used_nonces.items() if exp < wall]:
             del self.used_nonces[nonce]

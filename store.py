@@ -57,6 +57,12 @@ class Store:
             raise StoreError(f"{path}: {exc}") from None
         self._cmids: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._in_tx = False
+        self._rows: list[tuple] = []    # events appended, inserted at commit in one call
+        self._seen = CmidFilter()
+        for (cmid,) in self.db.execute("SELECT cmid FROM events WHERE cmid IS NOT NULL "
+                                       "UNION ALL SELECT cmid FROM privates "
+                                       "WHERE cmid IS NOT NULL"):
+            self._seen.add(cmid)
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
                                               name="wal-checkpoint")
@@ -115,6 +121,9 @@ class Store:
         hit = self._cmids.get(cmid)
         if hit is not None:
             return hit
+        if cmid not in self._seen:  # certainly new: no query (the common case)
+            return None
+        self._insert_rows()
         row = self.db.execute("SELECT sender, room, seq FROM events WHERE cmid=?",
                               (cmid,)).fetchone()
         if row is None:
@@ -123,6 +132,7 @@ class Store:
         return tuple(row) if row else None  # type: ignore[return-value]
 
     def _remember(self, cmid: str, value: tuple[str, str, int]) -> None:
+        self._seen.add(cmid)
         self._cmids[cmid] = value
         if len(self._cmids) > CMID_CACHE:
             self._cmids.popitem(last=False)
@@ -137,8 +147,7 @@ class Store:
                data: bytes) -> None:
         """Add one room event to the open transaction."""
         self._begin()
-        self.db.execute("INSERT INTO events VALUES (?,?,?,?,?,?)",
-                        (room, seq, ts, sender, cmid, data.decode("utf-8")))
+        self._rows.append((room, seq, ts, sender, cmid, data.decode("utf-8")))
         if cmid:
             self._remember(cmid, (sender, room, seq))
 
@@ -153,6 +162,7 @@ class Store:
     def commit(self) -> None:
         """Make everything appended so far durable (one transaction per broker pass)."""
         if self._in_tx:
+            self._insert_rows()
             self.db.execute("COMMIT")
             self._in_tx = False
 
@@ -183,6 +193,11 @@ class Store:
         self._begin()
         self.db.execute("INSERT OR IGNORE INTO nick_keys VALUES (?,?)", (nick_key, pubkey))
 
+    def _insert_rows(self) -> None:
+        if self._rows:
+            self.db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?)", self._rows)
+            self._rows.clear()
+
     # ---------------------------------------------------------------- history
     def history(self, room: str, *, after: int | None = None, before: int | None = None,
                 since: float | None = None, limit: int = 50) -> list[str]:
@@ -191,6 +206,7 @@ class Store:
         With `after`, the first `limit` events after that seq (gap repair); otherwise the last
         `limit` events before `before` (or the end), optionally only those at or after `since`.
         """
+        self._insert_rows()  # rows appended in this pass must be visible to history
         where, args = ["room=?"], [room]
         if after is not None:
             where.append("seq>?")
@@ -212,3 +228,24 @@ class Store:
         rows = self.db.execute("SELECT data FROM privates WHERE sender=? OR recipient=? "
                                "ORDER BY id DESC LIMIT ?", (who, who, limit)).fetchall()
         return [r[0] for r in rows][::-1]
+
+
+class CmidFilter:
+    """A Bloom filter of every stored client message id: 'no' is certain, 'yes' is checked
+    against the database (about 1% false positives at 10 bits per id)."""
+
+    def __init__(self, bits: int = 1 << 24) -> None:
+        self.bits = bits
+        self.array = bytearray(bits // 8)
+
+    def _probes(self, cmid: str) -> tuple[int, int, int]:
+        h = hash(cmid) & 0xFFFFFFFFFFFFFFFF
+        return h % self.bits, (h >> 21) % self.bits, ((h >> 42) | (h << 22)) % self.bits
+
+    def add(self, cmid: str) -> None:
+        for i in self._probes(cmid):
+            self.array[i >> 3] |= 1 << (i & 7)
+
+    def __contains__(self, cmid: str) -> bool:
+        a = self.array
+        return all(a[i >> 3] & (1 << (i & 7)) for i in self._probes(cmid))
