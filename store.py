@@ -18,6 +18,9 @@ log = logging.getLogger("store")
 
 CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
 CHECKPOINT_EVERY: Final = 0.5  # seconds between WAL checkpoints, run off the broker's loop
+# Commits between checkpoints by the writer itself: only the writer, between transactions,
+# can finish one with nothing newer in the WAL, so that the WAL starts over instead of growing.
+FINISH_EVERY: Final = 5000
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
@@ -43,7 +46,7 @@ class Store:
     """Append-only event history with per-room sequence numbers that survive restarts."""
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
-        self.path = path
+        self.path, self.fsync = path, fsync
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._check()
@@ -57,6 +60,7 @@ class Store:
             raise StoreError(f"{path}: {exc}") from None
         self._cmids: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._in_tx = False
+        self._commits = 0
         self._rows: list[tuple] = []    # events appended, inserted at commit in one call
         self._seen = CmidFilter()
         for (cmid,) in self.db.execute("SELECT cmid FROM events WHERE cmid IS NOT NULL "
@@ -165,6 +169,10 @@ class Store:
             self._insert_rows()
             self.db.execute("COMMIT")
             self._in_tx = False
+            self._commits += 1
+            if self._commits >= FINISH_EVERY:  # the thread did the bulk: this is the tail
+                self._commits = 0
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # ---------------------------------------------------------------- memberships
     def take_members(self) -> set[tuple[str, str]]:
