@@ -31,6 +31,7 @@ import re
 import shlex
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -40,6 +41,7 @@ log = logging.getLogger("bot")
 
 MAX_HOPS = 3         # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
 MAX_THREADS = 16     # plain-def handlers running at once; more wait their turn
+NICK_WAIT = 30.0     # seconds a taken nick is retried at start: a previous run still holds it
 ROOM_KINDS = frozenset({"msg", "action", "join", "leave", "nick", "topic", "kick", "ban",
                         "notice"})
 
@@ -540,6 +542,7 @@ class Bot:
     async def _connect(self, host: str, port: int, nick: str, rooms: list[str], retry: bool,
                        options: dict[str, Any]) -> Client | None:
         delay = 0.5
+        give_up_taken = time.monotonic() + NICK_WAIT
         assert self._stopping is not None
         while True:
             client = Client(host, port, nick, rooms=rooms, bot=True, **options)
@@ -557,10 +560,15 @@ class Bot:
                 return client
             except ChatError as err:
                 await client.close()
-                if not retry or err.code not in ("TIMEOUT", "DISCONNECTED"):
+                taken = err.code == "NICK_TAKEN" and time.monotonic() < give_up_taken
+                if not retry or not (taken or err.code in ("TIMEOUT", "DISCONNECTED")):
                     raise
-                log.warning("cannot reach the broker at %s:%d (%s); retrying in %.1f s",
-                            host, port, err.reason, delay)
+                if taken:  # most likely our own previous run, until the broker drops it
+                    log.warning("the nick %s is taken (by this bot's previous run?); "
+                                "retrying in %.1f s", nick, delay)
+                else:
+                    log.warning("cannot reach the broker at %s:%d (%s); retrying in %.1f s",
+                                host, port, err.reason, delay)
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
                 return None

@@ -671,3 +671,21 @@ def test_bot_waits_for_an_unreachable_broker_until_stopped():
         Bot().start(HOST, port, "early", timeout=0.5)   # gives up waiting, and stops the bot
     assert time.monotonic() - began < 3.0
     assert not [t for t in threading.enumerate() if t.name == "bot-early"]
+
+
+def test_restarted_bot_waits_for_its_old_nick(broker, bots):
+    """A bot restarted while its previous run still holds its nick (not yet timed out) waits
+    for the broker to drop the old session, then connects under the same nick."""
+    import zmq
+
+    import messages as msgs
+    old = zmq.Context.instance().socket(zmq.DEALER)   # the previous run: silent from now on
+    old.linger = 0
+    old.connect(f"tcp://{HOST}:{broker.port}")
+    old.send_multipart(msgs.encode_request("HELLO", b"1", {"version": 1, "nick": "phoenix"}))
+    assert old.poll(3000) and old.recv_multipart()[0] == b"OK"
+    began = time.monotonic()
+    bot = bots(Bot(), broker.port, "phoenix")
+    assert bot.client.nick == "phoenix"
+    assert time.monotonic() - began < 3 * 0.3 + 3.0
+    old.close()
