@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Callable, Final
 
 import zmq
@@ -68,11 +67,6 @@ class Config:
     allow_keys: str | None = None    # directory of client public keys allowed in
 
 
-class State(Enum):
-    ACTIVE = "active"
-    GONE = "gone"
-
-
 @dataclass
 class Bucket:
     """Token bucket: `burst` messages at once, refilled at `rate` per second (0 = unlimited)."""
@@ -107,7 +101,6 @@ class Session:
     pubkey: str = ""                 # the CURVE key this connection authenticated with
     _owner: str = ""
     topics: dict[str, bytes] = field(default_factory=dict)  # room -> topic approved on our pipe
-    state: State = State.ACTIVE
 
     @property
     def key(self) -> str:
@@ -430,7 +423,6 @@ class Broker:
             if quiet:
                 self.was_member.add((s.key, name))
             self._remove(s, self.rooms[name], why, reason, quiet, rotate)
-        s.state = State.GONE
         self.by_rid.pop(s.rid, None)
         self.by_sid.pop(s.sid, None)
         if self.by_nick.get(s.key) is s:

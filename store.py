@@ -231,12 +231,6 @@ class Store:
         texts = [r[0] for r in rows]
         return texts if order == "ASC" else texts[::-1]
 
-    def private_history(self, who: str, limit: int = 50) -> list[str]:
-        """The private messages one user sent or received, oldest first."""
-        rows = self.db.execute("SELECT data FROM privates WHERE sender=? OR recipient=? "
-                               "ORDER BY id DESC LIMIT ?", (who, who, limit)).fetchall()
-        return [r[0] for r in rows][::-1]
-
 
 class CmidFilter:
     """A Bloom filter of every stored client message id: 'no' is certain, 'yes' is checked
