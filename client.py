@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 import zmq
 import zmq.asyncio
@@ -429,14 +429,19 @@ class Client:
                     last_ping = now
                     asyncio.create_task(self._ping())
 
-    async def _read_dealer(self) -> None:
-        assert self._dealer is not None
+    def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[bytes]]:
+        """The messages already waiting on sock (at most 1000 a turn); each proves liveness."""
         for _ in range(1000):
             try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK).result()
+                frames = sock.recv_multipart(zmq.NOBLOCK).result()
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
+            yield frames
+
+    async def _read_dealer(self) -> None:
+        assert self._dealer is not None
+        for frames in self._ready(self._dealer):
             try:
                 resp = m.decode_response(frames)
             except m.ProtocolError as err:
@@ -457,12 +462,7 @@ class Client:
 
     def _read_sub(self) -> None:
         assert self._sub is not None
-        for _ in range(1000):
-            try:
-                frames = self._sub.recv_multipart(zmq.NOBLOCK).result()
-            except zmq.Again:
-                return
-            self._last_heard = time.monotonic()
+        for frames in self._ready(self._sub):
             try:
                 events = m.decode_batch(frames)
             except m.ProtocolError as err:
