@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 import messages as m
+import store
 from client import Client, Event
 from conftest import ROOT
 
@@ -23,9 +24,8 @@ HB = "0.3"
 
 
 def db_events(db: Path, room: str = "lobby") -> list[dict]:
-    with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT data FROM events WHERE room=? ORDER BY seq", (room,))
-        return [json.loads(d) for (d,) in rows.fetchall()]
+    """What the broker holds on disk for a room: its SQLite file and its log."""
+    return store.stored_events(str(db), room)
 
 
 class Member:

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
 
 import pytest
 import zmq
 
+import store
 from client import ChatError, Client
 from test_security import call, hello, raw_dealer, until, Collector
 
 
 def stored(db: str, room: str = "lobby") -> list[dict]:
-    with sqlite3.connect(db) as con:
-        return [json.loads(d) for (d,) in con.execute(
-            "SELECT data FROM events WHERE room=? ORDER BY seq", (room,))]
+    return store.stored_events(db, room)
 
 
 def test_repeated_id_in_one_batch_is_stored_once(broker):
