@@ -39,6 +39,11 @@ FLUSH_EVENTS: Final = 256    # pending events that make a pass flush early: a pi
 LISTEN_BACKLOG: Final = 4096  # connections waiting to be accepted (the kernel caps it)
 GRANT_TTL: Final = 120       # seconds a grant may wait before it is used
 MAX_ROOMS: Final = 1000      # rooms /join may create: one client cannot fill memory
+# Plain ints: pyzmq's flag enums cost microseconds per use, and the loop sends every event.
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_MORE: Final = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS: Final = int(zmq.EVENTS)
+_POLLIN: Final = int(zmq.POLLIN)
 
 BANNER: Final = r"""
   ____ _           _     __  __  ___
@@ -157,6 +162,7 @@ class Broker:
         # reconnect: their resume-joins are quiet; anyone else's join is announced.
         self.was_member: set[tuple[str, str]] = self.store.take_members()
         self.pending: dict[str, list[bytes]] = {}      # room -> encoded events to publish
+        self.pending_events = 0                        # how many events that is
         self.outbox: list[list[bytes]] = []            # [rid, kind, label, body] to send
         self.stopping = False
         self.handlers: dict[Kind, Handler] = {
@@ -249,23 +255,23 @@ class Broker:
         self.stopping = True
 
     def _drain_requests(self) -> None:
+        router = self.router
         for _ in range(DRAIN):
-            try:
-                if self.curve:
-                    parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    key = parts[-1].get("User-Id")
-                    frames = [p.bytes for p in parts]
-                    if not key:  # fail closed: nothing without an authenticated identity
-                        continue
-                else:
-                    frames, key = self.router.recv_multipart(zmq.NOBLOCK), ""
-            except zmq.Again:
+            if not router.get(_EVENTS) & _POLLIN:  # cheaper than a recv that raises Again
                 return
+            if self.curve:
+                parts = router.recv_multipart(_NOBLOCK, copy=False)
+                key = parts[-1].get("User-Id")
+                frames = [p.bytes for p in parts]
+                if not key:  # fail closed: nothing without an authenticated identity
+                    continue
+            else:
+                frames, key = router.recv_multipart(_NOBLOCK), ""
             try:
                 self._handle(frames[0], frames[1:], key)
             except Exception:  # a bug must not take the broker down for everyone
                 log.exception("error handling %r", frames[:2])
-            if sum(map(len, self.pending.values())) >= FLUSH_EVENTS:
+            if self.pending_events >= FLUSH_EVENTS:
                 self._flush()  # publish now: receivers start on these while we read on
 
     def _handle(self, rid: bytes, frames: list[bytes], key: str = "") -> None:
@@ -304,16 +310,24 @@ class Broker:
     def _publish(self, room: Room) -> None:
         """Publish a room's committed events under its current topic, in batches."""
         events = self.pending.pop(room.name, [])
+        self.pending_events -= len(events)
+        send = self.xpub.send
         for i in range(0, len(events), BATCH_EVENTS):
-            frames = m.encode_batch(room.name, room.epoch, events[i:i + BATCH_EVENTS])
-            self.xpub.send_multipart(frames, zmq.NOBLOCK)
+            topic, batch = m.encode_batch(room.name, room.epoch, events[i:i + BATCH_EVENTS])
+            send(topic, _MORE)
+            send(batch, _NOBLOCK)
 
     def _send_replies(self) -> None:
-        for msg in self.outbox:
-            try:
-                self.router.send_multipart(msg, zmq.NOBLOCK)
+        send = self.router.send
+        for rid, kind, label, body in self.outbox:
+            try:  # the first frame decides: ROUTER_MANDATORY refuses a peer that is gone
+                send(rid, _MORE)
             except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry
-                log.debug("reply to %s dropped: %s", msg[0].hex(), exc)
+                log.debug("reply to %s dropped: %s", rid.hex(), exc)
+                continue
+            send(kind, _MORE)
+            send(label, _MORE)
+            send(body, _NOBLOCK)
         self.outbox.clear()
 
     def _push(self, s: Session, kind: Reply, body: dict[str, Any]) -> None:
@@ -386,6 +400,7 @@ class Broker:
         data = m.dumps(event)
         self.store.append(room.name, room.seq, ts, owner or m.nick_key(nick), cmid, data)
         self.pending.setdefault(room.name, []).append(data)
+        self.pending_events += 1
         return room.seq
 
     def _room(self, name: str) -> Room:

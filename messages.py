@@ -428,9 +428,12 @@ def decode_batch(frames: list[bytes]) -> list[dict[str, Any]]:
     return events
 
 
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, the one encoding used on the wire."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON, the one encoding used on the wire (one encoder, made once)."""
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 # ---------------------------------------------------------------------------- grants

@@ -1,30 +1,35 @@
 """The broker's history: every room event and private message, in one SQLite file.
 
 Writes reach SQLite through a short log. Each pass of the broker's loop appends its records to
-`<db>-log` with one write() (with `fsync=True` also an fdatasync) before anything of the pass
-is published or acknowledged: from then on they survive a crash of the broker process (with
-fsync, a power loss too). A writer thread applies the log to SQLite in batches, off the loop,
-where SQLite's commits and checkpoints cannot stall it; the log starts over whenever SQLite
-has all of it. On startup whatever the log holds is applied first (every record is
-idempotent). Reads wait until SQLite has everything logged so far.
+the log (`<db>-log.NNNNNN`, a new segment every few MB) with one write() (with `fsync=True`
+also an fdatasync) before anything of the pass is published or acknowledged: from then on they
+survive a crash of the broker process (with fsync, a power loss too). A writer process of its
+own (`python store.py --writer DB`) applies the log to SQLite in batches, so that SQLite's
+commits, checkpoints and fsyncs never stall the broker's loop nor take its interpreter lock,
+and deletes each segment once SQLite has all of it. Every record is idempotent, so whatever a
+crash leaves in the log is applied again on the next start. Reads (history, ...) first ask the
+writer to catch up with everything logged so far.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import select
+import signal
 import sqlite3
-import threading
+import subprocess
+import sys
 from collections import OrderedDict
 from typing import Any, Final
 
 log = logging.getLogger("store")
 
-CMID_CACHE: Final = 50_000   # recent client message ids kept in memory; older ones hit the index
-LOG_RESET: Final = 4 << 20   # bytes: the log starts over once SQLite has it all and it is this big
-LOG_MAX: Final = 64 << 20    # bytes: past this the loop waits for the writer to catch up
-SYNC_TIMEOUT: Final = 10.0   # seconds a read waits for the writer before it gives up
-RETRY_AFTER: Final = 1.0     # seconds between the writer's attempts when SQLite fails
+CMID_CACHE: Final = 50_000     # recent client message ids kept in memory; older ones hit the index
+SEGMENT_BYTES: Final = 4 << 20  # the log goes on in a new segment past this size
+WRITER_DELAY: Final = 0.02     # seconds the writer gathers records per transaction
+SYNC_TIMEOUT: Final = 10.0     # seconds a read waits for the writer before it gives up
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
@@ -58,27 +63,59 @@ class StoreError(Exception):
     """The database cannot be used (corrupt, truncated, not a database, unwritable)."""
 
 
+# ---------------------------------------------------------------------------- the log
+
 def encode_record(op: tuple[Any, ...]) -> bytes:
-    """One log line. A room event is `E <sender> <event JSON>`: its room, seq, ts and cmid
-    are in the JSON already. Anything else is `J <JSON array>`."""
+    """One log line: a room event as `E room seq ts sender cmid data` (tab-separated, its
+    fields as they are), anything else, or an event with a tab or newline in a field, as
+    `J <JSON array>`."""
     if op[0] == "event":
-        sender = op[4]
-        if "\t" not in sender and "\n" not in sender:
-            return b"E\t" + sender.encode("utf-8") + b"\t" + op[6].encode("utf-8") + b"\n"
+        _, room, seq, ts, sender, cmid, data = op
+        fields = f"{room}\t{seq}\t{ts!r}\t{sender}\t{cmid or ''}"
+        if "\n" not in fields and fields.count("\t") == 4:
+            return b"E\t" + fields.encode("utf-8") + b"\t" + data.encode("utf-8") + b"\n"
     return b"J\t" + json.dumps(op, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def decode_record(line: bytes) -> tuple[Any, ...]:
     tag, rest = line[:2], line[2:]
     if tag == b"E\t":
-        sender, data = rest.decode("utf-8").split("\t", 1)
-        ev = json.loads(data)
-        return ("event", ev["room"], ev["seq"], ev["ts"], sender, ev.get("cmid"), data)
+        room, seq, ts, sender, cmid, data = rest.decode("utf-8").split("\t", 5)
+        return ("event", room, int(seq), float(ts), sender, cmid or None, data)
     if tag == b"J\t":
         op = tuple(json.loads(rest))
         if op and op[0] in SQL:
             return op
     raise ValueError(f"unknown log record {line[:40]!r}")
+
+
+def decode_records(data: bytes, where: str) -> list[tuple[Any, ...]]:
+    ops = []
+    for line in data.split(b"\n"):
+        try:
+            ops.append(decode_record(line))
+        except (ValueError, TypeError, IndexError) as exc:
+            log.warning("%s: skipped a damaged record: %s", where, exc)
+    return ops
+
+
+def segments(path: str) -> list[str]:
+    """The log's segment files, oldest first."""
+    folder, base = os.path.split(os.path.abspath(path))
+    prefix = base + "-log."
+    names = [n for n in os.listdir(folder or ".") if n.startswith(prefix)
+             and n[len(prefix):].isdigit()]
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[len(prefix):]))]
+
+
+def read_log(path: str) -> list[tuple[Any, ...]]:
+    """Every complete record in a database's log (a torn last line is left out)."""
+    ops = []
+    for seg in segments(path):
+        with open(seg, "rb") as f:
+            data = f.read()
+        ops += decode_records(data[:data.rfind(b"\n")], seg) if b"\n" in data else []
+    return ops
 
 
 def apply(db: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
@@ -102,55 +139,132 @@ def apply(db: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
         raise
 
 
-def read_log(path: str) -> list[tuple[Any, ...]]:
-    """The records of a log file; a torn last line (a crash in mid-write) is left out."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    ops = []
-    for line in data.split(b"\n")[:-1]:
+def stored_events(path: str, room: str) -> list[dict[str, Any]]:
+    """A room's events as they are on disk (SQLite and the log not yet applied to it), for
+    tools and tests that look at a broker's files while it runs or after it died."""
+    for _ in range(5):  # a segment may be applied and deleted while we read
         try:
-            ops.append(decode_record(line))
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            log.warning("%s: skipped a damaged record: %s", path, exc)
-    return ops
+            logged = read_log(path)  # first: what leaves the log is in SQLite by then
+            break
+        except FileNotFoundError:
+            continue
+    con = sqlite3.connect(path)
+    try:
+        by_seq = dict(con.execute("SELECT seq, data FROM events WHERE room=?", (room,)))
+    finally:
+        con.close()
+    for op in logged:
+        if op[0] == "event" and op[1] == room:
+            by_seq.setdefault(op[2], op[6])
+    return [json.loads(by_seq[seq]) for seq in sorted(by_seq)]
 
+
+# ---------------------------------------------------------------------------- the writer
+
+class Writer:
+    """The writer process's work: follow the log's segments, apply what is new to SQLite,
+    delete a segment once it is applied and the broker has moved on to a newer one."""
+
+    def __init__(self, path: str, fsync: bool) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self.done: dict[str, int] = {}  # segment -> bytes applied
+
+    def catch_up(self, final: bool = False) -> int:
+        """Apply every complete record logged so far; with final, the broker has stopped
+        writing and every segment goes. Returns how many records were applied."""
+        ops: list[tuple[Any, ...]] = []
+        segs = segments(self.path)
+        read: dict[str, int] = {}
+        for seg in segs:
+            start = self.done.get(seg, 0)
+            with open(seg, "rb") as f:
+                f.seek(start)
+                data = f.read()
+            end = data.rfind(b"\n")
+            if end >= 0:
+                ops += decode_records(data[:end], seg)
+                read[seg] = start + end + 1
+        if ops:
+            apply(self.db, ops)
+        self.done.update(read)
+        for seg in segs if final else segs[:-1]:  # only the newest one is still written
+            os.unlink(seg)
+            self.done.pop(seg, None)
+        return len(ops)
+
+    def close(self) -> None:
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.db.close()
+
+
+def writer_main(argv: list[str]) -> int:
+    """The writer process: catch up every WRITER_DELAY seconds, and at once when the broker
+    writes a line on our stdin ("sync": answer "ok" on stdout once applied; "stop": apply
+    everything, delete the log, exit)."""
+    parser = argparse.ArgumentParser(description="the broker's history writer")
+    parser.add_argument("--writer", required=True, metavar="DB")
+    parser.add_argument("--fsync", action="store_true")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker says when to stop
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s history writer: %(message)s")
+    writer = Writer(args.writer, args.fsync)
+    stdin = sys.stdin.buffer
+    buf = b""
+    while True:
+        ready, _, _ = select.select([stdin], [], [], WRITER_DELAY)
+        cmds: list[bytes] = []
+        if ready:
+            chunk = os.read(stdin.fileno(), 4096)
+            if not chunk:  # the broker is gone without saying stop: leave the log for it
+                writer.catch_up()
+                writer.close()
+                return 0
+            *cmds, buf = (buf + chunk).split(b"\n")
+        stop = b"stop" in cmds
+        try:
+            writer.catch_up(final=stop)
+        except sqlite3.Error as exc:  # the log keeps it all: try again next round
+            log.error("cannot write the history yet: %s", exc)
+            reply = f"error {exc}\n".encode()
+        else:
+            reply = b"ok\n"
+        if b"sync" in cmds or stop:
+            os.write(sys.stdout.fileno(), reply)
+        if stop and reply == b"ok\n":
+            writer.close()
+            return 0
+
+
+# ---------------------------------------------------------------------------- the store
 
 class Store:
     """Append-only event history with per-room sequence numbers that survive restarts."""
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.path, self.fsync = path, fsync
-        self.log_path = path + "-log"
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._check()
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self.db.executescript(SCHEMA)
-            self._replay()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: {exc}") from None
+        self._lines: list[bytes] = []   # this pass's records, as log lines
+        self._writer: subprocess.Popen[bytes] | None = None
+        self._start_writer()
+        self.sync()  # what the last run logged is in SQLite before anyone reads it
+        existing = segments(path)
+        self._seg = int(existing[-1].rsplit(".", 1)[1]) + 1 if existing else 1
+        self._log = -1
+        self._open_segment()
         self._cmids: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._seen = CmidFilter()
         for (cmid,) in self.db.execute("SELECT cmid FROM events WHERE cmid IS NOT NULL "
                                        "UNION ALL SELECT cmid FROM privates "
                                        "WHERE cmid IS NOT NULL"):
             self._seen.add(cmid)
-        self._lines: list[bytes] = []            # this pass's records, as log lines
-        self._ops: list[tuple[Any, ...]] = []    # the same records, for the writer
-        self._log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._log_size = os.fstat(self._log).st_size
-        self._cond = threading.Condition()
-        self._queue: list[tuple[Any, ...]] = []  # logged, for the writer to apply
-        self._handed = self._applied = 0         # records given to the writer / in SQLite
-        self._error: str = ""
-        self._stopping = False
-        self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                        name="history-writer")
-        self._writer.start()
 
     def _check(self) -> None:
         """Refuse a truncated or corrupted file instead of serving silently short history."""
@@ -170,76 +284,73 @@ class Store:
             raise StoreError(f"{self.path}: integrity check failed: "
                              + "; ".join(r[0] for r in rows[:3]))
 
-    def _replay(self) -> None:
-        """Apply what the last run logged but had not yet written to SQLite."""
-        ops = read_log(self.log_path)
-        if ops:
-            apply(self.db, ops)
-            log.info("applied %d logged records to %s", len(ops), self.path)
-        if os.path.exists(self.log_path):
-            os.truncate(self.log_path, 0)
+    def _start_writer(self) -> None:
+        cmd = [sys.executable, os.path.abspath(__file__), "--writer", self.path]
+        self._writer = subprocess.Popen(cmd + (["--fsync"] if self.fsync else []),
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        start_new_session=True)  # no Ctrl+C from a terminal
 
-    def close(self) -> None:
-        self.commit()
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._writer.join(SYNC_TIMEOUT)
-        complete = self._applied == self._handed
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.db.close()
-        os.close(self._log)
-        if complete:
-            os.unlink(self.log_path)
+    def _open_segment(self) -> None:
+        if self._log >= 0:
+            os.close(self._log)
+        name = f"{self.path}-log.{self._seg:06d}"
+        self._log = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._seg_size = os.fstat(self._log).st_size
+        if self.fsync:  # the new name itself must survive a power loss
+            folder = os.open(os.path.dirname(os.path.abspath(name)), os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
 
-    # ---------------------------------------------------------------- the writer
-    def _write_loop(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None)
-        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
-        try:
-            while True:
-                with self._cond:
-                    while not self._queue and not self._stopping:
-                        self._cond.wait()
-                    if not self._queue:
-                        return
-                    batch, self._queue = self._queue, []
-                try:
-                    apply(db, batch)  # SQLite checkpoints (autocheckpoint) here, off the loop
-                except sqlite3.Error as exc:
-                    log.error("history not written yet (retrying): %s", exc)
-                    with self._cond:
-                        self._queue[:0] = batch
-                        self._error = str(exc)
-                        self._cond.notify_all()
-                        if self._stopping:
-                            return
-                        self._cond.wait(RETRY_AFTER)
-                    continue
-                with self._cond:
-                    self._applied += len(batch)
-                    self._error = ""
-                    self._cond.notify_all()
-        finally:
-            db.close()
+    def _ask_writer(self, cmd: bytes) -> str:
+        """Send the writer a command and wait for its one-line answer (restarting a writer
+        that died: it starts over from the log, which holds everything)."""
+        for attempt in (1, 2):
+            proc = self._writer
+            assert proc is not None and proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(cmd + b"\n")
+                proc.stdin.flush()
+                if select.select([proc.stdout], [], [], SYNC_TIMEOUT)[0]:
+                    answer = proc.stdout.readline().decode().strip()
+                    if answer:
+                        return answer
+            except (BrokenPipeError, OSError):
+                pass
+            if proc.poll() is None:
+                raise StoreError(f"{self.path}: the history writer does not answer")
+            if attempt == 1 and cmd != b"stop":
+                log.error("history writer exited (%s); starting it again", proc.returncode)
+                self._start_writer()
+        raise StoreError(f"{self.path}: the history writer keeps failing")
 
     def sync(self) -> None:
         """Log this pass's records and wait until SQLite has everything logged."""
         self.commit()
-        with self._cond:
-            target = self._handed
-            if not self._cond.wait_for(lambda: self._applied >= target, SYNC_TIMEOUT):
-                raise StoreError(f"{self.path}: history writer behind"
-                                 + (f": {self._error}" if self._error else ""))
+        answer = self._ask_writer(b"sync")
+        if answer != "ok":
+            raise StoreError(f"{self.path}: history not written: {answer}")
+
+    def close(self) -> None:
+        self.commit()
+        os.close(self._log)
+        try:
+            self._ask_writer(b"stop")
+            assert self._writer is not None
+            self._writer.wait(SYNC_TIMEOUT)
+        except (StoreError, subprocess.TimeoutExpired) as exc:  # the log stays for next time
+            log.error("history writer: %s", exc)
+            if self._writer is not None:
+                self._writer.kill()
+        self.db.close()
 
     # ---------------------------------------------------------------- reading state
     def last_seqs(self) -> dict[str, int]:
         """Each room's highest sequence number, so numbering continues after a restart."""
-        self.sync()
         return dict(self.db.execute("SELECT room, MAX(seq) FROM events GROUP BY room"))
 
     def last_topic(self, room: str) -> str:
-        self.sync()
         row = self.db.execute(
             "SELECT data FROM events WHERE room=? AND data LIKE '%\"kind\":\"topic\"%' "
             "ORDER BY seq DESC LIMIT 1", (room,)).fetchone()
@@ -267,59 +378,50 @@ class Store:
             self._cmids.popitem(last=False)
 
     # ---------------------------------------------------------------- writing
-    def _add(self, op: tuple[Any, ...]) -> None:
-        self._ops.append(op)
-        self._lines.append(encode_record(op))
-
     def append(self, room: str, seq: int, ts: float, sender: str, cmid: str | None,
                data: bytes) -> None:
         """Add one room event (its JSON, as published) to this pass."""
-        self._add(("event", room, seq, ts, sender, cmid, data.decode("utf-8")))
+        self._lines.append(encode_record(("event", room, seq, ts, sender, cmid,
+                                          data.decode("utf-8"))))
         if cmid:
             self._remember(cmid, (sender, room, seq))
 
     def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
                        data: bytes) -> None:
-        self._add(("private", ts, sender, recipient, cmid, data.decode("utf-8")))
+        self._lines.append(encode_record(("private", ts, sender, recipient, cmid,
+                                          data.decode("utf-8"))))
         self._remember(cmid, (sender, "", 0))
 
     def commit(self) -> None:
         """Make everything added so far durable: one write to the log per broker pass."""
-        if not self._ops:
+        if not self._lines:
             return
-        if self._log_size >= LOG_RESET and self._applied == self._handed:
-            os.ftruncate(self._log, 0)  # SQLite has it all and the writer is idle: start over
-            self._log_size = 0
         blob = b"".join(self._lines)
+        self._lines = []
         view = memoryview(blob)
         while view:
             view = view[os.write(self._log, view):]
         if self.fsync:
             os.fdatasync(self._log)
-        self._log_size += len(blob)
-        with self._cond:
-            self._queue.extend(self._ops)
-            self._handed += len(self._ops)
-            self._cond.notify()
-        self._ops, self._lines = [], []
-        if self._log_size >= LOG_MAX:
-            self.sync()  # a writer that cannot keep up slows the loop, not the disk fills
+        self._seg_size += len(blob)
+        if self._seg_size >= SEGMENT_BYTES:
+            self._seg += 1
+            self._open_segment()
 
     # ---------------------------------------------------------------- memberships
     def take_members(self) -> set[tuple[str, str]]:
         """(nick key, room) of everyone who was in a room when the broker last stopped (or
         crashed); the table starts empty again, refilled as people join."""
-        self.sync()
         rows = self.db.execute("SELECT nick, room FROM members").fetchall()
-        self._add(("no_members",))
+        self._lines.append(encode_record(("no_members",)))
         self.commit()
         return {(nick, room) for nick, room in rows}
 
     def add_member(self, room: str, nick_key: str) -> None:
-        self._add(("member", room, nick_key))
+        self._lines.append(encode_record(("member", room, nick_key)))
 
     def remove_member(self, room: str, nick_key: str) -> None:
-        self._add(("unmember", room, nick_key))
+        self._lines.append(encode_record(("unmember", room, nick_key)))
 
     # ---------------------------------------------------------------- CURVE nick owners
     def nick_owner(self, nick_key: str) -> str | None:
@@ -330,7 +432,7 @@ class Store:
         return row[0] if row else None
 
     def bind_nick(self, nick_key: str, pubkey: str) -> None:
-        self._add(("nick", nick_key, pubkey))
+        self._lines.append(encode_record(("nick", nick_key, pubkey)))
 
     # ---------------------------------------------------------------- history
     def history(self, room: str, *, after: int | None = None, before: int | None = None,
@@ -358,21 +460,6 @@ class Store:
         return texts if order == "ASC" else texts[::-1]
 
 
-def stored_events(path: str, room: str) -> list[dict[str, Any]]:
-    """A room's events as they are on disk (SQLite and the log not yet applied to it), for
-    tools and tests that look at a broker's files while it runs or after it died."""
-    logged = read_log(path + "-log")  # first: what leaves the log is in SQLite by then
-    con = sqlite3.connect(path)
-    try:
-        by_seq = dict(con.execute("SELECT seq, data FROM events WHERE room=?", (room,)))
-    finally:
-        con.close()
-    for op in logged:
-        if op[0] == "event" and op[1] == room:
-            by_seq.setdefault(op[2], op[6])
-    return [json.loads(by_seq[seq]) for seq in sorted(by_seq)]
-
-
 class CmidFilter:
     """A Bloom filter of every stored client message id: 'no' is certain, 'yes' is checked
     against the database (about 1% false positives at 10 bits per id)."""
@@ -392,3 +479,7 @@ class CmidFilter:
     def __contains__(self, cmid: str) -> bool:
         a = self.array
         return all(a[i >> 3] & (1 << (i & 7)) for i in self._probes(cmid))
+
+
+if __name__ == "__main__":
+    sys.exit(writer_main(sys.argv[1:]))

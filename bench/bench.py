@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Final, Iterator
 
-from peers import cpu_seconds, rss_bytes
+from peers import cpu_seconds, process_tree, rss_bytes
 
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
@@ -133,13 +133,24 @@ class Child:
             return ""
 
     def cpu(self) -> float:
-        try:
-            return cpu_seconds(self.pid)
-        except OSError:
-            return 0.0
+        """CPU seconds of the process and its children (the broker's history writer)."""
+        total = 0.0
+        for pid in process_tree(self.pid):
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass
+        return total
 
     def rss(self) -> int:
-        return rss_bytes(self.pid)
+        """Resident memory of the process and its children."""
+        total = 0
+        for pid in process_tree(self.pid):
+            try:
+                total += rss_bytes(pid)
+            except OSError:
+                pass
+        return total
 
     def stop(self, polite: bool = True) -> None:
         """Ask it to stop (stop command or SIGTERM), then kill it if it does not."""
