@@ -35,7 +35,7 @@ CHARGED: Final = frozenset({Kind.JOIN, Kind.LEAVE, Kind.NICK, Kind.TOPIC, Kind.K
                             Kind.BAN, Kind.UNBAN})
 DRAIN: Final = 1000          # requests handled per pass before committing: bounds latency
 BATCH_EVENTS: Final = 256    # events per published frame: keeps frames well under 64 KiB
-FLUSH_EVENTS: Final = 256    # pending events that make a pass flush early: a pipeline
+FLUSH_EVENTS: Final = 128    # pending events that make a pass flush early: a pipeline
 LISTEN_BACKLOG: Final = 4096  # connections waiting to be accepted (the kernel caps it)
 GRANT_TTL: Final = 120       # seconds a grant may wait before it is used
 MAX_ROOMS: Final = 1000      # rooms /join may create: one client cannot fill memory
@@ -391,13 +391,7 @@ class Broker:
               cmid: str | None = None, owner: str = "", **extra: Any) -> int:
         room.seq += 1
         ts = time.time()
-        event: dict[str, Any] = {"room": room.name, "seq": room.seq,
-                                 "id": f"{room.name}:{room.seq}", "ts": ts, "nick": nick,
-                                 "kind": str(kind), "text": text}
-        if cmid is not None:
-            event["cmid"] = cmid
-        event.update(extra)
-        data = m.dumps(event)
+        data = m.encode_event(room.name, room.seq, ts, nick, kind, text, cmid, extra)
         self.store.append(room.name, room.seq, ts, owner or m.nick_key(nick), cmid, data)
         self.pending.setdefault(room.name, []).append(data)
         self.pending_events += 1

@@ -410,6 +410,26 @@ class EventKind(StrEnum):
     PRIVATE = "private"
 
 
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_quote: Final = json.encoder.encode_basestring  # str -> JSON string, as dumps writes it
+
+
+def encode_event(room: str, seq: int, ts: float, nick: str, kind: str, text: str,
+                 cmid: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
+    """One room event as the broker publishes and stores it: the same bytes as dumps() of
+    {room, seq, id, ts, nick, kind, text, [cmid], **extra}, written directly (the broker
+    encodes every message once; room names and kinds need no escaping)."""
+    head = (f'{{"room":"{room}","seq":{seq},"id":"{room}:{seq}","ts":{ts!r},'
+            f'"nick":{_quote(nick)},"kind":"{kind}","text":{_quote(text)}')
+    if cmid is not None:
+        head += ',"cmid":' + _quote(cmid)
+    if extra:
+        head += "," + _ENCODER.encode(extra)[1:]
+    else:
+        head += "}"
+    return head.encode("utf-8")
+
+
 def encode_batch(room: str, epoch: str, events_json: list[bytes]) -> list[bytes]:
     """Room events already encoded one by one -> the two published frames (one encode each)."""
     return [room_topic(room, epoch), b"[" + b",".join(events_json) + b"]"]
@@ -426,9 +446,6 @@ def decode_batch(frames: list[bytes]) -> list[dict[str, Any]]:
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise ProtocolError(Code.BAD_REQUEST, "a room batch is a JSON array of objects")
     return events
-
-
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def dumps(obj: Any) -> bytes:

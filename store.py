@@ -381,8 +381,12 @@ class Store:
     def append(self, room: str, seq: int, ts: float, sender: str, cmid: str | None,
                data: bytes) -> None:
         """Add one room event (its JSON, as published) to this pass."""
-        self._lines.append(encode_record(("event", room, seq, ts, sender, cmid,
-                                          data.decode("utf-8"))))
+        head = f"E\t{room}\t{seq}\t{ts!r}\t{sender}\t{cmid or ''}\t"
+        if head.count("\t") == 6 and "\n" not in head:  # else a tab or newline in cmid
+            self._lines.append(head.encode("utf-8") + data + b"\n")
+        else:
+            self._lines.append(encode_record(("event", room, seq, ts, sender, cmid,
+                                              data.decode("utf-8"))))
         if cmid:
             self._remember(cmid, (sender, room, seq))
 

@@ -686,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated workloads of {','.join(WORKLOADS)}")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="systems to measure")
     p.add_argument("--reps", type=int, help="runs per figure (default 3)")
+    p.add_argument("--fanout", help="W1F's numbers of receivers (default 10,100,1000)")
     p.add_argument("--json", default=str(HERE / "results.json"), help="results file")
     p.add_argument("--plot", metavar="FILE.png", help="draw throughput and latency (matplotlib)")
     p.add_argument("--broker", default=str(ROOT / "broker.py"),
@@ -698,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     s = replace(QUICK if a.quick else Settings())
     if a.reps:
         s.reps = s.scale_reps = a.reps
+    if a.fanout:
+        s.fanout = tuple(int(r) for r in a.fanout.split(","))
     only = {w.strip() for w in a.only.split(",") if w.strip()}
     systems = {w.strip() for w in a.systems.split(",") if w.strip()}
     profile = Path(a.profile) if a.profile else None
