@@ -206,8 +206,8 @@ def _text(body: dict, key: str, limit: int, *, required: bool = True,
         raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must be a string")
     if not value and not allow_empty:
         raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must not be empty")
-    try:
-        value.encode("utf-8")  # a lone surrogate ("\ud800") would break every later encode
+    try:  # a lone surrogate ("\ud800") would break every later encode (ASCII: O(1) check)
+        value.isascii() or value.encode("utf-8")
     except UnicodeEncodeError:
         raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} is not valid Unicode") from None
     if len(value) > limit:
@@ -423,11 +423,14 @@ def encode_event(room: str, seq: int, ts: float, nick: str, kind: str, text: str
             f'"nick":{_quote(nick)},"kind":"{kind}","text":{_quote(text)}')
     if cmid is not None:
         head += ',"cmid":' + _quote(cmid)
-    if extra:
-        head += "," + _ENCODER.encode(extra)[1:]
-    else:
-        head += "}"
-    return head.encode("utf-8")
+    for key, value in extra.items() if extra else ():
+        if value is True or value is False:
+            head += f",{_quote(key)}:{'true' if value else 'false'}"
+        elif type(value) is str:
+            head += f",{_quote(key)}:{_quote(value)}"
+        else:
+            head += f",{_quote(key)}:{_ENCODER.encode(value)}"
+    return (head + "}").encode("utf-8")
 
 
 def encode_batch(room: str, epoch: str, events_json: list[bytes]) -> list[bytes]:

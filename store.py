@@ -361,7 +361,7 @@ class Store:
         hit = self._cmids.get(cmid)
         if hit is not None:
             return hit
-        if cmid not in self._seen:  # certainly new: no query (the common case)
+        if not self._seen.add(cmid):  # certainly new: no query (the common case)
             return None
         self.sync()
         row = self.db.execute("SELECT sender, room, seq FROM events WHERE cmid=?",
@@ -372,7 +372,8 @@ class Store:
         return tuple(row) if row else None  # type: ignore[return-value]
 
     def _remember(self, cmid: str, value: tuple[str, str, int]) -> None:
-        self._seen.add(cmid)
+        """Keep a new id at hand (find_cmid, which every id passes first, put it in the
+        Bloom filter already: an id that then goes unstored costs only a query later)."""
         self._cmids[cmid] = value
         if len(self._cmids) > CMID_CACHE:
             self._cmids.popitem(last=False)
@@ -476,9 +477,15 @@ class CmidFilter:
         h = hash(cmid) & 0xFFFFFFFFFFFFFFFF
         return h % self.bits, (h >> 21) % self.bits, ((h >> 42) | (h << 22)) % self.bits
 
-    def add(self, cmid: str) -> None:
+    def add(self, cmid: str) -> bool:
+        """Add an id; return whether it may have been there before (False: certainly not)."""
+        a, seen = self.array, True
         for i in self._probes(cmid):
-            self.array[i >> 3] |= 1 << (i & 7)
+            bit = 1 << (i & 7)
+            if not a[i >> 3] & bit:
+                seen = False
+                a[i >> 3] |= bit
+        return seen
 
     def __contains__(self, cmid: str) -> bool:
         a = self.array
