@@ -29,6 +29,7 @@ log = logging.getLogger("store")
 CMID_CACHE: Final = 50_000     # recent client message ids kept in memory; older ones hit the index
 SEGMENT_BYTES: Final = 4 << 20  # the log goes on in a new segment past this size
 WRITER_DELAY: Final = 0.02     # seconds the writer gathers records per transaction
+WRITER_NICE: Final = 10         # the writer's niceness: background work
 SYNC_TIMEOUT: Final = 10.0     # seconds a read waits for the writer before it gives up
 
 SCHEMA: Final = """
@@ -199,6 +200,16 @@ class Writer:
         self.db.close()
 
 
+def background() -> None:
+    """Lower this process's priority: the broker's loop (and its clients, on one machine)
+    come first; the writer catches up whenever a core is free (the log holds its backlog)."""
+    try:
+        os.nice(WRITER_NICE)
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+        pass
+
+
 def writer_main(argv: list[str]) -> int:
     """The writer process: catch up every WRITER_DELAY seconds, and at once when the broker
     writes a line on our stdin ("sync": answer "ok" on stdout once applied; "stop": apply
@@ -208,6 +219,7 @@ def writer_main(argv: list[str]) -> int:
     parser.add_argument("--fsync", action="store_true")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker says when to stop
+    background()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s history writer: %(message)s")
     writer = Writer(args.writer, args.fsync)
     stdin = sys.stdin.buffer

@@ -177,6 +177,9 @@ class Cluster:
     def __init__(self, bench: "Bench", system: str, label: str) -> None:
         self.bench, self.system, self.label = bench, system, label
         self.loads: list[Child] = []
+        # Every run starts with nothing dirty in the page cache: the kernel writing back an
+        # earlier run's files (the broker's history above all) would stall this one.
+        os.sync()
         self.server = self._start_server()
 
     def _start_server(self) -> Child:
