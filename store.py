@@ -30,6 +30,7 @@ CMID_CACHE: Final = 50_000     # recent client message ids kept in memory; older
 SEGMENT_BYTES: Final = 4 << 20  # the log goes on in a new segment past this size
 WRITER_DELAY: Final = 0.02     # seconds the writer gathers records per transaction
 WRITER_NICE: Final = 10         # the writer's niceness: background work
+WRITER_IDLE: Final = 0.5        # seconds between looks at the log when nothing comes
 SYNC_TIMEOUT: Final = 10.0     # seconds a read waits for the writer before it gives up
 
 SCHEMA: Final = """
@@ -223,9 +224,9 @@ def writer_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s history writer: %(message)s")
     writer = Writer(args.writer, args.fsync)
     stdin = sys.stdin.buffer
-    buf = b""
+    buf, delay = b"", WRITER_DELAY
     while True:
-        ready, _, _ = select.select([stdin], [], [], WRITER_DELAY)
+        ready, _, _ = select.select([stdin], [], [], delay)
         cmds: list[bytes] = []
         if ready:
             chunk = os.read(stdin.fileno(), 4096)
@@ -236,12 +237,15 @@ def writer_main(argv: list[str]) -> int:
             *cmds, buf = (buf + chunk).split(b"\n")
         stop = b"stop" in cmds
         try:
-            writer.catch_up(final=stop)
+            applied = writer.catch_up(final=stop)
         except sqlite3.Error as exc:  # the log keeps it all: try again next round
             log.error("cannot write the history yet: %s", exc)
             reply = f"error {exc}\n".encode()
         else:
             reply = b"ok\n"
+            # Busy: every WRITER_DELAY. Quiet: look less and less often (an idle broker
+            # costs nothing); a read still makes us catch up at once.
+            delay = WRITER_DELAY if applied else min(delay * 2, WRITER_IDLE)
         if b"sync" in cmds or stop:
             os.write(sys.stdout.fileno(), reply)
         if stop and reply == b"ok\n":
