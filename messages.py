@@ -299,9 +299,13 @@ def _v_topic(b: dict) -> dict:
 def _v_history(b: dict) -> dict:
     limit = _int(b, "limit", low=1)
     since = b.get("since")
-    if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool)
-                              or not math.isfinite(since)):
-        raise ProtocolError(Code.BAD_REQUEST, "field 'since' must be a number (UTC seconds)")
+    if since is not None:
+        try:  # a float: SQLite takes any, and no integer too large for it gets through
+            since = float(since) if not isinstance(since, (bool, str)) else math.nan
+        except (TypeError, OverflowError):
+            since = math.nan
+        if not math.isfinite(since):
+            raise ProtocolError(Code.BAD_REQUEST, "field 'since' must be a number (UTC seconds)")
     return {"room": check_room(b.get("room")), "after": _int(b, "after"),
             "before": _int(b, "before"), "since": since,
             "limit": min(limit or 50, MAX_HISTORY)}

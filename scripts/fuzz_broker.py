@@ -88,6 +88,8 @@ def main() -> int:
     proc.stop()
     log = proc.proc.stderr.read()
     crashes = (not alive) + log.count("error handling") + (not answers)
+    if crashes:
+        print(log[-3000:], file=sys.stderr)
     print(f"seed {a.seed}: requests sent {sent}, replies and pushes {replies}, "
           f"errors returned {errors}, "
           f"crashes {crashes}")
