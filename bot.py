@@ -235,11 +235,12 @@ class Context:
 
     async def msg(self, nick: str, text: str) -> dict[str, Any] | None:
         """A private message; returns the broker's copy of it (None if nothing sent)."""
-        if self._next_hop() is None:
+        hops = self._next_hop()
+        if hops is None:
             return None
         sent = None
         for chunk in _chunks(text, int(self.client.welcome.get("max_text", 4000))):
-            sent = await self.client.msg(nick, chunk)
+            sent = await self.client.msg(nick, chunk, hops=hops)
         return sent
 
     async def rooms(self) -> list[dict[str, Any]]:
@@ -652,8 +653,9 @@ class Bot:
 
     def _hops_in(self, ev: Event) -> int:
         """How many bot replies led to this event: the `hops` field (a bot message without
-        one counts as 1). Private messages carry no hops field: there, bot messages in a row
-        count instead, our own ones included, and anything from a person resets the count."""
+        one counts as 1). For private messages, whose sender may not count hops, bot messages
+        in a row count too (our own ones included; anything from a person resets it), and
+        the larger of the two is taken."""
         wire = ev.data.get("hops")
         hops = wire if type(wire) is int and wire >= 0 else (1 if ev.bot else 0)
         if ev.kind == "private":

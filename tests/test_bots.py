@@ -374,7 +374,7 @@ def test_bots_listening_to_bots_stop_at_the_hop_limit(broker, people, bots):
 
 
 def test_private_chain_between_bots_stops_too(broker, people, bots):
-    """Private messages carry no hop count: bot messages in a row count instead, and stop."""
+    """A chain of private messages between bots stops after max_hops replies too."""
     ann = people("ann")
     got: dict[str, list[str]] = {"abot": [], "bbot": []}
     sent: dict[str, int] = {"abot": 0, "bbot": 0}
@@ -384,12 +384,14 @@ def test_private_chain_between_bots_stops_too(broker, people, bots):
 
         @bot.command("poke")
         async def poke(ctx: Context, nick: str) -> None:
-            sent[me] += await ctx.msg(nick, "psst") is not None
+            done = await ctx.msg(nick, "psst") is not None
+            sent[me] += done  # not `sent[me] += await ...`: that reads sent[me] before waiting
 
         @bot.on_private
         async def answer(ctx: Context) -> None:
             got[me].append(ctx.text)
-            sent[me] += await ctx.reply(f"{me} got {ctx.text}") is not None
+            done = await ctx.reply(f"{me} got {ctx.text}") is not None
+            sent[me] += done
         return bot
     a = bots(pen_pal("abot"), broker.port, "abot")
     b = bots(pen_pal("bbot"), broker.port, "bbot")
