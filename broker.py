@@ -172,10 +172,14 @@ class Broker:
             Kind.HISTORY: self._on_history, Kind.PING: self._on_ping, Kind.BYE: self._on_bye,
             Kind.KICK: self._on_kick, Kind.BAN: self._on_ban, Kind.UNBAN: self._on_unban,
         }
-        self.motd = self._load_motd()
         self.auth = None
         self.curve = cfg.curve_key is not None
-        self._bind()
+        try:
+            self.motd = self._load_motd()
+            self._bind()
+        except BaseException:
+            self.store.close()  # its writer process and the database lock go with it
+            raise
 
     # ------------------------------------------------------------------ sockets
     def _bind(self) -> None:

@@ -13,6 +13,7 @@ writer to catch up with everything logged so far.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -260,6 +261,7 @@ class Store:
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.path, self.fsync = path, fsync
+        self._lock = self._take_lock()
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._check()
@@ -299,6 +301,19 @@ class Store:
         if rows != [("ok",)]:
             raise StoreError(f"{self.path}: integrity check failed: "
                              + "; ".join(r[0] for r in rows[:3]))
+
+    def _take_lock(self) -> int:
+        """One broker per database: a second one would number the same rooms again."""
+        try:
+            fd = os.open(self.path + "-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is in use by another broker") from None
+        return fd
 
     def _start_writer(self) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--writer", self.path]
@@ -360,6 +375,7 @@ class Store:
             if self._writer is not None:
                 self._writer.kill()
         self.db.close()
+        os.close(self._lock)  # the lock file stays: removing it would race a new broker
 
     # ---------------------------------------------------------------- reading state
     def last_seqs(self) -> dict[str, int]:

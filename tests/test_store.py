@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 import store
 
 
@@ -75,3 +77,15 @@ def test_a_dead_writer_is_replaced_and_nothing_is_lost(tmp_path):
         assert db._writer is not first and db._writer.poll() is None
     finally:
         db.close()
+
+
+def test_a_second_store_on_the_same_file_is_refused(tmp_path):
+    """Two brokers on one database would number the same rooms twice: the second stops."""
+    path = str(tmp_path / "chat.db")
+    first = store.Store(path)
+    try:
+        with pytest.raises(store.StoreError, match="in use by another broker"):
+            store.Store(path)
+    finally:
+        first.close()
+    store.Store(path).close()  # free again once the first is closed
