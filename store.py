@@ -68,15 +68,23 @@ class StoreError(Exception):
 
 # ---------------------------------------------------------------------------- the log
 
+def event_line(room: str, seq: int, ts: float, sender: str, cmid: str | None,
+               data: bytes) -> bytes | None:
+    """A room event as `E room seq ts sender cmid data` (tab-separated, its fields as they
+    are), or None when a field holds a tab or a newline (then it goes as JSON)."""
+    head = f"E\t{room}\t{seq}\t{ts!r}\t{sender}\t{cmid or ''}\t"
+    if head.count("\t") != 6 or "\n" in head:
+        return None
+    return head.encode("utf-8") + data + b"\n"
+
+
 def encode_record(op: tuple[Any, ...]) -> bytes:
-    """One log line: a room event as `E room seq ts sender cmid data` (tab-separated, its
-    fields as they are), anything else, or an event with a tab or newline in a field, as
+    """One log line: a room event as event_line() writes it if it can; anything else as
     `J <JSON array>`."""
     if op[0] == "event":
-        _, room, seq, ts, sender, cmid, data = op
-        fields = f"{room}\t{seq}\t{ts!r}\t{sender}\t{cmid or ''}"
-        if "\n" not in fields and fields.count("\t") == 4:
-            return b"E\t" + fields.encode("utf-8") + b"\t" + data.encode("utf-8") + b"\n"
+        line = event_line(*op[1:6], op[6].encode("utf-8"))
+        if line is not None:
+            return line
     return b"J\t" + json.dumps(op, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
@@ -111,14 +119,21 @@ def segments(path: str) -> list[str]:
     return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[len(prefix):]))]
 
 
+def read_segment(seg: str, start: int = 0) -> tuple[list[tuple[Any, ...]], int]:
+    """The complete records of a segment from byte `start` on (a torn last line, one being
+    written or left by a crash, is left out), and the offset just after them."""
+    with open(seg, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], start
+    return decode_records(data[:end], seg), start + end + 1
+
+
 def read_log(path: str) -> list[tuple[Any, ...]]:
-    """Every complete record in a database's log (a torn last line is left out)."""
-    ops = []
-    for seg in segments(path):
-        with open(seg, "rb") as f:
-            data = f.read()
-        ops += decode_records(data[:data.rfind(b"\n")], seg) if b"\n" in data else []
-    return ops
+    """Every complete record in a database's log."""
+    return [op for seg in segments(path) for op in read_segment(seg)[0]]
 
 
 def apply(db: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
@@ -145,12 +160,13 @@ def apply(db: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
 def stored_events(path: str, room: str) -> list[dict[str, Any]]:
     """A room's events as they are on disk (SQLite and the log not yet applied to it), for
     tools and tests that look at a broker's files while it runs or after it died."""
-    for _ in range(5):  # a segment may be applied and deleted while we read
+    for attempt in range(5):  # a segment may be applied and deleted while we read
         try:
             logged = read_log(path)  # first: what leaves the log is in SQLite by then
             break
         except FileNotFoundError:
-            continue
+            if attempt == 4:
+                raise
     con = sqlite3.connect(path)
     try:
         by_seq = dict(con.execute("SELECT seq, data FROM events WHERE room=?", (room,)))
@@ -181,14 +197,8 @@ class Writer:
         segs = segments(self.path)
         read: dict[str, int] = {}
         for seg in segs:
-            start = self.done.get(seg, 0)
-            with open(seg, "rb") as f:
-                f.seek(start)
-                data = f.read()
-            end = data.rfind(b"\n")
-            if end >= 0:
-                ops += decode_records(data[:end], seg)
-                read[seg] = start + end + 1
+            new, read[seg] = read_segment(seg, self.done.get(seg, 0))
+            ops += new
         if ops:
             apply(self.db, ops)
         self.done.update(read)
@@ -414,12 +424,9 @@ class Store:
     def append(self, room: str, seq: int, ts: float, sender: str, cmid: str | None,
                data: bytes) -> None:
         """Add one room event (its JSON, as published) to this pass."""
-        head = f"E\t{room}\t{seq}\t{ts!r}\t{sender}\t{cmid or ''}\t"
-        if head.count("\t") == 6 and "\n" not in head:  # else a tab or newline in cmid
-            self._lines.append(head.encode("utf-8") + data + b"\n")
-        else:
-            self._lines.append(encode_record(("event", room, seq, ts, sender, cmid,
-                                              data.decode("utf-8"))))
+        line = event_line(room, seq, ts, sender, cmid, data)
+        self._lines.append(line if line is not None else encode_record(
+            ("event", room, seq, ts, sender, cmid, data.decode("utf-8"))))
         if cmid:
             self._remember(cmid, (sender, room, seq))
 

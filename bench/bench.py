@@ -132,25 +132,24 @@ class Child:
         except OSError:
             return ""
 
-    def cpu(self) -> float:
-        """CPU seconds of the process and its children (the broker's history writer)."""
+    def _tree_sum(self, measure: Callable[[int], float]) -> float:
+        """A figure added up over the process and its children (the broker's history
+        writer); a process that ended meanwhile counts nothing."""
         total = 0.0
         for pid in process_tree(self.pid):
             try:
-                total += cpu_seconds(pid)
+                total += measure(pid)
             except OSError:
                 pass
         return total
 
+    def cpu(self) -> float:
+        """CPU seconds used so far."""
+        return self._tree_sum(cpu_seconds)
+
     def rss(self) -> int:
-        """Resident memory of the process and its children."""
-        total = 0
-        for pid in process_tree(self.pid):
-            try:
-                total += rss_bytes(pid)
-            except OSError:
-                pass
-        return total
+        """Resident memory, in bytes."""
+        return int(self._tree_sum(rss_bytes))
 
     def stop(self, polite: bool = True) -> None:
         """Ask it to stop (stop command or SIGTERM), then kill it if it does not."""
@@ -169,6 +168,14 @@ class Child:
                 self.proc.stdin.close()
             except BrokenPipeError:
                 pass
+
+
+def mark(procs: list[Child]) -> None:
+    """Receivers start counting afresh (each answers once it has)."""
+    for p in procs:
+        p.send(cmd="mark")
+    for p in procs:
+        p.expect("marked")
 
 
 class Cluster:
@@ -294,10 +301,7 @@ class Bench:
                 r.expect("synced", 60)
             runs = []
             for _ in range(self.s.reps):
-                for r in recv:
-                    r.send(cmd="mark")
-                for r in recv:
-                    r.expect("marked")
+                mark(recv)
                 cpu0, wall0 = c.cpu(), time.monotonic()
                 sender.send(cmd="run", mode=mode, duration=secs, rate=rate, window=window)
                 sent = sender.expect("sent", secs + 60)
@@ -337,8 +341,7 @@ class Bench:
             lib.expect("synced", 60)
             runs = []
             for _ in range(self.s.reps):
-                lib.send(cmd="mark")
-                lib.expect("marked")
+                mark([lib])
                 lib.send(cmd="hold")
                 lib.expect("held")
                 sender.send(cmd="run", mode="window", duration=self.s.client_secs,
@@ -369,10 +372,7 @@ class Bench:
                 p.expect("synced", 60)
             runs = []
             for _ in range(self.s.reps):
-                for p in chats:
-                    p.send(cmd="mark")
-                for p in chats:
-                    p.expect("marked")
+                mark(chats)
                 cpu0, wall0 = c.cpu(), time.monotonic()
                 for p in chats:
                     p.send(cmd="run", duration=self.s.chat_secs, rate=self.s.chat_rate)
