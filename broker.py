@@ -21,7 +21,6 @@ from typing import Any, Callable, Final
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 import messages as m
 from messages import Code, Kind, ProtocolError, Reply
@@ -210,6 +209,9 @@ class Broker:
         public, secret = zmq.auth.load_certificate(self.cfg.curve_key)
         if not secret:
             raise OSError(f"{self.cfg.curve_key} holds no secret key")
+        # Imported here: it brings asyncio and ssl (8 MB resident) that a plain broker never
+        # uses.
+        from zmq.auth.thread import ThreadAuthenticator
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
         self.auth.configure_curve(domain="chat", location=self.cfg.allow_keys

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Final, Iterator
 
-from peers import cpu_seconds, process_tree, rss_bytes
+from peers import cpu_seconds, private_bytes, process_tree, rss_bytes
 
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
@@ -132,13 +132,15 @@ class Child:
         except OSError:
             return ""
 
-    def _tree_sum(self, measure: Callable[[int], float]) -> float:
+    def _tree_sum(self, measure: Callable[[int], float],
+                  descendants: Callable[[int], float] | None = None) -> float:
         """A figure added up over the process and its children (the broker's history
-        writer); a process that ended meanwhile counts nothing."""
+        writer), measured by `descendants` if given; a process that ended meanwhile counts
+        nothing."""
         total = 0.0
         for pid in process_tree(self.pid):
             try:
-                total += measure(pid)
+                total += (measure if pid == self.pid else descendants or measure)(pid)
             except OSError:
                 pass
         return total
@@ -148,8 +150,9 @@ class Child:
         return self._tree_sum(cpu_seconds)
 
     def rss(self) -> int:
-        """Resident memory, in bytes."""
-        return int(self._tree_sum(rss_bytes))
+        """Resident memory, in bytes: the process's own, and what its children add to it
+        (their private pages; the libraries they share with it are resident once)."""
+        return int(self._tree_sum(rss_bytes, private_bytes))
 
     def stop(self, polite: bool = True) -> None:
         """Ask it to stop (stop command or SIGTERM), then kill it if it does not."""
@@ -291,8 +294,8 @@ class Bench:
             if library:
                 recv = [c.spawn("client", nick="lib", progress=progress)]
             else:
-                recv = [c.spawn("recv", count=n, index=i, nick=f"p{i}x", progress=progress,
-                                latency=latency)
+                recv = [c.spawn("recv", count=n, index=i, nick=f"p{i}x", latency=latency,
+                                progress=progress if mode == "window" else None)
                         for i, n in enumerate(split(receivers, procs))]
             for r in recv:
                 r.expect("ready", 120)

@@ -32,6 +32,7 @@ from peers import Loop, Peer, data_text, make_peer, new_context, probe_text, rea
 
 PROBE_EVERY: Final = 0.02     # seconds between probes while waiting for receivers to sync
 PROGRESS_EVERY: Final = 0.001  # seconds: how often a receiver process reports its slowest
+CHECK_EVERY: Final = 0.01     # seconds: how often receivers without reports look at their state
 ANNOUNCE_EVERY: Final = 0.02  # seconds between a forwarder client's "I am here" messages
 
 
@@ -196,9 +197,12 @@ class Receivers(Role):
         super().__init__(args)
         for i in range(args.count):
             self.peer(f"{args.nick}{i}", args.room, latency=args.latency).start()
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.push.linger = 0
-        self.push.connect(args.progress)
+        self.push: zmq.Socket | None = None  # no --progress: a steady-rate run, no reports
+        if args.progress:
+            self.push = self.ctx.socket(zmq.PUSH)
+            self.push.linger = 0
+            self.push.connect(args.progress)
+        self.every = PROGRESS_EVERY if self.push else CHECK_EVERY
         self.reported = -1
         self.next_report = 0.0
         self.synced = False
@@ -209,10 +213,11 @@ class Receivers(Role):
     def tick(self, now: float) -> float | None:
         wait = self.heartbeats(now)
         if now >= self.next_report:
-            self.next_report = now + PROGRESS_EVERY
-            floor = min(p.tally.total for p in self.peers)
-            if floor != self.reported and report(self.push, self.args.index, floor):
-                self.reported = floor
+            self.next_report = now + self.every
+            if self.push is not None:
+                floor = min(p.tally.total for p in self.peers)
+                if floor != self.reported and report(self.push, self.args.index, floor):
+                    self.reported = floor
             if not self.synced and all(p.tally.synced for p in self.peers):
                 self.synced = True
                 emit(synced=True)

@@ -246,9 +246,6 @@ class Peer:
         """W4 on a baseline: a message that comes back once this peer is in (own_ns is set)."""
         self.say([probe_text(self.nick)])
 
-    def close(self) -> None:
-        raise NotImplementedError
-
     def _event(self, text: str) -> bytes:
         """The same event the broker would publish, numbered by this sender."""
         self.seq += 1
@@ -270,14 +267,7 @@ class BrokerPeer(Peer):
         self.live = False
         self.early: list[dict[str, Any]] = []  # events heard before LIVE said where to start
         self.says = self.acked = 0             # SAY requests sent, and acknowledged
-        self.dealer = ctx.socket(zmq.DEALER)
-        self.dealer.linger = 0
-        self.dealer.connect(f"tcp://{host}:{port}")
-        self.dealer_fd = loop.register(self.dealer, self._on_dealer)
-        self.sub = ctx.socket(zmq.XSUB)
-        self.sub.linger = 0
-        self.sub.setsockopt(zmq.RCVHWM, 10000)  # as client.py does
-        self.sub_fd = loop.register(self.sub, self._on_sub)
+        self.ctx, self.port = ctx, port        # start() connects: W4's storm times that too
 
     @property
     def can_ping(self) -> bool:
@@ -285,6 +275,14 @@ class BrokerPeer(Peer):
 
     def start(self) -> None:
         super().start()
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.linger = 0
+        self.dealer.connect(f"tcp://{self.host}:{self.port}")
+        self.dealer_fd = self.loop.register(self.dealer, self._on_dealer)
+        self.sub = self.ctx.socket(zmq.XSUB)
+        self.sub.linger = 0
+        self.sub.setsockopt(zmq.RCVHWM, 10000)  # as client.py does
+        self.sub_fd = self.loop.register(self.sub, self._on_sub)
         self._request(m.Kind.HELLO, b"hello", {"version": m.VERSION, "nick": self.nick,
                                                 "bot": True, "resume": False,
                                                 "token": secrets.token_hex(8)})
@@ -370,10 +368,6 @@ class BrokerPeer(Peer):
             else:
                 self.early.extend(events)
 
-    def close(self) -> None:
-        self.dealer.close(linger=0)
-        self.sub.close(linger=0)
-
 
 class ForwarderPeer(Peer):
     """A client of bench/raw_forwarder.py: DEALER in, SUB out on the room's plain topic."""
@@ -384,19 +378,21 @@ class ForwarderPeer(Peer):
         self.heartbeat = 2.0  # as the broker's default: a message to a topic nobody hears
         self.topic = m.room_topic(room, "0")
         self.own_topic = b"\x00me\x00" + nick.encode()  # for announce(): heard by us alone
-        self.dealer = ctx.socket(zmq.DEALER)
+        self.ctx, self.host, self.port, self.pub_port = ctx, host, port, pub_port
+
+    def start(self) -> None:
+        """Connect (W4's storm times this too) and subscribe."""
+        super().start()
+        self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.linger = 0
-        self.dealer.connect(f"tcp://{host}:{port}")
-        self.sub = ctx.socket(zmq.SUB)
+        self.dealer.connect(f"tcp://{self.host}:{self.port}")
+        self.sub = self.ctx.socket(zmq.SUB)
         self.sub.linger = 0
         if self.listen:
             self.sub.setsockopt(zmq.SUBSCRIBE, self.topic)
             self.sub.setsockopt(zmq.SUBSCRIBE, self.own_topic)
-            self.sub.connect(f"tcp://{host}:{pub_port}")
-            loop.register(self.sub, self._on_sub)  # the DEALER hears nothing: not watched
-
-    def start(self) -> None:
-        super().start()
+            self.sub.connect(f"tcp://{self.host}:{self.pub_port}")
+            self.loop.register(self.sub, self._on_sub)  # the DEALER hears nothing: not watched
         self.ready = True  # the subscription takes effect some time later: probes show when
 
     def say(self, texts: list[str]) -> None:
@@ -425,10 +421,6 @@ class ForwarderPeer(Peer):
                 tally.own_ns = tally.own_ns or time.monotonic_ns()
                 continue
             tally.ingest(m.decode_batch(frames), time.monotonic_ns())
-
-    def close(self) -> None:
-        self.dealer.close(linger=0)
-        self.sub.close(linger=0)
 
 
 class ThreadPeer(Peer):
@@ -497,10 +489,6 @@ class ThreadPeer(Peer):
         loads = json.loads
         self.tally.ingest([loads(line) for line in lines], time.monotonic_ns())
 
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-
 
 def make_peer(system: str, loop: Loop, ctx: zmq.Context, addr: dict[str, Any], nick: str,
               room: str, **kw: Any) -> Peer:
@@ -555,3 +543,13 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def private_bytes(pid: int) -> int:
+    """Memory only this process holds (Linux /proc: its private clean and dirty pages)."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
