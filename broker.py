@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -469,10 +470,21 @@ class Broker:
             self.store.bind_nick(s.key, key)
         self.by_rid[rid], self.by_nick[s.key], self.by_sid[s.sid] = s, s, s
         log.info("hello %s%s", nick, " (resume)" if b["resume"] else "")
+        if b["resume"] and b["privates_since"] is not None:
+            self._replay_privates(s, b["privates_since"])
         return {"nick": nick, "version": m.VERSION, "pub_port": self.pub_port,
                 "motd": self.motd, "rooms": list(self.rooms), "heartbeat": self.cfg.heartbeat,
                 "rate": self.cfg.rate, "burst": self.cfg.burst,
-                "max_text": m.MAX_TEXT, "max_batch": m.MAX_BATCH}
+                "max_text": m.MAX_TEXT, "max_batch": m.MAX_BATCH, "time": time.time()}
+
+    def _replay_privates(self, s: Session, since: float) -> None:
+        """Push again the private messages to this client since `since`: one may have gone
+        to its old connection while that was dying. Only for a client known by more than its
+        nick (a resume token or a CURVE key): a nick alone could be someone else's now."""
+        if s.owner.startswith("nick:"):
+            return
+        for data in self.store.privates_to(s.owner, since, m.MAX_HISTORY):
+            self._push(s, Reply.PRIVATE, {"event": json.loads(data)})
 
     def _on_join(self, s: Session, req: m.Request) -> dict[str, Any]:
         name = req.body["room"]
@@ -551,7 +563,7 @@ class Broker:
                  "ts": ts, "cmid": b["id"], "bot": s.bot}
         if b["hops"] is not None:
             event["hops"] = b["hops"]
-        self.store.append_private(ts, s.owner, target.key, b["id"], m.dumps(event))
+        self.store.append_private(ts, s.owner, target.owner, b["id"], m.dumps(event))
         self._push(target, Reply.PRIVATE, {"event": event})
         return {"to": target.nick, "id": b["id"], "event": event}
 

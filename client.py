@@ -35,6 +35,7 @@ log = logging.getLogger("client")
 BACKOFF_CAP = 10.0        # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000       # a ZeroMQ handshake with a stopped broker gives up after this
 MINE_MEMORY = 100_000     # message ids of ours remembered, to mark our own echoes
+PRIVATE_MEMORY = 1_000    # private message ids remembered, to drop one pushed again
 
 
 class ChatError(Exception):
@@ -123,6 +124,8 @@ class Client:
         self._closing = False
         self._closed = False
         self._mine: OrderedDict[str, None] = OrderedDict()   # our recent message ids
+        self._privates: OrderedDict[str, None] = OrderedDict()  # ids of privates we had
+        self._privates_since: float | None = None  # broker time: ask for privates after it
         self._resuming: asyncio.Task | None = None
         self._last_heard = time.monotonic()
 
@@ -319,8 +322,12 @@ class Client:
     async def _hello(self, *, resume: bool) -> None:
         body = {"version": m.VERSION, "nick": self.nick, "bot": self.bot, "resume": resume,
                 "token": self._token}
+        if resume and self._privates_since is not None:
+            body["privates_since"] = self._privates_since  # any pushed to a dying connection
         reply = await self._request_once(m.Kind.HELLO, body, self.timeout if not resume
                                          else max(1.0, self.heartbeat))
+        if self._privates_since is None and isinstance(reply.get("time"), (int, float)):
+            self._privates_since = float(reply["time"])
         self.welcome = reply
         self.nick = reply["nick"]
         self.heartbeat = float(reply.get("heartbeat", 2.0))
@@ -475,7 +482,8 @@ class Client:
         room = body.get("room")
         if kind == m.Reply.PRIVATE:
             ev = body.get("event", {})
-            self._events.put_nowait(Event.from_wire(ev, mine=False))
+            if self._new_private(ev):
+                self._events.put_nowait(Event.from_wire(ev, mine=False))
         elif kind == m.Reply.GRANT and room in self.rooms:
             self._subscribe(room, str(body.get("grant")))
         elif kind == m.Reply.LIVE and room in self.rooms:
@@ -547,6 +555,21 @@ class Client:
             log.info("history repair of %s stopped: %s", room, err)
         finally:
             state.fetching = False
+
+    def _new_private(self, ev: dict[str, Any]) -> bool:
+        """Whether a pushed private message is news (after a reconnect the broker pushes
+        again those sent since the last one we had); moves our privates_since on."""
+        cmid = ev.get("cmid")
+        if isinstance(cmid, str):
+            if cmid in self._privates:
+                return False
+            self._privates[cmid] = None
+            if len(self._privates) > PRIVATE_MEMORY:
+                self._privates.popitem(last=False)
+        ts = ev.get("ts")
+        if isinstance(ts, (int, float)) and self._privates_since is not None:
+            self._privates_since = max(self._privates_since, float(ts))
+        return True
 
     def _is_mine(self, ev: dict[str, Any]) -> bool:
         """Ours if it carries one of our message ids, or (joins, nick changes) our nick."""

@@ -242,6 +242,21 @@ def _say_items(body: dict) -> list[dict[str, Any]]:
 
 
 # One validator per kind: checks the body and returns the fields the broker may rely on.
+def _time(b: dict, name: str) -> float | None:
+    """An optional time (UTC seconds) as a float: SQLite takes any float, and no integer too
+    large for one gets through."""
+    value = b.get(name)
+    if value is None:
+        return None
+    try:
+        value = float(value) if not isinstance(value, (bool, str)) else math.nan
+    except (TypeError, OverflowError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ProtocolError(Code.BAD_REQUEST, f"field '{name}' must be a number (UTC seconds)")
+    return value
+
+
 def _v_hello(b: dict) -> dict:
     version = b.get("version")
     if type(version) is not int or version not in VERSIONS:  # true == 1.0 == 1 in Python
@@ -250,7 +265,8 @@ def _v_hello(b: dict) -> dict:
                             f"versions: {', '.join(map(str, VERSIONS))}", versions=list(VERSIONS))
     return {"nick": check_nick(b.get("nick")), "bot": b.get("bot") is True,
             "resume": b.get("resume") is True,
-            "token": _text(b, "token", MAX_CMID, required=False) or ""}
+            "token": _text(b, "token", MAX_CMID, required=False) or "",
+            "privates_since": _time(b, "privates_since")}
 
 
 def _v_join(b: dict) -> dict:
@@ -298,16 +314,8 @@ def _v_topic(b: dict) -> dict:
 
 def _v_history(b: dict) -> dict:
     limit = _int(b, "limit", low=1)
-    since = b.get("since")
-    if since is not None:
-        try:  # a float: SQLite takes any, and no integer too large for it gets through
-            since = float(since) if not isinstance(since, (bool, str)) else math.nan
-        except (TypeError, OverflowError):
-            since = math.nan
-        if not math.isfinite(since):
-            raise ProtocolError(Code.BAD_REQUEST, "field 'since' must be a number (UTC seconds)")
     return {"room": check_room(b.get("room")), "after": _int(b, "after"),
-            "before": _int(b, "before"), "since": since,
+            "before": _int(b, "before"), "since": _time(b, "since"),
             "limit": min(limit or 50, MAX_HISTORY)}
 
 

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS privates (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
     cmid TEXT, data TEXT NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS privates_cmid ON privates (cmid) WHERE cmid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS privates_to ON privates (recipient, ts);
 CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, nick TEXT NOT NULL,
     PRIMARY KEY (room, nick)) WITHOUT ROWID;
@@ -502,6 +503,14 @@ class Store:
                                f"ORDER BY seq {order} LIMIT ?", (*args, limit)).fetchall()
         texts = [r[0] for r in rows]
         return texts if order == "ASC" else texts[::-1]
+
+    def privates_to(self, recipient: str, since: float, limit: int) -> list[str]:
+        """Private messages to `recipient` (an owner, as Session.owner names it) at or after
+        `since`, oldest first, as stored JSON texts."""
+        self.sync()
+        rows = self.db.execute("SELECT data FROM privates WHERE recipient=? AND ts>=? "
+                               "ORDER BY ts, id LIMIT ?", (recipient, since, limit)).fetchall()
+        return [r[0] for r in rows]
 
 
 class CmidFilter:

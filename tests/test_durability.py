@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -204,9 +205,9 @@ def test_paused_subscriber_catches_up_without_slowing_others(make_broker_process
         slow.wait()
 
 
-class DropFirstAck:
-    """A ZeroMQ relay between clients and the broker's command port that swallows the first
-    reply to a SAY: a real lost acknowledgement on a real socket."""
+class Relay:
+    """A ZeroMQ relay between clients and the broker's command port, one DEALER to the broker
+    per client connection: real sockets, with up() and down() deciding what passes."""
 
     def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
         self.front = ctx.socket(zmq.ROUTER)
@@ -214,9 +215,15 @@ class DropFirstAck:
         self.port = self.front.bind_to_random_port("tcp://127.0.0.1")
         self.ctx, self.broker_port = ctx, broker_port
         self.backs: dict[bytes, zmq.asyncio.Socket] = {}
-        self.says: set[bytes] = set()
-        self.dropped = 0
         self.task = asyncio.create_task(self.run())
+
+    def up(self, rid: bytes, frames: list[bytes]) -> bool:
+        """Whether a request from client connection `rid` goes on to the broker."""
+        return True
+
+    def down(self, rid: bytes, frames: list[bytes]) -> bool:
+        """Whether a reply or push for client connection `rid` goes on to it."""
+        return True
 
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()
@@ -225,21 +232,39 @@ class DropFirstAck:
             for sock, _ in await poller.poll():
                 if sock is self.front:
                     rid, *frames = await self.front.recv_multipart()
+                    if not self.up(rid, frames):
+                        continue
                     if rid not in self.backs:
                         back = self.backs[rid] = self.ctx.socket(zmq.DEALER)
                         back.linger = 0
                         back.connect(f"tcp://127.0.0.1:{self.broker_port}")
                         poller.register(back, zmq.POLLIN)
-                    if frames[0] == b"SAY":
-                        self.says.add(frames[1])
                     await self.backs[rid].send_multipart(frames)
                 else:
                     frames = await sock.recv_multipart()
                     rid = next(r for r, s in self.backs.items() if s is sock)
-                    if frames[1] in self.says and not self.dropped:
-                        self.dropped += 1
-                        continue
-                    await self.front.send_multipart([rid, *frames])
+                    if self.down(rid, frames):
+                        await self.front.send_multipart([rid, *frames])
+
+
+class DropFirstAck(Relay):
+    """A relay that swallows the first reply to a SAY: a real lost acknowledgement."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
+        self.says: set[bytes] = set()
+        self.dropped = 0
+        super().__init__(ctx, broker_port)
+
+    def up(self, rid: bytes, frames: list[bytes]) -> bool:
+        if frames[0] == b"SAY":
+            self.says.add(frames[1])
+        return True
+
+    def down(self, rid: bytes, frames: list[bytes]) -> bool:
+        if frames[1] in self.says and not self.dropped:
+            self.dropped += 1
+            return False
+        return True
 
 
 def test_lost_acknowledgement_is_retried_without_duplicate(broker, tmp_path):
@@ -255,6 +280,52 @@ def test_lost_acknowledgement_is_retried_without_duplicate(broker, tmp_path):
         stored = [e for e in db_events(Path(broker.cfg.db)) if e["text"] == "only once"]
         assert [e["seq"] for e in stored] == [seq]
         assert [e.text for e in b.events if e.kind == "msg"] == ["only once"]
+        relay.task.cancel()
+        await close_all([a, b])
+
+    asyncio.run(scenario())
+
+
+class DeadAfterPrivate(Relay):
+    """A relay whose first connection to carry a PRIVATE push dies with it (the push lost
+    with it, or delivered just before): from then on nothing passes either way on that
+    connection, a cable pulled while the broker still holds the session. A new connection
+    from the client works."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int, *, lose: bool) -> None:
+        self.lose = lose
+        self.dead: set[bytes] = set()
+        super().__init__(ctx, broker_port)
+
+    def up(self, rid: bytes, frames: list[bytes]) -> bool:
+        return rid not in self.dead
+
+    def down(self, rid: bytes, frames: list[bytes]) -> bool:
+        if rid in self.dead:
+            return False
+        if frames[0] == b"PRIVATE" and not self.dead:
+            self.dead.add(rid)
+            return not self.lose
+        return True
+
+
+@pytest.mark.parametrize("lose", [True, False], ids=["push-lost", "push-delivered"])
+def test_private_message_to_a_dying_connection_arrives_once_after_reconnect(broker, lose):
+    """A private message the broker pushed to a connection that was dying (acknowledged to
+    its sender) reaches the recipient once: sent again after the reconnect if it was lost
+    on the way, not shown twice if it had arrived."""
+    async def scenario() -> None:
+        relay = DeadAfterPrivate(zmq.asyncio.Context.instance(), broker.port, lose=lose)
+        a = await Member(broker.port, "ann").start()
+        b = await Member(relay.port, "ben").start()
+        sent = await a.client.msg("ben", "one")   # pushed to ben as his connection dies
+        assert sent["text"] == "one" and sent["to"] == "ben"
+        await until(lambda: relay.dead, 5, "the relay to lose the push")
+        await until(lambda: "reconnected" in b.statuses(), 10, "ben to reconnect")
+        await a.client.msg("ben", "two")
+        privates = lambda: [e.text for e in b.events if e.kind == "private"]  # noqa: E731
+        await until(lambda: "two" in privates(), 5, "the private after the reconnect")
+        assert privates() == ["one", "two"]
         relay.task.cancel()
         await close_all([a, b])
 

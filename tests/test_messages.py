@@ -42,8 +42,9 @@ def refused(frames: list[bytes]) -> ProtocolError:
 
 # kind -> (body the client sends, fields the broker gets after validation)
 ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
-    Kind.HELLO: ({"version": 1, "nick": "alice", "bot": True},
-                 {"nick": "alice", "bot": True, "resume": False, "token": ""}),
+    Kind.HELLO: ({"version": 1, "nick": "alice", "bot": True, "privates_since": 1700000000},
+                 {"nick": "alice", "bot": True, "resume": False, "token": "",
+                  "privates_since": 1700000000.0}),
     Kind.JOIN: ({"room": "dev", "resume": True}, {"room": "dev", "resume": True}),
     Kind.LEAVE: ({"room": "dev"}, {"room": "dev"}),
     Kind.SAY: ({"room": "dev", "msgs": [{"id": "c1", "text": "héllo ✓"},
@@ -206,6 +207,10 @@ BAD_REQUESTS: list[tuple[str, list[bytes], Code]] = [
     ("history before float", raw("HISTORY", {"room": "dev", "before": 2.5}), Code.BAD_REQUEST),
     ("history since string", raw("HISTORY", {"room": "dev", "since": "today"}), Code.BAD_REQUEST),
     ("history since bool", raw("HISTORY", {"room": "dev", "since": False}), Code.BAD_REQUEST),
+    ("hello privates_since string", raw("HELLO", {"version": 1, "nick": "alice",
+                                                  "privates_since": "now"}), Code.BAD_REQUEST),
+    ("hello privates_since huge", raw("HELLO", {"version": 1, "nick": "alice",
+                                                "privates_since": 10 ** 400}), Code.BAD_REQUEST),
     ("bye reason number", raw("BYE", {"reason": 3}), Code.BAD_REQUEST),
     ("topic text number", raw("TOPIC", {"room": "dev", "text": 3}), Code.BAD_REQUEST),
     ("join room number", raw("JOIN", {"room": 5}), Code.ROOM_INVALID),
@@ -402,7 +407,7 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), a
 json_values = st.one_of(json_scalars, st.lists(json_scalars, max_size=3),
                         st.dictionaries(any_text, json_scalars, max_size=3))
 FIELDS = ["version", "nick", "bot", "resume", "room", "msgs", "relay", "to", "text", "id",
-          "action", "limit", "since", "after", "before", "reason"]
+          "action", "limit", "since", "after", "before", "reason", "privates_since"]
 say_item = st.one_of(st.dictionaries(st.sampled_from(["id", "text", "action"]), json_scalars,
                                      max_size=3), json_scalars)
 bodies = st.one_of(

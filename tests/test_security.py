@@ -162,6 +162,42 @@ def test_history_of_a_room_not_joined_is_refused(broker):
     s.close()
 
 
+def test_private_messages_are_sent_again_only_to_their_recipient(broker):
+    """After a reconnect the broker pushes again the private messages sent since the time
+    the client names: to the same client (the same resume token) only. Whoever takes the
+    nick later, with another token or none, gets nothing of them."""
+    ctx = zmq.Context.instance()
+    alice, bob = raw_dealer(ctx, broker.port), raw_dealer(ctx, broker.port)
+    welcome = call(alice, "HELLO", {"version": 1, "nick": "alice", "token": "a" * 32}).body
+    hello(bob, "bob")
+    assert call(bob, "PRIV", {"to": "alice", "text": "for alice", "id": "b1"}).kind == "OK"
+    call(alice, "BYE", {})
+    alice.close()
+
+    def privates_on_resume(token: str | None, since: float) -> list[str]:
+        s = raw_dealer(ctx, broker.port)
+        body = {"version": 1, "nick": "alice", "resume": True, "privates_since": since}
+        if token is not None:
+            body["token"] = token
+        s.send_multipart(m.encode_request("HELLO", b"h", body))
+        frames = drain(s, 300)   # the pushes, and the reply
+        assert [f[0] for f in frames if f[1] == b"h"] == [b"OK"], frames
+        call(s, "BYE", {})
+        s.close()
+        return [json.loads(f[2])["event"]["text"] for f in frames if f[0] == b"PRIVATE"]
+
+    assert privates_on_resume("m" * 32, 0) == []             # another client, same nick
+    assert privates_on_resume(None, 0) == []                 # no token: a nick proves nothing
+    assert privates_on_resume("a" * 32, welcome["time"]) == ["for alice"]
+    assert privates_on_resume("a" * 32, time.time() + 60) == []  # none since then
+    bad = raw_dealer(ctx, broker.port)
+    resp = call(bad, "HELLO", {"version": 1, "nick": "carol", "resume": True,
+                               "privates_since": "yesterday"})
+    assert resp.kind == "ERROR" and resp.body["code"] == "BAD_REQUEST"
+    bad.close()
+    bob.close()
+
+
 def test_claimed_sender_is_replaced_by_the_real_one(broker):
     """A payload claiming to be from someone else is published under the real sender."""
     ctx = zmq.Context.instance()
