@@ -27,7 +27,8 @@ from conftest import BrokerProcess  # noqa: E402
 VALUES = [None, 0, -1, 1, 2**70, 1e308, True, "", "lobby", "x" * 5000, "\x1b[2J", "\ud800",
           [], {}, [{"id": "a", "text": "b"}], [{"id": 1}], "work", "alice", "../etc"]
 FIELDS = ["room", "nick", "msgs", "text", "version", "id", "limit", "after", "before",
-          "since", "to", "reason", "grant", "resume", "token", "hops", "relay"]
+          "since", "to", "reason", "grant", "resume", "token", "hops", "relay",
+          "privates_since"]
 
 
 def random_request(rng: random.Random, i: int) -> list[bytes]:
