@@ -39,6 +39,8 @@ FLUSH_EVENTS: Final = 128    # pending events that make a pass flush early: a pi
 LISTEN_BACKLOG: Final = 4096  # connections waiting to be accepted (the kernel caps it)
 GRANT_TTL: Final = 120       # seconds a grant may wait before it is used
 MAX_ROOMS: Final = 1000      # rooms /join may create: one client cannot fill memory
+REPLAY_WINDOW: Final = 600   # seconds back a resuming client may be sent private messages again
+MIN_REPLAY_TOKEN: Final = 16 # a shorter resume token proves too little to be sent them
 # Plain ints: pyzmq's flag enums cost microseconds per use, and the loop sends every event.
 _NOBLOCK: Final = int(zmq.NOBLOCK)
 _MORE: Final = int(zmq.NOBLOCK | zmq.SNDMORE)
@@ -163,6 +165,7 @@ class Broker:
         self.was_member: set[tuple[str, str]] = self.store.take_members()
         self.pending: dict[str, list[bytes]] = {}      # room -> encoded events to publish
         self.pending_events = 0                        # how many events that is
+        self.private_time = 0.0                        # _private_clock()'s last reading
         self.outbox: list[list[bytes]] = []            # [rid, kind, label, body] to send
         self.stopping = False
         self.handlers: dict[Kind, Handler] = {
@@ -457,34 +460,51 @@ class Broker:
                 raise ProtocolError(Code.NICK_TAKEN,
                                     f"the nickname {nick} belongs to another key")
         holder = self.by_nick.get(m.nick_key(nick))
-        if holder is not None:
-            if b["resume"] and b["token"] and hmac.compare_digest(holder.token, b["token"]):
-                self._drop(holder, "", "replaced", quiet=True)
-            else:
-                raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
+        if holder is not None and not (b["resume"] and b["token"]
+                                       and hmac.compare_digest(holder.token, b["token"])):
+            raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
         now = time.monotonic()
         s = Session(rid, secrets.token_hex(8), nick, b["token"], b["bot"],
                     Bucket(self.cfg.rate, self.cfg.burst, self.cfg.burst, now), now)
         s.pubkey = key
+        missed = self._missed_privates(s, b["privates_since"]) if b["resume"] else []
+        if holder is not None:  # the same client, back on a new connection
+            self._drop(holder, "", "replaced", quiet=True)
         if self.curve:
             self.store.bind_nick(s.key, key)
         self.by_rid[rid], self.by_nick[s.key], self.by_sid[s.sid] = s, s, s
         log.info("hello %s%s", nick, " (resume)" if b["resume"] else "")
-        if b["resume"] and b["privates_since"] is not None:
-            self._replay_privates(s, b["privates_since"])
+        for event in missed:
+            self._push(s, Reply.PRIVATE, {"event": event})
         return {"nick": nick, "version": m.VERSION, "pub_port": self.pub_port,
                 "motd": self.motd, "rooms": list(self.rooms), "heartbeat": self.cfg.heartbeat,
                 "rate": self.cfg.rate, "burst": self.cfg.burst,
-                "max_text": m.MAX_TEXT, "max_batch": m.MAX_BATCH, "time": time.time()}
+                "max_text": m.MAX_TEXT, "max_batch": m.MAX_BATCH,
+                "time": self._private_clock()}
 
-    def _replay_privates(self, s: Session, since: float) -> None:
-        """Push again the private messages to this client since `since`: one may have gone
-        to its old connection while that was dying. Only for a client known by more than its
-        nick (a resume token or a CURVE key): a nick alone could be someone else's now."""
-        if s.owner.startswith("nick:"):
-            return
-        for data in self.store.privates_to(s.owner, since, m.MAX_HISTORY):
-            self._push(s, Reply.PRIVATE, {"event": json.loads(data)})
+    def _missed_privates(self, s: Session, since: float | None) -> list[dict[str, Any]]:
+        """For a resume: the private messages to this client at or after `since` (one may
+        have gone to its old connection as it died). Only those sent to the identity it
+        proves (a CURVE key, or a resume token of MIN_REPLAY_TOKEN characters or more; a nick
+        proves nothing) under the nick it has now, in the last REPLAY_WINDOW seconds: the
+        latest m.MAX_HISTORY of them. Read before the HELLO changes anything."""
+        if since is None or (not s.pubkey and len(s.token) < MIN_REPLAY_TOKEN):
+            return []
+        since = max(since, self._private_clock() - REPLAY_WINDOW)
+        try:
+            stored = self.store.privates_to(s.owner, since, m.MAX_HISTORY)
+        except StoreError as exc:  # the client still gets in; only this replay is missing
+            log.error("private messages for %s not read: %s", s.nick, exc)
+            return []
+        events = [json.loads(data) for data in stored]
+        return [ev for ev in events if m.nick_key(str(ev.get("to", ""))) == s.key]
+
+    def _private_clock(self) -> float:
+        """UTC seconds that never go back while the broker runs (even if the system clock
+        does): private messages are stamped with it, and a resuming client asks for those
+        since a time it gave."""
+        self.private_time = max(time.time(), self.private_time)
+        return self.private_time
 
     def _on_join(self, s: Session, req: m.Request) -> dict[str, Any]:
         name = req.body["room"]
@@ -558,7 +578,7 @@ class Broker:
                 raise ProtocolError(Code.BAD_REQUEST, "a message id already used by another")
             return {"to": target.nick, "id": b["id"], "duplicate": True}
         self._charge(s, 1)
-        ts = time.time()
+        ts = self._private_clock()
         event = {"kind": "private", "nick": s.nick, "to": target.nick, "text": b["text"],
                  "ts": ts, "cmid": b["id"], "bot": s.bot}
         if b["hops"] is not None:

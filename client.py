@@ -125,6 +125,8 @@ class Client:
         self._closed = False
         self._mine: OrderedDict[str, None] = OrderedDict()   # our recent message ids
         self._privates: OrderedDict[str, None] = OrderedDict()  # ids of privates we had
+        self._joining: set[str] = set()          # rooms whose JOIN is under way
+        self._kicked_joining: set[str] = set()   # ... and which a KICKED came for meanwhile
         self._privates_since: float | None = None  # broker time: ask for privates after it
         self._resuming: asyncio.Task | None = None
         self._last_heard = time.monotonic()
@@ -153,9 +155,8 @@ class Client:
 
     async def join(self, room: str, *, backlog: int | None = None) -> dict[str, Any]:
         """Enter a room: the last `backlog` events arrive first (backlog=True), then live ones."""
-        reply = await self.request(m.Kind.JOIN, {"room": room})
-        await self._enter(room, reply, self.backlog if backlog is None else backlog)
-        return reply
+        return await self._join(room, {"room": room},
+                                self.backlog if backlog is None else backlog)
 
     async def leave(self, room: str) -> None:
         self.rooms.pop(room, None)
@@ -362,14 +363,12 @@ class Client:
                 await self._hello(resume=True)
                 for room in list(self.rooms):
                     try:
-                        reply = await self.request(m.Kind.JOIN, {"room": room, "resume": True})
+                        await self._join(room, {"room": room, "resume": True}, 0)
                     except ChatError as err:
                         if err.code in ("TIMEOUT", "DISCONNECTED"):
                             raise
                         self.rooms.pop(room, None)   # gone, or we were banned meanwhile
                         self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)
-                        continue
-                    await self._enter(room, reply, 0)
                 self._emit_status("reconnected")
                 self._work.set()
                 return
@@ -383,13 +382,32 @@ class Client:
             delay = min(BACKOFF_CAP, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
 
+    async def _join(self, room: str, body: dict[str, Any], backlog: int) -> dict[str, Any]:
+        """JOIN, then enter the room, unless a KICKED for it came in between (with the
+        reply, before this task was back): then we stay out."""
+        self._joining.add(room)
+        try:
+            reply = await self.request(m.Kind.JOIN, body)
+            if room not in self._kicked_joining:
+                await self._enter(room, reply, backlog)
+            return reply
+        finally:
+            self._joining.discard(room)
+            self._kicked_joining.discard(room)
+
     async def _enter(self, room: str, reply: dict[str, Any], backlog: int) -> None:
         seq = int(reply["seq"])
         state = self.rooms.get(room)
         if state is None or seq < state.last:  # new room, or a broker whose history restarted
             state = self.rooms[room] = _Room(last=seq, target=seq)
             if backlog and seq:
-                for ev in await self.history(room, limit=backlog, before=seq + 1):
+                try:
+                    events = await self.history(room, limit=backlog, before=seq + 1)
+                except ChatError:
+                    if room not in self.rooms:  # kicked meanwhile (the KICKED push said so)
+                        return
+                    raise
+                for ev in events:
                     self._events.put_nowait(ev)
         self._subscribe(room, reply["grant"])
 
@@ -489,8 +507,10 @@ class Client:
         elif kind == m.Reply.LIVE and room in self.rooms:
             self._unsubscribe_used(room)
             self._known(room, int(body.get("seq", 0)))
-        elif kind == m.Reply.KICKED and room in self.rooms:
-            del self.rooms[room]
+        elif kind == m.Reply.KICKED and (room in self.rooms or room in self._joining):
+            self.rooms.pop(room, None)
+            if room in self._joining:  # the JOIN's reply is in, its caller not yet back
+                self._kicked_joining.add(room)
             verb = "banned" if body.get("kind") == "ban" else "kicked"
             reason = f" ({body.get('reason')})" if body.get("reason") else ""
             self._emit_status(f"you were {verb} from {room} by {body.get('by')}{reason}",

@@ -281,6 +281,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: {exc}") from None
         self._lines: list[bytes] = []   # this pass's records, as log lines
+        self._privates_logged = False   # a private message logged since the last sync()
         self._writer: subprocess.Popen[bytes] | None = None
         self._start_writer()
         self.sync()  # what the last run logged is in SQLite before anyone reads it
@@ -373,6 +374,7 @@ class Store:
         answer = self._ask_writer(b"sync")
         if answer != "ok":
             raise StoreError(f"{self.path}: history not written: {answer}")
+        self._privates_logged = False
 
     def close(self) -> None:
         self.commit()
@@ -435,6 +437,7 @@ class Store:
                        data: bytes) -> None:
         self._lines.append(encode_record(("private", ts, sender, recipient, cmid,
                                           data.decode("utf-8"))))
+        self._privates_logged = True
         self._remember(cmid, (sender, "", 0))
 
     def commit(self) -> None:
@@ -505,12 +508,15 @@ class Store:
         return texts if order == "ASC" else texts[::-1]
 
     def privates_to(self, recipient: str, since: float, limit: int) -> list[str]:
-        """Private messages to `recipient` (an owner, as Session.owner names it) at or after
-        `since`, oldest first, as stored JSON texts."""
-        self.sync()
+        """The last `limit` private messages to `recipient` (an owner, as Session.owner names
+        it) at or after `since`, oldest first, as stored JSON texts. Waits for the writer
+        only when a private message is still on its way to SQLite."""
+        if self._privates_logged:
+            self.sync()
         rows = self.db.execute("SELECT data FROM privates WHERE recipient=? AND ts>=? "
-                               "ORDER BY ts, id LIMIT ?", (recipient, since, limit)).fetchall()
-        return [r[0] for r in rows]
+                               "ORDER BY ts DESC, id DESC LIMIT ?",
+                               (recipient, since, limit)).fetchall()
+        return [r[0] for r in reversed(rows)]
 
 
 class CmidFilter:

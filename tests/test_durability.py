@@ -221,9 +221,10 @@ class Relay:
         """Whether a request from client connection `rid` goes on to the broker."""
         return True
 
-    def down(self, rid: bytes, frames: list[bytes]) -> bool:
-        """Whether a reply or push for client connection `rid` goes on to it."""
-        return True
+    def down(self, rid: bytes, frames: list[bytes]) -> list[list[bytes]]:
+        """What goes on to client connection `rid` when the broker sends it `frames` (a
+        reply or a push): by default just that."""
+        return [frames]
 
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()
@@ -243,8 +244,8 @@ class Relay:
                 else:
                     frames = await sock.recv_multipart()
                     rid = next(r for r, s in self.backs.items() if s is sock)
-                    if self.down(rid, frames):
-                        await self.front.send_multipart([rid, *frames])
+                    for out in self.down(rid, frames):
+                        await self.front.send_multipart([rid, *out])
 
 
 class DropFirstAck(Relay):
@@ -260,11 +261,11 @@ class DropFirstAck(Relay):
             self.says.add(frames[1])
         return True
 
-    def down(self, rid: bytes, frames: list[bytes]) -> bool:
+    def down(self, rid: bytes, frames: list[bytes]) -> list[list[bytes]]:
         if frames[1] in self.says and not self.dropped:
             self.dropped += 1
-            return False
-        return True
+            return []
+        return [frames]
 
 
 def test_lost_acknowledgement_is_retried_without_duplicate(broker, tmp_path):
@@ -300,13 +301,38 @@ class DeadAfterPrivate(Relay):
     def up(self, rid: bytes, frames: list[bytes]) -> bool:
         return rid not in self.dead
 
-    def down(self, rid: bytes, frames: list[bytes]) -> bool:
+    def down(self, rid: bytes, frames: list[bytes]) -> list[list[bytes]]:
         if rid in self.dead:
-            return False
+            return []
         if frames[0] == b"PRIVATE" and not self.dead:
             self.dead.add(rid)
-            return not self.lose
+            return [] if self.lose else [frames]
+        return [frames]
+
+
+class KickedWithJoinReply(Relay):
+    """A relay that holds the reply to a JOIN of `room` until a KICKED push comes, then
+    delivers both at once: the client reads the push before its join() call is back."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int, room: str) -> None:
+        self.room = room.encode()
+        self.joins: set[bytes] = set()
+        self.held: list[bytes] | None = None
+        super().__init__(ctx, broker_port)
+
+    def up(self, rid: bytes, frames: list[bytes]) -> bool:
+        if frames[0] == b"JOIN" and json.loads(frames[2]).get("room") == self.room.decode():
+            self.joins.add(frames[1])
         return True
+
+    def down(self, rid: bytes, frames: list[bytes]) -> list[list[bytes]]:
+        if frames[0] == b"OK" and frames[1] in self.joins:
+            self.held = frames
+            return []
+        if frames[0] == b"KICKED" and self.held is not None:
+            held, self.held = self.held, None
+            return [held, frames]
+        return [frames]
 
 
 @pytest.mark.parametrize("lose", [True, False], ids=["push-lost", "push-delivered"])
@@ -328,6 +354,30 @@ def test_private_message_to_a_dying_connection_arrives_once_after_reconnect(brok
         assert privates() == ["one", "two"]
         relay.task.cancel()
         await close_all([a, b])
+
+    asyncio.run(scenario())
+
+
+def test_kicked_before_join_returns_is_out_of_the_room(make_broker):
+    """A kick that reaches the client together with its JOIN's reply (an operator quick on
+    the join notice) leaves it out of the room, told why, and join() does not fail."""
+    broker = make_broker(ops=("boss",))
+
+    async def scenario() -> None:
+        relay = KickedWithJoinReply(zmq.asyncio.Context.instance(), broker.port, "work")
+        boss = await Member(broker.port, "boss", "work").start()
+        carol = await Member(relay.port, "carol", "lobby", backlog=5).start()
+        await boss.client.say("work", "something to have history")
+        joining = asyncio.create_task(carol.client.join("work"))
+        await until(lambda: any(e.kind == "join" and e.nick == "carol" for e in boss.events),
+                    5, "carol's join notice")
+        await boss.client.kick("work", "carol", "too quick")
+        await asyncio.wait_for(joining, 5)
+        await until(lambda: any("kicked from work" in t for t in carol.statuses()), 5,
+                    "carol told of the kick")
+        assert "work" not in carol.client.rooms
+        relay.task.cancel()
+        await close_all([boss, carol])
 
     asyncio.run(scenario())
 

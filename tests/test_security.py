@@ -164,32 +164,42 @@ def test_history_of_a_room_not_joined_is_refused(broker):
 
 def test_private_messages_are_sent_again_only_to_their_recipient(broker):
     """After a reconnect the broker pushes again the private messages sent since the time
-    the client names: to the same client (the same resume token) only. Whoever takes the
-    nick later, with another token or none, gets nothing of them."""
+    the client names: only to the same client (the same long resume token) under the same
+    nick. Whoever takes the nick later, with another token or none, or the token holder
+    under another nick, gets nothing; a short token proves too little."""
     ctx = zmq.Context.instance()
-    alice, bob = raw_dealer(ctx, broker.port), raw_dealer(ctx, broker.port)
-    welcome = call(alice, "HELLO", {"version": 1, "nick": "alice", "token": "a" * 32}).body
+    token, short = "a" * 32, "77aa01"
+    alice, amy, bob = (raw_dealer(ctx, broker.port) for _ in range(3))
+    welcome = call(alice, "HELLO", {"version": 1, "nick": "alice", "token": token}).body
+    assert call(amy, "HELLO", {"version": 1, "nick": "amy", "token": short}).kind == "OK"
     hello(bob, "bob")
-    assert call(bob, "PRIV", {"to": "alice", "text": "for alice", "id": "b1"}).kind == "OK"
-    call(alice, "BYE", {})
-    alice.close()
+    for to in ("alice", "amy"):
+        assert call(bob, "PRIV", {"to": to, "text": f"for {to}", "id": to}).kind == "OK"
+    for s in (alice, amy):
+        call(s, "BYE", {})
+        s.close()
 
-    def privates_on_resume(token: str | None, since: float) -> list[str]:
+    def privates_on_resume(nick: str, token: str | None, since: float) -> list[str]:
         s = raw_dealer(ctx, broker.port)
-        body = {"version": 1, "nick": "alice", "resume": True, "privates_since": since}
+        body = {"version": 1, "nick": nick, "resume": True, "privates_since": since}
         if token is not None:
             body["token"] = token
         s.send_multipart(m.encode_request("HELLO", b"h", body))
-        frames = drain(s, 300)   # the pushes, and the reply
-        assert [f[0] for f in frames if f[1] == b"h"] == [b"OK"], frames
+        frames = []
+        while not frames or frames[-1][1] != b"h":   # the pushes come before the reply
+            assert s.poll(3000), "no reply to HELLO"
+            frames.append(s.recv_multipart())
+        assert frames[-1][0] == b"OK", frames[-1]
         call(s, "BYE", {})
         s.close()
         return [json.loads(f[2])["event"]["text"] for f in frames if f[0] == b"PRIVATE"]
 
-    assert privates_on_resume("m" * 32, 0) == []             # another client, same nick
-    assert privates_on_resume(None, 0) == []                 # no token: a nick proves nothing
-    assert privates_on_resume("a" * 32, welcome["time"]) == ["for alice"]
-    assert privates_on_resume("a" * 32, time.time() + 60) == []  # none since then
+    assert privates_on_resume("alice", "m" * 32, 0) == []        # another client, same nick
+    assert privates_on_resume("alice", None, 0) == []            # no token: a nick proves nothing
+    assert privates_on_resume("mallory", token, 0) == []         # the token, another nick
+    assert privates_on_resume("amy", short, 0) == []             # a token too short to trust
+    assert privates_on_resume("alice", token, welcome["time"]) == ["for alice"]
+    assert privates_on_resume("alice", token, time.time() + 60) == []  # none since then
     bad = raw_dealer(ctx, broker.port)
     resp = call(bad, "HELLO", {"version": 1, "nick": "carol", "resume": True,
                                "privates_since": "yesterday"})
