@@ -127,6 +127,12 @@ class Session:
         return self._owner
 
 
+def private_recipient(s: Session) -> str:
+    """Whom a private message is stored for: the client's identity and its nick (a space
+    is in neither), so that only that client, under that nick, is sent it again."""
+    return f"{s.owner} {s.key}"
+
+
 @dataclass
 class Room:
     name: str
@@ -165,7 +171,6 @@ class Broker:
         self.was_member: set[tuple[str, str]] = self.store.take_members()
         self.pending: dict[str, list[bytes]] = {}      # room -> encoded events to publish
         self.pending_events = 0                        # how many events that is
-        self.private_time = 0.0                        # _private_clock()'s last reading
         self.outbox: list[list[bytes]] = []            # [rid, kind, label, body] to send
         self.stopping = False
         self.handlers: dict[Kind, Handler] = {
@@ -479,8 +484,7 @@ class Broker:
         return {"nick": nick, "version": m.VERSION, "pub_port": self.pub_port,
                 "motd": self.motd, "rooms": list(self.rooms), "heartbeat": self.cfg.heartbeat,
                 "rate": self.cfg.rate, "burst": self.cfg.burst,
-                "max_text": m.MAX_TEXT, "max_batch": m.MAX_BATCH,
-                "time": self._private_clock()}
+                "max_text": m.MAX_TEXT, "max_batch": m.MAX_BATCH, "time": time.time()}
 
     def _missed_privates(self, s: Session, since: float | None) -> list[dict[str, Any]]:
         """For a resume: the private messages to this client at or after `since` (one may
@@ -490,21 +494,13 @@ class Broker:
         latest m.MAX_HISTORY of them. Read before the HELLO changes anything."""
         if since is None or (not s.pubkey and len(s.token) < MIN_REPLAY_TOKEN):
             return []
-        since = max(since, self._private_clock() - REPLAY_WINDOW)
+        since = max(since, time.time() - REPLAY_WINDOW)
         try:
-            stored = self.store.privates_to(s.owner, since, m.MAX_HISTORY)
+            stored = self.store.privates_to(private_recipient(s), since, m.MAX_HISTORY)
         except StoreError as exc:  # the client still gets in; only this replay is missing
             log.error("private messages for %s not read: %s", s.nick, exc)
             return []
-        events = [json.loads(data) for data in stored]
-        return [ev for ev in events if m.nick_key(str(ev.get("to", ""))) == s.key]
-
-    def _private_clock(self) -> float:
-        """UTC seconds that never go back while the broker runs (even if the system clock
-        does): private messages are stamped with it, and a resuming client asks for those
-        since a time it gave."""
-        self.private_time = max(time.time(), self.private_time)
-        return self.private_time
+        return [json.loads(data) for data in stored]
 
     def _on_join(self, s: Session, req: m.Request) -> dict[str, Any]:
         name = req.body["room"]
@@ -578,12 +574,13 @@ class Broker:
                 raise ProtocolError(Code.BAD_REQUEST, "a message id already used by another")
             return {"to": target.nick, "id": b["id"], "duplicate": True}
         self._charge(s, 1)
-        ts = self._private_clock()
+        ts = time.time()
         event = {"kind": "private", "nick": s.nick, "to": target.nick, "text": b["text"],
                  "ts": ts, "cmid": b["id"], "bot": s.bot}
         if b["hops"] is not None:
             event["hops"] = b["hops"]
-        self.store.append_private(ts, s.owner, target.owner, b["id"], m.dumps(event))
+        self.store.append_private(ts, s.owner, private_recipient(target), b["id"],
+                                  m.dumps(event))
         self._push(target, Reply.PRIVATE, {"event": event})
         return {"to": target.nick, "id": b["id"], "event": event}
 

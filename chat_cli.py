@@ -346,6 +346,9 @@ class Chat:
         except ChatError:
             self.room = old
             raise
+        if arg not in self.client.rooms:  # kicked as we came in (that was said): stay put
+            self.room = old
+            return
         if old != arg and old in self.client.rooms:
             try:
                 await self.client.leave(old)

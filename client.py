@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import zmq
 import zmq.asyncio
@@ -125,8 +125,7 @@ class Client:
         self._closed = False
         self._mine: OrderedDict[str, None] = OrderedDict()   # our recent message ids
         self._privates: OrderedDict[str, None] = OrderedDict()  # ids of privates we had
-        self._joining: set[str] = set()          # rooms whose JOIN is under way
-        self._kicked_joining: set[str] = set()   # ... and which a KICKED came for meanwhile
+        self._on_reply: dict[bytes, Callable[[dict[str, Any]], None]] = {}
         self._privates_since: float | None = None  # broker time: ask for privates after it
         self._resuming: asyncio.Task | None = None
         self._last_heard = time.monotonic()
@@ -161,6 +160,7 @@ class Client:
     async def leave(self, room: str) -> None:
         self.rooms.pop(room, None)
         await self.request(m.Kind.LEAVE, {"room": room})
+        self.rooms.pop(room, None)  # a JOIN of it answered meanwhile put it back
 
     async def say(self, room: str, text: str, *, action: bool = False, **extra: Any) -> int:
         """Send to a room; returns its sequence number once the broker has stored it."""
@@ -262,23 +262,29 @@ class Client:
 
     # ------------------------------------------------------------------ requests
     async def request(self, kind: m.Kind, body: dict[str, Any],
-                      timeout: float | None = None) -> dict[str, Any]:
-        """Send one command and wait for its reply; RATE_LIMITED is waited out and resent."""
+                      timeout: float | None = None, *,
+                      on_reply: Callable[[dict[str, Any]], None] | None = None
+                      ) -> dict[str, Any]:
+        """Send one command and wait for its reply; RATE_LIMITED is waited out and resent.
+        on_reply(body) runs as the OK reply is read, before any message after it."""
         while True:
             if not self.connected and kind is not m.Kind.HELLO:
                 raise ChatError("DISCONNECTED", "not connected to the broker")
             try:
-                return await self._request_once(kind, body, timeout or self.timeout)
+                return await self._request_once(kind, body, timeout or self.timeout, on_reply)
             except ChatError as err:
                 if err.code != m.Code.RATE_LIMITED:
                     raise
                 await asyncio.sleep(float(err.body.get("retry_after", 0.2)))
 
-    async def _request_once(self, kind: m.Kind, body: dict[str, Any],
-                            timeout: float) -> dict[str, Any]:
+    async def _request_once(self, kind: m.Kind, body: dict[str, Any], timeout: float,
+                            on_reply: Callable[[dict[str, Any]], None] | None = None
+                            ) -> dict[str, Any]:
         label = str(next(self._labels)).encode()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting[label] = future
+        if on_reply is not None:
+            self._on_reply[label] = on_reply
         try:
             assert self._dealer is not None
             await self._dealer.send_multipart(m.encode_request(kind, label, body))
@@ -287,6 +293,7 @@ class Client:
             raise ChatError("TIMEOUT", f"no reply to {kind} within {timeout:g} s") from None
         finally:
             self._waiting.pop(label, None)
+            self._on_reply.pop(label, None)
 
     # ------------------------------------------------------------------ connection
     def _open_sockets(self) -> None:
@@ -383,33 +390,31 @@ class Client:
             await asyncio.sleep(delay)
 
     async def _join(self, room: str, body: dict[str, Any], backlog: int) -> dict[str, Any]:
-        """JOIN, then enter the room, unless a KICKED for it came in between (with the
-        reply, before this task was back): then we stay out."""
-        self._joining.add(room)
-        try:
-            reply = await self.request(m.Kind.JOIN, body)
-            if room not in self._kicked_joining:
-                await self._enter(room, reply, backlog)
-            return reply
-        finally:
-            self._joining.discard(room)
-            self._kicked_joining.discard(room)
+        """JOIN and enter the room: its backlog, then the subscription. The room is ours from
+        the moment the reply is read, so a KICKED or GRANT right behind it finds it; if it
+        is gone by the time we are back (kicked, left), we stay out."""
+        fresh: list[bool] = []
 
-    async def _enter(self, room: str, reply: dict[str, Any], backlog: int) -> None:
+        def entered(reply: dict[str, Any]) -> None:
+            seq, state = int(reply["seq"]), self.rooms.get(room)
+            if state is None or seq < state.last:  # new room, or a broker that started over
+                self.rooms[room] = _Room(last=seq, target=seq)
+                fresh.append(True)
+
+        reply = await self.request(m.Kind.JOIN, body, on_reply=entered)
         seq = int(reply["seq"])
-        state = self.rooms.get(room)
-        if state is None or seq < state.last:  # new room, or a broker whose history restarted
-            state = self.rooms[room] = _Room(last=seq, target=seq)
-            if backlog and seq:
-                try:
-                    events = await self.history(room, limit=backlog, before=seq + 1)
-                except ChatError:
-                    if room not in self.rooms:  # kicked meanwhile (the KICKED push said so)
-                        return
-                    raise
-                for ev in events:
-                    self._events.put_nowait(ev)
-        self._subscribe(room, reply["grant"])
+        if fresh and backlog and seq and room in self.rooms:
+            try:
+                events = await self.history(room, limit=backlog, before=seq + 1)
+            except ChatError:
+                if room not in self.rooms:
+                    return reply
+                raise
+            for ev in events:
+                self._events.put_nowait(ev)
+        if room in self.rooms:
+            self._subscribe(room, reply["grant"])
+        return reply
 
     def _subscribe(self, room: str, grant: str) -> None:
         """Ask the broker to let our subscriber hear room; LIVE tells us when it has."""
@@ -476,6 +481,9 @@ class Client:
                 fut = self._waiting.get(resp.label)
                 if fut is not None and not fut.done():
                     if resp.kind == m.Reply.OK:
+                        hook = self._on_reply.pop(resp.label, None)
+                        if hook is not None:
+                            hook(resp.body)
                         fut.set_result(resp.body)
                     else:
                         fut.set_exception(ChatError(str(resp.body.get("code")),
@@ -507,10 +515,8 @@ class Client:
         elif kind == m.Reply.LIVE and room in self.rooms:
             self._unsubscribe_used(room)
             self._known(room, int(body.get("seq", 0)))
-        elif kind == m.Reply.KICKED and (room in self.rooms or room in self._joining):
-            self.rooms.pop(room, None)
-            if room in self._joining:  # the JOIN's reply is in, its caller not yet back
-                self._kicked_joining.add(room)
+        elif kind == m.Reply.KICKED and room in self.rooms:
+            del self.rooms[room]
             verb = "banned" if body.get("kind") == "ban" else "kicked"
             reason = f" ({body.get('reason')})" if body.get("reason") else ""
             self._emit_status(f"you were {verb} from {room} by {body.get('by')}{reason}",

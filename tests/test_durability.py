@@ -226,6 +226,11 @@ class Relay:
         reply or a push): by default just that."""
         return [frames]
 
+    def later_up(self, rid: bytes) -> list[list[bytes]]:
+        """Requests of `rid` held back by up(), to send to the broker now (after each
+        message to the client)."""
+        return []
+
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()
         poller.register(self.front, zmq.POLLIN)
@@ -246,6 +251,8 @@ class Relay:
                     rid = next(r for r, s in self.backs.items() if s is sock)
                     for out in self.down(rid, frames):
                         await self.front.send_multipart([rid, *out])
+                    for out in self.later_up(rid):
+                        await sock.send_multipart(out)
 
 
 class DropFirstAck(Relay):
@@ -354,6 +361,57 @@ def test_private_message_to_a_dying_connection_arrives_once_after_reconnect(brok
         assert privates() == ["one", "two"]
         relay.task.cancel()
         await close_all([a, b])
+
+    asyncio.run(scenario())
+
+
+class JoinAfterKick(Relay):
+    """A relay that holds a client's JOIN of `room` until a KICKED from it has gone to the
+    client: the broker kicks first, then takes the JOIN (a member joining again)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int, room: str) -> None:
+        self.room = room
+        self.hold = False
+        self.held: list[list[bytes]] = []
+        self.release = False
+        super().__init__(ctx, broker_port)
+
+    def up(self, rid: bytes, frames: list[bytes]) -> bool:
+        if self.hold and frames[0] == b"JOIN" and \
+                json.loads(frames[2]).get("room") == self.room:
+            self.held.append(frames)
+            return False
+        return True
+
+    def down(self, rid: bytes, frames: list[bytes]) -> list[list[bytes]]:
+        self.release = self.release or frames[0] == b"KICKED"
+        return [frames]
+
+    def later_up(self, rid: bytes) -> list[list[bytes]]:
+        if not self.release:
+            return []
+        held, self.held = self.held, []
+        return held
+
+
+def test_joined_again_after_a_kick_is_in_the_room(make_broker):
+    """A member joins its room again while an operator kicks it; the broker takes the kick
+    first, then the JOIN: the client is in the room, as the broker says."""
+    broker = make_broker(ops=("boss",))
+
+    async def scenario() -> None:
+        relay = JoinAfterKick(zmq.asyncio.Context.instance(), broker.port, "work")
+        boss = await Member(broker.port, "boss", "work").start()
+        carol = await Member(relay.port, "carol", "work").start()
+        relay.hold = True
+        joining = asyncio.create_task(carol.client.join("work"))
+        await until(lambda: relay.held, 5, "the JOIN held")
+        await boss.client.kick("work", "carol", "out")
+        await asyncio.wait_for(joining, 5)
+        assert "carol" in await boss.client.who("work")
+        assert "work" in carol.client.rooms
+        relay.task.cancel()
+        await close_all([boss, carol])
 
     asyncio.run(scenario())
 
