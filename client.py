@@ -482,8 +482,12 @@ class Client:
                 if fut is not None and not fut.done():
                     if resp.kind == m.Reply.OK:
                         hook = self._on_reply.pop(resp.label, None)
-                        if hook is not None:
-                            hook(resp.body)
+                        try:
+                            if hook is not None:
+                                hook(resp.body)
+                        except (KeyError, TypeError, ValueError) as exc:  # not what we asked
+                            fut.set_exception(ChatError("BAD_REPLY", f"unusable reply: {exc!r}"))
+                            continue
                         fut.set_result(resp.body)
                     else:
                         fut.set_exception(ChatError(str(resp.body.get("code")),
