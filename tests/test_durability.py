@@ -440,6 +440,20 @@ def test_kicked_before_join_returns_is_out_of_the_room(make_broker):
     asyncio.run(scenario())
 
 
+def test_leave_while_joining_ends_out_of_the_room(broker):
+    """leave() right after join() of the same room, both under way at once: the broker
+    takes the JOIN, then the LEAVE, and the client ends out of the room as the broker says."""
+    async def scenario() -> None:
+        ann = await Member(broker.port, "ann", "lobby").start()
+        carol = await Member(broker.port, "carol", "lobby").start()
+        await asyncio.gather(carol.client.join("work"), carol.client.leave("work"))
+        assert "work" not in carol.client.rooms
+        assert "carol" not in await ann.client.who("work")
+        await close_all([ann, carol])
+
+    asyncio.run(scenario())
+
+
 def test_late_joiner_during_stream_has_no_gap_or_duplicate(broker):
     """A member joining mid-stream gets history then live with no gap and no duplicate."""
     db = Path(broker.cfg.db)
