@@ -215,12 +215,15 @@ class Chat:
             self.screen.event(ev, me=self.client.nick, room=self.room)
             if ev.kind == "status" and ev.room and ev.room == self.room \
                     and ev.room not in self.client.rooms:   # kicked, banned, or room gone
-                asyncio.create_task(self.fall_back())
+                asyncio.create_task(self.fall_back(ev.room))
             if self.screen.closed and not self.quitting:   # nobody reads our output any more
                 asyncio.create_task(self.quit(None))
 
-    async def fall_back(self) -> None:
-        """Out of our room against our will: back to lobby, or nowhere if that was lobby."""
+    async def fall_back(self, room: str) -> None:
+        """Out of our room against our will: back to lobby, or nowhere if that was lobby
+        (unless we are elsewhere by now: kicked from a room as /join entered it, say)."""
+        if self.room != room or room in self.client.rooms:
+            return
         lost, self.room = self.room, ""
         if lost != DEFAULT_ROOM:
             try:

@@ -126,6 +126,7 @@ class Client:
         self._mine: OrderedDict[str, None] = OrderedDict()   # our recent message ids
         self._privates: OrderedDict[str, None] = OrderedDict()  # ids of privates we had
         self._on_reply: dict[bytes, Callable[[dict[str, Any]], None]] = {}
+        self._leaves: dict[str, int] = {}   # leave() calls per room, for _join
         self._privates_since: float | None = None  # broker time: ask for privates after it
         self._resuming: asyncio.Task | None = None
         self._last_heard = time.monotonic()
@@ -158,9 +159,9 @@ class Client:
                                 self.backlog if backlog is None else backlog)
 
     async def leave(self, room: str) -> None:
+        self._leaves[room] = self._leaves.get(room, 0) + 1  # a JOIN sent before is undone
         self.rooms.pop(room, None)
         await self.request(m.Kind.LEAVE, {"room": room})
-        self.rooms.pop(room, None)  # a JOIN of it answered meanwhile put it back
 
     async def say(self, room: str, text: str, *, action: bool = False, **extra: Any) -> int:
         """Send to a room; returns its sequence number once the broker has stored it."""
@@ -369,6 +370,8 @@ class Client:
             try:
                 await self._hello(resume=True)
                 for room in list(self.rooms):
+                    if room not in self.rooms:  # left (or kicked from) meanwhile
+                        continue
                     try:
                         await self._join(room, {"room": room, "resume": True}, 0)
                     except ChatError as err:
@@ -394,8 +397,11 @@ class Client:
         the moment the reply is read, so a KICKED or GRANT right behind it finds it; if it
         is gone by the time we are back (kicked, left), we stay out."""
         fresh: list[bool] = []
+        leaves = self._leaves.get(room, 0)
 
         def entered(reply: dict[str, Any]) -> None:
+            if self._leaves.get(room, 0) != leaves:  # left since: the LEAVE comes after us
+                return
             seq, state = int(reply["seq"]), self.rooms.get(room)
             if state is None or seq < state.last:  # new room, or a broker that started over
                 self.rooms[room] = _Room(last=seq, target=seq)

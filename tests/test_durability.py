@@ -440,15 +440,20 @@ def test_kicked_before_join_returns_is_out_of_the_room(make_broker):
     asyncio.run(scenario())
 
 
-def test_leave_while_joining_ends_out_of_the_room(broker):
-    """leave() right after join() of the same room, both under way at once: the broker
-    takes the JOIN, then the LEAVE, and the client ends out of the room as the broker says."""
+def test_leave_and_join_under_way_at_once_end_as_the_broker_says(broker):
+    """join() and leave() of the same room under way at once: the broker takes them in the
+    order they were sent, and the client ends in or out of the room as the broker says."""
     async def scenario() -> None:
         ann = await Member(broker.port, "ann", "lobby").start()
         carol = await Member(broker.port, "carol", "lobby").start()
         await asyncio.gather(carol.client.join("work"), carol.client.leave("work"))
         assert "work" not in carol.client.rooms
         assert "carol" not in await ann.client.who("work")
+        # and the other way round: out, then in again
+        await carol.client.join("work")
+        await asyncio.gather(carol.client.leave("work"), carol.client.join("work"))
+        assert "work" in carol.client.rooms
+        assert "carol" in await ann.client.who("work")
         await close_all([ann, carol])
 
     asyncio.run(scenario())
