@@ -394,6 +394,41 @@ class JoinAfterKick(Relay):
         return held
 
 
+def test_cli_kicked_as_it_joins_stays_where_it_was(make_broker, capsys):
+    """The command-line client, kicked from a room as /join enters it, says so and stays in
+    the room it was in: its next line goes there (it does not fall back to nowhere)."""
+    from chat_cli import Chat
+    from cli_render import Screen
+    broker = make_broker(ops=("boss",))
+
+    async def scenario() -> None:
+        relay = KickedWithJoinReply(zmq.asyncio.Context.instance(), broker.port, "work")
+        boss = await Member(broker.port, "boss", "work").start()
+        ann = await Member(broker.port, "ann", "lobby").start()
+        client = Client("127.0.0.1", relay.port, "carol", rooms=["lobby"], backlog=0)
+        await client.connect()
+        chat = Chat(client, Screen(json_mode=True, colour=False), "lobby", leave_words=False)
+        shown = asyncio.create_task(chat.show_events())
+        joining = asyncio.create_task(chat.handle("/join work"))
+        await until(lambda: any(e.kind == "join" and e.nick == "carol" for e in boss.events),
+                    5, "carol's join notice")
+        await boss.client.kick("work", "carol", "not now")
+        await asyncio.wait_for(joining, 5)
+        await until(lambda: "kicked from work" in capsys.readouterr().out, 5, "the kick shown")
+        for _ in range(5):
+            await asyncio.sleep(0)  # let any fall-back task the kick started run its course
+        assert chat.room == "lobby" and "lobby" in client.rooms
+        await chat.handle("still here")
+        await until(lambda: any(e.text == "still here" for e in ann.events), 5,
+                    "carol's line in lobby")
+        shown.cancel()
+        relay.task.cancel()
+        await client.close()
+        await close_all([boss, ann])
+
+    asyncio.run(scenario())
+
+
 def test_joined_again_after_a_kick_is_in_the_room(make_broker):
     """A member joins its room again while an operator kicks it; the broker takes the kick
     first, then the JOIN: the client is in the room, as the broker says."""
