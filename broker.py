@@ -218,8 +218,7 @@ class Broker:
         public, secret = zmq.auth.load_certificate(self.cfg.curve_key)
         if not secret:
             raise OSError(f"{self.cfg.curve_key} holds no secret key")
-        # Imported here: it brings asyncio and ssl (8 MB resident) that a plain broker never
-        # uses.
+        # Imported only here: asyncio and ssl come with it, 8 MB a plain broker never uses.
         from zmq.auth.thread import ThreadAuthenticator
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()

@@ -38,6 +38,13 @@ MINE_MEMORY = 100_000     # message ids of ours remembered, to mark our own echo
 PRIVATE_MEMORY = 1_000    # private message ids remembered, to drop one pushed again
 
 
+def remember(memory: OrderedDict[str, None], key: str, limit: int) -> None:
+    """Add a key to a bounded memory of recent keys, forgetting the oldest past `limit`."""
+    memory[key] = None
+    if len(memory) > limit:
+        memory.popitem(last=False)
+
+
 class ChatError(Exception):
     """An ERROR reply from the broker (or DISCONNECTED / TIMEOUT from the library)."""
 
@@ -599,9 +606,7 @@ class Client:
         if isinstance(cmid, str):
             if cmid in self._privates:
                 return False
-            self._privates[cmid] = None
-            if len(self._privates) > PRIVATE_MEMORY:
-                self._privates.popitem(last=False)
+            remember(self._privates, cmid, PRIVATE_MEMORY)
         ts = ev.get("ts")
         if isinstance(ts, (int, float)) and self._privates_since is not None:
             self._privates_since = max(self._privates_since, float(ts))
@@ -623,9 +628,7 @@ class Client:
         if self._closing:
             raise ChatError("CLOSED", "the client was closed")
         cmid = uuid.uuid4().hex
-        self._mine[cmid] = None
-        if len(self._mine) > MINE_MEMORY:
-            self._mine.popitem(last=False)
+        remember(self._mine, cmid, MINE_MEMORY)
         future = asyncio.get_running_loop().create_future()
         self._outbox[cmid] = _Send(kind, target, text, action, cmid, future, extra)
         self._work.set()

@@ -241,7 +241,6 @@ def _say_items(body: dict) -> list[dict[str, Any]]:
     return out
 
 
-# One validator per kind: checks the body and returns the fields the broker may rely on.
 def _time(b: dict, name: str) -> float | None:
     """An optional time (UTC seconds) as a float: SQLite takes any float, and no integer too
     large for one gets through."""
@@ -257,6 +256,7 @@ def _time(b: dict, name: str) -> float | None:
     return value
 
 
+# One validator per kind: checks the body and returns the fields the broker may rely on.
 def _v_hello(b: dict) -> dict:
     version = b.get("version")
     if type(version) is not int or version not in VERSIONS:  # true == 1.0 == 1 in Python

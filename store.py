@@ -508,9 +508,9 @@ class Store:
         return texts if order == "ASC" else texts[::-1]
 
     def privates_to(self, recipient: str, since: float, limit: int) -> list[str]:
-        """The last `limit` private messages to `recipient` (an owner, as Session.owner names
-        it) at or after `since`, oldest first, as stored JSON texts. Waits for the writer
-        only when a private message is still on its way to SQLite."""
+        """The last `limit` private messages stored for `recipient` (as the broker names
+        one: identity and nick) at or after `since`, oldest first, as stored JSON texts.
+        Waits for the writer only when a private message is still on its way to SQLite."""
         if self._privates_logged:
             self.sync()
         rows = self.db.execute("SELECT data FROM privates WHERE recipient=? AND ts>=? "
