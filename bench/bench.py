@@ -640,28 +640,57 @@ def plot(path: Path, figs: dict[str, Figure], s: Settings) -> str:
     except ImportError:
         return "--plot: matplotlib is not installed (pip install matplotlib); no plot drawn"
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colour = {system: f"C{i}" for i, system in enumerate(SYSTEMS)}  # the same in both panels
+    _fanout(left, figs, s, colour)
+    _latency(right, figs, s, colour)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return f"plot written to {path}"
+
+
+def _not_run(ax: Any, what: str) -> None:
+    ax.text(0.5, 0.5, f"{what} was not run", ha="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _fanout(left: Any, figs: dict[str, Figure], s: Settings, colour: dict[str, str]) -> None:
+    from matplotlib.ticker import FuncFormatter
+    left.set_title("W1F lossless fan-out")
+    if not any(f"w1f_{r}" in figs for r in s.fanout):
+        return _not_run(left, "W1F")
     for system in SYSTEMS:
         xs = [r for r in s.fanout if figs.get(f"w1f_{r}") and figs[f"w1f_{r}"].median(system)]
         ys = [figs[f"w1f_{r}"].median(system) for r in xs]
         if xs:
-            left.plot(xs, ys, marker="o", label=system)
-    left.set(xscale="log", yscale="log", xlabel="receivers R",
-             ylabel="messages delivered per second", title="W1F lossless fan-out")
+            left.plot(xs, ys, marker="o", label=system, color=colour[system])
+    left.set(xscale="log", xlabel="receivers R", ylim=(0, None),
+             ylabel="messages delivered per second")
+    left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    left.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+    left.grid(True, which="both", alpha=0.3)
     left.legend()
+
+
+def _latency(right: Any, figs: dict[str, Figure], s: Settings, colour: dict[str, str]) -> None:
+    from matplotlib.ticker import FuncFormatter
     width = 0.25
+    right.set_title(f"W2 latency at {s.latency_rate:.0f} msg/s")
+    if "w2_p99" not in figs:
+        return _not_run(right, "W2")
     for i, system in enumerate(SYSTEMS):
         vals = [figs[k].median(system) if k in figs else None
                 for k in ("w2_p50", "w2_p99", "w2_max")]
         if any(v is not None for v in vals):
             right.bar([x + i * width for x in range(3)], [v or 0 for v in vals], width,
-                      label=system)
+                      label=system, color=colour[system])
     right.axhline(1.5, color="grey", linestyle="--", linewidth=1, label="p99 target")
     right.set_xticks([x + width for x in range(3)], ["p50", "p99", "max"])
-    right.set(yscale="log", ylabel="ms", title=f"W2 latency at {s.latency_rate:.0f} msg/s")
+    right.set(yscale="log", ylabel="ms")
+    right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    right.yaxis.set_minor_formatter(  # log scale: label a few minor ticks too
+        FuncFormatter(lambda v, _: f"{v:g}" if v in (0.2, 0.5, 2, 5) else ""))
+    right.grid(True, axis="y", which="both", alpha=0.3)
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return f"plot written to {path}"
 
 
 # ---------------------------------------------------------------------------- main
