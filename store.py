@@ -198,13 +198,19 @@ class Writer:
         segs = segments(self.path)
         read: dict[str, int] = {}
         for seg in segs:
-            new, read[seg] = read_segment(seg, self.done.get(seg, 0))
+            try:
+                new, read[seg] = read_segment(seg, self.done.get(seg, 0))
+            except FileNotFoundError:  # applied and deleted by a writer of a broker that
+                continue               # was killed just before ours started: nothing left
             ops += new
         if ops:
             apply(self.db, ops)
         self.done.update(read)
         for seg in segs if final else segs[:-1]:  # only the newest one is still written
-            os.unlink(seg)
+            try:
+                os.unlink(seg)
+            except FileNotFoundError:  # that other writer was first
+                pass
             self.done.pop(seg, None)
         return len(ops)
 

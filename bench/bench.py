@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -32,10 +33,11 @@ from peers import cpu_seconds, private_bytes, process_tree, rss_bytes
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
 SYSTEMS: Final = ("broker", "forwarder", "thread")
+FSYNC: Final = "fsync"      # the broker with --fsync: what power-loss durability costs
 ROOMS: Final = 20           # W3 and W4 spread their clients over r00..r19
 WINDOW: Final = 500         # W1F: the sender is never more than this far ahead of the slowest
 LIBRARY_BACKLOG: Final = 40_000  # client.Client: about a second of the broker's work
-WORKLOADS: Final = ("W1F", "W2", "W3", "W4", "client")
+WORKLOADS: Final = ("W1F", "W2", "W3", "W4", "client", "crash")
 
 
 @dataclass
@@ -57,11 +59,12 @@ class Settings:
     scale_reps: int = 3
     client_secs: float = 2.0                    # client.Client: sending while it is held
     per_process: int = 250                      # peers per load process (at most)
+    crash_after: float = 2.0                    # crash: seconds at W1F's pace before the kill
 
 
 QUICK: Final = Settings(fanout=(10, 100), fanout_secs=0.5, latency_secs=0.5, chat_secs=0.5,
                         idle_clients=500, storm_clients=250, idle_secs=1.0, scale_reps=1,
-                        client_secs=0.5)
+                        client_secs=0.5, crash_after=0.5)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -187,6 +190,7 @@ class Cluster:
     def __init__(self, bench: "Bench", system: str, label: str) -> None:
         self.bench, self.system, self.label = bench, system, label
         self.loads: list[Child] = []
+        self.starts = 0
         # Every run starts with nothing dirty in the page cache: the kernel writing back an
         # earlier run's files (the broker's history above all) would stall this one.
         os.sync()
@@ -194,16 +198,19 @@ class Cluster:
 
     def _start_server(self) -> Child:
         py, logdir = sys.executable, self.bench.tmp
-        if self.system == "broker":
-            db = logdir / f"{self.label}.db"
+        if self.system in ("broker", FSYNC):
+            db = self.db = logdir / f"{self.label}-{self.system}.db"
             rooms = ",".join(["bench", *(f"r{i:02d}" for i in range(ROOMS))])
             argv = [py, str(self.bench.broker), "--host", "127.0.0.1", "--port", "0",
                     "--pub-port", "0", "--db", str(db), "--rate", "0", "--heartbeat", "2",
                     "--rooms", rooms]
+            if self.system == FSYNC:
+                argv.append("--fsync")
             if self.bench.profile:
                 prof = self.bench.profile / f"broker-{self.label}.prof"
                 argv[1:1] = ["-m", "cProfile", "-o", str(prof)]
-            child = Child(f"{self.label}-broker", argv, logdir)
+            self.starts += 1
+            child = Child(f"{self.label}-{self.system}-{self.starts}", argv, logdir)
             line = child.expect_line(lambda l: l.startswith(b"Broker started"), 30)
             ports = [int(w.rsplit(b":", 1)[1]) for w in line.split() if w.startswith(b"tcp:")]
             self.addr = {"host": "127.0.0.1", "port": ports[0], "pub_port": ports[1]}
@@ -219,7 +226,8 @@ class Cluster:
 
     def spawn(self, role: str, **opts: Any) -> Child:
         """A load process (bench/loadgen.py ROLE) for this system."""
-        argv = [sys.executable, str(HERE / "loadgen.py"), role, "--system", self.system,
+        peers = "broker" if self.system == FSYNC else self.system  # the same clients
+        argv = [sys.executable, str(HERE / "loadgen.py"), role, "--system", peers,
                 "--addr", json.dumps(self.addr)]
         for key, value in opts.items():
             flag = "--" + key.replace("_", "-")
@@ -231,6 +239,11 @@ class Cluster:
                       self.bench.tmp)
         self.loads.append(child)
         return child
+
+    def restart(self) -> None:
+        """A new server (on the same database: the broker's history survives)."""
+        self.server.stop(polite=False)
+        self.server = self._start_server()
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds used so far: the server, and each kind of load process."""
@@ -287,21 +300,8 @@ class Bench:
     def one_to_many(self, system: str, label: str, *, receivers: int, secs: float, mode: str,
                     rate: float = 0.0, latency: bool = False, library: bool = False,
                     window: int = WINDOW) -> list[dict[str, Any]]:
-        procs = 1 if library else processes_for(receivers, self.s.per_process)
         with self.cluster(system, label) as c:
-            sender = c.spawn("send", nick="sender", reporters=procs)
-            progress = sender.expect("ready")["progress"]
-            if library:
-                recv = [c.spawn("client", nick="lib", progress=progress)]
-            else:
-                recv = [c.spawn("recv", count=n, index=i, nick=f"p{i}x", latency=latency,
-                                progress=progress if mode == "window" else None)
-                        for i, n in enumerate(split(receivers, procs))]
-            for r in recv:
-                r.expect("ready", 120)
-            sender.send(cmd="probe")
-            for r in recv:
-                r.expect("synced", 60)
+            sender, recv = self.sender_and_receivers(c, receivers, mode, latency, library)
             runs = []
             for _ in range(self.s.reps):
                 mark(recv)
@@ -315,6 +315,26 @@ class Bench:
                                       cpu_share(cpu0, c.cpu(), time.monotonic() - wall0)))
             return runs
 
+    def sender_and_receivers(self, c: Cluster, receivers: int, mode: str,
+                             latency: bool = False, library: bool = False
+                             ) -> tuple[Child, list[Child]]:
+        """A sender and its receiver processes (or one client.Client), all hearing it."""
+        procs = 1 if library else processes_for(receivers, self.s.per_process)
+        sender = c.spawn("send", nick="sender", reporters=procs)
+        progress = sender.expect("ready")["progress"]
+        if library:
+            recv = [c.spawn("client", nick="lib", progress=progress)]
+        else:
+            recv = [c.spawn("recv", count=n, index=i, nick=f"p{i}x", latency=latency,
+                            progress=progress if mode == "window" else None)
+                    for i, n in enumerate(split(receivers, procs))]
+        for r in recv:
+            r.expect("ready", 120)
+        sender.send(cmd="probe")
+        for r in recv:
+            r.expect("synced", 60)
+        return sender, recv
+
     def fanout(self, system: str, receivers: int) -> list[dict[str, Any]]:
         """W1F: lossless fan-out capacity, the sender held to WINDOW ahead of the slowest."""
         return self.one_to_many(system, f"w1f-{receivers}", receivers=receivers,
@@ -325,6 +345,31 @@ class Bench:
         return self.one_to_many(system, "w2", receivers=self.s.latency_receivers,
                                 secs=self.s.latency_secs, mode="rate",
                                 rate=self.s.latency_rate, latency=True)
+
+    def crash(self, system: str) -> list[dict[str, Any]]:
+        """Durability at W1F's pace: the broker is SIGKILLed in the middle of a W1F run
+        (R = the smallest); once a new broker has started on the same database, every
+        message acknowledged before the kill must be in the room's history, and so must
+        every event a receiver heard (nothing is published before it is durable)."""
+        runs = []
+        for rep in range(self.s.reps):
+            with self.cluster(system, f"crash-{rep}") as c:
+                sender, recv = self.sender_and_receivers(c, min(self.s.fanout), "window")
+                sender.send(cmd="run", mode="window", duration=3600, window=WINDOW)
+                time.sleep(self.s.crash_after)  # sending at full pace meanwhile
+                killed_ns = time.monotonic_ns()
+                c.server.proc.kill()
+                c.server.proc.wait()
+                sender.send(cmd="halt")
+                acked = sender.expect("halted", 30)
+                heard: dict[str, int] = {}
+                for r in recv:
+                    r.send(cmd="heard")
+                    heard.update(r.expect("heard", 30)["heard"])  # one room: max below
+                c.restart()  # at once, as a supervisor would: it replays the log first
+                runs.append(check_history(c.db, "bench", "sender.", acked, heard,
+                                          (killed_ns - acked["t0"]) / 1e9))
+        return runs
 
     def library(self, system: str) -> list[dict[str, Any]]:
         """Events per second one client.Client consumes from a backlog.
@@ -437,6 +482,27 @@ class Bench:
         return runs
 
 
+def check_history(db: Path, room: str, prefix: str, acked: dict[str, Any],
+                  heard: dict[str, int], secs: float) -> dict[str, Any]:
+    """After a crash: compare what the sender was told was stored, and what receivers heard,
+    with the room's history in the database (read once the new broker is up)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT seq, cmid FROM events WHERE room=? ORDER BY seq",
+                           (room,)).fetchall()
+    finally:
+        con.close()
+    seqs = [seq for seq, _ in rows]
+    ids = {cmid for _, cmid in rows if cmid and cmid.startswith(prefix)}
+    lost = sum(1 for first, last in acked["stored"] for i in range(first, last + 1)
+               if f"{prefix}{i}" not in ids)
+    top = seqs[-1] if seqs else 0
+    return {"acked": acked["run_acked"], "rate": acked["run_acked"] / secs,
+            "acked_lost": lost, "heard_unstored": max(0, heard.get(room, 0) - top),
+            "gaps": top - len(seqs), "unanswered": acked["unanswered"],
+            "errors": acked["errors"]}
+
+
 def cpu_share(before: dict[str, float], after: dict[str, float], wall: float
               ) -> dict[str, float]:
     """Per cent of one core each kind of process used over `wall` seconds."""
@@ -494,6 +560,11 @@ class Figure:
         a, b = self.median("broker"), self.median(baseline)
         return a / b if a is not None and b else None
 
+    def fsync_cost(self) -> float | None:
+        """The broker with --fsync ÷ the broker."""
+        a, b = self.median(FSYNC), self.median("broker")
+        return a / b if a is not None and b else None
+
 
 def figures(results: dict[str, dict[str, list[dict[str, Any]]]],
             s: Settings) -> list[Figure]:
@@ -526,6 +597,12 @@ def figures(results: dict[str, dict[str, list[dict[str, Any]]]],
     add("w4_storm", f"W4 join storm ({s.storm_clients} joined)", "s", "W4", "storm_s", False)
     add("w4_live", "W4 join storm, all subscribed (LIVE)", "s", "W4", "storm_live_s", False)
     add("client", "client.Client consumes", "events/s", "client", "rate")
+    add("crash_rate", "crash: acknowledged before the kill", "msg/s", "crash", "rate")
+    add("crash_lost", "crash: acknowledged, then lost", "msgs", "crash", "acked_lost",
+        False)
+    add("crash_heard", "crash: heard, then not in history", "msgs", "crash",
+        "heard_unstored", False)
+    add("crash_gaps", "crash: gaps in the room's numbering", "msgs", "crash", "gaps", False)
     return out
 
 
@@ -566,6 +643,12 @@ def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool 
         target("W4 RSS <= 150 MB", rss <= 150, f"{rss:.0f} MB{note}")
     if storm is not None:
         target("W4 join storm <= 3 s", storm <= 3, f"{storm:.2f} s{note}")
+    crash = figs.get("crash_lost")
+    if crash is not None:
+        worst = max(max(v) for k in ("crash_lost", "crash_heard", "crash_gaps") if k in figs
+                    for v in figs[k].values.values())
+        target("crash: acknowledged survives a broker kill at W1F's pace", worst == 0,
+               f"lost, unstored or missing numbers, worst run: {worst:g}")
     big, mid = med(f"w1f_{max(s.fanout)}"), med("w1f_100")
     if big and mid and max(s.fanout) >= 1000:
         target("W1F R=1000 >= 0.7x R=100", big >= 0.7 * mid, f"{big / mid:.2f}x")
@@ -594,11 +677,16 @@ def ratio_text(r: float | None) -> str:
 
 def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> str:
     head = ["figure", "unit", "broker", "forwarder", "thread", "vs fwd", "vs thread"]
+    fsync = any(FSYNC in f.values for f in figs)
+    if fsync:
+        head += ["--fsync", "fsync ÷ broker"]
     rows = [head]
     for f in figs:
         rows.append([f.label, f.unit,
                      *(fmt(f.median(s), f.spread(s)) for s in SYSTEMS),
                      ratio_text(f.ratio("forwarder")), ratio_text(f.ratio("thread"))])
+        if fsync:
+            rows[-1] += [fmt(f.median(FSYNC), f.spread(FSYNC)), ratio_text(f.fsync_cost())]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for n, r in enumerate(rows):
@@ -609,6 +697,8 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines.append("")
     lines.append("vs fwd / vs thread: broker ÷ baseline (for ms, s, % and MB lower is better)")
+    if fsync:
+        lines.append("--fsync: the broker fdatasyncs its log before it publishes and acknowledges")
     lines.append("")
     for name, ok, detail in targets:
         mark = "MET " if ok else ("MISS" if ok is not None else "n/a ")
@@ -701,8 +791,10 @@ def plan(only: set[str], s: Settings) -> Iterator[tuple[str, str, str]]:
         for r in s.fanout:
             for system in SYSTEMS:
                 yield f"W1F-{r}", system, f"fanout:{r}"
+            if r == min(s.fanout):  # what durability costs shows at the fewest receivers
+                yield f"W1F-{r}", FSYNC, f"fanout:{r}"
     if "W2" in only:
-        for system in SYSTEMS:
+        for system in (*SYSTEMS, FSYNC):
             yield "W2", system, "latency"
     if "W3" in only:
         for system in SYSTEMS:
@@ -712,6 +804,9 @@ def plan(only: set[str], s: Settings) -> Iterator[tuple[str, str, str]]:
             yield "W4", system, "scale"
     if "client" in only:
         yield "client", "broker", "library"
+    if "crash" in only:
+        for system in ("broker", FSYNC):
+            yield "crash", system, "crash"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -719,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="short runs, in about a minute")
     p.add_argument("--only", default=",".join(WORKLOADS),
                    help=f"comma-separated workloads of {','.join(WORKLOADS)}")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="systems to measure")
+    p.add_argument("--systems", default=",".join((*SYSTEMS, FSYNC)),
+                   help="systems to measure (fsync: the broker with --fsync, W1F and W2 only)")
     p.add_argument("--reps", type=int, help="runs per figure (default 3)")
     p.add_argument("--fanout", help="W1F's numbers of receivers (default 10,100,1000)")
     p.add_argument("--json", default=str(HERE / "results.json"), help="results file")
@@ -792,7 +888,8 @@ def main(argv: list[str] | None = None) -> int:
            "figures": {f.key: {"label": f.label, "unit": f.unit, "values": f.values,
                                "median": {k: f.median(k) for k in f.values},
                                "vs_forwarder": f.ratio("forwarder"),
-                               "vs_thread": f.ratio("thread")} for f in figs},
+                               "vs_thread": f.ratio("thread"),
+                               "fsync_vs_broker": f.fsync_cost()} for f in figs},
            "targets": [{"target": n, "met": ok, "value": d} for n, ok, d in targets],
            "runs": strip_samples(results)}
     Path(a.json).write_text(json.dumps(doc, indent=1))
@@ -808,7 +905,7 @@ def brief(runs: list[dict[str, Any]]) -> str:
     if "error" in r:
         return "error"
     keys = ("rate", "p99_ms", "lost", "dups", "idle_cpu", "rss_mb", "setup_s", "storm_s",
-            "storm_listen_drops", "load")
+            "storm_listen_drops", "acked", "acked_lost", "heard_unstored", "load")
     return " ".join(f"{k}={fmt(r[k])}" for k in keys if k in r)
 
 

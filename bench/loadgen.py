@@ -138,6 +138,7 @@ class Sender(Role):
         self.sent = 0                           # data messages sent, all runs together
         self.probing = 0.0
         self.plan: dict[str, Any] | None = None
+        self.acked_before = 0                   # messages acknowledged before this run
         self.wait_ready()
         emit(ready=True, progress=f"tcp://127.0.0.1:{port}")
 
@@ -157,6 +158,16 @@ class Sender(Role):
         now = time.monotonic()
         self.plan = {"mode": mode, "t0": now, "end": now + duration, "rate": rate,
                      "window": window, "sent": 0, "t0_ns": time.monotonic_ns()}
+        self.acked_before = self.me.acknowledged() if self.args.system == "broker" else 0
+
+    def cmd_halt(self) -> None:
+        """Stop at once (the broker was killed): which messages did it acknowledge?"""
+        assert self.plan is not None and self.args.system == "broker"
+        t0_ns, self.plan = self.plan["t0_ns"], None
+        self.me._on_dealer(0)  # acknowledgements that are already here
+        emit(halted=True, stored=self.me.stored, t0=t0_ns,
+             run_acked=self.me.acknowledged() - self.acked_before,
+             unanswered=self.me.unacknowledged(), errors=self.me.errors)
 
     def tick(self, now: float) -> float | None:
         wait = self.heartbeats(now)
@@ -235,6 +246,14 @@ class Receivers(Role):
 
     def cmd_finish(self, expect: int, timeout: float) -> None:
         self.finishing = (expect, time.monotonic() + timeout)
+
+    def cmd_heard(self) -> None:
+        """The highest sequence number any of our receivers heard, per room."""
+        heard: dict[str, int] = {}
+        for p in self.peers:
+            for stream, seq in p.tally.last.items():
+                heard[stream] = max(seq, heard.get(stream, 0))
+        emit(heard=heard)
 
 
 def result(peers: list[Peer], expect: int | dict[str, int]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import select
 import socket
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Final, Iterator
 
@@ -267,6 +268,8 @@ class BrokerPeer(Peer):
         self.live = False
         self.early: list[dict[str, Any]] = []  # events heard before LIVE said where to start
         self.says = self.acked = 0             # SAY requests sent, and acknowledged
+        self.said: deque[tuple[int, int]] = deque()  # each SAY under way: its first, last id
+        self.stored: list[list[int]] = []      # ids the broker acknowledged, as [first, last]
         self.ctx, self.port = ctx, port        # start() connects: W4's storm times that too
 
     @property
@@ -297,12 +300,25 @@ class BrokerPeer(Peer):
 
     def say(self, texts: list[str]) -> None:
         for i in range(0, len(texts), self.max_batch):
-            msgs = []
+            msgs, first = [], self.seq + 1
             for text in texts[i:i + self.max_batch]:
                 self.seq += 1
                 msgs.append({"id": f"{self.nick}.{self.seq}", "text": text})
             self._request(m.Kind.SAY, b"say", {"room": self.room, "msgs": msgs})
             self.says += 1
+            self.said.append((first, self.seq))
+
+    def _stored(self) -> None:
+        """The oldest SAY under way was acknowledged (replies come in the order sent)."""
+        first, last = self.said.popleft()
+        if self.stored and self.stored[-1][1] + 1 == first:
+            self.stored[-1][1] = last
+        else:
+            self.stored.append([first, last])
+
+    def acknowledged(self) -> int:
+        """Messages the broker has acknowledged so far."""
+        return sum(last - first + 1 for first, last in self.stored)
 
     def unacknowledged(self) -> int:
         return self.says - self.acked
@@ -327,6 +343,7 @@ class BrokerPeer(Peer):
                     self.ready = True
                 elif label == b"say":
                     self.acked += 1  # stored and published: the acks need no decoding here
+                    self._stored()
                 continue
             if kind == b"LIVE":
                 self._on_live(m.decode_response([kind, label, body]).body)
@@ -339,6 +356,7 @@ class BrokerPeer(Peer):
                     self.failed = True
                 elif label == b"say":
                     self.acked += 1  # answered, if not stored: counted as an error
+                    self.said.popleft()
 
     def _welcomed(self, welcome: dict[str, Any]) -> None:
         self.times["welcomed"] = time.monotonic_ns()

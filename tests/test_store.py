@@ -89,3 +89,27 @@ def test_a_second_store_on_the_same_file_is_refused(tmp_path):
     finally:
         first.close()
     store.Store(path).close()  # free again once the first is closed
+
+
+def test_two_writers_after_a_kill_neither_fails_nor_loses(tmp_path, monkeypatch):
+    """A broker killed and restarted at once: its old writer is still applying the log when
+    the new broker's writer starts. A segment the new one listed but the old one applied and
+    deleted meanwhile is skipped, not an error (it would stop the new broker's start)."""
+    path = str(tmp_path / "chat.db")
+    store.Store(path).close()
+    recs = [store.encode_record(("event", "lobby", seq, float(seq), "tok:x", f"id{seq}",
+                                 event(seq).decode())) for seq in range(1, 101)]
+    (tmp_path / "chat.db-log.000001").write_bytes(b"".join(recs[:60]))
+    (tmp_path / "chat.db-log.000002").write_bytes(b"".join(recs[60:]))
+    old, new = store.Writer(path, False), store.Writer(path, False)
+    try:
+        listed = store.segments(path)   # the new writer looks at the log first...
+        assert old.catch_up() == 100     # ...the old one applies it, deletes segment 1...
+        monkeypatch.setattr(store, "segments", lambda p: listed)
+        assert new.catch_up(final=True) == 40  # ...and the new one reads on from its list
+    finally:
+        old.close()
+        new.close()
+    monkeypatch.undo()
+    assert store.segments(path) == []
+    assert [e["seq"] for e in store.stored_events(path, "lobby")] == list(range(1, 101))
