@@ -8,7 +8,9 @@ own (`python store.py --writer DB`) applies the log to SQLite in batches, so tha
 commits, checkpoints and fsyncs never stall the broker's loop nor take its interpreter lock,
 and deletes each segment once SQLite has all of it. Every record is idempotent, so whatever a
 crash leaves in the log is applied again on the next start. Reads (history, ...) first ask the
-writer to catch up with everything logged so far.
+writer to catch up with everything logged so far. One writer at a time: a writer holds
+`<db>-writer-lock` while it runs, and a broker that starts while the writer of a killed one
+is still applying the log waits for it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from typing import Any, Final
 
@@ -33,6 +36,7 @@ WRITER_DELAY: Final = 0.02     # seconds the writer gathers records per transact
 WRITER_NICE: Final = 10         # the writer's niceness: background work
 WRITER_IDLE: Final = 0.5        # seconds between looks at the log when nothing comes
 SYNC_TIMEOUT: Final = 10.0     # seconds a read waits for the writer before it gives up
+OLD_WRITER_WAIT: Final = 60.0  # seconds a start waits for a killed broker's writer to finish
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
@@ -240,6 +244,9 @@ def writer_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker says when to stop
     background()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s history writer: %(message)s")
+    # Held until we exit: a broker starting on this database waits while it is taken.
+    held = os.open(args.writer + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
     writer = Writer(args.writer, args.fsync)
     stdin = sys.stdin.buffer
     buf, delay = b"", WRITER_DELAY
@@ -279,6 +286,11 @@ class Store:
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.path, self.fsync = path, fsync
         self._lock = self._take_lock()
+        try:
+            self._wait_for_old_writer()
+        except StoreError:
+            os.close(self._lock)
+            raise
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._check()
@@ -332,6 +344,29 @@ class Store:
             os.close(fd)
             raise StoreError(f"{self.path} is in use by another broker") from None
         return fd
+
+    def _wait_for_old_writer(self) -> None:
+        """A broker killed a moment ago leaves its writer applying the rest of the log (and
+        checkpointing, which changes the file under our integrity check): wait until that
+        writer has finished, so that one process at a time writes the database."""
+        fd = os.open(self.path + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + OLD_WRITER_WAIT
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return  # free; our own writer takes it next (closing fd lets it go)
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"{self.path}: the history writer of an earlier "
+                                         "broker is still running") from None
+                    if not told:
+                        log.warning("waiting for the previous broker's history writer")
+                        told = True
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
 
     def _start_writer(self) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--writer", self.path]

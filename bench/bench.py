@@ -207,7 +207,8 @@ class Cluster:
             if self.system == FSYNC:
                 argv.append("--fsync")
             if self.bench.profile:
-                prof = self.bench.profile / f"broker-{self.label}.prof"
+                again = f"-{self.starts + 1}" if self.starts else ""  # crash: a second start
+                prof = self.bench.profile / f"{self.system}-{self.label}{again}.prof"
                 argv[1:1] = ["-m", "cProfile", "-o", str(prof)]
             self.starts += 1
             child = Child(f"{self.label}-{self.system}-{self.starts}", argv, logdir)
@@ -365,7 +366,8 @@ class Bench:
                 heard: dict[str, int] = {}
                 for r in recv:
                     r.send(cmd="heard")
-                    heard.update(r.expect("heard", 30)["heard"])  # one room: max below
+                    for room, seq in r.expect("heard", 30)["heard"].items():
+                        heard[room] = max(seq, heard.get(room, 0))
                 c.restart()  # at once, as a supervisor would: it replays the log first
                 runs.append(check_history(c.db, "bench", "sender.", acked, heard,
                                           (killed_ns - acked["t0"]) / 1e9))
@@ -499,8 +501,9 @@ def check_history(db: Path, room: str, prefix: str, acked: dict[str, Any],
     top = seqs[-1] if seqs else 0
     return {"acked": acked["run_acked"], "rate": acked["run_acked"] / secs,
             "acked_lost": lost, "heard_unstored": max(0, heard.get(room, 0) - top),
-            "gaps": top - len(seqs), "unanswered": acked["unanswered"],
-            "errors": acked["errors"]}
+            "gaps": top - len(seqs), "heard_seq": heard.get(room, 0), "stored_seq": top,
+            "checked_ids": sum(last - first + 1 for first, last in acked["stored"]),
+            "unanswered": acked["unanswered"], "errors": acked["errors"]}
 
 
 def cpu_share(before: dict[str, float], after: dict[str, float], wall: float
@@ -622,7 +625,8 @@ def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool 
         target("W1F R=10 >= 1.0x raw forwarder", r10 >= fwd, f"{r10 / fwd:.2f}x")
     if r10 and thr:
         target("W1F R=10 >= 3x thread server", r10 >= 3 * thr, f"{r10 / thr:.2f}x")
-    lost = [med(f"w1f_{r}_lost") for r in s.fanout] + [med(f"w1f_{r}_dups") for r in s.fanout]
+    lost = [med(f"w1f_{r}_{what}", system) for r in s.fanout for what in ("lost", "dups")
+            for system in ("broker", FSYNC)]
     if any(v is not None for v in lost):
         target("W1F loss and duplicates = 0", all(not v for v in lost),
                f"max {max(v or 0 for v in lost):g}")
@@ -872,6 +876,11 @@ def main(argv: list[str] | None = None) -> int:
     figs = figures(results, s)
     by_key = {f.key: f for f in figs}
     targets = check_targets(by_key, s)
+    for key, per_system in results.items():  # a run that failed cannot count as met
+        for system, runs in per_system.items():
+            errors = [r["error"] for r in runs if "error" in r]
+            if errors:
+                targets.append((f"{key} on {system} ran", False, errors[0]))
     elapsed = time.monotonic() - started
     load = (load_before, os.getloadavg()[0])
     print(f"\nZeroMQ chat benchmark ({'quick' if a.quick else 'full'} run, {s.reps} runs per "

@@ -164,7 +164,7 @@ class Sender(Role):
         """Stop at once (the broker was killed): which messages did it acknowledge?"""
         assert self.plan is not None and self.args.system == "broker"
         t0_ns, self.plan = self.plan["t0_ns"], None
-        self.me._on_dealer(0)  # acknowledgements that are already here
+        self.me.drain()  # acknowledgements that already came in count too
         emit(halted=True, stored=self.me.stored, t0=t0_ns,
              run_acked=self.me.acknowledged() - self.acked_before,
              unanswered=self.me.unacknowledged(), errors=self.me.errors)
@@ -251,6 +251,7 @@ class Receivers(Role):
         """The highest sequence number any of our receivers heard, per room."""
         heard: dict[str, int] = {}
         for p in self.peers:
+            p.drain()  # what already came in counts too
             for stream, seq in p.tally.last.items():
                 heard[stream] = max(seq, heard.get(stream, 0))
         emit(heard=heard)

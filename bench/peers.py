@@ -243,6 +243,9 @@ class Peer:
         """Requests sent that the server has not acknowledged (only the broker acknowledges)."""
         return 0
 
+    def drain(self) -> None:
+        """Handle whatever is waiting in the sockets now, without waiting for the loop."""
+
     def announce(self) -> None:
         """W4 on a baseline: a message that comes back once this peer is in (own_ns is set)."""
         self.say([probe_text(self.nick)])
@@ -322,6 +325,11 @@ class BrokerPeer(Peer):
 
     def unacknowledged(self) -> int:
         return self.says - self.acked
+
+    def drain(self) -> None:
+        self._on_dealer(0)
+        if self.listen:
+            self._on_sub(0)
 
     def ping(self) -> None:
         self._request(m.Kind.PING, b"ping", {})

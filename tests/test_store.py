@@ -3,12 +3,17 @@ neither the log nor SQLite's WAL grows under steady writes, and a writer that di
 replaced."""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 import store
+from conftest import wait_for
 
 
 def event(seq: int, text: str = "") -> bytes:
@@ -113,3 +118,57 @@ def test_two_writers_after_a_kill_neither_fails_nor_loses(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert store.segments(path) == []
     assert [e["seq"] for e in store.stored_events(path, "lobby")] == list(range(1, 101))
+
+
+def writer_lock_taken(path: str) -> bool:
+    fd = os.open(path + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_a_start_waits_while_an_earlier_writer_runs(tmp_path, monkeypatch):
+    """While a killed broker's writer still runs (here: its lock, held by the test) a new
+    Store does not touch the database; past the wait it says why, and frees the database."""
+    monkeypatch.setattr(store, "OLD_WRITER_WAIT", 0.3)
+    path = str(tmp_path / "chat.db")
+    store.Store(path).close()
+    held = os.open(path + "-writer-lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(store.StoreError, match="writer of an earlier broker"):
+            store.Store(path)
+    finally:
+        os.close(held)
+    store.Store(path).close()  # once it is gone, the start goes on (nothing left locked)
+
+
+def test_a_restart_at_once_waits_for_the_killed_brokers_writer(tmp_path):
+    """The real thing: a writer whose broker vanished applies the rest of the log while a
+    new broker starts on the database; the start waits for it and then has everything."""
+    path = str(tmp_path / "chat.db")
+    store.Store(path).close()
+    recs = [store.encode_record(("event", "lobby", seq, float(seq), "tok:x", f"id{seq}",
+                                 event(seq, "x" * 200).decode())) for seq in range(1, 5001)]
+    (tmp_path / "chat.db-log.000001").write_bytes(b"".join(recs[:2500]))
+    (tmp_path / "chat.db-log.000002").write_bytes(b"".join(recs[2500:]))
+    old = subprocess.Popen([sys.executable, store.__file__, "--writer", path],
+                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    assert old.stdin is not None
+    try:
+        wait_for(lambda: writer_lock_taken(path), 10, "the old writer to start")
+        old.stdin.close()  # its broker is gone: it applies what is left, then exits
+        db = store.Store(path)
+        try:
+            events = [json.loads(e) for e in db.history("lobby", after=0, limit=6000)]
+            assert [e["seq"] for e in events] == list(range(1, 5001))
+        finally:
+            db.close()
+    finally:
+        old.stdin.close()
+        old.wait(10)
+    assert store.segments(path) == []
