@@ -60,11 +60,12 @@ class Settings:
     client_secs: float = 2.0                    # client.Client: sending while it is held
     per_process: int = 250                      # peers per load process (at most)
     crash_after: float = 2.0                    # crash: seconds at W1F's pace before the kill
+    crash_reps: int = 3                         # crash: a fresh broker (and a kill) each time
 
 
 QUICK: Final = Settings(fanout=(10, 100), fanout_secs=0.5, latency_secs=0.5, chat_secs=0.5,
                         idle_clients=500, storm_clients=250, idle_secs=1.0, scale_reps=1,
-                        client_secs=0.5, crash_after=0.5)
+                        client_secs=0.5, crash_after=0.5, crash_reps=1)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -353,7 +354,7 @@ class Bench:
         message acknowledged before the kill must be in the room's history, and so must
         every event a receiver heard (nothing is published before it is durable)."""
         runs = []
-        for rep in range(self.s.reps):
+        for rep in range(self.s.crash_reps):
             with self.cluster(system, f"crash-{rep}") as c:
                 sender, recv = self.sender_and_receivers(c, min(self.s.fanout), "window")
                 sender.send(cmd="run", mode="window", duration=3600, window=WINDOW)
@@ -833,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     s = replace(QUICK if a.quick else Settings())
     if a.reps:
-        s.reps = s.scale_reps = a.reps
+        s.reps = s.scale_reps = s.crash_reps = a.reps
     if a.fanout:
         s.fanout = tuple(int(r) for r in a.fanout.split(","))
     only = {w.strip() for w in a.only.split(",") if w.strip()}
