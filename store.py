@@ -349,7 +349,10 @@ class Store:
         """A broker killed a moment ago leaves its writer applying the rest of the log (and
         checkpointing, which changes the file under our integrity check): wait until that
         writer has finished, so that one process at a time writes the database."""
-        fd = os.open(self.path + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"{self.path}-writer-lock: {exc.strerror}") from None
         try:
             deadline = time.monotonic() + OLD_WRITER_WAIT
             told = False
