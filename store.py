@@ -8,9 +8,10 @@ own (`python store.py --writer DB`) applies the log to SQLite in batches, so tha
 commits, checkpoints and fsyncs never stall the broker's loop nor take its interpreter lock,
 and deletes each segment once SQLite has all of it. Every record is idempotent, so whatever a
 crash leaves in the log is applied again on the next start. Reads (history, ...) first ask the
-writer to catch up with everything logged so far. One writer at a time: a writer holds
-`<db>-writer-lock` while it runs, and a broker that starts while the writer of a killed one
-is still applying the log waits for it.
+writer to catch up with everything logged so far. One writer at a time: the broker takes
+`<db>-writer-lock` before it opens the database and hands it to each writer it starts, so a
+writer still applying the log after its broker was killed holds it, and the next broker
+waits for that writer to finish.
 """
 from __future__ import annotations
 
@@ -240,13 +241,18 @@ def writer_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="the broker's history writer")
     parser.add_argument("--writer", required=True, metavar="DB")
     parser.add_argument("--fsync", action="store_true")
+    parser.add_argument("--lock-fd", type=int, metavar="FD",
+                        help="the broker's writer lock, open and held: kept until we exit")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker says when to stop
-    background()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s history writer: %(message)s")
-    # Held until we exit: a broker starting on this database waits while it is taken.
-    held = os.open(args.writer + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(held, fcntl.LOCK_EX)
+    if args.lock_fd is None:  # started by hand: take the writer lock ourselves
+        try:
+            writer_lock(args.writer, wait=0)
+        except StoreError as exc:
+            log.error("%s", exc)
+            return 1
+    background()
     writer = Writer(args.writer, args.fsync)
     stdin = sys.stdin.buffer
     buf, delay = b"", WRITER_DELAY
@@ -280,29 +286,58 @@ def writer_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------- the store
 
+def writer_lock(path: str, wait: float) -> int:
+    """Take `<db>-writer-lock`, waiting up to `wait` seconds: one process at a time writes
+    the database. The broker takes it before it looks at the file and hands it to each
+    writer it starts, so that a writer left applying the log after its broker was killed
+    still holds it, and the next broker waits for that writer to finish."""
+    try:
+        fd = os.open(path + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{path}-writer-lock: {exc.strerror}") from None
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise StoreError(f"{path}: the history writer of an earlier broker is "
+                                 "still running") from None
+            if not told:
+                log.warning("waiting for the previous broker's history writer to finish")
+                told = True
+            time.sleep(0.05)
+        except OSError as exc:  # no locks here (some network file systems)
+            os.close(fd)
+            raise StoreError(f"{path}-writer-lock: {exc.strerror}") from None
+
+
+def close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            if pipe is not None:
+                pipe.close()
+        except OSError:  # a command it never read: nobody to tell
+            pass
+
+
 class Store:
     """Append-only event history with per-room sequence numbers that survive restarts."""
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.path, self.fsync = path, fsync
-        self._lock = self._take_lock()
-        try:
-            self._wait_for_old_writer()
-        except StoreError:
-            os.close(self._lock)
-            raise
-        try:
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._check()
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: {exc}") from None
+        self._writer: subprocess.Popen[bytes] | None = None
+        self._writer_lock: int | None = None
         self._lines: list[bytes] = []   # this pass's records, as log lines
         self._privates_logged = False   # a private message logged since the last sync()
-        self._writer: subprocess.Popen[bytes] | None = None
-        self._start_writer()
-        self.sync()  # what the last run logged is in SQLite before anyone reads it
+        self._lock = self._take_lock()
+        try:
+            self._open()
+        except BaseException:  # free what was taken: a caller may start again
+            self._release()
+            raise
         existing = segments(path)
         self._seg = int(existing[-1].rsplit(".", 1)[1]) + 1 if existing else 1
         self._log = -1
@@ -313,6 +348,32 @@ class Store:
                                        "UNION ALL SELECT cmid FROM privates "
                                        "WHERE cmid IS NOT NULL"):
             self._seen.add(cmid)
+
+    def _open(self) -> None:
+        self._writer_lock = writer_lock(self.path, OLD_WRITER_WAIT)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None,
+                                      check_same_thread=False)
+            self._check()
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        self._start_writer()
+        self.sync()  # what the last run logged is in SQLite before anyone reads it
+
+    def _release(self) -> None:
+        """Stop the writer (if any) and let go of the database and both locks."""
+        if self._writer is not None:
+            if self._writer.poll() is None:
+                self._writer.kill()
+                self._writer.wait()
+            close_pipes(self._writer)
+        if hasattr(self, "db"):
+            self.db.close()
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)
+        os.close(self._lock)  # the lock files stay: removing them would race a new broker
 
     def _check(self) -> None:
         """Refuse a truncated or corrupted file instead of serving silently short history."""
@@ -345,36 +406,12 @@ class Store:
             raise StoreError(f"{self.path} is in use by another broker") from None
         return fd
 
-    def _wait_for_old_writer(self) -> None:
-        """A broker killed a moment ago leaves its writer applying the rest of the log (and
-        checkpointing, which changes the file under our integrity check): wait until that
-        writer has finished, so that one process at a time writes the database."""
-        try:
-            fd = os.open(self.path + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StoreError(f"{self.path}-writer-lock: {exc.strerror}") from None
-        try:
-            deadline = time.monotonic() + OLD_WRITER_WAIT
-            told = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return  # free; our own writer takes it next (closing fd lets it go)
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StoreError(f"{self.path}: the history writer of an earlier "
-                                         "broker is still running") from None
-                    if not told:
-                        log.warning("waiting for the previous broker's history writer")
-                        told = True
-                    time.sleep(0.05)
-        finally:
-            os.close(fd)
-
     def _start_writer(self) -> None:
-        cmd = [sys.executable, os.path.abspath(__file__), "--writer", self.path]
+        cmd = [sys.executable, os.path.abspath(__file__), "--writer", self.path,
+               "--lock-fd", str(self._writer_lock)]
         self._writer = subprocess.Popen(cmd + (["--fsync"] if self.fsync else []),
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        pass_fds=(self._writer_lock,),
                                         start_new_session=True)  # no Ctrl+C from a terminal
 
     def _open_segment(self) -> None:
@@ -409,6 +446,7 @@ class Store:
                 raise StoreError(f"{self.path}: the history writer does not answer")
             if attempt == 1 and cmd != b"stop":
                 log.error("history writer exited (%s); starting it again", proc.returncode)
+                close_pipes(proc)
                 self._start_writer()
         raise StoreError(f"{self.path}: the history writer keeps failing")
 
@@ -429,10 +467,7 @@ class Store:
             self._writer.wait(SYNC_TIMEOUT)
         except (StoreError, subprocess.TimeoutExpired) as exc:  # the log stays for next time
             log.error("history writer: %s", exc)
-            if self._writer is not None:
-                self._writer.kill()
-        self.db.close()
-        os.close(self._lock)  # the lock file stays: removing it would race a new broker
+        self._release()
 
     # ---------------------------------------------------------------- reading state
     def last_seqs(self) -> dict[str, int]:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -131,44 +132,98 @@ def writer_lock_taken(path: str) -> bool:
         os.close(fd)
 
 
-def test_a_start_waits_while_an_earlier_writer_runs(tmp_path, monkeypatch):
-    """While a killed broker's writer still runs (here: its lock, held by the test) a new
-    Store does not touch the database; past the wait it says why, and frees the database."""
-    monkeypatch.setattr(store, "OLD_WRITER_WAIT", 0.3)
+class Opening(threading.Thread):
+    """Store(path) on a thread of its own: the test can watch it wait."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.store: store.Store | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.store = store.Store(self.path)
+        except BaseException as exc:  # noqa: BLE001  (reported by the test)
+            self.error = exc
+
+
+def test_a_start_waits_while_an_earlier_writer_runs(tmp_path, monkeypatch, caplog):
+    """While another process holds the writer lock a new Store does not touch the database:
+    it goes on once the lock is free, or gives up after OLD_WRITER_WAIT and says why (and
+    leaves nothing locked behind)."""
     path = str(tmp_path / "chat.db")
     store.Store(path).close()
-    held = os.open(path + "-writer-lock", os.O_RDWR)
-    fcntl.flock(held, fcntl.LOCK_EX)
+    held = store.writer_lock(path, 0)
+    try:
+        opening = Opening(path)
+        wait_for(lambda: "previous broker's history writer" in caplog.text, 10,
+                 "the start to wait")
+        assert opening.is_alive() and opening.store is None
+    finally:
+        os.close(held)
+    opening.join(10)
+    assert opening.error is None and opening.store is not None
+    opening.store.close()
+
+    monkeypatch.setattr(store, "OLD_WRITER_WAIT", 0.3)
+    held = store.writer_lock(path, 0)
     try:
         with pytest.raises(store.StoreError, match="writer of an earlier broker"):
             store.Store(path)
     finally:
         os.close(held)
-    store.Store(path).close()  # once it is gone, the start goes on (nothing left locked)
+    store.Store(path).close()  # the failed start let go of the database
 
 
-def test_a_restart_at_once_waits_for_the_killed_brokers_writer(tmp_path):
-    """The real thing: a writer whose broker vanished applies the rest of the log while a
-    new broker starts on the database; the start waits for it and then has everything."""
+BROKER_LIKE = """
+import sys
+sys.path.insert(0, {root!r})
+import store
+s = store.Store({path!r})
+print(s._writer.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_brokers_writer_keeps_the_next_start_waiting(tmp_path, caplog):
+    """A broker logs 5,000 records and is SIGKILLed; its writer lives on (here frozen, so
+    that it cannot finish early) and still holds the writer lock it was handed. The next
+    Store waits for it, and once that writer has applied the log and gone, starts with every
+    record, once."""
     path = str(tmp_path / "chat.db")
-    store.Store(path).close()
+    root = os.path.dirname(os.path.abspath(store.__file__))
+    broker = subprocess.Popen([sys.executable, "-c", BROKER_LIKE.format(root=root, path=path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert broker.stdout is not None and broker.stdin is not None
+    try:
+        writer = int(broker.stdout.readline())  # its history writer's pid, once it is up
+    except BaseException:
+        broker.kill()
+        raise
     recs = [store.encode_record(("event", "lobby", seq, float(seq), "tok:x", f"id{seq}",
                                  event(seq, "x" * 200).decode())) for seq in range(1, 5001)]
-    (tmp_path / "chat.db-log.000001").write_bytes(b"".join(recs[:2500]))
-    (tmp_path / "chat.db-log.000002").write_bytes(b"".join(recs[2500:]))
-    old = subprocess.Popen([sys.executable, store.__file__, "--writer", path],
-                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    assert old.stdin is not None
+    with open(store.segments(path)[-1], "ab") as log:  # as the broker logs them
+        log.write(b"".join(recs))
+    os.kill(writer, signal.SIGSTOP)
     try:
-        wait_for(lambda: writer_lock_taken(path), 10, "the old writer to start")
-        old.stdin.close()  # its broker is gone: it applies what is left, then exits
-        db = store.Store(path)
-        try:
-            events = [json.loads(e) for e in db.history("lobby", after=0, limit=6000)]
-            assert [e["seq"] for e in events] == list(range(1, 5001))
-        finally:
-            db.close()
+        os.kill(broker.pid, signal.SIGKILL)
+        broker.wait(10)
+        broker.stdin.close()
+        broker.stdout.close()
+        assert writer_lock_taken(path)  # by the orphan: its inherited lock outlives the broker
+        opening = Opening(path)
+        wait_for(lambda: "previous broker's history writer" in caplog.text, 10,
+                 "the start to wait")
+        assert opening.store is None
     finally:
-        old.stdin.close()
-        old.wait(10)
+        os.kill(writer, signal.SIGCONT)  # it reads end-of-input: applies the log, exits
+    opening.join(30)
+    assert opening.error is None and opening.store is not None
+    try:
+        events = [json.loads(e) for e in opening.store.history("lobby", after=0, limit=6000)]
+        assert [e["seq"] for e in events] == list(range(1, 5001))
+    finally:
+        opening.store.close()
     assert store.segments(path) == []
