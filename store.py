@@ -286,15 +286,14 @@ def writer_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------- the store
 
-def writer_lock(path: str, wait: float) -> int:
-    """Take `<db>-writer-lock`, waiting up to `wait` seconds: one process at a time writes
-    the database. The broker takes it before it looks at the file and hands it to each
-    writer it starts, so that a writer left applying the log after its broker was killed
-    still holds it, and the next broker waits for that writer to finish."""
+def lock_file(name: str, held: str, wait: float = 0.0, waiting: str = "") -> int:
+    """An exclusive flock on file `name`, tried for up to `wait` seconds (logging `waiting`
+    once if it has to wait); StoreError(`held`) if it is still held by then. Returns the
+    open descriptor: the lock lasts as long as it (or a copy of it in a child) is open."""
     try:
-        fd = os.open(path + "-writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise StoreError(f"{path}-writer-lock: {exc.strerror}") from None
+        raise StoreError(f"{name}: {exc.strerror}") from None
     deadline, told = time.monotonic() + wait, False
     while True:
         try:
@@ -303,15 +302,24 @@ def writer_lock(path: str, wait: float) -> int:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise StoreError(f"{path}: the history writer of an earlier broker is "
-                                 "still running") from None
-            if not told:
-                log.warning("waiting for the previous broker's history writer to finish")
+                raise StoreError(held) from None
+            if waiting and not told:
+                log.warning("%s", waiting)
                 told = True
             time.sleep(0.05)
         except OSError as exc:  # no locks here (some network file systems)
             os.close(fd)
-            raise StoreError(f"{path}-writer-lock: {exc.strerror}") from None
+            raise StoreError(f"{name}: {exc.strerror}") from None
+
+
+def writer_lock(path: str, wait: float) -> int:
+    """Take `<db>-writer-lock`, waiting up to `wait` seconds: one process at a time writes
+    the database. The broker takes it before it looks at the file and hands it to each
+    writer it starts, so that a writer left applying the log after its broker was killed
+    still holds it, and the next broker waits for that writer to finish."""
+    return lock_file(path + "-writer-lock",
+                     f"{path}: the history writer of an earlier broker is still running",
+                     wait, "waiting for the previous broker's history writer to finish")
 
 
 def close_pipes(proc: subprocess.Popen[bytes]) -> None:
@@ -395,16 +403,7 @@ class Store:
 
     def _take_lock(self) -> int:
         """One broker per database: a second one would number the same rooms again."""
-        try:
-            fd = os.open(self.path + "-lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StoreError(f"{self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StoreError(f"{self.path} is in use by another broker") from None
-        return fd
+        return lock_file(self.path + "-lock", f"{self.path} is in use by another broker")
 
     def _start_writer(self) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--writer", self.path,

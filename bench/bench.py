@@ -497,13 +497,13 @@ def check_history(db: Path, room: str, prefix: str, acked: dict[str, Any],
         con.close()
     seqs = [seq for seq, _ in rows]
     ids = {cmid for _, cmid in rows if cmid and cmid.startswith(prefix)}
-    lost = sum(1 for first, last in acked["stored"] for i in range(first, last + 1)
-               if f"{prefix}{i}" not in ids)
+    told = [f"{prefix}{i}" for first, last in acked["stored"] for i in range(first, last + 1)]
     top = seqs[-1] if seqs else 0
     return {"acked": acked["run_acked"], "rate": acked["run_acked"] / secs,
-            "acked_lost": lost, "heard_unstored": max(0, heard.get(room, 0) - top),
+            "acked_lost": sum(1 for cmid in told if cmid not in ids),
+            "heard_unstored": max(0, heard.get(room, 0) - top),
             "gaps": top - len(seqs), "heard_seq": heard.get(room, 0), "stored_seq": top,
-            "checked_ids": sum(last - first + 1 for first, last in acked["stored"]),
+            "checked_ids": len(told),
             "unanswered": acked["unanswered"], "errors": acked["errors"]}
 
 
@@ -560,13 +560,9 @@ class Figure:
             return None
         return (max(v) - min(v)) / 2 / abs(med)
 
-    def ratio(self, baseline: str) -> float | None:
-        a, b = self.median("broker"), self.median(baseline)
-        return a / b if a is not None and b else None
-
-    def fsync_cost(self) -> float | None:
-        """The broker with --fsync ÷ the broker."""
-        a, b = self.median(FSYNC), self.median("broker")
+    def ratio(self, baseline: str, system: str = "broker") -> float | None:
+        """system ÷ baseline (the broker ÷ a baseline; FSYNC ÷ the broker for its cost)."""
+        a, b = self.median(system), self.median(baseline)
         return a / b if a is not None and b else None
 
 
@@ -691,7 +687,8 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
                      *(fmt(f.median(s), f.spread(s)) for s in SYSTEMS),
                      ratio_text(f.ratio("forwarder")), ratio_text(f.ratio("thread"))])
         if fsync:
-            rows[-1] += [fmt(f.median(FSYNC), f.spread(FSYNC)), ratio_text(f.fsync_cost())]
+            rows[-1] += [fmt(f.median(FSYNC), f.spread(FSYNC)),
+                         ratio_text(f.ratio("broker", FSYNC))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for n, r in enumerate(rows):
@@ -899,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
                                "median": {k: f.median(k) for k in f.values},
                                "vs_forwarder": f.ratio("forwarder"),
                                "vs_thread": f.ratio("thread"),
-                               "fsync_vs_broker": f.fsync_cost()} for f in figs},
+                               "fsync_vs_broker": f.ratio("broker", FSYNC)} for f in figs},
            "targets": [{"target": n, "met": ok, "value": d} for n, ok, d in targets],
            "runs": strip_samples(results)}
     Path(a.json).write_text(json.dumps(doc, indent=1))

@@ -270,7 +270,6 @@ class BrokerPeer(Peer):
         self.heartbeat = 2.0                   # until the welcome says
         self.live = False
         self.early: list[dict[str, Any]] = []  # events heard before LIVE said where to start
-        self.says = self.acked = 0             # SAY requests sent, and acknowledged
         self.said: deque[tuple[int, int]] = deque()  # each SAY under way: its first, last id
         self.stored: list[list[int]] = []      # ids the broker acknowledged, as [first, last]
         self.ctx, self.port = ctx, port        # start() connects: W4's storm times that too
@@ -308,7 +307,6 @@ class BrokerPeer(Peer):
                 self.seq += 1
                 msgs.append({"id": f"{self.nick}.{self.seq}", "text": text})
             self._request(m.Kind.SAY, b"say", {"room": self.room, "msgs": msgs})
-            self.says += 1
             self.said.append((first, self.seq))
 
     def _stored(self) -> None:
@@ -324,7 +322,7 @@ class BrokerPeer(Peer):
         return sum(last - first + 1 for first, last in self.stored)
 
     def unacknowledged(self) -> int:
-        return self.says - self.acked
+        return len(self.said)
 
     def drain(self) -> None:
         self._on_dealer(0)
@@ -349,8 +347,7 @@ class BrokerPeer(Peer):
                     if self.listen:
                         self._subscribe(json.loads(body)["grant"])
                     self.ready = True
-                elif label == b"say":
-                    self.acked += 1  # stored and published: the acks need no decoding here
+                elif label == b"say":  # stored and published: no need to decode the acks
                     self._stored()
                 continue
             if kind == b"LIVE":
@@ -362,8 +359,7 @@ class BrokerPeer(Peer):
                 print(f"{self.nick}: {label.decode()} -> {body.decode()}", file=sys.stderr)
                 if label in (b"hello", b"join"):
                     self.failed = True
-                elif label == b"say":
-                    self.acked += 1  # answered, if not stored: counted as an error
+                elif label == b"say":  # answered, if not stored: counted as an error
                     self.said.popleft()
 
     def _welcomed(self, welcome: dict[str, Any]) -> None:
