@@ -382,7 +382,9 @@ class Client:
                     try:
                         await self._join(room, {"room": room, "resume": True}, 0)
                     except ChatError as err:
-                        if err.code in ("TIMEOUT", "DISCONNECTED"):
+                        # NO_HELLO: our new session is gone already (a HELLO of ours from an
+                        # abandoned connection, read late, replaced it): resume again.
+                        if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO):
                             raise
                         self.rooms.pop(room, None)   # gone, or we were banned meanwhile
                         self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)

@@ -231,6 +231,10 @@ class Relay:
         message to the client)."""
         return []
 
+    def answer(self, rid: bytes, frames: list[bytes]) -> list[bytes] | None:
+        """A reply the relay gives the client itself instead of passing the request on."""
+        return None
+
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()
         poller.register(self.front, zmq.POLLIN)
@@ -238,6 +242,10 @@ class Relay:
             for sock, _ in await poller.poll():
                 if sock is self.front:
                     rid, *frames = await self.front.recv_multipart()
+                    reply = self.answer(rid, frames)
+                    if reply is not None:
+                        await self.front.send_multipart([rid, *reply])
+                        continue
                     if not self.up(rid, frames):
                         continue
                     if rid not in self.backs:
@@ -425,6 +433,45 @@ def test_cli_kicked_as_it_joins_stays_where_it_was(make_broker, capsys):
         relay.task.cancel()
         await client.close()
         await close_all([boss, ann])
+
+    asyncio.run(scenario())
+
+
+class SessionGoneAtRejoin(Relay):
+    """A relay that answers the first room JOIN of a resumed session with NO_HELLO, as the
+    broker does when a late HELLO of ours, from a connection the client had given up on
+    while the broker was starting, replaced the session the client had just made."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
+        self.answered = 0
+        super().__init__(ctx, broker_port)
+
+    def answer(self, rid: bytes, frames: list[bytes]) -> list[bytes] | None:
+        if frames[0] == b"JOIN" and json.loads(frames[2]).get("resume") and not self.answered:
+            self.answered += 1
+            return [b"ERROR", frames[1], json.dumps({"code": "NO_HELLO",
+                                                     "reason": "say HELLO first"}).encode()]
+        return None
+
+
+def test_session_gone_while_rejoining_is_resumed_again(make_broker):
+    """The broker restarts; the client's session is gone again as it rejoins its room: it
+    resumes once more and is back in the room, where its next message goes (it used to
+    drop the room, and the message failed with NOT_MEMBER)."""
+    broker = make_broker()
+
+    async def scenario() -> None:
+        relay = SessionGoneAtRejoin(zmq.asyncio.Context.instance(), broker.port)
+        ann = await Member(relay.port, "ann").start()
+        broker.restart()
+        await until(lambda: "reconnected" in ann.statuses(), 15, "ann to reconnect")
+        assert relay.answered == 1
+        assert "lobby" in ann.client.rooms
+        assert not [s for s in ann.statuses() if s.startswith("could not rejoin")]
+        seq = await asyncio.wait_for(ann.client.say("lobby", "still here"), 10)
+        assert seq > 0
+        relay.task.cancel()
+        await close_all([ann])
 
     asyncio.run(scenario())
 
