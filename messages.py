@@ -109,6 +109,7 @@ class Code(StrEnum):
     BANNED = "BANNED"
     TOO_LARGE = "TOO_LARGE"
     RATE_LIMITED = "RATE_LIMITED"
+    UNAVAILABLE = "UNAVAILABLE"    # the shared state (a cluster) did not answer: retry
     INTERNAL = "INTERNAL"
 
 

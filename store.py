@@ -53,6 +53,7 @@ CREATE INDEX IF NOT EXISTS privates_to ON privates (recipient, ts);
 CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, nick TEXT NOT NULL,
     PRIMARY KEY (room, nick)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, settings TEXT NOT NULL);
 """
 
 # What each record does to SQLite. A room event is ("event", room, seq, ts, sender, cmid,
@@ -65,6 +66,7 @@ SQL: Final = {
     "unmember": "DELETE FROM members WHERE room=? AND nick=?",
     "no_members": "DELETE FROM members",
     "nick": "INSERT OR IGNORE INTO nick_keys VALUES (?,?)",
+    "room": "INSERT OR REPLACE INTO rooms VALUES (?,?)",
 }
 
 
@@ -548,6 +550,15 @@ class Store:
 
     def remove_member(self, room: str, nick_key: str) -> None:
         self._lines.append(encode_record(("unmember", room, nick_key)))
+
+    # ---------------------------------------------------------------- room settings
+    def room_settings(self) -> dict[str, dict[str, Any]]:
+        """Each room's settings (topic, lock, operators, bans) as last saved."""
+        return {name: json.loads(data)
+                for name, data in self.db.execute("SELECT name, settings FROM rooms")}
+
+    def save_room(self, name: str, settings: str) -> None:
+        self._lines.append(encode_record(("room", name, settings)))
 
     # ---------------------------------------------------------------- CURVE nick owners
     def nick_owner(self, nick_key: str) -> str | None:

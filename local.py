@@ -1,0 +1,185 @@
+"""The shared state of a single broker: memory and its history store (store.py).
+
+Everything here answers at once: an append is numbered as it is made and becomes durable at
+the next follow() (one write to the store's log per pass of the broker's loop), before the
+loop publishes it or sends any reply, so an acknowledgement still means stored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Iterable
+
+import messages as m
+from messages import Code, ProtocolError, Reply
+from state import DEPARTURES, Delivery, Draft, Identity, Member, Op, RoomSettings
+from store import Store
+
+log = logging.getLogger("broker")
+
+
+class LocalLog:
+    """Each room's events in the store, numbered here."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.seqs: dict[str, int] = store.last_seqs()
+        self._pending: dict[str, Delivery] = {}
+        self.backlog = 0   # events appended since the last follow()
+
+    def last(self, room: str) -> int:
+        return self.seqs.get(room, 0)
+
+    def append(self, room: str, drafts: list[Draft]) -> Op:
+        seq = self.seqs.get(room, 0)
+        pending = self._pending.get(room)
+        if pending is None:
+            pending = self._pending[room] = Delivery(room, seq + 1, [])
+        events, append, seqs = pending.events, self.store.append, []
+        for d in drafts:
+            seq += 1
+            ts = time.time()
+            data = m.encode_event(room, seq, ts, d.nick, d.kind, d.text, d.cmid, d.extra)
+            append(room, seq, ts, d.owner, d.cmid, data)
+            events.append(data)
+            if d.kind in DEPARTURES:
+                pending.departures.append(seq)
+            seqs.append(seq)
+        self.seqs[room] = seq
+        self.backlog += len(drafts)
+        return Op.ready(seqs)
+
+    def known_ids(self, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
+        find = self.store.find_cmid
+        return {cmid: find(cmid) for cmid in cmids}
+
+    def read(self, room: str, *, after: int | None, before: int | None,
+             since: float | None, limit: int) -> Op:
+        return Op.ready(self.store.history(room, after=after, before=before, since=since,
+                                           limit=limit))
+
+    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
+                       data: bytes) -> Op:
+        self.store.append_private(ts, sender, recipient, cmid, data)
+        return Op.ready()
+
+    def privates_to(self, recipient: str, since: float, limit: int) -> Op:
+        return Op.ready(self.store.privates_to(recipient, since, limit))
+
+    def follow(self) -> list[Delivery]:
+        """Make this pass's appends durable (one write) and hand them over to publish."""
+        self.store.commit()
+        if not self._pending:
+            return []
+        out = list(self._pending.values())
+        self._pending.clear()
+        self.backlog = 0
+        return out
+
+
+class LocalRegistry:
+    """Sessions in memory (a restart ends them all); memberships and room settings in the
+    store. Members at the last stop are kept as they were, so their resume-joins are quiet."""
+
+    def __init__(self, store: Store, rooms: Iterable[str], ops: Iterable[str],
+                 allow_new_rooms: bool) -> None:
+        self.store = store
+        self.sessions: dict[str, Identity] = {}
+        self._members: dict[str, dict[str, Member]] = {}
+        for key, room in store.take_members():
+            self._members.setdefault(room, {})[key] = Member(key, key, "", "")
+        saved = {name: RoomSettings.from_json(d) for name, d in store.room_settings().items()}
+        self.rooms: dict[str, RoomSettings] = {}
+        op_keys = {m.nick_key(n) for n in ops}
+        for name in rooms:
+            room = saved.get(name) or RoomSettings(name, topic=store.last_topic(name))
+            room.ops |= op_keys
+            room.created = False
+            self.rooms[name] = room
+        if allow_new_rooms:  # rooms made by /join in earlier runs
+            for name in [*saved, *store.last_seqs()]:
+                if name not in self.rooms:
+                    self.rooms[name] = saved.get(name) or RoomSettings(
+                        name, topic=store.last_topic(name), created=True)
+
+    # ---------------------------------------------------------------- sessions
+    def holder(self, key: str) -> Identity | None:
+        return self.sessions.get(key)
+
+    def identities(self) -> Iterable[Identity]:
+        return self.sessions.values()
+
+    def claim(self, ident: Identity, replacing: Identity | None) -> Op:
+        held = self.sessions.get(ident.key)
+        if held is not None and (replacing is None or held.sid != replacing.sid):
+            return Op.failed(ProtocolError(Code.NICK_TAKEN, f"the nickname {held.nick} is taken"))
+        self.sessions[ident.key] = ident
+        return Op.ready()
+
+    def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
+        held = self.sessions.get(new_key)
+        if held is not None and held.sid != ident.sid:
+            return Op.failed(ProtocolError(Code.NICK_TAKEN, f"the nickname {held.nick} is taken"))
+        old_key = ident.key
+        if self.sessions.get(old_key) is ident:
+            del self.sessions[old_key]
+        ident.nick, ident.key = new_nick, new_key
+        self.sessions[new_key] = ident
+        for room, members in self._members.items():
+            member = members.get(old_key)
+            if member is not None and member.sid == ident.sid:
+                self.remove_member(room, old_key)
+                self.add_member(room, Member(new_nick, new_key, ident.sid, ident.broker))
+        return Op.ready()
+
+    def release(self, ident: Identity) -> None:
+        if self.sessions.get(ident.key) is ident:
+            del self.sessions[ident.key]
+
+    # ---------------------------------------------------------------- membership
+    def members(self, room: str) -> dict[str, Member]:
+        return self._members.get(room, {})
+
+    def add_member(self, room: str, member: Member) -> None:
+        self._members.setdefault(room, {})[member.key] = member
+        self.store.add_member(room, member.key)
+
+    def remove_member(self, room: str, key: str, sid: str | None = None) -> None:
+        members = self._members.get(room, {})
+        member = members.get(key)
+        if member is None or (sid is not None and member.sid != sid):
+            return
+        del members[key]
+        self.store.remove_member(room, key)
+
+    # ---------------------------------------------------------------- rooms
+    def room_names(self) -> list[str]:
+        return list(self.rooms)
+
+    def settings(self, room: str) -> RoomSettings | None:
+        return self.rooms.get(room)
+
+    def create_room(self, settings: RoomSettings) -> Op:
+        if settings.name in self.rooms:
+            return Op.ready(False)
+        self.rooms[settings.name] = settings
+        self.save(settings)
+        return Op.ready(True)
+
+    def save(self, settings: RoomSettings) -> None:
+        self.store.save_room(settings.name, json.dumps(settings.to_json()))
+
+    # ---------------------------------------------------------------- CURVE
+    def nick_owner(self, key: str) -> str | None:
+        return self.store.nick_owner(key)
+
+    def bind_nick(self, key: str, pubkey: str) -> None:
+        self.store.bind_nick(key, pubkey)
+
+
+class LocalPresence:
+    """One broker holds every session: there is nowhere else to deliver to."""
+
+    def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
+        log.warning("push %s for session %s on unknown broker %s dropped", kind, sid, broker)

@@ -1,0 +1,264 @@
+"""What brokers share, behind three small interfaces, and the records that cross them.
+
+The broker's core (core.py) keeps only what belongs to one broker: its connections, their
+rooms, grants and epochs. Everything every broker must agree on goes through:
+
+    RoomLog   each room's events: append (it assigns the numbers), read a range, and the
+              events to publish, in order, as they become durable (follow)
+    Registry  nicks and sessions with their resume tokens, room membership, room settings
+              (topic, lock, operators, bans), which CURVE key owns a nick
+    Presence  which broker holds a session, and a push delivered to it there
+
+The single broker implements them with memory and its SQLite store (local.py); cluster mode
+with NATS JetStream streams and key-value buckets (cluster.py). Reads are answered from what
+the implementation holds in memory; a change that must be agreed on (an append, a nick
+claim) returns an `Op` that completes now (locally) or when the cluster has answered.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+from messages import EventKind, Reply
+
+
+class Op:
+    """The result of a change to shared state: done at once, or later. A handler yields it
+    and resumes with its value (or its ProtocolError) when it is done."""
+
+    __slots__ = ("done", "value", "error", "_then")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self._then: list[Callable[[Op], None]] = []
+
+    @classmethod
+    def ready(cls, value: Any = None) -> Op:
+        op = cls()
+        op.done, op.value = True, value
+        return op
+
+    @classmethod
+    def failed(cls, error: BaseException) -> Op:
+        op = cls()
+        op.done, op.error = True, error
+        return op
+
+    def resolve(self, value: Any = None) -> None:
+        if not self.done:
+            self.done, self.value = True, value
+            self._fire()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done, self.error = True, error
+            self._fire()
+
+    def then(self, fn: Callable[[Op], None]) -> None:
+        """Call fn(self) once done (at once if it is)."""
+        if self.done:
+            fn(self)
+        else:
+            self._then.append(fn)
+
+    def _fire(self) -> None:
+        then, self._then = self._then, []
+        for fn in then:
+            fn(self)
+
+
+def gather(ops: Iterable[Op]) -> Op:
+    """One Op for several: done when all are, with their values in order; fails with the
+    first error (after all are done, so nothing is left running behind the caller)."""
+    ops = list(ops)
+    if all(op.done for op in ops):
+        error = next((op.error for op in ops if op.error is not None), None)
+        return Op.failed(error) if error else Op.ready([op.value for op in ops])
+    total = Op()
+    left = [len(ops)]
+
+    def one_done(_: Op) -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            error = next((op.error for op in ops if op.error is not None), None)
+            if error is not None:
+                total.fail(error)
+            else:
+                total.resolve([op.value for op in ops])
+
+    for op in ops:
+        op.then(one_done)
+    return total
+
+
+# ---------------------------------------------------------------------------- records
+
+def token_hash(token: str) -> str:
+    """What is kept of a resume token: enough to check one, nothing to present."""
+    return hashlib.sha256(token.encode()).hexdigest() if token else ""
+
+
+@dataclass(slots=True)
+class Identity:
+    """A session as every broker knows it: who holds a nick, where, proven how."""
+
+    sid: str           # the session's id, new at every HELLO
+    nick: str
+    key: str           # messages.nick_key(nick): the form nicks are compared in
+    token: str         # token_hash() of the client's resume secret ("" without one)
+    pubkey: str        # the CURVE key it authenticated with ("" without CURVE)
+    bot: bool
+    broker: str        # the name of the broker that holds its connection
+    rev: int = 0       # the registry's revision of this record (a cluster's compare-and-set)
+
+    @property
+    def owner(self) -> str:
+        """Who sent a message, stable across nick changes and reconnects: the CURVE key,
+        else a hash of the client's resume secret, else the nick."""
+        if self.pubkey:
+            return "key:" + self.pubkey
+        if self.token:
+            return "tok:" + self.token[:24]
+        return "nick:" + self.key
+
+    @property
+    def recipient(self) -> str:
+        """Whom a private message to this session is stored for: its identity and its nick
+        (a space is in neither), so only this client, under this nick, is sent it again."""
+        return f"{self.owner} {self.key}"
+
+
+@dataclass(slots=True)
+class Member:
+    """A nick in a room, and the session that put it there."""
+
+    nick: str
+    key: str
+    sid: str
+    broker: str
+
+
+@dataclass(slots=True)
+class RoomSettings:
+    """A room's settings, the same on every broker and kept across restarts."""
+
+    name: str
+    topic: str = ""
+    locked: bool = False                            # only operators set the topic
+    ops: set[str] = field(default_factory=set)      # nick keys
+    bans: set[str] = field(default_factory=set)     # nick keys
+    created: bool = False                           # made by /join, not by --rooms
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "topic": self.topic, "locked": self.locked,
+                "ops": sorted(self.ops), "bans": sorted(self.bans), "created": self.created}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RoomSettings:
+        return cls(str(d["name"]), str(d.get("topic", "")), d.get("locked") is True,
+                   set(d.get("ops", ())), set(d.get("bans", ())), d.get("created") is True)
+
+
+@dataclass(slots=True)
+class Draft:
+    """An event to append: the log gives it its number and time."""
+
+    kind: EventKind
+    nick: str
+    text: str
+    owner: str                          # who sent it (Identity.owner), or the nick key
+    cmid: str | None = None
+    extra: dict[str, Any] | None = None
+
+
+DEPARTURES = frozenset({EventKind.LEAVE, EventKind.KICK, EventKind.BAN})
+
+
+@dataclass(slots=True)
+class Delivery:
+    """Events of one room to publish, numbered first, first + 1, ... as the log has them;
+    `departures` are the numbers of the leave, kick and ban events among them."""
+
+    room: str
+    first: int
+    events: list[bytes]
+    departures: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- interfaces
+
+class RoomLog(Protocol):
+    def last(self, room: str) -> int:
+        """The highest number of the room's events that this broker has published (or
+        will, before any reply now being made goes out)."""
+
+    def append(self, room: str, drafts: list[Draft]) -> Op:
+        """Store events at the end of the room; the Op's value is their numbers. A draft
+        whose cmid is already stored in the room gets the stored number instead."""
+
+    def known_ids(self, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
+        """(sender, room, number) of each client message id already stored, else None."""
+
+    def read(self, room: str, *, after: int | None, before: int | None,
+             since: float | None, limit: int) -> Op:
+        """Stored events as JSON texts, oldest first: the first `limit` after `after`, or
+        the last `limit` before `before` (or the end), at or after `since`."""
+
+    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
+                       data: bytes) -> Op:
+        """Keep a private message for replay to its recipient after a reconnect."""
+
+    def privates_to(self, recipient: str, since: float, limit: int) -> Op:
+        """The latest `limit` private messages kept for recipient at or after since, oldest
+        first, as JSON texts."""
+
+    def follow(self) -> list[Delivery]:
+        """The events that became durable since the last call, to publish."""
+
+
+class Registry(Protocol):
+    def holder(self, key: str) -> Identity | None:
+        """The session that holds a nick (by nick key), wherever it is."""
+
+    def identities(self) -> Iterable[Identity]: ...
+
+    def claim(self, ident: Identity, replacing: Identity | None) -> Op:
+        """Take a nick for a session (from `replacing`, its own earlier session, if given).
+        Fails with NICK_TAKEN when someone else has it by then."""
+
+    def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
+        """Move a session to another nick (and its memberships with it)."""
+
+    def release(self, ident: Identity) -> None:
+        """Free the nick, if this session still holds it."""
+
+    def members(self, room: str) -> dict[str, Member]:
+        """The room's members by nick key (a session that is resuming elsewhere included)."""
+
+    def add_member(self, room: str, member: Member) -> None: ...
+
+    def remove_member(self, room: str, key: str, sid: str | None = None) -> None:
+        """Take a nick out of a room (only if `sid` still holds it there, when given)."""
+
+    def room_names(self) -> list[str]: ...
+
+    def settings(self, room: str) -> RoomSettings | None: ...
+
+    def create_room(self, settings: RoomSettings) -> Op:
+        """Make a room; the Op's value is False when it existed already."""
+
+    def save(self, settings: RoomSettings) -> None:
+        """Keep a room's changed settings."""
+
+    def nick_owner(self, key: str) -> str | None:
+        """The CURVE key that first registered a nick."""
+
+    def bind_nick(self, key: str, pubkey: str) -> None: ...
+
+
+class Presence(Protocol):
+    def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
+        """Deliver a push to a session held by another broker."""
