@@ -257,6 +257,13 @@ class Broker:
             self.auth.stop()
 
 
+def name_arg(text: str) -> str:
+    """A broker name or namespace: it becomes part of NATS subjects and stream names."""
+    if not text or not all(c.isascii() and (c.isalnum() or c in "-_") for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '-' and '_'")
+    return text
+
+
 def default_name(port: int) -> str:
     """A name unique among brokers and readable in logs: this host and the command port."""
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
@@ -281,6 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve-key", metavar="FILE", help="serve only CURVE, with this secret key")
     p.add_argument("--allow-keys", metavar="DIR", help="with --curve-key: only these clients")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    c = p.add_argument_group("several brokers (see README: Several brokers)")
+    c.add_argument("--cluster", metavar="URLS",
+                   help="NATS servers, comma-separated (nats://h1:4222,...): serve the same "
+                        "rooms as every broker on that NATS JetStream cluster (no --db then)")
+    c.add_argument("--name", type=name_arg, default="",
+                   help="this broker's name in the cluster, logs and welcome "
+                        "(default: host-port)")
+    c.add_argument("--replicas", type=int, default=0,
+                   help="copies of each room's history in the cluster (default 3, or fewer "
+                        "if the cluster is smaller)")
+    c.add_argument("--namespace", type=name_arg, default="zmqchat",
+                   help="prefix of the streams and buckets in NATS (several chats on one "
+                        "NATS)")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if a.gen_keys:
@@ -299,9 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     except ProtocolError as err:
         print(f"broker: --rooms: {err.reason}", file=sys.stderr)
         return 2
-    cfg = Config(a.host, a.port, a.pub_port, rooms, a.allow_new_rooms, a.heartbeat, a.db,
-                 a.fsync, a.motd, tuple(n for n in a.ops.split(",") if n), a.rate, a.burst,
-                 a.curve_key, a.allow_keys)
+    cfg = Config(host=a.host, port=a.port, pub_port=a.pub_port, rooms=rooms,
+                 allow_new_rooms=a.allow_new_rooms, heartbeat=a.heartbeat, db=a.db,
+                 fsync=a.fsync, motd=a.motd, ops=tuple(n for n in a.ops.split(",") if n),
+                 rate=a.rate, burst=a.burst, curve_key=a.curve_key, allow_keys=a.allow_keys,
+                 name=a.name, cluster=a.cluster, replicas=a.replicas, namespace=a.namespace)
     try:
         broker = Broker(cfg)
     except StoreError as err:
@@ -318,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: broker.stop())
     print(f"Broker started on tcp://{a.host}:{broker.port} (commands) and "
           f"tcp://{a.host}:{broker.pub_port} (rooms)", flush=True)
+    if cfg.cluster:
+        print(f"In the cluster at {cfg.cluster} as {broker.name}", flush=True)
     if cfg.curve_key:
         print("CURVE encryption on: clients need --server-key with the public key"
               + (f"; only the keys in {cfg.allow_keys} may connect" if cfg.allow_keys else ""),

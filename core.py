@@ -68,6 +68,7 @@ class Config:
     name: str = ""                   # shown in logs and in the welcome; made up if empty
     cluster: str | None = None       # NATS URLs: share the rooms with other brokers
     replicas: int = 0                # copies of each stream in a cluster (0: up to 3)
+    namespace: str = "zmqchat"       # prefix of our streams and buckets in NATS
 
 
 @dataclass
@@ -553,7 +554,7 @@ class Core:
         room = self._member_room(s, req.body["room"])
         msgs = req.body["msgs"]
         owner = s.ident.owner
-        known = self.log.known_ids([item["id"] for item in msgs])
+        known = self.log.known_ids(owner, [item["id"] for item in msgs])
         if any(prior is not None and prior[0] != owner for prior in known.values()):
             raise ProtocolError(Code.BAD_REQUEST, "a message id already used by another; "
                                                   "nothing of this request was stored")
@@ -589,7 +590,7 @@ class Core:
         target = self.registry.holder(m.nick_key(b["to"]))
         if target is None:
             raise ProtocolError(Code.NO_SUCH_NICK, f"nobody called {b['to']} is connected")
-        prior = self.log.known_ids([b["id"]])[b["id"]]
+        prior = self.log.known_ids(s.ident.owner, [b["id"]])[b["id"]]
         if prior is not None:
             if prior[0] != s.ident.owner:
                 raise ProtocolError(Code.BAD_REQUEST, "a message id already used by another")

@@ -50,7 +50,7 @@ class LocalLog:
         self.backlog += len(drafts)
         return Op.ready(seqs)
 
-    def known_ids(self, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
+    def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
         find = self.store.find_cmid
         return {cmid: find(cmid) for cmid in cmids}
 

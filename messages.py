@@ -432,8 +432,14 @@ def encode_event(room: str, seq: int, ts: float, nick: str, kind: str, text: str
     """One room event as the broker publishes and stores it: the same bytes as dumps() of
     {room, seq, id, ts, nick, kind, text, [cmid], **extra}, written directly (the broker
     encodes every message once; room names and kinds need no escaping)."""
-    head = (f'{{"room":"{room}","seq":{seq},"id":"{room}:{seq}","ts":{ts!r},'
-            f'"nick":{_quote(nick)},"kind":"{kind}","text":{_quote(text)}')
+    return numbered(room, seq, encode_event_tail(ts, nick, kind, text, cmid, extra))
+
+
+def encode_event_tail(ts: float, nick: str, kind: str, text: str, cmid: str | None = None,
+                      extra: dict[str, Any] | None = None) -> bytes:
+    """An event without its room and number: `"ts":...,...}`. A cluster stores this and
+    numbers it once its stream has given it a place (numbered())."""
+    head = (f'"ts":{ts!r},"nick":{_quote(nick)},"kind":"{kind}","text":{_quote(text)}')
     if cmid is not None:
         head += ',"cmid":' + _quote(cmid)
     for key, value in extra.items() if extra else ():
@@ -444,6 +450,11 @@ def encode_event(room: str, seq: int, ts: float, nick: str, kind: str, text: str
         else:
             head += f",{_quote(key)}:{_ENCODER.encode(value)}"
     return (head + "}").encode("utf-8")
+
+
+def numbered(room: str, seq: int, tail: bytes) -> bytes:
+    """An event tail with its room, number and broker message id in front."""
+    return f'{{"room":"{room}","seq":{seq},"id":"{room}:{seq}",'.encode() + tail
 
 
 def encode_batch(room: str, epoch: str, events_json: list[bytes]) -> list[bytes]:

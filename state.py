@@ -199,8 +199,9 @@ class RoomLog(Protocol):
         """Store events at the end of the room; the Op's value is their numbers. A draft
         whose cmid is already stored in the room gets the stored number instead."""
 
-    def known_ids(self, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
-        """(sender, room, number) of each client message id already stored, else None."""
+    def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
+        """(sender, room, number) of each client message id already stored, else None.
+        (A cluster keeps ids per sender: it finds only those of `owner`.)"""
 
     def read(self, room: str, *, after: int | None, before: int | None,
              since: float | None, limit: int) -> Op:

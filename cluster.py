@@ -1,0 +1,635 @@
+"""Several brokers serving the same rooms: the shared state on NATS JetStream.
+
+This is the broker-loop side of cluster mode: the room log, the registry and presence of
+state.py, over a bridge thread that holds the NATS connection (cluster_bridge.py). They keep
+in memory what the broker reads often (the registry's buckets, watched; each room's latest
+events), so that reads answer at once as on a single broker; changes go to the bridge and
+complete their Op when NATS has answered. Liveness of the other brokers is watched here too:
+the sessions of a broker that stopped beating, and that their clients did not resume on
+another broker within the grace period, are announced as lost, once.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any, Callable, Final, Iterable
+
+import zmq
+
+import messages as m
+from messages import Code, ProtocolError, Reply
+from state import Delivery, Draft, Identity, Member, Op, RoomSettings
+
+if TYPE_CHECKING:
+    from core import Config, Core
+
+log = logging.getLogger("cluster")
+
+CACHE_EVENTS: Final = 1000    # latest events kept per room: joins and gap repair read these
+MSGID_CACHE: Final = 200_000  # message ids remembered to recognise a retry after the dedup window
+READY_WAIT: Final = 30.0      # seconds a start waits for the cluster
+STOP_WAIT: Final = 5.0        # seconds a stop waits for the bridge to let go of NATS
+
+
+def msg_id(owner: str, cmid: str) -> str:
+    """The dedup id of a client message: its sender's and its own, so that two clients who
+    pick the same id do not collide, and a retry through any broker is recognised."""
+    return hashlib.sha256(f"{owner}\x00{cmid}".encode()).hexdigest()[:32]
+
+
+def hexkey(key: str) -> str:
+    """A nick key as a bucket key (those allow only [-/_=.a-zA-Z0-9])."""
+    return key.encode().hex()
+
+
+def unhex(key: str) -> str:
+    return bytes.fromhex(key).decode()
+
+
+class Cluster:
+    """The bridge thread, the socket to it, the Ops under way, and broker liveness."""
+
+    def __init__(self, cfg: Config, ctx: zmq.Context) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.address = f"inproc://zmqchat-cluster-{secrets.token_hex(4)}"
+        self.socket = ctx.socket(zmq.PAIR)
+        self.socket.linger = 0
+        self.socket.sndhwm = self.socket.rcvhwm = 0
+        self.socket.bind(self.address)
+        self.queue: list[list[bytes]] = []
+        self.ops: dict[bytes, tuple[Op, Callable[[list[bytes]], Any]]] = {}
+        self._ids = itertools.count(1)
+        self.core: Core | None = None
+        self.name = ""
+        self.log = ClusterLog(self)
+        self.registry = ClusterRegistry(self, cfg)
+        self.presence = ClusterPresence(self)
+        self.bridge: Any = None
+        # liveness: when each broker's beat last changed (our clock), when ours last got
+        # through, and since when ours have been getting through without a break
+        self.seen: dict[str, float] = {}
+        self.dead: dict[str, float] = {}
+        self.beat_ok = 0.0
+        self.healthy_since: float | None = None
+        self.started = 0.0
+        self.peers: dict[str, dict[str, Any]] = {}   # broker name -> its last beat
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, name: str) -> None:
+        """Connect to NATS (through the bridge) and load the shared state; OSError if the
+        cluster cannot be reached or will not serve."""
+        from cluster_bridge import Bridge, BridgeConfig
+        self.name = name
+        servers = [s.strip() for s in (self.cfg.cluster or "").split(",") if s.strip()]
+        self.bridge = Bridge(self.ctx, self.address, BridgeConfig(
+            servers, self.cfg.namespace, name, list(self.cfg.rooms), self.cfg.replicas))
+        self.bridge.start()
+        deadline = time.monotonic() + READY_WAIT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.socket.poll(int(left * 1000)):
+                raise OSError(f"the NATS cluster at {self.cfg.cluster} did not get ready "
+                              f"within {READY_WAIT:g} s")
+            frames = self.socket.recv_multipart()
+            if frames[0] == b"FATAL":
+                self.bridge.join(5)
+                self.bridge = None
+                raise OSError(f"cannot use the NATS cluster: {frames[1].decode()}")
+            if frames[0] == b"READY":
+                log.info("in the cluster as %s (streams with %s replicas)", name,
+                         frames[1].decode())
+                break
+            self._dispatch(frames)
+        self.started = time.monotonic()
+        mine = self.peers.get(name)
+        if mine is not None and mine.get("state") == "up" and \
+                time.time() - float(mine.get("at", 0)) < 3 * self.cfg.heartbeat:
+            raise OSError(f"a broker named {name} is already in this cluster: "
+                          f"give each broker its own --name")
+        if any(i.broker == name for i in self.registry.identities()):
+            self.dead[name] = self.started   # our last run's sessions: settle them too
+        self.registry.seed(self.cfg.rooms, self.cfg.ops)
+        self._beat()
+        self.send_pending()
+
+    def attach(self, core: Core) -> None:
+        self.core = core
+        self.registry.core = core
+
+    def close(self) -> None:
+        """Say we stopped (our clients' sessions are for the others to settle) and let go."""
+        if self.bridge is None:
+            self.socket.close()
+            return
+        self.put("brokers", self.name, {"state": "stopped", "at": time.time()})
+        self.send_pending()
+        self.socket.send_multipart([b"STOP"])
+        deadline = time.monotonic() + STOP_WAIT
+        while time.monotonic() < deadline and self.socket.poll(100):
+            if self.socket.recv_multipart()[0] == b"STOPPED":
+                break
+        self.bridge.join(STOP_WAIT)
+        self.socket.close()
+
+    # ------------------------------------------------------------------ the bridge
+    def call(self, frames: list[bytes], decode: Callable[[list[bytes]], Any]) -> Op:
+        """Send a command whose answer completes the returned Op (value: decode(frames))."""
+        op_id = str(next(self._ids)).encode()
+        op = Op()
+        self.ops[op_id] = (op, decode)
+        frames.insert(1, op_id)
+        self.queue.append(frames)
+        return op
+
+    def tell(self, frames: list[bytes]) -> None:
+        """A command nobody waits for."""
+        self.queue.append(frames)
+
+    def send_pending(self) -> None:
+        send = self.socket.send_multipart
+        for frames in self.queue:
+            send(frames)
+        self.queue.clear()
+
+    def drain(self) -> None:
+        """Everything the bridge has sent since the last look."""
+        recv = self.socket.recv_multipart
+        for _ in range(10_000):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._dispatch(frames)
+            except Exception:  # a bug must not end the broker
+                log.exception("cluster news %r failed", frames[:2])
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        verb = frames[0]
+        if verb == b"EVENTS":
+            self.log.arrived(frames)
+        elif verb == b"DONE" or verb == b"FAIL":
+            entry = self.ops.pop(frames[1], None)
+            if entry is None:
+                return
+            op, decode = entry
+            if verb == b"FAIL":
+                code = frames[2].decode()
+                op.fail(ProtocolError(Code.UNAVAILABLE if code == "UNAVAILABLE" else
+                                      Code.INTERNAL, frames[3].decode(), cluster=code))
+            else:
+                try:
+                    value = decode(frames[2:])
+                except Exception as exc:  # noqa: BLE001 - a reply we cannot read
+                    op.fail(exc)
+                else:
+                    op.resolve(value)
+        elif verb == b"KVW":
+            bucket, key, rev, what = (f.decode() for f in frames[1:5])
+            value = frames[5]
+            if bucket == "brokers":
+                self._observe(key, value if what == "PUT" else None)
+            else:
+                self.registry.apply(bucket, key, int(rev), what == "PUT", value)
+        elif verb == b"LAST":
+            self.log.start_at(frames[1].decode(), int(frames[2]))
+        elif verb == b"ROUTED":
+            self.registry.routed(json.loads(frames[1]))
+
+    def put(self, bucket: str, key: str, value: Any) -> Op:
+        return self.call([b"KV", bucket.encode(), b"put", key.encode(),
+                          json.dumps(value).encode(), b"0"], json_value)
+
+    # ------------------------------------------------------------------ liveness
+    def tick(self) -> None:
+        """Every half heartbeat: beat, and settle the sessions of brokers that stopped."""
+        self._beat()
+        now = time.monotonic()
+        limit = 3 * self.cfg.heartbeat
+        healthy = self.healthy_since is not None and now - self.healthy_since >= limit
+        if healthy:
+            for name, seen in list(self.seen.items()):
+                if name not in self.dead and now - seen > limit:
+                    log.warning("broker %s stopped beating: its clients have %g s to resume "
+                                "elsewhere", name, limit)
+                    self.dead[name] = now
+        for name, since in list(self.dead.items()):
+            if now - since >= limit:
+                self._reap(name)
+        self.send_pending()
+
+    def _beat(self) -> None:
+        sent = time.monotonic()
+        op = self.put("brokers", self.name, {"state": "up", "at": time.time()})
+
+        def answered(op: Op) -> None:
+            now = time.monotonic()
+            if op.error is None and now - sent < self.cfg.heartbeat:
+                self.beat_ok = now
+                if self.healthy_since is None:
+                    self.healthy_since = now
+            else:
+                self.healthy_since = None   # we cannot tell who is dead while cut off
+
+        op.then(answered)
+
+    def _observe(self, name: str, value: bytes | None) -> None:
+        beat = json.loads(value) if value else {}
+        self.peers[name] = beat
+        if name == self.name:
+            return
+        state = beat.get("state")
+        if state == "up":
+            self.seen[name] = time.monotonic()
+            if self.dead.pop(name, None) is not None:
+                log.warning("broker %s is beating again", name)
+        elif state == "stopped" and name not in self.dead:
+            self.dead[name] = time.monotonic()   # stopped on purpose: no need to wait
+            self.seen.pop(name, None)
+
+    def _reap(self, broker: str) -> None:
+        """Settle the sessions a dead broker held and their clients did not take back:
+        each is claimed with a compare-and-set on its record, so only one broker
+        announces it."""
+        del self.dead[broker]
+        self.seen.pop(broker, None)
+        for ident in list(self.registry.identities()):
+            if ident.broker == broker and ident.sid not in self.registry.local_sids():
+                self.registry.reap(ident)
+        if broker != self.name:
+            self.put("brokers", broker, {"state": "gone", "at": time.time(), "by": self.name})
+
+
+def json_value(frames: list[bytes]) -> Any:
+    return json.loads(frames[1])
+
+
+def list_value(frames: list[bytes]) -> list[str]:
+    return [f.decode() for f in frames[1:]]
+
+
+class ClusterLog:
+    """Rooms' events in their streams; the latest of each kept here for reads."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.delivered: dict[str, int] = {}
+        self.incoming: list[Delivery] = []
+        self.cache: dict[str, deque[bytes]] = {}
+        self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # msg id -> room, seq
+
+    def start_at(self, room: str, last: int) -> None:
+        self.delivered.setdefault(room, last)
+
+    def last(self, room: str) -> int:
+        return self.delivered.get(room, 0)
+
+    def append(self, room: str, drafts: list[Draft]) -> Op:
+        frames = [b"APPEND", room.encode()]
+        for d in drafts:
+            tail = m.encode_event_tail(time.time(), d.nick, d.kind, d.text, d.cmid, d.extra)
+            mid = msg_id(d.owner, d.cmid) if d.cmid is not None else uuid.uuid4().hex
+            frames += [mid.encode(), str(d.kind).encode(), tail]
+        return self.cluster.call(frames, json_value)
+
+    def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
+        out: dict[str, tuple[str, str, int] | None] = {}
+        for cmid in cmids:
+            hit = self.ids.get(msg_id(owner, cmid))
+            out[cmid] = (owner, *hit) if hit is not None else None
+        return out
+
+    def read(self, room: str, *, after: int | None, before: int | None,
+             since: float | None, limit: int) -> Op:
+        cached = self._from_cache(room, after, before, since, limit)
+        if cached is not None:
+            return Op.ready(cached)
+        q = {"after": after, "before": before, "since": since, "limit": limit,
+             "last": self.last(room)}
+        return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], list_value)
+
+    def _from_cache(self, room: str, after: int | None, before: int | None,
+                    since: float | None, limit: int) -> list[str] | None:
+        cache, last = self.cache.get(room), self.last(room)
+        if not cache:
+            return [] if last == 0 else None
+        first = last - len(cache) + 1
+        if after is not None:
+            lo, hi = after + 1, min(last, after + limit)
+        else:
+            hi = min(before - 1, last) if before is not None else last
+            lo = max(1, hi - limit + 1)
+        if lo > hi:
+            return []
+        if lo < first:
+            return None
+        texts = [cache[seq - first].decode() for seq in range(lo, hi + 1)]
+        if since is not None:
+            texts = [t for t in texts if json.loads(t).get("ts", 0) >= since]
+        return texts
+
+    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
+                       data: bytes) -> Op:
+        from cluster_bridge import recipient_token
+        mid = msg_id(sender, cmid)
+        op = self.cluster.call([b"PRIV", recipient_token(recipient).encode(), mid.encode(),
+                                data], json_value)
+
+        def stored(op: Op) -> None:
+            if op.error is None:   # a retry of it is a duplicate from now on
+                self.ids[mid] = ("", 0)
+
+        op.then(stored)
+        return op
+
+    def privates_to(self, recipient: str, since: float, limit: int) -> Op:
+        from cluster_bridge import recipient_token
+        return self.cluster.call([b"PRIVREAD", recipient_token(recipient).encode(),
+                                  repr(since).encode(), str(limit).encode()], list_value)
+
+    def arrived(self, frames: list[bytes]) -> None:
+        """EVENTS room first meta event...: a room's next events from its stream."""
+        room, first, meta = frames[1].decode(), int(frames[2]), json.loads(frames[3])
+        events = frames[4:]
+        last = self.delivered.get(room, 0)
+        if first > last + 1:
+            log.error("%s: events %d..%d never arrived", room, last + 1, first - 1)
+        end = first + len(events) - 1
+        if end <= last:
+            return
+        self.delivered[room] = end
+        self.incoming.append(Delivery(room, first, events, meta["departures"]))
+        cache = self.cache.get(room)
+        if cache is None or first > last + 1:
+            cache = self.cache[room] = deque(maxlen=CACHE_EVENTS)
+        cache.extend(events[max(0, last + 1 - first):])
+        ids = self.ids
+        for mid, seq in meta["ids"]:
+            ids[mid] = (room, seq)
+        while len(ids) > MSGID_CACHE:
+            ids.popitem(last=False)
+
+    def follow(self) -> list[Delivery]:
+        """The events that arrived since the last pass; and the commands of this pass go
+        out to the bridge now (the end of a pass of the broker's loop)."""
+        self.cluster.send_pending()
+        out, self.incoming = self.incoming, []
+        return out
+
+
+class ClusterRegistry:
+    """The registry's buckets as last heard (watched), and changes to them."""
+
+    def __init__(self, cluster: Cluster, cfg: Config) -> None:
+        self.cluster = cluster
+        self.core: Core | None = None
+        self.sessions: dict[str, Identity] = {}
+        self._members: dict[str, dict[str, Member]] = {}
+        self.rooms: dict[str, RoomSettings] = {}
+        self.saved: dict[str, RoomSettings] = {}     # as the bucket has them
+        self.owners: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- news
+    def apply(self, bucket: str, key: str, rev: int, put: bool, value: bytes) -> None:
+        if bucket == "sessions":
+            self._session(unhex(key), rev, json.loads(value) if put else None)
+        elif bucket == "members":
+            room, _, hexed = key.partition(".")
+            if put:
+                d = json.loads(value)
+                self._members.setdefault(room, {})[unhex(hexed)] = Member(
+                    d["nick"], unhex(hexed), d["sid"], d["broker"])
+            else:
+                self._members.get(room, {}).pop(unhex(hexed), None)
+        elif bucket == "rooms":
+            self._room_field(key, put, value)
+        elif bucket == "nickkeys":
+            if put:
+                self.owners[unhex(key)] = json.loads(value)
+
+    def _session(self, key: str, rev: int, d: dict[str, Any] | None) -> None:
+        old = self.sessions.get(key)
+        if d is None:
+            if old is None:
+                return
+            del self.sessions[key]
+            ident = None
+        else:
+            ident = Identity(d["sid"], d["nick"], key, d["token"], d["pubkey"], d["bot"],
+                             d["broker"], rev)
+            if old is not None and old.sid == ident.sid and old.rev > rev:
+                return  # older news than what we made ourselves
+            self.sessions[key] = ident
+        if self.core is not None and (ident is None or old is None or old.sid != ident.sid):
+            self.core.identity_changed(key, ident)
+
+    def _room_field(self, key: str, put: bool, value: bytes) -> None:
+        room, _, field = key.partition(".")
+        settings = self.rooms.get(room)
+        if settings is None:
+            if not put:
+                return
+            settings = self.rooms[room] = RoomSettings(room)
+            self.saved[room] = RoomSettings(room)
+            if self.core is not None:
+                self.core.add_room(room)
+        for target in (settings, self.saved[room]):
+            if field == "":
+                target.created = put and json.loads(value).get("created") is True
+            elif field == "topic":
+                target.topic = json.loads(value) if put else ""
+            elif field == "locked":
+                target.locked = put and json.loads(value) is True
+            elif field.startswith(("op.", "ban.")):
+                kind, _, hexed = field.partition(".")
+                group = target.ops if kind == "op" else target.bans
+                (group.add if put else group.discard)(unhex(hexed))
+
+    def routed(self, d: dict[str, Any]) -> None:
+        if self.core is not None:
+            self.core.routed(d["sid"], Reply(d["kind"]), d["body"])
+
+    # ---------------------------------------------------------------- sessions
+    def holder(self, key: str) -> Identity | None:
+        return self.sessions.get(key)
+
+    def identities(self) -> Iterable[Identity]:
+        return self.sessions.values()
+
+    def local_sids(self) -> set[str]:
+        return set(self.core.by_sid) if self.core is not None else set()
+
+    def _record(self, ident: Identity) -> bytes:
+        return json.dumps({"sid": ident.sid, "nick": ident.nick, "token": ident.token,
+                           "pubkey": ident.pubkey, "bot": ident.bot,
+                           "broker": ident.broker}).encode()
+
+    def _kv(self, verb: str, bucket: str, key: str, value: bytes = b"", rev: int = 0) -> Op:
+        return self.cluster.call([b"KV", bucket.encode(), verb.encode(), key.encode(), value,
+                                  str(rev).encode()], json_value)
+
+    def claim(self, ident: Identity, replacing: Identity | None) -> Op:
+        key = hexkey(ident.key)
+        inner = (self._kv("create", "sessions", key, self._record(ident)) if replacing is None
+                 else self._kv("update", "sessions", key, self._record(ident), replacing.rev))
+        outer = Op()
+
+        def answered(op: Op) -> None:
+            if isinstance(op.error, ProtocolError) and op.error.extra.get("cluster") == "CONFLICT":
+                outer.fail(ProtocolError(Code.NICK_TAKEN, f"the nickname {ident.nick} is taken"))
+            elif op.error is not None:
+                outer.fail(op.error)
+            else:
+                ident.rev = op.value
+                old = self.sessions.get(ident.key)
+                self.sessions[ident.key] = ident
+                if self.core is not None and old is not None and old.sid != ident.sid:
+                    self.core.identity_changed(ident.key, ident)
+                outer.resolve()
+
+        inner.then(answered)
+        return outer
+
+    def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
+        moved = Identity(ident.sid, new_nick, new_key, ident.token, ident.pubkey, ident.bot,
+                         ident.broker)
+        inner = self.claim(moved, self.sessions.get(new_key) if new_key == ident.key else None)
+        outer = Op()
+
+        def claimed(op: Op) -> None:
+            if op.error is not None:
+                outer.fail(op.error)
+                return
+            if new_key != ident.key:
+                self.release(ident)
+            for room, members in self._members.items():
+                member = members.get(ident.key)
+                if member is not None and member.sid == ident.sid:
+                    self.remove_member(room, ident.key)
+                    self.add_member(room, Member(new_nick, new_key, ident.sid, ident.broker))
+            outer.resolve()
+
+        inner.then(claimed)
+        return outer
+
+    def release(self, ident: Identity) -> None:
+        held = self.sessions.get(ident.key)
+        if held is not None and held.sid == ident.sid:
+            del self.sessions[ident.key]
+            self._kv("delete", "sessions", hexkey(ident.key), rev=held.rev)
+
+    def reap(self, ident: Identity) -> None:
+        """Claim a dead broker's session (compare-and-set on its record: only one broker
+        wins), then announce it as lost."""
+        op = self._kv("delete", "sessions", hexkey(ident.key), rev=ident.rev)
+
+        def claimed(op: Op) -> None:
+            if op.error is not None:
+                log.info("%s: resumed, or settled by another broker", ident.nick)
+                return
+            self.sessions.pop(ident.key, None)
+            log.warning("%s did not come back after its broker %s stopped: announced as "
+                        "lost", ident.nick, ident.broker)
+            if self.core is not None:
+                self.core.reap(ident)
+
+        op.then(claimed)
+
+    # ---------------------------------------------------------------- membership
+    def members(self, room: str) -> dict[str, Member]:
+        return self._members.get(room, {})
+
+    def add_member(self, room: str, member: Member) -> None:
+        self._members.setdefault(room, {})[member.key] = member
+        self._kv("put", "members", f"{room}.{hexkey(member.key)}", json.dumps(
+            {"nick": member.nick, "sid": member.sid, "broker": member.broker}).encode())
+
+    def remove_member(self, room: str, key: str, sid: str | None = None) -> None:
+        members = self._members.get(room, {})
+        member = members.get(key)
+        if member is None or (sid is not None and member.sid != sid):
+            return
+        del members[key]
+        self._kv("delete", "members", f"{room}.{hexkey(key)}")
+
+    # ---------------------------------------------------------------- rooms
+    def seed(self, rooms: Iterable[str], ops: Iterable[str]) -> None:
+        """Our --rooms and --ops, added to what the cluster has (nothing is taken away)."""
+        op_keys = {m.nick_key(n) for n in ops}
+        for name in rooms:
+            settings = self.rooms.get(name)
+            if settings is None:
+                settings = self.rooms[name] = RoomSettings(name)
+                self.saved[name] = RoomSettings(name)
+                self._kv("create", "rooms", name, b'{"created":false}')
+            if not op_keys <= settings.ops:
+                settings.ops |= op_keys
+                self.save(settings)
+
+    def room_names(self) -> list[str]:
+        fixed = [r for r in self.cluster.cfg.rooms if r in self.rooms]
+        return fixed + sorted(r for r in self.rooms if r not in fixed)
+
+    def settings(self, room: str) -> RoomSettings | None:
+        return self.rooms.get(room)
+
+    def create_room(self, settings: RoomSettings) -> Op:
+        inner = self.cluster.call([b"ROOM", settings.name.encode()], json_value)
+        outer = Op()
+
+        def made(op: Op) -> None:
+            if op.error is not None:
+                outer.fail(op.error)
+                return
+            if settings.name not in self.rooms:
+                self.rooms[settings.name] = RoomSettings(settings.name, created=True)
+                self.saved[settings.name] = RoomSettings(settings.name, created=True)
+            if op.value:   # ours: we are its operator
+                self.rooms[settings.name].ops |= settings.ops
+                self.save(self.rooms[settings.name])
+            outer.resolve(bool(op.value))
+
+        inner.then(made)
+        return outer
+
+    def save(self, settings: RoomSettings) -> None:
+        """Write the fields that changed since the bucket last had them."""
+        name = settings.name
+        old = self.saved.setdefault(name, RoomSettings(name))
+        if settings.topic != old.topic:
+            self._kv("put", "rooms", f"{name}.topic", json.dumps(settings.topic).encode())
+        if settings.locked != old.locked:
+            self._kv("put", "rooms", f"{name}.locked", json.dumps(settings.locked).encode())
+        for kind, new, was in (("op", settings.ops, old.ops), ("ban", settings.bans, old.bans)):
+            for key in new - was:
+                self._kv("put", "rooms", f"{name}.{kind}.{hexkey(key)}", b"true")
+            for key in was - new:
+                self._kv("delete", "rooms", f"{name}.{kind}.{hexkey(key)}")
+        self.saved[name] = RoomSettings(name, settings.topic, settings.locked, set(settings.ops),
+                                        set(settings.bans), settings.created)
+
+    # ---------------------------------------------------------------- CURVE
+    def nick_owner(self, key: str) -> str | None:
+        return self.owners.get(key)
+
+    def bind_nick(self, key: str, pubkey: str) -> None:
+        if key not in self.owners:
+            self.owners[key] = pubkey
+            self._kv("create", "nickkeys", hexkey(key), json.dumps(pubkey).encode())
+
+
+class ClusterPresence:
+    """Pushes for sessions on other brokers go through NATS, to that broker's subject."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
+        self.cluster.tell([b"ROUTE", broker.encode(), json.dumps(
+            {"sid": sid, "kind": str(kind), "body": body}).encode()])

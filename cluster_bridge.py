@@ -1,0 +1,516 @@
+"""The cluster's NATS side: nats-py on an asyncio loop of its own thread.
+
+The broker's loop is synchronous and owns its ZeroMQ sockets; nats-py is asyncio. So this
+thread holds the NATS connection, and it and the broker's loop share nothing but an inproc
+PAIR socket: commands go in (append these events, change this key, read that range, route
+this push), answers and news come out (an Op done or failed, a room's new events from its
+stream, a changed key of a watched bucket, a push routed to us). Frames, no shared objects.
+
+What lives in NATS (N is the namespace, `--namespace`, default zmqchat):
+    stream N-room-R       subject N.room.R: room R's events; a stream sequence is a seq
+    stream N-privates     subjects N.priv.<hash of the recipient>: private messages
+    bucket N-sessions     nick -> the session that holds it (sid, broker, token hash, ...)
+    bucket N-members      R.nick -> member record
+    bucket N-rooms        R (exists), R.topic, R.locked, R.op.nick, R.ban.nick
+    bucket N-nickkeys     nick -> the CURVE key that registered it
+    bucket N-brokers      broker name -> its heartbeat
+    subject N.push.B      pushes for sessions on broker B
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Final
+
+import nats
+import nats.errors
+import nats.js.errors
+import zmq
+import zmq.asyncio
+from nats.js import api
+
+log = logging.getLogger("cluster")
+
+BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers")
+OP_TIMEOUT: Final = 2.0       # seconds a publish or a key change may take before UNAVAILABLE
+CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
+NOTICE_RETRY: Final = 600.0   # seconds a broker keeps trying to store a notice of its own
+READ_BATCH: Final = 500       # messages per direct-get request
+PENDING_MSGS: Final = 1 << 20  # messages a stream subscription may hold before dropping
+
+
+@dataclass
+class BridgeConfig:
+    servers: list[str]
+    namespace: str
+    name: str
+    rooms: list[str]
+    replicas: int            # 0: up to 3, no more than the cluster has
+
+
+def stream_of(ns: str, room: str) -> str:
+    return f"{ns}-room-{room}"
+
+
+def recipient_token(recipient: str) -> str:
+    """A subject token for a private message's recipient (identity and nick)."""
+    return hashlib.sha256(recipient.encode()).hexdigest()[:40]
+
+
+class Bridge(threading.Thread):
+    """The NATS connection and everything done with it; see the module docstring."""
+
+    def __init__(self, ctx: zmq.Context, address: str, cfg: BridgeConfig) -> None:
+        super().__init__(name="nats-bridge", daemon=True)
+        self.ctx, self.address, self.cfg = ctx, address, cfg
+        self.ns = cfg.namespace
+        self.kvs: dict[str, Any] = {}
+        self.following: dict[str, Any] = {}    # room -> its stream subscription
+        self.expect: dict[str, int] = {}       # room -> the next seq to hand over
+        self.outgoing: dict[str, list[Any]] = {}  # room -> messages to hand over
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.replicas = 1
+        self.rooms_seen: list[str] = []        # rooms in the registry at start
+
+    # ------------------------------------------------------------------ thread
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        actx = zmq.asyncio.Context.shadow(self.ctx.underlying)
+        self.sock = actx.socket(zmq.PAIR)
+        self.sock.linger = 0
+        self.sock.sndhwm = self.sock.rcvhwm = 0
+        self.sock.connect(self.address)
+        try:
+            await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
+            await self._setup()
+        except Exception as exc:  # noqa: BLE001 - anything here means: cannot start
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, (asyncio.TimeoutError, nats.errors.NoServersError)):
+                reason = f"no NATS server answered at {', '.join(self.cfg.servers)}"
+            await self.sock.send_multipart([b"FATAL", reason.encode()])
+            self.sock.close()
+            await self._drop_connection()
+            return
+        self._send([b"READY", str(self.replicas).encode()])
+        handlers: dict[bytes, Callable[[list[bytes]], Awaitable[None]]] = {
+            b"APPEND": self._append, b"KV": self._kv, b"READ": self._read,
+            b"PRIV": self._priv, b"PRIVREAD": self._privread, b"ROUTE": self._route,
+            b"ROOM": self._room, b"FOLLOW": self._follow_cmd,
+        }
+        try:
+            while True:
+                frames = await self.sock.recv_multipart()
+                if frames[0] == b"STOP":
+                    break
+                try:
+                    await handlers[frames[0]](frames)
+                except Exception:  # a bug must not end the bridge
+                    log.exception("cluster command %r failed", frames[:2])
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self.tasks:  # what was asked before STOP (our last beat, say) gets its chance
+            await asyncio.wait(list(self.tasks), timeout=1.0)
+        for task in list(self.tasks):
+            task.cancel()
+        await self._drop_connection()
+        await self.sock.send_multipart([b"STOPPED"])
+        self.sock.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _send(self, frames: list[bytes]) -> None:
+        """To the broker's loop, now, in call order (an inproc PAIR without a limit)."""
+        self.sock.send_multipart(frames)
+
+    def _done(self, op: bytes, value: Any) -> None:
+        self._send([b"DONE", op, b"json", json.dumps(value).encode()])
+
+    def _fail(self, op: bytes, code: str, reason: str) -> None:
+        self._send([b"FAIL", op, code.encode(), reason.encode()])
+
+    async def _drop_connection(self) -> None:
+        nc = getattr(self, "nc", None)
+        if nc is not None:
+            try:
+                await asyncio.wait_for(nc.close(), 2.0)
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+
+    # ------------------------------------------------------------------ start
+    async def _connect(self) -> None:
+        async def disconnected() -> None:
+            log.warning("lost the NATS connection; reconnecting")
+
+        async def reconnected() -> None:
+            log.warning("NATS connection back (%s)", self.nc.connected_url.netloc
+                        if self.nc.connected_url else "?")
+
+        async def error(exc: Exception) -> None:
+            log.info("NATS: %s", exc)
+
+        self.nc = await nats.connect(
+            self.cfg.servers, name=f"zmqchat {self.cfg.name}", connect_timeout=2,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            ping_interval=5, max_outstanding_pings=3,
+            disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
+        self.js = self.nc.jetstream(timeout=OP_TIMEOUT)
+
+    async def _setup(self) -> None:
+        info = self.nc._server_info or {}
+        size = len(set(info.get("connect_urls") or []) | {self.nc.connected_url.netloc})
+        self.replicas = self.cfg.replicas or min(3, max(size, 1))
+        for bucket in BUCKETS:
+            self.kvs[bucket] = await self._bucket(bucket)
+        await self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.*"])
+        initial: dict[str, asyncio.Event] = {}
+        for bucket in BUCKETS:
+            initial[bucket] = asyncio.Event()
+            watcher = await self.kvs[bucket].watchall()
+            self._spawn(self._watch(bucket, watcher, initial[bucket]))
+        for event in initial.values():
+            await event.wait()
+        rooms = list(dict.fromkeys([*self.cfg.rooms, *self.rooms_seen]))
+        for room in rooms:
+            await self._ensure_room(room)
+        push = f"{self.ns}.push.{self.cfg.name}"
+        await self.nc.subscribe(push, cb=self._routed)
+
+    async def _bucket(self, bucket: str) -> Any:
+        name = f"{self.ns}-{bucket}"
+        try:
+            return await self.js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        try:
+            return await self.js.create_key_value(api.KeyValueConfig(
+                bucket=name, history=1, replicas=self.replicas))
+        except nats.js.errors.BadRequestError:  # made by another broker just now
+            return await self.js.key_value(name)
+
+    async def _ensure_stream(self, name: str, subjects: list[str]) -> int:
+        """Make the stream if it is not there; return its last sequence number."""
+        try:
+            info = await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            try:
+                info = await self.js.add_stream(api.StreamConfig(
+                    name=name, subjects=subjects, num_replicas=self.replicas,
+                    allow_direct=True, storage=api.StorageType.FILE))
+            except nats.js.errors.BadRequestError:  # another broker made it just now
+                info = await self.js.stream_info(name)
+        return info.state.last_seq
+
+    async def _ensure_room(self, room: str) -> None:
+        """The room's stream, and our subscription to it from its end on (once, however
+        many ask at the same time)."""
+        ready = self.following.get(room)
+        if ready is None:
+            ready = self.following[room] = self.loop.create_future()
+            try:
+                await self._subscribe_room(room)
+            except BaseException as exc:
+                del self.following[room]
+                ready.set_exception(exc)
+                ready.exception()  # retrieved: whoever waits gets it too
+                raise
+            ready.set_result(None)
+        await ready
+
+    async def _subscribe_room(self, room: str) -> None:
+        last = await self._ensure_stream(stream_of(self.ns, room), [f"{self.ns}.room.{room}"])
+        self.expect[room] = last + 1
+        self._send([b"LAST", room.encode(), str(last).encode()])
+
+        async def arrived(msg: Any) -> None:
+            await self._arrived(room, msg)
+
+        await self.js.subscribe(
+            f"{self.ns}.room.{room}", stream=stream_of(self.ns, room), cb=arrived,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=last + 1),
+            pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=1 << 30)
+
+    # ------------------------------------------------------------------ watching buckets
+    async def _watch(self, bucket: str, watcher: Any, initial: asyncio.Event) -> None:
+        bname = bucket.encode()
+        async for entry in watcher:
+            if entry is None:   # the initial values are all there
+                initial.set()
+                continue
+            op = entry.operation or "PUT"
+            if bucket == "rooms" and op == "PUT" and "." not in entry.key:
+                if initial.is_set():
+                    self._spawn(self._ensure_room(entry.key))
+                else:
+                    self.rooms_seen.append(entry.key)
+            self._send([b"KVW", bname, entry.key.encode(), str(entry.revision).encode(),
+                              op.encode(), entry.value or b""])
+
+    # ------------------------------------------------------------------ room events
+    async def _arrived(self, room: str, msg: Any) -> None:
+        """A room event from its stream, in stream order: hand it over (batched)."""
+        seq = msg.metadata.sequence.stream
+        expect = self.expect[room]
+        if seq < expect:
+            return
+        if seq > expect:  # should not happen with an ordered consumer: fetch the gap
+            log.warning("%s: events %d..%d skipped by the stream subscription; fetching",
+                        room, expect, seq - 1)
+            for missing in await self._get_range(room, expect, seq - expect):
+                self._hand_over(room, missing)
+        self._hand_over(room, msg)
+
+    def _hand_over(self, room: str, msg: Any) -> None:
+        seq = msg.metadata.sequence.stream if msg.metadata else int(msg.headers["Nats-Sequence"])
+        self.expect[room] = seq + 1
+        pending = self.outgoing.get(room)
+        if pending is None:
+            pending = self.outgoing[room] = []
+            self.loop.call_soon(self._flush_room, room)
+        pending.append((seq, msg))
+
+    def _flush_room(self, room: str) -> None:
+        msgs = self.outgoing.pop(room, [])
+        if not msgs:
+            return
+        first = msgs[0][0]
+        departures, ids, frames = [], [], []
+        prefix = room.encode()
+        for seq, msg in msgs:
+            headers = msg.headers or {}
+            kind = headers.get("Zc-Kind", "")
+            if kind in ("leave", "kick", "ban"):
+                departures.append(seq)
+            msgid = headers.get("Nats-Msg-Id")
+            if msgid and kind in ("msg", "action"):
+                ids.append([msgid, seq])
+            frames.append(b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq)
+                          + msg.data)
+        meta = json.dumps({"departures": departures, "ids": ids}).encode()
+        self._send([b"EVENTS", prefix, str(first).encode(), meta, *frames])
+
+    async def _append(self, frames: list[bytes]) -> None:
+        """APPEND op room [msgid kind tail]...: publish each; answer with their seqs."""
+        op, room = frames[1], frames[2].decode()
+        subject = f"{self.ns}.room.{room}"
+        futures = []
+        try:
+            for i in range(3, len(frames), 3):
+                msgid, kind, tail = frames[i].decode(), frames[i + 1].decode(), frames[i + 2]
+                headers = {"Nats-Msg-Id": msgid, "Zc-Kind": kind}
+                futures.append(await self.js.publish_async(subject, tail, headers=headers))
+        except Exception as exc:  # noqa: BLE001 - the connection's buffer is full
+            for future in futures:
+                future.cancel()
+            self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
+            return
+        notices = [(frames[i].decode(), frames[i + 1].decode(), frames[i + 2])
+                   for i in range(3, len(frames), 3) if frames[i + 1] not in (b"msg", b"action")]
+        self._spawn(self._acked(op, futures, subject, notices))
+
+    async def _acked(self, op: bytes, futures: list[Any], subject: str,
+                     notices: list[tuple[str, str, bytes]]) -> None:
+        try:
+            acks = await asyncio.wait_for(asyncio.gather(*futures), OP_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - timeout, no quorum, no stream
+            self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
+            for msgid, kind, tail in notices:  # our own notices get there in the end
+                self._spawn(self._keep_trying(subject, msgid, kind, tail))
+            return
+        self._done(op, [ack.seq for ack in acks])
+
+    async def _keep_trying(self, subject: str, msgid: str, kind: str, tail: bytes) -> None:
+        deadline = time.monotonic() + NOTICE_RETRY
+        while time.monotonic() < deadline:
+            try:
+                await self.js.publish(subject, tail, headers={"Nats-Msg-Id": msgid,
+                                                              "Zc-Kind": kind})
+                return
+            except Exception:  # noqa: BLE001 - the cluster is still away
+                await asyncio.sleep(1.0)
+        log.error("gave up storing a %s notice on %s", kind, subject)
+
+    # ------------------------------------------------------------------ reading
+    async def _direct(self, stream: str, request: dict[str, Any]) -> list[Any]:
+        """One direct-get batch: the messages, up to the end-of-batch marker."""
+        inbox = self.nc.new_inbox()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def got(msg: Any) -> None:
+            queue.put_nowait(msg)
+
+        sub = await self.nc.subscribe(inbox, cb=got)
+        try:
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(),
+                                  reply=inbox)
+            out = []
+            while True:
+                msg = await asyncio.wait_for(queue.get(), OP_TIMEOUT)
+                status = (msg.headers or {}).get("Status")
+                if status is not None:  # 204 end of batch; 404 nothing there
+                    return out
+                out.append(msg)
+        finally:
+            await sub.unsubscribe()
+
+    async def _get_range(self, room: str, first: int, count: int) -> list[Any]:
+        out: list[Any] = []
+        stream = stream_of(self.ns, room)
+        while count > 0:
+            got = await self._direct(stream, {"seq": first, "batch": min(count, READ_BATCH)})
+            if not got:
+                break
+            out += got
+            last = int(got[-1].headers["Nats-Sequence"])
+            count -= last - first + 1
+            first = last + 1
+        return out
+
+    async def _read(self, frames: list[bytes]) -> None:
+        """READ op room {after, before, since, limit, last}: stored events as JSON texts."""
+        op, room, q = frames[1], frames[2].decode(), json.loads(frames[3])
+        self._spawn(self._reading(op, room, q))
+
+    async def _reading(self, op: bytes, room: str, q: dict[str, Any]) -> None:
+        try:
+            if q["after"] is not None:
+                first, count = q["after"] + 1, q["limit"]
+            else:
+                high = min(q["before"] - 1, q["last"]) if q["before"] is not None else q["last"]
+                first = max(1, high - q["limit"] + 1)
+                count = high - first + 1
+            msgs = await self._get_range(room, first, count) if count > 0 else []
+        except Exception as exc:  # noqa: BLE001
+            self._fail(op, "UNAVAILABLE", f"history not read: {_why(exc)}")
+            return
+        prefix = room.encode()
+        texts = []
+        for msg in msgs:
+            seq = int(msg.headers["Nats-Sequence"])
+            text = (b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq)
+                    + msg.data)
+            if q["since"] is not None and _event_ts(msg.data) < q["since"]:
+                continue
+            texts.append(text)
+        self._send([b"DONE", op, b"list", *texts])
+
+    # ------------------------------------------------------------------ private messages
+    async def _priv(self, frames: list[bytes]) -> None:
+        """PRIV op recipient msgid data: keep a private message for replay."""
+        op, token, msgid, data = frames[1], frames[2].decode(), frames[3].decode(), frames[4]
+        try:
+            future = await self.js.publish_async(f"{self.ns}.priv.{token}", data,
+                                                 headers={"Nats-Msg-Id": msgid})
+        except Exception as exc:  # noqa: BLE001
+            self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
+            return
+        self._spawn(self._acked(op, [future], "", []))
+
+    async def _privread(self, frames: list[bytes]) -> None:
+        """PRIVREAD op recipient since limit: the latest private messages kept for it."""
+        op, token = frames[1], frames[2].decode()
+        since, limit = float(frames[3]), int(frames[4])
+        self._spawn(self._privreading(op, token, since, limit))
+
+    async def _privreading(self, op: bytes, token: str, since: float, limit: int) -> None:
+        stream, subject = f"{self.ns}-privates", f"{self.ns}.priv.{token}"
+        start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + \
+            f".{int((since % 1) * 1e9):09d}Z"
+        request: dict[str, Any] = {"start_time": start, "next_by_subj": subject,
+                                   "batch": READ_BATCH}
+        out: list[bytes] = []
+        try:
+            while True:
+                got = await self._direct(stream, request)
+                out = (out + [msg.data for msg in got])[-limit:]
+                if len(got) < READ_BATCH:
+                    break
+                request = {"seq": int(got[-1].headers["Nats-Sequence"]) + 1,
+                           "next_by_subj": subject, "batch": READ_BATCH}
+        except Exception as exc:  # noqa: BLE001
+            self._fail(op, "UNAVAILABLE", f"private messages not read: {_why(exc)}")
+            return
+        self._send([b"DONE", op, b"list", *out])
+
+    # ------------------------------------------------------------------ keys, rooms, pushes
+    async def _kv(self, frames: list[bytes]) -> None:
+        """KV op bucket verb key value rev: change a key; answer with its new revision."""
+        self._spawn(self._kv_change(*frames[1:7]))
+
+    async def _kv_change(self, op: bytes, bucket: bytes, verb: bytes, key: bytes,
+                         value: bytes, rev: bytes) -> None:
+        kv, k = self.kvs[bucket.decode()], key.decode()
+        try:
+            if verb == b"create":
+                revision = await kv.create(k, value)
+            elif verb == b"update":
+                revision = await kv.update(k, value, last=int(rev))
+            elif verb == b"put":
+                revision = await kv.put(k, value)
+            else:
+                await kv.delete(k, last=int(rev) or None)
+                revision = 0
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            self._fail(op, "CONFLICT", str(exc))
+        except nats.js.errors.APIError as exc:
+            code = "CONFLICT" if exc.err_code in (10071, 10164) else "UNAVAILABLE"
+            self._fail(op, code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - timeout, connection
+            self._fail(op, "UNAVAILABLE", _why(exc))
+        else:
+            self._done(op, revision)
+
+    async def _room(self, frames: list[bytes]) -> None:
+        """ROOM op room: make a room (its stream, then its record); answer whether we did."""
+        self._spawn(self._making_room(frames[1], frames[2].decode()))
+
+    async def _making_room(self, op: bytes, room: str) -> None:
+        try:
+            await self._ensure_room(room)
+            try:
+                await self.kvs["rooms"].create(room, b'{"created":true}')
+                created = True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                created = False
+        except Exception as exc:  # noqa: BLE001
+            self._fail(op, "UNAVAILABLE", f"the room was not made: {_why(exc)}")
+            return
+        self._done(op, created)
+
+    async def _follow_cmd(self, frames: list[bytes]) -> None:
+        self._spawn(self._ensure_room(frames[1].decode()))
+
+    async def _route(self, frames: list[bytes]) -> None:
+        """ROUTE broker data: a push for a session held by another broker."""
+        await self.nc.publish(f"{self.ns}.push.{frames[1].decode()}", frames[2])
+
+    async def _routed(self, msg: Any) -> None:
+        self._send([b"ROUTED", msg.data])
+
+
+def _event_ts(tail: bytes) -> float:
+    """The time of an event from its stored tail, which starts `"ts":<number>,`."""
+    try:
+        return float(tail[5:tail.index(b",", 5)])
+    except ValueError:
+        return 0.0
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
