@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--cluster", metavar="URLS",
                    help="NATS servers, comma-separated (nats://h1:4222,...): serve the same "
                         "rooms as every broker on that NATS JetStream cluster (no --db then)")
-    c.add_argument("--name", type=name_arg, default="",
+    c.add_argument("--name", type=name_arg, default=None,
                    help="this broker's name in the cluster, logs and welcome "
                         "(default: host-port)")
     c.add_argument("--replicas", type=int, default=0,
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                  allow_new_rooms=a.allow_new_rooms, heartbeat=a.heartbeat, db=a.db,
                  fsync=a.fsync, motd=a.motd, ops=tuple(n for n in a.ops.split(",") if n),
                  rate=a.rate, burst=a.burst, curve_key=a.curve_key, allow_keys=a.allow_keys,
-                 name=a.name, cluster=a.cluster, replicas=a.replicas, namespace=a.namespace)
+                 name=a.name or "", cluster=a.cluster, replicas=a.replicas, namespace=a.namespace)
     try:
         broker = Broker(cfg)
     except StoreError as err:
