@@ -24,7 +24,7 @@ import zmq
 
 import messages as m
 from messages import Code, ProtocolError, Reply
-from state import Delivery, Draft, Identity, Member, Op, RoomSettings
+from state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
 
 if TYPE_CHECKING:
     from core import Config, Core
@@ -394,9 +394,41 @@ class ClusterRegistry:
         self.rooms: dict[str, RoomSettings] = {}
         self.saved: dict[str, RoomSettings] = {}     # as the bucket has them
         self.owners: dict[str, str] = {}
+        self.revs: dict[str, int] = {}               # bucket -> the latest revision heard
+        self.waiting: list[tuple[dict[str, int], Op]] = []   # catch-ups under way
 
     # ---------------------------------------------------------------- news
+    def catch_up(self) -> Op:
+        """Done once we have heard every change stored before now (asked of each bucket's
+        stream leader): what a command reads afterwards is what every broker agrees on."""
+        outer = Op()
+
+        def latest(op: Op) -> None:
+            if op.error is not None:
+                outer.fail(op.error)
+            else:
+                self.waiting.append((op.value, outer))
+                self._caught_up()
+
+        self.cluster.call([b"SYNC"], json_value).then(latest)
+        return outer
+
+    def _caught_up(self) -> None:
+        still = []
+        for targets, op in self.waiting:
+            if all(self.revs.get(b, 0) >= rev for b, rev in targets.items()):
+                op.resolve()
+            else:
+                still.append((targets, op))
+        self.waiting = still
+
     def apply(self, bucket: str, key: str, rev: int, put: bool, value: bytes) -> None:
+        self.revs[bucket] = max(self.revs.get(bucket, 0), rev)
+        self._apply(bucket, key, rev, put, value)
+        if self.waiting:
+            self._caught_up()
+
+    def _apply(self, bucket: str, key: str, rev: int, put: bool, value: bytes) -> None:
         if bucket == "sessions":
             self._session(unhex(key), rev, json.loads(value) if put else None)
         elif bucket == "members":
@@ -506,23 +538,25 @@ class ClusterRegistry:
             if op.error is not None:
                 outer.fail(op.error)
                 return
-            if new_key != ident.key:
-                self.release(ident)
-            for room, members in self._members.items():
+            ops = [self.release(ident)] if new_key != ident.key else []
+            for room, members in list(self._members.items()):
                 member = members.get(ident.key)
                 if member is not None and member.sid == ident.sid:
-                    self.remove_member(room, ident.key)
-                    self.add_member(room, Member(new_nick, new_key, ident.sid, ident.broker))
-            outer.resolve()
+                    ops.append(self.remove_member(room, ident.key))
+                    ops.append(self.add_member(room, Member(new_nick, new_key, ident.sid,
+                                                            ident.broker)))
+            gather(ops).then(lambda done: outer.fail(done.error) if done.error
+                             else outer.resolve())
 
         inner.then(claimed)
         return outer
 
-    def release(self, ident: Identity) -> None:
+    def release(self, ident: Identity) -> Op:
         held = self.sessions.get(ident.key)
-        if held is not None and held.sid == ident.sid:
-            del self.sessions[ident.key]
-            self._kv("delete", "sessions", hexkey(ident.key), rev=held.rev)
+        if held is None or held.sid != ident.sid:
+            return Op.ready()
+        del self.sessions[ident.key]
+        return self._kv("delete", "sessions", hexkey(ident.key), rev=held.rev)
 
     def reap(self, ident: Identity) -> None:
         """Claim a dead broker's session (compare-and-set on its record: only one broker
@@ -545,18 +579,18 @@ class ClusterRegistry:
     def members(self, room: str) -> dict[str, Member]:
         return self._members.get(room, {})
 
-    def add_member(self, room: str, member: Member) -> None:
+    def add_member(self, room: str, member: Member) -> Op:
         self._members.setdefault(room, {})[member.key] = member
-        self._kv("put", "members", f"{room}.{hexkey(member.key)}", json.dumps(
+        return self._kv("put", "members", f"{room}.{hexkey(member.key)}", json.dumps(
             {"nick": member.nick, "sid": member.sid, "broker": member.broker}).encode())
 
-    def remove_member(self, room: str, key: str, sid: str | None = None) -> None:
+    def remove_member(self, room: str, key: str, sid: str | None = None) -> Op:
         members = self._members.get(room, {})
         member = members.get(key)
         if member is None or (sid is not None and member.sid != sid):
-            return
+            return Op.ready()
         del members[key]
-        self._kv("delete", "members", f"{room}.{hexkey(key)}")
+        return self._kv("delete", "members", f"{room}.{hexkey(key)}")
 
     # ---------------------------------------------------------------- rooms
     def seed(self, rooms: Iterable[str], ops: Iterable[str]) -> None:
@@ -590,38 +624,59 @@ class ClusterRegistry:
             if settings.name not in self.rooms:
                 self.rooms[settings.name] = RoomSettings(settings.name, created=True)
                 self.saved[settings.name] = RoomSettings(settings.name, created=True)
-            if op.value:   # ours: we are its operator
-                self.rooms[settings.name].ops |= settings.ops
-                self.save(self.rooms[settings.name])
-            outer.resolve(bool(op.value))
+            if not op.value:
+                outer.resolve(False)
+                return
+            self.rooms[settings.name].ops |= settings.ops   # ours: we are its operator
+            self.save(self.rooms[settings.name]).then(
+                lambda saved: outer.fail(saved.error) if saved.error else outer.resolve(True))
 
         inner.then(made)
         return outer
 
-    def save(self, settings: RoomSettings) -> None:
-        """Write the fields that changed since the bucket last had them."""
+    def save(self, settings: RoomSettings) -> Op:
+        """Write the fields that changed since the bucket last had them (a field a key:
+        brokers changing different fields at once do not undo each other)."""
         name = settings.name
         old = self.saved.setdefault(name, RoomSettings(name))
+        ops = []
         if settings.topic != old.topic:
-            self._kv("put", "rooms", f"{name}.topic", json.dumps(settings.topic).encode())
+            ops.append(self._kv("put", "rooms", f"{name}.topic",
+                                json.dumps(settings.topic).encode()))
         if settings.locked != old.locked:
-            self._kv("put", "rooms", f"{name}.locked", json.dumps(settings.locked).encode())
+            ops.append(self._kv("put", "rooms", f"{name}.locked",
+                                json.dumps(settings.locked).encode()))
         for kind, new, was in (("op", settings.ops, old.ops), ("ban", settings.bans, old.bans)):
             for key in new - was:
-                self._kv("put", "rooms", f"{name}.{kind}.{hexkey(key)}", b"true")
+                ops.append(self._kv("put", "rooms", f"{name}.{kind}.{hexkey(key)}", b"true"))
             for key in was - new:
-                self._kv("delete", "rooms", f"{name}.{kind}.{hexkey(key)}")
+                ops.append(self._kv("delete", "rooms", f"{name}.{kind}.{hexkey(key)}"))
         self.saved[name] = RoomSettings(name, settings.topic, settings.locked, set(settings.ops),
                                         set(settings.bans), settings.created)
+        return gather(ops)
 
     # ---------------------------------------------------------------- CURVE
     def nick_owner(self, key: str) -> str | None:
         return self.owners.get(key)
 
-    def bind_nick(self, key: str, pubkey: str) -> None:
-        if key not in self.owners:
-            self.owners[key] = pubkey
-            self._kv("create", "nickkeys", hexkey(key), json.dumps(pubkey).encode())
+    def bind_nick(self, key: str, pubkey: str) -> Op:
+        """The first key wins, whichever broker it came through (a create, or the one
+        that was there)."""
+        if self.owners.get(key) == pubkey:
+            return Op.ready()
+        outer = Op()
+
+        def created(op: Op) -> None:
+            if op.error is None:
+                self.owners[key] = pubkey
+                outer.resolve()
+            else:  # someone bound it first: ours only if it was the same key
+                self.catch_up().then(lambda _: outer.resolve() if self.owners.get(key) == pubkey
+                                     else outer.fail(ProtocolError(
+                                         Code.NICK_TAKEN, "the nickname belongs to another key")))
+
+        self._kv("create", "nickkeys", hexkey(key), json.dumps(pubkey).encode()).then(created)
+        return outer
 
 
 class ClusterPresence:

@@ -37,6 +37,7 @@ from nats.js import api
 log = logging.getLogger("cluster")
 
 BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers")
+REGISTRY: Final = BUCKETS[:4]  # what a catch-up waits for (beats are not registry state)
 OP_TIMEOUT: Final = 2.0       # seconds a publish or a key change may take before UNAVAILABLE
 CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
 NOTICE_RETRY: Final = 600.0   # seconds a broker keeps trying to store a notice of its own
@@ -103,7 +104,7 @@ class Bridge(threading.Thread):
         handlers: dict[bytes, Callable[[list[bytes]], Awaitable[None]]] = {
             b"APPEND": self._append, b"KV": self._kv, b"READ": self._read,
             b"PRIV": self._priv, b"PRIVREAD": self._privread, b"ROUTE": self._route,
-            b"ROOM": self._room, b"FOLLOW": self._follow_cmd,
+            b"ROOM": self._room, b"FOLLOW": self._follow_cmd, b"SYNC": self._sync,
         }
         try:
             while True:
@@ -473,6 +474,19 @@ class Bridge(threading.Thread):
             self._fail(op, "UNAVAILABLE", _why(exc))
         else:
             self._done(op, revision)
+
+    async def _sync(self, frames: list[bytes]) -> None:
+        """SYNC op: the latest revision of each registry bucket, from its stream's leader."""
+        self._spawn(self._syncing(frames[1]))
+
+    async def _syncing(self, op: bytes) -> None:
+        try:
+            infos = await asyncio.gather(*(self.js.stream_info(f"KV_{self.ns}-{bucket}")
+                                           for bucket in REGISTRY))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(op, "UNAVAILABLE", f"the registry did not answer: {_why(exc)}")
+            return
+        self._done(op, {bucket: info.state.last_seq for bucket, info in zip(REGISTRY, infos)})
 
     async def _room(self, frames: list[bytes]) -> None:
         """ROOM op room: make a room (its stream, then its record); answer whether we did."""

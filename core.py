@@ -405,15 +405,15 @@ class Core:
         """A departure with its notice: out of the room here and in the registry."""
         op = self._append(room, EventKind.LEAVE, s, leave_text(s.nick, why, reason),
                           why=why, reason=reason, bot=s.ident.bot)
-        self.registry.remove_member(room.name, s.key, s.sid)
+        gone = self.registry.remove_member(room.name, s.key, s.sid)
         self._remove(s, room)
-        return op
+        return gather([op, gone])
 
     def _drop(self, s: Session, reason: str, why: str) -> Op:
         """End a session with leave notices in its rooms; its nick is free again."""
         ops = [self._leave(s, self.rooms[name], why, reason) for name in sorted(s.rooms)]
         self._forget(s)
-        self.registry.release(s.ident)
+        ops.append(self.registry.release(s.ident))
         return gather(ops)
 
     def _drop_quietly(self, s: Session) -> None:
@@ -448,11 +448,11 @@ class Core:
         for name, room in self.rooms.items():
             member = self.registry.members(name).get(ident.key)
             if member is not None and member.sid == ident.sid:
-                self.registry.remove_member(name, ident.key, ident.sid)
+                ops.append(self.registry.remove_member(name, ident.key, ident.sid))
                 ops.append(self._append(room, EventKind.LEAVE, ident,
                                         leave_text(ident.nick, "lost", ""), why="lost",
                                         reason="", bot=ident.bot))
-        self.registry.release(ident)
+        ops.append(self.registry.release(ident))
         return gather(ops)
 
     # ------------------------------------------------------------------ handlers
@@ -462,6 +462,7 @@ class Core:
             raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {session.nick}")
         nick, b = req.body["nick"], req.body
         key = m.nick_key(nick)
+        yield self.registry.catch_up()   # a nick freed or taken on another broker just now
         if self.curve:
             owner = self.registry.nick_owner(key)
             if owner is not None and owner != pubkey:
@@ -477,6 +478,8 @@ class Core:
         missed: list[dict[str, Any]] = []
         if b["resume"] and b["privates_since"] is not None and replayable:
             missed = yield from self._missed_privates(ident, b["privates_since"])
+        if self.curve:
+            yield self.registry.bind_nick(key, pubkey)
         yield self.registry.claim(ident, holder)
         if rid in self.by_rid:  # this connection said HELLO twice at once: the first won
             self.registry.release(ident)
@@ -485,8 +488,6 @@ class Core:
         old = self.by_sid.get(holder.sid) if holder is not None else None
         if old is not None:  # the same client, back on a new connection
             self._drop_quietly(old)
-        if self.curve:
-            self.registry.bind_nick(key, pubkey)
         now = time.monotonic()
         s = Session(rid, ident, Bucket(self.cfg.rate, self.cfg.burst, self.cfg.burst, now),
                     now, replayable)
@@ -516,6 +517,7 @@ class Core:
 
     def _on_join(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         name = req.body["room"]
+        yield self.registry.catch_up()   # a ban made on another broker just now
         room = self.rooms.get(name)
         if room is None and self.cfg.allow_new_rooms:
             if len(self.rooms) >= MAX_ROOMS:
@@ -533,12 +535,14 @@ class Core:
             room.members[s.sid] = s
             s.rooms.add(name)
             was = self.registry.members(name).get(s.key)
-            self.registry.add_member(name, Member(s.nick, s.key, s.sid, self.name))
+            added = self.registry.add_member(name, Member(s.nick, s.key, s.sid, self.name))
             if not (req.body["resume"] and was is not None):
                 joined = self._append(room, EventKind.JOIN, s, f"{s.nick} joined",
                                       bot=s.ident.bot)
-                seqs = yield joined
+                seqs, _ = yield gather([joined, added])
                 before = seqs[0] - 1
+            else:
+                yield added
         if s.stage is not Stage.LIVE or s.sid not in room.members:  # gone meanwhile
             raise ProtocolError(Code.NOT_MEMBER, f"you are not in {name} any more")
         members, ops = self._listing(room)
@@ -588,6 +592,9 @@ class Core:
     def _on_priv(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         b = req.body
         target = self.registry.holder(m.nick_key(b["to"]))
+        if target is None:  # connected just now on another broker?
+            yield self.registry.catch_up()
+            target = self.registry.holder(m.nick_key(b["to"]))
         if target is None:
             raise ProtocolError(Code.NO_SUCH_NICK, f"nobody called {b['to']} is connected")
         prior = self.log.known_ids(s.ident.owner, [b["id"]])[b["id"]]
@@ -606,7 +613,8 @@ class Core:
         self.push_to(target, Reply.PRIVATE, {"event": event})
         return {"to": target.nick, "id": b["id"], "event": event}
 
-    def _on_rooms(self, s: Session, req: m.Request) -> dict[str, Any]:
+    def _on_rooms(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        yield self.registry.catch_up()
         out = []
         for room in self.rooms.values():
             count = sum(1 for mem in self.registry.members(room.name).values()
@@ -615,7 +623,8 @@ class Core:
                         "topic": self._settings(room).topic, "seq": self.log.last(room.name)})
         return {"rooms": out}
 
-    def _on_who(self, s: Session, req: m.Request) -> dict[str, Any]:
+    def _on_who(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        yield self.registry.catch_up()
         name = req.body["room"]
         if name is None:
             return {"room": None, "members": sorted(i.nick for i in self.registry.identities())}
@@ -625,6 +634,7 @@ class Core:
     def _on_nick(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         new = req.body["nick"]
         key = m.nick_key(new)
+        yield self.registry.catch_up()
         holder = self.registry.holder(key)
         if holder is not None and holder.sid != s.sid:
             raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
@@ -632,11 +642,12 @@ class Core:
             owner = self.registry.nick_owner(key)
             if owner is not None and owner != s.ident.pubkey:
                 raise ProtocolError(Code.NICK_TAKEN, f"the nickname {new} belongs to another key")
-            self.registry.bind_nick(key, s.ident.pubkey)
+            yield self.registry.bind_nick(key, s.ident.pubkey)
         old = s.nick
         if old == new:
             return {"nick": new}
         yield self.registry.rename(s.ident, new, key)
+        s.ident.nick, s.ident.key = new, key
         yield gather(self.log.append(name, [Draft(EventKind.NICK, old,
                                                   f"{old} is now known as {new}",
                                                   m.nick_key(old), None, {"new": new})])
@@ -645,6 +656,7 @@ class Core:
 
     def _on_topic(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         room = self._member_room(s, req.body["room"])
+        yield self.registry.catch_up()
         settings = self._settings(room)
         text, lock = req.body["text"], req.body["lock"]
         ops = []
@@ -652,7 +664,7 @@ class Core:
             if s.key not in settings.ops:
                 raise ProtocolError(Code.NOT_OPERATOR, f"you are not an operator of {room.name}")
             settings.locked = lock
-            self.registry.save(settings)
+            ops.append(self.registry.save(settings))
             ops.append(self._append(room, EventKind.NOTICE, s,
                                     f"{s.nick} {'locked' if lock else 'unlocked'} the topic"
                                     + (" (operators only)" if lock else "")))
@@ -664,7 +676,7 @@ class Core:
         if any(ord(c) < 32 for c in text):
             raise ProtocolError(Code.BAD_REQUEST, "a topic is one line of text")
         settings.topic = text
-        self.registry.save(settings)
+        ops.append(self.registry.save(settings))
         ops.append(self._append(
             room, EventKind.TOPIC, s, text, locked=settings.locked,
             note=f"{s.nick} set the topic: {text}" if text else f"{s.nick} cleared the topic"))
@@ -701,19 +713,20 @@ class Core:
         verb = "kicked" if kind is EventKind.KICK else "banned"
         text = f"{target.nick} was {verb} by {s.nick}" + (f" ({reason})" if reason else "")
         op = self._append(room, kind, target, text, by=s.nick, reason=reason)
-        self.registry.remove_member(room.name, target.key, target.sid)
+        gone = self.registry.remove_member(room.name, target.key, target.sid)
         local = self.by_sid.get(target.sid)
         if local is not None and local.sid in room.members:
             self._remove(local, room)
             self._push(local, Reply.KICKED, {"room": room.name, "by": s.nick,
                                              "reason": reason, "kind": str(kind)})
-        return op
+        return gather([op, gone])
 
     def _target(self, room: Room, nick: str) -> Member | None:
         member = self.registry.members(room.name).get(m.nick_key(nick))
         return member if member is not None and self._present(member) else None
 
     def _on_kick(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        yield self.registry.catch_up()
         room, _ = self._op_room(s, req)
         target = self._target(room, req.body["nick"])
         if target is None:
@@ -722,14 +735,16 @@ class Core:
         return {"room": room.name, "nick": target.nick}
 
     def _on_ban(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        yield self.registry.catch_up()
         room, settings = self._op_room(s, req)
         nick, reason = req.body["nick"], req.body["reason"] or ""
         settings.bans.add(m.nick_key(nick))
-        self.registry.save(settings)
+        saved = self.registry.save(settings)
         target = self._target(room, nick)
         if target is not None:
-            yield self._kick(s, room, target, reason, EventKind.BAN)
+            yield gather([saved, self._kick(s, room, target, reason, EventKind.BAN)])
         else:
+            yield saved
             yield self.log.append(room.name, [Draft(EventKind.BAN, nick,
                                                     f"{nick} was banned by {s.nick}",
                                                     m.nick_key(nick), None,
@@ -737,9 +752,10 @@ class Core:
         return {"room": room.name, "nick": nick}
 
     def _on_unban(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        yield self.registry.catch_up()
         room, settings = self._op_room(s, req)
         settings.bans.discard(m.nick_key(req.body["nick"]))
-        self.registry.save(settings)
+        yield self.registry.save(settings)
         yield self._append(room, EventKind.NOTICE, s,
                            f"{req.body['nick']} was unbanned by {s.nick}")
         return {"room": room.name, "nick": req.body["nick"]}

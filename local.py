@@ -103,6 +103,9 @@ class LocalRegistry:
                     self.rooms[name] = saved.get(name) or RoomSettings(
                         name, topic=store.last_topic(name), created=True)
 
+    def catch_up(self) -> Op:
+        return Op.ready()
+
     # ---------------------------------------------------------------- sessions
     def holder(self, key: str) -> Identity | None:
         return self.sessions.get(key)
@@ -133,25 +136,27 @@ class LocalRegistry:
                 self.add_member(room, Member(new_nick, new_key, ident.sid, ident.broker))
         return Op.ready()
 
-    def release(self, ident: Identity) -> None:
+    def release(self, ident: Identity) -> Op:
         if self.sessions.get(ident.key) is ident:
             del self.sessions[ident.key]
+        return Op.ready()
 
     # ---------------------------------------------------------------- membership
     def members(self, room: str) -> dict[str, Member]:
         return self._members.get(room, {})
 
-    def add_member(self, room: str, member: Member) -> None:
+    def add_member(self, room: str, member: Member) -> Op:
         self._members.setdefault(room, {})[member.key] = member
         self.store.add_member(room, member.key)
+        return Op.ready()
 
-    def remove_member(self, room: str, key: str, sid: str | None = None) -> None:
+    def remove_member(self, room: str, key: str, sid: str | None = None) -> Op:
         members = self._members.get(room, {})
         member = members.get(key)
-        if member is None or (sid is not None and member.sid != sid):
-            return
-        del members[key]
-        self.store.remove_member(room, key)
+        if member is not None and (sid is None or member.sid == sid):
+            del members[key]
+            self.store.remove_member(room, key)
+        return Op.ready()
 
     # ---------------------------------------------------------------- rooms
     def room_names(self) -> list[str]:
@@ -167,15 +172,17 @@ class LocalRegistry:
         self.save(settings)
         return Op.ready(True)
 
-    def save(self, settings: RoomSettings) -> None:
+    def save(self, settings: RoomSettings) -> Op:
         self.store.save_room(settings.name, json.dumps(settings.to_json()))
+        return Op.ready()
 
     # ---------------------------------------------------------------- CURVE
     def nick_owner(self, key: str) -> str | None:
         return self.store.nick_owner(key)
 
-    def bind_nick(self, key: str, pubkey: str) -> None:
-        self.store.bind_nick(key, pubkey)
+    def bind_nick(self, key: str, pubkey: str) -> Op:
+        self.store.bind_nick(key, pubkey)   # the first key stays (the core checked)
+        return Op.ready()
 
 
 class LocalPresence:

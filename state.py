@@ -221,6 +221,12 @@ class RoomLog(Protocol):
 
 
 class Registry(Protocol):
+    """Reads answer from what this broker holds; `catch_up()` first makes that hold
+    everything stored before it was called (a cluster's other brokers included). Every
+    change returns an Op done once it is stored, so a reply sent after it is true."""
+
+    def catch_up(self) -> Op: ...
+
     def holder(self, key: str) -> Identity | None:
         """The session that holds a nick (by nick key), wherever it is."""
 
@@ -233,15 +239,15 @@ class Registry(Protocol):
     def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
         """Move a session to another nick (and its memberships with it)."""
 
-    def release(self, ident: Identity) -> None:
+    def release(self, ident: Identity) -> Op:
         """Free the nick, if this session still holds it."""
 
     def members(self, room: str) -> dict[str, Member]:
         """The room's members by nick key (a session that is resuming elsewhere included)."""
 
-    def add_member(self, room: str, member: Member) -> None: ...
+    def add_member(self, room: str, member: Member) -> Op: ...
 
-    def remove_member(self, room: str, key: str, sid: str | None = None) -> None:
+    def remove_member(self, room: str, key: str, sid: str | None = None) -> Op:
         """Take a nick out of a room (only if `sid` still holds it there, when given)."""
 
     def room_names(self) -> list[str]: ...
@@ -251,13 +257,14 @@ class Registry(Protocol):
     def create_room(self, settings: RoomSettings) -> Op:
         """Make a room; the Op's value is False when it existed already."""
 
-    def save(self, settings: RoomSettings) -> None:
+    def save(self, settings: RoomSettings) -> Op:
         """Keep a room's changed settings."""
 
     def nick_owner(self, key: str) -> str | None:
         """The CURVE key that first registered a nick."""
 
-    def bind_nick(self, key: str, pubkey: str) -> None: ...
+    def bind_nick(self, key: str, pubkey: str) -> Op:
+        """Register a nick to a CURVE key, if no key has it; NICK_TAKEN if another has."""
 
 
 class Presence(Protocol):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -61,7 +62,7 @@ class RunningBroker:
 
 
 @pytest.fixture
-def make_broker(tmp_path: Path) -> Iterator[Callable[..., RunningBroker]]:
+def make_local_broker(tmp_path: Path) -> Iterator[Callable[..., RunningBroker]]:
     """Start in-process brokers with the given Config fields; all are stopped afterwards."""
     started: list[RunningBroker] = []
 
@@ -74,6 +75,12 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., RunningBroker]]:
     for b in started:
         if b.thread.is_alive():
             b.stop()
+
+
+@pytest.fixture
+def make_broker(make_local_broker):
+    """One broker (tests/test_security.py makes this two brokers of a cluster as well)."""
+    return make_local_broker
 
 
 @pytest.fixture
@@ -135,3 +142,103 @@ def make_broker_process(tmp_path: Path):
         if p.proc.poll() is None:
             p.proc.kill()
         p.proc.wait()
+
+
+# ---------------------------------------------------------------------------- cluster mode
+
+CLUSTER_HEARTBEAT = 0.5  # seconds: a broker is dead after 3 of these, its clients resume
+
+
+@pytest.fixture(scope="session")
+def nats_nodes(tmp_path_factory):
+    """A 3-node NATS JetStream cluster on free ports, for the whole session (a fresh one
+    takes 4 to 9 s to elect its first leader). Tests that kill or pause nodes restore them."""
+    from scripts.nats_local import LocalNats
+    nodes = LocalNats(tmp_path_factory.mktemp("nats"), 3)
+    nodes.start()
+    yield nodes
+    nodes.stop()
+
+
+class ClusterBroker(BrokerProcess):
+    """`python broker.py --cluster ...` as a process; its log goes to a file."""
+
+    def __init__(self, tmp: Path, urls: str, namespace: str, name: str, *args: str) -> None:
+        self.log_path = tmp / f"{name}.log"
+        super().__init__(tmp, "--cluster", urls, "--namespace", namespace, "--name", name,
+                         "--heartbeat", str(CLUSTER_HEARTBEAT), *args)
+        self.name = name
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "broker.py"), *self.args],
+                                         stdout=subprocess.PIPE, stderr=log, text=True,
+                                         cwd=ROOT)
+        line = self.proc.stdout.readline()
+        assert line.startswith("Broker started"), line + self.log_path.read_text()
+        self.proc.stdout.readline()   # "In the cluster at ... as NAME"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def make_cluster_broker(nats_nodes, tmp_path):
+    """Start brokers of one cluster (a namespace of their own on the shared NATS nodes);
+    all are stopped, and their streams and buckets removed, afterwards."""
+    from scripts.nats_local import delete_namespace
+    namespace = "t" + secrets.token_hex(4)
+    started: list[ClusterBroker] = []
+
+    def make(name: str, *args: str) -> ClusterBroker:
+        b = ClusterBroker(tmp_path, nats_nodes.urls, namespace, name, *args)
+        started.append(b)
+        return b
+
+    make.namespace = namespace
+    yield make
+    for b in started:
+        if b.proc.poll() is None:
+            b.proc.kill()
+        b.proc.wait()
+    nats_nodes.resume()
+    try:
+        delete_namespace(nats_nodes.urls, namespace)
+    except Exception:  # a test that broke the cluster: the next one will tell
+        pass
+
+
+class BrokerPair:
+    """Two brokers of one cluster, for tests written for one: each read of `.port` hands
+    out the other broker's, so a test's clients are spread over both; `.pub_port` is that
+    of the broker whose port was handed out last."""
+
+    def __init__(self, make, **cfg) -> None:
+        flags: list[str] = []
+        for key, value in cfg.items():
+            if key == "ops":
+                value = ",".join(value)
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+        self.brokers = [make("b1", *flags), make("b2", *flags)]
+        self._turn = 0
+        self._last = self.brokers[0]
+
+    @property
+    def port(self) -> int:
+        self._last = self.brokers[self._turn]
+        self._turn ^= 1
+        return self._last.port
+
+    @property
+    def pub_port(self) -> int:
+        return self._last.pub_port
+
+    def logged_errors(self) -> list[str]:
+        return [line for b in self.brokers for line in b.log_text().splitlines()
+                if "Traceback" in line or " ERROR " in line]
+
+
+@pytest.fixture
+def make_broker_pair(make_cluster_broker):
+    """make(**Config fields) -> a BrokerPair."""
+    return lambda **cfg: BrokerPair(make_cluster_broker, **cfg)

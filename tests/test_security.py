@@ -16,6 +16,15 @@ from client import ChatError, Client
 from conftest import wait_for
 
 
+@pytest.fixture(params=["one broker", "two brokers"])
+def make_broker(request, make_local_broker):
+    """Every test here runs against one broker, and against two brokers of a cluster with
+    the test's clients spread over both (see conftest.BrokerPair)."""
+    if request.param == "one broker":
+        return make_local_broker
+    return request.getfixturevalue("make_broker_pair")
+
+
 def raw_dealer(ctx: zmq.Context, port: int, rid: bytes | None = None) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
@@ -231,9 +240,10 @@ def test_claimed_sender_is_replaced_by_the_real_one(broker):
 def test_copied_routing_id_gains_nothing(broker):
     """A second connection using the first one's routing id gets none of its replies."""
     ctx = zmq.Context.instance()
-    first = raw_dealer(ctx, broker.port, b"victim-id")
+    port = broker.port   # the thief goes to the victim's broker
+    first = raw_dealer(ctx, port, b"victim-id")
     hello(first, "victim")
-    thief = raw_dealer(ctx, broker.port, b"victim-id")
+    thief = raw_dealer(ctx, port, b"victim-id")
     thief.send_multipart(m.encode_request("WHO", b"t1", {"room": "lobby"}))
     call(first, "JOIN", {"room": "lobby"}, b"j1")
     assert call(first, "PING", {}, b"p1").kind == "OK"
@@ -324,13 +334,14 @@ def test_live_fuzz_leaves_broker_serving_and_bounded(broker, caplog):
     assert call(check, "ROOMS", {}, b"r").kind == "OK"
     assert _rss_kb() - before < 60_000
     assert not [r for r in caplog.records if r.levelno >= 40], "a handler raised"
+    if hasattr(broker, "logged_errors"):   # brokers as processes: their logs
+        assert not broker.logged_errors()
     fuzz.close()
     check.close()
 
 
-def test_curve_refuses_unknown_keys_and_fails_closed(make_broker, tmp_path):
-    """Under CURVE an allowed key gets in, an unknown key does not, a nick stays bound to
-    the key that first registered it, and with the authenticator gone nothing connects."""
+def curve_setup(tmp_path):
+    """A broker key pair, an allowed client key ('mine') and a stranger's key."""
     import zmq.auth
     from client import curve_keys
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
@@ -341,6 +352,12 @@ def test_curve_refuses_unknown_keys_and_fails_closed(make_broker, tmp_path):
     assert oct(os.stat(tmp_path / "me" / "client.key_secret").st_mode & 0o777) == "0o600"
     (allowed / "me.key").write_bytes((tmp_path / "me" / "client.key").read_bytes())
     _, stranger = curve_keys(str(keys / "broker.key"), str(tmp_path / "stranger"))
+    return broker_secret, allowed, server, mine, stranger
+
+
+def test_curve_refuses_unknown_keys(make_broker, tmp_path):
+    """Under CURVE an allowed key gets in, an unknown key does not, nor does plain text."""
+    broker_secret, allowed, server, mine, stranger = curve_setup(tmp_path)
     b = make_broker(curve_key=broker_secret, allow_keys=str(allowed))
 
     async def scenario() -> None:
@@ -355,6 +372,18 @@ def test_curve_refuses_unknown_keys_and_fails_closed(make_broker, tmp_path):
             await Client("127.0.0.1", b.port, "plain", timeout=1.0).connect()
         assert err.value.code == "TIMEOUT"
     asyncio.run(scenario())
+
+
+def test_curve_fails_closed_without_its_authenticator(make_local_broker, tmp_path):
+    """With the authenticator gone, nothing connects, not even an allowed key (a property
+    of each broker's own sockets, so one broker shows it)."""
+    broker_secret, allowed, server, mine, _ = curve_setup(tmp_path)
+    b = make_local_broker(curve_key=broker_secret, allow_keys=str(allowed))
+
+    async def opened() -> None:
+        async with Client("127.0.0.1", b.port, "keyed", server_key=server, keypair=mine):
+            pass
+    asyncio.run(opened())
     b.broker.auth.stop()   # the authenticator is gone: ZAP_ENFORCE_DOMAIN refuses everyone
 
     async def closed() -> None:
