@@ -384,7 +384,7 @@ class Client:
                     except ChatError as err:
                         # NO_HELLO: our new session is gone already (a HELLO of ours from an
                         # abandoned connection, read late, replaced it): resume again.
-                        if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO):
+                        if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO, m.Code.UNAVAILABLE):
                             raise
                         self.rooms.pop(room, None)   # gone, or we were banned meanwhile
                         self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)
@@ -647,7 +647,7 @@ class Client:
                 try:
                     await self._send_batch(batch)
                 except ChatError as err:
-                    if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO):
+                    if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO, m.Code.UNAVAILABLE):
                         await asyncio.sleep(0.05)
                         continue     # resent as it is: the broker drops what it already has
                     for item in batch:

@@ -43,6 +43,8 @@ CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
 NOTICE_RETRY: Final = 600.0   # seconds a broker keeps trying to store a notice of its own
 READ_BATCH: Final = 500       # messages per direct-get request
 PENDING_MSGS: Final = 1 << 20  # messages a stream subscription may hold before dropping
+IDLE_HEARTBEAT: Final = 1.0   # seconds: a subscription that hears nothing for two starts over
+                              # (its consumer was on a node that died)
 
 
 @dataclass
@@ -179,8 +181,7 @@ class Bridge(threading.Thread):
         initial: dict[str, asyncio.Event] = {}
         for bucket in BUCKETS:
             initial[bucket] = asyncio.Event()
-            watcher = await self.kvs[bucket].watchall()
-            self._spawn(self._watch(bucket, watcher, initial[bucket]))
+            await self._watch(bucket, initial[bucket])
         for event in initial.values():
             await event.wait()
         rooms = list(dict.fromkeys([*self.cfg.rooms, *self.rooms_seen]))
@@ -240,26 +241,42 @@ class Bridge(threading.Thread):
 
         await self.js.subscribe(
             f"{self.ns}.room.{room}", stream=stream_of(self.ns, room), cb=arrived,
-            ordered_consumer=True,
+            ordered_consumer=True, idle_heartbeat=IDLE_HEARTBEAT,
             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                       opt_start_seq=last + 1),
             pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=1 << 30)
 
     # ------------------------------------------------------------------ watching buckets
-    async def _watch(self, bucket: str, watcher: Any, initial: asyncio.Event) -> None:
+    async def _watch(self, bucket: str, initial: asyncio.Event) -> None:
+        """Follow every key of a bucket (each key's latest value first, then every change),
+        handing each over as KVW bucket key revision PUT|DEL value; `initial` is set once
+        the latest values are all there."""
+        prefix = f"$KV.{self.ns}-{bucket}."
         bname = bucket.encode()
-        async for entry in watcher:
-            if entry is None:   # the initial values are all there
-                initial.set()
-                continue
-            op = entry.operation or "PUT"
-            if bucket == "rooms" and op == "PUT" and "." not in entry.key:
+
+        async def changed(msg: Any) -> None:
+            meta = msg.metadata
+            key = msg.subject[len(prefix):]
+            headers = msg.headers or {}
+            put = headers.get("KV-Operation") not in ("DEL", "PURGE") \
+                and "Nats-Marker-Reason" not in headers
+            if bucket == "rooms" and put and "." not in key:
                 if initial.is_set():
-                    self._spawn(self._ensure_room(entry.key))
+                    self._spawn(self._ensure_room(key))
                 else:
-                    self.rooms_seen.append(entry.key)
-            self._send([b"KVW", bname, entry.key.encode(), str(entry.revision).encode(),
-                              op.encode(), entry.value or b""])
+                    self.rooms_seen.append(key)
+            self._send([b"KVW", bname, key.encode(), str(meta.sequence.stream).encode(),
+                        b"PUT" if put else b"DEL", msg.data or b""])
+            if meta.num_pending == 0:
+                initial.set()
+
+        sub = await self.js.subscribe(
+            prefix + ">", stream=f"KV_{self.ns}-{bucket}", cb=changed, ordered_consumer=True,
+            idle_heartbeat=IDLE_HEARTBEAT, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=1 << 30)
+        info = await sub.consumer_info()
+        if info.num_pending == 0 and sub.delivered == 0:   # an empty bucket
+            initial.set()
 
     # ------------------------------------------------------------------ room events
     async def _arrived(self, room: str, msg: Any) -> None:

@@ -166,7 +166,7 @@ class ClusterBroker(BrokerProcess):
     def __init__(self, tmp: Path, urls: str, namespace: str, name: str, *args: str) -> None:
         self.log_path = tmp / f"{name}.log"
         super().__init__(tmp, "--cluster", urls, "--namespace", namespace, "--name", name,
-                         "--heartbeat", str(CLUSTER_HEARTBEAT), *args)
+                         "--heartbeat", str(CLUSTER_HEARTBEAT), "--log-level", "INFO", *args)
         self.name = name
 
     def start(self) -> None:

@@ -1,0 +1,196 @@
+"""Several brokers on one NATS JetStream cluster: real nats-server nodes, brokers as
+processes (conftest: nats_nodes, make_cluster_broker), clients through the library."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import zmq
+
+import messages as m
+from client import ChatError, Client, Event
+from conftest import wait_for
+
+
+class Listener:
+    """A member that keeps every event it is given."""
+
+    def __init__(self, client: Client) -> None:
+        self.client, self.events = client, []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for ev in self.client:
+            self.events.append(ev)
+
+    def room(self, room: str = "lobby") -> list[Event]:
+        return [e for e in self.events if e.room == room and e.seq is not None]
+
+    def seqs(self, room: str = "lobby") -> list[int]:
+        return [e.seq for e in self.room(room)]
+
+
+async def until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def all_history(client: Client, room: str = "lobby") -> list[Event]:
+    out: list[Event] = []
+    while True:
+        page = await client.history(room, after=out[-1].seq if out else 0, limit=500)
+        if not page:
+            return out
+        out += page
+
+
+def test_two_brokers_serve_one_room(make_cluster_broker):
+    """Clients on two brokers chat in one room: a third hears both in one order, numbered
+    without gaps; /who on either broker lists all three; a nick held on one broker is
+    refused on the other."""
+    b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b1.port, "alice") as alice, \
+                Client("127.0.0.1", b2.port, "bob") as bob, \
+                Client("127.0.0.1", b2.port, "carol") as carol:
+            assert (alice.welcome["broker"], bob.welcome["broker"]) == ("b1", "b2")
+            heard = Listener(carol)
+            sent = await asyncio.gather(*(c.say("lobby", f"{c.nick} {i}")
+                                          for i in range(10) for c in (alice, bob)))
+            await until(lambda: {e.text for e in heard.room()} >= {f"alice {i}" for i in range(10)}
+                        | {f"bob {i}" for i in range(10)}, what="every message at carol")
+            seqs = heard.seqs()
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))   # no gap, no repeat
+            assert sorted(sent) == sorted(e.seq for e in heard.room() if e.kind == "msg")
+            for c in (alice, bob):
+                assert await c.who("lobby") == ["alice", "bob", "carol"]
+            for port, nick in ((b2.port, "ALICE"), (b1.port, "Bob")):
+                try:
+                    await Client("127.0.0.1", port, nick, timeout=3).connect()
+                    raise AssertionError(f"{nick} got in")
+                except ChatError as err:
+                    assert err.code == "NICK_TAKEN"
+    asyncio.run(scenario())
+
+
+def test_same_nick_claimed_at_once_on_both_brokers(make_cluster_broker):
+    """The same nick asked for at the same instant on both brokers, 50 times: exactly one
+    HELLO wins each time."""
+    b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
+    ctx = zmq.Context()
+    ctx.linger = 0
+    try:
+        for i in range(50):
+            socks = []
+            for port in (b1.port, b2.port):
+                s = ctx.socket(zmq.DEALER)
+                s.linger = 0
+                s.connect(f"tcp://127.0.0.1:{port}")
+                socks.append(s)
+            for s in socks:  # both connected before either asks
+                s.send_multipart(m.encode_request("PING", b"p", {}))
+                assert s.poll(5000)
+                s.recv_multipart()
+            go = threading.Barrier(2)
+
+            def ask(s: zmq.Socket) -> None:
+                go.wait()
+                s.send_multipart(m.encode_request("HELLO", b"h", {"version": 1,
+                                                                  "nick": f"twin{i}"}))
+            threads = [threading.Thread(target=ask, args=(s,)) for s in socks]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            kinds = []
+            for s in socks:
+                assert s.poll(15000), "no reply to HELLO"
+                kinds.append(m.decode_response(s.recv_multipart()))
+            assert sorted(r.kind for r in kinds) == ["ERROR", "OK"], kinds
+            assert [r.body["code"] for r in kinds if r.kind == "ERROR"] == ["NICK_TAKEN"]
+            for s in socks:
+                s.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_nats_node_killed_loses_nothing_and_rejoins(make_cluster_broker, nats_nodes):
+    """kill -9 of one NATS node (of 3) while bots on both brokers send: every acknowledged
+    message is in the room once and in order; the brokers keep serving; the node rejoins
+    when restarted (the cluster then keeps its quorum without another node)."""
+    b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b1.port, "s1") as s1, \
+                Client("127.0.0.1", b2.port, "s2") as s2, \
+                Client("127.0.0.1", b1.port, "r1") as r1, \
+                Client("127.0.0.1", b2.port, "r2") as r2:
+            heard = [Listener(r1), Listener(r2)]
+            sends = [asyncio.ensure_future(c.say("lobby", f"{c.nick} {i}"))
+                     for i in range(60) for c in (s1, s2)]
+            await until(lambda: sum(f.done() for f in sends) >= 30, what="the first acks")
+            nats_nodes[0].kill()
+            acked = await asyncio.wait_for(asyncio.gather(*sends), 60)
+            more = await s1.say("lobby", "after the kill")
+            assert len(set(acked)) == len(acked)
+            for h in heard:
+                await until(lambda: more in h.seqs(), 30, "the last message")
+            nats_nodes[0].start()
+            await asyncio.to_thread(wait_for, nats_nodes[0].healthy, 30, "the node back")
+            nats_nodes[1].kill()      # quorum now needs the node that came back
+            try:
+                last = await asyncio.wait_for(s2.say("lobby", "with the node back"), 60)
+            finally:
+                nats_nodes[1].start()
+            for h in heard:
+                await until(lambda: last in h.seqs(), 30, "the message after the rejoin")
+                seqs = h.seqs()
+                assert seqs == list(range(seqs[0], seqs[-1] + 1))
+            history = await all_history(r1)
+            assert [e.seq for e in history] == list(range(1, len(history) + 1))
+            texts = [e.text for e in history if e.kind == "msg"]
+            assert sorted(texts) == sorted({f"s{n} {i}" for n in (1, 2) for i in range(60)}
+                                           | {"after the kill", "with the node back"})
+    asyncio.run(scenario())
+    wait_for(lambda: all(n.healthy() for n in nats_nodes.nodes), 30, "every node healthy")
+
+
+def test_a_broker_cut_off_from_nats_acknowledges_nothing_until_it_is_back(
+        make_cluster_broker, nats_nodes):
+    """Every NATS node paused (SIGSTOP): a broker acknowledges nothing it could not store,
+    still answers pings, its client's sends stay pending; when NATS is back they are
+    acknowledged, each stored once."""
+    b1 = make_cluster_broker("b1")
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b1.port, "ann") as ann, \
+                Client("127.0.0.1", b1.port, "ben") as ben:
+            heard = Listener(ben)
+            await ann.say("lobby", "before")
+            nats_nodes.pause()
+            try:
+                sends = [asyncio.ensure_future(ann.say("lobby", f"during {i}"))
+                         for i in range(5)]
+                await asyncio.sleep(0)  # the sends are queued; now watch them not complete
+                deadline = time.monotonic() + 3 * ann.heartbeat + 1
+                while time.monotonic() < deadline:
+                    assert not any(f.done() for f in sends), "acknowledged while cut off"
+                    await asyncio.sleep(0.05)
+                assert len(ann.pending()) == 5 and ann.connected  # pings still answered
+            finally:
+                nats_nodes.resume()
+            await asyncio.wait_for(asyncio.gather(*sends), 60)
+            await until(lambda: {f"during {i}" for i in range(5)}
+                        <= {e.text for e in heard.room()}, 30, "the pending messages")
+            history = await all_history(ben)
+            texts = [e.text for e in history if e.kind == "msg"]
+            assert texts.count("before") == 1
+            assert sorted(t for t in texts if t.startswith("during")) == \
+                [f"during {i}" for i in range(5)]
+            assert [e.seq for e in history] == list(range(1, len(history) + 1))
+    asyncio.run(scenario())
