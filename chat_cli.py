@@ -554,7 +554,11 @@ def main(argv: list[str] | None = None) -> int:
                              curve)
             if isinstance(client, int):
                 return client
-            return runner.run(chat_session(client, args, terminal))
+            if not terminal:
+                return runner.run(chat_session(client, args, terminal))
+            import cli_terminal   # prompt_toolkit is loaded only for a terminal
+            with cli_terminal.keys_kept():   # from here on every key waits for the prompt
+                return runner.run(chat_session(client, args, terminal))
     except KeyboardInterrupt:   # Ctrl+C at a question, or a second Ctrl+C while leaving
         print(file=sys.stderr)
         return 130

@@ -48,10 +48,13 @@ class Terminal:
         self.raw = b""
         self.mark = 0            # text before this offset has been matched already
         self._lock = threading.Lock()
+        self._when: tuple[str, Callable[[], None]] | None = None
+        self.reading = threading.Event()   # cleared: the terminal takes no more output
+        self.reading.set()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        while True:
+        while self.reading.wait():
             try:
                 chunk = os.read(self.fd, 4096)
             except OSError:       # EIO: the client exited and the terminal closed
@@ -60,6 +63,13 @@ class Terminal:
                 return
             with self._lock:
                 self.raw += chunk
+            if self._when is not None and self._when[0] in self.text:
+                then, self._when = self._when[1], None
+                then()
+
+    def when_shown(self, wanted: str, then: Callable[[], None]) -> None:
+        """Call then() the moment `wanted` is on screen, before reading any further output."""
+        self._when = (wanted, then)
 
     @property
     def text(self) -> str:
