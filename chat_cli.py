@@ -7,8 +7,8 @@ It runs in one of three ways:
     plain     otherwise: one line per event on stdout; every stdin line is sent
     --json    one JSON object per event; at the end of stdin it waits for the acknowledgements
 Exit status: 0 left normally, 1 could not connect (or messages were left undelivered),
-2 usage (no nickname and no terminal to ask for one; an unreadable --server-key),
-3 nickname taken or invalid.
+2 usage (no nickname and no terminal to ask for one; a nickname that can never be valid, told
+before connecting; an unreadable --server-key), 3 nickname refused by the broker (taken).
 """
 from __future__ import annotations
 
@@ -69,6 +69,27 @@ def port_number(text: str) -> int:
     return port
 
 
+def nick_problem(nick: str) -> str | None:
+    """Why the broker would refuse this nickname whoever is online (its own rule), or None.
+
+    Checked before connecting, so that a nickname that can never be valid is refused at once
+    with the rule; the broker still decides (a taken nickname, a broker with other rules).
+    """
+    try:
+        m.check_nick(nick)
+    except m.ProtocolError as err:
+        return err.reason
+    return None
+
+
+def nickname(text: str) -> str:
+    """-u NICK: refused as a usage error (status 2) if it can never be valid."""
+    problem = nick_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="client.py", description="ZeroMQ chat client. Settings not given are asked "
@@ -76,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-i", "--ip", help=f"the broker's address (default {DEFAULT_IP})")
     p.add_argument("-p", "--port", type=port_number,
                    help=f"the broker's command port (default {DEFAULT_PORT})")
-    p.add_argument("-u", "--user", help="your nickname")
+    p.add_argument("-u", "--user", type=nickname, help="your nickname")
     p.add_argument("-r", "--room", default=DEFAULT_ROOM, help="the room to start in (lobby)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per event on stdout, for scripts")
@@ -117,10 +138,15 @@ def ask_address(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def ask_nick() -> str:
-    nick = ""
-    while not nick:
+    """A nickname from the person at the terminal, asked again until it could be valid."""
+    while True:
         nick = ask("Nickname: ")
-    return nick
+        if not nick:        # no default: asked again
+            continue
+        problem = nick_problem(nick)
+        if problem is None:
+            return nick
+        tell(f"Sorry, {escape(problem)}. Please choose another nickname.")
 
 
 def fail(text: str) -> None:
@@ -554,7 +580,11 @@ def main(argv: list[str] | None = None) -> int:
                              curve)
             if isinstance(client, int):
                 return client
-            return runner.run(chat_session(client, args, terminal))
+            if not terminal:
+                return runner.run(chat_session(client, args, terminal))
+            import cli_terminal   # prompt_toolkit is loaded only for a terminal
+            with cli_terminal.keys_kept():   # from here on every key waits for the prompt
+                return runner.run(chat_session(client, args, terminal))
     except KeyboardInterrupt:   # Ctrl+C at a question, or a second Ctrl+C while leaving
         print(file=sys.stderr)
         return 130

@@ -3,14 +3,24 @@
 Lines are printed through `patch_stdout`, which draws them above the prompt and redraws the
 line being typed. Tab completes commands, rooms and nicks; the bottom toolbar says whether we
 are connected and which messages the broker has not yet acknowledged.
+
+No key typed once the chat has begun is lost. The terminal never returns to its usual
+(canonical) mode while the chat runs: in that mode the terminal itself handles what is typed
+while nobody reads (before the first prompt, between two prompts, and while prompt_toolkit
+prints a line above the prompt), and it turns Ctrl+D into an end-of-file mark that a raw read
+then gets as a NUL byte: the key was gone. Held raw, every key waits unchanged for the prompt.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+import contextlib
+import sys
+import termios
+from typing import TYPE_CHECKING, ContextManager, Iterator
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
+from prompt_toolkit.input.vt100 import Vt100Input
 from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.patch_stdout import patch_stdout
 
@@ -19,7 +29,38 @@ from cli_render import escape
 if TYPE_CHECKING:
     from chat_cli import Chat
 
-__all__ = ["patch_stdout", "read_terminal"]
+__all__ = ["keys_kept", "patch_stdout", "read_terminal"]
+
+
+@contextlib.contextmanager
+def keys_kept() -> Iterator[None]:
+    """The terminal in raw mode (as prompt_toolkit sets it) until the chat ends, Ctrl+C aside.
+
+    Ctrl+C stays a signal (ISIG) outside a prompt, so that it interrupts a command waiting for
+    the broker; the session takes that signal as leaving. At a prompt it is a key, as before.
+    """
+    fd = sys.stdin.fileno()
+    before = termios.tcgetattr(fd)
+    kept = termios.tcgetattr(fd)
+    kept[0] &= ~(termios.IXON | termios.IXOFF | termios.ICRNL | termios.INLCR | termios.IGNCR)
+    kept[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)
+    kept[6][termios.VMIN], kept[6][termios.VTIME] = 1, 0   # a read returns each key at once
+    termios.tcsetattr(fd, termios.TCSANOW, kept)   # not TCSAFLUSH: that drops typed keys
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)
+
+
+class KeptInput(Vt100Input):
+    """stdin for prompt_toolkit, left raw while a line is printed above the prompt.
+
+    prompt_toolkit prints such lines in the terminal's usual mode (`cooked_mode`), meant for
+    programs run from a prompt; we only print, and the output settings are the same in both.
+    """
+
+    def cooked_mode(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
 
 
 async def read_terminal(chat: Chat, colour: bool) -> None:
@@ -28,10 +69,14 @@ async def read_terminal(chat: Chat, colour: bool) -> None:
         completer=ChatCompleter(chat), complete_while_typing=False,
         bottom_toolbar=lambda: toolbar(chat), refresh_interval=0.5,
         erase_when_done=True,  # the line comes back from the broker, timestamped: shown once
-        color_depth=None if colour else ColorDepth.MONOCHROME)
+        color_depth=None if colour else ColorDepth.MONOCHROME, input=KeptInput(sys.stdin))
     while not chat.quitting:
         try:
-            line = await session.prompt_async(lambda: f"{chat.room}> ")
+            # No SIGINT handler of prompt_toolkit's: at the prompt Ctrl+C is a key; a signal
+            # (Ctrl+C between prompts, kill -INT) goes to asyncio's, which ends the session.
+            # prompt_toolkit's stays a moment after the terminal leaves raw mode, and passes a
+            # Ctrl+C pressed then to a prompt that has ended.
+            line = await session.prompt_async(lambda: f"{chat.room}> ", handle_sigint=False)
         except (EOFError, KeyboardInterrupt):   # Ctrl+D, Ctrl+C
             await chat.quit(None)
             return

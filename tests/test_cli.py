@@ -15,6 +15,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from typing import Callable, Iterator
 
 import pytest
@@ -48,10 +49,13 @@ class Terminal:
         self.raw = b""
         self.mark = 0            # text before this offset has been matched already
         self._lock = threading.Lock()
+        self._when: tuple[str, Callable[[], None]] | None = None
+        self.reading = threading.Event()   # cleared: the terminal takes no more output
+        self.reading.set()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        while True:
+        while self.reading.wait():
             try:
                 chunk = os.read(self.fd, 4096)
             except OSError:       # EIO: the client exited and the terminal closed
@@ -60,6 +64,13 @@ class Terminal:
                 return
             with self._lock:
                 self.raw += chunk
+            if self._when is not None and self._when[0] in self.text:
+                then, self._when = self._when[1], None
+                then()
+
+    def when_shown(self, wanted: str, then: Callable[[], None]) -> None:
+        """Call then() the moment `wanted` is on screen, before reading any further output."""
+        self._when = (wanted, then)
 
     @property
     def text(self) -> str:
@@ -222,6 +233,49 @@ def test_taken_nick_is_asked_again(chat):
     t.type("\x03")
     assert t.exit_status() == 0
     w.wait_event(lambda e: e["kind"] == "leave" and e["nick"] == "alice2", "alice2 leaving")
+
+
+def test_impossible_nick_is_asked_again_with_the_rule(chat):
+    """Asked in a terminal, a nickname that can never be valid gets the rule and the question
+    again at once, without connecting; a valid one then connects."""
+    t = chat("terminal")
+    t.expect("Nickname: ")
+    t.type("bad nick!\r")
+    t.expect("Sorry, nickname may hold letters, digits and _-[]{}|^, not ' '")
+    t.expect("Nickname: ")
+    t.type("9lives\r")
+    t.expect("Sorry, nickname may not start with a digit or '-'")
+    t.expect("Nickname: ")
+    t.type("alice\r")
+    t.expect("Welcome, alice!")
+    assert t.text.count("Connecting to") == 1, t.text     # only as alice
+    t.ready()
+    t.type("\x04")
+    assert t.exit_status() == 0
+
+
+@pytest.mark.parametrize("stdin", ["pipe", "terminal"])
+def test_impossible_nick_flag_exits_2_before_connecting(started, stdin):
+    """-u with a nickname that can never be valid: the rule and status 2 at once, no broker."""
+    port = str(free_ports(1)[0])          # nobody listens there
+    args = ["-p", port, "-u", "bad nick!"]
+    began = time.monotonic()
+    if stdin == "pipe":
+        proc = subprocess.run([sys.executable, CLIENT, *args], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, cwd=ROOT, timeout=15)
+        status, said = proc.returncode, proc.stderr
+    else:
+        t = Terminal(*args)
+        started.append(t.proc)
+        status = t.exit_status(15)
+        t.expect("client.py: error")
+        said = t.text
+        assert "Server IP" not in said    # refused before asking anything
+    took = time.monotonic() - began
+    assert status == 2
+    assert "-u/--user: 'bad nick!': nickname may hold letters, digits and _-[]{}|^, not ' '" \
+        in said, said
+    assert took < 4.0                     # no wait for a broker: that takes 5 s to give up
 
 
 def test_missing_nick_without_terminal_exits_2(chat):
