@@ -71,11 +71,13 @@ class Broker:
             self.registry = LocalRegistry(self.store, cfg.rooms, cfg.ops, cfg.allow_new_rooms)
             self.presence = LocalPresence()
         try:
-            self.motd = self._load_motd()
+            if cfg.motd:  # read first: an unreadable file is a start error before any work
+                self._load_motd()
             self._bind()
             self.name = cfg.name or default_name(self.port)
             if self.cluster is not None:
-                self.cluster.start(self.name)
+                self.cluster.start(self.name)   # the rooms are known from here on
+            self.motd = self._load_motd()
             self.core = Core(cfg, self.log, self.registry, self.presence, name=self.name,
                              pub_port=self.pub_port, motd=self.motd)
             if self.cluster is not None:

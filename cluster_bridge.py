@@ -79,6 +79,7 @@ class Bridge(threading.Thread):
         self.tasks: set[asyncio.Task[Any]] = set()
         self.replicas = 1
         self.rooms_seen: list[str] = []        # rooms in the registry at start
+        self.closing = False
 
     # ------------------------------------------------------------------ thread
     def run(self) -> None:
@@ -145,6 +146,7 @@ class Bridge(threading.Thread):
         self._send([b"FAIL", op, code.encode(), reason.encode()])
 
     async def _drop_connection(self) -> None:
+        self.closing = True
         nc = getattr(self, "nc", None)
         if nc is not None:
             try:
@@ -155,7 +157,8 @@ class Bridge(threading.Thread):
     # ------------------------------------------------------------------ start
     async def _connect(self) -> None:
         async def disconnected() -> None:
-            log.warning("lost the NATS connection; reconnecting")
+            if not self.closing:
+                log.warning("lost the NATS connection; reconnecting")
 
         async def reconnected() -> None:
             log.warning("NATS connection back (%s)", self.nc.connected_url.netloc

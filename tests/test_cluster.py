@@ -194,3 +194,41 @@ def test_a_broker_cut_off_from_nats_acknowledges_nothing_until_it_is_back(
                 [f"during {i}" for i in range(5)]
             assert [e.seq for e in history] == list(range(1, len(history) + 1))
     asyncio.run(scenario())
+
+
+def test_privates_nicks_new_rooms_and_history_across_brokers(make_cluster_broker):
+    """A private message reaches its recipient on the other broker; a nick change on one
+    broker frees the old nick on the other; a room made by /join on one broker is there
+    on the other with its maker as operator; a broker started later reads the whole history
+    from the cluster."""
+    b1 = make_cluster_broker("b1", "--allow-new-rooms")
+    b2 = make_cluster_broker("b2", "--allow-new-rooms")
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b1.port, "alice") as alice, \
+                Client("127.0.0.1", b2.port, "bob") as bob:
+            heard = Listener(bob)
+            sent = await alice.msg("bob", "psst")
+            assert sent["to"] == "bob"
+            await until(lambda: any(e.kind == "private" and e.text == "psst"
+                                    for e in heard.events), what="the private message")
+            await alice.set_nick("alicia")
+            assert "alicia" in await bob.who("lobby") and "alice" not in await bob.who()
+            async with Client("127.0.0.1", b2.port, "alice") as newcomer:
+                assert newcomer.nick == "alice"
+            await alice.join("garden")
+            assert "garden" in [r["name"] for r in await bob.list_rooms()]
+            await bob.join("garden")
+            assert (await bob.who("garden")) == ["alicia", "bob"]
+            await alice.kick("garden", "bob", "mine")   # alicia made it: she is its operator
+            await until(lambda: "garden" not in bob.rooms, what="bob out of garden")
+            for i in range(30):
+                await alice.say("lobby", f"line {i}")
+            b3 = make_cluster_broker("b3")
+            async with Client("127.0.0.1", b3.port, "carol", backlog=10) as carol:
+                early = await carol.history("lobby", after=0, limit=5)
+                late = await all_history(carol)
+                mine = await all_history(alice)
+                assert [e.data for e in late] == [e.data for e in mine]
+                assert [e.seq for e in early] == [1, 2, 3, 4, 5]
+    asyncio.run(scenario())
