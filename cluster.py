@@ -34,6 +34,7 @@ log = logging.getLogger("cluster")
 CACHE_EVENTS: Final = 1000    # latest events kept per room: joins and gap repair read these
 MSGID_CACHE: Final = 200_000  # message ids remembered to recognise a retry after the dedup window
 READY_WAIT: Final = 30.0      # seconds a start waits for the cluster
+OP_DEADLINE: Final = 10.0     # seconds after which an unanswered command fails (a stuck bridge)
 STOP_WAIT: Final = 5.0        # seconds a stop waits for the bridge to let go of NATS
 
 
@@ -63,7 +64,7 @@ class Cluster:
         self.socket.sndhwm = self.socket.rcvhwm = 0
         self.socket.bind(self.address)
         self.queue: list[list[bytes]] = []
-        self.ops: dict[bytes, tuple[Op, Callable[[list[bytes]], Any]]] = {}
+        self.ops: dict[bytes, tuple[Op, Callable[[list[bytes]], Any], float]] = {}
         self._ids = itertools.count(1)
         self.core: Core | None = None
         self.name = ""
@@ -142,7 +143,7 @@ class Cluster:
         """Send a command whose answer completes the returned Op (value: decode(frames))."""
         op_id = str(next(self._ids)).encode()
         op = Op()
-        self.ops[op_id] = (op, decode)
+        self.ops[op_id] = (op, decode, time.monotonic())
         frames.insert(1, op_id)
         self.queue.append(frames)
         return op
@@ -178,7 +179,7 @@ class Cluster:
             entry = self.ops.pop(frames[1], None)
             if entry is None:
                 return
-            op, decode = entry
+            op, decode, _ = entry
             if verb == b"FAIL":
                 code = frames[2].decode()
                 op.fail(ProtocolError(Code.UNAVAILABLE if code == "UNAVAILABLE" else
@@ -222,6 +223,17 @@ class Cluster:
         for name, since in list(self.dead.items()):
             if now - since >= limit:
                 self._reap(name)
+        for op_id, (op, _, sent) in list(self.ops.items()):
+            if now - sent > OP_DEADLINE:   # the bridge answers everything: this is a bug
+                log.error("cluster command %s unanswered after %g s", op_id, OP_DEADLINE)
+                del self.ops[op_id]
+                op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
+        for targets, op in list(self.registry.waiting):
+            if now - self.registry.asked.get(id(op), now) > OP_DEADLINE:
+                log.error("catch-up waited %g s for %s (heard %s)", OP_DEADLINE, targets,
+                          self.registry.revs)
+                self.registry.waiting.remove((targets, op))
+                op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
         self.send_pending()
 
     def _beat(self) -> None:
@@ -396,6 +408,7 @@ class ClusterRegistry:
         self.owners: dict[str, str] = {}
         self.revs: dict[str, int] = {}               # bucket -> the latest revision heard
         self.waiting: list[tuple[dict[str, int], Op]] = []   # catch-ups under way
+        self.asked: dict[int, float] = {}
 
     # ---------------------------------------------------------------- news
     def catch_up(self) -> Op:
@@ -408,6 +421,7 @@ class ClusterRegistry:
                 outer.fail(op.error)
             else:
                 self.waiting.append((op.value, outer))
+                self.asked[id(outer)] = time.monotonic()
                 self._caught_up()
 
         self.cluster.call([b"SYNC"], json_value).then(latest)

@@ -477,7 +477,7 @@ class Bridge(threading.Thread):
         kv, k = self.kvs[bucket.decode()], key.decode()
         try:
             if verb == b"create":
-                revision = await kv.create(k, value)
+                revision = await self._create(bucket.decode(), k, value)
             elif verb == b"update":
                 revision = await kv.update(k, value, last=int(rev))
             elif verb == b"put":
@@ -487,13 +487,28 @@ class Bridge(threading.Thread):
                 revision = 0
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             self._fail(op, "CONFLICT", str(exc))
-        except nats.js.errors.APIError as exc:
-            code = "CONFLICT" if exc.err_code in (10071, 10164) else "UNAVAILABLE"
-            self._fail(op, code, str(exc))
-        except Exception as exc:  # noqa: BLE001 - timeout, connection
-            self._fail(op, "UNAVAILABLE", _why(exc))
+        except Exception as exc:  # noqa: BLE001 - timeout, connection, ...: always answer
+            code = getattr(exc, "err_code", None)
+            self._fail(op, "CONFLICT" if code in (10071, 10164) else "UNAVAILABLE", _why(exc))
         else:
             self._done(op, revision)
+
+    async def _create(self, bucket: str, key: str, value: bytes) -> int:
+        """Make a key that does not exist (or was deleted): KeyWrongLastSequenceError when
+        someone has it. Checked against the stream's leader, not a replica that may lag."""
+        kv = self.kvs[bucket]
+        try:
+            return await kv.update(key, value, last=0)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            stream = f"KV_{self.ns}-{bucket}"
+            try:
+                last = await self.js.get_msg(stream, subject=f"$KV.{self.ns}-{bucket}.{key}")
+            except nats.js.errors.NotFoundError:
+                raise nats.js.errors.KeyWrongLastSequenceError(
+                    description="made and removed meanwhile") from None
+            if (last.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                raise
+            return await kv.update(key, value, last=last.seq)
 
     async def _sync(self, frames: list[bytes]) -> None:
         """SYNC op: the latest revision of each registry bucket, from its stream's leader."""
@@ -516,7 +531,7 @@ class Bridge(threading.Thread):
         try:
             await self._ensure_room(room)
             try:
-                await self.kvs["rooms"].create(room, b'{"created":true}')
+                await self._create("rooms", room, b'{"created":true}')
                 created = True
             except nats.js.errors.KeyWrongLastSequenceError:
                 created = False
