@@ -233,6 +233,7 @@ class Cluster:
                 log.error("catch-up waited %g s for %s (heard %s)", OP_DEADLINE, targets,
                           self.registry.revs)
                 self.registry.waiting.remove((targets, op))
+                self.registry.asked.pop(id(op), None)
                 op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
         self.send_pending()
 
@@ -431,6 +432,7 @@ class ClusterRegistry:
         still = []
         for targets, op in self.waiting:
             if all(self.revs.get(b, 0) >= rev for b, rev in targets.items()):
+                self.asked.pop(id(op), None)
                 op.resolve()
             else:
                 still.append((targets, op))
