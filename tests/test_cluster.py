@@ -232,3 +232,61 @@ def test_privates_nicks_new_rooms_and_history_across_brokers(make_cluster_broker
                 assert [e.data for e in late] == [e.data for e in mine]
                 assert [e.seq for e in early] == [1, 2, 3, 4, 5]
     asyncio.run(scenario())
+
+
+def test_a_broker_killed_its_clients_resume_on_the_other(make_cluster_broker):
+    """kill -9 of one broker while bots on both brokers send: its clients resume on the
+    other broker (quietly: nobody who resumed is announced as leaving); every acknowledged
+    message is in every member's view and in the room's history exactly once, numbered
+    1..M without a gap; a member that did not resume is announced as lost, once."""
+    b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
+    first_b1 = f"127.0.0.1:{b1.port},127.0.0.1:{b2.port}"
+    first_b2 = f"127.0.0.1:{b2.port},127.0.0.1:{b1.port}"
+
+    async def scenario() -> None:
+        bots = [Client(first_b1, nick="a0", bot=True), Client(first_b1, nick="a1", bot=True),
+                Client(first_b2, nick="c0", bot=True)]
+        quiet = Client(f"127.0.0.1:{b1.port}", nick="quiet", reconnect=False)
+        for c in [*bots, quiet]:
+            await c.connect()
+        assert [c.welcome["broker"] for c in bots] == ["b1", "b1", "b2"]
+        views = [Listener(c) for c in bots]
+
+        async def send(c: Client) -> list[int]:
+            seqs = []
+            for i in range(40):
+                seqs.append(await c.say("lobby", f"{c.nick} {i}"))
+                await asyncio.sleep(0.01)   # a steady pace, so the kill lands mid-stream
+            return seqs
+
+        sending = [asyncio.ensure_future(send(c)) for c in bots]
+        await until(lambda: sum(len(v.room()) for v in views) > 60, what="traffic")
+        b1.proc.kill()
+        b1.proc.wait()
+        acked = [seq for seqs in await asyncio.wait_for(asyncio.gather(*sending), 60)
+                 for seq in seqs]
+        assert len(set(acked)) == len(acked) == 120
+        texts = {f"{c.nick} {i}" for c in bots for i in range(40)}
+        for v in views:
+            await until(lambda: texts <= {e.text for e in v.room()}, 30, "every message")
+        await until(lambda: any(e.text == "quiet left (connection lost)"
+                                for e in views[2].room()), 30, "the lost member's notice")
+        for c in bots[:2]:
+            assert c.welcome["broker"] == "b2"
+            assert any(e.kind == "status" and e.text == "reconnected (via b2)"
+                       for v in views if v.client is c for e in v.events)
+        history = await all_history(bots[2])
+        assert [e.seq for e in history] == list(range(1, len(history) + 1))
+        for view in [*(v.room() for v in views), history]:
+            said = [e.text for e in view if e.kind == "msg"]
+            assert sorted(said) == sorted(texts), "a message missing or twice"
+            leaves = [e.text for e in view if e.kind == "leave"]
+            assert all(t.startswith("quiet") for t in leaves), leaves
+        assert [e.text for e in history if e.kind == "leave"] == ["quiet left (connection lost)"]
+        for v in views:
+            seqs = v.seqs()
+            assert seqs == list(range(seqs[0], seqs[-1] + 1))
+        for c in bots:
+            await c.close()
+        await quiet.close()
+    asyncio.run(scenario())
