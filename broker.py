@@ -23,6 +23,7 @@ import zmq.auth
 
 import messages as m
 from core import DEFAULT_ROOMS, Config, Core, Room
+import logs
 from local import LocalLog, LocalPresence, LocalRegistry
 from messages import ProtocolError
 from store import Store, StoreError
@@ -60,6 +61,7 @@ class Broker:
         self.curve = cfg.curve_key is not None
         self.store: Store | None = None
         self.cluster: Any = None
+        self.metrics: Any = None
         if cfg.cluster:
             from cluster import Cluster  # NATS is imported only in cluster mode
             self.cluster = Cluster(cfg, self.ctx)
@@ -82,6 +84,9 @@ class Broker:
                              pub_port=self.pub_port, motd=self.motd)
             if self.cluster is not None:
                 self.cluster.attach(self.core)
+            if cfg.metrics_port is not None:
+                import metrics
+                self.metrics = metrics.serve(self, cfg.host, cfg.metrics_port)
         except BaseException:
             self._close_state()  # the history writer, the database lock, NATS go with it
             raise
@@ -227,6 +232,11 @@ class Broker:
         if core.outbox:
             self._send_replies(core.outbox)
             core.outbox.clear()
+        if core.ack_starts:
+            now, acknowledged = time.perf_counter(), core.stats.acknowledged
+            for started in core.ack_starts:
+                acknowledged(now - started)
+            core.ack_starts.clear()
 
     def _send_replies(self, outbox: list[list[bytes]]) -> None:
         send = self.router.send
@@ -251,6 +261,9 @@ class Broker:
             self._close_state()
 
     def _close_state(self) -> None:
+        if self.metrics is not None:
+            self.metrics.shutdown()
+            self.metrics.server_close()
         if self.store is not None:
             self.store.close()
         if self.cluster is not None:
@@ -289,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-keys", metavar="DIR", help="write a CURVE key pair to DIR and exit")
     p.add_argument("--curve-key", metavar="FILE", help="serve only CURVE, with this secret key")
     p.add_argument("--allow-keys", metavar="DIR", help="with --curve-key: only these clients")
-    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-level", default="WARNING",
+                   help="DEBUG, INFO (a line per connection event), WARNING or ERROR")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text, or one JSON object each for log shippers")
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics on http://HOST:N/metrics (off by default)")
     c = p.add_argument_group("several brokers (see README: Several brokers)")
     c.add_argument("--cluster", metavar="URLS",
                    help="NATS servers, comma-separated (nats://h1:4222,...): serve the same "
@@ -304,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="prefix of the streams and buckets in NATS (several chats on one "
                         "NATS)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logs.setup(a.log_level, a.log_format)
     if a.gen_keys:
         if os.path.exists(os.path.join(a.gen_keys, "broker.key_secret")):
             print(f"broker: {a.gen_keys} already holds a broker key pair; clients trust its "
@@ -325,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                  allow_new_rooms=a.allow_new_rooms, heartbeat=a.heartbeat, db=a.db,
                  fsync=a.fsync, motd=a.motd, ops=tuple(n for n in a.ops.split(",") if n),
                  rate=a.rate, burst=a.burst, curve_key=a.curve_key, allow_keys=a.allow_keys,
-                 name=a.name or "", cluster=a.cluster, replicas=a.replicas, namespace=a.namespace)
+                 name=a.name or "", cluster=a.cluster, replicas=a.replicas, namespace=a.namespace,
+                 metrics_port=a.metrics_port)
     try:
         broker = Broker(cfg)
     except StoreError as err:
@@ -344,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
           f"tcp://{a.host}:{broker.pub_port} (rooms)", flush=True)
     if cfg.cluster:
         print(f"In the cluster at {cfg.cluster} as {broker.name}", flush=True)
+    if cfg.metrics_port is not None:
+        print(f"Metrics on http://{a.host}:{cfg.metrics_port}/metrics", flush=True)
     if cfg.curve_key:
         print("CURVE encryption on: clients need --server-key with the public key"
               + (f"; only the keys in {cfg.allow_keys} may connect" if cfg.allow_keys else ""),

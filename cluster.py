@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Iterable
 import zmq
 
 import messages as m
+from logs import event as log_event
 from messages import Code, ProtocolError, Reply
 from state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
 
@@ -584,8 +585,8 @@ class ClusterRegistry:
                 log.info("%s: resumed, or settled by another broker", ident.nick)
                 return
             self.sessions.pop(ident.key, None)
-            log.warning("%s did not come back after its broker %s stopped: announced as "
-                        "lost", ident.nick, ident.broker)
+            log_event(log, "reaped", nick=ident.nick, sid=ident.sid, broker=ident.broker,
+                  why="did not resume after its broker stopped")
             if self.core is not None:
                 self.core.reap(ident)
 

@@ -29,7 +29,9 @@ from types import GeneratorType
 from typing import Any, Callable, Final, Generator, Iterator
 
 import messages as m
+from logs import event as log_event
 from messages import Code, EventKind, Kind, ProtocolError, Reply
+from metrics import Stats
 from state import (Delivery, Draft, Identity, Member, Op, Presence, Registry, RoomLog,
                    RoomSettings, gather, token_hash)
 
@@ -69,6 +71,7 @@ class Config:
     cluster: str | None = None       # NATS URLs: share the rooms with other brokers
     replicas: int = 0                # copies of each stream in a cluster (0: up to 3)
     namespace: str = "zmqchat"       # prefix of our streams and buckets in NATS
+    metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
 
 
 @dataclass
@@ -162,6 +165,8 @@ class Core:
         self.used_nonces: dict[str, float] = {}
         self.outbox: list[list[bytes]] = []           # [rid, kind, label, body] to send
         self.pubs: list[tuple[bytes, bytes]] = []     # (topic, batch) to publish
+        self.stats = Stats()
+        self.ack_starts: list[float] = []   # arrival times of the SAYs answered in outbox
         self.handlers: dict[Kind, Handler] = {
             Kind.JOIN: self._on_join, Kind.LEAVE: self._on_leave, Kind.SAY: self._on_say,
             Kind.PRIV: self._on_priv, Kind.ROOMS: self._on_rooms, Kind.WHO: self._on_who,
@@ -183,6 +188,7 @@ class Core:
         session = self.by_rid.get(rid)
         try:
             req = m.decode_request(frames)
+            self.stats.requests[req.kind] += 1
             log.debug("<- %s %s", req.kind, session.nick if session else rid.hex())
             if req.kind is Kind.HELLO:
                 result: Result = self._on_hello(rid, session, req, key)
@@ -199,17 +205,20 @@ class Core:
             self._error(rid, label, err)
             return
         except Exception:  # a bug: still exactly one reply, and the loop goes on
-            log.exception("error handling %r from %s", frames[:2], rid.hex())
+            log.exception("error handling %r from %s", [f[:64] for f in frames[:2]],
+                          rid.hex())
             self._error(rid, label, ProtocolError(Code.INTERNAL, "the broker failed on this request"))
             return
         if type(result) is GeneratorType:
-            self._advance(rid, label, result, Op.ready())
+            self._advance(rid, label, result, Op.ready(),
+                          time.perf_counter() if req.kind is Kind.SAY else 0.0)
         else:
             self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
 
     def _advance(self, rid: bytes, label: bytes, gen: Generator[Op, Any, dict[str, Any]],
-                 op: Op) -> None:
-        """Run a handler on from the Op it waited for, until it waits again or answers."""
+                 op: Op, started: float = 0.0) -> None:
+        """Run a handler on from the Op it waited for, until it waits again or answers.
+        `started`: when a SAY arrived (its acknowledgement's latency is measured)."""
         while True:
             try:
                 if op.error is not None:
@@ -218,6 +227,8 @@ class Core:
                     op = gen.send(op.value)
             except StopIteration as done:
                 self.outbox.append([rid, _OK, label, _dumps_with_raw(done.value)])
+                if started:
+                    self.ack_starts.append(started)
                 return
             except ProtocolError as err:
                 self._error(rid, label, err)
@@ -228,11 +239,12 @@ class Core:
                                                       "the broker failed on this request"))
                 return
             if not op.done:
-                op.then(lambda op: self._advance(rid, label, gen, op))
+                op.then(lambda op: self._advance(rid, label, gen, op, started))
                 return
 
     def _error(self, rid: bytes, label: bytes, err: ProtocolError) -> None:
         log.debug("-> ERROR %s %s", err.code, err.reason)
+        self.stats.errors[err.code] += 1
         self.outbox.append([rid, *m.encode_error(label, err)])
 
     def _push(self, s: Session, kind: Reply, body: dict[str, Any]) -> None:
@@ -337,7 +349,7 @@ class Core:
         connection it came from, if `data` is a fresh, valid, unused grant of a member."""
         parsed = m.parse_grant(data)
         if parsed is None:
-            log.info("refused subscription %r", data[:40])
+            log_event(log, "subscription-refused", why="not a grant", data=data[:40])
             return None, None
         name, epoch, sid, expiry, nonce, mac = parsed
         payload = m.grant_payload(name, epoch, sid, expiry, nonce)
@@ -346,7 +358,7 @@ class Core:
                 or nonce in self.used_nonces or room is None or room.epoch != epoch
                 or s is None or sid not in room.members
                 or (self.curve and key != s.ident.pubkey)):
-            log.info("refused grant for %s (stale, used or forged)", name)
+            log_event(log, "subscription-refused", why="stale, used or forged", room=name)
             return None, None
         self.used_nonces[nonce] = expiry
         topic = m.room_topic(name, epoch)
@@ -389,8 +401,15 @@ class Core:
     def _append(self, room: Room, kind: EventKind, s: Session | Identity | Member, text: str,
                 **extra: Any) -> Op:
         nick = s.nick
-        return self.log.append(room.name, [Draft(kind, nick, text, m.nick_key(nick), None,
-                                                 extra or None)])
+        return self._store(room.name, [Draft(kind, nick, text, m.nick_key(nick), None,
+                                             extra or None)])
+
+    def _store(self, room: str, drafts: list[Draft]) -> Op:
+        """Append events to a room's log (counted by kind)."""
+        events = self.stats.events
+        for d in drafts:
+            events[d.kind] += 1
+        return self.log.append(room, drafts)
 
     def _remove(self, s: Session, room: Room, *, rekey: bool = True) -> None:
         """Take a session of ours out of a room's audience and re-key the room once all
@@ -419,6 +438,7 @@ class Core:
     def _drop_quietly(self, s: Session) -> None:
         """End a session that its own client took over (here or on another broker): no
         notices, its memberships stay for the resume-joins to come."""
+        log_event(log, "replaced", nick=s.nick, sid=s.sid)
         for name in sorted(s.rooms):
             self._remove(s, self.rooms[name])
         self._forget(s)
@@ -435,8 +455,8 @@ class Core:
         for s in [s for s in self.by_sid.values() if s.key == key]:
             if ident is not None and ident.sid == s.sid:
                 continue
-            log.info("%s %s elsewhere: its session here ends", s.nick,
-                     "resumed" if ident is not None else "was ended")
+            log_event(log, "moved" if ident is not None else "ended", nick=s.nick, sid=s.sid,
+                  to=ident.broker if ident is not None else "")
             self._drop_quietly(s)
             if ident is None:
                 self._push(s, Reply.EXPIRED, {"reason": "your session was ended"})
@@ -492,7 +512,8 @@ class Core:
         s = Session(rid, ident, Bucket(self.cfg.rate, self.cfg.burst, self.cfg.burst, now),
                     now, replayable)
         self.by_rid[rid], self.by_sid[ident.sid] = s, s
-        log.info("hello %s%s", nick, " (resume)" if b["resume"] else "")
+        log_event(log, "hello", nick=nick, sid=ident.sid, resume=b["resume"], bot=b["bot"],
+              curve=bool(pubkey))
         for event in missed:
             self._push(s, Reply.PRIVATE, {"event": event})
         return {"nick": nick, "version": m.VERSION, "pub_port": self.pub_port,
@@ -526,7 +547,7 @@ class Core:
                 RoomSettings(name, ops={s.key}, created=True))
             room = self.add_room(name)
             if created:
-                log.info("room %s created by %s", name, s.nick)
+                log_event(log, "room-created", room=name, by=s.nick)
         room = self._room(name) if room is None else room
         if s.key in self._settings(room).bans:
             raise ProtocolError(Code.BANNED, f"you are banned from {name}")
@@ -575,7 +596,7 @@ class Core:
                 kind = EventKind.ACTION if item["action"] else EventKind.MSG
                 drafts.append(Draft(kind, s.nick, item["text"], owner, cmid, extra or None))
                 fresh.append(cmid)
-        seqs = (yield self.log.append(room.name, drafts)) if drafts else []
+        seqs = (yield self._store(room.name, drafts)) if drafts else []
         stored = dict(zip(fresh, seqs))
         acks = [[item["id"], stored[item["id"]] if item["id"] in stored
                  else known[item["id"]][2]] for item in msgs]  # type: ignore[index]
@@ -648,7 +669,7 @@ class Core:
             return {"nick": new}
         yield self.registry.rename(s.ident, new, key)
         s.ident.nick, s.ident.key = new, key
-        yield gather(self.log.append(name, [Draft(EventKind.NICK, old,
+        yield gather(self._store(name, [Draft(EventKind.NICK, old,
                                                   f"{old} is now known as {new}",
                                                   m.nick_key(old), None, {"new": new})])
                      for name in sorted(s.rooms))
@@ -696,6 +717,7 @@ class Core:
         return {"rooms": {name: last(name) for name in s.rooms}}
 
     def _on_bye(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        log_event(log, "quit", nick=s.nick, sid=s.sid, reason=req.body["reason"] or "")
         yield self._drop(s, req.body["reason"] or "", "quit")
         return {"bye": s.nick}
 
@@ -713,6 +735,8 @@ class Core:
         verb = "kicked" if kind is EventKind.KICK else "banned"
         text = f"{target.nick} was {verb} by {s.nick}" + (f" ({reason})" if reason else "")
         op = self._append(room, kind, target, text, by=s.nick, reason=reason)
+        log_event(log, "kicked", nick=target.nick, room=room.name, by=s.nick, ban=kind is EventKind.BAN,
+              reason=reason)
         gone = self.registry.remove_member(room.name, target.key, target.sid)
         local = self.by_sid.get(target.sid)
         if local is not None and local.sid in room.members:
@@ -745,7 +769,7 @@ class Core:
             yield gather([saved, self._kick(s, room, target, reason, EventKind.BAN)])
         else:
             yield saved
-            yield self.log.append(room.name, [Draft(EventKind.BAN, nick,
+            yield self._store(room.name, [Draft(EventKind.BAN, nick,
                                                     f"{nick} was banned by {s.nick}",
                                                     m.nick_key(nick), None,
                                                     {"by": s.nick, "reason": reason})])
@@ -766,7 +790,7 @@ class Core:
         now = time.monotonic()
         limit = 3 * self.cfg.heartbeat
         for s in [s for s in self.by_rid.values() if now - s.last_seen > limit]:
-            log.info("%s missed 3 heartbeats: dropped", s.nick)
+            log_event(log, "lost", nick=s.nick, sid=s.sid, why="missed 3 heartbeats")
             self._drop(s, "connection lost", "lost")
         wall = time.time()
         for nonce in [n for n, exp in self.used_nonces.items() if exp < wall]:
