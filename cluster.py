@@ -349,11 +349,12 @@ class ClusterLog:
         return texts
 
     def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes) -> Op:
-        from cluster_bridge import recipient_token
+                       data: bytes, from_key: str) -> Op:
+        from cluster_bridge import token
+        to_owner, _, to_key = recipient.partition(" ")
+        subject = f"{token(to_owner)}.{token(to_key)}.{token(sender)}.{token(from_key)}"
         mid = msg_id(sender, cmid)
-        op = self.cluster.call([b"PRIV", recipient_token(recipient).encode(), mid.encode(),
-                                data], json_value)
+        op = self.cluster.call([b"PRIV", subject.encode(), mid.encode(), data], json_value)
 
         def stored(op: Op) -> None:
             if op.error is None:   # a retry of it is a duplicate from now on
@@ -362,10 +363,30 @@ class ClusterLog:
         op.then(stored)
         return op
 
+    def _privates(self, pattern: str, since: float, limit: int) -> Op:
+        return self.cluster.call([b"PRIVREAD", pattern.encode(), repr(since).encode(),
+                                  str(limit).encode()], list_value)
+
     def privates_to(self, recipient: str, since: float, limit: int) -> Op:
-        from cluster_bridge import recipient_token
-        return self.cluster.call([b"PRIVREAD", recipient_token(recipient).encode(),
-                                  repr(since).encode(), str(limit).encode()], list_value)
+        from cluster_bridge import token
+        owner, _, key = recipient.partition(" ")
+        return self._privates(f"{token(owner)}.{token(key)}.*.*", since, limit)
+
+    def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> Op:
+        from cluster_bridge import token
+        both = gather([self._privates(f"{token(me)}.*.*.{token(peer_key)}", since or 0.0, limit),
+                       self._privates(f"*.{token(peer_key)}.{token(me)}.*", since or 0.0, limit)])
+        outer = Op()
+
+        def merged(op: Op) -> None:
+            if op.error is not None:
+                outer.fail(op.error)
+                return
+            texts = {t: json.loads(t).get("ts", 0) for part in op.value for t in part}
+            outer.resolve(sorted(texts, key=texts.__getitem__)[-limit:])
+
+        both.then(merged)
+        return outer
 
     def arrived(self, frames: list[bytes]) -> None:
         """EVENTS room first meta event...: a room's next events from its stream."""

@@ -8,7 +8,8 @@ stream, a changed key of a watched bucket, a push routed to us). Frames, no shar
 
 What lives in NATS (N is the namespace, `--namespace`, default zmqchat):
     stream N-room-R       subject N.room.R: room R's events; a stream sequence is a seq
-    stream N-privates     subjects N.priv.<hash of the recipient>: private messages
+    stream N-privates     subjects N.priv.<to>.<to nick>.<from>.<from nick> (hashes of the
+                          recipient's and the sender's identity and nick): private messages
     bucket N-sessions     nick -> the session that holds it (sid, broker, token hash, ...)
     bucket N-members      R.nick -> member record
     bucket N-rooms        R (exists), R.topic, R.locked, R.op.nick, R.ban.nick
@@ -60,9 +61,9 @@ def stream_of(ns: str, room: str) -> str:
     return f"{ns}-room-{room}"
 
 
-def recipient_token(recipient: str) -> str:
-    """A subject token for a private message's recipient (identity and nick)."""
-    return hashlib.sha256(recipient.encode()).hexdigest()[:40]
+def token(text: str) -> str:
+    """A subject token for an identity or a nick key (those hold any character)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class Bridge(threading.Thread):
@@ -180,7 +181,7 @@ class Bridge(threading.Thread):
         self.replicas = self.cfg.replicas or min(3, max(size, 1))
         for bucket in BUCKETS:
             self.kvs[bucket] = await self._bucket(bucket)
-        await self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.*"])
+        await self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.>"])
         initial: dict[str, asyncio.Event] = {}
         for bucket in BUCKETS:
             initial[bucket] = asyncio.Event()
@@ -431,10 +432,10 @@ class Bridge(threading.Thread):
 
     # ------------------------------------------------------------------ private messages
     async def _priv(self, frames: list[bytes]) -> None:
-        """PRIV op recipient msgid data: keep a private message for replay."""
-        op, token, msgid, data = frames[1], frames[2].decode(), frames[3].decode(), frames[4]
+        """PRIV op subject-tokens msgid data: keep a private message."""
+        op, tokens, msgid, data = frames[1], frames[2].decode(), frames[3].decode(), frames[4]
         try:
-            future = await self.js.publish_async(f"{self.ns}.priv.{token}", data,
+            future = await self.js.publish_async(f"{self.ns}.priv.{tokens}", data,
                                                  headers={"Nats-Msg-Id": msgid})
         except Exception as exc:  # noqa: BLE001
             self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
@@ -442,13 +443,14 @@ class Bridge(threading.Thread):
         self._spawn(self._acked(op, [future], "", []))
 
     async def _privread(self, frames: list[bytes]) -> None:
-        """PRIVREAD op recipient since limit: the latest private messages kept for it."""
-        op, token = frames[1], frames[2].decode()
+        """PRIVREAD op filter since limit: the latest private messages whose subject matches
+        N.priv.<filter> (wildcards allowed), at or after since."""
+        op, pattern = frames[1], frames[2].decode()
         since, limit = float(frames[3]), int(frames[4])
-        self._spawn(self._privreading(op, token, since, limit))
+        self._spawn(self._privreading(op, pattern, since, limit))
 
-    async def _privreading(self, op: bytes, token: str, since: float, limit: int) -> None:
-        stream, subject = f"{self.ns}-privates", f"{self.ns}.priv.{token}"
+    async def _privreading(self, op: bytes, pattern: str, since: float, limit: int) -> None:
+        stream, subject = f"{self.ns}-privates", f"{self.ns}.priv.{pattern}"
         start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + \
             f".{int((since % 1) * 1e9):09d}Z"
         request: dict[str, Any] = {"start_time": start, "next_by_subj": subject,

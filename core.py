@@ -630,7 +630,7 @@ class Core:
         if b["hops"] is not None:
             event["hops"] = b["hops"]
         yield self.log.append_private(ts, s.ident.owner, target.recipient, b["id"],
-                                      m.dumps(event))
+                                      m.dumps(event), s.key)
         self.push_to(target, Reply.PRIVATE, {"event": event})
         return {"to": target.nick, "id": b["id"], "event": event}
 
@@ -706,6 +706,14 @@ class Core:
 
     def _on_history(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         b = req.body
+        if b["with"] is not None:   # a private conversation, which only its two parties read
+            if not s.replayable:
+                raise ProtocolError(Code.NOT_ALLOWED, "private history needs a proven "
+                                    "identity: a CURVE key or a resume token of "
+                                    f"{MIN_REPLAY_TOKEN}+ characters")
+            texts = yield self.log.conversation(s.ident.owner, m.nick_key(b["with"]),
+                                                b["since"], b["limit"])
+            return {"with": b["with"], "events": _Raw(texts)}
         room = self._member_room(s, b["room"])
         texts = yield self.log.read(room.name, after=b["after"], before=b["before"],
                                     since=b["since"], limit=b["limit"])

@@ -60,9 +60,12 @@ class LocalLog:
                                            limit=limit))
 
     def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes) -> Op:
-        self.store.append_private(ts, sender, recipient, cmid, data)
+                       data: bytes, from_key: str) -> Op:
+        self.store.append_private(ts, sender, recipient, cmid, data, from_key)
         return Op.ready()
+
+    def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> Op:
+        return Op.ready(self.store.conversation(me, peer_key, since, limit))
 
     def privates_to(self, recipient: str, since: float, limit: int) -> Op:
         return Op.ready(self.store.privates_to(recipient, since, limit))

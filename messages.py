@@ -107,6 +107,7 @@ class Code(StrEnum):
     NOT_MEMBER = "NOT_MEMBER"
     NOT_OPERATOR = "NOT_OPERATOR"
     BANNED = "BANNED"
+    NOT_ALLOWED = "NOT_ALLOWED"    # the session cannot prove who it is (private history)
     TOO_LARGE = "TOO_LARGE"
     RATE_LIMITED = "RATE_LIMITED"
     UNAVAILABLE = "UNAVAILABLE"    # the shared state (a cluster) did not answer: retry
@@ -315,8 +316,12 @@ def _v_topic(b: dict) -> dict:
 
 def _v_history(b: dict) -> dict:
     limit = _int(b, "limit", low=1)
-    return {"room": check_room(b.get("room")), "after": _int(b, "after"),
-            "before": _int(b, "before"), "since": _time(b, "since"),
+    peer = b.get("with")
+    if peer is not None and b.get("room") is not None:
+        raise ProtocolError(Code.BAD_REQUEST, "HISTORY takes a 'room' or a 'with', not both")
+    return {"room": check_room(b.get("room")) if peer is None else None,
+            "with": check_nick(peer) if peer is not None else None,
+            "after": _int(b, "after"), "before": _int(b, "before"), "since": _time(b, "since"),
             "limit": min(limit or 50, MAX_HISTORY)}
 
 

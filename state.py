@@ -209,8 +209,15 @@ class RoomLog(Protocol):
         the last `limit` before `before` (or the end), at or after `since`."""
 
     def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes) -> Op:
-        """Keep a private message for replay to its recipient after a reconnect."""
+                       data: bytes, from_key: str) -> Op:
+        """Keep a private message: for replay to its recipient after a reconnect, and for
+        the private history of its two parties. `sender` is the sender's identity
+        (Identity.owner), `recipient` the recipient's (Identity.recipient), `from_key` the
+        sender's nick key."""
+
+    def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> Op:
+        """The latest `limit` private messages between identity `me` and nick key
+        `peer_key`, both ways, oldest first, as JSON texts."""
 
     def privates_to(self, recipient: str, since: float, limit: int) -> Op:
         """The latest `limit` private messages kept for recipient at or after since, oldest

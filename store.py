@@ -47,9 +47,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_cmid ON events (cmid) WHERE cmid IS NOT
 CREATE INDEX IF NOT EXISTS events_ts ON events (room, ts);
 CREATE TABLE IF NOT EXISTS privates (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
-    cmid TEXT, data TEXT NOT NULL);
+    cmid TEXT, data TEXT NOT NULL, from_key TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS privates_cmid ON privates (cmid) WHERE cmid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS privates_to ON privates (recipient, ts);
+CREATE INDEX IF NOT EXISTS privates_from ON privates (sender, ts);
 CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, nick TEXT NOT NULL,
     PRIMARY KEY (room, nick)) WITHOUT ROWID;
@@ -60,8 +61,8 @@ CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, settings TEXT NOT NULL)
 # data); every statement leaves the same result when a record is applied twice.
 SQL: Final = {
     "event": "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
-    "private": "INSERT OR IGNORE INTO privates (ts, sender, recipient, cmid, data) "
-               "VALUES (?,?,?,?,?)",
+    "private": "INSERT OR IGNORE INTO privates (ts, sender, recipient, cmid, data, from_key) "
+               "VALUES (?,?,?,?,?,?)",
     "member": "INSERT OR IGNORE INTO members VALUES (?,?)",
     "unmember": "DELETE FROM members WHERE room=? AND nick=?",
     "no_members": "DELETE FROM members",
@@ -156,6 +157,8 @@ def apply(db: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
                 j += 1
             if kind == "event":
                 db.executemany(SQL[kind], (op[1:] for op in ops[i:j]))
+            elif kind == "private" and len(ops[i]) == 6:  # logged before from_key was kept
+                db.execute(SQL[kind], (*ops[i][1:], None))
             else:
                 db.execute(SQL[kind], ops[i][1:])
             i = j
@@ -367,6 +370,9 @@ class Store:
             self._check()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(privates)")}
+            if "from_key" not in columns:  # a file from before private history was kept
+                self.db.execute("ALTER TABLE privates ADD COLUMN from_key TEXT")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None
         self._start_writer()
@@ -514,9 +520,12 @@ class Store:
             self._remember(cmid, (sender, room, seq))
 
     def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes) -> None:
+                       data: bytes, from_key: str = "") -> None:
+        """A private message: `sender` is the sender's identity, `recipient` the
+        recipient's identity and nick key (a space between), `from_key` the sender's nick
+        key then."""
         self._lines.append(encode_record(("private", ts, sender, recipient, cmid,
-                                          data.decode("utf-8"))))
+                                          data.decode("utf-8"), from_key)))
         self._privates_logged = True
         self._remember(cmid, (sender, "", 0))
 
@@ -595,6 +604,21 @@ class Store:
                                f"ORDER BY seq {order} LIMIT ?", (*args, limit)).fetchall()
         texts = [r[0] for r in rows]
         return texts if order == "ASC" else texts[::-1]
+
+    def conversation(self, me: str, peer_key: str, since: float | None, limit: int
+                     ) -> list[str]:
+        """The last `limit` private messages between identity `me` (under any of its nicks)
+        and whoever had nick key `peer_key`, both ways, oldest first, as stored JSON."""
+        if self._privates_logged:
+            self.sync()
+        rows = self.db.execute(
+            "SELECT id, data FROM privates WHERE sender=? AND ts>=? "
+            "AND substr(recipient, instr(recipient, ' ') + 1)=? "
+            "UNION SELECT id, data FROM privates WHERE recipient>=? AND recipient<? "
+            "AND ts>=? AND from_key=? ORDER BY id DESC LIMIT ?",
+            (me, since or 0.0, peer_key, me + " ", me + "!", since or 0.0, peer_key,
+             limit)).fetchall()
+        return [r[1] for r in reversed(rows)]
 
     def privates_to(self, recipient: str, since: float, limit: int) -> list[str]:
         """The last `limit` private messages stored for `recipient` (as the broker names

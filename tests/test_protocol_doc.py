@@ -165,7 +165,7 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
             answer = who.ok(kind, body)
             replies.setdefault(kind, []).append(answer)
             return answer
-        welcome = ok(ann, "HELLO", {"version": 1, "nick": "ann", "token": "a1"})
+        welcome = ok(ann, "HELLO", {"version": 1, "nick": "ann", "token": "a1" * 8})
         ok(bob, "HELLO", {"version": 1, "nick": "bob", "bot": True, "token": "b1"})
         sub = ctx.socket(zmq.XSUB)
         sub.linger = 0
@@ -199,6 +199,7 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
         ok(ann, "NICK", {"nick": "anna"})
         ok(bob, "BYE", {"reason": "tired"})
         history = ok(ann, "HISTORY", {"room": "lobby", "after": 0, "limit": 500})
+        assert ok(ann, "HISTORY", {"with": "bob"})["events"][0]["text"] == "psst"
         broker.stop()
         pushes.append(("SHUTDOWN", ann.push("SHUTDOWN")))
     finally:

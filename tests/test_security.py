@@ -438,3 +438,46 @@ def test_operator_locks_topic(make_broker):
             await until(lambda: any(e.text == "official" for e in seen.events))
             assert any(e.text == "boss locked the topic (operators only)" for e in seen.events)
     asyncio.run(scenario())
+
+
+def test_private_history_is_read_only_by_its_two_parties(broker):
+    """HISTORY with a nick gives a private conversation, both ways and in order, to its two
+    parties only: not to a third party, nor to whoever takes one party's nick later with
+    another token, nor to a session that proves nothing (no long token)."""
+    ctx = zmq.Context.instance()
+    tokens = {"alice": "a" * 32, "bob": "b" * 32, "carol": "c" * 32}
+    socks = {}
+    for nick, token in tokens.items():
+        socks[nick] = raw_dealer(ctx, broker.port)
+        assert call(socks[nick], "HELLO", {"version": 1, "nick": nick,
+                                           "token": token}).kind == "OK"
+    said = [("alice", "bob", "hi bob"), ("bob", "alice", "hi alice"),
+            ("alice", "bob", "how are you?"), ("carol", "bob", "carol to bob")]
+    for i, (frm, to, text) in enumerate(said):
+        assert call(socks[frm], "PRIV", {"to": to, "text": text, "id": f"p{i}"},
+                    f"p{i}".encode()).kind == "OK"
+
+    def history(sock: zmq.Socket, peer: str) -> list[tuple[str, str, str]]:
+        resp = call(sock, "HISTORY", {"with": peer}, b"h")
+        assert resp.kind == "OK", resp.body
+        assert resp.body["with"] == peer
+        return [(e["nick"], e["to"], e["text"]) for e in resp.body["events"]]
+
+    between = [s for s in said[:3]]
+    assert history(socks["alice"], "bob") == between
+    assert history(socks["bob"], "ALICE") == between
+    assert history(socks["carol"], "alice") == []
+    assert history(socks["carol"], "bob") == [("carol", "bob", "carol to bob")]
+    call(socks["alice"], "BYE", {})
+    mallory = raw_dealer(ctx, broker.port)
+    assert call(mallory, "HELLO", {"version": 1, "nick": "alice", "token": "m" * 32}
+                ).kind == "OK"
+    assert history(mallory, "bob") == []
+    nobody = raw_dealer(ctx, broker.port)
+    hello(nobody, "tokenless")
+    resp = call(nobody, "HISTORY", {"with": "bob"})
+    assert resp.kind == "ERROR" and resp.body["code"] == "NOT_ALLOWED"
+    resp = call(nobody, "HISTORY", {"with": "bob", "room": "lobby"})
+    assert resp.kind == "ERROR" and resp.body["code"] == "BAD_REQUEST"
+    for s in [*socks.values(), mallory, nobody]:
+        s.close()
