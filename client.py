@@ -29,6 +29,7 @@ import zmq
 import zmq.asyncio
 
 import messages as m
+from ordering import Fetch, RoomOrder
 
 log = logging.getLogger("client")
 
@@ -81,14 +82,6 @@ class Event:
 
 
 @dataclass
-class _Room:
-    last: int = 0                                     # highest seq delivered
-    buffer: dict[int, dict] = field(default_factory=dict)  # seq -> event, waiting for a gap
-    fetching: bool = False
-    target: int = 0                                   # highest seq known to exist
-
-
-@dataclass
 class _Send:
     """One message waiting for its acknowledgement."""
 
@@ -112,7 +105,7 @@ class Client:
         self.host, self.port, self.nick, self.bot = host, port, nick, bot
         self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
         self.want_rooms = list(rooms)
-        self.rooms: dict[str, _Room] = {}
+        self.rooms: dict[str, RoomOrder[Event]] = {}   # the rooms we are in, each in order
         self.welcome: dict[str, Any] = {}
         self.heartbeat = 2.0
         self.connected = False
@@ -128,6 +121,7 @@ class Client:
         self._dealer: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
+        self._repairs: set[asyncio.Task] = set()   # history fetches under way
         self._closing = False
         self._closed = False
         self._mine: OrderedDict[str, None] = OrderedDict()   # our recent message ids
@@ -248,10 +242,10 @@ class Client:
             except (ChatError, asyncio.TimeoutError):
                 pass
         self._closing = True
-        for task in [*self._tasks, self._resuming]:
+        for task in [*self._tasks, *self._repairs, self._resuming]:
             if task is not None:
                 task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._repairs, return_exceptions=True)
         self._tasks = []
         await self._close_sockets()
         self._closed = True
@@ -411,10 +405,14 @@ class Client:
         def entered(reply: dict[str, Any]) -> None:
             if self._leaves.get(room, 0) != leaves:  # left since: the LEAVE comes after us
                 return
-            seq, state = int(reply["seq"]), self.rooms.get(room)
-            if state is None or seq < state.last:  # new room, or a broker that started over
-                self.rooms[room] = _Room(last=seq, target=seq)
+            seq, order = int(reply["seq"]), self.rooms.get(room)
+            if order is None:
+                self.rooms[room] = RoomOrder(seq)
                 fresh.append(True)
+            elif order.joined(seq):        # a broker that started over: a new history
+                fresh.append(True)
+            else:
+                self._repair_if_missing(room, order)
 
         reply = await self.request(m.Kind.JOIN, body, on_reply=entered)
         seq = int(reply["seq"])
@@ -554,52 +552,52 @@ class Client:
 
     # ------------------------------------------------------------------ ordering and repair
     def _ingest(self, room: str, events: list[dict[str, Any]]) -> None:
-        """Deliver a room's events in sequence order, once each; fetch what is missing."""
-        state = self.rooms.get(room)
-        if state is None:
+        """A room's events as heard: deliver those now in order; fetch what is missing."""
+        order = self.rooms.get(room)
+        if order is None:
             return
-        for ev in events:
-            seq = ev.get("seq")
-            if isinstance(seq, int) and seq > state.last:
-                state.buffer[seq] = ev
-        while state.last + 1 in state.buffer:
-            state.last += 1
-            ev = state.buffer.pop(state.last)
-            self._events.put_nowait(Event.from_wire(ev, mine=self._is_mine(ev)))
-        if state.buffer:
-            self._known(room, max(state.buffer))
+        ready = order.receive([Event.from_wire(ev, mine=self._is_mine(ev)) for ev in events])
+        for ev in ready:
+            self._events.put_nowait(ev)
+        self._repair_if_missing(room, order)
 
     def _known(self, room: str, seq: int) -> None:
         """The room has reached seq: fetch from history whatever we lack up to it."""
-        state = self.rooms.get(room)
-        if state is None:
-            return
-        state.target = max(state.target, seq)
-        if state.target > state.last and not state.fetching and self.connected:
-            state.fetching = True
-            asyncio.create_task(self._repair(room, state))
+        order = self.rooms.get(room)
+        if order is not None:
+            order.reached(seq)
+            self._repair_if_missing(room, order)
 
-    async def _repair(self, room: str, state: _Room) -> None:
+    def _repair_if_missing(self, room: str, order: RoomOrder[Event]) -> None:
+        if self.connected and (fetch := order.fetch()) is not None:
+            task = asyncio.create_task(self._repair(room, order, fetch))
+            self._repairs.add(task)
+            task.add_done_callback(self._repairs.discard)
+
+    async def _repair(self, room: str, order: RoomOrder[Event], fetch: Fetch | None) -> None:
+        """Fetch from history until the room's order has nothing missing (or we left it)."""
         try:
-            while state.target > state.last and self.rooms.get(room) is state:
-                reply = await self._request_once(m.Kind.HISTORY, {
-                    "room": room, "after": state.last, "limit": m.MAX_HISTORY}, self.timeout)
-                events = reply["events"]
-                if not events:
-                    state.target = min(state.target, int(reply.get("seq", state.last)))
-                    break
-                before = state.last
-                self._ingest(room, events)
-                if state.last == before:  # history lacks last+1: never wait for it forever
-                    first = min(e["seq"] for e in events if isinstance(e.get("seq"), int))
+            while fetch is not None and self.rooms.get(room) is order:
+                try:
+                    reply = await self._request_once(m.Kind.HISTORY, {
+                        "room": room, "after": fetch.after, "limit": fetch.limit}, self.timeout)
+                    events = [Event.from_wire(e, mine=self._is_mine(e))
+                              for e in reply["events"]]
+                    seq = int(reply.get("seq", fetch.after))
+                except (ChatError, AttributeError, KeyError, TypeError, ValueError) as err:
+                    log.info("history repair of %s stopped: %s", room, err)
+                    return
+                result = order.fetched(fetch, events, seq)
+                fetch = result.next
+                if result.skipped:
                     log.warning("%s: events %d..%d are missing from history; skipped",
-                                room, before + 1, first - 1)
-                    state.last = first - 1
-                    self._ingest(room, [])
-        except ChatError as err:
-            log.info("history repair of %s stopped: %s", room, err)
+                                room, result.skipped[0], result.skipped[-1])
+                if self.rooms.get(room) is order:
+                    for ev in result.ready:
+                        self._events.put_nowait(ev)
         finally:
-            state.fetching = False
+            if fetch is not None:   # stopped before its reply: a later fetch() asks again
+                order.failed(fetch)
 
     def _new_private(self, ev: dict[str, Any]) -> bool:
         """Whether a pushed private message is news (after a reconnect the broker pushes
