@@ -21,10 +21,11 @@ import secrets
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Final, Iterable, Iterator
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -54,13 +55,9 @@ class ChatError(Exception):
         self.code, self.reason, self.body = code, reason, body or {}
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Something that happened: a room event, a private message, or a connection status.
-
-    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
-    private, or status (local: "connection lost, reconnecting...", "reconnected", ...).
-    """
+class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True):
+    """Event's fields; a room batch is decoded straight into Events (msgspec, one C call).
+    The client's own view (mine, backlog, data) has names no event has on the wire."""
 
     kind: str
     text: str
@@ -69,16 +66,90 @@ class Event:
     seq: int | None = None
     ts: float = 0.0
     bot: bool = False
-    mine: bool = False        # sent by this client
-    backlog: bool = False     # an earlier message, shown from history on join
-    data: dict[str, Any] = field(default_factory=dict)
+    mine: bool = msgspec.field(default=False, name="~mine")        # sent by this client
+    backlog: bool = msgspec.field(default=False, name="~backlog")  # earlier, shown on join
+    data: Any = msgspec.field(default=None, name="~data")  # a dict, or the JSON it comes from
+    _cmid: str | None = msgspec.field(default=None, name="cmid")   # marks our own echoes
+
+
+_DATA, _MINE = _EventFields.data, _EventFields.mine   # the slots, written on decoding
+_OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
+
+
+class Event(_EventFields, frozen=True, repr_omit_defaults=True):
+    """Something that happened: a room event, a private message, or a connection status.
+
+    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
+    private, or status (local: "connection lost, reconnecting...", "reconnected", ...).
+    `data` is every field of the event as the broker sent it (a dict, made on first use).
+    """
+
+    @property
+    def data(self) -> dict[str, Any]:  # type: ignore[override]
+        value = _DATA.__get__(self)
+        if type(value) is not dict:
+            value = {} if value is None else _OBJECT.decode(value)
+            _DATA.__set__(self, value)
+        return value
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], *, mine: bool, backlog: bool = False) -> "Event":
-        return cls(kind=str(d.get("kind", "")), text=str(d.get("text", "")),
-                   nick=str(d.get("nick", "")), room=d.get("room"), seq=d.get("seq"),
-                   ts=float(d.get("ts") or 0.0), bot=d.get("bot") is True, mine=mine,
-                   backlog=backlog, data=d)
+        return cls(str(d.get("kind", "")), str(d.get("text", "")), str(d.get("nick", "")),
+                   d.get("room"), d.get("seq"), float(d.get("ts") or 0.0), d.get("bot") is True,
+                   mine, backlog, d)
+
+
+_BATCH: Final = msgspec.json.Decoder(list[Event])         # a room batch, as Events
+_RAWS: Final = msgspec.json.Decoder(list[msgspec.Raw])    # ... and each one's JSON, for data
+
+
+class _Inbox:
+    """Events delivered and not read yet, in order: a deque, and one wake-up per batch of
+    events for whoever waits (an asyncio.Queue costs a put and a get per event)."""
+
+    def __init__(self) -> None:
+        self.items: deque[Event] = deque()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def put_nowait(self, event: Event) -> None:
+        self.items.append(event)
+        if self._waiters:
+            self._wake()
+
+    def extend(self, events: list[Event]) -> None:
+        if events:
+            self.items.extend(events)
+            if self._waiters:
+                self._wake()
+
+    def get_nowait(self) -> Event:
+        if not self.items:
+            raise asyncio.QueueEmpty
+        return self.items.popleft()
+
+    async def get(self) -> Event:
+        while not self.items:
+            await self.wait()
+        return self.items.popleft()
+
+    async def wait(self) -> None:
+        """Until something is delivered (a waiter of its own: cancelling it wakes no other)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
 
 @dataclass
@@ -114,7 +185,7 @@ class Client:
         self._token = secrets.token_hex(16)   # proves a reconnect is us, to re-claim the nick
         self._labels = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future] = {}
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._events = _Inbox()
         self._outbox: OrderedDict[str, _Send] = OrderedDict()
         self._work = asyncio.Event()
         self._online = asyncio.Event()
@@ -222,14 +293,23 @@ class Client:
                 raise asyncio.TimeoutError(f"{len(self._outbox)} messages not acknowledged")
 
     async def next_event(self, timeout: float | None = None) -> Event:
+        if timeout is None:
+            return await self._events.get()
         return await asyncio.wait_for(self._events.get(), timeout)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Event]:
-        while not (self._closing and self._events.empty()):
-            yield await self._events.get()
+        """Every event, until the client is closed and all are read."""
+        items = self._events.items
+        while True:
+            if items:
+                yield items.popleft()
+            elif self._closing:
+                return
+            else:
+                await self._events.wait()
 
     async def close(self, reason: str | None = None) -> None:
         """Leave cleanly: the others are told (with the reason), then the sockets close.
@@ -423,8 +503,7 @@ class Client:
                 if room not in self.rooms:
                     return reply
                 raise
-            for ev in events:
-                self._events.put_nowait(ev)
+            self._events.extend(events)
         if room in self.rooms:
             self._subscribe(room, reply["grant"])
         return reply
@@ -513,13 +592,28 @@ class Client:
     def _read_sub(self) -> None:
         assert self._sub is not None
         for frames in self._ready(self._sub):
+            events = self._decode_batch(frames)
+            if events:
+                self._ingest(events[0].room or "", events)
+
+    def _decode_batch(self, frames: list[bytes]) -> list[Event]:
+        """A published batch -> its Events, ours marked mine; [] (said) when malformed."""
+        body = frames[1] if len(frames) == 2 else b""
+        try:
+            events, raws = _BATCH.decode(body), _RAWS.decode(body)
+        except msgspec.MsgspecError:   # not the usual shape (or not a batch): the general way
             try:
-                events = m.decode_batch(frames)
+                return [Event.from_wire(d, mine=self._is_mine(d)) for d in m.decode_batch(frames)]
             except m.ProtocolError as err:
                 log.warning("bad room frame: %s", err)
-                continue
-            if events:
-                self._ingest(str(events[0].get("room")), events)
+                return []
+        mine, nick, set_data, set_mine = self._mine, self.nick, _DATA.__set__, _MINE.__set__
+        for ev, raw in zip(events, raws):
+            set_data(ev, raw)
+            cmid = ev._cmid
+            if (cmid in mine) if cmid else ev.nick == nick:   # as _is_mine
+                set_mine(ev, True)
+        return events
 
     def _on_push(self, kind: str, body: dict[str, Any]) -> None:
         room = body.get("room")
@@ -551,14 +645,12 @@ class Client:
             self._known(room, int(seq))
 
     # ------------------------------------------------------------------ ordering and repair
-    def _ingest(self, room: str, events: list[dict[str, Any]]) -> None:
+    def _ingest(self, room: str, events: list[Event]) -> None:
         """A room's events as heard: deliver those now in order; fetch what is missing."""
         order = self.rooms.get(room)
         if order is None:
             return
-        ready = order.receive([Event.from_wire(ev, mine=self._is_mine(ev)) for ev in events])
-        for ev in ready:
-            self._events.put_nowait(ev)
+        self._events.extend(order.receive(events))
         self._repair_if_missing(room, order)
 
     def _known(self, room: str, seq: int) -> None:
@@ -593,8 +685,7 @@ class Client:
                     log.warning("%s: events %d..%d are missing from history; skipped",
                                 room, result.skipped[0], result.skipped[-1])
                 if self.rooms.get(room) is order:
-                    for ev in result.ready:
-                        self._events.put_nowait(ev)
+                    self._events.extend(result.ready)
         finally:
             if fetch is not None:   # stopped before its reply: a later fetch() asks again
                 order.failed(fetch)
