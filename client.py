@@ -68,12 +68,29 @@ class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True):
     bot: bool = False
     mine: bool = msgspec.field(default=False, name="~mine")        # sent by this client
     backlog: bool = msgspec.field(default=False, name="~backlog")  # earlier, shown on join
-    data: Any = msgspec.field(default=None, name="~data")  # a dict, or the JSON it comes from
+    data: Any = msgspec.field(default=None, name="~data")  # a dict, or (_Batch, index)
     _cmid: str | None = msgspec.field(default=None, name="cmid")   # marks our own echoes
 
 
 _DATA, _MINE = _EventFields.data, _EventFields.mine   # the slots, written on decoding
 _OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
+_RAWS: Final = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+class _Batch:
+    """A published batch's JSON, kept for the `data` of its events: split into each one's
+    own JSON only when one is asked for (a bot that never reads data never pays for it)."""
+
+    __slots__ = ("body", "raws")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.raws: list[msgspec.Raw] | None = None
+
+    def event(self, index: int) -> dict[str, Any]:
+        if self.raws is None:
+            self.raws = _RAWS.decode(self.body)
+        return _OBJECT.decode(self.raws[index])
 
 
 class Event(_EventFields, frozen=True, repr_omit_defaults=True):
@@ -88,9 +105,16 @@ class Event(_EventFields, frozen=True, repr_omit_defaults=True):
     def data(self) -> dict[str, Any]:  # type: ignore[override]
         value = _DATA.__get__(self)
         if type(value) is not dict:
-            value = {} if value is None else _OBJECT.decode(value)
+            value = {} if value is None else value[0].event(value[1])
             _DATA.__set__(self, value)
         return value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return _public(self) == _public(other)
+
+    __hash__ = None  # type: ignore[assignment]   # as the dataclass it was: data is a dict
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], *, mine: bool, backlog: bool = False) -> "Event":
@@ -100,7 +124,11 @@ class Event(_EventFields, frozen=True, repr_omit_defaults=True):
 
 
 _BATCH: Final = msgspec.json.Decoder(list[Event])         # a room batch, as Events
-_RAWS: Final = msgspec.json.Decoder(list[msgspec.Raw])    # ... and each one's JSON, for data
+
+
+def _public(ev: Event) -> tuple[Any, ...]:
+    return (ev.kind, ev.text, ev.nick, ev.room, ev.seq, ev.ts, ev.bot, ev.mine, ev.backlog,
+            ev.data)
 
 
 class _Inbox:
@@ -552,10 +580,12 @@ class Client:
                     asyncio.create_task(self._ping())
 
     def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[bytes]]:
-        """The messages already waiting on sock (at most 1000 a turn); each proves liveness."""
+        """The messages already waiting on sock (at most 1000 a turn); each proves liveness.
+        Read through a plain socket on the same handle: no future per message."""
+        plain = zmq.Socket.shadow(sock.underlying)
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK).result()
+                frames = plain.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
@@ -599,8 +629,9 @@ class Client:
     def _decode_batch(self, frames: list[bytes]) -> list[Event]:
         """A published batch -> its Events, ours marked mine; [] (said) when malformed."""
         body = frames[1] if len(frames) == 2 else b""
+        batch = _Batch(body)
         try:
-            events, raws = _BATCH.decode(body), _RAWS.decode(body)
+            events = _BATCH.decode(body)
         except msgspec.MsgspecError:   # not the usual shape (or not a batch): the general way
             try:
                 return [Event.from_wire(d, mine=self._is_mine(d)) for d in m.decode_batch(frames)]
@@ -608,8 +639,8 @@ class Client:
                 log.warning("bad room frame: %s", err)
                 return []
         mine, nick, set_data, set_mine = self._mine, self.nick, _DATA.__set__, _MINE.__set__
-        for ev, raw in zip(events, raws):
-            set_data(ev, raw)
+        for index, ev in enumerate(events):
+            set_data(ev, (batch, index))
             cmid = ev._cmid
             if (cmid in mine) if cmid else ev.nick == nick:   # as _is_mine
                 set_mine(ev, True)

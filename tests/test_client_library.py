@@ -10,6 +10,8 @@ import asyncio
 import json
 import logging
 
+import pytest
+
 import messages as m
 from client import Client, Event, _Inbox
 from ordering import RoomOrder
@@ -37,6 +39,9 @@ def test_event_fields_constructor_and_data():
     status = Event("status", "reconnected", room=None, ts=1.0)
     assert status.data == {} and status.seq is None and not status.mine
     assert Event("msg", "x", seq=1) == Event("msg", "x", seq=1)
+    assert Event("msg", "x", data={"a": 1}) != Event("msg", "x", data={"a": 2})
+    with pytest.raises(TypeError):
+        hash(ev)   # as before: an event holds a dict
 
 
 def test_batch_becomes_events_with_every_field_as_sent():
@@ -57,6 +62,8 @@ def test_batch_becomes_events_with_every_field_as_sent():
         (3, "bob", "msg", "mine", True), (4, "ann", "msg", "new", False)]
     assert events[1].bot and not events[0].bot and events[3].ts == 1.0
     assert all(e.room == "lobby" and not e.backlog for e in events)
+    again = c._decode_batch(frames)
+    assert again == events and again[0] != events[1]   # equal as the same event, data too
 
 
 def test_unusual_batch_is_decoded_the_general_way(caplog):
