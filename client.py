@@ -8,7 +8,8 @@
 It keeps every room it is in complete and in order: events carry per-room sequence
 numbers, and anything missing (a slow subscription, a reconnect, a dropped frame) is fetched
 from the broker's history; duplicates are dropped. Sends are retried until acknowledged.
-If the broker goes away it reconnects with backoff and re-claims its nick and rooms.
+If the broker goes away it reconnects with backoff and re-claims its nick and rooms (given
+several brokers, `Client("h1:9001,h2:9001")`, through the next one in turn).
 `BlockingClient` wraps it for simple scripts; `python client.py --help` is the CLI.
 """
 from __future__ import annotations
@@ -45,6 +46,51 @@ def remember(memory: OrderedDict[str, None], key: str, limit: int) -> None:
     memory[key] = None
     if len(memory) > limit:
         memory.popitem(last=False)
+
+
+Address = tuple[str, int]   # a broker's host and command port
+
+
+def split_addresses(text: str) -> list[tuple[str, int | None]]:
+    """"h1:9001,h2" -> [("h1", 9001), ("h2", None)]: broker addresses, each with its port if it
+    has one (ValueError if one is malformed). An IPv6 address with a port: "[::1]:9001"."""
+    found: list[tuple[str, int | None]] = []
+    for part in (p.strip() for p in text.split(",")):
+        port: str | None = None
+        if part.startswith("["):
+            host, bracket, rest = part[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"{part!r} is not an address: [IPV6]:PORT")
+            port = rest[1:] if rest else None
+        elif part.count(":") == 1:
+            host, port = part.split(":")
+        else:                  # a name, an IPv4 address, or an IPv6 address without a port
+            host = part
+        if not host:
+            raise ValueError(f"{part!r} has no host" if part else f"an empty address in {text!r}")
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{part!r}: {port!r} is not a port number (1 to 65535)")
+        found.append((host, int(port) if port is not None else None))
+    return found
+
+
+def broker_addresses(host: str | Iterable[str | Address], port: int) -> list[Address]:
+    """Client(host=...) -> the brokers it tries in turn: "h1:9001,h2", or a list of such
+    strings or of (host, port); a host given without a port has `port`."""
+    found: list[Address] = []
+    for item in [host] if isinstance(host, str) else host:
+        if isinstance(item, str):
+            found += [(h, port if p is None else p) for h, p in split_addresses(item)]
+        else:
+            found.append((str(item[0]), int(item[1])))
+    if not found:
+        raise ValueError("no broker address given")
+    return found
+
+
+def show_address(host: str, port: int) -> str:
+    """host:port as people write it ([host]:port for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ChatError(Exception):
@@ -194,14 +240,23 @@ class _Send:
 
 
 class Client:
-    """A connection to the broker: commands, room events, acknowledged sends, reconnects."""
+    """A connection to the broker: commands, room events, acknowledged sends, reconnects.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 9001, nick: str = "",
-                 *, rooms: Iterable[str] = ("lobby",), bot: bool = False, backlog: int = 50,
+    `host` may name several brokers ("h1:9001,h2", or a list): the first is tried first; when
+    one does not answer, or the connection to it is lost, the next one in turn is tried.
+    """
+
+    def __init__(self, host: str | Iterable[str | Address] = "127.0.0.1", port: int = 9001,
+                 nick: str = "", *, rooms: Iterable[str] = ("lobby",), bot: bool = False,
+                 backlog: int = 50,
                  reconnect: bool = True, timeout: float = 5.0,
                  server_key: bytes | None = None, keypair: tuple[bytes, bytes] | None = None,
                  ctx: zmq.asyncio.Context | None = None) -> None:
-        self.host, self.port, self.nick, self.bot = host, port, nick, bot
+        self.addresses = broker_addresses(host, port)   # tried in turn, from the first
+        self.host, self.port = self.addresses[0]           # the one we use now
+        self._at = 0                                       # its index in addresses
+        self._name = ""                                    # its name, if its welcome says
+        self.nick, self.bot = nick, bot
         self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
         self.want_rooms = list(rooms)
         self.rooms: dict[str, RoomOrder[Event]] = {}   # the rooms we are in, each in order
@@ -233,22 +288,29 @@ class Client:
 
     # ------------------------------------------------------------------ public API
     async def connect(self) -> dict[str, Any]:
-        """Say HELLO (ChatError on a taken or invalid nick), then join the starting rooms."""
-        self._open_sockets()
-        if not self._tasks:
-            self._tasks = [asyncio.create_task(self._reader()),
-                           asyncio.create_task(self._sender())]
-        try:
-            await self._hello(resume=False)
-        except BaseException:
-            # The reader dies with the sockets it polls: stop both tasks, so a retry (say with
-            # another nick) starts fresh ones instead of waiting on a dead reader.
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._tasks = []
-            await self._close_sockets()
-            raise
+        """Say HELLO (ChatError on a taken or invalid nick), then join the starting rooms.
+        A broker that does not answer within `timeout` is passed over for the next one;
+        ChatError TIMEOUT when none did."""
+        for left in range(len(self.addresses) - 1, -1, -1):
+            self._open_sockets()
+            if not self._tasks:
+                self._tasks = [asyncio.create_task(self._reader()),
+                               asyncio.create_task(self._sender())]
+            try:
+                await self._hello(resume=False)
+                break
+            except BaseException as exc:
+                # The reader dies with the sockets it polls: stop both tasks, so a retry (say
+                # with another nick) starts fresh ones instead of waiting on a dead reader.
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                self._tasks = []
+                await self._close_sockets()
+                if not (left and isinstance(exc, ChatError) and exc.code == "TIMEOUT"):
+                    raise
+                log.info("no answer from %s; trying the next broker", self.address)
+                self._move_on()
         for room in self.want_rooms:
             await self.join(room)
         return self.welcome
@@ -307,6 +369,17 @@ class Client:
 
     async def unban(self, room: str, nick: str) -> None:
         await self.request(m.Kind.UNBAN, {"room": room, "nick": nick})
+
+    @property
+    def address(self) -> str:
+        """The address of the broker we are connected to (or trying), as host:port."""
+        return show_address(self.host, self.port)
+
+    @property
+    def broker(self) -> str:
+        """The broker we are connected to (or trying): its name when its welcome gives one,
+        else its address."""
+        return self._name or self.address
 
     def pending(self) -> list[tuple[str, str]]:
         """(room or nick, text) of every send not yet acknowledged."""
@@ -407,29 +480,39 @@ class Client:
 
     # ------------------------------------------------------------------ connection
     def _open_sockets(self) -> None:
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-        self._secure(dealer)
-        dealer.connect(f"tcp://{self.host}:{self.port}")
+        dealer = self._socket(zmq.DEALER)
+        dealer.connect(self._endpoint(self.port))
         self._dealer = dealer
         self._sub = None
         self._gen = getattr(self, "_gen", 0) + 1
 
     def _open_sub(self, pub_port: int) -> None:
-        sub = self._ctx.socket(zmq.XSUB)  # XSUB: we send grants, the broker does the filtering
-        sub.linger = 0
-        sub.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        sub = self._socket(zmq.XSUB)  # XSUB: we send grants, the broker does the filtering
         sub.setsockopt(zmq.RCVHWM, 10000)
-        self._secure(sub)
-        sub.connect(f"tcp://{self.host}:{pub_port}")
+        sub.connect(self._endpoint(pub_port))
         self._sub = sub
         self._grants: dict[str, list[str]] = {}
         self._gen += 1
 
-    def _secure(self, sock: zmq.Socket) -> None:
+    def _endpoint(self, port: int) -> str:
+        return f"tcp://{show_address(self.host, port)}"
+
+    def _move_on(self) -> None:
+        """Use the next broker address in turn (with only one: the same again)."""
+        self._at = (self._at + 1) % len(self.addresses)
+        self.host, self.port = self.addresses[self._at]
+        self._name = ""
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        """A socket to the broker we use now: no linger, a bounded handshake, IPv6 if its
+        address is one, CURVE if we were given its key."""
+        sock = self._ctx.socket(kind)
+        sock.linger = 0
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        sock.ipv6 = ":" in self.host
         if self._curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+        return sock
 
     async def _close_sockets(self) -> None:
         for sock in (self._dealer, self._sub):
@@ -447,6 +530,8 @@ class Client:
         if self._privates_since is None and isinstance(reply.get("time"), (int, float)):
             self._privates_since = float(reply["time"])
         self.welcome = reply
+        name = reply.get("broker")
+        self._name = name if isinstance(name, str) else ""
         self.nick = reply["nick"]
         self.heartbeat = float(reply.get("heartbeat", 2.0))
         self._open_sub(int(reply["pub_port"]))
@@ -473,6 +558,7 @@ class Client:
         attempt = 0
         while not self._closing:
             attempt += 1
+            self._move_on()               # the next broker in turn (or the only one again)
             self._reset = True            # the reader swaps in fresh sockets
             while self._reset and not self._closing:
                 await asyncio.sleep(0.01)
@@ -490,7 +576,8 @@ class Client:
                             raise
                         self.rooms.pop(room, None)   # gone, or we were banned meanwhile
                         self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)
-                self._emit_status("reconnected")
+                self._emit_status(f"reconnected (via {self._name})" if self._name
+                                  else "reconnected")
                 self._work.set()
                 return
             except ChatError as err:
