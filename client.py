@@ -101,9 +101,12 @@ class ChatError(Exception):
         self.code, self.reason, self.body = code, reason, body or {}
 
 
-class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True):
+class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True, gc=False):
     """Event's fields; a room batch is decoded straight into Events (msgspec, one C call).
-    The client's own view (mine, backlog, data) has names no event has on the wire."""
+    The client's own view (mine, backlog, data) has names no event has on the wire.
+    gc=False: the cycle collector does not track events (thousands in a busy room's
+    batches). An event is frozen, so it can only be part of a reference cycle through its
+    data dict, which the library never puts it into."""
 
     kind: str
     text: str
@@ -114,7 +117,7 @@ class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True):
     bot: bool = False
     mine: bool = msgspec.field(default=False, name="~mine")        # sent by this client
     backlog: bool = msgspec.field(default=False, name="~backlog")  # earlier, shown on join
-    data: Any = msgspec.field(default=None, name="~data")  # a dict, or (_Batch, index)
+    data: Any = msgspec.field(default=None, name="~data")  # a dict, or its _Batch
     _cmid: str | None = msgspec.field(default=None, name="cmid")   # marks our own echoes
 
 
@@ -125,21 +128,24 @@ _RAWS: Final = msgspec.json.Decoder(list[msgspec.Raw])
 
 class _Batch:
     """A published batch's JSON, kept for the `data` of its events: split into each one's
-    own JSON only when one is asked for (a bot that never reads data never pays for it)."""
+    own JSON only when one is asked for (a bot that never reads data never pays for it).
+    It knows its events by id() (they are all alive when it is made, so the ids are theirs)
+    rather than by reference, so that no event and its batch make a cycle."""
 
-    __slots__ = ("body", "raws")
+    __slots__ = ("body", "ids", "index")
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, events: list[Any]) -> None:
         self.body = body
-        self.raws: list[msgspec.Raw] | None = None
+        self.ids = list(map(id, events))
+        self.index: dict[int, msgspec.Raw] | None = None   # id -> its JSON, once split
 
-    def event(self, index: int) -> dict[str, Any]:
-        if self.raws is None:
-            self.raws = _RAWS.decode(self.body)
-        return _OBJECT.decode(self.raws[index])
+    def data(self, event: Any) -> dict[str, Any]:
+        if self.index is None:
+            self.index = dict(zip(self.ids, _RAWS.decode(self.body)))
+        return _OBJECT.decode(self.index[id(event)])
 
 
-class Event(_EventFields, frozen=True, repr_omit_defaults=True):
+class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     """Something that happened: a room event, a private message, or a connection status.
 
     kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
@@ -151,7 +157,7 @@ class Event(_EventFields, frozen=True, repr_omit_defaults=True):
     def data(self) -> dict[str, Any]:  # type: ignore[override]
         value = _DATA.__get__(self)
         if type(value) is not dict:
-            value = {} if value is None else value[0].event(value[1])
+            value = {} if value is None else value.data(self)
             _DATA.__set__(self, value)
         return value
 
@@ -716,7 +722,6 @@ class Client:
     def _decode_batch(self, frames: list[bytes]) -> list[Event]:
         """A published batch -> its Events, ours marked mine; [] (said) when malformed."""
         body = frames[1] if len(frames) == 2 else b""
-        batch = _Batch(body)
         try:
             events = _BATCH.decode(body)
         except msgspec.MsgspecError:   # not the usual shape (or not a batch): the general way
@@ -725,9 +730,10 @@ class Client:
             except m.ProtocolError as err:
                 log.warning("bad room frame: %s", err)
                 return []
+        batch = _Batch(body, events)
         mine, nick, set_data, set_mine = self._mine, self.nick, _DATA.__set__, _MINE.__set__
-        for index, ev in enumerate(events):
-            set_data(ev, (batch, index))
+        for ev in events:
+            set_data(ev, batch)
             cmid = ev._cmid
             if (cmid in mine) if cmid else ev.nick == nick:   # as _is_mine
                 set_mine(ev, True)

@@ -7,6 +7,7 @@ as before. The last test runs a real broker and a client that falls behind a bus
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 
@@ -64,6 +65,18 @@ def test_batch_becomes_events_with_every_field_as_sent():
     assert all(e.room == "lobby" and not e.backlog for e in events)
     again = c._decode_batch(frames)
     assert again == events and again[0] != events[1]   # equal as the same event, data too
+
+
+def test_each_event_keeps_its_own_data_whatever_else_is_dropped():
+    """Data is found per event, not by seq: in a batch with a repeated seq each event has its
+    own, asked for in any order, also after the rest of the batch is gone."""
+    c = Client(nick="bob")
+    events = c._decode_batch(batch(event(1, text="one"), event(1, text="uno"), event(2)))
+    last, first = events[2], events[0]
+    del events
+    gc.collect()
+    filler = [Event("msg", str(i)) for i in range(1000)]   # new objects, maybe at old ids
+    assert last.data["seq"] == 2 and first.data["text"] == "one" and len(filler) == 1000
 
 
 def test_unusual_batch_is_decoded_the_general_way(caplog):
