@@ -15,6 +15,7 @@ several brokers, `Client("h1:9001,h2:9001")`, through the next one in turn).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
@@ -117,7 +118,7 @@ class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True, gc=Fals
     bot: bool = False
     mine: bool = msgspec.field(default=False, name="~mine")        # sent by this client
     backlog: bool = msgspec.field(default=False, name="~backlog")  # earlier, shown on join
-    data: Any = msgspec.field(default=None, name="~data")  # a dict, or its _Batch
+    data: Any = msgspec.field(default=None, name="~data")  # a dict, or (batch JSON, index)
     _cmid: str | None = msgspec.field(default=None, name="cmid")   # marks our own echoes
 
 
@@ -126,23 +127,11 @@ _OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
 _RAWS: Final = msgspec.json.Decoder(list[msgspec.Raw])
 
 
-class _Batch:
-    """A published batch's JSON, kept for the `data` of its events: split into each one's
-    own JSON only when one is asked for (a bot that never reads data never pays for it).
-    It knows its events by id() (they are all alive when it is made, so the ids are theirs)
-    rather than by reference, so that no event and its batch make a cycle."""
-
-    __slots__ = ("body", "ids", "index")
-
-    def __init__(self, body: bytes, events: list[Any]) -> None:
-        self.body = body
-        self.ids = list(map(id, events))
-        self.index: dict[int, msgspec.Raw] | None = None   # id -> its JSON, once split
-
-    def data(self, event: Any) -> dict[str, Any]:
-        if self.index is None:
-            self.index = dict(zip(self.ids, _RAWS.decode(self.body)))
-        return _OBJECT.decode(self.index[id(event)])
+@functools.lru_cache(maxsize=16)
+def _split(batch: bytes) -> list[msgspec.Raw]:
+    """A published batch's JSON -> each event's own: done only when an event's data is first
+    asked for (a bot that never reads data never pays for it), once for a batch's events."""
+    return _RAWS.decode(batch)
 
 
 class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
@@ -157,7 +146,7 @@ class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     def data(self) -> dict[str, Any]:  # type: ignore[override]
         value = _DATA.__get__(self)
         if type(value) is not dict:
-            value = {} if value is None else value.data(self)
+            value = {} if value is None else _OBJECT.decode(_split(value[0])[value[1]])
             _DATA.__set__(self, value)
         return value
 
@@ -730,10 +719,9 @@ class Client:
             except m.ProtocolError as err:
                 log.warning("bad room frame: %s", err)
                 return []
-        batch = _Batch(body, events)
         mine, nick, set_data, set_mine = self._mine, self.nick, _DATA.__set__, _MINE.__set__
-        for ev in events:
-            set_data(ev, batch)
+        for index, ev in enumerate(events):
+            set_data(ev, (body, index))
             cmid = ev._cmid
             if (cmid in mine) if cmid else ev.nick == nick:   # as _is_mine
                 set_mine(ev, True)

@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 
+import msgspec
 import pytest
 
 import messages as m
@@ -69,7 +70,8 @@ def test_batch_becomes_events_with_every_field_as_sent():
 
 def test_each_event_keeps_its_own_data_whatever_else_is_dropped():
     """Data is found per event, not by seq: in a batch with a repeated seq each event has its
-    own, asked for in any order, also after the rest of the batch is gone."""
+    own, asked for in any order, also after the rest of the batch is gone, and a copy made
+    with another text still has the data it came with."""
     c = Client(nick="bob")
     events = c._decode_batch(batch(event(1, text="one"), event(1, text="uno"), event(2)))
     last, first = events[2], events[0]
@@ -77,6 +79,8 @@ def test_each_event_keeps_its_own_data_whatever_else_is_dropped():
     gc.collect()
     filler = [Event("msg", str(i)) for i in range(1000)]   # new objects, maybe at old ids
     assert last.data["seq"] == 2 and first.data["text"] == "one" and len(filler) == 1000
+    copy = msgspec.structs.replace(c._decode_batch(batch(event(7)))[0], text="changed")
+    assert copy.text == "changed" and copy.data["text"] == "hi"   # data: as sent
 
 
 def test_unusual_batch_is_decoded_the_general_way(caplog):
