@@ -1,5 +1,8 @@
 """The command-line chat client: `python client.py [-i IP] [-p PORT] [-u NICK] [-r ROOM]`.
 
+`-i` may name several brokers, `-i h1:9001,h2:9001`: the client connects to the first that
+answers and, when its connection is lost, goes on to the next one in turn.
+
 A thin front end over `client.Client`: every command goes through the library a bot uses.
 It runs in one of three ways:
     terminal  stdin and stdout are terminals: prompt_toolkit keeps the typed line intact while
@@ -25,7 +28,8 @@ import zmq
 
 import messages as m
 from cli_render import Screen, escape, escape_lines
-from client import ChatError, Client, curve_keys
+from client import (Address, ChatError, Client, broker_addresses, curve_keys, show_address,
+                    split_addresses)
 
 DEFAULT_IP: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9001
@@ -94,9 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="client.py", description="ZeroMQ chat client. Settings not given are asked "
         "for when stdin is a terminal; otherwise IP and port take their defaults.")
-    p.add_argument("-i", "--ip", help=f"the broker's address (default {DEFAULT_IP})")
+    p.add_argument("-i", "--ip", help=f"the broker's address (default {DEFAULT_IP}), or "
+                   "several brokers to try in turn: h1:9001,h2:9001")
     p.add_argument("-p", "--port", type=port_number,
-                   help=f"the broker's command port (default {DEFAULT_PORT})")
+                   help=f"the broker's command port (default {DEFAULT_PORT}), for addresses "
+                   "given without one")
     p.add_argument("-u", "--user", type=nickname, help="your nickname")
     p.add_argument("-r", "--room", default=DEFAULT_ROOM, help="the room to start in (lobby)")
     p.add_argument("--json", action="store_true",
@@ -125,16 +131,27 @@ def ask(question: str) -> str:
     return line.strip()
 
 
-def ask_address(args: argparse.Namespace) -> tuple[str, int]:
-    host = args.ip if args.ip is not None else ask(f"Server IP [{DEFAULT_IP}]: ") or DEFAULT_IP
+def ask_address(args: argparse.Namespace) -> list[Address]:
+    """The brokers to try: -i, or asked; the port is asked only for addresses without one."""
+    given = split_addresses(args.ip) if args.ip is not None else None
+    while given is None:
+        try:
+            given = split_addresses(ask(f"Server IP [{DEFAULT_IP}]: ") or DEFAULT_IP)
+        except ValueError as err:
+            tell(str(err))
     port = args.port
-    while port is None:
+    while port is None and any(p is None for _, p in given):
         answer = ask(f"Port [{DEFAULT_PORT}]: ")
         try:
             port = port_number(answer) if answer else DEFAULT_PORT
         except argparse.ArgumentTypeError as err:
             tell(str(err))
-    return host, port
+    return [(h, p if p is not None else port or DEFAULT_PORT) for h, p in given]
+
+
+def addresses_given(args: argparse.Namespace) -> list[Address]:
+    """The brokers to try without asking: -i (default 127.0.0.1), -p (default 9001)."""
+    return broker_addresses(args.ip or DEFAULT_IP, args.port or DEFAULT_PORT)
 
 
 def ask_nick() -> str:
@@ -153,14 +170,15 @@ def fail(text: str) -> None:
     print(f"client.py: {text}", file=sys.stderr, flush=True)
 
 
-def connect(runner: asyncio.Runner, host: str, port: int, nick: str, room: str,
+def connect(runner: asyncio.Runner, addresses: list[Address], nick: str, room: str,
             interactive: bool, curve: dict[str, Any]) -> Client | int:
     """A connected Client, or the exit status; a refused nick is asked again if we can."""
+    where = ", ".join(show_address(h, p) for h, p in addresses)
     while True:
         nick = nick or ask_nick()
-        client = Client(host, port, nick, rooms=[room], timeout=TIMEOUT, **curve)
+        client = Client(addresses, nick=nick, rooms=[room], timeout=TIMEOUT, **curve)
         if interactive:
-            tell(f"Connecting to {host}:{port} as {nick}...")
+            tell(f"Connecting to {where} as {nick}...")
         try:
             runner.run(client.connect())
             return client
@@ -176,7 +194,7 @@ def connect(runner: asyncio.Runner, host: str, port: int, nick: str, room: str,
                      f"pass another one with -u NICK")
                 return 3
             if err.code == "TIMEOUT":
-                fail(f"cannot reach the broker at {host}:{port} (no answer within "
+                fail(f"cannot reach the broker at {where} (no answer within "
                      f"{TIMEOUT:g} s); is it running, and is that its command port"
                      + ("; is --server-key its key?" if curve else
                         "? (a broker with encryption needs --server-key)"))
@@ -185,7 +203,7 @@ def connect(runner: asyncio.Runner, host: str, port: int, nick: str, room: str,
             return 1
         except zmq.ZMQError as err:
             runner.run(client.close())
-            fail(f"cannot connect to {host}:{port}: {err}")
+            fail(f"cannot connect to {where}: {err}")
             return 1
 
 
@@ -556,10 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     interactive = sys.stdin.isatty()
     terminal = interactive and sys.stdout.isatty() and not args.json
     try:
-        if interactive:
-            host, port = ask_address(args)
-        else:
-            host, port = args.ip or DEFAULT_IP, args.port or DEFAULT_PORT
+        try:
+            addresses = ask_address(args) if interactive else addresses_given(args)
+        except ValueError as err:   # a malformed -i
+            fail(f"-i {args.ip}: {err}")
+            return 2
         if not args.user and not interactive:
             fail("no nickname given and stdin is not a terminal to ask for one: "
                  "pass it with -u NICK")
@@ -576,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             curve = {"server_key": server_key, "keypair": keypair}
         with asyncio.Runner() as runner:
-            client = connect(runner, host, port, args.user or "", args.room, interactive,
+            client = connect(runner, addresses, args.user or "", args.room, interactive,
                              curve)
             if isinstance(client, int):
                 return client

@@ -8,12 +8,14 @@
 It keeps every room it is in complete and in order: events carry per-room sequence
 numbers, and anything missing (a slow subscription, a reconnect, a dropped frame) is fetched
 from the broker's history; duplicates are dropped. Sends are retried until acknowledged.
-If the broker goes away it reconnects with backoff and re-claims its nick and rooms.
+If the broker goes away it reconnects with backoff and re-claims its nick and rooms (given
+several brokers, `Client("h1:9001,h2:9001")`, through the next one in turn).
 `BlockingClient` wraps it for simple scripts; `python client.py --help` is the CLI.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
@@ -21,14 +23,16 @@ import secrets
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Final, Iterable, Iterator
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 import messages as m
+from ordering import Fetch, RoomOrder
 
 log = logging.getLogger("client")
 
@@ -36,6 +40,8 @@ BACKOFF_CAP = 10.0        # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000       # a ZeroMQ handshake with a stopped broker gives up after this
 MINE_MEMORY = 100_000     # message ids of ours remembered, to mark our own echoes
 PRIVATE_MEMORY = 1_000    # private message ids remembered, to drop one pushed again
+EVENTS_PER_TURN = 1_000   # room events decoded before the reader yields: a 40,000-event
+                          # backlog read in turns this size goes 1.5 times as fast as in one
 
 
 def remember(memory: OrderedDict[str, None], key: str, limit: int) -> None:
@@ -43,6 +49,51 @@ def remember(memory: OrderedDict[str, None], key: str, limit: int) -> None:
     memory[key] = None
     if len(memory) > limit:
         memory.popitem(last=False)
+
+
+Address = tuple[str, int]   # a broker's host and command port
+
+
+def split_addresses(text: str) -> list[tuple[str, int | None]]:
+    """"h1:9001,h2" -> [("h1", 9001), ("h2", None)]: broker addresses, each with its port if it
+    has one (ValueError if one is malformed). An IPv6 address with a port: "[::1]:9001"."""
+    found: list[tuple[str, int | None]] = []
+    for part in (p.strip() for p in text.split(",")):
+        port: str | None = None
+        if part.startswith("["):
+            host, bracket, rest = part[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"{part!r} is not an address: [IPV6]:PORT")
+            port = rest[1:] if rest else None
+        elif part.count(":") == 1:
+            host, port = part.split(":")
+        else:                  # a name, an IPv4 address, or an IPv6 address without a port
+            host = part
+        if not host:
+            raise ValueError(f"{part!r} has no host" if part else f"an empty address in {text!r}")
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{part!r}: {port!r} is not a port number (1 to 65535)")
+        found.append((host, int(port) if port is not None else None))
+    return found
+
+
+def broker_addresses(host: str | Iterable[str | Address], port: int) -> list[Address]:
+    """Client(host=...) -> the brokers it tries in turn: "h1:9001,h2", or a list of such
+    strings or of (host, port); a host given without a port has `port`."""
+    found: list[Address] = []
+    for item in [host] if isinstance(host, str) else host:
+        if isinstance(item, str):
+            found += [(h, port if p is None else p) for h, p in split_addresses(item)]
+        else:
+            found.append((str(item[0]), int(item[1])))
+    if not found:
+        raise ValueError("no broker address given")
+    return found
+
+
+def show_address(host: str, port: int) -> str:
+    """host:port as people write it ([host]:port for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ChatError(Exception):
@@ -53,13 +104,12 @@ class ChatError(Exception):
         self.code, self.reason, self.body = code, reason, body or {}
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Something that happened: a room event, a private message, or a connection status.
-
-    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
-    private, or status (local: "connection lost, reconnecting...", "reconnected", ...).
-    """
+class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True, gc=False):
+    """Event's fields; a room batch is decoded straight into Events (msgspec, one C call).
+    The client's own view (mine, backlog, data) has names no event has on the wire.
+    gc=False: the cycle collector does not track events (thousands in a busy room's
+    batches). An event is frozen, so it can only be part of a reference cycle through its
+    data dict, which the library never puts it into."""
 
     kind: str
     text: str
@@ -68,24 +118,109 @@ class Event:
     seq: int | None = None
     ts: float = 0.0
     bot: bool = False
-    mine: bool = False        # sent by this client
-    backlog: bool = False     # an earlier message, shown from history on join
-    data: dict[str, Any] = field(default_factory=dict)
+    mine: bool = msgspec.field(default=False, name="~mine")        # sent by this client
+    backlog: bool = msgspec.field(default=False, name="~backlog")  # earlier, shown on join
+    data: Any = msgspec.field(default=None, name="~data")  # a dict, or (batch JSON, index)
+    _cmid: str | None = msgspec.field(default=None, name="cmid")   # marks our own echoes
+
+
+_DATA, _MINE = _EventFields.data, _EventFields.mine   # the slots, written on decoding
+_OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
+_RAWS: Final = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+@functools.lru_cache(maxsize=16)
+def _split(batch: bytes) -> list[msgspec.Raw]:
+    """A published batch's JSON -> each event's own: done only when an event's data is first
+    asked for (a bot that never reads data never pays for it), once for a batch's events."""
+    return _RAWS.decode(batch)
+
+
+class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
+    """Something that happened: a room event, a private message, or a connection status.
+
+    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
+    private, or status (local: "connection lost, reconnecting...", "reconnected", ...).
+    `data` is every field of the event as the broker sent it (a dict, made on first use).
+    """
+
+    @property
+    def data(self) -> dict[str, Any]:  # type: ignore[override]
+        value = _DATA.__get__(self)
+        if type(value) is not dict:
+            value = {} if value is None else _OBJECT.decode(_split(value[0])[value[1]])
+            _DATA.__set__(self, value)
+        return value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return _public(self) == _public(other)
+
+    __hash__ = None  # type: ignore[assignment]   # as the dataclass it was: data is a dict
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], *, mine: bool, backlog: bool = False) -> "Event":
-        return cls(kind=str(d.get("kind", "")), text=str(d.get("text", "")),
-                   nick=str(d.get("nick", "")), room=d.get("room"), seq=d.get("seq"),
-                   ts=float(d.get("ts") or 0.0), bot=d.get("bot") is True, mine=mine,
-                   backlog=backlog, data=d)
+        return cls(str(d.get("kind", "")), str(d.get("text", "")), str(d.get("nick", "")),
+                   d.get("room"), d.get("seq"), float(d.get("ts") or 0.0), d.get("bot") is True,
+                   mine, backlog, d)
 
 
-@dataclass
-class _Room:
-    last: int = 0                                     # highest seq delivered
-    buffer: dict[int, dict] = field(default_factory=dict)  # seq -> event, waiting for a gap
-    fetching: bool = False
-    target: int = 0                                   # highest seq known to exist
+_BATCH: Final = msgspec.json.Decoder(list[Event])         # a room batch, as Events
+
+
+def _public(ev: Event) -> tuple[Any, ...]:
+    return (ev.kind, ev.text, ev.nick, ev.room, ev.seq, ev.ts, ev.bot, ev.mine, ev.backlog,
+            ev.data)
+
+
+class _Inbox:
+    """Events delivered and not read yet, in order: a deque, and one wake-up per batch of
+    events for whoever waits (an asyncio.Queue costs a put and a get per event)."""
+
+    def __init__(self) -> None:
+        self.items: deque[Event] = deque()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def put_nowait(self, event: Event) -> None:
+        self.items.append(event)
+        if self._waiters:
+            self._wake()
+
+    def extend(self, events: list[Event]) -> None:
+        if events:
+            self.items.extend(events)
+            if self._waiters:
+                self._wake()
+
+    def get_nowait(self) -> Event:
+        if not self.items:
+            raise asyncio.QueueEmpty
+        return self.items.popleft()
+
+    async def get(self) -> Event:
+        while not self.items:
+            await self.wait()
+        return self.items.popleft()
+
+    async def wait(self) -> None:
+        """Until something is delivered (a waiter of its own: cancelling it wakes no other)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
 
 @dataclass
@@ -102,17 +237,26 @@ class _Send:
 
 
 class Client:
-    """A connection to the broker: commands, room events, acknowledged sends, reconnects."""
+    """A connection to the broker: commands, room events, acknowledged sends, reconnects.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 9001, nick: str = "",
-                 *, rooms: Iterable[str] = ("lobby",), bot: bool = False, backlog: int = 50,
+    `host` may name several brokers ("h1:9001,h2", or a list): the first is tried first; when
+    one does not answer, or the connection to it is lost, the next one in turn is tried.
+    """
+
+    def __init__(self, host: str | Iterable[str | Address] = "127.0.0.1", port: int = 9001,
+                 nick: str = "", *, rooms: Iterable[str] = ("lobby",), bot: bool = False,
+                 backlog: int = 50,
                  reconnect: bool = True, timeout: float = 5.0,
                  server_key: bytes | None = None, keypair: tuple[bytes, bytes] | None = None,
                  ctx: zmq.asyncio.Context | None = None) -> None:
-        self.host, self.port, self.nick, self.bot = host, port, nick, bot
+        self.addresses = broker_addresses(host, port)   # tried in turn, from the first
+        self.host, self.port = self.addresses[0]           # the one we use now
+        self._at = 0                                       # its index in addresses
+        self._name = ""                                    # its name, if its welcome says
+        self.nick, self.bot = nick, bot
         self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
         self.want_rooms = list(rooms)
-        self.rooms: dict[str, _Room] = {}
+        self.rooms: dict[str, RoomOrder[Event]] = {}   # the rooms we are in, each in order
         self.welcome: dict[str, Any] = {}
         self.heartbeat = 2.0
         self.connected = False
@@ -121,13 +265,14 @@ class Client:
         self._token = secrets.token_hex(16)   # proves a reconnect is us, to re-claim the nick
         self._labels = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future] = {}
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._events = _Inbox()
         self._outbox: OrderedDict[str, _Send] = OrderedDict()
         self._work = asyncio.Event()
         self._online = asyncio.Event()
         self._dealer: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
+        self._repairs: set[asyncio.Task] = set()   # history fetches under way
         self._closing = False
         self._closed = False
         self._mine: OrderedDict[str, None] = OrderedDict()   # our recent message ids
@@ -140,22 +285,29 @@ class Client:
 
     # ------------------------------------------------------------------ public API
     async def connect(self) -> dict[str, Any]:
-        """Say HELLO (ChatError on a taken or invalid nick), then join the starting rooms."""
-        self._open_sockets()
-        if not self._tasks:
-            self._tasks = [asyncio.create_task(self._reader()),
-                           asyncio.create_task(self._sender())]
-        try:
-            await self._hello(resume=False)
-        except BaseException:
-            # The reader dies with the sockets it polls: stop both tasks, so a retry (say with
-            # another nick) starts fresh ones instead of waiting on a dead reader.
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._tasks = []
-            await self._close_sockets()
-            raise
+        """Say HELLO (ChatError on a taken or invalid nick), then join the starting rooms.
+        A broker that does not answer within `timeout` is passed over for the next one;
+        ChatError TIMEOUT when none did."""
+        for left in range(len(self.addresses) - 1, -1, -1):
+            self._open_sockets()
+            if not self._tasks:
+                self._tasks = [asyncio.create_task(self._reader()),
+                               asyncio.create_task(self._sender())]
+            try:
+                await self._hello(resume=False)
+                break
+            except BaseException as exc:
+                # The reader dies with the sockets it polls: stop both tasks, so a retry (say
+                # with another nick) starts fresh ones instead of waiting on a dead reader.
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                self._tasks = []
+                await self._close_sockets()
+                if not (left and isinstance(exc, ChatError) and exc.code == "TIMEOUT"):
+                    raise
+                log.info("no answer from %s; trying the next broker", self.address)
+                self._move_on()
         for room in self.want_rooms:
             await self.join(room)
         return self.welcome
@@ -215,6 +367,17 @@ class Client:
     async def unban(self, room: str, nick: str) -> None:
         await self.request(m.Kind.UNBAN, {"room": room, "nick": nick})
 
+    @property
+    def address(self) -> str:
+        """The address of the broker we are connected to (or trying), as host:port."""
+        return show_address(self.host, self.port)
+
+    @property
+    def broker(self) -> str:
+        """The broker we are connected to (or trying): its name when its welcome gives one,
+        else its address."""
+        return self._name or self.address
+
     def pending(self) -> list[tuple[str, str]]:
         """(room or nick, text) of every send not yet acknowledged."""
         return [(s.target, s.text) for s in self._outbox.values()]
@@ -228,14 +391,23 @@ class Client:
                 raise asyncio.TimeoutError(f"{len(self._outbox)} messages not acknowledged")
 
     async def next_event(self, timeout: float | None = None) -> Event:
+        if timeout is None:
+            return await self._events.get()
         return await asyncio.wait_for(self._events.get(), timeout)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Event]:
-        while not (self._closing and self._events.empty()):
-            yield await self._events.get()
+        """Every event, until the client is closed and all are read."""
+        items = self._events.items
+        while True:
+            if items:
+                yield items.popleft()
+            elif self._closing:
+                return
+            else:
+                await self._events.wait()
 
     async def close(self, reason: str | None = None) -> None:
         """Leave cleanly: the others are told (with the reason), then the sockets close.
@@ -248,10 +420,10 @@ class Client:
             except (ChatError, asyncio.TimeoutError):
                 pass
         self._closing = True
-        for task in [*self._tasks, self._resuming]:
+        for task in [*self._tasks, *self._repairs, self._resuming]:
             if task is not None:
                 task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._repairs, return_exceptions=True)
         self._tasks = []
         await self._close_sockets()
         self._closed = True
@@ -305,29 +477,39 @@ class Client:
 
     # ------------------------------------------------------------------ connection
     def _open_sockets(self) -> None:
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-        self._secure(dealer)
-        dealer.connect(f"tcp://{self.host}:{self.port}")
+        dealer = self._socket(zmq.DEALER)
+        dealer.connect(self._endpoint(self.port))
         self._dealer = dealer
         self._sub = None
         self._gen = getattr(self, "_gen", 0) + 1
 
     def _open_sub(self, pub_port: int) -> None:
-        sub = self._ctx.socket(zmq.XSUB)  # XSUB: we send grants, the broker does the filtering
-        sub.linger = 0
-        sub.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        sub = self._socket(zmq.XSUB)  # XSUB: we send grants, the broker does the filtering
         sub.setsockopt(zmq.RCVHWM, 10000)
-        self._secure(sub)
-        sub.connect(f"tcp://{self.host}:{pub_port}")
+        sub.connect(self._endpoint(pub_port))
         self._sub = sub
         self._grants: dict[str, list[str]] = {}
         self._gen += 1
 
-    def _secure(self, sock: zmq.Socket) -> None:
+    def _endpoint(self, port: int) -> str:
+        return f"tcp://{show_address(self.host, port)}"
+
+    def _move_on(self) -> None:
+        """Use the next broker address in turn (with only one: the same again)."""
+        self._at = (self._at + 1) % len(self.addresses)
+        self.host, self.port = self.addresses[self._at]
+        self._name = ""
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        """A socket to the broker we use now: no linger, a bounded handshake, IPv6 if its
+        address is one, CURVE if we were given its key."""
+        sock = self._ctx.socket(kind)
+        sock.linger = 0
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        sock.ipv6 = ":" in self.host
         if self._curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+        return sock
 
     async def _close_sockets(self) -> None:
         for sock in (self._dealer, self._sub):
@@ -345,6 +527,8 @@ class Client:
         if self._privates_since is None and isinstance(reply.get("time"), (int, float)):
             self._privates_since = float(reply["time"])
         self.welcome = reply
+        name = reply.get("broker")
+        self._name = name if isinstance(name, str) else ""
         self.nick = reply["nick"]
         self.heartbeat = float(reply.get("heartbeat", 2.0))
         self._open_sub(int(reply["pub_port"]))
@@ -371,6 +555,7 @@ class Client:
         attempt = 0
         while not self._closing:
             attempt += 1
+            self._move_on()               # the next broker in turn (or the only one again)
             self._reset = True            # the reader swaps in fresh sockets
             while self._reset and not self._closing:
                 await asyncio.sleep(0.01)
@@ -388,7 +573,8 @@ class Client:
                             raise
                         self.rooms.pop(room, None)   # gone, or we were banned meanwhile
                         self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)
-                self._emit_status("reconnected")
+                self._emit_status(f"reconnected (via {self._name})" if self._name
+                                  else "reconnected")
                 self._work.set()
                 return
             except ChatError as err:
@@ -411,10 +597,14 @@ class Client:
         def entered(reply: dict[str, Any]) -> None:
             if self._leaves.get(room, 0) != leaves:  # left since: the LEAVE comes after us
                 return
-            seq, state = int(reply["seq"]), self.rooms.get(room)
-            if state is None or seq < state.last:  # new room, or a broker that started over
-                self.rooms[room] = _Room(last=seq, target=seq)
+            seq, order = int(reply["seq"]), self.rooms.get(room)
+            if order is None:
+                self.rooms[room] = RoomOrder(seq)
                 fresh.append(True)
+            elif order.joined(seq):        # a broker that started over: a new history
+                fresh.append(True)
+            else:
+                self._repair_if_missing(room, order)
 
         reply = await self.request(m.Kind.JOIN, body, on_reply=entered)
         seq = int(reply["seq"])
@@ -425,8 +615,7 @@ class Client:
                 if room not in self.rooms:
                     return reply
                 raise
-            for ev in events:
-                self._events.put_nowait(ev)
+            self._events.extend(events)
         if room in self.rooms:
             self._subscribe(room, reply["grant"])
         return reply
@@ -475,10 +664,12 @@ class Client:
                     asyncio.create_task(self._ping())
 
     def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[bytes]]:
-        """The messages already waiting on sock (at most 1000 a turn); each proves liveness."""
+        """The messages already waiting on sock (at most 1000 a turn); each proves liveness.
+        Read through a plain socket on the same handle: no future per message."""
+        plain = zmq.Socket.shadow(sock.underlying)
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK).result()
+                frames = plain.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
@@ -513,15 +704,36 @@ class Client:
             self._on_push(resp.kind, resp.body)
 
     def _read_sub(self) -> None:
+        """Room batches waiting, up to about EVENTS_PER_TURN events: then the reader lets the
+        consumer in, which reads them while they are still in the processor's cache."""
         assert self._sub is not None
+        taken = 0
         for frames in self._ready(self._sub):
+            events = self._decode_batch(frames)
+            if events:
+                self._ingest(events[0].room or "", events)
+                taken += len(events)
+                if taken >= EVENTS_PER_TURN:
+                    return
+
+    def _decode_batch(self, frames: list[bytes]) -> list[Event]:
+        """A published batch -> its Events, ours marked mine; [] (said) when malformed."""
+        body = frames[1] if len(frames) == 2 else b""
+        try:
+            events = _BATCH.decode(body)
+        except msgspec.MsgspecError:   # not the usual shape (or not a batch): the general way
             try:
-                events = m.decode_batch(frames)
+                return [Event.from_wire(d, mine=self._is_mine(d)) for d in m.decode_batch(frames)]
             except m.ProtocolError as err:
                 log.warning("bad room frame: %s", err)
-                continue
-            if events:
-                self._ingest(str(events[0].get("room")), events)
+                return []
+        mine, nick, set_data, set_mine = self._mine, self.nick, _DATA.__set__, _MINE.__set__
+        for index, ev in enumerate(events):
+            set_data(ev, (body, index))
+            cmid = ev._cmid
+            if (cmid in mine) if cmid else ev.nick == nick:   # as _is_mine
+                set_mine(ev, True)
+        return events
 
     def _on_push(self, kind: str, body: dict[str, Any]) -> None:
         room = body.get("room")
@@ -553,53 +765,50 @@ class Client:
             self._known(room, int(seq))
 
     # ------------------------------------------------------------------ ordering and repair
-    def _ingest(self, room: str, events: list[dict[str, Any]]) -> None:
-        """Deliver a room's events in sequence order, once each; fetch what is missing."""
-        state = self.rooms.get(room)
-        if state is None:
+    def _ingest(self, room: str, events: list[Event]) -> None:
+        """A room's events as heard: deliver those now in order; fetch what is missing."""
+        order = self.rooms.get(room)
+        if order is None:
             return
-        for ev in events:
-            seq = ev.get("seq")
-            if isinstance(seq, int) and seq > state.last:
-                state.buffer[seq] = ev
-        while state.last + 1 in state.buffer:
-            state.last += 1
-            ev = state.buffer.pop(state.last)
-            self._events.put_nowait(Event.from_wire(ev, mine=self._is_mine(ev)))
-        if state.buffer:
-            self._known(room, max(state.buffer))
+        self._events.extend(order.receive(events))
+        self._repair_if_missing(room, order)
 
     def _known(self, room: str, seq: int) -> None:
         """The room has reached seq: fetch from history whatever we lack up to it."""
-        state = self.rooms.get(room)
-        if state is None:
-            return
-        state.target = max(state.target, seq)
-        if state.target > state.last and not state.fetching and self.connected:
-            state.fetching = True
-            asyncio.create_task(self._repair(room, state))
+        order = self.rooms.get(room)
+        if order is not None:
+            order.reached(seq)
+            self._repair_if_missing(room, order)
 
-    async def _repair(self, room: str, state: _Room) -> None:
+    def _repair_if_missing(self, room: str, order: RoomOrder[Event]) -> None:
+        if self.connected and (fetch := order.fetch()) is not None:
+            task = asyncio.create_task(self._repair(room, order, fetch))
+            self._repairs.add(task)
+            task.add_done_callback(self._repairs.discard)
+
+    async def _repair(self, room: str, order: RoomOrder[Event], fetch: Fetch | None) -> None:
+        """Fetch from history until the room's order has nothing missing (or we left it)."""
         try:
-            while state.target > state.last and self.rooms.get(room) is state:
-                reply = await self._request_once(m.Kind.HISTORY, {
-                    "room": room, "after": state.last, "limit": m.MAX_HISTORY}, self.timeout)
-                events = reply["events"]
-                if not events:
-                    state.target = min(state.target, int(reply.get("seq", state.last)))
-                    break
-                before = state.last
-                self._ingest(room, events)
-                if state.last == before:  # history lacks last+1: never wait for it forever
-                    first = min(e["seq"] for e in events if isinstance(e.get("seq"), int))
+            while fetch is not None and self.rooms.get(room) is order:
+                try:
+                    reply = await self._request_once(m.Kind.HISTORY, {
+                        "room": room, "after": fetch.after, "limit": fetch.limit}, self.timeout)
+                    events = [Event.from_wire(e, mine=self._is_mine(e))
+                              for e in reply["events"]]
+                    seq = int(reply.get("seq", fetch.after))
+                except (ChatError, AttributeError, KeyError, TypeError, ValueError) as err:
+                    log.info("history repair of %s stopped: %s", room, err)
+                    return
+                result = order.fetched(fetch, events, seq)
+                fetch = result.next
+                if result.skipped:
                     log.warning("%s: events %d..%d are missing from history; skipped",
-                                room, before + 1, first - 1)
-                    state.last = first - 1
-                    self._ingest(room, [])
-        except ChatError as err:
-            log.info("history repair of %s stopped: %s", room, err)
+                                room, result.skipped[0], result.skipped[-1])
+                if self.rooms.get(room) is order:
+                    self._events.extend(result.ready)
         finally:
-            state.fetching = False
+            if fetch is not None:   # stopped before its reply: a later fetch() asks again
+                order.failed(fetch)
 
     def _new_private(self, ev: dict[str, Any]) -> bool:
         """Whether a pushed private message is news (after a reconnect the broker pushes
