@@ -534,7 +534,8 @@ class Client:
         self._open_sub(int(reply["pub_port"]))
         self.connected = True
         self._last_heard = time.monotonic()
-        self._online.set()
+        if not resume:   # a resume lets the sends go once the rooms are joined again
+            self._online.set()
 
     def _lost(self, why: str) -> None:
         """The broker stopped answering (or said it is going): reconnect in the background."""
@@ -552,7 +553,7 @@ class Client:
             self._closing = True
 
     async def _resume(self) -> None:
-        attempt = 0
+        attempt, before = 0, self._name
         while not self._closing:
             attempt += 1
             self._move_on()               # the next broker in turn (or the only one again)
@@ -573,8 +574,10 @@ class Client:
                             raise
                         self.rooms.pop(room, None)   # gone, or we were banned meanwhile
                         self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)
-                self._emit_status(f"reconnected (via {self._name})" if self._name
+                moved = self._name and self._name != before   # another broker than before
+                self._emit_status(f"reconnected (via {self._name})" if moved
                                   else "reconnected")
+                self._online.set()   # our pending sends go now, into rooms we are in again
                 self._work.set()
                 return
             except ChatError as err:

@@ -23,6 +23,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from types import GeneratorType
@@ -47,6 +48,7 @@ MAX_ROOMS: Final = 1000      # rooms /join may create: one client cannot fill me
 REPLAY_WINDOW: Final = 600   # seconds back a resuming client may be sent private messages again
 MIN_REPLAY_TOKEN: Final = 16 # a shorter resume token proves too little to be sent them
 _OK: Final = b"OK"
+_PING: Final = [b"PING"]
 
 
 @dataclass
@@ -163,6 +165,9 @@ class Core:
         self.by_rid: dict[bytes, Session] = {}
         self.by_sid: dict[str, Session] = {}
         self.used_nonces: dict[str, float] = {}
+        # Requests of a connection are handled in the order they came: while one waits
+        # for the shared state, the next ones of the same connection (but PINGs) wait.
+        self.queued: dict[bytes, deque[tuple[list[bytes], str]]] = {}
         self.outbox: list[list[bytes]] = []           # [rid, kind, label, body] to send
         self.pubs: list[tuple[bytes, bytes]] = []     # (topic, batch) to publish
         self.stats = Stats()
@@ -184,6 +189,13 @@ class Core:
     # ------------------------------------------------------------------ requests
     def request(self, rid: bytes, frames: list[bytes], key: str = "") -> None:
         """One request from a connection: exactly one reply, now or once it is decided."""
+        queue = self.queued.get(rid)
+        if queue is not None and frames[0:1] != _PING:  # an earlier one is still waiting
+            queue.append((frames, key))  # (a PING goes on: it is how the client knows
+            return                       # we are alive while a cluster is slow)
+        self._handle(rid, frames, key)
+
+    def _handle(self, rid: bytes, frames: list[bytes], key: str) -> None:
         label = m.decode_label(frames)
         session = self.by_rid.get(rid)
         try:
@@ -211,14 +223,33 @@ class Core:
             return
         if type(result) is GeneratorType:
             self._advance(rid, label, result, Op.ready(),
-                          time.perf_counter() if req.kind is Kind.SAY else 0.0)
+                          time.perf_counter() if req.kind is Kind.SAY else 0.0, True)
         else:
             self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
 
     def _advance(self, rid: bytes, label: bytes, gen: Generator[Op, Any, dict[str, Any]],
-                 op: Op, started: float = 0.0) -> None:
+                 op: Op, started: float = 0.0, first: bool = False) -> None:
         """Run a handler on from the Op it waited for, until it waits again or answers.
         `started`: when a SAY arrived (its acknowledgement's latency is measured)."""
+        if self._step(rid, label, gen, op, started):
+            if not first:   # it had waited: its connection's next requests go now
+                self._next(rid)
+        elif first:
+            self.queued[rid] = deque()
+
+    def _next(self, rid: bytes) -> None:
+        """Handle a connection's queued requests, in order, until one has to wait."""
+        queue = self.queued.pop(rid, None)
+        while queue:
+            frames, key = queue.popleft()
+            self._handle(rid, frames, key)
+            if rid in self.queued:   # that one waits: the rest wait behind it
+                self.queued[rid].extend(queue)
+                return
+
+    def _step(self, rid: bytes, label: bytes, gen: Generator[Op, Any, dict[str, Any]],
+              op: Op, started: float) -> bool:
+        """Run the handler on; True once it has answered, False if it waits again."""
         while True:
             try:
                 if op.error is not None:
@@ -229,18 +260,18 @@ class Core:
                 self.outbox.append([rid, _OK, label, _dumps_with_raw(done.value)])
                 if started:
                     self.ack_starts.append(started)
-                return
+                return True
             except ProtocolError as err:
                 self._error(rid, label, err)
-                return
+                return True
             except Exception:
                 log.exception("error handling a request from %s", rid.hex())
                 self._error(rid, label, ProtocolError(Code.INTERNAL,
                                                       "the broker failed on this request"))
-                return
+                return True
             if not op.done:
                 op.then(lambda op: self._advance(rid, label, gen, op, started))
-                return
+                return False
 
     def _error(self, rid: bytes, label: bytes, err: ProtocolError) -> None:
         log.debug("-> ERROR %s %s", err.code, err.reason)

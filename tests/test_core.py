@@ -235,3 +235,27 @@ def test_every_command_gets_exactly_one_reply_before_hello(kind):
     c.hello("ann")
     got_kind, _ = c.reply(c.send(kind.value, **VALID[kind]))
     assert got_kind in ("OK", "ERROR")
+
+
+def test_a_connections_requests_are_answered_in_order_while_others_go_on():
+    """While one request of a connection waits for the shared state, that connection's
+    next requests wait behind it (a JOIN then a SAY stay in that order); another
+    connection's requests are answered meanwhile."""
+    h = Harness(held=True)
+    ann, bob = h.conn("ann"), h.conn("bob")
+    ann.hello("ann")
+    bob.hello("bob")
+    join = ann.send("JOIN", room="lobby")
+    say = ann.send("SAY", room="lobby", msgs=[{"id": "c1", "text": "after the join"}])
+    ping = bob.send("PING")
+    assert bob.reply(ping)[0] == "OK"                     # bob is not held up
+    assert ann.reply(join) == ("", {}) and ann.reply(say) == ("", {})
+    h.log.release()                                       # the join notice is stored
+    h.flush()
+    assert ann.reply(join)[0] == "OK"
+    assert ann.reply(say) == ("", {})                     # now the SAY waits for its own
+    h.log.release()
+    h.flush()
+    assert ann.reply(say)[1]["acks"] == [["c1", 2]]
+    labels = [f[2] for f in h.sent if f[0] == b"ann" and f[2]]
+    assert labels.index(join) < labels.index(say)
