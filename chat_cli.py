@@ -49,6 +49,7 @@ commands:
   /nick NEW             change your nickname
   /topic [TEXT]         show or set the room's topic
   /history [N]          the room's last N events (default 50)
+  /history NICK [N]     your private conversation with NICK
   /kick NICK [REASON]   remove someone from the room (operators)
   /ban NICK [REASON]    ban someone from the room (operators)
   /unban NICK           lift a ban (operators)
@@ -218,6 +219,7 @@ class Chat:
         self.nicks: set[str] = set()               # for tab completion
         self.rooms: list[str] = [str(r) for r in client.welcome.get("rooms", [])]
         self.sends: set[asyncio.Task] = set()      # messages on their way, until acknowledged
+        self.echoes: dict[str, int] = {}           # room -> the number of our latest message
         self.quitting = False
         self.finished = asyncio.Event()
         self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
@@ -320,22 +322,24 @@ class Chat:
             self.screen.error("you are in no room: /join ROOM first (nothing was sent)",
                               "NOT_MEMBER")
             return
-        self.send(lambda: self.client.say(self.room, text), text)
+        self.send(lambda: self.client.say(self.room, text), text, self.room)
 
-    def send(self, start: Callable[[], Awaitable[Any]], text: str) -> None:
+    def send(self, start: Callable[[], Awaitable[Any]], text: str, room: str = "") -> None:
         """Start a send without waiting for it: the line is shown when the broker echoes it."""
         limit = int(self.client.welcome.get("max_text", m.MAX_TEXT))
         if len(text) > limit:
             self.screen.error(f"not sent: {len(text)} characters, the limit is {limit}",
                               "TOO_LARGE")
             return
-        task = asyncio.ensure_future(self._deliver(start(), text))
+        task = asyncio.ensure_future(self._deliver(start(), text, room))
         self.sends.add(task)
         task.add_done_callback(self.sends.discard)
 
-    async def _deliver(self, sending: Awaitable[Any], text: str) -> None:
+    async def _deliver(self, sending: Awaitable[Any], text: str, room: str) -> None:
         try:
-            await sending
+            seq = await sending
+            if room and isinstance(seq, int):   # its echo is what shows it was said
+                self.echoes[room] = max(seq, self.echoes.get(room, 0))
         except ChatError as err:
             short = text if len(text) <= 30 else text[:29] + "…"
             self.screen.error(f'not sent ("{short}"): {err.reason}', err.code)
@@ -360,6 +364,8 @@ class Chat:
             print(f"client.py: waiting for {len(self.client.pending())} message(s) to be "
                   f"acknowledged by the broker (Ctrl+C gives up)", file=sys.stderr, flush=True)
             await self.client.flush()
+        for room, seq in self.echoes.items():   # shown back too (a cluster may ack first)
+            await self.client.heard(room, seq, QUIT_WAIT)
         await self.client.close(reason or None)
         self.finished.set()
 
@@ -425,7 +431,7 @@ class Chat:
     async def cmd_me(self, arg: str) -> None:
         if not arg:
             raise UsageError("/me ACTION")
-        self.send(lambda: self.client.me(self.room, arg), arg)
+        self.send(lambda: self.client.me(self.room, arg), arg, self.room)
 
     async def cmd_nick(self, arg: str) -> None:
         if not arg or " " in arg:
@@ -441,9 +447,19 @@ class Chat:
                              else f"{self.room} has no topic", command="topic", topic=topic)
 
     async def cmd_history(self, arg: str) -> None:
-        if arg and not (arg.isdigit() and int(arg) > 0):
-            raise UsageError("/history [N]   (N a number of events, 1 or more)")
-        limit = min(int(arg or HISTORY), m.MAX_HISTORY)
+        words = arg.split()
+        nick = words.pop(0) if words and not words[0].isdigit() else None
+        if len(words) > 1 or (words and not (words[0].isdigit() and int(words[0]) > 0)):
+            raise UsageError("/history [NICK] [N]   (N a number of events, 1 or more)")
+        limit = min(int(words[0]) if words else HISTORY, m.MAX_HISTORY)
+        if nick is not None:
+            events = await self.client.private_history(nick, limit=limit)
+            self.screen.note(f"your last {len(events)} private messages with {nick}:"
+                             if events else f"no private messages with {nick}",
+                             command="history", nick=nick)
+            for ev in events:
+                self.screen.event(ev, me=self.client.nick, room=self.room)
+            return
         events = await self.client.history(self.room, limit=limit)
         self.screen.note(f"the last {len(events)} events of {self.room}:" if events
                          else f"no history in {self.room}", command="history")

@@ -36,6 +36,7 @@ from ordering import Fetch, RoomOrder
 
 log = logging.getLogger("client")
 
+BATCH_BYTES = 48 * 1024   # a SAY's body, at most: well under the broker's 64 KiB frame limit
 BACKOFF_CAP = 10.0        # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000       # a ZeroMQ handshake with a stopped broker gives up after this
 MINE_MEMORY = 100_000     # message ids of ours remembered, to mark our own echoes
@@ -257,6 +258,7 @@ class Client:
         self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
         self.want_rooms = list(rooms)
         self.rooms: dict[str, RoomOrder[Event]] = {}   # the rooms we are in, each in order
+        self._heard: list[tuple[str, int, asyncio.Future[bool]]] = []   # heard() waiting
         self.welcome: dict[str, Any] = {}
         self.heartbeat = 2.0
         self.connected = False
@@ -357,6 +359,32 @@ class Client:
                                                     "since": since})
         return [Event.from_wire(e, mine=self._is_mine(e), backlog=True)
                 for e in reply["events"]]
+
+    async def private_history(self, nick: str, *, limit: int = 50,
+                              since: float | None = None) -> list[Event]:
+        """Your private conversation with nick, both ways, oldest first (the broker gives
+        it only to its two parties: it needs this client's resume token or CURVE key)."""
+        reply = await self.request(m.Kind.HISTORY, {"with": nick, "limit": limit,
+                                                    "since": since})
+        return [Event.from_wire(e, mine=m.nick_key(str(e.get("nick", ""))) ==
+                                m.nick_key(self.nick) or self._is_mine(e), backlog=True)
+                for e in reply["events"]]
+
+    async def heard(self, room: str, seq: int, timeout: float | None = None) -> bool:
+        """Wait until this client has delivered room's events up to seq (its own message
+        echoed back, say): False if that takes longer than timeout or it left the room.
+        In a cluster an acknowledgement can come back before the echo."""
+        order = self.rooms.get(room)
+        if order is None:
+            return False
+        if order.last >= seq:
+            return True
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._heard.append((room, seq, future))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            return False
 
     async def kick(self, room: str, nick: str, reason: str = "") -> None:
         await self.request(m.Kind.KICK, {"room": room, "nick": nick, "reason": reason})
@@ -774,6 +802,8 @@ class Client:
         if order is None:
             return
         self._events.extend(order.receive(events))
+        if self._heard:
+            self._wake_heard(room, order)
         self._repair_if_missing(room, order)
 
     def _known(self, room: str, seq: int) -> None:
@@ -809,9 +839,21 @@ class Client:
                                 room, result.skipped[0], result.skipped[-1])
                 if self.rooms.get(room) is order:
                     self._events.extend(result.ready)
+                    if self._heard:
+                        self._wake_heard(room, order)
         finally:
             if fetch is not None:   # stopped before its reply: a later fetch() asks again
                 order.failed(fetch)
+
+    def _wake_heard(self, room: str, order: RoomOrder[Event]) -> None:
+        still = []
+        for r, seq, future in self._heard:
+            if r == room and order.last >= seq:
+                if not future.done():
+                    future.set_result(True)
+            elif not future.done():
+                still.append((r, seq, future))
+        self._heard = still
 
     def _new_private(self, ev: dict[str, Any]) -> bool:
         """Whether a pushed private message is news (after a reconnect the broker pushes
@@ -873,10 +915,13 @@ class Client:
             return [first]
         limit = max(1, min(int(self.welcome.get("max_batch", m.MAX_BATCH)),
                            int(self.welcome.get("burst", 20)) or m.MAX_BATCH))
-        batch = []
+        batch, size = [], 0
         for item in self._outbox.values():
             if item.kind != "say" or item.target != first.target or item.extra != first.extra \
                     or len(batch) >= limit:
+                break
+            size += len(m.dumps(item.text)) + 80   # its id and the JSON around it
+            if batch and size > BATCH_BYTES:       # the frame must stay under MAX_FRAME
                 break
             batch.append(item)
         return batch

@@ -654,3 +654,33 @@ def test_blocking_client_for_simple_scripts(broker):
         script.close()
         reader.close()
         ctx.destroy(linger=0)
+
+
+def test_many_long_messages_go_in_batches_the_broker_takes(make_broker):
+    """Twenty messages of 3,900 characters sent at once all arrive: the library keeps each
+    SAY under the broker's frame limit instead of sending one it would refuse forever."""
+    broker = make_broker(rate=0)
+
+    async def scenario(chat: Chat) -> None:
+        ann, bob = await chat.client("ann"), await chat.client("bob")
+        texts = [f"{i:02d}" + "x" * 3898 for i in range(20)]
+        seqs = await asyncio.gather(*(ann.say("lobby", t) for t in texts))
+        assert seqs == sorted(seqs)
+        got = await until(bob, lambda e: e.text == texts[-1], "the last long message")
+        assert [e.text for e in got if e.kind == "msg"] == texts
+    run(broker, scenario)
+
+
+def test_private_history_through_the_library(broker):
+    """Client.private_history: the conversation with a nick, both ways, oldest first."""
+    async def scenario(chat: Chat) -> None:
+        ann, bob = await chat.client("ann"), await chat.client("bob")
+        await ann.msg("bob", "one")
+        await saw(bob, "one", "private")
+        await bob.msg("ann", "two")
+        await saw(ann, "two", "private")
+        events = await ann.private_history("BOB")
+        assert [(e.nick, e.data["to"], e.text, e.mine) for e in events] == [
+            ("ann", "bob", "one", True), ("bob", "ann", "two", False)]
+        assert [e.text for e in await bob.private_history("ann", limit=1)] == ["two"]
+    run(broker, scenario)

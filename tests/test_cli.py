@@ -383,6 +383,34 @@ def test_private_messages_read_clearly_on_both_sides(chat):
     assert alice.end_input() == 0
 
 
+def test_history_with_a_nick_shows_the_private_conversation(chat):
+    """/history NICK lists the private messages between you and NICK, both ways, in order;
+    a third person's /history NICK shows none of them."""
+    bob = chat("script", "-u", "bob")
+    bob.wait_line("bob joined")
+    alice = chat("script", "-u", "alice")
+    alice.send("/msg bob one")
+    bob.wait_line("[private] alice: one")
+    bob.send("/msg alice two")
+    alice.wait_line("[private] bob: two")
+    alice.send("/history bob")
+    title = alice.wait_line("your last 2 private messages with bob:")
+
+    def listed() -> list[str]:
+        lines = list(alice.lines)
+        return lines[lines.index(title) + 1:][:2]
+    wait_for(lambda: len(listed()) == 2, 5, "the two messages")
+    first, second = listed()
+    assert "[private -> bob] one" in first and "[private] bob: two" in second
+    carol = chat("script", "-u", "carol")
+    carol.send("/history bob 10")
+    carol.wait_line("no private messages with bob")
+    carol.send("/history bob x")
+    carol.wait_line("usage: /history [NICK] [N]")
+    for c in (alice, bob, carol):
+        assert c.end_input() == 0
+
+
 def test_join_switches_rooms_and_unknown_rooms_are_listed(chat):
     """/join ROOM moves you (the old room sees you leave); an unknown room's error lists rooms."""
     w = watcher(chat)

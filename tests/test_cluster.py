@@ -290,3 +290,25 @@ def test_a_broker_killed_its_clients_resume_on_the_other(make_cluster_broker):
             await c.close()
         await quiet.close()
     asyncio.run(scenario())
+
+
+def test_a_script_piping_into_a_cluster_sees_its_own_lines(make_cluster_broker):
+    """`client.py --json -i b1,b2` with lines on stdin, as a script runs it: every line comes
+    back as its own event (mine) before it exits 0, although in a cluster a message's
+    acknowledgement can come back before its echo."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
+    lines = [f"deploy step {i}" for i in range(20)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), "--json", "-u", "deploybot",
+         "-i", f"127.0.0.1:{b1.port},127.0.0.1:{b2.port}"],
+        input="".join(f"{line}\n" for line in lines), capture_output=True, text=True,
+        timeout=30, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    mine = [e["text"] for e in events if e.get("kind") == "msg" and e.get("mine")]
+    assert mine == lines
