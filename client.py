@@ -273,6 +273,7 @@ class Client:
         self._online = asyncio.Event()
         self._dealer: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
+        self._behind = False
         self._tasks: list[asyncio.Task] = []
         self._repairs: set[asyncio.Task] = set()   # history fetches under way
         self._closing = False
@@ -516,6 +517,7 @@ class Client:
         sub.setsockopt(zmq.RCVHWM, 10000)
         sub.connect(self._endpoint(pub_port))
         self._sub = sub
+        self._behind = False          # room events left waiting on it after the last turn
         self._grants: dict[str, list[str]] = {}
         self._gen += 1
 
@@ -736,7 +738,8 @@ class Client:
 
     def _read_sub(self) -> None:
         """Room batches waiting, up to about EVENTS_PER_TURN events: then the reader lets the
-        consumer in, which reads them while they are still in the processor's cache."""
+        consumer in, which reads them while they are still in the processor's cache. Once
+        none is left waiting, whatever is still missing is fetched from history."""
         assert self._sub is not None
         taken = 0
         for frames in self._ready(self._sub):
@@ -745,7 +748,13 @@ class Client:
                 self._ingest(events[0].room or "", events)
                 taken += len(events)
                 if taken >= EVENTS_PER_TURN:
-                    return
+                    break
+        behind = bool(self._sub.get(zmq.EVENTS) & zmq.POLLIN)
+        if self._behind and not behind:
+            self._behind = False
+            for room, order in list(self.rooms.items()):
+                self._repair_if_missing(room, order)
+        self._behind = behind
 
     def _decode_batch(self, frames: list[bytes]) -> list[Event]:
         """A published batch -> its Events, ours marked mine; [] (said) when malformed."""
@@ -814,7 +823,11 @@ class Client:
             self._repair_if_missing(room, order)
 
     def _repair_if_missing(self, room: str, order: RoomOrder[Event]) -> None:
-        if self.connected and (fetch := order.fetch()) is not None:
+        """Fetch what the room lacks: at once when events wait behind a gap; otherwise only
+        once no live event is left to read (a ping reply that says the room is ahead of what
+        we read may only be ahead of what waits in our socket)."""
+        if self.connected and (order.held or not self._behind) \
+                and (fetch := order.fetch()) is not None:
             task = asyncio.create_task(self._repair(room, order, fetch))
             self._repairs.add(task)
             task.add_done_callback(self._repairs.discard)

@@ -78,6 +78,12 @@ class RoomOrder(Generic[E]):
         """Whether the room has events we have not delivered yet."""
         return self.target > self.last
 
+    @property
+    def held(self) -> bool:
+        """Whether events wait behind a gap: proof that some were lost on the way (while
+        missing() alone may only mean they have not arrived yet)."""
+        return bool(self._buffer)
+
     def receive(self, events: Sequence[E]) -> list[E]:
         """Events of the room, heard in any order and maybe again -> those now ready to
         deliver, in order (possibly the list given). Older ones are dropped; ones ahead of a
