@@ -2,39 +2,55 @@
 
     python bench/nats_clients.py [--count 100000] [--reps 3]
 
-One nats-server, one receiver process at a time subscribed to `room.bench`, and this
-process publishing --count events (the benchmark's event, 100-character text) as fast as it
-can, 100 PUBs per write. Each receiver checks every event's number (as the benchmark's do)
-and reports the CPU it used (user + system) and the time from its subscription to its last
-event:
-the client with fewer microseconds per event is the one that keeps the benchmark's receivers
-from being what W1F measures. `nats-py` gets each message as a Msg in an async callback and
-decodes it on its own; `raw` is the benchmark's NatsPeer (bench/peers.py), which decodes all
-the events of one read at once.
+One nats-server and one receiver process at a time, subscribed to `room.bench`. The
+receiver is held (blocked, reading nothing) while this process publishes --count events (the
+benchmark's event, 100-character text), so that they all wait for it in the server and the
+socket; then it is let go, and it reports how fast it worked through them and the CPU it
+used (user + system), checking every event's number as the benchmark's receivers do. So
+neither the publisher nor a round trip sets the pace: the figures are the client's own.
+`raw` is the benchmark's NatsPeer (bench/peers.py) in an epoll loop, decoding all the events
+of one read at once; `nats-py` is the library's client, an async callback per message, each
+event decoded on its own.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import HERE, start_nats
-from peers import PAD, Loop, NatsPeer, Tally, data_text
+from bench import HERE, Child, start_nats
+from peers import Loop, NatsPeer, Tally, data_text
 
 import messages as m
 
 CLIENTS = ("raw", "nats-py")
 
 
-def consume_raw(port: int, count: int) -> Tally:
+def emit(**msg: Any) -> None:
+    print(json.dumps(msg), flush=True)
+
+
+def hold() -> tuple[float, int]:
+    """Subscribed: say so, block until told to go; the costs count from then."""
+    emit(ready=True)
+    sys.stdin.readline()
+    return time.process_time(), time.monotonic_ns()
+
+
+def report(tally: Tally, start: tuple[float, int]) -> None:
+    emit(cpu=time.process_time() - start[0], secs=(tally.last_ns - start[1]) / 1e9,
+         received=tally.total, gaps=tally.gaps, dups=tally.dups)
+
+
+def consume_raw(port: int, count: int) -> None:
     """NatsPeer in an epoll loop, as in a receiver process of the benchmark."""
     loop = Loop()
     peer = NatsPeer(loop, "127.0.0.1", port, "r0", "bench")
@@ -42,13 +58,13 @@ def consume_raw(port: int, count: int) -> Tally:
     peer.announce()  # back once the SUBs are in effect (the server keeps a connection's order)
     while not peer.tally.own_ns:
         loop.poll(0.1)
-    ready()
+    start = hold()
     while peer.tally.total < count:
         loop.poll(1.0)
-    return peer.tally
+    report(peer.tally, start)
 
 
-def consume_nats_py(port: int, count: int) -> Tally:
+def consume_nats_py(port: int, count: int) -> None:
     """nats-py's client: a callback per message, each event decoded on its own."""
     import nats
 
@@ -65,47 +81,37 @@ def consume_nats_py(port: int, count: int) -> Tally:
 
         await nc.subscribe("room.bench", cb=on_msg)
         await nc.flush()  # a PING answered: the SUB is in effect
-        ready()
+        start = hold()  # blocks the event loop itself: nothing is read meanwhile
         await done.wait()
+        report(tally, start)
         await nc.close()
 
     asyncio.run(run())
-    return tally
 
 
-START: dict[str, float] = {}  # the receiver's CPU time and clock when it said "ready"
-
-
-def ready() -> None:
-    """Subscribed: the publisher may start, and the receiver's costs count from now."""
-    START.update(cpu=time.process_time(), ns=time.monotonic_ns())
-    print("ready", flush=True)
-
-
-def receiver(client: str, port: int, count: int) -> None:
-    """The receiving process: reports CPU and wall time over the count events, as JSON."""
-    tally = (consume_raw if client == "raw" else consume_nats_py)(port, count)
-    print(json.dumps({"cpu": time.process_time() - START["cpu"], "received": tally.total,
-                      "gaps": tally.gaps, "dups": tally.dups,
-                      "secs": (tally.last_ns - START["ns"]) / 1e9}), flush=True)
-
-
-def publish(port: int, count: int) -> float:
-    """count events on room.bench, 100 PUBs per write; returns when the last is written."""
+def publish(port: int, count: int) -> None:
+    """count events on room.bench, 100 PUBs per write; returns once the server has them all
+    (the answer to a PING after them)."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
-    t0 = time.monotonic()
-    for first in range(0, count, 100):
+    for first in range(1, count + 1, 100):
         out = bytearray()
-        for seq in range(first + 1, min(count, first + 100) + 1):
+        for seq in range(first, min(count, first + 99) + 1):
             event = m.dumps({"room": "bench", "seq": seq, "id": f"bench:{seq}",
                              "ts": time.time(), "nick": "sender", "kind": "msg",
                              "text": data_text(time.monotonic_ns(), seq), "cmid": f"s.{seq}"})
             out += b"PUB room.bench %d\r\n%s\r\n" % (len(event), event)
         sock.sendall(out)
+    sock.sendall(b"PING\r\n")
+    sock.settimeout(30)
+    seen = b""
+    while b"PONG\r\n" not in seen:
+        data = sock.recv(4096)
+        if not data:
+            raise SystemExit("nats-server closed the publisher's connection")
+        seen = seen[-8:] + data
     sock.close()
-    return time.monotonic() - t0
 
 
 def main() -> int:
@@ -115,25 +121,27 @@ def main() -> int:
     p.add_argument("--receiver", choices=CLIENTS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
-    assert len(PAD) == 100
     if a.receiver:
-        receiver(a.receiver, a.port, a.count)
+        (consume_raw if a.receiver == "raw" else consume_nats_py)(a.port, a.count)
         return 0
     logdir = Path(tempfile.mkdtemp(prefix="natsclients-"))
     server, port = start_nats("nats", logdir)
     try:
         for client in CLIENTS:
             per_event, rates = [], []
-            for _ in range(a.reps):
-                proc = subprocess.Popen([sys.executable, str(HERE / "nats_clients.py"),
-                                         "--receiver", client, "--port", str(port),
-                                         "--count", str(a.count)], stdout=subprocess.PIPE)
-                assert proc.stdout is not None
-                if proc.stdout.readline().strip() != b"ready":
-                    raise SystemExit(f"{client}: the receiver did not start")
-                publish(port, a.count)
-                out = json.loads(proc.stdout.readline())
-                proc.wait(30)
+            for rep in range(a.reps):
+                recv = Child(f"{client}-{rep}", [sys.executable, str(HERE / "nats_clients.py"),
+                                                 "--receiver", client, "--port", str(port),
+                                                 "--count", str(a.count)], logdir)
+                try:
+                    recv.expect("ready", 30)
+                    publish(port, a.count)
+                    assert recv.proc.stdin is not None
+                    recv.proc.stdin.write(b"go\n")
+                    recv.proc.stdin.flush()
+                    out = recv.expect("cpu", 120)
+                finally:
+                    recv.stop(polite=False)
                 if out["received"] != a.count or out["gaps"] or out["dups"]:
                     raise SystemExit(f"{client}: {out}")
                 per_event.append(out["cpu"] / a.count * 1e6)
@@ -143,6 +151,7 @@ def main() -> int:
                   f"{statistics.median(rates):,.0f} events/s")
     finally:
         server.stop(polite=False)
+        shutil.rmtree(logdir, ignore_errors=True)
     return 0
 
 
