@@ -21,6 +21,7 @@ that a slow one does not hold up the others. The library's stream of events stay
 as `bot.events()` (the bot reads `bot.client` itself: do not iterate that one too).
 PROTOCOL.md describes what goes over the wire.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,18 +33,18 @@ import shlex
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from client import ChatError, Client, Event
 
 log = logging.getLogger("bot")
 
-MAX_HOPS = 3         # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
-MAX_THREADS = 16     # plain-def handlers running at once; more wait their turn
-NICK_WAIT = 30.0     # seconds a taken nick is retried at start: a previous run still holds it
-ROOM_KINDS = frozenset({"msg", "action", "join", "leave", "nick", "topic", "kick", "ban",
-                        "notice"})
+MAX_HOPS = 3  # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
+MAX_THREADS = 16  # plain-def handlers running at once; more wait their turn
+NICK_WAIT = 30.0  # seconds a taken nick is retried at start: a previous run still holds it
+ROOM_KINDS = frozenset({"msg", "action", "join", "leave", "nick", "topic", "kick", "ban", "notice"})
 
 Handler = Callable[..., Any]
 
@@ -54,6 +55,7 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------------------- commands
 
+
 @dataclass
 class Command:
     """A `!name args` command: its function, and how its arguments are read and shown."""
@@ -61,27 +63,34 @@ class Command:
     name: str
     fn: Handler
     params: list[inspect.Parameter]
-    help: str                 # the docstring, on one line
+    help: str  # the docstring, on one line
     hidden: bool = False
-    summary: str = ""         # its first line: what !help lists
+    summary: str = ""  # its first line: what !help lists
 
     @classmethod
-    def from_function(cls, name: str, fn: Handler, hidden: bool = False) -> "Command":
+    def from_function(cls, name: str, fn: Handler, hidden: bool = False) -> Command:
         try:
             sig = inspect.signature(fn, eval_str=True)
-        except (NameError, TypeError, SyntaxError):   # an annotation we cannot resolve
+        except (NameError, TypeError, SyntaxError):  # an annotation we cannot resolve
             sig = inspect.signature(fn)
         params = list(sig.parameters.values())
-        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY,
-                                                 params[0].POSITIONAL_OR_KEYWORD):
+        if not params or params[0].kind not in (
+            params[0].POSITIONAL_ONLY,
+            params[0].POSITIONAL_OR_KEYWORD,
+        ):
             raise TypeError(f"command {name!r}: the first parameter receives the context")
         for p in params[1:]:
             if p.kind is p.KEYWORD_ONLY and p.default is p.empty:
                 raise TypeError(f"command {name!r}: keyword-only {p.name!r} needs a default")
         doc = inspect.getdoc(fn) or ""
-        return cls(name, fn, params[1:], " ".join(line.strip() for line in doc.splitlines()
-                                                  if line.strip()), hidden,
-                   doc.splitlines()[0].strip() if doc else "")
+        return cls(
+            name,
+            fn,
+            params[1:],
+            " ".join(line.strip() for line in doc.splitlines() if line.strip()),
+            hidden,
+            doc.splitlines()[0].strip() if doc else "",
+        )
 
     @property
     def usage(self) -> str:
@@ -110,8 +119,13 @@ class Command:
                     raise UsageError(f"{p.name.upper()} is missing")
                 else:
                     out.append(p.default)
-        if rest and out and self.params and self.params[-1].annotation in (str, "str") \
-                and self.params[-1].kind is not self.params[-1].VAR_POSITIONAL:
+        if (
+            rest
+            and out
+            and self.params
+            and self.params[-1].annotation in (str, "str")
+            and self.params[-1].kind is not self.params[-1].VAR_POSITIONAL
+        ):
             out[-1] = " ".join([str(out[-1]), *rest])  # a last text argument takes the rest
             rest = []
         if rest:
@@ -156,6 +170,7 @@ def split_args(text: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- contexts
 
+
 class Context:
     """What a handler gets: the event that woke it, and a way to answer and to act.
 
@@ -164,9 +179,17 @@ class Context:
     In a plain `def` handler the same methods block until done and return the same values.
     """
 
-    def __init__(self, bot: "Bot", event: Event | None, *, hops: int = 0,
-                 command: Command | None = None, args: list[str] | None = None,
-                 argtext: str = "", match: re.Match | None = None) -> None:
+    def __init__(
+        self,
+        bot: Bot,
+        event: Event | None,
+        *,
+        hops: int = 0,
+        command: Command | None = None,
+        args: list[str] | None = None,
+        argtext: str = "",
+        match: re.Match | None = None,
+    ) -> None:
         self.bot, self.event, self.hops = bot, event, hops
         self.command, self.args, self.argtext, self.match = command, args or [], argtext, match
 
@@ -200,8 +223,11 @@ class Context:
     def _next_hop(self) -> int | None:
         hops = self.hops + 1
         if hops > self.bot.max_hops:
-            log.info("hop limit %d reached: not sending after %s", self.bot.max_hops,
-                     describe(self.event))
+            log.info(
+                "hop limit %d reached: not sending after %s",
+                self.bot.max_hops,
+                describe(self.event),
+            )
             return None
         return hops
 
@@ -223,7 +249,7 @@ class Context:
         hops = self._next_hop()
         if hops is None:
             return None
-        extra.pop("hops", None)   # the chain length is ours to count, not the caller's
+        extra.pop("hops", None)  # the chain length is ours to count, not the caller's
         seq = None
         for chunk in _chunks(text, int(self.client.welcome.get("max_text", 4000))):
             seq = await self.client.say(room, chunk, action=action, hops=hops, **extra)
@@ -251,11 +277,17 @@ class Context:
         """The nicks in a room, or everyone connected."""
         return await self.client.who(room)
 
-    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
-                      after: int | None = None, since: float | None = None) -> list[Event]:
+    async def history(
+        self,
+        room: str,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+        after: int | None = None,
+        since: float | None = None,
+    ) -> list[Event]:
         """Stored events of a room the bot is in, oldest first."""
-        return await self.client.history(room, limit=limit, before=before, after=after,
-                                         since=since)
+        return await self.client.history(room, limit=limit, before=before, after=after, since=since)
 
     async def join(self, room: str) -> dict[str, Any]:
         return await self.client.join(room, backlog=0)
@@ -280,19 +312,21 @@ class SyncContext:
 
         def blocking(*args: Any, **kwargs: Any) -> Any:
             return asyncio.run_coroutine_threadsafe(attr(*args, **kwargs), self._loop).result()
+
         return blocking
 
 
 # ---------------------------------------------------------------------------- handlers
 
+
 @dataclass
 class _Handler:
     fn: Handler
-    kinds: frozenset[str] | None            # None: every event except status
+    kinds: frozenset[str] | None  # None: every event except status
     rooms: frozenset[str] | None = None
     pattern: re.Pattern | None = None
     name: str = ""
-    sees_commands: bool = False             # on_event: yes; on_message, on_private: no
+    sees_commands: bool = False  # on_event: yes; on_message, on_private: no
 
     def match(self, ev: Event) -> re.Match | bool:
         if self.kinds is None and ev.kind == "status":
@@ -317,7 +351,7 @@ def _pattern(pattern: str | re.Pattern | None) -> re.Pattern | None:
 
 
 def _chunks(text: str, size: int) -> list[str]:
-    return [text[i:i + size] for i in range(0, len(text), max(1, size))]
+    return [text[i : i + size] for i in range(0, len(text), max(1, size))]
 
 
 def describe(ev: Event | None) -> str:
@@ -331,6 +365,7 @@ def describe(ev: Event | None) -> str:
 
 # ---------------------------------------------------------------------------- the bot
 
+
 class EventStream:
     """An async iterator over the events from its creation on; close it (or use `async with`)
     when done, or it keeps every event in memory until the bot stops."""
@@ -340,7 +375,7 @@ class EventStream:
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         taps.append(self._queue)
 
-    def __aiter__(self) -> "EventStream":
+    def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> Event:
@@ -354,7 +389,7 @@ class EventStream:
         if self._queue in self._taps:
             self._taps.remove(self._queue)
 
-    async def __aenter__(self) -> "EventStream":
+    async def __aenter__(self) -> EventStream:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -370,9 +405,15 @@ class _Timer:
 class Bot:
     """Handlers registered with decorators, run against one client connection."""
 
-    def __init__(self, *, prefix: str = "!", listen_to_bots: bool = False,
-                 max_hops: int = MAX_HOPS, max_threads: int = MAX_THREADS,
-                 help: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        prefix: str = "!",
+        listen_to_bots: bool = False,
+        max_hops: int = MAX_HOPS,
+        max_threads: int = MAX_THREADS,
+        help: bool = True,
+    ) -> None:
         if not prefix:
             raise ValueError("the command prefix must not be empty")
         self.prefix, self.listen_to_bots, self.max_hops = prefix, listen_to_bots, max_hops
@@ -389,61 +430,85 @@ class Bot:
         self._slots: asyncio.Semaphore | None = None
         self._taps: list[asyncio.Queue] = []
         self._handled: dict[str, int] = {}
-        self._streak: dict[str, int] = {}     # private conversation -> bot messages in a row
+        self._streak: dict[str, int] = {}  # private conversation -> bot messages in a row
         self._inflight = 0
 
     # ------------------------------------------------------------------ decorators
-    def command(self, name: str | Handler | None = None, *, hidden: bool = False
-                ) -> Callable[[Handler], Handler] | Handler:
+    def command(
+        self, name: str | Handler | None = None, *, hidden: bool = False
+    ) -> Callable[[Handler], Handler] | Handler:
         """Register `!name args`: `fn(ctx, *args)`; its signature gives the usage line, its
         docstring the help. A returned string is sent as the reply."""
+
         def register(fn: Handler) -> Handler:
             cmd_name = (name if isinstance(name, str) else fn.__name__).lower()
             if not cmd_name or any(c.isspace() for c in cmd_name):
                 raise ValueError(f"bad command name {cmd_name!r}")
             self.commands[cmd_name] = Command.from_function(cmd_name, fn, hidden)
             return fn
+
         if callable(name):
             return register(name)
         return register
 
-    def _on(self, kinds: frozenset[str] | None, fn: Handler | None, *,
-            sees_commands: bool = False, **filters: Any) -> Any:
+    def _on(
+        self,
+        kinds: frozenset[str] | None,
+        fn: Handler | None,
+        *,
+        sees_commands: bool = False,
+        **filters: Any,
+    ) -> Any:
         def register(f: Handler) -> Handler:
-            self.handlers.append(_Handler(f, kinds, _rooms(filters.get("room")),
-                                          _pattern(filters.get("pattern")), f.__name__,
-                                          sees_commands))
+            self.handlers.append(
+                _Handler(
+                    f,
+                    kinds,
+                    _rooms(filters.get("room")),
+                    _pattern(filters.get("pattern")),
+                    f.__name__,
+                    sees_commands,
+                )
+            )
             return f
+
         return register(fn) if fn is not None else register
 
-    def on_message(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None,
-                   pattern: str | re.Pattern | None = None) -> Any:
+    def on_message(
+        self,
+        fn: Handler | None = None,
+        *,
+        room: str | Iterable[str] | None = None,
+        pattern: str | re.Pattern | None = None,
+    ) -> Any:
         """A message or action in a room (not one of this bot's commands); `ctx.match` holds
         the pattern's match."""
         return self._on(frozenset({"msg", "action"}), fn, room=room, pattern=pattern)
 
-    def on_join(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None
-                ) -> Any:
+    def on_join(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None) -> Any:
         """Someone joined a room the bot is in."""
         return self._on(frozenset({"join"}), fn, room=room)
 
-    def on_leave(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None
-                 ) -> Any:
+    def on_leave(
+        self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None
+    ) -> Any:
         """Someone left a room the bot is in: parted, quit, lost, or kicked."""
         return self._on(frozenset({"leave", "kick"}), fn, room=room)
 
-    def on_private(self, fn: Handler | None = None, *, pattern: str | re.Pattern | None = None
-                   ) -> Any:
+    def on_private(
+        self, fn: Handler | None = None, *, pattern: str | re.Pattern | None = None
+    ) -> Any:
         """A private message to the bot (not one of its commands); `ctx.reply` answers privately."""
         return self._on(frozenset({"private"}), fn, pattern=pattern)
 
     def on_event(self, *kinds: str | Handler, room: str | Iterable[str] | None = None) -> Any:
         """Every event of these kinds (all room and private events if none given; "status"
         for the library's connection notices), commands included."""
-        if len(kinds) == 1 and callable(kinds[0]):      # @bot.on_event without parentheses
+        if len(kinds) == 1 and callable(kinds[0]):  # @bot.on_event without parentheses
             return self._on(None, kinds[0], room=room, sees_commands=True)
-        return self._on(frozenset(str(k) for k in kinds) if kinds else None, None, room=room,
-                        sees_commands=True)
+        return self._on(
+            frozenset(str(k) for k in kinds) if kinds else None, None, room=room, sees_commands=True
+        )
 
     def every(self, seconds: float) -> Callable[[Handler], Handler]:
         """Run `fn(ctx)` every `seconds` while connected (ctx.event is None: use ctx.say)."""
@@ -453,22 +518,36 @@ class Bot:
         def register(fn: Handler) -> Handler:
             self.timers.append(_Timer(seconds, fn))
             return fn
+
         return register
 
     # ------------------------------------------------------------------ running
-    def run(self, host: str = "127.0.0.1", port: int = 9001, nick: str = "bot",
-            rooms: Iterable[str] = ("lobby",), **options: Any) -> None:
+    def run(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9001,
+        nick: str = "bot",
+        rooms: Iterable[str] = ("lobby",),
+        **options: Any,
+    ) -> None:
         """Connect and serve until Ctrl+C (or SIGTERM, or `stop()`); for scripts."""
         try:
             asyncio.run(self.arun(host, port, nick, rooms, **options))
-        except KeyboardInterrupt:   # where the loop cannot catch signals itself
+        except KeyboardInterrupt:  # where the loop cannot catch signals itself
             pass
         except ChatError as err:
             raise SystemExit(f"{nick}: {err.reason}") from None
 
-    def start(self, host: str = "127.0.0.1", port: int = 9001, nick: str = "bot",
-              rooms: Iterable[str] = ("lobby",), *, timeout: float = 10.0,
-              **options: Any) -> "Bot":
+    def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9001,
+        nick: str = "bot",
+        rooms: Iterable[str] = ("lobby",),
+        *,
+        timeout: float = 10.0,
+        **options: Any,
+    ) -> Bot:
         """Run on a background thread; returns once connected (raises what connecting raised)."""
         ready, failed = threading.Event(), []
 
@@ -479,6 +558,7 @@ class Bot:
                 failed.append(exc)
             finally:
                 ready.set()
+
         self._thread = threading.Thread(target=main, name=f"bot-{nick}", daemon=True)
         self._thread.start()
         if not ready.wait(timeout):
@@ -494,15 +574,23 @@ class Bot:
         if loop is not None and stopping is not None:
             try:
                 loop.call_soon_threadsafe(stopping.set)
-            except RuntimeError:     # the loop has already closed
+            except RuntimeError:  # the loop has already closed
                 pass
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    async def arun(self, host: str = "127.0.0.1", port: int = 9001, nick: str = "bot",
-                   rooms: Iterable[str] = ("lobby",), *, retry: bool = True,
-                   _ready: threading.Event | None = None, **options: Any) -> None:
+    async def arun(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9001,
+        nick: str = "bot",
+        rooms: Iterable[str] = ("lobby",),
+        *,
+        retry: bool = True,
+        _ready: threading.Event | None = None,
+        **options: Any,
+    ) -> None:
         """Connect (retrying while the broker is unreachable) and serve until `stop()`."""
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
@@ -510,15 +598,20 @@ class Bot:
         self._slots = asyncio.Semaphore(self.max_threads)
         if self._help and self.commands and "help" not in self.commands:
             self.commands["help"] = Command.from_function("help", self._cmd_help)
-        options.setdefault("backlog", 0)   # old commands in the backlog are not answered again
+        options.setdefault("backlog", 0)  # old commands in the backlog are not answered again
         signals = self._catch_signals()
         loops: list[asyncio.Task] = []
         try:
             self.client = await self._connect(host, port, nick, list(rooms), retry, options)
-            if self.client is None:        # stopped before the broker answered
+            if self.client is None:  # stopped before the broker answered
                 return
-            log.info("%s connected to %s:%d, in %s", self.client.nick, host, port,
-                     ", ".join(self.client.rooms) or "no rooms")
+            log.info(
+                "%s connected to %s:%d, in %s",
+                self.client.nick,
+                host,
+                port,
+                ", ".join(self.client.rooms) or "no rooms",
+            )
             loops = [asyncio.create_task(self._dispatcher())]
             loops += [asyncio.create_task(self._tick(t)) for t in self.timers]
             if _ready is not None:
@@ -540,8 +633,15 @@ class Bot:
         for q in self._taps:
             q.put_nowait(None)
 
-    async def _connect(self, host: str, port: int, nick: str, rooms: list[str], retry: bool,
-                       options: dict[str, Any]) -> Client | None:
+    async def _connect(
+        self,
+        host: str,
+        port: int,
+        nick: str,
+        rooms: list[str],
+        retry: bool,
+        options: dict[str, Any],
+    ) -> Client | None:
         delay = 0.5
         give_up_taken = time.monotonic() + NICK_WAIT
         assert self._stopping is not None
@@ -551,7 +651,7 @@ class Bot:
             stopped = asyncio.create_task(self._stopping.wait())
             await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
-            if not connecting.done():          # stop() while waiting for the broker
+            if not connecting.done():  # stop() while waiting for the broker
                 connecting.cancel()
                 await asyncio.gather(connecting, return_exceptions=True)
                 await client.close()
@@ -565,15 +665,23 @@ class Bot:
                 if not retry or not (taken or err.code in ("TIMEOUT", "DISCONNECTED")):
                     raise
                 if taken:  # most likely our own previous run, until the broker drops it
-                    log.warning("the nick %s is taken (by this bot's previous run?); "
-                                "retrying in %.1f s", nick, delay)
+                    log.warning(
+                        "the nick %s is taken (by this bot's previous run?); retrying in %.1f s",
+                        nick,
+                        delay,
+                    )
                 else:
-                    log.warning("cannot reach the broker at %s:%d (%s); retrying in %.1f s",
-                                host, port, err.reason, delay)
+                    log.warning(
+                        "cannot reach the broker at %s:%d (%s); retrying in %.1f s",
+                        host,
+                        port,
+                        err.reason,
+                        delay,
+                    )
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
                 return None
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 delay = min(delay * 2, 10.0)
 
     def _catch_signals(self) -> list[int]:
@@ -586,12 +694,12 @@ class Bot:
             try:
                 self._loop.add_signal_handler(sig, self._stopping.set)
                 caught.append(sig)
-            except (NotImplementedError, RuntimeError):   # Windows: KeyboardInterrupt instead
+            except (NotImplementedError, RuntimeError):  # Windows: KeyboardInterrupt instead
                 pass
         return caught
 
     # ------------------------------------------------------------------ observing
-    def events(self) -> "EventStream":
+    def events(self) -> EventStream:
         """Every event the library delivers from now on (own messages and status notices
         included), until the bot stops: for a handler that waits for what comes next.
 
@@ -673,7 +781,7 @@ class Bot:
         """Run the command this message invokes, if it is one of ours."""
         if ev.kind not in ("msg", "private") or not ev.text.startswith(self.prefix):
             return False
-        name, _, rest = ev.text[len(self.prefix):].partition(" ")
+        name, _, rest = ev.text[len(self.prefix) :].partition(" ")
         name = name.strip().lower()
         cmd = self.commands.get(name)
         if cmd is None:
@@ -691,10 +799,10 @@ class Bot:
     def _say_unknown(self, name: str, hint: str) -> Handler:
         async def unknown(ctx: Context) -> str:
             return f"unknown command {self.prefix}{name}{hint}"
+
         return unknown
 
-    def _spawn(self, fn: Handler, ctx: Context, what: str, command: Command | None = None
-               ) -> None:
+    def _spawn(self, fn: Handler, ctx: Context, what: str, command: Command | None = None) -> None:
         self._inflight += 1
         task = asyncio.create_task(self._invoke(fn, ctx, what, command))
         self._tasks.add(task)
@@ -704,8 +812,9 @@ class Bot:
         self._tasks.discard(task)
         self._inflight -= 1
 
-    async def _invoke(self, fn: Handler, ctx: Context, what: str,
-                      command: Command | None = None) -> None:
+    async def _invoke(
+        self, fn: Handler, ctx: Context, what: str, command: Command | None = None
+    ) -> None:
         """Run one handler; its string result is the reply; nothing it raises escapes."""
         try:
             args = command.bind(ctx.args) if command is not None else []
@@ -721,8 +830,7 @@ class Bot:
             raise
         except UsageError as err:
             if command is None:
-                log.error("%s raised UsageError outside a command on %s", what,
-                          describe(ctx.event))
+                log.error("%s raised UsageError outside a command on %s", what, describe(ctx.event))
                 return
             detail = f" ({err})" if str(err) else ""
             await self._safe_reply(ctx, f"usage: {self.prefix}{command.usage}{detail}")
@@ -759,8 +867,11 @@ class Bot:
             if cmd is None:
                 return f"no command {p}{command}; {p}help lists them"
             return f"{p}{cmd.usage}" + (f" - {cmd.help}" if cmd.help else "")
-        lines = [f"{p}{c.usage}" + (f" - {c.summary}" if c.summary else "")
-                 for name, c in sorted(self.commands.items()) if not c.hidden]
+        lines = [
+            f"{p}{c.usage}" + (f" - {c.summary}" if c.summary else "")
+            for name, c in sorted(self.commands.items())
+            if not c.hidden
+        ]
         return "commands: " + " | ".join(lines)
 
 
@@ -781,28 +892,41 @@ async def _in_thread(fn: Handler, *args: Any) -> Any:
             outcome = (False, exc)
         try:
             loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:   # the loop closed while we ran
+        except RuntimeError:  # the loop closed while we ran
             pass
-    threading.Thread(target=work, name=f"handler-{getattr(fn, '__name__', '?')}",
-                     daemon=True).start()
+
+    threading.Thread(
+        target=work, name=f"handler-{getattr(fn, '__name__', '?')}", daemon=True
+    ).start()
     return await future
 
 
 # ---------------------------------------------------------------------------- scripts
 
-def arguments(nick: str, rooms: Iterable[str] = ("lobby",), description: str | None = None
-              ) -> argparse.ArgumentParser:
+
+def arguments(
+    nick: str, rooms: Iterable[str] = ("lobby",), description: str | None = None
+) -> argparse.ArgumentParser:
     """The options every bot script shares: --host, --port, --nick, --rooms, --log-level.
     After parse_args(), `args.rooms` is a list."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1", help="broker address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9001, help="broker command port (default 9001)")
     p.add_argument("--nick", default=nick, help=f"the bot's nickname (default {nick})")
-    p.add_argument("--rooms", default=",".join(rooms), type=_room_list,
-                   help=f"comma-separated rooms to join (default {','.join(rooms)})")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
-                   help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument(
+        "--rooms",
+        default=",".join(rooms),
+        type=_room_list,
+        help=f"comma-separated rooms to join (default {','.join(rooms)})",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
     return p
 
 

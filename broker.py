@@ -7,6 +7,7 @@ of state.py (local.py for one broker with SQLite, cluster.py for several on NATS
 Every pass of the loop drains the ready requests, makes the events they produced durable,
 then publishes them (one frame per room) and sends the replies.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ from typing import Any, Final
 import zmq
 import zmq.auth
 
+import logs
 import messages as m
 from core import DEFAULT_ROOMS, Config, Core, Room
-import logs
 from local import LocalLog, LocalPresence, LocalRegistry
 from messages import ProtocolError
 from store import Store, StoreError
@@ -32,8 +33,8 @@ log = logging.getLogger("broker")
 
 __all__ = ["Broker", "Config", "main"]
 
-DRAIN: Final = 1000          # requests handled per pass before committing: bounds latency
-FLUSH_EVENTS: Final = 128    # pending events that make a pass flush early: a pipeline
+DRAIN: Final = 1000  # requests handled per pass before committing: bounds latency
+FLUSH_EVENTS: Final = 128  # pending events that make a pass flush early: a pipeline
 LISTEN_BACKLOG: Final = 4096  # connections waiting to be accepted (the kernel caps it)
 # Plain ints: pyzmq's flag enums cost microseconds per use, and the loop sends every event.
 _NOBLOCK: Final = int(zmq.NOBLOCK)
@@ -64,9 +65,13 @@ class Broker:
         self.metrics: Any = None
         if cfg.cluster:
             from cluster import Cluster  # NATS is imported only in cluster mode
+
             self.cluster = Cluster(cfg, self.ctx)
-            self.log, self.registry, self.presence = (self.cluster.log, self.cluster.registry,
-                                                      self.cluster.presence)
+            self.log, self.registry, self.presence = (
+                self.cluster.log,
+                self.cluster.registry,
+                self.cluster.presence,
+            )
         else:
             self.store = Store(cfg.db, fsync=cfg.fsync)
             self.log = LocalLog(self.store)
@@ -78,14 +83,22 @@ class Broker:
             self._bind()
             self.name = cfg.name or default_name(self.port)
             if self.cluster is not None:
-                self.cluster.start(self.name)   # the rooms are known from here on
+                self.cluster.start(self.name)  # the rooms are known from here on
             self.motd = self._load_motd()
-            self.core = Core(cfg, self.log, self.registry, self.presence, name=self.name,
-                             pub_port=self.pub_port, motd=self.motd)
+            self.core = Core(
+                cfg,
+                self.log,
+                self.registry,
+                self.presence,
+                name=self.name,
+                pub_port=self.pub_port,
+                motd=self.motd,
+            )
             if self.cluster is not None:
                 self.cluster.attach(self.core)
             if cfg.metrics_port is not None:
                 import metrics
+
                 self.metrics = metrics.serve(self, cfg.host, cfg.metrics_port)
         except BaseException:
             self._close_state()  # the history writer, the database lock, NATS go with it
@@ -126,10 +139,12 @@ class Broker:
             raise OSError(f"{self.cfg.curve_key} holds no secret key")
         # Imported only here: asyncio and ssl come with it, 8 MB a plain broker never uses.
         from zmq.auth.thread import ThreadAuthenticator
+
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
-        self.auth.configure_curve(domain="chat", location=self.cfg.allow_keys
-                                  or zmq.auth.CURVE_ALLOW_ANY)
+        self.auth.configure_curve(
+            domain="chat", location=self.cfg.allow_keys or zmq.auth.CURVE_ALLOW_ANY
+        )
         for sock in (self.router, self.xpub):
             sock.curve_secretkey = secret
             sock.curve_publickey = public
@@ -302,32 +317,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-keys", metavar="DIR", help="write a CURVE key pair to DIR and exit")
     p.add_argument("--curve-key", metavar="FILE", help="serve only CURVE, with this secret key")
     p.add_argument("--allow-keys", metavar="DIR", help="with --curve-key: only these clients")
-    p.add_argument("--log-level", default="WARNING",
-                   help="DEBUG, INFO (a line per connection event), WARNING or ERROR")
-    p.add_argument("--log-format", choices=("text", "json"), default="text",
-                   help="log lines as text, or one JSON object each for log shippers")
-    p.add_argument("--metrics-port", type=int, metavar="N",
-                   help="serve Prometheus metrics on http://HOST:N/metrics (off by default)")
+    p.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="DEBUG, INFO (a line per connection event), WARNING or ERROR",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text, or one JSON object each for log shippers",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics on http://HOST:N/metrics (off by default)",
+    )
     c = p.add_argument_group("several brokers (see README: Several brokers)")
-    c.add_argument("--cluster", metavar="URLS",
-                   help="NATS servers, comma-separated (nats://h1:4222,...): serve the same "
-                        "rooms as every broker on that NATS JetStream cluster (no --db then)")
-    c.add_argument("--name", type=name_arg, default=None,
-                   help="this broker's name in the cluster, logs and welcome "
-                        "(default: host-port)")
-    c.add_argument("--replicas", type=int, default=0,
-                   help="copies of each room's history in the cluster (default 3, or fewer "
-                        "if the cluster is smaller)")
-    c.add_argument("--namespace", type=name_arg, default="zmqchat",
-                   help="prefix of the streams and buckets in NATS (several chats on one "
-                        "NATS)")
+    c.add_argument(
+        "--cluster",
+        metavar="URLS",
+        help="NATS servers, comma-separated (nats://h1:4222,...): serve the same "
+        "rooms as every broker on that NATS JetStream cluster (no --db then)",
+    )
+    c.add_argument(
+        "--name",
+        type=name_arg,
+        default=None,
+        help="this broker's name in the cluster, logs and welcome (default: host-port)",
+    )
+    c.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="copies of each room's history in the cluster (default 3, or fewer "
+        "if the cluster is smaller)",
+    )
+    c.add_argument(
+        "--namespace",
+        type=name_arg,
+        default="zmqchat",
+        help="prefix of the streams and buckets in NATS (several chats on one NATS)",
+    )
     a = p.parse_args(argv)
     logs.setup(a.log_level, a.log_format)
     if a.gen_keys:
         if os.path.exists(os.path.join(a.gen_keys, "broker.key_secret")):
-            print(f"broker: {a.gen_keys} already holds a broker key pair; clients trust its "
-                  f"public key, so it is kept (remove it first to make a new one)",
-                  file=sys.stderr)
+            print(
+                f"broker: {a.gen_keys} already holds a broker key pair; clients trust its "
+                f"public key, so it is kept (remove it first to make a new one)",
+                file=sys.stderr,
+            )
             return 2
         os.makedirs(a.gen_keys, exist_ok=True)
         public, secret = zmq.auth.create_certificates(a.gen_keys, "broker")
@@ -339,36 +380,58 @@ def main(argv: list[str] | None = None) -> int:
     except ProtocolError as err:
         print(f"broker: --rooms: {err.reason}", file=sys.stderr)
         return 2
-    cfg = Config(host=a.host, port=a.port, pub_port=a.pub_port, rooms=rooms,
-                 allow_new_rooms=a.allow_new_rooms, heartbeat=a.heartbeat, db=a.db,
-                 fsync=a.fsync, motd=a.motd, ops=tuple(n for n in a.ops.split(",") if n),
-                 rate=a.rate, burst=a.burst, curve_key=a.curve_key, allow_keys=a.allow_keys,
-                 name=a.name or "", cluster=a.cluster, replicas=a.replicas, namespace=a.namespace,
-                 metrics_port=a.metrics_port)
+    cfg = Config(
+        host=a.host,
+        port=a.port,
+        pub_port=a.pub_port,
+        rooms=rooms,
+        allow_new_rooms=a.allow_new_rooms,
+        heartbeat=a.heartbeat,
+        db=a.db,
+        fsync=a.fsync,
+        motd=a.motd,
+        ops=tuple(n for n in a.ops.split(",") if n),
+        rate=a.rate,
+        burst=a.burst,
+        curve_key=a.curve_key,
+        allow_keys=a.allow_keys,
+        name=a.name or "",
+        cluster=a.cluster,
+        replicas=a.replicas,
+        namespace=a.namespace,
+        metrics_port=a.metrics_port,
+    )
     try:
         broker = Broker(cfg)
     except StoreError as err:
         print(f"broker: cannot use the history database: {err}", file=sys.stderr)
         return 4
     except zmq.ZMQError as err:
-        print(f"broker: cannot bind on {a.host} (ports {a.port}, {a.pub_port}): {err}",
-              file=sys.stderr)
+        print(
+            f"broker: cannot bind on {a.host} (ports {a.port}, {a.pub_port}): {err}",
+            file=sys.stderr,
+        )
         return 1
     except OSError as err:
         print(f"broker: {err}", file=sys.stderr)
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: broker.stop())
-    print(f"Broker started on tcp://{a.host}:{broker.port} (commands) and "
-          f"tcp://{a.host}:{broker.pub_port} (rooms)", flush=True)
+    print(
+        f"Broker started on tcp://{a.host}:{broker.port} (commands) and "
+        f"tcp://{a.host}:{broker.pub_port} (rooms)",
+        flush=True,
+    )
     if cfg.cluster:
         print(f"In the cluster at {cfg.cluster} as {broker.name}", flush=True)
     if cfg.metrics_port is not None:
         print(f"Metrics on http://{a.host}:{cfg.metrics_port}/metrics", flush=True)
     if cfg.curve_key:
-        print("CURVE encryption on: clients need --server-key with the public key"
-              + (f"; only the keys in {cfg.allow_keys} may connect" if cfg.allow_keys else ""),
-              flush=True)
+        print(
+            "CURVE encryption on: clients need --server-key with the public key"
+            + (f"; only the keys in {cfg.allow_keys} may connect" if cfg.allow_keys else ""),
+            flush=True,
+        )
     broker.run()
     return 0
 

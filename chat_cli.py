@@ -13,6 +13,7 @@ Exit status: 0 left normally, 1 could not connect (or messages were left undeliv
 2 usage (no nickname and no terminal to ask for one; a nickname that can never be valid, told
 before connecting; an unreadable --server-key), 3 nickname refused by the broker (taken).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,21 +23,29 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, AsyncIterator, Awaitable, Callable, Final
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
 
 import zmq
 
 import messages as m
 from cli_render import Screen, escape, escape_lines
-from client import (Address, ChatError, Client, broker_addresses, curve_keys, show_address,
-                    split_addresses)
+from client import (
+    Address,
+    ChatError,
+    Client,
+    broker_addresses,
+    curve_keys,
+    show_address,
+    split_addresses,
+)
 
 DEFAULT_IP: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9001
 DEFAULT_ROOM: Final = "lobby"
-TIMEOUT: Final = 5.0      # seconds: a broker that has not answered by then is not there
-QUIT_WAIT: Final = 2.0    # seconds /quit waits for unacknowledged messages before leaving
-HISTORY: Final = 50       # events shown by /history without a number (as on joining)
+TIMEOUT: Final = 5.0  # seconds: a broker that has not answered by then is not there
+QUIT_WAIT: Final = 2.0  # seconds /quit waits for unacknowledged messages before leaving
+HISTORY: Final = 50  # events shown by /history without a number (as on joining)
 LEAVE_WORDS: Final = (".exit", "bye")
 
 HELP: Final = """\
@@ -63,6 +72,7 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------- settings
+
 
 def port_number(text: str) -> int:
     try:
@@ -97,21 +107,39 @@ def nickname(text: str) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="client.py", description="ZeroMQ chat client. Settings not given are asked "
-        "for when stdin is a terminal; otherwise IP and port take their defaults.")
-    p.add_argument("-i", "--ip", help=f"the broker's address (default {DEFAULT_IP}), or "
-                   "several brokers to try in turn: h1:9001,h2:9001")
-    p.add_argument("-p", "--port", type=port_number,
-                   help=f"the broker's command port (default {DEFAULT_PORT}), for addresses "
-                   "given without one")
+        prog="client.py",
+        description="ZeroMQ chat client. Settings not given are asked "
+        "for when stdin is a terminal; otherwise IP and port take their defaults.",
+    )
+    p.add_argument(
+        "-i",
+        "--ip",
+        help=f"the broker's address (default {DEFAULT_IP}), or "
+        "several brokers to try in turn: h1:9001,h2:9001",
+    )
+    p.add_argument(
+        "-p",
+        "--port",
+        type=port_number,
+        help=f"the broker's command port (default {DEFAULT_PORT}), for addresses given without one",
+    )
     p.add_argument("-u", "--user", type=nickname, help="your nickname")
     p.add_argument("-r", "--room", default=DEFAULT_ROOM, help="the room to start in (lobby)")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object per event on stdout, for scripts")
-    p.add_argument("--no-color", "--no-colour", dest="no_color", action="store_true",
-                   help="no colours (also when NO_COLOR is set)")
-    p.add_argument("--server-key", metavar="FILE",
-                   help="the broker's public CURVE key file: encrypt and authenticate")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per event on stdout, for scripts"
+    )
+    p.add_argument(
+        "--no-color",
+        "--no-colour",
+        dest="no_color",
+        action="store_true",
+        help="no colours (also when NO_COLOR is set)",
+    )
+    p.add_argument(
+        "--server-key",
+        metavar="FILE",
+        help="the broker's public CURVE key file: encrypt and authenticate",
+    )
     return p.parse_args(argv)
 
 
@@ -159,7 +187,7 @@ def ask_nick() -> str:
     """A nickname from the person at the terminal, asked again until it could be valid."""
     while True:
         nick = ask("Nickname: ")
-        if not nick:        # no default: asked again
+        if not nick:  # no default: asked again
             continue
         problem = nick_problem(nick)
         if problem is None:
@@ -171,8 +199,14 @@ def fail(text: str) -> None:
     print(f"client.py: {text}", file=sys.stderr, flush=True)
 
 
-def connect(runner: asyncio.Runner, addresses: list[Address], nick: str, room: str,
-            interactive: bool, curve: dict[str, Any]) -> Client | int:
+def connect(
+    runner: asyncio.Runner,
+    addresses: list[Address],
+    nick: str,
+    room: str,
+    interactive: bool,
+    curve: dict[str, Any],
+) -> Client | int:
     """A connected Client, or the exit status; a refused nick is asked again if we can."""
     where = ", ".join(show_address(h, p) for h, p in addresses)
     while True:
@@ -191,14 +225,21 @@ def connect(runner: asyncio.Runner, addresses: list[Address], nick: str, room: s
                     tell(f"Sorry, {reason}. Please choose another nickname.")
                     nick = ""
                     continue
-                fail(f"cannot use the nickname {escape(nick)!r}: {reason}; "
-                     f"pass another one with -u NICK")
+                fail(
+                    f"cannot use the nickname {escape(nick)!r}: {reason}; "
+                    f"pass another one with -u NICK"
+                )
                 return 3
             if err.code == "TIMEOUT":
-                fail(f"cannot reach the broker at {where} (no answer within "
-                     f"{TIMEOUT:g} s); is it running, and is that its command port"
-                     + ("; is --server-key its key?" if curve else
-                        "? (a broker with encryption needs --server-key)"))
+                fail(
+                    f"cannot reach the broker at {where} (no answer within "
+                    f"{TIMEOUT:g} s); is it running, and is that its command port"
+                    + (
+                        "; is --server-key its key?"
+                        if curve
+                        else "? (a broker with encryption needs --server-key)"
+                    )
+                )
             else:
                 fail(reason)
             return 1
@@ -210,24 +251,35 @@ def connect(runner: asyncio.Runner, addresses: list[Address], nick: str, room: s
 
 # ---------------------------------------------------------------------------- the session
 
+
 class Chat:
     """One session's state and commands, shared by the terminal and the line front ends."""
 
     def __init__(self, client: Client, screen: Screen, room: str, *, leave_words: bool) -> None:
         self.client, self.screen, self.room = client, screen, room
         self.leave_words = leave_words
-        self.nicks: set[str] = set()               # for tab completion
+        self.nicks: set[str] = set()  # for tab completion
         self.rooms: list[str] = [str(r) for r in client.welcome.get("rooms", [])]
-        self.sends: set[asyncio.Task] = set()      # messages on their way, until acknowledged
-        self.echoes: dict[str, int] = {}           # room -> the number of our latest message
+        self.sends: set[asyncio.Task] = set()  # messages on their way, until acknowledged
+        self.echoes: dict[str, int] = {}  # room -> the number of our latest message
         self.quitting = False
         self.finished = asyncio.Event()
         self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
-            "rooms": self.cmd_rooms, "join": self.cmd_join, "who": self.cmd_who,
-            "msg": self.cmd_msg, "me": self.cmd_me, "nick": self.cmd_nick,
-            "topic": self.cmd_topic, "history": self.cmd_history, "help": self.cmd_help,
-            "kick": self.cmd_kick, "ban": self.cmd_ban, "unban": self.cmd_unban,
-            "lock": self.cmd_lock, "unlock": self.cmd_unlock, "quit": self.cmd_quit,
+            "rooms": self.cmd_rooms,
+            "join": self.cmd_join,
+            "who": self.cmd_who,
+            "msg": self.cmd_msg,
+            "me": self.cmd_me,
+            "nick": self.cmd_nick,
+            "topic": self.cmd_topic,
+            "history": self.cmd_history,
+            "help": self.cmd_help,
+            "kick": self.cmd_kick,
+            "ban": self.cmd_ban,
+            "unban": self.cmd_unban,
+            "lock": self.cmd_lock,
+            "unlock": self.cmd_unlock,
+            "quit": self.cmd_quit,
         }
 
     async def greet(self) -> None:
@@ -239,14 +291,22 @@ class Chat:
             topic = ""
         motd = str(c.welcome.get("motd") or "")
         if self.screen.json_mode:
-            self.screen.note(f"connected as {c.nick} in {self.room}", kind="welcome",
-                             nick=c.nick, room=self.room, topic=topic, rooms=self.rooms,
-                             motd=motd)
+            self.screen.note(
+                f"connected as {c.nick} in {self.room}",
+                kind="welcome",
+                nick=c.nick,
+                room=self.room,
+                topic=topic,
+                rooms=self.rooms,
+                motd=motd,
+            )
             return
         if motd.strip():
             self.screen.write(escape_lines(motd.strip("\n")))
-        self.screen.write(f"Welcome, {escape(c.nick)}! You are in {self.room}. "
-                          f"Type /help for the commands, /quit to leave.")
+        self.screen.write(
+            f"Welcome, {escape(c.nick)}! You are in {self.room}. "
+            f"Type /help for the commands, /quit to leave."
+        )
         if topic:
             self.screen.note(f"topic of {self.room}: {topic}")
 
@@ -256,13 +316,17 @@ class Chat:
             if ev.kind == "status" and ev.text == "closed":
                 continue
             if ev.kind == "private" and not ev.mine and ev.data.get("to") == ev.nick:
-                continue   # a note to self: the broker's copy of our own send is shown
+                continue  # a note to self: the broker's copy of our own send is shown
             self.track(ev)
             self.screen.event(ev, me=self.client.nick, room=self.room)
-            if ev.kind == "status" and ev.room and ev.room == self.room \
-                    and ev.room not in self.client.rooms:   # kicked, banned, or room gone
+            if (
+                ev.kind == "status"
+                and ev.room
+                and ev.room == self.room
+                and ev.room not in self.client.rooms
+            ):  # kicked, banned, or room gone
                 asyncio.create_task(self.fall_back(ev.room))
-            if self.screen.closed and not self.quitting:   # nobody reads our output any more
+            if self.screen.closed and not self.quitting:  # nobody reads our output any more
                 asyncio.create_task(self.quit(None))
 
     async def fall_back(self, room: str) -> None:
@@ -301,10 +365,12 @@ class Chat:
             name, _, arg = line[1:].partition(" ")
             command = self.commands.get(name.lower())
             if command is None:
-                self.screen.error(f"unknown command /{name}: nothing was sent; "
-                                  f"type /help for the commands", "UNKNOWN_COMMAND")
+                self.screen.error(
+                    f"unknown command /{name}: nothing was sent; type /help for the commands",
+                    "UNKNOWN_COMMAND",
+                )
                 return
-            if command not in (self.cmd_msg, self.cmd_me):   # those are sends: queued in order
+            if command not in (self.cmd_msg, self.cmd_me):  # those are sends: queued in order
                 # Let earlier messages land first: a script's "hi", "/join work" must not
                 # leave the room before "hi" is in it.
                 await self.acknowledged(TIMEOUT)
@@ -314,13 +380,14 @@ class Chat:
                 self.screen.error(f"usage: {err}", "USAGE")
             except ChatError as err:
                 self.screen.error(err.reason, err.code)
-            except (KeyError, TypeError, ValueError) as err:   # a reply we did not expect
+            except (KeyError, TypeError, ValueError) as err:  # a reply we did not expect
                 self.screen.error(f"/{name} failed: {err!r}", "INTERNAL")
             return
         text = line[1:] if line.startswith("//") else line
         if not self.room:
-            self.screen.error("you are in no room: /join ROOM first (nothing was sent)",
-                              "NOT_MEMBER")
+            self.screen.error(
+                "you are in no room: /join ROOM first (nothing was sent)", "NOT_MEMBER"
+            )
             return
         self.send(lambda: self.client.say(self.room, text), text, self.room)
 
@@ -328,8 +395,9 @@ class Chat:
         """Start a send without waiting for it: the line is shown when the broker echoes it."""
         limit = int(self.client.welcome.get("max_text", m.MAX_TEXT))
         if len(text) > limit:
-            self.screen.error(f"not sent: {len(text)} characters, the limit is {limit}",
-                              "TOO_LARGE")
+            self.screen.error(
+                f"not sent: {len(text)} characters, the limit is {limit}", "TOO_LARGE"
+            )
             return
         task = asyncio.ensure_future(self._deliver(start(), text, room))
         self.sends.add(task)
@@ -338,7 +406,7 @@ class Chat:
     async def _deliver(self, sending: Awaitable[Any], text: str, room: str) -> None:
         try:
             seq = await sending
-            if room and isinstance(seq, int):   # its echo is what shows it was said
+            if room and isinstance(seq, int):  # its echo is what shows it was said
                 self.echoes[room] = max(seq, self.echoes.get(room, 0))
         except ChatError as err:
             short = text if len(text) <= 30 else text[:29] + "…"
@@ -361,10 +429,14 @@ class Chat:
         if wait is not None:
             await self.acknowledged(wait)
         elif not await self.acknowledged(TIMEOUT):
-            print(f"client.py: waiting for {len(self.client.pending())} message(s) to be "
-                  f"acknowledged by the broker (Ctrl+C gives up)", file=sys.stderr, flush=True)
+            print(
+                f"client.py: waiting for {len(self.client.pending())} message(s) to be "
+                f"acknowledged by the broker (Ctrl+C gives up)",
+                file=sys.stderr,
+                flush=True,
+            )
             await self.client.flush()
-        for room, seq in self.echoes.items():   # shown back too (a cluster may ack first)
+        for room, seq in self.echoes.items():  # shown back too (a cluster may ack first)
             await self.client.heard(room, seq, QUIT_WAIT)
         await self.client.close(reason or None)
         self.finished.set()
@@ -382,8 +454,9 @@ class Chat:
             n = int(r.get("members", 0))
             mark = "*" if r["name"] == self.room else " "
             topic = f"  {r['topic']}" if r.get("topic") else ""
-            lines.append(f"{mark} {r['name']:<{width}}  {n} {'member' if n == 1 else 'members'}"
-                         f"{topic}")
+            lines.append(
+                f"{mark} {r['name']:<{width}}  {n} {'member' if n == 1 else 'members'}{topic}"
+            )
         self.screen.note("\n".join(lines), command="rooms", rooms=rooms)
 
     async def cmd_join(self, arg: str) -> None:
@@ -393,7 +466,7 @@ class Chat:
             self.screen.note(f"you are already in {arg}")
             return
         # Join first, then leave: a refused join (no such room) leaves you where you were.
-        old, self.room = self.room, arg    # the new room's backlog shows as this room's
+        old, self.room = self.room, arg  # the new room's backlog shows as this room's
         try:
             reply = await self.client.join(arg)
         except ChatError:
@@ -411,16 +484,24 @@ class Chat:
         if arg not in self.rooms:
             self.rooms.append(arg)
         topic = reply.get("topic") or ""
-        self.screen.note(f"you are now in {arg}" + (f"; topic: {topic}" if topic else ""),
-                         command="join", room=arg, topic=topic)
+        self.screen.note(
+            f"you are now in {arg}" + (f"; topic: {topic}" if topic else ""),
+            command="join",
+            room=arg,
+            topic=topic,
+        )
 
     async def cmd_who(self, arg: str) -> None:
         room = None if arg == "*" else arg or self.room
         members = await self.client.who(room)
         self.nicks.update(members)
         where = f"in {room}" if room else "online"
-        self.screen.note(f"{len(members)} {where}: {', '.join(members) or 'nobody'}",
-                         command="who", room=room, members=members)
+        self.screen.note(
+            f"{len(members)} {where}: {', '.join(members) or 'nobody'}",
+            command="who",
+            room=room,
+            members=members,
+        )
 
     async def cmd_msg(self, arg: str) -> None:
         nick, _, text = arg.partition(" ")
@@ -437,14 +518,17 @@ class Chat:
         if not arg or " " in arg:
             raise UsageError("/nick NEW")
         nick = await self.client.set_nick(arg)
-        if not self.client.rooms:   # in a room, the broker's notice says so
+        if not self.client.rooms:  # in a room, the broker's notice says so
             self.screen.note(f"you are now known as {nick}", command="nick", nick=nick)
 
     async def cmd_topic(self, arg: str) -> None:
         topic = await self.client.topic(self.room, arg or None)
-        if not arg:   # setting it is announced by the broker to everyone, us included
-            self.screen.note(f"topic of {self.room}: {topic}" if topic
-                             else f"{self.room} has no topic", command="topic", topic=topic)
+        if not arg:  # setting it is announced by the broker to everyone, us included
+            self.screen.note(
+                f"topic of {self.room}: {topic}" if topic else f"{self.room} has no topic",
+                command="topic",
+                topic=topic,
+            )
 
     async def cmd_history(self, arg: str) -> None:
         words = arg.split()
@@ -454,15 +538,23 @@ class Chat:
         limit = min(int(words[0]) if words else HISTORY, m.MAX_HISTORY)
         if nick is not None:
             events = await self.client.private_history(nick, limit=limit)
-            self.screen.note(f"your last {len(events)} private messages with {nick}:"
-                             if events else f"no private messages with {nick}",
-                             command="history", nick=nick)
+            self.screen.note(
+                f"your last {len(events)} private messages with {nick}:"
+                if events
+                else f"no private messages with {nick}",
+                command="history",
+                nick=nick,
+            )
             for ev in events:
                 self.screen.event(ev, me=self.client.nick, room=self.room)
             return
         events = await self.client.history(self.room, limit=limit)
-        self.screen.note(f"the last {len(events)} events of {self.room}:" if events
-                         else f"no history in {self.room}", command="history")
+        self.screen.note(
+            f"the last {len(events)} events of {self.room}:"
+            if events
+            else f"no history in {self.room}",
+            command="history",
+        )
         for ev in events:
             self.screen.event(ev, me=self.client.nick, room=self.room)
 
@@ -496,6 +588,7 @@ class Chat:
 
 # ---------------------------------------------------------------------------- front ends
 
+
 async def stdin_lines() -> AsyncIterator[str]:
     """Lines of stdin without blocking the loop: a thread reads, the loop splits lines.
 
@@ -513,7 +606,7 @@ async def stdin_lines() -> AsyncIterator[str]:
                 chunk = b""
             try:
                 loop.call_soon_threadsafe(chunks.put_nowait, chunk)
-            except RuntimeError:   # the loop is gone: we are exiting
+            except RuntimeError:  # the loop is gone: we are exiting
                 return
             if not chunk:
                 return
@@ -544,7 +637,7 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     chat = Chat(client, screen, args.room, leave_words=not args.json)
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
-    for sig in (signal.SIGTERM, signal.SIGHUP):   # leave cleanly, as on Ctrl+C
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # leave cleanly, as on Ctrl+C
         loop.add_signal_handler(sig, me.cancel)
     if terminal:
         try:
@@ -554,7 +647,8 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     await chat.greet()
     shower = asyncio.create_task(chat.show_events())
     if terminal:
-        import cli_terminal   # prompt_toolkit is loaded only for a terminal
+        import cli_terminal  # prompt_toolkit is loaded only for a terminal
+
         patching: Any = cli_terminal.patch_stdout(raw=True)  # lines print above the prompt
         reading = cli_terminal.read_terminal(chat, colour)
     else:
@@ -562,25 +656,27 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     with patching:
         reader = asyncio.create_task(reading)
         finished = asyncio.create_task(chat.finished.wait())
-        try:   # until the user leaves (the reader returns) or stdout goes away (finished)
+        try:  # until the user leaves (the reader returns) or stdout goes away (finished)
             await asyncio.wait([reader, finished], return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:   # Ctrl+C outside the prompt, SIGTERM, SIGHUP
+        except asyncio.CancelledError:  # Ctrl+C outside the prompt, SIGTERM, SIGHUP
             me.uncancel()
         finally:
             finished.cancel()
-            reader.cancel()   # stops a wait for acknowledgements too: Ctrl+C gives up on it
+            reader.cancel()  # stops a wait for acknowledgements too: Ctrl+C gives up on it
             await asyncio.gather(reader, return_exceptions=True)
-            await chat.quit(None, wait=0)   # done already, unless interrupted
+            await chat.quit(None, wait=0)  # done already, unless interrupted
             await asyncio.wait([shower], timeout=1.0)
             shower.cancel()
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     if not reader.cancelled() and reader.exception() is not None:
-        raise reader.exception()   # a bug: show it, now that the client has left
+        raise reader.exception()  # a bug: show it, now that the client has left
     lost = client.pending()
     if lost:
-        fail(f"{len(lost)} message(s) were not delivered: "
-             + " | ".join(escape(text) for _, text in lost[:5]))
+        fail(
+            f"{len(lost)} message(s) were not delivered: "
+            + " | ".join(escape(text) for _, text in lost[:5])
+        )
         return 1
     return 0
 
@@ -592,12 +688,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             addresses = ask_address(args) if interactive else addresses_given(args)
-        except ValueError as err:   # a malformed -i
+        except ValueError as err:  # a malformed -i
             fail(f"-i {args.ip}: {err}")
             return 2
         if not args.user and not interactive:
-            fail("no nickname given and stdin is not a terminal to ask for one: "
-                 "pass it with -u NICK")
+            fail(
+                "no nickname given and stdin is not a terminal to ask for one: pass it with -u NICK"
+            )
             return 2
         curve: dict[str, Any] = {}
         if args.server_key:
@@ -611,19 +708,19 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             curve = {"server_key": server_key, "keypair": keypair}
         with asyncio.Runner() as runner:
-            client = connect(runner, addresses, args.user or "", args.room, interactive,
-                             curve)
+            client = connect(runner, addresses, args.user or "", args.room, interactive, curve)
             if isinstance(client, int):
                 return client
             if not terminal:
                 return runner.run(chat_session(client, args, terminal))
-            import cli_terminal   # prompt_toolkit is loaded only for a terminal
-            with cli_terminal.keys_kept():   # from here on every key waits for the prompt
+            import cli_terminal  # prompt_toolkit is loaded only for a terminal
+
+            with cli_terminal.keys_kept():  # from here on every key waits for the prompt
                 return runner.run(chat_session(client, args, terminal))
-    except KeyboardInterrupt:   # Ctrl+C at a question, or a second Ctrl+C while leaving
+    except KeyboardInterrupt:  # Ctrl+C at a question, or a second Ctrl+C while leaving
         print(file=sys.stderr)
         return 130
-    except EOFError:            # Ctrl+D at a question
+    except EOFError:  # Ctrl+D at a question
         print(file=sys.stderr)
         return 1
 

@@ -5,6 +5,7 @@ bidi overrides, ...) are shown as `\\x1b`-style escapes, so a message cannot mov
 recolour the screen or disguise itself. `Screen` writes the lines: human-readable (coloured in
 a terminal) or, with --json, one JSON object per line.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,15 @@ from client import Event
 
 # C0 and C1 controls, DEL, line/paragraph separators and the bidi controls that can make a line
 # read differently from what it holds.
-_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
-                             "\u202a-\u202e\u2066-\u2069]")
+_CONTROL: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 # Nick colours: the bright and normal ANSI colours that read well on dark and light backgrounds
 # (no black, white or dark blue).
 PALETTE: Final = ("31", "32", "33", "35", "36", "91", "92", "93", "94", "95", "96")
 DIM: Final = "2"
 BOLD: Final = "1"
-MENTION: Final = "30;43"    # black on yellow
+MENTION: Final = "30;43"  # black on yellow
 ERROR: Final = "31"
 NOTICE_KINDS: Final = frozenset({"join", "leave", "nick", "topic", "kick", "ban", "notice"})
 
@@ -64,15 +66,25 @@ def clock(ts: float) -> str:
 def event_json(ev: Event) -> str:
     """One event as a JSON line: the broker's fields plus the client's view (mine, backlog)."""
     data: dict[str, Any] = dict(ev.data)
-    data.update(kind=ev.kind, room=ev.room, seq=ev.seq, ts=ev.ts, nick=ev.nick, text=ev.text,
-                bot=ev.bot, mine=ev.mine, backlog=ev.backlog)
+    data.update(
+        kind=ev.kind,
+        room=ev.room,
+        seq=ev.seq,
+        ts=ev.ts,
+        nick=ev.nick,
+        text=ev.text,
+        bot=ev.bot,
+        mine=ev.mine,
+        backlog=ev.backlog,
+    )
     return json_line(data)
 
 
 def json_line(data: dict[str, Any]) -> str:
     """Compact JSON, readable Unicode, and no raw control character even outside C0."""
-    return _CONTROL.sub(lambda mt: f"\\u{ord(mt.group()):04x}",
-                        json.dumps(data, ensure_ascii=False, default=str))
+    return _CONTROL.sub(
+        lambda mt: f"\\u{ord(mt.group()):04x}", json.dumps(data, ensure_ascii=False, default=str)
+    )
 
 
 class Render:
@@ -89,19 +101,27 @@ class Render:
         dimmed = ev.backlog  # a dimmed line keeps no inner colours: a reset would end the dim
         nick = escape(ev.nick)
         if not dimmed:
-            nick = self.paint(nick, BOLD + ";" + nick_colour(ev.nick) if ev.mine
-                              else nick_colour(ev.nick))
+            nick = self.paint(
+                nick, BOLD + ";" + nick_colour(ev.nick) if ev.mine else nick_colour(ev.nick)
+            )
         text = escape(ev.text)
-        if not dimmed and not ev.mine and ev.kind in ("msg", "action", "private") \
-                and mentions(ev.text, me):
+        if (
+            not dimmed
+            and not ev.mine
+            and ev.kind in ("msg", "action", "private")
+            and mentions(ev.text, me)
+        ):
             text = self.paint(text, MENTION)
         if ev.kind == "msg":
             body = f"<{nick}> {text}"
         elif ev.kind == "action":
             body = f"* {nick} {text}"
         elif ev.kind == "private":
-            body = (f"[private -> {escape(str(ev.data.get('to', '?')))}] {text}" if ev.mine
-                    else f"[private] {nick}: {text}")
+            body = (
+                f"[private -> {escape(str(ev.data.get('to', '?')))}] {text}"
+                if ev.mine
+                else f"[private] {nick}: {text}"
+            )
         elif ev.kind == "topic":
             body = "-- " + escape(str(ev.data.get("note") or f"topic: {ev.text}"))
         elif ev.kind == "status":
@@ -116,7 +136,7 @@ class Render:
             body = "[earlier] " + body
         if dimmed:
             return self.paint(f"{clock(ev.ts)} {body}", DIM)
-        if ev.kind in NOTICE_KINDS:   # no inner colours in a notice: the whole line is muted
+        if ev.kind in NOTICE_KINDS:  # no inner colours in a notice: the whole line is muted
             body = self.paint(body, DIM)
         elif ev.kind == "status":
             body = self.paint(body, BOLD)
@@ -135,7 +155,7 @@ class Screen:
     def __init__(self, *, json_mode: bool, colour: bool) -> None:
         self.json_mode = json_mode
         self.render = Render(colour and not json_mode)
-        self.closed = False     # stdout went away (`client.py | head`): time to leave
+        self.closed = False  # stdout went away (`client.py | head`): time to leave
 
     def write(self, line: str) -> None:
         if self.closed:

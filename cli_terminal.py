@@ -10,12 +10,15 @@ while nobody reads (before the first prompt, between two prompts, and while prom
 prints a line above the prompt), and it turns Ctrl+D into an end-of-file mark that a raw read
 then gets as a NUL byte: the key was gone. Held raw, every key waits unchanged for the prompt.
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
 import termios
-from typing import TYPE_CHECKING, ContextManager, Iterator
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -44,8 +47,8 @@ def keys_kept() -> Iterator[None]:
     kept = termios.tcgetattr(fd)
     kept[0] &= ~(termios.IXON | termios.IXOFF | termios.ICRNL | termios.INLCR | termios.IGNCR)
     kept[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)
-    kept[6][termios.VMIN], kept[6][termios.VTIME] = 1, 0   # a read returns each key at once
-    termios.tcsetattr(fd, termios.TCSANOW, kept)   # not TCSAFLUSH: that drops typed keys
+    kept[6][termios.VMIN], kept[6][termios.VTIME] = 1, 0  # a read returns each key at once
+    termios.tcsetattr(fd, termios.TCSANOW, kept)  # not TCSAFLUSH: that drops typed keys
     try:
         yield
     finally:
@@ -59,17 +62,21 @@ class KeptInput(Vt100Input):
     programs run from a prompt; we only print, and the output settings are the same in both.
     """
 
-    def cooked_mode(self) -> ContextManager[None]:
+    def cooked_mode(self) -> AbstractContextManager[None]:
         return contextlib.nullcontext()
 
 
 async def read_terminal(chat: Chat, colour: bool) -> None:
     """Read and handle typed lines until the user leaves (a leave word, Ctrl+D, Ctrl+C)."""
     session: PromptSession[str] = PromptSession(
-        completer=ChatCompleter(chat), complete_while_typing=False,
-        bottom_toolbar=lambda: toolbar(chat), refresh_interval=0.5,
+        completer=ChatCompleter(chat),
+        complete_while_typing=False,
+        bottom_toolbar=lambda: toolbar(chat),
+        refresh_interval=0.5,
         erase_when_done=True,  # the line comes back from the broker, timestamped: shown once
-        color_depth=None if colour else ColorDepth.MONOCHROME, input=KeptInput(sys.stdin))
+        color_depth=None if colour else ColorDepth.MONOCHROME,
+        input=KeptInput(sys.stdin),
+    )
     while not chat.quitting:
         try:
             # No SIGINT handler of prompt_toolkit's: at the prompt Ctrl+C is a key; a signal
@@ -77,7 +84,7 @@ async def read_terminal(chat: Chat, colour: bool) -> None:
             # prompt_toolkit's stays a moment after the terminal leaves raw mode, and passes a
             # Ctrl+C pressed then to a prompt that has ended.
             line = await session.prompt_async(lambda: f"{chat.room}> ", handle_sigint=False)
-        except (EOFError, KeyboardInterrupt):   # Ctrl+D, Ctrl+C
+        except (EOFError, KeyboardInterrupt):  # Ctrl+D, Ctrl+C
             await chat.quit(None)
             return
         await chat.handle(line)
@@ -92,8 +99,9 @@ def toolbar(chat: Chat) -> str:
     pending = c.pending()
     if pending:
         texts = " | ".join(t if len(t) <= 20 else t[:19] + "…" for _, t in pending[:3])
-        parts.append(f"{len(pending)} message{'s' if len(pending) != 1 else ''} "
-                     f"pending: {escape(texts)}")
+        parts.append(
+            f"{len(pending)} message{'s' if len(pending) != 1 else ''} pending: {escape(texts)}"
+        )
     parts.append("/help")
     return " " + "  ·  ".join(parts)
 
@@ -104,8 +112,9 @@ class ChatCompleter(Completer):
     def __init__(self, chat: Chat) -> None:
         self.chat = chat
 
-    def get_completions(self, document: Document,
-                        complete_event: CompleteEvent) -> Iterator[Completion]:
+    def get_completions(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> Iterator[Completion]:
         before = document.text_before_cursor
         if before.startswith("/") and " " not in before:
             for name in sorted(self.chat.commands):
@@ -115,7 +124,7 @@ class ChatCompleter(Completer):
         word = document.get_word_before_cursor(WORD=True)
         command = before.split(" ", 1)[0].lower() if before.startswith("/") else ""
         names = self.chat.rooms if command in ("/join", "/who") else self.chat.nicks - {""}
-        at_start = not command and before == word   # "bo<Tab>" -> "bob: "
+        at_start = not command and before == word  # "bo<Tab>" -> "bob: "
         for name in sorted(names, key=str.lower):
             if name.lower().startswith(word.lower()):
                 yield Completion(name + (": " if at_start else ""), -len(word), display=name)

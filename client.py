@@ -12,6 +12,7 @@ If the broker goes away it reconnects with backoff and re-claims its nick and ro
 several brokers, `Client("h1:9001,h2:9001")`, through the next one in turn).
 `BlockingClient` wraps it for simple scripts; `python client.py --help` is the CLI.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Final, Iterable, Iterator
+from typing import Any, Final
 
 import msgspec
 import zmq
@@ -36,13 +38,13 @@ from ordering import Fetch, RoomOrder
 
 log = logging.getLogger("client")
 
-BATCH_BYTES = 48 * 1024   # a SAY's body, at most: well under the broker's 64 KiB frame limit
-BACKOFF_CAP = 10.0        # seconds: the longest wait between reconnect attempts
-HANDSHAKE_MS = 2000       # a ZeroMQ handshake with a stopped broker gives up after this
-MINE_MEMORY = 100_000     # message ids of ours remembered, to mark our own echoes
-PRIVATE_MEMORY = 1_000    # private message ids remembered, to drop one pushed again
-EVENTS_PER_TURN = 1_000   # room events decoded before the reader yields: a 40,000-event
-                          # backlog read in turns this size goes 1.5 times as fast as in one
+BATCH_BYTES = 48 * 1024  # a SAY's body, at most: well under the broker's 64 KiB frame limit
+BACKOFF_CAP = 10.0  # seconds: the longest wait between reconnect attempts
+HANDSHAKE_MS = 2000  # a ZeroMQ handshake with a stopped broker gives up after this
+MINE_MEMORY = 100_000  # message ids of ours remembered, to mark our own echoes
+PRIVATE_MEMORY = 1_000  # private message ids remembered, to drop one pushed again
+EVENTS_PER_TURN = 1_000  # room events decoded before the reader yields: a 40,000-event
+# backlog read in turns this size goes 1.5 times as fast as in one
 
 
 def remember(memory: OrderedDict[str, None], key: str, limit: int) -> None:
@@ -52,11 +54,11 @@ def remember(memory: OrderedDict[str, None], key: str, limit: int) -> None:
         memory.popitem(last=False)
 
 
-Address = tuple[str, int]   # a broker's host and command port
+Address = tuple[str, int]  # a broker's host and command port
 
 
 def split_addresses(text: str) -> list[tuple[str, int | None]]:
-    """"h1:9001,h2" -> [("h1", 9001), ("h2", None)]: broker addresses, each with its port if it
+    """ "h1:9001,h2" -> [("h1", 9001), ("h2", None)]: broker addresses, each with its port if it
     has one (ValueError if one is malformed). An IPv6 address with a port: "[::1]:9001"."""
     found: list[tuple[str, int | None]] = []
     for part in (p.strip() for p in text.split(",")):
@@ -68,7 +70,7 @@ def split_addresses(text: str) -> list[tuple[str, int | None]]:
             port = rest[1:] if rest else None
         elif part.count(":") == 1:
             host, port = part.split(":")
-        else:                  # a name, an IPv4 address, or an IPv6 address without a port
+        else:  # a name, an IPv4 address, or an IPv6 address without a port
             host = part
         if not host:
             raise ValueError(f"{part!r} has no host" if part else f"an empty address in {text!r}")
@@ -119,13 +121,13 @@ class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True, gc=Fals
     seq: int | None = None
     ts: float = 0.0
     bot: bool = False
-    mine: bool = msgspec.field(default=False, name="~mine")        # sent by this client
+    mine: bool = msgspec.field(default=False, name="~mine")  # sent by this client
     backlog: bool = msgspec.field(default=False, name="~backlog")  # earlier, shown on join
     data: Any = msgspec.field(default=None, name="~data")  # a dict, or (batch JSON, index)
-    _cmid: str | None = msgspec.field(default=None, name="cmid")   # marks our own echoes
+    _cmid: str | None = msgspec.field(default=None, name="cmid")  # marks our own echoes
 
 
-_DATA, _MINE = _EventFields.data, _EventFields.mine   # the slots, written on decoding
+_DATA, _MINE = _EventFields.data, _EventFields.mine  # the slots, written on decoding
 _OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
 _RAWS: Final = msgspec.json.Decoder(list[msgspec.Raw])
 
@@ -161,18 +163,26 @@ class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     __hash__ = None  # type: ignore[assignment]   # as the dataclass it was: data is a dict
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any], *, mine: bool, backlog: bool = False) -> "Event":
-        return cls(str(d.get("kind", "")), str(d.get("text", "")), str(d.get("nick", "")),
-                   d.get("room"), d.get("seq"), float(d.get("ts") or 0.0), d.get("bot") is True,
-                   mine, backlog, d)
+    def from_wire(cls, d: dict[str, Any], *, mine: bool, backlog: bool = False) -> Event:
+        return cls(
+            str(d.get("kind", "")),
+            str(d.get("text", "")),
+            str(d.get("nick", "")),
+            d.get("room"),
+            d.get("seq"),
+            float(d.get("ts") or 0.0),
+            d.get("bot") is True,
+            mine,
+            backlog,
+            d,
+        )
 
 
-_BATCH: Final = msgspec.json.Decoder(list[Event])         # a room batch, as Events
+_BATCH: Final = msgspec.json.Decoder(list[Event])  # a room batch, as Events
 
 
 def _public(ev: Event) -> tuple[Any, ...]:
-    return (ev.kind, ev.text, ev.nick, ev.room, ev.seq, ev.ts, ev.bot, ev.mine, ev.backlog,
-            ev.data)
+    return (ev.kind, ev.text, ev.nick, ev.room, ev.seq, ev.ts, ev.bot, ev.mine, ev.backlog, ev.data)
 
 
 class _Inbox:
@@ -228,8 +238,8 @@ class _Inbox:
 class _Send:
     """One message waiting for its acknowledgement."""
 
-    kind: str        # "say" or "priv"
-    target: str      # room or nick
+    kind: str  # "say" or "priv"
+    target: str  # room or nick
     text: str
     action: bool
     cmid: str
@@ -244,27 +254,36 @@ class Client:
     one does not answer, or the connection to it is lost, the next one in turn is tried.
     """
 
-    def __init__(self, host: str | Iterable[str | Address] = "127.0.0.1", port: int = 9001,
-                 nick: str = "", *, rooms: Iterable[str] = ("lobby",), bot: bool = False,
-                 backlog: int = 50,
-                 reconnect: bool = True, timeout: float = 5.0,
-                 server_key: bytes | None = None, keypair: tuple[bytes, bytes] | None = None,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
-        self.addresses = broker_addresses(host, port)   # tried in turn, from the first
-        self.host, self.port = self.addresses[0]           # the one we use now
-        self._at = 0                                       # its index in addresses
-        self._name = ""                                    # its name, if its welcome says
+    def __init__(
+        self,
+        host: str | Iterable[str | Address] = "127.0.0.1",
+        port: int = 9001,
+        nick: str = "",
+        *,
+        rooms: Iterable[str] = ("lobby",),
+        bot: bool = False,
+        backlog: int = 50,
+        reconnect: bool = True,
+        timeout: float = 5.0,
+        server_key: bytes | None = None,
+        keypair: tuple[bytes, bytes] | None = None,
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.addresses = broker_addresses(host, port)  # tried in turn, from the first
+        self.host, self.port = self.addresses[0]  # the one we use now
+        self._at = 0  # its index in addresses
+        self._name = ""  # its name, if its welcome says
         self.nick, self.bot = nick, bot
         self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
         self.want_rooms = list(rooms)
-        self.rooms: dict[str, RoomOrder[Event]] = {}   # the rooms we are in, each in order
-        self._heard: list[tuple[str, int, asyncio.Future[bool]]] = []   # heard() waiting
+        self.rooms: dict[str, RoomOrder[Event]] = {}  # the rooms we are in, each in order
+        self._heard: list[tuple[str, int, asyncio.Future[bool]]] = []  # heard() waiting
         self.welcome: dict[str, Any] = {}
         self.heartbeat = 2.0
         self.connected = False
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._curve = (server_key, *(keypair or zmq.curve_keypair())) if server_key else None
-        self._token = secrets.token_hex(16)   # proves a reconnect is us, to re-claim the nick
+        self._token = secrets.token_hex(16)  # proves a reconnect is us, to re-claim the nick
         self._labels = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future] = {}
         self._events = _Inbox()
@@ -275,13 +294,13 @@ class Client:
         self._sub: zmq.asyncio.Socket | None = None
         self._behind = False
         self._tasks: list[asyncio.Task] = []
-        self._repairs: set[asyncio.Task] = set()   # history fetches under way
+        self._repairs: set[asyncio.Task] = set()  # history fetches under way
         self._closing = False
         self._closed = False
-        self._mine: OrderedDict[str, None] = OrderedDict()   # our recent message ids
+        self._mine: OrderedDict[str, None] = OrderedDict()  # our recent message ids
         self._privates: OrderedDict[str, None] = OrderedDict()  # ids of privates we had
         self._on_reply: dict[bytes, Callable[[dict[str, Any]], None]] = {}
-        self._leaves: dict[str, int] = {}   # leave() calls per room, for _join
+        self._leaves: dict[str, int] = {}  # leave() calls per room, for _join
         self._privates_since: float | None = None  # broker time: ask for privates after it
         self._resuming: asyncio.Task | None = None
         self._last_heard = time.monotonic()
@@ -294,8 +313,10 @@ class Client:
         for left in range(len(self.addresses) - 1, -1, -1):
             self._open_sockets()
             if not self._tasks:
-                self._tasks = [asyncio.create_task(self._reader()),
-                               asyncio.create_task(self._sender())]
+                self._tasks = [
+                    asyncio.create_task(self._reader()),
+                    asyncio.create_task(self._sender()),
+                ]
             try:
                 await self._hello(resume=False)
                 break
@@ -317,8 +338,7 @@ class Client:
 
     async def join(self, room: str, *, backlog: int | None = None) -> dict[str, Any]:
         """Enter a room: the last `backlog` events arrive first (backlog=True), then live ones."""
-        return await self._join(room, {"room": room},
-                                self.backlog if backlog is None else backlog)
+        return await self._join(room, {"room": room}, self.backlog if backlog is None else backlog)
 
     async def leave(self, room: str) -> None:
         self._leaves[room] = self._leaves.get(room, 0) + 1  # a JOIN sent before is undone
@@ -346,30 +366,43 @@ class Client:
         self.nick = (await self.request(m.Kind.NICK, {"nick": nick}))["nick"]
         return self.nick
 
-    async def topic(self, room: str, text: str | None = None, *, lock: bool | None = None
-                    ) -> str:
+    async def topic(self, room: str, text: str | None = None, *, lock: bool | None = None) -> str:
         """Read (text None) or set a room's topic; operators may lock it to operators only."""
-        return (await self.request(m.Kind.TOPIC, {"room": room, "text": text,
-                                                  "lock": lock}))["topic"]
+        return (await self.request(m.Kind.TOPIC, {"room": room, "text": text, "lock": lock}))[
+            "topic"
+        ]
 
-    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
-                      after: int | None = None, since: float | None = None) -> list[Event]:
+    async def history(
+        self,
+        room: str,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+        after: int | None = None,
+        since: float | None = None,
+    ) -> list[Event]:
         """Stored events of a room you are in: by sequence range, or since a UTC time."""
-        reply = await self.request(m.Kind.HISTORY, {"room": room, "limit": limit,
-                                                    "before": before, "after": after,
-                                                    "since": since})
-        return [Event.from_wire(e, mine=self._is_mine(e), backlog=True)
-                for e in reply["events"]]
+        reply = await self.request(
+            m.Kind.HISTORY,
+            {"room": room, "limit": limit, "before": before, "after": after, "since": since},
+        )
+        return [Event.from_wire(e, mine=self._is_mine(e), backlog=True) for e in reply["events"]]
 
-    async def private_history(self, nick: str, *, limit: int = 50,
-                              since: float | None = None) -> list[Event]:
+    async def private_history(
+        self, nick: str, *, limit: int = 50, since: float | None = None
+    ) -> list[Event]:
         """Your private conversation with nick, both ways, oldest first (the broker gives
         it only to its two parties: it needs this client's resume token or CURVE key)."""
-        reply = await self.request(m.Kind.HISTORY, {"with": nick, "limit": limit,
-                                                    "since": since})
-        return [Event.from_wire(e, mine=m.nick_key(str(e.get("nick", ""))) ==
-                                m.nick_key(self.nick) or self._is_mine(e), backlog=True)
-                for e in reply["events"]]
+        reply = await self.request(m.Kind.HISTORY, {"with": nick, "limit": limit, "since": since})
+        return [
+            Event.from_wire(
+                e,
+                mine=m.nick_key(str(e.get("nick", ""))) == m.nick_key(self.nick)
+                or self._is_mine(e),
+                backlog=True,
+            )
+            for e in reply["events"]
+        ]
 
     async def heard(self, room: str, seq: int, timeout: float | None = None) -> bool:
         """Wait until this client has delivered room's events up to seq (its own message
@@ -384,7 +417,7 @@ class Client:
         self._heard.append((room, seq, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def kick(self, room: str, nick: str, reason: str = "") -> None:
@@ -417,7 +450,7 @@ class Client:
         if futures:  # asyncio.wait, not wait_for: a timeout must not cancel the sends
             await asyncio.wait(futures, timeout=timeout)
             if not all(f.done() for f in futures):
-                raise asyncio.TimeoutError(f"{len(self._outbox)} messages not acknowledged")
+                raise TimeoutError(f"{len(self._outbox)} messages not acknowledged")
 
     async def next_event(self, timeout: float | None = None) -> Event:
         if timeout is None:
@@ -446,7 +479,7 @@ class Client:
         if self.connected:
             try:
                 await self.request(m.Kind.BYE, {"reason": reason}, timeout=1.0)
-            except (ChatError, asyncio.TimeoutError):
+            except (TimeoutError, ChatError):
                 pass
         self._closing = True
         for task in [*self._tasks, *self._repairs, self._resuming]:
@@ -462,7 +495,7 @@ class Client:
         self._outbox.clear()
         self._events.put_nowait(Event("status", "closed"))
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         await self.connect()
         return self
 
@@ -470,10 +503,14 @@ class Client:
         await self.close()
 
     # ------------------------------------------------------------------ requests
-    async def request(self, kind: m.Kind, body: dict[str, Any],
-                      timeout: float | None = None, *,
-                      on_reply: Callable[[dict[str, Any]], None] | None = None
-                      ) -> dict[str, Any]:
+    async def request(
+        self,
+        kind: m.Kind,
+        body: dict[str, Any],
+        timeout: float | None = None,
+        *,
+        on_reply: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Send one command and wait for its reply; RATE_LIMITED is waited out and resent.
         on_reply(body) runs as the OK reply is read, before any message after it."""
         while True:
@@ -486,9 +523,13 @@ class Client:
                     raise
                 await asyncio.sleep(float(err.body.get("retry_after", 0.2)))
 
-    async def _request_once(self, kind: m.Kind, body: dict[str, Any], timeout: float,
-                            on_reply: Callable[[dict[str, Any]], None] | None = None
-                            ) -> dict[str, Any]:
+    async def _request_once(
+        self,
+        kind: m.Kind,
+        body: dict[str, Any],
+        timeout: float,
+        on_reply: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         label = str(next(self._labels)).encode()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting[label] = future
@@ -498,7 +539,7 @@ class Client:
             assert self._dealer is not None
             await self._dealer.send_multipart(m.encode_request(kind, label, body))
             return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ChatError("TIMEOUT", f"no reply to {kind} within {timeout:g} s") from None
         finally:
             self._waiting.pop(label, None)
@@ -517,7 +558,7 @@ class Client:
         sub.setsockopt(zmq.RCVHWM, 10000)
         sub.connect(self._endpoint(pub_port))
         self._sub = sub
-        self._behind = False          # room events left waiting on it after the last turn
+        self._behind = False  # room events left waiting on it after the last turn
         self._grants: dict[str, list[str]] = {}
         self._gen += 1
 
@@ -548,12 +589,18 @@ class Client:
         self._dealer = self._sub = None
 
     async def _hello(self, *, resume: bool) -> None:
-        body = {"version": m.VERSION, "nick": self.nick, "bot": self.bot, "resume": resume,
-                "token": self._token}
+        body = {
+            "version": m.VERSION,
+            "nick": self.nick,
+            "bot": self.bot,
+            "resume": resume,
+            "token": self._token,
+        }
         if resume and self._privates_since is not None:
             body["privates_since"] = self._privates_since  # any pushed to a dying connection
-        reply = await self._request_once(m.Kind.HELLO, body, self.timeout if not resume
-                                         else max(1.0, self.heartbeat))
+        reply = await self._request_once(
+            m.Kind.HELLO, body, self.timeout if not resume else max(1.0, self.heartbeat)
+        )
         if self._privates_since is None and isinstance(reply.get("time"), (int, float)):
             self._privates_since = float(reply["time"])
         self.welcome = reply
@@ -564,7 +611,7 @@ class Client:
         self._open_sub(int(reply["pub_port"]))
         self.connected = True
         self._last_heard = time.monotonic()
-        if not resume:   # a resume lets the sends go once the rooms are joined again
+        if not resume:  # a resume lets the sends go once the rooms are joined again
             self._online.set()
 
     def _lost(self, why: str) -> None:
@@ -573,7 +620,7 @@ class Client:
             return
         self.connected = False
         self._online.clear()
-        for label, fut in list(self._waiting.items()):
+        for fut in list(self._waiting.values()):
             if not fut.done():
                 fut.set_exception(ChatError("DISCONNECTED", why))
         self._emit_status(f"{why}, reconnecting..." if self.reconnect else why)
@@ -586,8 +633,8 @@ class Client:
         attempt, before = 0, self._name
         while not self._closing:
             attempt += 1
-            self._move_on()               # the next broker in turn (or the only one again)
-            self._reset = True            # the reader swaps in fresh sockets
+            self._move_on()  # the next broker in turn (or the only one again)
+            self._reset = True  # the reader swaps in fresh sockets
             while self._reset and not self._closing:
                 await asyncio.sleep(0.01)
             try:
@@ -600,24 +647,29 @@ class Client:
                     except ChatError as err:
                         # NO_HELLO: our new session is gone already (a HELLO of ours from an
                         # abandoned connection, read late, replaced it): resume again.
-                        if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO, m.Code.UNAVAILABLE):
+                        if err.code in (
+                            "TIMEOUT",
+                            "DISCONNECTED",
+                            m.Code.NO_HELLO,
+                            m.Code.UNAVAILABLE,
+                        ):
                             raise
-                        self.rooms.pop(room, None)   # gone, or we were banned meanwhile
+                        self.rooms.pop(room, None)  # gone, or we were banned meanwhile
                         self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)
-                moved = self._name and self._name != before   # another broker than before
-                self._emit_status(f"reconnected (via {self._name})" if moved
-                                  else "reconnected")
-                self._online.set()   # our pending sends go now, into rooms we are in again
+                moved = self._name and self._name != before  # another broker than before
+                self._emit_status(f"reconnected (via {self._name})" if moved else "reconnected")
+                self._online.set()  # our pending sends go now, into rooms we are in again
                 self._work.set()
                 return
             except ChatError as err:
                 if err.code == m.Code.NICK_TAKEN:
-                    self._emit_status(f"{self.nick} was taken while we were away; "
-                                      f"reconnecting as {self.nick}_")
-                    self.nick = self.nick[:m.MAX_NICK - 1] + "_"
+                    self._emit_status(
+                        f"{self.nick} was taken while we were away; reconnecting as {self.nick}_"
+                    )
+                    self.nick = self.nick[: m.MAX_NICK - 1] + "_"
                 self.connected = False
                 self._online.clear()
-            delay = min(BACKOFF_CAP, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
+            delay = min(BACKOFF_CAP, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
 
     async def _join(self, room: str, body: dict[str, Any], backlog: int) -> dict[str, Any]:
@@ -634,7 +686,7 @@ class Client:
             if order is None:
                 self.rooms[room] = RoomOrder(seq)
                 fresh.append(True)
-            elif order.joined(seq):        # a broker that started over: a new history
+            elif order.joined(seq):  # a broker that started over: a new history
                 fresh.append(True)
             else:
                 self._repair_if_missing(room, order)
@@ -729,8 +781,11 @@ class Client:
                             continue
                         fut.set_result(resp.body)
                     else:
-                        fut.set_exception(ChatError(str(resp.body.get("code")),
-                                                    str(resp.body.get("reason")), resp.body))
+                        fut.set_exception(
+                            ChatError(
+                                str(resp.body.get("code")), str(resp.body.get("reason")), resp.body
+                            )
+                        )
                 if resp.kind == m.Reply.ERROR and resp.body.get("code") == m.Code.NO_HELLO:
                     self._lost("connection lost")
                 continue
@@ -761,7 +816,7 @@ class Client:
         body = frames[1] if len(frames) == 2 else b""
         try:
             events = _BATCH.decode(body)
-        except msgspec.MsgspecError:   # not the usual shape (or not a batch): the general way
+        except msgspec.MsgspecError:  # not the usual shape (or not a batch): the general way
             try:
                 return [Event.from_wire(d, mine=self._is_mine(d)) for d in m.decode_batch(frames)]
             except m.ProtocolError as err:
@@ -771,7 +826,7 @@ class Client:
         for index, ev in enumerate(events):
             set_data(ev, (body, index))
             cmid = ev._cmid
-            if (cmid in mine) if cmid else ev.nick == nick:   # as _is_mine
+            if (cmid in mine) if cmid else ev.nick == nick:  # as _is_mine
                 set_mine(ev, True)
         return events
 
@@ -790,8 +845,7 @@ class Client:
             del self.rooms[room]
             verb = "banned" if body.get("kind") == "ban" else "kicked"
             reason = f" ({body.get('reason')})" if body.get("reason") else ""
-            self._emit_status(f"you were {verb} from {room} by {body.get('by')}{reason}",
-                              room=room)
+            self._emit_status(f"you were {verb} from {room} by {body.get('by')}{reason}", room=room)
         elif kind == m.Reply.SHUTDOWN:
             self._emit_status("the broker is shutting down")
             self._lost("connection lost")
@@ -826,8 +880,11 @@ class Client:
         """Fetch what the room lacks: at once when events wait behind a gap; otherwise only
         once no live event is left to read (a ping reply that says the room is ahead of what
         we read may only be ahead of what waits in our socket)."""
-        if self.connected and (order.held or not self._behind) \
-                and (fetch := order.fetch()) is not None:
+        if (
+            self.connected
+            and (order.held or not self._behind)
+            and (fetch := order.fetch()) is not None
+        ):
             task = asyncio.create_task(self._repair(room, order, fetch))
             self._repairs.add(task)
             task.add_done_callback(self._repairs.discard)
@@ -837,10 +894,12 @@ class Client:
         try:
             while fetch is not None and self.rooms.get(room) is order:
                 try:
-                    reply = await self._request_once(m.Kind.HISTORY, {
-                        "room": room, "after": fetch.after, "limit": fetch.limit}, self.timeout)
-                    events = [Event.from_wire(e, mine=self._is_mine(e))
-                              for e in reply["events"]]
+                    reply = await self._request_once(
+                        m.Kind.HISTORY,
+                        {"room": room, "after": fetch.after, "limit": fetch.limit},
+                        self.timeout,
+                    )
+                    events = [Event.from_wire(e, mine=self._is_mine(e)) for e in reply["events"]]
                     seq = int(reply.get("seq", fetch.after))
                 except (ChatError, AttributeError, KeyError, TypeError, ValueError) as err:
                     log.info("history repair of %s stopped: %s", room, err)
@@ -848,14 +907,18 @@ class Client:
                 result = order.fetched(fetch, events, seq)
                 fetch = result.next
                 if result.skipped:
-                    log.warning("%s: events %d..%d are missing from history; skipped",
-                                room, result.skipped[0], result.skipped[-1])
+                    log.warning(
+                        "%s: events %d..%d are missing from history; skipped",
+                        room,
+                        result.skipped[0],
+                        result.skipped[-1],
+                    )
                 if self.rooms.get(room) is order:
                     self._events.extend(result.ready)
                     if self._heard:
                         self._wake_heard(room, order)
         finally:
-            if fetch is not None:   # stopped before its reply: a later fetch() asks again
+            if fetch is not None:  # stopped before its reply: a later fetch() asks again
                 order.failed(fetch)
 
     def _wake_heard(self, room: str, order: RoomOrder[Event]) -> None:
@@ -892,8 +955,9 @@ class Client:
         self._events.put_nowait(Event("status", text, room=room, ts=time.time()))
 
     # ------------------------------------------------------------------ acknowledged sends
-    async def _queue(self, kind: str, target: str, text: str, action: bool,
-                     extra: dict[str, Any]) -> Any:
+    async def _queue(
+        self, kind: str, target: str, text: str, action: bool, extra: dict[str, Any]
+    ) -> Any:
         if self._closing:
             raise ChatError("CLOSED", "the client was closed")
         cmid = uuid.uuid4().hex
@@ -916,7 +980,7 @@ class Client:
                 except ChatError as err:
                     if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO, m.Code.UNAVAILABLE):
                         await asyncio.sleep(0.05)
-                        continue     # resent as it is: the broker drops what it already has
+                        continue  # resent as it is: the broker drops what it already has
                     for item in batch:
                         self._outbox.pop(item.cmid, None)
                         if not item.future.done():
@@ -926,15 +990,24 @@ class Client:
         first = next(iter(self._outbox.values()))
         if first.kind == "priv":
             return [first]
-        limit = max(1, min(int(self.welcome.get("max_batch", m.MAX_BATCH)),
-                           int(self.welcome.get("burst", 20)) or m.MAX_BATCH))
+        limit = max(
+            1,
+            min(
+                int(self.welcome.get("max_batch", m.MAX_BATCH)),
+                int(self.welcome.get("burst", 20)) or m.MAX_BATCH,
+            ),
+        )
         batch, size = [], 0
         for item in self._outbox.values():
-            if item.kind != "say" or item.target != first.target or item.extra != first.extra \
-                    or len(batch) >= limit:
+            if (
+                item.kind != "say"
+                or item.target != first.target
+                or item.extra != first.extra
+                or len(batch) >= limit
+            ):
                 break
-            size += len(m.dumps(item.text)) + 80   # its id and the JSON around it
-            if batch and size > BATCH_BYTES:       # the frame must stay under MAX_FRAME
+            size += len(m.dumps(item.text)) + 80  # its id and the JSON around it
+            if batch and size > BATCH_BYTES:  # the frame must stay under MAX_FRAME
                 break
             batch.append(item)
         return batch
@@ -942,16 +1015,20 @@ class Client:
     async def _send_batch(self, batch: list[_Send]) -> None:
         first = batch[0]
         if first.kind == "priv":
-            reply = await self.request(m.Kind.PRIV, {"to": first.target, "text": first.text,
-                                                     "id": first.cmid, **first.extra})
+            reply = await self.request(
+                m.Kind.PRIV,
+                {"to": first.target, "text": first.text, "id": first.cmid, **first.extra},
+            )
             self._outbox.pop(first.cmid, None)
             if not first.future.done():
                 first.future.set_result(reply.get("event") or reply)
             if reply.get("event"):
                 self._events.put_nowait(Event.from_wire(reply["event"], mine=True))
             return
-        body = {"room": first.target, "msgs": [{"id": i.cmid, "text": i.text,
-                                                "action": i.action} for i in batch]}
+        body = {
+            "room": first.target,
+            "msgs": [{"id": i.cmid, "text": i.text, "action": i.action} for i in batch],
+        }
         body.update(first.extra)
         reply = await self.request(m.Kind.SAY, body, timeout=max(2.0, self.heartbeat))
         for cmid, seq in reply.get("acks", []):
@@ -960,16 +1037,19 @@ class Client:
                 item.future.set_result(seq)
 
 
-def curve_keys(server_key_file: str, config_dir: str | None = None
-               ) -> tuple[bytes, tuple[bytes, bytes]]:
+def curve_keys(
+    server_key_file: str, config_dir: str | None = None
+) -> tuple[bytes, tuple[bytes, bytes]]:
     """The broker's public key from its file, and our own key pair: kept in the user's config
     directory (mode 600), made on first use. Pass them as Client(server_key=, keypair=)."""
     import os
 
     import zmq.auth
+
     server_public, _ = zmq.auth.load_certificate(server_key_file)
-    base = config_dir or os.path.join(os.environ.get("XDG_CONFIG_HOME")
-                                      or os.path.expanduser("~/.config"), "zmqchat")
+    base = config_dir or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "zmqchat"
+    )
     secret_file = os.path.join(base, "client.key_secret")
     if not os.path.exists(secret_file):
         os.makedirs(base, mode=0o700, exist_ok=True)
@@ -984,6 +1064,7 @@ def __getattr__(name: str) -> Any:
     """`from client import Bot`: the bot framework lives in bot.py, which imports this module."""
     if name == "Bot":
         from bot import Bot
+
         return Bot
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -1025,7 +1106,7 @@ class BlockingClient:
         """The next event, or None after `timeout` seconds."""
         try:
             return self._call(self._client.next_event(timeout))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             return None
 
     def close(self, reason: str | None = None) -> None:
@@ -1044,4 +1125,5 @@ if __name__ == "__main__":
     import sys
 
     from chat_cli import main
+
     sys.exit(main())

@@ -8,6 +8,7 @@ complete their Op when NATS has answered. Liveness of the other brokers is watch
 the sessions of a broker that stopped beating, and that their clients did not resume on
 another broker within the grace period, are announced as lost, once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,8 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Callable, Final, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 
@@ -32,11 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cluster")
 
-CACHE_EVENTS: Final = 1000    # latest events kept per room: joins and gap repair read these
+CACHE_EVENTS: Final = 1000  # latest events kept per room: joins and gap repair read these
 MSGID_CACHE: Final = 200_000  # message ids remembered to recognise a retry after the dedup window
-READY_WAIT: Final = 30.0      # seconds a start waits for the cluster
-OP_DEADLINE: Final = 10.0     # seconds after which an unanswered command fails (a stuck bridge)
-STOP_WAIT: Final = 5.0        # seconds a stop waits for the bridge to let go of NATS
+READY_WAIT: Final = 30.0  # seconds a start waits for the cluster
+OP_DEADLINE: Final = 10.0  # seconds after which an unanswered command fails (a stuck bridge)
+STOP_WAIT: Final = 5.0  # seconds a stop waits for the bridge to let go of NATS
 
 
 def msg_id(owner: str, cmid: str) -> str:
@@ -80,42 +82,55 @@ class Cluster:
         self.beat_ok = 0.0
         self.healthy_since: float | None = None
         self.started = 0.0
-        self.peers: dict[str, dict[str, Any]] = {}   # broker name -> its last beat
+        self.peers: dict[str, dict[str, Any]] = {}  # broker name -> its last beat
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, name: str) -> None:
         """Connect to NATS (through the bridge) and load the shared state; OSError if the
         cluster cannot be reached or will not serve."""
         from cluster_bridge import Bridge, BridgeConfig
+
         self.name = name
         servers = [s.strip() for s in (self.cfg.cluster or "").split(",") if s.strip()]
-        self.bridge = Bridge(self.ctx, self.address, BridgeConfig(
-            servers, self.cfg.namespace, name, list(self.cfg.rooms), self.cfg.replicas))
+        self.bridge = Bridge(
+            self.ctx,
+            self.address,
+            BridgeConfig(
+                servers, self.cfg.namespace, name, list(self.cfg.rooms), self.cfg.replicas
+            ),
+        )
         self.bridge.start()
         deadline = time.monotonic() + READY_WAIT
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.socket.poll(int(left * 1000)):
-                raise OSError(f"the NATS cluster at {self.cfg.cluster} did not get ready "
-                              f"within {READY_WAIT:g} s")
+                raise OSError(
+                    f"the NATS cluster at {self.cfg.cluster} did not get ready "
+                    f"within {READY_WAIT:g} s"
+                )
             frames = self.socket.recv_multipart()
             if frames[0] == b"FATAL":
                 self.bridge.join(5)
                 self.bridge = None
                 raise OSError(f"cannot use the NATS cluster: {frames[1].decode()}")
             if frames[0] == b"READY":
-                log.info("in the cluster as %s (streams with %s replicas)", name,
-                         frames[1].decode())
+                log.info(
+                    "in the cluster as %s (streams with %s replicas)", name, frames[1].decode()
+                )
                 break
             self._dispatch(frames)
         self.started = time.monotonic()
         mine = self.peers.get(name)
-        if mine is not None and mine.get("state") == "up" and \
-                time.time() - float(mine.get("at", 0)) < 3 * self.cfg.heartbeat:
-            raise OSError(f"a broker named {name} is already in this cluster: "
-                          f"give each broker its own --name")
+        if (
+            mine is not None
+            and mine.get("state") == "up"
+            and time.time() - float(mine.get("at", 0)) < 3 * self.cfg.heartbeat
+        ):
+            raise OSError(
+                f"a broker named {name} is already in this cluster: give each broker its own --name"
+            )
         if any(i.broker == name for i in self.registry.identities()):
-            self.dead[name] = self.started   # our last run's sessions: settle them too
+            self.dead[name] = self.started  # our last run's sessions: settle them too
         self.registry.seed(self.cfg.rooms, self.cfg.ops)
         self._beat()
         self.send_pending()
@@ -183,8 +198,13 @@ class Cluster:
             op, decode, _ = entry
             if verb == b"FAIL":
                 code = frames[2].decode()
-                op.fail(ProtocolError(Code.UNAVAILABLE if code == "UNAVAILABLE" else
-                                      Code.INTERNAL, frames[3].decode(), cluster=code))
+                op.fail(
+                    ProtocolError(
+                        Code.UNAVAILABLE if code == "UNAVAILABLE" else Code.INTERNAL,
+                        frames[3].decode(),
+                        cluster=code,
+                    )
+                )
             else:
                 try:
                     value = decode(frames[2:])
@@ -205,8 +225,10 @@ class Cluster:
             self.registry.routed(json.loads(frames[1]))
 
     def put(self, bucket: str, key: str, value: Any) -> Op:
-        return self.call([b"KV", bucket.encode(), b"put", key.encode(),
-                          json.dumps(value).encode(), b"0"], json_value)
+        return self.call(
+            [b"KV", bucket.encode(), b"put", key.encode(), json.dumps(value).encode(), b"0"],
+            json_value,
+        )
 
     # ------------------------------------------------------------------ liveness
     def tick(self) -> None:
@@ -218,21 +240,28 @@ class Cluster:
         if healthy:
             for name, seen in list(self.seen.items()):
                 if name not in self.dead and now - seen > limit:
-                    log.warning("broker %s stopped beating: its clients have %g s to resume "
-                                "elsewhere", name, limit)
+                    log.warning(
+                        "broker %s stopped beating: its clients have %g s to resume elsewhere",
+                        name,
+                        limit,
+                    )
                     self.dead[name] = now
         for name, since in list(self.dead.items()):
             if now - since >= limit:
                 self._reap(name)
         for op_id, (op, _, sent) in list(self.ops.items()):
-            if now - sent > OP_DEADLINE:   # the bridge answers everything: this is a bug
+            if now - sent > OP_DEADLINE:  # the bridge answers everything: this is a bug
                 log.error("cluster command %s unanswered after %g s", op_id, OP_DEADLINE)
                 del self.ops[op_id]
                 op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
         for targets, op in list(self.registry.waiting):
             if now - self.registry.asked.get(id(op), now) > OP_DEADLINE:
-                log.error("catch-up waited %g s for %s (heard %s)", OP_DEADLINE, targets,
-                          self.registry.revs)
+                log.error(
+                    "catch-up waited %g s for %s (heard %s)",
+                    OP_DEADLINE,
+                    targets,
+                    self.registry.revs,
+                )
                 self.registry.waiting.remove((targets, op))
                 self.registry.asked.pop(id(op), None)
                 op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
@@ -249,7 +278,7 @@ class Cluster:
                 if self.healthy_since is None:
                     self.healthy_since = now
             else:
-                self.healthy_since = None   # we cannot tell who is dead while cut off
+                self.healthy_since = None  # we cannot tell who is dead while cut off
 
         op.then(answered)
 
@@ -264,7 +293,7 @@ class Cluster:
             if self.dead.pop(name, None) is not None:
                 log.warning("broker %s is beating again", name)
         elif state == "stopped" and name not in self.dead:
-            self.dead[name] = time.monotonic()   # stopped on purpose: no need to wait
+            self.dead[name] = time.monotonic()  # stopped on purpose: no need to wait
             self.seen.pop(name, None)
 
     def _reap(self, broker: str) -> None:
@@ -319,17 +348,24 @@ class ClusterLog:
             out[cmid] = (owner, *hit) if hit is not None else None
         return out
 
-    def read(self, room: str, *, after: int | None, before: int | None,
-             since: float | None, limit: int) -> Op:
+    def read(
+        self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
+    ) -> Op:
         cached = self._from_cache(room, after, before, since, limit)
         if cached is not None:
             return Op.ready(cached)
-        q = {"after": after, "before": before, "since": since, "limit": limit,
-             "last": self.last(room)}
+        q = {
+            "after": after,
+            "before": before,
+            "since": since,
+            "limit": limit,
+            "last": self.last(room),
+        }
         return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], list_value)
 
-    def _from_cache(self, room: str, after: int | None, before: int | None,
-                    since: float | None, limit: int) -> list[str] | None:
+    def _from_cache(
+        self, room: str, after: int | None, before: int | None, since: float | None, limit: int
+    ) -> list[str] | None:
         cache, last = self.cache.get(room), self.last(room)
         if not cache:
             return [] if last == 0 else None
@@ -348,34 +384,43 @@ class ClusterLog:
             texts = [t for t in texts if json.loads(t).get("ts", 0) >= since]
         return texts
 
-    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes, from_key: str) -> Op:
+    def append_private(
+        self, ts: float, sender: str, recipient: str, cmid: str, data: bytes, from_key: str
+    ) -> Op:
         from cluster_bridge import token
+
         to_owner, _, to_key = recipient.partition(" ")
         subject = f"{token(to_owner)}.{token(to_key)}.{token(sender)}.{token(from_key)}"
         mid = msg_id(sender, cmid)
         op = self.cluster.call([b"PRIV", subject.encode(), mid.encode(), data], json_value)
 
         def stored(op: Op) -> None:
-            if op.error is None:   # a retry of it is a duplicate from now on
+            if op.error is None:  # a retry of it is a duplicate from now on
                 self.ids[mid] = ("", 0)
 
         op.then(stored)
         return op
 
     def _privates(self, pattern: str, since: float, limit: int) -> Op:
-        return self.cluster.call([b"PRIVREAD", pattern.encode(), repr(since).encode(),
-                                  str(limit).encode()], list_value)
+        return self.cluster.call(
+            [b"PRIVREAD", pattern.encode(), repr(since).encode(), str(limit).encode()], list_value
+        )
 
     def privates_to(self, recipient: str, since: float, limit: int) -> Op:
         from cluster_bridge import token
+
         owner, _, key = recipient.partition(" ")
         return self._privates(f"{token(owner)}.{token(key)}.*.*", since, limit)
 
     def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> Op:
         from cluster_bridge import token
-        both = gather([self._privates(f"{token(me)}.*.*.{token(peer_key)}", since or 0.0, limit),
-                       self._privates(f"*.{token(peer_key)}.{token(me)}.*", since or 0.0, limit)])
+
+        both = gather(
+            [
+                self._privates(f"{token(me)}.*.*.{token(peer_key)}", since or 0.0, limit),
+                self._privates(f"*.{token(peer_key)}.{token(me)}.*", since or 0.0, limit),
+            ]
+        )
         outer = Op()
 
         def merged(op: Op) -> None:
@@ -403,7 +448,7 @@ class ClusterLog:
         cache = self.cache.get(room)
         if cache is None or first > last + 1:
             cache = self.cache[room] = deque(maxlen=CACHE_EVENTS)
-        cache.extend(events[max(0, last + 1 - first):])
+        cache.extend(events[max(0, last + 1 - first) :])
         ids = self.ids
         for mid, seq in meta["ids"]:
             ids[mid] = (room, seq)
@@ -427,10 +472,10 @@ class ClusterRegistry:
         self.sessions: dict[str, Identity] = {}
         self._members: dict[str, dict[str, Member]] = {}
         self.rooms: dict[str, RoomSettings] = {}
-        self.saved: dict[str, RoomSettings] = {}     # as the bucket has them
+        self.saved: dict[str, RoomSettings] = {}  # as the bucket has them
         self.owners: dict[str, str] = {}
-        self.revs: dict[str, int] = {}               # bucket -> the latest revision heard
-        self.waiting: list[tuple[dict[str, int], Op]] = []   # catch-ups under way
+        self.revs: dict[str, int] = {}  # bucket -> the latest revision heard
+        self.waiting: list[tuple[dict[str, int], Op]] = []  # catch-ups under way
         self.asked: dict[int, float] = {}
 
     # ---------------------------------------------------------------- news
@@ -474,7 +519,8 @@ class ClusterRegistry:
             if put:
                 d = json.loads(value)
                 self._members.setdefault(room, {})[unhex(hexed)] = Member(
-                    d["nick"], unhex(hexed), d["sid"], d["broker"])
+                    d["nick"], unhex(hexed), d["sid"], d["broker"]
+                )
             else:
                 self._members.get(room, {}).pop(unhex(hexed), None)
         elif bucket == "rooms":
@@ -491,8 +537,9 @@ class ClusterRegistry:
             del self.sessions[key]
             ident = None
         else:
-            ident = Identity(d["sid"], d["nick"], key, d["token"], d["pubkey"], d["bot"],
-                             d["broker"], rev)
+            ident = Identity(
+                d["sid"], d["nick"], key, d["token"], d["pubkey"], d["bot"], d["broker"], rev
+            )
             if old is not None and old.sid == ident.sid and old.rev > rev:
                 return  # older news than what we made ourselves
             self.sessions[key] = ident
@@ -536,18 +583,30 @@ class ClusterRegistry:
         return set(self.core.by_sid) if self.core is not None else set()
 
     def _record(self, ident: Identity) -> bytes:
-        return json.dumps({"sid": ident.sid, "nick": ident.nick, "token": ident.token,
-                           "pubkey": ident.pubkey, "bot": ident.bot,
-                           "broker": ident.broker}).encode()
+        return json.dumps(
+            {
+                "sid": ident.sid,
+                "nick": ident.nick,
+                "token": ident.token,
+                "pubkey": ident.pubkey,
+                "bot": ident.bot,
+                "broker": ident.broker,
+            }
+        ).encode()
 
     def _kv(self, verb: str, bucket: str, key: str, value: bytes = b"", rev: int = 0) -> Op:
-        return self.cluster.call([b"KV", bucket.encode(), verb.encode(), key.encode(), value,
-                                  str(rev).encode()], json_value)
+        return self.cluster.call(
+            [b"KV", bucket.encode(), verb.encode(), key.encode(), value, str(rev).encode()],
+            json_value,
+        )
 
     def claim(self, ident: Identity, replacing: Identity | None) -> Op:
         key = hexkey(ident.key)
-        inner = (self._kv("create", "sessions", key, self._record(ident)) if replacing is None
-                 else self._kv("update", "sessions", key, self._record(ident), replacing.rev))
+        inner = (
+            self._kv("create", "sessions", key, self._record(ident))
+            if replacing is None
+            else self._kv("update", "sessions", key, self._record(ident), replacing.rev)
+        )
         outer = Op()
 
         def answered(op: Op) -> None:
@@ -567,8 +626,9 @@ class ClusterRegistry:
         return outer
 
     def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
-        moved = Identity(ident.sid, new_nick, new_key, ident.token, ident.pubkey, ident.bot,
-                         ident.broker)
+        moved = Identity(
+            ident.sid, new_nick, new_key, ident.token, ident.pubkey, ident.bot, ident.broker
+        )
         inner = self.claim(moved, self.sessions.get(new_key) if new_key == ident.key else None)
         outer = Op()
 
@@ -581,10 +641,10 @@ class ClusterRegistry:
                 member = members.get(ident.key)
                 if member is not None and member.sid == ident.sid:
                     ops.append(self.remove_member(room, ident.key))
-                    ops.append(self.add_member(room, Member(new_nick, new_key, ident.sid,
-                                                            ident.broker)))
-            gather(ops).then(lambda done: outer.fail(done.error) if done.error
-                             else outer.resolve())
+                    ops.append(
+                        self.add_member(room, Member(new_nick, new_key, ident.sid, ident.broker))
+                    )
+            gather(ops).then(lambda done: outer.fail(done.error) if done.error else outer.resolve())
 
         inner.then(claimed)
         return outer
@@ -606,8 +666,14 @@ class ClusterRegistry:
                 log.info("%s: resumed, or settled by another broker", ident.nick)
                 return
             self.sessions.pop(ident.key, None)
-            log_event(log, "reaped", nick=ident.nick, sid=ident.sid, broker=ident.broker,
-                  why="did not resume after its broker stopped")
+            log_event(
+                log,
+                "reaped",
+                nick=ident.nick,
+                sid=ident.sid,
+                broker=ident.broker,
+                why="did not resume after its broker stopped",
+            )
             if self.core is not None:
                 self.core.reap(ident)
 
@@ -619,8 +685,12 @@ class ClusterRegistry:
 
     def add_member(self, room: str, member: Member) -> Op:
         self._members.setdefault(room, {})[member.key] = member
-        return self._kv("put", "members", f"{room}.{hexkey(member.key)}", json.dumps(
-            {"nick": member.nick, "sid": member.sid, "broker": member.broker}).encode())
+        return self._kv(
+            "put",
+            "members",
+            f"{room}.{hexkey(member.key)}",
+            json.dumps({"nick": member.nick, "sid": member.sid, "broker": member.broker}).encode(),
+        )
 
     def remove_member(self, room: str, key: str, sid: str | None = None) -> Op:
         members = self._members.get(room, {})
@@ -665,9 +735,10 @@ class ClusterRegistry:
             if not op.value:
                 outer.resolve(False)
                 return
-            self.rooms[settings.name].ops |= settings.ops   # ours: we are its operator
+            self.rooms[settings.name].ops |= settings.ops  # ours: we are its operator
             self.save(self.rooms[settings.name]).then(
-                lambda saved: outer.fail(saved.error) if saved.error else outer.resolve(True))
+                lambda saved: outer.fail(saved.error) if saved.error else outer.resolve(True)
+            )
 
         inner.then(made)
         return outer
@@ -679,18 +750,26 @@ class ClusterRegistry:
         old = self.saved.setdefault(name, RoomSettings(name))
         ops = []
         if settings.topic != old.topic:
-            ops.append(self._kv("put", "rooms", f"{name}.topic",
-                                json.dumps(settings.topic).encode()))
+            ops.append(
+                self._kv("put", "rooms", f"{name}.topic", json.dumps(settings.topic).encode())
+            )
         if settings.locked != old.locked:
-            ops.append(self._kv("put", "rooms", f"{name}.locked",
-                                json.dumps(settings.locked).encode()))
+            ops.append(
+                self._kv("put", "rooms", f"{name}.locked", json.dumps(settings.locked).encode())
+            )
         for kind, new, was in (("op", settings.ops, old.ops), ("ban", settings.bans, old.bans)):
             for key in new - was:
                 ops.append(self._kv("put", "rooms", f"{name}.{kind}.{hexkey(key)}", b"true"))
             for key in was - new:
                 ops.append(self._kv("delete", "rooms", f"{name}.{kind}.{hexkey(key)}"))
-        self.saved[name] = RoomSettings(name, settings.topic, settings.locked, set(settings.ops),
-                                        set(settings.bans), settings.created)
+        self.saved[name] = RoomSettings(
+            name,
+            settings.topic,
+            settings.locked,
+            set(settings.ops),
+            set(settings.bans),
+            settings.created,
+        )
         return gather(ops)
 
     # ---------------------------------------------------------------- CURVE
@@ -709,9 +788,15 @@ class ClusterRegistry:
                 self.owners[key] = pubkey
                 outer.resolve()
             else:  # someone bound it first: ours only if it was the same key
-                self.catch_up().then(lambda _: outer.resolve() if self.owners.get(key) == pubkey
-                                     else outer.fail(ProtocolError(
-                                         Code.NICK_TAKEN, "the nickname belongs to another key")))
+                self.catch_up().then(
+                    lambda _: (
+                        outer.resolve()
+                        if self.owners.get(key) == pubkey
+                        else outer.fail(
+                            ProtocolError(Code.NICK_TAKEN, "the nickname belongs to another key")
+                        )
+                    )
+                )
 
         self._kv("create", "nickkeys", hexkey(key), json.dumps(pubkey).encode()).then(created)
         return outer
@@ -724,5 +809,10 @@ class ClusterPresence:
         self.cluster = cluster
 
     def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
-        self.cluster.tell([b"ROUTE", broker.encode(), json.dumps(
-            {"sid": sid, "kind": str(kind), "body": body}).encode()])
+        self.cluster.tell(
+            [
+                b"ROUTE",
+                broker.encode(),
+                json.dumps({"sid": sid, "kind": str(kind), "body": body}).encode(),
+            ]
+        )

@@ -17,6 +17,7 @@ What lives in NATS (N is the namespace, `--namespace`, default zmqchat):
     bucket N-brokers      broker name -> its heartbeat
     subject N.push.B      pushes for sessions on broker B
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Final
+from typing import Any, Final
 
 import nats
 import nats.errors
@@ -39,13 +41,13 @@ log = logging.getLogger("cluster")
 
 BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers")
 REGISTRY: Final = BUCKETS[:4]  # what a catch-up waits for (beats are not registry state)
-OP_TIMEOUT: Final = 2.0       # seconds a publish or a key change may take before UNAVAILABLE
+OP_TIMEOUT: Final = 2.0  # seconds a publish or a key change may take before UNAVAILABLE
 CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
-NOTICE_RETRY: Final = 600.0   # seconds a broker keeps trying to store a notice of its own
-READ_BATCH: Final = 500       # messages per direct-get request
+NOTICE_RETRY: Final = 600.0  # seconds a broker keeps trying to store a notice of its own
+READ_BATCH: Final = 500  # messages per direct-get request
 PENDING_MSGS: Final = 1 << 20  # messages a stream subscription may hold before dropping
-IDLE_HEARTBEAT: Final = 1.0   # seconds: a subscription that hears nothing for two starts over
-                              # (its consumer was on a node that died)
+IDLE_HEARTBEAT: Final = 1.0  # seconds: a subscription that hears nothing for two starts over
+# (its consumer was on a node that died)
 
 
 @dataclass
@@ -54,7 +56,7 @@ class BridgeConfig:
     namespace: str
     name: str
     rooms: list[str]
-    replicas: int            # 0: up to 3, no more than the cluster has
+    replicas: int  # 0: up to 3, no more than the cluster has
 
 
 def stream_of(ns: str, room: str) -> str:
@@ -74,12 +76,12 @@ class Bridge(threading.Thread):
         self.ctx, self.address, self.cfg = ctx, address, cfg
         self.ns = cfg.namespace
         self.kvs: dict[str, Any] = {}
-        self.following: dict[str, Any] = {}    # room -> its stream subscription
-        self.expect: dict[str, int] = {}       # room -> the next seq to hand over
+        self.following: dict[str, Any] = {}  # room -> its stream subscription
+        self.expect: dict[str, int] = {}  # room -> the next seq to hand over
         self.outgoing: dict[str, list[Any]] = {}  # room -> messages to hand over
         self.tasks: set[asyncio.Task[Any]] = set()
         self.replicas = 1
-        self.rooms_seen: list[str] = []        # rooms in the registry at start
+        self.rooms_seen: list[str] = []  # rooms in the registry at start
         self.closing = False
 
     # ------------------------------------------------------------------ thread
@@ -106,9 +108,15 @@ class Bridge(threading.Thread):
             return
         self._send([b"READY", str(self.replicas).encode()])
         handlers: dict[bytes, Callable[[list[bytes]], Awaitable[None]]] = {
-            b"APPEND": self._append, b"KV": self._kv, b"READ": self._read,
-            b"PRIV": self._priv, b"PRIVREAD": self._privread, b"ROUTE": self._route,
-            b"ROOM": self._room, b"FOLLOW": self._follow_cmd, b"SYNC": self._sync,
+            b"APPEND": self._append,
+            b"KV": self._kv,
+            b"READ": self._read,
+            b"PRIV": self._priv,
+            b"PRIVREAD": self._privread,
+            b"ROUTE": self._route,
+            b"ROOM": self._room,
+            b"FOLLOW": self._follow_cmd,
+            b"SYNC": self._sync,
         }
         try:
             while True:
@@ -162,17 +170,27 @@ class Bridge(threading.Thread):
                 log.warning("lost the NATS connection; reconnecting")
 
         async def reconnected() -> None:
-            log.warning("NATS connection back (%s)", self.nc.connected_url.netloc
-                        if self.nc.connected_url else "?")
+            log.warning(
+                "NATS connection back (%s)",
+                self.nc.connected_url.netloc if self.nc.connected_url else "?",
+            )
 
         async def error(exc: Exception) -> None:
             log.info("NATS: %s", exc)
 
         self.nc = await nats.connect(
-            self.cfg.servers, name=f"zmqchat {self.cfg.name}", connect_timeout=2,
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            ping_interval=5, max_outstanding_pings=3,
-            disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
+            self.cfg.servers,
+            name=f"zmqchat {self.cfg.name}",
+            connect_timeout=2,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
         self.js = self.nc.jetstream(timeout=OP_TIMEOUT)
 
     async def _setup(self) -> None:
@@ -201,8 +219,9 @@ class Bridge(threading.Thread):
         except nats.js.errors.BucketNotFoundError:
             pass
         try:
-            return await self.js.create_key_value(api.KeyValueConfig(
-                bucket=name, history=1, replicas=self.replicas))
+            return await self.js.create_key_value(
+                api.KeyValueConfig(bucket=name, history=1, replicas=self.replicas)
+            )
         except nats.js.errors.BadRequestError:  # made by another broker just now
             return await self.js.key_value(name)
 
@@ -212,9 +231,15 @@ class Bridge(threading.Thread):
             info = await self.js.stream_info(name)
         except nats.js.errors.NotFoundError:
             try:
-                info = await self.js.add_stream(api.StreamConfig(
-                    name=name, subjects=subjects, num_replicas=self.replicas,
-                    allow_direct=True, storage=api.StorageType.FILE))
+                info = await self.js.add_stream(
+                    api.StreamConfig(
+                        name=name,
+                        subjects=subjects,
+                        num_replicas=self.replicas,
+                        allow_direct=True,
+                        storage=api.StorageType.FILE,
+                    )
+                )
             except nats.js.errors.BadRequestError:  # another broker made it just now
                 info = await self.js.stream_info(name)
         return info.state.last_seq
@@ -244,11 +269,17 @@ class Bridge(threading.Thread):
             await self._arrived(room, msg)
 
         await self.js.subscribe(
-            f"{self.ns}.room.{room}", stream=stream_of(self.ns, room), cb=arrived,
-            ordered_consumer=True, idle_heartbeat=IDLE_HEARTBEAT,
-            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                                      opt_start_seq=last + 1),
-            pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=1 << 30)
+            f"{self.ns}.room.{room}",
+            stream=stream_of(self.ns, room),
+            cb=arrived,
+            ordered_consumer=True,
+            idle_heartbeat=IDLE_HEARTBEAT,
+            config=api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1
+            ),
+            pending_msgs_limit=PENDING_MSGS,
+            pending_bytes_limit=1 << 30,
+        )
 
     # ------------------------------------------------------------------ watching buckets
     async def _watch(self, bucket: str, initial: asyncio.Event) -> None:
@@ -260,26 +291,42 @@ class Bridge(threading.Thread):
 
         async def changed(msg: Any) -> None:
             meta = msg.metadata
-            key = msg.subject[len(prefix):]
+            key = msg.subject[len(prefix) :]
             headers = msg.headers or {}
-            put = headers.get("KV-Operation") not in ("DEL", "PURGE") \
+            put = (
+                headers.get("KV-Operation") not in ("DEL", "PURGE")
                 and "Nats-Marker-Reason" not in headers
+            )
             if bucket == "rooms" and put and "." not in key:
                 if initial.is_set():
                     self._spawn(self._ensure_room(key))
                 else:
                     self.rooms_seen.append(key)
-            self._send([b"KVW", bname, key.encode(), str(meta.sequence.stream).encode(),
-                        b"PUT" if put else b"DEL", msg.data or b""])
+            self._send(
+                [
+                    b"KVW",
+                    bname,
+                    key.encode(),
+                    str(meta.sequence.stream).encode(),
+                    b"PUT" if put else b"DEL",
+                    msg.data or b"",
+                ]
+            )
             if meta.num_pending == 0:
                 initial.set()
 
         sub = await self.js.subscribe(
-            prefix + ">", stream=f"KV_{self.ns}-{bucket}", cb=changed, ordered_consumer=True,
-            idle_heartbeat=IDLE_HEARTBEAT, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-            pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=1 << 30)
+            prefix + ">",
+            stream=f"KV_{self.ns}-{bucket}",
+            cb=changed,
+            ordered_consumer=True,
+            idle_heartbeat=IDLE_HEARTBEAT,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            pending_msgs_limit=PENDING_MSGS,
+            pending_bytes_limit=1 << 30,
+        )
         info = await sub.consumer_info()
-        if info.num_pending == 0 and sub.delivered == 0:   # an empty bucket
+        if info.num_pending == 0 and sub.delivered == 0:  # an empty bucket
             initial.set()
 
     # ------------------------------------------------------------------ room events
@@ -290,8 +337,12 @@ class Bridge(threading.Thread):
         if seq < expect:
             return
         if seq > expect:  # should not happen with an ordered consumer: fetch the gap
-            log.warning("%s: events %d..%d skipped by the stream subscription; fetching",
-                        room, expect, seq - 1)
+            log.warning(
+                "%s: events %d..%d skipped by the stream subscription; fetching",
+                room,
+                expect,
+                seq - 1,
+            )
             for missing in await self._get_range(room, expect, seq - expect):
                 self._hand_over(room, missing)
         self._hand_over(room, msg)
@@ -320,8 +371,9 @@ class Bridge(threading.Thread):
             msgid = headers.get("Nats-Msg-Id")
             if msgid and kind in ("msg", "action"):
                 ids.append([msgid, seq])
-            frames.append(b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq)
-                          + msg.data)
+            frames.append(
+                b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq) + msg.data
+            )
         meta = json.dumps({"departures": departures, "ids": ids}).encode()
         self._send([b"EVENTS", prefix, str(first).encode(), meta, *frames])
 
@@ -340,12 +392,16 @@ class Bridge(threading.Thread):
                 future.cancel()
             self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
             return
-        notices = [(frames[i].decode(), frames[i + 1].decode(), frames[i + 2])
-                   for i in range(3, len(frames), 3) if frames[i + 1] not in (b"msg", b"action")]
+        notices = [
+            (frames[i].decode(), frames[i + 1].decode(), frames[i + 2])
+            for i in range(3, len(frames), 3)
+            if frames[i + 1] not in (b"msg", b"action")
+        ]
         self._spawn(self._acked(op, futures, subject, notices))
 
-    async def _acked(self, op: bytes, futures: list[Any], subject: str,
-                     notices: list[tuple[str, str, bytes]]) -> None:
+    async def _acked(
+        self, op: bytes, futures: list[Any], subject: str, notices: list[tuple[str, str, bytes]]
+    ) -> None:
         try:
             acks = await asyncio.wait_for(asyncio.gather(*futures), OP_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - timeout, no quorum, no stream
@@ -359,8 +415,9 @@ class Bridge(threading.Thread):
         deadline = time.monotonic() + NOTICE_RETRY
         while time.monotonic() < deadline:
             try:
-                await self.js.publish(subject, tail, headers={"Nats-Msg-Id": msgid,
-                                                              "Zc-Kind": kind})
+                await self.js.publish(
+                    subject, tail, headers={"Nats-Msg-Id": msgid, "Zc-Kind": kind}
+                )
                 return
             except Exception:  # noqa: BLE001 - the cluster is still away
                 await asyncio.sleep(1.0)
@@ -377,8 +434,9 @@ class Bridge(threading.Thread):
 
         sub = await self.nc.subscribe(inbox, cb=got)
         try:
-            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(),
-                                  reply=inbox)
+            await self.nc.publish(
+                f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+            )
             out = []
             while True:
                 msg = await asyncio.wait_for(queue.get(), OP_TIMEOUT)
@@ -423,8 +481,7 @@ class Bridge(threading.Thread):
         texts = []
         for msg in msgs:
             seq = int(msg.headers["Nats-Sequence"])
-            text = (b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq)
-                    + msg.data)
+            text = b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq) + msg.data
             if q["since"] is not None and _event_ts(msg.data) < q["since"]:
                 continue
             texts.append(text)
@@ -435,8 +492,9 @@ class Bridge(threading.Thread):
         """PRIV op subject-tokens msgid data: keep a private message."""
         op, tokens, msgid, data = frames[1], frames[2].decode(), frames[3].decode(), frames[4]
         try:
-            future = await self.js.publish_async(f"{self.ns}.priv.{tokens}", data,
-                                                 headers={"Nats-Msg-Id": msgid})
+            future = await self.js.publish_async(
+                f"{self.ns}.priv.{tokens}", data, headers={"Nats-Msg-Id": msgid}
+            )
         except Exception as exc:  # noqa: BLE001
             self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
             return
@@ -451,10 +509,15 @@ class Bridge(threading.Thread):
 
     async def _privreading(self, op: bytes, pattern: str, since: float, limit: int) -> None:
         stream, subject = f"{self.ns}-privates", f"{self.ns}.priv.{pattern}"
-        start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + \
-            f".{int((since % 1) * 1e9):09d}Z"
-        request: dict[str, Any] = {"start_time": start, "next_by_subj": subject,
-                                   "batch": READ_BATCH}
+        start = (
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since))
+            + f".{int((since % 1) * 1e9):09d}Z"
+        )
+        request: dict[str, Any] = {
+            "start_time": start,
+            "next_by_subj": subject,
+            "batch": READ_BATCH,
+        }
         out: list[bytes] = []
         try:
             while True:
@@ -462,8 +525,11 @@ class Bridge(threading.Thread):
                 out = (out + [msg.data for msg in got])[-limit:]
                 if len(got) < READ_BATCH:
                     break
-                request = {"seq": int(got[-1].headers["Nats-Sequence"]) + 1,
-                           "next_by_subj": subject, "batch": READ_BATCH}
+                request = {
+                    "seq": int(got[-1].headers["Nats-Sequence"]) + 1,
+                    "next_by_subj": subject,
+                    "batch": READ_BATCH,
+                }
         except Exception as exc:  # noqa: BLE001
             self._fail(op, "UNAVAILABLE", f"private messages not read: {_why(exc)}")
             return
@@ -474,8 +540,9 @@ class Bridge(threading.Thread):
         """KV op bucket verb key value rev: change a key; answer with its new revision."""
         self._spawn(self._kv_change(*frames[1:7]))
 
-    async def _kv_change(self, op: bytes, bucket: bytes, verb: bytes, key: bytes,
-                         value: bytes, rev: bytes) -> None:
+    async def _kv_change(
+        self, op: bytes, bucket: bytes, verb: bytes, key: bytes, value: bytes, rev: bytes
+    ) -> None:
         kv, k = self.kvs[bucket.decode()], key.decode()
         try:
             if verb == b"create":
@@ -507,7 +574,8 @@ class Bridge(threading.Thread):
                 last = await self.js.get_msg(stream, subject=f"$KV.{self.ns}-{bucket}.{key}")
             except nats.js.errors.NotFoundError:
                 raise nats.js.errors.KeyWrongLastSequenceError(
-                    description="made and removed meanwhile") from None
+                    description="made and removed meanwhile"
+                ) from None
             if (last.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
                 raise
             return await kv.update(key, value, last=last.seq)
@@ -518,12 +586,15 @@ class Bridge(threading.Thread):
 
     async def _syncing(self, op: bytes) -> None:
         try:
-            infos = await asyncio.gather(*(self.js.stream_info(f"KV_{self.ns}-{bucket}")
-                                           for bucket in REGISTRY))
+            infos = await asyncio.gather(
+                *(self.js.stream_info(f"KV_{self.ns}-{bucket}") for bucket in REGISTRY)
+            )
         except Exception as exc:  # noqa: BLE001
             self._fail(op, "UNAVAILABLE", f"the registry did not answer: {_why(exc)}")
             return
-        self._done(op, {bucket: info.state.last_seq for bucket, info in zip(REGISTRY, infos)})
+        self._done(
+            op, {bucket: info.state.last_seq for bucket, info in zip(REGISTRY, infos, strict=True)}
+        )
 
     async def _room(self, frames: list[bytes]) -> None:
         """ROOM op room: make a room (its stream, then its record); answer whether we did."""
@@ -556,7 +627,7 @@ class Bridge(threading.Thread):
 def _event_ts(tail: bytes) -> float:
     """The time of an event from its stored tail, which starts `"ts":<number>,`."""
     try:
-        return float(tail[5:tail.index(b",", 5)])
+        return float(tail[5 : tail.index(b",", 5)])
     except ValueError:
         return 0.0
 

@@ -15,6 +15,7 @@ What belongs to this broker alone lives here: a `Session` (routing id, rate buck
 seen, rooms, approved topics) around its shared `Identity`, and a `Room` (epoch, the local
 members who hear it, what was published) beside its shared `RoomSettings`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,29 +25,42 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from types import GeneratorType
-from typing import Any, Callable, Final, Generator, Iterator
+from typing import Any, Final
 
 import messages as m
 from logs import event as log_event
 from messages import Code, EventKind, Kind, ProtocolError, Reply
 from metrics import Stats
-from state import (Delivery, Draft, Identity, Member, Op, Presence, Registry, RoomLog,
-                   RoomSettings, gather, token_hash)
+from state import (
+    Delivery,
+    Draft,
+    Identity,
+    Member,
+    Op,
+    Presence,
+    Registry,
+    RoomLog,
+    RoomSettings,
+    gather,
+    token_hash,
+)
 
 log = logging.getLogger("broker")
 
 DEFAULT_ROOMS: Final = ("lobby", "work", "support", "team")
 # Commands that change rooms cost one rate-limit token each (SAY and PRIV pay per message).
-CHARGED: Final = frozenset({Kind.JOIN, Kind.LEAVE, Kind.NICK, Kind.TOPIC, Kind.KICK,
-                            Kind.BAN, Kind.UNBAN})
-BATCH_EVENTS: Final = 256    # events per published frame: keeps frames well under 64 KiB
-GRANT_TTL: Final = 120       # seconds a grant may wait before it is used
-MAX_ROOMS: Final = 1000      # rooms /join may create: one client cannot fill memory
-REPLAY_WINDOW: Final = 600   # seconds back a resuming client may be sent private messages again
-MIN_REPLAY_TOKEN: Final = 16 # a shorter resume token proves too little to be sent them
+CHARGED: Final = frozenset(
+    {Kind.JOIN, Kind.LEAVE, Kind.NICK, Kind.TOPIC, Kind.KICK, Kind.BAN, Kind.UNBAN}
+)
+BATCH_EVENTS: Final = 256  # events per published frame: keeps frames well under 64 KiB
+GRANT_TTL: Final = 120  # seconds a grant may wait before it is used
+MAX_ROOMS: Final = 1000  # rooms /join may create: one client cannot fill memory
+REPLAY_WINDOW: Final = 600  # seconds back a resuming client may be sent private messages again
+MIN_REPLAY_TOKEN: Final = 16  # a shorter resume token proves too little to be sent them
 _OK: Final = b"OK"
 _PING: Final = [b"PING"]
 
@@ -67,12 +81,12 @@ class Config:
     ops: tuple[str, ...] = ()
     rate: float = 5.0
     burst: int = 20
-    curve_key: str | None = None     # the broker's secret key file: serve only CURVE
-    allow_keys: str | None = None    # directory of client public keys allowed in
-    name: str = ""                   # shown in logs and in the welcome; made up if empty
-    cluster: str | None = None       # NATS URLs: share the rooms with other brokers
-    replicas: int = 0                # copies of each stream in a cluster (0: up to 3)
-    namespace: str = "zmqchat"       # prefix of our streams and buckets in NATS
+    curve_key: str | None = None  # the broker's secret key file: serve only CURVE
+    allow_keys: str | None = None  # directory of client public keys allowed in
+    name: str = ""  # shown in logs and in the welcome; made up if empty
+    cluster: str | None = None  # NATS URLs: share the rooms with other brokers
+    replicas: int = 0  # copies of each stream in a cluster (0: up to 3)
+    namespace: str = "zmqchat"  # prefix of our streams and buckets in NATS
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
 
 
@@ -100,8 +114,8 @@ class Bucket:
 class Stage(Enum):
     """A session's life on this broker."""
 
-    LIVE = "live"          # connected here
-    GONE = "gone"          # ended: quit, lost, replaced, expired
+    LIVE = "live"  # connected here
+    GONE = "gone"  # ended: quit, lost, replaced, expired
 
 
 @dataclass(eq=False)
@@ -112,7 +126,7 @@ class Session:
     ident: Identity
     bucket: Bucket
     last_seen: float
-    replayable: bool = False   # proved enough (CURVE key or a long token) for private replay
+    replayable: bool = False  # proved enough (CURVE key or a long token) for private replay
     stage: Stage = Stage.LIVE
     rooms: set[str] = field(default_factory=set)
     topics: dict[str, bytes] = field(default_factory=dict)  # room -> topic approved on our pipe
@@ -137,8 +151,8 @@ class Room:
     name: str
     epoch: str = field(default_factory=lambda: secrets.token_hex(8))
     members: dict[str, Session] = field(default_factory=dict)  # sid -> local session
-    published: int = 0                 # the highest number published here
-    rekey_after: int | None = None     # change the topic once this number is published
+    published: int = 0  # the highest number published here
+    rekey_after: int | None = None  # change the topic once this number is published
 
     @property
     def seq(self) -> int:
@@ -153,12 +167,21 @@ Handler = Callable[[Session, m.Request], Result]
 class Core:
     """The broker's state and rules; see the module docstring."""
 
-    def __init__(self, cfg: Config, log_: RoomLog, registry: Registry, presence: Presence,
-                 *, name: str, pub_port: int, motd: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        log_: RoomLog,
+        registry: Registry,
+        presence: Presence,
+        *,
+        name: str,
+        pub_port: int,
+        motd: str,
+    ) -> None:
         self.cfg, self.log, self.registry, self.presence = cfg, log_, registry, presence
         self.name, self.pub_port, self.motd = name, pub_port, motd
         self.curve = cfg.curve_key is not None
-        self.key = secrets.token_bytes(32)           # signs grants
+        self.key = secrets.token_bytes(32)  # signs grants
         self.rooms: dict[str, Room] = {}
         for room in registry.room_names():
             self.add_room(room)
@@ -168,16 +191,25 @@ class Core:
         # Requests of a connection are handled in the order they came: while one waits
         # for the shared state, the next ones of the same connection (but PINGs) wait.
         self.queued: dict[bytes, deque[tuple[list[bytes], str]]] = {}
-        self.outbox: list[list[bytes]] = []           # [rid, kind, label, body] to send
-        self.pubs: list[tuple[bytes, bytes]] = []     # (topic, batch) to publish
+        self.outbox: list[list[bytes]] = []  # [rid, kind, label, body] to send
+        self.pubs: list[tuple[bytes, bytes]] = []  # (topic, batch) to publish
         self.stats = Stats()
-        self.ack_starts: list[float] = []   # arrival times of the SAYs answered in outbox
+        self.ack_starts: list[float] = []  # arrival times of the SAYs answered in outbox
         self.handlers: dict[Kind, Handler] = {
-            Kind.JOIN: self._on_join, Kind.LEAVE: self._on_leave, Kind.SAY: self._on_say,
-            Kind.PRIV: self._on_priv, Kind.ROOMS: self._on_rooms, Kind.WHO: self._on_who,
-            Kind.NICK: self._on_nick, Kind.TOPIC: self._on_topic,
-            Kind.HISTORY: self._on_history, Kind.PING: self._on_ping, Kind.BYE: self._on_bye,
-            Kind.KICK: self._on_kick, Kind.BAN: self._on_ban, Kind.UNBAN: self._on_unban,
+            Kind.JOIN: self._on_join,
+            Kind.LEAVE: self._on_leave,
+            Kind.SAY: self._on_say,
+            Kind.PRIV: self._on_priv,
+            Kind.ROOMS: self._on_rooms,
+            Kind.WHO: self._on_who,
+            Kind.NICK: self._on_nick,
+            Kind.TOPIC: self._on_topic,
+            Kind.HISTORY: self._on_history,
+            Kind.PING: self._on_ping,
+            Kind.BYE: self._on_bye,
+            Kind.KICK: self._on_kick,
+            Kind.BAN: self._on_ban,
+            Kind.UNBAN: self._on_unban,
         }
 
     def add_room(self, name: str) -> Room:
@@ -192,7 +224,7 @@ class Core:
         queue = self.queued.get(rid)
         if queue is not None and frames[0:1] != _PING:  # an earlier one is still waiting
             queue.append((frames, key))  # (a PING goes on: it is how the client knows
-            return                       # we are alive while a cluster is slow)
+            return  # we are alive while a cluster is slow)
         self._handle(rid, frames, key)
 
     def _handle(self, rid: bytes, frames: list[bytes], key: str) -> None:
@@ -217,22 +249,36 @@ class Core:
             self._error(rid, label, err)
             return
         except Exception:  # a bug: still exactly one reply, and the loop goes on
-            log.exception("error handling %r from %s", [f[:64] for f in frames[:2]],
-                          rid.hex())
-            self._error(rid, label, ProtocolError(Code.INTERNAL, "the broker failed on this request"))
+            log.exception("error handling %r from %s", [f[:64] for f in frames[:2]], rid.hex())
+            self._error(
+                rid, label, ProtocolError(Code.INTERNAL, "the broker failed on this request")
+            )
             return
         if type(result) is GeneratorType:
-            self._advance(rid, label, result, Op.ready(),
-                          time.perf_counter() if req.kind is Kind.SAY else 0.0, True)
+            self._advance(
+                rid,
+                label,
+                result,
+                Op.ready(),
+                time.perf_counter() if req.kind is Kind.SAY else 0.0,
+                True,
+            )
         else:
             self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
 
-    def _advance(self, rid: bytes, label: bytes, gen: Generator[Op, Any, dict[str, Any]],
-                 op: Op, started: float = 0.0, first: bool = False) -> None:
+    def _advance(
+        self,
+        rid: bytes,
+        label: bytes,
+        gen: Generator[Op, Any, dict[str, Any]],
+        op: Op,
+        started: float = 0.0,
+        first: bool = False,
+    ) -> None:
         """Run a handler on from the Op it waited for, until it waits again or answers.
         `started`: when a SAY arrived (its acknowledgement's latency is measured)."""
         if self._step(rid, label, gen, op, started):
-            if not first:   # it had waited: its connection's next requests go now
+            if not first:  # it had waited: its connection's next requests go now
                 self._next(rid)
         elif first:
             self.queued[rid] = deque()
@@ -243,12 +289,18 @@ class Core:
         while queue:
             frames, key = queue.popleft()
             self._handle(rid, frames, key)
-            if rid in self.queued:   # that one waits: the rest wait behind it
+            if rid in self.queued:  # that one waits: the rest wait behind it
                 self.queued[rid].extend(queue)
                 return
 
-    def _step(self, rid: bytes, label: bytes, gen: Generator[Op, Any, dict[str, Any]],
-              op: Op, started: float) -> bool:
+    def _step(
+        self,
+        rid: bytes,
+        label: bytes,
+        gen: Generator[Op, Any, dict[str, Any]],
+        op: Op,
+        started: float,
+    ) -> bool:
         """Run the handler on; True once it has answered, False if it waits again."""
         while True:
             try:
@@ -266,8 +318,9 @@ class Core:
                 return True
             except Exception:
                 log.exception("error handling a request from %s", rid.hex())
-                self._error(rid, label, ProtocolError(Code.INTERNAL,
-                                                      "the broker failed on this request"))
+                self._error(
+                    rid, label, ProtocolError(Code.INTERNAL, "the broker failed on this request")
+                )
                 return True
             if not op.done:
                 op.then(lambda op: self._advance(rid, label, gen, op, started))
@@ -334,7 +387,7 @@ class Core:
     def _publish(self, room: Room, events: list[bytes]) -> None:
         topic = m.room_topic(room.name, room.epoch)
         for i in range(0, len(events), BATCH_EVENTS):
-            self.pubs.append((topic, b"[" + b",".join(events[i:i + BATCH_EVENTS]) + b"]"))
+            self.pubs.append((topic, b"[" + b",".join(events[i : i + BATCH_EVENTS]) + b"]"))
 
     def _departed_here(self, room: Room, data: bytes) -> None:
         """A kick or ban of one of our sessions that another broker made: it is out here."""
@@ -347,8 +400,16 @@ class Core:
         if target is None or target.sid not in room.members:
             return
         self._remove(target, room, rekey=False)  # the caller re-keys after the notice
-        self._push(target, Reply.KICKED, {"room": room.name, "by": ev.get("by", ""),
-                                          "reason": ev.get("reason", ""), "kind": ev["kind"]})
+        self._push(
+            target,
+            Reply.KICKED,
+            {
+                "room": room.name,
+                "by": ev.get("by", ""),
+                "reason": ev.get("reason", ""),
+                "kind": ev["kind"],
+            },
+        )
 
     def _local_by_key(self, key: str) -> Session | None:
         ident = self.registry.holder(key)
@@ -368,8 +429,9 @@ class Core:
 
     # ------------------------------------------------------------------ subscriptions
     def _grant(self, s: Session, room: Room) -> str:
-        payload = m.grant_payload(room.name, room.epoch, s.sid, int(time.time()) + GRANT_TTL,
-                                  secrets.token_hex(8))
+        payload = m.grant_payload(
+            room.name, room.epoch, s.sid, int(time.time()) + GRANT_TTL, secrets.token_hex(8)
+        )
         return payload + "." + self._mac(payload)
 
     def _mac(self, payload: str) -> str:
@@ -385,10 +447,16 @@ class Core:
         name, epoch, sid, expiry, nonce, mac = parsed
         payload = m.grant_payload(name, epoch, sid, expiry, nonce)
         room, s = self.rooms.get(name), self.by_sid.get(sid)
-        if (not hmac.compare_digest(mac, self._mac(payload)) or expiry < time.time()
-                or nonce in self.used_nonces or room is None or room.epoch != epoch
-                or s is None or sid not in room.members
-                or (self.curve and key != s.ident.pubkey)):
+        if (
+            not hmac.compare_digest(mac, self._mac(payload))
+            or expiry < time.time()
+            or nonce in self.used_nonces
+            or room is None
+            or room.epoch != epoch
+            or s is None
+            or sid not in room.members
+            or (self.curve and key != s.ident.pubkey)
+        ):
             log_event(log, "subscription-refused", why="stale, used or forged", room=name)
             return None, None
         self.used_nonces[nonce] = expiry
@@ -402,9 +470,11 @@ class Core:
     def _room(self, name: str) -> Room:
         room = self.rooms.get(name)
         if room is None:
-            raise ProtocolError(Code.ROOM_UNKNOWN,
-                                f"no room {name!r}; rooms: {', '.join(self.rooms)}",
-                                rooms=list(self.rooms))
+            raise ProtocolError(
+                Code.ROOM_UNKNOWN,
+                f"no room {name!r}; rooms: {', '.join(self.rooms)}",
+                rooms=list(self.rooms),
+            )
         return room
 
     def _member_room(self, s: Session, name: str) -> Room:
@@ -421,19 +491,23 @@ class Core:
         """(members, operators among them) of a room, cluster-wide, sorted."""
         ops = self._settings(room).ops
         here = [mem for mem in self.registry.members(room.name).values() if self._present(mem)]
-        return (sorted(mem.nick for mem in here),
-                sorted(mem.nick for mem in here if mem.key in ops))
+        return (
+            sorted(mem.nick for mem in here),
+            sorted(mem.nick for mem in here if mem.key in ops),
+        )
 
     def _present(self, mem: Member) -> bool:
         """Whether a member record is held by the session now holding its nick."""
         ident = self.registry.holder(mem.key)
         return ident is not None and ident.sid == mem.sid
 
-    def _append(self, room: Room, kind: EventKind, s: Session | Identity | Member, text: str,
-                **extra: Any) -> Op:
+    def _append(
+        self, room: Room, kind: EventKind, s: Session | Identity | Member, text: str, **extra: Any
+    ) -> Op:
         nick = s.nick
-        return self._store(room.name, [Draft(kind, nick, text, m.nick_key(nick), None,
-                                             extra or None)])
+        return self._store(
+            room.name, [Draft(kind, nick, text, m.nick_key(nick), None, extra or None)]
+        )
 
     def _store(self, room: str, drafts: list[Draft]) -> Op:
         """Append events to a room's log (counted by kind)."""
@@ -453,8 +527,15 @@ class Core:
 
     def _leave(self, s: Session, room: Room, why: str, reason: str = "") -> Op:
         """A departure with its notice: out of the room here and in the registry."""
-        op = self._append(room, EventKind.LEAVE, s, leave_text(s.nick, why, reason),
-                          why=why, reason=reason, bot=s.ident.bot)
+        op = self._append(
+            room,
+            EventKind.LEAVE,
+            s,
+            leave_text(s.nick, why, reason),
+            why=why,
+            reason=reason,
+            bot=s.ident.bot,
+        )
         gone = self.registry.remove_member(room.name, s.key, s.sid)
         self._remove(s, room)
         return gather([op, gone])
@@ -486,8 +567,13 @@ class Core:
         for s in [s for s in self.by_sid.values() if s.key == key]:
             if ident is not None and ident.sid == s.sid:
                 continue
-            log_event(log, "moved" if ident is not None else "ended", nick=s.nick, sid=s.sid,
-                  to=ident.broker if ident is not None else "")
+            log_event(
+                log,
+                "moved" if ident is not None else "ended",
+                nick=s.nick,
+                sid=s.sid,
+                to=ident.broker if ident is not None else "",
+            )
             self._drop_quietly(s)
             if ident is None:
                 self._push(s, Reply.EXPIRED, {"reason": "your session was ended"})
@@ -500,29 +586,38 @@ class Core:
             member = self.registry.members(name).get(ident.key)
             if member is not None and member.sid == ident.sid:
                 ops.append(self.registry.remove_member(name, ident.key, ident.sid))
-                ops.append(self._append(room, EventKind.LEAVE, ident,
-                                        leave_text(ident.nick, "lost", ""), why="lost",
-                                        reason="", bot=ident.bot))
+                ops.append(
+                    self._append(
+                        room,
+                        EventKind.LEAVE,
+                        ident,
+                        leave_text(ident.nick, "lost", ""),
+                        why="lost",
+                        reason="",
+                        bot=ident.bot,
+                    )
+                )
         ops.append(self.registry.release(ident))
         return gather(ops)
 
     # ------------------------------------------------------------------ handlers
-    def _on_hello(self, rid: bytes, session: Session | None, req: m.Request,
-                  pubkey: str = "") -> Generator[Op, Any, dict[str, Any]]:
+    def _on_hello(
+        self, rid: bytes, session: Session | None, req: m.Request, pubkey: str = ""
+    ) -> Generator[Op, Any, dict[str, Any]]:
         if session is not None:
             raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {session.nick}")
         nick, b = req.body["nick"], req.body
         key = m.nick_key(nick)
-        yield self.registry.catch_up()   # a nick freed or taken on another broker just now
+        yield self.registry.catch_up()  # a nick freed or taken on another broker just now
         if self.curve:
             owner = self.registry.nick_owner(key)
             if owner is not None and owner != pubkey:
-                raise ProtocolError(Code.NICK_TAKEN,
-                                    f"the nickname {nick} belongs to another key")
+                raise ProtocolError(Code.NICK_TAKEN, f"the nickname {nick} belongs to another key")
         holder = self.registry.holder(key)
         hashed = token_hash(b["token"])
-        if holder is not None and not (b["resume"] and hashed
-                                       and hmac.compare_digest(holder.token, hashed)):
+        if holder is not None and not (
+            b["resume"] and hashed and hmac.compare_digest(holder.token, hashed)
+        ):
             raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
         ident = Identity(secrets.token_hex(8), nick, key, hashed, pubkey, b["bot"], self.name)
         replayable = bool(pubkey) or len(b["token"]) >= MIN_REPLAY_TOKEN
@@ -534,26 +629,44 @@ class Core:
         yield self.registry.claim(ident, holder)
         if rid in self.by_rid:  # this connection said HELLO twice at once: the first won
             self.registry.release(ident)
-            raise ProtocolError(Code.ALREADY_HELLO, f"already connected as "
-                                                    f"{self.by_rid[rid].nick}")
+            raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {self.by_rid[rid].nick}")
         old = self.by_sid.get(holder.sid) if holder is not None else None
         if old is not None:  # the same client, back on a new connection
             self._drop_quietly(old)
         now = time.monotonic()
-        s = Session(rid, ident, Bucket(self.cfg.rate, self.cfg.burst, self.cfg.burst, now),
-                    now, replayable)
+        s = Session(
+            rid, ident, Bucket(self.cfg.rate, self.cfg.burst, self.cfg.burst, now), now, replayable
+        )
         self.by_rid[rid], self.by_sid[ident.sid] = s, s
-        log_event(log, "hello", nick=nick, sid=ident.sid, resume=b["resume"], bot=b["bot"],
-              curve=bool(pubkey))
+        log_event(
+            log,
+            "hello",
+            nick=nick,
+            sid=ident.sid,
+            resume=b["resume"],
+            bot=b["bot"],
+            curve=bool(pubkey),
+        )
         for event in missed:
             self._push(s, Reply.PRIVATE, {"event": event})
-        return {"nick": nick, "version": m.VERSION, "pub_port": self.pub_port,
-                "motd": self.motd, "rooms": list(self.rooms), "heartbeat": self.cfg.heartbeat,
-                "rate": self.cfg.rate, "burst": self.cfg.burst, "broker": self.name,
-                "max_text": m.MAX_TEXT, "max_batch": m.MAX_BATCH, "time": time.time()}
+        return {
+            "nick": nick,
+            "version": m.VERSION,
+            "pub_port": self.pub_port,
+            "motd": self.motd,
+            "rooms": list(self.rooms),
+            "heartbeat": self.cfg.heartbeat,
+            "rate": self.cfg.rate,
+            "burst": self.cfg.burst,
+            "broker": self.name,
+            "max_text": m.MAX_TEXT,
+            "max_batch": m.MAX_BATCH,
+            "time": time.time(),
+        }
 
-    def _missed_privates(self, ident: Identity, since: float
-                         ) -> Generator[Op, Any, list[dict[str, Any]]]:
+    def _missed_privates(
+        self, ident: Identity, since: float
+    ) -> Generator[Op, Any, list[dict[str, Any]]]:
         """For a resume: the private messages to this client at or after `since` (one may
         have gone to its old connection as it died). Only those sent to the identity it
         proves (a CURVE key, or a resume token of MIN_REPLAY_TOKEN characters or more; a nick
@@ -569,13 +682,12 @@ class Core:
 
     def _on_join(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         name = req.body["room"]
-        yield self.registry.catch_up()   # a ban made on another broker just now
+        yield self.registry.catch_up()  # a ban made on another broker just now
         room = self.rooms.get(name)
         if room is None and self.cfg.allow_new_rooms:
             if len(self.rooms) >= MAX_ROOMS:
                 raise ProtocolError(Code.TOO_LARGE, f"there are {MAX_ROOMS} rooms already")
-            created = yield self.registry.create_room(
-                RoomSettings(name, ops={s.key}, created=True))
+            created = yield self.registry.create_room(RoomSettings(name, ops={s.key}, created=True))
             room = self.add_room(name)
             if created:
                 log_event(log, "room-created", room=name, by=s.nick)
@@ -589,8 +701,7 @@ class Core:
             was = self.registry.members(name).get(s.key)
             added = self.registry.add_member(name, Member(s.nick, s.key, s.sid, self.name))
             if not (req.body["resume"] and was is not None):
-                joined = self._append(room, EventKind.JOIN, s, f"{s.nick} joined",
-                                      bot=s.ident.bot)
+                joined = self._append(room, EventKind.JOIN, s, f"{s.nick} joined", bot=s.ident.bot)
                 seqs, _ = yield gather([joined, added])
                 before = seqs[0] - 1
             else:
@@ -598,8 +709,14 @@ class Core:
         if s.stage is not Stage.LIVE or s.sid not in room.members:  # gone meanwhile
             raise ProtocolError(Code.NOT_MEMBER, f"you are not in {name} any more")
         members, ops = self._listing(room)
-        return {"room": name, "seq": before, "grant": self._grant(s, room),
-                "topic": self._settings(room).topic, "members": members, "ops": ops}
+        return {
+            "room": name,
+            "seq": before,
+            "grant": self._grant(s, room),
+            "topic": self._settings(room).topic,
+            "members": members,
+            "ops": ops,
+        }
 
     def _on_leave(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         room = self._member_room(s, req.body["room"])
@@ -612,8 +729,10 @@ class Core:
         owner = s.ident.owner
         known = self.log.known_ids(owner, [item["id"] for item in msgs])
         if any(prior is not None and prior[0] != owner for prior in known.values()):
-            raise ProtocolError(Code.BAD_REQUEST, "a message id already used by another; "
-                                                  "nothing of this request was stored")
+            raise ProtocolError(
+                Code.BAD_REQUEST,
+                "a message id already used by another; nothing of this request was stored",
+            )
         self._charge(s, sum(1 for prior in known.values() if prior is None))  # retries free
         extra: dict[str, Any] = {"bot": True} if s.ident.bot else {}
         if req.body["relay"]:
@@ -628,9 +747,11 @@ class Core:
                 drafts.append(Draft(kind, s.nick, item["text"], owner, cmid, extra or None))
                 fresh.append(cmid)
         seqs = (yield self._store(room.name, drafts)) if drafts else []
-        stored = dict(zip(fresh, seqs))
-        acks = [[item["id"], stored[item["id"]] if item["id"] in stored
-                 else known[item["id"]][2]] for item in msgs]  # type: ignore[index]
+        stored = dict(zip(fresh, seqs, strict=True))
+        acks = [
+            [item["id"], stored[item["id"]] if item["id"] in stored else known[item["id"]][2]]
+            for item in msgs
+        ]  # type: ignore[index]
         return {"room": room.name, "acks": acks}
 
     def _charge(self, s: Session, n: float) -> None:
@@ -638,8 +759,9 @@ class Core:
             raise ProtocolError(Code.TOO_LARGE, f"at most {self.cfg.burst} messages at once")
         wait = s.bucket.take(n, time.monotonic()) if n else 0.0
         if wait:
-            raise ProtocolError(Code.RATE_LIMITED, f"slow down: retry in {wait:.2f} s",
-                                retry_after=round(wait, 3))
+            raise ProtocolError(
+                Code.RATE_LIMITED, f"slow down: retry in {wait:.2f} s", retry_after=round(wait, 3)
+            )
 
     def _on_priv(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         b = req.body
@@ -656,12 +778,20 @@ class Core:
             return {"to": target.nick, "id": b["id"], "duplicate": True}
         self._charge(s, 1)
         ts = time.time()
-        event = {"kind": "private", "nick": s.nick, "to": target.nick, "text": b["text"],
-                 "ts": ts, "cmid": b["id"], "bot": s.ident.bot}
+        event = {
+            "kind": "private",
+            "nick": s.nick,
+            "to": target.nick,
+            "text": b["text"],
+            "ts": ts,
+            "cmid": b["id"],
+            "bot": s.ident.bot,
+        }
         if b["hops"] is not None:
             event["hops"] = b["hops"]
-        yield self.log.append_private(ts, s.ident.owner, target.recipient, b["id"],
-                                      m.dumps(event), s.key)
+        yield self.log.append_private(
+            ts, s.ident.owner, target.recipient, b["id"], m.dumps(event), s.key
+        )
         self.push_to(target, Reply.PRIVATE, {"event": event})
         return {"to": target.nick, "id": b["id"], "event": event}
 
@@ -669,10 +799,17 @@ class Core:
         yield self.registry.catch_up()
         out = []
         for room in self.rooms.values():
-            count = sum(1 for mem in self.registry.members(room.name).values()
-                        if self._present(mem))
-            out.append({"name": room.name, "members": count,
-                        "topic": self._settings(room).topic, "seq": self.log.last(room.name)})
+            count = sum(
+                1 for mem in self.registry.members(room.name).values() if self._present(mem)
+            )
+            out.append(
+                {
+                    "name": room.name,
+                    "members": count,
+                    "topic": self._settings(room).topic,
+                    "seq": self.log.last(room.name),
+                }
+            )
         return {"rooms": out}
 
     def _on_who(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
@@ -700,10 +837,22 @@ class Core:
             return {"nick": new}
         yield self.registry.rename(s.ident, new, key)
         s.ident.nick, s.ident.key = new, key
-        yield gather(self._store(name, [Draft(EventKind.NICK, old,
-                                                  f"{old} is now known as {new}",
-                                                  m.nick_key(old), None, {"new": new})])
-                     for name in sorted(s.rooms))
+        yield gather(
+            self._store(
+                name,
+                [
+                    Draft(
+                        EventKind.NICK,
+                        old,
+                        f"{old} is now known as {new}",
+                        m.nick_key(old),
+                        None,
+                        {"new": new},
+                    )
+                ],
+            )
+            for name in sorted(s.rooms)
+        )
         return {"nick": new, "old": old}
 
     def _on_topic(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
@@ -717,9 +866,15 @@ class Core:
                 raise ProtocolError(Code.NOT_OPERATOR, f"you are not an operator of {room.name}")
             settings.locked = lock
             ops.append(self.registry.save(settings))
-            ops.append(self._append(room, EventKind.NOTICE, s,
-                                    f"{s.nick} {'locked' if lock else 'unlocked'} the topic"
-                                    + (" (operators only)" if lock else "")))
+            ops.append(
+                self._append(
+                    room,
+                    EventKind.NOTICE,
+                    s,
+                    f"{s.nick} {'locked' if lock else 'unlocked'} the topic"
+                    + (" (operators only)" if lock else ""),
+                )
+            )
         if text is None:
             yield gather(ops)
             return {"room": room.name, "topic": settings.topic, "locked": settings.locked}
@@ -729,25 +884,37 @@ class Core:
             raise ProtocolError(Code.BAD_REQUEST, "a topic is one line of text")
         settings.topic = text
         ops.append(self.registry.save(settings))
-        ops.append(self._append(
-            room, EventKind.TOPIC, s, text, locked=settings.locked,
-            note=f"{s.nick} set the topic: {text}" if text else f"{s.nick} cleared the topic"))
+        ops.append(
+            self._append(
+                room,
+                EventKind.TOPIC,
+                s,
+                text,
+                locked=settings.locked,
+                note=f"{s.nick} set the topic: {text}" if text else f"{s.nick} cleared the topic",
+            )
+        )
         yield gather(ops)
         return {"room": room.name, "topic": text, "locked": settings.locked}
 
     def _on_history(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         b = req.body
-        if b["with"] is not None:   # a private conversation, which only its two parties read
+        if b["with"] is not None:  # a private conversation, which only its two parties read
             if not s.replayable:
-                raise ProtocolError(Code.NOT_ALLOWED, "private history needs a proven "
-                                    "identity: a CURVE key or a resume token of "
-                                    f"{MIN_REPLAY_TOKEN}+ characters")
-            texts = yield self.log.conversation(s.ident.owner, m.nick_key(b["with"]),
-                                                b["since"], b["limit"])
+                raise ProtocolError(
+                    Code.NOT_ALLOWED,
+                    "private history needs a proven "
+                    "identity: a CURVE key or a resume token of "
+                    f"{MIN_REPLAY_TOKEN}+ characters",
+                )
+            texts = yield self.log.conversation(
+                s.ident.owner, m.nick_key(b["with"]), b["since"], b["limit"]
+            )
             return {"with": b["with"], "events": _Raw(texts)}
         room = self._member_room(s, b["room"])
-        texts = yield self.log.read(room.name, after=b["after"], before=b["before"],
-                                    since=b["since"], limit=b["limit"])
+        texts = yield self.log.read(
+            room.name, after=b["after"], before=b["before"], since=b["since"], limit=b["limit"]
+        )
         # Stored JSON goes out as it is: spliced, not re-encoded.
         return {"room": room.name, "seq": self.log.last(room.name), "events": _Raw(texts)}
 
@@ -767,21 +934,30 @@ class Core:
             raise ProtocolError(Code.NOT_OPERATOR, f"you are not an operator of {room.name}")
         return room, settings
 
-    def _kick(self, s: Session, room: Room, target: Member, reason: str, kind: EventKind
-              ) -> Op:
+    def _kick(self, s: Session, room: Room, target: Member, reason: str, kind: EventKind) -> Op:
         """Out of the room with a notice (before the removal, so the target sees it), on
         whichever broker it is: ours now, another when that one publishes the notice."""
         verb = "kicked" if kind is EventKind.KICK else "banned"
         text = f"{target.nick} was {verb} by {s.nick}" + (f" ({reason})" if reason else "")
         op = self._append(room, kind, target, text, by=s.nick, reason=reason)
-        log_event(log, "kicked", nick=target.nick, room=room.name, by=s.nick, ban=kind is EventKind.BAN,
-              reason=reason)
+        log_event(
+            log,
+            "kicked",
+            nick=target.nick,
+            room=room.name,
+            by=s.nick,
+            ban=kind is EventKind.BAN,
+            reason=reason,
+        )
         gone = self.registry.remove_member(room.name, target.key, target.sid)
         local = self.by_sid.get(target.sid)
         if local is not None and local.sid in room.members:
             self._remove(local, room)
-            self._push(local, Reply.KICKED, {"room": room.name, "by": s.nick,
-                                             "reason": reason, "kind": str(kind)})
+            self._push(
+                local,
+                Reply.KICKED,
+                {"room": room.name, "by": s.nick, "reason": reason, "kind": str(kind)},
+            )
         return gather([op, gone])
 
     def _target(self, room: Room, nick: str) -> Member | None:
@@ -808,10 +984,19 @@ class Core:
             yield gather([saved, self._kick(s, room, target, reason, EventKind.BAN)])
         else:
             yield saved
-            yield self._store(room.name, [Draft(EventKind.BAN, nick,
-                                                    f"{nick} was banned by {s.nick}",
-                                                    m.nick_key(nick), None,
-                                                    {"by": s.nick, "reason": reason})])
+            yield self._store(
+                room.name,
+                [
+                    Draft(
+                        EventKind.BAN,
+                        nick,
+                        f"{nick} was banned by {s.nick}",
+                        m.nick_key(nick),
+                        None,
+                        {"by": s.nick, "reason": reason},
+                    )
+                ],
+            )
         return {"room": room.name, "nick": nick}
 
     def _on_unban(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
@@ -819,8 +1004,9 @@ class Core:
         room, settings = self._op_room(s, req)
         settings.bans.discard(m.nick_key(req.body["nick"]))
         yield self.registry.save(settings)
-        yield self._append(room, EventKind.NOTICE, s,
-                           f"{req.body['nick']} was unbanned by {s.nick}")
+        yield self._append(
+            room, EventKind.NOTICE, s, f"{req.body['nick']} was unbanned by {s.nick}"
+        )
         return {"room": room.name, "nick": req.body["nick"]}
 
     # ------------------------------------------------------------------ liveness

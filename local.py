@@ -4,12 +4,14 @@ Everything here answers at once: an append is numbered as it is made and becomes
 the next follow() (one write to the store's log per pass of the broker's loop), before the
 loop publishes it or sends any reply, so an acknowledgement still means stored.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import messages as m
 from messages import Code, ProtocolError, Reply
@@ -26,7 +28,7 @@ class LocalLog:
         self.store = store
         self.seqs: dict[str, int] = store.last_seqs()
         self._pending: dict[str, Delivery] = {}
-        self.backlog = 0   # events appended since the last follow()
+        self.backlog = 0  # events appended since the last follow()
 
     def last(self, room: str) -> int:
         return self.seqs.get(room, 0)
@@ -54,13 +56,16 @@ class LocalLog:
         find = self.store.find_cmid
         return {cmid: find(cmid) for cmid in cmids}
 
-    def read(self, room: str, *, after: int | None, before: int | None,
-             since: float | None, limit: int) -> Op:
-        return Op.ready(self.store.history(room, after=after, before=before, since=since,
-                                           limit=limit))
+    def read(
+        self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
+    ) -> Op:
+        return Op.ready(
+            self.store.history(room, after=after, before=before, since=since, limit=limit)
+        )
 
-    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes, from_key: str) -> Op:
+    def append_private(
+        self, ts: float, sender: str, recipient: str, cmid: str, data: bytes, from_key: str
+    ) -> Op:
         self.store.append_private(ts, sender, recipient, cmid, data, from_key)
         return Op.ready()
 
@@ -85,8 +90,9 @@ class LocalRegistry:
     """Sessions in memory (a restart ends them all); memberships and room settings in the
     store. Members at the last stop are kept as they were, so their resume-joins are quiet."""
 
-    def __init__(self, store: Store, rooms: Iterable[str], ops: Iterable[str],
-                 allow_new_rooms: bool) -> None:
+    def __init__(
+        self, store: Store, rooms: Iterable[str], ops: Iterable[str], allow_new_rooms: bool
+    ) -> None:
         self.store = store
         self.sessions: dict[str, Identity] = {}
         self._members: dict[str, dict[str, Member]] = {}
@@ -104,7 +110,8 @@ class LocalRegistry:
             for name in [*saved, *store.last_seqs()]:
                 if name not in self.rooms:
                     self.rooms[name] = saved.get(name) or RoomSettings(
-                        name, topic=store.last_topic(name), created=True)
+                        name, topic=store.last_topic(name), created=True
+                    )
 
     def catch_up(self) -> Op:
         return Op.ready()
@@ -184,7 +191,7 @@ class LocalRegistry:
         return self.store.nick_owner(key)
 
     def bind_nick(self, key: str, pubkey: str) -> Op:
-        self.store.bind_nick(key, pubkey)   # the first key stays (the core checked)
+        self.store.bind_nick(key, pubkey)  # the first key stays (the core checked)
         return Op.ready()
 
 

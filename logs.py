@@ -1,6 +1,7 @@
 """The broker's log lines: plain text for people, or one JSON object a line for log shippers
 (`--log-format json`). Connection events (hello, quit, lost, replaced, kicked, ...) are
 logged at INFO with their fields; whatever came from a client is escaped and cut short."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import logging
 import time
 from typing import Any, Final
 
-MAX_FIELD: Final = 200   # characters of a client-given value in a log line
+MAX_FIELD: Final = 200  # characters of a client-given value in a log line
 
 
 def event(logger: logging.Logger, name: str, **fields: Any) -> None:
@@ -34,7 +35,7 @@ def _text(value: Any) -> str:
     text = str(value)
     if text and text.isprintable() and not any(c in text for c in ' "=\\'):
         return text
-    return json.dumps(text)   # escapes quotes, backslashes and control characters
+    return json.dumps(text)  # escapes quotes, backslashes and control characters
 
 
 class TextFormatter(logging.Formatter):
@@ -54,7 +55,9 @@ class JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
-            "level": record.levelname, "logger": record.name}
+            "level": record.levelname,
+            "logger": record.name,
+        }
         fields = getattr(record, "fields", None)
         if fields is not None:
             out["event"] = record.getMessage()

@@ -29,6 +29,7 @@ An event (room traffic, history, private messages) is a JSON object:
     lost, kick), new (nick changes), by (kicks, bans), note and locked (topics), relay (copied
     by a bridge bot), hops (length of a bot reply chain).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,19 +44,19 @@ VERSION: Final = 1
 VERSIONS: Final = (1,)
 
 # Limits, with the reason for each number.
-MAX_TEXT: Final = 4000          # a long paragraph; anything longer is a paste that wants a file
-MAX_FRAME: Final = 64 * 1024    # set as MAXMSGSIZE on the broker: larger frames never reach Python
+MAX_TEXT: Final = 4000  # a long paragraph; anything longer is a paste that wants a file
+MAX_FRAME: Final = 64 * 1024  # set as MAXMSGSIZE on the broker: larger frames never reach Python
 MAX_REQUEST: Final = 96 * 1024  # whole request, all frames: a batch of SAYs must fit too
-MAX_LABEL: Final = 64           # enough for a counter or a UUID
-MAX_BATCH: Final = 100          # messages in one SAY: bounds one request's work in the broker
-MAX_HISTORY: Final = 500        # events in one HISTORY reply: keeps replies under MAX_FRAME-ish
+MAX_LABEL: Final = 64  # enough for a counter or a UUID
+MAX_BATCH: Final = 100  # messages in one SAY: bounds one request's work in the broker
+MAX_HISTORY: Final = 500  # events in one HISTORY reply: keeps replies under MAX_FRAME-ish
 MAX_NICK: Final = 32
 MAX_ROOM: Final = 32
-MAX_REASON: Final = 200         # quit/kick reasons are one short line
-MAX_TOPIC: Final = 300          # a room topic is a line, not a document
-MAX_CMID: Final = 64            # client message ids: a UUID hex is 32
-MAX_INT: Final = 2**63 - 1      # what SQLite stores: larger numbers would fail there
-MAX_HOPS: Final = 16            # bot reply chains: a count carried so bots can stop loops
+MAX_REASON: Final = 200  # quit/kick reasons are one short line
+MAX_TOPIC: Final = 300  # a room topic is a line, not a document
+MAX_CMID: Final = 64  # client message ids: a UUID hex is 32
+MAX_INT: Final = 2**63 - 1  # what SQLite stores: larger numbers would fail there
+MAX_HOPS: Final = 16  # bot reply chains: a count carried so bots can stop loops
 
 
 class Kind(StrEnum):
@@ -83,12 +84,12 @@ class Reply(StrEnum):
 
     OK = "OK"
     ERROR = "ERROR"
-    PRIVATE = "PRIVATE"    # a private message for you: {"event": {...}}
-    GRANT = "GRANT"        # a room's topic changed: {"room", "grant"}; subscribe with it
-    LIVE = "LIVE"          # your subscription to room is live from seq on: {"room", "seq"}
-    KICKED = "KICKED"      # you were removed from a room: {"room", "by", "reason"}
+    PRIVATE = "PRIVATE"  # a private message for you: {"event": {...}}
+    GRANT = "GRANT"  # a room's topic changed: {"room", "grant"}; subscribe with it
+    LIVE = "LIVE"  # your subscription to room is live from seq on: {"room", "seq"}
+    KICKED = "KICKED"  # you were removed from a room: {"room", "by", "reason"}
     SHUTDOWN = "SHUTDOWN"  # the broker is stopping: {"reason"}
-    EXPIRED = "EXPIRED"    # the broker does not know you (any more): say HELLO again
+    EXPIRED = "EXPIRED"  # the broker does not know you (any more): say HELLO again
 
 
 class Code(StrEnum):
@@ -107,10 +108,10 @@ class Code(StrEnum):
     NOT_MEMBER = "NOT_MEMBER"
     NOT_OPERATOR = "NOT_OPERATOR"
     BANNED = "BANNED"
-    NOT_ALLOWED = "NOT_ALLOWED"    # the session cannot prove who it is (private history)
+    NOT_ALLOWED = "NOT_ALLOWED"  # the session cannot prove who it is (private history)
     TOO_LARGE = "TOO_LARGE"
     RATE_LIMITED = "RATE_LIMITED"
-    UNAVAILABLE = "UNAVAILABLE"    # the shared state (a cluster) did not answer: retry
+    UNAVAILABLE = "UNAVAILABLE"  # the shared state (a cluster) did not answer: retry
     INTERNAL = "INTERNAL"
 
 
@@ -131,13 +132,45 @@ ROOM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
 
 # Letters from other scripts that look like Latin ones: folded before nicks are compared,
 # so that a Cyrillic 'а' cannot pose as a Latin 'a'. (Lower-case forms; casefold runs first.)
-_CONFUSABLES: Final = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
-    "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "і": "i", "ј": "j", "ԁ": "d",
-    "ԛ": "q", "ԝ": "w", "ӏ": "l", "һ": "h", "ɡ": "g",
-    "α": "a", "β": "b", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p",
-    "τ": "t", "υ": "u", "χ": "x", "ϲ": "c", "η": "n", "μ": "u",
-})
+_CONFUSABLES: Final = str.maketrans(
+    {
+        "а": "a",
+        "в": "b",
+        "е": "e",
+        "к": "k",
+        "м": "m",
+        "н": "h",
+        "о": "o",
+        "р": "p",
+        "с": "c",
+        "т": "t",
+        "у": "y",
+        "х": "x",
+        "ѕ": "s",
+        "і": "i",
+        "ј": "j",
+        "ԁ": "d",
+        "ԛ": "q",
+        "ԝ": "w",
+        "ӏ": "l",
+        "һ": "h",
+        "ɡ": "g",
+        "α": "a",
+        "β": "b",
+        "ε": "e",
+        "ι": "i",
+        "κ": "k",
+        "ν": "v",
+        "ο": "o",
+        "ρ": "p",
+        "τ": "t",
+        "υ": "u",
+        "χ": "x",
+        "ϲ": "c",
+        "η": "n",
+        "μ": "u",
+    }
+)
 
 
 def check_nick(nick: Any) -> str:
@@ -149,9 +182,9 @@ def check_nick(nick: Any) -> str:
         raise ProtocolError(Code.NICK_INVALID, f"nickname is longer than {MAX_NICK} characters")
     for ch in nick:
         if not (ch.isalpha() or ch.isdigit() or ch in NICK_PUNCT):
-            raise ProtocolError(Code.NICK_INVALID,
-                                f"nickname may hold letters, digits and {NICK_PUNCT}, "
-                                f"not {ch!r}")
+            raise ProtocolError(
+                Code.NICK_INVALID, f"nickname may hold letters, digits and {NICK_PUNCT}, not {ch!r}"
+            )
     if nick[0].isdigit() or nick[0] == "-":
         raise ProtocolError(Code.NICK_INVALID, "nickname may not start with a digit or '-'")
     scripts = {_script(ch) for ch in nick if ch.isalpha()} - {"COMMON"}
@@ -177,18 +210,20 @@ def nick_key(nick: str) -> str:
 def check_room(room: Any) -> str:
     """Return the room name or raise ROOM_INVALID."""
     if not isinstance(room, str) or not ROOM_RE.match(room):
-        raise ProtocolError(Code.ROOM_INVALID,
-                            "a room name is 1 to 32 of a-z, 0-9, '_' and '-', "
-                            "starting with a letter or digit")
+        raise ProtocolError(
+            Code.ROOM_INVALID,
+            "a room name is 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit",
+        )
     return room
 
 
 def room_topic(room: str, epoch: str) -> bytes:
-    """The publisher topic of a room in one epoch; 0x00 ends the name so no room prefixes another."""
+    """A room's publisher topic in one epoch; 0x00 ends the name so no room prefixes another."""
     return room.encode() + b"\x00" + epoch.encode()
 
 
 # ---------------------------------------------------------------------------- requests
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -199,8 +234,9 @@ class Request:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-def _text(body: dict, key: str, limit: int, *, required: bool = True,
-          allow_empty: bool = False) -> str | None:
+def _text(
+    body: dict, key: str, limit: int, *, required: bool = True, allow_empty: bool = False
+) -> str | None:
     value = body.get(key)
     if value is None and not required:
         return None
@@ -222,8 +258,9 @@ def _int(body: dict, key: str, *, required: bool = False, low: int = 0) -> int |
     if value is None and not required:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_INT:
-        raise ProtocolError(Code.BAD_REQUEST,
-                            f"field {key!r} must be an integer from {low} to {MAX_INT}")
+        raise ProtocolError(
+            Code.BAD_REQUEST, f"field {key!r} must be an integer from {low} to {MAX_INT}"
+        )
     return value
 
 
@@ -262,13 +299,19 @@ def _time(b: dict, name: str) -> float | None:
 def _v_hello(b: dict) -> dict:
     version = b.get("version")
     if type(version) is not int or version not in VERSIONS:  # true == 1.0 == 1 in Python
-        raise ProtocolError(Code.BAD_VERSION,
-                            f"protocol version {version!r} is not spoken here; "
-                            f"versions: {', '.join(map(str, VERSIONS))}", versions=list(VERSIONS))
-    return {"nick": check_nick(b.get("nick")), "bot": b.get("bot") is True,
-            "resume": b.get("resume") is True,
-            "token": _text(b, "token", MAX_CMID, required=False) or "",
-            "privates_since": _time(b, "privates_since")}
+        raise ProtocolError(
+            Code.BAD_VERSION,
+            f"protocol version {version!r} is not spoken here; "
+            f"versions: {', '.join(map(str, VERSIONS))}",
+            versions=list(VERSIONS),
+        )
+    return {
+        "nick": check_nick(b.get("nick")),
+        "bot": b.get("bot") is True,
+        "resume": b.get("resume") is True,
+        "token": _text(b, "token", MAX_CMID, required=False) or "",
+        "privates_since": _time(b, "privates_since"),
+    }
 
 
 def _v_join(b: dict) -> dict:
@@ -281,16 +324,22 @@ def _v_room(b: dict) -> dict:
 
 def _v_say(b: dict) -> dict:
     hops = _int(b, "hops")
-    return {"room": check_room(b.get("room")), "msgs": _say_items(b),
-            "relay": _text(b, "relay", MAX_NICK + MAX_ROOM + 1, required=False),
-            "hops": min(hops, MAX_HOPS) if hops is not None else None}
+    return {
+        "room": check_room(b.get("room")),
+        "msgs": _say_items(b),
+        "relay": _text(b, "relay", MAX_NICK + MAX_ROOM + 1, required=False),
+        "hops": min(hops, MAX_HOPS) if hops is not None else None,
+    }
 
 
 def _v_priv(b: dict) -> dict:
     hops = _int(b, "hops")
-    return {"to": check_nick(b.get("to")), "text": _text(b, "text", MAX_TEXT),
-            "id": _text(b, "id", MAX_CMID),
-            "hops": min(hops, MAX_HOPS) if hops is not None else None}
+    return {
+        "to": check_nick(b.get("to")),
+        "text": _text(b, "text", MAX_TEXT),
+        "id": _text(b, "id", MAX_CMID),
+        "hops": min(hops, MAX_HOPS) if hops is not None else None,
+    }
 
 
 def _v_none(b: dict) -> dict:
@@ -309,9 +358,11 @@ def _v_topic(b: dict) -> dict:
     lock = b.get("lock")
     if lock is not None and not isinstance(lock, bool):
         raise ProtocolError(Code.BAD_REQUEST, "field 'lock' must be true or false")
-    return {"room": check_room(b.get("room")),
-            "text": _text(b, "text", MAX_TOPIC, required=False, allow_empty=True),
-            "lock": lock}
+    return {
+        "room": check_room(b.get("room")),
+        "text": _text(b, "text", MAX_TOPIC, required=False, allow_empty=True),
+        "lock": lock,
+    }
 
 
 def _v_history(b: dict) -> dict:
@@ -319,10 +370,14 @@ def _v_history(b: dict) -> dict:
     peer = b.get("with")
     if peer is not None and b.get("room") is not None:
         raise ProtocolError(Code.BAD_REQUEST, "HISTORY takes a 'room' or a 'with', not both")
-    return {"room": check_room(b.get("room")) if peer is None else None,
-            "with": check_nick(peer) if peer is not None else None,
-            "after": _int(b, "after"), "before": _int(b, "before"), "since": _time(b, "since"),
-            "limit": min(limit or 50, MAX_HISTORY)}
+    return {
+        "room": check_room(b.get("room")) if peer is None else None,
+        "with": check_nick(peer) if peer is not None else None,
+        "after": _int(b, "after"),
+        "before": _int(b, "before"),
+        "since": _time(b, "since"),
+        "limit": min(limit or 50, MAX_HISTORY),
+    }
 
 
 def _v_bye(b: dict) -> dict:
@@ -330,15 +385,29 @@ def _v_bye(b: dict) -> dict:
 
 
 def _v_mod(b: dict) -> dict:
-    return {"room": check_room(b.get("room")), "nick": check_nick(b.get("nick")),
-            "reason": _text(b, "reason", MAX_REASON, required=False, allow_empty=True)}
+    return {
+        "room": check_room(b.get("room")),
+        "nick": check_nick(b.get("nick")),
+        "reason": _text(b, "reason", MAX_REASON, required=False, allow_empty=True),
+    }
 
 
 VALIDATORS: Final = {
-    Kind.HELLO: _v_hello, Kind.JOIN: _v_join, Kind.LEAVE: _v_room, Kind.SAY: _v_say,
-    Kind.PRIV: _v_priv, Kind.ROOMS: _v_none, Kind.WHO: _v_who, Kind.NICK: _v_nick,
-    Kind.TOPIC: _v_topic, Kind.HISTORY: _v_history, Kind.PING: _v_none, Kind.BYE: _v_bye,
-    Kind.KICK: _v_mod, Kind.BAN: _v_mod, Kind.UNBAN: _v_mod,
+    Kind.HELLO: _v_hello,
+    Kind.JOIN: _v_join,
+    Kind.LEAVE: _v_room,
+    Kind.SAY: _v_say,
+    Kind.PRIV: _v_priv,
+    Kind.ROOMS: _v_none,
+    Kind.WHO: _v_who,
+    Kind.NICK: _v_nick,
+    Kind.TOPIC: _v_topic,
+    Kind.HISTORY: _v_history,
+    Kind.PING: _v_none,
+    Kind.BYE: _v_bye,
+    Kind.KICK: _v_mod,
+    Kind.BAN: _v_mod,
+    Kind.UNBAN: _v_mod,
 }
 
 
@@ -361,9 +430,10 @@ def decode_request(frames: list[bytes]) -> Request:
     try:
         kind = Kind(kind_b.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
-        raise ProtocolError(Code.UNKNOWN_COMMAND,
-                            f"unknown command {kind_b[:32]!r}; "
-                            f"commands: {', '.join(k.value for k in Kind)}") from None
+        raise ProtocolError(
+            Code.UNKNOWN_COMMAND,
+            f"unknown command {kind_b[:32]!r}; commands: {', '.join(k.value for k in Kind)}",
+        ) from None
     try:
         body = json.loads(body_b.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
@@ -379,6 +449,7 @@ def encode_request(kind: Kind | str, label: bytes, body: dict[str, Any]) -> list
 
 
 # ---------------------------------------------------------------------------- replies
+
 
 def encode_reply(kind: Reply | str, label: bytes, body: dict[str, Any]) -> list[bytes]:
     """A reply or push -> three frames (label b"" for pushes)."""
@@ -415,6 +486,7 @@ def decode_response(frames: list[bytes]) -> Response:
 
 # ---------------------------------------------------------------------------- events
 
+
 class EventKind(StrEnum):
     MSG = "msg"
     ACTION = "action"
@@ -432,19 +504,33 @@ _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _quote: Final = json.encoder.encode_basestring  # str -> JSON string, as dumps writes it
 
 
-def encode_event(room: str, seq: int, ts: float, nick: str, kind: str, text: str,
-                 cmid: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
+def encode_event(
+    room: str,
+    seq: int,
+    ts: float,
+    nick: str,
+    kind: str,
+    text: str,
+    cmid: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
     """One room event as the broker publishes and stores it: the same bytes as dumps() of
     {room, seq, id, ts, nick, kind, text, [cmid], **extra}, written directly (the broker
     encodes every message once; room names and kinds need no escaping)."""
     return numbered(room, seq, encode_event_tail(ts, nick, kind, text, cmid, extra))
 
 
-def encode_event_tail(ts: float, nick: str, kind: str, text: str, cmid: str | None = None,
-                      extra: dict[str, Any] | None = None) -> bytes:
+def encode_event_tail(
+    ts: float,
+    nick: str,
+    kind: str,
+    text: str,
+    cmid: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
     """An event without its room and number: `"ts":...,...}`. A cluster stores this and
     numbers it once its stream has given it a place (numbered())."""
-    head = (f'"ts":{ts!r},"nick":{_quote(nick)},"kind":"{kind}","text":{_quote(text)}')
+    head = f'"ts":{ts!r},"nick":{_quote(nick)},"kind":"{kind}","text":{_quote(text)}'
     if cmid is not None:
         head += ',"cmid":' + _quote(cmid)
     for key, value in extra.items() if extra else ():
@@ -486,6 +572,7 @@ def dumps(obj: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------------- grants
+
 
 def grant_payload(room: str, epoch: str, sid: str, expiry: int, nonce: str) -> str:
     """The signed part of a grant; '.' never occurs in its fields."""

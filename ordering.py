@@ -11,13 +11,15 @@ sockets around it, so a client that moves between connections or brokers reuses 
     fetch = order.fetch()               # a range to ask history for, or None
     result = order.fetched(fetch, events, seq)   # its reply: result.ready, .skipped, .next
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Generic, Protocol, Sequence, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-MAX_FETCH = 500   # events asked for in one history fetch: the broker's MAX_HISTORY
+MAX_FETCH = 500  # events asked for in one history fetch: the broker's MAX_HISTORY
 
 
 class Sequenced(Protocol):
@@ -92,9 +94,13 @@ class RoomOrder(Generic[E]):
         if not n:
             return self._release() if self._buffer else []
         first = self.last + 1
-        if not self._buffer and events[0].seq == first and events[-1].seq == first + n - 1 \
-                and list(map(_seq, events)) == list(range(first, first + n)):
-            self.last += n     # the common case: the next batch, whole and in order
+        if (
+            not self._buffer
+            and events[0].seq == first
+            and events[-1].seq == first + n - 1
+            and list(map(_seq, events)) == list(range(first, first + n))
+        ):
+            self.last += n  # the common case: the next batch, whole and in order
             if self.target < self.last:
                 self.target = self.last
             return events if isinstance(events, list) else list(events)
@@ -155,13 +161,13 @@ class RoomOrder(Generic[E]):
         event, below the first one we hold) are skipped: they will never come. A reply with
         no event while we hold none says the room ends at seq and ends this repair (a later
         receive() or reached() may start another)."""
-        if fetch is not self._fetch:           # stale: failed, or the broker started over
+        if fetch is not self._fetch:  # stale: failed, or the broker started over
             return Fetched([], range(0), None)
         self._fetch = None
         seqs = [s for s in map(_seq, events) if type(s) is int and s > fetch.after]
         if seqs:
             ready, first = self.receive(events), min(seqs)  # history has none in (after, first)
-        elif self._buffer:                  # history has none after fetch.after at all
+        elif self._buffer:  # history has none after fetch.after at all
             ready, first = [], min(self._buffer)
         else:
             self.target = max(self.last, min(self.target, seq))

@@ -14,11 +14,13 @@ with NATS JetStream streams and key-value buckets (cluster.py). Reads are answer
 the implementation holds in memory; a change that must be agreed on (an append, a nick
 claim) returns an `Op` that completes now (locally) or when the cluster has answered.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 from messages import EventKind, Reply
 
@@ -96,6 +98,7 @@ def gather(ops: Iterable[Op]) -> Op:
 
 # ---------------------------------------------------------------------------- records
 
+
 def token_hash(token: str) -> str:
     """What is kept of a resume token: enough to check one, nothing to present."""
     return hashlib.sha256(token.encode()).hexdigest() if token else ""
@@ -105,14 +108,14 @@ def token_hash(token: str) -> str:
 class Identity:
     """A session as every broker knows it: who holds a nick, where, proven how."""
 
-    sid: str           # the session's id, new at every HELLO
+    sid: str  # the session's id, new at every HELLO
     nick: str
-    key: str           # messages.nick_key(nick): the form nicks are compared in
-    token: str         # token_hash() of the client's resume secret ("" without one)
-    pubkey: str        # the CURVE key it authenticated with ("" without CURVE)
+    key: str  # messages.nick_key(nick): the form nicks are compared in
+    token: str  # token_hash() of the client's resume secret ("" without one)
+    pubkey: str  # the CURVE key it authenticated with ("" without CURVE)
     bot: bool
-    broker: str        # the name of the broker that holds its connection
-    rev: int = 0       # the registry's revision of this record (a cluster's compare-and-set)
+    broker: str  # the name of the broker that holds its connection
+    rev: int = 0  # the registry's revision of this record (a cluster's compare-and-set)
 
     @property
     def owner(self) -> str:
@@ -147,19 +150,31 @@ class RoomSettings:
 
     name: str
     topic: str = ""
-    locked: bool = False                            # only operators set the topic
-    ops: set[str] = field(default_factory=set)      # nick keys
-    bans: set[str] = field(default_factory=set)     # nick keys
-    created: bool = False                           # made by /join, not by --rooms
+    locked: bool = False  # only operators set the topic
+    ops: set[str] = field(default_factory=set)  # nick keys
+    bans: set[str] = field(default_factory=set)  # nick keys
+    created: bool = False  # made by /join, not by --rooms
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "topic": self.topic, "locked": self.locked,
-                "ops": sorted(self.ops), "bans": sorted(self.bans), "created": self.created}
+        return {
+            "name": self.name,
+            "topic": self.topic,
+            "locked": self.locked,
+            "ops": sorted(self.ops),
+            "bans": sorted(self.bans),
+            "created": self.created,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RoomSettings:
-        return cls(str(d["name"]), str(d.get("topic", "")), d.get("locked") is True,
-                   set(d.get("ops", ())), set(d.get("bans", ())), d.get("created") is True)
+        return cls(
+            str(d["name"]),
+            str(d.get("topic", "")),
+            d.get("locked") is True,
+            set(d.get("ops", ())),
+            set(d.get("bans", ())),
+            d.get("created") is True,
+        )
 
 
 @dataclass(slots=True)
@@ -169,7 +184,7 @@ class Draft:
     kind: EventKind
     nick: str
     text: str
-    owner: str                          # who sent it (Identity.owner), or the nick key
+    owner: str  # who sent it (Identity.owner), or the nick key
     cmid: str | None = None
     extra: dict[str, Any] | None = None
 
@@ -190,6 +205,7 @@ class Delivery:
 
 # ---------------------------------------------------------------------------- interfaces
 
+
 class RoomLog(Protocol):
     def last(self, room: str) -> int:
         """The highest number of the room's events that this broker has published (or
@@ -203,13 +219,15 @@ class RoomLog(Protocol):
         """(sender, room, number) of each client message id already stored, else None.
         (A cluster keeps ids per sender: it finds only those of `owner`.)"""
 
-    def read(self, room: str, *, after: int | None, before: int | None,
-             since: float | None, limit: int) -> Op:
+    def read(
+        self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
+    ) -> Op:
         """Stored events as JSON texts, oldest first: the first `limit` after `after`, or
         the last `limit` before `before` (or the end), at or after `since`."""
 
-    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes, from_key: str) -> Op:
+    def append_private(
+        self, ts: float, sender: str, recipient: str, cmid: str, data: bytes, from_key: str
+    ) -> Op:
         """Keep a private message: for replay to its recipient after a reconnect, and for
         the private history of its two parties. `sender` is the sender's identity
         (Identity.owner), `recipient` the recipient's (Identity.recipient), `from_key` the

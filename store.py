@@ -13,6 +13,7 @@ writer to catch up with everything logged so far. One writer at a time: the brok
 writer still applying the log after its broker was killed holds it, and the next broker
 waits for that writer to finish.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,12 @@ from typing import Any, Final
 
 log = logging.getLogger("store")
 
-CMID_CACHE: Final = 50_000     # recent client message ids kept in memory; older ones hit the index
+CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
 SEGMENT_BYTES: Final = 4 << 20  # the log goes on in a new segment past this size
-WRITER_DELAY: Final = 0.02     # seconds the writer gathers records per transaction
-WRITER_NICE: Final = 10         # the writer's niceness: background work
-WRITER_IDLE: Final = 0.5        # seconds between looks at the log when nothing comes
-SYNC_TIMEOUT: Final = 10.0     # seconds a read waits for the writer before it gives up
+WRITER_DELAY: Final = 0.02  # seconds the writer gathers records per transaction
+WRITER_NICE: Final = 10  # the writer's niceness: background work
+WRITER_IDLE: Final = 0.5  # seconds between looks at the log when nothing comes
+SYNC_TIMEOUT: Final = 10.0  # seconds a read waits for the writer before it gives up
 OLD_WRITER_WAIT: Final = 60.0  # seconds a start waits for a killed broker's writer to finish
 
 SCHEMA: Final = """
@@ -62,7 +63,7 @@ CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, settings TEXT NOT NULL)
 SQL: Final = {
     "event": "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
     "private": "INSERT OR IGNORE INTO privates (ts, sender, recipient, cmid, data, from_key) "
-               "VALUES (?,?,?,?,?,?)",
+    "VALUES (?,?,?,?,?,?)",
     "member": "INSERT OR IGNORE INTO members VALUES (?,?)",
     "unmember": "DELETE FROM members WHERE room=? AND nick=?",
     "no_members": "DELETE FROM members",
@@ -77,8 +78,10 @@ class StoreError(Exception):
 
 # ---------------------------------------------------------------------------- the log
 
-def event_line(room: str, seq: int, ts: float, sender: str, cmid: str | None,
-               data: bytes) -> bytes | None:
+
+def event_line(
+    room: str, seq: int, ts: float, sender: str, cmid: str | None, data: bytes
+) -> bytes | None:
     """A room event as `E room seq ts sender cmid data` (tab-separated, its fields as they
     are), or None when a field holds a tab or a newline (then it goes as JSON)."""
     head = f"E\t{room}\t{seq}\t{ts!r}\t{sender}\t{cmid or ''}\t"
@@ -123,9 +126,10 @@ def segments(path: str) -> list[str]:
     """The log's segment files, oldest first."""
     folder, base = os.path.split(os.path.abspath(path))
     prefix = base + "-log."
-    names = [n for n in os.listdir(folder or ".") if n.startswith(prefix)
-             and n[len(prefix):].isdigit()]
-    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[len(prefix):]))]
+    names = [
+        n for n in os.listdir(folder or ".") if n.startswith(prefix) and n[len(prefix) :].isdigit()
+    ]
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[len(prefix) :]))]
 
 
 def read_segment(seg: str, start: int = 0) -> tuple[list[tuple[Any, ...]], int]:
@@ -191,6 +195,7 @@ def stored_events(path: str, room: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- the writer
 
+
 class Writer:
     """The writer process's work: follow the log's segments, apply what is new to SQLite,
     delete a segment once it is applied and the broker has moved on to a newer one."""
@@ -211,7 +216,7 @@ class Writer:
             try:
                 new, read[seg] = read_segment(seg, self.done.get(seg, 0))
             except FileNotFoundError:  # applied and deleted by a writer of a broker that
-                continue               # was killed just before ours started: nothing left
+                continue  # was killed just before ours started: nothing left
             ops += new
         if ops:
             apply(self.db, ops)
@@ -246,8 +251,12 @@ def writer_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="the broker's history writer")
     parser.add_argument("--writer", required=True, metavar="DB")
     parser.add_argument("--fsync", action="store_true")
-    parser.add_argument("--lock-fd", type=int, metavar="FD",
-                        help="the broker's writer lock, open and held: kept until we exit")
+    parser.add_argument(
+        "--lock-fd",
+        type=int,
+        metavar="FD",
+        help="the broker's writer lock, open and held: kept until we exit",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker says when to stop
     logging.basicConfig(level=logging.INFO, format="%(asctime)s history writer: %(message)s")
@@ -291,6 +300,7 @@ def writer_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------- the store
 
+
 def lock_file(name: str, held: str, wait: float = 0.0, waiting: str = "") -> int:
     """An exclusive flock on file `name`, tried for up to `wait` seconds (logging `waiting`
     once if it has to wait); StoreError(`held`) if it is still held by then. Returns the
@@ -322,9 +332,12 @@ def writer_lock(path: str, wait: float) -> int:
     the database. The broker takes it before it looks at the file and hands it to each
     writer it starts, so that a writer left applying the log after its broker was killed
     still holds it, and the next broker waits for that writer to finish."""
-    return lock_file(path + "-writer-lock",
-                     f"{path}: the history writer of an earlier broker is still running",
-                     wait, "waiting for the previous broker's history writer to finish")
+    return lock_file(
+        path + "-writer-lock",
+        f"{path}: the history writer of an earlier broker is still running",
+        wait,
+        "waiting for the previous broker's history writer to finish",
+    )
 
 
 def close_pipes(proc: subprocess.Popen[bytes]) -> None:
@@ -343,8 +356,8 @@ class Store:
         self.path, self.fsync = path, fsync
         self._writer: subprocess.Popen[bytes] | None = None
         self._writer_lock: int | None = None
-        self._lines: list[bytes] = []   # this pass's records, as log lines
-        self._privates_logged = False   # a private message logged since the last sync()
+        self._lines: list[bytes] = []  # this pass's records, as log lines
+        self._privates_logged = False  # a private message logged since the last sync()
         self._lock = self._take_lock()
         try:
             self._open()
@@ -357,16 +370,17 @@ class Store:
         self._open_segment()
         self._cmids: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._seen = CmidFilter()
-        for (cmid,) in self.db.execute("SELECT cmid FROM events WHERE cmid IS NOT NULL "
-                                       "UNION ALL SELECT cmid FROM privates "
-                                       "WHERE cmid IS NOT NULL"):
+        for (cmid,) in self.db.execute(
+            "SELECT cmid FROM events WHERE cmid IS NOT NULL "
+            "UNION ALL SELECT cmid FROM privates "
+            "WHERE cmid IS NOT NULL"
+        ):
             self._seen.add(cmid)
 
     def _open(self) -> None:
         self._writer_lock = writer_lock(self.path, OLD_WRITER_WAIT)
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None,
-                                      check_same_thread=False)
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._check()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
@@ -406,20 +420,30 @@ class Store:
                 raise StoreError(f"{self.path}: file is truncated ({size} bytes)")
         rows = self.db.execute("PRAGMA integrity_check").fetchall()
         if rows != [("ok",)]:
-            raise StoreError(f"{self.path}: integrity check failed: "
-                             + "; ".join(r[0] for r in rows[:3]))
+            raise StoreError(
+                f"{self.path}: integrity check failed: " + "; ".join(r[0] for r in rows[:3])
+            )
 
     def _take_lock(self) -> int:
         """One broker per database: a second one would number the same rooms again."""
         return lock_file(self.path + "-lock", f"{self.path} is in use by another broker")
 
     def _start_writer(self) -> None:
-        cmd = [sys.executable, os.path.abspath(__file__), "--writer", self.path,
-               "--lock-fd", str(self._writer_lock)]
-        self._writer = subprocess.Popen(cmd + (["--fsync"] if self.fsync else []),
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        pass_fds=(self._writer_lock,),
-                                        start_new_session=True)  # no Ctrl+C from a terminal
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--writer",
+            self.path,
+            "--lock-fd",
+            str(self._writer_lock),
+        ]
+        self._writer = subprocess.Popen(
+            cmd + (["--fsync"] if self.fsync else []),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=(self._writer_lock,),
+            start_new_session=True,
+        )  # no Ctrl+C from a terminal
 
     def _open_segment(self) -> None:
         if self._log >= 0:
@@ -483,8 +507,10 @@ class Store:
 
     def last_topic(self, room: str) -> str:
         row = self.db.execute(
-            "SELECT data FROM events WHERE room=? AND data LIKE '%\"kind\":\"topic\"%' "
-            "ORDER BY seq DESC LIMIT 1", (room,)).fetchone()
+            'SELECT data FROM events WHERE room=? AND data LIKE \'%"kind":"topic"%\' '
+            "ORDER BY seq DESC LIMIT 1",
+            (room,),
+        ).fetchone()
         return json.loads(row[0]).get("text", "") if row else ""
 
     def find_cmid(self, cmid: str) -> tuple[str, str, int] | None:
@@ -495,11 +521,13 @@ class Store:
         if not self._seen.add(cmid):  # certainly new: no query (the common case)
             return None
         self.sync()
-        row = self.db.execute("SELECT sender, room, seq FROM events WHERE cmid=?",
-                              (cmid,)).fetchone()
+        row = self.db.execute(
+            "SELECT sender, room, seq FROM events WHERE cmid=?", (cmid,)
+        ).fetchone()
         if row is None:
-            row = self.db.execute("SELECT sender, '', id FROM privates WHERE cmid=?",
-                                  (cmid,)).fetchone()
+            row = self.db.execute(
+                "SELECT sender, '', id FROM privates WHERE cmid=?", (cmid,)
+            ).fetchone()
         return tuple(row) if row else None  # type: ignore[return-value]
 
     def _remember(self, cmid: str, value: tuple[str, str, int]) -> None:
@@ -510,22 +538,28 @@ class Store:
             self._cmids.popitem(last=False)
 
     # ---------------------------------------------------------------- writing
-    def append(self, room: str, seq: int, ts: float, sender: str, cmid: str | None,
-               data: bytes) -> None:
+    def append(
+        self, room: str, seq: int, ts: float, sender: str, cmid: str | None, data: bytes
+    ) -> None:
         """Add one room event (its JSON, as published) to this pass."""
         line = event_line(room, seq, ts, sender, cmid, data)
-        self._lines.append(line if line is not None else encode_record(
-            ("event", room, seq, ts, sender, cmid, data.decode("utf-8"))))
+        self._lines.append(
+            line
+            if line is not None
+            else encode_record(("event", room, seq, ts, sender, cmid, data.decode("utf-8")))
+        )
         if cmid:
             self._remember(cmid, (sender, room, seq))
 
-    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes, from_key: str = "") -> None:
+    def append_private(
+        self, ts: float, sender: str, recipient: str, cmid: str, data: bytes, from_key: str = ""
+    ) -> None:
         """A private message: `sender` is the sender's identity, `recipient` the
         recipient's identity and nick key (a space between), `from_key` the sender's nick
         key then."""
-        self._lines.append(encode_record(("private", ts, sender, recipient, cmid,
-                                          data.decode("utf-8"), from_key)))
+        self._lines.append(
+            encode_record(("private", ts, sender, recipient, cmid, data.decode("utf-8"), from_key))
+        )
         self._privates_logged = True
         self._remember(cmid, (sender, "", 0))
 
@@ -537,7 +571,7 @@ class Store:
         self._lines = []
         view = memoryview(blob)
         while view:
-            view = view[os.write(self._log, view):]
+            view = view[os.write(self._log, view) :]
         if self.fsync:
             os.fdatasync(self._log)
         self._seg_size += len(blob)
@@ -563,8 +597,10 @@ class Store:
     # ---------------------------------------------------------------- room settings
     def room_settings(self) -> dict[str, dict[str, Any]]:
         """Each room's settings (topic, lock, operators, bans) as last saved."""
-        return {name: json.loads(data)
-                for name, data in self.db.execute("SELECT name, settings FROM rooms")}
+        return {
+            name: json.loads(data)
+            for name, data in self.db.execute("SELECT name, settings FROM rooms")
+        }
 
     def save_room(self, name: str, settings: str) -> None:
         self._lines.append(encode_record(("room", name, settings)))
@@ -573,16 +609,22 @@ class Store:
     def nick_owner(self, nick_key: str) -> str | None:
         """The CURVE public key that first registered this nick, if any."""
         self.sync()
-        row = self.db.execute("SELECT pubkey FROM nick_keys WHERE nick=?",
-                              (nick_key,)).fetchone()
+        row = self.db.execute("SELECT pubkey FROM nick_keys WHERE nick=?", (nick_key,)).fetchone()
         return row[0] if row else None
 
     def bind_nick(self, nick_key: str, pubkey: str) -> None:
         self._lines.append(encode_record(("nick", nick_key, pubkey)))
 
     # ---------------------------------------------------------------- history
-    def history(self, room: str, *, after: int | None = None, before: int | None = None,
-                since: float | None = None, limit: int = 50) -> list[str]:
+    def history(
+        self,
+        room: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        since: float | None = None,
+        limit: int = 50,
+    ) -> list[str]:
         """Events of a room as stored JSON texts, oldest first.
 
         With `after`, the first `limit` events after that seq (gap repair); otherwise the last
@@ -600,13 +642,14 @@ class Store:
             where.append("ts>=?")
             args.append(since)
         order = "ASC" if after is not None else "DESC"
-        rows = self.db.execute(f"SELECT data FROM events WHERE {' AND '.join(where)} "
-                               f"ORDER BY seq {order} LIMIT ?", (*args, limit)).fetchall()
+        rows = self.db.execute(
+            f"SELECT data FROM events WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?",
+            (*args, limit),
+        ).fetchall()
         texts = [r[0] for r in rows]
         return texts if order == "ASC" else texts[::-1]
 
-    def conversation(self, me: str, peer_key: str, since: float | None, limit: int
-                     ) -> list[str]:
+    def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> list[str]:
         """The last `limit` private messages between identity `me` (under any of its nicks)
         and whoever had nick key `peer_key`, both ways, oldest first, as stored JSON."""
         if self._privates_logged:
@@ -616,8 +659,8 @@ class Store:
             "AND substr(recipient, instr(recipient, ' ') + 1)=? "
             "UNION SELECT id, data FROM privates WHERE recipient>=? AND recipient<? "
             "AND ts>=? AND from_key=? ORDER BY id DESC LIMIT ?",
-            (me, since or 0.0, peer_key, me + " ", me + "!", since or 0.0, peer_key,
-             limit)).fetchall()
+            (me, since or 0.0, peer_key, me + " ", me + "!", since or 0.0, peer_key, limit),
+        ).fetchall()
         return [r[1] for r in reversed(rows)]
 
     def privates_to(self, recipient: str, since: float, limit: int) -> list[str]:
@@ -626,9 +669,11 @@ class Store:
         Waits for the writer only when a private message is still on its way to SQLite."""
         if self._privates_logged:
             self.sync()
-        rows = self.db.execute("SELECT data FROM privates WHERE recipient=? AND ts>=? "
-                               "ORDER BY ts DESC, id DESC LIMIT ?",
-                               (recipient, since, limit)).fetchall()
+        rows = self.db.execute(
+            "SELECT data FROM privates WHERE recipient=? AND ts>=? "
+            "ORDER BY ts DESC, id DESC LIMIT ?",
+            (recipient, since, limit),
+        ).fetchall()
         return [r[0] for r in reversed(rows)]
 
 

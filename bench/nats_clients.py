@@ -12,6 +12,7 @@ neither the publisher nor a round trip sets the pace: the figures are the client
 of one read at once; `nats-py` is the library's client, an async callback per message, each
 event decoded on its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import HERE, Child, start_nats
 from peers import Loop, NatsPeer, Tally, data_text
 
 import messages as m
+from bench import HERE, Child, start_nats
 
 CLIENTS = ("raw", "nats-py")
 
@@ -46,8 +47,13 @@ def hold() -> tuple[float, int]:
 
 
 def report(tally: Tally, start: tuple[float, int]) -> None:
-    emit(cpu=time.process_time() - start[0], secs=(tally.last_ns - start[1]) / 1e9,
-         received=tally.total, gaps=tally.gaps, dups=tally.dups)
+    emit(
+        cpu=time.process_time() - start[0],
+        secs=(tally.last_ns - start[1]) / 1e9,
+        received=tally.total,
+        gaps=tally.gaps,
+        dups=tally.dups,
+    )
 
 
 def consume_raw(port: int, count: int) -> None:
@@ -98,9 +104,18 @@ def publish(port: int, count: int) -> None:
     for first in range(1, count + 1, 100):
         out = bytearray()
         for seq in range(first, min(count, first + 99) + 1):
-            event = m.dumps({"room": "bench", "seq": seq, "id": f"bench:{seq}",
-                             "ts": time.time(), "nick": "sender", "kind": "msg",
-                             "text": data_text(time.monotonic_ns(), seq), "cmid": f"s.{seq}"})
+            event = m.dumps(
+                {
+                    "room": "bench",
+                    "seq": seq,
+                    "id": f"bench:{seq}",
+                    "ts": time.time(),
+                    "nick": "sender",
+                    "kind": "msg",
+                    "text": data_text(time.monotonic_ns(), seq),
+                    "cmid": f"s.{seq}",
+                }
+            )
             out += b"PUB room.bench %d\r\n%s\r\n" % (len(event), event)
         sock.sendall(out)
     sock.sendall(b"PING\r\n")
@@ -130,9 +145,20 @@ def main() -> int:
         for client in CLIENTS:
             per_event, rates = [], []
             for rep in range(a.reps):
-                recv = Child(f"{client}-{rep}", [sys.executable, str(HERE / "nats_clients.py"),
-                                                 "--receiver", client, "--port", str(port),
-                                                 "--count", str(a.count)], logdir)
+                recv = Child(
+                    f"{client}-{rep}",
+                    [
+                        sys.executable,
+                        str(HERE / "nats_clients.py"),
+                        "--receiver",
+                        client,
+                        "--port",
+                        str(port),
+                        "--count",
+                        str(a.count),
+                    ],
+                    logdir,
+                )
                 try:
                     recv.expect("ready", 30)
                     publish(port, a.count)
@@ -146,9 +172,11 @@ def main() -> int:
                     raise SystemExit(f"{client}: {out}")
                 per_event.append(out["cpu"] / a.count * 1e6)
                 rates.append(a.count / out["secs"])
-            print(f"{client:<8} {statistics.median(per_event):5.2f} µs of CPU per event "
-                  f"(runs: {', '.join(f'{v:.2f}' for v in per_event)}), "
-                  f"{statistics.median(rates):,.0f} events/s")
+            print(
+                f"{client:<8} {statistics.median(per_event):5.2f} µs of CPU per event "
+                f"(runs: {', '.join(f'{v:.2f}' for v in per_event)}), "
+                f"{statistics.median(rates):,.0f} events/s"
+            )
     finally:
         server.stop(polite=False)
         shutil.rmtree(logdir, ignore_errors=True)

@@ -17,6 +17,7 @@ event (room, seq, id, ts, nick, kind, text, cmid) so that receivers do the same 
 Message texts are 100 characters and carry their send time (time.monotonic_ns(), a clock
 every process on the machine shares), so any receiver can compute the end-to-end latency.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,18 +28,19 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Final, Iterator
+from typing import Any, Final
 
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import messages as m  # noqa: E402  (the project's own protocol module)
 
-TEXT_SIZE: Final = 100          # bytes of message text, as the issue asks
+TEXT_SIZE: Final = 100  # bytes of message text, as the issue asks
 SEND_BATCH: Final = m.MAX_BATCH  # messages a sender writes per request (SAY) or per wake-up
 PAD: Final = "x" * TEXT_SIZE
-PROBE: Final = "probe"          # texts starting with "p" are probes, not counted as data
+PROBE: Final = "probe"  # texts starting with "p" are probes, not counted as data
 FORWARDER_PING: Final = b"\x00ping"  # a topic nobody subscribes to: the forwarder drops it
 
 Handler = Callable[[int], None]
@@ -47,7 +49,7 @@ Handler = Callable[[int], None]
 def data_text(t_ns: int, i: int) -> str:
     """A 100-character text: send time (ns, fixed width), message number, padding."""
     head = f"{t_ns:019d} {i:09d} "
-    return head + PAD[len(head):]
+    return head + PAD[len(head) :]
 
 
 def probe_text(nick: str) -> str:
@@ -55,6 +57,7 @@ def probe_text(nick: str) -> str:
 
 
 # ---------------------------------------------------------------------------- the loop
+
 
 class Loop:
     """An epoll loop over zmq sockets and plain descriptors (stdin, TCP sockets).
@@ -69,7 +72,7 @@ class Loop:
     def __init__(self) -> None:
         self.epoll = select.epoll()
         self.handlers: dict[int, Handler] = {}
-        self.again: set[int] = set()   # zmq sockets to look at whatever epoll says
+        self.again: set[int] = set()  # zmq sockets to look at whatever epoll says
 
     def register(self, sock: Any, handler: Handler) -> int:
         """Call handler(epoll flags) when sock may be readable; returns its descriptor."""
@@ -114,7 +117,7 @@ class Loop:
                 handler(select.EPOLLIN)
 
 
-_EVENTS: Final = int(zmq.EVENTS)   # plain ints: pyzmq's enums cost microseconds per use
+_EVENTS: Final = int(zmq.EVENTS)  # plain ints: pyzmq's enums cost microseconds per use
 _POLLIN: Final = int(zmq.POLLIN)
 
 
@@ -141,6 +144,7 @@ def publications(sock: zmq.Socket) -> Iterator[list[bytes]]:
 
 # ---------------------------------------------------------------------------- receiving
 
+
 class Tally:
     """What one receiver heard: data messages in order, sequence gaps, repeats, latencies.
 
@@ -149,21 +153,32 @@ class Tally:
     starts, unless start() said so first (the broker's LIVE).
     """
 
-    __slots__ = ("nick", "stream_key", "last", "total", "count", "gaps", "dups", "lat",
-                 "last_ns", "synced", "own_ns")
+    __slots__ = (
+        "nick",
+        "stream_key",
+        "last",
+        "total",
+        "count",
+        "gaps",
+        "dups",
+        "lat",
+        "last_ns",
+        "synced",
+        "own_ns",
+    )
 
     def __init__(self, nick: str, stream_key: str, latency: bool) -> None:
         self.nick = nick
         self.stream_key = stream_key  # "room" or "nick": which field names the stream
         self.last: dict[str, int] = {}
-        self.total = 0        # data messages since the start (the sender's window counts these)
-        self.count = 0        # data messages since the last mark()
-        self.gaps = 0         # events missing in a stream
-        self.dups = 0         # events heard twice (or out of order)
+        self.total = 0  # data messages since the start (the sender's window counts these)
+        self.count = 0  # data messages since the last mark()
+        self.gaps = 0  # events missing in a stream
+        self.dups = 0  # events heard twice (or out of order)
         self.lat: list[int] | None = [] if latency else None
-        self.last_ns = 0      # when the last data message arrived
-        self.synced = False   # heard a probe: the path from the senders is open
-        self.own_ns = 0       # when it first heard its own probe: joined, as the room sees it
+        self.last_ns = 0  # when the last data message arrived
+        self.synced = False  # heard a probe: the path from the senders is open
+        self.own_ns = 0  # when it first heard its own probe: joined, as the room sees it
 
     def start(self, stream: str, seq: int) -> None:
         self.last[stream] = seq
@@ -207,6 +222,7 @@ class Tally:
 
 # ---------------------------------------------------------------------------- peers
 
+
 class Peer:
     """One participant of one system; `ready` once it has joined (and is subscribing).
 
@@ -215,19 +231,20 @@ class Peer:
     """
 
     stream_key = "nick"
-    heartbeat = 0.0          # seconds between keep-alives; 0: the system has none
-    max_batch = SEND_BATCH   # messages per request (the broker's welcome may say fewer)
+    heartbeat = 0.0  # seconds between keep-alives; 0: the system has none
+    max_batch = SEND_BATCH  # messages per request (the broker's welcome may say fewer)
 
-    def __init__(self, loop: Loop, nick: str, room: str, *, listen: bool = True,
-                 latency: bool = False) -> None:
+    def __init__(
+        self, loop: Loop, nick: str, room: str, *, listen: bool = True, latency: bool = False
+    ) -> None:
         self.loop, self.nick, self.room, self.listen = loop, nick, room, listen
         self.tally = Tally(nick, self.stream_key, latency)
         self.ready = False
-        self.failed = False               # could not join: the run cannot go on
+        self.failed = False  # could not join: the run cannot go on
         self.errors = 0
-        self.times: dict[str, int] = {}   # "start", "welcomed", "joined", "live" -> ns
-        self.seq = 0                      # own numbering (baselines) / cmid counter
-        self.next_ping = 0.0              # monotonic seconds; 0: not scheduled yet
+        self.times: dict[str, int] = {}  # "start", "welcomed", "joined", "live" -> ns
+        self.seq = 0  # own numbering (baselines) / cmid counter
+        self.next_ping = 0.0  # monotonic seconds; 0: not scheduled yet
 
     @property
     def can_ping(self) -> bool:
@@ -256,9 +273,18 @@ class Peer:
     def _event(self, text: str) -> bytes:
         """The same event the broker would publish, numbered by this sender."""
         self.seq += 1
-        return m.dumps({"room": self.room, "seq": self.seq, "id": f"{self.room}:{self.seq}",
-                        "ts": time.time(), "nick": self.nick, "kind": "msg", "text": text,
-                        "cmid": f"{self.nick}.{self.seq}"})
+        return m.dumps(
+            {
+                "room": self.room,
+                "seq": self.seq,
+                "id": f"{self.room}:{self.seq}",
+                "ts": time.time(),
+                "nick": self.nick,
+                "kind": "msg",
+                "text": text,
+                "cmid": f"{self.nick}.{self.seq}",
+            }
+        )
 
 
 class BrokerPeer(Peer):
@@ -266,16 +292,17 @@ class BrokerPeer(Peer):
 
     stream_key = "room"
 
-    def __init__(self, loop: Loop, ctx: zmq.Context, host: str, port: int, nick: str,
-                 room: str, **kw: Any) -> None:
+    def __init__(
+        self, loop: Loop, ctx: zmq.Context, host: str, port: int, nick: str, room: str, **kw: Any
+    ) -> None:
         super().__init__(loop, nick, room, **kw)
         self.host = host
-        self.heartbeat = 2.0                   # until the welcome says
+        self.heartbeat = 2.0  # until the welcome says
         self.live = False
         self.early: list[dict[str, Any]] = []  # events heard before LIVE said where to start
         self.said: deque[tuple[int, int]] = deque()  # each SAY under way: its first, last id
-        self.stored: list[list[int]] = []      # ids the broker acknowledged, as [first, last]
-        self.ctx, self.port = ctx, port        # start() connects: W4's storm times that too
+        self.stored: list[list[int]] = []  # ids the broker acknowledged, as [first, last]
+        self.ctx, self.port = ctx, port  # start() connects: W4's storm times that too
 
     @property
     def can_ping(self) -> bool:
@@ -291,9 +318,17 @@ class BrokerPeer(Peer):
         self.sub.linger = 0
         self.sub.setsockopt(zmq.RCVHWM, 10000)  # as client.py does
         self.sub_fd = self.loop.register(self.sub, self._on_sub)
-        self._request(m.Kind.HELLO, b"hello", {"version": m.VERSION, "nick": self.nick,
-                                                "bot": True, "resume": False,
-                                                "token": secrets.token_hex(8)})
+        self._request(
+            m.Kind.HELLO,
+            b"hello",
+            {
+                "version": m.VERSION,
+                "nick": self.nick,
+                "bot": True,
+                "resume": False,
+                "token": secrets.token_hex(8),
+            },
+        )
 
     def _request(self, kind: m.Kind, label: bytes, body: dict[str, Any]) -> None:
         self.dealer.send_multipart(m.encode_request(kind, label, body))
@@ -306,7 +341,7 @@ class BrokerPeer(Peer):
     def say(self, texts: list[str]) -> None:
         for i in range(0, len(texts), self.max_batch):
             msgs, first = [], self.seq + 1
-            for text in texts[i:i + self.max_batch]:
+            for text in texts[i : i + self.max_batch]:
                 self.seq += 1
                 msgs.append({"id": f"{self.nick}.{self.seq}", "text": text})
             self._request(m.Kind.SAY, b"say", {"room": self.room, "msgs": msgs})
@@ -381,8 +416,7 @@ class BrokerPeer(Peer):
         self.tally.start(self.room, int(body["seq"]))
         if self.early:
             events, self.early = self.early, []
-            self.tally.ingest([e for e in events if e["seq"] > body["seq"]],
-                              time.monotonic_ns())
+            self.tally.ingest([e for e in events if e["seq"] > body["seq"]], time.monotonic_ns())
 
     def _on_sub(self, flags: int) -> None:
         sub, tally = self.sub, self.tally
@@ -397,8 +431,17 @@ class BrokerPeer(Peer):
 class ForwarderPeer(Peer):
     """A client of bench/raw_forwarder.py: DEALER in, SUB out on the room's plain topic."""
 
-    def __init__(self, loop: Loop, ctx: zmq.Context, host: str, port: int, pub_port: int,
-                 nick: str, room: str, **kw: Any) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        ctx: zmq.Context,
+        host: str,
+        port: int,
+        pub_port: int,
+        nick: str,
+        room: str,
+        **kw: Any,
+    ) -> None:
         super().__init__(loop, nick, room, **kw)
         self.heartbeat = 2.0  # as the broker's default: a message to a topic nobody hears
         self.topic = m.room_topic(room, "0")
@@ -455,8 +498,7 @@ class StreamPeer(Peer):
     never blocks the server (or itself) while it has something to read.
     """
 
-    def __init__(self, loop: Loop, host: str, port: int, nick: str, room: str,
-                 **kw: Any) -> None:
+    def __init__(self, loop: Loop, host: str, port: int, nick: str, room: str, **kw: Any) -> None:
         super().__init__(loop, nick, room, **kw)
         self.addr = (host, port)
         self.sock: socket.socket | None = None
@@ -553,21 +595,31 @@ class NatsPeer(StreamPeer):
     broker's receivers decode a frame of up to 256.
     """
 
-    def __init__(self, loop: Loop, host: str, port: int, nick: str, room: str,
-                 **kw: Any) -> None:
+    def __init__(self, loop: Loop, host: str, port: int, nick: str, room: str, **kw: Any) -> None:
         super().__init__(loop, host, port, nick, room, **kw)
         self.heartbeat = 2.0
         self.subject = f"room.{room}".encode()
         self.own_subject = f"me.{nick}".encode()
 
     def _opening(self) -> bytes:
-        options = {"verbose": False, "pedantic": False, "tls_required": False,
-                   "name": self.nick, "lang": "python", "version": "bench", "protocol": 1,
-                   "echo": True}
+        options = {
+            "verbose": False,
+            "pedantic": False,
+            "tls_required": False,
+            "name": self.nick,
+            "lang": "python",
+            "version": "bench",
+            "protocol": 1,
+            "echo": True,
+        }
         out = b"CONNECT " + m.dumps(options) + b"\r\n"
         if self.listen:
-            out += b"SUB %s %s\r\nSUB %s %s\r\n" % (self.subject, NATS_ROOM_SID,
-                                                    self.own_subject, NATS_OWN_SID)
+            out += b"SUB %s %s\r\nSUB %s %s\r\n" % (
+                self.subject,
+                NATS_ROOM_SID,
+                self.own_subject,
+                NATS_OWN_SID,
+            )
         return out
 
     def say(self, texts: list[str]) -> None:
@@ -597,12 +649,12 @@ class NatsPeer(StreamPeer):
             if end < 0:
                 break
             if buf.startswith(b"MSG ", pos):  # MSG <subject> <sid> [reply-to] <#bytes>
-                head = buf[pos + 4:end].split(b" ")
+                head = buf[pos + 4 : end].split(b" ")
                 stop = end + 2 + int(head[-1])
                 if stop + 2 > size:
                     break
                 if head[1] == NATS_ROOM_SID:
-                    events.append(buf[end + 2:stop])
+                    events.append(buf[end + 2 : stop])
                 else:
                     own = True
                 pos = stop + 2
@@ -623,14 +675,16 @@ class NatsPeer(StreamPeer):
             self.tally.ingest(m.decode_batch([self.subject, batch]), now)
 
 
-def make_peer(system: str, loop: Loop, ctx: zmq.Context, addr: dict[str, Any], nick: str,
-              room: str, **kw: Any) -> Peer:
+def make_peer(
+    system: str, loop: Loop, ctx: zmq.Context, addr: dict[str, Any], nick: str, room: str, **kw: Any
+) -> Peer:
     """A peer for `system`; addr holds host, port (and pub_port for the forwarder)."""
     if system == "broker":
         return BrokerPeer(loop, ctx, addr["host"], addr["port"], nick, room, **kw)
     if system == "forwarder":
-        return ForwarderPeer(loop, ctx, addr["host"], addr["port"], addr["pub_port"], nick,
-                             room, **kw)
+        return ForwarderPeer(
+            loop, ctx, addr["host"], addr["port"], addr["pub_port"], nick, room, **kw
+        )
     if system == "thread":
         return ThreadPeer(loop, addr["host"], addr["port"], nick, room, **kw)
     if system == "nats":

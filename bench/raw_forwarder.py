@@ -7,6 +7,7 @@ no state, no replies. Whatever the real broker does on top of this costs through
     python bench/raw_forwarder.py --host 127.0.0.1 --port 0 --pub-port 0
     -> READY <router_port> <pub_port>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from typing import Final
 
 import zmq
 
-POLL_MS: Final = 100   # how late a SIGTERM may be noticed when idle; no cost under load
+POLL_MS: Final = 100  # how late a SIGTERM may be noticed when idle; no cost under load
 DRAIN: Final = 10_000  # messages per wake-up before the stop flag is looked at again
 BACKLOG: Final = 1024  # as thread_server.py: a benchmark connects hundreds of clients at once
 

@@ -9,6 +9,7 @@ so lines never interleave, and one slow reader slows everyone down: that is the 
     python bench/thread_server.py --host 127.0.0.1 --port 0
     -> READY <port>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ from types import FrameType
 from typing import Final
 
 ACCEPT_TIMEOUT: Final = 0.2  # seconds; how late a SIGTERM may be noticed by the accept loop
-BACKLOG: Final = 1024        # a benchmark connects hundreds of clients at once
+BACKLOG: Final = 1024  # a benchmark connects hundreds of clients at once
 
 
 @dataclass(eq=False, slots=True)

@@ -6,6 +6,7 @@ Each copy is marked as relayed (the SAY body's `relay` field, "ann@lobby": who s
 where), reads "<ann> hello" for clients that do not show that field, and is never copied
 again, so two rooms, or two bridges between the same rooms, cannot echo each other forever.
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,13 +17,13 @@ from bot import Bot, Context, arguments, setup_logging  # noqa: E402
 
 
 def make_bot(a: str, b: str) -> Bot:
-    bot = Bot()   # other bots (and so other bridges) are ignored: only people are copied
+    bot = Bot()  # other bots (and so other bridges) are ignored: only people are copied
     other = {a: b, b: a}
 
     @bot.on_message(room=[a, b])
     async def copy(ctx: Context) -> None:
         ev = ctx.event
-        if ev.data.get("relay"):      # already a copy (from another bridge): never again
+        if ev.data.get("relay"):  # already a copy (from another bridge): never again
             return
         text = f"<{ev.nick}> {ev.text}" if ev.kind == "msg" else f"* {ev.nick} {ev.text}"
         await ctx.say(other[ev.room], text, relay=f"{ev.nick}@{ev.room}")

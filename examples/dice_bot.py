@@ -1,7 +1,8 @@
 """Dice bot: `!roll 2d6`, `!echo TEXT` and the generated `!help`, on the Bot framework.
 
-    python examples/dice_bot.py --port 9001 [--nick dice] [--rooms lobby,work]
+python examples/dice_bot.py --port 9001 [--nick dice] [--rooms lobby,work]
 """
+
 from __future__ import annotations
 
 import random
@@ -12,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from bot import Bot, Context, arguments, setup_logging  # noqa: E402
 
-bot = Bot()   # prefix "!", ignores other bots, never sees its own messages
+bot = Bot()  # prefix "!", ignores other bots, never sees its own messages
 
 
 def parse_dice(spec: str) -> tuple[int, int]:
@@ -31,7 +32,7 @@ def roll(ctx: Context, dice: parse_dice = (1, 6)) -> str:
     count, sides = dice
     throws = [random.randint(1, sides) for _ in range(count)]
     detail = " + ".join(map(str, throws)) + " = " if count > 1 else ""
-    return f"{ctx.nick} rolls {count}d{sides}: {detail}{sum(throws)}"   # returned: the reply
+    return f"{ctx.nick} rolls {count}d{sides}: {detail}{sum(throws)}"  # returned: the reply
 
 
 @bot.command("echo")
@@ -43,4 +44,4 @@ async def echo(ctx: Context, *text: str) -> str:
 if __name__ == "__main__":
     args = arguments("dice", description=__doc__).parse_args()
     setup_logging(args.log_level)
-    bot.run(args.host, args.port, args.nick, rooms=args.rooms)   # until Ctrl+C
+    bot.run(args.host, args.port, args.nick, rooms=args.rooms)  # until Ctrl+C

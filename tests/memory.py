@@ -1,5 +1,6 @@
 """The history store's interface in memory, so the broker's core runs in a test with its
 real local state (local.py) and no files, processes or sockets."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ class MemoryStore:
     def last_topic(self, room: str) -> str:
         return ""
 
-    def append(self, room: str, seq: int, ts: float, sender: str, cmid: str | None,
-               data: bytes) -> None:
+    def append(
+        self, room: str, seq: int, ts: float, sender: str, cmid: str | None, data: bytes
+    ) -> None:
         self.events.setdefault(room, {})[seq] = (ts, sender, cmid, data)
 
     def find_cmid(self, cmid: str) -> tuple[str, str, int] | None:
@@ -36,21 +38,35 @@ class MemoryStore:
                     return sender, room, seq
         return next(((p[1], "", 0) for p in self.privates if p[3] == cmid), None)
 
-    def history(self, room: str, *, after: int | None = None, before: int | None = None,
-                since: float | None = None, limit: int = 50) -> list[str]:
+    def history(
+        self,
+        room: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        since: float | None = None,
+        limit: int = 50,
+    ) -> list[str]:
         evs = sorted(self.events.get(room, {}).items())
-        chosen = [(s, e) for s, e in evs if (after is None or s > after)
-                  and (before is None or s < before) and (since is None or e[0] >= since)]
+        chosen = [
+            (s, e)
+            for s, e in evs
+            if (after is None or s > after)
+            and (before is None or s < before)
+            and (since is None or e[0] >= since)
+        ]
         chosen = chosen[:limit] if after is not None else chosen[-limit:]
         return [e[3].decode() for _, e in chosen]
 
-    def append_private(self, ts: float, sender: str, recipient: str, cmid: str,
-                       data: bytes) -> None:
+    def append_private(
+        self, ts: float, sender: str, recipient: str, cmid: str, data: bytes
+    ) -> None:
         self.privates.append((ts, sender, recipient, cmid, data))
 
     def privates_to(self, recipient: str, since: float, limit: int) -> list[str]:
-        return [p[4].decode() for p in self.privates if p[2] == recipient and p[0] >= since
-                ][-limit:]
+        return [p[4].decode() for p in self.privates if p[2] == recipient and p[0] >= since][
+            -limit:
+        ]
 
     def commit(self) -> None:
         self.commits += 1
@@ -84,7 +100,7 @@ class HeldLog:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.held: list[tuple[Op, Op]] = []   # (the inner append, the one handed out)
+        self.held: list[tuple[Op, Op]] = []  # (the inner append, the one handed out)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -1,5 +1,6 @@
 """A member that prints every event it is given as one JSON line: a client process to
 pause, kill or inspect in durability tests.  python tests/recorder.py PORT NICK [ROOM]"""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,12 @@ async def main(port: int, nick: str, room: str) -> None:
     await client.connect()
     print(json.dumps({"kind": "ready"}), flush=True)
     async for ev in client:
-        print(json.dumps({"kind": ev.kind, "seq": ev.seq, "text": ev.text, "nick": ev.nick,
-                          "room": ev.room}), flush=True)
+        print(
+            json.dumps(
+                {"kind": ev.kind, "seq": ev.seq, "text": ev.text, "nick": ev.nick, "room": ev.room}
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ synchronise: a bot conversation is over when every bot has handled the room up t
 sequence number with no handler running and no send unacknowledged (`settle`), and an
 example is ready when its join notice has been seen.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -31,6 +32,7 @@ EXAMPLES = ROOT / "examples"
 
 # ---------------------------------------------------------------------------- harness
 
+
 class Person:
     """Someone at a client: what they have seen, and a way to wait for what they expect."""
 
@@ -42,8 +44,13 @@ class Person:
     def say(self, room: str, text: str) -> int:
         return self.client.say(room, text)
 
-    def wait(self, pred: Callable[[Event], object], count: int = 1, timeout: float = 5.0,
-             what: str = "an event") -> list[Event]:
+    def wait(
+        self,
+        pred: Callable[[Event], object],
+        count: int = 1,
+        timeout: float = 5.0,
+        what: str = "an event",
+    ) -> list[Event]:
         """The events seen so far that match, once there are `count` of them."""
         deadline = time.monotonic() + timeout
         while True:
@@ -53,18 +60,27 @@ class Person:
             left = deadline - time.monotonic()
             if left <= 0:
                 texts = [f"{e.kind} {e.room} <{e.nick}> {e.text}" for e in self.seen[-15:]]
-                raise AssertionError(f"{self.nick} waited {timeout}s for {count} x {what}; "
-                                     f"last seen: {texts}")
+                raise AssertionError(
+                    f"{self.nick} waited {timeout}s for {count} x {what}; last seen: {texts}"
+                )
             ev = self.client.next_event(min(left, 0.2))
             if ev is not None:
                 self.seen.append(ev)
 
-    def reply(self, bot_nick: str, pred: Callable[[str], object], room: str | None = "lobby",
-              timeout: float = 5.0) -> Event:
+    def reply(
+        self,
+        bot_nick: str,
+        pred: Callable[[str], object],
+        room: str | None = "lobby",
+        timeout: float = 5.0,
+    ) -> Event:
         """The first message from bot_nick (in room, or private if room is None) matching."""
         kind = "private" if room is None else "msg"
-        return self.wait(lambda e: e.kind == kind and e.nick == bot_nick and e.room == room
-                         and pred(e.text), timeout=timeout, what=f"a reply from {bot_nick}")[0]
+        return self.wait(
+            lambda e: e.kind == kind and e.nick == bot_nick and e.room == room and pred(e.text),
+            timeout=timeout,
+            what=f"a reply from {bot_nick}",
+        )[0]
 
 
 @pytest.fixture
@@ -74,6 +90,7 @@ def people(broker: RunningBroker) -> Iterator[Callable[..., Person]]:
     def make(nick: str, rooms: tuple[str, ...] = ("lobby",), port: int | None = None) -> Person:
         made.append(Person(port or broker.port, nick, rooms))
         return made[-1]
+
     yield make
     for p in made:
         p.client.close()
@@ -87,13 +104,15 @@ def bots() -> Iterator[Callable[..., Bot]]:
     def start(bot: Bot, port: int, nick: str, rooms: tuple[str, ...] = ("lobby",)) -> Bot:
         started.append(bot)
         return bot.start(HOST, port, nick, rooms=rooms)
+
     yield start
     for b in started:
         b.stop()
 
 
-def settle(broker: RunningBroker, rooms: str | tuple[str, ...], *bots: Bot,
-           timeout: float = 5.0) -> None:
+def settle(
+    broker: RunningBroker, rooms: str | tuple[str, ...], *bots: Bot, timeout: float = 5.0
+) -> None:
     """Wait until no bot can say anything more: each has handled every event of the rooms up
     to their latest sequence numbers, none has a handler running or a send unacknowledged,
     and no room moved meanwhile."""
@@ -103,6 +122,7 @@ def settle(broker: RunningBroker, rooms: str | tuple[str, ...], *bots: Bot,
         seqs = {r: broker.broker.rooms[r].seq for r in rooms}
         done = all(b.idle and b.handled(r) >= seq for b in bots for r, seq in seqs.items())
         return done and seqs == {r: broker.broker.rooms[r].seq for r in rooms}
+
     wait_for(quiet, timeout, f"the bots in {', '.join(rooms)} to fall silent")
 
 
@@ -117,8 +137,9 @@ class Example:
         self.name = name
         self.out, self.err = tmp / f"{name}.out", tmp / f"{name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(EXAMPLES / name), *args],
-                                         stdout=out, stderr=err, cwd=tmp)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(EXAMPLES / name), *args], stdout=out, stderr=err, cwd=tmp
+            )
 
     def lines(self) -> list[str]:
         return self.out.read_text(encoding="utf-8").splitlines()
@@ -126,9 +147,11 @@ class Example:
     def wait_line(self, pred: Callable[[str], object], what: str, timeout: float = 5.0) -> str:
         def found() -> str | None:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.proc.returncode}: "
-                                     f"{self.err.read_text()}")
+                raise AssertionError(
+                    f"{self.name} exited {self.proc.returncode}: {self.err.read_text()}"
+                )
             return next((line for line in self.lines() if pred(line)), None)
+
         return wait_for(found, timeout, f"{self.name} to print {what}")
 
     def interrupt(self) -> int:
@@ -138,7 +161,7 @@ class Example:
             return self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"{self.name} ignored Ctrl+C: {self.err.read_text()}")
+            raise AssertionError(f"{self.name} ignored Ctrl+C: {self.err.read_text()}") from None
 
 
 @pytest.fixture
@@ -148,6 +171,7 @@ def example(tmp_path: Path) -> Iterator[Callable[..., Example]]:
     def run(name: str, *args: str) -> Example:
         running.append(Example(tmp_path, name, *args))
         return running[-1]
+
     yield run
     for ex in running:
         if ex.proc.poll() is None:
@@ -156,18 +180,24 @@ def example(tmp_path: Path) -> Iterator[Callable[..., Example]]:
 
 
 def joined(person: Person, nick: str, room: str = "lobby") -> None:
-    person.wait(lambda e: e.kind == "join" and e.nick == nick and e.room == room,
-                timeout=10.0, what=f"{nick} to join {room}")
+    person.wait(
+        lambda e: e.kind == "join" and e.nick == nick and e.room == room,
+        timeout=10.0,
+        what=f"{nick} to join {room}",
+    )
 
 
 def stop_cleanly(ex: Example, person: Person, nick: str) -> None:
     """Ctrl+C ends the example with status 0, and it says goodbye (BYE, not a lost heartbeat)."""
     assert ex.interrupt() == 0, ex.err.read_text()
-    person.wait(lambda e: e.kind == "leave" and e.nick == nick and e.data.get("why") == "quit",
-                what=f"{nick} to quit")
+    person.wait(
+        lambda e: e.kind == "leave" and e.nick == nick and e.data.get("why") == "quit",
+        what=f"{nick} to quit",
+    )
 
 
 # ---------------------------------------------------------------------------- the examples
+
 
 def test_echo_example_answers_in_every_room_it_is_in(broker, people, example):
     """examples/echo_bot.py (plain Client): `!echo TEXT` answered in each of its rooms."""
@@ -184,7 +214,7 @@ def test_echo_example_answers_in_every_room_it_is_in(broker, people, example):
     ann.reply("echo", lambda t: t == "in the lobby")
     ann.reply("echo", lambda t: t == "last")
     answers = [(e.room, e.text) for e in ann.seen if e.nick == "echo" and e.kind == "msg"]
-    assert [t for r, t in answers if r == "lobby"] == ["in the lobby", "last"]   # room order
+    assert [t for r, t in answers if r == "lobby"] == ["in the lobby", "last"]  # room order
     assert [t for r, t in answers if r == "work"] == ["hello   there"]
     stop_cleanly(ex, ann, "echo")
     assert len((EXAMPLES / "echo_bot.py").read_text().splitlines()) < 30
@@ -202,24 +232,24 @@ def test_dice_example_rolls_echoes_and_explains(broker, people, example):
     assert len(dice) == 3 and all(1 <= d <= 6 for d in dice) and sum(dice) == int(total)
     ann.say("lobby", "!roll banana")
     assert "NdM" in ann.reply("dice", lambda t: t.startswith("usage: !roll [DICE]")).text
-    ann.say("lobby", '!echo "two  spaces" and it\'s Bob\'s')
+    ann.say("lobby", "!echo \"two  spaces\" and it's Bob's")
     ann.reply("dice", lambda t: t == "two  spaces and it's Bob's")
     ann.say("lobby", "!help")
     listing = ann.reply("dice", lambda t: t.startswith("commands:")).text
     assert "!roll [DICE] - Roll dice" in listing and "!echo [TEXT...]" in listing
     assert "!help [COMMAND]" in listing
-    ann.client.msg("dice", "!roll 1d20")       # privately asked, privately answered
+    ann.client.msg("dice", "!roll 1d20")  # privately asked, privately answered
     assert re.fullmatch(r"ann rolls 1d20: \d+", ann.reply("dice", lambda t: True, room=None).text)
     stop_cleanly(ex, ann, "dice")
 
 
-def test_logger_example_writes_one_json_line_per_event_per_room(broker, people, example,
-                                                               tmp_path):
+def test_logger_example_writes_one_json_line_per_event_per_room(broker, people, example, tmp_path):
     """examples/logger_bot.py: DIR/ROOM.jsonl per room, each event once, in order, no holes."""
     ann = people("ann", ("lobby", "work"))
     logs = tmp_path / "logs"
-    ex = example("logger_bot.py", "--port", str(broker.port), "--rooms", "lobby,work",
-                 "--dir", str(logs))
+    ex = example(
+        "logger_bot.py", "--port", str(broker.port), "--rooms", "lobby,work", "--dir", str(logs)
+    )
     joined(ann, "logger", "work")
     ann.say("lobby", "hello lobby")
     ann.client.me("lobby", "waves")
@@ -231,14 +261,21 @@ def test_logger_example_writes_one_json_line_per_event_per_room(broker, people, 
     def lines(room: str) -> list[dict]:
         path = logs / f"{room}.jsonl"
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    wait_for(lambda: any(e["kind"] == "leave" and e["nick"] == "bob" for e in lines("lobby")),
-             what="bob's leave in lobby.jsonl")
+
+    wait_for(
+        lambda: any(e["kind"] == "leave" and e["nick"] == "bob" for e in lines("lobby")),
+        what="bob's leave in lobby.jsonl",
+    )
     wait_for(lambda: any(e["text"] == "hello work" for e in lines("work")), what="work.jsonl")
     lobby = lines("lobby")
     assert [e["seq"] for e in lobby] == list(range(lobby[0]["seq"], lobby[-1]["seq"] + 1))
     assert [(e["kind"], e["nick"], e["text"]) for e in lobby] == [
-        ("msg", "ann", "hello lobby"), ("action", "ann", "waves"), ("join", "bob", "bob joined"),
-        ("msg", "bob", "bye all"), ("leave", "bob", "bob left (quit: lunch)")]
+        ("msg", "ann", "hello lobby"),
+        ("action", "ann", "waves"),
+        ("join", "bob", "bob joined"),
+        ("msg", "bob", "bye all"),
+        ("leave", "bob", "bob left (quit: lunch)"),
+    ]
     assert all(e["room"] == "lobby" and "ts" in e for e in lobby)
     assert [e["text"] for e in lines("work")] == ["hello work"]
     stop_cleanly(ex, ann, "logger")
@@ -254,8 +291,12 @@ def test_reminder_example_reminds_after_the_delay(broker, people, example):
     ann.say("lobby", "!remind 5s")
     ack = ann.reply("remind", lambda t: t == "OK ann, in 1s: tea and biscuits")
     assert "a duration is like" in ann.reply("remind", lambda t: "bad WHEN 'soon'" in t).text
-    ann.reply("remind", lambda t: t.startswith("usage: !remind WHEN [WHAT...]")
-              and "what should I remind you of" in t)
+    ann.reply(
+        "remind",
+        lambda t: (
+            t.startswith("usage: !remind WHEN [WHAT...]") and "what should I remind you of" in t
+        ),
+    )
     due = ann.reply("remind", lambda t: t == "ann: tea and biscuits")
     assert due.ts - ack.ts >= 0.95
     stop_cleanly(ex, ann, "remind")
@@ -290,8 +331,10 @@ def test_two_bridges_on_the_same_rooms_never_loop(broker, people, bots):
     settle(broker, ("lobby", "work"), one, two)
     work = [e for e in room_events(ann, "work", start["work"]) if e.kind == "msg"]
     lobby = [e for e in room_events(ann, "lobby", start["lobby"]) if e.kind == "msg"]
-    assert sorted((e.nick, e.text) for e in work) == [("bridge1", "<ann> ping"),
-                                                      ("bridge2", "<ann> ping")]
+    assert sorted((e.nick, e.text) for e in work) == [
+        ("bridge1", "<ann> ping"),
+        ("bridge2", "<ann> ping"),
+    ]
     assert [(e.nick, e.text) for e in lobby] == [("ann", "ping")]
 
 
@@ -306,13 +349,13 @@ def test_minimal_client_example_speaks_the_protocol(broker, people, example):
     ann.say("lobby", "hello mini")
     ex.wait_line(lambda s: s.endswith("ann: hello mini"), "ann's message")
     bob = people("bob")
-    bob.client.leave("lobby")                  # the room changes topic: a GRANT push
+    bob.client.leave("lobby")  # the room changes topic: a GRANT push
     ex.wait_line(lambda s: s == "GRANT lobby: subscribing again", "the GRANT")
     ann.say("lobby", "after the new topic")
     ex.wait_line(lambda s: s.endswith("ann: after the new topic"), "traffic after GRANT")
-    assert any(line.endswith("* bob left") for line in ex.lines())   # fetched from history
+    assert any(line.endswith("* bob left") for line in ex.lines())  # fetched from history
     shown = [int(m[1]) for line in ex.lines() if (m := re.match(r"<lobby#(\d+)>", line))]
-    assert shown == list(range(shown[0], shown[-1] + 1))              # in order, no holes
+    assert shown == list(range(shown[0], shown[-1] + 1))  # in order, no holes
     assert ex.interrupt() == 0, ex.err.read_text()
     ann.wait(lambda e: e.kind == "leave" and e.nick == "mini" and e.data["why"] == "quit")
 
@@ -325,8 +368,9 @@ def test_minimal_client_survives_heartbeat_cycles(broker, people, example):
     ex = example("minimal_client.py", "--port", str(broker.port), "-v")
     ex.wait_line(lambda s: s.startswith("WELCOME mini: heartbeat 0.3 s"), "the welcome")
     started = time.monotonic()
-    wait_for(lambda: sum(line.startswith("PONG ") for line in ex.lines()) >= 6, 10.0,
-             "6 PING replies")
+    wait_for(
+        lambda: sum(line.startswith("PONG ") for line in ex.lines()) >= 6, 10.0, "6 PING replies"
+    )
     assert time.monotonic() - started > 4 * 0.3
     assert "mini" in ann.client.who("lobby")
     ann.say("lobby", "still there?")
@@ -337,6 +381,7 @@ def test_minimal_client_survives_heartbeat_cycles(broker, people, example):
 
 # ---------------------------------------------------------------------------- safe by default
 
+
 def chatty(tag: str, **options: object) -> Bot:
     """A bot that answers every message it is given: the worst case for loops."""
     bot = Bot(**options)
@@ -344,6 +389,7 @@ def chatty(tag: str, **options: object) -> Bot:
     @bot.on_message
     async def answer(ctx: Context) -> None:
         await ctx.reply(f"{tag} heard: {ctx.text}")
+
     return bot
 
 
@@ -392,12 +438,22 @@ def test_private_chain_between_bots_stops_too(broker, people, bots):
             got[me].append(ctx.text)
             done = await ctx.reply(f"{me} got {ctx.text}") is not None
             sent[me] += done
+
         return bot
+
     a = bots(pen_pal("abot"), broker.port, "abot")
     b = bots(pen_pal("bbot"), broker.port, "bbot")
     ann.client.msg("abot", "!poke bbot")
-    wait_for(lambda: a.idle and b.idle and sent["abot"] == len(got["bbot"])
-             and sent["bbot"] == len(got["abot"]) and got["bbot"], what="the chain to end")
+    wait_for(
+        lambda: (
+            a.idle
+            and b.idle
+            and sent["abot"] == len(got["bbot"])
+            and sent["bbot"] == len(got["abot"])
+            and got["bbot"]
+        ),
+        what="the chain to end",
+    )
     assert got == {"bbot": ["psst", "abot got bbot got psst"], "abot": ["bbot got psst"]}
     assert sent == {"abot": 2, "bbot": 1}
 
@@ -412,7 +468,7 @@ def test_bot_never_sees_its_own_messages(broker, people, bots):
     @bot.on_message
     async def hear(ctx: Context) -> str:
         seen.append(ctx.text)
-        return f"!again {ctx.text}"              # a command, if the bot read its own output
+        return f"!again {ctx.text}"  # a command, if the bot read its own output
 
     @bot.command("again")
     async def again(ctx: Context, *words: str) -> str:
@@ -430,12 +486,17 @@ def test_bot_never_sees_its_own_messages(broker, people, bots):
     ann.say("lobby", "!again once")
     settle(broker, "lobby", me)
     said = [(e.nick, e.text) for e in room_events(ann, "lobby", start) if e.kind == "msg"]
-    assert sorted(said) == [("ann", "!again once"), ("ann", "hello"),
-                            ("selfish", "!again hello"), ("selfish", "!again once")]
+    assert sorted(said) == [
+        ("ann", "!again once"),
+        ("ann", "hello"),
+        ("selfish", "!again hello"),
+        ("selfish", "!again once"),
+    ]
     assert seen == ["hello"] and joins == ["ann"]
 
 
 # ---------------------------------------------------------------------------- robust by default
+
 
 def test_flood_of_60_messages_arrives_complete_and_in_order(make_broker, bots):
     """A bot sending 60 messages at a broker allowing 5/s with bursts of 20: RATE_LIMITED is
@@ -444,7 +505,7 @@ def test_flood_of_60_messages_arrives_complete_and_in_order(make_broker, bots):
     bot = Bot()
 
     @bot.command("flood")
-    def flood(ctx: Context) -> None:              # a plain def: blocking sends, on a thread
+    def flood(ctx: Context) -> None:  # a plain def: blocking sends, on a thread
         for i in range(60):
             ctx.reply(f"flood {i}")
 
@@ -453,11 +514,15 @@ def test_flood_of_60_messages_arrives_complete_and_in_order(make_broker, bots):
     try:
         began = time.monotonic()
         ann.say("lobby", "!flood")
-        got = ann.wait(lambda e: e.nick == "flooder" and e.kind == "msg", count=60,
-                       timeout=20.0, what="60 messages")
+        got = ann.wait(
+            lambda e: e.nick == "flooder" and e.kind == "msg",
+            count=60,
+            timeout=20.0,
+            what="60 messages",
+        )
         assert [e.text for e in got] == [f"flood {i}" for i in range(60)]
         assert [e.seq for e in got] == list(range(got[0].seq, got[0].seq + 60))
-        assert time.monotonic() - began > 7.0     # (60 - 20) / 5 s: the limit was in force
+        assert time.monotonic() - began > 7.0  # (60 - 20) / 5 s: the limit was in force
     finally:
         ann.client.close()
 
@@ -469,6 +534,7 @@ def echo_bot() -> Bot:
     async def echo(ctx: Context, *text: str) -> str:
         """Say TEXT back."""
         return " ".join(text)
+
     return bot
 
 
@@ -482,8 +548,11 @@ def test_bot_reconnects_after_broker_restart_and_answers(broker, bots):
     finally:
         ann.client.close()
     broker.restart()
-    wait_for(lambda: any(s.nick == "echo" for s in broker.broker.rooms["lobby"].members.values()),
-             10.0, "the bot to rejoin")
+    wait_for(
+        lambda: any(s.nick == "echo" for s in broker.broker.rooms["lobby"].members.values()),
+        10.0,
+        "the bot to rejoin",
+    )
     bob = Person(broker.port, "bob")
     try:
         bob.say("lobby", "!echo after")
@@ -493,8 +562,7 @@ def test_bot_reconnects_after_broker_restart_and_answers(broker, bots):
         bob.client.close()
 
 
-def test_handler_exception_is_logged_with_its_event_and_bot_goes_on(broker, people, bots,
-                                                                   caplog):
+def test_handler_exception_is_logged_with_its_event_and_bot_goes_on(broker, people, bots, caplog):
     """A handler that raises (async or plain) is logged with the event; the bot carries on."""
     caplog.set_level(logging.ERROR, logger="bot")
     bot = echo_bot()
@@ -548,6 +616,7 @@ def test_plain_handler_runs_on_a_thread_and_blocks_nothing(broker, people, bots)
 
 # ---------------------------------------------------------------------------- what handlers get
 
+
 def test_handlers_reach_rooms_members_history_and_other_rooms(broker, people, bots):
     """A handler lists rooms and members, reads history, and says things in another room."""
     bot = Bot()
@@ -557,15 +626,15 @@ def test_handlers_reach_rooms_members_history_and_other_rooms(broker, people, bo
         rooms = {r["name"]: r["members"] for r in await ctx.rooms()}
         who = await ctx.who(ctx.room)
         said = [e.text for e in await ctx.history(ctx.room, limit=10) if e.kind == "msg"]
-        await ctx.say("work", f"rooms={rooms['lobby']},{rooms['work']} who={','.join(who)} "
-                              f"last={said[-2]}")
+        await ctx.say(
+            "work", f"rooms={rooms['lobby']},{rooms['work']} who={','.join(who)} last={said[-2]}"
+        )
 
     bots(bot, broker.port, "reporter", ("lobby", "work"))
     ann = people("ann", ("lobby", "work"))
     ann.say("lobby", "remember me")
     ann.say("lobby", "!report")
-    ann.reply("reporter", lambda t: t == "rooms=2,2 who=ann,reporter last=remember me",
-              room="work")
+    ann.reply("reporter", lambda t: t == "rooms=2,2 who=ann,reporter last=remember me", room="work")
 
 
 def test_pattern_room_filters_and_private_replies(broker, people, bots):
@@ -633,12 +702,15 @@ def test_every_runs_periodically_with_a_hop_count(broker, people, bots):
 
 # ---------------------------------------------------------------------------- commands, offline
 
+
 def test_usage_is_derived_from_the_signature():
     """The usage line and argument conversion come from the function's signature."""
+
     def remind(ctx: Context, when: float, what: str, *more: str, loud: bool = False) -> None:
         """Remind you.
 
         Longer help."""
+
     cmd = Command.from_function("remind", remind)
     assert cmd.usage == "remind WHEN WHAT [MORE...]"
     assert cmd.summary == "Remind you." and cmd.help == "Remind you. Longer help."
@@ -649,6 +721,7 @@ def test_usage_is_derived_from_the_signature():
         cmd.bind(["soon", "tea"])
 
     def toggle(ctx: Context, on: bool, times: int = 1) -> None: ...
+
     cmd = Command.from_function("toggle", toggle)
     assert cmd.usage == "toggle ON [TIMES]"
     assert cmd.bind(["yes"]) == [True, 1] and cmd.bind(["off", "3"]) == [False, 3]
@@ -670,7 +743,7 @@ def test_bot_waits_for_an_unreachable_broker_until_stopped():
     port = free_ports(1)[0]
     began = time.monotonic()
     with pytest.raises(TimeoutError):
-        Bot().start(HOST, port, "early", timeout=0.5)   # gives up waiting, and stops the bot
+        Bot().start(HOST, port, "early", timeout=0.5)  # gives up waiting, and stops the bot
     assert time.monotonic() - began < 3.0
     assert not [t for t in threading.enumerate() if t.name == "bot-early"]
 
@@ -681,7 +754,8 @@ def test_restarted_bot_waits_for_its_old_nick(broker, bots):
     import zmq
 
     import messages as msgs
-    old = zmq.Context.instance().socket(zmq.DEALER)   # the previous run: silent from now on
+
+    old = zmq.Context.instance().socket(zmq.DEALER)  # the previous run: silent from now on
     old.linger = 0
     old.connect(f"tcp://{HOST}:{broker.port}")
     old.send_multipart(msgs.encode_request("HELLO", b"1", {"version": 1, "nick": "phoenix"}))

@@ -1,4 +1,5 @@
 """The broker as a user runs it: its console line, a port in use, a clean shutdown."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,6 +26,7 @@ def test_sigterm_tells_clients_and_exits_zero_within_two_seconds(make_broker_pro
                     break
             assert await asyncio.to_thread(proc.proc.wait, 3) == 0
             assert time.monotonic() - t < 2.0
+
     asyncio.run(scenario())
 
 
@@ -39,9 +41,21 @@ def test_ctrl_c_exits_zero(make_broker_process):
 def test_port_in_use_is_one_line_error(make_broker_process, tmp_path):
     """A second broker on the same port prints one line and exits 1."""
     first = make_broker_process()
-    run = subprocess.run([sys.executable, str(ROOT / "broker.py"), "--port", str(first.port),
-                          "--pub-port", "0", "--db", str(tmp_path / "other.db")],
-                         capture_output=True, text=True, timeout=10)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "broker.py"),
+            "--port",
+            str(first.port),
+            "--pub-port",
+            "0",
+            "--db",
+            str(tmp_path / "other.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert run.returncode == 1
     assert run.stderr.count("\n") == 1 and "Address already in use" in run.stderr
     assert "Traceback" not in run.stderr
@@ -52,11 +66,14 @@ def test_console_line_and_motd(make_broker_process, tmp_path):
     motd = tmp_path / "motd.txt"
     motd.write_text("Welcome to the lab chat\n")
     proc = make_broker_process("--motd", str(motd))
-    assert proc.started_line == (f"Broker started on tcp://127.0.0.1:{proc.port} (commands) "
-                                 f"and tcp://127.0.0.1:{proc.pub_port} (rooms)")
+    assert proc.started_line == (
+        f"Broker started on tcp://127.0.0.1:{proc.port} (commands) "
+        f"and tcp://127.0.0.1:{proc.pub_port} (rooms)"
+    )
 
     async def scenario() -> None:
         async with Client("127.0.0.1", proc.port, "alice") as a:
             assert a.welcome["motd"] == "Welcome to the lab chat\n"
+
     asyncio.run(scenario())
     assert proc.stop() == 0

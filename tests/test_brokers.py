@@ -3,6 +3,7 @@
 Two independent brokers stand in for a cluster here: these tests check that the client
 moves to the other address and re-joins its rooms there, not that the brokers share state.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,32 +15,36 @@ from typing import Any
 import pytest
 import zmq
 import zmq.asyncio
+from cli_helpers import Script, Terminal, joined
+from test_chat import Chat, run, saw
+from test_durability import Relay
 
 from broker import default_name
 from client import ChatError, Client, broker_addresses, split_addresses
 from conftest import ROOT, free_ports
-from test_chat import Chat, run, saw
-from test_cli import Script, Terminal, joined, started  # noqa: F401 (started: a fixture)
-from test_durability import Relay
 
 HOST = "127.0.0.1"
 
 
-@pytest.mark.parametrize("given, expected", [
-    ("h1:9001,h2:9001", [("h1", 9001), ("h2", 9001)]),
-    ("h1, h2:7", [("h1", 5000), ("h2", 7)]),
-    ("10.1.2.3", [("10.1.2.3", 5000)]),
-    (["h1", "h2:9002"], [("h1", 5000), ("h2", 9002)]),
-    (["a:1,b", ("c", 3)], [("a", 1), ("b", 5000), ("c", 3)]),
-    ("[::1]:9001,::1", [("::1", 9001), ("::1", 5000)]),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("h1:9001,h2:9001", [("h1", 9001), ("h2", 9001)]),
+        ("h1, h2:7", [("h1", 5000), ("h2", 7)]),
+        ("10.1.2.3", [("10.1.2.3", 5000)]),
+        (["h1", "h2:9002"], [("h1", 5000), ("h2", 9002)]),
+        (["a:1,b", ("c", 3)], [("a", 1), ("b", 5000), ("c", 3)]),
+        ("[::1]:9001,::1", [("::1", 9001), ("::1", 5000)]),
+    ],
+)
 def test_addresses_are_read_with_the_default_port_for_bare_hosts(given, expected):
     """A list or a comma list of host[:port]; a bare host takes the port argument's port."""
     assert broker_addresses(given, 5000) == expected
 
 
-@pytest.mark.parametrize("bad", ["h1:x", "h1:0", "h1:65536", "", "h1,,h2", ":9001", "[::1",
-                                 "[::1]9001", "h1:"])
+@pytest.mark.parametrize(
+    "bad", ["h1:x", "h1:0", "h1:65536", "", "h1,,h2", ":9001", "[::1", "[::1]9001", "h1:"]
+)
 def test_malformed_addresses_are_refused_with_a_reason(bad):
     """An address that cannot be read is a ValueError naming it, not a silent default."""
     with pytest.raises(ValueError):
@@ -63,13 +68,13 @@ def test_dead_first_address_is_passed_over(make_broker):
     dead = free_ports(1)[0]
 
     async def scenario(chat: Chat) -> None:
-        ann = Client([f"{HOST}:{dead}", f"{HOST}:{b.port}"], nick="ann", timeout=1.0,
-                     ctx=chat.ctx)
+        ann = Client([f"{HOST}:{dead}", f"{HOST}:{b.port}"], nick="ann", timeout=1.0, ctx=chat.ctx)
         chat.clients.append(ann)
         await ann.connect()
         assert ann.address == f"{HOST}:{b.port}" and list(ann.rooms) == ["lobby"]
         await ann.say("lobby", "hello")
         await saw(ann, "hello")
+
     run(b, scenario)
 
 
@@ -84,6 +89,7 @@ def test_no_address_answering_is_a_timeout(make_broker):
         with pytest.raises(ChatError) as info:
             await ann.connect()
         assert info.value.code == "TIMEOUT"
+
     run(b, scenario)
 
 
@@ -101,7 +107,7 @@ def test_client_moves_to_the_next_broker_when_its_broker_stops(make_broker, tmp_
         chat.clients.append(bob)
         await bob.connect()
         await asyncio.to_thread(b1.stop)
-        moved = f"reconnected (via {default_name(b2.port)})"   # another broker: it says so
+        moved = f"reconnected (via {default_name(b2.port)})"  # another broker: it says so
         statuses = [e.text for e in await saw(ann, moved, "status") if e.kind == "status"]
         assert "connection lost, reconnecting..." in statuses, statuses
         assert ann.address == f"{HOST}:{b2.port}" and ann.broker == default_name(b2.port)
@@ -109,6 +115,7 @@ def test_client_moves_to_the_next_broker_when_its_broker_stops(make_broker, tmp_
         await ann.say("lobby", "hello from b2")
         heard = await saw(bob, "hello from b2")
         assert heard[-1].nick == "ann"
+
     run(b1, scenario)
 
 
@@ -122,7 +129,7 @@ class Named(Relay):
     def down(self, rid: bytes, frames: list[bytes]) -> list[list[bytes]]:
         if frames[0] == b"OK":
             body: dict[str, Any] = json.loads(frames[2])
-            if "pub_port" in body:    # the welcome
+            if "pub_port" in body:  # the welcome
                 frames = [*frames[:2], json.dumps({**body, "broker": self.name}).encode()]
         return [frames]
 
@@ -145,6 +152,7 @@ def test_reconnected_status_names_the_broker_when_it_has_a_name(make_broker, tmp
         finally:
             for relay in (r1, r2):
                 relay.task.cancel()
+
     run(b1, scenario)
 
 
@@ -168,7 +176,12 @@ def test_cli_takes_several_brokers_and_moves_on(make_broker_process, started, tm
 
 def test_cli_refuses_a_malformed_address():
     """A -i that cannot be read is a usage error (status 2) that names it."""
-    proc = subprocess.run([sys.executable, "client.py", "-i", "h1:port", "-u", "alice"],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT,
-                          timeout=10)
+    proc = subprocess.run(
+        [sys.executable, "client.py", "-i", "h1:port", "-u", "alice"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=10,
+    )
     assert proc.returncode == 2 and "h1:port" in proc.stderr, proc.stderr

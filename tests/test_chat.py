@@ -6,12 +6,14 @@ keeps serving. Raw pyzmq sockets stand in for misbehaving peers and for checks o
 Asyncio scenarios run under `asyncio.run` (no pytest-asyncio); nothing sleeps to synchronise:
 absence is proven by a later marker that must arrive first.
 """
+
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import zmq
@@ -23,15 +25,16 @@ from client import BlockingClient, ChatError, Client, Event
 from conftest import HEARTBEAT
 
 HOST = "127.0.0.1"
-SCENARIO_TIMEOUT = 20.0   # seconds: a stuck scenario fails with a traceback instead of hanging
+SCENARIO_TIMEOUT = 20.0  # seconds: a stuck scenario fails with a traceback instead of hanging
 
 
 # ---------------------------------------------------------------------------- harness
 
+
 class Raw:
     """A bare DEALER speaking the wire protocol by hand: a bot in another language, or a bad one."""
 
-    def __init__(self, chat: "Chat") -> None:
+    def __init__(self, chat: Chat) -> None:
         self.sock = chat.socket(zmq.DEALER)
         self.sock.connect(f"tcp://{HOST}:{chat.broker.port}")
         self.pushes: list[m.Response] = []
@@ -96,8 +99,7 @@ class Chat:
         self.sockets.append(sock)
         return sock
 
-    async def client(self, nick: str, rooms: tuple[str, ...] = ("lobby",),
-                     **kwargs: Any) -> Client:
+    async def client(self, nick: str, rooms: tuple[str, ...] = ("lobby",), **kwargs: Any) -> Client:
         """A connected Client (ChatError if the broker refuses it)."""
         c = Client(HOST, self.broker.port, nick, rooms=rooms, ctx=self.ctx, **kwargs)
         self.clients.append(c)
@@ -131,12 +133,14 @@ class Chat:
 
 def run(broker: Any, scenario: Callable[[Chat], Awaitable[None]]) -> None:
     """Run an async scenario against broker; every client is closed whatever happens."""
+
     async def main() -> None:
         chat = Chat(broker)
         try:
             await asyncio.wait_for(scenario(chat), SCENARIO_TIMEOUT)
         finally:
             await chat.close()
+
     asyncio.run(main())
 
 
@@ -144,17 +148,19 @@ def show(events: list[Event]) -> list[tuple[str, str]]:
     return [(e.kind, e.text) for e in events]
 
 
-async def until(c: Client, pred: Callable[[Event], bool], what: str,
-                timeout: float = 5.0) -> list[Event]:
+async def until(
+    c: Client, pred: Callable[[Event], bool], what: str, timeout: float = 5.0
+) -> list[Event]:
     """c's events up to and including the first one that matches pred."""
     seen: list[Event] = []
     deadline = time.monotonic() + timeout
     while True:
         try:
             ev = await c.next_event(max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise AssertionError(f"{c.nick} timed out waiting for {what}; saw {show(seen)}") \
-                from None
+        except TimeoutError:
+            raise AssertionError(
+                f"{c.nick} timed out waiting for {what}; saw {show(seen)}"
+            ) from None
         seen.append(ev)
         if pred(ev):
             return seen
@@ -182,6 +188,7 @@ async def own_joins(c: Client) -> None:
         if e.kind == "join" and e.mine:
             missing.discard(e.room)
         return not missing
+
     await until(c, last_one, f"own joins in {sorted(c.rooms)}")
 
 
@@ -195,8 +202,10 @@ def queued(c: Client) -> list[Event]:
 
 # ---------------------------------------------------------------------------- nicks
 
+
 def test_taken_nick_refused_in_any_case(broker):
     """A second 'alice' and an 'ALICE' are refused with NICK_TAKEN while alice is connected."""
+
     async def scenario(chat: Chat) -> None:
         await chat.client("alice")
         for nick in ("alice", "ALICE"):
@@ -204,29 +213,37 @@ def test_taken_nick_refused_in_any_case(broker):
             assert err.code == m.Code.NICK_TAKEN, (nick, err)
             assert "alice" in err.reason
         assert await chat.clients[0].who() == ["alice"]
+
     run(broker, scenario)
 
 
-@pytest.mark.parametrize("nick, why", [
-    ("9lives", "digit"),
-    ("-x", "'-'"),
-    ("a" * 33, "longer than 32"),
-    ("a b", "' '"),
-    ("bad\x1bnick", r"'\x1b'"),
-], ids=["digit-first", "dash-first", "33-chars", "space", "escape"])
+@pytest.mark.parametrize(
+    "nick, why",
+    [
+        ("9lives", "digit"),
+        ("-x", "'-'"),
+        ("a" * 33, "longer than 32"),
+        ("a b", "' '"),
+        ("bad\x1bnick", r"'\x1b'"),
+    ],
+    ids=["digit-first", "dash-first", "33-chars", "space", "escape"],
+)
 def test_invalid_nick_refused_with_reason(broker, nick, why):
     """An invalid nick is refused with NICK_INVALID and a reason naming what is wrong."""
+
     async def scenario(chat: Chat) -> None:
         err = await chat.refused(nick)
         assert err.code == m.Code.NICK_INVALID
         assert why in err.reason, err.reason
         watcher = await chat.client("watcher")
         assert await watcher.who() == ["watcher"]
+
     run(broker, scenario)
 
 
 def test_refused_client_can_retry_with_another_nick(broker):
     """A client refused for a taken nick connects on a second try with another nick."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         second = Client(HOST, broker.port, "alice", ctx=chat.ctx, timeout=2.0)
@@ -238,14 +255,16 @@ def test_refused_client_can_retry_with_another_nick(broker):
         await second.connect()
         await saw(alice, "alice2 joined", "join")
         await marker(second, "lobby", "second try works", alice)
+
     run(broker, scenario)
 
 
 def test_lookalike_nick_refused_and_quit_frees_nick(broker):
     """Cyrillic look-alikes of a connected 'alice' are refused; once she quits, 'alice' is free."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
-        mixed = await chat.refused("\u0430lice")          # Cyrillic a + Latin lice
+        mixed = await chat.refused("\u0430lice")  # Cyrillic a + Latin lice
         assert mixed.code == m.Code.NICK_INVALID and "scripts" in mixed.reason
         cyrillic = await chat.refused("\u0430\u04cf\u0456\u0441\u0435")  # all Cyrillic
         assert cyrillic.code == m.Code.NICK_TAKEN, cyrillic
@@ -253,25 +272,29 @@ def test_lookalike_nick_refused_and_quit_frees_nick(broker):
         again = await chat.client("alice")
         assert again.nick == "alice"
         assert await again.who() == ["alice"]
+
     run(broker, scenario)
 
 
 # ---------------------------------------------------------------------------- rooms
 
+
 def test_default_rooms_listed_with_member_counts(broker):
     """ROOMS lists lobby, work, support and team, each with how many are in it."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice", ("lobby", "work"))
         await chat.client("bob", ("lobby",))
         rooms = {r["name"]: r["members"] for r in await alice.list_rooms()}
         assert rooms == {"lobby": 2, "work": 1, "support": 0, "team": 0}
-        assert [r["name"] for r in await alice.list_rooms()] == ["lobby", "work", "support",
-                                                                  "team"]
+        assert [r["name"] for r in await alice.list_rooms()] == ["lobby", "work", "support", "team"]
+
     run(broker, scenario)
 
 
 def test_join_unknown_room_refused_with_room_list(broker):
     """Joining a room that does not exist gives ROOM_UNKNOWN, and the reason lists the rooms."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         with pytest.raises(ChatError) as info:
@@ -280,22 +303,26 @@ def test_join_unknown_room_refused_with_room_list(broker):
         for room in ("lobby", "work", "support", "team"):
             assert room in info.value.reason
         assert "nowhere" not in [r["name"] for r in await alice.list_rooms()]
+
     run(broker, scenario)
 
 
 def test_allow_new_rooms_lets_join_create(make_broker):
     """With allow_new_rooms, joining an unknown room creates it; others can then join and talk."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice", ("brand-new",))
         bob = await chat.client("bob", ("brand-new",))
         rooms = {r["name"]: r["members"] for r in await alice.list_rooms()}
         assert rooms["brand-new"] == 2
         await marker(alice, "brand-new", "first words", bob)
+
     run(make_broker(allow_new_rooms=True), scenario)
 
 
 def test_configured_rooms_replace_defaults(make_broker):
     """Config(rooms=("a", "b")) serves exactly rooms a and b."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice", ("a",))
         assert [r["name"] for r in await alice.list_rooms()] == ["a", "b"]
@@ -304,10 +331,12 @@ def test_configured_rooms_replace_defaults(make_broker):
             await alice.join("lobby")
         assert info.value.code == m.Code.ROOM_UNKNOWN and "a, b" in info.value.reason
         await alice.join("b")
+
     run(make_broker(rooms=("a", "b")), scenario)
 
 
 # ---------------------------------------------------------------------------- isolation
+
 
 async def raw_listener(chat: Chat, nick: str, room: str) -> tuple[Raw, zmq.asyncio.Socket]:
     """A raw member of room whose own XSUB is live for it (and that tried to hear everything)."""
@@ -338,6 +367,7 @@ async def frames_until(sub: zmq.asyncio.Socket, needle: bytes) -> list[list[byte
 
 def test_room_traffic_not_heard_outside_room(broker):
     """A message in work never reaches someone only in lobby: not the client, not its socket."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice", ("lobby", "work"))
         bob = await chat.client("bob", ("lobby",))
@@ -348,11 +378,13 @@ def test_room_traffic_not_heard_outside_room(broker):
         frames = await frames_until(sub, b"lobby marker")
         assert all(f[0].startswith(b"lobby\x00") for f in frames), frames
         assert not any(b"work secret" in f[1] for f in frames)
+
     run(broker, scenario)
 
 
 def test_prefix_named_rooms_do_not_leak(make_broker):
     """Rooms dev and devops stay apart although one name is a prefix of the other."""
+
     async def scenario(chat: Chat) -> None:
         dev = await chat.client("dev1", ("dev",))
         ops = await chat.client("ops1", ("devops",))
@@ -368,23 +400,28 @@ def test_prefix_named_rooms_do_not_leak(make_broker):
         [ops_seen] = await marker(both, "devops", "devops marker", ops)
         assert "dev only" not in [e.text for e in ops_seen], show(ops_seen)
         assert "devops only" in [e.text for e in ops_seen]
+
     run(make_broker(allow_new_rooms=True), scenario)
 
 
 # ---------------------------------------------------------------------------- echo
 
+
 def test_own_messages_echoed_once_in_room_order(broker):
     """The sender gets each of its messages exactly once, marked mine, in sequence order."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         bob = await chat.client("bob")
         mine = [f"a{i}" for i in range(8)]
-        seqs = await asyncio.gather(*(alice.say("lobby", t) for t in mine[:4]),
-                                    bob.say("lobby", "from bob"),
-                                    *(alice.say("lobby", t) for t in mine[4:]))
+        seqs = await asyncio.gather(
+            *(alice.say("lobby", t) for t in mine[:4]),
+            bob.say("lobby", "from bob"),
+            *(alice.say("lobby", t) for t in mine[4:]),
+        )
         await alice.say("lobby", "end")
         seen = await saw(alice, "end")
-        await alice.who()   # one more round trip: a late duplicate would be queued by now
+        await alice.who()  # one more round trip: a late duplicate would be queued by now
         events = [e for e in seen + queued(alice) if e.kind == "msg"]
         texts = [e.text for e in events]
         assert sorted(texts) == sorted([*mine, "from bob", "end"]), texts
@@ -393,13 +430,16 @@ def test_own_messages_echoed_once_in_room_order(broker):
         assert all(e.mine == (e.nick == "alice") for e in events), events
         by_text = {e.text: e.seq for e in events}
         assert [by_text[t] for t in mine] == list(seqs[:4]) + list(seqs[5:])
+
     run(broker, scenario)
 
 
 # ---------------------------------------------------------------------------- notices
 
+
 def test_join_leave_quit_and_nick_notices(broker):
     """Others see 'X joined', 'X left', 'X is now known as Y' and 'Y left (quit: reason)'."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         bob = await chat.client("bob", ())
@@ -419,11 +459,13 @@ def test_join_leave_quit_and_nick_notices(broker):
         await carol.close()
         await saw(alice, "carol left", "leave")
         assert await alice.who("lobby") == ["alice"]
+
     run(broker, scenario)
 
 
 def test_topic_set_is_announced_and_read_back(broker):
     """Setting a topic sends a topic event to the room, and /topic reads it back."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         bob = await chat.client("bob")
@@ -434,13 +476,16 @@ def test_topic_set_is_announced_and_read_back(broker):
         assert await bob.topic("lobby") == "release on friday"
         rooms = {r["name"]: r["topic"] for r in await bob.list_rooms()}
         assert rooms["lobby"] == "release on friday" and rooms["work"] == ""
+
     run(broker, scenario)
 
 
 # ---------------------------------------------------------------------------- private
 
+
 def test_private_message_reaches_only_recipient(broker):
     """A private message reaches its recipient and the sender's copy, and nobody else."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         bob = await chat.client("bob")
@@ -452,36 +497,48 @@ def test_private_message_reaches_only_recipient(broker):
         [own] = (await saw(alice, "psst, bob", "private"))[-1:]
         assert own.mine
         [carol_seen] = await marker(alice, "lobby", "public marker", carol)
-        await carol.who()   # a round trip on carol's command socket, where privates arrive
+        await carol.who()  # a round trip on carol's command socket, where privates arrive
         everything = carol_seen + queued(carol)
-        assert not [e for e in everything if e.kind == "private" or "psst" in e.text], \
-            show(everything)
+        assert not [e for e in everything if e.kind == "private" or "psst" in e.text], show(
+            everything
+        )
+
     run(broker, scenario)
 
 
 def test_private_message_to_absent_nick_refused(broker):
     """A private message to a nick nobody holds fails with NO_SUCH_NICK and is not retried."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         with pytest.raises(ChatError) as info:
             await alice.msg("nobody", "hello?")
         assert info.value.code == m.Code.NO_SUCH_NICK
         assert alice.pending() == []
+
     run(broker, scenario)
 
 
 # ---------------------------------------------------------------------------- liveness
 
+
 def test_silent_client_dropped_after_three_heartbeats(broker):
     """A peer that goes silent is dropped after ~3 heartbeats: others see it leave, nick is free."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         zed = await chat.hello("zed")
-        silent_since = time.monotonic()   # the broker hears zed's JOIN after this: last word
+        silent_since = time.monotonic()  # the broker hears zed's JOIN after this: last word
         await zed.ok("JOIN", {"room": "lobby"})
         await saw(alice, "zed joined", "join")
-        [ev] = (await until(alice, text("zed left (connection lost)", "leave"),
-                            "zed to be dropped", timeout=10 * HEARTBEAT + 2))[-1:]
+        [ev] = (
+            await until(
+                alice,
+                text("zed left (connection lost)", "leave"),
+                "zed to be dropped",
+                timeout=10 * HEARTBEAT + 2,
+            )
+        )[-1:]
         waited = time.monotonic() - silent_since
         assert 3 * HEARTBEAT <= waited <= 3 * HEARTBEAT + 2.0, waited
         assert ev.data["why"] == "lost"
@@ -491,6 +548,7 @@ def test_silent_client_dropped_after_three_heartbeats(broker):
         again = await chat.client("zed")
         assert again.nick == "zed"
         await saw(alice, "zed joined", "join")
+
     run(broker, scenario)
 
 
@@ -505,16 +563,17 @@ def test_client_reconnects_after_broker_restart(make_broker):
         await own_joins(bob)
         await asyncio.to_thread(b.restart)
         for c in (alice, bob):
-            statuses = [e.text for e in await saw(c, "reconnected", "status")
-                        if e.kind == "status"]
+            statuses = [e.text for e in await saw(c, "reconnected", "status") if e.kind == "status"]
             assert "connection lost, reconnecting..." in statuses, statuses
-            assert statuses.index("connection lost, reconnecting...") < \
-                statuses.index("reconnected")
+            assert statuses.index("connection lost, reconnecting...") < statuses.index(
+                "reconnected"
+            )
         assert alice.nick == "alice" and list(alice.rooms) == ["lobby"]
         assert await alice.who("lobby") == ["alice", "bob"]
         [seen] = await marker(alice, "lobby", "after the restart", bob)
         assert seen[-1].nick == "alice"
         assert not [e for e in seen if e.kind in ("join", "leave")], show(seen)  # a quiet resume
+
     run(b, scenario)
 
 
@@ -541,26 +600,41 @@ BAD_INPUT = {
     "empty-label": ([b"SAY", b"", SAY_OK], m.Code.BAD_REQUEST, b""),
     "long-label": ([b"SAY", b"l" * 65, SAY_OK], m.Code.BAD_REQUEST, b""),
     "empty-body": ([b"SAY", LABEL, b""], m.Code.BAD_REQUEST, LABEL),
-    "not-utf8": ([b"SAY", LABEL, b'{"room":"lobby","msgs":[{"id":"x","text":"\xff"}]}'],
-                 m.Code.BAD_REQUEST, LABEL),
+    "not-utf8": (
+        [b"SAY", LABEL, b'{"room":"lobby","msgs":[{"id":"x","text":"\xff"}]}'],
+        m.Code.BAD_REQUEST,
+        LABEL,
+    ),
     "not-json": ([b"SAY", LABEL, b"{room: lobby}"], m.Code.BAD_REQUEST, LABEL),
     "json-array": ([b"SAY", LABEL, b'["lobby", "sneaky"]'], m.Code.BAD_REQUEST, LABEL),
-    "room-not-string": ([b"SAY", LABEL, say(5, msgs=[{"id": "x", "text": "sneaky"}])],
-                        m.Code.ROOM_INVALID, LABEL),
+    "room-not-string": (
+        [b"SAY", LABEL, say(5, msgs=[{"id": "x", "text": "sneaky"}])],
+        m.Code.ROOM_INVALID,
+        LABEL,
+    ),
     "msgs-not-list": ([b"SAY", LABEL, say(msgs="sneaky")], m.Code.BAD_REQUEST, LABEL),
     "text-not-string": ([b"SAY", LABEL, msgs(text=5)], m.Code.BAD_REQUEST, LABEL),
     "id-not-string": ([b"SAY", LABEL, msgs(id=5)], m.Code.BAD_REQUEST, LABEL),
     "unknown-command": ([b"SHOUT", LABEL, SAY_OK], m.Code.UNKNOWN_COMMAND, LABEL),
     "lower-case-command": ([b"say", LABEL, SAY_OK], m.Code.UNKNOWN_COMMAND, LABEL),
-    "missing-room": ([b"SAY", LABEL, b'{"msgs":[{"id":"x","text":"sneaky"}]}'],
-                     m.Code.ROOM_INVALID, LABEL),
+    "missing-room": (
+        [b"SAY", LABEL, b'{"msgs":[{"id":"x","text":"sneaky"}]}'],
+        m.Code.ROOM_INVALID,
+        LABEL,
+    ),
     "missing-msgs": ([b"SAY", LABEL, say()], m.Code.BAD_REQUEST, LABEL),
     "missing-id": ([b"SAY", LABEL, say(msgs=[{"text": "sneaky"}])], m.Code.BAD_REQUEST, LABEL),
     "missing-text": ([b"SAY", LABEL, say(msgs=[{"id": "x"}])], m.Code.BAD_REQUEST, LABEL),
-    "text-too-long": ([b"SAY", LABEL, msgs(text="sneaky" + "x" * (m.MAX_TEXT - 5))],
-                      m.Code.TOO_LARGE, LABEL),
-    "not-member": ([b"SAY", LABEL, SAY_OK.replace(b'"lobby"', b'"work"')],
-                   m.Code.NOT_MEMBER, LABEL),
+    "text-too-long": (
+        [b"SAY", LABEL, msgs(text="sneaky" + "x" * (m.MAX_TEXT - 5))],
+        m.Code.TOO_LARGE,
+        LABEL,
+    ),
+    "not-member": (
+        [b"SAY", LABEL, SAY_OK.replace(b'"lobby"', b'"work"')],
+        m.Code.NOT_MEMBER,
+        LABEL,
+    ),
     "before-hello": ([b"SAY", LABEL, SAY_OK], m.Code.NO_HELLO, LABEL),
 }
 
@@ -582,7 +656,7 @@ def test_bad_request_gets_labelled_error_and_publishes_nothing(make_broker, case
         err = await mallory.reply(label)
         assert err.kind == m.Reply.ERROR and err.body["code"] == code, err
         assert isinstance(err.body["reason"], str) and err.body["reason"]
-        if case == "before-hello":   # the offender itself is served once it behaves
+        if case == "before-hello":  # the offender itself is served once it behaves
             await mallory.ok("HELLO", {"version": m.VERSION, "nick": "mallory"})
         assert (await mallory.request("PING", {})).kind == m.Reply.OK
         seen = []
@@ -590,30 +664,44 @@ def test_bad_request_gets_labelled_error_and_publishes_nothing(make_broker, case
             seen += (await marker(bob, room, f"{room} marker", bob))[0]
         assert show(seen) == [("msg", "lobby marker"), ("msg", "work marker")], show(seen)
         assert mallory.pushes == []
+
     # A long heartbeat: the raw peer does not ping, and must not expire mid-test.
     run(make_broker(heartbeat=5.0), scenario)
 
 
 def test_longest_text_accepted(broker):
     """A message of exactly MAX_TEXT characters is delivered whole."""
+
     async def scenario(chat: Chat) -> None:
         alice = await chat.client("alice")
         bob = await chat.client("bob")
         long = "y" * m.MAX_TEXT
         await marker(alice, "lobby", long, bob)
+
     run(broker, scenario)
 
 
 def test_oversized_frame_refused_at_socket(make_broker):
     """A frame over 64 KiB drops its sender's connection unread; the broker serves others after."""
+
     async def scenario(chat: Chat) -> None:
         bob = await chat.client("bob")
         await own_joins(bob)
         big = await chat.hello("big", "lobby")
         await saw(bob, "big joined", "join")
         monitor = big.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        await big.send([b"SAY", b"big", m.dumps({"room": "lobby", "msgs": [
-            {"id": "big-1", "text": "huge " + "z" * m.MAX_FRAME}]})])
+        await big.send(
+            [
+                b"SAY",
+                b"big",
+                m.dumps(
+                    {
+                        "room": "lobby",
+                        "msgs": [{"id": "big-1", "text": "huge " + "z" * m.MAX_FRAME}],
+                    }
+                ),
+            ]
+        )
         assert await monitor.poll(5000), "the broker did not drop the connection"
         event = parse_monitor_message(await monitor.recv_multipart())
         assert event["event"] == zmq.EVENT_DISCONNECTED
@@ -625,10 +713,12 @@ def test_oversized_frame_refused_at_socket(make_broker):
         other = await chat.hello("other", "lobby")
         assert (await other.request("PING", {})).kind == m.Reply.OK
         assert "other" in await bob.who("lobby")
+
     run(make_broker(heartbeat=5.0), scenario)
 
 
 # ---------------------------------------------------------------------------- scripts
+
 
 def test_blocking_client_for_simple_scripts(broker):
     """BlockingClient connects, says and reads events with plain calls, no asyncio in sight."""
@@ -668,11 +758,13 @@ def test_many_long_messages_go_in_batches_the_broker_takes(make_broker):
         assert seqs == sorted(seqs)
         got = await until(bob, lambda e: e.text == texts[-1], "the last long message")
         assert [e.text for e in got if e.kind == "msg"] == texts
+
     run(broker, scenario)
 
 
 def test_private_history_through_the_library(broker):
     """Client.private_history: the conversation with a nick, both ways, oldest first."""
+
     async def scenario(chat: Chat) -> None:
         ann, bob = await chat.client("ann"), await chat.client("bob")
         await ann.msg("bob", "one")
@@ -681,6 +773,9 @@ def test_private_history_through_the_library(broker):
         await saw(ann, "two", "private")
         events = await ann.private_history("BOB")
         assert [(e.nick, e.data["to"], e.text, e.mine) for e in events] == [
-            ("ann", "bob", "one", True), ("bob", "ann", "two", False)]
+            ("ann", "bob", "one", True),
+            ("bob", "ann", "two", False),
+        ]
         assert [e.text for e in await bob.private_history("ann", limit=1)] == ["two"]
+
     run(broker, scenario)

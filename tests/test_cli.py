@@ -4,189 +4,19 @@ Interactive runs go through a pseudo-terminal (stdin and stdout are a terminal, 
 asks its questions and runs prompt_toolkit); scripted runs use pipes (plain and --json modes).
 Nothing sleeps to synchronise: every wait is for output, with a deadline.
 """
+
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import re
-import struct
 import subprocess
 import sys
-import termios
-import threading
 import time
-from typing import Callable, Iterator
 
 import pytest
+from cli_helpers import CLIENT, Script, Terminal, joined, watcher
 
 from conftest import ROOT, free_ports, wait_for
 
-CLIENT = str(ROOT / "client.py")
-# Terminal control sequences, to read a terminal's output as the text a person sees.
-ANSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]"
-                  rb"|\x1b[=>78]")
-
-
-def client_env() -> dict[str, str]:
-    env = dict(os.environ, TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", PYTHONUNBUFFERED="1")
-    env.pop("NO_COLOR", None)
-    return env
-
-
-class Terminal:
-    """client.py on a pseudo-terminal: type into it and read its screen, as a person would."""
-
-    def __init__(self, *args: str) -> None:
-        master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-        self.proc = subprocess.Popen(
-            [sys.executable, CLIENT, *args], stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
-            env=client_env(), start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # Ctrl+C is SIGINT
-        os.close(slave)
-        self.fd = master
-        self.raw = b""
-        self.mark = 0            # text before this offset has been matched already
-        self._lock = threading.Lock()
-        self._when: tuple[str, Callable[[], None]] | None = None
-        self.reading = threading.Event()   # cleared: the terminal takes no more output
-        self.reading.set()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while self.reading.wait():
-            try:
-                chunk = os.read(self.fd, 4096)
-            except OSError:       # EIO: the client exited and the terminal closed
-                return
-            if not chunk:
-                return
-            with self._lock:
-                self.raw += chunk
-            if self._when is not None and self._when[0] in self.text:
-                then, self._when = self._when[1], None
-                then()
-
-    def when_shown(self, wanted: str, then: Callable[[], None]) -> None:
-        """Call then() the moment `wanted` is on screen, before reading any further output."""
-        self._when = (wanted, then)
-
-    @property
-    def text(self) -> str:
-        """Everything shown so far, without terminal control sequences."""
-        with self._lock:
-            raw = self.raw
-        return ANSI.sub(b"", raw).replace(b"\r", b"").decode("utf-8", "replace")
-
-    def expect(self, wanted: str, timeout: float = 5.0) -> None:
-        """Wait until `wanted` is shown after what earlier expects matched."""
-        def found() -> bool:
-            at = self.text.find(wanted, self.mark)
-            if at >= 0:
-                self.mark = at + len(wanted)
-            return at >= 0
-        try:
-            wait_for(found, timeout, repr(wanted))
-        except AssertionError:
-            raise AssertionError(f"{wanted!r} not shown; the screen had:\n{self.text}") from None
-
-    def type(self, keys: str) -> None:
-        os.write(self.fd, keys.encode())
-
-    def ready(self, room: str = "lobby") -> None:
-        """Wait for the chat's prompt: from here on, keys go to prompt_toolkit."""
-        self.expect(f"{room}>")
-
-    def exit_status(self, timeout: float = 5.0) -> int:
-        return self.proc.wait(timeout)
-
-
-class Script:
-    """client.py with pipes, as a script runs it: lines in, lines (or JSON objects) out."""
-
-    def __init__(self, *args: str, **env: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, CLIENT, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     cwd=ROOT, env={**client_env(), **env})
-        self.lines: list[str] = []
-        self.errors: list[str] = []
-        for stream, into in ((self.proc.stdout, self.lines), (self.proc.stderr, self.errors)):
-            threading.Thread(target=self._collect, args=(stream, into), daemon=True).start()
-
-    @staticmethod
-    def _collect(stream, into: list[str]) -> None:
-        for line in stream:
-            into.append(line.rstrip("\n"))
-
-    def send(self, *lines: str) -> None:
-        self.proc.stdin.write("".join(line + "\n" for line in lines))
-        self.proc.stdin.flush()
-
-    def events(self) -> list[dict]:
-        return [json.loads(line) for line in list(self.lines)]
-
-    def wait_event(self, cond: Callable[[dict], bool], what: str, timeout: float = 5.0) -> dict:
-        try:
-            return wait_for(lambda: next((e for e in self.events() if cond(e)), None),
-                            timeout, what)
-        except AssertionError:
-            raise AssertionError(f"no {what}; got:\n" + "\n".join(self.lines)) from None
-
-    def wait_line(self, wanted: str, timeout: float = 5.0) -> str:
-        try:
-            return wait_for(lambda: next((ln for ln in list(self.lines) if wanted in ln), None),
-                            timeout, repr(wanted))
-        except AssertionError:
-            raise AssertionError(f"{wanted!r} not printed; got:\n" + "\n".join(self.lines)
-                                 + "\nstderr:\n" + "\n".join(self.errors)) from None
-
-    def end_input(self, timeout: float = 5.0) -> int:
-        """Close stdin (end of input) and return the exit status."""
-        self.proc.stdin.close()
-        return self.proc.wait(timeout)
-
-
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen]]:
-    """Client processes a test starts; any still running afterwards are killed."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-@pytest.fixture
-def chat(make_broker_process, started) -> Callable[..., object]:
-    """A broker process, and a factory for clients connected to it: chat(kind, *args)."""
-    broker = make_broker_process()
-
-    def start(kind: str, *args: str, connect: bool = True):
-        where = ["-i", "127.0.0.1", "-p", str(broker.port)] if connect else []
-        runner = Terminal(*where, *args) if kind == "terminal" else Script(*where, *args)
-        started.append(runner.proc)
-        return runner
-
-    start.broker = broker
-    return start
-
-
-def watcher(chat, nick: str = "watcher", *args: str) -> Script:
-    """A --json client that reports what the others do; ready once its own join is seen."""
-    w = chat("script", "--json", "-u", nick, *args)
-    w.wait_event(lambda e: e["kind"] == "join" and e["nick"] == nick and not e["backlog"],
-                 f"{nick}'s own join")
-    return w
-
-
-def joined(w: Script, nick: str) -> dict:
-    return w.wait_event(lambda e: e["kind"] == "join" and e["nick"] == nick and not e["backlog"],
-                        f"{nick} joining")
-
-
-# ---------------------------------------------------------------------------- asking
 
 def test_asks_for_ip_port_and_nick(chat):
     """Without flags a terminal user is asked IP, port and nick; Enter takes the default IP."""
@@ -196,10 +26,10 @@ def test_asks_for_ip_port_and_nick(chat):
     t.expect("Port [9001]: ")
     t.type(f"{chat.broker.port}\n")
     t.expect("Nickname: ")
-    t.type("\n")                       # a nickname has no default: asked again
+    t.type("\n")  # a nickname has no default: asked again
     t.expect("Nickname: ")
     t.type("alice\n")
-    t.expect("ZeroMQ chat")            # the broker's banner
+    t.expect("ZeroMQ chat")  # the broker's banner
     t.expect("Welcome, alice! You are in lobby. Type /help")
     t.ready()
     t.type(".exit\r")
@@ -223,7 +53,7 @@ def test_user_flag_asks_only_ip_and_port(chat):
 def test_taken_nick_is_asked_again(chat):
     """In a terminal, a taken nick gets the broker's reason and a new question; Ctrl+C leaves."""
     w = watcher(chat, "alice")
-    t = chat("terminal", "-u", "ALICE")      # the same nick to the broker: case is folded
+    t = chat("terminal", "-u", "ALICE")  # the same nick to the broker: case is folded
     t.expect("taken")
     t.expect("Nickname: ")
     t.type("alice2\n")
@@ -248,7 +78,7 @@ def test_impossible_nick_is_asked_again_with_the_rule(chat):
     t.expect("Nickname: ")
     t.type("alice\r")
     t.expect("Welcome, alice!")
-    assert t.text.count("Connecting to") == 1, t.text     # only as alice
+    assert t.text.count("Connecting to") == 1, t.text  # only as alice
     t.ready()
     t.type("\x04")
     assert t.exit_status() == 0
@@ -257,12 +87,18 @@ def test_impossible_nick_is_asked_again_with_the_rule(chat):
 @pytest.mark.parametrize("stdin", ["pipe", "terminal"])
 def test_impossible_nick_flag_exits_2_before_connecting(started, stdin):
     """-u with a nickname that can never be valid: the rule and status 2 at once, no broker."""
-    port = str(free_ports(1)[0])          # nobody listens there
+    port = str(free_ports(1)[0])  # nobody listens there
     args = ["-p", port, "-u", "bad nick!"]
     began = time.monotonic()
     if stdin == "pipe":
-        proc = subprocess.run([sys.executable, CLIENT, *args], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, cwd=ROOT, timeout=15)
+        proc = subprocess.run(
+            [sys.executable, CLIENT, *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=15,
+        )
         status, said = proc.returncode, proc.stderr
     else:
         t = Terminal(*args)
@@ -270,19 +106,25 @@ def test_impossible_nick_flag_exits_2_before_connecting(started, stdin):
         status = t.exit_status(15)
         t.expect("client.py: error")
         said = t.text
-        assert "Server IP" not in said    # refused before asking anything
+        assert "Server IP" not in said  # refused before asking anything
     took = time.monotonic() - began
     assert status == 2
-    assert "-u/--user: 'bad nick!': nickname may hold letters, digits and _-[]{}|^, not ' '" \
-        in said, said
-    assert took < 4.0                     # no wait for a broker: that takes 5 s to give up
+    assert (
+        "-u/--user: 'bad nick!': nickname may hold letters, digits and _-[]{}|^, not ' '" in said
+    ), said
+    assert took < 4.0  # no wait for a broker: that takes 5 s to give up
 
 
 def test_missing_nick_without_terminal_exits_2(chat):
     """With stdin not a terminal and no -u, it says to pass -u and exits with status 2."""
-    proc = subprocess.run([sys.executable, CLIENT, "-p", str(chat.broker.port)],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT,
-                          timeout=10)
+    proc = subprocess.run(
+        [sys.executable, CLIENT, "-p", str(chat.broker.port)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=10,
+    )
     assert proc.returncode == 2
     assert "-u" in proc.stderr and proc.stdout == ""
 
@@ -299,17 +141,25 @@ def test_taken_nick_without_terminal_exits_3(chat):
 def test_unreachable_broker_is_an_error_not_a_hang(chat):
     """With no broker at the address, it gives up after a few seconds: one line, status 1."""
     port = free_ports(1)[0]
-    proc = subprocess.run([sys.executable, CLIENT, "-p", str(port), "-u", "alice"],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT,
-                          timeout=15)
+    proc = subprocess.run(
+        [sys.executable, CLIENT, "-p", str(port), "-u", "alice"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=15,
+    )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "cannot reach the broker" in proc.stderr
 
 
 # ---------------------------------------------------------------------------- leaving
 
-@pytest.mark.parametrize("words, notice", [(".exit", "bob left"), ("bye", "bob left"),
-                                           ("/quit gone home", "bob left (quit: gone home)")])
+
+@pytest.mark.parametrize(
+    "words, notice",
+    [(".exit", "bob left"), ("bye", "bob left"), ("/quit gone home", "bob left (quit: gone home)")],
+)
 def test_leaving_words_exit_cleanly(chat, words, notice):
     """.exit, bye and /quit REASON end the terminal client with 0; the others see it leave."""
     w = watcher(chat)
@@ -324,6 +174,7 @@ def test_leaving_words_exit_cleanly(chat, words, notice):
 
 
 # ---------------------------------------------------------------------------- scripts
+
 
 def test_json_lines_arrive_in_order_and_end_of_input_waits_for_acks(chat):
     """--json: stdin lines reach the others in order; at end of input it exits 0, all sent."""
@@ -398,7 +249,8 @@ def test_history_with_a_nick_shows_the_private_conversation(chat):
 
     def listed() -> list[str]:
         lines = list(alice.lines)
-        return lines[lines.index(title) + 1:][:2]
+        return lines[lines.index(title) + 1 :][:2]
+
     wait_for(lambda: len(listed()) == 2, 5, "the two messages")
     first, second = listed()
     assert "[private -> bob] one" in first and "[private] bob: two" in second
@@ -447,8 +299,12 @@ def test_typed_line_survives_incoming_messages(chat):
 def test_server_key_chats_over_curve(make_broker_process, started, tmp_path):
     """--server-key FILE connects to a CURVE-only broker; its key pair goes to the config dir."""
     keys = tmp_path / "keys"
-    subprocess.run([sys.executable, str(ROOT / "broker.py"), "--gen-keys", str(keys)],
-                   check=True, capture_output=True, timeout=10)
+    subprocess.run(
+        [sys.executable, str(ROOT / "broker.py"), "--gen-keys", str(keys)],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
     broker = make_broker_process("--curve-key", str(keys / "broker.key_secret"))
     where = ["-p", str(broker.port), "--server-key", str(keys / "broker.key")]
     bob = Script("--json", "-u", "bob", *where, XDG_CONFIG_HOME=str(tmp_path / "bob"))

@@ -4,6 +4,7 @@ Keys are pressed by the terminal's reading thread the moment the text they wait 
 as a quick typist would (issue 14: Ctrl+D pressed as `lobby>` appeared was lost, 1 run in 3).
 Many clients run at once, each on its own pseudo-terminal.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -13,12 +14,12 @@ import termios
 import time
 
 import pytest
+from cli_helpers import Terminal, joined, watcher
 
 from conftest import wait_for
-from test_cli import Terminal, chat, joined, started, watcher  # noqa: F401 (fixtures)
 
 RUNS = 20
-FULL = 4000   # bytes unread: a pseudo-terminal's input buffer (4095) is full, writes wait
+FULL = 4000  # bytes unread: a pseudo-terminal's input buffer (4095) is full, writes wait
 CTRL_C, CTRL_D = "\x03", "\x04"
 
 
@@ -71,8 +72,9 @@ def test_line_typed_as_the_chat_appears_reaches_the_room(chat):
     w = watcher(chat)
     terminals = start_pressing(chat, "hi there\r" + CTRL_D)
     assert exit_statuses(terminals) == [0] * RUNS, screens(terminals)
-    wait_for(lambda: sum(e["kind"] == "leave" for e in w.events()) == RUNS, 5,
-             "every client leaving")   # after its line, in the room's order
+    wait_for(
+        lambda: sum(e["kind"] == "leave" for e in w.events()) == RUNS, 5, "every client leaving"
+    )  # after its line, in the room's order
     said = [(e["nick"], e["text"]) for e in w.events() if e["kind"] == "msg"]
     assert sorted(said) == sorted((f"bob{i}", "hi there") for i in range(RUNS))
 
@@ -89,16 +91,19 @@ def test_leave_key_pressed_while_output_waits_is_not_lost(chat):
     Ctrl+D became an end-of-file mark and was lost; a stalled terminal keeps it there.
     """
     w = watcher(chat, "flood")
-    long = "x" * 3000           # 12 of them are more than twice what a pseudo-terminal holds
+    long = "x" * 3000  # 12 of them are more than twice what a pseudo-terminal holds
     terminals = [chat("terminal", "-u", f"tom{i}") for i in range(3)]
     for i, t in enumerate(terminals):
         t.expect("lobby>")
         joined(w, f"tom{i}")
-        t.when_shown(long[:100], t.reading.clear)   # the flood is on screen: stop taking it
-    w.send(*(f"{n} {long}" for n in range(12)))   # under MAX_FRAME together: one request
+        t.when_shown(long[:100], t.reading.clear)  # the flood is on screen: stop taking it
+    w.send(*(f"{n} {long}" for n in range(12)))  # under MAX_FRAME together: one request
     for t in terminals:
-        wait_for(lambda: not t.reading.is_set() and unread(t) >= FULL, 10,
-                 "the terminal to be full of unread output")
+        wait_for(
+            lambda t=t: not t.reading.is_set() and unread(t) >= FULL,
+            10,
+            "the terminal to be full of unread output",
+        )
         t.type(CTRL_D)
         t.reading.set()
     assert exit_statuses(terminals) == [0] * len(terminals), screens(terminals)

@@ -4,6 +4,7 @@ Room batches are decoded straight into Events; `ev.data` is still every field th
 sent. Delivery wakes a reader once per batch; `next_event`, `async for` and timeouts behave
 as before. The last test runs a real broker and a client that falls behind a busy room.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,11 +14,11 @@ import logging
 
 import msgspec
 import pytest
+from test_chat import Chat, run, saw
 
 import messages as m
 from client import Client, Event, _Inbox
 from ordering import RoomOrder
-from test_chat import Chat, run, saw
 
 ROOM_EPOCH = "0123456789abcdef"
 
@@ -27,23 +28,38 @@ def batch(*events: bytes) -> list[bytes]:
     return m.encode_batch("lobby", ROOM_EPOCH, list(events))
 
 
-def event(seq: int, nick: str = "ann", kind: str = "msg", text: str = "hi",
-          cmid: str | None = None, **extra: object) -> bytes:
+def event(
+    seq: int,
+    nick: str = "ann",
+    kind: str = "msg",
+    text: str = "hi",
+    cmid: str | None = None,
+    **extra: object,
+) -> bytes:
     return m.encode_event("lobby", seq, 1700000000.5, nick, kind, text, cmid, extra)
 
 
 def test_event_fields_constructor_and_data():
     """Event is built as before (positional or by name, data included) and reads the same."""
     ev = Event("msg", "hello", "ann", "lobby", 4, 12.5, True, False, True, {"hops": 2})
-    assert (ev.kind, ev.text, ev.nick, ev.room, ev.seq, ev.ts, ev.bot, ev.mine, ev.backlog) \
-        == ("msg", "hello", "ann", "lobby", 4, 12.5, True, False, True)
+    assert (ev.kind, ev.text, ev.nick, ev.room, ev.seq, ev.ts, ev.bot, ev.mine, ev.backlog) == (
+        "msg",
+        "hello",
+        "ann",
+        "lobby",
+        4,
+        12.5,
+        True,
+        False,
+        True,
+    )
     assert ev.data == {"hops": 2} and ev.data is ev.data
     status = Event("status", "reconnected", room=None, ts=1.0)
     assert status.data == {} and status.seq is None and not status.mine
     assert Event("msg", "x", seq=1) == Event("msg", "x", seq=1)
     assert Event("msg", "x", data={"a": 1}) != Event("msg", "x", data={"a": 2})
     with pytest.raises(TypeError):
-        hash(ev)   # as before: an event holds a dict
+        hash(ev)  # as before: an event holds a dict
 
 
 def test_batch_becomes_events_with_every_field_as_sent():
@@ -51,21 +67,26 @@ def test_batch_becomes_events_with_every_field_as_sent():
     library does not know included), ours marked mine by message id or, without one, by nick."""
     c = Client(nick="bob")
     c._mine["c-1"] = None
-    frames = batch(event(1, "bob", "join", "bob joined"),
-                   event(2, "ann", text="yo", cmid="c-9", bot=True, relay="x@work", hops=2),
-                   event(3, "bob", text="mine", cmid="c-1"),
-                   b'{"room":"lobby","seq":4,"id":"lobby:4","ts":1,"nick":"ann","kind":"msg",'
-                   b'"text":"new","future":{"a":[1,2]}}')
+    frames = batch(
+        event(1, "bob", "join", "bob joined"),
+        event(2, "ann", text="yo", cmid="c-9", bot=True, relay="x@work", hops=2),
+        event(3, "bob", text="mine", cmid="c-1"),
+        b'{"room":"lobby","seq":4,"id":"lobby:4","ts":1,"nick":"ann","kind":"msg",'
+        b'"text":"new","future":{"a":[1,2]}}',
+    )
     events = c._decode_batch(frames)
     wire = json.loads(frames[1])
     assert [e.data for e in events] == wire
     assert [(e.seq, e.nick, e.kind, e.text, e.mine) for e in events] == [
-        (1, "bob", "join", "bob joined", True), (2, "ann", "msg", "yo", False),
-        (3, "bob", "msg", "mine", True), (4, "ann", "msg", "new", False)]
+        (1, "bob", "join", "bob joined", True),
+        (2, "ann", "msg", "yo", False),
+        (3, "bob", "msg", "mine", True),
+        (4, "ann", "msg", "new", False),
+    ]
     assert events[1].bot and not events[0].bot and events[3].ts == 1.0
     assert all(e.room == "lobby" and not e.backlog for e in events)
     again = c._decode_batch(frames)
-    assert again == events and again[0] != events[1]   # equal as the same event, data too
+    assert again == events and again[0] != events[1]  # equal as the same event, data too
 
 
 def test_each_event_keeps_its_own_data_whatever_else_is_dropped():
@@ -77,10 +98,10 @@ def test_each_event_keeps_its_own_data_whatever_else_is_dropped():
     last, first = events[2], events[0]
     del events
     gc.collect()
-    filler = [Event("msg", str(i)) for i in range(1000)]   # new objects, maybe at old ids
+    filler = [Event("msg", str(i)) for i in range(1000)]  # new objects, maybe at old ids
     assert last.data["seq"] == 2 and first.data["text"] == "one" and len(filler) == 1000
     copy = msgspec.structs.replace(c._decode_batch(batch(event(7)))[0], text="changed")
-    assert copy.text == "changed" and copy.data["text"] == "hi"   # data: as sent
+    assert copy.text == "changed" and copy.data["text"] == "hi"  # data: as sent
 
 
 def test_unusual_batch_is_decoded_the_general_way(caplog):
@@ -100,18 +121,21 @@ def test_unusual_batch_is_decoded_the_general_way(caplog):
 
 def test_batches_heard_come_out_once_in_order():
     """Batches heard late, twice and out of order reach the reader once each, in order."""
+
     async def scenario() -> list[int | None]:
         c = Client(nick="bob")
         c.rooms["lobby"] = RoomOrder(0)
         for seqs in ([1, 2], [4, 5], [1, 2], [3], [5, 6]):
             c._ingest("lobby", c._decode_batch(batch(*(event(s) for s in seqs))))
         return [(await c.next_event(1)).seq for _ in range(6)]
+
     assert asyncio.run(scenario()) == [1, 2, 3, 4, 5, 6]
 
 
 def test_inbox_timeout_does_not_disturb_another_reader():
     """A next_event that times out leaves a reader waiting in `async for` waiting, and it
     gets the next events; an empty inbox times out."""
+
     async def scenario() -> None:
         inbox = _Inbox()
         got: list[str] = []
@@ -119,16 +143,18 @@ def test_inbox_timeout_does_not_disturb_another_reader():
         async def reader() -> None:
             while len(got) < 2:
                 got.append((await inbox.get()).text)
+
         task = asyncio.create_task(reader())
         await asyncio.sleep(0)
         try:
             await asyncio.wait_for(inbox.get(), 0.01)
             raise AssertionError("an empty inbox gave an event")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         inbox.extend([Event("msg", "a"), Event("msg", "b")])
         await asyncio.wait_for(task, 2)
         assert got == ["a", "b"] and inbox.empty()
+
     asyncio.run(scenario())
 
 
@@ -154,4 +180,5 @@ def test_client_behind_a_busy_room_catches_up_in_order(make_broker):
         assert not any(e.mine for e in heard) and all(e.nick == "ann" for e in heard)
         own = await saw(ann, "m2999")
         assert all(e.mine for e in own if e.kind == "msg")
+
     run(b, scenario)

@@ -1,5 +1,6 @@
 """Several brokers on one NATS JetStream cluster: real nats-server nodes, brokers as
 processes (conftest: nats_nodes, make_cluster_broker), clients through the library."""
+
 from __future__ import annotations
 
 import asyncio
@@ -55,17 +56,25 @@ def test_two_brokers_serve_one_room(make_cluster_broker):
     b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
 
     async def scenario() -> None:
-        async with Client("127.0.0.1", b1.port, "alice") as alice, \
-                Client("127.0.0.1", b2.port, "bob") as bob, \
-                Client("127.0.0.1", b2.port, "carol") as carol:
+        async with (
+            Client("127.0.0.1", b1.port, "alice") as alice,
+            Client("127.0.0.1", b2.port, "bob") as bob,
+            Client("127.0.0.1", b2.port, "carol") as carol,
+        ):
             assert (alice.welcome["broker"], bob.welcome["broker"]) == ("b1", "b2")
             heard = Listener(carol)
-            sent = await asyncio.gather(*(c.say("lobby", f"{c.nick} {i}")
-                                          for i in range(10) for c in (alice, bob)))
-            await until(lambda: {e.text for e in heard.room()} >= {f"alice {i}" for i in range(10)}
-                        | {f"bob {i}" for i in range(10)}, what="every message at carol")
+            sent = await asyncio.gather(
+                *(c.say("lobby", f"{c.nick} {i}") for i in range(10) for c in (alice, bob))
+            )
+            await until(
+                lambda: (
+                    {e.text for e in heard.room()}
+                    >= {f"alice {i}" for i in range(10)} | {f"bob {i}" for i in range(10)}
+                ),
+                what="every message at carol",
+            )
             seqs = heard.seqs()
-            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))   # no gap, no repeat
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap, no repeat
             assert sorted(sent) == sorted(e.seq for e in heard.room() if e.kind == "msg")
             for c in (alice, bob):
                 assert await c.who("lobby") == ["alice", "bob", "carol"]
@@ -75,6 +84,7 @@ def test_two_brokers_serve_one_room(make_cluster_broker):
                     raise AssertionError(f"{nick} got in")
                 except ChatError as err:
                     assert err.code == "NICK_TAKEN"
+
     asyncio.run(scenario())
 
 
@@ -98,10 +108,10 @@ def test_same_nick_claimed_at_once_on_both_brokers(make_cluster_broker):
                 s.recv_multipart()
             go = threading.Barrier(2)
 
-            def ask(s: zmq.Socket) -> None:
+            def ask(s: zmq.Socket, go: threading.Barrier = go, nick: str = f"twin{i}") -> None:
                 go.wait()
-                s.send_multipart(m.encode_request("HELLO", b"h", {"version": 1,
-                                                                  "nick": f"twin{i}"}))
+                s.send_multipart(m.encode_request("HELLO", b"h", {"version": 1, "nick": nick}))
+
             threads = [threading.Thread(target=ask, args=(s,)) for s in socks]
             for t in threads:
                 t.start()
@@ -126,56 +136,66 @@ def test_a_nats_node_killed_loses_nothing_and_rejoins(make_cluster_broker, nats_
     b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
 
     async def scenario() -> None:
-        async with Client("127.0.0.1", b1.port, "s1") as s1, \
-                Client("127.0.0.1", b2.port, "s2") as s2, \
-                Client("127.0.0.1", b1.port, "r1") as r1, \
-                Client("127.0.0.1", b2.port, "r2") as r2:
+        async with (
+            Client("127.0.0.1", b1.port, "s1") as s1,
+            Client("127.0.0.1", b2.port, "s2") as s2,
+            Client("127.0.0.1", b1.port, "r1") as r1,
+            Client("127.0.0.1", b2.port, "r2") as r2,
+        ):
             heard = [Listener(r1), Listener(r2)]
-            sends = [asyncio.ensure_future(c.say("lobby", f"{c.nick} {i}"))
-                     for i in range(60) for c in (s1, s2)]
+            sends = [
+                asyncio.ensure_future(c.say("lobby", f"{c.nick} {i}"))
+                for i in range(60)
+                for c in (s1, s2)
+            ]
             await until(lambda: sum(f.done() for f in sends) >= 30, what="the first acks")
             nats_nodes[0].kill()
             acked = await asyncio.wait_for(asyncio.gather(*sends), 60)
             more = await s1.say("lobby", "after the kill")
             assert len(set(acked)) == len(acked)
             for h in heard:
-                await until(lambda: more in h.seqs(), 30, "the last message")
+                await until(lambda h=h: more in h.seqs(), 30, "the last message")
             nats_nodes[0].start()
             await asyncio.to_thread(wait_for, nats_nodes[0].healthy, 30, "the node back")
-            nats_nodes[1].kill()      # quorum now needs the node that came back
+            nats_nodes[1].kill()  # quorum now needs the node that came back
             try:
                 last = await asyncio.wait_for(s2.say("lobby", "with the node back"), 60)
             finally:
                 nats_nodes[1].start()
             for h in heard:
-                await until(lambda: last in h.seqs(), 30, "the message after the rejoin")
+                await until(lambda h=h: last in h.seqs(), 30, "the message after the rejoin")
                 seqs = h.seqs()
                 assert seqs == list(range(seqs[0], seqs[-1] + 1))
             history = await all_history(r1)
             assert [e.seq for e in history] == list(range(1, len(history) + 1))
             texts = [e.text for e in history if e.kind == "msg"]
-            assert sorted(texts) == sorted({f"s{n} {i}" for n in (1, 2) for i in range(60)}
-                                           | {"after the kill", "with the node back"})
+            assert sorted(texts) == sorted(
+                {f"s{n} {i}" for n in (1, 2) for i in range(60)}
+                | {"after the kill", "with the node back"}
+            )
+
     asyncio.run(scenario())
     wait_for(lambda: all(n.healthy() for n in nats_nodes.nodes), 30, "every node healthy")
 
 
 def test_a_broker_cut_off_from_nats_acknowledges_nothing_until_it_is_back(
-        make_cluster_broker, nats_nodes):
+    make_cluster_broker, nats_nodes
+):
     """Every NATS node paused (SIGSTOP): a broker acknowledges nothing it could not store,
     still answers pings, its client's sends stay pending; when NATS is back they are
     acknowledged, each stored once."""
     b1 = make_cluster_broker("b1")
 
     async def scenario() -> None:
-        async with Client("127.0.0.1", b1.port, "ann") as ann, \
-                Client("127.0.0.1", b1.port, "ben") as ben:
+        async with (
+            Client("127.0.0.1", b1.port, "ann") as ann,
+            Client("127.0.0.1", b1.port, "ben") as ben,
+        ):
             heard = Listener(ben)
             await ann.say("lobby", "before")
             nats_nodes.pause()
             try:
-                sends = [asyncio.ensure_future(ann.say("lobby", f"during {i}"))
-                         for i in range(5)]
+                sends = [asyncio.ensure_future(ann.say("lobby", f"during {i}")) for i in range(5)]
                 await asyncio.sleep(0)  # the sends are queued; now watch them not complete
                 deadline = time.monotonic() + 3 * ann.heartbeat + 1
                 while time.monotonic() < deadline:
@@ -185,14 +205,19 @@ def test_a_broker_cut_off_from_nats_acknowledges_nothing_until_it_is_back(
             finally:
                 nats_nodes.resume()
             await asyncio.wait_for(asyncio.gather(*sends), 60)
-            await until(lambda: {f"during {i}" for i in range(5)}
-                        <= {e.text for e in heard.room()}, 30, "the pending messages")
+            await until(
+                lambda: {f"during {i}" for i in range(5)} <= {e.text for e in heard.room()},
+                30,
+                "the pending messages",
+            )
             history = await all_history(ben)
             texts = [e.text for e in history if e.kind == "msg"]
             assert texts.count("before") == 1
-            assert sorted(t for t in texts if t.startswith("during")) == \
-                [f"during {i}" for i in range(5)]
+            assert sorted(t for t in texts if t.startswith("during")) == [
+                f"during {i}" for i in range(5)
+            ]
             assert [e.seq for e in history] == list(range(1, len(history) + 1))
+
     asyncio.run(scenario())
 
 
@@ -205,13 +230,17 @@ def test_privates_nicks_new_rooms_and_history_across_brokers(make_cluster_broker
     b2 = make_cluster_broker("b2", "--allow-new-rooms")
 
     async def scenario() -> None:
-        async with Client("127.0.0.1", b1.port, "alice") as alice, \
-                Client("127.0.0.1", b2.port, "bob") as bob:
+        async with (
+            Client("127.0.0.1", b1.port, "alice") as alice,
+            Client("127.0.0.1", b2.port, "bob") as bob,
+        ):
             heard = Listener(bob)
             sent = await alice.msg("bob", "psst")
             assert sent["to"] == "bob"
-            await until(lambda: any(e.kind == "private" and e.text == "psst"
-                                    for e in heard.events), what="the private message")
+            await until(
+                lambda: any(e.kind == "private" and e.text == "psst" for e in heard.events),
+                what="the private message",
+            )
             await alice.set_nick("alicia")
             assert "alicia" in await bob.who("lobby") and "alice" not in await bob.who()
             async with Client("127.0.0.1", b2.port, "alice") as newcomer:
@@ -220,7 +249,7 @@ def test_privates_nicks_new_rooms_and_history_across_brokers(make_cluster_broker
             assert "garden" in [r["name"] for r in await bob.list_rooms()]
             await bob.join("garden")
             assert (await bob.who("garden")) == ["alicia", "bob"]
-            await alice.kick("garden", "bob", "mine")   # alicia made it: she is its operator
+            await alice.kick("garden", "bob", "mine")  # alicia made it: she is its operator
             await until(lambda: "garden" not in bob.rooms, what="bob out of garden")
             for i in range(30):
                 await alice.say("lobby", f"line {i}")
@@ -231,6 +260,7 @@ def test_privates_nicks_new_rooms_and_history_across_brokers(make_cluster_broker
                 mine = await all_history(alice)
                 assert [e.data for e in late] == [e.data for e in mine]
                 assert [e.seq for e in early] == [1, 2, 3, 4, 5]
+
     asyncio.run(scenario())
 
 
@@ -244,8 +274,11 @@ def test_a_broker_killed_its_clients_resume_on_the_other(make_cluster_broker):
     first_b2 = f"127.0.0.1:{b2.port},127.0.0.1:{b1.port}"
 
     async def scenario() -> None:
-        bots = [Client(first_b1, nick="a0", bot=True), Client(first_b1, nick="a1", bot=True),
-                Client(first_b2, nick="c0", bot=True)]
+        bots = [
+            Client(first_b1, nick="a0", bot=True),
+            Client(first_b1, nick="a1", bot=True),
+            Client(first_b2, nick="c0", bot=True),
+        ]
         quiet = Client(f"127.0.0.1:{b1.port}", nick="quiet", reconnect=False)
         for c in [*bots, quiet]:
             await c.connect()
@@ -256,25 +289,33 @@ def test_a_broker_killed_its_clients_resume_on_the_other(make_cluster_broker):
             seqs = []
             for i in range(40):
                 seqs.append(await c.say("lobby", f"{c.nick} {i}"))
-                await asyncio.sleep(0.01)   # a steady pace, so the kill lands mid-stream
+                await asyncio.sleep(0.01)  # a steady pace, so the kill lands mid-stream
             return seqs
 
         sending = [asyncio.ensure_future(send(c)) for c in bots]
         await until(lambda: sum(len(v.room()) for v in views) > 60, what="traffic")
         b1.proc.kill()
         b1.proc.wait()
-        acked = [seq for seqs in await asyncio.wait_for(asyncio.gather(*sending), 60)
-                 for seq in seqs]
+        acked = [
+            seq for seqs in await asyncio.wait_for(asyncio.gather(*sending), 60) for seq in seqs
+        ]
         assert len(set(acked)) == len(acked) == 120
         texts = {f"{c.nick} {i}" for c in bots for i in range(40)}
         for v in views:
-            await until(lambda: texts <= {e.text for e in v.room()}, 30, "every message")
-        await until(lambda: any(e.text == "quiet left (connection lost)"
-                                for e in views[2].room()), 30, "the lost member's notice")
+            await until(lambda v=v: texts <= {e.text for e in v.room()}, 30, "every message")
+        await until(
+            lambda: any(e.text == "quiet left (connection lost)" for e in views[2].room()),
+            30,
+            "the lost member's notice",
+        )
         for c in bots[:2]:
             assert c.welcome["broker"] == "b2"
-            assert any(e.kind == "status" and e.text == "reconnected (via b2)"
-                       for v in views if v.client is c for e in v.events)
+            assert any(
+                e.kind == "status" and e.text == "reconnected (via b2)"
+                for v in views
+                if v.client is c
+                for e in v.events
+            )
         history = await all_history(bots[2])
         assert [e.seq for e in history] == list(range(1, len(history) + 1))
         for view in [*(v.room() for v in views), history]:
@@ -289,6 +330,7 @@ def test_a_broker_killed_its_clients_resume_on_the_other(make_cluster_broker):
         for c in bots:
             await c.close()
         await quiet.close()
+
     asyncio.run(scenario())
 
 
@@ -301,13 +343,25 @@ def test_a_script_piping_into_a_cluster_sees_its_own_lines(make_cluster_broker):
     import sys
 
     from conftest import ROOT
+
     b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
     lines = [f"deploy step {i}" for i in range(20)]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "client.py"), "--json", "-u", "deploybot",
-         "-i", f"127.0.0.1:{b1.port},127.0.0.1:{b2.port}"],
-        input="".join(f"{line}\n" for line in lines), capture_output=True, text=True,
-        timeout=30, cwd=ROOT)
+        [
+            sys.executable,
+            str(ROOT / "client.py"),
+            "--json",
+            "-u",
+            "deploybot",
+            "-i",
+            f"127.0.0.1:{b1.port},127.0.0.1:{b2.port}",
+        ],
+        input="".join(f"{line}\n" for line in lines),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     mine = [e["text"] for e in events if e.get("kind") == "msg" and e.get("mine")]

@@ -2,6 +2,7 @@
 
 The core runs with its real local state (local.py) over an in-memory store, and with a room
 log whose appends wait, as a cluster's do, to show that a reply waits for its append."""
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,19 @@ class Harness:
         self.store = MemoryStore()
         self.local = LocalLog(self.store)
         self.log: Any = HeldLog(self.local) if held else self.local
-        self.registry = LocalRegistry(self.store, self.cfg.rooms, self.cfg.ops,
-                                      self.cfg.allow_new_rooms)
-        self.core = Core(self.cfg, self.log, self.registry, LocalPresence(), name="b1",
-                         pub_port=9002, motd="welcome")
-        self.sent: list[list[bytes]] = []        # every ROUTER frame set, in order
+        self.registry = LocalRegistry(
+            self.store, self.cfg.rooms, self.cfg.ops, self.cfg.allow_new_rooms
+        )
+        self.core = Core(
+            self.cfg,
+            self.log,
+            self.registry,
+            LocalPresence(),
+            name="b1",
+            pub_port=9002,
+            motd="welcome",
+        )
+        self.sent: list[list[bytes]] = []  # every ROUTER frame set, in order
         self.published: list[tuple[bytes, list[dict[str, Any]]]] = []
 
     def flush(self) -> None:
@@ -41,7 +50,7 @@ class Harness:
         self.sent += self.core.outbox
         self.core.outbox.clear()
 
-    def conn(self, name: str) -> "Conn":
+    def conn(self, name: str) -> Conn:
         return Conn(self, name.encode())
 
 
@@ -67,17 +76,23 @@ class Conn:
         return got
 
     def pushes(self, kind: str) -> list[dict[str, Any]]:
-        return [json.loads(f[3]) for f in self.h.sent
-                if f[0] == self.rid and f[2] == b"" and f[1] == kind.encode()]
+        return [
+            json.loads(f[3])
+            for f in self.h.sent
+            if f[0] == self.rid and f[2] == b"" and f[1] == kind.encode()
+        ]
 
     def hello(self, nick: str, **extra: Any) -> dict[str, Any]:
-        return self.ask("HELLO", version=1, nick=nick, token=f"{nick}-token-0123456789",
-                        **extra)
+        return self.ask("HELLO", version=1, nick=nick, token=f"{nick}-token-0123456789", **extra)
 
 
 def events(h: Harness, room: str) -> list[dict[str, Any]]:
-    return [e for topic, batch in h.published if topic.startswith(room.encode() + b"\x00")
-            for e in batch]
+    return [
+        e
+        for topic, batch in h.published
+        if topic.startswith(room.encode() + b"\x00")
+        for e in batch
+    ]
 
 
 def test_join_say_publishes_in_order_and_acknowledges_after_storing():
@@ -91,7 +106,9 @@ def test_join_say_publishes_in_order_and_acknowledges_after_storing():
     ack = ann.ask("SAY", room="lobby", msgs=[{"id": "c1", "text": "hi"}])
     assert ack["acks"] == [["c1", 2]]
     assert [(e["seq"], e["kind"], e["nick"]) for e in events(h, "lobby")] == [
-        (1, "join", "ann"), (2, "msg", "ann")]
+        (1, "join", "ann"),
+        (2, "msg", "ann"),
+    ]
     assert h.store.commits >= 2
 
 
@@ -101,7 +118,9 @@ def test_a_retried_message_is_stored_once_with_its_first_number():
     ann = h.conn("ann")
     ann.hello("ann")
     ann.ask("JOIN", room="lobby")
-    first = ann.ask("SAY", room="lobby", msgs=[{"id": "c1", "text": "hi"}, {"id": "c1", "text": "hi"}])
+    first = ann.ask(
+        "SAY", room="lobby", msgs=[{"id": "c1", "text": "hi"}, {"id": "c1", "text": "hi"}]
+    )
     again = ann.ask("SAY", room="lobby", msgs=[{"id": "c1", "text": "hi"}])
     assert first["acks"] == [["c1", 2], ["c1", 2]] and again["acks"] == [["c1", 2]]
     assert [e["seq"] for e in events(h, "lobby")] == [1, 2]
@@ -115,7 +134,7 @@ def test_a_reply_waits_for_its_append_and_an_unreachable_log_is_an_error():
     ann.hello("ann")
     h.log.release()
     label = ann.send("JOIN", room="lobby")
-    assert ann.reply(label) == ("", {})          # the join notice is not acknowledged yet
+    assert ann.reply(label) == ("", {})  # the join notice is not acknowledged yet
     h.log.release()
     h.flush()
     assert ann.reply(label)[1]["seq"] == 0
@@ -139,7 +158,7 @@ def test_a_nick_is_held_once_and_a_resume_takes_it_back_quietly():
     back.hello("ann", resume=True)
     back.ask("JOIN", room="lobby", resume=True)
     assert [e["kind"] for e in events(h, "lobby")] == ["join"]
-    assert ann.reply(ann.send("PING"))[1]["code"] == "NO_HELLO"   # the old connection is over
+    assert ann.reply(ann.send("PING"))[1]["code"] == "NO_HELLO"  # the old connection is over
 
 
 def test_leaving_rekeys_the_room_after_the_notice():
@@ -157,7 +176,7 @@ def test_leaving_rekeys_the_room_after_the_notice():
     assert h.published[-1] == (old_topic, [events(h, "lobby")[-1]])
     assert events(h, "lobby")[-1]["kind"] == "leave"
     new_grant = ann.pushes("GRANT")[-1]["grant"]
-    assert h.core.subscription(grant.encode()) == (None, None)      # the old epoch
+    assert h.core.subscription(grant.encode()) == (None, None)  # the old epoch
     assert h.core.subscription(bob_grant.encode()) == (None, None)  # used, and bob left
     _, topic = h.core.subscription(new_grant.encode())
     assert topic is not None and topic != old_topic
@@ -172,14 +191,23 @@ def test_a_kick_made_by_another_broker_removes_our_member():
     bob.hello("bob")
     bob.ask("JOIN", room="lobby")
     seq = h.local.last("lobby") + 1
-    kick = m.encode_event("lobby", seq, 1.0, "bob", "kick", "bob was kicked by op", None,
-                          {"by": "op", "reason": "spam"})
+    kick = m.encode_event(
+        "lobby",
+        seq,
+        1.0,
+        "bob",
+        "kick",
+        "bob was kicked by op",
+        None,
+        {"by": "op", "reason": "spam"},
+    )
     h.core.deliver(Delivery("lobby", seq, [kick], [seq]))
     h.flush()
-    assert bob.pushes("KICKED") == [{"room": "lobby", "by": "op", "reason": "spam",
-                                     "kind": "kick"}]
-    assert bob.reply(bob.send("SAY", room="lobby", msgs=[{"id": "x", "text": "hi"}]))[1][
-        "code"] == "NOT_MEMBER"
+    assert bob.pushes("KICKED") == [{"room": "lobby", "by": "op", "reason": "spam", "kind": "kick"}]
+    assert (
+        bob.reply(bob.send("SAY", room="lobby", msgs=[{"id": "x", "text": "hi"}]))[1]["code"]
+        == "NOT_MEMBER"
+    )
 
 
 def test_a_session_resumed_on_another_broker_ends_here_quietly():
@@ -212,16 +240,26 @@ def test_reaping_a_dead_brokers_session_announces_it_once():
     h.flush()
     for room in ("lobby", "work"):
         assert [e["text"] for e in events(h, room) if e["kind"] == "leave"] == [
-            "ann left (connection lost)"]
+            "ann left (connection lost)"
+        ]
 
 
 VALID: dict[Kind, dict[str, Any]] = {
-    Kind.HELLO: {"version": 1, "nick": "ann"}, Kind.JOIN: {"room": "lobby"},
-    Kind.LEAVE: {"room": "lobby"}, Kind.SAY: {"room": "lobby", "msgs": [{"id": "a", "text": "b"}]},
-    Kind.PRIV: {"to": "bob", "text": "hi", "id": "p"}, Kind.ROOMS: {}, Kind.WHO: {},
-    Kind.NICK: {"nick": "ann2"}, Kind.TOPIC: {"room": "lobby"}, Kind.HISTORY: {"room": "lobby"},
-    Kind.PING: {}, Kind.BYE: {}, Kind.KICK: {"room": "lobby", "nick": "bob"},
-    Kind.BAN: {"room": "lobby", "nick": "bob"}, Kind.UNBAN: {"room": "lobby", "nick": "bob"},
+    Kind.HELLO: {"version": 1, "nick": "ann"},
+    Kind.JOIN: {"room": "lobby"},
+    Kind.LEAVE: {"room": "lobby"},
+    Kind.SAY: {"room": "lobby", "msgs": [{"id": "a", "text": "b"}]},
+    Kind.PRIV: {"to": "bob", "text": "hi", "id": "p"},
+    Kind.ROOMS: {},
+    Kind.WHO: {},
+    Kind.NICK: {"nick": "ann2"},
+    Kind.TOPIC: {"room": "lobby"},
+    Kind.HISTORY: {"room": "lobby"},
+    Kind.PING: {},
+    Kind.BYE: {},
+    Kind.KICK: {"room": "lobby", "nick": "bob"},
+    Kind.BAN: {"room": "lobby", "nick": "bob"},
+    Kind.UNBAN: {"room": "lobby", "nick": "bob"},
 }
 
 
@@ -248,12 +286,12 @@ def test_a_connections_requests_are_answered_in_order_while_others_go_on():
     join = ann.send("JOIN", room="lobby")
     say = ann.send("SAY", room="lobby", msgs=[{"id": "c1", "text": "after the join"}])
     ping = bob.send("PING")
-    assert bob.reply(ping)[0] == "OK"                     # bob is not held up
+    assert bob.reply(ping)[0] == "OK"  # bob is not held up
     assert ann.reply(join) == ("", {}) and ann.reply(say) == ("", {})
-    h.log.release()                                       # the join notice is stored
+    h.log.release()  # the join notice is stored
     h.flush()
     assert ann.reply(join)[0] == "OK"
-    assert ann.reply(say) == ("", {})                     # now the SAY waits for its own
+    assert ann.reply(say) == ("", {})  # now the SAY waits for its own
     h.log.release()
     h.flush()
     assert ann.reply(say)[1]["acks"] == [["c1", 2]]

@@ -1,5 +1,6 @@
 """Nothing lost: every member sees every acknowledged message of its room exactly once, in
 order, across broker kills, stops, slow subscribers, lost acknowledgements and late joins."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,6 @@ import pytest
 import zmq
 import zmq.asyncio
 
-import messages as m
 import store
 from client import Client, Event
 from conftest import ROOT
@@ -38,7 +38,7 @@ class Member:
         self.events: list[Event] = []
         self.room = room
 
-    async def start(self) -> "Member":
+    async def start(self) -> Member:
         await self.client.connect()
         self.task = asyncio.create_task(self._collect())
         return self
@@ -63,8 +63,7 @@ async def until(cond, timeout: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-async def say_many(member: Member, n: int, tag: str = "", pace: float = 0.002
-                   ) -> dict[str, int]:
+async def say_many(member: Member, n: int, tag: str = "", pace: float = 0.002) -> dict[str, int]:
     """Send n distinct messages concurrently (the library batches them), pausing `pace`
     seconds every 10; return text -> acknowledged seq."""
     texts = [f"{member.client.nick}{tag} {i}" for i in range(n)]
@@ -73,12 +72,15 @@ async def say_many(member: Member, n: int, tag: str = "", pace: float = 0.002
         futures.append(asyncio.ensure_future(member.client.say(member.room, text)))
         if i % 10 == 0:
             await asyncio.sleep(pace)
-    return dict(zip(texts, await asyncio.gather(*futures)))
+    return dict(zip(texts, await asyncio.gather(*futures), strict=True))
 
 
 async def caught_up(members: list[Member], db: Path, timeout: float = 20) -> None:
-    await until(lambda: all(mb.seqs() and mb.seqs()[-1] >= len(db_events(db, mb.room))
-                            for mb in members), timeout, "every member to catch up")
+    await until(
+        lambda: all(mb.seqs() and mb.seqs()[-1] >= len(db_events(db, mb.room)) for mb in members),
+        timeout,
+        "every member to catch up",
+    )
 
 
 def assert_complete(members: list[Member], db: Path, acked: dict[str, int]) -> None:
@@ -114,12 +116,13 @@ def test_broker_sigkilled_repeatedly_loses_nothing(make_broker_process, tmp_path
         sends = asyncio.gather(*(say_many(b, 300, pace=0.1) for b in bots))
         for k in range(3):
             mark = len(watcher.seqs())
-            await until(lambda: len(watcher.seqs()) > mark + 30, 30, "progress")
+            await until(lambda mark=mark: len(watcher.seqs()) > mark + 30, 30, "progress")
             proc.proc.kill()
             proc.proc.wait()
             proc.start()
-            await until(lambda: watcher.statuses().count("reconnected") == k + 1, 15,
-                        "the reconnect")
+            await until(
+                lambda k=k: watcher.statuses().count("reconnected") == k + 1, 15, "the reconnect"
+            )
         acked = {t: s for d in await asyncio.wait_for(sends, 60) for t, s in d.items()}
         assert len(acked) == 900
         await caught_up([*bots, watcher], db)
@@ -141,8 +144,11 @@ def test_broker_sigstopped_past_heartbeat_timeout(make_broker_process, tmp_path)
         acked = await say_many(a, 50, "-before")
         os.kill(proc.proc.pid, signal.SIGSTOP)
         try:
-            await until(lambda: "connection lost, reconnecting..." in b.statuses(), 3,
-                        "the stop to be noticed within 3 heartbeats (+ margin)")
+            await until(
+                lambda: "connection lost, reconnecting..." in b.statuses(),
+                3,
+                "the stop to be noticed within 3 heartbeats (+ margin)",
+            )
             pending = asyncio.gather(say_many(a, 50, "-during"), say_many(b, 20, "-during"))
             await until(lambda: len(a.client.pending()) > 10, 2, "sends queued while stopped")
         finally:
@@ -167,8 +173,11 @@ def test_paused_subscriber_catches_up_without_slowing_others(make_broker_process
     the other member gets everything at once, and the paused one catches up completely."""
     proc = make_broker_process("--heartbeat", "5", "--rate", "0")
     db = tmp_path / "chat.db"
-    slow = subprocess.Popen([sys.executable, str(ROOT / "tests" / "recorder.py"),
-                             str(proc.port), "slowpoke"], stdout=subprocess.PIPE, text=True)
+    slow = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "recorder.py"), str(proc.port), "slowpoke"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert json.loads(slow.stdout.readline())["kind"] == "ready"
 
@@ -286,6 +295,7 @@ class DropFirstAck(Relay):
 def test_lost_acknowledgement_is_retried_without_duplicate(broker, tmp_path):
     """The broker's reply to a SAY is lost: the client retries, the message is stored and
     delivered once, and the send completes with its one sequence number."""
+
     async def scenario() -> None:
         relay = DropFirstAck(zmq.asyncio.Context.instance(), broker.port)
         a = await Member(relay.port, "ann").start()
@@ -355,11 +365,12 @@ def test_private_message_to_a_dying_connection_arrives_once_after_reconnect(brok
     """A private message the broker pushed to a connection that was dying (acknowledged to
     its sender) reaches the recipient once: sent again after the reconnect if it was lost
     on the way, not shown twice if it had arrived."""
+
     async def scenario() -> None:
         relay = DeadAfterPrivate(zmq.asyncio.Context.instance(), broker.port, lose=lose)
         a = await Member(broker.port, "ann").start()
         b = await Member(relay.port, "ben").start()
-        sent = await a.client.msg("ben", "one")   # pushed to ben as his connection dies
+        sent = await a.client.msg("ben", "one")  # pushed to ben as his connection dies
         assert sent["text"] == "one" and sent["to"] == "ben"
         await until(lambda: relay.dead, 5, "the relay to lose the push")
         await until(lambda: "reconnected" in b.statuses(), 10, "ben to reconnect")
@@ -385,8 +396,7 @@ class JoinAfterKick(Relay):
         super().__init__(ctx, broker_port)
 
     def up(self, rid: bytes, frames: list[bytes]) -> bool:
-        if self.hold and frames[0] == b"JOIN" and \
-                json.loads(frames[2]).get("room") == self.room:
+        if self.hold and frames[0] == b"JOIN" and json.loads(frames[2]).get("room") == self.room:
             self.held.append(frames)
             return False
         return True
@@ -407,6 +417,7 @@ def test_cli_kicked_as_it_joins_stays_where_it_was(make_broker, capsys):
     the room it was in: its next line goes there (it does not fall back to nowhere)."""
     from chat_cli import Chat
     from cli_render import Screen
+
     broker = make_broker(ops=("boss",))
 
     async def scenario() -> None:
@@ -418,8 +429,11 @@ def test_cli_kicked_as_it_joins_stays_where_it_was(make_broker, capsys):
         chat = Chat(client, Screen(json_mode=True, colour=False), "lobby", leave_words=False)
         shown = asyncio.create_task(chat.show_events())
         joining = asyncio.create_task(chat.handle("/join work"))
-        await until(lambda: any(e.kind == "join" and e.nick == "carol" for e in boss.events),
-                    5, "carol's join notice")
+        await until(
+            lambda: any(e.kind == "join" and e.nick == "carol" for e in boss.events),
+            5,
+            "carol's join notice",
+        )
         await boss.client.kick("work", "carol", "not now")
         await asyncio.wait_for(joining, 5)
         await until(lambda: "kicked from work" in capsys.readouterr().out, 5, "the kick shown")
@@ -427,8 +441,9 @@ def test_cli_kicked_as_it_joins_stays_where_it_was(make_broker, capsys):
             await asyncio.sleep(0)  # let any fall-back task the kick started run its course
         assert chat.room == "lobby" and "lobby" in client.rooms
         await chat.handle("still here")
-        await until(lambda: any(e.text == "still here" for e in ann.events), 5,
-                    "carol's line in lobby")
+        await until(
+            lambda: any(e.text == "still here" for e in ann.events), 5, "carol's line in lobby"
+        )
         shown.cancel()
         relay.task.cancel()
         await client.close()
@@ -449,8 +464,11 @@ class SessionGoneAtRejoin(Relay):
     def answer(self, rid: bytes, frames: list[bytes]) -> list[bytes] | None:
         if frames[0] == b"JOIN" and json.loads(frames[2]).get("resume") and not self.answered:
             self.answered += 1
-            return [b"ERROR", frames[1], json.dumps({"code": "NO_HELLO",
-                                                     "reason": "say HELLO first"}).encode()]
+            return [
+                b"ERROR",
+                frames[1],
+                json.dumps({"code": "NO_HELLO", "reason": "say HELLO first"}).encode(),
+            ]
         return None
 
 
@@ -509,12 +527,18 @@ def test_kicked_before_join_returns_is_out_of_the_room(make_broker):
         carol = await Member(relay.port, "carol", "lobby", backlog=5).start()
         await boss.client.say("work", "something to have history")
         joining = asyncio.create_task(carol.client.join("work"))
-        await until(lambda: any(e.kind == "join" and e.nick == "carol" for e in boss.events),
-                    5, "carol's join notice")
+        await until(
+            lambda: any(e.kind == "join" and e.nick == "carol" for e in boss.events),
+            5,
+            "carol's join notice",
+        )
         await boss.client.kick("work", "carol", "too quick")
         await asyncio.wait_for(joining, 5)
-        await until(lambda: any("kicked from work" in t for t in carol.statuses()), 5,
-                    "carol told of the kick")
+        await until(
+            lambda: any("kicked from work" in t for t in carol.statuses()),
+            5,
+            "carol told of the kick",
+        )
         assert "work" not in carol.client.rooms
         relay.task.cancel()
         await close_all([boss, carol])
@@ -525,6 +549,7 @@ def test_kicked_before_join_returns_is_out_of_the_room(make_broker):
 def test_leave_and_join_under_way_at_once_end_as_the_broker_says(broker):
     """join() and leave() of the same room under way at once: the broker takes them in the
     order they were sent, and the client ends in or out of the room as the broker says."""
+
     async def scenario() -> None:
         ann = await Member(broker.port, "ann", "lobby").start()
         carol = await Member(broker.port, "carol", "lobby").start()
@@ -565,8 +590,11 @@ def test_late_joiner_during_stream_has_no_gap_or_duplicate(broker):
 def test_killed_client_is_announced_and_its_nick_freed(make_broker_process):
     """A client killed with SIGKILL is announced as gone within the heartbeat timeout."""
     proc = make_broker_process("--heartbeat", HB)
-    victim = subprocess.Popen([sys.executable, str(ROOT / "tests" / "recorder.py"),
-                               str(proc.port), "victim"], stdout=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "recorder.py"), str(proc.port), "victim"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert json.loads(victim.stdout.readline())["kind"] == "ready"
 
     async def scenario() -> None:
@@ -574,8 +602,11 @@ def test_killed_client_is_announced_and_its_nick_freed(make_broker_process):
         victim.kill()
         victim.wait()
         killed = time.monotonic()
-        await until(lambda: any(e.text == "victim left (connection lost)" for e in w.events),
-                    5, "the leave notice")
+        await until(
+            lambda: any(e.text == "victim left (connection lost)" for e in w.events),
+            5,
+            "the leave notice",
+        )
         assert time.monotonic() - killed < 3 * float(HB) + 1.0
         again = await Member(proc.port, "victim").start()
         await close_all([w, again])
@@ -590,14 +621,28 @@ def test_corrupted_database_is_refused_at_start(tmp_path):
         con.execute("CREATE TABLE t (x)")
         con.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 200)
     data = good.read_bytes()
-    cases = {"truncated.db": data[: len(data) // 2 + 100],
-             "garbage.db": b"this is not a database" * 100,
-             "scribbled.db": data[:4096] + os.urandom(len(data) - 4096)}
+    cases = {
+        "truncated.db": data[: len(data) // 2 + 100],
+        "garbage.db": b"this is not a database" * 100,
+        "scribbled.db": data[:4096] + os.urandom(len(data) - 4096),
+    }
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
-        run = subprocess.run([sys.executable, str(ROOT / "broker.py"), "--db",
-                              str(tmp_path / name), "--port", "0", "--pub-port", "0"],
-                             capture_output=True, text=True, timeout=20)
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "broker.py"),
+                "--db",
+                str(tmp_path / name),
+                "--port",
+                "0",
+                "--pub-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         assert run.returncode == 4, (name, run.stdout, run.stderr)
         assert "cannot use the history database" in run.stderr
         assert "Traceback" not in run.stderr

@@ -1,14 +1,15 @@
 """Requests at the edges: repeated ids, huge numbers, lurking rejoins, closing mid-send."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 import zmq
+from test_security import Collector, call, hello, raw_dealer, until
 
 import store
 from client import ChatError, Client
-from test_security import call, hello, raw_dealer, until, Collector
 
 
 def stored(db: str, room: str = "lobby") -> list[dict]:
@@ -21,9 +22,19 @@ def test_repeated_id_in_one_batch_is_stored_once(broker):
     s = raw_dealer(zmq.Context.instance(), broker.port)
     hello(s, "dup")
     call(s, "JOIN", {"room": "lobby"})
-    r = call(s, "SAY", {"room": "lobby", "msgs": [{"id": "same", "text": "one"},
-                                                 {"id": "same", "text": "two"},
-                                                 {"id": "other", "text": "three"}]}, b"2")
+    r = call(
+        s,
+        "SAY",
+        {
+            "room": "lobby",
+            "msgs": [
+                {"id": "same", "text": "one"},
+                {"id": "same", "text": "two"},
+                {"id": "other", "text": "three"},
+            ],
+        },
+        b"2",
+    )
     assert r.kind == "OK"
     (a, sa), (b, sb), (c, sc) = r.body["acks"]
     assert sa == sb and sc == sa + 1
@@ -41,10 +52,19 @@ def test_batch_with_someone_elses_id_stores_nothing(broker):
     hello(b, "bob")
     for s in (a, b):
         call(s, "JOIN", {"room": "lobby"})
-    assert call(a, "SAY", {"room": "lobby", "msgs": [{"id": "ann-1", "text": "mine"}]},
-                b"2").kind == "OK"
-    r = call(b, "SAY", {"room": "lobby", "msgs": [{"id": "bob-1", "text": "new"},
-                                                 {"id": "ann-1", "text": "stolen"}]}, b"2")
+    assert (
+        call(a, "SAY", {"room": "lobby", "msgs": [{"id": "ann-1", "text": "mine"}]}, b"2").kind
+        == "OK"
+    )
+    r = call(
+        b,
+        "SAY",
+        {
+            "room": "lobby",
+            "msgs": [{"id": "bob-1", "text": "new"}, {"id": "ann-1", "text": "stolen"}],
+        },
+        b"2",
+    )
     assert r.kind == "ERROR" and r.body["code"] == "BAD_REQUEST"
     assert [e["text"] for e in stored(broker.cfg.db) if e["kind"] == "msg"] == ["mine"]
     a.close()
@@ -70,6 +90,7 @@ def test_huge_numbers_get_an_error_reply(broker):
 
 def test_resume_join_by_a_non_member_is_announced(broker):
     """Claiming to 'resume' does not let a stranger (or a kicked member) join unannounced."""
+
     async def scenario() -> None:
         async with Client("127.0.0.1", broker.port, "alice") as alice:
             seen = Collector(alice)
@@ -78,6 +99,7 @@ def test_resume_join_by_a_non_member_is_announced(broker):
             assert call(s, "JOIN", {"room": "lobby", "resume": True}).kind == "OK"
             await until(lambda: any(e.text == "lurker joined" for e in seen.events))
             s.close()
+
     asyncio.run(scenario())
 
 
@@ -86,8 +108,10 @@ def test_join_and_leave_are_rate_limited(make_broker):
     b = make_broker(rate=5.0, burst=10)
     s = raw_dealer(zmq.Context.instance(), b.port)
     hello(s, "churn")
-    codes = [call(s, k, {"room": "work"}, f"{i}".encode()).body.get("code", "OK")
-             for i, k in enumerate(["JOIN", "LEAVE"] * 10)]
+    codes = [
+        call(s, k, {"room": "work"}, f"{i}".encode()).body.get("code", "OK")
+        for i, k in enumerate(["JOIN", "LEAVE"] * 10)
+    ]
     assert "RATE_LIMITED" in codes
     s.close()
 
@@ -108,15 +132,17 @@ def test_rejoin_refused_after_restart_still_reconnects(make_broker):
         assert set(c.rooms) == {"lobby"}
         assert await c.say("lobby", "still here") > 0
         await c.close()
+
     asyncio.run(scenario())
 
 
 def test_close_fails_pending_sends_and_refuses_new_ones(broker):
     """After close(), waiting sends fail with CLOSED instead of hanging, and so do new ones."""
+
     async def scenario() -> None:
         c = Client("127.0.0.1", broker.port, "closer", reconnect=False)
         await c.connect()
-        broker.stop()                      # nothing will acknowledge from now on
+        broker.stop()  # nothing will acknowledge from now on
         pending = asyncio.ensure_future(c.say("lobby", "into the void"))
         await until(lambda: c.pending())
         await c.close()
@@ -126,4 +152,5 @@ def test_close_fails_pending_sends_and_refuses_new_ones(broker):
         with pytest.raises(ChatError) as err:
             await c.say("lobby", "after close")
         assert err.value.code == "CLOSED"
+
     asyncio.run(scenario())

@@ -1,4 +1,5 @@
 """Protocol tests for messages.py: frames in, frames out, no sockets."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from messages import (
-    MAX_BATCH, MAX_CMID, MAX_HISTORY, MAX_LABEL, MAX_REASON, MAX_REQUEST, MAX_TEXT, MAX_TOPIC,
-    VERSIONS, Code, Kind, ProtocolError, Reply, Request, Response, check_nick, check_room,
-    decode_batch, decode_label, decode_request, decode_response, dumps, encode_batch,
-    encode_event, EventKind,
-    encode_error, encode_reply, encode_request, grant_payload, nick_key, parse_grant,
+    MAX_BATCH,
+    MAX_CMID,
+    MAX_HISTORY,
+    MAX_LABEL,
+    MAX_REASON,
+    MAX_REQUEST,
+    MAX_TEXT,
+    MAX_TOPIC,
+    VERSIONS,
+    Code,
+    EventKind,
+    Kind,
+    ProtocolError,
+    Reply,
+    Request,
+    Response,
+    check_nick,
+    check_room,
+    decode_batch,
+    decode_label,
+    decode_request,
+    decode_response,
+    dumps,
+    encode_batch,
+    encode_error,
+    encode_event,
+    encode_reply,
+    encode_request,
+    grant_payload,
+    nick_key,
+    parse_grant,
     room_topic,
 )
 
@@ -42,33 +69,62 @@ def refused(frames: list[bytes]) -> ProtocolError:
 
 # kind -> (body the client sends, fields the broker gets after validation)
 ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
-    Kind.HELLO: ({"version": 1, "nick": "alice", "bot": True, "privates_since": 1700000000},
-                 {"nick": "alice", "bot": True, "resume": False, "token": "",
-                  "privates_since": 1700000000.0}),
+    Kind.HELLO: (
+        {"version": 1, "nick": "alice", "bot": True, "privates_since": 1700000000},
+        {
+            "nick": "alice",
+            "bot": True,
+            "resume": False,
+            "token": "",
+            "privates_since": 1700000000.0,
+        },
+    ),
     Kind.JOIN: ({"room": "dev", "resume": True}, {"room": "dev", "resume": True}),
     Kind.LEAVE: ({"room": "dev"}, {"room": "dev"}),
-    Kind.SAY: ({"room": "dev", "msgs": [{"id": "c1", "text": "héllo ✓"},
-                                        {"id": "c2", "text": "waves", "action": True}]},
-               {"room": "dev", "relay": None, "hops": None,
-                "msgs": [{"id": "c1", "text": "héllo ✓", "action": False},
-                         {"id": "c2", "text": "waves", "action": True}]}),
-    Kind.PRIV: ({"to": "bob", "text": "psst", "id": "c3"},
-                {"to": "bob", "text": "psst", "id": "c3", "hops": None}),
+    Kind.SAY: (
+        {
+            "room": "dev",
+            "msgs": [
+                {"id": "c1", "text": "héllo ✓"},
+                {"id": "c2", "text": "waves", "action": True},
+            ],
+        },
+        {
+            "room": "dev",
+            "relay": None,
+            "hops": None,
+            "msgs": [
+                {"id": "c1", "text": "héllo ✓", "action": False},
+                {"id": "c2", "text": "waves", "action": True},
+            ],
+        },
+    ),
+    Kind.PRIV: (
+        {"to": "bob", "text": "psst", "id": "c3"},
+        {"to": "bob", "text": "psst", "id": "c3", "hops": None},
+    ),
     Kind.ROOMS: ({}, {}),
     Kind.WHO: ({"room": "dev"}, {"room": "dev"}),
     Kind.NICK: ({"nick": "alice_2"}, {"nick": "alice_2"}),
-    Kind.TOPIC: ({"room": "dev", "text": "", "lock": True},
-                {"room": "dev", "text": "", "lock": True}),
-    Kind.HISTORY: ({"room": "dev", "after": 3, "limit": 10, "since": 1.5},
-                   {"room": "dev", "with": None, "after": 3, "before": None, "since": 1.5,
-                    "limit": 10}),
+    Kind.TOPIC: (
+        {"room": "dev", "text": "", "lock": True},
+        {"room": "dev", "text": "", "lock": True},
+    ),
+    Kind.HISTORY: (
+        {"room": "dev", "after": 3, "limit": 10, "since": 1.5},
+        {"room": "dev", "with": None, "after": 3, "before": None, "since": 1.5, "limit": 10},
+    ),
     Kind.PING: ({}, {}),
     Kind.BYE: ({"reason": "good night"}, {"reason": "good night"}),
-    Kind.KICK: ({"room": "dev", "nick": "bob", "reason": "spam"},
-                {"room": "dev", "nick": "bob", "reason": "spam"}),
+    Kind.KICK: (
+        {"room": "dev", "nick": "bob", "reason": "spam"},
+        {"room": "dev", "nick": "bob", "reason": "spam"},
+    ),
     Kind.BAN: ({"room": "dev", "nick": "bob"}, {"room": "dev", "nick": "bob", "reason": None}),
-    Kind.UNBAN: ({"room": "dev", "nick": "bob", "reason": ""},
-                 {"room": "dev", "nick": "bob", "reason": ""}),
+    Kind.UNBAN: (
+        {"room": "dev", "nick": "bob", "reason": ""},
+        {"room": "dev", "nick": "bob", "reason": ""},
+    ),
 }
 
 
@@ -124,8 +180,10 @@ def test_reply_round_trips(kind: Reply) -> None:
 
 def test_batch_round_trips() -> None:
     """encode_batch then decode_batch gives the same events, under the room's epoch topic."""
-    events = [{"room": "dev", "seq": 1, "nick": "alice", "kind": "msg", "text": "hi ✓"},
-              {"room": "dev", "seq": 2, "nick": "bob", "kind": "join", "text": ""}]
+    events = [
+        {"room": "dev", "seq": 1, "nick": "alice", "kind": "msg", "text": "hi ✓"},
+        {"room": "dev", "seq": 2, "nick": "bob", "kind": "join", "text": ""},
+    ]
     frames = encode_batch("dev", "00000000deadbeef", [dumps(e) for e in events])
     assert frames[0] == b"dev\x00" + b"00000000deadbeef"
     assert decode_batch(frames) == events
@@ -165,6 +223,7 @@ def test_decode_label_recovers_label_of_bad_request() -> None:
 
 # ---------------------------------------------------------------------------- refusals
 
+
 def say(*texts: str, room: str = "dev") -> dict[str, Any]:
     """A SAY body with one message per text."""
     return {"room": room, "msgs": [{"id": f"c{i}", "text": t} for i, t in enumerate(texts)]}
@@ -198,8 +257,11 @@ BAD_REQUESTS: list[tuple[str, list[bytes], Code]] = [
     ("priv id not string", raw("PRIV", {"to": "bob", "text": "x", "id": 5}), Code.BAD_REQUEST),
     ("say msgs not list", raw("SAY", {"room": "dev", "msgs": "hi"}), Code.BAD_REQUEST),
     ("say msg not object", raw("SAY", {"room": "dev", "msgs": ["hi"]}), Code.BAD_REQUEST),
-    ("say text is list", raw("SAY", {"room": "dev", "msgs": [{"id": "c", "text": ["x"]}]}),
-     Code.BAD_REQUEST),
+    (
+        "say text is list",
+        raw("SAY", {"room": "dev", "msgs": [{"id": "c", "text": ["x"]}]}),
+        Code.BAD_REQUEST,
+    ),
     ("say relay not string", raw("SAY", {**say("x"), "relay": 1}), Code.BAD_REQUEST),
     ("history limit string", raw("HISTORY", {"room": "dev", "limit": "10"}), Code.BAD_REQUEST),
     ("history room and with", raw("HISTORY", {"room": "dev", "with": "bob"}), Code.BAD_REQUEST),
@@ -210,39 +272,55 @@ BAD_REQUESTS: list[tuple[str, list[bytes], Code]] = [
     ("history before float", raw("HISTORY", {"room": "dev", "before": 2.5}), Code.BAD_REQUEST),
     ("history since string", raw("HISTORY", {"room": "dev", "since": "today"}), Code.BAD_REQUEST),
     ("history since bool", raw("HISTORY", {"room": "dev", "since": False}), Code.BAD_REQUEST),
-    ("hello privates_since string", raw("HELLO", {"version": 1, "nick": "alice",
-                                                  "privates_since": "now"}), Code.BAD_REQUEST),
-    ("hello privates_since huge", raw("HELLO", {"version": 1, "nick": "alice",
-                                                "privates_since": 10 ** 400}), Code.BAD_REQUEST),
+    (
+        "hello privates_since string",
+        raw("HELLO", {"version": 1, "nick": "alice", "privates_since": "now"}),
+        Code.BAD_REQUEST,
+    ),
+    (
+        "hello privates_since huge",
+        raw("HELLO", {"version": 1, "nick": "alice", "privates_since": 10**400}),
+        Code.BAD_REQUEST,
+    ),
     ("bye reason number", raw("BYE", {"reason": 3}), Code.BAD_REQUEST),
     ("topic text number", raw("TOPIC", {"room": "dev", "text": 3}), Code.BAD_REQUEST),
     ("join room number", raw("JOIN", {"room": 5}), Code.ROOM_INVALID),
     ("nick nick list", raw("NICK", {"nick": ["alice"]}), Code.NICK_INVALID),
-    ("lone surrogate in text", raw("PRIV", {"to": "bob", "text": "a\ud800b", "id": "c"}),
-     Code.BAD_REQUEST),
+    (
+        "lone surrogate in text",
+        raw("PRIV", {"to": "bob", "text": "a\ud800b", "id": "c"}),
+        Code.BAD_REQUEST,
+    ),
     # missing fields
     ("priv without text", raw("PRIV", {"to": "bob", "id": "c"}), Code.BAD_REQUEST),
     ("priv without id", raw("PRIV", {"to": "bob", "text": "x"}), Code.BAD_REQUEST),
     ("priv empty text", raw("PRIV", {"to": "bob", "text": "", "id": "c"}), Code.BAD_REQUEST),
     ("say without msgs", raw("SAY", {"room": "dev"}), Code.BAD_REQUEST),
     ("say empty msgs", raw("SAY", {"room": "dev", "msgs": []}), Code.BAD_REQUEST),
-    ("say msg without id", raw("SAY", {"room": "dev", "msgs": [{"text": "x"}]}),
-     Code.BAD_REQUEST),
-    ("say msg without text", raw("SAY", {"room": "dev", "msgs": [{"id": "c"}]}),
-     Code.BAD_REQUEST),
+    ("say msg without id", raw("SAY", {"room": "dev", "msgs": [{"text": "x"}]}), Code.BAD_REQUEST),
+    ("say msg without text", raw("SAY", {"room": "dev", "msgs": [{"id": "c"}]}), Code.BAD_REQUEST),
     ("join without room", raw("JOIN", {}), Code.ROOM_INVALID),
     ("kick without nick", raw("KICK", {"room": "dev"}), Code.NICK_INVALID),
     ("hello without nick", raw("HELLO", {"version": 1}), Code.NICK_INVALID),
     ("hello without version", raw("HELLO", {"nick": "alice"}), Code.BAD_VERSION),
     # sizes
     ("text too long", raw("SAY", say("x" * (MAX_TEXT + 1))), Code.TOO_LARGE),
-    ("priv text too long", raw("PRIV", {"to": "bob", "text": "é" * (MAX_TEXT + 1), "id": "c"}),
-     Code.TOO_LARGE),
-    ("topic too long", raw("TOPIC", {"room": "dev", "text": "t" * (MAX_TOPIC + 1)}),
-     Code.TOO_LARGE),
+    (
+        "priv text too long",
+        raw("PRIV", {"to": "bob", "text": "é" * (MAX_TEXT + 1), "id": "c"}),
+        Code.TOO_LARGE,
+    ),
+    (
+        "topic too long",
+        raw("TOPIC", {"room": "dev", "text": "t" * (MAX_TOPIC + 1)}),
+        Code.TOO_LARGE,
+    ),
     ("reason too long", raw("BYE", {"reason": "r" * (MAX_REASON + 1)}), Code.TOO_LARGE),
-    ("cmid too long", raw("PRIV", {"to": "bob", "text": "x", "id": "i" * (MAX_CMID + 1)}),
-     Code.TOO_LARGE),
+    (
+        "cmid too long",
+        raw("PRIV", {"to": "bob", "text": "x", "id": "i" * (MAX_CMID + 1)}),
+        Code.TOO_LARGE,
+    ),
     ("too many messages", raw("SAY", say(*["x"] * (MAX_BATCH + 1))), Code.TOO_LARGE),
     ("request too big", raw("SAY", say(*["x" * 1000] * MAX_BATCH)), Code.TOO_LARGE),
     # versions
@@ -259,13 +337,17 @@ BAD_REQUESTS: list[tuple[str, list[bytes], Code]] = [
     ("nul in room", raw("JOIN", {"room": "dev\x00"}), Code.ROOM_INVALID),
     ("newline after room", raw("JOIN", {"room": "dev\n"}), Code.ROOM_INVALID),
     ("tab in room", raw("SAY", say("x", room="d\tv")), Code.ROOM_INVALID),
-    ("priv to control nick", raw("PRIV", {"to": "bo\x07b", "text": "x", "id": "c"}),
-     Code.NICK_INVALID),
+    (
+        "priv to control nick",
+        raw("PRIV", {"to": "bo\x07b", "text": "x", "id": "c"}),
+        Code.NICK_INVALID,
+    ),
 ]
 
 
-@pytest.mark.parametrize("frames,code", [(f, c) for _, f, c in BAD_REQUESTS],
-                         ids=[name for name, _, _ in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    "frames,code", [(f, c) for _, f, c in BAD_REQUESTS], ids=[name for name, _, _ in BAD_REQUESTS]
+)
 def test_bad_request_is_refused_with_its_code(frames: list[bytes], code: Code) -> None:
     """Each class of bad input raises ProtocolError with the documented code, nothing else."""
     err = refused(frames)
@@ -275,8 +357,10 @@ def test_bad_request_is_refused_with_its_code(frames: list[bytes], code: Code) -
 
 def test_request_size_limit_is_exact() -> None:
     """A request of exactly MAX_REQUEST bytes passes; one byte more is TOO_LARGE."""
+
     def ping(pad: int) -> list[bytes]:
         return [b"PING", LABEL, b'{"pad":"' + b"x" * pad + b'"}']
+
     overhead = sum(map(len, ping(0)))
     assert decode_request(ping(MAX_REQUEST - overhead)).kind == Kind.PING
     assert refused(ping(MAX_REQUEST - overhead + 1)).code == Code.TOO_LARGE
@@ -290,19 +374,50 @@ def test_text_and_batch_limits_are_inclusive() -> None:
 
 # ---------------------------------------------------------------------------- nicks and rooms
 
-@pytest.mark.parametrize("nick", [
-    "a", "x" * 32, "alice", "Alice", "_bot", "[away]", "a-b_c[d]{e}|f^g", "alice2", "Élodie",
-    "Алиса", "αβγ", "李雷",
-])
+
+@pytest.mark.parametrize(
+    "nick",
+    [
+        "a",
+        "x" * 32,
+        "alice",
+        "Alice",
+        "_bot",
+        "[away]",
+        "a-b_c[d]{e}|f^g",
+        "alice2",
+        "Élodie",
+        "Алиса",
+        "αβγ",
+        "李雷",
+    ],
+)
 def test_valid_nicks_are_accepted(nick: str) -> None:
     """Nicks of 1..32 letters, digits and _-[]{}|^ in one script are accepted unchanged."""
     assert check_nick(nick) == nick
 
 
-@pytest.mark.parametrize("nick", [
-    "", "x" * 33, "1alice", "-alice", "al ice", "al.ice", "al@ice", "alice!", "al\x00ice",
-    "al\u200bice", "аlice", "alicε", None, 5, ["alice"],
-], ids=repr)
+@pytest.mark.parametrize(
+    "nick",
+    [
+        "",
+        "x" * 33,
+        "1alice",
+        "-alice",
+        "al ice",
+        "al.ice",
+        "al@ice",
+        "alice!",
+        "al\x00ice",
+        "al\u200bice",
+        "аlice",
+        "alicε",
+        None,
+        5,
+        ["alice"],
+    ],
+    ids=repr,
+)
 def test_invalid_nicks_are_refused(nick: Any) -> None:
     """Empty, too long, leading digit or '-', other punctuation, control or mixed-script nicks
     and non-strings raise NICK_INVALID."""
@@ -349,8 +464,11 @@ def test_valid_rooms_are_accepted(room: str) -> None:
     assert check_room(room) == room
 
 
-@pytest.mark.parametrize("room", ["", "a" * 33, "Dev", "-dev", "_dev", "dev ops", "dev\n",
-                                  "dév", "dev.ops", None, 7], ids=repr)
+@pytest.mark.parametrize(
+    "room",
+    ["", "a" * 33, "Dev", "-dev", "_dev", "dev ops", "dev\n", "dév", "dev.ops", None, 7],
+    ids=repr,
+)
 def test_invalid_rooms_are_refused(room: Any) -> None:
     """Anything else, including a trailing newline, raises ROOM_INVALID."""
     with pytest.raises(ProtocolError) as info:
@@ -360,16 +478,27 @@ def test_invalid_rooms_are_refused(room: Any) -> None:
 
 # ---------------------------------------------------------------------------- grants
 
+
 def test_grant_round_trips() -> None:
     """grant_payload plus '.mac' parses back into its six parts."""
     data = (grant_payload("dev", "00000000deadbeef", "s1", 1700000000, "n0") + ".mac").encode()
     assert parse_grant(data) == ("dev", "00000000deadbeef", "s1", 1700000000, "n0", "mac")
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"dev.e.s.1.n", b"dev.e.s.1.n.m.x", b"dev.e.s.soon.n.m", b"dev.e.s.-1.n.m",
-    b"Dev.e.s.1.n.m", b"d\xc3\xa9v.e.s.1.n.m", b"dev.e.s." + b"9" * 5000 + b".n.m",
-], ids=short)
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"dev.e.s.1.n",
+        b"dev.e.s.1.n.m.x",
+        b"dev.e.s.soon.n.m",
+        b"dev.e.s.-1.n.m",
+        b"Dev.e.s.1.n.m",
+        b"d\xc3\xa9v.e.s.1.n.m",
+        b"dev.e.s." + b"9" * 5000 + b".n.m",
+    ],
+    ids=short,
+)
 def test_malformed_grant_is_none(data: bytes) -> None:
     """Wrong part count, non-numeric or absurdly long expiry, bad room or non-ASCII -> None."""
     assert parse_grant(data) is None
@@ -377,10 +506,21 @@ def test_malformed_grant_is_none(data: bytes) -> None:
 
 # ---------------------------------------------------------------------------- malformed replies
 
-@pytest.mark.parametrize("frames", [
-    [], [b"OK", LABEL], [b"OK", LABEL, b"{}", b""], [b"OK", LABEL, b"[]"], [b"OK", LABEL, b"x"],
-    [b"\xff", LABEL, b"{}"], [b"OK", LABEL, b"\xff"], [b"OK", LABEL, b"[" * 5000],
-], ids=short)
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b"OK", LABEL],
+        [b"OK", LABEL, b"{}", b""],
+        [b"OK", LABEL, b"[]"],
+        [b"OK", LABEL, b"x"],
+        [b"\xff", LABEL, b"{}"],
+        [b"OK", LABEL, b"\xff"],
+        [b"OK", LABEL, b"[" * 5000],
+    ],
+    ids=short,
+)
 def test_malformed_response_is_refused(frames: list[bytes]) -> None:
     """Replies that are not three frames with an ASCII kind and a JSON object raise BAD_REQUEST."""
     with pytest.raises(ProtocolError) as info:
@@ -388,10 +528,21 @@ def test_malformed_response_is_refused(frames: list[bytes]) -> None:
     assert info.value.code == Code.BAD_REQUEST
 
 
-@pytest.mark.parametrize("frames", [
-    [], [b"t"], [b"t", b"[]", b""], [b"t", b"{}"], [b"t", b"[1]"], [b"t", b"[{}, 2]"],
-    [b"t", b"\xff"], [b"t", b""], [b"t", b"[" * 5000],
-], ids=short)
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b"t"],
+        [b"t", b"[]", b""],
+        [b"t", b"{}"],
+        [b"t", b"[1]"],
+        [b"t", b"[{}, 2]"],
+        [b"t", b"\xff"],
+        [b"t", b""],
+        [b"t", b"[" * 5000],
+    ],
+    ids=short,
+)
 def test_malformed_batch_is_refused(frames: list[bytes]) -> None:
     """Batches that are not two frames with a JSON array of objects raise BAD_REQUEST."""
     with pytest.raises(ProtocolError) as info:
@@ -405,20 +556,50 @@ FUZZ = settings(max_examples=300, deadline=None)
 
 # Any character, lone surrogates included: json.dumps escapes them, the decoder must cope.
 any_text = st.text(st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=20)
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), any_text,
-                         st.sampled_from(["dev", "alice", "", "x" * (MAX_TEXT + 1)]))
-json_values = st.one_of(json_scalars, st.lists(json_scalars, max_size=3),
-                        st.dictionaries(any_text, json_scalars, max_size=3))
-FIELDS = ["version", "nick", "bot", "resume", "room", "msgs", "relay", "to", "text", "id",
-          "action", "limit", "since", "after", "before", "reason", "privates_since"]
-say_item = st.one_of(st.dictionaries(st.sampled_from(["id", "text", "action"]), json_scalars,
-                                     max_size=3), json_scalars)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    any_text,
+    st.sampled_from(["dev", "alice", "", "x" * (MAX_TEXT + 1)]),
+)
+json_values = st.one_of(
+    json_scalars,
+    st.lists(json_scalars, max_size=3),
+    st.dictionaries(any_text, json_scalars, max_size=3),
+)
+FIELDS = [
+    "version",
+    "nick",
+    "bot",
+    "resume",
+    "room",
+    "msgs",
+    "relay",
+    "to",
+    "text",
+    "id",
+    "action",
+    "limit",
+    "since",
+    "after",
+    "before",
+    "reason",
+    "privates_since",
+]
+say_item = st.one_of(
+    st.dictionaries(st.sampled_from(["id", "text", "action"]), json_scalars, max_size=3),
+    json_scalars,
+)
 bodies = st.one_of(
     json_values,
-    st.tuples(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5),
-              st.sampled_from([1, 2, True, 1.0, "1", None]),
-              st.one_of(st.none(), st.lists(say_item, max_size=3)))
-    .map(lambda t: {**t[0], "version": t[1], **({"msgs": t[2]} if t[2] is not None else {})}))
+    st.tuples(
+        st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5),
+        st.sampled_from([1, 2, True, 1.0, "1", None]),
+        st.one_of(st.none(), st.lists(say_item, max_size=3)),
+    ).map(lambda t: {**t[0], "version": t[1], **({"msgs": t[2]} if t[2] is not None else {})}),
+)
 # Arbitrary frames, plus deeply nested JSON (the json module recurses on nesting).
 deep_json = st.integers(min_value=0, max_value=3000).map(lambda n: b"[" * n + b"{" + b"]" * n)
 frames_lists = st.lists(st.one_of(st.binary(max_size=64), deep_json), max_size=5)
@@ -432,7 +613,7 @@ def assert_wire_safe(obj: Any) -> None:
 @FUZZ
 @given(frames_lists)
 def test_fuzz_decode_request_raw_frames(frames: list[bytes]) -> None:
-    """decode_request on arbitrary frames returns a Request or raises ProtocolError, nothing else."""
+    """decode_request on arbitrary frames gives a Request or raises ProtocolError, nothing else."""
     try:
         req = decode_request(frames)
     except ProtocolError as err:
@@ -456,10 +637,14 @@ def test_fuzz_decode_request_json_bodies(kind: Kind, label: bytes, body: Any) ->
 
 
 @FUZZ
-@given(st.one_of(frames_lists,
-                 st.tuples(st.sampled_from([r.value.encode() for r in Reply]),
-                           st.binary(max_size=8), bodies)
-                 .map(lambda t: [t[0], t[1], json.dumps(t[2]).encode()])))
+@given(
+    st.one_of(
+        frames_lists,
+        st.tuples(
+            st.sampled_from([r.value.encode() for r in Reply]), st.binary(max_size=8), bodies
+        ).map(lambda t: [t[0], t[1], json.dumps(t[2]).encode()]),
+    )
+)
 def test_fuzz_decode_response(frames: list[bytes]) -> None:
     """decode_response on arbitrary frames returns a Response or raises ProtocolError."""
     try:
@@ -471,9 +656,14 @@ def test_fuzz_decode_response(frames: list[bytes]) -> None:
 
 
 @FUZZ
-@given(st.one_of(frames_lists,
-                 st.tuples(st.binary(max_size=24), st.lists(json_values, max_size=4))
-                 .map(lambda t: [t[0], json.dumps(t[1]).encode()])))
+@given(
+    st.one_of(
+        frames_lists,
+        st.tuples(st.binary(max_size=24), st.lists(json_values, max_size=4)).map(
+            lambda t: [t[0], json.dumps(t[1]).encode()]
+        ),
+    )
+)
 def test_fuzz_decode_batch(frames: list[bytes]) -> None:
     """decode_batch on arbitrary frames returns a list of dicts or raises ProtocolError."""
     try:
@@ -484,14 +674,21 @@ def test_fuzz_decode_batch(frames: list[bytes]) -> None:
         assert isinstance(events, list) and all(isinstance(e, dict) for e in events)
 
 
-grant_parts = st.one_of(st.text(st.sampled_from("abc09-_.Z é"), max_size=12),
-                        st.integers(min_value=-5, max_value=10**30).map(str))
+grant_parts = st.one_of(
+    st.text(st.sampled_from("abc09-_.Z é"), max_size=12),
+    st.integers(min_value=-5, max_value=10**30).map(str),
+)
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=80),
-                 st.lists(grant_parts, min_size=4, max_size=8)
-                 .map(lambda parts: ".".join(parts).encode("utf-8"))))
+@given(
+    st.one_of(
+        st.binary(max_size=80),
+        st.lists(grant_parts, min_size=4, max_size=8).map(
+            lambda parts: ".".join(parts).encode("utf-8")
+        ),
+    )
+)
 def test_fuzz_parse_grant(data: bytes) -> None:
     """parse_grant on arbitrary bytes returns None or a well-typed six-tuple, never raises."""
     result = parse_grant(data)
@@ -506,16 +703,32 @@ _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
-@given(room=st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,31}\Z"), seq=st.integers(1, 2**53),
-       ts=st.floats(0, 4e9), nick=_text, kind=st.sampled_from(list(EventKind)), text=_text,
-       cmid=st.none() | _text,
-       extra=st.dictionaries(st.sampled_from(["bot", "why", "reason", "hops", "relay"]),
-                             st.booleans() | st.integers(0, 9) | _text, max_size=3))
+@given(
+    room=st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,31}\Z"),
+    seq=st.integers(1, 2**53),
+    ts=st.floats(0, 4e9),
+    nick=_text,
+    kind=st.sampled_from(list(EventKind)),
+    text=_text,
+    cmid=st.none() | _text,
+    extra=st.dictionaries(
+        st.sampled_from(["bot", "why", "reason", "hops", "relay"]),
+        st.booleans() | st.integers(0, 9) | _text,
+        max_size=3,
+    ),
+)
 def test_encode_event_writes_what_dumps_writes(room, seq, ts, nick, kind, text, cmid, extra):
     """The broker's direct event encoder gives the bytes of the general JSON encoding, so a
     receiver decodes the same event whichever wrote it."""
-    event = {"room": room, "seq": seq, "id": f"{room}:{seq}", "ts": ts, "nick": nick,
-             "kind": str(kind), "text": text}
+    event = {
+        "room": room,
+        "seq": seq,
+        "id": f"{room}:{seq}",
+        "ts": ts,
+        "nick": nick,
+        "kind": str(kind),
+        "text": text,
+    }
     if cmid is not None:
         event["cmid"] = cmid
     event.update(extra)

@@ -1,4 +1,5 @@
 """What an operator sees: Prometheus metrics over real HTTP, and structured log lines."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,10 @@ def test_metrics_move_as_clients_chat(make_broker_process):
     assert before[f'zmqchat_broker_info{{broker="{name}",mode="single"}}'] == 1
 
     async def chat() -> None:
-        async with Client("127.0.0.1", b.port, "ann") as ann, \
-                Client("127.0.0.1", b.port, "bob") as bob:
+        async with (
+            Client("127.0.0.1", b.port, "ann") as ann,
+            Client("127.0.0.1", b.port, "bob") as bob,
+        ):
             for i in range(3):
                 await ann.say("lobby", f"hello {i}")
             try:
@@ -51,15 +54,22 @@ def test_metrics_move_as_clients_chat(make_broker_process):
             during = scrape(mport)
             assert during["zmqchat_connected_clients"] == 2
             assert during['zmqchat_room_members{room="lobby"}'] == 2
+
     asyncio.run(chat())
     ctx = zmq.Context()
     flood = ctx.socket(zmq.DEALER)
     flood.linger = 0
     flood.connect(f"tcp://127.0.0.1:{b.port}")
-    frames = [m.encode_request("HELLO", b"h", {"version": 1, "nick": "flood"}),
-              m.encode_request("JOIN", b"j", {"room": "lobby"})]
-    frames += [m.encode_request("SAY", f"s{i}".encode(), {
-        "room": "lobby", "msgs": [{"id": f"x{i}", "text": "flood"}]}) for i in range(8)]
+    frames = [
+        m.encode_request("HELLO", b"h", {"version": 1, "nick": "flood"}),
+        m.encode_request("JOIN", b"j", {"room": "lobby"}),
+    ]
+    frames += [
+        m.encode_request(
+            "SAY", f"s{i}".encode(), {"room": "lobby", "msgs": [{"id": f"x{i}", "text": "flood"}]}
+        )
+        for i in range(8)
+    ]
     for f in frames:
         flood.send_multipart(f)
     codes = []
@@ -84,8 +94,7 @@ def test_metrics_move_as_clients_chat(make_broker_process):
     wait_for(lambda: scrape(mport)["zmqchat_history_lag_events"] == 0, 5, "the writer")
 
 
-def test_connection_events_are_logged_as_json_lines_with_client_text_escaped(
-        make_broker_process):
+def test_connection_events_are_logged_as_json_lines_with_client_text_escaped(make_broker_process):
     """--log-level INFO --log-format json: one JSON object per connection event; a quit
     reason full of control characters is escaped and cut short, never written raw."""
     b = make_broker_process("--log-level", "INFO", "--log-format", "json")
@@ -95,6 +104,7 @@ def test_connection_events_are_logged_as_json_lines_with_client_text_escaped(
         client = Client("127.0.0.1", b.port, "ann")
         await client.connect()
         await client.close(reason)
+
     asyncio.run(visit())
     b.stop()
     err = b.proc.stderr.read()
@@ -103,7 +113,7 @@ def test_connection_events_are_logged_as_json_lines_with_client_text_escaped(
     events = {line["event"]: line for line in lines if "event" in line}
     assert events["hello"]["nick"] == "ann" and events["hello"]["resume"] is False
     assert events["quit"]["nick"] == "ann"
-    assert events["quit"]["reason"] == reason          # decoded from its escaped JSON
+    assert events["quit"]["reason"] == reason  # decoded from its escaped JSON
     assert all(re.match(r"\d{4}-\d\d-\d\dT", line["ts"]) for line in lines)
 
 
@@ -113,6 +123,7 @@ def test_log_lines_escape_and_cut_what_clients_send():
     import logging
 
     import logs
+
     record = logging.LogRecord("broker", logging.INFO, "", 0, "quit", None, None)
     record.fields = {"nick": "ann", "reason": 'bye "all"\x1b[2J\n' + "y" * 400}
     line = logs.TextFormatter().format(record)

@@ -3,6 +3,7 @@
 A room's events, however they arrive (live batches late, twice or never, history pages in
 between), come out 1, 2, 3, ... once each; what is missing is asked for from history.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ def seqs(events: list[Ev]) -> list[object]:
 
 def answer(order: RoomOrder[Ev], fetch: Fetch, history: list[Ev], room_seq: int):
     """History's reply to fetch, as the broker gives it: the stored events after fetch.after."""
-    page = [e for e in history if e.seq > fetch.after][:fetch.limit]
+    page = [e for e in history if e.seq > fetch.after][: fetch.limit]
     return order.fetched(fetch, page, room_seq)
 
 
@@ -107,7 +108,7 @@ def test_live_batch_arriving_during_a_fetch_is_not_delivered_twice():
     order = RoomOrder[Ev]()
     order.receive(evs(1, 2))
     order.reached(5)
-    assert order.missing and not order.held      # ahead, but nothing proves a loss yet
+    assert order.missing and not order.held  # ahead, but nothing proves a loss yet
     fetch = order.fetch()
     assert fetch is not None and fetch.after == 2
     assert seqs(order.receive(evs(3, 4, 5))) == [3, 4, 5]
@@ -194,6 +195,7 @@ def test_rejoin_at_a_later_seq_asks_for_what_was_missed():
 
 # ---------------------------------------------------------------------------- properties
 
+
 @settings(max_examples=400, deadline=None)
 @given(st.data())
 def test_any_arrival_delivers_every_event_once_in_order(data):
@@ -202,18 +204,18 @@ def test_any_arrival_delivers_every_event_once_in_order(data):
     n = data.draw(st.integers(1, 60), "N")
     cuts = sorted(data.draw(st.sets(st.integers(2, n), max_size=n - 1), "cuts")) if n > 1 else []
     bounds = [1, *cuts, n + 1]
-    batches = [evs(*range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    batches = [evs(*range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
     order = RoomOrder[Ev](limit=data.draw(st.integers(1, 8), "limit"))
-    history: list[Ev] = []        # what the broker has stored (and published) so far
-    live: list[list[Ev]] = []     # published batches on their way to us, any order
-    asked: list[Fetch] = []       # fetches sent, not yet answered
+    history: list[Ev] = []  # what the broker has stored (and published) so far
+    live: list[list[Ev]] = []  # published batches on their way to us, any order
+    asked: list[Fetch] = []  # fetches sent, not yet answered
     out: list[object] = []
 
     def take(events: list[Ev]) -> None:
         out.extend(seqs(events))
         assert out == list(range(1, len(out) + 1)), out
 
-    def maybe_fetch() -> None:    # what the client does after each receive() and reached()
+    def maybe_fetch() -> None:  # what the client does after each receive() and reached()
         fetch = order.fetch()
         if fetch is not None:
             asked.append(fetch)
@@ -229,8 +231,12 @@ def test_any_arrival_delivers_every_event_once_in_order(data):
     for _ in range(300):
         if not (batches or live or asked):
             break
-        moves = ["publish"] * bool(batches) + ["hear"] * bool(live) + ["ping"] \
+        moves = (
+            ["publish"] * bool(batches)
+            + ["hear"] * bool(live)
+            + ["ping"]
             + ["reply", "fail"] * bool(asked)
+        )
         move = data.draw(st.sampled_from(moves))
         if move == "publish":
             batch = batches.pop(0)
@@ -247,9 +253,9 @@ def test_any_arrival_delivers_every_event_once_in_order(data):
         else:
             fetch = asked.pop(data.draw(st.integers(0, len(asked) - 1)))
             order.failed(fetch)
-    for batch in batches:       # the rest is published but never heard live
+    for batch in batches:  # the rest is published but never heard live
         history += batch
-    order.reached(n)            # the next ping after the last event: repair to the end
+    order.reached(n)  # the next ping after the last event: repair to the end
     maybe_fetch()
     while asked:
         reply(asked[0])

@@ -1,5 +1,6 @@
 """Packaging: pyproject.toml lists every module and agrees with requirements.txt, and
 `pip install .` into a fresh virtualenv gives commands and modules that work on their own."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ NOT_MODULES = {"setup.py", "conftest.py"}  # build or test scripts, should the t
 
 
 def requirement_lines(text: str) -> list[Requirement]:
-    return [Requirement(line) for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        Requirement(line)
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_every_top_level_module_is_listed_in_pyproject():
@@ -39,10 +43,15 @@ def test_requirements_pin_exactly_the_declared_dependencies():
     project = PYPROJECT["project"]
     declared = [Requirement(r) for r in project["dependencies"]]
     for extra in project["optional-dependencies"].values():
-        declared += [Requirement(r) for r in extra if canonicalize_name(Requirement(r).name)
-                     != canonicalize_name(project["name"])]
-    pins = {canonicalize_name(r.name): r for r in
-            requirement_lines((ROOT / "requirements.txt").read_text())}
+        declared += [
+            Requirement(r)
+            for r in extra
+            if canonicalize_name(Requirement(r).name) != canonicalize_name(project["name"])
+        ]
+    pins = {
+        canonicalize_name(r.name): r
+        for r in requirement_lines((ROOT / "requirements.txt").read_text())
+    }
     assert {canonicalize_name(r.name) for r in declared} == set(pins)
     for req in declared:
         pin = pins[canonicalize_name(req.name)]
@@ -74,16 +83,30 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(path, src / path.name)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=run_env())
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                          "--disable-pip-version-check", str(src)],
-                         capture_output=True, text=True, env=run_env(), cwd=tmp, timeout=120)
+    pip = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        cwd=tmp,
+        timeout=120,
+    )
     assert pip.returncode == 0, pip.stdout + pip.stderr
     return venv / "bin"
 
 
 def run(command: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=run_env(),
-                          timeout=30, **kw)
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=cwd, env=run_env(), timeout=30, **kw
+    )
 
 
 def test_installed_commands_show_help_and_pass_on_exit_status(installed, tmp_path):
@@ -117,16 +140,40 @@ def test_installed_broker_and_client_exchange_a_message(installed, tmp_path):
     """zmqchat --json says a line through zmqchat-broker and gets it back as its own message."""
     port, pub_port = free_ports()
     broker = subprocess.Popen(
-        [str(installed / "zmqchat-broker"), "--port", str(port), "--pub-port", str(pub_port),
-         "--db", str(tmp_path / "chat.db")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=run_env())
+        [
+            str(installed / "zmqchat-broker"),
+            "--port",
+            str(port),
+            "--pub-port",
+            str(pub_port),
+            "--db",
+            str(tmp_path / "chat.db"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=run_env(),
+    )
     try:
         # it starts only once its history writer (store.py, from site-packages) has answered
         started = broker.stdout.readline()
         assert started.startswith("Broker started"), started + broker.stderr.read()
         text = "hello from an installed zmqchat"
-        client = run([str(installed / "zmqchat"), "--json", "-i", "127.0.0.1", "-p", str(port),
-                      "-u", "alice"], tmp_path, input=text + "\n")
+        client = run(
+            [
+                str(installed / "zmqchat"),
+                "--json",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-u",
+                "alice",
+            ],
+            tmp_path,
+            input=text + "\n",
+        )
         assert client.returncode == 0, client.stdout + client.stderr
         events = [json.loads(line) for line in client.stdout.splitlines()]
         said = [e for e in events if e["kind"] == "msg" and e["text"] == text]

@@ -3,6 +3,7 @@ that messages.py defines; its field tables match what the broker reads and repli
 worked session, replayed frame by frame against a fresh broker, gets the replies it shows.
 examples/minimal_client.py, written from the document alone, imports nothing of ours.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,6 +24,7 @@ VOLATILE = {"ts", "grant", "pub_port", "motd", "time", "broker"}  # differ from 
 
 
 # ---------------------------------------------------------------------------- reading the doc
+
 
 def chapter(number: int) -> str:
     found = re.search(rf"^## {number}\. [^\n]*\n(.*?)(?=^## |\Z)", DOC, re.M | re.S)
@@ -65,6 +67,7 @@ EVENT_KINDS = {r[0] for r in table(chapter(7), "Kinds:")}
 
 # ---------------------------------------------------------------------------- names and limits
 
+
 def test_every_command_push_code_and_event_kind_is_documented():
     """The document's headings and tables name exactly what messages.py defines."""
     assert set(COMMANDS) == {k.value for k in m.Kind}
@@ -82,13 +85,20 @@ def test_limits_table_matches_messages():
 
 # Smallest valid body of each command: what the broker then reads is what the table must name.
 MINIMAL = {
-    m.Kind.HELLO: {"version": 1, "nick": "ann"}, m.Kind.JOIN: {"room": "lobby"},
+    m.Kind.HELLO: {"version": 1, "nick": "ann"},
+    m.Kind.JOIN: {"room": "lobby"},
     m.Kind.LEAVE: {"room": "lobby"},
     m.Kind.SAY: {"room": "lobby", "msgs": [{"id": "c1", "text": "hi"}]},
-    m.Kind.PRIV: {"to": "bob", "text": "hi", "id": "c2"}, m.Kind.ROOMS: {}, m.Kind.WHO: {},
-    m.Kind.NICK: {"nick": "ann"}, m.Kind.TOPIC: {"room": "lobby"},
-    m.Kind.HISTORY: {"room": "lobby"}, m.Kind.PING: {}, m.Kind.BYE: {},
-    m.Kind.KICK: {"room": "lobby", "nick": "bob"}, m.Kind.BAN: {"room": "lobby", "nick": "bob"},
+    m.Kind.PRIV: {"to": "bob", "text": "hi", "id": "c2"},
+    m.Kind.ROOMS: {},
+    m.Kind.WHO: {},
+    m.Kind.NICK: {"nick": "ann"},
+    m.Kind.TOPIC: {"room": "lobby"},
+    m.Kind.HISTORY: {"room": "lobby"},
+    m.Kind.PING: {},
+    m.Kind.BYE: {},
+    m.Kind.KICK: {"room": "lobby", "nick": "bob"},
+    m.Kind.BAN: {"room": "lobby", "nick": "bob"},
     m.Kind.UNBAN: {"room": "lobby", "nick": "bob"},
 }
 
@@ -103,6 +113,7 @@ def test_request_table_names_what_the_broker_reads(kind: m.Kind):
 
 
 # ---------------------------------------------------------------------------- the live broker
+
 
 class Raw:
     """A bare DEALER speaking the protocol as PROTOCOL.md describes it."""
@@ -128,7 +139,7 @@ class Raw:
     def push(self, kind: str, timeout: float = 5.0) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            for i, (k, body) in enumerate(self.pushes):
+            for i, (k, _) in enumerate(self.pushes):
                 if k == kind:
                     return self.pushes.pop(i)[1]
             frames = self._recv(deadline - time.monotonic(), f"a {kind} push")
@@ -165,6 +176,7 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
             answer = who.ok(kind, body)
             replies.setdefault(kind, []).append(answer)
             return answer
+
         welcome = ok(ann, "HELLO", {"version": 1, "nick": "ann", "token": "a1" * 8})
         ok(bob, "HELLO", {"version": 1, "nick": "bob", "bot": True, "token": "b1"})
         sub = ctx.socket(zmq.XSUB)
@@ -173,12 +185,19 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
         sub.send(b"\x01" + ok(ann, "JOIN", {"room": "lobby"})["grant"].encode())
         pushes = [("LIVE", ann.push("LIVE"))]
         ok(bob, "JOIN", {"room": "lobby"})
-        ok(bob, "SAY", {"room": "lobby", "msgs": [{"id": "b-1", "text": "copied",
-                                                    "action": True}],
-                        "relay": "cy@work", "hops": 2})
+        ok(
+            bob,
+            "SAY",
+            {
+                "room": "lobby",
+                "msgs": [{"id": "b-1", "text": "copied", "action": True}],
+                "relay": "cy@work",
+                "hops": 2,
+            },
+        )
         ok(ann, "SAY", {"room": "lobby", "msgs": [{"id": "a-1", "text": "hi"}]})
         private = ok(ann, "PRIV", {"to": "BOB", "text": "psst", "id": "a-2"})
-        ok(ann, "PRIV", {"to": "bob", "text": "psst", "id": "a-2"})        # duplicate
+        ok(ann, "PRIV", {"to": "bob", "text": "psst", "id": "a-2"})  # duplicate
         pushes.append(("PRIVATE", bob.push("PRIVATE")))
         ok(ann, "ROOMS", {})
         ok(ann, "WHO", {"room": "lobby"})
@@ -215,12 +234,13 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
         documented, always = fields(PUSHES[kind], "|")
         assert always <= set(body) <= documented, (kind, body)
     events = history["events"] + [private["event"]]
-    assert {e["kind"] for e in events} == EVENT_KINDS       # every kind happened, documented
+    assert {e["kind"] for e in events} == EVENT_KINDS  # every kind happened, documented
     for event in events:
         assert set(event) <= EVENT_FIELDS, f"undocumented {set(event) - EVENT_FIELDS}: {event}"
 
 
 # ---------------------------------------------------------------------------- the worked session
+
 
 def session_lines() -> list[tuple[str, str]]:
     block = re.search(r"^```frames\n(.*?)^```", DOC, re.M | re.S)
@@ -263,7 +283,7 @@ def test_worked_session_replays_against_a_fresh_broker(make_broker):
                 if frame(label):
                     got_kind, got = socks[actor].reply(frame(label))
                     assert got_kind == kind, (rest, got)
-                    if actor == "" and "pub_port" in got:     # ann's welcome
+                    if actor == "" and "pub_port" in got:  # ann's welcome
                         sub.connect(f"tcp://127.0.0.1:{got['pub_port']}")
                 else:
                     got = socks[actor].push(kind)
@@ -290,12 +310,20 @@ def test_worked_session_replays_against_a_fresh_broker(make_broker):
 
 # ---------------------------------------------------------------------------- the minimal client
 
+
 def test_minimal_client_uses_only_python_and_pyzmq():
     """examples/minimal_client.py imports the standard library and zmq, nothing of ours."""
     tree = ast.parse((ROOT / "examples" / "minimal_client.py").read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert imported - {"__future__"} <= set(sys.stdlib_module_names) | {"zmq"}, imported
     assert "sys.path" not in (ROOT / "examples" / "minimal_client.py").read_text()

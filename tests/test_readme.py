@@ -1,4 +1,5 @@
 """The README's examples work as a new user would copy them."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,22 +21,27 @@ def snippets() -> list[str]:
 def run_snippet(code: str, port: int, tmp_path) -> subprocess.Popen:
     script = tmp_path / "snippet.py"
     script.write_text(code.replace("9001", str(port)))
-    return subprocess.Popen([sys.executable, str(script)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 async def ask(port: int, line: str, want: str) -> str:
     """Say line in lobby and wait for a bot's answer containing want."""
     async with Client("127.0.0.1", port, "newuser", backlog=0) as me:
-        for _ in range(100):   # the bot may still be joining: ask until it answers
+        for _ in range(100):  # the bot may still be joining: ask until it answers
             await me.say("lobby", line)
             try:
                 while True:
                     ev = await me.next_event(0.5)
                     if ev.kind == "msg" and ev.bot and want in ev.text:
                         return ev.text
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
     raise AssertionError(f"no answer to {line!r}")
 
@@ -48,8 +54,7 @@ def test_readme_weather_bot_is_short_and_works(make_broker_process, tmp_path):
     bot = run_snippet(code, proc.port, tmp_path)
     try:
         assert asyncio.run(ask(proc.port, "!weather Oslo", "Oslo")) == "Oslo: sunny, 21 C"
-        assert asyncio.run(ask(proc.port, "!weather New York", "York")) == \
-            "New York: sunny, 21 C"
+        assert asyncio.run(ask(proc.port, "!weather New York", "York")) == "New York: sunny, 21 C"
         assert "Today's weather in CITY" in asyncio.run(ask(proc.port, "!help", "weather"))
     finally:
         bot.send_signal(signal.SIGINT)

@@ -1,4 +1,5 @@
 """Nobody hears what they should not, nobody speaks as someone else, no input breaks the broker."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,6 @@ import zmq.asyncio
 
 import messages as m
 from client import ChatError, Client
-from conftest import wait_for
 
 
 @pytest.fixture(params=["one broker", "two brokers"])
@@ -34,8 +34,9 @@ def raw_dealer(ctx: zmq.Context, port: int, rid: bytes | None = None) -> zmq.Soc
     return s
 
 
-def call(sock: zmq.Socket, kind: str, body: dict, label: bytes = b"1",
-         timeout: int = 3000) -> m.Response:
+def call(
+    sock: zmq.Socket, kind: str, body: dict, label: bytes = b"1", timeout: int = 3000
+) -> m.Response:
     sock.send_multipart(m.encode_request(kind, label, body))
     while True:
         assert sock.poll(timeout), f"no reply to {kind}"
@@ -98,25 +99,28 @@ def test_eavesdroppers_hear_nothing(broker):
     used = ctx.socket(zmq.XSUB)
     used.linger = 0
     used.connect(f"tcp://127.0.0.1:{broker.pub_port}")
-    used.send(b"\x01" + grant.encode())            # the spy uses its grant once, legitimately
+    used.send(b"\x01" + grant.encode())  # the spy uses its grant once, legitimately
     assert call(spy, "LEAVE", {"room": "lobby"}).kind == "OK"
     replay = ctx.socket(zmq.XSUB)
     replay.linger = 0
     replay.connect(f"tcp://127.0.0.1:{broker.pub_port}")
-    replay.send(b"\x01" + grant.encode())          # and replays it on a new connection
+    replay.send(b"\x01" + grant.encode())  # and replays it on a new connection
     subs += [used, replay]
 
     async def talk() -> None:
-        async with Client("127.0.0.1", broker.port, "alice") as a, \
-                Client("127.0.0.1", broker.port, "bob") as b:
+        async with (
+            Client("127.0.0.1", broker.port, "alice") as a,
+            Client("127.0.0.1", broker.port, "bob") as b,
+        ):
             col = Collector(b)
             for i in range(20):
                 await a.say("lobby", f"secret {i}")
             await until(lambda: len(col.texts()) == 20)
+
     asyncio.run(talk())
     for s in subs:
         got = drain(s, 100)
-        if s is used:   # a member until it left: at most its own leave notice, nothing after
+        if s is used:  # a member until it left: at most its own leave notice, nothing after
             got = [f for f in got if b'"kind":"leave"' not in f[-1] or b'"spy"' not in f[-1]]
         assert not got, f"eavesdropper received {got[:1]}"
         s.close()
@@ -128,17 +132,20 @@ def test_kicked_member_with_open_socket_hears_nothing_more(make_broker):
     b = make_broker(ops=("boss",))
 
     async def scenario() -> None:
-        async with Client("127.0.0.1", b.port, "boss") as boss, \
-                Client("127.0.0.1", b.port, "mallory") as mal, \
-                Client("127.0.0.1", b.port, "carol") as carol:
+        async with (
+            Client("127.0.0.1", b.port, "boss") as boss,
+            Client("127.0.0.1", b.port, "mallory") as mal,
+            Client("127.0.0.1", b.port, "carol") as carol,
+        ):
             seen_mal, seen_carol = Collector(mal), Collector(carol)
             await boss.say("lobby", "before")
             await until(lambda: "before" in seen_mal.texts())
             old_grants = [g for gs in mal._grants.values() for g in gs]
             await boss.kick("lobby", "mallory", "spam")
-            await until(lambda: any("kicked" in e.text for e in seen_mal.events
-                                    if e.kind == "status"))
-            for g in old_grants:                      # try to get back in with old grants
+            await until(
+                lambda: any("kicked" in e.text for e in seen_mal.events if e.kind == "status")
+            )
+            for g in old_grants:  # try to get back in with old grants
                 mal._sub.send(b"\x01" + g.encode())
             await boss.say("lobby", "after")
             await until(lambda: "after" in seen_carol.texts())
@@ -158,6 +165,7 @@ def test_kicked_member_with_open_socket_hears_nothing_more(make_broker):
             assert err.value.code == "BANNED"
             await boss.unban("lobby", "mallory")
             await mal.join("lobby")
+
     asyncio.run(scenario())
 
 
@@ -195,7 +203,7 @@ def test_private_messages_are_sent_again_only_to_their_recipient(broker):
             body["token"] = token
         s.send_multipart(m.encode_request("HELLO", b"h", body))
         frames = []
-        while not frames or frames[-1][1] != b"h":   # the pushes come before the reply
+        while not frames or frames[-1][1] != b"h":  # the pushes come before the reply
             assert s.poll(3000), "no reply to HELLO"
             frames.append(s.recv_multipart())
         assert frames[-1][0] == b"OK", frames[-1]
@@ -203,15 +211,16 @@ def test_private_messages_are_sent_again_only_to_their_recipient(broker):
         s.close()
         return [json.loads(f[2])["event"]["text"] for f in frames if f[0] == b"PRIVATE"]
 
-    assert privates_on_resume("alice", "m" * 32, 0) == []        # another client, same nick
-    assert privates_on_resume("alice", None, 0) == []            # no token: a nick proves nothing
-    assert privates_on_resume("mallory", token, 0) == []         # the token, another nick
-    assert privates_on_resume("amy", short, 0) == []             # a token too short to trust
+    assert privates_on_resume("alice", "m" * 32, 0) == []  # another client, same nick
+    assert privates_on_resume("alice", None, 0) == []  # no token: a nick proves nothing
+    assert privates_on_resume("mallory", token, 0) == []  # the token, another nick
+    assert privates_on_resume("amy", short, 0) == []  # a token too short to trust
     assert privates_on_resume("alice", token, welcome["time"]) == ["for alice"]
     assert privates_on_resume("alice", token, time.time() + 60) == []  # none since then
     bad = raw_dealer(ctx, broker.port)
-    resp = call(bad, "HELLO", {"version": 1, "nick": "carol", "resume": True,
-                               "privates_since": "yesterday"})
+    resp = call(
+        bad, "HELLO", {"version": 1, "nick": "carol", "resume": True, "privates_since": "yesterday"}
+    )
     assert resp.kind == "ERROR" and resp.body["code"] == "BAD_REQUEST"
     bad.close()
     bob.close()
@@ -227,20 +236,25 @@ def test_claimed_sender_is_replaced_by_the_real_one(broker):
             s = raw_dealer(ctx, broker.port)
             hello(s, "mallory")
             call(s, "JOIN", {"room": "lobby"})
-            body = {"room": "lobby", "nick": "alice", "from": "alice",
-                    "msgs": [{"id": "x1", "text": "I am alice", "nick": "alice"}]}
+            body = {
+                "room": "lobby",
+                "nick": "alice",
+                "from": "alice",
+                "msgs": [{"id": "x1", "text": "I am alice", "nick": "alice"}],
+            }
             assert call(s, "SAY", body).kind == "OK"
             await until(lambda: "I am alice" in col.texts())
             ev = next(e for e in col.events if e.text == "I am alice")
             assert ev.nick == "mallory" and not ev.mine
             s.close()
+
     asyncio.run(scenario())
 
 
 def test_copied_routing_id_gains_nothing(broker):
     """A second connection using the first one's routing id gets none of its replies."""
     ctx = zmq.Context.instance()
-    port = broker.port   # the thief goes to the victim's broker
+    port = broker.port  # the thief goes to the victim's broker
     first = raw_dealer(ctx, port, b"victim-id")
     hello(first, "victim")
     thief = raw_dealer(ctx, port, b"victim-id")
@@ -262,8 +276,9 @@ def test_rate_limit_answers_retry_after_and_never_disconnects(make_broker):
     call(s, "JOIN", {"room": "lobby"})
     codes = []
     for i in range(6):
-        r = call(s, "SAY", {"room": "lobby", "msgs": [{"id": f"f{i}", "text": "x"}]},
-                 f"s{i}".encode())
+        r = call(
+            s, "SAY", {"room": "lobby", "msgs": [{"id": f"f{i}", "text": "x"}]}, f"s{i}".encode()
+        )
         codes.append(r.body.get("code", r.kind))
         if r.kind == "ERROR":
             assert 0 < r.body["retry_after"] <= 1.0
@@ -293,8 +308,11 @@ def test_flood_does_not_starve_another_client(make_broker):
     hello(flood, "flood")
     call(flood, "JOIN", {"room": "lobby"})
     for i in range(3000):
-        flood.send_multipart(m.encode_request("SAY", b"f", {
-            "room": "lobby", "msgs": [{"id": f"fl{i}", "text": "x" * 200}]}))
+        flood.send_multipart(
+            m.encode_request(
+                "SAY", b"f", {"room": "lobby", "msgs": [{"id": f"fl{i}", "text": "x" * 200}]}
+            )
+        )
     loaded = rtt()
     assert loaded < max(10 * quiet, 0.02), f"rtt {quiet * 1e3:.2f} ms -> {loaded * 1e3:.2f} ms"
     flood.close()
@@ -319,9 +337,12 @@ def test_live_fuzz_leaves_broker_serving_and_bounded(broker, caplog):
         frames = [rng.randbytes(rng.randrange(0, 64)) for _ in range(n)]
         if n >= 3 and rng.random() < 0.7:
             frames[0] = rng.choice(kinds)
-            body = {rng.choice(["room", "nick", "msgs", "text", "version", "id", "limit"]):
-                    rng.choice([None, 1, -1, "lobby", "x" * 5000, [], {}, [{"id": 1}],
-                                "\x1b[2J", True, 1e308]) for _ in range(rng.randrange(4))}
+            body = {
+                rng.choice(["room", "nick", "msgs", "text", "version", "id", "limit"]): rng.choice(
+                    [None, 1, -1, "lobby", "x" * 5000, [], {}, [{"id": 1}], "\x1b[2J", True, 1e308]
+                )
+                for _ in range(rng.randrange(4))
+            }
             if rng.random() < 0.3:
                 body.update({"version": 1, "nick": f"f{i}"})
             frames[2] = json.dumps(body).encode()
@@ -334,7 +355,7 @@ def test_live_fuzz_leaves_broker_serving_and_bounded(broker, caplog):
     assert call(check, "ROOMS", {}, b"r").kind == "OK"
     assert _rss_kb() - before < 60_000
     assert not [r for r in caplog.records if r.levelno >= 40], "a handler raised"
-    if hasattr(broker, "logged_errors"):   # brokers as processes: their logs
+    if hasattr(broker, "logged_errors"):  # brokers as processes: their logs
         assert not broker.logged_errors()
     fuzz.close()
     check.close()
@@ -343,7 +364,9 @@ def test_live_fuzz_leaves_broker_serving_and_bounded(broker, caplog):
 def curve_setup(tmp_path):
     """A broker key pair, an allowed client key ('mine') and a stranger's key."""
     import zmq.auth
+
     from client import curve_keys
+
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
     keys.mkdir()
     allowed.mkdir()
@@ -365,12 +388,14 @@ def test_curve_refuses_unknown_keys(make_broker, tmp_path):
             await c.say("lobby", "encrypted hello")
             assert [e.text for e in await c.history("lobby")][-1] == "encrypted hello"
         with pytest.raises(ChatError) as err:
-            await Client("127.0.0.1", b.port, "other", server_key=server, keypair=stranger,
-                         timeout=1.0).connect()
+            await Client(
+                "127.0.0.1", b.port, "other", server_key=server, keypair=stranger, timeout=1.0
+            ).connect()
         assert err.value.code == "TIMEOUT"
-        with pytest.raises(ChatError) as err:   # plain text to a CURVE broker: nothing
+        with pytest.raises(ChatError) as err:  # plain text to a CURVE broker: nothing
             await Client("127.0.0.1", b.port, "plain", timeout=1.0).connect()
         assert err.value.code == "TIMEOUT"
+
     asyncio.run(scenario())
 
 
@@ -383,14 +408,17 @@ def test_curve_fails_closed_without_its_authenticator(make_local_broker, tmp_pat
     async def opened() -> None:
         async with Client("127.0.0.1", b.port, "keyed", server_key=server, keypair=mine):
             pass
+
     asyncio.run(opened())
-    b.broker.auth.stop()   # the authenticator is gone: ZAP_ENFORCE_DOMAIN refuses everyone
+    b.broker.auth.stop()  # the authenticator is gone: ZAP_ENFORCE_DOMAIN refuses everyone
 
     async def closed() -> None:
         with pytest.raises(ChatError) as err:
-            await Client("127.0.0.1", b.port, "keyed", server_key=server, keypair=mine,
-                         timeout=1.0).connect()
+            await Client(
+                "127.0.0.1", b.port, "keyed", server_key=server, keypair=mine, timeout=1.0
+            ).connect()
         assert err.value.code == "TIMEOUT"
+
     asyncio.run(closed())
     b.broker.auth = None
 
@@ -398,7 +426,9 @@ def test_curve_fails_closed_without_its_authenticator(make_local_broker, tmp_pat
 def test_curve_binds_nick_to_first_key(make_broker, tmp_path):
     """Under CURVE (any key allowed) another key cannot take a registered nick."""
     import zmq.auth
+
     from client import curve_keys
+
     _, secret = zmq.auth.create_certificates(str(tmp_path), "broker")
     server, k1 = curve_keys(str(tmp_path / "broker.key"), str(tmp_path / "k1"))
     _, k2 = curve_keys(str(tmp_path / "broker.key"), str(tmp_path / "k2"))
@@ -412,10 +442,11 @@ def test_curve_binds_nick_to_first_key(make_broker, tmp_path):
         assert err.value.code == "NICK_TAKEN"
         async with Client("127.0.0.1", b.port, "mallory", server_key=server, keypair=k2) as c:
             with pytest.raises(ChatError) as err:
-                await c.set_nick("OWNER")          # nor by renaming into it
+                await c.set_nick("OWNER")  # nor by renaming into it
             assert err.value.code == "NICK_TAKEN"
         async with Client("127.0.0.1", b.port, "owner", server_key=server, keypair=k1) as c:
             assert c.nick == "owner"
+
     asyncio.run(scenario())
 
 
@@ -424,8 +455,10 @@ def test_operator_locks_topic(make_broker):
     b = make_broker(ops=("boss",))
 
     async def scenario() -> None:
-        async with Client("127.0.0.1", b.port, "boss") as boss, \
-                Client("127.0.0.1", b.port, "pleb") as pleb:
+        async with (
+            Client("127.0.0.1", b.port, "boss") as boss,
+            Client("127.0.0.1", b.port, "pleb") as pleb,
+        ):
             seen = Collector(pleb)
             with pytest.raises(ChatError) as err:
                 await pleb.topic("lobby", lock=True)
@@ -437,6 +470,7 @@ def test_operator_locks_topic(make_broker):
             assert await pleb.topic("lobby") == "official"
             await until(lambda: any(e.text == "official" for e in seen.events))
             assert any(e.text == "boss locked the topic (operators only)" for e in seen.events)
+
     asyncio.run(scenario())
 
 
@@ -449,13 +483,18 @@ def test_private_history_is_read_only_by_its_two_parties(broker):
     socks = {}
     for nick, token in tokens.items():
         socks[nick] = raw_dealer(ctx, broker.port)
-        assert call(socks[nick], "HELLO", {"version": 1, "nick": nick,
-                                           "token": token}).kind == "OK"
-    said = [("alice", "bob", "hi bob"), ("bob", "alice", "hi alice"),
-            ("alice", "bob", "how are you?"), ("carol", "bob", "carol to bob")]
+        assert call(socks[nick], "HELLO", {"version": 1, "nick": nick, "token": token}).kind == "OK"
+    said = [
+        ("alice", "bob", "hi bob"),
+        ("bob", "alice", "hi alice"),
+        ("alice", "bob", "how are you?"),
+        ("carol", "bob", "carol to bob"),
+    ]
     for i, (frm, to, text) in enumerate(said):
-        assert call(socks[frm], "PRIV", {"to": to, "text": text, "id": f"p{i}"},
-                    f"p{i}".encode()).kind == "OK"
+        assert (
+            call(socks[frm], "PRIV", {"to": to, "text": text, "id": f"p{i}"}, f"p{i}".encode()).kind
+            == "OK"
+        )
 
     def history(sock: zmq.Socket, peer: str) -> list[tuple[str, str, str]]:
         resp = call(sock, "HISTORY", {"with": peer}, b"h")
@@ -470,8 +509,7 @@ def test_private_history_is_read_only_by_its_two_parties(broker):
     assert history(socks["carol"], "bob") == [("carol", "bob", "carol to bob")]
     call(socks["alice"], "BYE", {})
     mallory = raw_dealer(ctx, broker.port)
-    assert call(mallory, "HELLO", {"version": 1, "nick": "alice", "token": "m" * 32}
-                ).kind == "OK"
+    assert call(mallory, "HELLO", {"version": 1, "nick": "alice", "token": "m" * 32}).kind == "OK"
     assert history(mallory, "bob") == []
     nobody = raw_dealer(ctx, broker.port)
     hello(nobody, "tokenless")

@@ -1,6 +1,7 @@
 """The history files themselves: what a crash leaves in the log is applied on the next start,
 neither the log nor SQLite's WAL grows under steady writes, and a writer that dies is
 replaced."""
+
 from __future__ import annotations
 
 import fcntl
@@ -19,7 +20,11 @@ from conftest import wait_for
 
 def event(seq: int, text: str = "") -> bytes:
     return b'{"room":"lobby","seq":%d,"ts":%d.5,"text":"%s","cmid":"id%d"}' % (
-        seq, seq, (text or str(seq)).encode(), seq)
+        seq,
+        seq,
+        (text or str(seq)).encode(),
+        seq,
+    )
 
 
 def test_log_left_by_a_crash_is_applied_on_start(tmp_path):
@@ -27,11 +32,19 @@ def test_log_left_by_a_crash_is_applied_on_start(tmp_path):
     the last line torn in mid-write) are in SQLite once the next Store starts, once each."""
     path = str(tmp_path / "chat.db")
     store.Store(path).close()  # an empty database, as a first run leaves it
-    recs = [store.encode_record(("event", "lobby", seq, seq + 0.5, "tok:x", f"id{seq}",
-                                 event(seq).decode())) for seq in range(1, 201)]
+    recs = [
+        store.encode_record(
+            ("event", "lobby", seq, seq + 0.5, "tok:x", f"id{seq}", event(seq).decode())
+        )
+        for seq in range(1, 201)
+    ]
     recs.insert(50, store.encode_record(("member", "lobby", "ann")))
-    recs.insert(60, store.encode_record(("event", "lobby", 999, 1.0, "tok:\ty", "a\nb",
-                                         '{"room":"lobby","seq":999}')))
+    recs.insert(
+        60,
+        store.encode_record(
+            ("event", "lobby", 999, 1.0, "tok:\ty", "a\nb", '{"room":"lobby","seq":999}')
+        ),
+    )
     (tmp_path / "chat.db-log.000001").write_bytes(b"".join(recs[:100]))
     (tmp_path / "chat.db-log.000002").write_bytes(b"".join(recs[100:]) + recs[0][:30])
     assert len(store.stored_events(path, "lobby")) == 201  # on disk: SQLite + the log
@@ -62,8 +75,8 @@ def test_log_and_wal_stay_bounded_under_steady_writes(tmp_path, monkeypatch):
                 db.sync()
                 logs.append(sum(os.path.getsize(s) for s in store.segments(path)))
                 wals.append(os.path.getsize(path + "-wal"))
-        assert max(logs) < 200_000, logs     # 3000 records are ~800 KB of log
-        assert max(wals) < 8_000_000, wals   # 3000 one-event commits would be ~50 MB of WAL
+        assert max(logs) < 200_000, logs  # 3000 records are ~800 KB of log
+        assert max(wals) < 8_000_000, wals  # 3000 one-event commits would be ~50 MB of WAL
         assert len(db.history("lobby", after=0, limit=5000)) == 3000
     finally:
         db.close()
@@ -103,14 +116,18 @@ def test_two_writers_after_a_kill_neither_fails_nor_loses(tmp_path, monkeypatch)
     deleted meanwhile is skipped, not an error (it would stop the new broker's start)."""
     path = str(tmp_path / "chat.db")
     store.Store(path).close()
-    recs = [store.encode_record(("event", "lobby", seq, float(seq), "tok:x", f"id{seq}",
-                                 event(seq).decode())) for seq in range(1, 101)]
+    recs = [
+        store.encode_record(
+            ("event", "lobby", seq, float(seq), "tok:x", f"id{seq}", event(seq).decode())
+        )
+        for seq in range(1, 101)
+    ]
     (tmp_path / "chat.db-log.000001").write_bytes(b"".join(recs[:60]))
     (tmp_path / "chat.db-log.000002").write_bytes(b"".join(recs[60:]))
     old, new = store.Writer(path, False), store.Writer(path, False)
     try:
-        listed = store.segments(path)   # the new writer looks at the log first...
-        assert old.catch_up() == 100     # ...the old one applies it, deletes segment 1...
+        listed = store.segments(path)  # the new writer looks at the log first...
+        assert old.catch_up() == 100  # ...the old one applies it, deletes segment 1...
         monkeypatch.setattr(store, "segments", lambda p: listed)
         assert new.catch_up(final=True) == 40  # ...and the new one reads on from its list
     finally:
@@ -158,8 +175,7 @@ def test_a_start_waits_while_an_earlier_writer_runs(tmp_path, monkeypatch, caplo
     held = store.writer_lock(path, 0)
     try:
         opening = Opening(path)
-        wait_for(lambda: "previous broker's history writer" in caplog.text, 10,
-                 "the start to wait")
+        wait_for(lambda: "previous broker's history writer" in caplog.text, 10, "the start to wait")
         assert opening.is_alive() and opening.store is None
     finally:
         os.close(held)
@@ -194,16 +210,23 @@ def test_a_killed_brokers_writer_keeps_the_next_start_waiting(tmp_path, caplog):
     record, once."""
     path = str(tmp_path / "chat.db")
     root = os.path.dirname(os.path.abspath(store.__file__))
-    broker = subprocess.Popen([sys.executable, "-c", BROKER_LIKE.format(root=root, path=path)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    broker = subprocess.Popen(
+        [sys.executable, "-c", BROKER_LIKE.format(root=root, path=path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert broker.stdout is not None and broker.stdin is not None
     try:
         writer = int(broker.stdout.readline())  # its history writer's pid, once it is up
     except BaseException:
         broker.kill()
         raise
-    recs = [store.encode_record(("event", "lobby", seq, float(seq), "tok:x", f"id{seq}",
-                                 event(seq, "x" * 200).decode())) for seq in range(1, 5001)]
+    recs = [
+        store.encode_record(
+            ("event", "lobby", seq, float(seq), "tok:x", f"id{seq}", event(seq, "x" * 200).decode())
+        )
+        for seq in range(1, 5001)
+    ]
     with open(store.segments(path)[-1], "ab") as log:  # as the broker logs them
         log.write(b"".join(recs))
     os.kill(writer, signal.SIGSTOP)
@@ -214,8 +237,7 @@ def test_a_killed_brokers_writer_keeps_the_next_start_waiting(tmp_path, caplog):
         broker.stdout.close()
         assert writer_lock_taken(path)  # by the orphan: its inherited lock outlives the broker
         opening = Opening(path)
-        wait_for(lambda: "previous broker's history writer" in caplog.text, 10,
-                 "the start to wait")
+        wait_for(lambda: "previous broker's history writer" in caplog.text, 10, "the start to wait")
         assert opening.store is None
     finally:
         os.kill(writer, signal.SIGCONT)  # it reads end-of-input: applies the log, exits
