@@ -62,7 +62,6 @@ MAX_ROOMS: Final = 1000  # rooms /join may create: one client cannot fill memory
 REPLAY_WINDOW: Final = 600  # seconds back a resuming client may be sent private messages again
 MIN_REPLAY_TOKEN: Final = 16  # a shorter resume token proves too little to be sent them
 _OK: Final = b"OK"
-_PING: Final = [b"PING"]
 
 
 @dataclass
@@ -160,6 +159,42 @@ class Room:
         return self.published
 
 
+@dataclass(eq=False)
+class Turn:
+    """The requests of one connection that wait for the shared state, and those waiting
+    behind them. A connection's requests are handled in the order they came: a JOIN that
+    waits for the cluster holds up the SAY after it. SAYs may overlap one another (the room
+    log keeps their order), and a PING never waits: a slow cluster must not look like a
+    dead broker."""
+
+    says: int = 0  # SAYs under way
+    other: bool = False  # a request other than SAY under way
+    queue: deque[tuple[list[bytes], str]] = field(default_factory=deque)
+
+    def may_start(self, kind: bytes, queued: bool = False) -> bool:
+        """Whether a request of this kind goes now (`queued`: it is the first in line)."""
+        if kind == b"PING":
+            return True
+        if (self.queue and not queued) or self.other:
+            return False
+        return kind == b"SAY" or not self.says
+
+    def started(self, say: bool) -> None:
+        if say:
+            self.says += 1
+        else:
+            self.other = True
+
+    def finished(self, say: bool) -> None:
+        if say:
+            self.says -= 1
+        else:
+            self.other = False
+
+    def idle(self) -> bool:
+        return not (self.says or self.other or self.queue)
+
+
 Result = dict[str, Any] | Generator[Op, Any, dict[str, Any]]
 Handler = Callable[[Session, m.Request], Result]
 
@@ -188,9 +223,8 @@ class Core:
         self.by_rid: dict[bytes, Session] = {}
         self.by_sid: dict[str, Session] = {}
         self.used_nonces: dict[str, float] = {}
-        # Requests of a connection are handled in the order they came: while one waits
-        # for the shared state, the next ones of the same connection (but PINGs) wait.
-        self.queued: dict[bytes, deque[tuple[list[bytes], str]]] = {}
+        # A connection's requests are handled in the order they came (see Turn).
+        self.turns: dict[bytes, Turn] = {}
         self.outbox: list[list[bytes]] = []  # [rid, kind, label, body] to send
         self.pubs: list[tuple[bytes, bytes]] = []  # (topic, batch) to publish
         self.stats = Stats()
@@ -221,10 +255,10 @@ class Core:
     # ------------------------------------------------------------------ requests
     def request(self, rid: bytes, frames: list[bytes], key: str = "") -> None:
         """One request from a connection: exactly one reply, now or once it is decided."""
-        queue = self.queued.get(rid)
-        if queue is not None and frames[0:1] != _PING:  # an earlier one is still waiting
-            queue.append((frames, key))  # (a PING goes on: it is how the client knows
-            return  # we are alive while a cluster is slow)
+        turn = self.turns.get(rid)
+        if turn is not None and not turn.may_start(frames[0] if frames else b""):
+            turn.queue.append((frames, key))
+            return
         self._handle(rid, frames, key)
 
     def _handle(self, rid: bytes, frames: list[bytes], key: str) -> None:
@@ -255,43 +289,36 @@ class Core:
             )
             return
         if type(result) is GeneratorType:
-            self._advance(
-                rid,
-                label,
-                result,
-                Op.ready(),
-                time.perf_counter() if req.kind is Kind.SAY else 0.0,
-                True,
-            )
+            say = req.kind is Kind.SAY
+            if not self._step(rid, label, result, Op.ready(), time.perf_counter() if say else 0):
+                turn = self.turns.get(rid)  # it waits for the shared state
+                if turn is None:
+                    turn = self.turns[rid] = Turn()
+                turn.started(say)
         else:
             self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
 
-    def _advance(
+    def _resume(
         self,
         rid: bytes,
         label: bytes,
         gen: Generator[Op, Any, dict[str, Any]],
         op: Op,
-        started: float = 0.0,
-        first: bool = False,
+        started: float,
     ) -> None:
-        """Run a handler on from the Op it waited for, until it waits again or answers.
-        `started`: when a SAY arrived (its acknowledgement's latency is measured)."""
-        if self._step(rid, label, gen, op, started):
-            if not first:  # it had waited: its connection's next requests go now
-                self._next(rid)
-        elif first:
-            self.queued[rid] = deque()
-
-    def _next(self, rid: bytes) -> None:
-        """Handle a connection's queued requests, in order, until one has to wait."""
-        queue = self.queued.pop(rid, None)
-        while queue:
-            frames, key = queue.popleft()
+        """A waiting handler's Op is done: run it on; once it has answered, its
+        connection's requests that waited behind it go."""
+        if not self._step(rid, label, gen, op, started):
+            return
+        turn = self.turns.get(rid)
+        if turn is None:
+            return
+        turn.finished(bool(started))
+        while turn.queue and turn.may_start(turn.queue[0][0][0] if turn.queue[0][0] else b"", True):
+            frames, key = turn.queue.popleft()
             self._handle(rid, frames, key)
-            if rid in self.queued:  # that one waits: the rest wait behind it
-                self.queued[rid].extend(queue)
-                return
+        if turn.idle():
+            del self.turns[rid]
 
     def _step(
         self,
@@ -323,7 +350,7 @@ class Core:
                 )
                 return True
             if not op.done:
-                op.then(lambda op: self._advance(rid, label, gen, op, started))
+                op.then(lambda op: self._resume(rid, label, gen, op, started))
                 return False
 
     def _error(self, rid: bytes, label: bytes, err: ProtocolError) -> None:

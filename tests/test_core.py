@@ -297,3 +297,25 @@ def test_a_connections_requests_are_answered_in_order_while_others_go_on():
     assert ann.reply(say)[1]["acks"] == [["c1", 2]]
     labels = [f[2] for f in h.sent if f[0] == b"ann" and f[2]]
     assert labels.index(join) < labels.index(say)
+
+
+def test_a_connections_says_overlap_and_keep_their_order():
+    """SAYs of one connection do not wait for one another's acknowledgement (the log keeps
+    their order), but a request after them waits until they are answered."""
+    h = Harness(held=True)
+    ann = h.conn("ann")
+    ann.hello("ann")
+    h.log.release()
+    ann.send("JOIN", room="lobby")
+    h.log.release()
+    h.flush()
+    says = [ann.send("SAY", room="lobby", msgs=[{"id": f"c{i}", "text": f"{i}"}]) for i in range(3)]
+    topic = ann.send("TOPIC", room="lobby", text="later")
+    assert len(h.log.held) == 3  # all three appended at once, in order
+    assert all(ann.reply(label) == ("", {}) for label in [*says, topic])
+    h.log.release()
+    h.flush()
+    assert [ann.reply(label)[1]["acks"][0][1] for label in says] == [2, 3, 4]
+    h.log.release()  # the topic's own append
+    h.flush()
+    assert ann.reply(topic)[1]["topic"] == "later"
