@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,7 +36,6 @@ import nats
 import nats.errors
 import nats.js.errors
 import zmq
-import zmq.asyncio
 from nats.js import api
 
 log = logging.getLogger("cluster")
@@ -57,6 +58,20 @@ class BridgeConfig:
     name: str
     rooms: list[str]
     replicas: int  # 0: up to 3, no more than the cluster has
+
+
+class Batch:
+    """Publishes answered together (one APPEND or PRIV): each acknowledgement fills its slot;
+    the op is done when all are, and fails (once) at the first error or at its deadline."""
+
+    __slots__ = ("op", "subject", "seqs", "left", "deadline", "tokens", "notices")
+
+    def __init__(self, op: bytes, subject: str, count: int, deadline: float) -> None:
+        self.op, self.subject, self.deadline = op, subject, deadline
+        self.seqs: list[int] = [0] * count
+        self.left = count  # -1: failed
+        self.tokens: list[str] = []
+        self.notices: list[tuple[dict[str, str], bytes]] = []
 
 
 def stream_of(ns: str, room: str) -> str:
@@ -82,6 +97,8 @@ class Bridge(threading.Thread):
         self.tasks: set[asyncio.Task[Any]] = set()
         self.replicas = 1
         self.rooms_seen: list[str] = []  # rooms in the registry at start
+        self.acking: dict[str, tuple[Batch, int]] = {}  # publish token -> its batch, slot
+        self.tokens = itertools.count()
         self.closing = False
 
     # ------------------------------------------------------------------ thread
@@ -90,11 +107,15 @@ class Bridge(threading.Thread):
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
-        actx = zmq.asyncio.Context.shadow(self.ctx.underlying)
-        self.sock = actx.socket(zmq.PAIR)
+        # A plain socket, used by this thread only: the event loop watches its descriptor
+        # and everything waiting is read at once (no future per message, as zmq.asyncio has).
+        self.sock = self.ctx.socket(zmq.PAIR)
         self.sock.linger = 0
         self.sock.sndhwm = self.sock.rcvhwm = 0
         self.sock.connect(self.address)
+        self.inbox: deque[list[bytes]] = deque()
+        self.woken = asyncio.Event()
+        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
         try:
             await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
             await self._setup()
@@ -102,8 +123,8 @@ class Bridge(threading.Thread):
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, (asyncio.TimeoutError, nats.errors.NoServersError)):
                 reason = f"no NATS server answered at {', '.join(self.cfg.servers)}"
-            await self.sock.send_multipart([b"FATAL", reason.encode()])
-            self.sock.close()
+            self._send([b"FATAL", reason.encode()])
+            self._stop_reading()
             await self._drop_connection()
             return
         self._send([b"READY", str(self.replicas).encode()])
@@ -118,9 +139,15 @@ class Bridge(threading.Thread):
             b"FOLLOW": self._follow_cmd,
             b"SYNC": self._sync,
         }
+        self._spawn(self._expire_acks())
         try:
-            while True:
-                frames = await self.sock.recv_multipart()
+            while True:  # one command at a time, in order: appends keep the loop's order
+                while not self.inbox:
+                    self.woken.clear()
+                    self._readable()
+                    if not self.inbox:
+                        await self.woken.wait()
+                frames = self.inbox.popleft()
                 if frames[0] == b"STOP":
                     break
                 try:
@@ -130,14 +157,27 @@ class Bridge(threading.Thread):
         finally:
             await self._close()
 
+    def _readable(self) -> None:
+        """Everything the broker's loop has sent (ZeroMQ's descriptor is edge-triggered:
+        read until there is nothing left)."""
+        sock, inbox = self.sock, self.inbox
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            inbox.append(sock.recv_multipart(zmq.NOBLOCK))
+        if inbox:
+            self.woken.set()
+
+    def _stop_reading(self) -> None:
+        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        self.sock.close()
+
     async def _close(self) -> None:
         if self.tasks:  # what was asked before STOP (our last beat, say) gets its chance
             await asyncio.wait(list(self.tasks), timeout=1.0)
         for task in list(self.tasks):
             task.cancel()
         await self._drop_connection()
-        await self.sock.send_multipart([b"STOPPED"])
-        self.sock.close()
+        self._send([b"STOPPED"])
+        self._stop_reading()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -145,8 +185,11 @@ class Bridge(threading.Thread):
         task.add_done_callback(self.tasks.discard)
 
     def _send(self, frames: list[bytes]) -> None:
-        """To the broker's loop, now, in call order (an inproc PAIR without a limit)."""
-        self.sock.send_multipart(frames)
+        """To the broker's loop, now, in call order (an inproc PAIR without a limit). A
+        send can use up the descriptor's signal for a message that came meanwhile: look."""
+        self.sock.send_multipart(frames, zmq.NOBLOCK)
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.loop.call_soon(self._readable)
 
     def _done(self, op: bytes, value: Any) -> None:
         self._send([b"DONE", op, b"json", json.dumps(value).encode()])
@@ -211,6 +254,13 @@ class Bridge(threading.Thread):
             await self._ensure_room(room)
         push = f"{self.ns}.push.{self.cfg.name}"
         await self.nc.subscribe(push, cb=self._routed)
+        self.ack_inbox = self.nc.new_inbox()
+        await self.nc.subscribe(
+            f"{self.ack_inbox}.*",
+            cb=self._acked,
+            pending_msgs_limit=PENDING_MSGS,
+            pending_bytes_limit=1 << 30,
+        )
 
     async def _bucket(self, bucket: str) -> Any:
         name = f"{self.ns}-{bucket}"
@@ -381,47 +431,77 @@ class Bridge(threading.Thread):
         """APPEND op room [msgid kind tail]...: publish each; answer with their seqs."""
         op, room = frames[1], frames[2].decode()
         subject = f"{self.ns}.room.{room}"
-        futures = []
+        batch = Batch(op, subject, (len(frames) - 3) // 3, time.monotonic() + OP_TIMEOUT)
         try:
             for i in range(3, len(frames), 3):
-                msgid, kind, tail = frames[i].decode(), frames[i + 1].decode(), frames[i + 2]
-                headers = {"Nats-Msg-Id": msgid, "Zc-Kind": kind}
-                futures.append(await self.js.publish_async(subject, tail, headers=headers))
+                kind = frames[i + 1].decode()
+                headers = {"Nats-Msg-Id": frames[i].decode(), "Zc-Kind": kind}
+                if kind not in ("msg", "action"):  # ours: kept trying for if this fails
+                    batch.notices.append((headers, frames[i + 2]))
+                await self._publish(subject, frames[i + 2], headers, batch, (i - 3) // 3)
         except Exception as exc:  # noqa: BLE001 - the connection's buffer is full
-            for future in futures:
-                future.cancel()
-            self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
-            return
-        notices = [
-            (frames[i].decode(), frames[i + 1].decode(), frames[i + 2])
-            for i in range(3, len(frames), 3)
-            if frames[i + 1] not in (b"msg", b"action")
-        ]
-        self._spawn(self._acked(op, futures, subject, notices))
+            self._settle(batch, f"the cluster did not store it: {_why(exc)}")
 
-    async def _acked(
-        self, op: bytes, futures: list[Any], subject: str, notices: list[tuple[str, str, bytes]]
+    async def _publish(
+        self, subject: str, payload: bytes, headers: dict[str, str], batch: Batch, index: int
     ) -> None:
-        try:
-            acks = await asyncio.wait_for(asyncio.gather(*futures), OP_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - timeout, no quorum, no stream
-            self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
-            for msgid, kind, tail in notices:  # our own notices get there in the end
-                self._spawn(self._keep_trying(subject, msgid, kind, tail))
-            return
-        self._done(op, [ack.seq for ack in acks])
+        """A JetStream publish whose acknowledgement fills slot `index` of `batch`."""
+        token = str(next(self.tokens))
+        self.acking[token] = (batch, index)
+        batch.tokens.append(token)
+        await self.nc.publish(subject, payload, reply=f"{self.ack_inbox}.{token}", headers=headers)
 
-    async def _keep_trying(self, subject: str, msgid: str, kind: str, tail: bytes) -> None:
+    async def _acked(self, msg: Any) -> None:
+        """A publish's acknowledgement (or its error), to the inbox of all of them."""
+        entry = self.acking.pop(msg.subject.rpartition(".")[2], None)
+        if entry is None:
+            return
+        batch, index = entry
+        if batch.left < 0:  # failed already
+            return
+        try:
+            answer = json.loads(msg.data) if msg.data else {}
+        except ValueError:
+            answer = {}
+        if "seq" not in answer:  # an error, or no stream answered (a status, no body)
+            error = answer.get("error", {}).get("description") or "no stream answered"
+            self._settle(batch, f"the cluster did not store it: {error}")
+            return
+        batch.seqs[index] = answer["seq"]
+        batch.left -= 1
+        if batch.left == 0:
+            self._done(batch.op, batch.seqs)
+
+    def _settle(self, batch: Batch, why: str) -> None:
+        """A batch that will not be acknowledged: its op fails (once); the notices of our
+        own that were in it are published again until they are stored."""
+        if batch.left < 0:
+            return
+        batch.left = -1
+        for token in batch.tokens:
+            self.acking.pop(token, None)
+        self._fail(batch.op, "UNAVAILABLE", why)
+        for headers, tail in batch.notices:
+            self._spawn(self._keep_trying(batch.subject, headers, tail))
+
+    async def _expire_acks(self) -> None:
+        """Fail the publishes that were not acknowledged in OP_TIMEOUT."""
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            late = {batch for batch, _ in self.acking.values() if batch.deadline < now}
+            for batch in late:
+                self._settle(batch, "the cluster did not store it: no answer in time")
+
+    async def _keep_trying(self, subject: str, headers: dict[str, str], tail: bytes) -> None:
         deadline = time.monotonic() + NOTICE_RETRY
         while time.monotonic() < deadline:
             try:
-                await self.js.publish(
-                    subject, tail, headers={"Nats-Msg-Id": msgid, "Zc-Kind": kind}
-                )
+                await self.js.publish(subject, tail, headers=dict(headers))
                 return
             except Exception:  # noqa: BLE001 - the cluster is still away
                 await asyncio.sleep(1.0)
-        log.error("gave up storing a %s notice on %s", kind, subject)
+        log.error("gave up storing a %s notice on %s", headers.get("Zc-Kind"), subject)
 
     # ------------------------------------------------------------------ reading
     async def _direct(self, stream: str, request: dict[str, Any]) -> list[Any]:
@@ -491,14 +571,12 @@ class Bridge(threading.Thread):
     async def _priv(self, frames: list[bytes]) -> None:
         """PRIV op subject-tokens msgid data: keep a private message."""
         op, tokens, msgid, data = frames[1], frames[2].decode(), frames[3].decode(), frames[4]
+        subject = f"{self.ns}.priv.{tokens}"
+        batch = Batch(op, subject, 1, time.monotonic() + OP_TIMEOUT)
         try:
-            future = await self.js.publish_async(
-                f"{self.ns}.priv.{tokens}", data, headers={"Nats-Msg-Id": msgid}
-            )
+            await self._publish(subject, data, {"Nats-Msg-Id": msgid}, batch, 0)
         except Exception as exc:  # noqa: BLE001
-            self._fail(op, "UNAVAILABLE", f"the cluster did not store it: {_why(exc)}")
-            return
-        self._spawn(self._acked(op, [future], "", []))
+            self._settle(batch, f"the cluster did not store it: {_why(exc)}")
 
     async def _privread(self, frames: list[bytes]) -> None:
         """PRIVREAD op filter since limit: the latest private messages whose subject matches
