@@ -19,6 +19,7 @@ class MemoryStore:
         self.rooms: dict[str, str] = {}
         self.nicks: dict[str, str] = {}
         self.commits = 0
+        self.cmids: dict[str, tuple[str, str, int]] = {}
 
     def last_seqs(self) -> dict[str, int]:
         return {room: max(evs) for room, evs in self.events.items() if evs}
@@ -30,12 +31,12 @@ class MemoryStore:
         self, room: str, seq: int, ts: float, sender: str, cmid: str | None, data: bytes
     ) -> None:
         self.events.setdefault(room, {})[seq] = (ts, sender, cmid, data)
+        if cmid is not None:
+            self.cmids[cmid] = (sender, room, seq)
 
     def find_cmid(self, cmid: str) -> tuple[str, str, int] | None:
-        for room, evs in self.events.items():
-            for seq, (_, sender, c, _) in evs.items():
-                if c == cmid:
-                    return sender, room, seq
+        if cmid in self.cmids:
+            return self.cmids[cmid]
         return next(((p[1], "", 0) for p in self.privates if p[3] == cmid), None)
 
     def history(
