@@ -767,6 +767,8 @@ def summarise(
         "errors": sum(r["errors"] for r in results),
         "cpu": cpu,
     }
+    if run["rate"] and "server" in cpu:  # the server's CPU per message delivered, in µs
+        run["server_us"] = cpu["server"] / 100 / run["rate"] * 1e6
     if lat:
         run.update(
             p50_ms=pct(lat, 50) / 1e6,
@@ -831,6 +833,14 @@ def figures(results: dict[str, dict[str, list[dict[str, Any]]]], s: Settings) ->
         add(f"w1f_{r}", f"W1F R={r} delivered", "msg/s", f"W1F-{r}", "rate")
         add(f"w1f_{r}_lost", f"W1F R={r} lost", "msgs", f"W1F-{r}", "lost", False)
         add(f"w1f_{r}_dups", f"W1F R={r} duplicates", "msgs", f"W1F-{r}", "dups", False)
+        add(
+            f"w1f_{r}_cpu",
+            f"W1F R={r} server CPU per delivery",
+            "µs",
+            f"W1F-{r}",
+            "server_us",
+            False,
+        )
     add("w2_p50", "W2 latency p50", "ms", "W2", "p50_ms", False)
     add("w2_p99", "W2 latency p99", "ms", "W2", "p99_ms", False)
     add("w2_max", "W2 latency max", "ms", "W2", "max_ms", False)
@@ -871,6 +881,13 @@ def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool 
     def target(name: str, ok: bool | None, detail: str) -> None:
         out.append((name, ok, detail))
 
+    cpu10, fcpu10 = med("w1f_10_cpu"), med("w1f_10_cpu", "forwarder")
+    if cpu10 and fcpu10:
+        target(
+            "W1F R=10 broker CPU per delivery <= forwarder's",
+            cpu10 <= fcpu10,
+            f"{cpu10:.2f} µs vs {fcpu10:.2f} µs",
+        )
     r10, fwd, thr = med("w1f_10"), med("w1f_10", "forwarder"), med("w1f_10", "thread")
     if r10 and fwd:
         target("W1F R=10 >= 1.0x raw forwarder", r10 >= fwd, f"{r10 / fwd:.2f}x")
