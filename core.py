@@ -62,6 +62,7 @@ MAX_ROOMS: Final = 1000  # rooms /join may create: one client cannot fill memory
 REPLAY_WINDOW: Final = 600  # seconds back a resuming client may be sent private messages again
 MIN_REPLAY_TOKEN: Final = 16  # a shorter resume token proves too little to be sent them
 _OK: Final = b"OK"
+_SAY: Final = [b"SAY"]
 
 
 @dataclass
@@ -195,7 +196,7 @@ class Turn:
         return not (self.says or self.other or self.queue)
 
 
-Result = dict[str, Any] | Generator[Op, Any, dict[str, Any]]
+Result = dict[str, Any] | bytes | Generator[Op, Any, dict[str, Any] | bytes]
 Handler = Callable[[Session, m.Request], Result]
 
 
@@ -262,6 +263,7 @@ class Core:
         self._handle(rid, frames, key)
 
     def _handle(self, rid: bytes, frames: list[bytes], key: str) -> None:
+        started = time.perf_counter() if frames[:1] == _SAY else 0.0  # its ack's latency
         label = m.decode_label(frames)
         session = self.by_rid.get(rid)
         try:
@@ -289,14 +291,15 @@ class Core:
             )
             return
         if type(result) is GeneratorType:
-            say = req.kind is Kind.SAY
-            if not self._step(rid, label, result, Op.ready(), time.perf_counter() if say else 0):
+            if not self._step(rid, label, result, Op.ready(), started):
                 turn = self.turns.get(rid)  # it waits for the shared state
                 if turn is None:
                     turn = self.turns[rid] = Turn()
-                turn.started(say)
+                turn.started(req.kind is Kind.SAY)
         else:
             self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
+            if started:
+                self.ack_starts.append(started)
 
     def _resume(
         self,
@@ -390,6 +393,10 @@ class Core:
         room = self.rooms.get(d.room)
         if room is None:
             room = self.add_room(d.room)
+        if not d.departures and room.rekey_after is None and d.first == room.published + 1:
+            self._publish(room, d.events)  # the usual case: nothing to cut at
+            room.published += len(d.events)
+            return
         i, n = max(room.published - d.first + 1, 0), len(d.events)  # a cluster may repeat
         ends = {seq - d.first + 1 for seq in d.departures if seq > room.published}
         while i < n:
@@ -413,6 +420,9 @@ class Core:
 
     def _publish(self, room: Room, events: list[bytes]) -> None:
         topic = m.room_topic(room.name, room.epoch)
+        if len(events) == 1:
+            self.pubs.append((topic, b"[" + events[0] + b"]"))
+            return
         for i in range(0, len(events), BATCH_EVENTS):
             self.pubs.append((topic, b"[" + b",".join(events[i : i + BATCH_EVENTS]) + b"]"))
 
@@ -750,7 +760,7 @@ class Core:
         yield self._leave(s, room, "part")
         return {"room": room.name}
 
-    def _on_say(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+    def _on_say(self, s: Session, req: m.Request) -> Result:
         room = self._member_room(s, req.body["room"])
         msgs = req.body["msgs"]
         owner = s.ident.owner
@@ -761,25 +771,35 @@ class Core:
                 "a message id already used by another; nothing of this request was stored",
             )
         self._charge(s, sum(1 for prior in known.values() if prior is None))  # retries free
-        extra: dict[str, Any] = {"bot": True} if s.ident.bot else {}
+        extra: dict[str, Any] | None = {"bot": True} if s.ident.bot else None
         if req.body["relay"]:
-            extra["relay"] = req.body["relay"]
+            extra = {**(extra or {}), "relay": req.body["relay"]}
         if req.body["hops"] is not None:
-            extra["hops"] = req.body["hops"]
-        drafts, fresh = [], []
+            extra = {**(extra or {}), "hops": req.body["hops"]}
+        drafts, fresh = [], {}
         for item in msgs:
             cmid = item["id"]
             if known[cmid] is None and cmid not in fresh:  # a repeat in the batch: a retry
                 kind = EventKind.ACTION if item["action"] else EventKind.MSG
-                drafts.append(Draft(kind, s.nick, item["text"], owner, cmid, extra or None))
-                fresh.append(cmid)
-        seqs = (yield self._store(room.name, drafts)) if drafts else []
-        stored = dict(zip(fresh, seqs, strict=True))
-        acks = [
-            [item["id"], stored[item["id"]] if item["id"] in stored else known[item["id"]][2]]
-            for item in msgs
-        ]  # type: ignore[index]
-        return {"room": room.name, "acks": acks}
+                fresh[cmid] = len(drafts)
+                drafts.append(Draft(kind, s.nick, item["text"], owner, cmid, extra))
+        op = self._store(room.name, drafts) if drafts else Op.ready([])
+        if not op.done:  # a cluster: answered once it has stored them
+            return self._say_stored(room.name, msgs, known, fresh, op)
+        if op.error is not None:
+            raise op.error
+        return _acks(room.name, msgs, known, fresh, op.value)
+
+    def _say_stored(
+        self,
+        room: str,
+        msgs: list[dict[str, Any]],
+        known: dict[str, tuple[str, str, int] | None],
+        fresh: dict[str, int],
+        op: Op,
+    ) -> Generator[Op, Any, bytes]:
+        seqs = yield op
+        return _acks(room, msgs, known, fresh, seqs)
 
     def _charge(self, s: Session, n: float) -> None:
         if self.cfg.rate > 0 and n > self.cfg.burst:
@@ -1057,11 +1077,30 @@ class Core:
         return iter(self.by_rid.values())
 
 
+def _acks(
+    room: str,
+    msgs: list[dict[str, Any]],
+    known: dict[str, tuple[str, str, int] | None],
+    fresh: dict[str, int],
+    seqs: list[int],
+) -> bytes:
+    """A SAY's reply, written directly: {"room": ..., "acks": [[id, seq], ...]}."""
+    acks = []
+    for item in msgs:
+        cmid = item["id"]
+        at = fresh.get(cmid)
+        seq = seqs[at] if at is not None else known[cmid][2]  # type: ignore[index]
+        acks.append(f"[{m.quote(cmid)},{seq}]")
+    return f'{{"room":"{room}","acks":[{",".join(acks)}]}}'.encode()
+
+
 class _Raw(list):  # type: ignore[type-arg]
     """History texts that the reply encoder splices in as JSON without decoding them."""
 
 
-def _dumps_with_raw(body: dict[str, Any]) -> bytes:
+def _dumps_with_raw(body: dict[str, Any] | bytes) -> bytes:
+    if type(body) is bytes:  # encoded by its handler already
+        return body
     raw = {k: v for k, v in body.items() if isinstance(v, _Raw)}
     if not raw:
         return m.dumps(body)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
+import msgspec
+
 VERSION: Final = 1
 VERSIONS: Final = (1,)
 
@@ -411,6 +413,12 @@ VALIDATORS: Final = {
 }
 
 
+_KINDS: Final = {k.value.encode(): k for k in Kind}
+# A request body is plain JSON: decoded by msgspec (in C, about three times json's speed)
+# into the same dicts, lists and numbers, then checked by the validators above.
+_BODY: Final = msgspec.json.Decoder()
+
+
 def decode_label(frames: list[bytes]) -> bytes:
     """The label of a request, as far as it can be read, so even a bad request gets its reply."""
     if len(frames) >= 2 and 0 < len(frames[1]) <= MAX_LABEL:
@@ -427,16 +435,15 @@ def decode_request(frames: list[bytes]) -> Request:
     kind_b, label, body_b = frames
     if not label or len(label) > MAX_LABEL:
         raise ProtocolError(Code.BAD_REQUEST, f"the label is 1 to {MAX_LABEL} bytes")
-    try:
-        kind = Kind(kind_b.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
+    kind = _KINDS.get(kind_b)
+    if kind is None:
         raise ProtocolError(
             Code.UNKNOWN_COMMAND,
             f"unknown command {kind_b[:32]!r}; commands: {', '.join(k.value for k in Kind)}",
-        ) from None
+        )
     try:
-        body = json.loads(body_b.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
+        body = _BODY.decode(body_b)
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: deep nesting
         raise ProtocolError(Code.BAD_REQUEST, "the body must be a UTF-8 JSON object") from None
     if not isinstance(body, dict):
         raise ProtocolError(Code.BAD_REQUEST, "the body must be a JSON object")
@@ -502,6 +509,7 @@ class EventKind(StrEnum):
 
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _quote: Final = json.encoder.encode_basestring  # str -> JSON string, as dumps writes it
+quote: Final = _quote
 
 
 def encode_event(
