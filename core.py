@@ -28,7 +28,6 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from types import GeneratorType
 from typing import Any, Final
 
 import messages as m
@@ -254,7 +253,9 @@ class Core:
                 rid, label, ProtocolError(Code.INTERNAL, "the broker failed on this request")
             )
             return
-        if type(result) is GeneratorType:
+        if isinstance(result, dict):
+            self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
+        else:
             self._advance(
                 rid,
                 label,
@@ -263,8 +264,6 @@ class Core:
                 time.perf_counter() if req.kind is Kind.SAY else 0.0,
                 True,
             )
-        else:
-            self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
 
     def _advance(
         self,
@@ -748,10 +747,10 @@ class Core:
                 fresh.append(cmid)
         seqs = (yield self._store(room.name, drafts)) if drafts else []
         stored = dict(zip(fresh, seqs, strict=True))
-        acks = [
-            [item["id"], stored[item["id"]] if item["id"] in stored else known[item["id"]][2]]
-            for item in msgs
-        ]  # type: ignore[index]
+        acks = []
+        for item in msgs:  # an id stored now, or the seq it was stored at before
+            prior = known[item["id"]]
+            acks.append([item["id"], stored[item["id"]] if prior is None else prior[2]])
         return {"room": room.name, "acks": acks}
 
     def _charge(self, s: Session, n: float) -> None:
