@@ -684,7 +684,7 @@ class Bot:
             except TimeoutError:
                 delay = min(delay * 2, 10.0)
 
-    def _catch_signals(self) -> list[int]:
+    def _catch_signals(self) -> list[signal.Signals]:
         """Ctrl+C and SIGTERM stop the bot cleanly (BYE sent) when it runs on the main thread."""
         if threading.current_thread() is not threading.main_thread():
             return []

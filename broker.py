@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 import zmq.auth
@@ -28,6 +28,9 @@ from core import DEFAULT_ROOMS, Config, Core, Room
 from local import LocalLog, LocalPresence, LocalRegistry
 from messages import ProtocolError
 from store import Store, StoreError
+
+if TYPE_CHECKING:  # imported at run time only with CURVE (see _secure)
+    from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("broker")
 
@@ -64,7 +67,7 @@ class Broker:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         self.stopping = False
-        self.auth = None
+        self.auth: ThreadAuthenticator | None = None
         self.curve = cfg.curve_key is not None
         self.store: Store | None = None
         self.cluster: Any = None
@@ -128,8 +131,8 @@ class Broker:
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.xpub.setsockopt(zmq.MAXMSGSIZE, 512)  # subscriptions are tiny; floods stay small
         self.xpub.setsockopt(zmq.SNDHWM, 2000)
-        if self.curve:
-            self._secure()
+        if self.cfg.curve_key is not None:
+            self._secure(self.cfg.curve_key)
         try:
             self.port = self._bind_one(self.router, self.cfg.port)
             self.pub_port = self._bind_one(self.xpub, self.cfg.pub_port)
@@ -138,11 +141,11 @@ class Broker:
             self.xpub.close()
             raise
 
-    def _secure(self) -> None:
+    def _secure(self, key_file: str) -> None:
         """CURVE on both sockets, failing closed: no ZAP handler, no connection."""
-        public, secret = zmq.auth.load_certificate(self.cfg.curve_key)
+        public, secret = zmq.auth.load_certificate(key_file)
         if not secret:
-            raise OSError(f"{self.cfg.curve_key} holds no secret key")
+            raise OSError(f"{key_file} holds no secret key")
         # Imported only here: asyncio and ssl come with it, 8 MB a plain broker never uses.
         from zmq.auth.thread import ThreadAuthenticator
 
@@ -204,7 +207,7 @@ class Broker:
     def _drain_requests(self) -> None:
         router, request, log_ = self.router, self.core.request, self.log
         for _ in range(DRAIN):
-            if not _get(router, _EVENTS) & _POLLIN:  # cheaper than a recv that raises Again
+            if not int(_get(router, _EVENTS)) & _POLLIN:  # cheaper than a recv that raises Again
                 return
             if self.curve:
                 parts = router.recv_multipart(_NOBLOCK, copy=False)

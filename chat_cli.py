@@ -669,8 +669,9 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
             shower.cancel()
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-    if not reader.cancelled() and reader.exception() is not None:
-        raise reader.exception()  # a bug: show it, now that the client has left
+    error = None if reader.cancelled() else reader.exception()
+    if error is not None:
+        raise error  # a bug: show it, now that the client has left
     lost = client.pending()
     if lost:
         fail(

@@ -27,6 +27,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from types import MemberDescriptorType
 from typing import Any, Final
 
 import msgspec
@@ -127,7 +128,9 @@ class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True, gc=Fals
     _cmid: str | None = msgspec.field(default=None, name="cmid")  # marks our own echoes
 
 
-_DATA, _MINE = _EventFields.data, _EventFields.mine  # the slots, written on decoding
+# the slots' own descriptors (the class's attributes, not the fields' values), written on decoding
+_DATA: MemberDescriptorType = vars(_EventFields)["data"]
+_MINE: MemberDescriptorType = vars(_EventFields)["mine"]
 _OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
 _RAWS: Final = msgspec.json.Decoder(list[msgspec.Raw])
 
@@ -147,8 +150,10 @@ class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     `data` is every field of the event as the broker sent it (a dict, made on first use).
     """
 
-    @property
-    def data(self) -> dict[str, Any]:  # type: ignore[override]
+    # mypy models msgspec Structs as dataclasses, whose fields a property may not override;
+    # at run time the property shadows the field's slot, which it reads and fills via _DATA
+    @property  # type: ignore[misc]
+    def data(self) -> dict[str, Any]:
         value = _DATA.__get__(self)
         if type(value) is not dict:
             value = {} if value is None else _OBJECT.decode(_split(value[0])[value[1]])
@@ -751,7 +756,7 @@ class Client:
     def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[bytes]]:
         """The messages already waiting on sock (at most 1000 a turn); each proves liveness.
         Read through a plain socket on the same handle: no future per message."""
-        plain = zmq.Socket.shadow(sock.underlying)
+        plain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         for _ in range(1000):
             try:
                 frames = plain.recv_multipart(zmq.NOBLOCK)
@@ -804,7 +809,7 @@ class Client:
                 taken += len(events)
                 if taken >= EVENTS_PER_TURN:
                     break
-        behind = bool(self._sub.get(zmq.EVENTS) & zmq.POLLIN)
+        behind = bool(int(self._sub.get(zmq.EVENTS)) & zmq.POLLIN)  # typed int | bytes | str
         if self._behind and not behind:
             self._behind = False
             for room, order in list(self.rooms.items()):
@@ -997,7 +1002,8 @@ class Client:
                 int(self.welcome.get("burst", 20)) or m.MAX_BATCH,
             ),
         )
-        batch, size = [], 0
+        batch: list[_Send] = []
+        size = 0
         for item in self._outbox.values():
             if (
                 item.kind != "say"

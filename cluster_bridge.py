@@ -238,7 +238,8 @@ class Bridge(threading.Thread):
 
     async def _setup(self) -> None:
         info = self.nc._server_info or {}
-        size = len(set(info.get("connect_urls") or []) | {self.nc.connected_url.netloc})
+        url = self.nc.connected_url  # None if the connection dropped since _connect()
+        size = len(set(info.get("connect_urls") or []) | ({url.netloc} if url else set()))
         self.replicas = self.cfg.replicas or min(3, max(size, 1))
         for bucket in BUCKETS:
             self.kvs[bucket] = await self._bucket(bucket)
@@ -517,7 +518,7 @@ class Bridge(threading.Thread):
             await self.nc.publish(
                 f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
             )
-            out = []
+            out: list[Any] = []
             while True:
                 msg = await asyncio.wait_for(queue.get(), OP_TIMEOUT)
                 status = (msg.headers or {}).get("Status")

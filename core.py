@@ -28,7 +28,6 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from types import GeneratorType
 from typing import Any, Final
 
 import messages as m
@@ -290,22 +289,21 @@ class Core:
                 rid, label, ProtocolError(Code.INTERNAL, "the broker failed on this request")
             )
             return
-        if type(result) is GeneratorType:
-            if not self._step(rid, label, result, Op.ready(), started):
-                turn = self.turns.get(rid)  # it waits for the shared state
-                if turn is None:
-                    turn = self.turns[rid] = Turn()
-                turn.started(req.kind is Kind.SAY)
-        else:
+        if isinstance(result, (dict, bytes)):
             self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
             if started:
                 self.ack_starts.append(started)
+        elif not self._step(rid, label, result, Op.ready(), started):
+            turn = self.turns.get(rid)  # it waits for the shared state
+            if turn is None:
+                turn = self.turns[rid] = Turn()
+            turn.started(req.kind is Kind.SAY)
 
     def _resume(
         self,
         rid: bytes,
         label: bytes,
-        gen: Generator[Op, Any, dict[str, Any]],
+        gen: Generator[Op, Any, dict[str, Any] | bytes],
         op: Op,
         started: float,
     ) -> None:
@@ -327,7 +325,7 @@ class Core:
         self,
         rid: bytes,
         label: bytes,
-        gen: Generator[Op, Any, dict[str, Any]],
+        gen: Generator[Op, Any, dict[str, Any] | bytes],
         op: Op,
         started: float,
     ) -> bool:
@@ -776,7 +774,8 @@ class Core:
             extra = {**(extra or {}), "relay": req.body["relay"]}
         if req.body["hops"] is not None:
             extra = {**(extra or {}), "hops": req.body["hops"]}
-        drafts, fresh = [], {}
+        drafts: list[Draft] = []
+        fresh: dict[str, int] = {}
         for item in msgs:
             cmid = item["id"]
             if known[cmid] is None and cmid not in fresh:  # a repeat in the batch: a retry
@@ -1099,7 +1098,7 @@ class _Raw(list):  # type: ignore[type-arg]
 
 
 def _dumps_with_raw(body: dict[str, Any] | bytes) -> bytes:
-    if type(body) is bytes:  # encoded by its handler already
+    if isinstance(body, bytes):  # encoded by its handler already
         return body
     raw = {k: v for k, v in body.items() if isinstance(v, _Raw)}
     if not raw:

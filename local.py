@@ -96,8 +96,8 @@ class LocalRegistry:
         self.store = store
         self.sessions: dict[str, Identity] = {}
         self._members: dict[str, dict[str, Member]] = {}
-        for key, room in store.take_members():
-            self._members.setdefault(room, {})[key] = Member(key, key, "", "")
+        for key, name in store.take_members():
+            self._members.setdefault(name, {})[key] = Member(key, key, "", "")
         saved = {name: RoomSettings.from_json(d) for name, d in store.room_settings().items()}
         self.rooms: dict[str, RoomSettings] = {}
         op_keys = {m.nick_key(n) for n in ops}

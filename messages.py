@@ -175,7 +175,7 @@ _CONFUSABLES: Final = str.maketrans(
 )
 
 
-def check_nick(nick: Any) -> str:
+def check_nick(nick: object) -> str:
     """Return the nick, NFC-normalised, or raise NICK_INVALID with the reason."""
     if not isinstance(nick, str) or not nick:
         raise ProtocolError(Code.NICK_INVALID, "a nickname is 1 to 32 characters")
@@ -237,7 +237,7 @@ class Request:
 
 
 def _text(
-    body: dict, key: str, limit: int, *, required: bool = True, allow_empty: bool = False
+    body: dict[str, Any], key: str, limit: int, *, required: bool = True, allow_empty: bool = False
 ) -> str | None:
     value = body.get(key)
     if value is None and not required:
@@ -255,7 +255,7 @@ def _text(
     return value
 
 
-def _int(body: dict, key: str, *, required: bool = False, low: int = 0) -> int | None:
+def _int(body: dict[str, Any], key: str, *, required: bool = False, low: int = 0) -> int | None:
     value = body.get(key)
     if value is None and not required:
         return None
@@ -266,7 +266,7 @@ def _int(body: dict, key: str, *, required: bool = False, low: int = 0) -> int |
     return value
 
 
-def _say_items(body: dict) -> list[dict[str, Any]]:
+def _say_items(body: dict[str, Any]) -> list[dict[str, Any]]:
     items = body.get("msgs")
     if not isinstance(items, list) or not items:
         raise ProtocolError(Code.BAD_REQUEST, "field 'msgs' must be a non-empty list")
@@ -282,7 +282,7 @@ def _say_items(body: dict) -> list[dict[str, Any]]:
     return out
 
 
-def _time(b: dict, name: str) -> float | None:
+def _time(b: dict[str, Any], name: str) -> float | None:
     """An optional time (UTC seconds) as a float: SQLite takes any float, and no integer too
     large for one gets through."""
     value = b.get(name)
@@ -298,7 +298,7 @@ def _time(b: dict, name: str) -> float | None:
 
 
 # One validator per kind: checks the body and returns the fields the broker may rely on.
-def _v_hello(b: dict) -> dict:
+def _v_hello(b: dict[str, Any]) -> dict[str, Any]:
     version = b.get("version")
     if type(version) is not int or version not in VERSIONS:  # true == 1.0 == 1 in Python
         raise ProtocolError(
@@ -316,15 +316,15 @@ def _v_hello(b: dict) -> dict:
     }
 
 
-def _v_join(b: dict) -> dict:
+def _v_join(b: dict[str, Any]) -> dict[str, Any]:
     return {"room": check_room(b.get("room")), "resume": b.get("resume") is True}
 
 
-def _v_room(b: dict) -> dict:
+def _v_room(b: dict[str, Any]) -> dict[str, Any]:
     return {"room": check_room(b.get("room"))}
 
 
-def _v_say(b: dict) -> dict:
+def _v_say(b: dict[str, Any]) -> dict[str, Any]:
     hops = _int(b, "hops")
     return {
         "room": check_room(b.get("room")),
@@ -334,7 +334,7 @@ def _v_say(b: dict) -> dict:
     }
 
 
-def _v_priv(b: dict) -> dict:
+def _v_priv(b: dict[str, Any]) -> dict[str, Any]:
     hops = _int(b, "hops")
     return {
         "to": check_nick(b.get("to")),
@@ -344,19 +344,19 @@ def _v_priv(b: dict) -> dict:
     }
 
 
-def _v_none(b: dict) -> dict:
+def _v_none(b: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _v_who(b: dict) -> dict:
+def _v_who(b: dict[str, Any]) -> dict[str, Any]:
     return {"room": check_room(b["room"]) if b.get("room") is not None else None}
 
 
-def _v_nick(b: dict) -> dict:
+def _v_nick(b: dict[str, Any]) -> dict[str, Any]:
     return {"nick": check_nick(b.get("nick"))}
 
 
-def _v_topic(b: dict) -> dict:
+def _v_topic(b: dict[str, Any]) -> dict[str, Any]:
     lock = b.get("lock")
     if lock is not None and not isinstance(lock, bool):
         raise ProtocolError(Code.BAD_REQUEST, "field 'lock' must be true or false")
@@ -367,7 +367,7 @@ def _v_topic(b: dict) -> dict:
     }
 
 
-def _v_history(b: dict) -> dict:
+def _v_history(b: dict[str, Any]) -> dict[str, Any]:
     limit = _int(b, "limit", low=1)
     peer = b.get("with")
     if peer is not None and b.get("room") is not None:
@@ -382,11 +382,11 @@ def _v_history(b: dict) -> dict:
     }
 
 
-def _v_bye(b: dict) -> dict:
+def _v_bye(b: dict[str, Any]) -> dict[str, Any]:
     return {"reason": _text(b, "reason", MAX_REASON, required=False, allow_empty=True)}
 
 
-def _v_mod(b: dict) -> dict:
+def _v_mod(b: dict[str, Any]) -> dict[str, Any]:
     return {
         "room": check_room(b.get("room")),
         "nick": check_nick(b.get("nick")),

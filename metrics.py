@@ -93,8 +93,8 @@ class BrokerCollector:
             "Requests refused by the rate limit",
             value=stats.errors.get("RATE_LIMITED", 0),
         )
-        counts, running, buckets = list(stats.ack_counts), 0, []
-        for bound, n in zip([*map(str, ACK_BUCKETS), "+Inf"], counts, strict=True):
+        acks, running, buckets = list(stats.ack_counts), 0, []
+        for bound, n in zip([*map(str, ACK_BUCKETS), "+Inf"], acks, strict=True):
             running += n
             buckets.append((bound, running))
         yield HistogramMetricFamily(
@@ -133,6 +133,6 @@ def serve(broker: Broker, host: str, port: int) -> Any:
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BrokerCollector(broker))  # type: ignore[arg-type]
+    registry.register(BrokerCollector(broker))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

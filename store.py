@@ -94,7 +94,8 @@ def encode_record(op: tuple[Any, ...]) -> bytes:
     """One log line: a room event as event_line() writes it if it can; anything else as
     `J <JSON array>`."""
     if op[0] == "event":
-        line = event_line(*op[1:6], op[6].encode("utf-8"))
+        room, seq, ts, sender, cmid, text = op[1:7]
+        line = event_line(room, seq, ts, sender, cmid, text.encode("utf-8"))
         if line is not None:
             return line
     return b"J\t" + json.dumps(op, ensure_ascii=False).encode("utf-8") + b"\n"
@@ -429,19 +430,21 @@ class Store:
         return lock_file(self.path + "-lock", f"{self.path} is in use by another broker")
 
     def _start_writer(self) -> None:
+        lock = self._writer_lock
+        assert lock is not None  # _open() takes the writer lock before it starts a writer
         cmd = [
             sys.executable,
             os.path.abspath(__file__),
             "--writer",
             self.path,
             "--lock-fd",
-            str(self._writer_lock),
+            str(lock),
         ]
         self._writer = subprocess.Popen(
             cmd + (["--fsync"] if self.fsync else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            pass_fds=(self._writer_lock,),
+            pass_fds=(lock,),
             start_new_session=True,
         )  # no Ctrl+C from a terminal
 
@@ -528,7 +531,7 @@ class Store:
             row = self.db.execute(
                 "SELECT sender, '', id FROM privates WHERE cmid=?", (cmid,)
             ).fetchone()
-        return tuple(row) if row else None  # type: ignore[return-value]
+        return tuple(row) if row else None
 
     def _remember(self, cmid: str, value: tuple[str, str, int]) -> None:
         """Keep a new id at hand (find_cmid, which every id passes first, put it in the
@@ -631,7 +634,8 @@ class Store:
         `limit` events before `before` (or the end), optionally only those at or after `since`.
         """
         self.sync()
-        where, args = ["room=?"], [room]
+        where = ["room=?"]
+        args: list[str | float] = [room]
         if after is not None:
             where.append("seq>?")
             args.append(after)
