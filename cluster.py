@@ -330,6 +330,7 @@ class ClusterLog:
         self.cluster = cluster
         self.delivered: dict[str, int] = {}
         self.incoming: list[Delivery] = []
+        self.acked: dict[str, int] = {}  # room -> the highest number our own appends got
         self.cache: dict[str, deque[bytes]] = {}
         self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # msg id -> room, seq
 
@@ -345,7 +346,14 @@ class ClusterLog:
             tail = m.encode_event_tail(time.time(), d.nick, d.kind, d.text, d.cmid, d.extra)
             mid = msg_id(d.owner, d.cmid) if d.cmid is not None else uuid.uuid4().hex
             frames += [mid.encode(), str(d.kind).encode(), tail]
-        return self.cluster.call(frames, json_value)
+        op = self.cluster.call(frames, json_value)
+
+        def stored(op: Op) -> None:  # a read after the ack includes them (read your writes)
+            if op.error is None and op.value:
+                self.acked[room] = max(self.acked.get(room, 0), max(op.value))
+
+        op.then(stored)
+        return op
 
     def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
         out: dict[str, tuple[str, str, int] | None] = {}
@@ -357,16 +365,12 @@ class ClusterLog:
     def read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
     ) -> Op:
-        cached = self._from_cache(room, after, before, since, limit)
-        if cached is not None:
-            return Op.ready(cached)
-        q = {
-            "after": after,
-            "before": before,
-            "since": since,
-            "limit": limit,
-            "last": self.last(room),
-        }
+        last = max(self.last(room), self.acked.get(room, 0))
+        if last == self.last(room):  # everything it may ask for has reached us
+            cached = self._from_cache(room, after, before, since, limit)
+            if cached is not None:
+                return Op.ready(cached)
+        q = {"after": after, "before": before, "since": since, "limit": limit, "last": last}
         return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], list_value)
 
     def _from_cache(

@@ -366,3 +366,80 @@ def test_a_script_piping_into_a_cluster_sees_its_own_lines(make_cluster_broker):
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     mine = [e["text"] for e in events if e.get("kind") == "msg" and e.get("mine")]
     assert mine == lines
+
+
+def test_the_cluster_script_runs_a_cluster_and_stops_on_ctrl_c(tmp_path):
+    """scripts/cluster.py, as the README has a new user run it: 3 NATS nodes and 2 brokers
+    on this machine; a client on each broker hears the other; Ctrl+C stops everything."""
+    import random
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def free(*ports: int) -> bool:
+        for p in ports:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    return False
+        return True
+
+    rng = random.Random()
+    while True:  # the script's ports: NATS base..+2, +2000.., +4000..; brokers port, +1, +10, +11
+        base, port = rng.randrange(20000, 25000), rng.randrange(30000, 50000)
+        if free(
+            *(base + d + i for d in (0, 2000, 4000) for i in range(3)),
+            port,
+            port + 1,
+            port + 10,
+            port + 11,
+        ):
+            break
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "cluster.py"),
+            "--nats-port",
+            str(base),
+            "--port",
+            str(port),
+            "--dir",
+            str(tmp_path / "nats"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        lines: list[str] = []
+        while not any(line.startswith("Try:") for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line.strip())
+        addresses = f"127.0.0.1:{port},127.0.0.1:{port + 10}"
+        assert f"Try:  python client.py -i {addresses} -u alice" in lines
+
+        async def chat() -> None:
+            async with (
+                Client(f"127.0.0.1:{port}", nick="alice") as a,
+                Client(f"127.0.0.1:{port + 10}", nick="bob") as b,
+            ):
+                heard = Listener(b)
+                await a.say("lobby", "across the cluster")
+                await until(lambda: any(e.text == "across the cluster" for e in heard.room()))
+                assert (a.welcome["broker"], b.welcome["broker"]) == ("b1", "b2")
+
+        asyncio.run(chat())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = subprocess.run(["pgrep", "-f", f"nats-server.*-p {base} "], capture_output=True)
+    assert left.stdout == b"", "a NATS node is still running"
