@@ -11,6 +11,7 @@ then publishes them (one frame per room) and sends the replies.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -75,7 +76,7 @@ class Broker:
         if cfg.cluster:
             from cluster import Cluster  # NATS is imported only in cluster mode
 
-            self.cluster = Cluster(cfg, self.ctx)
+            self.cluster = Cluster(cfg)
             self.log, self.registry, self.presence = (
                 self.cluster.log,
                 self.cluster.registry,
@@ -176,30 +177,63 @@ class Broker:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         """Serve until stop(); then tell every client and close."""
+        self.next_sweep = time.monotonic() + self.cfg.heartbeat / 2
+        try:
+            if self.cluster is None:
+                self._serve()
+            else:
+                self.cluster.run(self._serve_cluster())
+        finally:
+            self._shutdown()
+
+    def _pass(self, subscriptions: bool, requests: bool) -> None:
+        """One turn of the loop: read what is there, carry out its effects."""
+        if subscriptions:
+            self._drain_subscriptions()
+        if requests:
+            self._drain_requests()
+        if self.cluster is not None:
+            self.cluster.drain()
+        self._flush()
+        if time.monotonic() >= self.next_sweep:
+            self.core.sweep()
+            if self.cluster is not None:
+                self.cluster.tick()
+            self._flush()
+            self.next_sweep = time.monotonic() + self.cfg.heartbeat / 2
+
+    def _serve(self) -> None:
+        """One broker: the sockets' poller is the loop."""
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.xpub, zmq.POLLIN)
-        if self.cluster is not None:
-            poller.register(self.cluster.socket, zmq.POLLIN)
-        next_sweep = time.monotonic() + self.cfg.heartbeat / 2
+        while not self.stopping:
+            ready = dict(poller.poll(100))
+            self._pass(self.xpub in ready, self.router in ready)
+
+    async def _serve_cluster(self) -> None:
+        """Cluster mode: the same turns, on the asyncio loop that the NATS bridge runs on
+        (in this thread: a message crosses no thread on its way). The sockets' descriptors
+        only say that something may have come: their EVENTS say what is there."""
+        cluster, router, xpub = self.cluster, self.router, self.xpub
+        loop = asyncio.get_running_loop()
+        fds = [int(_get(sock, zmq.FD)) for sock in (router, xpub)]
+        for fd in fds:
+            loop.add_reader(fd, cluster.wake)
         try:
             while not self.stopping:
-                ready = dict(poller.poll(100))
-                if self.xpub in ready:
-                    self._drain_subscriptions()
-                if self.router in ready:
-                    self._drain_requests()
-                if self.cluster is not None:
-                    self.cluster.drain()
-                self._flush()
-                if time.monotonic() >= next_sweep:
-                    self.core.sweep()
-                    if self.cluster is not None:
-                        self.cluster.tick()
-                    self._flush()
-                    next_sweep = time.monotonic() + self.cfg.heartbeat / 2
+                # after every pass: its sends may have used up a descriptor's signal
+                subs = bool(int(_get(xpub, _EVENTS)) & _POLLIN)
+                reqs = bool(int(_get(router, _EVENTS)) & _POLLIN)
+                if not (subs or reqs or cluster.inbox):
+                    await cluster.wait(0.1)
+                    subs = bool(int(_get(xpub, _EVENTS)) & _POLLIN)
+                    reqs = bool(int(_get(router, _EVENTS)) & _POLLIN)
+                self._pass(subs, reqs)  # idle too: a sweep may be due
+                await asyncio.sleep(0)  # the bridge's turn: it publishes what we queued
         finally:
-            self._shutdown()
+            for fd in fds:
+                loop.remove_reader(fd)
 
     def stop(self) -> None:
         self.stopping = True

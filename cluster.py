@@ -1,7 +1,7 @@
 """Several brokers serving the same rooms: the shared state on NATS JetStream.
 
 This is the broker-loop side of cluster mode: the room log, the registry and presence of
-state.py, over a bridge thread that holds the NATS connection (cluster_bridge.py). They keep
+state.py, over a bridge task that holds the NATS connection (cluster_bridge.py). They keep
 in memory what the broker reads often (the registry's buckets, watched; each room's latest
 events), so that reads answer at once as on a single broker; changes go to the bridge and
 complete their Op when NATS has answered. Liveness of the other brokers is watched here too:
@@ -11,19 +11,16 @@ another broker within the grace period, are announced as lost, once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
 import logging
-import secrets
-import sys
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
-
-import zmq
 
 import messages as m
 from logs import event as log_event
@@ -38,10 +35,6 @@ log = logging.getLogger("cluster")
 CACHE_EVENTS: Final = 1000  # latest events kept per room: joins and gap repair read these
 MSGID_CACHE: Final = 200_000  # message ids remembered to recognise a retry after the dedup window
 READY_WAIT: Final = 30.0  # seconds a start waits for the cluster
-# Two threads share the interpreter lock: by default one that wants it waits up to 5 ms for
-# the other to let go, a delay a message pays at each hand-over between the loop and the
-# bridge. 0.2 ms keeps that well under the cluster's own round trip.
-SWITCH_INTERVAL: Final = 0.0002
 OP_DEADLINE: Final = 10.0  # seconds after which an unanswered command fails (a stuck bridge)
 STOP_WAIT: Final = 5.0  # seconds a stop waits for the bridge to let go of NATS
 
@@ -62,16 +55,14 @@ def unhex(key: str) -> str:
 
 
 class Cluster:
-    """The bridge thread, the socket to it, the Ops under way, and broker liveness."""
+    """The event loop the broker runs on in cluster mode, the bridge task on it, the queues
+    between them, the Ops under way, and broker liveness."""
 
-    def __init__(self, cfg: Config, ctx: zmq.Context) -> None:
-        self.cfg, self.ctx = cfg, ctx
-        self.address = f"inproc://zmqchat-cluster-{secrets.token_hex(4)}"
-        self.socket = ctx.socket(zmq.PAIR)
-        self.socket.linger = 0
-        self.socket.sndhwm = self.socket.rcvhwm = 0
-        self.socket.bind(self.address)
-        self.queue: list[list[bytes]] = []
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self.inbox: deque[list[bytes]] = deque()  # news and answers from the bridge
+        self.queue: list[list[bytes]] = []  # commands of this pass, for the bridge
         self.ops: dict[bytes, tuple[Op, Callable[[list[bytes]], Any], float]] = {}
         self._ids = itertools.count(1)
         self.core: Core | None = None
@@ -80,6 +71,8 @@ class Cluster:
         self.registry = ClusterRegistry(self, cfg)
         self.presence = ClusterPresence(self)
         self.bridge: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.waiter: asyncio.Future[None] | None = None  # the loop's, while it waits
         # liveness: when each broker's beat last changed (our clock), when ours last got
         # through, and since when ours have been getting through without a break
         self.seen: dict[str, float] = {}
@@ -98,33 +91,19 @@ class Cluster:
         self.name = name
         servers = [s.strip() for s in (self.cfg.cluster or "").split(",") if s.strip()]
         self.bridge = Bridge(
-            self.ctx,
-            self.address,
             BridgeConfig(
                 servers, self.cfg.namespace, name, list(self.cfg.rooms), self.cfg.replicas
             ),
+            self._from_bridge,
         )
-        sys.setswitchinterval(SWITCH_INTERVAL)  # the loop and the bridge hand over quickly
-        self.bridge.start()
-        deadline = time.monotonic() + READY_WAIT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.socket.poll(int(left * 1000)):
-                raise OSError(
-                    f"the NATS cluster at {self.cfg.cluster} did not get ready "
-                    f"within {READY_WAIT:g} s"
-                )
-            frames = self.socket.recv_multipart()
-            if frames[0] == b"FATAL":
-                self.bridge.join(5)
-                self.bridge = None
-                raise OSError(f"cannot use the NATS cluster: {frames[1].decode()}")
-            if frames[0] == b"READY":
-                log.info(
-                    "in the cluster as %s (streams with %s replicas)", name, frames[1].decode()
-                )
-                break
-            self._dispatch(frames)
+        self.task = self.loop.create_task(self.bridge.main())
+        try:
+            replicas = self.loop.run_until_complete(asyncio.wait_for(self._ready(), READY_WAIT))
+        except TimeoutError:
+            raise OSError(
+                f"the NATS cluster at {self.cfg.cluster} did not get ready within {READY_WAIT:g} s"
+            ) from None
+        log.info("in the cluster as %s (streams with %s replicas)", name, replicas)
         self.started = time.monotonic()
         mine = self.peers.get(name)
         if (
@@ -141,26 +120,67 @@ class Cluster:
         self._beat()
         self.send_pending()
 
+    async def _ready(self) -> str:
+        """The bridge's news until it says READY (its replicas) or FATAL (OSError)."""
+        while True:
+            while not self.inbox:
+                await self.wait(1.0)
+            frames = self.inbox.popleft()
+            if frames[0] == b"FATAL":
+                raise OSError(f"cannot use the NATS cluster: {frames[1].decode()}")
+            if frames[0] == b"READY":
+                return frames[1].decode()
+            self._dispatch(frames)
+
+    def run(self, serve: Coroutine[Any, Any, None]) -> None:
+        """Run the broker's loop (a coroutine) on this event loop, beside the bridge."""
+        self.loop.run_until_complete(serve)
+
     def attach(self, core: Core) -> None:
         self.core = core
         self.registry.core = core
 
     def close(self) -> None:
         """Say we stopped (our clients' sessions are for the others to settle) and let go."""
-        if self.bridge is None:
-            self.socket.close()
-            return
-        self.put("brokers", self.name, {"state": "stopped", "at": time.time()})
-        self.send_pending()
-        self.socket.send_multipart([b"STOP"])
-        deadline = time.monotonic() + STOP_WAIT
-        while time.monotonic() < deadline and self.socket.poll(100):
-            if self.socket.recv_multipart()[0] == b"STOPPED":
-                break
-        self.bridge.join(STOP_WAIT)
-        self.socket.close()
+        if self.task is not None and not self.task.done():
+            self.put("brokers", self.name, {"state": "stopped", "at": time.time()})
+            self.queue.append([b"STOP"])
+            self.send_pending()
+            try:
+                self.loop.run_until_complete(asyncio.wait_for(self.task, STOP_WAIT))
+            except Exception:  # noqa: BLE001 - stopping anyway
+                log.warning("the bridge did not let go of NATS in %g s", STOP_WAIT)
+        self.task = None
+        if not self.loop.is_closed():
+            pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+            self.loop.close()
 
     # ------------------------------------------------------------------ the bridge
+    async def wait(self, timeout: float) -> None:
+        """Until the bridge has news, wake() is called, or `timeout` seconds pass."""
+        if self.inbox:
+            return
+        waiter = self.waiter = self.loop.create_future()
+        timer = self.loop.call_later(timeout, self.wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _from_bridge(self, frames: list[bytes]) -> None:
+        self.inbox.append(frames)
+        self.wake()
+
     def call(self, frames: list[bytes], decode: Callable[[list[bytes]], Any]) -> Op:
         """Send a command whose answer completes the returned Op (value: decode(frames))."""
         op_id = str(next(self._ids)).encode()
@@ -175,19 +195,17 @@ class Cluster:
         self.queue.append(frames)
 
     def send_pending(self) -> None:
-        send = self.socket.send_multipart
-        for frames in self.queue:
-            send(frames)
+        if self.queue and self.bridge is not None:
+            self.bridge.take(self.queue)
         self.queue.clear()
 
     def drain(self) -> None:
         """Everything the bridge has sent since the last look."""
-        recv = self.socket.recv_multipart
+        inbox = self.inbox
         for _ in range(10_000):
-            try:
-                frames = recv(zmq.NOBLOCK)
-            except zmq.Again:
+            if not inbox:
                 return
+            frames = inbox.popleft()
             try:
                 self._dispatch(frames)
             except Exception:  # a bug must not end the broker

@@ -1,10 +1,12 @@
-"""The cluster's NATS side: nats-py on an asyncio loop of its own thread.
+"""The cluster's NATS side: nats-py on the broker's asyncio loop.
 
-The broker's loop is synchronous and owns its ZeroMQ sockets; nats-py is asyncio. So this
-thread holds the NATS connection, and it and the broker's loop share nothing but an inproc
-PAIR socket: commands go in (append these events, change this key, read that range, route
-this push), answers and news come out (an Op done or failed, a room's new events from its
-stream, a changed key of a watched bucket, a push routed to us). Frames, no shared objects.
+In cluster mode the broker's loop runs on asyncio, and this bridge is a task of that same
+loop, in the same thread: no lock, no hand-over between threads on a message's path (two
+threads sharing the interpreter lock added about 2 ms at each crossing under load). The
+broker's side (cluster.py) and this one still talk only in frames, through two queues:
+commands go in (append these events, change this key, read that range, route this push),
+answers and news come out (an Op done or failed, a room's new events from its stream, a
+changed key of a watched bucket, a push routed to us).
 
 What lives in NATS (N is the namespace, `--namespace`, default zmqchat):
     stream N-room-R       subject N.room.R: room R's events; a stream sequence is a seq
@@ -25,17 +27,16 @@ import hashlib
 import itertools
 import json
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import nats
 import nats.errors
 import nats.js.errors
-import zmq
 from nats.js import api
 
 log = logging.getLogger("cluster")
@@ -44,6 +45,8 @@ BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers")
 REGISTRY: Final = BUCKETS[:4]  # what a catch-up waits for (beats are not registry state)
 OP_TIMEOUT: Final = 2.0  # seconds a publish or a key change may take before UNAVAILABLE
 CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
+SETUP_PATIENCE: Final = 20.0  # seconds a start retries JetStream calls (a new cluster is still
+# electing its leaders; cluster.READY_WAIT, the broker's own limit, is longer)
 NOTICE_RETRY: Final = 600.0  # seconds a broker keeps trying to store a notice of its own
 READ_BATCH: Final = 500  # messages per direct-get request
 PENDING_MSGS: Final = 1 << 20  # messages a stream subscription may hold before dropping
@@ -83,12 +86,11 @@ def token(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-class Bridge(threading.Thread):
+class Bridge:
     """The NATS connection and everything done with it; see the module docstring."""
 
-    def __init__(self, ctx: zmq.Context, address: str, cfg: BridgeConfig) -> None:
-        super().__init__(name="nats-bridge", daemon=True)
-        self.ctx, self.address, self.cfg = ctx, address, cfg
+    def __init__(self, cfg: BridgeConfig, to_broker: Callable[[list[bytes]], None]) -> None:
+        self.cfg, self.to_broker = cfg, to_broker
         self.ns = cfg.namespace
         self.kvs: dict[str, Any] = {}
         self.following: dict[str, Any] = {}  # room -> its stream subscription
@@ -100,31 +102,36 @@ class Bridge(threading.Thread):
         self.acking: dict[str, tuple[Batch, int]] = {}  # publish token -> its batch, slot
         self.tokens = itertools.count()
         self.closing = False
+        self.inbox: deque[list[bytes]] = deque()  # commands from the broker, in order
+        self.woken: asyncio.Event | None = None
+        self.patient_until = 0.0  # while starting: JetStream calls are retried until then
 
-    # ------------------------------------------------------------------ thread
-    def run(self) -> None:
-        asyncio.run(self._main())
+    # ------------------------------------------------------------------ the loop
+    def take(self, commands: list[list[bytes]]) -> None:
+        """Commands from the broker (same thread, same event loop), handled in order."""
+        self.inbox.extend(commands)
+        if self.woken is not None:
+            self.woken.set()
 
-    async def _main(self) -> None:
+    async def main(self) -> None:
+        """Connect, then carry out the broker's commands until STOP."""
         self.loop = asyncio.get_running_loop()
-        # A plain socket, used by this thread only: the event loop watches its descriptor
-        # and everything waiting is read at once (no future per message, as zmq.asyncio has).
-        self.sock = self.ctx.socket(zmq.PAIR)
-        self.sock.linger = 0
-        self.sock.sndhwm = self.sock.rcvhwm = 0
-        self.sock.connect(self.address)
-        self.inbox: deque[list[bytes]] = deque()
         self.woken = asyncio.Event()
-        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
+        step = "connect"
         try:
             await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
+            step = "setup"
+            self.patient_until = time.monotonic() + SETUP_PATIENCE
             await self._setup()
+            self.patient_until = 0.0
         except Exception as exc:  # noqa: BLE001 - anything here means: cannot start
             reason = str(exc) or type(exc).__name__
-            if isinstance(exc, (asyncio.TimeoutError, nats.errors.NoServersError)):
-                reason = f"no NATS server answered at {', '.join(self.cfg.servers)}"
+            servers = ", ".join(self.cfg.servers)
+            if step == "connect":
+                reason = f"no NATS server answered at {servers}"
+            else:
+                reason = f"NATS at {servers} answered, but JetStream did not: {reason}"
             self._send([b"FATAL", reason.encode()])
-            self._stop_reading()
             await self._drop_connection()
             return
         self._send([b"READY", str(self.replicas).encode()])
@@ -144,9 +151,7 @@ class Bridge(threading.Thread):
             while True:  # one command at a time, in order: appends keep the loop's order
                 while not self.inbox:
                     self.woken.clear()
-                    self._readable()
-                    if not self.inbox:
-                        await self.woken.wait()
+                    await self.woken.wait()
                 frames = self.inbox.popleft()
                 if frames[0] == b"STOP":
                     break
@@ -157,19 +162,6 @@ class Bridge(threading.Thread):
         finally:
             await self._close()
 
-    def _readable(self) -> None:
-        """Everything the broker's loop has sent (ZeroMQ's descriptor is edge-triggered:
-        read until there is nothing left)."""
-        sock, inbox = self.sock, self.inbox
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            inbox.append(sock.recv_multipart(zmq.NOBLOCK))
-        if inbox:
-            self.woken.set()
-
-    def _stop_reading(self) -> None:
-        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
-        self.sock.close()
-
     async def _close(self) -> None:
         if self.tasks:  # what was asked before STOP (our last beat, say) gets its chance
             await asyncio.wait(list(self.tasks), timeout=1.0)
@@ -177,7 +169,6 @@ class Bridge(threading.Thread):
             task.cancel()
         await self._drop_connection()
         self._send([b"STOPPED"])
-        self._stop_reading()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -185,11 +176,8 @@ class Bridge(threading.Thread):
         task.add_done_callback(self.tasks.discard)
 
     def _send(self, frames: list[bytes]) -> None:
-        """To the broker's loop, now, in call order (an inproc PAIR without a limit). A
-        send can use up the descriptor's signal for a message that came meanwhile: look."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK)
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self.loop.call_soon(self._readable)
+        """To the broker, in call order."""
+        self.to_broker(frames)
 
     def _done(self, op: bytes, value: Any) -> None:
         self._send([b"DONE", op, b"json", json.dumps(value).encode()])
@@ -242,17 +230,19 @@ class Bridge(threading.Thread):
         size = len(set(info.get("connect_urls") or []) | ({url.netloc} if url else set()))
         self.replicas = self.cfg.replicas or min(3, max(size, 1))
         for bucket in BUCKETS:
-            self.kvs[bucket] = await self._bucket(bucket)
-        await self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.>"])
+            self.kvs[bucket] = await self._patiently(partial(self._bucket, bucket))
+        await self._patiently(
+            lambda: self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.>"])
+        )
         initial: dict[str, asyncio.Event] = {}
         for bucket in BUCKETS:
             initial[bucket] = asyncio.Event()
-            await self._watch(bucket, initial[bucket])
+            await self._patiently(partial(self._watch, bucket, initial[bucket]))
         for event in initial.values():
             await event.wait()
         rooms = list(dict.fromkeys([*self.cfg.rooms, *self.rooms_seen]))
         for room in rooms:
-            await self._ensure_room(room)
+            await self._patiently(partial(self._ensure_room, room))
         push = f"{self.ns}.push.{self.cfg.name}"
         await self.nc.subscribe(push, cb=self._routed)
         self.ack_inbox = self.nc.new_inbox()
@@ -262,6 +252,23 @@ class Bridge(threading.Thread):
             pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=1 << 30,
         )
+
+    async def _patiently(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A JetStream call made while starting: a cluster that has just started (or is
+        loaded) may answer late or "unavailable" while it elects its leaders, so such an
+        answer is tried again until `patient_until`."""
+        while True:
+            try:
+                return await call()
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError,
+            ) as exc:
+                if time.monotonic() > self.patient_until:
+                    raise
+                log.info("JetStream not ready (%s); trying again", type(exc).__name__)
+                await asyncio.sleep(0.25)
 
     async def _bucket(self, bucket: str) -> Any:
         name = f"{self.ns}-{bucket}"
