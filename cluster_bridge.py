@@ -93,7 +93,8 @@ class Bridge:
         self.cfg, self.to_broker = cfg, to_broker
         self.ns = cfg.namespace
         self.kvs: dict[str, Any] = {}
-        self.following: dict[str, Any] = {}  # room -> its stream subscription
+        self.following: dict[str, Any] = {}  # room -> done once we follow its stream
+        self.room_subs: dict[str, Any] = {}  # room -> its stream subscription
         self.expect: dict[str, int] = {}  # room -> the next seq to hand over
         self.outgoing: dict[str, list[Any]] = {}  # room -> messages to hand over
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -326,7 +327,7 @@ class Bridge:
         async def arrived(msg: Any) -> None:
             await self._arrived(room, msg)
 
-        await self.js.subscribe(
+        self.room_subs[room] = await self.js.subscribe(
             f"{self.ns}.room.{room}",
             stream=stream_of(self.ns, room),
             cb=arrived,
@@ -404,6 +405,9 @@ class Bridge:
             for missing in await self._get_range(room, expect, seq - expect):
                 self._hand_over(room, missing)
         self._hand_over(room, msg)
+        sub = self.room_subs.get(room)
+        if sub is not None and not sub.pending_msgs:  # the last that came: hand them over
+            self._flush_room(room)  # now, not a turn of the loop later
 
     def _hand_over(self, room: str, msg: Any) -> None:
         seq = msg.metadata.sequence.stream if msg.metadata else int(msg.headers["Nats-Sequence"])
