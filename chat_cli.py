@@ -257,6 +257,7 @@ class Chat:
 
     def __init__(self, client: Client, screen: Screen, room: str, *, leave_words: bool) -> None:
         self.client, self.screen, self.room = client, screen, room
+        self.joining = ""  # the room a /join is entering (its reply not in yet)
         self.leave_words = leave_words
         self.nicks: set[str] = set()  # for tab completion
         self.rooms: list[str] = [str(r) for r in client.welcome.get("rooms", [])]
@@ -332,8 +333,8 @@ class Chat:
     async def fall_back(self, room: str) -> None:
         """Out of our room against our will: back to lobby, or nowhere if that was lobby
         (unless we are elsewhere by now: kicked from a room as /join entered it, say)."""
-        if self.room != room or room in self.client.rooms:
-            return
+        if self.room != room or room in self.client.rooms or room == self.joining:
+            return  # elsewhere, back in, or still joining it: cmd_join decides where we stay
         lost, self.room = self.room, ""
         if lost != DEFAULT_ROOM:
             try:
@@ -467,11 +468,14 @@ class Chat:
             return
         # Join first, then leave: a refused join (no such room) leaves you where you were.
         old, self.room = self.room, arg  # the new room's backlog shows as this room's
+        self.joining = arg
         try:
             reply = await self.client.join(arg)
         except ChatError:
             self.room = old
             raise
+        finally:
+            self.joining = ""
         if arg not in self.client.rooms:  # kicked as we came in (that was said): stay put
             self.room = old
             return
