@@ -304,8 +304,9 @@ class Chat:
             return
         if motd.strip():
             self.screen.write(escape_lines(motd.strip("\n")))
+        via = f" (via {escape(c.broker)})" if len(c.addresses) > 1 else ""  # which of them
         self.screen.write(
-            f"Welcome, {escape(c.nick)}! You are in {self.room}. "
+            f"Welcome, {escape(c.nick)}! You are in {self.room}{via}. "
             f"Type /help for the commands, /quit to leave."
         )
         if topic:

@@ -50,6 +50,20 @@ def test_user_flag_asks_only_ip_and_port(chat):
     assert t.exit_status() == 0
 
 
+def test_welcome_names_the_broker_when_given_several(chat):
+    """Given several brokers (-i A,B), the welcome says which of them took the client: its
+    name, as --name sets it (here the default, host and port); given one, it does not."""
+    import socket
+
+    port = chat.broker.port
+    t = chat("terminal", "-i", f"127.0.0.1:{port},127.0.0.1:{port + 1}", "-u", "ann", connect=False)
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    t.expect(f"Welcome, ann! You are in lobby (via {host}-{port}). Type /help")
+    t.ready()
+    t.type("\x04")
+    assert t.exit_status() == 0
+
+
 def test_taken_nick_is_asked_again(chat):
     """In a terminal, a taken nick gets the broker's reason and a new question; Ctrl+C leaves."""
     w = watcher(chat, "alice")
