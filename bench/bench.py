@@ -41,6 +41,9 @@ ROOT: Final = HERE.parent
 SYSTEMS: Final = ("broker", "forwarder", "thread", "nats")
 BASELINES: Final = {"forwarder": "fwd", "thread": "thread", "nats": "nats"}  # column names
 FSYNC: Final = "fsync"  # the broker with --fsync: what power-loss durability costs
+# The raw forwarder answering every message to its sender (bench/raw_forwarder.py --ack): the
+# forwarder plus the acknowledgement's round trip, which the broker cannot leave out (W2).
+FWDACK: Final = "fwdack"
 # Cluster mode, on a 3-node NATS JetStream cluster on this machine: one broker, or two with the
 # receivers split between them (W1F at R = 10 and 100, and W2).
 CLUSTER: Final = "cluster"
@@ -347,10 +350,11 @@ class Cluster:
             child, port = start_nats(f"{self.label}-nats", logdir)
             self.addr = {"host": "127.0.0.1", "port": port, "pub_port": 0}
         else:
-            script = "raw_forwarder.py" if self.system == "forwarder" else "thread_server.py"
+            script = "thread_server.py" if self.system == "thread" else "raw_forwarder.py"
             child = Child(
                 f"{self.label}-{self.system}",
-                [py, str(HERE / script), "--host", "127.0.0.1"],
+                [py, str(HERE / script), "--host", "127.0.0.1"]
+                + (["--ack"] if self.system == FWDACK else []),
                 logdir,
             )
             ports = [
@@ -910,6 +914,13 @@ def check_targets(figs: dict[str, Figure], s: Settings) -> list[tuple[str, bool 
         target("W2 p99 <= 1.5 ms", p99 <= 1.5, f"{p99:.3f} ms")
     if p99 is not None and fp99:
         target("W2 p99 <= 2x forwarder p99", p99 <= 2 * fp99, f"{p99 / fp99:.2f}x")
+    for q in ("p50", "p99"):  # issue 13's, against the forwarder that acknowledges as we do
+        mine, theirs = med(f"w2_{q}"), med(f"w2_{q}", FWDACK)
+        bound = 1.2 if q == "p50" else 1.3
+        if mine is not None and theirs:
+            target(
+                f"W2 {q} <= {bound}x fwd+ack {q}", mine <= bound * theirs, f"{mine / theirs:.2f}x"
+            )
     w3 = med("w3_p99")
     if w3 is not None:
         target("W3 p99 <= 2 ms", w3 <= 2, f"{w3:.3f} ms")
@@ -995,6 +1006,9 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
     fsync = any(FSYNC in f.values for f in figs)
     if fsync:
         head += ["--fsync", "fsync ÷ broker"]
+    fwdack = any(FWDACK in f.values for f in figs)
+    if fwdack:
+        head += ["fwd+ack", "vs fwd+ack"]
     clusters = [c for c in CLUSTERS if any(c in f.values for f in figs)]
     for c in clusters:
         head += [c, f"{c} cost"]
@@ -1013,6 +1027,8 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
                 fmt(f.median(FSYNC), f.spread(FSYNC)),
                 ratio_text(f.ratio("broker", FSYNC)),
             ]
+        if fwdack:
+            rows[-1] += [fmt(f.median(FWDACK), f.spread(FWDACK)), ratio_text(f.ratio(FWDACK))]
         for c in clusters:
             rows[-1] += [fmt(f.median(c), f.spread(c)), cost_text(f, c)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -1030,6 +1046,11 @@ def table(figs: list[Figure], targets: list[tuple[str, bool | None, str]]) -> st
     )
     if fsync:
         lines.append("--fsync: the broker fdatasyncs its log before it publishes and acknowledges")
+    if fwdack:
+        lines.append(
+            "fwd+ack: the raw forwarder answering every message to its sender, as the broker "
+            "acknowledges a SAY; vs fwd+ack: broker ÷ it"
+        )
     if clusters:
         lines.append(
             "cluster: one broker on a 3-node NATS JetStream cluster (streams with 3 replicas); "
@@ -1147,7 +1168,7 @@ def plan(only: set[str], s: Settings) -> Iterator[tuple[str, str, str]]:
                 for system in CLUSTERS:
                     yield f"W1F-{r}", system, f"fanout:{r}"
     if "W2" in only:
-        for system in (*SYSTEMS, FSYNC, *CLUSTERS):
+        for system in (*SYSTEMS, FWDACK, FSYNC, *CLUSTERS):
             yield "W2", system, "latency"
     if "W3" in only:
         for system in SYSTEMS:
@@ -1172,9 +1193,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--systems",
-        default=",".join((*SYSTEMS, FSYNC, *CLUSTERS)),
-        help="systems to measure (fsync: the broker with --fsync; cluster, cluster2: one and "
-        "two brokers on a 3-node NATS cluster; those three in W1F and W2 only)",
+        default=",".join((*SYSTEMS, FWDACK, FSYNC, *CLUSTERS)),
+        help="systems to measure (fsync: the broker with --fsync; fwdack: the forwarder "
+        "answering every message, in W2 only; cluster, cluster2: one and two brokers on a "
+        "3-node NATS cluster; those three in W1F and W2 only)",
     )
     p.add_argument("--reps", type=int, help="runs per figure (default 3)")
     p.add_argument("--fanout", help="W1F's numbers of receivers (default 10,100,1000)")
@@ -1287,6 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
                 "vs_forwarder": f.ratio("forwarder"),
                 "vs_thread": f.ratio("thread"),
                 "vs_nats": f.ratio("nats"),
+                "vs_fwdack": f.ratio(FWDACK),
                 "fsync_vs_broker": f.ratio("broker", FSYNC),
                 "cluster_vs_broker": f.ratio("broker", CLUSTER),
                 "cluster2_vs_broker": f.ratio("broker", CLUSTER2),

@@ -403,7 +403,7 @@ class Idle(Role):
                 if (
                     p.ready
                     and not p.tally.own_ns
-                    and (self.args.system == "forwarder" or "announced" not in p.times)
+                    and (self.args.system in ("forwarder", "fwdack") or "announced" not in p.times)
                 ):
                     p.times["announced"] = time.monotonic_ns()
                     p.announce()
@@ -544,7 +544,9 @@ ROLES: Final = {"send": Sender, "recv": Receivers, "chat": Chat, "idle": Idle}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("role", choices=[*ROLES, "client"])
-    p.add_argument("--system", choices=["broker", "forwarder", "thread", "nats"], default="broker")
+    p.add_argument(
+        "--system", choices=["broker", "forwarder", "fwdack", "thread", "nats"], default="broker"
+    )
     p.add_argument("--addr", required=True, help='JSON: {"host", "port", "pub_port"}')
     p.add_argument("--room", default="bench")
     p.add_argument("--rooms", type=int, default=20, help="chat/idle: rooms r00, r01, ...")

@@ -440,10 +440,12 @@ class ForwarderPeer(Peer):
         pub_port: int,
         nick: str,
         room: str,
+        acked: bool = False,
         **kw: Any,
     ) -> None:
         super().__init__(loop, nick, room, **kw)
         self.heartbeat = 2.0  # as the broker's default: a message to a topic nobody hears
+        self.acked = acked
         self.topic = m.room_topic(room, "0")
         self.own_topic = b"\x00me\x00" + nick.encode()  # for announce(): heard by us alone
         self.ctx, self.host, self.port, self.pub_port = ctx, host, port, pub_port
@@ -460,7 +462,9 @@ class ForwarderPeer(Peer):
             self.sub.setsockopt(zmq.SUBSCRIBE, self.topic)
             self.sub.setsockopt(zmq.SUBSCRIBE, self.own_topic)
             self.sub.connect(f"tcp://{self.host}:{self.pub_port}")
-            self.loop.register(self.sub, self._on_sub)  # the DEALER hears nothing: not watched
+            self.loop.register(self.sub, self._on_sub)
+        if self.acked:  # fwd+ack: read each acknowledgement, as a broker client does
+            self.loop.register(self.dealer, self._on_dealer)
         self.ready = True  # the subscription takes effect some time later: probes show when
 
     def say(self, texts: list[str]) -> None:
@@ -474,6 +478,12 @@ class ForwarderPeer(Peer):
     def announce(self) -> None:
         """To our own topic: when it comes back, our SUB's subscriptions are in effect."""
         self._try_send([self.own_topic, b"[]"])
+
+    def _on_dealer(self, flags: int) -> None:
+        """fwd+ack: the forwarder's acknowledgements, read and decoded (and dropped)."""
+        dealer = self.dealer
+        while readable(dealer):
+            m.decode_response(dealer.recv_multipart())
 
     def _try_send(self, frames: list[bytes]) -> None:
         """A DEALER blocks until it is connected: never wait for that, just try again later."""
@@ -681,9 +691,17 @@ def make_peer(
     """A peer for `system`; addr holds host, port (and pub_port for the forwarder)."""
     if system == "broker":
         return BrokerPeer(loop, ctx, addr["host"], addr["port"], nick, room, **kw)
-    if system == "forwarder":
+    if system in ("forwarder", "fwdack"):
         return ForwarderPeer(
-            loop, ctx, addr["host"], addr["port"], addr["pub_port"], nick, room, **kw
+            loop,
+            ctx,
+            addr["host"],
+            addr["port"],
+            addr["pub_port"],
+            nick,
+            room,
+            acked=system == "fwdack",
+            **kw,
         )
     if system == "thread":
         return ThreadPeer(loop, addr["host"], addr["port"], nick, room, **kw)
