@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import messages as m  # noqa: E402
-from core import Config, Core  # noqa: E402
-from local import LocalLog, LocalPresence, LocalRegistry  # noqa: E402
-from store import Store  # noqa: E402
+from zmqchat import protocol as m  # noqa: E402
+from zmqchat._core.core import Config, Core  # noqa: E402
+from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry  # noqa: E402
+from zmqchat._local.store import Store  # noqa: E402
 
 d = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 cfg = Config(rate=0)

@@ -443,7 +443,7 @@ async def library_client(args: argparse.Namespace) -> None:
     the client (its event loop waits for a "release" line) while a backlog piles up in its
     socket, so that afterwards the library alone sets the pace.
     """
-    import client as chat
+    from zmqchat._client import library as chat
 
     addr = json.loads(args.addr)
     ctx = zmq.Context()

@@ -29,8 +29,8 @@ from typing import Any
 
 from peers import Loop, NatsPeer, Tally, data_text
 
-import messages as m
 from bench import HERE, Child, start_nats
+from zmqchat import protocol as m
 
 CLIENTS = ("raw", "nats-py")
 

@@ -35,7 +35,7 @@ from typing import Any, Final
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import messages as m  # noqa: E402  (the project's own protocol module)
+from zmqchat import protocol as m  # noqa: E402  (the project's own protocol module)
 
 TEXT_SIZE: Final = 100  # bytes of message text, as the issue asks
 SEND_BATCH: Final = m.MAX_BATCH  # messages a sender writes per request (SAY) or per wake-up

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from bot import Bot, Context, arguments, setup_logging  # noqa: E402
+from zmqchat import Bot, Context  # noqa: E402
 
 
 def make_bot(a: str, b: str) -> Bot:
@@ -32,8 +32,8 @@ def make_bot(a: str, b: str) -> Bot:
 
 
 if __name__ == "__main__":
-    args = arguments("bridge", rooms=("lobby", "work"), description=__doc__).parse_args()
+    args = Bot.arguments("bridge", rooms=("lobby", "work"), description=__doc__).parse_args()
     if len(args.rooms) != 2:
         sys.exit("bridge_bot: --rooms takes exactly two rooms, like lobby,work")
-    setup_logging(args.log_level)
+    Bot.setup_logging(args.log_level)
     make_bot(*args.rooms).run(args.host, args.port, args.nick, rooms=args.rooms)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from bot import Bot, Context, arguments, setup_logging  # noqa: E402
+from zmqchat import Bot, Context  # noqa: E402
 
 bot = Bot()  # prefix "!", ignores other bots, never sees its own messages
 
@@ -42,6 +42,6 @@ async def echo(ctx: Context, *text: str) -> str:
 
 
 if __name__ == "__main__":
-    args = arguments("dice", description=__doc__).parse_args()
-    setup_logging(args.log_level)
+    args = Bot.arguments("dice", description=__doc__).parse_args()
+    Bot.setup_logging(args.log_level)
     bot.run(args.host, args.port, args.nick, rooms=args.rooms)  # until Ctrl+C

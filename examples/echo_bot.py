@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from client import ChatError, Client  # noqa: E402
+from zmqchat import ChatError, Client  # noqa: E402
 
 
 async def main(a: argparse.Namespace) -> None:  # backlog=0: old commands are not answered

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from bot import ROOM_KINDS, Bot, Context, arguments, setup_logging  # noqa: E402
+from zmqchat import Bot, Context  # noqa: E402
 
 
 def make_bot(directory: Path) -> Bot:
@@ -24,7 +24,7 @@ def make_bot(directory: Path) -> Bot:
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, IO[str]] = {}
 
-    @bot.on_event(*ROOM_KINDS)  # every room event; private messages are not logged
+    @bot.on_event(*Bot.ROOM_KINDS)  # every room event; private messages are not logged
     async def write(ctx: Context) -> None:
         # async, not a plain def: one event at a time on the event loop keeps the lines in
         # order (plain handlers run on threads, which may finish in any order)
@@ -39,8 +39,8 @@ def make_bot(directory: Path) -> Bot:
 
 
 if __name__ == "__main__":
-    parser = arguments("logger", description=__doc__)
+    parser = Bot.arguments("logger", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("logs"), help="where the files go")
     args = parser.parse_args()
-    setup_logging(args.log_level)
+    Bot.setup_logging(args.log_level)
     make_bot(args.dir).run(args.host, args.port, args.nick, rooms=args.rooms)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from bot import Bot, Context, UsageError, arguments, setup_logging  # noqa: E402
+from zmqchat import Bot, Context, UsageError  # noqa: E402
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 LONGEST = 7 * 86400  # a week: a chat bot is not a calendar
@@ -46,6 +46,6 @@ async def remind(ctx: Context, when: duration, *what: str) -> None:
 
 
 if __name__ == "__main__":
-    args = arguments("remind", description=__doc__).parse_args()
-    setup_logging(args.log_level)
+    args = Bot.arguments("remind", description=__doc__).parse_args()
+    Bot.setup_logging(args.log_level)
     bot.run(args.host, args.port, args.nick, rooms=args.rooms)

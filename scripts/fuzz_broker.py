@@ -22,8 +22,8 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import messages as m  # noqa: E402
 from conftest import BrokerProcess  # noqa: E402
+from zmqchat import protocol as m  # noqa: E402
 
 VALUES = [
     None,

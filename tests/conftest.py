@@ -16,7 +16,8 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import broker as broker_mod  # noqa: E402
+from zmqchat._core.core import Config  # noqa: E402
+from zmqchat.broker._loop import Broker  # noqa: E402
 
 HEARTBEAT = 0.3  # seconds: short, so expiry and reconnect tests finish quickly
 
@@ -42,11 +43,11 @@ class RunningBroker:
         cfg.setdefault("db", str(tmp / "chat.db"))
         cfg.setdefault("port", 0)
         cfg.setdefault("pub_port", 0)
-        self.cfg = broker_mod.Config(**cfg)
+        self.cfg = Config(**cfg)
         self.start()
 
     def start(self) -> None:
-        self.broker = broker_mod.Broker(self.cfg, ctx=zmq.Context())
+        self.broker = Broker(self.cfg, ctx=zmq.Context())
         self.port, self.pub_port = self.broker.port, self.broker.pub_port
         self.cfg.port, self.cfg.pub_port = self.port, self.pub_port
         self.thread = threading.Thread(target=self.broker.run, daemon=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from state import Delivery, Draft, Op
+from zmqchat._core.state import Delivery, Draft, Op
 
 
 class MemoryStore:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import Client  # noqa: E402
+from zmqchat import Client  # noqa: E402
 
 
 async def main(port: int, nick: str, room: str) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from bot import Bot, Command, Context, UsageError, split_args
-from client import BlockingClient, Event
 from conftest import ROOT, RunningBroker, free_ports, wait_for
+from zmqchat import BlockingClient, Event
+from zmqchat._bot import Bot, Command, Context, UsageError, split_args
 
 HOST = "127.0.0.1"
 EXAMPLES = ROOT / "examples"
@@ -753,7 +753,7 @@ def test_restarted_bot_waits_for_its_old_nick(broker, bots):
     for the broker to drop the old session, then connects under the same nick."""
     import zmq
 
-    import messages as msgs
+    from zmqchat import protocol as msgs
 
     old = zmq.Context.instance().socket(zmq.DEALER)  # the previous run: silent from now on
     old.linger = 0

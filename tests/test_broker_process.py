@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from client import Client
 from conftest import ROOT
+from zmqchat import Client
 
 
 def test_sigterm_tells_clients_and_exits_zero_within_two_seconds(make_broker_process):

@@ -19,9 +19,9 @@ from cli_helpers import Script, Terminal, joined
 from test_chat import Chat, run, saw
 from test_durability import Relay
 
-from broker import default_name
-from client import ChatError, Client, broker_addresses, split_addresses
 from conftest import ROOT, free_ports
+from zmqchat._client.library import ChatError, Client, broker_addresses, split_addresses
+from zmqchat.broker._loop import default_name
 
 HOST = "127.0.0.1"
 

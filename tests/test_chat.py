@@ -20,9 +20,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-import messages as m
-from client import BlockingClient, ChatError, Client, Event
 from conftest import HEARTBEAT
+from zmqchat import BlockingClient, ChatError, Client, Event
+from zmqchat import protocol as m
 
 HOST = "127.0.0.1"
 SCENARIO_TIMEOUT = 20.0  # seconds: a stuck scenario fails with a traceback instead of hanging

@@ -16,9 +16,9 @@ import msgspec
 import pytest
 from test_chat import Chat, run, saw
 
-import messages as m
-from client import Client, Event, _Inbox
-from ordering import RoomOrder
+from zmqchat import protocol as m
+from zmqchat._client.library import Client, Event, _Inbox
+from zmqchat._client.ordering import RoomOrder
 
 ROOM_EPOCH = "0123456789abcdef"
 

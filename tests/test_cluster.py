@@ -10,9 +10,9 @@ from typing import Any
 
 import zmq
 
-import messages as m
-from client import ChatError, Client, Event
 from conftest import wait_for
+from zmqchat import ChatError, Client, Event
+from zmqchat import protocol as m
 
 
 class Listener:

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-import messages as m
-from core import Config, Core
-from local import LocalLog, LocalPresence, LocalRegistry
-from messages import Code, Kind, ProtocolError
-from state import Delivery
 from tests.memory import HeldLog, MemoryStore
+from zmqchat import protocol as m
+from zmqchat._core.core import Config, Core
+from zmqchat._core.state import Delivery
+from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
+from zmqchat.protocol import Code, Kind, ProtocolError
 
 
 class Harness:

@@ -17,9 +17,9 @@ import pytest
 import zmq
 import zmq.asyncio
 
-import store
-from client import Client, Event
 from conftest import ROOT
+from zmqchat import Client, Event
+from zmqchat._local import store
 
 HB = "0.3"
 
@@ -415,8 +415,8 @@ class JoinAfterKick(Relay):
 def test_cli_kicked_as_it_joins_stays_where_it_was(make_broker, capsys):
     """The command-line client, kicked from a room as /join enters it, says so and stays in
     the room it was in: its next line goes there (it does not fall back to nowhere)."""
-    from chat_cli import Chat
-    from cli_render import Screen
+    from zmqchat._cli.chat import Chat
+    from zmqchat._cli.render import Screen
 
     broker = make_broker(ops=("boss",))
 

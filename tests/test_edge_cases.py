@@ -8,8 +8,8 @@ import pytest
 import zmq
 from test_security import Collector, call, hello, raw_dealer, until
 
-import store
-from client import ChatError, Client
+from zmqchat import ChatError, Client
+from zmqchat._local import store
 
 
 def stored(db: str, room: str = "lobby") -> list[dict]:

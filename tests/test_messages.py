@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from messages import (
+from zmqchat.protocol import (
     MAX_BATCH,
     MAX_CMID,
     MAX_HISTORY,

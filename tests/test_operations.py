@@ -9,10 +9,10 @@ import urllib.request
 
 import zmq
 
-import messages as m
-from broker import default_name
-from client import ChatError, Client
 from conftest import free_ports, wait_for
+from zmqchat import ChatError, Client
+from zmqchat import protocol as m
+from zmqchat.broker._loop import default_name
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -122,7 +122,7 @@ def test_log_lines_escape_and_cut_what_clients_send():
     escapes; any client-given value is cut to 200 characters."""
     import logging
 
-    import logs
+    from zmqchat._ops import logs
 
     record = logging.LogRecord("broker", logging.INFO, "", 0, "quit", None, None)
     record.fields = {"nick": "ann", "reason": 'bye "all"\x1b[2J\n' + "y" * 400}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ordering import Fetch, RoomOrder
+from zmqchat._client.ordering import Fetch, RoomOrder
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Packaging: pyproject.toml lists every module and agrees with requirements.txt, and
-`pip install .` into a fresh virtualenv gives commands and modules that work on their own."""
+"""Packaging: the wheel holds the package `zmqchat` and nothing else at the top level,
+pyproject.toml agrees with requirements.txt, and `pip install` into a fresh virtualenv gives
+commands and a library that work on their own, beside a user's own modules."""
 
 from __future__ import annotations
 
 import json
+import zipfile
 import os
 import shutil
 import subprocess
@@ -18,7 +20,8 @@ from packaging.utils import canonicalize_name
 from conftest import ROOT, free_ports
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-NOT_MODULES = {"setup.py", "conftest.py"}  # build or test scripts, should the top level get one
+# Names a user's own modules often have, and ours had before they moved into the package.
+SHADOWS = ("logs", "state", "metrics", "messages", "core", "store", "client", "bot", "broker")
 
 
 def requirement_lines(text: str) -> list[Requirement]:
@@ -29,13 +32,12 @@ def requirement_lines(text: str) -> list[Requirement]:
     ]
 
 
-def test_every_top_level_module_is_listed_in_pyproject():
-    """pyproject's py-modules are exactly the checkout's top-level modules, sorted."""
-    on_disk = {p.stem for p in ROOT.glob("*.py") if p.name not in NOT_MODULES}
-    listed = PYPROJECT["tool"]["setuptools"]["py-modules"]
-    assert not on_disk - set(listed), f"add to pyproject.toml's py-modules: {on_disk - set(listed)}"
-    assert not set(listed) - on_disk, f"no such module in the checkout: {set(listed) - on_disk}"
-    assert listed == sorted(listed), "keep py-modules sorted"
+def test_every_folder_of_the_package_is_a_package():
+    """Each folder under zmqchat/ has an __init__.py, so that setuptools' find includes it."""
+    folders = [p for p in (ROOT / "zmqchat").rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    assert folders, "zmqchat/ has no subpackages"
+    for folder in folders:
+        assert (folder / "__init__.py").exists(), f"{folder} has no __init__.py"
 
 
 def test_requirements_pin_exactly_the_declared_dependencies():
@@ -69,18 +71,33 @@ def run_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtualenv with the checkout installed by `pip install`; returns its bin dir.
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel `pip wheel` builds from a copy of the checkout (setuptools builds in the
+    source tree and would leave build/ and *.egg-info in it)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".*", "__pycache__", "*.db*", "build", "*.egg-info"),
+    )
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp), str(src)],
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        cwd=tmp,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (path,) = tmp.glob("zmqchat-*.whl")
+    return path
 
-    pip gets a copy of the checkout's top level (the modules, pyproject.toml, README.md),
-    because setuptools builds in the source tree and would leave build/ and *.egg-info in it.
-    """
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with the wheel installed by `pip install`; returns its bin dir."""
     tmp = tmp_path_factory.mktemp("installed")
-    src = tmp / "zmqchat"
-    src.mkdir()
-    for path in ROOT.iterdir():
-        if path.is_file() and path.suffix in (".py", ".toml", ".md", ".txt"):
-            shutil.copy2(path, src / path.name)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=run_env())
     pip = subprocess.run(
@@ -91,7 +108,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "install",
             "-q",
             "--disable-pip-version-check",
-            str(src),
+            str(wheel),
         ],
         capture_output=True,
         text=True,
@@ -101,6 +118,20 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert pip.returncode == 0, pip.stdout + pip.stderr
     return venv / "bin"
+
+
+def test_the_wheel_installs_one_package_and_nothing_else(wheel):
+    """The wheel's top-level names are exactly `zmqchat` and its dist-info: none of the
+    checkout's entry points (broker.py, client.py, messages.py), tests or scripts."""
+    with zipfile.ZipFile(wheel) as whl:
+        top = {name.split("/")[0] for name in whl.namelist()}
+        entry_points = whl.read(next(n for n in whl.namelist() if n.endswith("entry_points.txt")))
+    assert top == {
+        "zmqchat",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
+    assert b"zmqchat-broker = zmqchat.broker:main" in entry_points
+    assert b"zmqchat = zmqchat._cli.chat:main" in entry_points
 
 
 def run(command: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess[str]:
@@ -127,13 +158,63 @@ def test_installed_commands_show_help_and_pass_on_exit_status(installed, tmp_pat
     assert no_nick.returncode == 2 and "-u NICK" in no_nick.stderr
 
 
-def test_installed_modules_are_importable_for_bots(installed, tmp_path):
-    """The venv's python imports client and bot from site-packages, not from the checkout."""
-    code = "import bot, client; print(client.__file__); print(client.Client.__name__)"
-    out = run([str(installed / "python"), "-c", code], tmp_path)
-    assert out.returncode == 0, out.stderr
-    path, name = out.stdout.split()
-    assert "site-packages" in Path(path).parts and name == "Client"
+def test_installed_package_serves_a_bot_beside_its_own_modules(installed, tmp_path):
+    """A bot script in a folder of its own modules named like ours (logs.py, state.py, ...)
+    imports zmqchat from site-packages, and `python -m zmqchat.broker` started from that
+    folder serves it: none of the user's files is picked up in place of ours."""
+    for name in SHADOWS:
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('the user's own {name}.py')\n")
+    port, pub_port = free_ports()
+    broker = subprocess.Popen(
+        [str(installed / "python"), "-m", "zmqchat.broker", "--port", str(port)]
+        + ["--pub-port", str(pub_port), "--db", str(tmp_path / "chat.db")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=run_env(),
+    )
+    try:
+        started = broker.stdout.readline()
+        assert started.startswith("Broker started"), started + broker.stderr.read()
+        (tmp_path / "mybot.py").write_text(
+            "import sys\n"
+            "import zmqchat\n"
+            "from zmqchat import BlockingClient, Bot, ChatError, Event\n"
+            "print(zmqchat.__file__)\n"
+            "c = BlockingClient('127.0.0.1', int(sys.argv[1]), 'mybot', bot=True)\n"
+            "c.say('lobby', 'hello from my bot')\n"
+            "ev = c.next_event(10)\n"
+            "while ev is not None and not (ev.kind == 'msg' and ev.mine):\n"
+            "    ev = c.next_event(10)\n"
+            "print(ev.text if ev else 'nothing came back')\n"
+            "c.close()\n"
+        )
+        out = run([str(installed / "python"), "mybot.py", str(port)], tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        path, echo = out.stdout.splitlines()
+        assert "site-packages" in Path(path).parts and echo == "hello from my bot"
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def test_the_package_runs_with_python_dash_m(installed, tmp_path):
+    """`python -m zmqchat` is the client and `python -m zmqchat.broker` the broker."""
+    client = run([str(installed / "python"), "-m", "zmqchat", "--help"], tmp_path)
+    assert client.returncode == 0 and "--user" in client.stdout, client.stderr
+    broker = run([str(installed / "python"), "-m", "zmqchat.broker", "--help"], tmp_path)
+    assert broker.returncode == 0 and "--pub-port" in broker.stdout, broker.stderr
+
+
+def test_the_public_api_is_declared():
+    """`from zmqchat import *` gives exactly the names of __all__, each one importable."""
+    import zmqchat
+
+    namespace: dict[str, object] = {}
+    exec("from zmqchat import *", namespace)
+    assert sorted(k for k in namespace if not k.startswith("__")) == sorted(zmqchat.__all__)
+    assert {"Client", "BlockingClient", "Bot", "Event", "ChatError"} <= set(zmqchat.__all__)
 
 
 def test_installed_broker_and_client_exchange_a_message(installed, tmp_path):

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import zmq
 
-import messages as m
 from conftest import ROOT
+from zmqchat import protocol as m
 
 DOC = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
 VOLATILE = {"ts", "grant", "pub_port", "motd", "time", "broker"}  # differ from run to run

@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 
-from client import Client
 from conftest import ROOT
+from zmqchat import Client
 
 README = (ROOT / "README.md").read_text()
 

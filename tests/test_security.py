@@ -12,8 +12,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-import messages as m
-from client import ChatError, Client
+from zmqchat import ChatError, Client, curve_keys
+from zmqchat import protocol as m
 
 
 @pytest.fixture(params=["one broker", "two brokers"])
@@ -365,8 +365,6 @@ def curve_setup(tmp_path):
     """A broker key pair, an allowed client key ('mine') and a stranger's key."""
     import zmq.auth
 
-    from client import curve_keys
-
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
     keys.mkdir()
     allowed.mkdir()
@@ -426,8 +424,6 @@ def test_curve_fails_closed_without_its_authenticator(make_local_broker, tmp_pat
 def test_curve_binds_nick_to_first_key(make_broker, tmp_path):
     """Under CURVE (any key allowed) another key cannot take a registered nick."""
     import zmq.auth
-
-    from client import curve_keys
 
     _, secret = zmq.auth.create_certificates(str(tmp_path), "broker")
     server, k1 = curve_keys(str(tmp_path / "broker.key"), str(tmp_path / "k1"))

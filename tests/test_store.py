@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
-import store
 from conftest import wait_for
+from zmqchat._local import store
 
 
 def event(seq: int, text: str = "") -> bytes:
@@ -196,7 +196,7 @@ def test_a_start_waits_while_an_earlier_writer_runs(tmp_path, monkeypatch, caplo
 BROKER_LIKE = """
 import sys
 sys.path.insert(0, {root!r})
-import store
+from zmqchat._local import store
 s = store.Store({path!r})
 print(s._writer.pid, flush=True)
 sys.stdin.read()

@@ -1,6 +1,6 @@
 """Chat bots on top of the client library: decorators for commands, events and timers.
 
-    from bot import Bot
+    from zmqchat._bot import Bot
 
     bot = Bot()
 
@@ -37,9 +37,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from client import ChatError, Client, Event
+from zmqchat._client.library import ChatError, Client, Event
 
-log = logging.getLogger("bot")
+log = logging.getLogger("zmqchat.bot")
 
 MAX_HOPS = 3  # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
 MAX_THREADS = 16  # plain-def handlers running at once; more wait their turn
@@ -404,6 +404,20 @@ class _Timer:
 
 class Bot:
     """Handlers registered with decorators, run against one client connection."""
+
+    ROOM_KINDS = ROOM_KINDS  # `@bot.on_event(*Bot.ROOM_KINDS)`: every kind of room event
+
+    @staticmethod
+    def arguments(
+        nick: str, rooms: Iterable[str] = ("lobby",), description: str | None = None
+    ) -> argparse.ArgumentParser:
+        """The flags every bot script shares (see the module function `arguments`)."""
+        return arguments(nick, rooms, description)
+
+    @staticmethod
+    def setup_logging(level: str = "INFO") -> None:
+        """Log lines with a time stamp on stderr: what a bot script wants."""
+        setup_logging(level)
 
     def __init__(
         self,

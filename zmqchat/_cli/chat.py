@@ -28,9 +28,9 @@ from typing import Any, Final
 
 import zmq
 
-import messages as m
-from cli_render import Screen, escape, escape_lines
-from client import (
+from zmqchat import protocol as m
+from zmqchat._cli.render import Screen, escape, escape_lines
+from zmqchat._client.library import (
     Address,
     ChatError,
     Client,
@@ -652,7 +652,9 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     await chat.greet()
     shower = asyncio.create_task(chat.show_events())
     if terminal:
-        import cli_terminal  # prompt_toolkit is loaded only for a terminal
+        from zmqchat._cli import (
+            terminal as cli_terminal,  # prompt_toolkit is loaded only for a terminal
+        )
 
         patching: Any = cli_terminal.patch_stdout(raw=True)  # lines print above the prompt
         reading = cli_terminal.read_terminal(chat, colour)
@@ -719,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
                 return client
             if not terminal:
                 return runner.run(chat_session(client, args, terminal))
-            import cli_terminal  # prompt_toolkit is loaded only for a terminal
+            from zmqchat._cli import (
+                terminal as cli_terminal,  # prompt_toolkit is loaded only for a terminal
+            )
 
             with cli_terminal.keys_kept():  # from here on every key waits for the prompt
                 return runner.run(chat_session(client, args, terminal))

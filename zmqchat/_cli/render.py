@@ -16,7 +16,7 @@ import time
 import zlib
 from typing import Any, Final
 
-from client import Event
+from zmqchat._client.library import Event
 
 # C0 and C1 controls, DEL, line/paragraph separators and the bidi controls that can make a line
 # read differently from what it holds.

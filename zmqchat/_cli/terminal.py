@@ -27,10 +27,10 @@ from prompt_toolkit.input.vt100 import Vt100Input
 from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from cli_render import escape
+from zmqchat._cli.render import escape
 
 if TYPE_CHECKING:
-    from chat_cli import Chat
+    from zmqchat._cli.chat import Chat
 
 __all__ = ["keys_kept", "patch_stdout", "read_terminal"]
 

@@ -34,10 +34,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-import messages as m
-from ordering import Fetch, RoomOrder
+from zmqchat import protocol as m
+from zmqchat._client.ordering import Fetch, RoomOrder
 
-log = logging.getLogger("client")
+log = logging.getLogger("zmqchat.client")
 
 BATCH_BYTES = 48 * 1024  # a SAY's body, at most: well under the broker's 64 KiB frame limit
 BACKOFF_CAP = 10.0  # seconds: the longest wait between reconnect attempts
@@ -1066,15 +1066,6 @@ def curve_keys(
     return server_public, (public, secret)
 
 
-def __getattr__(name: str) -> Any:
-    """`from client import Bot`: the bot framework lives in bot.py, which imports this module."""
-    if name == "Bot":
-        from bot import Bot
-
-        return Bot
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class BlockingClient:
     """The same client for simple scripts: plain calls, an event loop in a background thread."""
 
@@ -1125,11 +1116,3 @@ class BlockingClient:
             self._thread.join(timeout=5)
             if not self._thread.is_alive():
                 self._loop.close()  # its selector holds file descriptors
-
-
-if __name__ == "__main__":
-    import sys
-
-    from chat_cli import main
-
-    sys.exit(main())

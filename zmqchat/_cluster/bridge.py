@@ -39,7 +39,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-log = logging.getLogger("cluster")
+log = logging.getLogger("zmqchat.cluster")
 
 BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers")
 REGISTRY: Final = BUCKETS[:4]  # what a catch-up waits for (beats are not registry state)

@@ -22,15 +22,15 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-import messages as m
-from logs import event as log_event
-from messages import Code, ProtocolError, Reply
-from state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
+from zmqchat import protocol as m
+from zmqchat._core.state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
+from zmqchat._ops.logs import event as log_event
+from zmqchat.protocol import Code, ProtocolError, Reply
 
 if TYPE_CHECKING:
-    from core import Config, Core
+    from zmqchat._core.core import Config, Core
 
-log = logging.getLogger("cluster")
+log = logging.getLogger("zmqchat.cluster")
 
 CACHE_EVENTS: Final = 1000  # latest events kept per room: joins and gap repair read these
 MSGID_CACHE: Final = 200_000  # message ids remembered to recognise a retry after the dedup window
@@ -86,7 +86,7 @@ class Cluster:
     def start(self, name: str) -> None:
         """Connect to NATS (through the bridge) and load the shared state; OSError if the
         cluster cannot be reached or will not serve."""
-        from cluster_bridge import Bridge, BridgeConfig
+        from zmqchat._cluster.bridge import Bridge, BridgeConfig
 
         self.name = name
         servers = [s.strip() for s in (self.cfg.cluster or "").split(",") if s.strip()]
@@ -415,7 +415,7 @@ class ClusterLog:
     def append_private(
         self, ts: float, sender: str, recipient: str, cmid: str, data: bytes, from_key: str
     ) -> Op:
-        from cluster_bridge import token
+        from zmqchat._cluster.bridge import token
 
         to_owner, _, to_key = recipient.partition(" ")
         subject = f"{token(to_owner)}.{token(to_key)}.{token(sender)}.{token(from_key)}"
@@ -435,13 +435,13 @@ class ClusterLog:
         )
 
     def privates_to(self, recipient: str, since: float, limit: int) -> Op:
-        from cluster_bridge import token
+        from zmqchat._cluster.bridge import token
 
         owner, _, key = recipient.partition(" ")
         return self._privates(f"{token(owner)}.{token(key)}.*.*", since, limit)
 
     def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> Op:
-        from cluster_bridge import token
+        from zmqchat._cluster.bridge import token
 
         both = gather(
             [

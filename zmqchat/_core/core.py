@@ -30,11 +30,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
 
-import messages as m
-from logs import event as log_event
-from messages import Code, EventKind, Kind, ProtocolError, Reply
-from metrics import Stats
-from state import (
+from zmqchat import protocol as m
+from zmqchat._core.state import (
     Delivery,
     Draft,
     Identity,
@@ -47,8 +44,11 @@ from state import (
     gather,
     token_hash,
 )
+from zmqchat._ops.logs import event as log_event
+from zmqchat._ops.metrics import Stats
+from zmqchat.protocol import Code, EventKind, Kind, ProtocolError, Reply
 
-log = logging.getLogger("broker")
+log = logging.getLogger("zmqchat.broker")
 
 DEFAULT_ROOMS: Final = ("lobby", "work", "support", "team")
 # Commands that change rooms cost one rate-limit token each (SAY and PRIV pay per message).

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from messages import EventKind, Reply
+from zmqchat.protocol import EventKind, Reply
 
 
 class Op:

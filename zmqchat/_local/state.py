@@ -13,12 +13,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import messages as m
-from messages import Code, ProtocolError, Reply
-from state import DEPARTURES, Delivery, Draft, Identity, Member, Op, RoomSettings
-from store import Store
+from zmqchat import protocol as m
+from zmqchat._core.state import DEPARTURES, Delivery, Draft, Identity, Member, Op, RoomSettings
+from zmqchat._local.store import Store
+from zmqchat.protocol import Code, ProtocolError, Reply
 
-log = logging.getLogger("broker")
+log = logging.getLogger("zmqchat.broker")
 
 
 class LocalLog:

@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Final
 
-log = logging.getLogger("store")
+log = logging.getLogger("zmqchat.store")
 
 CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
 SEGMENT_BYTES: Final = 4 << 20  # the log goes on in a new segment past this size

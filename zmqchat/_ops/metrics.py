@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from broker import Broker
+    from zmqchat.broker._loop import Broker
 
 # Upper bounds (seconds) of the acknowledgement-latency histogram: 0.1 ms to 5 s.
 ACK_BUCKETS: Final = (

@@ -1,0 +1,7 @@
+"""`python -m zmqchat`: the terminal client."""
+
+import sys
+
+from zmqchat._cli.chat import main
+
+sys.exit(main())
