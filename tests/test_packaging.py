@@ -5,12 +5,12 @@ commands and a library that work on their own, beside a user's own modules."""
 from __future__ import annotations
 
 import json
-import zipfile
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
