@@ -508,6 +508,15 @@ class Store:
         """Each room's highest sequence number, so numbering continues after a restart."""
         return dict(self.db.execute("SELECT room, MAX(seq) FROM events GROUP BY room"))
 
+    def stored_seqs(self) -> dict[str, int]:
+        """Each room's highest number already in SQLite, read on a connection of its own
+        (so any thread may ask): what the writer has applied of the log."""
+        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1)
+        try:
+            return dict(con.execute("SELECT room, MAX(seq) FROM events GROUP BY room"))
+        finally:
+            con.close()
+
     def last_topic(self, room: str) -> str:
         row = self.db.execute(
             'SELECT data FROM events WHERE room=? AND data LIKE \'%"kind":"topic"%\' '

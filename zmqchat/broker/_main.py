@@ -11,7 +11,7 @@ import zmq
 import zmq.auth
 
 from zmqchat import protocol as m
-from zmqchat._core.core import DEFAULT_ROOMS, Config
+from zmqchat._config import DEFAULT_ROOMS, Config
 from zmqchat._local.store import StoreError
 from zmqchat._ops import logs
 from zmqchat.broker._loop import Broker
@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         db=a.db,
         fsync=a.fsync,
         motd=a.motd,
-        ops=tuple(n for n in a.ops.split(",") if n),
+        operators=tuple(n for n in a.ops.split(",") if n),
         rate=a.rate,
         burst=a.burst,
         curve_key=a.curve_key,
         allow_keys=a.allow_keys,
         name=a.name or "",
-        cluster=a.cluster,
+        cluster_urls=a.cluster,
         replicas=a.replicas,
         namespace=a.namespace,
         metrics_port=a.metrics_port,
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         f"tcp://{a.host}:{broker.pub_port} (rooms)",
         flush=True,
     )
-    if cfg.cluster:
-        print(f"In the cluster at {cfg.cluster} as {broker.name}", flush=True)
+    if cfg.cluster_urls:
+        print(f"In the cluster at {cfg.cluster_urls} as {broker.name}", flush=True)
     if cfg.metrics_port is not None:
         print(f"Metrics on http://{a.host}:{cfg.metrics_port}/metrics", flush=True)
     if cfg.curve_key:
