@@ -24,6 +24,7 @@ from zmqchat._config import Config
 from zmqchat._core.core import Core
 from zmqchat._core.session import Room
 from zmqchat._core.stats import Stats
+from zmqchat._local.accounts import LocalAccounts
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
 from zmqchat._local.store import Store
 
@@ -43,6 +44,7 @@ _MORE: Final = int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 _RCVMORE: Final = int(zmq.RCVMORE)
+_AUTH: Final = [b"AUTH"]  # a login: the core is told the client's address (accounts)
 # pyzmq's Cython methods, called unbound: they skip its Python layer (a third of a send's
 # cost, two fifths of a receive's), which the loop pays several times per request.
 _send: Final = zmq.backend.Socket.send
@@ -79,11 +81,13 @@ class Broker:
                 self.cluster.registry,
                 self.cluster.presence,
             )
+            self.accounts: Any = self.cluster.accounts
         else:
             self.store = Store(cfg.db, fsync=cfg.fsync)
             self.log = LocalLog(self.store)
             self.registry = LocalRegistry(self.store, cfg.rooms, cfg.operators, cfg.allow_new_rooms)
             self.presence = LocalPresence()
+            self.accounts = LocalAccounts(self.store)
         try:
             if cfg.motd:  # read first: an unreadable file is a start error before any work
                 self._load_motd()
@@ -100,6 +104,7 @@ class Broker:
                 name=self.name,
                 pub_port=self.pub_port,
                 motd=self.motd,
+                accounts=self.accounts,
             )
             if self.cluster is not None:
                 self.cluster.attach(self.core)
@@ -265,10 +270,17 @@ class Broker:
                 frames = [p.bytes for p in parts]
                 if not key:  # fail closed: nothing without an authenticated identity
                     continue
+                if frames[1:2] == _AUTH:
+                    self.core.peer(frames[0], parts[-1].get("Peer-Address") or "")
             else:
                 frames, key = [_recv(router, _NOBLOCK)], ""
                 while _get(router, _RCVMORE):
-                    frames.append(_recv(router, _NOBLOCK))
+                    if frames[1:] == _AUTH:  # its address comes with a frame, not bytes
+                        part = router.recv(_NOBLOCK, copy=False)
+                        frames.append(part.bytes)
+                        self.core.peer(frames[0], part.get("Peer-Address") or "")
+                    else:
+                        frames.append(_recv(router, _NOBLOCK))
             try:
                 request(frames[0], frames[1:], key)
             except Exception:  # a bug must not take the broker down for everyone
