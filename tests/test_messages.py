@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -77,6 +78,7 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "resume": False,
             "token": "",
             "privates_since": 1700000000.0,
+            "proof": None,
         },
     ),
     Kind.JOIN: ({"room": "dev", "resume": True}, {"room": "dev", "resume": True}),
@@ -126,6 +128,41 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
         {"room": "dev", "nick": "bob", "reason": ""},
     ),
 }
+
+KEYS = {
+    "salt": "c2FsdHNhbHQ=",
+    "stored_key": base64.b64encode(b"A" * 32).decode(),
+    "server_key": base64.b64encode(b"B" * 32).decode(),
+}
+ROUND_TRIPS.update(  # accounts (issue 21)
+    {
+        Kind.AUTH: (
+            {"account": "alice", "first": "n,,n=alice,r=abc"},
+            {"account": "alice", "first": "n,,n=alice,r=abc"},
+        ),
+        Kind.REGISTER: (
+            {**KEYS, "iterations": 4096},
+            {
+                "salt": b"saltsalt",
+                "stored_key": b"A" * 32,
+                "server_key": b"B" * 32,
+                "iterations": 4096,
+            },
+        ),
+        Kind.PASSWORD: (
+            {**KEYS, "iterations": 5000, "proof": "c=biws,r=abc,p=xyz"},
+            {
+                "salt": b"saltsalt",
+                "stored_key": b"A" * 32,
+                "server_key": b"B" * 32,
+                "iterations": 5000,
+                "proof": "c=biws,r=abc,p=xyz",
+            },
+        ),
+        Kind.MARK: ({"room": "dev", "seq": 7}, {"room": "dev", "seq": 7}),
+        Kind.UNREAD: ({}, {"room": None, "after": None}),
+    }
+)
 
 
 def test_round_trip_table_covers_every_kind() -> None:
