@@ -23,6 +23,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
+from zmqchat._cluster.accounts import BUCKETS as ACCOUNT_BUCKETS
+from zmqchat._cluster.accounts import ClusterAccounts
 from zmqchat._core.state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
 from zmqchat._ops.logs import event as log_event
 from zmqchat.protocol import Code, ProtocolError, Reply
@@ -71,6 +73,7 @@ class Cluster:
         self.log = ClusterLog(self)
         self.registry = ClusterRegistry(self, cfg)
         self.presence = ClusterPresence(self)
+        self.accounts = ClusterAccounts(self)  # issue 21: its buckets come through _apply
         self.bridge: Any = None
         self.task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[None] | None = None  # the loop's, while it waits
@@ -562,6 +565,8 @@ class ClusterRegistry:
         elif bucket == "nickkeys":
             if put:
                 self.owners[unhex(key)] = json.loads(value)
+        elif bucket in ACCOUNT_BUCKETS:
+            self.cluster.accounts.apply(bucket, key, put, value)
 
     def _session(self, key: str, rev: int, d: dict[str, Any] | None) -> None:
         old = self.sessions.get(key)
@@ -572,7 +577,15 @@ class ClusterRegistry:
             ident = None
         else:
             ident = Identity(
-                d["sid"], d["nick"], key, d["token"], d["pubkey"], d["bot"], d["broker"], rev
+                d["sid"],
+                d["nick"],
+                key,
+                d["token"],
+                d["pubkey"],
+                d["bot"],
+                d["broker"],
+                rev,
+                d.get("account", ""),
             )
             if old is not None and old.sid == ident.sid and old.rev > rev:
                 return  # older news than what we made ourselves
@@ -625,6 +638,7 @@ class ClusterRegistry:
                 "pubkey": ident.pubkey,
                 "bot": ident.bot,
                 "broker": ident.broker,
+                "account": ident.account,
             }
         ).encode()
 
@@ -661,7 +675,14 @@ class ClusterRegistry:
 
     def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
         moved = Identity(
-            ident.sid, new_nick, new_key, ident.token_hash, ident.pubkey, ident.bot, ident.broker
+            ident.sid,
+            new_nick,
+            new_key,
+            ident.token_hash,
+            ident.pubkey,
+            ident.bot,
+            ident.broker,
+            account=ident.account,
         )
         inner = self.claim(moved, self.sessions.get(new_key) if new_key == ident.key else None)
         outer = Op()

@@ -233,6 +233,17 @@ class Accounts(Sessions, Rooms, Moderation):
         account = self.logged_in.get(s.sid)
         return account is not None and room in self.accounts.kept(account).rooms
 
+    def _account_recipient(self, nick: str) -> Identity | None:
+        """A private message to an account: to its session under whatever nick it has now,
+        else kept for it (it is counted unread at its next login)."""
+        account = self.accounts.account(m.nick_key(nick))
+        if account is None:
+            return None
+        for ident in self.registry.identities():
+            if ident.account == account.key:
+                return ident
+        return Identity("", account.name, account.key, "", "", False, "", account=account.key)
+
     def _may_take(self, s: Session, nick: str, key: str) -> None:
         owner = self.accounts.account(key)
         if owner is not None and owner.key != s.ident.account:
@@ -248,7 +259,8 @@ class Accounts(Sessions, Rooms, Moderation):
             return reply
         room = reply["room"]
         mark = self.accounts.kept(account).rooms.get(room)
-        ops = [] if mark is not None else [self.accounts.join(account, room, reply["seq"])]
+        joined = self.room_log.last(room)  # its own join notice is not news to it
+        ops = [] if mark is not None else [self.accounts.join(account, room, joined)]
         if not req.body["resume"]:
             ops.append(self.accounts.enter(account, room))
         yield gather(ops)

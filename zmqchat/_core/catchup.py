@@ -77,36 +77,38 @@ class CatchUp(Accounts):
             raise ProtocolError(Code.NOT_MEMBER, f"you are not in {b['room']}")
         names = [b["room"]] if b["room"] is not None else [r for r in kept.rooms if r in self.rooms]
         starts = [b["after"] if b["after"] is not None else kept.rooms[name] for name in names]
+        lasts = [self.room_log.last(name) for name in names]  # as this broker has them now
         reads = [
             self.room_log.read(name, after=after, before=None, since=None, limit=UNREAD_SCAN)
-            if self.room_log.last(name) > after
+            if last > after
             else Op.ready([])
-            for name, after in zip(names, starts, strict=True)
+            for name, after, last in zip(names, starts, lasts, strict=True)
         ]
         if b["room"] is None:  # the private messages too
             reads.append(self.accounts.privates_to(s.ident.owner, account.created, PRIVATE_SCAN))
         texts = yield gather(reads)
         me = Me(account, s)
         rooms = [
-            self._room_count(me, name, after, got)
-            for name, after, got in zip(names, starts, texts, strict=False)
+            room_count(me, name, after, last, got)
+            for name, after, last, got in zip(names, starts, lasts, texts, strict=False)
         ]
         if b["room"] is not None:
             return {"rooms": rooms}
         return {"rooms": rooms, "privates": me.privates(kept, texts[-1])}
 
-    def _room_count(self, me: Me, room: str, after: int, texts: list[str]) -> dict[str, Any]:
-        last = self.room_log.last(room)
-        unread, mentioned = me.count(texts)
-        more = len(texts) >= UNREAD_SCAN and last > after + len(texts)
-        return {
-            "room": room,
-            "unread": unread,
-            "mentions": mentioned,
-            "mark": after,
-            "last": last,
-            **({"more": True} if more else {}),
-        }
+
+def room_count(me: Me, room: str, after: int, last: int, texts: list[str]) -> dict[str, Any]:
+    """A room's line of UNREAD's reply (`more`: there is more than was counted)."""
+    unread, mentioned = me.count(texts)
+    more = len(texts) >= UNREAD_SCAN and last > after + len(texts)
+    return {
+        "room": room,
+        "unread": unread,
+        "mentions": mentioned,
+        "mark": after,
+        "last": last,
+        **({"more": True} if more else {}),
+    }
 
 
 class Me:

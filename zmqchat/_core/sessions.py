@@ -175,6 +175,10 @@ class Sessions(CoreBase):
         )
         return {"nick": new, "old": old}
 
+    def _account_recipient(self, nick: str) -> Identity | None:
+        """PRIV to a nick nobody holds (accounts.py): the account of that name, if any."""
+        return None
+
     def _may_take(self, s: Session, nick: str, key: str) -> None:
         """NICK: refuse a nick that is another's account (accounts.py)."""
 
@@ -184,6 +188,8 @@ class Sessions(CoreBase):
         if target is None:  # connected just now on another broker?
             yield self.registry.catch_up()
             target = self.registry.holder(m.nick_key(b["to"]))
+        if target is None:  # an account: kept for it, under whatever nick, or until it is back
+            target = self._account_recipient(b["to"])
         if target is None:
             raise ProtocolError(Code.NO_SUCH_NICK, f"nobody called {b['to']} is connected")
         prior = self.room_log.known_ids(s.ident.owner, [b["id"]])[b["id"]]

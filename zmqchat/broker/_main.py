@@ -14,6 +14,7 @@ from zmqchat import protocol as m
 from zmqchat._config import DEFAULT_ROOMS, Config
 from zmqchat._local.store import StoreError
 from zmqchat._ops import logs
+from zmqchat.broker import _accounts_cli as accounts_cli
 from zmqchat.broker._loop import Broker
 from zmqchat.protocol import ProtocolError
 
@@ -26,6 +27,9 @@ def name_arg(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["accounts"]:  # the operator's accounts command (issue 21)
+        return accounts_cli.main(argv[1:])
     p = argparse.ArgumentParser(description="ZeroMQ chat broker")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for a LAN)")
     p.add_argument("--port", type=int, default=9001, help="command (ROUTER) port")
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         default="zmqchat",
         help="prefix of the streams and buckets in NATS (several chats on one NATS)",
     )
+    accounts_cli.add_flags(p)
     a = p.parse_args(argv)
     logs.setup(a.log_level, a.log_format)
     if a.gen_keys:
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         replicas=a.replicas,
         namespace=a.namespace,
         metrics_port=a.metrics_port,
+        **accounts_cli.config(a),
     )
     try:
         broker = Broker(cfg)
