@@ -159,7 +159,10 @@ ROUND_TRIPS.update(  # accounts (issue 21)
                 "proof": "c=biws,r=abc,p=xyz",
             },
         ),
-        Kind.MARK: ({"room": "dev", "seq": 7}, {"room": "dev", "seq": 7}),
+        Kind.MARK: (
+            {"room": "dev", "seq": 7},
+            {"room": "dev", "seq": 7, "with": None, "ts": None},
+        ),
         Kind.UNREAD: ({}, {"room": None, "after": None}),
     }
 )

@@ -484,11 +484,12 @@ def _v_mark(b: dict[str, Any]) -> dict[str, Any]:
     if (b.get("room") is None) == (b.get("with") is None):
         raise ProtocolError(Code.BAD_REQUEST, "MARK takes a 'room' (with 'seq') or a 'with'")
     if b.get("room") is not None:
-        return {"room": check_room(b["room"]), "seq": _int(b, "seq", required=True)}
+        seq = _int(b, "seq", required=True)
+        return {"room": check_room(b["room"]), "seq": seq, "with": None, "ts": None}
     ts = _time(b, "ts")
     if ts is None:
         raise ProtocolError(Code.BAD_REQUEST, "field 'ts' must be a number (UTC seconds)")
-    return {"with": check_nick(b["with"]), "ts": ts}
+    return {"room": None, "seq": None, "with": check_nick(b["with"]), "ts": ts}
 
 
 def _v_unread(b: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,9 @@ It runs in one of three ways:
     --json    one JSON object per event; at the end of stdin it waits for the acknowledgements
 Exit status: 0 left normally, 1 could not connect (or messages were left undelivered),
 2 usage (no nickname and no terminal to ask for one; a nickname that can never be valid, told
-before connecting; an unreadable --server-key), 3 nickname refused by the broker (taken).
+before connecting; an unreadable --server-key or --password-file), 3 nickname refused by the
+broker (taken), 4 not let in as an account: a wrong or missing password, too many failed
+logins, no such account, or a broker for accounts only (catchup.py, passwords.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import getpass
 import os
 import signal
 import sys
@@ -29,6 +33,8 @@ from typing import Any, Final
 import zmq
 
 from zmqchat import protocol as m
+from zmqchat._cli import passwords
+from zmqchat._cli.catchup import Reading, account_commands
 from zmqchat._cli.render import Screen, escape, escape_lines
 from zmqchat._client.library import (
     Address,
@@ -59,6 +65,10 @@ commands:
   /topic [TEXT]         show or set the room's topic
   /history [N]          the room's last N events (default 50)
   /history NICK [N]     your private conversation with NICK
+  /leave [ROOM]         leave this room (or ROOM) for good
+  /register             make your nickname an account: a password keeps it yours
+  /password             change your account's password
+  /more                 the next unread messages of this room (past the first 500)
   /kick NICK [REASON]   remove someone from the room (operators)
   /ban NICK [REASON]    ban someone from the room (operators)
   /unban NICK           lift a ban (operators)
@@ -124,7 +134,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"the broker's command port (default {DEFAULT_PORT}), for addresses given without one",
     )
     p.add_argument("-u", "--user", type=nickname, help="your nickname")
-    p.add_argument("-r", "--room", default=DEFAULT_ROOM, help="the room to start in (lobby)")
+    p.add_argument(
+        "-r",
+        "--room",
+        help="the room to start in (lobby; for an account, the room it was in last)",
+    )
     p.add_argument(
         "--json", action="store_true", help="one JSON object per event on stdout, for scripts"
     )
@@ -139,6 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--server-key",
         metavar="FILE",
         help="the broker's public CURVE key file: encrypt and authenticate",
+    )
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help=f"log in to your account with the password on this file's first line (or set "
+        f"{passwords.ENV}; on a terminal it is asked for when needed)",
     )
     return p.parse_args(argv)
 
@@ -199,19 +219,42 @@ def fail(text: str) -> None:
     print(f"client.py: {text}", file=sys.stderr, flush=True)
 
 
+def waiting(nick: str, seconds: float) -> None:
+    tell(
+        f"The nickname {nick} is still held by a connection that went silent; it is free "
+        f"within {seconds:.0f} s if that one is gone: waiting for it..."
+    )
+
+
+AUTH_CODES: Final = frozenset(
+    {m.Code.AUTH_FAILED, m.Code.NO_ACCOUNT, m.Code.ACCOUNTS_ONLY, m.Code.RATE_LIMITED}
+)
+
+
 def connect(
     runner: asyncio.Runner,
     addresses: list[Address],
     nick: str,
-    room: str,
+    room: str | None,
     interactive: bool,
     curve: dict[str, Any],
+    password: str | None = None,
+    may_ask: bool = False,
 ) -> Client | int:
-    """A connected Client, or the exit status; a refused nick is asked again if we can."""
+    """A connected Client, or the exit status; a refused nick is asked again if we can,
+    and a registered nick's password if we may (`may_ask`: a terminal, not --json)."""
     where = ", ".join(show_address(h, p) for h, p in addresses)
     while True:
         nick = nick or ask_nick()
-        client = Client(addresses, nick=nick, rooms=[room], timeout=TIMEOUT, **curve)
+        client = Client(
+            addresses,
+            nick=nick,
+            rooms=[room] if room else None,
+            timeout=TIMEOUT,
+            password=password,
+            on_wait=functools.partial(waiting, nick),
+            **curve,
+        )
         if interactive:
             tell(f"Connecting to {where} as {nick}...")
         try:
@@ -220,10 +263,22 @@ def connect(
         except ChatError as err:
             runner.run(client.close())
             reason = escape(err.reason)
+            if err.code == m.Code.AUTH_REQUIRED:
+                if may_ask and password is None:
+                    password = getpass.getpass(f"Password for {nick}: ")
+                    continue
+                fail(
+                    f"{reason}; give it with --password-file FILE or {passwords.ENV}"
+                    + ("" if may_ask else " (--json never asks)" if interactive else "")
+                )
+                return 4
+            if err.code in AUTH_CODES:
+                fail(reason)
+                return 4
             if err.code in (m.Code.NICK_TAKEN, m.Code.NICK_INVALID):
                 if interactive:
                     tell(f"Sorry, {reason}. Please choose another nickname.")
-                    nick = ""
+                    nick, password = "", None
                     continue
                 fail(
                     f"cannot use the nickname {escape(nick)!r}: {reason}; "
@@ -281,7 +336,15 @@ class Chat:
             "lock": self.cmd_lock,
             "unlock": self.cmd_unlock,
             "quit": self.cmd_quit,
+            **account_commands(self),  # register, password, more, leave (catchup.py)
         }
+        # an account reads one of its rooms and counts the others'
+        self.reading: Reading | None = Reading(client) if client.account else None
+        # how a secret is asked for here: set by the front end (no echo on a terminal)
+        self.ask_secret: Callable[[str], Awaitable[str]] = self._no_secret
+
+    async def _no_secret(self, prompt: str) -> str:
+        raise ChatError("USAGE", "no way to ask for a password here")
 
     async def greet(self) -> None:
         """The broker's banner and who and where we are."""
@@ -291,6 +354,7 @@ class Chat:
         except ChatError:
             topic = ""
         motd = str(c.welcome.get("motd") or "")
+        others = [r for r in c.rooms if r != self.room] if c.account else []
         if self.screen.json_mode:
             self.screen.note(
                 f"connected as {c.nick} in {self.room}",
@@ -300,14 +364,16 @@ class Chat:
                 topic=topic,
                 rooms=self.rooms,
                 motd=motd,
+                **({"account": c.account, "joined": list(c.rooms)} if c.account else {}),
             )
             return
         if motd.strip():
             self.screen.write(escape_lines(motd.strip("\n")))
         via = f" (via {escape(c.broker)})" if len(c.addresses) > 1 else ""  # which of them
+        also = f"; your other rooms: {', '.join(others)}" if others else ""
         self.screen.write(
-            f"Welcome, {escape(c.nick)}! You are in {self.room}{via}. "
-            f"Type /help for the commands, /quit to leave."
+            f"Welcome{' back' if c.account else ''}, {escape(c.nick)}! You are in "
+            f"{self.room}{via}{also}. Type /help for the commands, /quit to leave."
         )
         if topic:
             self.screen.note(f"topic of {self.room}: {topic}")
@@ -319,6 +385,8 @@ class Chat:
                 continue
             if ev.kind == "private" and not ev.mine and ev.data.get("to") == ev.nick:
                 continue  # a note to self: the broker's copy of our own send is shown
+            if self.reading is not None and not self.reading.take(ev, self.room):
+                continue  # another room's: counted (or one shown already)
             self.track(ev)
             self.screen.event(ev, me=self.client.nick, room=self.room)
             if (
@@ -330,6 +398,8 @@ class Chat:
                 asyncio.create_task(self.fall_back(ev.room))
             if self.screen.closed and not self.quitting:  # nobody reads our output any more
                 asyncio.create_task(self.quit(None))
+        if not self.quitting:  # the client stopped by itself: our account logged in elsewhere
+            asyncio.create_task(self.quit(None, wait=0))
 
     async def fall_back(self, room: str) -> None:
         """Out of our room against our will: back to lobby, or nowhere if that was lobby
@@ -470,6 +540,7 @@ class Chat:
         # Join first, then leave: a refused join (no such room) leaves you where you were.
         old, self.room = self.room, arg  # the new room's backlog shows as this room's
         self.joining = arg
+        back = self.reading is not None and arg in self.client.rooms  # an account's room
         try:
             reply = await self.client.join(arg)
         except ChatError:
@@ -480,7 +551,11 @@ class Chat:
         if arg not in self.client.rooms:  # kicked as we came in (that was said): stay put
             self.room = old
             return
-        if old != arg and old in self.client.rooms:
+        if self.reading is not None:  # an account stays in the room it was in
+            self.reading.entered(arg)
+            if back:
+                await self.reading.catch_up(self, arg)
+        elif old != arg and old in self.client.rooms:
             try:
                 await self.client.leave(old)
             except ChatError as err:
@@ -627,8 +702,18 @@ async def stdin_lines() -> AsyncIterator[str]:
 
 
 async def read_lines(chat: Chat) -> None:
-    """Plain and JSON mode: send every stdin line; at its end, wait for acks and leave."""
-    async for line in stdin_lines():
+    """Plain and JSON mode: send every stdin line; at its end, wait for acks and leave. A
+    password a command asks for (/register, /password) is the next line."""
+    lines = stdin_lines()
+
+    async def secret(prompt: str) -> str:
+        try:
+            return await anext(lines)
+        except StopAsyncIteration:
+            raise ChatError("USAGE", f"no line for {prompt.strip(': ')}: input ended") from None
+
+    chat.ask_secret = secret
+    async for line in lines:
         await chat.handle(line)
         if chat.quitting:
             return
@@ -639,14 +724,15 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     """Run the chat until the user leaves; returns the exit status."""
     colour = terminal and not args.no_color and not os.environ.get("NO_COLOR")
     screen = Screen(json_mode=args.json, colour=colour)
-    chat = Chat(client, screen, args.room, leave_words=not args.json)
+    room = (client.want_rooms or [DEFAULT_ROOM])[0]  # -r, or an account's last room
+    chat = Chat(client, screen, room, leave_words=not args.json)
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGHUP):  # leave cleanly, as on Ctrl+C
         loop.add_signal_handler(sig, me.cancel)
     if terminal:
         try:
-            chat.nicks.update(await client.who(args.room))
+            chat.nicks.update(await client.who(room))
         except ChatError:
             pass
     await chat.greet()
@@ -715,8 +801,16 @@ def main(argv: list[str] | None = None) -> int:
                 fail(f"--server-key {args.server_key}: {err}")
                 return 2
             curve = {"server_key": server_key, "keypair": keypair}
+        try:
+            password = passwords.given(args.password_file)
+        except passwords.PasswordError as err:
+            fail(str(err))
+            return 2
+        may_ask = interactive and not args.json
         with asyncio.Runner() as runner:
-            client = connect(runner, addresses, args.user or "", args.room, interactive, curve)
+            client = connect(
+                runner, addresses, args.user or "", args.room, interactive, curve, password, may_ask
+            )
             if isinstance(client, int):
                 return client
             if not terminal:

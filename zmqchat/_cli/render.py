@@ -16,6 +16,7 @@ import time
 import zlib
 from typing import Any, Final
 
+from zmqchat import protocol
 from zmqchat._client.library import Event
 
 # C0 and C1 controls, DEL, line/paragraph separators and the bidi controls that can make a line
@@ -49,10 +50,8 @@ def nick_colour(nick: str) -> str:
 
 
 def mentions(text: str, nick: str) -> bool:
-    """Does text name nick as a word (any case)?"""
-    if not nick:
-        return False
-    return re.search(rf"(?<!\w){re.escape(nick)}(?!\w)", text, re.IGNORECASE) is not None
+    """Does text name nick as a word (folded as nicks are: any case, look-alike letters)?"""
+    return protocol.mentions(text, nick)
 
 
 def clock(ts: float) -> str:
@@ -63,9 +62,12 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M", when)
 
 
-def event_json(ev: Event) -> str:
-    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog)."""
+def event_json(ev: Event, me: str = "") -> str:
+    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog,
+    and `mention` when it names `me`)."""
     data: dict[str, Any] = dict(ev.data)
+    if me and not ev.mine and ev.kind in ("msg", "action", "private") and mentions(ev.text, me):
+        data["mention"] = True
     data.update(
         kind=ev.kind,
         room=ev.room,
@@ -98,7 +100,9 @@ class Render:
 
     def event(self, ev: Event, *, me: str, room: str | None) -> str:
         """One line for one event; `me` is our nick (mentions), `room` the current room."""
-        dimmed = ev.backlog  # a dimmed line keeps no inner colours: a reset would end the dim
+        # a dimmed line keeps no inner colours: a reset would end the dim; what an account
+        # had not read yet (caught up with on entering a room) is not dimmed
+        dimmed = ev.backlog and not ev.data.get("unread")
         nick = escape(ev.nick)
         if not dimmed:
             nick = self.paint(
@@ -124,7 +128,7 @@ class Render:
             )
         elif ev.kind == "topic":
             body = "-- " + escape(str(ev.data.get("note") or f"topic: {ev.text}"))
-        elif ev.kind == "status":
+        elif ev.kind in ("status", "unread"):
             body = "*** " + text
         else:  # join, leave, nick, kick, ban, notice, and kinds a newer broker may add
             body = "-- " + text
@@ -132,13 +136,13 @@ class Render:
             body = "[bot] " + body
         if ev.room and room and ev.room != room:
             body = f"[{escape(str(ev.room))}] {body}"
-        if ev.backlog:
+        if dimmed:
             body = "[earlier] " + body
         if dimmed:
             return self.paint(f"{clock(ev.ts)} {body}", DIM)
         if ev.kind in NOTICE_KINDS:  # no inner colours in a notice: the whole line is muted
             body = self.paint(body, DIM)
-        elif ev.kind == "status":
+        elif ev.kind in ("status", "unread"):
             body = self.paint(body, BOLD)
         return self.paint(f"{clock(ev.ts)} ", DIM) + body
 
@@ -170,7 +174,9 @@ class Screen:
             os.close(devnull)
 
     def event(self, ev: Event, *, me: str, room: str | None) -> None:
-        self.write(event_json(ev) if self.json_mode else self.render.event(ev, me=me, room=room))
+        self.write(
+            event_json(ev, me) if self.json_mode else self.render.event(ev, me=me, room=room)
+        )
 
     def note(self, text: str, kind: str = "info", **data: Any) -> None:
         """A local line (a command's answer); in JSON mode an object with `kind` and `text`."""

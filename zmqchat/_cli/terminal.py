@@ -77,6 +77,12 @@ async def read_terminal(chat: Chat, colour: bool) -> None:
         color_depth=None if colour else ColorDepth.MONOCHROME,
         input=KeptInput(sys.stdin),
     )
+
+    async def secret(prompt: str) -> str:  # /register, /password: never echoed
+        asking: PromptSession[str] = PromptSession(input=KeptInput(sys.stdin))
+        return await asking.prompt_async(prompt, is_password=True, handle_sigint=False)
+
+    chat.ask_secret = secret
     while not chat.quitting:
         try:
             # No SIGINT handler of prompt_toolkit's: at the prompt Ctrl+C is a key; a signal
@@ -102,6 +108,9 @@ def toolbar(chat: Chat) -> str:
         parts.append(
             f"{len(pending)} message{'s' if len(pending) != 1 else ''} pending: {escape(texts)}"
         )
+    waiting = chat.reading.toolbar(chat.room) if chat.reading is not None else ""
+    if waiting:  # an account's other rooms
+        parts.append(waiting)
     parts.append("/help")
     return " " + "  ·  ".join(parts)
 
