@@ -31,6 +31,10 @@ FIGURES = (  # (workload, key in a run's result, unit, better when)
 )
 
 
+def show(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.3g}" if v < 100 else f"{v:,.0f}"
+
+
 def run(bench: Bench, workload: str) -> dict[str, Any]:
     if workload == "W2":
         (result,) = bench.latency("broker")
