@@ -27,6 +27,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MemberDescriptorType
 from typing import Any, Final
 
@@ -99,6 +100,14 @@ def broker_addresses(host: str | Iterable[str | Address], port: int) -> list[Add
 def show_address(host: str, port: int) -> str:
     """host:port as people write it ([host]:port for IPv6)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Status(StrEnum):
+    """The library's own event kind, beside the broker's (protocol.EventKind): news of the
+    connection (`connection lost, reconnecting...`, kicked from a room, `closed`)."""
+
+    KIND = "status"
+    UNREAD = "unread"  # an account's: what waits in a room or from a person (accounts.py)
 
 
 class ChatError(Exception):
@@ -546,7 +555,7 @@ class Client(AccountClient):
             if not item.future.done():
                 item.future.set_exception(ChatError("CLOSED", "the client was closed"))
         self._outbox.clear()
-        self._events.put_nowait(Event("status", "closed"))
+        self._events.put_nowait(Event(Status.KIND, "closed"))
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -1021,7 +1030,7 @@ class Client(AccountClient):
         return Event.from_wire(d, mine=self._is_mine(d), backlog=backlog)
 
     def _emit_status(self, text: str, room: str | None = None) -> None:
-        self._events.put_nowait(Event("status", text, room=room, ts=time.time()))
+        self._events.put_nowait(Event(Status.KIND, text, room=room, ts=time.time()))
 
     # ------------------------------------------------------------------ acknowledged sends
     async def _queue(
