@@ -17,8 +17,12 @@ ALLOWED: dict[str, set[str]] = {
     # the bottom: the wire protocol and the log lines import nothing of ours
     "zmqchat.protocol": set(),
     "zmqchat._ops.logs": set(),
+    # SCRAM for accounts, both ends of it (no I/O); reading a password (the client's and the
+    # operator's command lines)
+    "zmqchat._scram": {"zmqchat.protocol"},
+    "zmqchat._passwords": {"zmqchat._scram"},
     # the broker's core: no I/O, no broker loop, no metrics exporter, no store, no cluster
-    "zmqchat._core": {"zmqchat.protocol", "zmqchat._ops.logs"},
+    "zmqchat._core": {"zmqchat.protocol", "zmqchat._ops.logs", "zmqchat._scram"},
     # how a broker was started (flags): the core's rules only
     "zmqchat._config": {"zmqchat._core"},
     # the two implementations of the state interfaces
@@ -34,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     # the broker's loop and flags: everything of the broker's side
     "zmqchat.broker": {
         "zmqchat.protocol",
+        "zmqchat._scram",
+        "zmqchat._passwords",
         "zmqchat._ops",
         "zmqchat._core",
         "zmqchat._config",
@@ -41,9 +47,9 @@ ALLOWED: dict[str, set[str]] = {
         "zmqchat._cluster",
     },
     # the client library knows nothing of what is built on it
-    "zmqchat._client": {"zmqchat.protocol"},
+    "zmqchat._client": {"zmqchat.protocol", "zmqchat._scram"},
     "zmqchat._bot": {"zmqchat.protocol", "zmqchat._client"},
-    "zmqchat._cli": {"zmqchat.protocol", "zmqchat._client"},
+    "zmqchat._cli": {"zmqchat.protocol", "zmqchat._client", "zmqchat._passwords"},
     # the public API and `python -m zmqchat`
     "zmqchat.__main__": {"zmqchat._cli"},
     "zmqchat": {"zmqchat._client", "zmqchat._bot"},

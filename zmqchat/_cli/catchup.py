@@ -10,16 +10,26 @@ a room for good. `/register` makes the nick an account; `/password` changes its 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
-from zmqchat._cli.passwords import PasswordError, ask_new
-from zmqchat._client.library import ChatError
+from zmqchat._cli.render import Screen
+from zmqchat._client.library import ChatError, Client, Event, Status
+from zmqchat._passwords import PasswordError, ask_new
+from zmqchat.protocol import EventKind
 
-if TYPE_CHECKING:
-    from zmqchat._cli.chat import Chat
-    from zmqchat._client.library import Client, Event
+ROOM_KINDS = frozenset({EventKind.MSG, EventKind.ACTION})  # what counts as unread in a room
 
-ROOM_KINDS = frozenset({"msg", "action"})  # what counts as unread in a room
+
+class Chat(Protocol):
+    """What these commands need of the chat session they are part of (chat.py's Chat)."""
+
+    client: Client
+    screen: Screen
+    room: str
+    reading: Reading | None
+    ask_secret: Callable[[str], Awaitable[str]]
+
+    async def cmd_join(self, arg: str) -> None: ...
 
 
 class Reading:
@@ -33,9 +43,9 @@ class Reading:
 
     def take(self, ev: Event, active: str) -> bool:
         """Whether to show an event now; counts and marks what it must."""
-        if ev.kind == "unread":
+        if ev.kind == Status.UNREAD:
             return self._note(ev, active)
-        if ev.kind == "private":
+        if ev.kind == EventKind.PRIVATE:
             if not ev.mine:
                 self.client.mark_private(ev.nick, ev.ts)
             return True
@@ -167,8 +177,3 @@ async def _new_password(chat: Chat, first: str) -> str:
         return ask_new(lambda _prompt: answers.pop(0), first)
     except PasswordError as err:
         raise ChatError("BAD_REQUEST", str(err)) from None
-
-
-def summary_fields(ev: Event) -> dict[str, Any]:
-    """An `unread` event's facts, for --json."""
-    return {k: v for k, v in ev.data.items() if k in ("room", "with", "unread", "mentions")}

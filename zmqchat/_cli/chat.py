@@ -32,8 +32,8 @@ from typing import Any, Final
 
 import zmq
 
+from zmqchat import _passwords as passwords
 from zmqchat import protocol as m
-from zmqchat._cli import passwords
 from zmqchat._cli.catchup import Reading, account_commands
 from zmqchat._cli.render import Screen, escape, escape_lines
 from zmqchat._client.library import (

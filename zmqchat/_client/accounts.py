@@ -22,9 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 from zmqchat import protocol as m
 from zmqchat._scram import DEFAULT_ITERATIONS, Login, ScramError, make_keys, password_problem
 
-if TYPE_CHECKING:
-    from zmqchat._client.library import Event
-
+Event = Any  # the library's Event (library.py builds on this module, not the other way)
 MARK_EVERY: Final = 1.0  # seconds between two MARKs of the same room or person at most
 
 
@@ -97,6 +95,12 @@ class AccountClient:
             raise NotImplementedError
 
         def _wire_event(self, d: dict[str, Any], backlog: bool) -> Event:
+            raise NotImplementedError
+
+        def _unread_event(self, text: str, room: str | None, data: dict[str, Any]) -> Event:
+            raise NotImplementedError
+
+        def _error(self, code: str, reason: str) -> Exception:
             raise NotImplementedError
 
     # ------------------------------------------------------------------ public
@@ -180,7 +184,7 @@ class AccountClient:
     async def change_password(self, old: str, new: str) -> None:
         """Change the account's password (the old one is proven first)."""
         if not self.acct.account:
-            raise _error("NOT_ALLOWED", "you are not logged in to an account")
+            raise self._error("NOT_ALLOWED", "you are not logged in to an account")
         self._check_new(new)
         login = Login(self.acct.account, old)
         answer = await self.request(
@@ -192,11 +196,10 @@ class AccountClient:
         await self.request(m.Kind.PASSWORD, {"proof": proof, **keys.to_wire()})
         self.acct.password = new
 
-    @staticmethod
-    def _check_new(password: str) -> None:
+    def _check_new(self, password: str) -> None:
         problem = password_problem(password)
         if problem is not None:
-            raise _error("BAD_REQUEST", problem)
+            raise self._error("BAD_REQUEST", problem)
 
     # ------------------------------------------------------------------ for Client
     async def _login(self, body: dict[str, Any], timeout: float) -> Login | None:
@@ -207,7 +210,7 @@ class AccountClient:
         try:
             login = Login(name, self.acct.password)
         except ScramError as err:
-            raise _error("BAD_REQUEST", f"this password cannot be used: {err}") from None
+            raise self._error("BAD_REQUEST", f"this password cannot be used: {err}") from None
         answer = await self._request_once(
             m.Kind.AUTH, {"account": name, "first": login.first()}, timeout
         )
@@ -221,7 +224,7 @@ class AccountClient:
         try:
             login.check(str(reply.get("verify", "")))
         except ScramError as err:
-            raise _error("AUTH_FAILED", str(err)) from None
+            raise self._error("AUTH_FAILED", str(err)) from None
         self.acct.account = self.acct.name = str(reply["account"])
 
     def _start_rooms(self, rooms: list[str] | None) -> list[str]:
@@ -235,15 +238,12 @@ class AccountClient:
     async def _summary(self) -> None:
         """After a login: one `unread` event per room and person with unread messages, then
         the unread private messages themselves."""
-        from zmqchat._client.library import Event
-
         reply = await self.unread_counts()
         for line in reply["rooms"]:
             if line["unread"]:
-                self._events.put_nowait(Event("unread", unread_text(line), room=line["room"],
-                                              ts=time.time(), data=line))  # fmt: skip
+                self._events.put_nowait(self._unread_event(unread_text(line), line["room"], line))
         for line in reply.get("privates", []):
-            self._events.put_nowait(Event("unread", unread_text(line), ts=time.time(), data=line))
+            self._events.put_nowait(self._unread_event(unread_text(line), None, line))
         if not self.acct.unread_limit:
             return
         for line in reply.get("privates", []):
@@ -261,15 +261,12 @@ class AccountClient:
 
     async def _more(self, room: str, mark: int) -> None:
         """Entering an account's room: its unread events, then a note if there are more."""
-        from zmqchat._client.library import Event
-
         caught = await self.catch_up(room, mark, self.acct.unread_limit)
         self._events.extend(caught.events)
         if caught.more:
             line = {"room": room, "unread": caught.more, "more": True,
                     "after": caught.events[-1].seq if caught.events else mark}  # fmt: skip
-            self._events.put_nowait(Event("unread", unread_text(line, True), room=room,
-                                          ts=time.time(), data=line))  # fmt: skip
+            self._events.put_nowait(self._unread_event(unread_text(line, True), room, line))
 
     async def _send_marks(self, force: bool = False) -> None:
         """The marks made since the last time, at most once a second (all of them, with
@@ -292,9 +289,3 @@ class AccountClient:
             await self._request_once(m.Kind.MARK, body, self.timeout)
         except Exception:  # noqa: BLE001 - a mark lost is made again by the next one
             pass
-
-
-def _error(code: str, reason: str) -> Exception:
-    from zmqchat._client.library import ChatError
-
-    return ChatError(code, reason)

@@ -1029,6 +1029,12 @@ class Client(AccountClient):
     def _wire_event(self, d: dict[str, Any], backlog: bool) -> Event:
         return Event.from_wire(d, mine=self._is_mine(d), backlog=backlog)
 
+    def _unread_event(self, text: str, room: str | None, data: dict[str, Any]) -> Event:
+        return Event(Status.UNREAD, text, room=room, ts=time.time(), data=data)
+
+    def _error(self, code: str, reason: str) -> Exception:
+        return ChatError(code, reason)
+
     def _emit_status(self, text: str, room: str | None = None) -> None:
         self._events.put_nowait(Event(Status.KIND, text, room=room, ts=time.time()))
 

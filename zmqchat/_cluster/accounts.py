@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from zmqchat._core.accounts_state import Account, Kept
 from zmqchat._core.state import Op
 from zmqchat.protocol import Code, ProtocolError
-
-if TYPE_CHECKING:
-    from zmqchat._cluster.state import Cluster
 
 BUCKETS: Final = ("accounts", "marks", "logins")
 FAILURES_KEPT: Final = 60.0  # seconds a failed login is remembered (the core looks back 60)
@@ -41,8 +39,13 @@ def unhex(key: str) -> str:
 class ClusterAccounts:
     """AccountStore for a cluster: the buckets above as last heard, and changes to them."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+    def __init__(
+        self,
+        call: Callable[[list[bytes], Callable[[list[bytes]], Any]], Op],
+        privates_of: Callable[[str, float, int], Op],
+    ) -> None:
+        self.call = call  # a command to the bridge (Cluster.call)
+        self.privates_of = privates_of  # the private messages kept for an identity
         self.all: dict[str, Account] = {}
         self.rooms: defaultdict[str, dict[str, int]] = defaultdict(dict)
         self.privates: defaultdict[str, dict[str, float]] = defaultdict(dict)
@@ -89,7 +92,7 @@ class ClusterAccounts:
 
     def _kv(self, verb: str, bucket: str, key: str, value: Any = None) -> Op:
         data = json.dumps(value).encode() if value is not None else b""
-        return self.cluster.call(
+        return self.call(
             [b"KV", bucket.encode(), verb.encode(), key.encode(), data, b"0"],
             lambda frames: json.loads(frames[1]),
         )
@@ -169,6 +172,4 @@ class ClusterAccounts:
 
     # ---------------------------------------------------------------- private messages
     def privates_to(self, owner: str, since: float, limit: int) -> Op:
-        from zmqchat._cluster.bridge import token
-
-        return self.cluster.log._privates(f"{token(owner)}.*.*.*", since, limit)
+        return self.privates_of(owner, since, limit)

@@ -73,7 +73,7 @@ class Cluster:
         self.log = ClusterLog(self)
         self.registry = ClusterRegistry(self, cfg)
         self.presence = ClusterPresence(self)
-        self.accounts = ClusterAccounts(self)  # issue 21: its buckets come through _apply
+        self.accounts = ClusterAccounts(self.call, self.log.privates_of)  # issue 21
         self.bridge: Any = None
         self.task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[None] | None = None  # the loop's, while it waits
@@ -449,6 +449,12 @@ class ClusterLog:
         owner, _, key = recipient.partition(" ")
         return self._privates(f"{token(owner)}.{token(key)}.*.*", since, limit)
 
+    def privates_of(self, owner: str, since: float, limit: int) -> Op:
+        """The private messages kept for an identity under any nick (accounts)."""
+        from zmqchat._cluster.bridge import token
+
+        return self._privates(f"{token(owner)}.*.*.*", since, limit)
+
     def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> Op:
         from zmqchat._cluster.bridge import token
 
@@ -566,7 +572,7 @@ class ClusterRegistry:
             if put:
                 self.owners[unhex(key)] = json.loads(value)
         elif bucket in ACCOUNT_BUCKETS:
-            self.cluster.accounts.apply(bucket, key, put, value)
+            self.cluster.accounts.apply(bucket, key, put, value)  # issue 21
 
     def _session(self, key: str, rev: int, d: dict[str, Any] | None) -> None:
         old = self.sessions.get(key)

@@ -21,7 +21,7 @@ import time
 from typing import Any, Final
 
 from zmqchat import protocol as m
-from zmqchat._cli.passwords import PasswordError, ask_new, from_file
+from zmqchat._passwords import PasswordError, ask_new, from_file
 from zmqchat._scram import DEFAULT_ITERATIONS, Keys, make_keys, password_problem
 
 NATS_TIMEOUT: Final = 10.0  # seconds an operation on the cluster may take
