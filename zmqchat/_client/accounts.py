@@ -268,9 +268,9 @@ class AccountClient:
                     "after": caught.events[-1].seq if caught.events else mark}  # fmt: skip
             self._events.put_nowait(self._unread_event(unread_text(line, True), room, line))
 
-    async def _send_marks(self, force: bool = False) -> None:
-        """The marks made since the last time, at most once a second (all of them, with
-        force: before leaving)."""
+    async def send_marks(self, force: bool = True) -> None:
+        """Tell the broker the marks made since the last time (with the heartbeat, not more
+        than once a second, unless `force`; and when the client closes)."""
         if not (self.acct.due or self.acct.due_privates):
             return
         now = time.monotonic()

@@ -539,7 +539,7 @@ class Client(AccountClient):
             return
         if self.connected:
             try:
-                await asyncio.wait_for(self._send_marks(force=True), 1.0)  # what was read, counted
+                await asyncio.wait_for(self.send_marks(), 1.0)  # what was read, counted
                 await self.request(m.Kind.BYE, {"reason": reason}, timeout=1.0)
             except (TimeoutError, ChatError):
                 pass
@@ -929,7 +929,7 @@ class Client(AccountClient):
             reply = await self._request_once(m.Kind.PING, {}, 3 * self.heartbeat)
         except ChatError:
             return
-        await self._send_marks()  # an account's marks go with the heartbeat
+        await self.send_marks(force=False)  # an account's marks go with the heartbeat
         for room, seq in reply.get("rooms", {}).items():
             self._known(room, int(seq))
 

@@ -187,6 +187,10 @@ def _listing(records: list[dict[str, Any]]) -> str:
     return "\n".join(f"{r['name']}  (registered {_when(float(r['created']))})" for r in records)
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats-py's errors while connecting: the one that matters is raised."""
+
+
 class ClusterStore(Store):
     """A cluster's buckets (zmqchat/_cluster/accounts.py), through NATS."""
 
@@ -208,7 +212,9 @@ class ClusterStore(Store):
         from zmqchat._cluster.accounts import hexkey
 
         try:
-            nc = await nats.connect(self.servers, connect_timeout=3, max_reconnect_attempts=1)
+            nc = await nats.connect(
+                self.servers, connect_timeout=3, allow_reconnect=False, error_cb=_quiet
+            )
         except (OSError, nats.errors.Error) as err:
             raise Refused(f"cannot reach NATS at {', '.join(self.servers)}: {err}") from None
         try:
