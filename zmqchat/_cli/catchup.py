@@ -80,6 +80,14 @@ class Reading:
         """The client reads `room` from now on: its count goes."""
         self.waiting.pop(room, None)
 
+    def elsewhere(self, active: str) -> int:
+        """Unread messages in the account's other rooms."""
+        return sum(
+            n
+            for room, (n, _) in self.waiting.items()
+            if room != active and room in self.client.rooms
+        )
+
     def toolbar(self, active: str) -> str:
         """`unread: work 12 (2 @you) · support 3`, or ""."""
         parts = []

@@ -355,6 +355,9 @@ class Chat:
         """An account's other rooms with unread messages, for the toolbar."""
         return self.reading.toolbar(self.room) if self.reading is not None else ""
 
+    def unread_elsewhere(self) -> int:
+        return self.reading.elsewhere(self.room) if self.reading is not None else 0
+
     async def greet(self) -> None:
         """The broker's banner and who and where we are."""
         c = self.client

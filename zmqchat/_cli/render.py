@@ -119,7 +119,7 @@ class Render:
         body = self.body(ev, nick, text)
         if ev.bot:
             body = "[bot] " + body
-        if ev.room and room and ev.room != room:
+        if ev.room and room and ev.room != room and ev.kind != Status.UNREAD:
             body = f"[{escape(str(ev.room))}] {body}"
         if dimmed:
             body = "[earlier] " + body

@@ -69,6 +69,9 @@ class Front(Protocol):
     def waiting(self) -> str:
         """An account's other rooms with unread messages, for the toolbar ("" if none)."""
 
+    def unread_elsewhere(self) -> int:
+        """How many messages an account has unread in its other rooms, for the prompt."""
+
 
 @contextlib.contextmanager
 def keys_kept() -> Iterator[None]:
@@ -124,11 +127,17 @@ async def read_terminal(chat: Front, colour: bool) -> None:
             # (Ctrl+C between prompts, kill -INT) goes to asyncio's, which ends the session.
             # prompt_toolkit's stays a moment after the terminal leaves raw mode, and passes a
             # Ctrl+C pressed then to a prompt that has ended.
-            line = await session.prompt_async(lambda: f"{chat.room}> ", handle_sigint=False)
+            line = await session.prompt_async(lambda: prompt(chat), handle_sigint=False)
         except (EOFError, KeyboardInterrupt):  # Ctrl+D, Ctrl+C
             await chat.quit(None)
             return
         await chat.handle(line)
+
+
+def prompt(chat: Front) -> str:
+    """`work> `; an account with unread messages in its other rooms: `work (+13)> `."""
+    elsewhere = chat.unread_elsewhere()
+    return f"{chat.room} (+{elsewhere})> " if elsewhere else f"{chat.room}> "
 
 
 def toolbar(chat: Front) -> str:

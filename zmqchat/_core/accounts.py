@@ -201,7 +201,10 @@ class Accounts(Sessions, Rooms, Moderation):
         s.ident, s.replayable = ident, True
         self.logged_in[s.sid] = account
         rooms = sorted(s.rooms)
-        yield gather(self.accounts.join(account, room, self.room_log.last(room)) for room in rooms)
+        ops = [self.accounts.join(account, room, self.room_log.last(room)) for room in rooms]
+        if len(rooms) == 1:  # the room it is in is where its next login starts
+            ops.append(self.accounts.enter(account, rooms[0]))
+        yield gather(ops)
         log_event(log, "registered", account=account.name, sid=s.sid)
         return {"account": account.name, "joined": rooms}
 
