@@ -414,3 +414,36 @@ def test_a_private_message_to_an_account_away_is_kept_for_it(broker):
         await asyncio.gather(maxi.close(), bob.close())
 
     asyncio.run(main())
+
+
+def test_a_bot_logs_in_with_its_password(broker):
+    """A bot with an account logs in with password= and answers as usual."""
+    from zmqchat import Bot
+
+    async def setup() -> None:
+        await registered(broker, "echobot")
+
+    asyncio.run(setup())
+    bot = Bot(prefix="!")
+
+    @bot.command("echo")
+    def echo(ctx, text: str):
+        ctx.reply(text)
+
+    bot.start("127.0.0.1", broker.port, "echobot", ["lobby"], password=PW)
+    try:
+        assert bot.client is not None and bot.client.account == "echobot"
+
+        async def ask() -> str:
+            me = client(broker, "nell")
+            await me.connect()
+            await me.say("lobby", "!echo hi")
+            got = await events_until(
+                me, lambda got: any(e.nick == "echobot" and e.kind == "msg" for e in got)
+            )
+            await me.close()
+            return got[-1].text
+
+        assert asyncio.run(ask()) == "hi"
+    finally:
+        bot.stop()
