@@ -367,11 +367,13 @@ def add_account(broker, nick: str, tmp_path) -> None:
         ]
     else:
         where = ["--db", broker.cfg.db]
+    command = ["accounts", "add", nick, *where, "--password-file", str(secret)]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "broker.py"), "accounts", "add", nick, *where,
-         "--password-file", str(secret), "--iterations", str(ITERATIONS)],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [sys.executable, str(ROOT / "broker.py"), *command, "--iterations", str(ITERATIONS)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"added {nick}"
 

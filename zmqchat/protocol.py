@@ -500,11 +500,17 @@ def _v_unread(b: dict[str, Any]) -> dict[str, Any]:
 def mentions(text: str, nick: str) -> bool:
     """Whether `text` names `nick` as a word: folded as nicks are compared (case and
     look-alike letters), and not inside a longer run of the characters a nick may hold."""
-    key = nick_key(nick) if nick else ""
-    if not key:
-        return False
-    folded = text.lower() if text.isascii() else nick_key(text)
-    at = folded.find(key)
+    return bool(nick) and names(fold(text), nick_key(nick))
+
+
+def fold(text: str) -> str:
+    """A text folded as nicks are (nick_key), to look for nicks in (names())."""
+    return text.lower() if text.isascii() else nick_key(text)
+
+
+def names(folded: str, key: str) -> bool:
+    """Whether a folded text (fold()) holds the nick key `key` as a word."""
+    at = folded.find(key) if key else -1
     while at >= 0:
         end = at + len(key)
         if (at == 0 or not _in_nick(folded[at - 1])) and (

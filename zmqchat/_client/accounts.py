@@ -264,8 +264,8 @@ class AccountClient:
         caught = await self.catch_up(room, mark, self.acct.unread_limit)
         self._events.extend(caught.events)
         if caught.more:
-            line = {"room": room, "unread": caught.more, "more": True,
-                    "after": caught.events[-1].seq if caught.events else mark}  # fmt: skip
+            after = caught.events[-1].seq if caught.events else mark
+            line = {"room": room, "unread": caught.more, "more": True, "after": after}
             self._events.put_nowait(self._unread_event(unread_text(line, True), room, line))
 
     async def send_marks(self, force: bool = True) -> None:

@@ -115,8 +115,7 @@ class Me:
     """Who is counting: whose messages are not unread, which names are mentions."""
 
     def __init__(self, account: Account, s: Session) -> None:
-        self.keys = {account.key, s.key}
-        self.names = {account.name, s.nick}
+        self.keys = {account.key, s.key}  # its messages are not unread; its names, mentions
         self.account = account
         self._keys: dict[str, str] = {}
 
@@ -126,6 +125,10 @@ class Me:
             key = self._keys[nick] = m.nick_key(nick)
         return key
 
+    def mentioned(self, text: str) -> bool:
+        folded = m.fold(text)
+        return any(m.names(folded, key) for key in self.keys)
+
     def count(self, texts: list[str]) -> tuple[int, int]:
         """(unread, mentions) among stored events."""
         unread = mentioned = 0
@@ -133,7 +136,7 @@ class Me:
             ev = _SEEN.decode(text)
             if ev.kind in COUNTED and self.key(ev.nick) not in self.keys:
                 unread += 1
-                mentioned += any(m.mentions(ev.text, name) for name in self.names)
+                mentioned += self.mentioned(ev.text)
         return unread, mentioned
 
     def privates(self, kept: Kept, texts: list[str]) -> list[dict[str, Any]]:
@@ -148,5 +151,5 @@ class Me:
             entry = found.setdefault(peer, {"with": ev.nick, "unread": 0, "mentions": 0})
             entry.update(**{"with": ev.nick, "mark": mark})
             entry["unread"] += 1
-            entry["mentions"] += any(m.mentions(ev.text, name) for name in self.names)
+            entry["mentions"] += self.mentioned(ev.text)
         return list(found.values())
