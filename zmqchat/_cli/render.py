@@ -126,6 +126,9 @@ class Render:
             body = "-- " + escape(str(ev.data.get("note") or f"topic: {ev.text}"))
         elif ev.kind == "status":
             body = "*** " + text
+        elif ev.kind == "file" and ev.data.get("to"):  # a file offered to one person
+            to = escape(str(ev.data["to"]))
+            body = f"[private -> {to}] {text}" if ev.mine else f"[private] {text}"
         else:  # join, leave, nick, kick, ban, notice, and kinds a newer broker may add
             body = "-- " + text
         if ev.bot:

@@ -84,7 +84,12 @@ async def read_terminal(chat: Chat, colour: bool) -> None:
             # prompt_toolkit's stays a moment after the terminal leaves raw mode, and passes a
             # Ctrl+C pressed then to a prompt that has ended.
             line = await session.prompt_async(lambda: f"{chat.room}> ", handle_sigint=False)
-        except (EOFError, KeyboardInterrupt):  # Ctrl+D, Ctrl+C
+        except KeyboardInterrupt:  # Ctrl+C: cancels the file transfers, if any; else leaves
+            if chat.cancel_transfers():
+                continue
+            await chat.quit(None)
+            return
+        except EOFError:  # Ctrl+D
             await chat.quit(None)
             return
         await chat.handle(line)
@@ -102,6 +107,9 @@ def toolbar(chat: Chat) -> str:
         parts.append(
             f"{len(pending)} message{'s' if len(pending) != 1 else ''} pending: {escape(texts)}"
         )
+    moving = chat.transfers_status()
+    if moving:
+        parts.append(escape(moving) + " (Ctrl+C cancels)")
     parts.append("/help")
     return " " + "  ·  ".join(parts)
 
