@@ -209,9 +209,10 @@ async def download(client: Client, file_id: str, folder: str, progress: Progress
         if os.fstat(fd).st_size > size:
             os.ftruncate(fd, 0)
         hasher, have = await _off_loop(sha256_file, part)
-        while have < size:
+        sink = _Sink(fd, hasher, have)
+        while sink.have < size:
             try:
-                have = await _get_all(client, file_id, fd, hasher, have, size, progress)
+                await _get_all(client, file_id, sink, size, progress)
             except ChatError as err:
                 await _recover(client, err, deadline)
                 deadline = time.monotonic() + RECONNECT_WAIT
@@ -225,24 +226,33 @@ async def download(client: Client, file_id: str, folder: str, progress: Progress
     return _place(part, folder, name)
 
 
+class _Sink:
+    """A download's partial file, its running digest and its length."""
+
+    def __init__(self, fd: int, hasher: Any, have: int) -> None:
+        self.fd, self.hasher, self.have = fd, hasher, have
+
+    def add(self, data: bytes) -> None:
+        os.pwrite(self.fd, data, self.have)
+        self.hasher.update(data)
+        self.have += len(data)
+
+
 async def _get_all(
-    client: Client, fid: str, fd: int, hasher: Any, have: int, size: int, progress: Progress | None
-) -> int:
-    window, asked = _Window(client), have
+    client: Client, fid: str, sink: _Sink, size: int, progress: Progress | None
+) -> None:
+    window, asked = _Window(client), sink.have
     try:
-        while have < size:
+        while sink.have < size:
             while asked < size and len(window.sent) < m.WINDOW:
                 window.send(m.Kind.GET, {"file": fid, "offset": asked, "size": m.CHUNK})
                 asked += min(m.CHUNK, size - asked)
             answer = await window.next(CHUNK_TIMEOUT)
             data = answer.get("~data", b"")
-            if int(answer.get("offset", -1)) != have or not data:
+            if int(answer.get("offset", -1)) != sink.have or not data:
                 raise ChatError(m.Code.BAD_OFFSET, "a chunk came out of place")
-            os.pwrite(fd, data, have)
-            hasher.update(data)
-            have += len(data)
+            sink.add(data)
             if progress is not None:
-                progress(have, size)
-        return have
+                progress(sink.have, size)
     finally:
         window.cancel()

@@ -381,7 +381,7 @@ class Files(CoreBase):
         index.find(b["file"]).then(found)
         return LATER
 
-    def _readable(self, s: Session, op: Op) -> FileOffer:
+    def _readable(self, s: Session, op: Op, *, removed: bool = False) -> FileOffer:
         """The offer an Op found, if this session may have it; else the one same refusal."""
         if op.error is not None:
             raise op.error
@@ -392,7 +392,7 @@ class Files(CoreBase):
                 "no such file for you (a room's files are for its members, a private file "
                 "for its two people)",
             )
-        if offer.removed_by:
+        if offer.removed_by and not removed:
             raise ProtocolError(
                 Code.FILE_REMOVED, f"{offer.name} was removed by {offer.removed_by}"
             )
@@ -401,7 +401,7 @@ class Files(CoreBase):
     def _on_file(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         index, _ = self._parts()
         found = yield index.find(req.body["file"])
-        return self._readable(s, Op.ready(found)).public()
+        return self._readable(s, Op.ready(found), removed=True).public()
 
     def _on_files(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         index, _ = self._parts()
