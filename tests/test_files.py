@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import zmq
+from test_security import call, hello, raw_dealer
 
 from conftest import wait_for
-from test_security import call, hello, raw_dealer
 from zmqchat import ChatError, Client
 from zmqchat import protocol as m
 

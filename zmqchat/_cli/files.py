@@ -116,6 +116,11 @@ class FileCommands:
             return
         name = os.path.basename(path)
         transfer = Transfer("sending", name)
+        self.screen.note(
+            f"sending {name} ({size_text(os.path.getsize(path))}): progress below, Ctrl+C cancels",
+            kind="sending",
+            name=name,
+        )
 
         async def send() -> None:
             offer = await self.client.send_file(target, path, progress=transfer.update)
@@ -137,6 +142,7 @@ class FileCommands:
 
             raise UsageError("/get ID   (/files lists the ids)")
         transfer = Transfer("getting", fid)
+        self.screen.note(f"getting {fid}: progress below, Ctrl+C cancels", kind="getting", file=fid)
 
         async def get() -> None:
             path = await self.client.download(fid, self.downloads, progress=transfer.update)

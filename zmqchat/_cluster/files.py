@@ -214,7 +214,11 @@ class ClusterBlobs(DiskBlobs):
         fetching = self.fetching.get(sha256)
         if fetching is None:
             fetching = self.fetching[sha256] = self.tasks.run(lambda: self._fetch(sha256))
-            fetching.then(lambda _: self.fetching.pop(sha256, None))
+
+            def fetched_here(_: Op) -> None:
+                self.fetching.pop(sha256, None)
+
+            fetching.then(fetched_here)
         result = Op()
 
         def fetched(op: Op) -> None:

@@ -22,6 +22,7 @@ import zmq.auth
 from zmqchat import protocol as m
 from zmqchat._config import Config
 from zmqchat._core.core import Core
+from zmqchat._core.files_state import FileIndex
 from zmqchat._core.session import Room
 from zmqchat._core.stats import Stats
 from zmqchat._local.blobs import DiskBlobs
@@ -118,6 +119,7 @@ class Broker:
     def _attach_files(self) -> None:
         """Files (issue 24): contents on disk (a cluster's cache of its Object Store)."""
         folder = self.cfg.files_folder()
+        index: FileIndex
         if self.cluster is not None:
             from zmqchat._cluster.files import cluster_files
 
