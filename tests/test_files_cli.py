@@ -7,6 +7,7 @@ import os
 import signal
 
 from cli_helpers import joined, watcher
+
 from conftest import wait_for
 
 CTRL_C = "\x03"
