@@ -609,7 +609,7 @@ class Response:
 def decode_response(frames: list[bytes]) -> Response:
     """Broker frames -> Response; raises ProtocolError for anything malformed."""
     data = b""
-    if len(frames) == 4:  # an OK to GET: the chunk's bytes last
+    if len(frames) == 4 and frames[3]:  # an OK to GET: the chunk's bytes last
         *frames, data = frames
     if len(frames) != 3:
         raise ProtocolError(Code.BAD_REQUEST, f"a reply is 3 frames, not {len(frames)}")

@@ -374,9 +374,8 @@ class Files(CoreBase):
                 self._later_error(rid, label, op.error)
             else:
                 data = op.value
-                self._later(
-                    rid, label, {"file": b["file"], "offset": offset, "size": len(data)}, data
-                )
+                body = {"file": b["file"], "offset": offset, "size": len(data)}
+                self._later(rid, label, body, data or None)  # past the end: no bytes frame
 
         index.find(b["file"]).then(found)
         return LATER
