@@ -30,8 +30,8 @@ log = logging.getLogger("zmqchat.files")
 
 DRAIN: Final = 256  # completions handled per pass of the loop: bounds a pass's work
 OPEN_READERS: Final = 64  # contents kept open for reading (the most recently read)
-REHASH_BLOCK: Final = 1 << 20
-SWITCH_INTERVAL: Final = 0.0005  # seconds: see DiskBlobs.__init__  # bytes read at a time to hash a resumed upload's start
+REHASH_BLOCK: Final = 1 << 20  # bytes read at a time to hash a resumed upload's start
+SWITCH_INTERVAL: Final = 0.0005  # seconds: see DiskBlobs.__init__
 
 
 class _Part:
