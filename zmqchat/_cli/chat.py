@@ -35,6 +35,9 @@ import zmq
 from zmqchat import _passwords as passwords
 from zmqchat import protocol as m
 from zmqchat._cli.catchup import Reading, account_commands
+from zmqchat._cli.errors import UsageError
+from zmqchat._cli.files import HELP as FILES_HELP
+from zmqchat._cli.files import FileCommands, Transfer, default_downloads
 from zmqchat._cli.render import Screen, escape, escape_lines
 from zmqchat._client.library import (
     Address,
@@ -56,7 +59,8 @@ QUIT_WAIT: Final = 2.0  # seconds /quit waits for unacknowledged messages before
 HISTORY: Final = 50  # events shown by /history without a number (as on joining)
 LEAVE_WORDS: Final = (".exit", "bye")
 
-HELP: Final = """\
+HELP: Final = (
+    """\
 commands:
   /rooms                every room, how many are in it (* = yours)
   /join ROOM            switch to another room
@@ -76,14 +80,13 @@ commands:
   /unban NICK           lift a ban (operators)
   /lock, /unlock        only operators may set the topic, or everyone (operators)
   /quit [REASON]        leave; so do .exit, bye, Ctrl+D and Ctrl+C
-  //TEXT                send a message that starts with /"""
+  //TEXT                send a message that starts with /
+"""
+    + FILES_HELP
+)
 
 # Kinds of event that show their nick is here (completion offers it).
 PRESENT: Final = frozenset({EventKind.MSG, EventKind.ACTION, EventKind.JOIN, EventKind.PRIVATE})
-
-
-class UsageError(Exception):
-    """A command typed wrong: answered locally, nothing is sent."""
 
 
 # ---------------------------------------------------------------------------- settings
@@ -153,6 +156,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="no_color",
         action="store_true",
         help="no colours (also when NO_COLOR is set)",
+    )
+    p.add_argument(
+        "--downloads",
+        metavar="DIR",
+        help="where /get saves files (default ~/Downloads if it exists, else the current folder)",
     )
     p.add_argument(
         "--server-key",
@@ -312,11 +320,21 @@ def connect(
 # ---------------------------------------------------------------------------- the session
 
 
-class Chat:
+class Chat(FileCommands):
     """One session's state and commands, shared by the terminal and the line front ends."""
 
-    def __init__(self, client: Client, screen: Screen, room: str, *, leave_words: bool) -> None:
+    def __init__(
+        self,
+        client: Client,
+        screen: Screen,
+        room: str,
+        *,
+        leave_words: bool,
+        downloads: str | None = None,
+    ) -> None:
         self.client, self.screen, self.room = client, screen, room
+        self.downloads = downloads or default_downloads()
+        self.transfers: dict[asyncio.Task[Any], Transfer] = {}
         self.joining = ""  # the room a /join is entering (its reply not in yet)
         self.leave_words = leave_words
         self.nicks: set[str] = set()  # for tab completion
@@ -341,6 +359,10 @@ class Chat:
             "lock": self.cmd_lock,
             "unlock": self.cmd_unlock,
             "quit": self.cmd_quit,
+            "send": self.cmd_send,
+            "files": self.cmd_files,
+            "get": self.cmd_get,
+            "rmfile": self.cmd_rmfile,
             **account_commands(self),  # register, password, more, leave (catchup.py)
         }
         # an account reads one of its rooms and counts the others'
@@ -513,6 +535,10 @@ class Chat:
     async def quit(self, reason: str | None, wait: float | None = QUIT_WAIT) -> None:
         """Leave cleanly: wait (up to `wait` s, None = as long as it takes) for acks, say BYE."""
         self.quitting = True
+        if wait is None:  # the end of a script's input: its transfers finish first
+            await asyncio.gather(*self.transfers, return_exceptions=True)
+        else:
+            self.cancel_transfers()
         if wait is not None:
             await self.acknowledged(wait)
         elif not await self.acknowledged(TIMEOUT):
@@ -740,7 +766,7 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     colour = terminal and not args.no_color and not os.environ.get("NO_COLOR")
     screen = Screen(json_mode=args.json, colour=colour)
     room = (client.want_rooms or [DEFAULT_ROOM])[0]  # -r, or an account's last room
-    chat = Chat(client, screen, room, leave_words=not args.json)
+    chat = Chat(client, screen, room, leave_words=not args.json, downloads=args.downloads)
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGHUP):  # leave cleanly, as on Ctrl+C

@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS account_rooms (account TEXT NOT NULL, room TEXT NOT N
 CREATE TABLE IF NOT EXISTS account_privates (account TEXT NOT NULL, peer TEXT NOT NULL,
     mark REAL NOT NULL, PRIMARY KEY (account, peer)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS account_last (account TEXT PRIMARY KEY, room TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, offer TEXT NOT NULL);
 """
 
 # What each record does to SQLite. A room event is ("event", room, seq, ts, sender, cmid,
@@ -89,6 +90,7 @@ SQL: Final = {
     "acct_private": "INSERT INTO account_privates VALUES (?,?,?) ON CONFLICT (account, peer) "
     "DO UPDATE SET mark=max(mark, excluded.mark)",
     "acct_last": "INSERT OR REPLACE INTO account_last VALUES (?,?)",
+    "file": "INSERT OR REPLACE INTO files VALUES (?,?)",  # a file offer (issue 24)
 }
 
 
@@ -639,6 +641,14 @@ class Store:
 
     def save_room(self, name: str, settings: str) -> None:
         self._lines.append(encode_record(("room", name, settings)))
+
+    # ---------------------------------------------------------------- file offers (issue 24)
+    def file_offers(self) -> list[str]:
+        """Every file offer as last saved (JSON texts)."""
+        return [offer for (offer,) in self.db.execute("SELECT offer FROM files")]
+
+    def save_file(self, fid: str, offer: str) -> None:
+        self._lines.append(encode_record(("file", fid, offer)))
 
     # ---------------------------------------------------------------- CURVE nick owners
     def nick_owner(self, nick_key: str) -> str | None:
