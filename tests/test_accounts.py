@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 import zmq
 
-from conftest import ROOT
+from conftest import ROOT, BrokerPair, ClusterBroker, RunningBroker
 from zmqchat import ChatError, Client
 from zmqchat import protocol as m
 
@@ -21,19 +22,40 @@ PW = "correct horse"
 ITERATIONS = 4096  # SCRAM's least: tests log in often
 
 
+SHARED = {"scram_iterations": ITERATIONS, "rate": 0, "operators": ("boss", "jo")}
+
+
+@pytest.fixture(scope="module", params=["one broker", "two brokers"])
+def broker(request, tmp_path_factory):
+    """For the whole module (each test with nicks of its own): one broker, or two of a
+    cluster (conftest.BrokerPair); SCRAM with its least iteration count, no rate limit,
+    boss and jo operators."""
+    tmp = tmp_path_factory.mktemp("accounts")
+    if request.param == "one broker":
+        one = RunningBroker(tmp, **SHARED)
+        yield one
+        one.stop()
+        return
+    from scripts.nats_local import delete_namespace
+
+    nodes = request.getfixturevalue("nats_nodes")
+    namespace = "a" + secrets.token_hex(4)
+    pair = BrokerPair(lambda name, *args: ClusterBroker(tmp, nodes.urls, namespace, name, *args),
+                      **SHARED)  # fmt: skip
+    yield pair
+    for b in pair.brokers:
+        b.proc.kill()
+        b.proc.wait()
+    delete_namespace(nodes.urls, namespace)
+
+
 @pytest.fixture(params=["one broker", "two brokers"])
 def make_broker(request, make_local_broker):
-    """make(**Config fields): one broker, or two of a cluster (conftest.BrokerPair); SCRAM
-    with its least iteration count."""
+    """make(**Config fields): a broker of its own for a test, or two of a cluster."""
     make = make_local_broker if request.param == "one broker" else None
     if make is None:
         make = request.getfixturevalue("make_broker_pair")
     return lambda **cfg: make(**{"scram_iterations": ITERATIONS, **cfg})
-
-
-@pytest.fixture
-def broker(make_broker):
-    return make_broker()
 
 
 def client(broker, nick: str, **kw) -> Client:
@@ -82,21 +104,21 @@ def test_a_registered_nick_needs_its_password(broker):
         assert (await refused(client(broker, "alice"))).code == m.Code.AUTH_REQUIRED
         wrong = await refused(client(broker, "alice", password="wrong horse"))
         assert (wrong.code, wrong.reason) == (m.Code.AUTH_FAILED, "wrong password for alice")
-        bob = client(broker, "bob")
-        await bob.connect()
-        assert "alice" not in await bob.who()  # the refused logins took nothing
+        bea = client(broker, "bea")
+        await bea.connect()
+        assert "alice" not in await bea.who()  # the refused logins took nothing
         alice = client(broker, "Alice", password=PW)
         await alice.connect()
         assert (alice.account, alice.nick) == ("alice", "Alice")
-        assert "Alice" in await bob.who()
+        assert "Alice" in await bea.who()
         with pytest.raises(ChatError) as other:  # a guest cannot take it while she is away
-            await bob.set_nick("ALICE")
+            await bea.set_nick("ALICE")
         assert other.value.code == m.Code.NICK_TAKEN
         await alice.close()
         with pytest.raises(ChatError) as away:
-            await bob.set_nick("alice")
+            await bea.set_nick("alice")
         assert away.value.code == m.Code.NICK_TAKEN
-        await bob.close()
+        await bea.close()
 
     asyncio.run(main())
 
@@ -125,10 +147,9 @@ def test_a_password_is_changed_with_the_old_one(broker):
     asyncio.run(main())
 
 
-def test_five_failed_logins_make_the_next_ones_wait_whatever_the_password(make_broker):
+def test_five_failed_logins_make_the_next_ones_wait_whatever_the_password(broker):
     """Five wrong passwords for one account from one address within a minute: the next
     attempt, even with the right password, gets RATE_LIMITED with retry_after."""
-    broker = make_broker()
 
     async def main() -> None:
         await registered(broker, "carl")
@@ -151,8 +172,8 @@ def test_a_login_takes_over_the_accounts_session_at_once(broker):
 
     async def main() -> None:
         await registered(broker, "eve")
-        bob = client(broker, "bob")
-        await bob.connect()
+        tom = client(broker, "tom")
+        await tom.connect()
         first = client(broker, "eve", password=PW)
         await first.connect()
         second = client(broker, "eve", password=PW, rooms=["lobby"])
@@ -162,10 +183,10 @@ def test_a_login_takes_over_the_accounts_session_at_once(broker):
         await asyncio.sleep(0)
         assert not first.connected
         said = await second.say("lobby", "still me")
-        assert await bob.heard("lobby", said, 5)
-        seen = [e for e in await bob.history("lobby", limit=50) if e.nick == "eve"]
+        assert await tom.heard("lobby", said, 5)
+        seen = [e for e in await tom.history("lobby", limit=50) if e.nick == "eve"]
         assert [e.kind for e in seen] == ["join", "msg"]  # the registration's, then this
-        await asyncio.gather(first.close(), second.close(), bob.close())
+        await asyncio.gather(first.close(), second.close(), tom.close())
 
     asyncio.run(main())
 
@@ -179,19 +200,19 @@ def test_a_guest_waits_for_its_nick_held_by_a_lost_connection(broker):
         lost = ctx.socket(zmq.DEALER)
         lost.linger = 0
         lost.connect(f"tcp://127.0.0.1:{broker.port}")
-        lost.send_multipart(m.encode_request("HELLO", b"1", {"version": 1, "nick": "bob"}))
+        lost.send_multipart(m.encode_request("HELLO", b"1", {"version": 1, "nick": "gwen"}))
         assert lost.poll(5000) and lost.recv_multipart()[0] == b"OK"  # then silence
         waits: list[float] = []
-        bob = client(broker, "bob", on_wait=waits.append)
+        gwen = client(broker, "gwen", on_wait=waits.append)
         started = time.monotonic()
-        await bob.connect()
-        assert bob.nick == "bob" and waits and 0 < waits[0] <= 4
+        await gwen.connect()
+        assert gwen.nick == "gwen" and waits and 0 < waits[0] <= 4
         assert time.monotonic() - started < waits[0] + 2
-        taken = client(broker, "bob", wait_for_nick=10)
+        taken = client(broker, "gwen", wait_for_nick=10)
         started = time.monotonic()
         err = await refused(taken)
         assert err.code == m.Code.NICK_TAKEN and time.monotonic() - started < 4
-        await bob.close()
+        await gwen.close()
         ctx.destroy(linger=0)
 
     asyncio.run(main())
@@ -200,11 +221,10 @@ def test_a_guest_waits_for_its_nick_held_by_a_lost_connection(broker):
 # ---------------------------------------------------------------------------- catching up
 
 
-def test_after_a_login_what_is_unread_is_said_then_shown_in_order(make_broker):
+def test_after_a_login_what_is_unread_is_said_then_shown_in_order(broker):
     """Away from work and support, an account is told on login how much is unread in each
     room (mentions apart, folded like nicks) and from whom; then it sees its unread private
     message and the unread events of the room it enters, in order, then live ones."""
-    broker = make_broker(rate=0)
 
     async def main() -> None:
         await registered(broker, "fay", rooms=["work", "support"])
@@ -243,17 +263,16 @@ def test_after_a_login_what_is_unread_is_said_then_shown_in_order(make_broker):
     asyncio.run(main())
 
 
-def test_past_500_unread_the_rest_is_told_and_fetched(make_broker):
+def test_past_500_unread_the_rest_is_told_and_fetched(broker):
     """With 520 unread in a room, entering it gives the first 500 and a note that 20 more
     are unread; catch_up() after those gives the last 20."""
-    broker = make_broker(rate=0)
 
     async def main() -> None:
         await registered(broker, "gil", rooms=["work"])
-        bob = client(broker, "bob", rooms=["work"])
-        await bob.connect()
+        bo5 = client(broker, "bo5", rooms=["work"])
+        await bo5.connect()
         for start in range(0, 520, 100):
-            sends = (bob.say("work", f"n{i}") for i in range(start, min(start + 100, 520)))
+            sends = (bo5.say("work", f"n{i}") for i in range(start, min(start + 100, 520)))
             await asyncio.gather(*sends)
         gil = client(broker, "gil", password=PW, rooms=["work"])
         await gil.connect()
@@ -265,7 +284,7 @@ def test_past_500_unread_the_rest_is_told_and_fetched(make_broker):
         rest = await gil.catch_up("work", more.data["after"])
         assert [e.text for e in rest.events if e.kind == "msg"] == texts_after(texts)
         assert rest.more == 0
-        await asyncio.gather(gil.close(), bob.close())
+        await asyncio.gather(gil.close(), bo5.close())
 
     def texts_after(texts: list[str]) -> list[str]:
         return [f"n{i}" for i in range(len(texts), 520)]
@@ -273,10 +292,9 @@ def test_past_500_unread_the_rest_is_told_and_fetched(make_broker):
     asyncio.run(main())
 
 
-def test_an_accounts_rooms_and_marks_outlast_its_sessions(make_broker):
+def test_an_accounts_rooms_and_marks_outlast_its_sessions(broker):
     """The rooms an account joined stay its own until it leaves them; it comes back to the
     room it was in last; marks made by one session are what the next one starts from."""
-    broker = make_broker(rate=0)
 
     async def main() -> None:
         await registered(broker, "hal", rooms=["lobby"])
@@ -285,9 +303,9 @@ def test_an_accounts_rooms_and_marks_outlast_its_sessions(make_broker):
         await hal.join("work")
         await hal.leave("work")
         await hal.join("team")
-        bob = client(broker, "bob", rooms=["team"])
-        await bob.connect()
-        seqs = [await bob.say("team", f"t{i}") for i in range(4)]
+        ted = client(broker, "ted", rooms=["team"])
+        await ted.connect()
+        seqs = [await ted.say("team", f"t{i}") for i in range(4)]
         assert await hal.heard("team", seqs[-1], 5)
         hal.mark("team", seqs[1])  # read up to t1
         await hal.send_marks()
@@ -298,7 +316,7 @@ def test_an_accounts_rooms_and_marks_outlast_its_sessions(make_broker):
         assert again.unread["team"]["unread"] == 2 and again.marks["team"] == seqs[1]
         got = await events_until(again, lambda got: any(e.text == "t3" for e in got))
         assert [e.text for e in got if e.kind == "msg"] == ["t2", "t3"]
-        await asyncio.gather(again.close(), bob.close())
+        await asyncio.gather(again.close(), ted.close())
 
     asyncio.run(main())
 
@@ -306,10 +324,9 @@ def test_an_accounts_rooms_and_marks_outlast_its_sessions(make_broker):
 # ---------------------------------------------------------------------------- standing
 
 
-def test_a_ban_follows_the_account_whatever_its_nick(make_broker):
+def test_a_ban_follows_the_account_whatever_its_nick(broker):
     """A ban of an account holds when it changes nick, and when it logs in again; a ban of
     the nick it has now bans the account."""
-    broker = make_broker(operators=("boss",))
 
     async def main() -> None:
         await registered(broker, "ivy")
@@ -338,9 +355,8 @@ def test_a_ban_follows_the_account_whatever_its_nick(make_broker):
     asyncio.run(main())
 
 
-def test_operators_are_accounts_whatever_their_nick(make_broker):
+def test_operators_are_accounts_whatever_their_nick(broker):
     """--ops names an account: it operates under another nick too."""
-    broker = make_broker(operators=("jo",))
 
     async def main() -> None:
         await registered(broker, "jo")
@@ -401,19 +417,19 @@ def test_a_private_message_to_an_account_away_is_kept_for_it(broker):
 
     async def main() -> None:
         await registered(broker, "max")
-        bob = client(broker, "bob")
-        await bob.connect()
-        event = await bob.msg("max", "for later")
+        pat = client(broker, "pat")
+        await pat.connect()
+        event = await pat.msg("max", "for later")
         assert event["to"] == "max"
         with pytest.raises(ChatError) as nobody:
-            await bob.msg("nobody", "hello?")
+            await pat.msg("nobody", "hello?")
         assert nobody.value.code == m.Code.NO_SUCH_NICK
         maxi = client(broker, "max", password=PW)
         await maxi.connect()
         got = await events_until(maxi, lambda got: any(e.kind == "private" for e in got))
         assert got[-1].text == "for later" and got[-1].data["unread"]
-        assert json.loads(json.dumps(maxi.unread_privates))["bob"]["unread"] == 1
-        await asyncio.gather(maxi.close(), bob.close())
+        assert json.loads(json.dumps(maxi.unread_privates))["pat"]["unread"] == 1
+        await asyncio.gather(maxi.close(), pat.close())
 
     asyncio.run(main())
 
