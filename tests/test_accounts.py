@@ -465,3 +465,21 @@ def test_a_bot_logs_in_with_its_password(broker):
         assert asyncio.run(ask()) == "hi"
     finally:
         bot.stop()
+
+
+def test_an_account_added_by_the_operator_takes_its_nick_from_a_guest(broker, tmp_path):
+    """A guest who holds a nick the operator then registers loses it to the account's
+    login at once, and is told so."""
+
+    async def main() -> None:
+        guest = client(broker, "olga")
+        await guest.connect()
+        add_account(broker, "olga", tmp_path)
+        owner = client(broker, "olga", password=PW)
+        await owner.connect()
+        assert owner.account == "olga"
+        told = await events_until(guest, lambda got: any(e.kind == "status" for e in got))
+        assert "logged in from another connection" in told[-1].text
+        await asyncio.gather(owner.close(), guest.close())
+
+    asyncio.run(main())

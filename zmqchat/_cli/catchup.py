@@ -40,6 +40,7 @@ class Reading:
         self.shown: dict[str, int] = {}  # room -> the highest seq shown (or passed over)
         self.held: set[str] = set()  # rooms with unread beyond what was shown: /more
         self.waiting: dict[str, list[int]] = {}  # other rooms -> [unread, mentions]
+        self.loading: dict[str, list[Event]] = {}  # rooms being caught up: live events wait
 
     def take(self, ev: Event, active: str) -> bool:
         """Whether to show an event now; counts and marks what it must."""
@@ -51,6 +52,9 @@ class Reading:
             return True
         if not ev.room or not isinstance(ev.seq, int):
             return True  # status lines
+        if ev.room in self.loading:  # shown after what is unread before it
+            self.loading[ev.room].append(ev)
+            return False
         if ev.room != active:
             if ev.kind in ROOM_KINDS and not ev.mine:
                 count = self.waiting.setdefault(ev.room, [0, 0])
@@ -100,7 +104,11 @@ class Reading:
         """Show what is unread in `room` (up to 500 events), after what was shown of it."""
         client = self.client
         after = self.shown.get(room, client.marks.get(room, 0))
-        caught = await client.catch_up(room, after)
+        self.loading[room] = []
+        try:
+            caught = await client.catch_up(room, after)
+        finally:
+            came = self.loading.pop(room)
         self.held.discard(room)
         self.entered(room)
         for ev in caught.events:
@@ -118,6 +126,9 @@ class Reading:
         else:
             self.shown[room] = max(self.shown.get(room, 0), caught.last)
             client.mark(room, caught.last)
+        for ev in came:  # what came meanwhile, after what was fetched (a held room waits)
+            if self.take(ev, room):
+                chat.screen.event(ev, me=client.nick, room=room)
 
 
 # ---------------------------------------------------------------------------- commands

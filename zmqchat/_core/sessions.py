@@ -49,7 +49,9 @@ class Sessions(CoreBase):
         if (
             holder is not None
             and not (b["resume"] and hashed and hmac.compare_digest(holder.token_hash, hashed))
-            and not (account and holder.account == account)  # an account takes its nick back
+            # an account takes its nick back: from its own earlier session, or from a guest
+            # who had it before the account was registered
+            and not (account and holder.account in ("", account))
         ):
             raise ProtocolError(
                 Code.NICK_TAKEN, f"the nickname {holder.nick} is taken", **self._held(holder)
