@@ -170,9 +170,19 @@ def login_load(port: int, names: list[str], inflight: int, seconds: float, out: 
     ctx.destroy(linger=0)
 
 
-def logins(port: int, procs: int, inflight: int, accounts: int, seconds: float) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def logins(
+    port: int, pid: int, procs: int, inflight: int, accounts: int, seconds: float
+) -> dict[str, float]:
     names = [f"acct{i:04d}" for i in range(accounts)]
     register(port, names, [])
+    cpu = cpu_seconds(pid)
     out: Any = multiprocessing.Queue()
     share = [names[i::procs] for i in range(procs)]
     workers = [
@@ -182,10 +192,13 @@ def logins(port: int, procs: int, inflight: int, accounts: int, seconds: float) 
     for w in workers:
         w.start()
     latencies = [x for _ in workers for x in out.get()]
+    cpu = cpu_seconds(pid) - cpu
     for w in workers:
         w.join()
     latencies.sort()
     return {
+        "broker_cpu_us_per_login": 1e6 * cpu / max(len(latencies), 1),
+        "broker_cpu_percent": 100 * cpu / seconds,
         "logins_per_s": len(latencies) / seconds,
         "p50_ms": 1000 * latencies[len(latencies) // 2],
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
@@ -348,7 +361,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         broker, port = start_broker(str(Path(tmp) / "logins.db"))
         try:
-            results["logins"] = logins(port, a.procs, a.inflight, a.accounts, a.seconds)
+            results["logins"] = logins(port, broker.pid, a.procs, a.inflight, a.accounts, a.seconds)
         finally:
             broker.terminate()
             broker.wait(10)
