@@ -214,7 +214,10 @@ class AccountClient:
         answer = await self._request_once(
             m.Kind.AUTH, {"account": name, "first": login.first()}, timeout
         )
-        body["proof"] = await asyncio.to_thread(login.proof, str(answer["next"]))
+        try:
+            body["proof"] = await asyncio.to_thread(login.proof, str(answer["next"]))
+        except ScramError as err:  # the broker's answer is not SCRAM's
+            raise self._error("BAD_REPLY", f"the broker's login answer: {err}") from None
         return login
 
     def _logged_in(self, login: Login | None, reply: dict[str, Any]) -> None:
