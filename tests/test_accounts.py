@@ -483,3 +483,31 @@ def test_an_account_added_by_the_operator_takes_its_nick_from_a_guest(broker, tm
         await asyncio.gather(owner.close(), guest.close())
 
     asyncio.run(main())
+
+
+def test_a_client_whose_password_changed_meanwhile_stops_reconnecting(make_local_broker, tmp_path):
+    """When the broker comes back and the account's password is not the one the client
+    has (the operator changed it meanwhile), the client says so and stops, instead of
+    counting failed logins forever."""
+    broker = make_local_broker(scram_iterations=ITERATIONS)
+
+    async def main() -> None:
+        await registered(broker, "quinn")
+        quinn = client(broker, "quinn", password=PW)
+        await quinn.connect()
+        secret = tmp_path / "new"
+        secret.write_text("a new password\n")
+        command = ["accounts", "passwd", "quinn", "--db", broker.cfg.db]
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "broker.py"), *command, "--password-file", str(secret)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        await asyncio.to_thread(broker.restart)
+        got = await events_until(quinn, lambda got: any("cannot log in" in e.text for e in got))
+        assert got[-1].text == "cannot log in again: wrong password for quinn"
+        await quinn.close()
+
+    asyncio.run(main())

@@ -49,6 +49,10 @@ BACKOFF_CAP = 10.0  # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000  # a ZeroMQ handshake with a stopped broker gives up after this
 MINE_MEMORY = 100_000  # message ids of ours remembered, to mark our own echoes
 PRIVATE_MEMORY = 1_000  # private message ids remembered, to drop one pushed again
+# a reconnect refused these: trying again would not help (an account's login)
+REFUSED_LOGIN: Final = frozenset(
+    {m.Code.AUTH_FAILED, m.Code.NO_ACCOUNT, m.Code.AUTH_REQUIRED, m.Code.ACCOUNTS_ONLY}
+)
 EVENTS_PER_TURN = 1_000  # room events decoded before the reader yields: a 40,000-event
 # backlog read in turns this size goes 1.5 times as fast as in one
 
@@ -784,6 +788,10 @@ class Client(AccountClient):
                 self._work.set()
                 return
             except ChatError as err:
+                if err.code in REFUSED_LOGIN:  # the password changed, the account went: stop
+                    self.connected, self._closing = False, True
+                    self._emit_status(f"cannot log in again: {err.reason}")
+                    return
                 if err.code == m.Code.NICK_TAKEN:
                     self._emit_status(
                         f"{self.nick} was taken while we were away; reconnecting as {self.nick}_"
