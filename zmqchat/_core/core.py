@@ -44,6 +44,7 @@ from zmqchat._core.state import (
     gather,
     token_hash,
 )
+from zmqchat._ops.logs import Throttle
 from zmqchat._ops.logs import event as log_event
 from zmqchat._ops.metrics import Stats
 from zmqchat.protocol import Code, EventKind, Kind, ProtocolError, Reply
@@ -60,6 +61,12 @@ GRANT_TTL: Final = 120  # seconds a grant may wait before it is used
 MAX_ROOMS: Final = 1000  # rooms /join may create: one client cannot fill memory
 REPLAY_WINDOW: Final = 600  # seconds back a resuming client may be sent private messages again
 MIN_REPLAY_TOKEN: Final = 16  # a shorter resume token proves too little to be sent them
+# Requests refused as sent (a client's bug, or someone probing): logged at INFO, with the
+# sender's address, at most MALFORMED_LOGS a second (a flood must not flood the log too).
+MALFORMED: Final = frozenset(
+    {Code.BAD_REQUEST, Code.BAD_VERSION, Code.UNKNOWN_COMMAND, Code.TOO_LARGE}
+)
+MALFORMED_LOGS: Final = 10
 _OK: Final = b"OK"
 _SAY: Final = [b"SAY"]
 
@@ -229,6 +236,8 @@ class Core:
         self.pubs: list[tuple[bytes, bytes]] = []  # (topic, batch) to publish
         self.stats = Stats()
         self.ack_starts: list[float] = []  # arrival times of the SAYs answered in outbox
+        self.peer: Callable[[bytes], str] = _no_peer  # the loop says where a request came from
+        self.malformed_lines = Throttle(MALFORMED_LOGS)
         self.handlers: dict[Kind, Handler] = {
             Kind.JOIN: self._on_join,
             Kind.LEAVE: self._on_leave,
@@ -357,7 +366,24 @@ class Core:
     def _error(self, rid: bytes, label: bytes, err: ProtocolError) -> None:
         log.debug("-> ERROR %s %s", err.code, err.reason)
         self.stats.errors[err.code] += 1
+        if err.code in MALFORMED:
+            self._log_malformed(rid, err)
         self.outbox.append([rid, *m.encode_error(label, err)])
+
+    def _log_malformed(self, rid: bytes, err: ProtocolError) -> None:
+        """One line for a malformed request, with who sent it, unless too many came."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        held = self.malformed_lines.allow(time.monotonic())
+        if held is None:
+            return
+        s = self.by_rid.get(rid)
+        fields: dict[str, Any] = {"code": str(err.code), "reason": err.reason}
+        fields["peer"] = self.peer(rid)
+        fields.update(nick=s.nick if s else "", rid=rid.hex())
+        if held:
+            fields["unlogged"] = held  # malformed requests not logged since the last line
+        log_event(log, "malformed", **fields)
 
     def _push(self, s: Session, kind: Reply, body: dict[str, Any]) -> None:
         self.outbox.append([s.rid, *m.encode_reply(kind, b"", body)])
@@ -1116,3 +1142,7 @@ def leave_text(nick: str, why: str, reason: str) -> str:
     if why == "quit" and reason:
         return f"{nick} left (quit: {reason})"
     return f"{nick} left"
+
+
+def _no_peer(rid: bytes) -> str:
+    return ""
