@@ -168,8 +168,10 @@ def test_malformed_requests_are_logged_with_the_address_and_rate_limited(broker,
         took = time.monotonic() - began
         assert len(lines()) - 3 <= 10 * (int(took) + 2)  # 10 in any second
         wait_for(  # a line once a second goes by says how many it left out
-            lambda: malformed(broker, dealer, [b"NOPE", b"x", b"{}"])
-            and lines()[-1].fields.get("unlogged"),
+            lambda: (
+                malformed(broker, dealer, [b"NOPE", b"x", b"{}"])
+                and lines()[-1].fields.get("unlogged")
+            ),
             timeout=3,
             what="a line that counts the requests left out",
         )

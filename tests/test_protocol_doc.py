@@ -166,7 +166,7 @@ class Raw:
 def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
     """Every command, run for real, replies with the fields its table lists (the 'Only'
     ones when they apply); every push and event carries only documented fields."""
-    broker = make_broker(ops=("ann",), heartbeat=2.0)
+    broker = make_broker(operators=("ann",), heartbeat=2.0)
     ctx = zmq.Context()
     try:
         ann, bob = Raw(ctx, broker.port), Raw(ctx, broker.port)

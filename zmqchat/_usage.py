@@ -75,10 +75,7 @@ class Table:
         default value if not given: `off` for a switch)."""
         action = self.into.add_argument(*names, help=help, **kw)
         if shown is None:
-            if isinstance(action, argparse._StoreTrueAction):
-                shown = "off"
-            else:
-                shown = "none" if action.default in (None, "") else f"`{action.default}`"
+            shown = shown_default(action)
         action.shown_default = shown  # type: ignore[attr-defined,unused-ignore]
         self.actions.append(action)
 
@@ -87,6 +84,17 @@ class Table:
             ("flag", "meaning", "default"),
             ((flag_names(a), a.help or "", getattr(a, "shown_default", "")) for a in self.actions),
         )
+
+
+def shown_default(action: argparse.Action) -> str:
+    """`off` for a switch, `none` for no value, else the value as code (`2`, not `2.0`)."""
+    if isinstance(action, argparse._StoreTrueAction):
+        return "off"
+    if action.default in (None, ""):
+        return "none"
+    if isinstance(action.default, float):
+        return f"`{action.default:g}`"
+    return f"`{action.default}`"
 
 
 def flag_names(action: argparse.Action) -> str:

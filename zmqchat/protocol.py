@@ -507,6 +507,14 @@ class EventKind(StrEnum):
     PRIVATE = "private"
 
 
+class Why(StrEnum):
+    """Why a member left a room (a leave event's `why`)."""
+
+    PART = "part"  # /leave, or /join to another room
+    QUIT = "quit"  # BYE: the client said goodbye (with an optional reason)
+    LOST = "lost"  # missed its heartbeats, or its broker died and it did not come back
+
+
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _quote: Final = json.encoder.encode_basestring  # str -> JSON string, as dumps writes it
 quote: Final = _quote

@@ -28,7 +28,8 @@ from zmqchat._ops.logs import event as log_event
 from zmqchat.protocol import Code, ProtocolError, Reply
 
 if TYPE_CHECKING:
-    from zmqchat._core.core import Config, Core
+    from zmqchat._config import Config
+    from zmqchat._core.state import Listener
 
 log = logging.getLogger("zmqchat.cluster")
 
@@ -65,7 +66,7 @@ class Cluster:
         self.queue: list[list[bytes]] = []  # commands of this pass, for the bridge
         self.ops: dict[bytes, tuple[Op, Callable[[list[bytes]], Any], float]] = {}
         self._ids = itertools.count(1)
-        self.core: Core | None = None
+        self.core: Listener | None = None
         self.name = ""
         self.log = ClusterLog(self)
         self.registry = ClusterRegistry(self, cfg)
@@ -89,7 +90,7 @@ class Cluster:
         from zmqchat._cluster.bridge import Bridge, BridgeConfig
 
         self.name = name
-        servers = [s.strip() for s in (self.cfg.cluster or "").split(",") if s.strip()]
+        servers = [s.strip() for s in (self.cfg.cluster_urls or "").split(",") if s.strip()]
         self.bridge = Bridge(
             BridgeConfig(
                 servers, self.cfg.namespace, name, list(self.cfg.rooms), self.cfg.replicas
@@ -101,7 +102,8 @@ class Cluster:
             replicas = self.loop.run_until_complete(asyncio.wait_for(self._ready(), READY_WAIT))
         except TimeoutError:
             raise OSError(
-                f"the NATS cluster at {self.cfg.cluster} did not get ready within {READY_WAIT:g} s"
+                f"the NATS cluster at {self.cfg.cluster_urls} did not get ready "
+                f"within {READY_WAIT:g} s"
             ) from None
         log.info("in the cluster as %s (streams with %s replicas)", name, replicas)
         self.started = time.monotonic()
@@ -116,7 +118,7 @@ class Cluster:
             )
         if any(i.broker == name for i in self.registry.identities()):
             self.dead[name] = self.started  # our last run's sessions: settle them too
-        self.registry.seed(self.cfg.rooms, self.cfg.ops)
+        self.registry.seed(self.cfg.rooms, self.cfg.operators)
         self._beat()
         self.send_pending()
 
@@ -136,7 +138,11 @@ class Cluster:
         """Run the broker's loop (a coroutine) on this event loop, beside the bridge."""
         self.loop.run_until_complete(serve)
 
-    def attach(self, core: Core) -> None:
+    def commands_pending(self) -> int:
+        """Commands to NATS waiting for an answer (for the metrics)."""
+        return len(self.ops)
+
+    def attach(self, core: Listener) -> None:
         self.core = core
         self.registry.core = core
 
@@ -496,7 +502,7 @@ class ClusterRegistry:
 
     def __init__(self, cluster: Cluster, cfg: Config) -> None:
         self.cluster = cluster
-        self.core: Core | None = None
+        self.core: Listener | None = None
         self.sessions: dict[str, Identity] = {}
         self._members: dict[str, dict[str, Member]] = {}
         self.rooms: dict[str, RoomSettings] = {}
@@ -583,7 +589,7 @@ class ClusterRegistry:
             settings = self.rooms[room] = RoomSettings(room)
             self.saved[room] = RoomSettings(room)
             if self.core is not None:
-                self.core.add_room(room)
+                self.core.room_added(room)
         for target in (settings, self.saved[room]):
             if field == "":
                 target.created = put and json.loads(value).get("created") is True
@@ -593,7 +599,7 @@ class ClusterRegistry:
                 target.locked = put and json.loads(value) is True
             elif field.startswith(("op.", "ban.")):
                 kind, _, hexed = field.partition(".")
-                group = target.ops if kind == "op" else target.bans
+                group = target.operators if kind == "op" else target.bans
                 (group.add if put else group.discard)(unhex(hexed))
 
     def routed(self, d: dict[str, Any]) -> None:
@@ -608,14 +614,14 @@ class ClusterRegistry:
         return self.sessions.values()
 
     def local_sids(self) -> set[str]:
-        return set(self.core.by_sid) if self.core is not None else set()
+        return set(self.core.local_sids()) if self.core is not None else set()
 
     def _record(self, ident: Identity) -> bytes:
         return json.dumps(
             {
                 "sid": ident.sid,
                 "nick": ident.nick,
-                "token": ident.token,
+                "token": ident.token_hash,
                 "pubkey": ident.pubkey,
                 "bot": ident.bot,
                 "broker": ident.broker,
@@ -655,7 +661,7 @@ class ClusterRegistry:
 
     def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
         moved = Identity(
-            ident.sid, new_nick, new_key, ident.token, ident.pubkey, ident.bot, ident.broker
+            ident.sid, new_nick, new_key, ident.token_hash, ident.pubkey, ident.bot, ident.broker
         )
         inner = self.claim(moved, self.sessions.get(new_key) if new_key == ident.key else None)
         outer = Op()
@@ -738,8 +744,8 @@ class ClusterRegistry:
                 settings = self.rooms[name] = RoomSettings(name)
                 self.saved[name] = RoomSettings(name)
                 self._kv("create", "rooms", name, b'{"created":false}')
-            if not op_keys <= settings.ops:
-                settings.ops |= op_keys
+            if not op_keys <= settings.operators:
+                settings.operators |= op_keys
                 self.save(settings)
 
     def room_names(self) -> list[str]:
@@ -763,7 +769,7 @@ class ClusterRegistry:
             if not op.value:
                 outer.resolve(False)
                 return
-            self.rooms[settings.name].ops |= settings.ops  # ours: we are its operator
+            self.rooms[settings.name].operators |= settings.operators  # ours: we are its operator
             self.save(self.rooms[settings.name]).then(
                 lambda saved: outer.fail(saved.error) if saved.error else outer.resolve(True)
             )
@@ -785,7 +791,10 @@ class ClusterRegistry:
             ops.append(
                 self._kv("put", "rooms", f"{name}.locked", json.dumps(settings.locked).encode())
             )
-        for kind, new, was in (("op", settings.ops, old.ops), ("ban", settings.bans, old.bans)):
+        for kind, new, was in (
+            ("op", settings.operators, old.operators),
+            ("ban", settings.bans, old.bans),
+        ):
             for key in new - was:
                 ops.append(self._kv("put", "rooms", f"{name}.{kind}.{hexkey(key)}", b"true"))
             for key in was - new:
@@ -794,7 +803,7 @@ class ClusterRegistry:
             name,
             settings.topic,
             settings.locked,
-            set(settings.ops),
+            set(settings.operators),
             set(settings.bans),
             settings.created,
         )

@@ -20,7 +20,10 @@ import zmq
 import zmq.auth
 
 from zmqchat import protocol as m
-from zmqchat._core.core import Config, Core, Room
+from zmqchat._config import Config
+from zmqchat._core.core import Core
+from zmqchat._core.session import Room
+from zmqchat._core.stats import Stats
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
 from zmqchat._local.store import Store
 
@@ -69,7 +72,7 @@ class Broker:
         self.store: Store | None = None
         self.cluster: Any = None
         self.metrics: Any = None
-        if cfg.cluster:
+        if cfg.cluster_urls:
             from zmqchat._cluster.state import Cluster  # NATS is imported only in cluster mode
 
             self.cluster = Cluster(cfg)
@@ -81,7 +84,7 @@ class Broker:
         else:
             self.store = Store(cfg.db, fsync=cfg.fsync)
             self.log = LocalLog(self.store)
-            self.registry = LocalRegistry(self.store, cfg.rooms, cfg.ops, cfg.allow_new_rooms)
+            self.registry = LocalRegistry(self.store, cfg.rooms, cfg.operators, cfg.allow_new_rooms)
             self.presence = LocalPresence()
         try:
             if cfg.motd:  # read first: an unreadable file is a start error before any work
@@ -92,7 +95,7 @@ class Broker:
                 self.cluster.start(self.name)  # the rooms are known from here on
             self.motd = self._load_motd()
             self.core = Core(
-                cfg,
+                cfg.rules(),
                 self.log,
                 self.registry,
                 self.presence,
@@ -113,6 +116,25 @@ class Broker:
     @property
     def rooms(self) -> dict[str, Room]:
         return self.core.rooms
+
+    # ------------------------------------------------------------------ metrics.Source
+    def mode(self) -> str:
+        return "cluster" if self.cluster is not None else "single"
+
+    def counters(self) -> Stats:
+        return self.core.stats
+
+    def connected(self) -> int:
+        return len(self.core.by_rid)
+
+    def room_members(self) -> dict[str, int]:
+        return {name: len(room.members) for name, room in list(self.core.rooms.items())}
+
+    def history_lag(self) -> int | None:
+        return self.log.lag() if isinstance(self.log, LocalLog) else None
+
+    def commands_pending(self) -> int | None:
+        return self.cluster.commands_pending() if self.cluster is not None else None
 
     # ------------------------------------------------------------------ sockets
     def _bind(self) -> None:

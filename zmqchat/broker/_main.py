@@ -12,7 +12,7 @@ import zmq
 import zmq.auth
 
 from zmqchat import protocol as m
-from zmqchat._core.core import DEFAULT_ROOMS, Config
+from zmqchat._config import DEFAULT_ROOMS, Config
 from zmqchat._local.store import StoreError
 from zmqchat._ops import logs
 from zmqchat._usage import Parser
@@ -34,9 +34,15 @@ def parser() -> Parser:
     """The broker's flags, in the README's two tables (tests/test_readme.py checks them)."""
     p = Parser("zmqchat.broker", "ZeroMQ chat broker")
     flag = p.table()
-    flag("--host", default="127.0.0.1", help="address to bind; `0.0.0.0` serves a LAN")
-    flag("--port", type=int, default=9001, metavar="N", help="the command (ROUTER) port")
-    flag("--pub-port", type=int, default=9002, metavar="N", help="the room-traffic (XPUB) port")
+    flag("--host", default=Config.host, help="address to bind; `0.0.0.0` serves a LAN")
+    flag("--port", type=int, default=Config.port, metavar="N", help="the command (ROUTER) port")
+    flag(
+        "--pub-port",
+        type=int,
+        default=Config.pub_port,
+        metavar="N",
+        help="the room-traffic (XPUB) port",
+    )
     flag("--rooms", default=",".join(DEFAULT_ROOMS), metavar="a,b,c", help="the fixed rooms")
     flag(
         "--allow-new-rooms",
@@ -52,14 +58,13 @@ def parser() -> Parser:
     flag(
         "--heartbeat",
         type=float,
-        default=2.0,
+        default=Config.heartbeat,
         metavar="S",
-        shown="`2`",
         help="heartbeat interval in seconds; a client silent for 3 intervals is dropped",
     )
     flag(
         "--db",
-        default="chat.db",
+        default=Config.db,
         metavar="PATH",
         shown="`chat.db` in the directory you start it from",
         help="the SQLite history file (WAL mode), with its log `PATH-log.NNNNNN` beside it",
@@ -79,12 +84,17 @@ def parser() -> Parser:
     flag(
         "--rate",
         type=float,
-        default=5.0,
+        default=Config.rate,
         metavar="N",
-        shown="`5`",
         help="messages per second per client (0 = unlimited)",
     )
-    flag("--burst", type=int, default=20, metavar="N", help="messages a client may send at once")
+    flag(
+        "--burst",
+        type=int,
+        default=Config.burst,
+        metavar="N",
+        help="messages a client may send at once",
+    )
     flag(
         "--gen-keys",
         metavar="DIR",
@@ -147,7 +157,7 @@ def parser() -> Parser:
     flag(
         "--replicas",
         type=int,
-        default=0,
+        default=Config.replicas,
         metavar="N",
         shown="3, or fewer in a smaller cluster",
         help="copies of each room's history and of the registry",
@@ -155,7 +165,7 @@ def parser() -> Parser:
     flag(
         "--namespace",
         type=name_arg,
-        default="zmqchat",
+        default=Config.namespace,
         metavar="NS",
         help="prefix of the streams and buckets this chat makes, so several chats can share "
         "one NATS",
@@ -190,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         db=a.db,
         fsync=a.fsync,
         motd=a.motd,
-        ops=tuple(n for n in a.ops.split(",") if n),
+        operators=tuple(n for n in a.ops.split(",") if n),
         rate=a.rate,
         burst=a.burst,
         curve_key=a.curve_key,
         allow_keys=a.allow_keys,
         name=a.name or "",
-        cluster=a.cluster,
+        cluster_urls=a.cluster,
         replicas=a.replicas,
         namespace=a.namespace,
         metrics_port=a.metrics_port,
@@ -216,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         f"tcp://{a.host}:{broker.pub_port} (rooms)",
         flush=True,
     )
-    if cfg.cluster:
-        print(f"In the cluster at {cfg.cluster} as {broker.name}", flush=True)
+    if cfg.cluster_urls:
+        print(f"In the cluster at {cfg.cluster_urls} as {broker.name}", flush=True)
     if cfg.metrics_port is not None:
         print(f"Metrics on http://{a.host}:{cfg.metrics_port}/metrics", flush=True)
     if cfg.curve_key:
