@@ -61,6 +61,10 @@ class Formatter(argparse.HelpFormatter):
             text += f" (default: {shown})"
         return text.replace("%", "%%")  # argparse formats help strings with %
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """Wrapped at spaces only: a path or a flag is never cut at its hyphen."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
 
 class Table:
     """Flags added to a parser (or one of its groups) and remembered in order: the rows of
@@ -140,5 +144,6 @@ def command_help(commands: Iterable[tuple[str, str]], width: int = WIDTH) -> str
 def command_table(commands: Iterable[tuple[str, str]]) -> str:
     """The README's table of chat commands."""
     return markdown_table(
-        ("command", "what it does"), ((f"`{usage}`", meaning) for usage, meaning in commands)
+        ("command", "what it does"),
+        ((", ".join(f"`{u}`" for u in usage.split(", ")), meaning) for usage, meaning in commands),
     )

@@ -248,7 +248,7 @@ class CoreBase:
             return
         s = self.by_rid.get(rid)
         fields: dict[str, Any] = {"code": str(err.code), "reason": err.reason}
-        fields.update(peer=self.peer(rid), nick=s.nick if s else "", rid=rid.hex())
+        fields.update(peer=self.peer(rid), rid=rid.hex(), **({"nick": s.nick} if s else {}))
         if held:
             fields["unlogged"] = held  # malformed requests not logged since the last line
         log_event(log, "malformed", **fields)

@@ -34,7 +34,12 @@ def parser() -> Parser:
     """The broker's flags, in the README's two tables (tests/test_readme.py checks them)."""
     p = Parser("zmqchat.broker", "ZeroMQ chat broker")
     flag = p.table()
-    flag("--host", default=Config.host, help="address to bind; `0.0.0.0` serves a LAN")
+    flag(
+        "--host",
+        default=Config.host,
+        metavar="HOST",
+        help="address to bind; `0.0.0.0` serves a LAN",
+    )
     flag("--port", type=int, default=Config.port, metavar="N", help="the command (ROUTER) port")
     flag(
         "--pub-port",
