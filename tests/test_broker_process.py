@@ -149,3 +149,17 @@ def test_a_broker_that_cannot_start_says_why_and_leaves_no_files(case, listening
     assert run.stderr.startswith("broker.py: " + said.format(**fill)), run.stderr
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_burst_of_zero_with_a_rate_is_a_usage_error(tmp_path):
+    """--burst 0 would refuse every message: a usage error (status 2), nothing created."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "broker.py"), "--burst", "0", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert run.stderr == "broker.py: --burst: at least 1 (with --rate 0, nobody is limited)\n"
+    assert not list(tmp_path.iterdir())
