@@ -41,14 +41,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zmqchat._client.library import ChatError, Client, Event
+from zmqchat._client.library import ChatError, Client, Event, Status
+from zmqchat.protocol import EventKind
 
 log = logging.getLogger("zmqchat.bot")
 
 MAX_HOPS = 3  # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
 MAX_THREADS = 16  # plain-def handlers running at once; more wait their turn
 NICK_WAIT = 30.0  # seconds a taken nick is retried at start: a previous run still holds it
-ROOM_KINDS = frozenset({"msg", "action", "join", "leave", "nick", "topic", "kick", "ban", "notice"})
+ROOM_KINDS = frozenset(EventKind) - {EventKind.PRIVATE}  # every room event
 
 Handler = Callable[..., Any]
 
@@ -202,9 +203,9 @@ class _Turn:
 def conversation(ev: Event | None) -> str | None:
     """Whose replies keep one order: a room's (`lobby`), a person's in private (`@ann`);
     None for timers and status notices."""
-    if ev is None or ev.kind == "status":
+    if ev is None or ev.kind == Status.KIND:
         return None
-    if ev.kind == "private":
+    if ev.kind == EventKind.PRIVATE:
         return "@" + ev.nick.casefold()  # nicks are unique regardless of case
     return ev.room
 
@@ -278,7 +279,7 @@ class Context:
 
     @property
     def private(self) -> bool:
-        return self.event is not None and self.event.kind == "private"
+        return self.event is not None and self.event.kind == EventKind.PRIVATE
 
     @property
     def joined(self) -> list[str]:
@@ -396,7 +397,7 @@ class _Handler:
     sees_commands: bool = False  # on_event: yes; on_message, on_private: no
 
     def match(self, ev: Event) -> re.Match | bool:
-        if self.kinds is None and ev.kind == "status":
+        if self.kinds is None and ev.kind == Status.KIND:
             return False
         if self.kinds is not None and ev.kind not in self.kinds:
             return False
@@ -815,7 +816,7 @@ class Bot:
                 self._handled[ev.room] = max(self._handled.get(ev.room, 0), ev.seq)
 
     def _dispatch(self, ev: Event) -> None:
-        if ev.kind == "status":
+        if ev.kind == Status.KIND:
             log.info("%s", ev.text)
             for h in self.handlers:
                 if h.kinds is not None and "status" in h.kinds:
@@ -839,7 +840,7 @@ class Bot:
 
     def _own(self, ev: Event) -> bool:
         assert self.client is not None
-        return ev.mine or (ev.kind == "private" and ev.nick == self.client.nick)
+        return ev.mine or (ev.kind == EventKind.PRIVATE and ev.nick == self.client.nick)
 
     def _hops_in(self, ev: Event) -> int:
         """How many bot replies led to this event: the `hops` field (a bot message without
@@ -848,7 +849,7 @@ class Bot:
         the larger of the two is taken."""
         wire = ev.data.get("hops")
         hops = wire if type(wire) is int and wire >= 0 else (1 if ev.bot else 0)
-        if ev.kind == "private":
+        if ev.kind == EventKind.PRIVATE:
             assert self.client is not None
             own = ev.mine or ev.nick == self.client.nick
             peer = str(ev.data.get("to") if own else ev.nick)
@@ -867,7 +868,7 @@ class Bot:
         name = name.strip().lower()
         cmd = self.commands.get(name)
         if cmd is None:
-            if name and ev.kind == "private" and self.commands:
+            if name and ev.kind == EventKind.PRIVATE and self.commands:
                 ctx = Context(self, ev, hops=hops)
                 hint = f"; try {self.prefix}help" if "help" in self.commands else ""
                 self._spawn(self._say_unknown(name, hint), ctx, "unknown")

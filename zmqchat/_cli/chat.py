@@ -34,12 +34,14 @@ from zmqchat._client.library import (
     Address,
     ChatError,
     Client,
+    Status,
     broker_addresses,
     curve_keys,
     show_address,
     split_addresses,
 )
 from zmqchat._usage import Parser, command_help, program
+from zmqchat.protocol import EventKind
 
 DEFAULT_IP: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9001
@@ -76,6 +78,9 @@ COMMANDS: Final = (
     ("//TEXT", "say TEXT, which starts with `/` (`//etc/hosts` says `/etc/hosts`)"),
 )
 HELP: Final = command_help(COMMANDS)
+
+# Kinds of event that show their nick is here (completion offers it).
+PRESENT: Final = frozenset({EventKind.MSG, EventKind.ACTION, EventKind.JOIN, EventKind.PRIVATE})
 
 
 class UsageError(Exception):
@@ -351,14 +356,14 @@ class Chat:
     async def show_events(self) -> None:
         """Print every event as it comes, until the client is closed."""
         async for ev in self.client:
-            if ev.kind == "status" and ev.text == "closed":
+            if ev.kind == Status.KIND and ev.text == "closed":
                 continue
-            if ev.kind == "private" and not ev.mine and ev.data.get("to") == ev.nick:
+            if ev.kind == EventKind.PRIVATE and not ev.mine and ev.data.get("to") == ev.nick:
                 continue  # a note to self: the broker's copy of our own send is shown
             self.track(ev)
             self.screen.event(ev, me=self.client.nick, room=self.room)
             if (
-                ev.kind == "status"
+                ev.kind == Status.KIND
                 and ev.room
                 and ev.room == self.room
                 and ev.room not in self.client.rooms
@@ -383,11 +388,14 @@ class Chat:
 
     def track(self, ev: Any) -> None:
         """Remember nicks seen, for completion."""
-        if ev.kind in ("msg", "action", "join", "private") and ev.nick:
+        if (
+            ev.kind in (EventKind.MSG, EventKind.ACTION, EventKind.JOIN, EventKind.PRIVATE)
+            and ev.nick
+        ):
             self.nicks.add(ev.nick)
-        elif ev.kind in ("leave", "kick", "ban"):
+        elif ev.kind in (EventKind.LEAVE, EventKind.KICK, EventKind.BAN):
             self.nicks.discard(ev.nick)
-        elif ev.kind == "nick":
+        elif ev.kind == EventKind.NICK:
             self.nicks.discard(ev.nick)
             self.nicks.add(str(ev.data.get("new", "")))
 

@@ -27,6 +27,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MemberDescriptorType
 from typing import Any, Final
 
@@ -98,6 +99,13 @@ def broker_addresses(host: str | Iterable[str | Address], port: int) -> list[Add
 def show_address(host: str, port: int) -> str:
     """host:port as people write it ([host]:port for IPv6)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Status(StrEnum):
+    """The library's own event kind, beside the broker's (protocol.EventKind): news of the
+    connection (`connection lost, reconnecting...`, kicked from a room, `closed`)."""
+
+    KIND = "status"
 
 
 class ChatError(Exception):
@@ -498,7 +506,7 @@ class Client:
             if not item.future.done():
                 item.future.set_exception(ChatError("CLOSED", "the client was closed"))
         self._outbox.clear()
-        self._events.put_nowait(Event("status", "closed"))
+        self._events.put_nowait(Event(Status.KIND, "closed"))
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -957,7 +965,7 @@ class Client:
         return ev.get("nick") == self.nick
 
     def _emit_status(self, text: str, room: str | None = None) -> None:
-        self._events.put_nowait(Event("status", text, room=room, ts=time.time()))
+        self._events.put_nowait(Event(Status.KIND, text, room=room, ts=time.time()))
 
     # ------------------------------------------------------------------ acknowledged sends
     async def _queue(
