@@ -23,13 +23,16 @@ ALLOWED: dict[str, set[str]] = {
     "zmqchat._core": {"zmqchat.protocol", "zmqchat._ops.logs"},
     # how a broker was started (flags): the core's rules only
     "zmqchat._config": {"zmqchat._core"},
+    # file contents on disk (one broker's store, a cluster broker's cache)
+    "zmqchat._blobs": {"zmqchat.protocol", "zmqchat._core"},
     # the two implementations of the state interfaces
-    "zmqchat._local": {"zmqchat.protocol", "zmqchat._ops.logs", "zmqchat._core"},
+    "zmqchat._local": {"zmqchat.protocol", "zmqchat._ops.logs", "zmqchat._core", "zmqchat._blobs"},
     "zmqchat._cluster": {
         "zmqchat.protocol",
         "zmqchat._ops.logs",
         "zmqchat._core",
         "zmqchat._config",
+        "zmqchat._blobs",
     },
     # the operator's side reads the core's counters through its own interface
     "zmqchat._ops.metrics": {"zmqchat._core"},
@@ -42,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
         "zmqchat._local",
         "zmqchat._cluster",
         "zmqchat._usage",
+        "zmqchat._blobs",
     },
     # the client library knows nothing of what is built on it
     "zmqchat._client": {"zmqchat.protocol"},

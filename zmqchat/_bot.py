@@ -205,7 +205,7 @@ def conversation(ev: Event | None) -> str | None:
     None for timers and status notices."""
     if ev is None or ev.kind == Status.KIND:
         return None
-    if ev.kind == EventKind.PRIVATE:
+    if ev.room is None:  # a private message, or a file offered to the bot alone
         return "@" + ev.nick.casefold()  # nicks are unique regardless of case
     return ev.room
 
@@ -279,7 +279,20 @@ class Context:
 
     @property
     def private(self) -> bool:
-        return self.event is not None and self.event.kind == EventKind.PRIVATE
+        """A private message, or a file offered to the bot alone."""
+        ev = self.event
+        return ev is not None and (
+            ev.kind == EventKind.PRIVATE or (ev.kind == EventKind.FILE and bool(ev.data.get("to")))
+        )
+
+    @property
+    def file(self) -> dict[str, Any]:
+        """A file offer's fields (on_file): file (its id), name, size, sha256, nick, ..."""
+        return dict(self.event.data) if self.event is not None else {}
+
+    async def download(self, folder: str = ".") -> str:
+        """Fetch the offered file (on_file) into folder; returns the path written."""
+        return await self.client.download(str(self.file.get("file", "")), folder)
 
     @property
     def joined(self) -> list[str]:
@@ -584,6 +597,11 @@ class Bot:
         """A private message to the bot (not one of its commands); `ctx.reply` answers privately."""
         return self._on(frozenset({"private"}), fn, pattern=pattern)
 
+    def on_file(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None) -> Any:
+        """A file offered in a room the bot is in, or to the bot alone: `ctx.file` has its
+        name, size and id, `await ctx.download(folder)` fetches it."""
+        return self._on(frozenset({"file"}), fn, room=room)
+
     def on_event(self, *kinds: str | Handler, room: str | Iterable[str] | None = None) -> Any:
         """Every event of these kinds (all room and private events if none given; "status"
         for the library's connection notices), commands included."""
@@ -840,7 +858,9 @@ class Bot:
 
     def _own(self, ev: Event) -> bool:
         assert self.client is not None
-        return ev.mine or (ev.kind == EventKind.PRIVATE and ev.nick == self.client.nick)
+        return ev.mine or (
+            ev.kind in (EventKind.PRIVATE, EventKind.FILE) and ev.nick == self.client.nick
+        )
 
     def _hops_in(self, ev: Event) -> int:
         """How many bot replies led to this event: the `hops` field (a bot message without

@@ -29,6 +29,9 @@ from typing import Any, Final
 import zmq
 
 from zmqchat import protocol as m
+from zmqchat._cli.errors import UsageError
+from zmqchat._cli.files import COMMANDS as FILE_COMMANDS
+from zmqchat._cli.files import FileCommands, Transfer, default_downloads
 from zmqchat._cli.render import Screen, escape, escape_lines
 from zmqchat._client.library import (
     Address,
@@ -69,6 +72,7 @@ COMMANDS: Final = (
     ("/ban NICK [REASON]", "remove someone and keep them out of the room (operators)"),
     ("/unban NICK", "let someone banned join again (operators)"),
     ("/lock, /unlock", "only operators may set the topic, or everyone again (operators)"),
+    *FILE_COMMANDS,
     ("/help", "this list"),
     (
         "/quit [REASON]",
@@ -81,10 +85,6 @@ HELP: Final = command_help(COMMANDS)
 
 # Kinds of event that show their nick is here (completion offers it).
 PRESENT: Final = frozenset({EventKind.MSG, EventKind.ACTION, EventKind.JOIN, EventKind.PRIVATE})
-
-
-class UsageError(Exception):
-    """A command typed wrong: answered locally, nothing is sent."""
 
 
 # ---------------------------------------------------------------------------- settings
@@ -165,6 +165,12 @@ def parser() -> Parser:
         action="store_true",
         shown="colours on a terminal, unless `NO_COLOR` is set",
         help="plain text, no colours",
+    )
+    flag(
+        "--downloads",
+        metavar="DIR",
+        shown="`~/Downloads` if it exists, else the current folder",
+        help="where `/get` saves files",
     )
     flag(
         "--server-key",
@@ -293,11 +299,21 @@ def connect(
 # ---------------------------------------------------------------------------- the session
 
 
-class Chat:
+class Chat(FileCommands):
     """One session's state and commands, shared by the terminal and the line front ends."""
 
-    def __init__(self, client: Client, screen: Screen, room: str, *, leave_words: bool) -> None:
+    def __init__(
+        self,
+        client: Client,
+        screen: Screen,
+        room: str,
+        *,
+        leave_words: bool,
+        downloads: str | None = None,
+    ) -> None:
         self.client, self.screen, self.room = client, screen, room
+        self.downloads = downloads or default_downloads()
+        self.transfers: dict[asyncio.Task[Any], Transfer] = {}
         self.joining = ""  # the room a /join is entering (its reply not in yet)
         self.leave_words = leave_words
         self.nicks: set[str] = set()  # for tab completion
@@ -322,6 +338,10 @@ class Chat:
             "lock": self.cmd_lock,
             "unlock": self.cmd_unlock,
             "quit": self.cmd_quit,
+            "send": self.cmd_send,
+            "files": self.cmd_files,
+            "get": self.cmd_get,
+            "rmfile": self.cmd_rmfile,
         }
 
     async def greet(self) -> None:
@@ -472,6 +492,10 @@ class Chat:
     async def quit(self, reason: str | None, wait: float | None = QUIT_WAIT) -> None:
         """Leave cleanly: wait (up to `wait` s, None = as long as it takes) for acks, say BYE."""
         self.quitting = True
+        if wait is None:  # the end of a script's input: its transfers finish first
+            await asyncio.gather(*self.transfers, return_exceptions=True)
+        else:
+            self.cancel_transfers()
         if wait is not None:
             await self.acknowledged(wait)
         elif not await self.acknowledged(TIMEOUT):
@@ -681,7 +705,7 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     """Run the chat until the user leaves; returns the exit status."""
     colour = terminal and not args.no_color and not os.environ.get("NO_COLOR")
     screen = Screen(json_mode=args.json, colour=colour)
-    chat = Chat(client, screen, args.room, leave_words=not args.json)
+    chat = Chat(client, screen, args.room, leave_words=not args.json, downloads=args.downloads)
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGHUP):  # leave cleanly, as on Ctrl+C

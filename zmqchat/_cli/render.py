@@ -143,6 +143,9 @@ class Render:
             return "-- " + escape(str(ev.data.get("note") or f"topic: {ev.text}"))
         if kind == Status.KIND:
             return "*** " + text
+        if kind == EventKind.FILE and ev.data.get("to"):  # a file offered to one person
+            to = escape(str(ev.data["to"]))
+            return f"[private -> {to}] {text}" if ev.mine else f"[private] {text}"
         return "-- " + text  # join, leave, nick, kick, ban, notice, and kinds a newer broker adds
 
     def note(self, text: str) -> str:

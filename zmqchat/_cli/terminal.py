@@ -64,6 +64,12 @@ class Front(Protocol):
     async def quit(self, reason: str | None) -> None:
         """Leave (Ctrl+D, Ctrl+C at the prompt)."""
 
+    def cancel_transfers(self) -> bool:
+        """Ctrl+C: cancel the file transfers under way; False if there were none."""
+
+    def transfers_status(self) -> str:
+        """The file transfers under way, for the toolbar ("" when none)."""
+
 
 @contextlib.contextmanager
 def keys_kept() -> Iterator[None]:
@@ -114,7 +120,12 @@ async def read_terminal(chat: Front, colour: bool) -> None:
             # prompt_toolkit's stays a moment after the terminal leaves raw mode, and passes a
             # Ctrl+C pressed then to a prompt that has ended.
             line = await session.prompt_async(lambda: f"{chat.room}> ", handle_sigint=False)
-        except (EOFError, KeyboardInterrupt):  # Ctrl+D, Ctrl+C
+        except KeyboardInterrupt:  # Ctrl+C: cancels the file transfers, if any; else leaves
+            if chat.cancel_transfers():
+                continue
+            await chat.quit(None)
+            return
+        except EOFError:  # Ctrl+D
             await chat.quit(None)
             return
         await chat.handle(line)
@@ -132,6 +143,9 @@ def toolbar(chat: Front) -> str:
         parts.append(
             f"{len(pending)} message{'s' if len(pending) != 1 else ''} pending: {escape(texts)}"
         )
+    moving = chat.transfers_status()
+    if moving:
+        parts.append(escape(moving) + " (Ctrl+C cancels)")
     parts.append("/help")
     return " " + "  ·  ".join(parts)
 

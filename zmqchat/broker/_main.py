@@ -13,6 +13,7 @@ import zmq.auth
 
 from zmqchat import protocol as m
 from zmqchat._config import DEFAULT_ROOMS, Config
+from zmqchat._core.files_state import FileRules
 from zmqchat._local.store import StoreError
 from zmqchat._ops import logs
 from zmqchat._usage import Parser
@@ -30,8 +31,22 @@ def name_arg(text: str) -> str:
     return text
 
 
+def size_arg(text: str) -> int:
+    """A number of bytes: 1048576, 100M, 2G, 512K (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    scale = units.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if t[-1:] in units else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size, like 100M, 2G or 512K") from None
+    if not 0 <= n * scale <= m.MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r}: from 0 to 1T")
+    return int(n * scale)
+
+
 def parser() -> Parser:
-    """The broker's flags, in the README's two tables (tests/test_readme.py checks them)."""
+    """The broker's flags, in the README's three tables (tests/test_readme.py checks them)."""
     p = Parser("zmqchat.broker", "ZeroMQ chat broker")
     flag = p.table()
     flag(
@@ -143,6 +158,44 @@ def parser() -> Parser:
         shown="off",
         help="serve Prometheus metrics on `http://HOST:N/metrics` (see Metrics)",
     )
+    flag = p.table("files (see the README: Files)")
+    flag(
+        "--max-file-size",
+        type=size_arg,
+        default=FileRules.max_size,
+        metavar="SIZE",
+        shown="`100M`",
+        help="the largest file a client may send (`100M`, `2G`, bytes)",
+    )
+    flag(
+        "--max-file-bytes-per-day",
+        type=size_arg,
+        default=FileRules.daily,
+        metavar="SIZE",
+        shown="`2G`",
+        help="what one sender may send in 24 hours",
+    )
+    flag(
+        "--keep-free",
+        type=size_arg,
+        default=FileRules.keep_free,
+        metavar="SIZE",
+        shown="`1G`",
+        help="free disk space that uploads never take",
+    )
+    flag(
+        "--upload-grace",
+        type=float,
+        default=FileRules.grace,
+        metavar="S",
+        help="how long an unfinished upload is kept for a resume, in seconds",
+    )
+    flag(
+        "--files-dir",
+        metavar="DIR",
+        shown="`DB-files` beside `--db`",
+        help="where file contents are kept",
+    )
     flag = p.table("several brokers (see the README: Several brokers)")
     flag(
         "--cluster",
@@ -215,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         replicas=a.replicas,
         namespace=a.namespace,
         metrics_port=a.metrics_port,
+        files=FileRules(a.max_file_size, a.max_file_bytes_per_day, a.keep_free, a.upload_grace),
+        files_dir=a.files_dir,
     )
     try:
         broker = Broker(cfg)
