@@ -76,24 +76,16 @@ class Broker:
         self.blobs: DiskBlobs | None = None
         self.cluster: Any = None
         self.metrics: Any = None
-        if cfg.cluster_urls:
-            from zmqchat._cluster.state import Cluster  # NATS is imported only in cluster mode
-
-            self.cluster = Cluster(cfg)
-            self.log, self.registry, self.presence = (
-                self.cluster.log,
-                self.cluster.registry,
-                self.cluster.presence,
-            )
-        else:
-            self.store = Store(cfg.db, fsync=cfg.fsync)
-            self.log = LocalLog(self.store)
-            self.registry = LocalRegistry(self.store, cfg.rooms, cfg.operators, cfg.allow_new_rooms)
-            self.presence = LocalPresence()
         try:
             if cfg.motd:  # read first: an unreadable file is a start error before any work
                 self._load_motd()
-            self._bind()
+            self._bind()  # a port in use stops the start before a database is made
+        except BaseException:
+            self._close_sockets()
+            self._close_state()
+            raise
+        try:
+            self._open_state()
             self.name = cfg.name or default_name(self.port)
             if self.cluster is not None:
                 self.cluster.start(self.name)  # the rooms are known from here on
@@ -115,8 +107,32 @@ class Broker:
 
                 self.metrics = metrics.serve(self, cfg.host, cfg.metrics_port)
         except BaseException:
+            self._close_sockets()
             self._close_state()  # the history writer, the database lock, NATS go with it
             raise
+
+    def _open_state(self) -> None:
+        """What this broker shares with others: SQLite alone, or a NATS cluster."""
+        cfg = self.cfg
+        if cfg.cluster_urls:
+            from zmqchat._cluster.state import Cluster  # NATS is imported only in cluster mode
+
+            self.cluster = Cluster(cfg)
+            self.log, self.registry, self.presence = (
+                self.cluster.log,
+                self.cluster.registry,
+                self.cluster.presence,
+            )
+        else:
+            self.store = Store(cfg.db, fsync=cfg.fsync)
+            self.log = LocalLog(self.store)
+            self.registry = LocalRegistry(self.store, cfg.rooms, cfg.operators, cfg.allow_new_rooms)
+            self.presence = LocalPresence()
+
+    def _close_sockets(self) -> None:
+        for sock in (getattr(self, "router", None), getattr(self, "xpub", None)):
+            if sock is not None:
+                sock.close()
 
     def _attach_files(self) -> None:
         """Files (issue 24): contents on disk (a cluster's cache of its Object Store)."""
