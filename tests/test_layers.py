@@ -17,6 +17,8 @@ ALLOWED: dict[str, set[str]] = {
     # the bottom: the wire protocol and the log lines import nothing of ours
     "zmqchat.protocol": set(),
     "zmqchat._ops.logs": set(),
+    # how the programs describe themselves (--help, /help, the README's tables)
+    "zmqchat._usage": set(),
     # SCRAM for accounts, both ends of it (no I/O); reading a password (the client's and the
     # operator's command lines)
     "zmqchat._scram": {"zmqchat.protocol"},
@@ -48,12 +50,18 @@ ALLOWED: dict[str, set[str]] = {
         "zmqchat._config",
         "zmqchat._local",
         "zmqchat._cluster",
+        "zmqchat._usage",
         "zmqchat._blobs",
     },
     # the client library knows nothing of what is built on it
     "zmqchat._client": {"zmqchat.protocol", "zmqchat._scram"},
     "zmqchat._bot": {"zmqchat.protocol", "zmqchat._client"},
-    "zmqchat._cli": {"zmqchat.protocol", "zmqchat._client", "zmqchat._passwords"},
+    "zmqchat._cli": {
+        "zmqchat.protocol",
+        "zmqchat._client",
+        "zmqchat._usage",
+        "zmqchat._passwords",
+    },
     # the public API and `python -m zmqchat`
     "zmqchat.__main__": {"zmqchat._cli"},
     "zmqchat": {"zmqchat._client", "zmqchat._bot"},

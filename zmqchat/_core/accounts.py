@@ -36,7 +36,6 @@ FAILURES: Final = 5  # failed logins to one account from one address...
 FAILURE_WINDOW: Final = 60.0  # ...within this many seconds make the next ones wait
 AUTH_TTL: Final = 30.0  # seconds from AUTH to the HELLO (or PASSWORD) that completes it
 MAX_AUTHS: Final = 10_000  # logins under way at once: memory stays bounded
-MAX_ADDRESSES: Final = 10_000  # addresses of AUTHs not handled yet (the loop's notes)
 
 
 @dataclass(eq=False)
@@ -55,7 +54,6 @@ class Accounts(Sessions, Rooms, Moderation):
     def __init__(self, *args: Any, accounts: AccountStore | None = None, **kwargs: Any) -> None:
         self.accounts: AccountStore = accounts if accounts is not None else NoAccounts()
         self.auths: dict[bytes, Pending] = {}
-        self.addresses: dict[bytes, str] = {}  # connection -> the address its AUTH came from
         self.logged_in: dict[str, Account] = {}  # session id -> its account
         super().__init__(*args, **kwargs)
 
@@ -69,18 +67,11 @@ class Accounts(Sessions, Rooms, Moderation):
     def opener_table(self) -> dict[Kind, Opener]:
         return {**super().opener_table(), Kind.AUTH: self._on_auth}
 
-    def peer(self, rid: bytes, address: str) -> None:
-        """The broker's loop tells where an AUTH comes from (the failed-login limit is per
-        account and address), just before handing the request in."""
-        if len(self.addresses) >= MAX_ADDRESSES:
-            self.addresses.clear()
-        self.addresses[rid] = address
-
     # ------------------------------------------------------------------ logging in
     def _on_auth(
         self, rid: bytes, session: Session | None, req: m.Request, pubkey: str
     ) -> Generator[Op, Any, dict[str, Any]]:
-        address = self.addresses.pop(rid, "")
+        address = self.peer(rid)  # the failed-login limit is per account and address
         name = req.body["account"]
         key = m.nick_key(name)
         if session is not None and session.ident.account != key:

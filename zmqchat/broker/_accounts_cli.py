@@ -23,26 +23,38 @@ from typing import Any, Final
 from zmqchat import protocol as m
 from zmqchat._passwords import PasswordError, ask_new, from_file
 from zmqchat._scram import DEFAULT_ITERATIONS, Keys, make_keys, password_problem
+from zmqchat._usage import Parser
 
 NATS_TIMEOUT: Final = 10.0  # seconds an operation on the cluster may take
 
 
-def add_flags(p: argparse.ArgumentParser) -> None:
-    """The broker's own flags about accounts."""
-    g = p.add_argument_group("accounts (see README: Accounts; `zmqchat-broker accounts -h`)")
-    g.add_argument(
+def add_flags(p: Parser) -> None:
+    """The broker's own flags about accounts: a table of the README's."""
+    flag = p.table("accounts (see the README: Accounts; the operator's `accounts` command)")
+    flag(
         "--registered-only",
         action="store_true",
-        help="only registered accounts may connect; guests are refused",
+        help="admit registered accounts only: guests are refused",
     )
-    g.add_argument(
+    flag(
         "--scram-iterations",
-        type=int,
+        type=iterations,
         default=DEFAULT_ITERATIONS,
         metavar="N",
-        help=f"PBKDF2 rounds a new password's keys must use at least (default "
-        f"{DEFAULT_ITERATIONS}; at least {m.MIN_ITERATIONS})",
+        help=f"the fewest PBKDF2 iterations a new password's keys may use (at least "
+        f"{m.MIN_ITERATIONS}; see the README: Accounts)",
     )
+
+
+def iterations(text: str) -> int:
+    """--scram-iterations N: within SCRAM's bounds."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not m.MIN_ITERATIONS <= n <= m.MAX_ITERATIONS:
+        raise argparse.ArgumentTypeError(f"from {m.MIN_ITERATIONS} to {m.MAX_ITERATIONS}")
+    return n
 
 
 def config(a: argparse.Namespace) -> dict[str, Any]:
