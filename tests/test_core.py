@@ -301,6 +301,13 @@ VALID: dict[Kind, dict[str, Any]] = {
     Kind.BAN: {"room": "lobby", "nick": "bob"},
     Kind.UNBAN: {"room": "lobby", "nick": "bob"},
 }
+VALID.update(  # edits, removals and search (issue 23)
+    {
+        Kind.EDIT: {"room": "lobby", "seq": 1, "text": "x"},
+        Kind.DELETE: {"room": "lobby", "seq": 1},
+        Kind.SEARCH: {"query": "x"},
+    }
+)
 
 
 @pytest.mark.parametrize("kind", [k for k in Kind if k is not Kind.HELLO])

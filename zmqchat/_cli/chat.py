@@ -29,6 +29,7 @@ from typing import Any, Final
 import zmq
 
 from zmqchat import protocol as m
+from zmqchat._cli import edits
 from zmqchat._cli.render import Screen, escape, escape_lines
 from zmqchat._client.library import (
     Address,
@@ -252,8 +253,9 @@ def connect(
 # ---------------------------------------------------------------------------- the session
 
 
-class Chat:
-    """One session's state and commands, shared by the terminal and the line front ends."""
+class Chat(edits.EditCommands):
+    """One session's state and commands, shared by the terminal and the line front ends
+    (those that edit, answer and find messages: edits.py)."""
 
     def __init__(self, client: Client, screen: Screen, room: str, *, leave_words: bool) -> None:
         self.client, self.screen, self.room = client, screen, room
@@ -282,6 +284,7 @@ class Chat:
             "unlock": self.cmd_unlock,
             "quit": self.cmd_quit,
         }
+        self.commands.update(self.edit_commands())
 
     async def greet(self) -> None:
         """The broker's banner and who and where we are."""
@@ -320,7 +323,11 @@ class Chat:
             if ev.kind == "private" and not ev.mine and ev.data.get("to") == ev.nick:
                 continue  # a note to self: the broker's copy of our own send is shown
             self.track(ev)
-            self.screen.event(ev, me=self.client.nick, room=self.room)
+            hidden = not self.screen.json_mode and self.hidden(ev)
+            self.remember(ev)
+            if not hidden:
+                quote = await self.quote(ev)
+                self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
             if (
                 ev.kind == "status"
                 and ev.room
@@ -385,6 +392,8 @@ class Chat:
             except (KeyError, TypeError, ValueError) as err:  # a reply we did not expect
                 self.screen.error(f"/{name} failed: {err!r}", "INTERNAL")
             return
+        if line.startswith("s/") and self.substitution(line):  # s/old/new/: a fix
+            return
         text = line[1:] if line.startswith("//") else line
         if not self.room:
             self.screen.error(
@@ -410,6 +419,7 @@ class Chat:
             seq = await sending
             if room and isinstance(seq, int):  # its echo is what shows it was said
                 self.echoes[room] = max(seq, self.echoes.get(room, 0))
+                self.sent(room, seq, text)  # ours to edit
         except ChatError as err:
             short = text if len(text) <= 30 else text[:29] + "…"
             self.screen.error(f'not sent ("{short}"): {err.reason}', err.code)
@@ -445,7 +455,7 @@ class Chat:
 
     # ------------------------------------------------------------------ commands
     async def cmd_help(self, arg: str) -> None:
-        self.screen.note(HELP, command="help")
+        self.screen.note(HELP + "\n" + edits.HELP, command="help")
 
     async def cmd_rooms(self, arg: str) -> None:
         rooms = await self.client.list_rooms()
@@ -560,8 +570,12 @@ class Chat:
             else f"no history in {self.room}",
             command="history",
         )
+        listed = {int(ev.seq or 0) for ev in events if ev.kind in edits.MESSAGE_KINDS}
         for ev in events:
-            self.screen.event(ev, me=self.client.nick, room=self.room)
+            self.remember(ev)
+            if self.screen.json_mode or not self.hidden(ev, listed):
+                quote = await self.quote(ev)
+                self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
 
     async def cmd_kick(self, arg: str) -> None:
         nick, _, reason = arg.partition(" ")

@@ -30,7 +30,9 @@ DIM: Final = "2"
 BOLD: Final = "1"
 MENTION: Final = "30;43"  # black on yellow
 ERROR: Final = "31"
-NOTICE_KINDS: Final = frozenset({"join", "leave", "nick", "topic", "kick", "ban", "notice"})
+NOTICE_KINDS: Final = frozenset(
+    {"join", "leave", "nick", "topic", "kick", "ban", "notice", "delete"}
+)
 
 
 def escape(text: str) -> str:
@@ -63,9 +65,12 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M", when)
 
 
-def event_json(ev: Event) -> str:
-    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog)."""
+def event_json(ev: Event, quote: str | None = None) -> str:
+    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog;
+    for a reply, `quote`: what it answers, as shown)."""
     data: dict[str, Any] = dict(ev.data)
+    if quote is not None:
+        data["quote"] = quote
     data.update(
         kind=ev.kind,
         room=ev.room,
@@ -96,8 +101,9 @@ class Render:
     def paint(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.colour and code else text
 
-    def event(self, ev: Event, *, me: str, room: str | None) -> str:
-        """One line for one event; `me` is our nick (mentions), `room` the current room."""
+    def event(self, ev: Event, *, me: str, room: str | None, quote: str | None = None) -> str:
+        """One line for one event; `me` is our nick (mentions), `room` the current room,
+        `quote` what a reply answers."""
         dimmed = ev.backlog  # a dimmed line keeps no inner colours: a reset would end the dim
         nick = escape(ev.nick)
         if not dimmed:
@@ -108,11 +114,15 @@ class Render:
         if (
             not dimmed
             and not ev.mine
-            and ev.kind in ("msg", "action", "private")
+            and ev.kind in ("msg", "action", "private", "edit")
             and mentions(ev.text, me)
         ):
             text = self.paint(text, MENTION)
-        if ev.kind == "msg":
+        if ev.kind == "edit" or ev.data.get("edited"):  # a fixed message (issue 23)
+            text += " (edited)"
+        if quote is not None:
+            text = f"[re {escape(quote)}] {text}"
+        if ev.kind in ("msg", "edit"):
             body = f"<{nick}> {text}"
         elif ev.kind == "action":
             body = f"* {nick} {text}"
@@ -169,8 +179,12 @@ class Screen:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
 
-    def event(self, ev: Event, *, me: str, room: str | None) -> None:
-        self.write(event_json(ev) if self.json_mode else self.render.event(ev, me=me, room=room))
+    def event(self, ev: Event, *, me: str, room: str | None, quote: str | None = None) -> None:
+        self.write(
+            event_json(ev, quote)
+            if self.json_mode
+            else self.render.event(ev, me=me, room=room, quote=quote)
+        )
 
     def note(self, text: str, kind: str = "info", **data: Any) -> None:
         """A local line (a command's answer); in JSON mode an object with `kind` and `text`."""
