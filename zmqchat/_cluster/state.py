@@ -23,6 +23,10 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
+from zmqchat._cluster.index import REBUILD_BATCH, ClusterIndex, read_range
+from zmqchat._core import search
+from zmqchat._core.edits_state import Found, Stored
+from zmqchat._core.search import Query
 from zmqchat._core.state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
 from zmqchat._ops.logs import event as log_event
 from zmqchat.protocol import Code, ProtocolError, Reply
@@ -164,6 +168,7 @@ class Cluster:
             if pending:
                 self.loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
             self.loop.close()
+        self.log.index.close()
 
     # ------------------------------------------------------------------ the bridge
     async def wait(self, timeout: float) -> None:
@@ -253,6 +258,8 @@ class Cluster:
             self.log.start_at(frames[1].decode(), int(frames[2]))
         elif verb == b"ROUTED":
             self.registry.routed(json.loads(frames[1]))
+        elif verb == b"PRIVS":  # for the search index (issue 23)
+            self.log.index.privates(frames[1:])
 
     def put(self, bucket: str, key: str, value: Any) -> Op:
         return self.call(
@@ -295,6 +302,9 @@ class Cluster:
                 self.registry.waiting.remove((targets, op))
                 self.registry.asked.pop(id(op), None)
                 op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
+        self.log.index.retry()
+        self.log.index.commit()
+        self.log.index._wake()
         self.send_pending()
 
     def _beat(self) -> None:
@@ -357,9 +367,11 @@ class ClusterLog:
         self.acked: dict[str, int] = {}  # room -> the highest number our own appends got
         self.cache: dict[str, deque[bytes]] = {}
         self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # msg id -> room, seq
+        self.index = ClusterIndex(self._index_read, self._erase, self._patch_cache)
 
     def start_at(self, room: str, last: int) -> None:
         self.delivered.setdefault(room, last)
+        self.index.start(room, last)  # the search index reads the room up to last
 
     def last(self, room: str) -> int:
         return self.delivered.get(room, 0)
@@ -387,6 +399,27 @@ class ClusterLog:
         return out
 
     def read(
+        self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
+    ) -> Op:
+        """Stored events as they read now (edited, erased ones `deleted`: issue 23), once
+        what this broker had acknowledged has been applied to its index."""
+        outer = Op()
+
+        def caught_up(_: Op) -> None:
+            last = max(self.last(room), self.acked.get(room, 0))
+            low, high = read_range(after, before, limit, last)
+            self._read(room, after=after, before=before, since=since, limit=limit).then(
+                lambda op: (
+                    outer.fail(op.error)
+                    if op.error is not None
+                    else outer.resolve(self.index.patch(room, op.value, low, high, since))
+                )
+            )
+
+        self.index.caught_up({room: self.acked.get(room, 0)}).then(caught_up)
+        return outer
+
+    def _read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
     ) -> Op:
         last = max(self.last(room), self.acked.get(room, 0))
@@ -483,6 +516,7 @@ class ClusterLog:
         if cache is None or first > last + 1:
             cache = self.cache[room] = deque(maxlen=CACHE_EVENTS)
         cache.extend(events[max(0, last + 1 - first) :])
+        self.index.arrived(room, first, events)  # edits, removals, search (issue 23)
         ids = self.ids
         for mid, seq in meta["ids"]:
             ids[mid] = (room, seq)
@@ -493,8 +527,62 @@ class ClusterLog:
         """The events that arrived since the last pass; and the commands of this pass go
         out to the bridge now (the end of a pass of the broker's loop)."""
         self.cluster.send_pending()
+        self.index.commit()
         out, self.incoming = self.incoming, []
         return out
+
+    # ------------------------------------------------------------ edits, search (issue 23)
+    def _index_read(self, room: str, after: int, last: int) -> Op:
+        q = {"after": after, "before": None, "since": None, "limit": REBUILD_BATCH, "last": last}
+        return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], list_value)
+
+    def _erase(self, room: str, seqs: list[int]) -> None:
+        self.cluster.tell([b"ERASE", room.encode(), *(str(s).encode() for s in seqs)])
+
+    def _patch_cache(self, room: str, seqs: set[int]) -> None:
+        """Edited or removed events in the latest ones kept here: as they read now."""
+        cache, last = self.cache.get(room), self.last(room)
+        if not cache:
+            return
+        first = last - len(cache) + 1
+        for seq in seqs:
+            if first <= seq <= last:
+                now = self.index.current(room, seq)
+                cache[seq - first] = now if now is not None else m.tombstone(room, seq, 0.0)
+
+    def message(self, room: str, seq: int, owner: str) -> Op:
+        if self.index.removed(room, seq):
+            return Op.ready(None)
+        outer = Op()
+
+        def got(op: Op) -> None:
+            if op.error is not None:
+                outer.fail(op.error)
+            elif not op.value:
+                outer.resolve(None)
+            else:
+                data, stored_id = op.value
+                event = json.loads(m.numbered(room, seq, data.encode()))
+                cmid = event.get("cmid")
+                mine = isinstance(cmid, str) and stored_id == msg_id(owner, cmid)
+                outer.resolve(Stored(event, mine))
+
+        self.cluster.call([b"MSGGET", room.encode(), str(seq).encode()], list_value).then(got)
+        return outer
+
+    def search(self, query: Query, rooms: list[str], me: str | None, limit: int) -> Op:
+        from zmqchat._cluster.bridge import token
+
+        outer = Op()
+
+        def caught_up(_: Op) -> None:
+            texts, total = self.index.search(
+                search.expression(query), rooms, token(me) if me else None, limit
+            )
+            outer.resolve(Found(texts, total))
+
+        self.index.caught_up({room: self.acked.get(room, 0) for room in rooms}).then(caught_up)
+        return outer
 
 
 class ClusterRegistry:
