@@ -151,11 +151,8 @@ class Sessions(CoreBase):
             target = self.registry.holder(m.nick_key(b["to"]))
         if target is None:
             raise ProtocolError(Code.NO_SUCH_NICK, f"nobody called {b['to']} is connected")
-        prior = self.room_log.known_ids(s.ident.owner, [b["id"]])[b["id"]]
-        if prior is not None:
-            if prior[0] != s.ident.owner:
-                raise ProtocolError(Code.BAD_REQUEST, "a message id already used by another")
-            return {"to": target.nick, "id": b["id"], "duplicate": True}
+        if self.room_log.known_ids(s.ident.owner, [b["id"]])[b["id"]] is not None:
+            return {"to": target.nick, "id": b["id"], "duplicate": True}  # a retry
         self._charge(s, 1)
         ts = self.clock.time()
         event = {

@@ -212,12 +212,14 @@ class RoomLog(Protocol):
         will, before any reply now being made goes out)."""
 
     def append(self, room: str, drafts: list[Draft]) -> Op:
-        """Store events at the end of the room; the Op's value is their numbers. A draft
-        whose cmid is already stored in the room gets the stored number instead."""
+        """Store events at the end of the room; the Op's value is their numbers. The core
+        leaves out the drafts whose ids `known_ids` finds; a cluster may still meet one
+        stored through another broker meanwhile, and gives it its stored number."""
 
     def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
-        """(sender, room, number) of each client message id already stored, else None.
-        (A cluster keeps ids per sender: it finds only those of `owner`.)"""
+        """(sender, room, number) of each of `owner`'s client message ids already stored,
+        else None. Ids are per sender: another sender's message with the same id is not
+        found (a room's number is 0 for a private message)."""
 
     def read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int

@@ -62,7 +62,7 @@ class LocalLog:
 
     def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
         find = self.store.find_cmid
-        return {cmid: find(cmid) for cmid in cmids}
+        return {cmid: find(owner, cmid) for cmid in cmids}
 
     def read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int

@@ -49,12 +49,16 @@ SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
     room TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, sender TEXT NOT NULL,
     cmid TEXT, data TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS events_cmid ON events (cmid) WHERE cmid IS NOT NULL;
+DROP INDEX IF EXISTS events_cmid;
+CREATE UNIQUE INDEX IF NOT EXISTS events_sender_cmid ON events (sender, cmid)
+    WHERE cmid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_ts ON events (room, ts);
 CREATE TABLE IF NOT EXISTS privates (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
     cmid TEXT, data TEXT NOT NULL, from_key TEXT);
-CREATE UNIQUE INDEX IF NOT EXISTS privates_cmid ON privates (cmid) WHERE cmid IS NOT NULL;
+DROP INDEX IF EXISTS privates_cmid;
+CREATE UNIQUE INDEX IF NOT EXISTS privates_sender_cmid ON privates (sender, cmid)
+    WHERE cmid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS privates_to ON privates (recipient, ts);
 CREATE INDEX IF NOT EXISTS privates_from ON privates (sender, ts);
 CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NULL);
@@ -382,12 +386,12 @@ class Store:
         self._open_segment()
         self._cmids: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._seen = CmidFilter()
-        for (cmid,) in self.db.execute(
-            "SELECT cmid FROM events WHERE cmid IS NOT NULL "
-            "UNION ALL SELECT cmid FROM privates "
+        for sender, cmid in self.db.execute(
+            "SELECT sender, cmid FROM events WHERE cmid IS NOT NULL "
+            "UNION ALL SELECT sender, cmid FROM privates "
             "WHERE cmid IS NOT NULL"
         ):
-            self._seen.add(cmid)
+            self._seen.add(sender + "\0" + cmid)
 
     def _open(self) -> None:
         self._writer_lock = writer_lock(self.path, OLD_WRITER_WAIT)
@@ -537,27 +541,29 @@ class Store:
         ).fetchone()
         return json.loads(row[0]).get("text", "") if row else ""
 
-    def find_cmid(self, cmid: str) -> tuple[str, str, int] | None:
-        """(sender, room, seq) of an already stored message with this client id, if any."""
-        hit = self._cmids.get(cmid)
+    def find_cmid(self, sender: str, cmid: str) -> tuple[str, str, int] | None:
+        """(sender, room, seq) of a message already stored with this client id from this
+        sender, if any (ids are per sender: two clients using one id do not collide)."""
+        key = sender + "\0" + cmid
+        hit = self._cmids.get(key)
         if hit is not None:
             return hit
-        if not self._seen.add(cmid):  # certainly new: no query (the common case)
+        if not self._seen.add(key):  # certainly new: no query (the common case)
             return None
         self.sync()
         row = self.db.execute(
-            "SELECT sender, room, seq FROM events WHERE cmid=?", (cmid,)
+            "SELECT sender, room, seq FROM events WHERE sender=? AND cmid=?", (sender, cmid)
         ).fetchone()
         if row is None:
             row = self.db.execute(
-                "SELECT sender, '', id FROM privates WHERE cmid=?", (cmid,)
+                "SELECT sender, '', id FROM privates WHERE sender=? AND cmid=?", (sender, cmid)
             ).fetchone()
         return tuple(row) if row else None
 
-    def _remember(self, cmid: str, value: tuple[str, str, int]) -> None:
+    def _remember(self, key: str, value: tuple[str, str, int]) -> None:
         """Keep a new id at hand (find_cmid, which every id passes first, put it in the
         Bloom filter already: an id that then goes unstored costs only a query later)."""
-        self._cmids[cmid] = value
+        self._cmids[key] = value
         if len(self._cmids) > CMID_CACHE:
             self._cmids.popitem(last=False)
 
@@ -573,7 +579,7 @@ class Store:
             else encode_record(("event", room, seq, ts, sender, cmid, data.decode("utf-8")))
         )
         if cmid:
-            self._remember(cmid, (sender, room, seq))
+            self._remember(sender + "\0" + cmid, (sender, room, seq))
 
     def append_change(
         self, kind: str, room: str, seq: int, ts: float, sender: str, data: bytes, ref: int
@@ -593,7 +599,7 @@ class Store:
             encode_record(("private", ts, sender, recipient, cmid, data.decode("utf-8"), from_key))
         )
         self._privates_logged = True
-        self._remember(cmid, (sender, "", 0))
+        self._remember(sender + "\0" + cmid, (sender, "", 0))
 
     def commit(self) -> None:
         """Make everything added so far durable: one write to the log per broker pass."""
