@@ -27,13 +27,20 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from zmqchat import protocol as m
+from zmqchat._core import search
+from zmqchat._core.edits_state import Found, Stored
+from zmqchat._core.search import Query
 from zmqchat._core.state import Op
 from zmqchat._local import messages
 from zmqchat._local.store import SCHEMA
+
+if TYPE_CHECKING:
+    from zmqchat._cluster.state import Cluster
 
 log = logging.getLogger("zmqchat.cluster")
 
@@ -301,3 +308,103 @@ def _near(by_seq: dict[int, str], seq: int) -> float:
         except ValueError:
             pass
     return time.time()
+
+
+class LogEdits:
+    """The cluster room log's part for edits, removals and search (core/edits_state.py's
+    MessageLog): a part of ClusterLog (state.py), which holds the index."""
+
+    if TYPE_CHECKING:  # what it uses of ClusterLog
+        cluster: Cluster
+        index: ClusterIndex
+        acked: dict[str, int]
+        cache: dict[str, deque[bytes]]
+
+        def last(self, room: str) -> int: ...
+
+        def _read(
+            self,
+            room: str,
+            *,
+            after: int | None,
+            before: int | None,
+            since: float | None,
+            limit: int,
+        ) -> Op: ...
+
+    def read(
+        self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
+    ) -> Op:
+        """Stored events as they read now (edited, erased ones `deleted`: issue 23), once
+        what this broker had acknowledged has been applied to its index."""
+        outer = Op()
+
+        def caught_up(_: Op) -> None:
+            last = max(self.last(room), self.acked.get(room, 0))
+            low, high = read_range(after, before, limit, last)
+            self._read(room, after=after, before=before, since=since, limit=limit).then(
+                lambda op: (
+                    outer.fail(op.error)
+                    if op.error is not None
+                    else outer.resolve(self.index.patch(room, op.value, low, high, since))
+                )
+            )
+
+        self.index.caught_up({room: self.acked.get(room, 0)}).then(caught_up)
+        return outer
+
+    def _index_read(self, room: str, after: int, last: int) -> Op:
+        from zmqchat._cluster.state import list_value
+
+        q = {"after": after, "before": None, "since": None, "limit": REBUILD_BATCH, "last": last}
+        return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], list_value)
+
+    def _erase(self, room: str, seqs: list[int]) -> None:
+        self.cluster.tell([b"ERASE", room.encode(), *(str(s).encode() for s in seqs)])
+
+    def _patch_cache(self, room: str, seqs: set[int]) -> None:
+        """Edited or removed events in the latest ones kept here: as they read now."""
+        cache, last = self.cache.get(room), self.last(room)
+        if not cache:
+            return
+        first = last - len(cache) + 1
+        for seq in seqs:
+            if first <= seq <= last:
+                now = self.index.current(room, seq)
+                cache[seq - first] = now if now is not None else m.tombstone(room, seq, 0.0)
+
+    def message(self, room: str, seq: int, owner: str) -> Op:
+        from zmqchat._cluster.state import list_value, msg_id
+
+        if self.index.removed(room, seq):
+            return Op.ready(None)
+        outer = Op()
+
+        def got(op: Op) -> None:
+            if op.error is not None:
+                outer.fail(op.error)
+            elif not op.value:
+                outer.resolve(None)
+            else:
+                data, stored_id = op.value
+                event = json.loads(m.numbered(room, seq, data.encode()))
+                cmid = event.get("cmid")
+                mine = isinstance(cmid, str) and stored_id == msg_id(owner, cmid)
+                outer.resolve(Stored(event, mine))
+
+        self.cluster.call([b"MSGGET", room.encode(), str(seq).encode()], list_value).then(got)
+        return outer
+
+    def search(self, query: Query, rooms: list[str], me: str | None, limit: int) -> Op:
+        from zmqchat._cluster.bridge import token
+
+        outer = Op()
+
+        def caught_up(_: Op) -> None:
+            texts, total = self.index.search(
+                search.expression(query), rooms, token(me) if me else None, limit
+            )
+            outer.resolve(Found(texts, total))
+
+        self.index.caught_up({room: self.acked.get(room, 0) for room in rooms}).then(caught_up)
+        return outer

@@ -23,10 +23,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
-from zmqchat._cluster.index import REBUILD_BATCH, ClusterIndex, read_range
-from zmqchat._core import search
-from zmqchat._core.edits_state import Found, Stored
-from zmqchat._core.search import Query
+from zmqchat._cluster.index import ClusterIndex, LogEdits
 from zmqchat._core.state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
 from zmqchat._ops.logs import event as log_event
 from zmqchat.protocol import Code, ProtocolError, Reply
@@ -357,8 +354,9 @@ def list_value(frames: list[bytes]) -> list[str]:
     return [f.decode() for f in frames[1:]]
 
 
-class ClusterLog:
-    """Rooms' events in their streams; the latest of each kept here for reads."""
+class ClusterLog(LogEdits):
+    """Rooms' events in their streams; the latest of each kept here for reads (edits,
+    removals and search: index.py)."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -367,7 +365,7 @@ class ClusterLog:
         self.acked: dict[str, int] = {}  # room -> the highest number our own appends got
         self.cache: dict[str, deque[bytes]] = {}
         self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # msg id -> room, seq
-        self.index = ClusterIndex(self._index_read, self._erase, self._patch_cache)
+        self.index = ClusterIndex(self._index_read, self._erase, self._patch_cache)  # issue 23
 
     def start_at(self, room: str, last: int) -> None:
         self.delivered.setdefault(room, last)
@@ -397,27 +395,6 @@ class ClusterLog:
             hit = self.ids.get(msg_id(owner, cmid))
             out[cmid] = (owner, *hit) if hit is not None else None
         return out
-
-    def read(
-        self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
-    ) -> Op:
-        """Stored events as they read now (edited, erased ones `deleted`: issue 23), once
-        what this broker had acknowledged has been applied to its index."""
-        outer = Op()
-
-        def caught_up(_: Op) -> None:
-            last = max(self.last(room), self.acked.get(room, 0))
-            low, high = read_range(after, before, limit, last)
-            self._read(room, after=after, before=before, since=since, limit=limit).then(
-                lambda op: (
-                    outer.fail(op.error)
-                    if op.error is not None
-                    else outer.resolve(self.index.patch(room, op.value, low, high, since))
-                )
-            )
-
-        self.index.caught_up({room: self.acked.get(room, 0)}).then(caught_up)
-        return outer
 
     def _read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
@@ -530,59 +507,6 @@ class ClusterLog:
         self.index.commit()
         out, self.incoming = self.incoming, []
         return out
-
-    # ------------------------------------------------------------ edits, search (issue 23)
-    def _index_read(self, room: str, after: int, last: int) -> Op:
-        q = {"after": after, "before": None, "since": None, "limit": REBUILD_BATCH, "last": last}
-        return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], list_value)
-
-    def _erase(self, room: str, seqs: list[int]) -> None:
-        self.cluster.tell([b"ERASE", room.encode(), *(str(s).encode() for s in seqs)])
-
-    def _patch_cache(self, room: str, seqs: set[int]) -> None:
-        """Edited or removed events in the latest ones kept here: as they read now."""
-        cache, last = self.cache.get(room), self.last(room)
-        if not cache:
-            return
-        first = last - len(cache) + 1
-        for seq in seqs:
-            if first <= seq <= last:
-                now = self.index.current(room, seq)
-                cache[seq - first] = now if now is not None else m.tombstone(room, seq, 0.0)
-
-    def message(self, room: str, seq: int, owner: str) -> Op:
-        if self.index.removed(room, seq):
-            return Op.ready(None)
-        outer = Op()
-
-        def got(op: Op) -> None:
-            if op.error is not None:
-                outer.fail(op.error)
-            elif not op.value:
-                outer.resolve(None)
-            else:
-                data, stored_id = op.value
-                event = json.loads(m.numbered(room, seq, data.encode()))
-                cmid = event.get("cmid")
-                mine = isinstance(cmid, str) and stored_id == msg_id(owner, cmid)
-                outer.resolve(Stored(event, mine))
-
-        self.cluster.call([b"MSGGET", room.encode(), str(seq).encode()], list_value).then(got)
-        return outer
-
-    def search(self, query: Query, rooms: list[str], me: str | None, limit: int) -> Op:
-        from zmqchat._cluster.bridge import token
-
-        outer = Op()
-
-        def caught_up(_: Op) -> None:
-            texts, total = self.index.search(
-                search.expression(query), rooms, token(me) if me else None, limit
-            )
-            outer.resolve(Found(texts, total))
-
-        self.index.caught_up({room: self.acked.get(room, 0) for room in rooms}).then(caught_up)
-        return outer
 
 
 class ClusterRegistry:
