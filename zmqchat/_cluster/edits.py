@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("zmqchat.cluster")
 
 ERASE_PATIENCE: Final = 600.0  # seconds an erasure is tried again while the cluster is away
+STREAM_WAIT: Final = 10.0  # seconds a new stream may take to be known to the node we ask
 
 
 def verbs(bridge: Bridge) -> dict[bytes, Callable[[list[bytes]], Any]]:
@@ -99,16 +100,24 @@ async def follow_privates(bridge: Bridge) -> None:
             bridge.loop.call_soon(flush)
         pending.extend([str(msg.metadata.sequence.stream).encode(), msg.subject.encode(), msg.data])
 
-    await bridge.js.subscribe(
-        f"{bridge.ns}.priv.>",
-        stream=f"{bridge.ns}-privates",
-        cb=arrived,
-        ordered_consumer=True,
-        idle_heartbeat=IDLE_HEARTBEAT,
-        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
-        pending_msgs_limit=PENDING_MSGS,
-        pending_bytes_limit=1 << 30,
-    )
+    deadline = time.monotonic() + STREAM_WAIT
+    while True:
+        try:
+            await bridge.js.subscribe(
+                f"{bridge.ns}.priv.>",
+                stream=f"{bridge.ns}-privates",
+                cb=arrived,
+                ordered_consumer=True,
+                idle_heartbeat=IDLE_HEARTBEAT,
+                config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+                pending_msgs_limit=PENDING_MSGS,
+                pending_bytes_limit=1 << 30,
+            )
+            return
+        except nats.js.errors.NotFoundError:  # made just now: not known everywhere yet
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def seq_of(msg: Any) -> int:

@@ -12,9 +12,10 @@ newest matches come first at no cost. Private messages have an index of their ow
 as their rows.
 
 A removal overwrites the message, and any edit of it, with a `deleted` event: with
-`secure_delete` on (the writer sets it) SQLite zeroes what it frees. The index drops the
-words at once (no search finds them); the bytes of its older segments are rewritten when
-SQLite merges them.
+`secure_delete` on (the writer sets it) SQLite zeroes what it frees. No search finds its
+words from then on. The index itself is rewritten in place only with SQLite 3.44 or newer
+(FTS5's `secure-delete`, turned on when there); with an older SQLite the removed words stay
+in the index's older pages, unreadable by any search, until SQLite merges those pages.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def create(db: sqlite3.Connection) -> None:
     a database that had history but no index gets its history indexed now."""
     had = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'search_text'").fetchone()
     db.executescript(SCHEMA)
+    for table in ("search_text", "search_privates"):
+        try:  # SQLite 3.44+: a removal takes its words out of the index's pages at once
+            db.execute(f"INSERT INTO {table} ({table}, rank) VALUES ('secure-delete', 1)")
+        except sqlite3.OperationalError:  # older: they go when SQLite merges those pages
+            pass
     if not had and db.execute("SELECT 1 FROM events LIMIT 1").fetchone():
         db.executescript("BEGIN;" + _BACKFILL + "COMMIT;")
 
