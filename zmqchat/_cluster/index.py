@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
 from zmqchat._core import search
@@ -156,18 +156,21 @@ class ClusterIndex:
             db.execute("BEGIN")
             self.open = True
         top = self.indexed.get(room, 0)
+        said: list[tuple[Any, ...]] = []
         for raw in events:
             seq = seq_of(raw)
             if seq <= top:
                 continue
             top = seq
             if any(kind in raw for kind in _SEARCHED):
-                db.execute(
-                    "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
-                    (room, seq, ts_of(raw), "", None, raw.decode()),
-                )
+                said.append((room, seq, ts_of(raw), "", None, raw.decode()))
             elif any(kind in raw for kind in _CHANGING):
+                if said:  # what it changes may be among them
+                    messages.insert_events(db, said)
+                    said = []
                 changed |= self._change(room, seq, raw, live)
+        if said:
+            messages.insert_events(db, said)
         self.indexed[room] = top
         if changed:
             self.changed.setdefault(room, set()).update(changed)

@@ -87,6 +87,26 @@ def create(db: sqlite3.Connection) -> None:
         db.executescript("BEGIN;" + _BACKFILL + "COMMIT;")
 
 
+_STAGE: Final = """
+CREATE TEMP TABLE IF NOT EXISTS staged_events (
+    room TEXT, seq INTEGER, ts REAL, sender TEXT, cmid TEXT, data TEXT)"""
+_FROM_STAGE: Final = """
+INSERT OR IGNORE INTO events SELECT s.* FROM temp.staged_events s
+LEFT JOIN search_rooms r ON r.name = s.room ORDER BY coalesce(r.id, 9e18), s.room, s.seq"""
+
+
+def insert_events(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Add room events (room, seq, ts, sender, cmid, data), each once (a repeat is ignored),
+    in one statement, in the index's order. Not one insert each: the index (FTS5) writes
+    out what it holds at every statement of a table with triggers, and whenever a row
+    comes with a lower number than the one before (rooms interleave in the log), which
+    made indexing ten times as slow."""
+    db.execute(_STAGE)
+    db.executemany("INSERT INTO temp.staged_events VALUES (?,?,?,?,?,?)", rows)
+    db.execute(_FROM_STAGE)
+    db.execute("DELETE FROM temp.staged_events")
+
+
 def _dumps(event: dict[str, Any]) -> str:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 

@@ -172,7 +172,7 @@ def apply(db: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
             while j < len(ops) and ops[j][0] == kind == "event":
                 j += 1
             if kind == "event":
-                db.executemany(SQL[kind], (op[1:] for op in ops[i:j]))
+                messages.insert_events(db, [op[1:] for op in ops[i:j]])
             elif kind == "private" and len(ops[i]) == 6:  # logged before from_key was kept
                 db.execute(SQL[kind], (*ops[i][1:], None))
             elif kind in CHANGES:
