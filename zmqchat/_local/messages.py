@@ -78,11 +78,9 @@ def create(db: sqlite3.Connection) -> None:
     a database that had history but no index gets its history indexed now."""
     had = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'search_text'").fetchone()
     db.executescript(SCHEMA)
-    for table in ("search_text", "search_privates"):
-        try:  # SQLite 3.44+: a removal takes its words out of the index's pages at once
+    if sqlite3.sqlite_version_info >= (3, 44, 0):  # a removal's words leave the pages at once
+        for table in ("search_text", "search_privates"):  # (older: when they are merged)
             db.execute(f"INSERT INTO {table} ({table}, rank) VALUES ('secure-delete', 1)")
-        except sqlite3.OperationalError:  # older: they go when SQLite merges those pages
-            pass
     if not had and db.execute("SELECT 1 FROM events LIMIT 1").fetchone():
         db.executescript("BEGIN;" + _BACKFILL + "COMMIT;")
 
