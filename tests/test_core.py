@@ -98,7 +98,8 @@ class Conn:
     def send(self, kind: str, **body: Any) -> bytes:
         self.n += 1
         label = str(self.n).encode()
-        self.h.core.request(self.rid, m.encode_request(kind, label, body))
+        data = b"chunk" if kind == "PUT" else None  # a file chunk: its fourth frame
+        self.h.core.request(self.rid, m.encode_request(kind, label, body, data))
         self.h.flush()
         return label
 
@@ -300,6 +301,12 @@ VALID: dict[Kind, dict[str, Any]] = {
     Kind.KICK: {"room": "lobby", "nick": "bob"},
     Kind.BAN: {"room": "lobby", "nick": "bob"},
     Kind.UNBAN: {"room": "lobby", "nick": "bob"},
+    Kind.UPLOAD: {"room": "lobby", "id": "a" * 32, "name": "x", "size": 1, "sha256": "0" * 64},
+    Kind.PUT: {"upload": "b" * 32, "offset": 0},
+    Kind.GET: {"file": "0123abcd", "offset": 0},
+    Kind.FILES: {"room": "lobby"},
+    Kind.FILE: {"file": "0123abcd"},
+    Kind.RMFILE: {"file": "0123abcd"},
 }
 VALID.update(  # edits, removals and search (issue 23)
     {

@@ -202,20 +202,26 @@ def test_private_messages_reach_their_recipient_and_both_parties_history(state):
 
 def test_a_nick_is_held_by_one_session_and_taken_over_only_by_its_own(state):
     """A claimed nick is held; another session's claim fails with NICK_TAKEN (in any case);
-    the same client's new session takes it over; a release frees it."""
+    the same client's new session takes it over; a release frees it. (Reads answer from
+    what the broker holds: after a change, a catch-up makes it hold everything stored.)"""
     reg = state.registry
     first = ident("ann", "s1")
     state.settle(reg.claim(first, None))
+    state.settle(reg.catch_up())
     assert reg.holder(first.key).sid == "s1"
     with pytest.raises(ProtocolError) as err:
         state.settle(reg.claim(ident("ANN", "s2"), None))
+        state.settle(reg.catch_up())
     assert err.value.code is Code.NICK_TAKEN
     second = ident("ann", "s3")
     state.settle(reg.claim(second, first))
+    state.settle(reg.catch_up())
     assert reg.holder(first.key).sid == "s3"
-    state.settle(reg.release(first))  # the old session's release frees nothing
+    state.settle(reg.release(first))
+    state.settle(reg.catch_up())  # the old session's release frees nothing
     assert reg.holder(first.key).sid == "s3"
     state.settle(reg.release(second))
+    state.settle(reg.catch_up())
     assert reg.holder(first.key) is None
 
 
@@ -225,8 +231,11 @@ def test_a_rename_moves_the_nick_and_its_memberships(state):
     reg = state.registry
     ann = ident("ann", "s1")
     state.settle(reg.claim(ann, None))
+    state.settle(reg.catch_up())
     state.settle(reg.add_member("lobby", Member("ann", ann.key, "s1", "b1")))
+    state.settle(reg.catch_up())
     state.settle(reg.rename(ann, "anna", m.nick_key("anna")))
+    state.settle(reg.catch_up())
     assert reg.holder(m.nick_key("ann")) is None
     assert reg.holder(m.nick_key("anna")).sid == "s1"
     assert [mem.nick for mem in reg.members("lobby").values()] == ["anna"]
@@ -237,6 +246,7 @@ def test_a_member_is_removed_only_by_the_session_that_holds_it(state):
     there; without one, it removes whoever it is."""
     reg = state.registry
     state.settle(reg.add_member("work", Member("ann", "ann", "s1", "b1")))
+    state.settle(reg.catch_up())
     state.settle(reg.remove_member("work", "ann", "s-other"))
     state.settle(reg.catch_up())
     assert "ann" in reg.members("work")
@@ -273,6 +283,7 @@ def test_a_nick_is_bound_to_the_first_key(state):
     reg = state.registry
     assert reg.nick_owner("ann") is None
     state.settle(reg.bind_nick("ann", "KEY-A"))
+    state.settle(reg.catch_up())
     assert reg.nick_owner("ann") == "KEY-A"
 
 
@@ -281,9 +292,12 @@ def test_identities_list_every_held_session(state):
     reg = state.registry
     a, b = ident("ann", "s1"), ident("bob", "s2")
     state.settle(reg.claim(a, None))
+    state.settle(reg.catch_up())
     state.settle(reg.claim(b, None))
+    state.settle(reg.catch_up())
     assert {i.nick for i in reg.identities()} == {"ann", "bob"}
     state.settle(reg.release(a))
+    state.settle(reg.catch_up())
     assert {i.nick for i in reg.identities()} == {"bob"}
 
 

@@ -37,14 +37,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from zmqchat._client.library import ChatError, Client, Event
+from zmqchat._client.library import ChatError, Client, Event, Status
+from zmqchat.protocol import EventKind
 
 log = logging.getLogger("zmqchat.bot")
 
 MAX_HOPS = 3  # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
 MAX_THREADS = 16  # plain-def handlers running at once; more wait their turn
 NICK_WAIT = 30.0  # seconds a taken nick is retried at start: a previous run still holds it
-ROOM_KINDS = frozenset({"msg", "action", "join", "leave", "nick", "topic", "kick", "ban", "notice"})
+ROOM_KINDS = frozenset(EventKind) - {EventKind.PRIVATE}  # every room event
 
 Handler = Callable[..., Any]
 
@@ -213,7 +214,20 @@ class Context:
 
     @property
     def private(self) -> bool:
-        return self.event is not None and self.event.kind == "private"
+        """A private message, or a file offered to the bot alone."""
+        ev = self.event
+        return ev is not None and (
+            ev.kind == EventKind.PRIVATE or (ev.kind == EventKind.FILE and bool(ev.data.get("to")))
+        )
+
+    @property
+    def file(self) -> dict[str, Any]:
+        """A file offer's fields (on_file): file (its id), name, size, sha256, nick, ..."""
+        return dict(self.event.data) if self.event is not None else {}
+
+    async def download(self, folder: str = ".") -> str:
+        """Fetch the offered file (on_file) into folder; returns the path written."""
+        return await self.client.download(str(self.file.get("file", "")), folder)
 
     @property
     def joined(self) -> list[str]:
@@ -332,7 +346,7 @@ class _Handler:
     sees_commands: bool = False  # on_event: yes; on_message, on_private: no
 
     def match(self, ev: Event) -> re.Match | bool:
-        if self.kinds is None and ev.kind == "status":
+        if self.kinds is None and ev.kind == Status.KIND:
             return False
         if self.kinds is not None and ev.kind not in self.kinds:
             return False
@@ -529,6 +543,11 @@ class Bot:
         """A message was deleted (issue 23): `ctx.event.data["ref"]` is its seq, `ctx.nick`
         its sender, and `data["by"]` the operator who removed it, if it was not its sender."""
         return self._on(frozenset({"delete"}), fn, room=room)
+
+    def on_file(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None) -> Any:
+        """A file offered in a room the bot is in, or to the bot alone: `ctx.file` has its
+        name, size and id, `await ctx.download(folder)` fetches it."""
+        return self._on(frozenset({"file"}), fn, room=room)
 
     def on_event(self, *kinds: str | Handler, room: str | Iterable[str] | None = None) -> Any:
         """Every event of these kinds (all room and private events if none given; "status"
@@ -762,7 +781,7 @@ class Bot:
                 self._handled[ev.room] = max(self._handled.get(ev.room, 0), ev.seq)
 
     def _dispatch(self, ev: Event) -> None:
-        if ev.kind == "status":
+        if ev.kind == Status.KIND:
             log.info("%s", ev.text)
             for h in self.handlers:
                 if h.kinds is not None and "status" in h.kinds:
@@ -786,7 +805,9 @@ class Bot:
 
     def _own(self, ev: Event) -> bool:
         assert self.client is not None
-        return ev.mine or (ev.kind == "private" and ev.nick == self.client.nick)
+        return ev.mine or (
+            ev.kind in (EventKind.PRIVATE, EventKind.FILE) and ev.nick == self.client.nick
+        )
 
     def _hops_in(self, ev: Event) -> int:
         """How many bot replies led to this event: the `hops` field (a bot message without
@@ -795,7 +816,7 @@ class Bot:
         the larger of the two is taken."""
         wire = ev.data.get("hops")
         hops = wire if type(wire) is int and wire >= 0 else (1 if ev.bot else 0)
-        if ev.kind == "private":
+        if ev.kind == EventKind.PRIVATE:
             assert self.client is not None
             own = ev.mine or ev.nick == self.client.nick
             peer = str(ev.data.get("to") if own else ev.nick)
@@ -814,7 +835,7 @@ class Bot:
         name = name.strip().lower()
         cmd = self.commands.get(name)
         if cmd is None:
-            if name and ev.kind == "private" and self.commands:
+            if name and ev.kind == EventKind.PRIVATE and self.commands:
                 ctx = Context(self, ev, hops=hops)
                 hint = f"; try {self.prefix}help" if "help" in self.commands else ""
                 self._spawn(self._say_unknown(name, hint), ctx, "unknown")

@@ -6,9 +6,10 @@ The broker's loop and the state implementations read it; the core is given only 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
+from zmqchat._core.files_state import FileRules
 from zmqchat._core.rules import Rules
 
 DEFAULT_ROOMS: Final = ("lobby", "work", "support", "team")
@@ -37,6 +38,14 @@ class Config:
     replicas: int = 0  # copies of each stream in a cluster (0: up to 3)
     namespace: str = "zmqchat"  # prefix of our streams and buckets in NATS
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
+    files: FileRules = field(default_factory=FileRules)  # limits on files (issue 24)
+    files_dir: str | None = None  # file contents (default: DB-files beside the database)
+
+    def files_folder(self) -> str:
+        """Where this broker keeps file contents (in a cluster: its cache of them)."""
+        if self.files_dir:
+            return self.files_dir
+        return self.db + "-files" + (f"-{self.name}" if self.cluster_urls and self.name else "")
 
     def rules(self) -> Rules:
         """What the core enforces of these settings."""

@@ -30,16 +30,21 @@ import zmq
 
 from zmqchat import protocol as m
 from zmqchat._cli import edits
+from zmqchat._cli.errors import UsageError
+from zmqchat._cli.files import HELP as FILES_HELP
+from zmqchat._cli.files import FileCommands, Transfer, default_downloads
 from zmqchat._cli.render import Screen, escape, escape_lines
 from zmqchat._client.library import (
     Address,
     ChatError,
     Client,
+    Status,
     broker_addresses,
     curve_keys,
     show_address,
     split_addresses,
 )
+from zmqchat.protocol import EventKind
 
 DEFAULT_IP: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9001
@@ -49,7 +54,8 @@ QUIT_WAIT: Final = 2.0  # seconds /quit waits for unacknowledged messages before
 HISTORY: Final = 50  # events shown by /history without a number (as on joining)
 LEAVE_WORDS: Final = (".exit", "bye")
 
-HELP: Final = """\
+HELP: Final = (
+    """\
 commands:
   /rooms                every room, how many are in it (* = yours)
   /join ROOM            switch to another room
@@ -65,11 +71,15 @@ commands:
   /unban NICK           lift a ban (operators)
   /lock, /unlock        only operators may set the topic, or everyone (operators)
   /quit [REASON]        leave; so do .exit, bye, Ctrl+D and Ctrl+C
-  //TEXT                send a message that starts with /"""
+  //TEXT                send a message that starts with /
+"""
+    + FILES_HELP
+    + "\n"
+    + edits.HELP
+)
 
-
-class UsageError(Exception):
-    """A command typed wrong: answered locally, nothing is sent."""
+# Kinds of event that show their nick is here (completion offers it).
+PRESENT: Final = frozenset({EventKind.MSG, EventKind.ACTION, EventKind.JOIN, EventKind.PRIVATE})
 
 
 # ---------------------------------------------------------------------------- settings
@@ -135,6 +145,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="no_color",
         action="store_true",
         help="no colours (also when NO_COLOR is set)",
+    )
+    p.add_argument(
+        "--downloads",
+        metavar="DIR",
+        help="where /get saves files (default ~/Downloads if it exists, else the current folder)",
     )
     p.add_argument(
         "--server-key",
@@ -253,12 +268,22 @@ def connect(
 # ---------------------------------------------------------------------------- the session
 
 
-class Chat(edits.EditCommands):
+class Chat(FileCommands, edits.EditCommands):
     """One session's state and commands, shared by the terminal and the line front ends
-    (those that edit, answer and find messages: edits.py)."""
+    (the file commands: files.py; those that edit, answer and find messages: edits.py)."""
 
-    def __init__(self, client: Client, screen: Screen, room: str, *, leave_words: bool) -> None:
+    def __init__(
+        self,
+        client: Client,
+        screen: Screen,
+        room: str,
+        *,
+        leave_words: bool,
+        downloads: str | None = None,
+    ) -> None:
         self.client, self.screen, self.room = client, screen, room
+        self.downloads = downloads or default_downloads()
+        self.transfers: dict[asyncio.Task[Any], Transfer] = {}
         self.joining = ""  # the room a /join is entering (its reply not in yet)
         self.leave_words = leave_words
         self.nicks: set[str] = set()  # for tab completion
@@ -283,6 +308,10 @@ class Chat(edits.EditCommands):
             "lock": self.cmd_lock,
             "unlock": self.cmd_unlock,
             "quit": self.cmd_quit,
+            "send": self.cmd_send,
+            "files": self.cmd_files,
+            "get": self.cmd_get,
+            "rmfile": self.cmd_rmfile,
         }
         self.commands.update(self.edit_commands())
 
@@ -318,9 +347,9 @@ class Chat(edits.EditCommands):
     async def show_events(self) -> None:
         """Print every event as it comes, until the client is closed."""
         async for ev in self.client:
-            if ev.kind == "status" and ev.text == "closed":
+            if ev.kind == Status.KIND and ev.text == "closed":
                 continue
-            if ev.kind == "private" and not ev.mine and ev.data.get("to") == ev.nick:
+            if ev.kind == EventKind.PRIVATE and not ev.mine and ev.data.get("to") == ev.nick:
                 continue  # a note to self: the broker's copy of our own send is shown
             self.track(ev)
             hidden = not self.screen.json_mode and self.hidden(ev)
@@ -329,7 +358,7 @@ class Chat(edits.EditCommands):
                 quote = await self.quote(ev)
                 self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
             if (
-                ev.kind == "status"
+                ev.kind == Status.KIND
                 and ev.room
                 and ev.room == self.room
                 and ev.room not in self.client.rooms
@@ -354,11 +383,14 @@ class Chat(edits.EditCommands):
 
     def track(self, ev: Any) -> None:
         """Remember nicks seen, for completion."""
-        if ev.kind in ("msg", "action", "join", "private") and ev.nick:
+        if (
+            ev.kind in (EventKind.MSG, EventKind.ACTION, EventKind.JOIN, EventKind.PRIVATE)
+            and ev.nick
+        ):
             self.nicks.add(ev.nick)
-        elif ev.kind in ("leave", "kick", "ban"):
+        elif ev.kind in (EventKind.LEAVE, EventKind.KICK, EventKind.BAN):
             self.nicks.discard(ev.nick)
-        elif ev.kind == "nick":
+        elif ev.kind == EventKind.NICK:
             self.nicks.discard(ev.nick)
             self.nicks.add(str(ev.data.get("new", "")))
 
@@ -438,6 +470,10 @@ class Chat(edits.EditCommands):
     async def quit(self, reason: str | None, wait: float | None = QUIT_WAIT) -> None:
         """Leave cleanly: wait (up to `wait` s, None = as long as it takes) for acks, say BYE."""
         self.quitting = True
+        if wait is None:  # the end of a script's input: its transfers finish first
+            await asyncio.gather(*self.transfers, return_exceptions=True)
+        else:
+            self.cancel_transfers()
         if wait is not None:
             await self.acknowledged(wait)
         elif not await self.acknowledged(TIMEOUT):
@@ -455,7 +491,7 @@ class Chat(edits.EditCommands):
 
     # ------------------------------------------------------------------ commands
     async def cmd_help(self, arg: str) -> None:
-        self.screen.note(HELP + "\n" + edits.HELP, command="help")
+        self.screen.note(HELP, command="help")
 
     async def cmd_rooms(self, arg: str) -> None:
         rooms = await self.client.list_rooms()
@@ -653,7 +689,7 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     """Run the chat until the user leaves; returns the exit status."""
     colour = terminal and not args.no_color and not os.environ.get("NO_COLOR")
     screen = Screen(json_mode=args.json, colour=colour)
-    chat = Chat(client, screen, args.room, leave_words=not args.json)
+    chat = Chat(client, screen, args.room, leave_words=not args.json, downloads=args.downloads)
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGHUP):  # leave cleanly, as on Ctrl+C

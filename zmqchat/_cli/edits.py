@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
+from zmqchat._cli.errors import UsageError
 from zmqchat._cli.render import DIM, MENTION, clock, escape
 from zmqchat._client.library import ChatError, Client, Event
 
@@ -41,12 +42,6 @@ HELP: Final = """\
   /reply NICK TEXT      answer NICK's last message in this room
   /search [-a] WORDS    find messages here (-a: all your rooms and private messages);
                         deploy* finds words that start so, "build failed" a phrase"""
-
-
-def _usage(text: str) -> Exception:
-    from zmqchat._cli.chat import UsageError
-
-    return UsageError(text)
 
 
 def quote_of(nick: str, text: str) -> str:
@@ -160,7 +155,7 @@ class EditCommands:
     def _last_mine(self, verb: str) -> int:
         said = self.said.get(self.room)
         if not said:
-            raise _usage(
+            raise UsageError(
                 f"you have no message in {self.room} to {verb} "
                 "(only those sent from this client count)"
             )
@@ -177,8 +172,8 @@ class EditCommands:
             seq = self._last_mine("edit")
             text = self.said[self.room][seq]
             if not old or old not in text:
-                raise _usage(f"{old!r} is not in your last message" if old else "s/OLD/NEW/")
-        except Exception as err:  # a UsageError
+                raise UsageError(f"{old!r} is not in your last message" if old else "s/OLD/NEW/")
+        except UsageError as err:
             self.screen.error(f"usage: {err}", "USAGE")
             return True
         fixed = text.replace(old, new) if every else text.replace(old, new, 1)
@@ -195,12 +190,12 @@ class EditCommands:
 
     async def cmd_edit(self, arg: str) -> None:
         if not arg:
-            raise _usage("/edit TEXT   (replaces your last message in this room)")
+            raise UsageError("/edit TEXT   (replaces your last message in this room)")
         self._edit(self._last_mine("edit"), arg)
 
     async def cmd_delete(self, arg: str) -> None:
         if arg:
-            raise _usage("/delete   (deletes your last message in this room)")
+            raise UsageError("/delete   (deletes your last message in this room)")
         seq = self._last_mine("delete")
         await self.client.delete(self.room, seq)
         self.said[self.room].pop(seq, None)
@@ -208,7 +203,7 @@ class EditCommands:
     async def cmd_purge(self, arg: str) -> None:
         words = arg.split()
         if not 1 <= len(words) <= 2 or (len(words) == 2 and not words[1].isdigit()):
-            raise _usage("/purge NICK [N]   (removes NICK's last N messages; operators)")
+            raise UsageError("/purge NICK [N]   (removes NICK's last N messages; operators)")
         count = int(words[1]) if len(words) == 2 else 1
         removed = await self.client.purge(self.room, words[0], count)
         if not removed:
@@ -219,7 +214,7 @@ class EditCommands:
     async def cmd_reply(self, arg: str) -> None:
         nick, _, text = arg.partition(" ")
         if not nick or not text.strip():
-            raise _usage("/reply NICK TEXT")
+            raise UsageError("/reply NICK TEXT")
         seq = await self._last_by(nick)
         room = self.room
         self.send(lambda: self.client.reply(room, seq, text), text, room)
@@ -242,7 +237,7 @@ class EditCommands:
         everywhere = arg.startswith("-a ") or arg == "-a"
         words = arg[2:].strip() if everywhere else arg
         if not words:
-            raise _usage('/search [-a] WORDS   (deploy* for prefixes, "a phrase")')
+            raise UsageError('/search [-a] WORDS   (deploy* for prefixes, "a phrase")')
         found = await self.client.search(words, room=None if everywhere else self.room)
         where = "your rooms and private messages" if everywhere else self.room
         n = len(found.events)

@@ -56,7 +56,8 @@ MIN_REPLAY_TOKEN: Final = 16  # a shorter resume token proves too little for pri
 _OK: Final = b"OK"
 _SAY: Final = [b"SAY"]
 
-Result = dict[str, Any] | bytes | Generator[Op, Any, dict[str, Any] | bytes]
+LATER: Final = object()  # a handler's result: it sends its one reply itself, later (files)
+Result = dict[str, Any] | bytes | Generator[Op, Any, dict[str, Any] | bytes] | object
 Handler = Callable[[Session, m.Request], Result]
 
 
@@ -158,11 +159,13 @@ class CoreBase:
                 rid, label, ProtocolError(Code.INTERNAL, "the broker failed on this request")
             )
             return
+        if result is LATER:
+            return
         if isinstance(result, (dict, bytes)):
             self.outbox.append([rid, _OK, label, _dumps_with_raw(result)])
             if arrived:
                 self.ack_starts.append(arrived)
-        elif not self._step(rid, label, result, Op.ready(), arrived):
+        elif not self._step(rid, label, result, Op.ready(), arrived):  # type: ignore[arg-type]
             turn = self.turns.get(rid)  # it waits for the shared state
             if turn is None:
                 turn = self.turns[rid] = Turn()

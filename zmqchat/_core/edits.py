@@ -66,9 +66,9 @@ class Edits(Rooms):
         else:
             body["re"] = None  # stored already: the acks repeat their seqs
         result = super()._on_say(s, m.Request(req.kind, req.label, body))
-        if isinstance(result, (dict, bytes)):
-            return result
-        return (yield from result)
+        if isinstance(result, Generator):  # a cluster: answered once stored
+            result = yield from result
+        return cast(dict[str, Any] | bytes, result)
 
     def _on_edit(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         self._charge(s, 1)

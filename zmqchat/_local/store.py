@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, nick TEXT NOT NULL,
     PRIMARY KEY (room, nick)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, offer TEXT NOT NULL);
 """
 
 # What each record does to SQLite. A room event is ("event", room, seq, ts, sender, cmid,
@@ -78,6 +79,7 @@ SQL: Final = {
     "no_members": "DELETE FROM members",
     "nick": "INSERT OR IGNORE INTO nick_keys VALUES (?,?)",
     "room": "INSERT OR REPLACE INTO rooms VALUES (?,?)",
+    "file": "INSERT OR REPLACE INTO files VALUES (?,?)",  # a file offer (issue 24)
 }
 # Records that change earlier events too (issue 23): (kind, room, seq, ts, sender, data, ref).
 CHANGES: Final = {"edit": messages.apply_edit, "delete": messages.apply_delete}
@@ -644,6 +646,14 @@ class Store:
 
     def save_room(self, name: str, settings: str) -> None:
         self._lines.append(encode_record(("room", name, settings)))
+
+    # ---------------------------------------------------------------- file offers (issue 24)
+    def file_offers(self) -> list[str]:
+        """Every file offer as last saved (JSON texts)."""
+        return [offer for (offer,) in self.db.execute("SELECT offer FROM files")]
+
+    def save_file(self, fid: str, offer: str) -> None:
+        self._lines.append(encode_record(("file", fid, offer)))
 
     # ---------------------------------------------------------------- CURVE nick owners
     def nick_owner(self, nick_key: str) -> str | None:

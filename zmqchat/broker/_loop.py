@@ -20,10 +20,13 @@ import zmq
 import zmq.auth
 
 from zmqchat import protocol as m
+from zmqchat._blobs import DiskBlobs
 from zmqchat._config import Config
 from zmqchat._core.core import Core
+from zmqchat._core.files_state import FileIndex
 from zmqchat._core.session import Room
 from zmqchat._core.stats import Stats
+from zmqchat._local.files import LocalFiles
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
 from zmqchat._local.store import Store
 
@@ -68,6 +71,7 @@ class Broker:
         self.auth: ThreadAuthenticator | None = None
         self.curve = cfg.curve_key is not None
         self.store: Store | None = None
+        self.blobs: DiskBlobs | None = None
         self.cluster: Any = None
         self.metrics: Any = None
         if cfg.cluster_urls:
@@ -101,6 +105,7 @@ class Broker:
                 pub_port=self.pub_port,
                 motd=self.motd,
             )
+            self._attach_files()
             if self.cluster is not None:
                 self.cluster.attach(self.core)
             if cfg.metrics_port is not None:
@@ -110,6 +115,19 @@ class Broker:
         except BaseException:
             self._close_state()  # the history writer, the database lock, NATS go with it
             raise
+
+    def _attach_files(self) -> None:
+        """Files (issue 24): contents on disk (a cluster's cache of its Object Store)."""
+        folder = self.cfg.files_folder()
+        index: FileIndex
+        if self.cluster is not None:
+            from zmqchat._cluster.files import cluster_files
+
+            index, self.blobs = cluster_files(self.cluster, folder)
+        else:
+            assert self.store is not None
+            index, self.blobs = LocalFiles(self.store), DiskBlobs(folder)
+        self.core.attach_files(index, self.blobs, self.cfg.files)
 
     @property
     def rooms(self) -> dict[str, Room]:
@@ -210,6 +228,8 @@ class Broker:
             self._drain_requests()
         if self.cluster is not None:
             self.cluster.drain()
+        if self.blobs is not None:
+            self.blobs.drain()
         self._flush()
         if time.monotonic() >= self.next_sweep:
             self.core.sweep()
@@ -223,6 +243,8 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.xpub, zmq.POLLIN)
+        if self.blobs is not None:
+            poller.register(self.blobs.fd, zmq.POLLIN)  # disk work done: drained each pass
         while not self.stopping:
             ready = dict(poller.poll(100))
             self._pass(self.xpub in ready, self.router in ready)
@@ -234,6 +256,8 @@ class Broker:
         cluster, router, xpub = self.cluster, self.router, self.xpub
         loop = asyncio.get_running_loop()
         fds = [int(_get(sock, zmq.FD)) for sock in (router, xpub)]
+        if self.blobs is not None:
+            fds.append(self.blobs.fd)
         for fd in fds:
             loop.add_reader(fd, cluster.wake)
         try:
@@ -316,15 +340,18 @@ class Broker:
 
     def _send_replies(self, outbox: list[list[bytes]]) -> None:
         router = self.router
-        for rid, kind, label, body in outbox:
+        for frames in outbox:
+            rid = frames[0]
             try:  # the first frame decides: ROUTER_MANDATORY refuses a peer that is gone
                 _send(router, rid, _MORE)
             except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry
                 log.debug("reply to %s dropped: %s", rid.hex(), exc)
                 continue
-            _send(router, kind, _MORE)
-            _send(router, label, _MORE)
-            _send(router, body, _NOBLOCK)
+            _send(router, frames[1], _MORE)
+            _send(router, frames[2], _MORE)
+            if len(frames) == 5:  # a file chunk after the body (GET)
+                _send(router, frames[3], _MORE)
+            _send(router, frames[-1], _NOBLOCK)
 
     def _shutdown(self) -> None:
         self.core.shutdown()
@@ -340,6 +367,8 @@ class Broker:
         if self.metrics is not None:
             self.metrics.shutdown()
             self.metrics.server_close()
+        if self.blobs is not None:
+            self.blobs.close()
         if self.store is not None:
             self.store.close()
         if self.cluster is not None:

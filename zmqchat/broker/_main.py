@@ -12,6 +12,7 @@ import zmq.auth
 
 from zmqchat import protocol as m
 from zmqchat._config import DEFAULT_ROOMS, Config
+from zmqchat._core.files_state import FileRules
 from zmqchat._local.store import StoreError
 from zmqchat._ops import logs
 from zmqchat.broker._loop import Broker
@@ -23,6 +24,20 @@ def name_arg(text: str) -> str:
     if not text or not all(c.isascii() and (c.isalnum() or c in "-_") for c in text):
         raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '-' and '_'")
     return text
+
+
+def size_arg(text: str) -> int:
+    """A number of bytes: 1048576, 100M, 2G, 512K (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    scale = units.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if t[-1:] in units else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size, like 100M, 2G or 512K") from None
+    if not 0 <= n * scale <= m.MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r}: from 0 to 1T")
+    return int(n * scale)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +73,40 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         metavar="N",
         help="serve Prometheus metrics on http://HOST:N/metrics (off by default)",
+    )
+    f = p.add_argument_group("files (see README: Files)")
+    f.add_argument(
+        "--max-file-size",
+        type=size_arg,
+        default=FileRules.max_size,
+        metavar="SIZE",
+        help="largest file a client may send (default 100M)",
+    )
+    f.add_argument(
+        "--max-file-bytes-per-day",
+        type=size_arg,
+        default=FileRules.daily,
+        metavar="SIZE",
+        help="bytes one sender may send a day (default 2G)",
+    )
+    f.add_argument(
+        "--keep-free",
+        type=size_arg,
+        default=FileRules.keep_free,
+        metavar="SIZE",
+        help="free disk space that uploads never take (default 1G)",
+    )
+    f.add_argument(
+        "--upload-grace",
+        type=float,
+        default=FileRules.grace,
+        metavar="S",
+        help="seconds an unfinished upload is kept for a resume (default 600)",
+    )
+    f.add_argument(
+        "--files-dir",
+        metavar="DIR",
+        help="where file contents are kept (default: DB-files beside --db)",
     )
     c = p.add_argument_group("several brokers (see README: Several brokers)")
     c.add_argument(
@@ -125,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         replicas=a.replicas,
         namespace=a.namespace,
         metrics_port=a.metrics_port,
+        files=FileRules(a.max_file_size, a.max_file_bytes_per_day, a.keep_free, a.upload_grace),
+        files_dir=a.files_dir,
     )
     try:
         broker = Broker(cfg)
