@@ -34,9 +34,9 @@ CREATE TABLE IF NOT EXISTS search_rooms (id INTEGER PRIMARY KEY, name TEXT UNIQU
 CREATE TABLE IF NOT EXISTS edits (room TEXT NOT NULL, ref INTEGER NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (room, ref, seq)) WITHOUT ROWID;
 CREATE VIRTUAL TABLE IF NOT EXISTS search_text USING fts5(
-    text, content='', tokenize='unicode61 remove_diacritics 2');
+    text, content='', columnsize=0, tokenize='unicode61 remove_diacritics 2');
 CREATE VIRTUAL TABLE IF NOT EXISTS search_privates USING fts5(
-    text, content='', tokenize='unicode61 remove_diacritics 2');
+    text, content='', columnsize=0, tokenize='unicode61 remove_diacritics 2');
 CREATE TRIGGER IF NOT EXISTS search_added AFTER INSERT ON events
 WHEN json_extract(NEW.data, '$.kind') IN ('msg', 'action')
 BEGIN
@@ -201,13 +201,15 @@ def search(
         ids = db.execute(f"SELECT name, id FROM search_rooms WHERE name IN ({marks})", rooms)
         for name, rid in ids.fetchall():
             low, high = rid * ROOM_SPAN, (rid + 1) * ROOM_SPAN - 1
+            # every match of the room, newest first, in one pass: counting them in a query
+            # of its own would make SQLite merge a prefix's words twice
             found = db.execute(
                 "SELECT rowid FROM search_text WHERE search_text MATCH ? "
-                "AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
-                (expression, low, high, limit),
+                "AND rowid BETWEEN ? AND ? ORDER BY rowid DESC",
+                (expression, low, high),
             ).fetchall()
-            total += len(found) if len(found) < limit else _count_room(db, expression, low, high)
-            for (rowid,) in found:
+            total += len(found)
+            for (rowid,) in found[:limit]:
                 row = db.execute(
                     "SELECT ts, data FROM events WHERE room=? AND seq=?", (name, rowid - low)
                 ).fetchone()
@@ -231,12 +233,3 @@ def search(
         )
     hits.sort(key=lambda hit: hit[0], reverse=True)
     return [data for _, data in hits[:limit]], total
-
-
-def _count_room(db: sqlite3.Connection, expression: str, low: int, high: int) -> int:
-    return int(
-        db.execute(
-            "SELECT count(*) FROM search_text WHERE search_text MATCH ? AND rowid BETWEEN ? AND ?",
-            (expression, low, high),
-        ).fetchone()[0]
-    )
