@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zmqchat._local import messages  # noqa: E402
+from zmqchat import _index as messages  # noqa: E402
 
 messages.SCHEMA = messages.SCHEMA[: messages.SCHEMA.index("CREATE TRIGGER")]
 

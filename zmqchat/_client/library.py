@@ -415,6 +415,10 @@ class Client(Messages):
             for e in reply["events"]
         ]
 
+    def _from_wire(self, d: dict[str, Any], *, mine: bool, backlog: bool) -> Event:
+        """An Event from a reply's event (for the parts of Client in modules of their own)."""
+        return Event.from_wire(d, mine=mine, backlog=backlog)
+
     async def heard(self, room: str, seq: int, timeout: float | None = None) -> bool:
         """Wait until this client has delivered room's events up to seq (its own message
         echoed back, say): False if that takes longer than timeout or it left the room.

@@ -8,9 +8,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
 
-if TYPE_CHECKING:
-    from zmqchat._client.library import Event
-
 PURGE_PAGES: Final = 10  # history pages (of MAX_HISTORY events) purge() looks back through
 PURGE_MAX: Final = 100  # messages one purge() removes at most
 
@@ -23,7 +20,7 @@ class SearchResults:
 
     query: str
     room: str | None
-    events: list[Event] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)  # Events
     more: int = 0
 
 
@@ -44,7 +41,9 @@ class Messages:
             limit: int = ...,
             before: int | None = ...,
             after: int | None = ...,
-        ) -> list[Event]: ...
+        ) -> list[Any]: ...
+
+        def _from_wire(self, d: dict[str, Any], *, mine: bool, backlog: bool) -> Any: ...
 
         def _is_mine(self, ev: dict[str, Any]) -> bool: ...
 
@@ -68,20 +67,18 @@ class Messages:
         `re_nick`); returns its seq once stored, as say() does."""
         return await self.say(room, text, action=action, re=seq, **extra)
 
-    async def message(self, room: str, seq: int) -> Event | None:
-        """A room's event as stored now (edited, or a `deleted` event), or None."""
+    async def message(self, room: str, seq: int) -> Any:
+        """A room's Event as stored now (edited, or a `deleted` event), or None."""
         found = await self.history(room, after=seq - 1, limit=1)
         return found[0] if found and found[0].seq == seq else None
 
     async def search(self, query: str, room: str | None = None, limit: int = 20) -> SearchResults:
         """Messages that match query (words, `prefix*`, `"a phrase"`), newest first: in
         room, or (room None) in every room you are in and your private conversations."""
-        from zmqchat._client.library import Event
-
         reply = await self.request(m.Kind.SEARCH, {"query": query, "room": room, "limit": limit})
         me = m.nick_key(self.nick)
         events = [
-            Event.from_wire(
+            self._from_wire(
                 d,
                 mine=self._is_mine(d)
                 or (d.get("kind") == "private" and m.nick_key(str(d.get("nick", ""))) == me),

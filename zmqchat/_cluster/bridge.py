@@ -148,7 +148,7 @@ class Bridge:
             b"ROOM": self._room,
             b"FOLLOW": self._follow_cmd,
             b"SYNC": self._sync,
-            **edits.verbs(self),  # MSGGET, ERASE (issue 23)
+            **edits.verbs(self, EDITS),  # MSGGET, ERASE (issue 23)
         }
         self._spawn(self._expire_acks())
         try:
@@ -256,7 +256,7 @@ class Bridge:
             pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=1 << 30,
         )
-        await self._patiently(lambda: edits.follow_privates(self))  # for search (issue 23)
+        await self._patiently(lambda: edits.follow_privates(self, EDITS))  # search (issue 23)
 
     async def _patiently(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """A JetStream call made while starting: a cluster that has just started (or is
@@ -740,3 +740,6 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
         return "no answer in time"
     return str(exc) or type(exc).__name__
+
+
+EDITS: Final = edits.Means(stream_of, _why, IDLE_HEARTBEAT, PENDING_MSGS)  # issue 23

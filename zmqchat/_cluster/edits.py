@@ -21,16 +21,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import nats.js.errors
 from nats.js import api
 
 from zmqchat import protocol as m
-
-if TYPE_CHECKING:
-    from zmqchat._cluster.bridge import Bridge
 
 log = logging.getLogger("zmqchat.cluster")
 
@@ -38,37 +36,43 @@ ERASE_PATIENCE: Final = 600.0  # seconds an erasure is tried again while the clu
 STREAM_WAIT: Final = 10.0  # seconds a new stream may take to be known to the node we ask
 
 
-def verbs(bridge: Bridge) -> dict[bytes, Callable[[list[bytes]], Any]]:
-    """The bridge's verbs for edits and removals."""
+@dataclass(frozen=True)
+class Means:
+    """What these verbs use of the bridge's module (given, not imported: no cycle)."""
+
+    stream_of: Callable[[str, str], str]  # (namespace, room) -> the room's stream
+    why: Callable[[BaseException], str]  # an error as a reason
+    idle_heartbeat: float
+    pending_msgs: int
+
+
+def verbs(bridge: Any, means: Means) -> dict[bytes, Callable[[list[bytes]], Any]]:
+    """The bridge's verbs for edits and removals (`bridge`: the Bridge)."""
 
     async def msgget(frames: list[bytes]) -> None:
-        bridge._spawn(_msgget(bridge, frames[1], frames[2].decode(), int(frames[3])))
+        bridge._spawn(_msgget(bridge, means, frames[1], frames[2].decode(), int(frames[3])))
 
     async def erase(frames: list[bytes]) -> None:
-        bridge._spawn(_erase(bridge, frames[1].decode(), [int(f) for f in frames[2:]]))
+        stream = means.stream_of(bridge.ns, frames[1].decode())
+        bridge._spawn(_erase(bridge, stream, [int(f) for f in frames[2:]]))
 
     return {b"MSGGET": msgget, b"ERASE": erase}
 
 
-async def _msgget(bridge: Bridge, op: bytes, room: str, seq: int) -> None:
-    from zmqchat._cluster.bridge import _why, stream_of
-
+async def _msgget(bridge: Any, means: Means, op: bytes, room: str, seq: int) -> None:
     try:
-        raw = await bridge.js.get_msg(stream_of(bridge.ns, room), seq)
+        raw = await bridge.js.get_msg(means.stream_of(bridge.ns, room), seq)
     except nats.js.errors.NotFoundError:
         bridge._send([b"DONE", op, b"list"])
         return
     except Exception as exc:  # noqa: BLE001 - always answer
-        bridge._fail(op, "UNAVAILABLE", f"the message was not read: {_why(exc)}")
+        bridge._fail(op, "UNAVAILABLE", f"the message was not read: {means.why(exc)}")
         return
     msgid = (raw.headers or {}).get("Nats-Msg-Id", "")
     bridge._send([b"DONE", op, b"list", raw.data or b"", msgid.encode()])
 
 
-async def _erase(bridge: Bridge, room: str, seqs: list[int]) -> None:
-    from zmqchat._cluster.bridge import stream_of
-
-    stream = stream_of(bridge.ns, room)
+async def _erase(bridge: Any, stream: str, seqs: list[int]) -> None:
     deadline = time.monotonic() + ERASE_PATIENCE
     for seq in seqs:
         while True:
@@ -79,15 +83,13 @@ async def _erase(bridge: Bridge, room: str, seqs: list[int]) -> None:
                 break
             except Exception as exc:  # noqa: BLE001 - the cluster is away: again soon
                 if time.monotonic() > deadline or bridge.closing:
-                    log.error("%s: message %d not erased: %s", room, seq, exc)
+                    log.error("%s: message %d not erased: %s", stream, seq, exc)
                     break
                 await asyncio.sleep(1.0)
 
 
-async def follow_privates(bridge: Bridge) -> None:
+async def follow_privates(bridge: Any, means: Means) -> None:
     """Every private message, from the first, to the broker's search index (PRIVS)."""
-    from zmqchat._cluster.bridge import IDLE_HEARTBEAT, PENDING_MSGS
-
     pending: list[bytes] = []
 
     def flush() -> None:
@@ -108,9 +110,9 @@ async def follow_privates(bridge: Bridge) -> None:
                 stream=f"{bridge.ns}-privates",
                 cb=arrived,
                 ordered_consumer=True,
-                idle_heartbeat=IDLE_HEARTBEAT,
+                idle_heartbeat=means.idle_heartbeat,
                 config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
-                pending_msgs_limit=PENDING_MSGS,
+                pending_msgs_limit=means.pending_msgs,
                 pending_bytes_limit=1 << 30,
             )
             return

@@ -2,7 +2,7 @@
 
 Each broker keeps one, in an SQLite file of its own (a temporary directory, gone when it
 stops): the same tables, triggers and full-text index as the single broker's history
-(_local/store.py, _local/messages.py), holding each room's messages as they read now, fed
+(_local/store.py, zmqchat/_index.py), holding each room's messages as they read now, fed
 by the room streams this broker follows and by the private-message stream. It is rebuilt on
 start: each room's stream is read from its first message up to where the broker's
 subscription begins (arrivals wait meanwhile, then follow), the private messages from the
@@ -31,16 +31,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from zmqchat import _index as messages
 from zmqchat import protocol as m
 from zmqchat._core import search
 from zmqchat._core.edits_state import Found, Stored
 from zmqchat._core.search import Query
 from zmqchat._core.state import Op
-from zmqchat._local import messages
-from zmqchat._local.store import SCHEMA
-
-if TYPE_CHECKING:
-    from zmqchat._cluster.state import Cluster
 
 log = logging.getLogger("zmqchat.cluster")
 
@@ -86,7 +82,7 @@ class ClusterIndex:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=OFF")  # rebuilt at every start: nothing to keep
         self.db.execute("PRAGMA secure_delete=ON")
-        self.db.executescript(SCHEMA)
+        self.db.executescript(messages.MIRROR)
         messages.create(self.db)
         self.indexed: dict[str, int] = {}  # room -> the highest seq applied
         self.rebuilding: dict[str, list[tuple[int, list[bytes]]]] = {}  # arrivals waiting
@@ -317,8 +313,10 @@ class LogEdits:
     """The cluster room log's part for edits, removals and search (core/edits_state.py's
     MessageLog): a part of ClusterLog (state.py), which holds the index."""
 
+    msg_id: Callable[[str, str], str]  # how the room log names a client's message (state.py)
+
     if TYPE_CHECKING:  # what it uses of ClusterLog
-        cluster: Cluster
+        cluster: Any  # the Cluster
         index: ClusterIndex
         acked: dict[str, int]
         cache: dict[str, deque[bytes]]
@@ -357,10 +355,8 @@ class LogEdits:
         return outer
 
     def _index_read(self, room: str, after: int, last: int) -> Op:
-        from zmqchat._cluster.state import list_value
-
         q = {"after": after, "before": None, "since": None, "limit": REBUILD_BATCH, "last": last}
-        return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], list_value)
+        return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], _texts)
 
     def _erase(self, room: str, seqs: list[int]) -> None:
         self.cluster.tell([b"ERASE", room.encode(), *(str(s).encode() for s in seqs)])
@@ -377,8 +373,6 @@ class LogEdits:
                 cache[seq - first] = now if now is not None else m.tombstone(room, seq, 0.0)
 
     def message(self, room: str, seq: int, owner: str) -> Op:
-        from zmqchat._cluster.state import list_value, msg_id
-
         if self.index.removed(room, seq):
             return Op.ready(None)
         outer = Op()
@@ -392,10 +386,10 @@ class LogEdits:
                 data, stored_id = op.value
                 event = json.loads(m.numbered(room, seq, data.encode()))
                 cmid = event.get("cmid")
-                mine = isinstance(cmid, str) and stored_id == msg_id(owner, cmid)
+                mine = isinstance(cmid, str) and stored_id == self.msg_id(owner, cmid)
                 outer.resolve(Stored(event, mine))
 
-        self.cluster.call([b"MSGGET", room.encode(), str(seq).encode()], list_value).then(got)
+        self.cluster.call([b"MSGGET", room.encode(), str(seq).encode()], _texts).then(got)
         return outer
 
     def search(self, query: Query, rooms: list[str], me: str | None, limit: int) -> Op:
@@ -411,3 +405,8 @@ class LogEdits:
 
         self.index.caught_up({room: self.acked.get(room, 0) for room in rooms}).then(caught_up)
         return outer
+
+
+def _texts(frames: list[bytes]) -> list[str]:
+    """A bridge's list answer (DONE op list text...) as texts."""
+    return [f.decode() for f in frames[1:]]

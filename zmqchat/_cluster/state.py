@@ -358,6 +358,8 @@ class ClusterLog(LogEdits):
     """Rooms' events in their streams; the latest of each kept here for reads (edits,
     removals and search: index.py)."""
 
+    msg_id = staticmethod(msg_id)
+
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.delivered: dict[str, int] = {}

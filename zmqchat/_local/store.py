@@ -33,7 +33,7 @@ from typing import Any, Final
 if __name__ == "__main__" and not __package__:  # the writer, run as `python .../store.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from zmqchat._local import messages  # noqa: E402 - edits, removals, the full-text index
+from zmqchat import _index as messages  # noqa: E402 - edits, removals, the full-text index
 
 log = logging.getLogger("zmqchat.store")
 

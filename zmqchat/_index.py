@@ -1,4 +1,6 @@
-"""Edits, removals and the full-text index of a history database (issue 23).
+"""Edits, removals and the full-text index of a history database (issue 23): used by the
+one broker's history writer (_local/store.py) and by each cluster broker's own index
+(_cluster/index.py), so both apply them alike.
 
 The index is SQLite FTS5, kept in step with the `events` and `privates` tables by triggers:
 a room message (kind msg or action) is indexed as it is inserted, and whenever its stored
@@ -28,6 +30,16 @@ from zmqchat import protocol as m
 
 ROOM_SPAN: Final = 1 << 40  # index row numbers per room: more than any room's seqs
 SEARCHED: Final = ("msg", "action")  # the kinds a search finds (and an edit may change)
+
+# The tables a cluster broker's index keeps (the same columns as the history's, store.py).
+MIRROR: Final = """
+CREATE TABLE IF NOT EXISTS events (
+    room TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, sender TEXT NOT NULL,
+    cmid TEXT, data TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS privates (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
+    cmid TEXT, data TEXT NOT NULL, from_key TEXT);
+"""
 
 SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS search_rooms (id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);
