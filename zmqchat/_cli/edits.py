@@ -34,14 +34,22 @@ QUOTE_WORDS: Final = 6  # words of a quoted message shown with a reply
 QUOTE_CHARS: Final = 40  # ... and at most this many characters of them
 SUBSTITUTE: Final = re.compile(r"s/((?:\\.|[^\\/])*)/((?:\\.|[^\\/])*)/(g?)\s*")
 MESSAGE_KINDS: Final = ("msg", "action")
-HELP: Final = """\
-  s/OLD/NEW/            fix your last message in this room (s/OLD/NEW/g: every OLD)
-  /edit TEXT            replace your last message in this room
-  /delete               delete your last message in this room
-  /purge NICK [N]       remove NICK's last N messages (operators)
-  /reply NICK TEXT      answer NICK's last message in this room
-  /search [-a] WORDS    find messages here (-a: all your rooms and private messages);
-                        deploy* finds words that start so, "build failed" a phrase"""
+# Rows of the chat's commands (chat.py: /help and the README's table are made from them).
+COMMANDS: Final = (
+    (
+        "s/OLD/NEW/",
+        "fix your last message in the room: its first OLD becomes NEW (`s/OLD/NEW/g`: every one)",
+    ),
+    ("/edit TEXT", "replace your last message in the room; everyone sees it `(edited)`"),
+    ("/delete", "delete your last message in the room: its text is gone, not hidden"),
+    ("/purge NICK [N]", "remove NICK's last N messages in the room, default 1 (operators)"),
+    ("/reply NICK TEXT", "answer NICK's last message in the room (shown with a short quote of it)"),
+    (
+        "/search [-a] WORDS",
+        "find messages in the room (`-a`: in all your rooms and private messages); "
+        '`deploy*` finds words that start so, `"build failed"` a phrase',
+    ),
+)
 
 
 def quote_of(nick: str, text: str) -> str:
