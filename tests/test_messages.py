@@ -96,6 +96,7 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "room": "dev",
             "relay": None,
             "hops": None,
+            "re": None,
             "msgs": [
                 {"id": "c1", "text": "héllo ✓", "action": False},
                 {"id": "c2", "text": "waves", "action": True},
@@ -177,6 +178,20 @@ ROUND_TRIPS.update(  # accounts (issue 21)
             {"room": "dev", "seq": 7, "with": None, "ts": None},
         ),
         Kind.UNREAD: ({}, {"room": None, "after": None}),
+    }
+)
+# Edits, removals, replies and search (issue 23)
+ROUND_TRIPS.update(
+    {
+        Kind.EDIT: (
+            {"room": "dev", "seq": 7, "text": "fixed"},
+            {"room": "dev", "seq": 7, "text": "fixed"},
+        ),
+        Kind.DELETE: ({"room": "dev", "seq": 7}, {"room": "dev", "seq": 7}),
+        Kind.SEARCH: (
+            {"query": 'deploy* "build failed"', "limit": 500},
+            {"query": 'deploy* "build failed"', "room": None, "limit": 100},
+        ),
     }
 )
 

@@ -34,6 +34,7 @@ import zmq
 
 from zmqchat import _passwords as passwords
 from zmqchat import protocol as m
+from zmqchat._cli import edits
 from zmqchat._cli.catchup import Reading, account_commands
 from zmqchat._cli.errors import UsageError
 from zmqchat._cli.files import COMMANDS as FILE_COMMANDS
@@ -87,6 +88,7 @@ COMMANDS: Final = (
     ("/leave [ROOM]", "an account: leave this room (or ROOM) for good"),
     ("/more", "an account: the next 500 unread events of this room, past the first 500"),
     *FILE_COMMANDS,
+    *edits.COMMANDS,
     ("/help", "this list"),
     (
         "/quit [REASON]",
@@ -360,8 +362,9 @@ def connect(
 # ---------------------------------------------------------------------------- the session
 
 
-class Chat(FileCommands):
-    """One session's state and commands, shared by the terminal and the line front ends."""
+class Chat(FileCommands, edits.EditCommands):
+    """One session's state and commands, shared by the terminal and the line front ends
+    (the file commands: files.py; those that edit, answer and find messages: edits.py)."""
 
     def __init__(
         self,
@@ -405,6 +408,7 @@ class Chat(FileCommands):
             "rmfile": self.cmd_rmfile,
             **account_commands(self),  # register, password, more, leave (catchup.py)
         }
+        self.commands.update(self.edit_commands())
         # an account reads one of its rooms and counts the others'
         self.reading: Reading | None = Reading(client) if client.account else None
         # how a secret is asked for here: set by the front end (no echo on a terminal)
@@ -462,7 +466,11 @@ class Chat(FileCommands):
             if self.reading is not None and not self.reading.take(ev, self.room):
                 continue  # another room's: counted (or one shown already)
             self.track(ev)
-            self.screen.event(ev, me=self.client.nick, room=self.room)
+            hidden = not self.screen.json_mode and self.hidden(ev)
+            self.remember(ev)
+            if not hidden:
+                quote = await self.quote(ev)
+                self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
             if (
                 ev.kind == Status.KIND
                 and ev.room
@@ -532,6 +540,8 @@ class Chat(FileCommands):
             except (KeyError, TypeError, ValueError) as err:  # a reply we did not expect
                 self.screen.error(f"/{name} failed: {err!r}", "INTERNAL")
             return
+        if line.startswith("s/") and self.substitution(line):  # s/old/new/: a fix
+            return
         text = line[1:] if line.startswith("//") else line
         if not self.room:
             self.screen.error(
@@ -557,6 +567,7 @@ class Chat(FileCommands):
             seq = await sending
             if room and isinstance(seq, int):  # its echo is what shows it was said
                 self.echoes[room] = max(seq, self.echoes.get(room, 0))
+                self.sent(room, seq, text)  # ours to edit
         except ChatError as err:
             short = text if len(text) <= 30 else text[:29] + "…"
             self.screen.error(f'not sent ("{short}"): {err.reason}', err.code)
@@ -714,8 +725,12 @@ class Chat(FileCommands):
             else f"no history in {self.room}",
             command="history",
         )
+        listed = {int(ev.seq or 0) for ev in events if ev.kind in edits.MESSAGE_KINDS}
         for ev in events:
-            self.screen.event(ev, me=self.client.nick, room=self.room)
+            self.remember(ev)
+            if self.screen.json_mode or not self.hidden(ev, listed):
+                quote = await self.quote(ev)
+                self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
 
     async def cmd_kick(self, arg: str) -> None:
         nick, _, reason = arg.partition(" ")

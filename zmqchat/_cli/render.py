@@ -32,10 +32,12 @@ DIM: Final = "2"
 BOLD: Final = "1"
 MENTION: Final = "30;43"  # black on yellow
 ERROR: Final = "31"
-SPOKEN: Final = frozenset({EventKind.MSG, EventKind.ACTION, EventKind.PRIVATE})  # may mention
+SPOKEN: Final = frozenset(  # may mention someone
+    {EventKind.MSG, EventKind.ACTION, EventKind.PRIVATE, EventKind.EDIT}
+)
 NOTICE_KINDS: Final = frozenset(
     {EventKind.JOIN, EventKind.LEAVE, EventKind.NICK, EventKind.TOPIC}
-    | {EventKind.KICK, EventKind.BAN, EventKind.NOTICE}
+    | {EventKind.KICK, EventKind.BAN, EventKind.NOTICE, EventKind.DELETE}
 )
 
 
@@ -67,11 +69,13 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M", when)
 
 
-def event_json(ev: Event, me: str = "") -> str:
-    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog,
-    and `mention` when it names `me`)."""
+def event_json(ev: Event, quote: str | None = None, me: str = "") -> str:
+    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog;
+    for a reply, `quote`: what it answers, as shown; `mention` when it names `me`)."""
     data: dict[str, Any] = dict(ev.data)
-    if me and not ev.mine and ev.kind in ("msg", "action", "private") and mentions(ev.text, me):
+    if quote is not None:
+        data["quote"] = quote
+    if me and not ev.mine and ev.kind in SPOKEN and mentions(ev.text, me):
         data["mention"] = True
     data.update(
         kind=ev.kind,
@@ -103,8 +107,9 @@ class Render:
     def paint(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.colour and code else text
 
-    def event(self, ev: Event, *, me: str, room: str | None) -> str:
-        """One line for one event; `me` is our nick (mentions), `room` the current room."""
+    def event(self, ev: Event, *, me: str, room: str | None, quote: str | None = None) -> str:
+        """One line for one event; `me` is our nick (mentions), `room` the current room,
+        `quote` what a reply answers."""
         # a dimmed line keeps no inner colours: a reset would end the dim; what an account
         # had not read yet (caught up with on entering a room) is not dimmed
         dimmed = ev.backlog and not ev.data.get("unread")
@@ -116,6 +121,10 @@ class Render:
         text = escape(ev.text)
         if not dimmed and not ev.mine and ev.kind in SPOKEN and mentions(ev.text, me):
             text = self.paint(text, MENTION)
+        if ev.kind == EventKind.EDIT or ev.data.get("edited"):  # a fixed message (issue 23)
+            text += " (edited)"
+        if quote is not None:  # what a reply answers (issue 23)
+            text = f"[re {escape(quote)}] {text}"
         body = self.body(ev, nick, text)
         if ev.bot:
             body = "[bot] " + body
@@ -135,7 +144,7 @@ class Render:
     def body(ev: Event, nick: str, text: str) -> str:
         """What the event says, with its nick and text as they are to be shown."""
         kind = ev.kind
-        if kind == EventKind.MSG:
+        if kind in (EventKind.MSG, EventKind.EDIT):
             return f"<{nick}> {text}"
         if kind == EventKind.ACTION:
             return f"* {nick} {text}"
@@ -179,9 +188,11 @@ class Screen:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
 
-    def event(self, ev: Event, *, me: str, room: str | None) -> None:
+    def event(self, ev: Event, *, me: str, room: str | None, quote: str | None = None) -> None:
         self.write(
-            event_json(ev, me) if self.json_mode else self.render.event(ev, me=me, room=room)
+            event_json(ev, quote, me)
+            if self.json_mode
+            else self.render.event(ev, me=me, room=room, quote=quote)
         )
 
     def note(self, text: str, kind: str = "info", **data: Any) -> None:

@@ -39,6 +39,7 @@ from zmqchat import protocol as m
 from zmqchat._client import files
 from zmqchat._client.accounts import AccountClient, AccountState
 from zmqchat._client.errors import ChatError, Progress
+from zmqchat._client.messages import Messages
 from zmqchat._client.ordering import Fetch, RoomOrder
 
 log = logging.getLogger("zmqchat.client")
@@ -154,9 +155,10 @@ def _split(batch: bytes) -> list[msgspec.Raw]:
 class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     """Something that happened: a room event, a private message, or a connection status.
 
-    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
-    private, status (local: "connection lost, reconnecting...", "reconnected", ...), or
-    unread (local, for an account: what waits in a room or from a person; see accounts.py).
+    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice, edit, delete,
+    deleted (room events), private, status (local: "connection lost, reconnecting...",
+    "reconnected", ...), or unread (local, for an account: what waits in a room or from a
+    person; see accounts.py).
     `data` is every field of the event as the broker sent it (a dict, made on first use).
     """
 
@@ -262,8 +264,9 @@ class _Send:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Client(AccountClient):
-    """A connection to the broker: commands, room events, acknowledged sends, reconnects.
+class Client(AccountClient, Messages):
+    """A connection to the broker: commands, room events, acknowledged sends, reconnects;
+    edits, removals, replies and search (messages.py).
 
     `host` may name several brokers ("h1:9001,h2", or a list): the first is tried first; when
     one does not answer, or the connection to it is lost, the next one in turn is tried.
@@ -463,6 +466,10 @@ class Client(AccountClient):
             )
             for e in reply["events"]
         ]
+
+    def _from_wire(self, d: dict[str, Any], *, mine: bool, backlog: bool) -> Event:
+        """An Event from a reply's event (for the parts of Client in modules of their own)."""
+        return Event.from_wire(d, mine=mine, backlog=backlog)
 
     async def heard(self, room: str, seq: int, timeout: float | None = None) -> bool:
         """Wait until this client has delivered room's events up to seq (its own message
