@@ -85,6 +85,17 @@ async def events_until(c: Client, done, timeout: float = 5.0) -> list:
     return got
 
 
+async def settled(broker, room: str, seq: int) -> None:
+    """Every broker has published `room` up to `seq`: a cluster's other broker hears what
+    was stored through one a moment later (an account counting its unread there would
+    count what that broker has heard)."""
+    for b in getattr(broker, "brokers", [broker]):
+        c = Client("127.0.0.1", b.port, "settler", rooms=[room], backlog=0, timeout=5.0)
+        await c.connect()
+        assert await c.heard(room, seq, 5), f"{room} not at {seq} on a broker"
+        await c.close()
+
+
 async def refused(c: Client) -> ChatError:
     with pytest.raises(ChatError) as info:
         await c.connect()
@@ -233,9 +244,11 @@ def test_after_a_login_what_is_unread_is_said_then_shown_in_order(broker):
         await bob.say("work", "morning")
         await bob.say("work", "FAY: the build is red")
         await bob.say("work", "fixed it, thanks fay")
-        await bob.say("work", "fayette is a town, not a mention")
+        work = await bob.say("work", "fayette is a town, not a mention")
         last = await bob.say("support", "a ticket")
         await bob.msg("fay", "lunch?")
+        await settled(broker, "work", work)
+        await settled(broker, "support", last)
         fay = client(broker, "fay", password=PW, rooms=["work"])
         await fay.connect()
         got = await events_until(
@@ -273,7 +286,8 @@ def test_past_500_unread_the_rest_is_told_and_fetched(broker):
         await bo5.connect()
         for start in range(0, 520, 100):
             sends = (bo5.say("work", f"n{i}") for i in range(start, min(start + 100, 520)))
-            await asyncio.gather(*sends)
+            seqs = await asyncio.gather(*sends)
+        await settled(broker, "work", max(seqs))
         gil = client(broker, "gil", password=PW, rooms=["work"])
         await gil.connect()
         got = await events_until(gil, lambda got: any(e.data.get("more") for e in got))
@@ -307,6 +321,7 @@ def test_an_accounts_rooms_and_marks_outlast_its_sessions(broker):
         await ted.connect()
         seqs = [await ted.say("team", f"t{i}") for i in range(4)]
         assert await hal.heard("team", seqs[-1], 5)
+        await settled(broker, "team", seqs[-1])
         hal.mark("team", seqs[1])  # read up to t1
         await hal.send_marks()
         await hal.close()

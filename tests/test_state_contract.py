@@ -373,9 +373,9 @@ def test_an_accounts_rooms_and_marks_are_kept(state):
 
 def test_failed_logins_are_counted_by_account_and_address(state):
     """Failed logins count for their account and address only, from the time asked."""
-    state.accounts.failed("dee", "10.0.0.1", 100.0)
-    state.accounts.failed("dee", "10.0.0.1", 130.0)
-    state.accounts.failed("dee", "10.0.0.2", 130.0)
+    state.settle(state.accounts.failed("dee", "10.0.0.1", 100.0))
+    state.settle(state.accounts.failed("dee", "10.0.0.1", 130.0))
+    state.settle(state.accounts.failed("dee", "10.0.0.2", 130.0))
     assert sorted(state.accounts.failures("dee", "10.0.0.1", 90.0)) == [100.0, 130.0]
     assert state.accounts.failures("dee", "10.0.0.1", 120.0) == [130.0]
     assert state.accounts.failures("eve", "10.0.0.1", 0.0) == []

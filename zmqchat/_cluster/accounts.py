@@ -164,11 +164,11 @@ class ClusterAccounts:
     def failures(self, key: str, address: str, since: float) -> list[float]:
         return [at for at in self.logins.get((key, hexkey(address) or "-"), ()) if at >= since]
 
-    def failed(self, key: str, address: str, at: float) -> None:
+    def failed(self, key: str, address: str, at: float) -> Op:
         where = (key, hexkey(address) or "-")
         recent = [t for t in self.logins.get(where, ()) if t >= at - FAILURES_KEPT] + [at]
         self.logins[where] = recent
-        self._kv("put", "logins", f"{hexkey(key)}.{where[1]}", recent)
+        return self._kv("put", "logins", f"{hexkey(key)}.{where[1]}", recent)
 
     # ---------------------------------------------------------------- private messages
     def privates_to(self, owner: str, since: float, limit: int) -> Op:

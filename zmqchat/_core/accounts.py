@@ -105,9 +105,10 @@ class Accounts(Sessions, Rooms, Moderation):
                 retry_after=round(wait, 3),
             )
 
-    def _verify(self, rid: bytes, proof: str) -> tuple[Account, str]:
+    def _verify(self, rid: bytes, proof: str) -> Generator[Op, Any, tuple[Account, str]]:
         """The login under way on this connection, completed by the client's proof: its
-        account and the broker's final SCRAM message; AUTH_FAILED (counted) if wrong."""
+        account and the broker's final SCRAM message; AUTH_FAILED if wrong, once the failure
+        is counted where every broker sees it (the client's next try may go to another)."""
         pending = self.auths.pop(rid, None)
         if pending is None or pending.expires < self.clock.monotonic():
             raise ProtocolError(
@@ -117,13 +118,20 @@ class Accounts(Sessions, Rooms, Moderation):
         self._check_failures(account, pending.address)
         try:
             final = pending.verifier.finish(proof)
-        except ScramError:
-            self.accounts.failed(account.key, pending.address, self.clock.time())
-            log_event(log, "login-failed", account=account.name, address=pending.address)
-            raise ProtocolError(Code.AUTH_FAILED, f"wrong password for {account.name}") from None
-        return account, final
+        except ScramError:  # a wrong password (or a garbled proof)
+            pass
+        else:
+            return account, final
+        log_event(log, "login-failed", account=account.name, address=pending.address)
+        try:
+            yield self.accounts.failed(account.key, pending.address, self.clock.time())
+        except ProtocolError:  # not stored (a cluster out of reach): counted here only
+            pass
+        raise ProtocolError(Code.AUTH_FAILED, f"wrong password for {account.name}")
 
-    def _login(self, rid: bytes, nick: str, key: str, body: dict[str, Any]) -> tuple[str, Any]:
+    def _login(
+        self, rid: bytes, nick: str, key: str, body: dict[str, Any]
+    ) -> Generator[Op, Any, tuple[str, Any]]:
         welcome: dict[str, Any] = {"scram_iterations": self.rules.scram_iterations}
         if body["proof"] is None:
             if self.accounts.account(key) is not None:
@@ -136,7 +144,7 @@ class Accounts(Sessions, Rooms, Moderation):
                     "this broker admits registered accounts only: ask its operator for one",
                 )
             return "", welcome
-        account, final = self._verify(rid, body["proof"])
+        account, final = yield from self._verify(rid, body["proof"])
         if key != account.key and self.accounts.account(key) is not None:
             raise ProtocolError(Code.NICK_TAKEN, f"the nickname {nick} is another account")
         return account.key, {**welcome, "account": account.name, "verify": final}
@@ -213,7 +221,7 @@ class Accounts(Sessions, Rooms, Moderation):
         if account is None:
             raise ProtocolError(Code.NOT_ALLOWED, "you are not logged in to an account")
         keys = self._keys(req.body)
-        proved, _ = self._verify(s.rid, req.body["proof"])  # the old password, once more
+        proved, _ = yield from self._verify(s.rid, req.body["proof"])  # the old one, again
         if proved.key != account.key:
             raise ProtocolError(Code.AUTH_FAILED, "that login was for another account")
         changed = dataclasses.replace(account, keys=keys)

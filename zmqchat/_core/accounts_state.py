@@ -79,8 +79,8 @@ class AccountStore(Protocol):
         """When the failed logins to account `key` from `address` at or after `since`
         were (UTC seconds)."""
 
-    def failed(self, key: str, address: str, at: float) -> None:
-        """Count a failed login (kept for a minute or so; nobody waits for it)."""
+    def failed(self, key: str, address: str, at: float) -> Op:
+        """Count a failed login (kept for a minute or so); done once every broker sees it."""
 
     def privates_to(self, owner: str, since: float, limit: int) -> Op:
         """The latest `limit` private messages stored for identity `owner` under any of its
@@ -120,8 +120,8 @@ class NoAccounts:
     def failures(self, key: str, address: str, since: float) -> list[float]:
         return []
 
-    def failed(self, key: str, address: str, at: float) -> None:
-        pass
+    def failed(self, key: str, address: str, at: float) -> Op:
+        return Op.ready()
 
     def privates_to(self, owner: str, since: float, limit: int) -> Op:
         return Op.ready([])

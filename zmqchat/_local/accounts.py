@@ -90,10 +90,11 @@ class LocalAccounts:
     def failures(self, key: str, address: str, since: float) -> list[float]:
         return [at for at in self._failures.get((key, address), ()) if at >= since]
 
-    def failed(self, key: str, address: str, at: float) -> None:
+    def failed(self, key: str, address: str, at: float) -> Op:
         for k in [k for k, times in self._failures.items() if times[-1] < at - FAILURES_KEPT]:
             del self._failures[k]  # forget the old ones as new ones come: memory stays bounded
         self._failures[(key, address)].append(at)
+        return Op.ready()
 
     def privates_to(self, owner: str, since: float, limit: int) -> Op:
         return Op.ready(self.store.privates_of(owner, since, limit))
