@@ -196,7 +196,7 @@ def main() -> None:
         try:
             base = rss_kb(broker.proc.pid)
             r = asyncio.run(through_broker(broker.port, path, size, folder))
-            print(f"{a.mb} MB file, 64 KiB chunks, 16 in flight, localhost:")
+            print(f"{a.mb} MB file, {m.CHUNK >> 10} KiB chunks, {m.WINDOW} in flight, localhost:")
             print(f"  raw pyzmq        upload {raw_up:7.1f} MB/s   download {raw_down:7.1f} MB/s")
             print(
                 f"  through broker   upload {r['up']:7.1f} MB/s   download {r['down']:7.1f} MB/s"

@@ -136,7 +136,9 @@ async def send_file(
         while True:
             try:
                 reply = await client.request(m.Kind.UPLOAD, body)
-                if "offer" in reply:
+                if "offer" in reply:  # all there already (sent before a lost answer, or before)
+                    if progress is not None:
+                        progress(size, size)
                     return dict(reply["offer"])
                 if int(reply["offset"]) >= size:  # the broker is finishing it: ask again
                     await asyncio.sleep(0.2)
@@ -229,9 +231,12 @@ async def download(client: Client, file_id: str, folder: str, progress: Progress
             os.ftruncate(fd, 0)
         hasher, have = await _off_loop(sha256_file, part)
         sink = _Sink(fd, hasher, have)
+        # what this broker serves per GET (65536 and 16 for the first brokers, which did not say)
+        chunk = max(1, min(int(info.get("chunk", 1 << 16)), m.CHUNK))
+        window = max(1, min(int(info.get("window", 16)), 64))
         while sink.have < size:
             try:
-                await _get_all(client, file_id, sink, size, progress)
+                await _get_all(client, file_id, sink, size, (chunk, window), progress)
             except ChatError as err:
                 await _recover(client, err, deadline)
                 deadline = time.monotonic() + RECONNECT_WAIT
@@ -258,14 +263,19 @@ class _Sink:
 
 
 async def _get_all(
-    client: Client, fid: str, sink: _Sink, size: int, progress: Progress | None
+    client: Client,
+    fid: str,
+    sink: _Sink,
+    size: int,
+    pace: tuple[int, int],
+    progress: Progress | None,
 ) -> None:
-    window, asked = _Window(client), sink.have
+    (chunk, credit), window, asked = pace, _Window(client), sink.have
     try:
         while sink.have < size:
-            while asked < size and len(window.sent) < m.WINDOW:
-                window.send(m.Kind.GET, {"file": fid, "offset": asked, "size": m.CHUNK})
-                asked += min(m.CHUNK, size - asked)
+            while asked < size and len(window.sent) < credit:
+                window.send(m.Kind.GET, {"file": fid, "offset": asked, "size": chunk})
+                asked += min(chunk, size - asked)
             answer = await window.next(CHUNK_TIMEOUT)
             data = answer.get("~data", b"")
             if int(answer.get("offset", -1)) != sink.have or not data:

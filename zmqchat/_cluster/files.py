@@ -209,7 +209,7 @@ class ClusterBlobs(DiskBlobs):
             await self.store.put(sha256, f)
 
     def read(self, sha256: str, offset: int, size: int) -> Op:
-        if self.has(sha256):
+        if sha256 in self._open or self.has(sha256):  # open here: in the cache
             return super().read(sha256, offset, size)
         fetching = self.fetching.get(sha256)
         if fetching is None:

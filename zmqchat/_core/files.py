@@ -400,7 +400,8 @@ class Files(CoreBase):
     def _on_file(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         index, _ = self._parts()
         found = yield index.find(req.body["file"])
-        return self._readable(s, Op.ready(found), removed=True).public()
+        offer = self._readable(s, Op.ready(found), removed=True)
+        return {**offer.public(), "chunk": m.CHUNK, "window": m.WINDOW}  # what GETs may ask
 
     def _on_files(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         index, _ = self._parts()
