@@ -154,3 +154,23 @@ def test_close_fails_pending_sends_and_refuses_new_ones(broker):
         assert err.value.code == "CLOSED"
 
     asyncio.run(scenario())
+
+
+def test_a_broker_that_cannot_bind_creates_no_database(tmp_path):
+    """A port taken (even after the flags were checked) stops the broker before it makes
+    its history database: nothing is left in the folder, and the port's owner is untouched."""
+    from zmqchat._config import Config
+    from zmqchat.broker._loop import Broker
+
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.ROUTER)
+    taken.linger = 0
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(zmq.ZMQError):
+            Broker(Config(port=port, pub_port=0, db=str(tmp_path / "chat.db")), ctx=ctx)
+        assert list(tmp_path.iterdir()) == []
+        assert taken.getsockopt(zmq.LAST_ENDPOINT).endswith(f":{port}".encode())
+    finally:
+        taken.close()
+        ctx.term()

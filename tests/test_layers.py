@@ -17,6 +17,8 @@ ALLOWED: dict[str, set[str]] = {
     # the bottom: the wire protocol and the log lines import nothing of ours
     "zmqchat.protocol": set(),
     "zmqchat._ops.logs": set(),
+    # how the programs describe themselves (--help, /help, the README's tables)
+    "zmqchat._usage": set(),
     # the broker's core: no I/O, no broker loop, no metrics exporter, no store, no cluster
     "zmqchat._core": {"zmqchat.protocol", "zmqchat._ops.logs"},
     # how a broker was started (flags): the core's rules only
@@ -42,12 +44,13 @@ ALLOWED: dict[str, set[str]] = {
         "zmqchat._config",
         "zmqchat._local",
         "zmqchat._cluster",
+        "zmqchat._usage",
         "zmqchat._blobs",
     },
     # the client library knows nothing of what is built on it
     "zmqchat._client": {"zmqchat.protocol"},
     "zmqchat._bot": {"zmqchat.protocol", "zmqchat._client"},
-    "zmqchat._cli": {"zmqchat.protocol", "zmqchat._client"},
+    "zmqchat._cli": {"zmqchat.protocol", "zmqchat._client", "zmqchat._usage"},
     # the public API and `python -m zmqchat`
     "zmqchat.__main__": {"zmqchat._cli"},
     "zmqchat": {"zmqchat._client", "zmqchat._bot"},

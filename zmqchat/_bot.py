@@ -16,9 +16,12 @@ it ignores other bots unless made with `listen_to_bots=True`, and a chain of bot
 each other stops after `max_hops` replies (the hop count travels in the `hops` field).
 Robust by default: the library reconnects and rejoins, sends are acknowledged and wait out
 RATE_LIMITED, and a handler that raises is logged with the event that caused it while the
-bot carries on. Handlers may be `async def`, or plain `def`, which run in a thread each so
-that a slow one does not hold up the others. The library's stream of events stays available
-as `bot.events()` (the bot reads `bot.client` itself: do not iterate that one too).
+bot carries on. Handlers may be `async def`, or plain `def`, which run in a thread each; they
+run at the same time, but what they send through their context goes out in the order of the
+events that woke them, per room (or per person, in private): a slow handler delays the
+replies after it until it returns or calls `ctx.detach()`. The library's stream of events
+stays available as `bot.events()` (the bot reads `bot.client` itself: do not iterate that
+one too).
 PROTOCOL.md describes what goes over the wire.
 """
 
@@ -33,8 +36,9 @@ import shlex
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from zmqchat._client.library import ChatError, Client, Event, Status
@@ -169,6 +173,43 @@ def split_args(text: str) -> list[str]:
         return text.split()
 
 
+# ---------------------------------------------------------------------------- turns
+
+
+@dataclass(eq=False)
+class _Turn:
+    """One handler's place in its conversation (a room, or a person in private): what it
+    sends waits until every handler woken before it there has ended its turn."""
+
+    line: deque[_Turn]  # the conversation's turns not yet over, oldest first
+    over: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: bool = False  # a send of this handler waits for an earlier turn
+
+    async def come(self) -> None:
+        """Return once every earlier turn in the conversation is over."""
+        while self.line and self.line[0] is not self:
+            self.waiting = True
+            try:
+                await self.line[0].over.wait()
+            finally:
+                self.waiting = False
+
+    def end(self) -> None:
+        if not self.over.is_set():
+            self.over.set()
+            self.line.remove(self)
+
+
+def conversation(ev: Event | None) -> str | None:
+    """Whose replies keep one order: a room's (`lobby`), a person's in private (`@ann`);
+    None for timers and status notices."""
+    if ev is None or ev.kind == Status.KIND:
+        return None
+    if ev.room is None:  # a private message, or a file offered to the bot alone
+        return "@" + ev.nick.casefold()  # nicks are unique regardless of case
+    return ev.room
+
+
 # ---------------------------------------------------------------------------- contexts
 
 
@@ -176,7 +217,9 @@ class Context:
     """What a handler gets: the event that woke it, and a way to answer and to act.
 
     `reply()` answers where the event came from (the room, or privately for a private
-    message). Every send made through a context carries the hop count that stops bot loops.
+    message). Every send made through a context carries the hop count that stops bot loops,
+    and waits for the handlers woken earlier in the same room (or by the same person in
+    private) to end their turn: replies go out in the order of the events that asked.
     In a plain `def` handler the same methods block until done and return the same values.
     """
 
@@ -193,6 +236,28 @@ class Context:
     ) -> None:
         self.bot, self.event, self.hops = bot, event, hops
         self.command, self.args, self.argtext, self.match = command, args or [], argtext, match
+        self._turn: _Turn | None = None  # set by the bot when the handler is started
+
+    def detach(self) -> None:
+        """End this handler's turn early: the replies to later events no longer wait for it,
+        and what it sends from now on goes out when sent (a reminder that answers "OK" at
+        once and the reminder itself an hour later detaches after the "OK")."""
+        turn, self._turn = self._turn, None
+        if turn is None:
+            return
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # a plain def handler's thread
+            here = None
+        loop = self.bot._loop
+        if loop is not None and here is not loop:
+            loop.call_soon_threadsafe(turn.end)
+        else:
+            turn.end()
+
+    async def _my_turn(self) -> None:
+        if self._turn is not None:
+            await self._turn.come()
 
     @property
     def client(self) -> Client:
@@ -264,6 +329,7 @@ class Context:
         if hops is None:
             return None
         extra.pop("hops", None)  # the chain length is ours to count, not the caller's
+        await self._my_turn()
         seq = None
         for chunk in _chunks(text, int(self.client.welcome.get("max_text", 4000))):
             seq = await self.client.say(room, chunk, action=action, hops=hops, **extra)
@@ -278,6 +344,7 @@ class Context:
         hops = self._next_hop()
         if hops is None:
             return None
+        await self._my_turn()
         sent = None
         for chunk in _chunks(text, int(self.client.welcome.get("max_text", 4000))):
             sent = await self.client.msg(nick, chunk, hops=hops)
@@ -458,6 +525,7 @@ class Bot:
         self._slots: asyncio.Semaphore | None = None
         self._taps: list[asyncio.Queue] = []
         self._handled: dict[str, int] = {}
+        self._lines: dict[str, deque[_Turn]] = {}  # conversation -> its turns not yet over
         self._streak: dict[str, int] = {}  # private conversation -> bot messages in a row
         self._inflight = 0
 
@@ -838,14 +906,22 @@ class Bot:
         return unknown
 
     def _spawn(self, fn: Handler, ctx: Context, what: str, command: Command | None = None) -> None:
+        key = conversation(ctx.event)
+        if key is not None:  # its place in the order of replies, taken as the event comes
+            line = self._lines.setdefault(key, deque())
+            ctx._turn = _Turn(line)
+            line.append(ctx._turn)
         self._inflight += 1
         task = asyncio.create_task(self._invoke(fn, ctx, what, command))
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(lambda task: self._finished(task, ctx, key))
 
-    def _finished(self, task: asyncio.Task) -> None:
+    def _finished(self, task: asyncio.Task, ctx: Context, key: str | None) -> None:
         self._tasks.discard(task)
         self._inflight -= 1
+        ctx.detach()  # the next handler's replies may go now
+        if key is not None and not self._lines.get(key, True):
+            del self._lines[key]
 
     async def _invoke(
         self, fn: Handler, ctx: Context, what: str, command: Command | None = None

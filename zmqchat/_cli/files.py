@@ -21,12 +21,17 @@ from zmqchat.protocol import size_text
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-HELP: Final = """\
-  /send PATH            offer a file to the room (the rest of the line is the path)
-  /send @NICK PATH      offer a file to one person
-  /files                the room's files: id, name, size, sender, when
-  /get ID               download a file into the downloads folder
-  /rmfile ID            remove a room's file (operators)"""
+# The file commands, in /help and the README's table of commands (see chat.COMMANDS).
+COMMANDS: Final = (
+    (
+        "/send PATH",
+        "offer a file to the room (the rest of the line is the path; see [Files](#files))",
+    ),
+    ("/send @NICK PATH", "offer a file to one person"),
+    ("/files", "the room's files: id, name, size, sender, when"),
+    ("/get ID", "download a file into the downloads folder (`--downloads`)"),
+    ("/rmfile ID", "remove a room's file (operators)"),
+)
 
 
 def default_downloads() -> str:

@@ -41,6 +41,7 @@ from zmqchat._core.state import (
     gather,
 )
 from zmqchat._core.stats import Stats
+from zmqchat._ops.logs import Throttle
 from zmqchat._ops.logs import event as log_event
 from zmqchat.protocol import Code, EventKind, Kind, ProtocolError, Reply, Why
 
@@ -53,6 +54,12 @@ CHARGED: Final = frozenset(
 BATCH_EVENTS: Final = 256  # events per published frame: keeps frames well under 64 KiB
 GRANT_TTL: Final = 120  # seconds a grant may wait before it is used
 MIN_REPLAY_TOKEN: Final = 16  # a shorter resume token proves too little for private history
+# Requests refused as sent (a client's bug, or someone probing): logged at INFO, with the
+# sender's address, at most MALFORMED_LOGS a second (a flood must not flood the log too).
+MALFORMED: Final = frozenset(
+    {Code.BAD_REQUEST, Code.BAD_VERSION, Code.UNKNOWN_COMMAND, Code.TOO_LARGE}
+)
+MALFORMED_LOGS: Final = 10
 _OK: Final = b"OK"
 _SAY: Final = [b"SAY"]
 
@@ -99,6 +106,8 @@ class CoreBase:
         self.pubs: list[tuple[bytes, bytes]] = []  # (topic, batch) to publish
         self.stats = Stats()
         self.ack_starts: list[float] = []  # arrival times of the SAYs answered in outbox
+        self.peer: Callable[[bytes], str] = _no_peer  # the loop says where a request came from
+        self.malformed_lines = Throttle(MALFORMED_LOGS)
         self.handlers: dict[Kind, Handler] = self.handler_table()
 
     def _on_hello(self, rid: bytes, session: Session | None, req: m.Request, pubkey: str) -> Result:
@@ -229,7 +238,23 @@ class CoreBase:
     def _error(self, rid: bytes, label: bytes, err: ProtocolError) -> None:
         log.debug("-> ERROR %s %s", err.code, err.reason)
         self.stats.errors[err.code] += 1
+        if err.code in MALFORMED:
+            self._log_malformed(rid, err)
         self.outbox.append([rid, *m.encode_error(label, err)])
+
+    def _log_malformed(self, rid: bytes, err: ProtocolError) -> None:
+        """One line for a malformed request, with who sent it, unless too many came."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        held = self.malformed_lines.allow(self.clock.monotonic())
+        if held is None:
+            return
+        s = self.by_rid.get(rid)
+        fields: dict[str, Any] = {"code": str(err.code), "reason": err.reason}
+        fields.update(peer=self.peer(rid), rid=rid.hex(), **({"nick": s.nick} if s else {}))
+        if held:
+            fields["unlogged"] = held  # malformed requests not logged since the last line
+        log_event(log, "malformed", **fields)
 
     def _push(self, s: Session, kind: Reply, body: dict[str, Any]) -> None:
         self.outbox.append([s.rid, *m.encode_reply(kind, b"", body)])
@@ -559,3 +584,7 @@ def leave_text(nick: str, why: Why, reason: str) -> str:
     if why is Why.QUIT and reason:
         return f"{nick} left (quit: {reason})"
     return f"{nick} left"
+
+
+def _no_peer(rid: bytes) -> str:
+    return ""
