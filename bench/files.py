@@ -1,6 +1,6 @@
 """Files (issue 24): how fast a file goes through the broker, against the same sockets alone.
 
-    python bench/files.py [--mb 200] [--big-mb 1024]
+    python bench/files.py [--mb 200] [--big-mb 1024] [--rounds 3]
 
 1. raw: two processes, a DEALER and a ROUTER on localhost, moving the file in 64 KiB chunks
    with 16 unanswered at most (the same chunk, credit and disk work as the broker's: the
@@ -9,7 +9,10 @@
 2. broker: `python broker.py` as a process; one client uploads the file (Client.send_file),
    another downloads it (Client.download). Rates count the transfer itself; the sender's
    SHA-256 pass over the file before it offers it is shown apart.
-3. memory: the broker's resident memory (VmRSS, sampled every 20 ms) before and during the
+3. chat during a transfer: a process of its own with two clients, one saying a line to a
+   room every 20 ms, the other timing each line from say() to its arrival (W2's measure),
+   first with the broker idle, then while the file goes up and comes down again.
+4. memory: the broker's resident memory (VmRSS, sampled every 20 ms) before and during the
    upload and the download of a --big-mb file.
 
 Everything it writes goes to a temporary folder, deleted at the end.
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +83,8 @@ def raw_server(port_file: str, folder: str) -> None:
 
 def raw_transfer(path: Path, size: int, folder: str) -> tuple[float, float]:
     port_file = os.path.join(folder, "port")
+    if os.path.exists(port_file):  # the last round's
+        os.unlink(port_file)
     server = subprocess.Popen(
         [sys.executable, __file__, "--raw-server", port_file, folder], cwd=ROOT
     )
@@ -120,6 +126,71 @@ def raw_transfer(path: Path, size: int, folder: str) -> tuple[float, float]:
         return rates[0], rates[1]
     finally:
         server.wait(10)
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+CHAT_EVERY = 0.02  # seconds between two lines of the chat probe
+
+
+async def chat_probe(port: int, seconds: float) -> list[float]:
+    """Latencies (ms) of lines said every CHAT_EVERY for `seconds` (or until a line comes in
+    on stdin), from say() to arrival."""
+    async with Client("127.0.0.1", port, "talker") as t, Client("127.0.0.1", port, "hearer") as h:
+        sent: dict[str, float] = {}
+        got: list[float] = []
+
+        async def hear() -> None:
+            while True:
+                ev = await h.next_event()
+                if ev.kind == "msg" and ev.text in sent:
+                    got.append((time.perf_counter() - sent.pop(ev.text)) * 1000)
+
+        hearing = asyncio.create_task(hear())
+        told = asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        end = time.perf_counter() + seconds
+        n = 0
+        while time.perf_counter() < end and not told.done():
+            n += 1
+            sent[f"probe {n}"] = time.perf_counter()
+            await t.say("lobby", f"probe {n}")
+            await asyncio.sleep(CHAT_EVERY)
+        await asyncio.sleep(0.5)
+        hearing.cancel()
+        return got
+
+
+class Probe:
+    """bench/files.py --chat-probe as a process: its figures come back on its stdout."""
+
+    def __init__(self, port: int, seconds: float = 600.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--chat-probe", str(port), str(seconds)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def result(self) -> str:
+        out, _ = self.proc.communicate("stop\n", timeout=120)
+        return out.strip()
+
+
+def percentiles(ms: list[float]) -> str:
+    if not ms:
+        return "no line arrived"
+    ms = sorted(ms)
+    p = [ms[min(len(ms) - 1, int(len(ms) * q))] for q in (0.5, 0.99)]
+    return f"p50 {p[0]:.2f} ms, p99 {p[1]:.2f} ms, max {ms[-1]:.2f} ms ({len(ms)} lines)"
+
+
+def run_probe(port: int, seconds: float) -> None:
+    print("ready", flush=True)
+    print(percentiles(asyncio.run(chat_probe(port, seconds))), flush=True)
 
 
 # ---------------------------------------------------------------------------- broker
@@ -181,30 +252,64 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mb", type=int, default=200)
     p.add_argument("--big-mb", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=3, help="raw and broker in turn, this often")
     p.add_argument("--raw-server", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--chat-probe", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.raw_server:
         raw_server(*a.raw_server)
+        return
+    if a.chat_probe:
+        run_probe(int(a.chat_probe[0]), float(a.chat_probe[1]))
         return
     folder = tempfile.mkdtemp(prefix="zmqchat-files-bench-")
     try:
         size = a.mb * MB
         path = Path(folder) / "file.bin"
         make_file(path, size)
-        raw_up, raw_down = raw_transfer(path, size, folder)
-        broker = BrokerProcess(Path(folder), "--max-file-size", "4G", "--keep-free", "1G")
+        broker = BrokerProcess(
+            Path(folder),
+            "--max-file-size",
+            "4G",
+            "--keep-free",
+            "1G",
+            "--max-file-bytes-per-day",
+            "1T",
+            "--rate",
+            "100",
+        )
         try:
             base = rss_kb(broker.proc.pid)
-            r = asyncio.run(through_broker(broker.port, path, size, folder))
             print(f"{a.mb} MB file, {m.CHUNK >> 10} KiB chunks, {m.WINDOW} in flight, localhost:")
-            print(f"  raw pyzmq        upload {raw_up:7.1f} MB/s   download {raw_down:7.1f} MB/s")
+            print("  MB/s          raw up   broker up   ratio    raw down  broker down  ratio")
+            ratios: list[tuple[float, float]] = []
+            for n in range(a.rounds):  # alternating: a busy moment of the host hits both
+                raw_up, raw_down = raw_transfer(path, size, folder)
+                r = asyncio.run(through_broker(broker.port, path, size, folder))
+                ratios.append((r["up"] / raw_up, r["down"] / raw_down))
+                print(
+                    f"  round {n + 1}     {raw_up:7.1f}    {r['up']:7.1f}    {ratios[-1][0]:5.2f}x"
+                    f"   {raw_down:7.1f}     {r['down']:7.1f}    {ratios[-1][1]:5.2f}x"
+                )
             print(
-                f"  through broker   upload {r['up']:7.1f} MB/s   download {r['down']:7.1f} MB/s"
-                f"   ({r['up'] / raw_up:.2f}x, {r['down'] / raw_down:.2f}x of raw)"
+                f"  median ratio: upload {statistics.median(u for u, _ in ratios):.2f}x, "
+                f"download {statistics.median(d for _, d in ratios):.2f}x of raw"
             )
             print(
-                f"  sender's SHA-256 pass first: {r['hash_s']:.2f} s "
-                f"(upload with it: {r['up_with_hash']:.1f} MB/s)"
+                f"  sender's SHA-256 pass before the upload: {r['hash_s']:.2f} s "
+                f"(last round's upload with it: {r['up_with_hash']:.1f} MB/s)"
+            )
+            idle_probe = Probe(broker.port)
+            time.sleep(3.0)
+            idle = idle_probe.result()
+            probe = Probe(broker.port)  # until the file is up and down again
+            r = asyncio.run(through_broker(broker.port, path, size, folder))
+            busy = probe.result()
+            print(f"  a chat line every {CHAT_EVERY * 1000:.0f} ms, from say() to arrival:")
+            print(f"    broker idle       {idle}")
+            print(
+                f"    during the file   {busy} (up {r['up']:.0f} MB/s and down "
+                f"{r['down']:.0f} MB/s meanwhile)"
             )
             os.unlink(path)
             big = Path(folder) / "big.bin"

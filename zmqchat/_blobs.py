@@ -6,8 +6,10 @@
 Disk work that may wait runs on one thread of its own, in the order asked (an upload's
 chunks are written in order), so a slow disk never stalls the broker's loop: each call
 returns an Op that the loop completes in `drain()` once the thread is done, woken through
-a pipe (`fd`). The thread also keeps each upload's running SHA-256 (hashlib lets go of the
-interpreter lock for large buffers, as do reads and writes).
+a pipe (`fd`). Each upload's running SHA-256 is kept by a second thread, fed by the first
+in order: a chunk is hashed while the next is written (hashlib lets go of the interpreter
+lock for large buffers, as do reads and writes), so an upload's rate is that of the slower
+of the two, not of both in turn.
 
 A read whose bytes are in the page cache is a memory copy: the loop does it itself on a
 content the thread opened for it, asking the kernel not to wait (RWF_NOWAIT), and goes to
@@ -38,6 +40,7 @@ OPEN_READERS: Final = 64  # contents kept open for reading (the most recently re
 INLINE_BYTES: Final = 8 << 20  # bytes the loop reads per pass (~2 ms of copying), then the thread
 _NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+: fail rather than wait for the disk
 REHASH_BLOCK: Final = 1 << 20  # bytes read at a time to hash a resumed upload's start
+HASH_QUEUE: Final = 4  # chunks written and not yet hashed, at most (then the writer waits)
 SWITCH_INTERVAL: Final = 0.0005  # seconds: see DiskBlobs.__init__
 
 
@@ -48,6 +51,36 @@ class _Part:
 
     def __init__(self, fd: int, hasher: Any, written: int) -> None:
         self.fd, self.hasher, self.written = fd, hasher, written
+
+
+class _Hashing:
+    """A thread that feeds chunks to their uploads' hashers, in the order given."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Any, Any] | None] = queue.Queue(HASH_QUEUE)
+        self._thread = threading.Thread(target=self._work, name="files-hash", daemon=True)
+        self._thread.start()
+
+    def update(self, hasher: Any, data: Any) -> None:
+        self._jobs.put((hasher, data))
+
+    def settle(self) -> None:
+        """Until every chunk given so far is hashed."""
+        done = threading.Event()
+        self._jobs.put((done, None))
+        done.wait()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(5.0)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            hasher, data = job
+            if data is None:
+                hasher.set()
+            else:
+                hasher.update(data)
 
 
 class DiskBlobs:
@@ -75,6 +108,7 @@ class DiskBlobs:
         # The disk thread waits for the interpreter lock at most this long (Python's default,
         # 5 ms, held a chunk's answer up to a whole interval: 50 MB/s instead of ~200).
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        self._hashing = _Hashing()
         self._thread = threading.Thread(target=self._work, name="files-io", daemon=True)
         self._thread.start()
 
@@ -123,6 +157,7 @@ class DiskBlobs:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(5.0)
+        self._hashing.close()
         for fd in (self._wake_r, self._wake_w, *self._open.values()):
             os.close(fd)
         self._open.clear()
@@ -253,7 +288,7 @@ class DiskBlobs:
         while view:
             n = os.pwrite(part.fd, view, at)
             view, at = view[n:], at + n
-        part.hasher.update(data)
+        self._hashing.update(part.hasher, data)
         part.written = at
         return at
 
@@ -263,6 +298,7 @@ class DiskBlobs:
             raise ProtocolError(Code.NO_SUCH_FILE, "this upload was abandoned; start it again")
         os.close(part.fd)
         path = self._part_path(key)
+        self._hashing.settle()
         if part.hasher.hexdigest() != sha256:
             os.unlink(path)
             raise ProtocolError(
