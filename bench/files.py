@@ -68,6 +68,8 @@ def raw_server(port_file: str, folder: str) -> None:
         rid, kind, offset, *data = sock.recv_multipart()
         at = int(offset)
         if kind == b"put":
+            if at == 0:  # a new transfer: a new file, as the broker writes one per upload
+                os.ftruncate(out, 0)
             os.pwrite(out, data[0], at)
             sock.send_multipart([rid, b"ok", offset])
         elif kind == b"get":
@@ -81,7 +83,14 @@ def raw_server(port_file: str, folder: str) -> None:
     ctx.term()
 
 
-def raw_transfer(path: Path, size: int, folder: str) -> tuple[float, float]:
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process has used so far (user and system, all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_transfer(path: Path, size: int, folder: str) -> dict[str, float]:
     port_file = os.path.join(folder, "port")
     if os.path.exists(port_file):  # the last round's
         os.unlink(port_file)
@@ -95,10 +104,13 @@ def raw_transfer(path: Path, size: int, folder: str) -> tuple[float, float]:
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.connect(f"tcp://127.0.0.1:{Path(port_file).read_text()}")
-        rates = []
+        rates, cpus = [], []
         for kind in (b"put", b"get"):
+            cpu0 = cpu_s(server.pid) + time.process_time()
             fd = os.open(path, os.O_RDONLY) if kind == b"put" else -1
-            out = os.open(os.path.join(folder, "raw-out"), os.O_WRONLY | os.O_CREAT, 0o600)
+            out = os.open(
+                os.path.join(folder, "raw-out"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+            )
             started, sent, done, credit = time.perf_counter(), 0, 0, 0
             while done < size:
                 while sent < size and credit < m.WINDOW:
@@ -116,6 +128,7 @@ def raw_transfer(path: Path, size: int, folder: str) -> tuple[float, float]:
                 else:
                     done = min(size, int(reply[1]) + m.CHUNK)
             rates.append(size / MB / (time.perf_counter() - started))
+            cpus.append(cpu_s(server.pid) + time.process_time() - cpu0)
             for f in (fd, out):
                 if f >= 0:
                     os.close(f)
@@ -123,7 +136,7 @@ def raw_transfer(path: Path, size: int, folder: str) -> tuple[float, float]:
         sock.recv_multipart()
         sock.close()
         ctx.term()
-        return rates[0], rates[1]
+        return {"up": rates[0], "down": rates[1], "up_cpu": cpus[0], "down_cpu": cpus[1]}
     finally:
         server.wait(10)
 
@@ -223,28 +236,35 @@ class Sampler:
         return self.peak
 
 
-async def through_broker(port: int, path: Path, size: int, folder: str) -> dict[str, float]:
+async def through_broker(
+    broker: BrokerProcess, path: Path, size: int, folder: str
+) -> dict[str, float]:
+    port, pid = broker.port, broker.proc.pid
     async with Client("127.0.0.1", port, "sender") as a, Client("127.0.0.1", port, "getter") as b:
         a.timeout = b.timeout = 30.0
         t0 = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(None, sha256_file, str(path))
         hashed = time.perf_counter() - t0
         marks: list[float] = []
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_s(pid) + time.process_time()
         offer = await a.send_file(
             "lobby", str(path), progress=lambda d, t: marks or marks.append(time.perf_counter())
         )
         up = time.perf_counter() - (marks[0] if marks else t0)
         whole_up = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        up_cpu = cpu_s(pid) + time.process_time() - cpu0
+        t0, cpu0 = time.perf_counter(), cpu_s(pid) + time.process_time()
         got = await b.download(offer["file"], folder)
         down = time.perf_counter() - t0
+        down_cpu = cpu_s(pid) + time.process_time() - cpu0
         os.unlink(got)
         return {
             "hash_s": hashed,
             "up": size / MB / up,
             "up_with_hash": size / MB / whole_up,
             "down": size / MB / down,
+            "up_cpu": up_cpu - hashed,  # the sender's pass is counted apart (a core's worth)
+            "down_cpu": down_cpu,
         }
 
 
@@ -283,17 +303,26 @@ def main() -> None:
             print(f"{a.mb} MB file, {m.CHUNK >> 10} KiB chunks, {m.WINDOW} in flight, localhost:")
             print("  MB/s          raw up   broker up   ratio    raw down  broker down  ratio")
             ratios: list[tuple[float, float]] = []
+            cpu: list[tuple[float, float, float, float]] = []
             for n in range(a.rounds):  # alternating: a busy moment of the host hits both
-                raw_up, raw_down = raw_transfer(path, size, folder)
-                r = asyncio.run(through_broker(broker.port, path, size, folder))
-                ratios.append((r["up"] / raw_up, r["down"] / raw_down))
+                raw = raw_transfer(path, size, folder)
+                r = asyncio.run(through_broker(broker, path, size, folder))
+                ratios.append((r["up"] / raw["up"], r["down"] / raw["down"]))
+                cpu.append((raw["up_cpu"], r["up_cpu"], raw["down_cpu"], r["down_cpu"]))
                 print(
-                    f"  round {n + 1}     {raw_up:7.1f}    {r['up']:7.1f}    {ratios[-1][0]:5.2f}x"
-                    f"   {raw_down:7.1f}     {r['down']:7.1f}    {ratios[-1][1]:5.2f}x"
+                    f"  round {n + 1}     {raw['up']:7.1f}    {r['up']:7.1f}    "
+                    f"{ratios[-1][0]:5.2f}x   {raw['down']:7.1f}     {r['down']:7.1f}    "
+                    f"{ratios[-1][1]:5.2f}x"
                 )
             print(
                 f"  median ratio: upload {statistics.median(u for u, _ in ratios):.2f}x, "
                 f"download {statistics.median(d for _, d in ratios):.2f}x of raw"
+            )
+            med = [statistics.median(c[i] for c in cpu) for i in range(4)]
+            print(
+                f"  CPU seconds per file, both ends (median): upload raw {med[0]:.2f}, broker "
+                f"{med[1]:.2f} (its SHA-256 included); download raw {med[2]:.2f}, broker "
+                f"{med[3]:.2f} (the reader's SHA-256 included)"
             )
             print(
                 f"  sender's SHA-256 pass before the upload: {r['hash_s']:.2f} s "
@@ -303,7 +332,7 @@ def main() -> None:
             time.sleep(3.0)
             idle = idle_probe.result()
             probe = Probe(broker.port)  # until the file is up and down again
-            r = asyncio.run(through_broker(broker.port, path, size, folder))
+            r = asyncio.run(through_broker(broker, path, size, folder))
             busy = probe.result()
             print(f"  a chat line every {CHAT_EVERY * 1000:.0f} ms, from say() to arrival:")
             print(f"    broker idle       {idle}")
@@ -316,7 +345,7 @@ def main() -> None:
             make_file(big, a.big_mb * MB)
             before = rss_kb(broker.proc.pid)
             sampler = Sampler(broker.proc.pid)
-            rb = asyncio.run(through_broker(broker.port, big, a.big_mb * MB, folder))
+            rb = asyncio.run(through_broker(broker, big, a.big_mb * MB, folder))
             peak = sampler.stop()
             print(
                 f"broker RSS: {base / 1024:.1f} MB at start, {before / 1024:.1f} MB before the "

@@ -17,6 +17,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol
 
 from zmqchat import protocol as m
@@ -50,6 +51,7 @@ RESUMABLE: Final = frozenset(
 RECONNECT_WAIT: Final = 120.0  # seconds a transfer waits for the broker to come back
 CHUNK_TIMEOUT: Final = 20.0  # seconds one chunk may take (a busy disk, a loaded cluster)
 HASH_BLOCK: Final = 1 << 20
+SINK_BEHIND: Final = 4  # chunks of a download received and not yet written (4 MiB)
 
 
 def sha256_file(path: str, upto: int | None = None) -> tuple[Any, int]:
@@ -226,6 +228,7 @@ async def download(client: Client, file_id: str, folder: str, progress: Progress
     size, sha, name = int(info["size"]), str(info["sha256"]), m.safe_name(str(info["name"]))
     part = _downloads_part(folder, file_id)
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    sink: _Sink | None = None
     try:
         if os.fstat(fd).st_size > size:
             os.ftruncate(fd, 0)
@@ -240,7 +243,10 @@ async def download(client: Client, file_id: str, folder: str, progress: Progress
             except ChatError as err:
                 await _recover(client, err, deadline)
                 deadline = time.monotonic() + RECONNECT_WAIT
+        await sink.settle()
     finally:
+        if sink is not None:
+            sink.close()  # its thread is done with the descriptor before it is closed
         os.close(fd)
     if hasher.hexdigest() != sha:
         os.unlink(part)
@@ -251,15 +257,42 @@ async def download(client: Client, file_id: str, folder: str, progress: Progress
 
 
 class _Sink:
-    """A download's partial file, its running digest and its length."""
+    """A download's partial file, its running digest and its length (`have`: the bytes
+    received, written or on their way to the file). Chunks are written and hashed in order
+    on a thread of their own while the loop reads the next ones (both let go of the
+    interpreter lock), at most SINK_BEHIND of them waiting."""
 
     def __init__(self, fd: int, hasher: Any, have: int) -> None:
         self.fd, self.hasher, self.have = fd, hasher, have
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="zmqchat-download")
+        self._behind: deque[asyncio.Future[None]] = deque()
 
-    def add(self, data: bytes) -> None:
-        os.pwrite(self.fd, data, self.have)
-        self.hasher.update(data)
+    async def add(self, data: bytes | memoryview) -> None:
+        """Queue a chunk; wait while too many are (an error of a write comes out here)."""
+        loop = asyncio.get_running_loop()
+        self._behind.append(loop.run_in_executor(self._pool, self._write, data, self.have))
         self.have += len(data)
+        while self._behind and (len(self._behind) > SINK_BEHIND or self._behind[0].done()):
+            await self._behind.popleft()
+
+    async def settle(self) -> None:
+        """Until every chunk is in the file and the digest."""
+        while self._behind:
+            await self._behind.popleft()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fut in self._behind:  # cancelled mid-way: their errors are of no use now
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+        self._behind.clear()
+
+    def _write(self, data: bytes | memoryview, at: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
+        self.hasher.update(data)
 
 
 async def _get_all(
@@ -280,7 +313,7 @@ async def _get_all(
             data = answer.get("~data", b"")
             if int(answer.get("offset", -1)) != sink.have or not data:
                 raise ChatError(m.Code.BAD_OFFSET, "a chunk came out of place")
-            sink.add(data)
+            await sink.add(data)
             if progress is not None:
                 progress(sink.have, size)
     finally:

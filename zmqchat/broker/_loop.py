@@ -390,8 +390,10 @@ class Broker:
                 continue
             _send(router, frames[1], _MORE)
             _send(router, frames[2], _MORE)
-            if len(frames) == 5:  # a file chunk after the body (GET)
+            if len(frames) == 5:  # a file chunk after the body (GET): lent, not copied
                 _send(router, frames[3], _MORE)
+                _send(router, frames[4], _NOBLOCK, False)
+                continue
             _send(router, frames[-1], _NOBLOCK)
 
     def _shutdown(self) -> None:
