@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -37,11 +36,10 @@ log = logging.getLogger("zmqchat.files")
 
 DRAIN: Final = 256  # completions handled per pass of the loop: bounds a pass's work
 OPEN_READERS: Final = 64  # contents kept open for reading (the most recently read), per side
-INLINE_BYTES: Final = 8 << 20  # bytes the loop reads per pass (~2 ms of copying), then the thread
+INLINE_BYTES: Final = 4 << 20  # bytes the loop reads per pass (~1 ms of copying), then the thread
 _NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+: fail rather than wait for the disk
 REHASH_BLOCK: Final = 1 << 20  # bytes read at a time to hash a resumed upload's start
 HASH_QUEUE: Final = 4  # chunks written and not yet hashed, at most (then the writer waits)
-SWITCH_INTERVAL: Final = 0.0005  # seconds: see DiskBlobs.__init__
 
 
 class _Part:
@@ -105,9 +103,6 @@ class DiskBlobs:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.pending = 0  # jobs asked and not yet completed
-        # The disk thread waits for the interpreter lock at most this long (Python's default,
-        # 5 ms, held a chunk's answer up to a whole interval: 50 MB/s instead of ~200).
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._hashing = _Hashing()
         self._thread = threading.Thread(target=self._work, name="files-io", daemon=True)
         self._thread.start()
