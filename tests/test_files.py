@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -340,3 +341,64 @@ def test_transfers_resume_after_the_broker_is_killed(make_broker_process, tmp_pa
     assert len(restarts) == 2
     for progress in seen:  # went on from where it was, never from the start again
         assert progress == sorted(progress) and progress[-1] == size
+
+
+def test_transfers_go_on_through_the_other_broker_of_a_cluster(make_cluster_broker, tmp_path):
+    """kill -9 of the broker taking an upload: the client goes on through the other broker
+    from the last segment the first one shared, not from the start; kill -9 of the broker
+    serving a download: it goes on through the other from where it got to. The file
+    arrives whole (checked against its SHA-256)."""
+    from zmqchat._cluster.file_parts import SEGMENT
+
+    b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
+    size = 3 * SEGMENT + 12345
+    src = payload(tmp_path, "dump.bin", size)
+    out = tmp_path / "dl"
+    out.mkdir()
+    seen: dict[str, list[int]] = {"up": [], "down": []}
+    at_kill: dict[str, int] = {}
+
+    def hold_until_killed(what: str, broker, ready) -> Callable[[int, int], None]:
+        """A progress callback that, past two segments, kills `broker` once `ready()` and
+        holds the client until it is dead (so the transfer cannot finish first)."""
+
+        def kill() -> None:
+            wait_for(ready, 30, f"{broker.name} ready to be killed")
+            broker.proc.kill()
+            broker.proc.wait()
+
+        def progress(done: int, total: int) -> None:
+            seen[what].append(done)
+            if done >= 2 * SEGMENT and what not in at_kill:
+                at_kill[what] = done
+                killer = threading.Thread(target=kill)
+                killer.start()
+                killer.join(40)
+
+        return progress
+
+    def shared_twice() -> bool:
+        return b1.log_text().count("upload-shared") >= 2
+
+    async def scenario() -> None:
+        async with Client(f"127.0.0.1:{b1.port},127.0.0.1:{b2.port}", nick="alice") as a:
+            assert a.welcome["broker"] == "b1"
+            offer = await a.send_file(
+                "lobby", str(src), progress=hold_until_killed("up", b1, shared_twice)
+            )
+            assert a.welcome["broker"] == "b2"
+        b1.start()
+        async with Client(f"127.0.0.1:{b2.port},127.0.0.1:{b1.port}", nick="bob") as bob:
+            path = await bob.download(
+                offer["file"], str(out), progress=hold_until_killed("down", b2, lambda: True)
+            )
+            assert bob.welcome["broker"] == "b1"
+        assert Path(path).read_bytes() == src.read_bytes()
+
+    asyncio.run(scenario())
+    assert "upload-restored" in b2.log_text()
+    for what, progress in seen.items():
+        assert progress[-1] == size, what
+        after = progress[progress.index(at_kill[what]) + 1 :]
+        assert after and min(after) >= 2 * SEGMENT, (what, after[:3])  # not from the start
+    assert seen["down"] == sorted(seen["down"])  # a download loses nothing it had
