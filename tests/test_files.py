@@ -148,6 +148,41 @@ def test_private_file_reaches_only_its_recipient(broker, tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_private_file_is_for_the_client_it_was_sent_to_not_its_nick(make_broker, tmp_path):
+    """A private file follows the identity of its two parties, as private history does:
+    bob under another nick still gets it; a guest who takes the nick 'bob' once bob has
+    left gets the same refusal as anyone, and no listing of it."""
+    b = make_broker()
+    src = payload(tmp_path, "patch.diff", 3000)
+    for folder in ("bob", "guest"):
+        (tmp_path / folder).mkdir()
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "alice") as a:
+            bob = Client("127.0.0.1", b.port, "bob")
+            await bob.connect()
+            fid = (await a.send_file("@bob", str(src)))["file"]
+            await bob.set_nick("robert")
+            got = await bob.download(fid, str(tmp_path / "bob"))
+            assert Path(got).read_bytes() == src.read_bytes()
+            assert [o["file"] for o in await bob.files(with_nick="alice")] == [fid]
+            await bob.close()
+            async with Client("127.0.0.1", b.port, "robert") as guest:
+                with pytest.raises(ChatError) as err:
+                    await guest.download(fid, str(tmp_path / "guest"))
+                assert err.value.code == m.Code.NO_SUCH_FILE
+                assert await guest.files(with_nick="alice") == []
+            async with Client("127.0.0.1", b.port, "bob") as guest:
+                with pytest.raises(ChatError) as err:
+                    await guest.request(m.Kind.GET, {"file": fid, "offset": 0})
+                assert err.value.code == m.Code.NO_SUCH_FILE
+                assert await guest.files(with_nick="alice") == []
+            assert [o["file"] for o in await a.files(with_nick="bob")] == [fid]
+
+    asyncio.run(scenario())
+    assert os.listdir(tmp_path / "guest") == []
+
+
 def test_dangerous_names_are_saved_as_plain_names(broker, tmp_path):
     """Names a sender chooses (sent raw, past any client's care) are saved as plain names in
     the downloads folder: no path, no '..', no control characters, not hidden."""

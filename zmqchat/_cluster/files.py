@@ -143,14 +143,11 @@ class ClusterFiles(_Async):
 
         return self.run(ask)
 
-    def listing(self, room: str | None, pair: tuple[str, str] | None) -> Op:
+    def listing(self, room: str | None, peer: str | None) -> Op:
         if room is not None:
             found = [o for o in self.offers.values() if o.room == room]
         else:
-            assert pair is not None
-            found = [
-                o for o in self.offers.values() if not o.room and {o.sender, o.to_key} == set(pair)
-            ]
+            found = [o for o in self.offers.values() if not o.room and peer in (o.sender, o.to_key)]
         return Op.ready(sorted(found, key=lambda o: o.ts))
 
     def add(self, offer: FileOffer) -> Op:
