@@ -38,6 +38,7 @@ import zmq.asyncio
 from zmqchat import protocol as m
 from zmqchat._client import files
 from zmqchat._client.errors import ChatError, Progress
+from zmqchat._client.messages import Messages
 from zmqchat._client.ordering import Fetch, RoomOrder
 
 log = logging.getLogger("zmqchat.client")
@@ -148,8 +149,9 @@ def _split(batch: bytes) -> list[msgspec.Raw]:
 class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     """Something that happened: a room event, a private message, or a connection status.
 
-    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
-    private, or status (local: "connection lost, reconnecting...", "reconnected", ...).
+    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice, edit, delete,
+    deleted (room events), private, or status (local: "connection lost, reconnecting...",
+    "reconnected", ...).
     `data` is every field of the event as the broker sent it (a dict, made on first use).
     """
 
@@ -255,8 +257,9 @@ class _Send:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Client:
-    """A connection to the broker: commands, room events, acknowledged sends, reconnects.
+class Client(Messages):
+    """A connection to the broker: commands, room events, acknowledged sends, reconnects;
+    edits, removals, replies and search (messages.py).
 
     `host` may name several brokers ("h1:9001,h2", or a list): the first is tried first; when
     one does not answer, or the connection to it is lost, the next one in turn is tried.
@@ -411,6 +414,10 @@ class Client:
             )
             for e in reply["events"]
         ]
+
+    def _from_wire(self, d: dict[str, Any], *, mine: bool, backlog: bool) -> Event:
+        """An Event from a reply's event (for the parts of Client in modules of their own)."""
+        return Event.from_wire(d, mine=mine, backlog=backlog)
 
     async def heard(self, room: str, seq: int, timeout: float | None = None) -> bool:
         """Wait until this client has delivered room's events up to seq (its own message

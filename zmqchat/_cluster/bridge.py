@@ -39,6 +39,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from zmqchat._cluster import edits
+
 log = logging.getLogger("zmqchat.cluster")
 
 BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers")
@@ -146,6 +148,7 @@ class Bridge:
             b"ROOM": self._room,
             b"FOLLOW": self._follow_cmd,
             b"SYNC": self._sync,
+            **edits.verbs(self, EDITS),  # MSGGET, ERASE (issue 23)
         }
         self._spawn(self._expire_acks())
         try:
@@ -253,6 +256,7 @@ class Bridge:
             pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=1 << 30,
         )
+        await self._patiently(lambda: edits.follow_privates(self, EDITS))  # search (issue 23)
 
     async def _patiently(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """A JetStream call made while starting: a cluster that has just started (or is
@@ -402,7 +406,9 @@ class Bridge:
                 expect,
                 seq - 1,
             )
-            for missing in await self._get_range(room, expect, seq - expect):
+            got = await self._get_range(room, expect, seq - expect)
+            # erased messages leave holes: a deleted event in each (issue 23)
+            for missing in edits.with_holes_filled(expect, seq, got, _event_ts(msg.data)):
                 self._hand_over(room, missing)
         self._hand_over(room, msg)
         sub = self.room_subs.get(room)
@@ -571,7 +577,10 @@ class Bridge:
             # acknowledged what the broker knows is there: the rest from the leader.
             have = found[-1][0] if found else first - 1
             for seq in range(have + 1, min(first + count - 1, q["last"]) + 1):
-                raw = await self.js.get_msg(stream_of(self.ns, room), seq)
+                try:
+                    raw = await self.js.get_msg(stream_of(self.ns, room), seq)
+                except nats.js.errors.NotFoundError:  # erased (issue 23): the broker fills it
+                    continue
                 found.append((seq, raw.data or b""))
         except Exception as exc:  # noqa: BLE001
             self._fail(op, "UNAVAILABLE", f"history not read: {_why(exc)}")
@@ -731,3 +740,6 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
         return "no answer in time"
     return str(exc) or type(exc).__name__
+
+
+EDITS: Final = edits.Means(stream_of, _why, IDLE_HEARTBEAT, PENDING_MSGS)  # issue 23

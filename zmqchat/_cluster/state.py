@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
+from zmqchat._cluster.index import ClusterIndex, LogEdits
 from zmqchat._core.state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
 from zmqchat._ops.logs import event as log_event
 from zmqchat.protocol import Code, ProtocolError, Reply
@@ -164,6 +165,7 @@ class Cluster:
             if pending:
                 self.loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
             self.loop.close()
+        self.log.index.close()
 
     # ------------------------------------------------------------------ the bridge
     async def wait(self, timeout: float) -> None:
@@ -253,6 +255,8 @@ class Cluster:
             self.log.start_at(frames[1].decode(), int(frames[2]))
         elif verb == b"ROUTED":
             self.registry.routed(json.loads(frames[1]))
+        elif verb == b"PRIVS":  # for the search index (issue 23)
+            self.log.index.privates(frames[1:])
 
     def put(self, bucket: str, key: str, value: Any) -> Op:
         return self.call(
@@ -295,6 +299,9 @@ class Cluster:
                 self.registry.waiting.remove((targets, op))
                 self.registry.asked.pop(id(op), None)
                 op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
+        self.log.index.retry()
+        self.log.index.commit()
+        self.log.index._wake()
         self.send_pending()
 
     def _beat(self) -> None:
@@ -347,8 +354,11 @@ def list_value(frames: list[bytes]) -> list[str]:
     return [f.decode() for f in frames[1:]]
 
 
-class ClusterLog:
-    """Rooms' events in their streams; the latest of each kept here for reads."""
+class ClusterLog(LogEdits):
+    """Rooms' events in their streams; the latest of each kept here for reads (edits,
+    removals and search: index.py)."""
+
+    msg_id = staticmethod(msg_id)
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -357,9 +367,11 @@ class ClusterLog:
         self.acked: dict[str, int] = {}  # room -> the highest number our own appends got
         self.cache: dict[str, deque[bytes]] = {}
         self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # msg id -> room, seq
+        self.index = ClusterIndex(self._index_read, self._erase, self._patch_cache)  # issue 23
 
     def start_at(self, room: str, last: int) -> None:
         self.delivered.setdefault(room, last)
+        self.index.start(room, last)  # the search index reads the room up to last
 
     def last(self, room: str) -> int:
         return self.delivered.get(room, 0)
@@ -386,7 +398,7 @@ class ClusterLog:
             out[cmid] = (owner, *hit) if hit is not None else None
         return out
 
-    def read(
+    def _read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
     ) -> Op:
         last = max(self.last(room), self.acked.get(room, 0))
@@ -483,6 +495,7 @@ class ClusterLog:
         if cache is None or first > last + 1:
             cache = self.cache[room] = deque(maxlen=CACHE_EVENTS)
         cache.extend(events[max(0, last + 1 - first) :])
+        self.index.arrived(room, first, events)  # edits, removals, search (issue 23)
         ids = self.ids
         for mid, seq in meta["ids"]:
             ids[mid] = (room, seq)
@@ -493,6 +506,7 @@ class ClusterLog:
         """The events that arrived since the last pass; and the commands of this pass go
         out to the bridge now (the end of a pass of the broker's loop)."""
         self.cluster.send_pending()
+        self.index.commit()
         out, self.incoming = self.incoming, []
         return out
 
