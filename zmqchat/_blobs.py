@@ -122,11 +122,13 @@ class DiskBlobs:
     def drain(self) -> None:
         """Complete the Ops whose work is done (at most DRAIN; the rest on the next pass)."""
         self._inline = 0
-        self._woken = False  # before the deque is read: a completion after it wakes us again
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
+        # After the pipe is read and before the deque is: a completion after this wakes us
+        # again, one before it is in the deque (cleared first, a wake-up could be lost).
+        self._woken = False
         done = self._done
         for _ in range(DRAIN):
             if not done:
