@@ -11,9 +11,10 @@
    SHA-256 pass over the file before it offers it is shown apart.
 3. chat during a transfer: a process of its own with two clients, one saying a line to a
    room every 20 ms, the other timing each line from say() to its arrival (W2's measure),
-   first with the broker idle, then while the file goes up and comes down again.
-4. memory: the broker's resident memory (VmRSS, sampled every 20 ms) before and during the
-   upload and the download of a --big-mb file.
+   with the broker idle, beside raw transfers (the same load on the host, the broker not in
+   their way), then while the --big-mb file goes up through the broker and down again.
+4. memory: the broker's resident memory (VmRSS, sampled every 20 ms) before and during that
+   upload and download of the --big-mb file.
 
 Everything it writes goes to a temporary folder, deleted at the end.
 """
@@ -331,22 +332,23 @@ def main() -> None:
             idle_probe = Probe(broker.port)
             time.sleep(3.0)
             idle = idle_probe.result()
-            probe = Probe(broker.port)  # until the file is up and down again
-            r = asyncio.run(through_broker(broker, path, size, folder))
-            busy = probe.result()
-            print(f"  a chat line every {CHAT_EVERY * 1000:.0f} ms, from say() to arrival:")
-            print(f"    broker idle       {idle}")
-            print(
-                f"    during the file   {busy} (up {r['up']:.0f} MB/s and down "
-                f"{r['down']:.0f} MB/s meanwhile)"
-            )
+            probe = Probe(broker.port)  # the same CPU load, without the broker in the way
+            raw_transfer(path, size, folder)
+            raw_transfer(path, size, folder)
+            beside_raw = probe.result()
             os.unlink(path)
             big = Path(folder) / "big.bin"
             make_file(big, a.big_mb * MB)
             before = rss_kb(broker.proc.pid)
             sampler = Sampler(broker.proc.pid)
+            probe = Probe(broker.port)  # until the file is up and down again
             rb = asyncio.run(through_broker(broker, big, a.big_mb * MB, folder))
+            busy = probe.result()
             peak = sampler.stop()
+            print(f"  a chat line every {CHAT_EVERY * 1000:.0f} ms, from say() to arrival:")
+            print(f"    broker idle                  {idle}")
+            print(f"    beside two raw transfers     {beside_raw}")
+            print(f"    during the {a.big_mb} MB file   {busy}")
             print(
                 f"broker RSS: {base / 1024:.1f} MB at start, {before / 1024:.1f} MB before the "
                 f"{a.big_mb} MB transfer, peak {peak / 1024:.1f} MB during it "

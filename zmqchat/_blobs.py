@@ -73,6 +73,7 @@ class _Hashing:
         self._thread.join(5.0)
 
     def _work(self) -> None:
+        _behind_the_loop()
         while (job := self._jobs.get()) is not None:
             hasher, data = job
             if data is None:
@@ -235,6 +236,7 @@ class DiskBlobs:
 
     # ------------------------------------------------------------------ the thread
     def _work(self) -> None:
+        _behind_the_loop()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -355,6 +357,16 @@ class DiskBlobs:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 pass
+
+
+def _behind_the_loop() -> None:
+    """This thread yields the processor to the broker's loop (Linux schedules threads one by
+    one: a nice of 10 on this one alone), so that a chat line is not queued behind file
+    work on a busy host."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the same priority then
+        pass
 
 
 def _full(exc: BaseException) -> bool:
