@@ -183,6 +183,28 @@ def test_a_private_file_is_for_the_client_it_was_sent_to_not_its_nick(make_broke
     assert os.listdir(tmp_path / "guest") == []
 
 
+def test_a_busy_disk_slows_an_upload_down_and_never_fails_it(
+    make_local_broker, tmp_path, monkeypatch
+):
+    """When the broker's disk is behind (its queue of chunks full) a PUT is refused with
+    RATE_LIMITED: the sender waits as told and goes on, and the file arrives whole."""
+    import zmqchat._core.files as core_files
+
+    monkeypatch.setattr(core_files, "IO_LIMIT", 1)  # one chunk queued: the next is refused
+    b = make_local_broker()
+    size = 3 * m.WINDOW * m.CHUNK // 2
+    src = payload(tmp_path, "big.bin", size)
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "alice") as a:
+            offer = await a.send_file("lobby", str(src))
+            got = await a.download(offer["file"], str(tmp_path))
+            assert Path(got).read_bytes() == src.read_bytes()
+
+    asyncio.run(scenario())
+    assert b.broker.core.stats.requests[m.Kind.UPLOAD] > 1  # it was refused, and went on
+
+
 def test_dangerous_names_are_saved_as_plain_names(broker, tmp_path):
     """Names a sender chooses (sent raw, past any client's care) are saved as plain names in
     the downloads folder: no path, no '..', no control characters, not hidden."""

@@ -46,7 +46,14 @@ class Client(Protocol):
 
 # Errors after which a transfer waits for the connection and goes on.
 RESUMABLE: Final = frozenset(
-    {"DISCONNECTED", "TIMEOUT", m.Code.UNAVAILABLE, m.Code.NO_HELLO, m.Code.BAD_OFFSET}
+    {
+        "DISCONNECTED",
+        "TIMEOUT",
+        m.Code.UNAVAILABLE,
+        m.Code.NO_HELLO,
+        m.Code.BAD_OFFSET,
+        m.Code.RATE_LIMITED,  # the broker's disk is behind (many uploads at once)
+    }
 )
 RECONNECT_WAIT: Final = 120.0  # seconds a transfer waits for the broker to come back
 CHUNK_TIMEOUT: Final = 20.0  # seconds one chunk may take (a busy disk, a loaded cluster)
@@ -78,7 +85,7 @@ async def _recover(client: Client, err: ChatError, deadline: float) -> None:
     if not client.connected:
         await client.wait_online(max(0.1, deadline - time.monotonic()))
     else:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(min(1.0, float(err.body.get("retry_after", 0.05))))
 
 
 class _Window:
