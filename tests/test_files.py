@@ -205,6 +205,27 @@ def test_a_busy_disk_slows_an_upload_down_and_never_fails_it(
     assert b.broker.core.stats.requests[m.Kind.UPLOAD] > 1  # it was refused, and went on
 
 
+def test_many_downloads_at_once_from_one_client_all_arrive(broker, tmp_path):
+    """Six downloads at once by one client ask for more chunks than the broker serves one
+    connection at a time: the ones over are told to wait, and every copy arrives whole."""
+    src = payload(tmp_path, "data.bin", 2 * m.WINDOW * m.CHUNK)
+    out = tmp_path / "dl"
+    out.mkdir()
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", broker.port, "alice") as a:
+            fid = (await a.send_file("lobby", str(src)))["file"]
+            async with Client("127.0.0.1", broker.port, "bob") as bob:
+                dirs = [out / str(i) for i in range(6)]
+                for d in dirs:
+                    d.mkdir()
+                got = await asyncio.gather(*(bob.download(fid, str(d)) for d in dirs))
+        for path in got:
+            assert Path(path).read_bytes() == src.read_bytes()
+
+    asyncio.run(scenario())
+
+
 def test_dangerous_names_are_saved_as_plain_names(broker, tmp_path):
     """Names a sender chooses (sent raw, past any client's care) are saved as plain names in
     the downloads folder: no path, no '..', no control characters, not hidden."""

@@ -33,6 +33,7 @@ log = logging.getLogger("zmqchat.files")
 
 IO_LIMIT: Final = 64 << 20  # bytes of chunks waiting for the disk, all uploads together
 MAX_LISTING: Final = 200  # offers in one FILES reply (the newest)
+GETS_PER_CONNECTION: Final = 4 * m.WINDOW  # being read for one client: 4 downloads at full speed
 _OK: Final = b"OK"
 
 
@@ -347,8 +348,12 @@ class Files(CoreBase):
     def _on_get(self, s: Session, req: m.Request) -> object:
         index, blobs = self._parts()
         b, rid = req.body, s.rid
-        if self.gets.get(rid, 0) >= 2 * m.WINDOW:
-            raise ProtocolError(Code.BAD_REQUEST, f"at most {m.WINDOW} chunks unanswered")
+        if self.gets.get(rid, 0) >= GETS_PER_CONNECTION:  # several downloads at once: wait
+            raise ProtocolError(
+                Code.RATE_LIMITED,
+                f"at most {GETS_PER_CONNECTION} GETs unanswered per connection",
+                retry_after=0.05,
+            )
         self.gets[rid] = self.gets.get(rid, 0) + 1
         label, size = req.label, min(b["size"], m.CHUNK)
 
