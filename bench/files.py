@@ -63,23 +63,23 @@ def raw_server(port_file: str, folder: str) -> None:
     sock = ctx.socket(zmq.ROUTER)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     Path(port_file).write_text(str(port))
-    out = os.open(os.path.join(folder, "raw-in"), os.O_WRONLY | os.O_CREAT, 0o600)
-    src = -1
+    # A new file for each upload, deleted after the round, as the broker writes an upload
+    # to a new file of its own and deletes it once it finds the content is there already.
+    path = os.path.join(folder, f"raw-in-{os.getpid()}")
+    out = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     while True:
         rid, kind, offset, *data = sock.recv_multipart()
         at = int(offset)
         if kind == b"put":
-            if at == 0:  # a new transfer: a new file, as the broker writes one per upload
-                os.ftruncate(out, 0)
             os.pwrite(out, data[0], at)
             sock.send_multipart([rid, b"ok", offset])
         elif kind == b"get":
-            if src < 0:
-                src = os.open(os.path.join(folder, "raw-in"), os.O_RDONLY)
-            sock.send_multipart([rid, b"ok", offset, os.pread(src, m.CHUNK, at)])
+            sock.send_multipart([rid, b"ok", offset, os.pread(out, m.CHUNK, at)])
         else:
             sock.send_multipart([rid, b"bye", b"0"])
             break
+    os.close(out)
+    os.unlink(path)
     sock.close()
     ctx.term()
 
@@ -109,9 +109,7 @@ def raw_transfer(path: Path, size: int, folder: str) -> dict[str, float]:
         for kind in (b"put", b"get"):
             cpu0 = cpu_s(server.pid) + time.process_time()
             fd = os.open(path, os.O_RDONLY) if kind == b"put" else -1
-            out = os.open(
-                os.path.join(folder, "raw-out"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
-            )
+            out = os.open(os.path.join(folder, "raw-out"), os.O_WRONLY | os.O_CREAT, 0o600)
             started, sent, done, credit = time.perf_counter(), 0, 0, 0
             while done < size:
                 while sent < size and credit < m.WINDOW:
@@ -133,6 +131,7 @@ def raw_transfer(path: Path, size: int, folder: str) -> dict[str, float]:
             for f in (fd, out):
                 if f >= 0:
                     os.close(f)
+            os.unlink(os.path.join(folder, "raw-out"))  # as the bench deletes each download
         sock.send_multipart([b"stop", b"0"])
         sock.recv_multipart()
         sock.close()
