@@ -303,20 +303,27 @@ def main() -> None:
             print(f"{a.mb} MB file, {m.CHUNK >> 10} KiB chunks, {m.WINDOW} in flight, localhost:")
             print("  MB/s          raw up   broker up   ratio    raw down  broker down  ratio")
             ratios: list[tuple[float, float]] = []
+            rates: list[tuple[float, float, float, float]] = []
             cpu: list[tuple[float, float, float, float]] = []
             for n in range(a.rounds):  # alternating: a busy moment of the host hits both
                 raw = raw_transfer(path, size, folder)
                 r = asyncio.run(through_broker(broker, path, size, folder))
                 ratios.append((r["up"] / raw["up"], r["down"] / raw["down"]))
+                rates.append((raw["up"], r["up"], raw["down"], r["down"]))
                 cpu.append((raw["up_cpu"], r["up_cpu"], raw["down_cpu"], r["down_cpu"]))
                 print(
                     f"  round {n + 1}     {raw['up']:7.1f}    {r['up']:7.1f}    "
                     f"{ratios[-1][0]:5.2f}x   {raw['down']:7.1f}     {r['down']:7.1f}    "
                     f"{ratios[-1][1]:5.2f}x"
                 )
+            mr = [statistics.median(x[i] for x in rates) for i in range(4)]
             print(
-                f"  median ratio: upload {statistics.median(u for u, _ in ratios):.2f}x, "
-                f"download {statistics.median(d for _, d in ratios):.2f}x of raw"
+                f"  median      {mr[0]:7.1f}    {mr[1]:7.1f}    {mr[1] / mr[0]:5.2f}x"
+                f"   {mr[2]:7.1f}     {mr[3]:7.1f}    {mr[3] / mr[2]:5.2f}x   (medians' ratio)"
+            )
+            print(
+                f"  median ratio of a round: upload {statistics.median(u for u, _ in ratios):.2f}x"
+                f", download {statistics.median(d for _, d in ratios):.2f}x of raw"
             )
             med = [statistics.median(c[i] for c in cpu) for i in range(4)]
             print(
