@@ -15,6 +15,9 @@
    their way), then while the --big-mb file goes up through the broker and down again.
 4. memory: the broker's resident memory (VmRSS, sampled every 20 ms) before and during that
    upload and download of the --big-mb file.
+5. what counting the chunks ZeroMQ holds costs (a MessageTracker per chunk, looked at each
+   pass of the loop): the --mb file downloaded from broker.py and from the same broker with
+   chunks lent untracked (bench/untracked_broker.py), both running, in turn --rounds times.
 
 Everything it writes goes to a temporary folder, deleted at the end.
 """
@@ -44,6 +47,7 @@ from zmqchat import protocol as m  # noqa: E402
 from zmqchat._client.files import sha256_file  # noqa: E402
 
 MB = 1 << 20
+UNTRACKED = ROOT / "bench" / "untracked_broker.py"
 
 
 def make_file(path: Path, size: int) -> None:
@@ -206,6 +210,60 @@ def run_probe(port: int, seconds: float) -> None:
     print(percentiles(asyncio.run(chat_probe(port, seconds))), flush=True)
 
 
+# ---------------------------------------------------------------------------- tracking
+
+
+async def download_rate(broker: BrokerProcess, fid: str, size: int, folder: str) -> float:
+    async with Client("127.0.0.1", broker.port, "getter") as b:
+        b.timeout = 30.0
+        t0 = time.perf_counter()
+        got = await b.download(fid, folder)
+        rate = size / MB / (time.perf_counter() - t0)
+    os.unlink(got)
+    return rate
+
+
+async def offer(broker: BrokerProcess, path: Path) -> str:
+    async with Client("127.0.0.1", broker.port, "sender") as a:
+        a.timeout = 30.0
+        return str((await a.send_file("lobby", str(path)))["file"])
+
+
+def tracking_cost(path: Path, size: int, folder: str, rounds: int, flags: list[str]) -> None:
+    """Downloads from broker.py and from it without tracking, in turn (see 5. above)."""
+    brokers = {}
+    for which, script in (("tracked", ROOT / "broker.py"), ("untracked", UNTRACKED)):
+        home = Path(folder) / which
+        home.mkdir()
+        brokers[which] = BrokerProcess(home, *flags, script=script)
+    try:
+        fids = {which: asyncio.run(offer(b, path)) for which, b in brokers.items()}
+        rates: dict[str, list[float]] = {"tracked": [], "untracked": []}
+        cpu: dict[str, list[float]] = {"tracked": [], "untracked": []}
+        for n in range(rounds):
+            for which in ("tracked", "untracked") if n % 2 == 0 else ("untracked", "tracked"):
+                b = brokers[which]
+                cpu0 = cpu_s(b.proc.pid)
+                rates[which].append(asyncio.run(download_rate(b, fids[which], size, folder)))
+                cpu[which].append(cpu_s(b.proc.pid) - cpu0)
+        t, u = (statistics.median(rates[w]) for w in ("tracked", "untracked"))
+        tc, uc = (statistics.median(cpu[w]) for w in ("tracked", "untracked"))
+        print(
+            f"tracking what ZeroMQ holds, download of the {size // MB} MB file, median of "
+            f"{rounds}: tracked {t:.1f} MB/s, untracked {u:.1f} MB/s ({t / u:.2f}x); the "
+            f"broker's CPU seconds {tc:.3f} and {uc:.3f}"
+        )
+        print(
+            "  rounds, MB/s: tracked "
+            + " ".join(f"{r:.0f}" for r in rates["tracked"])
+            + "; untracked "
+            + " ".join(f"{r:.0f}" for r in rates["untracked"])
+        )
+    finally:
+        for b in brokers.values():
+            b.stop()
+
+
 # ---------------------------------------------------------------------------- broker
 
 
@@ -273,6 +331,7 @@ def main() -> None:
     p.add_argument("--mb", type=int, default=200)
     p.add_argument("--big-mb", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3, help="raw and broker in turn, this often")
+    p.add_argument("--only-tracking", action="store_true", help="5. alone")
     p.add_argument("--raw-server", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--chat-probe", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -287,17 +346,11 @@ def main() -> None:
         size = a.mb * MB
         path = Path(folder) / "file.bin"
         make_file(path, size)
-        broker = BrokerProcess(
-            Path(folder),
-            "--max-file-size",
-            "4G",
-            "--keep-free",
-            "1G",
-            "--max-file-bytes-per-day",
-            "1T",
-            "--rate",
-            "100",
-        )
+        flags = ["--max-file-size", "4G", "--keep-free", "1G", "--max-file-bytes-per-day", "1T"]
+        if a.only_tracking:
+            tracking_cost(path, size, folder, a.rounds, flags)
+            return
+        broker = BrokerProcess(Path(folder), *flags, "--rate", "100")
         try:
             base = rss_kb(broker.proc.pid)
             print(f"{a.mb} MB file, {m.CHUNK >> 10} KiB chunks, {m.WINDOW} in flight, localhost:")
@@ -363,6 +416,8 @@ def main() -> None:
             )
         finally:
             broker.stop()
+        make_file(path, size)
+        tracking_cost(path, size, folder, a.rounds, flags)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -183,7 +183,9 @@ class Broker:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, m.MAX_FRAME)
         self.router.setsockopt(zmq.RCVHWM, 10000)
-        self.router.setsockopt(zmq.SNDHWM, 10000)
+        # Replies a client has not read: past this many ZeroMQ drops them (the client asks
+        # again). Long ones are also counted in bytes (_outflow.py); this bounds the rest.
+        self.router.setsockopt(zmq.SNDHWM, 1000)
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.xpub.setsockopt(zmq.MAXMSGSIZE, 512)  # subscriptions are tiny; floods stay small
         self.xpub.setsockopt(zmq.SNDHWM, 2000)
@@ -406,8 +408,8 @@ class Broker:
             _send(router, frames[2], _MORE)
             if chunk:
                 _send(router, frames[3], _MORE)
-            if lent:  # pyzmq copies a frame under its threshold: its tracker is done at once
-                outflow.lend(rid, _send(router, last, _NOBLOCK, False, True), len(last), chunk)
+            if lent:
+                outflow.lend(rid, _lend(router, last), len(last), chunk)
             else:
                 _send(router, last, _NOBLOCK)
 
@@ -433,6 +435,15 @@ class Broker:
             self.cluster.close()
         if self.auth is not None:
             self.auth.stop()
+
+
+def _lend(sock: zmq.Socket, data: bytes) -> zmq.MessageTracker:
+    """Send the last frame of a message without copying it (even under pyzmq's copy
+    threshold); its tracker is done once ZeroMQ has let go of the bytes. The Frame holds
+    them too, so it must not outlive this call."""
+    frame = zmq.Frame(data, copy=False, track=True)
+    _send(sock, frame, _NOBLOCK)
+    return frame.tracker
 
 
 def default_name(port: int) -> str:

@@ -17,9 +17,9 @@ from typing import Any, Final
 
 __all__ = ["LENT", "Outflow"]
 
-# Frames this long or longer are lent and counted; pyzmq copies shorter ones (its
-# COPY_THRESHOLD) and the kernel's socket buffer takes them first: they stay small.
-LENT: Final = 1 << 16
+# Frames this long or longer are lent and counted. Shorter ones are copied into ZeroMQ and
+# not counted: the ROUTER's SNDHWM (messages) bounds them, to 8 MB a connection at 1000.
+LENT: Final = 1 << 13
 
 
 class Outflow:
