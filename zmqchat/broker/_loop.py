@@ -393,8 +393,9 @@ class Broker:
             rid, last = frames[0], frames[-1]
             chunk = len(frames) == 5  # a GET's: its bytes after the body, counted when queued
             lent = chunk or len(last) >= LENT
-            if lent and not chunk and outflow.held(rid) + len(last) > HELD_PER_CONNECTION:
-                # a long reply to a client that reads none: dropped, as at the high-water mark
+            if lent and not chunk and outflow.held(rid) >= HELD_PER_CONNECTION:
+                # a long reply to a client that reads none: dropped, as at the high-water
+                # mark (one past the bound goes: a client busy with downloads gets its HISTORY)
                 log.debug("reply to %s dropped: %d bytes wait for it", rid.hex(), outflow.held(rid))
                 continue
             try:  # the first frame decides: ROUTER_MANDATORY refuses a peer that is gone
