@@ -8,6 +8,10 @@ ZeroMQ with a MessageTracker, which pyzmq marks done once libzmq has let go of t
 is counted from the moment the core puts it in its outbox. The core refuses a GET that
 would take a connection, or all of them, past a bound (_core/files.py); the loop drops
 another long reply past it, as ZeroMQ drops a reply at the high-water mark.
+
+The count is a connection's, not a session's: ZeroMQ's queue outlives a BYE (or a session
+timed out) for as long as the connection lasts, so a BYE and a HELLO do not start it afresh;
+once the connection closes, ZeroMQ drops its queue and the trackers say so.
 """
 
 from __future__ import annotations
