@@ -45,8 +45,10 @@ def read_all(sock: zmq.Socket, n: int, src: bytes, chunks: int) -> tuple[int, li
     """Read the answers to g0..g<n-1>: (chunks received, each checked against the file,
     refusals)."""
     got, refused, labels = 0, [], []
-    for _ in range(n):
+    while len(labels) < n:
         resp = m.decode_response(sock.recv_multipart())
+        if resp.label[:1] != b"g":  # another request's
+            continue
         i = int(resp.label[1:])
         labels.append(i)
         if resp.kind == "OK":
@@ -125,6 +127,42 @@ def test_a_client_that_never_reads_costs_the_broker_a_bounded_memory(make_broker
     assert core_files.HELD_PER_CONNECTION // m.CHUNK <= got < sent // 2  # held to its bound
     assert all(r["code"] == m.Code.RATE_LIMITED and r["retry_after"] > 0 for r in refused)
     assert scrape(mport)["zmqchat_rate_limited_total"] == len(refused)  # nobody else's
+    deaf.close()
+    ctx.term()
+
+
+def test_a_new_session_on_the_same_connection_starts_nothing_afresh(make_local_broker, tmp_path):
+    """What waits for a connection is counted for the connection, not its session: a
+    client that holds its bound, says BYE and HELLO again and asks on, is refused all the
+    same (ZeroMQ still holds what it was sent), and gets an answer to every GET."""
+    b = make_local_broker()
+    chunks = 8
+    src = payload(tmp_path, "big.bin", chunks * m.CHUNK)
+    stats, outflow = b.broker.core.stats, b.broker.outflow
+
+    async def offer() -> str:
+        async with Client("127.0.0.1", b.port, "alice") as a:
+            return str((await a.send_file("lobby", str(src)))["file"])
+
+    fid = asyncio.run(offer())
+    ctx = zmq.Context()
+    deaf = deaf_dealer(ctx, b.port, "mallory")
+    sent = 0
+    while outflow.total < core_files.HELD_PER_CONNECTION - m.CHUNK:
+        assert sent < 20 * BURST, "the broker never held the bound"
+        ask(deaf, fid, sent, BURST, chunks)
+        sent += BURST
+        wait_for(lambda want=sent: stats.requests[m.Kind.GET] >= want, 5, "the GETs taken in")
+    deaf.send_multipart(m.encode_request("BYE", b"b", {}))
+    deaf.send_multipart(m.encode_request("HELLO", b"h", {"version": 1, "nick": "mallory"}))
+    deaf.send_multipart(m.encode_request("JOIN", b"j", {"room": "lobby"}))
+    ask(deaf, fid, sent, BURST, chunks)
+    sent += BURST
+    wait_for(lambda: stats.requests[m.Kind.GET] >= sent, 5, "the last GETs taken in")
+    assert outflow.total <= core_files.HELD_PER_CONNECTION
+    got, refused = read_all(deaf, sent, src.read_bytes(), chunks)
+    assert got <= core_files.HELD_PER_CONNECTION // m.CHUNK + 8  # and what the kernel took
+    assert refused and all(r["code"] == m.Code.RATE_LIMITED for r in refused)  # a session
     deaf.close()
     ctx.term()
 
