@@ -279,9 +279,14 @@ def send_cost(rounds: int = 10, n: int = 200) -> dict[str, float]:
                     time.sleep(0.008)  # a window's worth, then the reader catches up
             spent[which].append(cpu / n * 1e6)
     router.send_multipart([rid, b"stop"])
-    reader.wait(60)
-    router.close()
-    ctx.term()
+    try:
+        reader.wait(60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        router.close()
+        ctx.term()
     return {which: statistics.median(v) for which, v in spent.items()}
 
 
