@@ -182,7 +182,9 @@ class Broker:
             s.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)  # ZeroMQ's 100 drops a join storm
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, m.MAX_FRAME)
-        self.router.setsockopt(zmq.RCVHWM, 10000)
+        # Requests read ahead of the loop, per connection: past this the client's sends wait
+        # (TCP pushes back), so a flood of 1 MiB PUTs holds at most 1 GB while the loop is busy.
+        self.router.setsockopt(zmq.RCVHWM, 1000)
         # Replies a client has not read: past this many ZeroMQ drops them (the client asks
         # again). Long ones are also counted in bytes (_outflow.py); this bounds the rest.
         self.router.setsockopt(zmq.SNDHWM, 1000)
