@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zmqchat.protocol import (
+    CHUNK,
     MAX_BATCH,
     MAX_CMID,
     MAX_HISTORY,
@@ -137,7 +138,7 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
         {"upload": "b" * 32, "offset": 0},
         {"upload": "b" * 32, "offset": 0, "data": b"xyz"},
     ),
-    Kind.GET: ({"file": "0123abcd", "offset": 5}, {"file": "0123abcd", "offset": 5, "size": 65536}),
+    Kind.GET: ({"file": "0123abcd", "offset": 5}, {"file": "0123abcd", "offset": 5, "size": CHUNK}),
     Kind.FILES: ({"with": "bob"}, {"room": None, "with": "bob"}),
     Kind.FILE: ({"file": "0123abcd"}, {"file": "0123abcd"}),
     Kind.RMFILE: ({"file": "0123abcd"}, {"file": "0123abcd"}),

@@ -45,7 +45,7 @@ from zmqchat._client.ordering import Fetch, RoomOrder
 log = logging.getLogger("zmqchat.client")
 
 
-BATCH_BYTES = 48 * 1024  # a SAY's body, at most: well under the broker's 64 KiB frame limit
+BATCH_BYTES = 48 * 1024  # a SAY's body, at most: well under the broker's MAX_REQUEST (96 KiB)
 BACKOFF_CAP = 10.0  # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000  # a ZeroMQ handshake with a stopped broker gives up after this
 MINE_MEMORY = 100_000  # message ids of ours remembered, to mark our own echoes
@@ -625,6 +625,10 @@ class Client(AccountClient, Messages):
         except zmq.Again:  # the queue to the broker is full: it is not reading
             self._waiting.pop(label, None)
             raise ChatError("TIMEOUT", "the broker is not taking requests") from None
+        # A send may take the descriptor's wake-up for replies that came meanwhile (ZeroMQ's
+        # descriptor is edge-triggered): reading EVENTS through the asyncio socket wakes the
+        # reader if so, as pyzmq's own send does; else they waited for the poll's timeout.
+        self._dealer.get(zmq.EVENTS)
         return label, future
 
     def _forget(self, label: bytes) -> None:
@@ -893,15 +897,22 @@ class Client(AccountClient, Messages):
                     last_ping = now
                     asyncio.create_task(self._ping())
 
-    def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[bytes]]:
+    def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[Any]]:
         """The messages already waiting on sock (at most 1000 a turn); each proves liveness.
-        Read through a plain socket on the same handle: no future per message."""
+        Read through a plain socket on the same handle: no future per message. A fourth
+        frame (a file's chunk) is a view of ZeroMQ's buffer, not a copy."""
         plain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         for _ in range(1000):
             try:
-                frames = plain.recv_multipart(zmq.NOBLOCK)
+                frames: list[Any] = [plain.recv(zmq.NOBLOCK)]
             except zmq.Again:
                 return
+            while plain.rcvmore:
+                if len(frames) < 3:
+                    frames.append(plain.recv(zmq.NOBLOCK))
+                else:
+                    chunk: Any = plain.recv(zmq.NOBLOCK, copy=False)
+                    frames.append(memoryview(chunk))
             self._last_heard = time.monotonic()
             yield frames
 
@@ -1168,7 +1179,7 @@ class Client(AccountClient, Messages):
             ):
                 break
             size += len(m.dumps(item.text)) + 80  # its id and the JSON around it
-            if batch and size > BATCH_BYTES:  # the frame must stay under MAX_FRAME
+            if batch and size > BATCH_BYTES:  # the request must stay under MAX_REQUEST
                 break
             batch.append(item)
         return batch
