@@ -333,13 +333,12 @@ class Broker:
                 else:
                     frames, key, self.frame = [_recv(router, _NOBLOCK)], "", None
                 while _get(router, _RCVMORE):
-                    # a fifth frame is a PUT's chunk: taken as a view of ZeroMQ's own buffer
                     if frames[1:] == _AUTH:  # a login: its address counts (failed logins)
                         self.frame = _recv(router, _NOBLOCK, False)
                         frames.append(self.frame.bytes)
                     elif len(frames) < 4:
                         frames.append(_recv(router, _NOBLOCK))
-                    else:
+                    else:  # a fifth frame is a PUT's chunk: a view of ZeroMQ's own buffer
                         frames.append(memoryview(_recv(router, _NOBLOCK, False)))
                 self.frame_of = frames[0]
             try:
