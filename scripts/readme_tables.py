@@ -29,11 +29,12 @@ MARK = "<!-- made by scripts/readme_tables.py: {} -->"
 
 def tables() -> dict[str, str]:
     """Each table's name and its markdown."""
-    broker_flags, files_flags, cluster_flags = broker.parser().tables
+    broker_flags, files_flags, accounts_flags, cluster_flags = broker.parser().tables
     (client_flags,) = chat.parser().tables
     return {
         "broker flags": broker_flags.markdown(),
         "files flags": files_flags.markdown(),
+        "accounts flags": accounts_flags.markdown(),
         "cluster flags": cluster_flags.markdown(),
         "client flags": client_flags.markdown(),
         "chat commands": command_table(chat.COMMANDS),

@@ -252,7 +252,8 @@ class BrokerPair:
         for key, value in cfg.items():
             if key == "operators":  # the flag is --ops
                 key, value = "ops", ",".join(value)
-            flags += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            flags += [flag] if value is True else [flag, str(value)]  # True: a switch
         self.brokers = [make("b1", *flags), make("b2", *flags)]
         self._turn = 0
         self._last = self.brokers[0]

@@ -6,6 +6,7 @@ whose appends wait, as a cluster's do, to show that a reply waits for its append
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -301,6 +302,22 @@ VALID: dict[Kind, dict[str, Any]] = {
     Kind.KICK: {"room": "lobby", "nick": "bob"},
     Kind.BAN: {"room": "lobby", "nick": "bob"},
     Kind.UNBAN: {"room": "lobby", "nick": "bob"},
+    # accounts (issue 21); AUTH, like HELLO, needs no session
+    Kind.REGISTER: {
+        "salt": "c2FsdHNhbHQ=",
+        "stored_key": base64.b64encode(b"A" * 32).decode(),
+        "server_key": base64.b64encode(b"B" * 32).decode(),
+        "iterations": 4096,
+    },
+    Kind.PASSWORD: {
+        "salt": "c2FsdHNhbHQ=",
+        "stored_key": base64.b64encode(b"A" * 32).decode(),
+        "server_key": base64.b64encode(b"B" * 32).decode(),
+        "iterations": 4096,
+        "proof": "c=biws,r=a,p=b",
+    },
+    Kind.MARK: {"room": "lobby", "seq": 1},
+    Kind.UNREAD: {},
     Kind.UPLOAD: {"room": "lobby", "id": "a" * 32, "name": "x", "size": 1, "sha256": "0" * 64},
     Kind.PUT: {"upload": "b" * 32, "offset": 0},
     Kind.GET: {"file": "0123abcd", "offset": 0},
@@ -317,7 +334,7 @@ VALID.update(  # edits, removals and search (issue 23)
 )
 
 
-@pytest.mark.parametrize("kind", [k for k in Kind if k is not Kind.HELLO])
+@pytest.mark.parametrize("kind", [k for k in Kind if k not in (Kind.HELLO, Kind.AUTH)])
 def test_every_command_gets_exactly_one_reply_before_hello(kind):
     """Without a session every command but HELLO is refused with one NO_HELLO reply, and
     after HELLO each gets exactly one reply (OK or an error)."""

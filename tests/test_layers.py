@@ -19,8 +19,12 @@ ALLOWED: dict[str, set[str]] = {
     "zmqchat._ops.logs": set(),
     # how the programs describe themselves (--help, /help, the README's tables)
     "zmqchat._usage": set(),
+    # SCRAM for accounts, both ends of it (no I/O); reading a password (the client's and the
+    # operator's command lines)
+    "zmqchat._scram": {"zmqchat.protocol"},
+    "zmqchat._passwords": {"zmqchat._scram"},
     # the broker's core: no I/O, no broker loop, no metrics exporter, no store, no cluster
-    "zmqchat._core": {"zmqchat.protocol", "zmqchat._ops.logs"},
+    "zmqchat._core": {"zmqchat.protocol", "zmqchat._ops.logs", "zmqchat._scram"},
     # how a broker was started (flags): the core's rules only
     "zmqchat._config": {"zmqchat._core"},
     # file contents on disk (one broker's store, a cluster broker's cache)
@@ -48,6 +52,8 @@ ALLOWED: dict[str, set[str]] = {
     # the broker's loop and flags: everything of the broker's side
     "zmqchat.broker": {
         "zmqchat.protocol",
+        "zmqchat._scram",
+        "zmqchat._passwords",
         "zmqchat._ops",
         "zmqchat._core",
         "zmqchat._config",
@@ -58,9 +64,14 @@ ALLOWED: dict[str, set[str]] = {
         "zmqchat._index",
     },
     # the client library knows nothing of what is built on it
-    "zmqchat._client": {"zmqchat.protocol"},
+    "zmqchat._client": {"zmqchat.protocol", "zmqchat._scram"},
     "zmqchat._bot": {"zmqchat.protocol", "zmqchat._client"},
-    "zmqchat._cli": {"zmqchat.protocol", "zmqchat._client", "zmqchat._usage"},
+    "zmqchat._cli": {
+        "zmqchat.protocol",
+        "zmqchat._client",
+        "zmqchat._usage",
+        "zmqchat._passwords",
+    },
     # the public API and `python -m zmqchat`
     "zmqchat.__main__": {"zmqchat._cli"},
     "zmqchat": {"zmqchat._client", "zmqchat._bot"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -40,6 +41,7 @@ from zmqchat.protocol import (
     encode_reply,
     encode_request,
     grant_payload,
+    mentions,
     nick_key,
     parse_grant,
     room_topic,
@@ -78,6 +80,7 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "resume": False,
             "token": "",
             "privates_since": 1700000000.0,
+            "proof": None,
         },
     ),
     Kind.JOIN: ({"room": "dev", "resume": True}, {"room": "dev", "resume": True}),
@@ -141,6 +144,43 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
     Kind.RMFILE: ({"file": "0123abcd"}, {"file": "0123abcd"}),
 }
 
+KEYS = {
+    "salt": "c2FsdHNhbHQ=",
+    "stored_key": base64.b64encode(b"A" * 32).decode(),
+    "server_key": base64.b64encode(b"B" * 32).decode(),
+}
+ROUND_TRIPS.update(  # accounts (issue 21)
+    {
+        Kind.AUTH: (
+            {"account": "alice", "first": "n,,n=alice,r=abc"},
+            {"account": "alice", "first": "n,,n=alice,r=abc"},
+        ),
+        Kind.REGISTER: (
+            {**KEYS, "iterations": 4096},
+            {
+                "salt": b"saltsalt",
+                "stored_key": b"A" * 32,
+                "server_key": b"B" * 32,
+                "iterations": 4096,
+            },
+        ),
+        Kind.PASSWORD: (
+            {**KEYS, "iterations": 5000, "proof": "c=biws,r=abc,p=xyz"},
+            {
+                "salt": b"saltsalt",
+                "stored_key": b"A" * 32,
+                "server_key": b"B" * 32,
+                "iterations": 5000,
+                "proof": "c=biws,r=abc,p=xyz",
+            },
+        ),
+        Kind.MARK: (
+            {"room": "dev", "seq": 7},
+            {"room": "dev", "seq": 7, "with": None, "ts": None},
+        ),
+        Kind.UNREAD: ({}, {"room": None, "after": None}),
+    }
+)
 # Edits, removals, replies and search (issue 23)
 ROUND_TRIPS.update(
     {
@@ -762,3 +802,51 @@ def test_encode_event_writes_what_dumps_writes(room, seq, ts, nick, kind, text, 
         event["cmid"] = cmid
     event.update(extra)
     assert encode_event(room, seq, ts, nick, kind, text, cmid, extra) == dumps(event)
+
+
+# ---------------------------------------------------------------------------- accounts (issue 21)
+
+
+@pytest.mark.parametrize(
+    ("text", "nick", "named"),
+    [
+        ("alice: the build is red", "alice", True),
+        ("thanks ALICE!", "alice", True),
+        ("@Alice, look", "alice", True),
+        ("аlice (a Cyrillic a)", "alice", True),  # folded as nicks are
+        ("alicea is not her", "alice", False),
+        ("alice_ neither", "alice", False),
+        ("malice", "alice", False),
+        ("bob[m] and bob", "bob[m]", True),
+        ("", "alice", False),
+        ("alice", "", False),
+    ],
+)
+def test_a_mention_is_the_nick_as_a_word_folded_like_nicks(text, nick, named) -> None:
+    """mentions() finds a nick as a whole word, whatever its case or look-alike letters."""
+    assert mentions(text, nick) is named
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "code"),
+    [
+        (Kind.REGISTER, {**KEYS, "iterations": 1000}, Code.BAD_REQUEST),
+        (Kind.REGISTER, {**KEYS, "iterations": True}, Code.BAD_REQUEST),
+        (Kind.REGISTER, {**KEYS, "iterations": 4096, "salt": "c2FsdA=="}, Code.BAD_REQUEST),
+        (
+            Kind.REGISTER,
+            {**KEYS, "iterations": 4096, "stored_key": "not base64!"},
+            Code.BAD_REQUEST,
+        ),
+        (Kind.AUTH, {"account": "9lives", "first": "n,,n=x,r=y"}, Code.NICK_INVALID),
+        (Kind.AUTH, {"account": "ann", "first": "x" * 600}, Code.TOO_LARGE),
+        (Kind.MARK, {"room": "dev"}, Code.BAD_REQUEST),
+        (Kind.MARK, {"room": "dev", "seq": 1, "with": "bob", "ts": 1.0}, Code.BAD_REQUEST),
+        (Kind.MARK, {"with": "bob"}, Code.BAD_REQUEST),
+        (Kind.UNREAD, {"room": "Bad Room"}, Code.ROOM_INVALID),
+    ],
+)
+def test_account_requests_are_checked(kind, body, code) -> None:
+    """Malformed account requests are refused with a stable code before the broker acts."""
+    err = refused(encode_request(kind, b"1", body))
+    assert err.code == code

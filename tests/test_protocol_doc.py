@@ -15,10 +15,12 @@ import time
 from typing import Any
 
 import pytest
+import scramp
 import zmq
 
 from conftest import ROOT
 from zmqchat import protocol as m
+from zmqchat._scram import Login, make_keys
 
 DOC = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
 VOLATILE = {"ts", "grant", "pub_port", "motd", "time", "broker", "edited"}  # vary by run
@@ -84,6 +86,9 @@ def test_limits_table_matches_messages():
     assert rows == constants
 
 
+PASSWORD = "correct horse battery"  # ann's, in section 15
+KEYS = make_keys(PASSWORD, 4096).to_wire()
+
 # Smallest valid body of each command: what the broker then reads is what the table must name.
 MINIMAL = {
     m.Kind.HELLO: {"version": 1, "nick": "ann"},
@@ -101,6 +106,12 @@ MINIMAL = {
     m.Kind.KICK: {"room": "lobby", "nick": "bob"},
     m.Kind.BAN: {"room": "lobby", "nick": "bob"},
     m.Kind.UNBAN: {"room": "lobby", "nick": "bob"},
+    # accounts (issue 21)
+    m.Kind.AUTH: {"account": "ann", "first": "n,,n=ann,r=abc"},
+    m.Kind.REGISTER: KEYS,
+    m.Kind.PASSWORD: {"proof": "c=biws,r=abc,p=xyz", **KEYS},
+    m.Kind.MARK: {"room": "lobby", "seq": 3},
+    m.Kind.UNREAD: {},
     m.Kind.EDIT: {"room": "lobby", "seq": 2, "text": "fixed"},
     m.Kind.DELETE: {"room": "lobby", "seq": 2},
     m.Kind.SEARCH: {"query": "fixed"},
@@ -180,7 +191,7 @@ class Raw:
 def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
     """Every command, run for real, replies with the fields its table lists (the 'Only'
     ones when they apply); every push and event carries only documented fields."""
-    broker = make_broker(operators=("ann",), heartbeat=2.0)
+    broker = make_broker(operators=("ann",), heartbeat=2.0, scram_iterations=4096)
     ctx = zmq.Context()
     try:
         ann, bob = Raw(ctx, broker.port), Raw(ctx, broker.port)
@@ -254,11 +265,26 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
         ok(bob, "LEAVE", {"room": "lobby"})
         ok(ann, "NICK", {"nick": "ann"})
         ok(ann, "NICK", {"nick": "anna"})
-        ok(bob, "BYE", {"reason": "tired"})
-        history = ok(ann, "HISTORY", {"room": "lobby", "after": 0, "limit": 500})
         assert ok(ann, "HISTORY", {"with": "bob"})["events"][0]["text"] == "psst"
+        ok(ann, "REGISTER", KEYS)  # accounts (issue 21): anna is one from here on
+        anna = Raw(ctx, broker.port)
+        login = Login("anna", PASSWORD)
+        first = ok(anna, "AUTH", {"account": "anna", "first": login.first()})
+        proof = login.proof(first["next"])
+        ok(anna, "HELLO", {"version": 1, "nick": "anna", "proof": proof})
+        pushes.append(("EXPIRED", ann.push("EXPIRED")))  # the login took ann's session over
+        ok(anna, "JOIN", {"room": "lobby"})
+        ok(anna, "MARK", {"room": "lobby", "seq": 1})
+        ok(anna, "MARK", {"with": "bob", "ts": 1.0})
+        ok(anna, "UNREAD", {})
+        ok(anna, "UNREAD", {"room": "lobby", "after": 0})
+        again = Login("anna", PASSWORD)
+        first = ok(anna, "AUTH", {"account": "anna", "first": again.first()})
+        ok(anna, "PASSWORD", {"proof": again.proof(first["next"]), **KEYS})
+        ok(bob, "BYE", {"reason": "tired"})
+        history = ok(anna, "HISTORY", {"room": "lobby", "after": 0, "limit": 500})
         broker.stop()
-        pushes.append(("SHUTDOWN", ann.push("SHUTDOWN")))
+        pushes.append(("SHUTDOWN", anna.push("SHUTDOWN")))
     finally:
         ctx.destroy(linger=0)
 
@@ -386,6 +412,62 @@ def test_files_session_replays_against_a_fresh_broker(make_broker):
         assert checked == 6
     finally:
         ctx.destroy(linger=0)
+
+
+def test_accounts_session_replays_against_a_fresh_broker(make_broker):
+    """Section 15's session, sent to a fresh broker: every reply as shown (each proof
+    computed from the password and the server-first message just received)."""
+    block = re.search(r"^```accounts-frames\n(.*?)^```", DOC, re.M | re.S)
+    assert block, "PROTOCOL.md has no accounts session (an ```accounts-frames block)"
+    passwords = {"(ann2)": PASSWORD, "(eve)": "wrong guess here"}
+    broker = make_broker(heartbeat=2.0, scram_iterations=4096)
+    ctx = zmq.Context()
+    socks: dict[str, Raw] = {}
+    logins: dict[str, Any] = {}
+    checked = 0
+    try:
+        for line in block.group(1).splitlines():
+            who, rest = line.split(None, 1)
+            actor = who[1:]
+            sock = socks.setdefault(actor, Raw(ctx, broker.port))
+            kind, label, text = rest.split(" | ", 2)
+            body = json.loads(text)
+            if who[0] == "C":
+                if kind == "AUTH":  # the client nonce as shown
+                    nonce = body["first"].rpartition("r=")[2]
+                    logins[actor] = scramp.ScramClient(
+                        ["SCRAM-SHA-256"], body["account"], passwords[actor], c_nonce=nonce
+                    )
+                    assert logins[actor].get_client_first() == body["first"]
+                if "proof" in body:
+                    body["proof"] = logins[actor].get_client_final()
+                sock.send(kind, frame(label), json.dumps(body).encode())
+                continue
+            got_kind, got = sock.reply(frame(label))
+            assert got_kind == kind, (line, got)
+            if "next" in got:
+                logins[actor].set_server_first(got["next"])
+            if "verify" in got:
+                logins[actor].set_server_final(got["verify"])  # the broker proved its keys
+            volatile = {"next", "verify"}
+            assert steady(drop(got, volatile)) == steady(drop(body, volatile)), line
+            checked += 1
+        assert checked >= 15
+    finally:
+        ctx.destroy(linger=0)
+
+
+def drop(value: Any, keys: set[str]) -> Any:
+    """The value without `keys`, and without marks that are times (floats)."""
+    if isinstance(value, dict):
+        return {
+            k: drop(v, keys)
+            for k, v in value.items()
+            if k not in keys and not (k == "mark" and isinstance(v, float))
+        }
+    if isinstance(value, list):
+        return [drop(v, keys) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------- the minimal client

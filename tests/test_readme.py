@@ -131,7 +131,7 @@ def test_every_flag_and_command_is_in_a_table():
         }
         flags = {name for a in parser._actions for name in a.option_strings} - {"-h", "--help"}
         assert flags == tabled
-    session = chat.Chat(SimpleNamespace(welcome={}), None, "lobby", leave_words=True)
+    session = chat.Chat(SimpleNamespace(welcome={}, account=None), None, "lobby", leave_words=True)
     documented = {
         word[1:]
         for usage, _ in chat.COMMANDS

@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
+from conftest import wait_for
 from zmqchat import protocol as m
 from zmqchat._config import Config
 from zmqchat._core import search
+from zmqchat._core.accounts_state import Account, AccountStore
 from zmqchat._core.state import (
     Delivery,
     Draft,
@@ -29,6 +31,7 @@ from zmqchat._core.state import (
     RoomLog,
     RoomSettings,
 )
+from zmqchat._scram import make_keys
 from zmqchat.protocol import Code, EventKind, ProtocolError
 
 ROOMS = ("lobby", "work")
@@ -43,15 +46,24 @@ class State:
     settle: Any  # settle(op) -> op's value, or raises its error
     follow: Any  # follow() -> the deliveries that have become durable (waits for some)
     broker: str
+    accounts: AccountStore  # issue 21
+    other: Any  # other() -> the same shared state as another broker (a restart) sees it
 
 
 def _local(tmp_path) -> Iterator[State]:
+    from zmqchat._local.accounts import LocalAccounts
     from zmqchat._local.state import LocalLog, LocalRegistry
     from zmqchat._local.store import Store
 
     store = Store(str(tmp_path / "chat.db"))
     log = LocalLog(store)
     registry = LocalRegistry(store, ROOMS, ("boss",), False)
+    stores = [store]
+
+    def other() -> AccountStore:  # one broker: the same database, after a restart
+        stores[-1].close()
+        stores.append(Store(str(tmp_path / "chat.db")))
+        return LocalAccounts(stores[-1])
 
     def settle(op: Op) -> Any:
         assert op.done, "one broker answers at once"
@@ -60,9 +72,9 @@ def _local(tmp_path) -> Iterator[State]:
         return op.value
 
     try:
-        yield State(log, registry, settle, log.follow, "b1")
+        yield State(log, registry, settle, log.follow, "b1", LocalAccounts(store), other)
     finally:
-        store.close()
+        stores[-1].close()
 
 
 def _cluster(nats_nodes) -> Iterator[State]:
@@ -79,17 +91,26 @@ def _cluster(nats_nodes) -> Iterator[State]:
     )
     cluster = Cluster(cfg)
     cluster.start("b1")
+    clusters = [cluster]
 
     def run_until(done: Any, timeout: float = 10.0) -> None:
         async def go() -> None:
             deadline = time.monotonic() + timeout
             while not done():
                 assert time.monotonic() < deadline, "the cluster did not answer in time"
-                cluster.send_pending()
-                await cluster.wait(0.05)
-                cluster.drain()
+                for c in clusters:
+                    c.send_pending()
+                await clusters[-1].wait(0.05)
+                for c in clusters:
+                    c.drain()
 
-        cluster.loop.run_until_complete(go())
+        clusters[-1].loop.run_until_complete(go())
+
+    def other() -> AccountStore:  # a cluster: another broker on the same buckets
+        b2 = Cluster(cfg)
+        b2.start("b2")
+        clusters.append(b2)
+        return b2.accounts
 
     def settle(op: Op) -> Any:
         run_until(lambda: op.done)
@@ -103,9 +124,10 @@ def _cluster(nats_nodes) -> Iterator[State]:
         return out
 
     try:
-        yield State(cluster.log, cluster.registry, settle, follow, "b1")
+        yield State(cluster.log, cluster.registry, settle, follow, "b1", cluster.accounts, other)
     finally:
-        cluster.close()
+        for c in clusters:
+            c.close()
         delete_namespace(nats_nodes.urls, namespace)
 
 
@@ -299,6 +321,78 @@ def test_identities_list_every_held_session(state):
     state.settle(reg.release(a))
     state.settle(reg.catch_up())
     assert {i.nick for i in reg.identities()} == {"bob"}
+
+
+# ---------------------------------------------------------------------------- accounts (issue 21)
+
+
+def account(name: str, when: float = 1.0) -> Account:
+    return Account(name, m.nick_key(name), make_keys("correct horse", 4096), when)
+
+
+def test_an_account_is_registered_once_and_its_password_changed(state):
+    """A registered account is found by its nick key; a second registration of that name
+    fails NICK_TAKEN; new keys replace the old ones; another broker (or a restart) sees the
+    account as it was left."""
+    acct = account("Ann")
+    assert state.accounts.account("ann") is None
+    state.settle(state.accounts.register(acct))
+    assert state.accounts.account("ann") == acct
+    with pytest.raises(ProtocolError) as refused:
+        state.settle(state.accounts.register(account("ann", 2.0)))
+    assert refused.value.code == Code.NICK_TAKEN
+    changed = Account(acct.name, acct.key, make_keys("battery staple", 4096), acct.created)
+    state.settle(state.accounts.set_keys(changed))
+    assert state.accounts.account("ann") == changed
+    other = state.other()
+    found = wait_for(lambda: other.account("ann"), 10, "the account on the other broker")
+    assert found == changed
+
+
+def test_an_accounts_rooms_and_marks_are_kept(state):
+    """Joining, marking (never backwards), leaving, private marks and the last room are kept
+    for the account, and another broker (or a restart) finds them."""
+    acct = account("bea")
+    state.settle(state.accounts.register(acct))
+    state.settle(state.accounts.join(acct, "lobby", 3))
+    state.settle(state.accounts.join(acct, "work", 7))
+    state.settle(state.accounts.mark(acct, "lobby", 9))
+    state.settle(state.accounts.mark(acct, "lobby", 5))  # never back
+    state.settle(state.accounts.mark(acct, "team", 5))  # not its room: nothing
+    state.settle(state.accounts.part(acct, "work"))
+    state.settle(state.accounts.mark_private(acct, "cy", 100.5))
+    state.settle(state.accounts.mark_private(acct, "cy", 50.0))
+    state.settle(state.accounts.enter(acct, "lobby"))
+    kept = state.accounts.kept(acct)
+    assert (kept.rooms, kept.privates, kept.last_room) == ({"lobby": 9}, {"cy": 100.5}, "lobby")
+    other = state.other()
+    wait_for(lambda: other.kept(acct).last_room == "lobby", 10, "the marks on the other broker")
+    again = other.kept(acct)
+    assert (again.rooms, again.privates) == ({"lobby": 9}, {"cy": 100.5})
+
+
+def test_failed_logins_are_counted_by_account_and_address(state):
+    """Failed logins count for their account and address only, from the time asked."""
+    state.settle(state.accounts.failed("dee", "10.0.0.1", 100.0))
+    state.settle(state.accounts.failed("dee", "10.0.0.1", 130.0))
+    state.settle(state.accounts.failed("dee", "10.0.0.2", 130.0))
+    assert sorted(state.accounts.failures("dee", "10.0.0.1", 90.0)) == [100.0, 130.0]
+    assert state.accounts.failures("dee", "10.0.0.1", 120.0) == [130.0]
+    assert state.accounts.failures("eve", "10.0.0.1", 0.0) == []
+
+
+def test_private_messages_to_an_account_are_found_under_any_of_its_nicks(state):
+    """privates_to(owner) finds what was kept for that identity whatever its nick was,
+    and nothing kept for another."""
+    for i, (to, nick) in enumerate([("acct:fay", "fay"), ("acct:fay", "fay2"), ("tok:x", "fay")]):
+        data = json.dumps({"kind": "private", "nick": "gus", "text": f"m{i}", "ts": 10.0 + i})
+        state.settle(
+            state.log.append_private(
+                10.0 + i, "tok:g", f"{to} {nick}", f"p{i}", data.encode(), "gus"
+            )
+        )
+    got = state.settle(state.accounts.privates_to("acct:fay", 0.0, 10))
+    assert [json.loads(t)["text"] for t in got] == ["m0", "m1"]
 
 
 # ---------------------------------------------------------------------------- edits, search

@@ -715,6 +715,7 @@ class Bot:
         if self._help and self.commands and "help" not in self.commands:
             self.commands["help"] = Command.from_function("help", self._cmd_help)
         options.setdefault("backlog", 0)  # old commands in the backlog are not answered again
+        options.setdefault("unread", 0)  # nor, for a bot's account, those sent while it was away
         signals = self._catch_signals()
         loops: list[asyncio.Task] = []
         try:

@@ -38,6 +38,8 @@ class Config:
     replicas: int = 0  # copies of each stream in a cluster (0: up to 3)
     namespace: str = "zmqchat"  # prefix of our streams and buckets in NATS
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
+    registered_only: bool = Rules.registered_only  # accounts only (issue 21)
+    scram_iterations: int = Rules.scram_iterations  # SCRAM rounds new passwords use at least
     files: FileRules = field(default_factory=FileRules)  # limits on files (issue 24)
     files_dir: str | None = None  # file contents (default: DB-files beside the database)
 
@@ -55,4 +57,6 @@ class Config:
             heartbeat=self.heartbeat,
             allow_new_rooms=self.allow_new_rooms,
             keys_required=self.curve_key is not None,
+            registered_only=self.registered_only,
+            scram_iterations=self.scram_iterations,
         )

@@ -42,10 +42,13 @@ Edits, removals, replies and search (issue 23):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
@@ -92,6 +95,12 @@ class Kind(StrEnum):
     KICK = "KICK"
     BAN = "BAN"
     UNBAN = "UNBAN"
+    # accounts and catching up (issue 21): see "Accounts" below
+    AUTH = "AUTH"
+    REGISTER = "REGISTER"
+    PASSWORD = "PASSWORD"
+    MARK = "MARK"
+    UNREAD = "UNREAD"
     # Edits, removals and search (issue 23); a reply is a SAY with `re`
     EDIT = "EDIT"
     DELETE = "DELETE"
@@ -146,6 +155,11 @@ class Code(StrEnum):
     QUOTA = "QUOTA"  # a sender's bytes per day are used up
     NO_SPACE = "NO_SPACE"  # the broker keeps its free disk space
     INTERNAL = "INTERNAL"
+    # accounts (issue 21)
+    AUTH_REQUIRED = "AUTH_REQUIRED"  # the nick is a registered account: log in
+    AUTH_FAILED = "AUTH_FAILED"  # wrong password (or no AUTH exchange under way)
+    NO_ACCOUNT = "NO_ACCOUNT"  # AUTH for a nick that is not registered
+    ACCOUNTS_ONLY = "ACCOUNTS_ONLY"  # the broker admits registered accounts only
     # Edits, removals, replies (issue 23)
     NO_SUCH_MESSAGE = "NO_SUCH_MESSAGE"  # no message at that seq (or it was deleted)
     NOT_AUTHOR = "NOT_AUTHOR"  # someone else's message: only operators may remove it
@@ -347,6 +361,7 @@ def _v_hello(b: dict[str, Any]) -> dict[str, Any]:
         "resume": b.get("resume") is True,
         "token": _text(b, "token", MAX_CMID, required=False) or "",
         "privates_since": _time(b, "privates_since"),
+        "proof": _text(b, "proof", MAX_SCRAM, required=False),  # accounts: SCRAM's last word
     }
 
 
@@ -550,7 +565,7 @@ def _v_files(b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-VALIDATORS: Final = {
+VALIDATORS: Final[dict[Kind, Callable[[dict[str, Any]], dict[str, Any]]]] = {
     Kind.HELLO: _v_hello,
     Kind.JOIN: _v_join,
     Kind.LEAVE: _v_room,
@@ -577,6 +592,113 @@ VALIDATORS: Final = {
     Kind.RMFILE: _v_file,
 }
 
+
+# ---------------------------------------------------------------------------- accounts
+# Accounts and catching up (issue 21). A registered nick is an account's name; logging in is
+# SCRAM-SHA-256 (RFC 5802/7677): AUTH carries the client's first message and gets the
+# broker's, HELLO carries the client's proof (`proof`) and its welcome the broker's own
+# (`verify`). REGISTER and PASSWORD send SCRAM's salted keys, never a password. MARK keeps
+# how far an account has read a room (a seq) or a private conversation (a time); UNREAD
+# counts what is after the marks.
+
+MAX_SCRAM: Final = 512  # characters in a SCRAM message: nonces, a proof and a nick fit in 200
+MIN_ITERATIONS: Final = 4096  # SCRAM's iteration count, lowest (RFC 7677's minimum)...
+MAX_ITERATIONS: Final = 10_000_000  # ...and highest: a login must not take a client minutes
+SCRAM_KEY: Final = 32  # bytes in a SCRAM-SHA-256 stored or server key
+SALT_BYTES: Final = (8, 64)  # a salt's length in bytes, at least and at most
+
+
+def _b64(b: dict[str, Any], key: str, sizes: tuple[int, int]) -> bytes:
+    value = b.get(key)
+    try:
+        raw = base64.b64decode(value, validate=True) if isinstance(value, str) else None
+    except (binascii.Error, ValueError):
+        raw = None
+    if raw is None or not sizes[0] <= len(raw) <= sizes[1]:
+        low, high = sizes
+        size = f"{low}" if low == high else f"{low} to {high}"
+        raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must be {size} bytes in base64")
+    return raw
+
+
+def _keys(b: dict[str, Any]) -> dict[str, Any]:
+    """SCRAM's salted keys of a password (REGISTER, PASSWORD), checked for shape."""
+    iterations = b.get("iterations")
+    if type(iterations) is not int or not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
+        raise ProtocolError(
+            Code.BAD_REQUEST,
+            f"field 'iterations' must be an integer from {MIN_ITERATIONS} to {MAX_ITERATIONS}",
+        )
+    return {
+        "salt": _b64(b, "salt", SALT_BYTES),
+        "stored_key": _b64(b, "stored_key", (SCRAM_KEY, SCRAM_KEY)),
+        "server_key": _b64(b, "server_key", (SCRAM_KEY, SCRAM_KEY)),
+        "iterations": iterations,
+    }
+
+
+def _v_auth(b: dict[str, Any]) -> dict[str, Any]:
+    return {"account": check_nick(b.get("account")), "first": _text(b, "first", MAX_SCRAM)}
+
+
+def _v_password(b: dict[str, Any]) -> dict[str, Any]:
+    return {"proof": _text(b, "proof", MAX_SCRAM), **_keys(b)}
+
+
+def _v_mark(b: dict[str, Any]) -> dict[str, Any]:
+    if (b.get("room") is None) == (b.get("with") is None):
+        raise ProtocolError(Code.BAD_REQUEST, "MARK takes a 'room' (with 'seq') or a 'with'")
+    if b.get("room") is not None:
+        seq = _int(b, "seq", required=True)
+        return {"room": check_room(b["room"]), "seq": seq, "with": None, "ts": None}
+    ts = _time(b, "ts")
+    if ts is None:
+        raise ProtocolError(Code.BAD_REQUEST, "field 'ts' must be a number (UTC seconds)")
+    return {"room": None, "seq": None, "with": check_nick(b["with"]), "ts": ts}
+
+
+def _v_unread(b: dict[str, Any]) -> dict[str, Any]:
+    room = b.get("room")
+    return {"room": check_room(room) if room is not None else None, "after": _int(b, "after")}
+
+
+def mentions(text: str, nick: str) -> bool:
+    """Whether `text` names `nick` as a word: folded as nicks are compared (case and
+    look-alike letters), and not inside a longer run of the characters a nick may hold."""
+    return bool(nick) and names(fold(text), nick_key(nick))
+
+
+def fold(text: str) -> str:
+    """A text folded as nicks are (nick_key), to look for nicks in (names())."""
+    return text.lower() if text.isascii() else nick_key(text)
+
+
+def names(folded: str, key: str) -> bool:
+    """Whether a folded text (fold()) holds the nick key `key` as a word."""
+    at = folded.find(key) if key else -1
+    while at >= 0:
+        end = at + len(key)
+        if (at == 0 or not _in_nick(folded[at - 1])) and (
+            end == len(folded) or not _in_nick(folded[end])
+        ):
+            return True
+        at = folded.find(key, at + 1)
+    return False
+
+
+def _in_nick(ch: str) -> bool:
+    return ch.isalnum() or ch in NICK_PUNCT
+
+
+VALIDATORS.update(
+    {
+        Kind.AUTH: _v_auth,
+        Kind.REGISTER: _keys,
+        Kind.PASSWORD: _v_password,
+        Kind.MARK: _v_mark,
+        Kind.UNREAD: _v_unread,
+    }
+)
 
 _KINDS: Final = {k.value.encode(): k for k in Kind}
 # A request body is plain JSON: decoded by msgspec (in C, about three times json's speed)

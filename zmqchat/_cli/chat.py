@@ -11,7 +11,9 @@ It runs in one of three ways:
     --json    one JSON object per event; at the end of stdin it waits for the acknowledgements
 Exit status: 0 left normally, 1 could not connect (or messages were left undelivered),
 2 usage (no nickname and no terminal to ask for one; a nickname that can never be valid, told
-before connecting; an unreadable --server-key), 3 nickname refused by the broker (taken).
+before connecting; an unreadable --server-key or --password-file), 3 nickname refused by the
+broker (taken), 4 not let in as an account: a wrong or missing password, too many failed
+logins, no such account, or a broker for accounts only (catchup.py, passwords.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import getpass
 import os
 import signal
 import sys
@@ -28,8 +32,10 @@ from typing import Any, Final
 
 import zmq
 
+from zmqchat import _passwords as passwords
 from zmqchat import protocol as m
 from zmqchat._cli import edits
+from zmqchat._cli.catchup import Reading, account_commands
 from zmqchat._cli.errors import UsageError
 from zmqchat._cli.files import COMMANDS as FILE_COMMANDS
 from zmqchat._cli.files import FileCommands, Transfer, default_downloads
@@ -58,7 +64,11 @@ LEAVE_WORDS: Final = (".exit", "bye")
 # The chat's commands: /help and the README's table are both made from this (_usage.py).
 COMMANDS: Final = (
     ("/rooms", "every room with its member count; yours is marked"),
-    ("/join ROOM", "leave your room and enter ROOM (an unknown room gets the list of rooms)"),
+    (
+        "/join ROOM",
+        "leave your room and enter ROOM (an unknown room gets the list of rooms; an account "
+        "stays in its rooms and sees what is unread in ROOM: see Accounts)",
+    ),
     ("/who [ROOM|*]", "who is in your room (or ROOM; `*`: everyone online)"),
     ("/msg NICK TEXT", "a private message to one person (never published to a room)"),
     ("/me ACTION", "an action: `* alice waves`"),
@@ -73,6 +83,10 @@ COMMANDS: Final = (
     ("/ban NICK [REASON]", "remove someone and keep them out of the room (operators)"),
     ("/unban NICK", "let someone banned join again (operators)"),
     ("/lock, /unlock", "only operators may set the topic, or everyone again (operators)"),
+    ("/register", "make your nickname an account: a password keeps it yours (see Accounts)"),
+    ("/password", "change your account's password (the old one once, the new one twice)"),
+    ("/leave [ROOM]", "an account: leave this room (or ROOM) for good"),
+    ("/more", "an account: the next 500 unread events of this room, past the first 500"),
     *FILE_COMMANDS,
     *edits.COMMANDS,
     ("/help", "this list"),
@@ -154,7 +168,13 @@ def parser() -> Parser:
         shown="asked for on a terminal; needed otherwise",
         help="your nickname",
     )
-    flag("-r", "--room", default=DEFAULT_ROOM, metavar="ROOM", help="the room to start in")
+    flag(
+        "-r",
+        "--room",
+        metavar="ROOM",
+        shown=f"`{DEFAULT_ROOM}`; an account: the room it was in last",
+        help="the room to start in",
+    )
     flag(
         "--json",
         action="store_true",
@@ -179,6 +199,12 @@ def parser() -> Parser:
         metavar="FILE",
         shown="no encryption",
         help="the broker's public CURVE key file: encrypt and authenticate (see Security)",
+    )
+    flag(
+        "--password-file",
+        metavar="FILE",
+        shown=f"`{passwords.ENV}`, else asked for on a terminal when needed",
+        help="your account's password: this file's first line (see Accounts)",
     )
     return p
 
@@ -248,19 +274,42 @@ def fail(text: str) -> None:
     print(f"{program('zmqchat')}: {text}", file=sys.stderr, flush=True)
 
 
+def waiting(nick: str, seconds: float) -> None:
+    tell(
+        f"The nickname {nick} is still held by a connection that went silent; it is free "
+        f"within {seconds:.0f} s if that one is gone: waiting for it..."
+    )
+
+
+AUTH_CODES: Final = frozenset(
+    {m.Code.AUTH_FAILED, m.Code.NO_ACCOUNT, m.Code.ACCOUNTS_ONLY, m.Code.RATE_LIMITED}
+)
+
+
 def connect(
     runner: asyncio.Runner,
     addresses: list[Address],
     nick: str,
-    room: str,
+    room: str | None,
     interactive: bool,
     curve: dict[str, Any],
+    password: str | None = None,
+    may_ask: bool = False,
 ) -> Client | int:
-    """A connected Client, or the exit status; a refused nick is asked again if we can."""
+    """A connected Client, or the exit status; a refused nick is asked again if we can,
+    and a registered nick's password if we may (`may_ask`: a terminal, not --json)."""
     where = ", ".join(show_address(h, p) for h, p in addresses)
     while True:
         nick = nick or ask_nick()
-        client = Client(addresses, nick=nick, rooms=[room], timeout=TIMEOUT, **curve)
+        client = Client(
+            addresses,
+            nick=nick,
+            rooms=[room] if room else None,
+            timeout=TIMEOUT,
+            password=password,
+            on_wait=functools.partial(waiting, nick),
+            **curve,
+        )
         if interactive:
             tell(f"Connecting to {where} as {nick}...")
         try:
@@ -269,10 +318,22 @@ def connect(
         except ChatError as err:
             runner.run(client.close())
             reason = escape(err.reason)
+            if err.code == m.Code.AUTH_REQUIRED:
+                if may_ask and password is None:
+                    password = getpass.getpass(f"Password for {nick}: ")
+                    continue
+                fail(
+                    f"{reason}; give it with --password-file FILE or {passwords.ENV}"
+                    + ("" if may_ask else " (--json never asks)" if interactive else "")
+                )
+                return 4
+            if err.code in AUTH_CODES:
+                fail(reason)
+                return 4
             if err.code in (m.Code.NICK_TAKEN, m.Code.NICK_INVALID):
                 if interactive:
                     tell(f"Sorry, {reason}. Please choose another nickname.")
-                    nick = ""
+                    nick, password = "", None
                     continue
                 fail(
                     f"cannot use the nickname {escape(nick)!r}: {reason}; "
@@ -345,8 +406,23 @@ class Chat(FileCommands, edits.EditCommands):
             "files": self.cmd_files,
             "get": self.cmd_get,
             "rmfile": self.cmd_rmfile,
+            **account_commands(self),  # register, password, more, leave (catchup.py)
         }
         self.commands.update(self.edit_commands())
+        # an account reads one of its rooms and counts the others'
+        self.reading: Reading | None = Reading(client) if client.account else None
+        # how a secret is asked for here: set by the front end (no echo on a terminal)
+        self.ask_secret: Callable[[str], Awaitable[str]] = self._no_secret
+
+    async def _no_secret(self, prompt: str) -> str:
+        raise ChatError("USAGE", "no way to ask for a password here")
+
+    def waiting(self) -> str:
+        """An account's other rooms with unread messages, for the toolbar."""
+        return self.reading.toolbar(self.room) if self.reading is not None else ""
+
+    def unread_elsewhere(self) -> int:
+        return self.reading.elsewhere(self.room) if self.reading is not None else 0
 
     async def greet(self) -> None:
         """The broker's banner and who and where we are."""
@@ -356,6 +432,7 @@ class Chat(FileCommands, edits.EditCommands):
         except ChatError:
             topic = ""
         motd = str(c.welcome.get("motd") or "")
+        others = [r for r in c.rooms if r != self.room] if c.account else []
         if self.screen.json_mode:
             self.screen.note(
                 f"connected as {c.nick} in {self.room}",
@@ -365,14 +442,16 @@ class Chat(FileCommands, edits.EditCommands):
                 topic=topic,
                 rooms=self.rooms,
                 motd=motd,
+                **({"account": c.account, "joined": list(c.rooms)} if c.account else {}),
             )
             return
         if motd.strip():
             self.screen.write(escape_lines(motd.strip("\n")))
         via = f" (via {escape(c.broker)})" if len(c.addresses) > 1 else ""  # which of them
+        also = f"; your other rooms: {', '.join(others)}" if others else ""
         self.screen.write(
-            f"Welcome, {escape(c.nick)}! You are in {self.room}{via}. "
-            f"Type /help for the commands, /quit to leave."
+            f"Welcome{' back' if c.account else ''}, {escape(c.nick)}! You are in "
+            f"{self.room}{via}{also}. Type /help for the commands, /quit to leave."
         )
         if topic:
             self.screen.note(f"topic of {self.room}: {topic}")
@@ -384,6 +463,8 @@ class Chat(FileCommands, edits.EditCommands):
                 continue
             if ev.kind == EventKind.PRIVATE and not ev.mine and ev.data.get("to") == ev.nick:
                 continue  # a note to self: the broker's copy of our own send is shown
+            if self.reading is not None and not self.reading.take(ev, self.room):
+                continue  # another room's: counted (or one shown already)
             self.track(ev)
             hidden = not self.screen.json_mode and self.hidden(ev)
             self.remember(ev)
@@ -399,6 +480,8 @@ class Chat(FileCommands, edits.EditCommands):
                 asyncio.create_task(self.fall_back(ev.room))
             if self.screen.closed and not self.quitting:  # nobody reads our output any more
                 asyncio.create_task(self.quit(None))
+        if not self.quitting:  # the client stopped by itself: our account logged in elsewhere
+            asyncio.create_task(self.quit(None, wait=0))
 
     async def fall_back(self, room: str) -> None:
         """Out of our room against our will: back to lobby, or nowhere if that was lobby
@@ -547,6 +630,7 @@ class Chat(FileCommands, edits.EditCommands):
         # Join first, then leave: a refused join (no such room) leaves you where you were.
         old, self.room = self.room, arg  # the new room's backlog shows as this room's
         self.joining = arg
+        back = self.reading is not None and arg in self.client.rooms  # an account's room
         try:
             reply = await self.client.join(arg)
         except ChatError:
@@ -557,7 +641,11 @@ class Chat(FileCommands, edits.EditCommands):
         if arg not in self.client.rooms:  # kicked as we came in (that was said): stay put
             self.room = old
             return
-        if old != arg and old in self.client.rooms:
+        if self.reading is not None:  # an account stays in the room it was in
+            self.reading.entered(arg)
+            if back:
+                await self.reading.catch_up(self, arg)
+        elif old != arg and old in self.client.rooms:
             try:
                 await self.client.leave(old)
             except ChatError as err:
@@ -708,8 +796,18 @@ async def stdin_lines() -> AsyncIterator[str]:
 
 
 async def read_lines(chat: Chat) -> None:
-    """Plain and JSON mode: send every stdin line; at its end, wait for acks and leave."""
-    async for line in stdin_lines():
+    """Plain and JSON mode: send every stdin line; at its end, wait for acks and leave. A
+    password a command asks for (/register, /password) is the next line."""
+    lines = stdin_lines()
+
+    async def secret(prompt: str) -> str:
+        try:
+            return await anext(lines)
+        except StopAsyncIteration:
+            raise ChatError("USAGE", f"no line for {prompt.strip(': ')}: input ended") from None
+
+    chat.ask_secret = secret
+    async for line in lines:
         await chat.handle(line)
         if chat.quitting:
             return
@@ -720,14 +818,15 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     """Run the chat until the user leaves; returns the exit status."""
     colour = terminal and not args.no_color and not os.environ.get("NO_COLOR")
     screen = Screen(json_mode=args.json, colour=colour)
-    chat = Chat(client, screen, args.room, leave_words=not args.json, downloads=args.downloads)
+    room = (client.want_rooms or [DEFAULT_ROOM])[0]  # -r, or an account's last room
+    chat = Chat(client, screen, room, leave_words=not args.json, downloads=args.downloads)
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGHUP):  # leave cleanly, as on Ctrl+C
         loop.add_signal_handler(sig, me.cancel)
     if terminal:
         try:
-            chat.nicks.update(await client.who(args.room))
+            chat.nicks.update(await client.who(room))
         except ChatError:
             pass
     await chat.greet()
@@ -796,8 +895,16 @@ def main(argv: list[str] | None = None) -> int:
                 fail(f"--server-key {args.server_key}: {err}")
                 return 2
             curve = {"server_key": server_key, "keypair": keypair}
+        try:
+            password = passwords.given(args.password_file)
+        except passwords.PasswordError as err:
+            fail(str(err))
+            return 2
+        may_ask = interactive and not args.json
         with asyncio.Runner() as runner:
-            client = connect(runner, addresses, args.user or "", args.room, interactive, curve)
+            client = connect(
+                runner, addresses, args.user or "", args.room, interactive, curve, password, may_ask
+            )
             if isinstance(client, int):
                 return client
             if not terminal:

@@ -16,6 +16,7 @@ import time
 import zlib
 from typing import Any, Final
 
+from zmqchat import protocol
 from zmqchat._client.library import Event, Status
 from zmqchat.protocol import EventKind
 
@@ -56,10 +57,8 @@ def nick_colour(nick: str) -> str:
 
 
 def mentions(text: str, nick: str) -> bool:
-    """Does text name nick as a word (any case)?"""
-    if not nick:
-        return False
-    return re.search(rf"(?<!\w){re.escape(nick)}(?!\w)", text, re.IGNORECASE) is not None
+    """Does text name nick as a word (folded as nicks are: any case, look-alike letters)?"""
+    return protocol.mentions(text, nick)
 
 
 def clock(ts: float) -> str:
@@ -70,12 +69,14 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M", when)
 
 
-def event_json(ev: Event, quote: str | None = None) -> str:
+def event_json(ev: Event, quote: str | None = None, me: str = "") -> str:
     """One event as a JSON line: the broker's fields plus the client's view (mine, backlog;
-    for a reply, `quote`: what it answers, as shown)."""
+    for a reply, `quote`: what it answers, as shown; `mention` when it names `me`)."""
     data: dict[str, Any] = dict(ev.data)
     if quote is not None:
         data["quote"] = quote
+    if me and not ev.mine and ev.kind in SPOKEN and mentions(ev.text, me):
+        data["mention"] = True
     data.update(
         kind=ev.kind,
         room=ev.room,
@@ -109,7 +110,9 @@ class Render:
     def event(self, ev: Event, *, me: str, room: str | None, quote: str | None = None) -> str:
         """One line for one event; `me` is our nick (mentions), `room` the current room,
         `quote` what a reply answers."""
-        dimmed = ev.backlog  # a dimmed line keeps no inner colours: a reset would end the dim
+        # a dimmed line keeps no inner colours: a reset would end the dim; what an account
+        # had not read yet (caught up with on entering a room) is not dimmed
+        dimmed = ev.backlog and not ev.data.get("unread")
         nick = escape(ev.nick)
         if not dimmed:
             nick = self.paint(
@@ -125,15 +128,15 @@ class Render:
         body = self.body(ev, nick, text)
         if ev.bot:
             body = "[bot] " + body
-        if ev.room and room and ev.room != room:
+        if ev.room and room and ev.room != room and ev.kind != Status.UNREAD:
             body = f"[{escape(str(ev.room))}] {body}"
-        if ev.backlog:
+        if dimmed:
             body = "[earlier] " + body
         if dimmed:
             return self.paint(f"{clock(ev.ts)} {body}", DIM)
         if ev.kind in NOTICE_KINDS:  # no inner colours in a notice: the whole line is muted
             body = self.paint(body, DIM)
-        elif ev.kind == Status.KIND:
+        elif ev.kind in (Status.KIND, Status.UNREAD):
             body = self.paint(body, BOLD)
         return self.paint(f"{clock(ev.ts)} ", DIM) + body
 
@@ -151,7 +154,7 @@ class Render:
             return f"[private] {nick}: {text}"
         if kind == EventKind.TOPIC:
             return "-- " + escape(str(ev.data.get("note") or f"topic: {ev.text}"))
-        if kind == Status.KIND:
+        if kind in (Status.KIND, Status.UNREAD):
             return "*** " + text
         if kind == EventKind.FILE and ev.data.get("to"):  # a file offered to one person
             to = escape(str(ev.data["to"]))
@@ -187,7 +190,7 @@ class Screen:
 
     def event(self, ev: Event, *, me: str, room: str | None, quote: str | None = None) -> None:
         self.write(
-            event_json(ev, quote)
+            event_json(ev, quote, me)
             if self.json_mode
             else self.render.event(ev, me=me, room=room, quote=quote)
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import termios
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -70,6 +70,14 @@ class Front(Protocol):
     def transfers_status(self) -> str:
         """The file transfers under way, for the toolbar ("" when none)."""
 
+    ask_secret: Callable[[str], Awaitable[str]]  # how to ask for a password (set here)
+
+    def waiting(self) -> str:
+        """An account's other rooms with unread messages, for the toolbar ("" if none)."""
+
+    def unread_elsewhere(self) -> int:
+        """How many messages an account has unread in its other rooms, for the prompt."""
+
 
 @contextlib.contextmanager
 def keys_kept() -> Iterator[None]:
@@ -113,13 +121,19 @@ async def read_terminal(chat: Front, colour: bool) -> None:
         color_depth=None if colour else ColorDepth.MONOCHROME,
         input=KeptInput(sys.stdin),
     )
+
+    async def secret(prompt: str) -> str:  # /register, /password: never echoed
+        asking: PromptSession[str] = PromptSession(input=KeptInput(sys.stdin))
+        return await asking.prompt_async(prompt, is_password=True, handle_sigint=False)
+
+    chat.ask_secret = secret
     while not chat.quitting:
         try:
             # No SIGINT handler of prompt_toolkit's: at the prompt Ctrl+C is a key; a signal
             # (Ctrl+C between prompts, kill -INT) goes to asyncio's, which ends the session.
             # prompt_toolkit's stays a moment after the terminal leaves raw mode, and passes a
             # Ctrl+C pressed then to a prompt that has ended.
-            line = await session.prompt_async(lambda: f"{chat.room}> ", handle_sigint=False)
+            line = await session.prompt_async(lambda: prompt(chat), handle_sigint=False)
         except KeyboardInterrupt:  # Ctrl+C: cancels the file transfers, if any; else leaves
             if chat.cancel_transfers():
                 continue
@@ -129,6 +143,12 @@ async def read_terminal(chat: Front, colour: bool) -> None:
             await chat.quit(None)
             return
         await chat.handle(line)
+
+
+def prompt(chat: Front) -> str:
+    """`work> `; an account with unread messages in its other rooms: `work (+13)> `."""
+    elsewhere = chat.unread_elsewhere()
+    return f"{chat.room} (+{elsewhere})> " if elsewhere else f"{chat.room}> "
 
 
 def toolbar(chat: Front) -> str:
@@ -146,6 +166,9 @@ def toolbar(chat: Front) -> str:
     moving = chat.transfers_status()
     if moving:
         parts.append(escape(moving) + " (Ctrl+C cancels)")
+    waiting = chat.waiting()
+    if waiting:  # an account's other rooms
+        parts.append(waiting)
     parts.append("/help")
     return " " + "  ·  ".join(parts)
 

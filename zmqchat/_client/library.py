@@ -37,6 +37,7 @@ import zmq.asyncio
 
 from zmqchat import protocol as m
 from zmqchat._client import files
+from zmqchat._client.accounts import AccountClient, AccountState
 from zmqchat._client.errors import ChatError, Progress
 from zmqchat._client.messages import Messages
 from zmqchat._client.ordering import Fetch, RoomOrder
@@ -49,6 +50,10 @@ BACKOFF_CAP = 10.0  # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000  # a ZeroMQ handshake with a stopped broker gives up after this
 MINE_MEMORY = 100_000  # message ids of ours remembered, to mark our own echoes
 PRIVATE_MEMORY = 1_000  # private message ids remembered, to drop one pushed again
+# a reconnect refused these: trying again would not help (an account's login)
+REFUSED_LOGIN: Final = frozenset(
+    {m.Code.AUTH_FAILED, m.Code.NO_ACCOUNT, m.Code.AUTH_REQUIRED, m.Code.ACCOUNTS_ONLY}
+)
 EVENTS_PER_TURN = 1_000  # room events decoded before the reader yields: a 40,000-event
 # backlog read in turns this size goes 1.5 times as fast as in one
 
@@ -110,6 +115,7 @@ class Status(StrEnum):
     connection (`connection lost, reconnecting...`, kicked from a room, `closed`)."""
 
     KIND = "status"
+    UNREAD = "unread"  # an account's: what waits in a room or from a person (accounts.py)
 
 
 class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True, gc=False):
@@ -150,8 +156,9 @@ class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     """Something that happened: a room event, a private message, or a connection status.
 
     kind is one of msg, action, join, leave, nick, topic, kick, ban, notice, edit, delete,
-    deleted (room events), private, or status (local: "connection lost, reconnecting...",
-    "reconnected", ...).
+    deleted (room events), private, status (local: "connection lost, reconnecting...",
+    "reconnected", ...), or unread (local, for an account: what waits in a room or from a
+    person; see accounts.py).
     `data` is every field of the event as the broker sent it (a dict, made on first use).
     """
 
@@ -257,12 +264,18 @@ class _Send:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Client(Messages):
+class Client(AccountClient, Messages):
     """A connection to the broker: commands, room events, acknowledged sends, reconnects;
     edits, removals, replies and search (messages.py).
 
     `host` may name several brokers ("h1:9001,h2", or a list): the first is tried first; when
     one does not answer, or the connection to it is lost, the next one in turn is tried.
+
+    With `password`, it logs in to the account `account` (default: the nick) and is back in
+    all the account's rooms; `rooms` (default: the account's last room, else lobby) are
+    entered with what is unread there, at most `unread` events (see accounts.py). A guest
+    whose nick is still held by a connection that was lost waits for it, up to
+    `wait_for_nick` seconds (`on_wait(seconds)` is told how long it may take).
     """
 
     def __init__(
@@ -271,7 +284,7 @@ class Client(Messages):
         port: int = 9001,
         nick: str = "",
         *,
-        rooms: Iterable[str] = ("lobby",),
+        rooms: Iterable[str] | None = None,
         bot: bool = False,
         backlog: int = 50,
         reconnect: bool = True,
@@ -279,6 +292,11 @@ class Client(Messages):
         server_key: bytes | None = None,
         keypair: tuple[bytes, bytes] | None = None,
         ctx: zmq.asyncio.Context | None = None,
+        password: str | None = None,
+        account: str | None = None,
+        unread: int = m.MAX_HISTORY,
+        wait_for_nick: float = 30.0,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.addresses = broker_addresses(host, port)  # tried in turn, from the first
         self.host, self.port = self.addresses[0]  # the one we use now
@@ -286,7 +304,9 @@ class Client(Messages):
         self._name = ""  # its name, if its welcome says
         self.nick, self.bot = nick, bot
         self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
-        self.want_rooms = list(rooms)
+        self.want_rooms = list(rooms) if rooms is not None else None
+        self.acct = AccountState(password, account, unread)
+        self.wait_for_nick, self.on_wait = wait_for_nick, on_wait
         self.rooms: dict[str, RoomOrder[Event]] = {}  # the rooms we are in, each in order
         self._heard: list[tuple[str, int, asyncio.Future[bool]]] = []  # heard() waiting
         self.welcome: dict[str, Any] = {}
@@ -329,7 +349,7 @@ class Client(Messages):
                     asyncio.create_task(self._sender()),
                 ]
             try:
-                await self._hello(resume=False)
+                await self._hello_or_wait()
                 break
             except BaseException as exc:
                 # The reader dies with the sockets it polls: stop both tasks, so a retry (say
@@ -343,12 +363,44 @@ class Client(Messages):
                     raise
                 log.info("no answer from %s; trying the next broker", self.address)
                 self._move_on()
+        if self.acct.account:
+            await self._summary()
+        self.want_rooms = self._start_rooms(self.want_rooms)
         for room in self.want_rooms:
             await self.join(room)
+        for room in self.welcome.get("joined", []) if self.acct.account else ():
+            if room not in self.rooms:  # the account's other rooms: back in them, quietly
+                await self._join(room, {"room": room, "resume": True}, 0, unread=False)
         return self.welcome
 
+    async def _hello_or_wait(self) -> None:
+        """HELLO; for a guest whose nick is held by a connection that has gone silent, ask
+        again until the broker frees it (NICK_TAKEN if its holder is heard from meanwhile,
+        or it takes longer than the broker said or than `wait_for_nick`)."""
+        started = deadline = 0.0
+        while True:
+            try:
+                await self._hello(resume=False)
+                return
+            except ChatError as err:
+                free_in = err.body.get("free_in")
+                if err.code != m.Code.NICK_TAKEN or free_in is None or not self.wait_for_nick:
+                    raise
+                now = time.monotonic()
+                silent = err.body.get("silent")
+                if started and silent is not None and float(silent) < now - started - 0.05:
+                    raise  # heard from since we first asked: it is there
+                if not started:
+                    started, deadline = now, now + min(float(free_in) + 1.0, self.wait_for_nick)
+                    if self.on_wait is not None:
+                        self.on_wait(float(free_in))
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(min(float(free_in), 1.0, deadline - now) or 0.05)
+
     async def join(self, room: str, *, backlog: int | None = None) -> dict[str, Any]:
-        """Enter a room: the last `backlog` events arrive first (backlog=True), then live ones."""
+        """Enter a room: the last `backlog` events arrive first (backlog=True), then live ones.
+        An account entering one of its rooms gets what is unread there instead."""
         return await self._join(room, {"room": room}, self.backlog if backlog is None else backlog)
 
     async def leave(self, room: str) -> None:
@@ -493,6 +545,7 @@ class Client(Messages):
             return
         if self.connected:
             try:
+                await asyncio.wait_for(self.send_marks(), 1.0)  # what was read, counted
                 await self.request(m.Kind.BYE, {"reason": reason}, timeout=1.0)
             except (TimeoutError, ChatError):
                 pass
@@ -681,9 +734,10 @@ class Client(Messages):
         }
         if resume and self._privates_since is not None:
             body["privates_since"] = self._privates_since  # any pushed to a dying connection
-        reply = await self._request_once(
-            m.Kind.HELLO, body, self.timeout if not resume else max(1.0, self.heartbeat)
-        )
+        timeout = self.timeout if not resume else max(1.0, self.heartbeat)
+        login = await self._login(body, timeout)  # an account's: AUTH, and the proof
+        reply = await self._request_once(m.Kind.HELLO, body, timeout)
+        self._logged_in(login, reply)
         if self._privates_since is None and isinstance(reply.get("time"), (int, float)):
             self._privates_since = float(reply["time"])
         self.welcome = reply
@@ -745,6 +799,10 @@ class Client(Messages):
                 self._work.set()
                 return
             except ChatError as err:
+                if err.code in REFUSED_LOGIN:  # the password changed, the account went: stop
+                    self.connected, self._closing = False, True
+                    self._emit_status(f"cannot log in again: {err.reason}")
+                    return
                 if err.code == m.Code.NICK_TAKEN:
                     self._emit_status(
                         f"{self.nick} was taken while we were away; reconnecting as {self.nick}_"
@@ -755,10 +813,13 @@ class Client(Messages):
             delay = min(BACKOFF_CAP, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
 
-    async def _join(self, room: str, body: dict[str, Any], backlog: int) -> dict[str, Any]:
-        """JOIN and enter the room: its backlog, then the subscription. The room is ours from
-        the moment the reply is read, so a KICKED or GRANT right behind it finds it; if it
-        is gone by the time we are back (kicked, left), we stay out."""
+    async def _join(
+        self, room: str, body: dict[str, Any], backlog: int, *, unread: bool = True
+    ) -> dict[str, Any]:
+        """JOIN and enter the room: its backlog (for an account's room, what is unread
+        there, if `unread`), then the subscription. The room is ours from the moment the
+        reply is read, so a KICKED or GRANT right behind it finds it; if it is gone by the
+        time we are back (kicked, left), we stay out."""
         fresh: list[bool] = []
         leaves = self._leaves.get(room, 0)
 
@@ -766,6 +827,8 @@ class Client(Messages):
             if self._leaves.get(room, 0) != leaves:  # left since: the LEAVE comes after us
                 return
             seq, order = int(reply["seq"]), self.rooms.get(room)
+            if "mark" in reply:
+                self.acct.marks[room] = max(int(reply["mark"]), self.acct.marks.get(room, 0))
             if order is None:
                 self.rooms[room] = RoomOrder(seq)
                 fresh.append(True)
@@ -776,7 +839,10 @@ class Client(Messages):
 
         reply = await self.request(m.Kind.JOIN, body, on_reply=entered)
         seq = int(reply["seq"])
-        if fresh and backlog and seq and room in self.rooms:
+        if fresh and "mark" in reply and room in self.rooms:
+            if unread and self.acct.unread_limit:
+                await self._more(room, int(reply["mark"]))
+        elif fresh and backlog and seq and room in self.rooms:
             try:
                 events = await self.history(room, limit=backlog, before=seq + 1)
             except ChatError:
@@ -941,12 +1007,16 @@ class Client(Messages):
         elif kind == m.Reply.SHUTDOWN:
             self._emit_status("the broker is shutting down")
             self._lost("connection lost")
+        elif kind == m.Reply.EXPIRED and body.get("replaced"):
+            self.reconnect = False  # our account logged in elsewhere: that one goes on
+            self._lost(str(body.get("reason") or "logged in from another connection"))
 
     async def _ping(self) -> None:
         try:
             reply = await self._request_once(m.Kind.PING, {}, 3 * self.heartbeat)
         except ChatError:
             return
+        await self.send_marks(force=False)  # an account's marks go with the heartbeat
         for room, seq in reply.get("rooms", {}).items():
             self._known(room, int(seq))
 
@@ -1042,6 +1112,15 @@ class Client(Messages):
         if cmid:
             return cmid in self._mine
         return ev.get("nick") == self.nick
+
+    def _wire_event(self, d: dict[str, Any], backlog: bool) -> Event:
+        return Event.from_wire(d, mine=self._is_mine(d), backlog=backlog)
+
+    def _unread_event(self, text: str, room: str | None, data: dict[str, Any]) -> Event:
+        return Event(Status.UNREAD, text, room=room, ts=time.time(), data=data)
+
+    def _error(self, code: str, reason: str) -> Exception:
+        return ChatError(code, reason)
 
     def _emit_status(self, text: str, room: str | None = None) -> None:
         self._events.put_nowait(Event(Status.KIND, text, room=room, ts=time.time()))

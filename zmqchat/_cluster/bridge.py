@@ -17,6 +17,7 @@ What lives in NATS (N is the namespace, `--namespace`, default zmqchat):
     bucket N-rooms        R (exists), R.topic, R.locked, R.op.nick, R.ban.nick
     bucket N-nickkeys     nick -> the CURVE key that registered it
     bucket N-brokers      broker name -> its heartbeat
+    buckets N-accounts, N-marks, N-logins: accounts (see zmqchat/_cluster/accounts.py)
     subject N.push.B      pushes for sessions on broker B
 """
 
@@ -40,11 +41,12 @@ import nats.js.errors
 from nats.js import api
 
 from zmqchat._cluster import edits
+from zmqchat._cluster.accounts import BUCKETS as ACCOUNT_BUCKETS
 
 log = logging.getLogger("zmqchat.cluster")
 
-BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers")
-REGISTRY: Final = BUCKETS[:4]  # what a catch-up waits for (beats are not registry state)
+BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers", *ACCOUNT_BUCKETS)
+REGISTRY: Final = tuple(b for b in BUCKETS if b != "brokers")  # what a catch-up waits for
 OP_TIMEOUT: Final = 2.0  # seconds a publish or a key change may take before UNAVAILABLE
 CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
 SETUP_PATIENCE: Final = 20.0  # seconds a start retries JetStream calls (a new cluster is still

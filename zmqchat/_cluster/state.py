@@ -23,6 +23,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
+from zmqchat._cluster.accounts import BUCKETS as ACCOUNT_BUCKETS
+from zmqchat._cluster.accounts import ClusterAccounts
 from zmqchat._cluster.index import ClusterIndex, LogEdits
 from zmqchat._core.state import Delivery, Draft, Identity, Member, Op, RoomSettings, gather
 from zmqchat._ops.logs import event as log_event
@@ -72,6 +74,7 @@ class Cluster:
         self.log = ClusterLog(self)
         self.registry = ClusterRegistry(self, cfg)
         self.presence = ClusterPresence(self)
+        self.accounts = ClusterAccounts(self.call, self.log.privates_of)  # issue 21
         self.bridge: Any = None
         self.task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[None] | None = None  # the loop's, while it waits
@@ -458,6 +461,12 @@ class ClusterLog(LogEdits):
         owner, _, key = recipient.partition(" ")
         return self._privates(f"{token(owner)}.{token(key)}.*.*", since, limit)
 
+    def privates_of(self, owner: str, since: float, limit: int) -> Op:
+        """The private messages kept for an identity under any nick (accounts)."""
+        from zmqchat._cluster.bridge import token
+
+        return self._privates(f"{token(owner)}.*.*.*", since, limit)
+
     def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> Op:
         from zmqchat._cluster.bridge import token
 
@@ -576,6 +585,8 @@ class ClusterRegistry:
         elif bucket == "nickkeys":
             if put:
                 self.owners[unhex(key)] = json.loads(value)
+        elif bucket in ACCOUNT_BUCKETS:
+            self.cluster.accounts.apply(bucket, key, put, value)  # issue 21
 
     def _session(self, key: str, rev: int, d: dict[str, Any] | None) -> None:
         old = self.sessions.get(key)
@@ -586,7 +597,15 @@ class ClusterRegistry:
             ident = None
         else:
             ident = Identity(
-                d["sid"], d["nick"], key, d["token"], d["pubkey"], d["bot"], d["broker"], rev
+                d["sid"],
+                d["nick"],
+                key,
+                d["token"],
+                d["pubkey"],
+                d["bot"],
+                d["broker"],
+                rev,
+                d.get("account", ""),
             )
             if old is not None and old.sid == ident.sid and old.rev > rev:
                 return  # older news than what we made ourselves
@@ -639,6 +658,7 @@ class ClusterRegistry:
                 "pubkey": ident.pubkey,
                 "bot": ident.bot,
                 "broker": ident.broker,
+                "account": ident.account,
             }
         ).encode()
 
@@ -675,7 +695,14 @@ class ClusterRegistry:
 
     def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
         moved = Identity(
-            ident.sid, new_nick, new_key, ident.token_hash, ident.pubkey, ident.bot, ident.broker
+            ident.sid,
+            new_nick,
+            new_key,
+            ident.token_hash,
+            ident.pubkey,
+            ident.bot,
+            ident.broker,
+            account=ident.account,
         )
         inner = self.claim(moved, self.sessions.get(new_key) if new_key == ident.key else None)
         outer = Op()

@@ -66,6 +66,7 @@ _SAY: Final = [b"SAY"]
 LATER: Final = object()  # a handler's result: it sends its one reply itself, later (files)
 Result = dict[str, Any] | bytes | Generator[Op, Any, dict[str, Any] | bytes] | object
 Handler = Callable[[Session, m.Request], Result]
+Opener = Callable[[bytes, Session | None, m.Request, str], Result]
 
 
 class CoreBase:
@@ -109,15 +110,21 @@ class CoreBase:
         self.peer: Callable[[bytes], str] = _no_peer  # the loop says where a request came from
         self.malformed_lines = Throttle(MALFORMED_LOGS)
         self.handlers: dict[Kind, Handler] = self.handler_table()
+        self.openers: dict[Kind, Opener] = self.opener_table()
 
     def _on_hello(self, rid: bytes, session: Session | None, req: m.Request, pubkey: str) -> Result:
-        """HELLO, the one command of a connection without a session (sessions.py)."""
+        """HELLO, which starts a session (sessions.py)."""
         raise NotImplementedError
 
     def handler_table(self) -> dict[Kind, Handler]:
-        """Every command's handler but HELLO's. Each part of the core adds its own commands to what
-        the parts after it in the method order give (`super().handler_table()`)."""
+        """Every command's handler but the openers'. Each part of the core adds its own commands
+        to what the parts after it in the method order give (`super().handler_table()`)."""
         return {}
+
+    def opener_table(self) -> dict[Kind, Opener]:
+        """The commands a connection may send without a session: HELLO, and what may come
+        before it (a login's AUTH). Their handlers get the connection and its session, if any."""
+        return {Kind.HELLO: self._on_hello}
 
     # ------------------------------------------------------------------ state.Listener
     def room_added(self, name: str) -> None:
@@ -148,8 +155,9 @@ class CoreBase:
             req = m.decode_request(frames)
             self.stats.requests[req.kind] += 1
             log.debug("<- %s %s", req.kind, session.nick if session else rid.hex())
-            if req.kind is Kind.HELLO:
-                result: Result = self._on_hello(rid, session, req, pubkey)
+            opener = self.openers.get(req.kind)
+            if opener is not None:
+                result: Result = opener(rid, session, req, pubkey)
             elif session is None:
                 raise ProtocolError(Code.NO_HELLO, "say HELLO first")
             elif self.rules.keys_required and pubkey != session.ident.pubkey:
@@ -419,11 +427,33 @@ class CoreBase:
     def _listing(self, room: Room) -> tuple[list[str], list[str]]:
         """(members, operators among them) of a room, cluster-wide, sorted."""
         operators = self._settings(room).operators
-        here = [mem for mem in self.registry.members(room.name).values() if self._present(mem)]
+        here = [
+            (mem, ident)
+            for mem in self.registry.members(room.name).values()
+            if (ident := self.registry.holder(mem.key)) is not None and ident.sid == mem.sid
+        ]
         return (
-            sorted(mem.nick for mem in here),
-            sorted(mem.nick for mem in here if mem.key in operators),
+            sorted(mem.nick for mem, _ in here),
+            sorted(mem.nick for mem, ident in here if ident.principal in operators),
         )
+
+    def _principal_of(self, nick: str) -> str:
+        """Whom a nick names for a ban: the account of the session holding it, if it has
+        one (a registered nick is its account's key); else the nick."""
+        key = m.nick_key(nick)
+        ident = self.registry.holder(key)
+        return ident.principal if ident is not None else key
+
+    def _returning(self, s: Session, room: str) -> bool:
+        """Whether a session comes back to a room it never left (an account's room): its
+        JOIN makes no notice. Guests come back only with a resume (rooms.py)."""
+        return False
+
+    def _replaced(self, s: Session, by: Identity) -> None:
+        """A session whose nick another client took (an account's login elsewhere): told
+        so, and not to come back by itself (a resume of the same client tells nothing)."""
+        if by.token_hash != s.ident.token_hash:
+            self._push(s, Reply.EXPIRED, replaced(by))
 
     def _present(self, mem: Member) -> bool:
         """Whether a member record is held by the session now holding its nick."""
@@ -505,6 +535,8 @@ class CoreBase:
             self._drop_quietly(s)
             if ident is None:
                 self._push(s, Reply.EXPIRED, {"reason": "your session was ended"})
+            else:
+                self._replaced(s, ident)
 
     def reap(self, ident: Identity) -> Op:
         """A session of a broker that died and that its client did not resume elsewhere:
@@ -575,6 +607,11 @@ def _dumps_with_raw(body: dict[str, Any] | bytes) -> bytes:
     parts = [f'"{k}":[{",".join(v)}]' for k, v in raw.items()]
     inner = plain[1:-1].decode("utf-8")
     return ("{" + ",".join(p for p in [inner, *parts] if p) + "}").encode("utf-8")
+
+
+def replaced(by: Identity) -> dict[str, Any]:
+    """The EXPIRED push of a session whose nick another client took (an account's login)."""
+    return {"reason": f"{by.nick} logged in from another connection", "replaced": True}
 
 
 def leave_text(nick: str, why: Why, reason: str) -> str:

@@ -28,7 +28,7 @@ class Moderation(CoreBase):
     def _op_room(self, s: Session, req: m.Request) -> tuple[Room, RoomSettings]:
         room = self._member_room(s, req.body["room"])
         settings = self._settings(room)
-        if s.key not in settings.operators:
+        if s.ident.principal not in settings.operators:
             raise ProtocolError(Code.NOT_OPERATOR, f"you are not an operator of {room.name}")
         return room, settings
 
@@ -62,6 +62,14 @@ class Moderation(CoreBase):
         member = self.registry.members(room.name).get(m.nick_key(nick))
         return member if member is not None and self._present(member) else None
 
+    def _target_by_principal(self, room: Room, principal: str) -> Member | None:
+        """The member of a room that an account is in under another nick, if any."""
+        for member in self.registry.members(room.name).values():
+            ident = self.registry.holder(member.key)
+            if ident is not None and ident.sid == member.sid and ident.principal == principal:
+                return member
+        return None
+
     def _on_kick(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         yield self.registry.catch_up()
         room, _ = self._op_room(s, req)
@@ -75,9 +83,10 @@ class Moderation(CoreBase):
         yield self.registry.catch_up()
         room, settings = self._op_room(s, req)
         nick, reason = req.body["nick"], req.body["reason"] or ""
-        settings.bans.add(m.nick_key(nick))
+        banned = self._principal_of(nick)
+        settings.bans.add(banned)
         saved = self.registry.save(settings)
-        target = self._target(room, nick)
+        target = self._target(room, nick) or self._target_by_principal(room, banned)
         if target is not None:
             yield gather([saved, self._kick(s, room, target, reason, EventKind.BAN)])
         else:
@@ -100,7 +109,7 @@ class Moderation(CoreBase):
     def _on_unban(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         yield self.registry.catch_up()
         room, settings = self._op_room(s, req)
-        settings.bans.discard(m.nick_key(req.body["nick"]))
+        settings.bans -= {m.nick_key(req.body["nick"]), self._principal_of(req.body["nick"])}
         yield self.registry.save(settings)
         yield self._append(
             room, EventKind.NOTICE, s, f"{req.body['nick']} was unbanned by {s.nick}"

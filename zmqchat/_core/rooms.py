@@ -45,7 +45,7 @@ class Rooms(CoreBase):
             if created:
                 log_event(log, "room-created", room=name, by=s.nick)
         room = self._room(name) if room is None else room
-        if s.key in self._settings(room).bans:
+        if s.ident.principal in self._settings(room).bans:
             raise ProtocolError(Code.BANNED, f"you are banned from {name}")
         before = self.room_log.last(name)
         if s.sid not in room.members:
@@ -53,7 +53,7 @@ class Rooms(CoreBase):
             s.rooms.add(name)
             was = self.registry.members(name).get(s.key)
             added = self.registry.add_member(name, Member(s.nick, s.key, s.sid, self.name))
-            if not (req.body["resume"] and was is not None):
+            if not (req.body["resume"] and was is not None) and not self._returning(s, name):
                 joined = self._append(room, EventKind.JOIN, s, f"{s.nick} joined", bot=s.ident.bot)
                 seqs, _ = yield gather([joined, added])
                 before = seqs[0] - 1
@@ -147,7 +147,7 @@ class Rooms(CoreBase):
         text, lock = req.body["text"], req.body["lock"]
         ops = []
         if lock is not None:  # operators choose whether only they may set the topic
-            if s.key not in settings.operators:
+            if s.ident.principal not in settings.operators:
                 raise ProtocolError(Code.NOT_OPERATOR, f"you are not an operator of {room.name}")
             settings.locked = lock
             ops.append(self.registry.save(settings))
@@ -163,7 +163,7 @@ class Rooms(CoreBase):
         if text is None:
             yield gather(ops)
             return {"room": room.name, "topic": settings.topic, "locked": settings.locked}
-        if settings.locked and s.key not in settings.operators:
+        if settings.locked and s.ident.principal not in settings.operators:
             raise ProtocolError(Code.NOT_OPERATOR, f"only operators set the topic of {room.name}")
         if any(ord(c) < 32 for c in text):
             raise ProtocolError(Code.BAD_REQUEST, "a topic is one line of text")

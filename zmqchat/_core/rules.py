@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from zmqchat._scram import DEFAULT_ITERATIONS
+
 
 @dataclass
 class Rules:
@@ -22,6 +24,8 @@ class Rules:
     heartbeat: float = 2.0  # seconds; a client silent for 3 of them is gone
     allow_new_rooms: bool = False  # /join may create a room
     keys_required: bool = False  # CURVE: a connection is known by its authenticated key
+    registered_only: bool = False  # accounts only: guests are refused
+    scram_iterations: int = DEFAULT_ITERATIONS  # the least a new password's keys may use
 
 
 class Clock(Protocol):

@@ -39,33 +39,43 @@ class Sessions(CoreBase):
         nick, b = req.body["nick"], req.body
         key = m.nick_key(nick)
         yield self.registry.catch_up()  # a nick freed or taken on another broker just now
-        if self.rules.keys_required:
+        account, extras = yield from self._login(rid, nick, key, b)  # accounts.py: "" = a guest
+        if self.rules.keys_required and not account:
             owner = self.registry.nick_owner(key)
             if owner is not None and owner != pubkey:
                 raise ProtocolError(Code.NICK_TAKEN, f"the nickname {nick} belongs to another key")
         holder = self.registry.holder(key)
         hashed = token_hash(b["token"])
-        if holder is not None and not (
-            b["resume"] and hashed and hmac.compare_digest(holder.token_hash, hashed)
+        if (
+            holder is not None
+            and not (b["resume"] and hashed and hmac.compare_digest(holder.token_hash, hashed))
+            # an account takes its nick back: from its own earlier session, or from a guest
+            # who had it before the account was registered
+            and not (account and holder.account in ("", account))
         ):
-            raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
+            raise ProtocolError(
+                Code.NICK_TAKEN, f"the nickname {holder.nick} is taken", **self._held(holder)
+            )
         ident = Identity(self.tokens(8), nick, key, hashed, pubkey, b["bot"], self.name)
-        replayable = bool(pubkey) or len(b["token"]) >= MIN_REPLAY_TOKEN
+        ident.account = account
+        replayable = bool(pubkey) or len(b["token"]) >= MIN_REPLAY_TOKEN or bool(account)
         missed: list[dict[str, Any]] = []
         if b["resume"] and b["privates_since"] is not None and replayable:
             missed = yield from self._missed_privates(ident, b["privates_since"])
-        if self.rules.keys_required:
+        if self.rules.keys_required and not account:
             yield self.registry.bind_nick(key, pubkey)
         yield self.registry.claim(ident, holder)
         if rid in self.by_rid:  # this connection said HELLO twice at once: the first won
             self.registry.release(ident)
             raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {self.by_rid[rid].nick}")
         old = self.by_sid.get(holder.sid) if holder is not None else None
-        if old is not None:  # the same client, back on a new connection
+        if old is not None:  # the same client (or account), back on a new connection
             self._drop_quietly(old)
+            self._replaced(old, ident)
         now = self.clock.monotonic()
         s = Session(rid, ident, self._bucket(now), now, replayable)
         self.by_rid[rid], self.by_sid[ident.sid] = s, s
+        extras.update(self._logged_in(s))
         log_event(
             log,
             "hello",
@@ -90,7 +100,34 @@ class Sessions(CoreBase):
             "max_text": m.MAX_TEXT,
             "max_batch": m.MAX_BATCH,
             "time": self.clock.time(),
+            **extras,
         }
+
+    def _login(
+        self, rid: bytes, nick: str, key: str, body: dict[str, Any]
+    ) -> Generator[Op, Any, tuple[str, Any]]:
+        """A HELLO's account (accounts.py): the account it proved it holds, or "" for a
+        guest; and fields for the welcome."""
+        if False:  # a generator, which the accounts' login is (it may wait for the state)
+            yield Op.ready()
+        return "", {}
+
+    def _logged_in(self, s: Session) -> dict[str, Any]:
+        """A new session is there (accounts.py): more fields for its welcome."""
+        return {}
+
+    def _held(self, holder: Identity) -> dict[str, Any]:
+        """For NICK_TAKEN: when the nick will be free (`free_in` seconds) if its holder's
+        connection stays silent, and, for a holder on this broker, how long it has been
+        silent (`silent`). A client may wait and ask again: a holder that is heard from
+        meanwhile (`silent` shorter than the wait) is there, and the nick taken."""
+        s = self.by_sid.get(holder.sid)
+        limit = 3 * self.rules.heartbeat
+        if s is None:  # on another broker: free at the latest 3 heartbeats after it went silent
+            return {"free_in": limit}
+        silent = self.clock.monotonic() - s.last_seen
+        margin = self.rules.heartbeat / 2  # sweeps run every half heartbeat
+        return {"free_in": round(max(limit - silent, 0.0) + margin, 3), "silent": round(silent, 3)}
 
     def _missed_privates(
         self, ident: Identity, since: float
@@ -115,7 +152,8 @@ class Sessions(CoreBase):
         holder = self.registry.holder(key)
         if holder is not None and holder.sid != s.sid:
             raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
-        if self.rules.keys_required:
+        self._may_take(s, new, key)
+        if self.rules.keys_required and not s.ident.account:
             owner = self.registry.nick_owner(key)
             if owner is not None and owner != s.ident.pubkey:
                 raise ProtocolError(Code.NICK_TAKEN, f"the nickname {new} belongs to another key")
@@ -143,12 +181,21 @@ class Sessions(CoreBase):
         )
         return {"nick": new, "old": old}
 
+    def _account_recipient(self, nick: str) -> Identity | None:
+        """PRIV to a nick nobody holds (accounts.py): the account of that name, if any."""
+        return None
+
+    def _may_take(self, s: Session, nick: str, key: str) -> None:
+        """NICK: refuse a nick that is another's account (accounts.py)."""
+
     def _on_priv(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         b = req.body
         target = self.registry.holder(m.nick_key(b["to"]))
         if target is None:  # connected just now on another broker?
             yield self.registry.catch_up()
             target = self.registry.holder(m.nick_key(b["to"]))
+        if target is None:  # an account: kept for it, under whatever nick, or until it is back
+            target = self._account_recipient(b["to"])
         if target is None:
             raise ProtocolError(Code.NO_SUCH_NICK, f"nobody called {b['to']} is connected")
         if self.room_log.known_ids(s.ident.owner, [b["id"]])[b["id"]] is not None:

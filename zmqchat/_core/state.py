@@ -116,11 +116,20 @@ class Identity:
     bot: bool
     broker: str  # the name of the broker that holds its connection
     rev: int = 0  # the registry's revision of this record (a cluster's compare-and-set)
+    account: str = ""  # the account it logged in to (its nick key), "" for a guest
+
+    @property
+    def principal(self) -> str:
+        """Whom operator rights and bans name: the account, whatever its nick now; a
+        guest's nick otherwise."""
+        return self.account or self.key
 
     @property
     def owner(self) -> str:
-        """Who sent a message, stable across nick changes and reconnects: the CURVE key,
-        else a hash of the client's resume secret, else the nick."""
+        """Who sent a message, stable across nick changes and reconnects: the account,
+        else the CURVE key, else a hash of the client's resume secret, else the nick."""
+        if self.account:
+            return "acct:" + self.account
         if self.pubkey:
             return "key:" + self.pubkey
         if self.token_hash:

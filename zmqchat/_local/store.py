@@ -65,6 +65,14 @@ CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, nick TEXT NOT NULL,
     PRIMARY KEY (room, nick)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, settings TEXT NOT NULL);
+-- accounts (issue 21): SCRAM's keys as JSON (never a password); an account's rooms with the
+-- seq it has read up to, its private conversations with the time read up to, its last room
+CREATE TABLE IF NOT EXISTS accounts (key TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS account_rooms (account TEXT NOT NULL, room TEXT NOT NULL,
+    mark INTEGER NOT NULL, joined REAL NOT NULL, PRIMARY KEY (account, room)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS account_privates (account TEXT NOT NULL, peer TEXT NOT NULL,
+    mark REAL NOT NULL, PRIMARY KEY (account, peer)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS account_last (account TEXT PRIMARY KEY, room TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, offer TEXT NOT NULL);
 """
 
@@ -79,6 +87,14 @@ SQL: Final = {
     "no_members": "DELETE FROM members",
     "nick": "INSERT OR IGNORE INTO nick_keys VALUES (?,?)",
     "room": "INSERT OR REPLACE INTO rooms VALUES (?,?)",
+    # accounts (issue 21); a mark never moves back
+    "account": "INSERT OR REPLACE INTO accounts VALUES (?,?)",
+    "acct_room": "INSERT INTO account_rooms VALUES (?,?,?,?) ON CONFLICT (account, room) "
+    "DO UPDATE SET mark=max(mark, excluded.mark)",
+    "acct_part": "DELETE FROM account_rooms WHERE account=? AND room=?",
+    "acct_private": "INSERT INTO account_privates VALUES (?,?,?) ON CONFLICT (account, peer) "
+    "DO UPDATE SET mark=max(mark, excluded.mark)",
+    "acct_last": "INSERT OR REPLACE INTO account_last VALUES (?,?)",
     "file": "INSERT OR REPLACE INTO files VALUES (?,?)",  # a file offer (issue 24)
 }
 # Records that change earlier events too (issue 23): (kind, room, seq, ts, sender, data, ref).
@@ -376,6 +392,7 @@ class Store:
         self._lines: list[bytes] = []  # this pass's records, as log lines
         self._roll = False  # a removal was logged: start a new segment once it is written
         self._privates_logged = False  # a private message logged since the last sync()
+        self._accounts_logged = False  # an account changed since the last sync()
         self._lock = self._take_lock()
         try:
             self._open()
@@ -508,7 +525,7 @@ class Store:
         answer = self._ask_writer(b"sync")
         if answer != "ok":
             raise StoreError(f"{self.path}: history not written: {answer}")
-        self._privates_logged = False
+        self._privates_logged = self._accounts_logged = False
 
     def close(self) -> None:
         self.commit()
@@ -724,6 +741,49 @@ class Store:
             "SELECT data FROM privates WHERE recipient=? AND ts>=? "
             "ORDER BY ts DESC, id DESC LIMIT ?",
             (recipient, since, limit),
+        ).fetchall()
+        return [r[0] for r in reversed(rows)]
+
+    # ---------------------------------------------------------------- accounts (issue 21)
+    def account(self, key: str) -> str | None:
+        """An account's record (JSON), as SQLite has it now: the operator's command
+        (`zmqchat-broker accounts`) writes there directly, and counts at once."""
+        if self._accounts_logged:
+            self.sync()
+        row = self.db.execute("SELECT data FROM accounts WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def save_account(self, key: str, data: str) -> None:
+        self._lines.append(encode_record(("account", key, data)))
+        self._accounts_logged = True
+
+    def account_kept(self, key: str) -> tuple[list[tuple[str, int]], list[tuple[str, float]], str]:
+        """An account's rooms with their marks (in the order it joined them), its private
+        conversations' marks, and its last room."""
+        self.sync()
+        rooms = self.db.execute(
+            "SELECT room, mark FROM account_rooms WHERE account=? ORDER BY joined", (key,)
+        ).fetchall()
+        peers = self.db.execute(
+            "SELECT peer, mark FROM account_privates WHERE account=?", (key,)
+        ).fetchall()
+        last = self.db.execute("SELECT room FROM account_last WHERE account=?", (key,)).fetchone()
+        return rooms, peers, last[0] if last else ""
+
+    def account_change(self, *record: Any) -> None:
+        """An account's room joined (acct_room) or left (acct_part), a mark (acct_room,
+        acct_private), its last room (acct_last): a record of SQL's."""
+        self._lines.append(encode_record(record))
+
+    def privates_of(self, owner: str, since: float, limit: int) -> list[str]:
+        """The last `limit` private messages stored for identity `owner` under any nick at
+        or after `since`, oldest first, as stored JSON texts."""
+        if self._privates_logged:
+            self.sync()
+        rows = self.db.execute(
+            "SELECT data FROM privates WHERE recipient>=? AND recipient<? AND ts>=? "
+            "ORDER BY id DESC LIMIT ?",
+            (owner + " ", owner + "!", since, limit),
         ).fetchall()
         return [r[0] for r in reversed(rows)]
 

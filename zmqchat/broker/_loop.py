@@ -27,6 +27,7 @@ from zmqchat._core.files import HELD_PER_CONNECTION
 from zmqchat._core.files_state import FileIndex
 from zmqchat._core.session import Room
 from zmqchat._core.stats import Stats
+from zmqchat._local.accounts import LocalAccounts
 from zmqchat._local.files import LocalFiles
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
 from zmqchat._local.store import Store
@@ -48,6 +49,7 @@ _MORE: Final = int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 _RCVMORE: Final = int(zmq.RCVMORE)
+_AUTH: Final = [b"AUTH"]  # a login: the core is told the client's address (accounts)
 # pyzmq's Cython methods, called unbound: they skip its Python layer (a third of a send's
 # cost, two fifths of a receive's), which the loop pays several times per request.
 _send: Final = zmq.backend.Socket.send
@@ -66,7 +68,8 @@ BANNER: Final = r"""
 class Broker:
     """The sockets and the loop around one Core."""
 
-    frame: Any = None  # the routing id of the request in hand, a zmq.Frame with its metadata
+    frame: Any = None  # a frame of the request in hand, a zmq.Frame with its metadata
+    frame_of = b""  # the routing id of that request
 
     def __init__(self, cfg: Config, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
@@ -100,6 +103,7 @@ class Broker:
                 name=self.name,
                 pub_port=self.pub_port,
                 motd=self.motd,
+                accounts=self.accounts,
             )
             self._attach_files()
             self.outflow = self.core.backlog = Outflow()
@@ -126,11 +130,13 @@ class Broker:
                 self.cluster.registry,
                 self.cluster.presence,
             )
+            self.accounts: Any = self.cluster.accounts
         else:
             self.store = Store(cfg.db, fsync=cfg.fsync)
             self.log = LocalLog(self.store)
             self.registry = LocalRegistry(self.store, cfg.rooms, cfg.operators, cfg.allow_new_rooms)
             self.presence = LocalPresence()
+            self.accounts = LocalAccounts(self.store)
 
     def _close_sockets(self) -> None:
         for sock in (getattr(self, "router", None), getattr(self, "xpub", None)):
@@ -317,7 +323,7 @@ class Broker:
                 parts = router.recv_multipart(_NOBLOCK, copy=False)
                 key = parts[-1].get("User-Id")
                 frames = [p.bytes for p in parts[:4]] + [p.buffer for p in parts[4:]]
-                self.frame = parts[0]
+                self.frame, self.frame_of = parts[0], frames[0]
                 if not key:  # fail closed: nothing without an authenticated identity
                     continue
             else:
@@ -325,13 +331,16 @@ class Broker:
                     frame: Any = _recv(router, _NOBLOCK, False)
                     frames, key, self.frame = [frame.bytes], "", frame
                 else:
-                    frames, key = [_recv(router, _NOBLOCK)], ""
+                    frames, key, self.frame = [_recv(router, _NOBLOCK)], "", None
                 while _get(router, _RCVMORE):
-                    # a fifth frame is a PUT's chunk: taken as a view of ZeroMQ's own buffer
-                    if len(frames) < 4:
+                    if frames[1:] == _AUTH:  # a login: its address counts (failed logins)
+                        self.frame = _recv(router, _NOBLOCK, False)
+                        frames.append(self.frame.bytes)
+                    elif len(frames) < 4:
                         frames.append(_recv(router, _NOBLOCK))
-                    else:
+                    else:  # a fifth frame is a PUT's chunk: a view of ZeroMQ's own buffer
                         frames.append(memoryview(_recv(router, _NOBLOCK, False)))
+                self.frame_of = frames[0]
             try:
                 request(frames[0], frames[1:], key)
             except Exception:  # a bug must not take the broker down for everyone
@@ -342,7 +351,7 @@ class Broker:
     def _peer(self, rid: bytes) -> str:
         """The address of the client that sent the request in hand ("" if unknown)."""
         frame = self.frame
-        if frame is None or frame.bytes != rid:
+        if frame is None or self.frame_of != rid:
             return ""
         try:
             return str(frame.get("Peer-Address"))

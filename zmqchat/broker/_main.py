@@ -17,6 +17,7 @@ from zmqchat._core.files_state import FileRules
 from zmqchat._local.store import StoreError
 from zmqchat._ops import logs
 from zmqchat._usage import Parser
+from zmqchat.broker import _accounts_cli as accounts_cli
 from zmqchat.broker._loop import Broker
 from zmqchat.broker._preflight import preflight
 from zmqchat.protocol import ProtocolError
@@ -196,6 +197,7 @@ def parser() -> Parser:
         shown="`DB-files` beside `--db`",
         help="where file contents are kept",
     )
+    accounts_cli.add_flags(p)
     flag = p.table("several brokers (see the README: Several brokers)")
     flag(
         "--cluster",
@@ -232,6 +234,14 @@ def parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["accounts"]:  # the operator's accounts command (issue 21)
+        return accounts_cli.main(argv[1:])
+    return serve(argv)
+
+
+def serve(argv: list[str]) -> int:
+    """The broker, with these flags: until it is stopped."""
     p = parser()
     a = p.parse_args(argv)
     say = Say(p.prog)
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=a.metrics_port,
         files=FileRules(a.max_file_size, a.max_file_bytes_per_day, a.keep_free, a.upload_grace),
         files_dir=a.files_dir,
+        **accounts_cli.config(a),
     )
     try:
         broker = Broker(cfg)

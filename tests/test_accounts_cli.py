@@ -1,0 +1,291 @@
+"""Accounts end to end (issue 21): the real `broker.py` and `client.py` as processes, as
+the README's "Accounts" section tells a new user to use them: in a pseudo-terminal, through
+pipes and --json, the operator's `broker.py accounts`, kill -9 of a client and of the
+broker, and two brokers of a cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from cli_helpers import Script, Terminal
+
+from conftest import ROOT, wait_for
+
+PW = "s3cret-pass"
+FAST = ("--scram-iterations", "4096", "--heartbeat", "0.5")  # quick logins, quick expiry
+
+
+def clients(broker, started):
+    """A factory of clients of `broker`: start(kind, *args, **env)."""
+
+    def start(kind: str, *args: str, **env: str):
+        where = ["-i", "127.0.0.1", "-p", str(broker.port)]
+        runner = Terminal(*where, *args) if kind == "terminal" else Script(*where, *args, **env)
+        started.append(runner.proc)
+        return runner
+
+    start.broker = broker
+    return start
+
+
+@pytest.fixture
+def achat(make_broker_process, started):
+    """A broker process for accounts, and clients of it: achat(kind, *args, **env)."""
+    return clients(make_broker_process(*FAST), started)
+
+
+@pytest.fixture
+def held_chat(make_broker_process, started):
+    """The same with the default heartbeat (2 s): a lost connection holds its nick 6 s."""
+    return clients(make_broker_process("--scram-iterations", "4096"), started)
+
+
+@pytest.fixture
+def password_file(tmp_path):
+    path = tmp_path / "password"
+    path.write_text(PW + "\n")
+    return str(path)
+
+
+def register(achat, nick: str, *lines: str) -> None:
+    """A guest script registers its nick (then runs `lines`) and leaves."""
+    s = achat("script", "-u", nick)
+    s.send("/register", PW, PW, *lines)
+    s.wait_line(f"{nick} is registered")
+    assert s.end_input() == 0
+
+
+def operator(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "broker.py"), "accounts", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
+    """/register asks the password twice without showing it; -u with a registered nick asks
+    'Password for NICK: ' (not echoed) and logs in; a wrong password exits with status 4."""
+    t = achat("terminal", "-u", "alice")
+    t.ready()
+    t.type("/register\r")
+    t.expect("Password:")
+    t.type(PW + "\r")
+    t.expect("Again:")
+    t.type(PW + "\r")
+    t.expect("alice is registered: it is yours from now on")
+    t.type("/quit\r")
+    assert t.exit_status() == 0
+    assert PW not in t.text
+    t = achat("terminal", "-u", "alice")
+    t.expect("Password for alice: ")
+    t.type(PW + "\n")
+    t.expect("Welcome back, alice! You are in lobby")
+    t.ready()
+    t.type("\x04")
+    assert t.exit_status() == 0
+    assert PW not in t.text
+    t = achat("terminal", "-u", "alice")
+    t.expect("Password for alice: ")
+    t.type("not-the-password\n")
+    t.expect("wrong password for alice")
+    assert t.exit_status() == 4
+
+
+def test_a_script_logs_in_from_a_file_or_the_environment_and_is_never_asked(
+    achat, password_file, tmp_path
+):
+    """From a pipe /register reads the next two lines; a registered nick then needs
+    --password-file or ZMQCHAT_PASSWORD (status 4 without, or with a wrong one, and the nick
+    stays free); --json never asks, even on a terminal."""
+    register(achat, "bob")
+    s = achat("script", "-u", "bob")
+    assert s.end_input() == 4
+    assert "bob is a registered account" in s.errors[-1] and "--password-file" in s.errors[-1]
+    for way in (("--password-file", password_file), ()):
+        s = achat("script", "-u", "bob", *way, ZMQCHAT_PASSWORD=PW if not way else "")
+        s.wait_line("Welcome back, bob!")
+        assert s.end_input() == 0
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    s = achat("script", "-u", "bob", "--password-file", str(wrong))
+    assert s.end_input() == 4 and "wrong password for bob" in s.errors[-1]
+    t = achat("terminal", "-u", "bob", "--json")
+    assert t.exit_status() == 4
+    assert "Password for" not in t.text and "--json never asks" in t.text
+    s = achat("script", "-u", "bob", "--password-file", password_file, "--json")
+    welcome = s.wait_event(lambda e: e["kind"] == "welcome", "the welcome")
+    assert welcome["account"] == "bob" and welcome["joined"] == ["lobby"]
+    assert s.end_input() == 0
+
+
+def test_a_password_is_changed_with_password(achat, password_file):
+    """/password asks the old password once and the new one twice; then only the new
+    one logs in."""
+    register(achat, "cy")
+    s = achat("script", "-u", "cy", "--password-file", password_file)
+    s.send("/password", PW, "n3w-secret", "n3w-secret")
+    s.wait_line("your password is changed")
+    assert s.end_input() == 0
+    s = achat("script", "-u", "cy", "--password-file", password_file)
+    assert s.end_input() == 4
+    s = achat("script", "-u", "cy", ZMQCHAT_PASSWORD="n3w-secret")
+    s.wait_line("Welcome back, cy!")
+    assert s.end_input() == 0
+
+
+def test_an_account_takes_over_its_killed_client_at_once(held_chat, password_file):
+    """kill -9 of an account's client: logging in again takes its held session over at
+    once (not after the 6 s a lost connection holds its nick), and the room sees neither a
+    leave nor a join."""
+    achat = held_chat
+    register(achat, "dee")
+    w = achat("script", "-u", "watcher", "--json")
+    w.wait_event(lambda e: e["kind"] == "join" and e["nick"] == "watcher", "the watcher in")
+    first = achat("script", "-u", "dee", "--password-file", password_file)
+    first.send("before")
+    w.wait_event(lambda e: e.get("text") == "before", "dee's first line")
+    first.proc.kill()
+    first.proc.wait()
+    started = time.monotonic()
+    again = achat("script", "-u", "dee", "--password-file", password_file)
+    again.send("after")
+    w.wait_event(lambda e: e.get("text") == "after", "dee's line after the kill")
+    assert time.monotonic() - started < 4  # not the 3 heartbeats (6 s) of a held nick
+    assert again.end_input() == 0
+    live = [e for e in w.events() if e.get("nick") == "dee" and not e.get("backlog")]
+    assert [e["text"] for e in live] == ["before", "after"]  # no leave, no join
+
+
+def test_a_guest_waits_for_its_nick_after_its_client_was_killed(achat):
+    """A guest restarted right after kill -9 is told its nick is still held and for how
+    long, waits, and gets it."""
+    first = achat("script", "-u", "eve")
+    first.wait_line("Welcome, eve!")
+    first.proc.kill()
+    first.proc.wait()
+    again = achat("script", "-u", "eve")
+    again.wait_line("Welcome, eve!", timeout=8)
+    assert any("still held by a connection that went silent" in e for e in again.errors)
+    assert again.end_input() == 0
+
+
+def test_after_a_login_the_unread_is_said_shown_and_counted(achat, password_file):
+    """Back after others talked: the summary lines, the unread private message, the
+    current room's unread messages with the mention highlighted, the other room's count in
+    the toolbar; /join shows that room's unread; a second login has nothing unread."""
+    register(achat, "fay", "/join support", "/join work")
+    bob = achat("script", "-u", "bob", "-r", "work")
+    bob.send("hello FAY, are you there?", "second line", "/join support", "a ticket")
+    bob.send("/msg fay lunch?")
+    bob.wait_line("[private -> fay] lunch?")
+    assert bob.end_input() == 0
+    t = achat("terminal", "-u", "fay", "--password-file", password_file)
+    t.expect("Welcome back, fay! You are in work; your other rooms: lobby, support")
+    t.expect("*** 1 unread from bob")  # after the rooms'
+    assert "*** 2 unread in work, 1 mentions you" in t.text
+    assert "*** 1 unread in support" in t.text
+    t.expect("[private] bob: lunch?")
+    t.expect("<bob> hello FAY, are you there?")
+    t.expect("<bob> second line")
+    t.expect("work (+1)>")  # unread elsewhere (the toolbar says where: support 1)
+    t.type("/join support\r")
+    t.expect("<bob> a ticket")
+    t.ready("support")
+    t.type("/quit\r")
+    assert t.exit_status() == 0
+    s = achat("script", "-u", "fay", "--password-file", password_file, "--json")
+    s.wait_event(lambda e: e["kind"] == "welcome", "the welcome")
+    assert s.end_input() == 0
+    assert not [e for e in s.events() if e["kind"] == "unread"]
+    assert s.events()[0]["room"] == "support"  # where it was last
+
+
+def test_the_operator_manages_accounts_while_the_broker_runs(achat, password_file):
+    """`broker.py accounts add|list|passwd|del` on the broker's database, the broker
+    running: each change counts at the next login."""
+    db = ["--db", achat.broker.args[achat.broker.args.index("--db") + 1]]
+    done = operator("add", "gus", *db, "--password-file", password_file, "--iterations", "4096")
+    assert (done.returncode, done.stdout) == (0, "added gus\n")
+    assert operator("add", "GUS", *db, "--password-file", password_file).returncode == 1
+    s = achat("script", "-u", "gus", "--password-file", password_file)
+    s.wait_line("Welcome back, gus!")
+    assert s.end_input() == 0
+    assert operator("list", *db).stdout.startswith("gus  (registered ")
+    done = operator("passwd", "gus", *db, "--iterations", "4096", stdin="n3w-secret\nn3w-secret\n")
+    assert done.returncode == 0 and "Password for gus: " in done.stderr
+    assert achat("script", "-u", "gus", "--password-file", password_file).end_input() == 4
+    assert operator("del", "gus", *db).stdout == "removed gus\n"
+    s = achat("script", "-u", "gus")  # a guest's nick again
+    s.wait_line("Welcome, gus!")
+    assert s.end_input() == 0
+    assert operator("del", "gus", *db).returncode == 1
+
+
+def test_accounts_rooms_and_marks_survive_kill_9_of_the_broker(achat, password_file):
+    """An account, its rooms and what it has read are on disk like the history: after a
+    kill -9 of the broker the account logs in, is back in its rooms and is told what it
+    has not read."""
+    register(achat, "hal", "/join team")
+    bob = achat("script", "-u", "bob", "-r", "team")
+    bob.send("one", "two")
+    bob.wait_line("<bob> two")
+    assert bob.end_input() == 0
+    achat.broker.proc.kill()
+    achat.broker.proc.wait()
+    achat.broker.start()
+    s = achat("script", "-u", "hal", "--password-file", password_file)
+    s.wait_line("2 unread in team")
+    s.wait_line("<bob> two")
+    assert s.end_input() == 0
+
+
+def test_register_on_one_broker_and_log_in_on_another(make_cluster_broker, started, tmp_path):
+    """In a cluster an account registered on b1 logs in on b2, with its rooms; killed there
+    (kill -9), it logs in again on b1 at once, the room seeing no leave or join; the
+    operator adds an account against the cluster's NATS, and it logs in on either broker."""
+    b1 = make_cluster_broker("b1", "--scram-iterations", "4096", "--heartbeat", "2")
+    b2 = make_cluster_broker("b2", "--scram-iterations", "4096", "--heartbeat", "2")
+    password = tmp_path / "password"
+    password.write_text(PW + "\n")
+
+    def script(b, *args: str) -> Script:
+        s = Script("-i", "127.0.0.1", "-p", str(b.port), *args)
+        started.append(s.proc)
+        return s
+
+    s = script(b1, "-u", "ivy", "-r", "work")
+    s.send("/register", PW, PW)
+    s.wait_line("ivy is registered")
+    assert s.end_input() == 0
+    w = script(b1, "-u", "watcher", "-r", "work", "--json")
+    w.wait_event(lambda e: e["kind"] == "join" and e["nick"] == "watcher", "the watcher in")
+    s = script(b2, "-u", "ivy", "--password-file", str(password))
+    s.wait_line("Welcome back, ivy! You are in work")
+    s.send("from b2")
+    w.wait_event(lambda e: e.get("text") == "from b2", "ivy's line through b2")
+    s.proc.kill()
+    s.proc.wait()
+    killed = time.monotonic()
+    s = script(b1, "-u", "ivy", "--password-file", str(password))
+    s.send("from b1")
+    w.wait_event(lambda e: e.get("text") == "from b1", "ivy's line through b1, at once")
+    assert time.monotonic() - killed < 4  # not the 6 s a lost connection holds its nick
+    assert s.end_input() == 0
+    live = [e for e in w.events() if e.get("nick") == "ivy" and not e.get("backlog")]
+    assert [e["text"] for e in live] == ["from b2", "from b1"]  # no leave, no join
+    urls = b1.args[b1.args.index("--cluster") + 1]
+    ns = ["--cluster", urls, "--namespace", make_cluster_broker.namespace]
+    done = operator("add", "jo", *ns, "--password-file", str(password), "--iterations", "4096")
+    assert done.returncode == 0, done.stderr
+    assert "jo  (registered" in operator("list", *ns).stdout
+    for b in (b1, b2):
+        s = script(b, "-u", "jo", "--password-file", str(password))
+        s.wait_line("Welcome back, jo!")
+        assert s.end_input() == 0
+    assert wait_for(lambda: "ivy" in operator("list", *ns).stdout, 5, "ivy listed")

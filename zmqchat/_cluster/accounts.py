@@ -1,0 +1,175 @@
+"""Accounts in a cluster (issue 21): the AccountStore of accounts_state.py on JetStream
+key-value buckets, so that every broker has the same accounts, rooms and marks (register
+on b1, log in on b2).
+
+    bucket N-accounts   account -> its name, SCRAM keys, when it was registered
+    bucket N-marks      account.r.ROOM -> {seq} (the account is in ROOM, has read up to seq);
+                        account.p.PEER -> {ts} (read private messages from PEER up to ts);
+                        account.last -> {room} (the room it was in last)
+    bucket N-logins     account.ADDRESS -> the times of recent failed logins from there
+
+(account, PEER and ADDRESS as hex: bucket keys allow few characters.) Every broker watches
+them (the bridge's buckets), so reads answer from memory; a change is made here at once and
+stored through the bridge, and its Op is done when NATS has it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, Final
+
+from zmqchat._core.accounts_state import Account, Kept
+from zmqchat._core.state import Op
+from zmqchat.protocol import Code, ProtocolError
+
+BUCKETS: Final = ("accounts", "marks", "logins")
+FAILURES_KEPT: Final = 60.0  # seconds a failed login is remembered (the core looks back 60)
+
+
+def hexkey(key: str) -> str:
+    return key.encode().hex()
+
+
+def unhex(key: str) -> str:
+    return bytes.fromhex(key).decode()
+
+
+class ClusterAccounts:
+    """AccountStore for a cluster: the buckets above as last heard, and changes to them."""
+
+    def __init__(
+        self,
+        call: Callable[[list[bytes], Callable[[list[bytes]], Any]], Op],
+        privates_of: Callable[[str, float, int], Op],
+    ) -> None:
+        self.call = call  # a command to the bridge (Cluster.call)
+        self.privates_of = privates_of  # the private messages kept for an identity
+        self.all: dict[str, Account] = {}
+        self.rooms: defaultdict[str, dict[str, int]] = defaultdict(dict)
+        self.privates: defaultdict[str, dict[str, float]] = defaultdict(dict)
+        self.last: dict[str, str] = {}
+        self.logins: dict[tuple[str, str], list[float]] = {}
+
+    # ---------------------------------------------------------------- news
+    def apply(self, bucket: str, key: str, put: bool, value: bytes) -> None:
+        """A changed key of one of our buckets (the bridge watches them)."""
+        d = json.loads(value) if put and value else None
+        if bucket == "accounts":
+            name = unhex(key)
+            if d is None:
+                self.all.pop(name, None)
+            else:
+                self.all[name] = Account.from_json(name, d)
+        elif bucket == "marks":
+            self._mark(key, d)
+        elif bucket == "logins":
+            account, _, address = key.partition(".")
+            if d is None:
+                self.logins.pop((unhex(account), address), None)
+            else:
+                self.logins[(unhex(account), address)] = [float(t) for t in d]
+
+    def _mark(self, key: str, d: Any) -> None:
+        account, _, rest = key.partition(".")
+        who = unhex(account)
+        kind, _, what = rest.partition(".")
+        if kind == "r":
+            rooms = self.rooms[who]
+            if d is None:
+                rooms.pop(what, None)
+            else:
+                rooms[what] = max(int(d["seq"]), rooms.get(what, 0))
+        elif kind == "p":
+            privates = self.privates[who]
+            if d is None:
+                privates.pop(unhex(what), None)
+            else:
+                privates[unhex(what)] = max(float(d["ts"]), privates.get(unhex(what), 0.0))
+        elif kind == "last":
+            self.last[who] = d["room"] if d is not None else ""
+
+    def _kv(self, verb: str, bucket: str, key: str, value: Any = None) -> Op:
+        data = json.dumps(value).encode() if value is not None else b""
+        return self.call(
+            [b"KV", bucket.encode(), verb.encode(), key.encode(), data, b"0"],
+            lambda frames: json.loads(frames[1]),
+        )
+
+    # ---------------------------------------------------------------- accounts
+    def account(self, key: str) -> Account | None:
+        return self.all.get(key)
+
+    def register(self, account: Account) -> Op:
+        outer = Op()
+
+        def created(op: Op) -> None:
+            if isinstance(op.error, ProtocolError) and op.error.extra.get("cluster") == "CONFLICT":
+                outer.fail(ProtocolError(Code.NICK_TAKEN, f"{account.name} is registered already"))
+            elif op.error is not None:
+                outer.fail(op.error)
+            else:
+                self._forget(account.key)  # what a removed account of that name kept
+                self.all[account.key] = account
+                outer.resolve()
+
+        self._kv("create", "accounts", hexkey(account.key), account.to_json()).then(created)
+        return outer
+
+    def set_keys(self, account: Account) -> Op:
+        self.all[account.key] = account
+        return self._kv("put", "accounts", hexkey(account.key), account.to_json())
+
+    def _forget(self, key: str) -> None:
+        self.rooms.pop(key, None)
+        self.privates.pop(key, None)
+        self.last.pop(key, None)
+
+    # ---------------------------------------------------------------- what an account keeps
+    def kept(self, account: Account) -> Kept:
+        key = account.key
+        return Kept(self.rooms[key], self.privates[key], self.last.get(key, ""))
+
+    def join(self, account: Account, room: str, seq: int) -> Op:
+        self.rooms[account.key][room] = seq
+        return self._kv("put", "marks", f"{hexkey(account.key)}.r.{room}", {"seq": seq})
+
+    def part(self, account: Account, room: str) -> Op:
+        self.rooms[account.key].pop(room, None)
+        return self._kv("delete", "marks", f"{hexkey(account.key)}.r.{room}")
+
+    def mark(self, account: Account, room: str, seq: int) -> Op:
+        rooms = self.rooms[account.key]
+        if room not in rooms or seq <= rooms[room]:
+            return Op.ready()
+        rooms[room] = seq
+        return self._kv("put", "marks", f"{hexkey(account.key)}.r.{room}", {"seq": seq})
+
+    def mark_private(self, account: Account, peer_key: str, ts: float) -> Op:
+        privates = self.privates[account.key]
+        if ts <= privates.get(peer_key, 0.0):
+            return Op.ready()
+        privates[peer_key] = ts
+        key = f"{hexkey(account.key)}.p.{hexkey(peer_key)}"
+        return self._kv("put", "marks", key, {"ts": ts})
+
+    def enter(self, account: Account, room: str) -> Op:
+        if self.last.get(account.key) == room:
+            return Op.ready()
+        self.last[account.key] = room
+        return self._kv("put", "marks", f"{hexkey(account.key)}.last", {"room": room})
+
+    # ---------------------------------------------------------------- failed logins
+    def failures(self, key: str, address: str, since: float) -> list[float]:
+        return [at for at in self.logins.get((key, hexkey(address) or "-"), ()) if at >= since]
+
+    def failed(self, key: str, address: str, at: float) -> Op:
+        where = (key, hexkey(address) or "-")
+        recent = [t for t in self.logins.get(where, ()) if t >= at - FAILURES_KEPT] + [at]
+        self.logins[where] = recent
+        return self._kv("put", "logins", f"{hexkey(key)}.{where[1]}", recent)
+
+    # ---------------------------------------------------------------- private messages
+    def privates_to(self, owner: str, since: float, limit: int) -> Op:
+        return self.privates_of(owner, since, limit)
