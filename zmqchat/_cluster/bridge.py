@@ -3,12 +3,13 @@
 In cluster mode the broker's loop runs on asyncio, and this bridge is a task of that same
 loop, in the same thread: no lock, no hand-over between threads on a message's path (two
 threads sharing the interpreter lock added about 2 ms at each crossing under load). The
-broker's side (cluster.py) and this one still talk only in frames, through two queues:
+broker's side (state.py) and this one still talk only in frames, through two queues:
 commands go in (append these events, change this key, read that range, route this push),
-answers and news come out (an Op done or failed, a room's new events from its stream, a
-changed key of a watched bucket, a push routed to us).
+answers and news come out (a command done or failed, a room's new events from its stream,
+a changed key of a watched bucket, a push routed to us); names.py has their verbs. A
+handler per verb (`Bridge.handlers`), a function per kind of key change (`Bridge.changes`).
 
-What lives in NATS (N is the namespace, `--namespace`, default zmqchat):
+What lives in NATS (N is the namespace, `--namespace`, default zmqchat; names.py):
     stream N-room-R       subject N.room.R: room R's events; a stream sequence is a seq
     stream N-privates     subjects N.priv.<to>.<to nick>.<from>.<from nick> (hashes of the
                           recipient's and the sender's identity and nick): private messages
@@ -23,7 +24,7 @@ What lives in NATS (N is the namespace, `--namespace`, default zmqchat):
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import itertools
 import json
 import logging
@@ -39,19 +40,33 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-log = logging.getLogger("zmqchat.cluster")
+from zmqchat._cluster.names import (
+    REGISTRY,
+    Answer,
+    Bucket,
+    Change,
+    Failure,
+    News,
+    Verb,
+    room_stream,
+    room_subject,
+)
 
-BUCKETS: Final = ("sessions", "members", "rooms", "nickkeys", "brokers")
-REGISTRY: Final = BUCKETS[:4]  # what a catch-up waits for (beats are not registry state)
+logger = logging.getLogger("zmqchat.cluster")
+
 OP_TIMEOUT: Final = 2.0  # seconds a publish or a key change may take before UNAVAILABLE
 CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
-SETUP_PATIENCE: Final = 20.0  # seconds a start retries JetStream calls (a new cluster is still
-# electing its leaders; cluster.READY_WAIT, the broker's own limit, is longer)
+SETUP_PATIENCE: Final = 20.0  # seconds a start waits for a cluster that is still settling
+# (electing its leaders, placing replicas); state.READY_WAIT, the broker's own limit, is longer
 NOTICE_RETRY: Final = 600.0  # seconds a broker keeps trying to store a notice of its own
+DUPLICATE_RETRY: Final = 0.05  # seconds before asking again for a duplicate's number
 READ_BATCH: Final = 500  # messages per direct-get request
 PENDING_MSGS: Final = 1 << 20  # messages a stream subscription may hold before dropping
 IDLE_HEARTBEAT: Final = 1.0  # seconds: a subscription that hears nothing for two starts over
 # (its consumer was on a node that died)
+JS_NOT_ENABLED: Final = frozenset({10039, 10076})  # JetStream off: waiting will not help
+STREAM_NAME_IN_USE: Final = 10058  # a stream (or bucket) of that name exists already
+WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})  # a compare-and-set lost
 
 
 @dataclass
@@ -65,25 +80,25 @@ class BridgeConfig:
 
 class Batch:
     """Publishes answered together (one APPEND or PRIV): each acknowledgement fills its slot;
-    the op is done when all are, and fails (once) at the first error or at its deadline."""
+    the call is done when all are, and fails (once) at the first error or at its deadline.
+    What each slot published is kept until it is acknowledged, to publish it again."""
 
-    __slots__ = ("op", "subject", "seqs", "left", "deadline", "tokens", "notices")
+    __slots__ = ("call", "subject", "seqs", "left", "deadline", "reply_ids", "sent", "notices")
 
-    def __init__(self, op: bytes, subject: str, count: int, deadline: float) -> None:
-        self.op, self.subject, self.deadline = op, subject, deadline
+    def __init__(self, call: bytes, subject: str, count: int, deadline: float) -> None:
+        self.call, self.subject, self.deadline = call, subject, deadline
         self.seqs: list[int] = [0] * count
         self.left = count  # -1: failed
-        self.tokens: list[str] = []
+        self.reply_ids: list[str] = []
+        self.sent: list[tuple[bytes, dict[str, str]]] = []  # each slot's payload, headers
         self.notices: list[tuple[dict[str, str], bytes]] = []
 
 
-def stream_of(ns: str, room: str) -> str:
-    return f"{ns}-room-{room}"
+class SetupFailed(Exception):
+    """A start that cannot go on: what it was doing, and why."""
 
 
-def token(text: str) -> str:
-    """A subject token for an identity or a nick key (those hold any character)."""
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+Handler = Callable[[list[bytes]], Awaitable[None]]
 
 
 class Bridge:
@@ -92,20 +107,39 @@ class Bridge:
     def __init__(self, cfg: BridgeConfig, to_broker: Callable[[list[bytes]], None]) -> None:
         self.cfg, self.to_broker = cfg, to_broker
         self.ns = cfg.namespace
-        self.kvs: dict[str, Any] = {}
-        self.following: dict[str, Any] = {}  # room -> done once we follow its stream
+        self.kvs: dict[Bucket, Any] = {}
+        self.following: dict[str, asyncio.Future[None]] = {}  # room -> done once followed
         self.room_subs: dict[str, Any] = {}  # room -> its stream subscription
         self.expect: dict[str, int] = {}  # room -> the next seq to hand over
-        self.outgoing: dict[str, list[Any]] = {}  # room -> messages to hand over
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.outgoing: dict[str, list[tuple[int, Any]]] = {}  # room -> messages to hand over
+        self.tasks: set[asyncio.Future[Any]] = set()
         self.replicas = 1
         self.rooms_seen: list[str] = []  # rooms in the registry at start
-        self.acking: dict[str, tuple[Batch, int]] = {}  # publish token -> its batch, slot
-        self.tokens = itertools.count()
+        self.acking: dict[str, tuple[Batch, int]] = {}  # reply id -> its batch, slot
+        self.reply_ids = itertools.count()
         self.closing = False
         self.inbox: deque[list[bytes]] = deque()  # commands from the broker, in order
         self.woken: asyncio.Event | None = None
         self.patient_until = 0.0  # while starting: JetStream calls are retried until then
+        self.handlers: dict[bytes, Handler] = {
+            Verb.APPEND: self._append,
+            Verb.KV: self._kv,
+            Verb.READ: self._read,
+            Verb.PRIV: self._priv,
+            Verb.PRIVREAD: self._privread,
+            Verb.ROUTE: self._route,
+            Verb.ROOM: self._room,
+            Verb.FOLLOW: self._follow,
+            Verb.SYNC: self._sync,
+        }
+        self.changes: dict[bytes, Callable[[Bucket, str, bytes, int], Awaitable[int]]] = {
+            Change.CREATE: lambda bucket, key, value, rev: self._create(bucket, key, value),
+            Change.UPDATE: lambda bucket, key, value, rev: self.kvs[bucket].update(
+                key, value, last=rev
+            ),
+            Change.PUT: lambda bucket, key, value, rev: self.kvs[bucket].put(key, value),
+            Change.DELETE: self._delete,
+        }
 
     # ------------------------------------------------------------------ the loop
     def take(self, commands: list[list[bytes]]) -> None:
@@ -118,35 +152,23 @@ class Bridge:
         """Connect, then carry out the broker's commands until STOP."""
         self.loop = asyncio.get_running_loop()
         self.woken = asyncio.Event()
-        step = "connect"
+        servers = ", ".join(self.cfg.servers)
         try:
-            await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
-            step = "setup"
+            try:
+                await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
+            except Exception:  # noqa: BLE001 - whatever it was, nobody answered
+                raise SetupFailed(f"no NATS server answered at {servers}") from None
             self.patient_until = time.monotonic() + SETUP_PATIENCE
             await self._setup()
             self.patient_until = 0.0
         except Exception as exc:  # noqa: BLE001 - anything here means: cannot start
             reason = str(exc) or type(exc).__name__
-            servers = ", ".join(self.cfg.servers)
-            if step == "connect":
-                reason = f"no NATS server answered at {servers}"
-            else:
+            if not isinstance(exc, SetupFailed):
                 reason = f"NATS at {servers} answered, but JetStream did not: {reason}"
-            self._send([b"FATAL", reason.encode()])
+            self._send([News.FATAL, reason.encode()])
             await self._drop_connection()
             return
-        self._send([b"READY", str(self.replicas).encode()])
-        handlers: dict[bytes, Callable[[list[bytes]], Awaitable[None]]] = {
-            b"APPEND": self._append,
-            b"KV": self._kv,
-            b"READ": self._read,
-            b"PRIV": self._priv,
-            b"PRIVREAD": self._privread,
-            b"ROUTE": self._route,
-            b"ROOM": self._room,
-            b"FOLLOW": self._follow_cmd,
-            b"SYNC": self._sync,
-        }
+        self._send([News.READY, str(self.replicas).encode()])
         self._spawn(self._expire_acks())
         try:
             while True:  # one command at a time, in order: appends keep the loop's order
@@ -154,12 +176,12 @@ class Bridge:
                     self.woken.clear()
                     await self.woken.wait()
                 frames = self.inbox.popleft()
-                if frames[0] == b"STOP":
+                if frames[0] == Verb.STOP:
                     break
                 try:
-                    await handlers[frames[0]](frames)
+                    await self.handlers[frames[0]](frames)
                 except Exception:  # a bug must not end the bridge
-                    log.exception("cluster command %r failed", frames[:2])
+                    logger.exception("cluster command %r failed", frames[:2])
         finally:
             await self._close()
 
@@ -169,7 +191,7 @@ class Bridge:
         for task in list(self.tasks):
             task.cancel()
         await self._drop_connection()
-        self._send([b"STOPPED"])
+        self._send([News.STOPPED])
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -180,11 +202,14 @@ class Bridge:
         """To the broker, in call order."""
         self.to_broker(frames)
 
-    def _done(self, op: bytes, value: Any) -> None:
-        self._send([b"DONE", op, b"json", json.dumps(value).encode()])
+    def _done(self, call: bytes, value: Any) -> None:
+        self._send([News.DONE, call, Answer.JSON, json.dumps(value).encode()])
 
-    def _fail(self, op: bytes, code: str, reason: str) -> None:
-        self._send([b"FAIL", op, code.encode(), reason.encode()])
+    def _done_list(self, call: bytes, items: list[bytes]) -> None:
+        self._send([News.DONE, call, Answer.LIST, *items])
+
+    def _fail(self, call: bytes, failure: Failure, reason: str) -> None:
+        self._send([News.FAIL, call, failure.encode(), reason.encode()])
 
     async def _drop_connection(self) -> None:
         self.closing = True
@@ -199,16 +224,16 @@ class Bridge:
     async def _connect(self) -> None:
         async def disconnected() -> None:
             if not self.closing:
-                log.warning("lost the NATS connection; reconnecting")
+                logger.warning("lost the NATS connection; reconnecting")
 
         async def reconnected() -> None:
-            log.warning(
+            logger.warning(
                 "NATS connection back (%s)",
                 self.nc.connected_url.netloc if self.nc.connected_url else "?",
             )
 
         async def error(exc: Exception) -> None:
-            log.info("NATS: %s", exc)
+            logger.info("NATS: %s", exc)
 
         self.nc = await nats.connect(
             self.cfg.servers,
@@ -230,20 +255,24 @@ class Bridge:
         url = self.nc.connected_url  # None if the connection dropped since _connect()
         size = len(set(info.get("connect_urls") or []) | ({url.netloc} if url else set()))
         self.replicas = self.cfg.replicas or min(3, max(size, 1))
-        for bucket in BUCKETS:
-            self.kvs[bucket] = await self._patiently(partial(self._bucket, bucket))
+        for bucket in Bucket:
+            self.kvs[bucket] = await self._patiently(
+                f"making the bucket {self.ns}-{bucket}", partial(self._bucket, bucket)
+            )
         await self._patiently(
-            lambda: self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.>"])
+            f"making the stream {self.ns}-privates",
+            lambda: self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.>"]),
         )
-        initial: dict[str, asyncio.Event] = {}
-        for bucket in BUCKETS:
-            initial[bucket] = asyncio.Event()
-            await self._patiently(partial(self._watch, bucket, initial[bucket]))
-        for event in initial.values():
-            await event.wait()
+        for bucket in Bucket:
+            await self._patiently(
+                f"reading the bucket {self.ns}-{bucket}", partial(self._watch, bucket)
+            )
         rooms = list(dict.fromkeys([*self.cfg.rooms, *self.rooms_seen]))
         for room in rooms:
-            await self._patiently(partial(self._ensure_room, room))
+            await self._patiently(
+                f"making the stream {room_stream(self.ns, room)}",
+                partial(self._ensure_room, room),
+            )
         push = f"{self.ns}.push.{self.cfg.name}"
         await self.nc.subscribe(push, cb=self._routed)
         self.ack_inbox = self.nc.new_inbox()
@@ -254,24 +283,38 @@ class Bridge:
             pending_bytes_limit=1 << 30,
         )
 
-    async def _patiently(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """A JetStream call made while starting: a cluster that has just started (or is
-        loaded) may answer late or "unavailable" while it elects its leaders, so such an
-        answer is tried again until `patient_until`."""
+    async def _patiently(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A JetStream call made while starting. A cluster that has just started (or is
+        loaded, or lost a node) answers late, "unavailable", "no suitable peers", "not
+        found" for what another broker made a moment ago, ... while it elects its leaders
+        and places replicas: whatever the error, the call is tried again until
+        `patient_until`, and the first failure of each step says what we wait for. Only a
+        JetStream that is not enabled at all fails at once."""
+        said = False
         while True:
             try:
                 return await call()
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.js.errors.ServiceUnavailableError,
-            ) as exc:
+            except Exception as exc:  # noqa: BLE001 - see above
+                why = _why(exc)
+                if getattr(exc, "err_code", None) in JS_NOT_ENABLED:
+                    raise SetupFailed(f"{what}: {why} (is JetStream enabled?)") from None
                 if time.monotonic() > self.patient_until:
-                    raise
-                log.info("JetStream not ready (%s); trying again", type(exc).__name__)
+                    raise SetupFailed(
+                        f"{what}: {why} (still so after waiting {SETUP_PATIENCE:g} s for "
+                        f"the cluster to settle)"
+                    ) from None
+                if not said:
+                    logger.warning(
+                        "the NATS cluster is not ready yet (%s: %s); waiting up to %g s "
+                        "for it to settle",
+                        what,
+                        why,
+                        max(0.0, self.patient_until - time.monotonic()),
+                    )
+                    said = True
                 await asyncio.sleep(0.25)
 
-    async def _bucket(self, bucket: str) -> Any:
+    async def _bucket(self, bucket: Bucket) -> Any:
         name = f"{self.ns}-{bucket}"
         try:
             return await self.js.key_value(name)
@@ -281,8 +324,10 @@ class Bridge:
             return await self.js.create_key_value(
                 api.KeyValueConfig(bucket=name, history=1, replicas=self.replicas)
             )
-        except nats.js.errors.BadRequestError:  # made by another broker just now
-            return await self.js.key_value(name)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+            return await self.js.key_value(name)  # made by another broker just now
 
     async def _ensure_stream(self, name: str, subjects: list[str]) -> int:
         """Make the stream if it is not there; return its last sequence number."""
@@ -299,9 +344,12 @@ class Bridge:
                         storage=api.StorageType.FILE,
                     )
                 )
-            except nats.js.errors.BadRequestError:  # another broker made it just now
-                info = await self.js.stream_info(name)
-        return info.state.last_seq
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise
+                info = await self.js.stream_info(name)  # another broker made it just now
+        last: int = info.state.last_seq
+        return last
 
     async def _ensure_room(self, room: str) -> None:
         """The room's stream, and our subscription to it from its end on (once, however
@@ -320,16 +368,16 @@ class Bridge:
         await ready
 
     async def _subscribe_room(self, room: str) -> None:
-        last = await self._ensure_stream(stream_of(self.ns, room), [f"{self.ns}.room.{room}"])
+        last = await self._ensure_stream(room_stream(self.ns, room), [room_subject(self.ns, room)])
         self.expect[room] = last + 1
-        self._send([b"LAST", room.encode(), str(last).encode()])
+        self._send([News.LAST, room.encode(), str(last).encode()])
 
         async def arrived(msg: Any) -> None:
             await self._arrived(room, msg)
 
         self.room_subs[room] = await self.js.subscribe(
-            f"{self.ns}.room.{room}",
-            stream=stream_of(self.ns, room),
+            room_subject(self.ns, room),
+            stream=room_stream(self.ns, room),
             cb=arrived,
             ordered_consumer=True,
             idle_heartbeat=IDLE_HEARTBEAT,
@@ -341,12 +389,12 @@ class Bridge:
         )
 
     # ------------------------------------------------------------------ watching buckets
-    async def _watch(self, bucket: str, initial: asyncio.Event) -> None:
+    async def _watch(self, bucket: Bucket) -> None:
         """Follow every key of a bucket (each key's latest value first, then every change),
-        handing each over as KVW bucket key revision PUT|DEL value; `initial` is set once
-        the latest values are all there."""
+        handing each over as KEY bucket key revision PUT|DEL value; returns once the latest
+        values are all there (or fails if they stop coming)."""
         prefix = f"$KV.{self.ns}-{bucket}."
-        bname = bucket.encode()
+        initial = asyncio.Event()
 
         async def changed(msg: Any) -> None:
             meta = msg.metadata
@@ -356,15 +404,15 @@ class Bridge:
                 headers.get("KV-Operation") not in ("DEL", "PURGE")
                 and "Nats-Marker-Reason" not in headers
             )
-            if bucket == "rooms" and put and "." not in key:
+            if bucket == Bucket.ROOMS and put and "." not in key:
                 if initial.is_set():
                     self._spawn(self._ensure_room(key))
                 else:
                     self.rooms_seen.append(key)
             self._send(
                 [
-                    b"KVW",
-                    bname,
+                    News.KEY,
+                    bucket.encode(),
                     key.encode(),
                     str(meta.sequence.stream).encode(),
                     b"PUT" if put else b"DEL",
@@ -384,9 +432,21 @@ class Bridge:
             pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=1 << 30,
         )
-        info = await sub.consumer_info()
-        if info.num_pending == 0 and sub.delivered == 0:  # an empty bucket
-            initial.set()
+        try:
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and sub.delivered == 0:  # an empty bucket
+                initial.set()
+            heard = -1
+            while not initial.is_set():  # as long as the latest values keep coming
+                if sub.delivered == heard:
+                    raise TimeoutError("its keys stopped coming")
+                heard = sub.delivered
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(initial.wait(), OP_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            raise
 
     # ------------------------------------------------------------------ room events
     async def _arrived(self, room: str, msg: Any) -> None:
@@ -396,7 +456,7 @@ class Bridge:
         if seq < expect:
             return
         if seq > expect:  # should not happen with an ordered consumer: fetch the gap
-            log.warning(
+            logger.warning(
                 "%s: events %d..%d skipped by the stream subscription; fetching",
                 room,
                 expect,
@@ -437,31 +497,33 @@ class Bridge:
                 b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq) + msg.data
             )
         meta = json.dumps({"departures": departures, "ids": ids}).encode()
-        self._send([b"EVENTS", prefix, str(first).encode(), meta, *frames])
+        self._send([News.EVENTS, prefix, str(first).encode(), meta, *frames])
 
     async def _append(self, frames: list[bytes]) -> None:
-        """APPEND op room [msgid kind tail]...: publish each; answer with their seqs."""
-        op, room = frames[1], frames[2].decode()
-        subject = f"{self.ns}.room.{room}"
-        batch = Batch(op, subject, (len(frames) - 3) // 3, time.monotonic() + OP_TIMEOUT)
+        """APPEND id room [msgid kind tail]...: publish each; answer with their seqs."""
+        call, room = frames[1], frames[2].decode()
+        subject = room_subject(self.ns, room)
+        batch = Batch(call, subject, (len(frames) - 3) // 3, time.monotonic() + OP_TIMEOUT)
         try:
             for i in range(3, len(frames), 3):
                 kind = frames[i + 1].decode()
                 headers = {"Nats-Msg-Id": frames[i].decode(), "Zc-Kind": kind}
                 if kind not in ("msg", "action"):  # ours: kept trying for if this fails
                     batch.notices.append((headers, frames[i + 2]))
-                await self._publish(subject, frames[i + 2], headers, batch, (i - 3) // 3)
+                batch.sent.append((frames[i + 2], headers))
+                await self._publish(batch, (i - 3) // 3)
         except Exception as exc:  # noqa: BLE001 - the connection's buffer is full
             self._settle(batch, f"the cluster did not store it: {_why(exc)}")
 
-    async def _publish(
-        self, subject: str, payload: bytes, headers: dict[str, str], batch: Batch, index: int
-    ) -> None:
+    async def _publish(self, batch: Batch, index: int) -> None:
         """A JetStream publish whose acknowledgement fills slot `index` of `batch`."""
-        token = str(next(self.tokens))
-        self.acking[token] = (batch, index)
-        batch.tokens.append(token)
-        await self.nc.publish(subject, payload, reply=f"{self.ack_inbox}.{token}", headers=headers)
+        reply_id = str(next(self.reply_ids))
+        self.acking[reply_id] = (batch, index)
+        batch.reply_ids.append(reply_id)
+        payload, headers = batch.sent[index]
+        await self.nc.publish(
+            batch.subject, payload, reply=f"{self.ack_inbox}.{reply_id}", headers=headers
+        )
 
     async def _acked(self, msg: Any) -> None:
         """A publish's acknowledgement (or its error), to the inbox of all of them."""
@@ -479,20 +541,36 @@ class Bridge:
             error = answer.get("error", {}).get("description") or "no stream answered"
             self._settle(batch, f"the cluster did not store it: {error}")
             return
+        if not answer["seq"]:
+            # A duplicate of a publish still in flight (a retry that overtook it): JetStream
+            # does not know its number yet. Asked again, it answers with the number the
+            # first one got (or stores it, if the first one failed).
+            self.loop.call_later(DUPLICATE_RETRY, self._again, batch, index)
+            return
         batch.seqs[index] = answer["seq"]
         batch.left -= 1
         if batch.left == 0:
-            self._done(batch.op, batch.seqs)
+            self._done(batch.call, batch.seqs)
+
+    def _again(self, batch: Batch, index: int) -> None:
+        if batch.left >= 0:
+            self._spawn(self._publish_or_settle(batch, index))
+
+    async def _publish_or_settle(self, batch: Batch, index: int) -> None:
+        try:
+            await self._publish(batch, index)
+        except Exception as exc:  # noqa: BLE001 - the connection is gone
+            self._settle(batch, f"the cluster did not store it: {_why(exc)}")
 
     def _settle(self, batch: Batch, why: str) -> None:
-        """A batch that will not be acknowledged: its op fails (once); the notices of our
+        """A batch that will not be acknowledged: its call fails (once); the notices of our
         own that were in it are published again until they are stored."""
         if batch.left < 0:
             return
         batch.left = -1
-        for token in batch.tokens:
-            self.acking.pop(token, None)
-        self._fail(batch.op, "UNAVAILABLE", why)
+        for reply_id in batch.reply_ids:
+            self.acking.pop(reply_id, None)
+        self._fail(batch.call, Failure.UNAVAILABLE, why)
         for headers, tail in batch.notices:
             self._spawn(self._keep_trying(batch.subject, headers, tail))
 
@@ -513,7 +591,7 @@ class Bridge:
                 return
             except Exception:  # noqa: BLE001 - the cluster is still away
                 await asyncio.sleep(1.0)
-        log.error("gave up storing a %s notice on %s", headers.get("Zc-Kind"), subject)
+        logger.error("gave up storing a %s notice on %s", headers.get("Zc-Kind"), subject)
 
     # ------------------------------------------------------------------ reading
     async def _direct(self, stream: str, request: dict[str, Any]) -> list[Any]:
@@ -541,7 +619,7 @@ class Bridge:
 
     async def _get_range(self, room: str, first: int, count: int) -> list[Any]:
         out: list[Any] = []
-        stream = stream_of(self.ns, room)
+        stream = room_stream(self.ns, room)
         while count > 0:
             got = await self._direct(stream, {"seq": first, "batch": min(count, READ_BATCH)})
             if not got:
@@ -553,11 +631,11 @@ class Bridge:
         return out
 
     async def _read(self, frames: list[bytes]) -> None:
-        """READ op room {after, before, since, limit, last}: stored events as JSON texts."""
-        op, room, q = frames[1], frames[2].decode(), json.loads(frames[3])
-        self._spawn(self._reading(op, room, q))
+        """READ id room {after, before, since, limit, last}: stored events as JSON texts."""
+        call, room, q = frames[1], frames[2].decode(), json.loads(frames[3])
+        self._spawn(self._reading(call, room, q))
 
-    async def _reading(self, op: bytes, room: str, q: dict[str, Any]) -> None:
+    async def _reading(self, call: bytes, room: str, q: dict[str, Any]) -> None:
         try:
             if q["after"] is not None:
                 first, count = q["after"] + 1, q["limit"]
@@ -571,10 +649,10 @@ class Bridge:
             # acknowledged what the broker knows is there: the rest from the leader.
             have = found[-1][0] if found else first - 1
             for seq in range(have + 1, min(first + count - 1, q["last"]) + 1):
-                raw = await self.js.get_msg(stream_of(self.ns, room), seq)
+                raw = await self.js.get_msg(room_stream(self.ns, room), seq)
                 found.append((seq, raw.data or b""))
         except Exception as exc:  # noqa: BLE001
-            self._fail(op, "UNAVAILABLE", f"history not read: {_why(exc)}")
+            self._fail(call, Failure.UNAVAILABLE, f"history not read: {_why(exc)}")
             return
         prefix = room.encode()
         texts = []
@@ -582,27 +660,27 @@ class Bridge:
             if q["since"] is not None and _event_ts(data) < q["since"]:
                 continue
             texts.append(b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq) + data)
-        self._send([b"DONE", op, b"list", *texts])
+        self._done_list(call, texts)
 
     # ------------------------------------------------------------------ private messages
     async def _priv(self, frames: list[bytes]) -> None:
-        """PRIV op subject-tokens msgid data: keep a private message."""
-        op, tokens, msgid, data = frames[1], frames[2].decode(), frames[3].decode(), frames[4]
-        subject = f"{self.ns}.priv.{tokens}"
-        batch = Batch(op, subject, 1, time.monotonic() + OP_TIMEOUT)
+        """PRIV id subject-hashes msgid data: keep a private message."""
+        call, hashes, msgid, data = frames[1], frames[2].decode(), frames[3].decode(), frames[4]
+        batch = Batch(call, f"{self.ns}.priv.{hashes}", 1, time.monotonic() + OP_TIMEOUT)
+        batch.sent.append((data, {"Nats-Msg-Id": msgid}))
         try:
-            await self._publish(subject, data, {"Nats-Msg-Id": msgid}, batch, 0)
+            await self._publish(batch, 0)
         except Exception as exc:  # noqa: BLE001
             self._settle(batch, f"the cluster did not store it: {_why(exc)}")
 
     async def _privread(self, frames: list[bytes]) -> None:
-        """PRIVREAD op filter since limit: the latest private messages whose subject matches
+        """PRIVREAD id filter since limit: the latest private messages whose subject matches
         N.priv.<filter> (wildcards allowed), at or after since."""
-        op, pattern = frames[1], frames[2].decode()
+        call, pattern = frames[1], frames[2].decode()
         since, limit = float(frames[3]), int(frames[4])
-        self._spawn(self._privreading(op, pattern, since, limit))
+        self._spawn(self._privreading(call, pattern, since, limit))
 
-    async def _privreading(self, op: bytes, pattern: str, since: float, limit: int) -> None:
+    async def _privreading(self, call: bytes, pattern: str, since: float, limit: int) -> None:
         stream, subject = f"{self.ns}-privates", f"{self.ns}.priv.{pattern}"
         start = (
             time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since))
@@ -626,43 +704,43 @@ class Bridge:
                     "batch": READ_BATCH,
                 }
         except Exception as exc:  # noqa: BLE001
-            self._fail(op, "UNAVAILABLE", f"private messages not read: {_why(exc)}")
+            self._fail(call, Failure.UNAVAILABLE, f"private messages not read: {_why(exc)}")
             return
-        self._send([b"DONE", op, b"list", *out])
+        self._done_list(call, out)
 
     # ------------------------------------------------------------------ keys, rooms, pushes
     async def _kv(self, frames: list[bytes]) -> None:
-        """KV op bucket verb key value rev: change a key; answer with its new revision."""
-        self._spawn(self._kv_change(*frames[1:7]))
+        """KV id bucket Change key value revision: change a key; answer with its revision."""
+        call, bucket, change, key, value, rev = frames[1:7]
+        self._spawn(
+            self._kv_change(call, Bucket(bucket.decode()), change, key.decode(), value, int(rev))
+        )
 
     async def _kv_change(
-        self, op: bytes, bucket: bytes, verb: bytes, key: bytes, value: bytes, rev: bytes
+        self, call: bytes, bucket: Bucket, change: bytes, key: str, value: bytes, rev: int
     ) -> None:
-        kv, k = self.kvs[bucket.decode()], key.decode()
         try:
-            if verb == b"create":
-                revision = await self._create(bucket.decode(), k, value)
-            elif verb == b"update":
-                revision = await kv.update(k, value, last=int(rev))
-            elif verb == b"put":
-                revision = await kv.put(k, value)
-            else:
-                await kv.delete(k, last=int(rev) or None)
-                revision = 0
+            revision = await self.changes[change](bucket, key, value, rev)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
-            self._fail(op, "CONFLICT", str(exc))
+            self._fail(call, Failure.CONFLICT, str(exc))
         except Exception as exc:  # noqa: BLE001 - timeout, connection, ...: always answer
             code = getattr(exc, "err_code", None)
-            self._fail(op, "CONFLICT" if code in (10071, 10164) else "UNAVAILABLE", _why(exc))
+            failure = Failure.CONFLICT if code in WRONG_LAST_SEQUENCE else Failure.UNAVAILABLE
+            self._fail(call, failure, _why(exc))
         else:
-            self._done(op, revision)
+            self._done(call, revision)
 
-    async def _create(self, bucket: str, key: str, value: bytes) -> int:
+    async def _delete(self, bucket: Bucket, key: str, value: bytes, rev: int) -> int:
+        await self.kvs[bucket].delete(key, last=rev or None)
+        return 0
+
+    async def _create(self, bucket: Bucket, key: str, value: bytes) -> int:
         """Make a key that does not exist (or was deleted): KeyWrongLastSequenceError when
         someone has it. Checked against the stream's leader, not a replica that may lag."""
         kv = self.kvs[bucket]
         try:
-            return await kv.update(key, value, last=0)
+            revision: int = await kv.update(key, value, last=0)
+            return revision
         except nats.js.errors.KeyWrongLastSequenceError:
             stream = f"KV_{self.ns}-{bucket}"
             try:
@@ -673,42 +751,43 @@ class Bridge:
                 ) from None
             if (last.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
                 raise
-            return await kv.update(key, value, last=last.seq)
+            revision = await kv.update(key, value, last=last.seq)
+            return revision
 
     async def _sync(self, frames: list[bytes]) -> None:
-        """SYNC op: the latest revision of each registry bucket, from its stream's leader."""
+        """SYNC id: the latest revision of each registry bucket, from its stream's leader."""
         self._spawn(self._syncing(frames[1]))
 
-    async def _syncing(self, op: bytes) -> None:
+    async def _syncing(self, call: bytes) -> None:
         try:
             infos = await asyncio.gather(
                 *(self.js.stream_info(f"KV_{self.ns}-{bucket}") for bucket in REGISTRY)
             )
         except Exception as exc:  # noqa: BLE001
-            self._fail(op, "UNAVAILABLE", f"the registry did not answer: {_why(exc)}")
+            self._fail(call, Failure.UNAVAILABLE, f"the registry did not answer: {_why(exc)}")
             return
-        self._done(
-            op, {bucket: info.state.last_seq for bucket, info in zip(REGISTRY, infos, strict=True)}
-        )
+        revs = {bucket: info.state.last_seq for bucket, info in zip(REGISTRY, infos, strict=True)}
+        self._done(call, revs)
 
     async def _room(self, frames: list[bytes]) -> None:
-        """ROOM op room: make a room (its stream, then its record); answer whether we did."""
+        """ROOM id room: make a room (its stream, then its record); answer whether we did."""
         self._spawn(self._making_room(frames[1], frames[2].decode()))
 
-    async def _making_room(self, op: bytes, room: str) -> None:
+    async def _making_room(self, call: bytes, room: str) -> None:
         try:
             await self._ensure_room(room)
             try:
-                await self._create("rooms", room, b'{"created":true}')
+                await self._create(Bucket.ROOMS, room, b'{"created":true}')
                 created = True
             except nats.js.errors.KeyWrongLastSequenceError:
                 created = False
         except Exception as exc:  # noqa: BLE001
-            self._fail(op, "UNAVAILABLE", f"the room was not made: {_why(exc)}")
+            self._fail(call, Failure.UNAVAILABLE, f"the room was not made: {_why(exc)}")
             return
-        self._done(op, created)
+        self._done(call, created)
 
-    async def _follow_cmd(self, frames: list[bytes]) -> None:
+    async def _follow(self, frames: list[bytes]) -> None:
+        """FOLLOW room: follow a room's stream (a room another broker made)."""
         self._spawn(self._ensure_room(frames[1].decode()))
 
     async def _route(self, frames: list[bytes]) -> None:
@@ -716,7 +795,7 @@ class Bridge:
         await self.nc.publish(f"{self.ns}.push.{frames[1].decode()}", frames[2])
 
     async def _routed(self, msg: Any) -> None:
-        self._send([b"ROUTED", msg.data])
+        self._send([News.ROUTED, msg.data])
 
 
 def _event_ts(tail: bytes) -> float:

@@ -113,7 +113,7 @@ class BrokerCollector:
             yield GaugeMetricFamily(
                 "zmqchat_cluster_commands_pending",
                 "Commands to NATS waiting for an answer",
-                value=len(b.cluster.ops),
+                value=len(b.cluster.calls),
             )
 
     def _history_lag(self) -> int:
