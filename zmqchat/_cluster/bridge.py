@@ -56,6 +56,7 @@ logger = logging.getLogger("zmqchat.cluster")
 
 OP_TIMEOUT: Final = 2.0  # seconds a publish or a key change may take before UNAVAILABLE
 CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
+PROBE_TIMEOUT: Final = 0.5  # seconds the first JetStream request waits (then it is asked again)
 SETUP_PATIENCE: Final = 20.0  # seconds a start waits for a cluster that is still settling
 # (electing its leaders, placing replicas); state.READY_WAIT, the broker's own limit, is longer
 NOTICE_RETRY: Final = 600.0  # seconds a broker keeps trying to store a notice of its own
@@ -196,7 +197,12 @@ class Bridge:
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so
+            logger.error("cluster task failed: %r", task.exception(), exc_info=task.exception())
 
     def _send(self, frames: list[bytes]) -> None:
         """To the broker, in call order."""
@@ -251,7 +257,9 @@ class Bridge:
         self.js = self.nc.jetstream(timeout=OP_TIMEOUT)
 
     async def _setup(self) -> None:
-        info = self.nc._server_info or {}
+        probe = self.nc.jetstream(timeout=PROBE_TIMEOUT)  # a cluster still electing: ask often
+        await self._patiently("asking JetStream for this account's limits", probe.account_info)
+        info = self.nc._server_info or {}  # read now: a new cluster's nodes know each other
         url = self.nc.connected_url  # None if the connection dropped since _connect()
         size = len(set(info.get("connect_urls") or []) | ({url.netloc} if url else set()))
         self.replicas = self.cfg.replicas or min(3, max(size, 1))
@@ -305,7 +313,7 @@ class Bridge:
                     ) from None
                 if not said:
                     logger.warning(
-                        "the NATS cluster is not ready yet (%s: %s); waiting up to %g s "
+                        "the NATS cluster is not ready yet (%s: %s); waiting up to %.0f s "
                         "for it to settle",
                         what,
                         why,
@@ -406,7 +414,7 @@ class Bridge:
             )
             if bucket == Bucket.ROOMS and put and "." not in key:
                 if initial.is_set():
-                    self._spawn(self._ensure_room(key))
+                    self._spawn(self._follow_room(key))
                 else:
                     self.rooms_seen.append(key)
             self._send(
@@ -788,7 +796,20 @@ class Bridge:
 
     async def _follow(self, frames: list[bytes]) -> None:
         """FOLLOW room: follow a room's stream (a room another broker made)."""
-        self._spawn(self._ensure_room(frames[1].decode()))
+        self._spawn(self._follow_room(frames[1].decode()))
+
+    async def _follow_room(self, room: str) -> None:
+        """_ensure_room until it works: a room we do not follow never reaches our members."""
+        said = False
+        while not self.closing:
+            try:
+                await self._ensure_room(room)
+                return
+            except Exception as exc:  # noqa: BLE001 - the cluster is away: again soon
+                if not said:
+                    logger.warning("cannot follow room %s yet (%s); trying again", room, _why(exc))
+                    said = True
+                await asyncio.sleep(1.0)
 
     async def _route(self, frames: list[bytes]) -> None:
         """ROUTE broker data: a push for a session held by another broker."""
