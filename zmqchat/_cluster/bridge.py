@@ -583,10 +583,16 @@ class Bridge:
             self._spawn(self._keep_trying(batch.subject, headers, tail))
 
     async def _expire_acks(self) -> None:
-        """Fail the publishes that were not acknowledged in OP_TIMEOUT."""
+        """Fail the publishes that were not acknowledged in OP_TIMEOUT (of our own running
+        time: a process that was stopped for a while does not count that against them)."""
+        last = time.monotonic()
         while True:
             await asyncio.sleep(0.2)
             now = time.monotonic()
+            lost, last = now - last - 0.2, now
+            if lost > 1.0:
+                for batch in {batch for batch, _ in self.acking.values()}:
+                    batch.deadline += lost
             late = {batch for batch, _ in self.acking.values() if batch.deadline < now}
             for batch in late:
                 self._settle(batch, "the cluster did not store it: no answer in time")

@@ -2,7 +2,15 @@
 
 A broker that stops beating for three heartbeats is dead; its sessions that their clients
 did not resume on another broker within three more are settled (announced as lost, once:
-whoever settles one claims it with a compare-and-set on its record).
+whoever settles one claims it with a compare-and-set on its record). A broker also settles
+its own sessions that no connection of its holds any more (its last run's, after a
+restart; one whose nick it could not let go while NATS was away).
+
+A beat carries the broker's instance (new at every start), so a broker restarted under the
+same name tells its own dead self, whose last beat may be seconds old, from a second
+broker given the same name: it waits for one more beat of that name and takes over if
+none comes. A broker that did not run for a while (stopped with SIGSTOP, or starved of
+CPU) heard nothing meanwhile: it does not hold that silence against the others.
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from zmqchat._cluster.names import Beat, Bucket
@@ -22,16 +32,17 @@ logger = logging.getLogger("zmqchat.cluster")
 
 
 class Liveness:
-    """Our beats, the other brokers' as last heard, and the dead brokers to settle."""
+    """Our beats, the other brokers' as last heard, and the sessions to settle."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
+        self.instance = uuid.uuid4().hex[:16]
         # when each broker's beat last changed (our clock), and since when each dead one is
         self.seen: dict[str, float] = {}
         self.dead: dict[str, float] = {}
-        self.beat_ok = 0.0  # when our last beat got through
+        self.heard: dict[str, int] = {}  # broker name -> beats heard
         self.healthy_since: float | None = None  # ours getting through without a break since
-        self.started_at = 0.0
+        self.orphans: dict[str, float] = {}  # sid of a session of ours no connection holds
         self.peers: dict[str, dict[str, Any]] = {}  # broker name -> its last beat
 
     @property
@@ -39,28 +50,39 @@ class Liveness:
         """Three heartbeats: how long a broker may be silent, and its clients away."""
         return 3 * self.cluster.heartbeat
 
-    def start(self) -> None:
-        """Joining: refuse a name a live broker has; settle our last run's sessions."""
-        name = self.cluster.name
-        self.started_at = time.monotonic()
-        mine = self.peers.get(name)
-        if (
+    def record(self, state: Beat) -> dict[str, Any]:
+        return {"state": str(state), "at": time.time(), "instance": self.instance}
+
+    # ------------------------------------------------------------------ joining
+    def beaten_by_another(self) -> bool:
+        """Whether the last beat under our name is an "up" less than three heartbeats old
+        from another instance: a live broker of that name, or our own last run, killed."""
+        mine = self.peers.get(self.cluster.name)
+        return (
             mine is not None
             and mine.get("state") == Beat.UP
+            and mine.get("instance") != self.instance
             and time.time() - float(mine.get("at", 0)) < self.limit
-        ):
+        )
+
+    def waiting_for_beat(self) -> Callable[[], bool]:
+        """A condition that turns true when a beat of our name comes from elsewhere."""
+        name = self.cluster.name
+        before = self.heard.get(name, 0)
+        return lambda: self.heard.get(name, 0) > before
+
+    def join(self, another_beat: bool) -> None:
+        """Start beating, unless a live broker has our name (OSError)."""
+        if another_beat:
             raise OSError(
-                f"a broker named {name} is already in this cluster: give each broker its own --name"
+                f"a broker named {self.cluster.name} is already in this cluster (it is "
+                "beating): give each broker its own --name"
             )
-        if any(i.broker == name for i in self.cluster.registry.identities()):
-            self.dead[name] = self.started_at  # our last run's sessions: settle them too
         self._beat()
 
-    def record(self, state: Beat) -> dict[str, Any]:
-        return {"state": str(state), "at": time.time()}
-
+    # ------------------------------------------------------------------ every half heartbeat
     def tick(self) -> None:
-        """Every half heartbeat: beat, and settle the sessions of brokers that stopped."""
+        """Beat; find the brokers that stopped; settle what their clients left behind."""
         self._beat()
         now = time.monotonic()
         healthy = self.healthy_since is not None and now - self.healthy_since >= self.limit
@@ -75,7 +97,17 @@ class Liveness:
                     self.dead[name] = now
         for name, since in list(self.dead.items()):
             if now - since >= self.limit:
-                self._reap(name)
+                self._reap_broker(name)
+        self._reap_orphans(now)
+
+    def woke(self, gap: float) -> None:
+        """We did not run for `gap` seconds: what we did not hear meanwhile (the others'
+        beats, waiting in NATS) is not their silence; nor do our own beats prove anything
+        until they get through again."""
+        for table in (self.seen, self.dead, self.orphans):
+            for name in table:
+                table[name] += gap
+        self.healthy_since = None
 
     def _beat(self) -> None:
         sent = time.monotonic()
@@ -84,7 +116,6 @@ class Liveness:
         def answered(op: Op) -> None:
             now = time.monotonic()
             if op.error is None and now - sent < self.cluster.heartbeat:
-                self.beat_ok = now
                 if self.healthy_since is None:
                     self.healthy_since = now
             else:
@@ -97,7 +128,15 @@ class Liveness:
         beat = json.loads(value) if value else {}
         self.peers[name] = beat
         if name == self.cluster.name:
+            if beat.get("instance") != self.instance:
+                self.heard[name] = self.heard.get(name, 0) + 1
+                if beat.get("state") == Beat.UP and self.healthy_since is not None:
+                    logger.error(
+                        "another broker beats under our name %s: give each its own --name",
+                        name,
+                    )
             return
+        self.heard[name] = self.heard.get(name, 0) + 1
         state = beat.get("state")
         if state == Beat.UP:
             self.seen[name] = time.monotonic()
@@ -107,16 +146,34 @@ class Liveness:
             self.dead[name] = time.monotonic()  # stopped on purpose: no need to wait
             self.seen.pop(name, None)
 
-    def _reap(self, broker: str) -> None:
+    # ------------------------------------------------------------------ settling
+    def _reap_broker(self, broker: str) -> None:
         """Settle the sessions a dead broker held and their clients did not take back:
         each is claimed with a compare-and-set on its record, so only one broker
         announces it."""
         del self.dead[broker]
         self.seen.pop(broker, None)
-        registry, local = self.cluster.registry, self.cluster.core.local_sids()
+        registry = self.cluster.registry
         for ident in list(registry.identities()):
-            if ident.broker == broker and ident.sid not in local:
+            if ident.broker == broker:
                 registry.reap(ident)
-        if broker != self.cluster.name:
-            record = {**self.record(Beat.GONE), "by": self.cluster.name}
-            self.cluster.put(Bucket.BROKERS, broker, record)
+        record = {**self.record(Beat.GONE), "by": self.cluster.name}
+        del record["instance"]
+        self.cluster.put(Bucket.BROKERS, broker, record)
+
+    def _reap_orphans(self, now: float) -> None:
+        """Our own sessions that no connection of ours holds: our last run's (their
+        clients get the grace period to resume), or one whose nick we could not let go
+        when it was lost."""
+        name, local = self.cluster.name, self.cluster.core.local_sids()
+        current = set()
+        for ident in list(self.cluster.registry.identities()):
+            if ident.broker != name or ident.sid in local:
+                continue
+            current.add(ident.sid)
+            since = self.orphans.setdefault(ident.sid, now)
+            if now - since >= self.limit:
+                self.orphans[ident.sid] = now  # once a grace period (it may be in flight)
+                self.cluster.registry.reap(ident)
+        for sid in [sid for sid in self.orphans if sid not in current]:
+            del self.orphans[sid]

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import protocol as m
 from zmqchat._cluster.names import Bucket, Change, Failure, Verb, hexkey, json_answer, unhex
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from zmqchat._cluster.state import Cluster
 
 logger = logging.getLogger("zmqchat.cluster")
+
+CLAIM_TRIES: Final = 3  # compare-and-sets a claim makes before it gives up (see claim())
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class ClusterRegistry:
         self.rooms: dict[str, RoomSettings] = {}
         self.saved: dict[str, RoomSettings] = {}  # as the bucket has them
         self.owners: dict[str, str] = {}  # nick key -> CURVE key
+        self.member_revs: dict[str, int] = {}  # members bucket key -> its record's revision
         self.revs: dict[str, int] = {}  # bucket -> the latest revision heard
         self.catching_up: list[CatchUp] = []
         self.appliers: dict[Bucket, Callable[[str, int, bool, bytes], None]] = {
@@ -94,6 +97,10 @@ class ClusterRegistry:
             self.catching_up.remove(waiting)
             waiting.op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
 
+    def woke(self, gap: float) -> None:
+        for waiting in self.catching_up:
+            waiting.asked_at += gap
+
     def apply(self, bucket: Bucket, key: str, rev: int, put: bool, value: bytes) -> None:
         """A watched key's news (put: its new value; else deleted)."""
         self.revs[bucket] = max(self.revs.get(bucket, 0), rev)
@@ -122,13 +129,17 @@ class ClusterRegistry:
 
     def _member_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
         room, _, hexed = key.partition(".")
+        if rev < self.member_revs.get(key, 0):
+            return  # older news than a change we made ourselves
         if put:
             d = json.loads(value)
             self._members.setdefault(room, {})[unhex(hexed)] = Member(
                 d["nick"], unhex(hexed), d["sid"], d["broker"]
             )
+            self.member_revs[key] = rev
         else:
             self._members.get(room, {}).pop(unhex(hexed), None)
+            self.member_revs.pop(key, None)
 
     def _room_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
         room, _, field = key.partition(".")
@@ -175,6 +186,16 @@ class ClusterRegistry:
         ).encode()
 
     def claim(self, ident: Identity, replacing: Identity | None) -> Op:
+        """Take the nick: a create, or a compare-and-set on the session it replaces. When
+        that loses because the record changed meanwhile (our view was behind), we catch up
+        and look again: a record that is still this client's own (the same resume token, a
+        session it left on a broker that died, or a resume of it that overtook this one) is
+        taken over; only someone else's is NICK_TAKEN."""
+        outer = Op()
+        self._claim(ident, replacing, outer, CLAIM_TRIES)
+        return outer
+
+    def _claim(self, ident: Identity, replacing: Identity | None, outer: Op, tries: int) -> None:
         key = hexkey(ident.key)
         record = self._record(ident)
         inner = (
@@ -182,10 +203,11 @@ class ClusterRegistry:
             if replacing is None
             else self._kv(Change.UPDATE, Bucket.SESSIONS, key, record, replacing.rev)
         )
-        outer = Op()
 
         def answered(op: Op) -> None:
-            if conflict(op.error):
+            if conflict(op.error) and tries > 1:
+                self.catch_up().then(lambda caught: look_again(caught.error))
+            elif conflict(op.error):
                 outer.fail(ProtocolError(Code.NICK_TAKEN, f"the nickname {ident.nick} is taken"))
             elif op.error is not None:
                 outer.fail(op.error)
@@ -197,8 +219,18 @@ class ClusterRegistry:
                     self.cluster.core.identity_changed(ident.key, ident)
                 outer.resolve()
 
+        def look_again(error: BaseException | None) -> None:
+            holder = self.sessions.get(ident.key)
+            if error is not None:
+                outer.fail(error)
+            elif holder is None or (
+                holder.token == ident.token != "" and holder.pubkey == ident.pubkey
+            ):
+                self._claim(ident, holder, outer, tries - 1)
+            else:
+                outer.fail(ProtocolError(Code.NICK_TAKEN, f"the nickname {ident.nick} is taken"))
+
         inner.then(answered)
-        return outer
 
     def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
         moved = Identity(
@@ -225,11 +257,27 @@ class ClusterRegistry:
         return outer
 
     def release(self, ident: Identity) -> Op:
+        """Let the nick go if this session still holds it (a compare-and-set on its
+        record): True once it did; False if the nick had moved on; UNAVAILABLE if NATS did
+        not answer (the record stays ours, and Liveness settles it later)."""
         held = self.sessions.get(ident.key)
         if held is None or held.sid != ident.sid:
-            return Op.ready()
-        del self.sessions[ident.key]
-        return self._kv(Change.DELETE, Bucket.SESSIONS, hexkey(ident.key), rev=held.rev)
+            return Op.ready(False)
+        outer = Op()
+
+        def deleted(op: Op) -> None:
+            if conflict(op.error):
+                outer.resolve(False)
+            elif op.error is not None:
+                outer.fail(op.error)
+            else:
+                if self.sessions.get(ident.key) is held:
+                    del self.sessions[ident.key]
+                outer.resolve(True)
+
+        key = hexkey(ident.key)
+        self._kv(Change.DELETE, Bucket.SESSIONS, key, rev=held.rev).then(deleted)
+        return outer
 
     def reap(self, ident: Identity) -> None:
         """Claim a dead broker's session (compare-and-set on its record: only one broker
@@ -261,15 +309,37 @@ class ClusterRegistry:
         self._members.setdefault(room, {})[member.key] = member
         record = {"nick": member.nick, "sid": member.sid, "broker": member.broker}
         key = f"{room}.{hexkey(member.key)}"
-        return self._kv(Change.PUT, Bucket.MEMBERS, key, json.dumps(record).encode())
+        self.member_revs.pop(key, None)  # until the bucket says which revision it is
+        op = self._kv(Change.PUT, Bucket.MEMBERS, key, json.dumps(record).encode())
+
+        def stored(op: Op) -> None:
+            if op.error is None and (self._members.get(room) or {}).get(member.key) is member:
+                self.member_revs[key] = max(self.member_revs.get(key, 0), op.value)
+
+        op.then(stored)
+        return op
 
     def remove_member(self, room: str, key: str, sid: str | None = None) -> Op:
+        """Out of the room, if the record is still the one we know (a compare-and-set: a
+        broker whose view is behind must not remove the record of a session that has just
+        resumed elsewhere)."""
         members = self._members.get(room, {})
         member = members.get(key)
         if member is None or (sid is not None and member.sid != sid):
             return Op.ready()
         del members[key]
-        return self._kv(Change.DELETE, Bucket.MEMBERS, f"{room}.{hexkey(key)}")
+        bucket_key = f"{room}.{hexkey(key)}"
+        rev = self.member_revs.pop(bucket_key, 0)
+        outer = Op()
+
+        def deleted(op: Op) -> None:
+            if op.error is not None and not conflict(op.error):
+                outer.fail(op.error)
+            else:  # gone, or someone's newer record (not ours to remove)
+                outer.resolve()
+
+        self._kv(Change.DELETE, Bucket.MEMBERS, bucket_key, rev=rev).then(deleted)
+        return outer
 
     # ---------------------------------------------------------------- rooms
     def seed(self, rooms: Iterable[str], operators: Iterable[str]) -> None:

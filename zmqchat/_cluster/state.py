@@ -39,6 +39,8 @@ logger = logging.getLogger("zmqchat.cluster")
 READY_WAIT: Final = 30.0  # seconds a start waits for the cluster
 CALL_DEADLINE: Final = 10.0  # seconds after which an unanswered command fails (a stuck bridge)
 STOP_WAIT: Final = 5.0  # seconds a stop waits for the bridge to let go of NATS
+TAKEOVER_WAIT: Final = 1.5  # heartbeats a start waits for another beat of its name (a beat
+# comes every half heartbeat: three chances)
 
 Decode = Callable[[list[bytes]], Any]
 
@@ -136,7 +138,20 @@ class Cluster:
                 f"{READY_WAIT:g} s"
             ) from None
         logger.info("in the cluster as %s (streams with %s replicas)", name, replicas)
-        self.liveness.start()
+        another = False
+        if self.liveness.beaten_by_another():  # alive, or our own last run (killed)?
+            logger.warning(
+                "a broker named %s beat less than %g s ago: waiting %g s for its next beat "
+                "(none: it was this broker's last run, and this one takes over)",
+                name,
+                self.liveness.limit,
+                TAKEOVER_WAIT * self.heartbeat,
+            )
+            heard = self.liveness.waiting_for_beat()
+            another = self.loop.run_until_complete(
+                self._news_until(heard, TAKEOVER_WAIT * self.heartbeat)
+            )
+        self.liveness.join(another)
         self.registry.seed(self.rooms, self.operators)
         self.send_pending()
 
@@ -151,6 +166,14 @@ class Cluster:
             if frames[0] == News.READY:
                 return frames[1].decode()
             self._dispatch(frames)
+
+    async def _news_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Take the bridge's news until done() or `timeout` seconds; whether done()."""
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            await self.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            self.drain()
+        return done()
 
     def run(self, serve: Coroutine[Any, Any, None]) -> None:
         """Run the broker's loop (a coroutine) on this event loop, beside the bridge."""
@@ -177,6 +200,14 @@ class Cluster:
             if pending:
                 self.loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
             self.loop.close()
+
+    def woke(self, gap: float) -> None:
+        """The broker's loop did not run for `gap` seconds (stopped, or starved): nothing
+        that waited meanwhile is late for that, nobody is dead for it."""
+        self.liveness.woke(gap)
+        self.registry.woke(gap)
+        for call_id, (op, decode, sent) in list(self.calls.items()):
+            self.calls[call_id] = (op, decode, sent + gap)
 
     def tick(self) -> None:
         """Every half heartbeat: beat, settle dead brokers' sessions, fail what is stuck."""

@@ -265,7 +265,8 @@ class Registry(Protocol):
         """Move a session to another nick (and its memberships with it)."""
 
     def release(self, ident: Identity) -> Op:
-        """Free the nick, if this session still holds it."""
+        """Free the nick, if this session still holds it: the Op's value says whether it
+        did (False: the nick had moved on, to its client's new session say)."""
 
     def members(self, room: str) -> dict[str, Member]:
         """The room's members by nick key (a session that is resuming elsewhere included)."""
