@@ -17,16 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from zmqchat import protocol as m  # noqa: E402
-from zmqchat._core.core import Config, Core  # noqa: E402
+from zmqchat._config import DEFAULT_ROOMS  # noqa: E402
+from zmqchat._core.core import Core  # noqa: E402
+from zmqchat._core.rules import Rules  # noqa: E402
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry  # noqa: E402
 from zmqchat._local.store import Store  # noqa: E402
 
 d = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-cfg = Config(rate=0)
 store = Store(os.path.join(d, "c.db"))
 log = LocalLog(store)
-reg = LocalRegistry(store, cfg.rooms, cfg.ops, False)
-core = Core(cfg, log, reg, LocalPresence(), name="b", pub_port=1, motd="")
+reg = LocalRegistry(store, DEFAULT_ROOMS, (), False)
+core = Core(Rules(rate=0), log, reg, LocalPresence(), name="b", pub_port=1, motd="")
 rid = b"r1"
 core.request(rid, m.encode_request("HELLO", b"h", {"version": 1, "nick": "ann"}))
 core.request(rid, m.encode_request("JOIN", b"j", {"room": "lobby"}))

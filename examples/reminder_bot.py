@@ -40,7 +40,9 @@ async def remind(ctx: Context, when: duration, *what: str) -> None:
         raise UsageError("what should I remind you of?")  # answered with the usage line
     note = " ".join(what)
     await ctx.reply(f"OK {ctx.nick}, in {ctx.args[0]}: {note}")
-    # An async handler may simply wait: it holds up nothing else (each runs as its own task).
+    # Replies keep the order of the commands, so the bot's answers to the commands after this
+    # one would wait for this handler to return: detach lets them go now.
+    ctx.detach()
     await asyncio.sleep(when)
     await ctx.reply(f"{ctx.nick}: {note}")
 

@@ -93,12 +93,14 @@ def exited(proc: subprocess.Popen[str]) -> str:
 
 
 def start_broker(
-    i: int, urls: str, port: int, broker_args: list[str]
+    i: int, urls: str, port: int, folder: Path, broker_args: list[str]
 ) -> tuple[subprocess.Popen[str], str]:
-    """Broker b<i+1> on port (its rooms on port + 1): the process, and its first line."""
+    """Broker b<i+1> on port (its rooms on port + 1; its cache of file contents in the
+    data folder): the process, and its first line."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "broker.py"), "--cluster", urls, "--name", f"b{i + 1}"]
-        + ["--port", str(port), "--pub-port", str(port + 1), *broker_args],
+        + ["--port", str(port), "--pub-port", str(port + 1)]
+        + ["--db", str(folder / f"b{i + 1}.db"), *broker_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -169,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         say(f"NATS: {nodes.urls}")
         for i in range(a.brokers):
-            proc, line = start_broker(i, nodes.urls, a.port + 10 * i, a.broker_args)
+            extra = [] if a.nodes >= 3 else ["--replicas", str(a.nodes)]
+            proc, line = start_broker(
+                i, nodes.urls, a.port + 10 * i, folder, [*extra, *a.broker_args]
+            )
             brokers[f"b{i + 1}"] = proc
             if not line.startswith("Broker started"):
                 proc.wait()

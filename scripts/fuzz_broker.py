@@ -65,13 +65,73 @@ FIELDS = [
     "hops",
     "relay",
     "privates_since",
+    # files (issue 24)
+    "upload",
+    "offset",
+    "size",
+    "sha256",
+    "file",
+    "name",
+    "with",
 ]
+UPLOADS: list[str] = []  # upload names the broker answered with: PUTs aim at them
+FILE_IDS: list[str] = ["0123abcd"]  # file ids seen in answers: GETs aim at them
+
+
+def file_request(rng: random.Random, i: int) -> list[bytes]:
+    """Half-valid file requests: lying sizes and digests, chunks out of place or too big,
+    garbage in the fourth frame, uploads left half-way, GETs of ids seen and guessed."""
+    label = str(i).encode()
+    pick = rng.random()
+    if pick < 0.3:
+        body: dict = {
+            "room": rng.choice(["lobby", "work"]),
+            "id": f"{rng.randrange(8):032x}",
+            "name": rng.choice(["../../x", "a\nb", ".rc", "x" * 2000, "ok.txt", ""]),
+            "size": rng.choice([0, 1, 70_000, 2**40, -5, 2**64]),
+            "sha256": rng.choice(
+                ["0" * 64, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "zz"]
+            ),
+        }
+        return [b"UPLOAD", label, json.dumps(body).encode()]
+    if pick < 0.7:
+        body = {
+            "upload": rng.choice(UPLOADS or ["0" * 32]),
+            "offset": rng.choice([0, 1, 65536, -1, 2**70]),
+        }
+        data = rng.randbytes(rng.choice([0, 1, 100, 65536, 65537]))
+        extra = [rng.randbytes(5)] if rng.random() < 0.1 else []
+        return [b"PUT", label, json.dumps(body).encode(), data, *extra]
+    body = {
+        "file": rng.choice(FILE_IDS),
+        "offset": rng.choice([0, 5, 2**40, -1]),
+        "size": rng.choice([1, 65536, 10**9, 0]),
+    }
+    return [rng.choice([b"GET", b"FILE", b"RMFILE", b"FILES"]), label, json.dumps(body).encode()]
+
+
+def remember(frames: list[bytes]) -> None:
+    """Note the upload names and file ids that answers carry."""
+    if len(frames) < 3 or frames[0] != b"OK":
+        return
+    try:
+        body = json.loads(frames[2])
+    except ValueError:
+        return
+    if isinstance(body, dict):
+        if isinstance(body.get("upload"), str):
+            UPLOADS.append(body["upload"])
+        offer = body.get("offer")
+        if isinstance(offer, dict) and isinstance(offer.get("file"), str):
+            FILE_IDS.append(offer["file"])
 
 
 def random_request(rng: random.Random, i: int) -> list[bytes]:
     kinds = [k.value.encode() for k in m.Kind] + [b"", b"NOPE", b"\xff"]
     shape = rng.random()
-    if shape < 0.15:  # raw garbage
+    if shape < 0.25:
+        return file_request(rng, i)
+    if shape < 0.35:  # raw garbage
         return [rng.randbytes(rng.randrange(0, 80)) for _ in range(rng.randrange(1, 6))]
     body = {rng.choice(FIELDS): rng.choice(VALUES) for _ in range(rng.randrange(0, 5))}
     if shape < 0.5:
@@ -85,6 +145,18 @@ def random_request(rng: random.Random, i: int) -> list[bytes]:
         )
     raw = json.dumps(body).encode() if rng.random() < 0.9 else rng.randbytes(30)
     return [rng.choice(kinds), str(i).encode() if rng.random() < 0.95 else b"", raw]
+
+
+def collect(socks: list[zmq.Socket], wait_ms: int) -> tuple[int, int]:
+    """Read what has come on every socket: (replies and pushes, errors among them)."""
+    replies = errors = 0
+    for s in socks:
+        while s.poll(wait_ms):
+            frames = s.recv_multipart()
+            remember(frames)
+            replies += 1
+            errors += frames[0] == b"ERROR"
+    return replies, errors
 
 
 def main() -> int:
@@ -110,20 +182,19 @@ def main() -> int:
         i += 1
         rng.choice(socks).send_multipart(random_request(rng, i))
         sent += 1
-        for s in socks:
-            while s.poll(0):
-                frames = s.recv_multipart()
-                replies += 1
-                errors += frames[0] == b"ERROR"
+        got, failed = collect(socks, 0)
+        replies, errors = replies + got, errors + failed
+        if i % 50 == 0:  # each connection a session in lobby: file requests get past HELLO
+            for n, s in enumerate(socks):
+                s.send_multipart(m.encode_request("HELLO", b"h", {"version": 1, "nick": f"fs{n}"}))
+                s.send_multipart(m.encode_request("JOIN", b"j", {"room": "lobby"}))
+                sent += 2
         if i % 200 == 0:
             time.sleep(0.01)
     deadline = time.monotonic() + 2  # collect the replies still on their way
     while time.monotonic() < deadline and replies < sent:
-        for s in socks:
-            while s.poll(10):
-                frames = s.recv_multipart()
-                replies += 1
-                errors += frames[0] == b"ERROR"
+        got, failed = collect(socks, 10)
+        replies, errors = replies + got, errors + failed
     alive = proc.proc.poll() is None
     check = ctx.socket(zmq.DEALER)
     check.linger = 0
@@ -132,7 +203,7 @@ def main() -> int:
     answers = alive and bool(check.poll(3000))
     proc.stop()
     log = proc.proc.stderr.read()
-    crashes = (not alive) + log.count("error handling") + (not answers)
+    crashes = (not alive) + log.count("Traceback") + (not answers)
     if crashes:
         print(log[-3000:], file=sys.stderr)
     print(

@@ -16,7 +16,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zmqchat._core.core import Config  # noqa: E402
+from zmqchat._config import Config  # noqa: E402
 from zmqchat.broker._loop import Broker  # noqa: E402
 
 HEARTBEAT = 0.3  # seconds: short, so expiry and reconnect tests finish quickly
@@ -249,8 +249,8 @@ class BrokerPair:
     def __init__(self, make, **cfg) -> None:
         flags: list[str] = []
         for key, value in cfg.items():
-            if key == "ops":
-                value = ",".join(value)
+            if key == "operators":  # the flag is --ops
+                key, value = "ops", ",".join(value)
             flags += [f"--{key.replace('_', '-')}", str(value)]
         self.brokers = [make("b1", *flags), make("b2", *flags)]
         self._turn = 0

@@ -282,22 +282,21 @@ def test_logger_example_writes_one_json_line_per_event_per_room(broker, people, 
 
 
 def test_reminder_example_reminds_after_the_delay(broker, people, example):
-    """examples/reminder_bot.py: `!remind 1s tea` is confirmed, then comes back a second later."""
+    """examples/reminder_bot.py: `!remind 1s tea` is confirmed, then comes back a second later;
+    the answers to the commands after it do not wait for that."""
     ann = people("ann")
     ex = example("reminder_bot.py", "--port", str(broker.port))
     joined(ann, "remind")
     ann.say("lobby", "!remind 1s tea and biscuits")
     ann.say("lobby", "!remind soon tea")
     ann.say("lobby", "!remind 5s")
-    ack = ann.reply("remind", lambda t: t == "OK ann, in 1s: tea and biscuits")
-    assert "a duration is like" in ann.reply("remind", lambda t: "bad WHEN 'soon'" in t).text
-    ann.reply(
-        "remind",
-        lambda t: (
-            t.startswith("usage: !remind WHEN [WHAT...]") and "what should I remind you of" in t
-        ),
-    )
-    due = ann.reply("remind", lambda t: t == "ann: tea and biscuits")
+    got = ann.wait(lambda e: e.nick == "remind" and e.kind == "msg", count=4, what="4 replies")
+    ack, bad, usage, due = got  # in the order asked: the reminder detached after its "OK"
+    assert ack.text == "OK ann, in 1s: tea and biscuits"
+    assert "bad WHEN 'soon'" in bad.text and "a duration is like" in bad.text
+    assert usage.text.startswith("usage: !remind WHEN [WHAT...]")
+    assert "what should I remind you of" in usage.text
+    assert due.text == "ann: tea and biscuits"
     assert due.ts - ack.ts >= 0.95
     stop_cleanly(ex, ann, "remind")
 
@@ -590,8 +589,9 @@ def test_handler_exception_is_logged_with_its_event_and_bot_goes_on(broker, peop
     assert "crashed on a thread" in str(logged[crash_line].exc_info[1])
 
 
-def test_plain_handler_runs_on_a_thread_and_blocks_nothing(broker, people, bots):
-    """A plain def handler that blocks does not hold up the async ones (or other commands)."""
+def test_plain_handler_runs_on_a_thread_beside_the_others(broker, people, bots):
+    """A plain def handler that blocks does not stop the others from running (here, the one
+    that unblocks it); their replies still come in the order of the commands."""
     gate = threading.Event()
     bot = Bot()
 
@@ -609,9 +609,95 @@ def test_plain_handler_runs_on_a_thread_and_blocks_nothing(broker, people, bots)
     ann = people("ann")
     ann.say("lobby", "!wait")
     ann.say("lobby", "!open")
-    ann.reply("gatekeeper", lambda t: t == "the gate opened")
-    texts = [e.text for e in ann.seen if e.nick == "gatekeeper"]
-    assert texts == ["opening", "the gate opened"]
+    got = ann.wait(lambda e: e.nick == "gatekeeper", count=2, what="two replies")
+    assert [e.text for e in got] == ["the gate opened", "opening"]
+
+
+def weather_bot(gate: threading.Event) -> Bot:
+    """The README's weather bot, slow for New York until the gate opens."""
+    bot = Bot(prefix="!")
+
+    @bot.command("weather")
+    def weather(ctx, city: str):
+        """Today's weather in CITY."""
+        if city == "New York":
+            assert gate.wait(5), "the gate was never opened"
+        ctx.reply(f"{city}: sunny, 21 C")
+
+    return bot
+
+
+def held(bot: Bot, conversation: str) -> int:
+    """How many of the bot's handlers have a reply waiting for an earlier one's turn."""
+    return sum(turn.waiting for turn in bot._lines.get(conversation, ()))
+
+
+def test_replies_come_in_the_order_of_the_commands(broker, people, bots):
+    """`!weather New York` (a slow plain def), `!help` (async), `!weather` (a usage line):
+    the answers come in that order, the two quick ones held back by the slow one."""
+    gate = threading.Event()
+    bot = bots(weather_bot(gate), broker.port, "weatherbot")
+    ann = people("ann")
+    ann.say("lobby", "!weather New York")
+    ann.say("lobby", "!help")
+    last = ann.say("lobby", "!weather")
+    wait_for(
+        lambda: bot.handled("lobby") >= last and held(bot, "lobby") == 2,
+        what="the help and the usage line to wait for the weather",
+    )
+    assert not [e for e in ann.seen if e.nick == "weatherbot"]
+    gate.set()
+    got = [e.text for e in ann.wait(lambda e: e.nick == "weatherbot", count=3, what="answers")]
+    assert got[0] == "New York: sunny, 21 C"
+    assert got[1].startswith("commands: !help [COMMAND]") and "!weather CITY" in got[1]
+    assert got[2] == "usage: !weather CITY (CITY is missing)"
+
+
+def test_a_slow_handler_holds_up_only_its_own_conversation(broker, people, bots):
+    """While a slow command in lobby waits, commands in another room and from another person
+    in private are answered at once; private replies to one person keep their order too."""
+    gate = threading.Event()
+    bot = bots(weather_bot(gate), broker.port, "weatherbot", ("lobby", "work"))
+    ann = people("ann", ("lobby", "work"))
+    bob = people("bob", ())
+    ann.say("lobby", "!weather New York")
+    ann.client.msg("weatherbot", "!weather New York")
+    ann.client.msg("weatherbot", "!weather Oslo")
+    ann.say("work", "!weather Paris")
+    bob.client.msg("weatherbot", "!weather Rome")
+    ann.reply("weatherbot", lambda t: t == "Paris: sunny, 21 C", room="work")
+    bob.reply("weatherbot", lambda t: t == "Rome: sunny, 21 C", room=None)
+    wait_for(lambda: held(bot, "@ann") == 1, what="Oslo to wait for New York")
+    assert not [e for e in ann.seen if e.nick == "weatherbot" and e.room != "work"]
+    gate.set()
+    private = ann.wait(
+        lambda e: e.nick == "weatherbot" and e.kind == "private", count=2, what="2 private"
+    )
+    assert [e.text for e in private] == ["New York: sunny, 21 C", "Oslo: sunny, 21 C"]
+    ann.reply("weatherbot", lambda t: t == "New York: sunny, 21 C")
+
+
+def test_a_handler_that_detaches_lets_later_replies_go(broker, people, bots):
+    """A plain def handler that answers, detaches and goes on waiting does not hold back the
+    answers to the commands after it."""
+    gate = threading.Event()
+    bot = Bot()
+
+    @bot.command("later")
+    def later(ctx: Context) -> str:
+        ctx.reply("soon")
+        ctx.detach()
+        assert gate.wait(5), "the gate was never opened"
+        return "now"
+
+    bots(bot, broker.port, "slowpoke")
+    ann = people("ann")
+    ann.say("lobby", "!later")
+    ann.say("lobby", "!help")
+    ann.reply("slowpoke", lambda t: t.startswith("commands:"))
+    gate.set()
+    got = ann.wait(lambda e: e.nick == "slowpoke", count=3, what="three replies")
+    assert [e.text.split(":")[0] for e in got] == ["soon", "commands", "now"]
 
 
 # ---------------------------------------------------------------------------- what handlers get

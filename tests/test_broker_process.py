@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, free_ports
 from zmqchat import Client
 
 
@@ -77,3 +81,85 @@ def test_console_line_and_motd(make_broker_process, tmp_path):
 
     asyncio.run(scenario())
     assert proc.stop() == 0
+
+
+@pytest.fixture
+def listening() -> Iterator[Callable[[], int]]:
+    """Ports held by someone else: a listening socket each, closed afterwards."""
+    held: list[socket.socket] = []
+
+    def listen() -> int:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        held.append(s)
+        return s.getsockname()[1]
+
+    yield listen
+    for s in held:
+        s.close()
+
+
+FAILED_STARTS = {
+    "port in use": (
+        ["--port", "{busy}"],
+        "--port {busy}: cannot bind on 127.0.0.1: Address already in use",
+    ),
+    "pub-port in use": (
+        ["--pub-port", "{busy}"],
+        "--pub-port {busy}: cannot bind on 127.0.0.1: Address already in use",
+    ),
+    "metrics port in use": (
+        ["--metrics-port", "{busy}"],
+        "--metrics-port {busy}: cannot bind on 127.0.0.1: Address already in use",
+    ),
+    "both ports the same": (
+        ["--port", "{free}", "--pub-port", "{free}"],
+        "--pub-port {free}: the same port as --port",
+    ),
+    "missing motd": (["--motd", "/nonexistent"], "--motd: no such file: /nonexistent"),
+    "motd a folder": (["--motd", "/"], "--motd: / is a directory, not a file"),
+    "missing curve key": (["--curve-key", "nokey"], "--curve-key: no such file: nokey"),
+    "unknown host": (
+        ["--host", "no-such-host.invalid"],
+        "--host no-such-host.invalid: not an address",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FAILED_STARTS)
+def test_a_broker_that_cannot_start_says_why_and_leaves_no_files(case, listening, tmp_path):
+    """A start that fails (a port in use, a missing --motd, ...) says why in one line that
+    names the flag, exits 1, and leaves nothing behind: no database, no lock files."""
+    args, said = FAILED_STARTS[case]
+    fill = {"busy": listening(), "free": free_ports(1)[0]}
+    args = [a.format(**fill) for a in args]
+    if "--port" not in args:
+        args += ["--port", str(free_ports(1)[0])]
+    if "--pub-port" not in args:
+        args += ["--pub-port", "0"]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "broker.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith("broker.py: " + said.format(**fill)), run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_burst_of_zero_with_a_rate_is_a_usage_error(tmp_path):
+    """--burst 0 would refuse every message: a usage error (status 2), nothing created."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "broker.py"), "--burst", "0", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert run.stderr == "broker.py: --burst: at least 1 (with --rate 0, nobody is limited)\n"
+    assert not list(tmp_path.iterdir())

@@ -277,6 +277,26 @@ def test_history_with_a_nick_shows_the_private_conversation(chat):
         assert c.end_input() == 0
 
 
+def test_help_lists_every_command_and_counts_read_right(chat):
+    """/help lists every command of the README's table; `//TEXT` says a line that starts
+    with /; `/history 1` and `/history bob 1` read "the last event", "your last private
+    message" (not "the last 1 events")."""
+    from zmqchat._cli.chat import COMMANDS
+
+    w = watcher(chat)
+    s = chat("script", "-u", "alice")
+    joined(w, "alice")
+    s.send("/help", "//etc/hosts", "/msg watcher hi")
+    w.wait_event(lambda e: e.get("text") == "/etc/hosts" and e["nick"] == "alice", "/etc/hosts")
+    w.wait_event(lambda e: e["kind"] == "private", "the private message")
+    s.send("/history 1", "/history watcher 1")
+    s.wait_line("the last event of lobby:")
+    s.wait_line("your last private message with watcher:")
+    for usage, _ in COMMANDS:
+        s.wait_line(f"  {usage}  ")  # the command, then its meaning in a column beside it
+    assert s.end_input() == 0
+
+
 def test_join_switches_rooms_and_unknown_rooms_are_listed(chat):
     """/join ROOM moves you (the old room sees you leave); an unknown room's error lists rooms."""
     w = watcher(chat)

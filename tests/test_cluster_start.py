@@ -20,7 +20,7 @@ import zmq
 from conftest import ROOT, wait_for
 from scripts.nats_local import LocalNats
 from zmqchat import Client
-from zmqchat._core.core import Config
+from zmqchat._config import Config
 from zmqchat.broker._loop import Broker
 
 FRESH_CLUSTERS = 10  # each with BROKERS_EACH brokers: 50 starts
@@ -28,11 +28,12 @@ BROKERS_EACH = 5
 AT_ONCE = 4  # clusters started side by side (each is three nats-server processes)
 
 
-def start_broker(urls: str, name: str) -> str:
+def start_broker(urls: str, name: str, folder: Path) -> str:
     """Start a broker on a cluster (in this process, as conftest's brokers run: the same
     Broker that broker.py starts) and stop it again; what went wrong, or ""."""
     try:
-        broker = Broker(Config(port=0, pub_port=0, cluster=urls, name=name), ctx=zmq.Context())
+        cfg = Config(port=0, pub_port=0, cluster_urls=urls, name=name, db=str(folder / "chat.db"))
+        broker = Broker(cfg, ctx=zmq.Context())
     except OSError as err:
         return f"{name}: {err}"
     broker.stop()
@@ -71,7 +72,8 @@ def start_against_a_fresh_cluster(folder: Path, early: bool) -> list[str]:
     names = [f"b{i + 1}" for i in range(BROKERS_EACH)]
     try:
         with ThreadPoolExecutor(BROKERS_EACH) as each:
-            return [p for p in each.map(lambda n: start_broker(nodes.urls, n), names) if p]
+            started = each.map(lambda n: start_broker(nodes.urls, n, folder), names)
+            return [problem for problem in started if problem]
     finally:
         for node in nodes.nodes:
             node.kill()
@@ -109,7 +111,10 @@ def script_ports() -> tuple[int, int]:
 
 
 def free(port: int) -> bool:
+    """Whether a server could listen on the port (as servers do, with SO_REUSEADDR: the
+    connections a stopped server leaves in TIME_WAIT do not hold it)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -1,7 +1,8 @@
 """The broker's core without sockets: requests in, replies, pushes and published batches out.
 
-The core runs with its real local state (local.py) over an in-memory store, and with a room
-log whose appends wait, as a cluster's do, to show that a reply waits for its append."""
+The core runs with its real local state (zmqchat._local) over a real history store in a
+temporary folder, with a clock that moves only when a test moves it, and with a room log
+whose appends wait, as a cluster's do, to show that a reply waits for its append."""
 
 from __future__ import annotations
 
@@ -10,33 +11,69 @@ from typing import Any
 
 import pytest
 
-from tests.memory import HeldLog, MemoryStore
+from tests.held_log import HeldLog
 from zmqchat import protocol as m
-from zmqchat._core.core import Config, Core
+from zmqchat._config import Config
+from zmqchat._core.core import Core
 from zmqchat._core.state import Delivery
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
+from zmqchat._local.store import Store
 from zmqchat.protocol import Code, Kind, ProtocolError
+
+
+class FakeClock:
+    """A clock that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+        self.wall = 1_800_000_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.wall
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.wall += seconds
+
+
+_stores: list[Store] = []  # closed after each test
+
+
+@pytest.fixture(autouse=True)
+def _close_stores(tmp_path, monkeypatch):
+    monkeypatch.setattr(Harness, "folder", tmp_path)
+    yield
+    while _stores:
+        _stores.pop().close()
 
 
 class Harness:
     """A core, the effects it produced, and connections that talk to it."""
 
+    folder: Any = None  # the test's temporary folder (set by the fixture above)
+
     def __init__(self, held: bool = False, **cfg: Any) -> None:
         self.cfg = Config(heartbeat=2.0, **cfg)
-        self.store = MemoryStore()
+        self.store = Store(str(self.folder / f"chat{len(_stores)}.db"))
+        _stores.append(self.store)
         self.local = LocalLog(self.store)
         self.log: Any = HeldLog(self.local) if held else self.local
         self.registry = LocalRegistry(
-            self.store, self.cfg.rooms, self.cfg.ops, self.cfg.allow_new_rooms
+            self.store, self.cfg.rooms, self.cfg.operators, self.cfg.allow_new_rooms
         )
+        self.clock = FakeClock()
         self.core = Core(
-            self.cfg,
+            self.cfg.rules(),
             self.log,
             self.registry,
             LocalPresence(),
             name="b1",
             pub_port=9002,
             motd="welcome",
+            clock=self.clock,
         )
         self.sent: list[list[bytes]] = []  # every ROUTER frame set, in order
         self.published: list[tuple[bytes, list[dict[str, Any]]]] = []
@@ -61,7 +98,8 @@ class Conn:
     def send(self, kind: str, **body: Any) -> bytes:
         self.n += 1
         label = str(self.n).encode()
-        self.h.core.request(self.rid, m.encode_request(kind, label, body))
+        data = b"chunk" if kind == "PUT" else None  # a file chunk: its fourth frame
+        self.h.core.request(self.rid, m.encode_request(kind, label, body, data))
         self.h.flush()
         return label
 
@@ -109,7 +147,10 @@ def test_join_say_publishes_in_order_and_acknowledges_after_storing():
         (1, "join", "ann"),
         (2, "msg", "ann"),
     ]
-    assert h.store.commits >= 2
+    stored = [
+        json.loads(e) for e in h.store.history("lobby", after=0, before=None, since=None, limit=9)
+    ]
+    assert [(e["seq"], e["text"]) for e in stored] == [(1, "ann joined"), (2, "hi")]
 
 
 def test_a_retried_message_is_stored_once_with_its_first_number():
@@ -219,7 +260,7 @@ def test_a_session_resumed_on_another_broker_ends_here_quietly():
     ann.ask("JOIN", room="lobby")
     moved = h.registry.holder(m.nick_key("ann"))
     assert moved is not None
-    elsewhere = type(moved)("other-sid", "ann", moved.key, moved.token, "", False, "b2")
+    elsewhere = type(moved)("other-sid", "ann", moved.key, moved.token_hash, "", False, "b2")
     h.core.identity_changed(moved.key, elsewhere)
     h.flush()
     assert [e["kind"] for e in events(h, "lobby")] == ["join"]
@@ -260,6 +301,12 @@ VALID: dict[Kind, dict[str, Any]] = {
     Kind.KICK: {"room": "lobby", "nick": "bob"},
     Kind.BAN: {"room": "lobby", "nick": "bob"},
     Kind.UNBAN: {"room": "lobby", "nick": "bob"},
+    Kind.UPLOAD: {"room": "lobby", "id": "a" * 32, "name": "x", "size": 1, "sha256": "0" * 64},
+    Kind.PUT: {"upload": "b" * 32, "offset": 0},
+    Kind.GET: {"file": "0123abcd", "offset": 0},
+    Kind.FILES: {"room": "lobby"},
+    Kind.FILE: {"file": "0123abcd"},
+    Kind.RMFILE: {"file": "0123abcd"},
 }
 
 
@@ -319,3 +366,61 @@ def test_a_connections_says_overlap_and_keep_their_order():
     h.log.release()  # the topic's own append
     h.flush()
     assert ann.reply(topic)[1]["topic"] == "later"
+
+
+# ---------------------------------------------------------------------------- time, moved
+
+
+def test_a_session_silent_for_three_heartbeats_is_dropped_with_a_notice():
+    """Moving the clock past three heartbeats without a word from a client ends its
+    session at the next sweep: its rooms hear that it left, and its nick is free."""
+    h = Harness()
+    ann, bob = h.conn("ann"), h.conn("bob")
+    ann.hello("ann")
+    bob.hello("bob")
+    ann.ask("JOIN", room="lobby")
+    bob.ask("JOIN", room="lobby")
+    h.clock.advance(5.9)  # under 3 x 2 s
+    bob.ask("PING")
+    h.core.sweep()
+    h.flush()
+    assert [e["kind"] for e in events(h, "lobby")] == ["join", "join"]
+    h.clock.advance(0.2)  # ann: 6.1 s of silence; bob spoke 0.2 s ago
+    h.core.sweep()
+    h.flush()
+    assert [e["text"] for e in events(h, "lobby")][-1] == "ann left (connection lost)"
+    assert h.registry.holder(m.nick_key("ann")) is None
+    assert h.registry.holder(m.nick_key("bob")) is not None
+
+
+def test_a_grant_expires_when_the_clock_passes_its_time_to_live():
+    """A grant not used within GRANT_TTL seconds no longer lets its holder in."""
+    from zmqchat._core.base import GRANT_TTL
+
+    h = Harness()
+    ann = h.conn("ann")
+    ann.hello("ann")
+    fresh = ann.ask("JOIN", room="work")["grant"]
+    late = ann.ask("JOIN", room="lobby")["grant"]
+    h.clock.advance(GRANT_TTL - 1)
+    assert h.core.subscription(fresh.encode())[1] is not None
+    h.clock.advance(2)
+    assert h.core.subscription(late.encode()) == (None, None)
+
+
+def test_private_messages_are_replayed_on_resume_only_within_the_window():
+    """A resuming client is sent again the private messages of the last REPLAY_WINDOW
+    seconds (one may have gone to its dying connection); older ones are not replayed."""
+    from zmqchat._core.sessions import REPLAY_WINDOW
+
+    h = Harness()
+    ann, bob = h.conn("ann"), h.conn("bob")
+    ann.hello("ann")
+    bob.hello("bob")
+    ann.ask("PRIV", to="bob", text="early", id="p1")
+    h.clock.advance(REPLAY_WINDOW - 10)
+    ann.ask("PRIV", to="bob", text="late", id="p2")
+    h.clock.advance(20)  # "early" is now past the window, "late" within it
+    back = h.conn("bob2")
+    back.hello("bob", resume=True, privates_since=0)
+    assert [p["event"]["text"] for p in back.pushes("PRIVATE")] == ["late"]

@@ -418,7 +418,7 @@ def test_cli_kicked_as_it_joins_stays_where_it_was(make_broker, capsys):
     from zmqchat._cli.chat import Chat
     from zmqchat._cli.render import Screen
 
-    broker = make_broker(ops=("boss",))
+    broker = make_broker(operators=("boss",))
 
     async def scenario() -> None:
         relay = KickedWithJoinReply(zmq.asyncio.Context.instance(), broker.port, "work")
@@ -497,7 +497,7 @@ def test_session_gone_while_rejoining_is_resumed_again(make_broker):
 def test_joined_again_after_a_kick_is_in_the_room(make_broker):
     """A member joins its room again while an operator kicks it; the broker takes the kick
     first, then the JOIN: the client is in the room, as the broker says."""
-    broker = make_broker(ops=("boss",))
+    broker = make_broker(operators=("boss",))
 
     async def scenario() -> None:
         relay = JoinAfterKick(zmq.asyncio.Context.instance(), broker.port, "work")
@@ -519,7 +519,7 @@ def test_joined_again_after_a_kick_is_in_the_room(make_broker):
 def test_kicked_before_join_returns_is_out_of_the_room(make_broker):
     """A kick that reaches the client together with its JOIN's reply (an operator quick on
     the join notice) leaves it out of the room, told why, and join() does not fail."""
-    broker = make_broker(ops=("boss",))
+    broker = make_broker(operators=("boss",))
 
     async def scenario() -> None:
         relay = KickedWithJoinReply(zmq.asyncio.Context.instance(), broker.port, "work")
@@ -569,7 +569,7 @@ def test_leave_and_join_under_way_at_once_end_as_the_broker_says(broker):
 def test_late_joiner_during_stream_has_no_gap_or_duplicate(broker):
     """A member joining mid-stream gets history then live with no gap and no duplicate."""
     db = Path(broker.cfg.db)
-    broker.broker.cfg.rate = 0
+    broker.broker.core.rules.rate = 0
 
     async def scenario() -> None:
         sender = await Member(broker.port, "sender").start()

@@ -44,29 +44,29 @@ def test_repeated_id_in_one_batch_is_stored_once(broker):
     s.close()
 
 
-def test_batch_with_someone_elses_id_stores_nothing(broker):
-    """A batch reusing another sender's message id is refused whole: nothing is stored."""
+def test_another_senders_message_id_is_no_collision(broker):
+    """Message ids are per sender (as in a cluster): bob reusing ann's id neither touches
+    ann's message nor is taken for a retry of it; both are stored, each under its sender."""
     ctx = zmq.Context.instance()
     a, b = raw_dealer(ctx, broker.port), raw_dealer(ctx, broker.port)
     hello(a, "ann")
     hello(b, "bob")
     for s in (a, b):
         call(s, "JOIN", {"room": "lobby"})
-    assert (
-        call(a, "SAY", {"room": "lobby", "msgs": [{"id": "ann-1", "text": "mine"}]}, b"2").kind
-        == "OK"
-    )
+    mine = call(a, "SAY", {"room": "lobby", "msgs": [{"id": "ann-1", "text": "mine"}]}, b"2")
+    assert mine.kind == "OK"
     r = call(
         b,
         "SAY",
         {
             "room": "lobby",
-            "msgs": [{"id": "bob-1", "text": "new"}, {"id": "ann-1", "text": "stolen"}],
+            "msgs": [{"id": "bob-1", "text": "new"}, {"id": "ann-1", "text": "his own"}],
         },
         b"2",
     )
-    assert r.kind == "ERROR" and r.body["code"] == "BAD_REQUEST"
-    assert [e["text"] for e in stored(broker.cfg.db) if e["kind"] == "msg"] == ["mine"]
+    assert r.kind == "OK" and r.body["acks"][1][1] != mine.body["acks"][0][1]
+    said = [(e["nick"], e["text"]) for e in stored(broker.cfg.db) if e["kind"] == "msg"]
+    assert said == [("ann", "mine"), ("bob", "new"), ("bob", "his own")]
     a.close()
     b.close()
 
@@ -154,3 +154,23 @@ def test_close_fails_pending_sends_and_refuses_new_ones(broker):
         assert err.value.code == "CLOSED"
 
     asyncio.run(scenario())
+
+
+def test_a_broker_that_cannot_bind_creates_no_database(tmp_path):
+    """A port taken (even after the flags were checked) stops the broker before it makes
+    its history database: nothing is left in the folder, and the port's owner is untouched."""
+    from zmqchat._config import Config
+    from zmqchat.broker._loop import Broker
+
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.ROUTER)
+    taken.linger = 0
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(zmq.ZMQError):
+            Broker(Config(port=port, pub_port=0, db=str(tmp_path / "chat.db")), ctx=ctx)
+        assert list(tmp_path.iterdir()) == []
+        assert taken.getsockopt(zmq.LAST_ENDPOINT).endswith(f":{port}".encode())
+    finally:
+        taken.close()
+        ctx.term()

@@ -125,6 +125,18 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
         {"room": "dev", "nick": "bob", "reason": ""},
         {"room": "dev", "nick": "bob", "reason": ""},
     ),
+    Kind.UPLOAD: (
+        {"to": "bob", "id": "a" * 32, "name": "../x.txt", "size": 3, "sha256": "0" * 64},
+        {"room": None, "to": "bob", "id": "a" * 32, "name": "x.txt", "size": 3, "sha256": "0" * 64},
+    ),
+    Kind.PUT: (
+        {"upload": "b" * 32, "offset": 0},
+        {"upload": "b" * 32, "offset": 0, "data": b"xyz"},
+    ),
+    Kind.GET: ({"file": "0123abcd", "offset": 5}, {"file": "0123abcd", "offset": 5, "size": 65536}),
+    Kind.FILES: ({"with": "bob"}, {"room": None, "with": "bob"}),
+    Kind.FILE: ({"file": "0123abcd"}, {"file": "0123abcd"}),
+    Kind.RMFILE: ({"file": "0123abcd"}, {"file": "0123abcd"}),
 }
 
 
@@ -137,7 +149,7 @@ def test_round_trip_table_covers_every_kind() -> None:
 def test_request_round_trips(kind: Kind) -> None:
     """encode_request then decode_request gives the kind, the label and the validated fields."""
     body, expected = ROUND_TRIPS[kind]
-    frames = encode_request(kind, LABEL, body)
+    frames = encode_request(kind, LABEL, body, b"xyz" if kind is Kind.PUT else None)
     assert frames[0] == kind.value.encode("ascii")
     assert frames[1] == LABEL
     assert json.loads(frames[2]) == body

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import time
 import urllib.request
 
 import zmq
 
 from conftest import free_ports, wait_for
-from zmqchat import ChatError, Client
+from zmqchat import BlockingClient, ChatError, Client
 from zmqchat import protocol as m
 from zmqchat.broker._loop import default_name
 
@@ -95,9 +97,9 @@ def test_metrics_move_as_clients_chat(make_broker_process):
 
 
 def test_connection_events_are_logged_as_json_lines_with_client_text_escaped(make_broker_process):
-    """--log-level INFO --log-format json: one JSON object per connection event; a quit
-    reason full of control characters is escaped and cut short, never written raw."""
-    b = make_broker_process("--log-level", "INFO", "--log-format", "json")
+    """--log-format json alone: one JSON object per connection event; a quit reason full of
+    control characters is escaped and cut short, never written raw."""
+    b = make_broker_process("--log-format", "json")
     reason = "\x1b[2J\r\nFAKE LINE " + "x" * 180
 
     async def visit() -> None:
@@ -115,6 +117,68 @@ def test_connection_events_are_logged_as_json_lines_with_client_text_escaped(mak
     assert events["quit"]["nick"] == "ann"
     assert events["quit"]["reason"] == reason  # decoded from its escaped JSON
     assert all(re.match(r"\d{4}-\d\d-\d\dT", line["ts"]) for line in lines)
+
+
+def test_json_logs_keep_a_level_given_with_them(make_broker_process):
+    """--log-format json --log-level WARNING: no connection events (the level given wins)."""
+    b = make_broker_process("--log-format", "json", "--log-level", "warning")
+    BlockingClient("127.0.0.1", b.port, "ann").close()
+    assert b.stop() == 0
+    assert b.proc.stderr.read() == ""
+
+
+def malformed(b, dealer: zmq.Socket, frames: list[bytes]) -> dict:
+    """Send raw frames, return the broker's ERROR reply body."""
+    dealer.send_multipart(frames)
+    assert dealer.poll(5000), "no reply"
+    kind, _label, body = dealer.recv_multipart()
+    assert kind == b"ERROR"
+    return json.loads(body)
+
+
+def test_malformed_requests_are_logged_with_the_address_and_rate_limited(broker, caplog):
+    """At INFO, each malformed request is one line with its code, reason and the sender's
+    address; a flood of them is logged at most 10 lines a second, and the next line says
+    how many were left out."""
+    caplog.set_level(logging.INFO, logger="zmqchat.broker")
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.connect(f"tcp://127.0.0.1:{broker.port}")
+    try:
+        sent = [
+            ([b"NOPE", b"1", b"{}"], "UNKNOWN_COMMAND"),
+            ([b"HELLO", b"2", b"{not json"], "BAD_REQUEST"),
+            ([b"HELLO", b"3", b'{"version": 99, "nick": "ann"}'], "BAD_VERSION"),
+        ]
+        for frames, code in sent:
+            assert malformed(broker, dealer, frames)["code"] == code
+
+        def lines() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage() == "malformed"]
+
+        got = [(r.fields["code"], r.fields["peer"]) for r in lines()]
+        assert got == [(code, "127.0.0.1") for _, code in sent]
+        assert "99" in lines()[2].fields["reason"]
+        began = time.monotonic()
+        for n in range(200):
+            dealer.send_multipart([b"NOPE", str(n).encode(), b"{}"])
+        for _ in range(200):
+            assert dealer.poll(5000)
+            dealer.recv_multipart()
+        took = time.monotonic() - began
+        assert len(lines()) - 3 <= 10 * (int(took) + 2)  # 10 in any second
+        wait_for(  # a line once a second goes by says how many it left out
+            lambda: (
+                malformed(broker, dealer, [b"NOPE", b"x", b"{}"])
+                and lines()[-1].fields.get("unlogged")
+            ),
+            timeout=3,
+            what="a line that counts the requests left out",
+        )
+        logged = len(lines()) - 3
+        assert logged + sum(r.fields.get("unlogged", 0) for r in lines()) >= 200
+    finally:
+        dealer.close()
 
 
 def test_log_lines_escape_and_cut_what_clients_send():

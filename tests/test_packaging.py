@@ -153,9 +153,29 @@ def test_installed_commands_show_help_and_pass_on_exit_status(installed, tmp_pat
         assert flag in client_help.stdout
     # main() returns these statuses (no SystemExit): the wrapper must sys.exit() with them
     bad_room = run([str(installed / "zmqchat-broker"), "--rooms", "!!"], tmp_path)
-    assert bad_room.returncode == 2 and "--rooms" in bad_room.stderr
+    assert bad_room.returncode == 2 and bad_room.stderr.startswith("zmqchat-broker: --rooms")
     no_nick = run([str(installed / "zmqchat"), "--json"], tmp_path, input="")
     assert no_nick.returncode == 2 and "-u NICK" in no_nick.stderr
+
+
+def test_installed_commands_call_themselves_by_the_name_they_were_run_by(installed, tmp_path):
+    """Usage and error lines name the command the user typed: `zmqchat`, `zmqchat-broker`,
+    `python -m zmqchat`, `python -m zmqchat.broker` (never the checkout's client.py)."""
+    client_help = run([str(installed / "zmqchat"), "--help"], tmp_path)
+    assert client_help.stdout.startswith("usage: zmqchat [-h]"), client_help.stdout
+    bad_nick = run([str(installed / "zmqchat"), "-u", "bad nick"], tmp_path, input="")
+    assert bad_nick.returncode == 2
+    assert bad_nick.stderr.splitlines()[0].startswith("usage: zmqchat [-h]"), bad_nick.stderr
+    assert "zmqchat: error: argument -u/--user: 'bad nick': " in bad_nick.stderr
+    no_motd = run([str(installed / "zmqchat-broker"), "--motd", "/nonexistent"], tmp_path)
+    assert no_motd.returncode == 1
+    assert no_motd.stderr == "zmqchat-broker: --motd: no such file: /nonexistent\n"
+    assert not list(tmp_path.iterdir())  # and no database left behind
+    python = str(installed / "python")
+    module_help = run([python, "-m", "zmqchat", "--help"], tmp_path)
+    assert module_help.stdout.startswith("usage: python -m zmqchat [-h]"), module_help.stdout
+    module_error = run([python, "-m", "zmqchat.broker", "--rooms", "!!"], tmp_path)
+    assert module_error.stderr.startswith("python -m zmqchat.broker: --rooms"), module_error.stderr
 
 
 def test_installed_package_serves_a_bot_beside_its_own_modules(installed, tmp_path):

@@ -7,6 +7,7 @@ examples/minimal_client.py, written from the document alone, imports nothing of 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 import sys
@@ -100,16 +101,26 @@ MINIMAL = {
     m.Kind.KICK: {"room": "lobby", "nick": "bob"},
     m.Kind.BAN: {"room": "lobby", "nick": "bob"},
     m.Kind.UNBAN: {"room": "lobby", "nick": "bob"},
+    m.Kind.UPLOAD: {"room": "lobby", "id": "a" * 32, "name": "x", "size": 1, "sha256": "0" * 64},
+    m.Kind.PUT: {"upload": "b" * 32, "offset": 0},
+    m.Kind.GET: {"file": "0123abcd", "offset": 0},
+    m.Kind.FILES: {"room": "lobby"},
+    m.Kind.FILE: {"file": "0123abcd"},
+    m.Kind.RMFILE: {"file": "0123abcd"},
 }
+OPTIONAL = {"version", "to", "with"}  # read only when given (UPLOAD, FILES: one of two)
 
 
 @pytest.mark.parametrize("kind", list(m.Kind), ids=str)
 def test_request_table_names_what_the_broker_reads(kind: m.Kind):
     """Each command's request table lists exactly the fields its validator reads."""
     documented, _ = fields(COMMANDS[kind.value], "Request:")
-    read = set(m.decode_request(m.encode_request(kind, b"1", MINIMAL[kind])).body)
+    data = b"x" if kind is m.Kind.PUT else None  # a chunk: the fourth frame
+    read = set(m.decode_request(m.encode_request(kind, b"1", MINIMAL[kind], data)).body)
+    if kind in (m.Kind.UPLOAD, m.Kind.FILES):  # "room" or the other: the one given is read
+        read -= {key for key in ("room", "to", "with") if key not in MINIMAL[kind]}
     assert read <= documented, f"{kind}: undocumented {read - documented}"
-    assert documented - read <= {"version"}, f"{kind}: not read {documented - read - {'version'}}"
+    assert documented - read <= OPTIONAL, f"{kind}: not read {documented - read - OPTIONAL}"
 
 
 # ---------------------------------------------------------------------------- the live broker
@@ -166,7 +177,7 @@ class Raw:
 def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
     """Every command, run for real, replies with the fields its table lists (the 'Only'
     ones when they apply); every push and event carries only documented fields."""
-    broker = make_broker(ops=("ann",), heartbeat=2.0)
+    broker = make_broker(operators=("ann",), heartbeat=2.0)
     ctx = zmq.Context()
     try:
         ann, bob = Raw(ctx, broker.port), Raw(ctx, broker.port)
@@ -206,6 +217,23 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
         ok(ann, "TOPIC", {"room": "lobby", "text": "tea"})
         ok(ann, "TOPIC", {"room": "lobby", "lock": True})
         ok(ann, "PING", {})
+        sha = hashlib.sha256(b"hi").hexdigest()
+        up = {"room": "lobby", "id": "c" * 32, "name": "a.txt", "size": 2, "sha256": sha}
+        upload = ok(ann, "UPLOAD", up)["upload"]
+        for kind, body, data in (
+            ("PUT", {"upload": upload, "offset": 0}, [b"hi"]),
+            ("GET", {"file": "", "offset": 0}, []),
+        ):
+            if kind == "GET":
+                body["file"] = replies["PUT"][0]["offer"]["file"]
+            ann.sock.send_multipart([kind.encode(), b"f", json.dumps(body).encode(), *data])
+            got_kind, got = ann.reply(b"f")
+            assert got_kind == "OK", got
+            replies.setdefault(kind, []).append(got)
+        fid = replies["PUT"][0]["offer"]["file"]
+        ok(ann, "FILES", {"room": "lobby"})
+        ok(ann, "FILE", {"file": fid})
+        ok(ann, "RMFILE", {"file": fid})
         ok(ann, "KICK", {"room": "lobby", "nick": "bob", "reason": "spam"})
         pushes += [("KICKED", bob.push("KICKED")), ("GRANT", ann.push("GRANT"))]
         ok(ann, "BAN", {"room": "lobby", "nick": "eve"})
@@ -304,6 +332,41 @@ def test_worked_session_replays_against_a_fresh_broker(make_broker):
             else:
                 raise AssertionError(f"unknown line {who} {rest}")
         assert checked == sum(who[0] in "BP" for who, _ in session_lines()) >= 15
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_files_session_replays_against_a_fresh_broker(make_broker):
+    """Chapter 15's session, sent to a fresh broker, gets the replies shown (the file id,
+    new every time, read from the broker's answer and used from there on), and the bytes."""
+    block = re.search(r"^```files\n(.*?)^```", DOC, re.M | re.S)
+    assert block, "PROTOCOL.md has no files session"
+    broker = make_broker(heartbeat=2.0)
+    ctx = zmq.Context()
+    try:
+        ann, ids, checked = Raw(ctx, broker.port), {}, 0
+        for line in block.group(1).splitlines():
+            who, rest = line.split(None, 1)
+            kind, label, body, *data = rest.split(" | ", 3)
+            for doc_id, real in ids.items():
+                body = body.replace(doc_id, real)
+            if who == "C":
+                ann.sock.send_multipart(
+                    [kind.encode(), label.encode(), body.encode()] + [d.encode() for d in data]
+                )
+                continue
+            frames = ann._recv(5.0, f"the reply labelled {label}")
+            while frames[1] != label.encode():
+                frames = ann._recv(5.0, f"the reply labelled {label}")
+            got = json.loads(frames[2])
+            offer = got.get("offer", {})
+            if "file" in offer:
+                ids[json.loads(body)["offer"]["file"]] = offer["file"]
+                body = body.replace(json.loads(body)["offer"]["file"], offer["file"])
+            assert frames[0].decode() == kind and steady(got) == steady(json.loads(body)), got
+            assert [f.decode() for f in frames[3:]] == data
+            checked += 1
+        assert checked == 6
     finally:
         ctx.destroy(linger=0)
 

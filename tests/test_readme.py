@@ -71,3 +71,73 @@ def test_readme_echo_bot_works(make_broker_process, tmp_path):
     finally:
         bot.kill()
         bot.wait()
+
+
+# ------------------------------------------------------------------ one text for both
+
+
+def test_readme_tables_are_what_help_shows():
+    """The README's tables of the broker's and the client's flags and of the chat's commands
+    are the ones made from the texts --help and /help show (scripts/readme_tables.py --write
+    puts them in)."""
+    from scripts import readme_tables
+
+    made = readme_tables.tables()
+    assert readme_tables.in_readme(README) == made
+
+
+def test_every_flag_and_command_is_in_a_table():
+    """No flag is added beside the tables (it would be missing from the README), and every
+    command the chat answers is in the commands' table."""
+    from types import SimpleNamespace
+
+    from zmqchat._cli import chat
+    from zmqchat.broker import _main as broker
+
+    for parser in (broker.parser(), chat.parser()):
+        tabled = {
+            name for table in parser.tables for a in table.actions for name in a.option_strings
+        }
+        flags = {name for a in parser._actions for name in a.option_strings} - {"-h", "--help"}
+        assert flags == tabled
+    session = chat.Chat(SimpleNamespace(welcome={}), None, "lobby", leave_words=True)
+    documented = {
+        word[1:]
+        for usage, _ in chat.COMMANDS
+        for word in usage.replace(",", "").split()
+        if word[:1] == "/"
+    }
+    assert set(session.commands) <= documented
+
+
+def help_text(*command: str) -> str:
+    """A program's --help as a user reads it, lines joined back into one."""
+    out = subprocess.run(
+        [sys.executable, *command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=10
+    )
+    assert out.returncode == 0, out.stderr
+    return " ".join(out.stdout.split())
+
+
+def test_help_shows_each_flag_with_its_default():
+    """`broker.py --help` and `client.py --help` give each flag the README's meaning (without
+    its markdown) and its default, under the name the program was run by."""
+    from zmqchat._cli import chat
+    from zmqchat._usage import plain
+    from zmqchat.broker import _main as broker
+
+    for script, parser in (("broker.py", broker.parser()), ("client.py", chat.parser())):
+        shown = help_text(str(ROOT / script))
+        assert shown.startswith(f"usage: {script} [-h]")
+        for table in parser.tables:
+            for a in table.actions:
+                meaning = " ".join(plain(a.help).split())
+                assert meaning in shown, meaning
+                if a.shown_default:
+                    assert f"{meaning} (default: {plain(a.shown_default)})" in shown
+
+
+def test_readme_synopsis_of_the_client_is_its_usage():
+    """The README's `python client.py [...]` line lists the flags as --help's usage does."""
+    usage = help_text(str(ROOT / "client.py")).split(" ZeroMQ chat client")[0]
+    assert f"    python client.py {usage.removeprefix('usage: client.py [-h] ')}\n" in README

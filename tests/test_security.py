@@ -129,7 +129,7 @@ def test_eavesdroppers_hear_nothing(broker):
 
 def test_kicked_member_with_open_socket_hears_nothing_more(make_broker):
     """A kicked member keeps its subscriber open and re-subscribes: it hears nothing after."""
-    b = make_broker(ops=("boss",))
+    b = make_broker(operators=("boss",))
 
     async def scenario() -> None:
         async with (
@@ -448,7 +448,7 @@ def test_curve_binds_nick_to_first_key(make_broker, tmp_path):
 
 def test_operator_locks_topic(make_broker):
     """An operator locks the topic: then only operators set it, and the room sees who did."""
-    b = make_broker(ops=("boss",))
+    b = make_broker(operators=("boss",))
 
     async def scenario() -> None:
         async with (

@@ -52,8 +52,8 @@ def test_log_left_by_a_crash_is_applied_on_start(tmp_path):
     try:
         assert len(db.history("lobby", after=0, limit=500)) == 201
         assert db.last_seqs() == {"lobby": 999}
-        assert db.find_cmid("id7") == ("tok:x", "lobby", 7)
-        assert db.find_cmid("a\nb") == ("tok:\ty", "lobby", 999)
+        assert db.find_cmid("tok:x", "id7") == ("tok:x", "lobby", 7)
+        assert db.find_cmid("tok:\ty", "a\nb") == ("tok:\ty", "lobby", 999)
         assert db.take_members() == {("ann", "lobby")}
     finally:
         db.close()

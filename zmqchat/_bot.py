@@ -16,9 +16,12 @@ it ignores other bots unless made with `listen_to_bots=True`, and a chain of bot
 each other stops after `max_hops` replies (the hop count travels in the `hops` field).
 Robust by default: the library reconnects and rejoins, sends are acknowledged and wait out
 RATE_LIMITED, and a handler that raises is logged with the event that caused it while the
-bot carries on. Handlers may be `async def`, or plain `def`, which run in a thread each so
-that a slow one does not hold up the others. The library's stream of events stays available
-as `bot.events()` (the bot reads `bot.client` itself: do not iterate that one too).
+bot carries on. Handlers may be `async def`, or plain `def`, which run in a thread each; they
+run at the same time, but what they send through their context goes out in the order of the
+events that woke them, per room (or per person, in private): a slow handler delays the
+replies after it until it returns or calls `ctx.detach()`. The library's stream of events
+stays available as `bot.events()` (the bot reads `bot.client` itself: do not iterate that
+one too).
 PROTOCOL.md describes what goes over the wire.
 """
 
@@ -33,18 +36,20 @@ import shlex
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from zmqchat._client.library import ChatError, Client, Event
+from zmqchat._client.library import ChatError, Client, Event, Status
+from zmqchat.protocol import EventKind
 
 log = logging.getLogger("zmqchat.bot")
 
 MAX_HOPS = 3  # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
 MAX_THREADS = 16  # plain-def handlers running at once; more wait their turn
 NICK_WAIT = 30.0  # seconds a taken nick is retried at start: a previous run still holds it
-ROOM_KINDS = frozenset({"msg", "action", "join", "leave", "nick", "topic", "kick", "ban", "notice"})
+ROOM_KINDS = frozenset(EventKind) - {EventKind.PRIVATE}  # every room event
 
 Handler = Callable[..., Any]
 
@@ -168,6 +173,43 @@ def split_args(text: str) -> list[str]:
         return text.split()
 
 
+# ---------------------------------------------------------------------------- turns
+
+
+@dataclass(eq=False)
+class _Turn:
+    """One handler's place in its conversation (a room, or a person in private): what it
+    sends waits until every handler woken before it there has ended its turn."""
+
+    line: deque[_Turn]  # the conversation's turns not yet over, oldest first
+    over: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: bool = False  # a send of this handler waits for an earlier turn
+
+    async def come(self) -> None:
+        """Return once every earlier turn in the conversation is over."""
+        while self.line and self.line[0] is not self:
+            self.waiting = True
+            try:
+                await self.line[0].over.wait()
+            finally:
+                self.waiting = False
+
+    def end(self) -> None:
+        if not self.over.is_set():
+            self.over.set()
+            self.line.remove(self)
+
+
+def conversation(ev: Event | None) -> str | None:
+    """Whose replies keep one order: a room's (`lobby`), a person's in private (`@ann`);
+    None for timers and status notices."""
+    if ev is None or ev.kind == Status.KIND:
+        return None
+    if ev.room is None:  # a private message, or a file offered to the bot alone
+        return "@" + ev.nick.casefold()  # nicks are unique regardless of case
+    return ev.room
+
+
 # ---------------------------------------------------------------------------- contexts
 
 
@@ -175,7 +217,9 @@ class Context:
     """What a handler gets: the event that woke it, and a way to answer and to act.
 
     `reply()` answers where the event came from (the room, or privately for a private
-    message). Every send made through a context carries the hop count that stops bot loops.
+    message). Every send made through a context carries the hop count that stops bot loops,
+    and waits for the handlers woken earlier in the same room (or by the same person in
+    private) to end their turn: replies go out in the order of the events that asked.
     In a plain `def` handler the same methods block until done and return the same values.
     """
 
@@ -192,6 +236,28 @@ class Context:
     ) -> None:
         self.bot, self.event, self.hops = bot, event, hops
         self.command, self.args, self.argtext, self.match = command, args or [], argtext, match
+        self._turn: _Turn | None = None  # set by the bot when the handler is started
+
+    def detach(self) -> None:
+        """End this handler's turn early: the replies to later events no longer wait for it,
+        and what it sends from now on goes out when sent (a reminder that answers "OK" at
+        once and the reminder itself an hour later detaches after the "OK")."""
+        turn, self._turn = self._turn, None
+        if turn is None:
+            return
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # a plain def handler's thread
+            here = None
+        loop = self.bot._loop
+        if loop is not None and here is not loop:
+            loop.call_soon_threadsafe(turn.end)
+        else:
+            turn.end()
+
+    async def _my_turn(self) -> None:
+        if self._turn is not None:
+            await self._turn.come()
 
     @property
     def client(self) -> Client:
@@ -213,7 +279,20 @@ class Context:
 
     @property
     def private(self) -> bool:
-        return self.event is not None and self.event.kind == "private"
+        """A private message, or a file offered to the bot alone."""
+        ev = self.event
+        return ev is not None and (
+            ev.kind == EventKind.PRIVATE or (ev.kind == EventKind.FILE and bool(ev.data.get("to")))
+        )
+
+    @property
+    def file(self) -> dict[str, Any]:
+        """A file offer's fields (on_file): file (its id), name, size, sha256, nick, ..."""
+        return dict(self.event.data) if self.event is not None else {}
+
+    async def download(self, folder: str = ".") -> str:
+        """Fetch the offered file (on_file) into folder; returns the path written."""
+        return await self.client.download(str(self.file.get("file", "")), folder)
 
     @property
     def joined(self) -> list[str]:
@@ -250,6 +329,7 @@ class Context:
         if hops is None:
             return None
         extra.pop("hops", None)  # the chain length is ours to count, not the caller's
+        await self._my_turn()
         seq = None
         for chunk in _chunks(text, int(self.client.welcome.get("max_text", 4000))):
             seq = await self.client.say(room, chunk, action=action, hops=hops, **extra)
@@ -264,6 +344,7 @@ class Context:
         hops = self._next_hop()
         if hops is None:
             return None
+        await self._my_turn()
         sent = None
         for chunk in _chunks(text, int(self.client.welcome.get("max_text", 4000))):
             sent = await self.client.msg(nick, chunk, hops=hops)
@@ -329,7 +410,7 @@ class _Handler:
     sees_commands: bool = False  # on_event: yes; on_message, on_private: no
 
     def match(self, ev: Event) -> re.Match | bool:
-        if self.kinds is None and ev.kind == "status":
+        if self.kinds is None and ev.kind == Status.KIND:
             return False
         if self.kinds is not None and ev.kind not in self.kinds:
             return False
@@ -444,6 +525,7 @@ class Bot:
         self._slots: asyncio.Semaphore | None = None
         self._taps: list[asyncio.Queue] = []
         self._handled: dict[str, int] = {}
+        self._lines: dict[str, deque[_Turn]] = {}  # conversation -> its turns not yet over
         self._streak: dict[str, int] = {}  # private conversation -> bot messages in a row
         self._inflight = 0
 
@@ -514,6 +596,11 @@ class Bot:
     ) -> Any:
         """A private message to the bot (not one of its commands); `ctx.reply` answers privately."""
         return self._on(frozenset({"private"}), fn, pattern=pattern)
+
+    def on_file(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None) -> Any:
+        """A file offered in a room the bot is in, or to the bot alone: `ctx.file` has its
+        name, size and id, `await ctx.download(folder)` fetches it."""
+        return self._on(frozenset({"file"}), fn, room=room)
 
     def on_event(self, *kinds: str | Handler, room: str | Iterable[str] | None = None) -> Any:
         """Every event of these kinds (all room and private events if none given; "status"
@@ -747,7 +834,7 @@ class Bot:
                 self._handled[ev.room] = max(self._handled.get(ev.room, 0), ev.seq)
 
     def _dispatch(self, ev: Event) -> None:
-        if ev.kind == "status":
+        if ev.kind == Status.KIND:
             log.info("%s", ev.text)
             for h in self.handlers:
                 if h.kinds is not None and "status" in h.kinds:
@@ -771,7 +858,9 @@ class Bot:
 
     def _own(self, ev: Event) -> bool:
         assert self.client is not None
-        return ev.mine or (ev.kind == "private" and ev.nick == self.client.nick)
+        return ev.mine or (
+            ev.kind in (EventKind.PRIVATE, EventKind.FILE) and ev.nick == self.client.nick
+        )
 
     def _hops_in(self, ev: Event) -> int:
         """How many bot replies led to this event: the `hops` field (a bot message without
@@ -780,7 +869,7 @@ class Bot:
         the larger of the two is taken."""
         wire = ev.data.get("hops")
         hops = wire if type(wire) is int and wire >= 0 else (1 if ev.bot else 0)
-        if ev.kind == "private":
+        if ev.kind == EventKind.PRIVATE:
             assert self.client is not None
             own = ev.mine or ev.nick == self.client.nick
             peer = str(ev.data.get("to") if own else ev.nick)
@@ -799,7 +888,7 @@ class Bot:
         name = name.strip().lower()
         cmd = self.commands.get(name)
         if cmd is None:
-            if name and ev.kind == "private" and self.commands:
+            if name and ev.kind == EventKind.PRIVATE and self.commands:
                 ctx = Context(self, ev, hops=hops)
                 hint = f"; try {self.prefix}help" if "help" in self.commands else ""
                 self._spawn(self._say_unknown(name, hint), ctx, "unknown")
@@ -817,14 +906,22 @@ class Bot:
         return unknown
 
     def _spawn(self, fn: Handler, ctx: Context, what: str, command: Command | None = None) -> None:
+        key = conversation(ctx.event)
+        if key is not None:  # its place in the order of replies, taken as the event comes
+            line = self._lines.setdefault(key, deque())
+            ctx._turn = _Turn(line)
+            line.append(ctx._turn)
         self._inflight += 1
         task = asyncio.create_task(self._invoke(fn, ctx, what, command))
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(lambda task: self._finished(task, ctx, key))
 
-    def _finished(self, task: asyncio.Task) -> None:
+    def _finished(self, task: asyncio.Task, ctx: Context, key: str | None) -> None:
         self._tasks.discard(task)
         self._inflight -= 1
+        ctx.detach()  # the next handler's replies may go now
+        if key is not None and not self._lines.get(key, True):
+            del self._lines[key]
 
     async def _invoke(
         self, fn: Handler, ctx: Context, what: str, command: Command | None = None

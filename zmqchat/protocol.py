@@ -79,6 +79,13 @@ class Kind(StrEnum):
     KICK = "KICK"
     BAN = "BAN"
     UNBAN = "UNBAN"
+    # files (issue 24): see "Files" below
+    UPLOAD = "UPLOAD"
+    PUT = "PUT"
+    GET = "GET"
+    FILES = "FILES"
+    FILE = "FILE"
+    RMFILE = "RMFILE"
 
 
 class Reply(StrEnum):
@@ -114,6 +121,13 @@ class Code(StrEnum):
     TOO_LARGE = "TOO_LARGE"
     RATE_LIMITED = "RATE_LIMITED"
     UNAVAILABLE = "UNAVAILABLE"  # the shared state (a cluster) did not answer: retry
+    # files (issue 24)
+    NO_SUCH_FILE = "NO_SUCH_FILE"  # unknown, or not yours to download (the same answer)
+    FILE_REMOVED = "FILE_REMOVED"  # an operator removed it
+    BAD_OFFSET = "BAD_OFFSET"  # a chunk not where the upload is: resume at `offset`
+    BAD_DIGEST = "BAD_DIGEST"  # the bytes uploaded do not have the SHA-256 announced
+    QUOTA = "QUOTA"  # a sender's bytes per day are used up
+    NO_SPACE = "NO_SPACE"  # the broker keeps its free disk space
     INTERNAL = "INTERNAL"
 
 
@@ -394,6 +408,99 @@ def _v_mod(b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------- files (issue 24)
+# A file's bytes never go to a room's publisher: they go over the command socket in chunks,
+# each request answered once (zguide's credit-based transfer: at most WINDOW unanswered).
+CHUNK: Final = 64 * 1024  # bytes per PUT or GET: one frame within MAX_FRAME (the ROUTER's cap)
+WINDOW: Final = 16  # chunks a client may have unanswered per transfer (1 MiB): fills a LAN
+MAX_FILE_NAME: Final = 120  # characters of a saved name: any file system takes it
+MAX_SIZE: Final = 1 << 40  # what the protocol can announce (1 TiB); brokers set their own cap
+FILE_ID_RE: Final = re.compile(r"[0-9a-f]{8,16}\Z")
+SHA256_RE: Final = re.compile(r"[0-9a-f]{64}\Z")
+UPLOAD_RE: Final = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def safe_name(name: str) -> str:
+    """A file name that is safe to save anywhere: its last path part, no control characters,
+    not hidden, not `..`, at most MAX_FILE_NAME characters (the extension kept)."""
+    name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(
+        "_" if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") else ch for ch in name
+    )
+    name = name.strip().lstrip(".").rstrip(". ").strip()
+    if not name:
+        return "file"
+    if len(name) > MAX_FILE_NAME:
+        stem, dot, ext = name.rpartition(".")
+        ext = ext[:16] if dot and stem else ""
+        name = name[: MAX_FILE_NAME - len(ext) - (1 if ext else 0)].rstrip(". ")
+        name = f"{name}.{ext}" if ext else name
+    return name
+
+
+def size_text(n: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1024, as file managers on a LAN show them)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # unreachable
+
+
+def _match(b: dict[str, Any], key: str, pattern: re.Pattern[str], what: str) -> str:
+    value = b.get(key)
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ProtocolError(Code.BAD_REQUEST, f"field {key!r} must be {what}")
+    return value
+
+
+def _file_id(b: dict[str, Any]) -> str:
+    return _match(b, "file", FILE_ID_RE, "a file id (8 to 16 of 0-9a-f)")
+
+
+def _v_upload(b: dict[str, Any]) -> dict[str, Any]:
+    room, to = b.get("room"), b.get("to")
+    if (room is None) == (to is None):
+        raise ProtocolError(Code.BAD_REQUEST, "UPLOAD takes a 'room' or a 'to', one of them")
+    size = _int(b, "size", required=True) or 0
+    if size > MAX_SIZE:
+        raise ProtocolError(Code.TOO_LARGE, f"a file is at most {MAX_SIZE} bytes")
+    return {
+        "id": _match(b, "id", UPLOAD_RE, "32 of 0-9a-f (the upload's own id)"),
+        "room": check_room(room) if room is not None else None,
+        "to": check_nick(to) if to is not None else None,
+        "name": safe_name(_text(b, "name", 1000) or ""),
+        "size": size,
+        "sha256": _match(b, "sha256", SHA256_RE, "a SHA-256 in 64 of 0-9a-f"),
+    }
+
+
+def _v_put(b: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "upload": _match(b, "upload", UPLOAD_RE, "the upload named by UPLOAD's reply"),
+        "offset": _int(b, "offset", required=True),
+    }
+
+
+def _v_get(b: dict[str, Any]) -> dict[str, Any]:
+    size = _int(b, "size", low=1) or CHUNK
+    return {"file": _file_id(b), "offset": _int(b, "offset", required=True), "size": size}
+
+
+def _v_file(b: dict[str, Any]) -> dict[str, Any]:
+    return {"file": _file_id(b)}
+
+
+def _v_files(b: dict[str, Any]) -> dict[str, Any]:
+    peer = b.get("with")
+    if (peer is None) == (b.get("room") is None):
+        raise ProtocolError(Code.BAD_REQUEST, "FILES takes a 'room' or a 'with', one of them")
+    return {
+        "room": check_room(b.get("room")) if peer is None else None,
+        "with": check_nick(peer) if peer is not None else None,
+    }
+
+
 VALIDATORS: Final = {
     Kind.HELLO: _v_hello,
     Kind.JOIN: _v_join,
@@ -410,6 +517,12 @@ VALIDATORS: Final = {
     Kind.KICK: _v_mod,
     Kind.BAN: _v_mod,
     Kind.UNBAN: _v_mod,
+    Kind.UPLOAD: _v_upload,
+    Kind.PUT: _v_put,
+    Kind.GET: _v_get,
+    Kind.FILES: _v_files,
+    Kind.FILE: _v_file,
+    Kind.RMFILE: _v_file,
 }
 
 
@@ -428,9 +541,12 @@ def decode_label(frames: list[bytes]) -> bytes:
 
 def decode_request(frames: list[bytes]) -> Request:
     """Frames from a client (routing id already removed) -> Request, or ProtocolError."""
+    data = None
+    if len(frames) == 4 and frames[0] == b"PUT":  # a file chunk: [PUT, label, body, bytes]
+        *frames, data = frames
     if len(frames) != 3:
         raise ProtocolError(Code.BAD_REQUEST, f"a request is 3 frames, not {len(frames)}")
-    if sum(len(f) for f in frames) > MAX_REQUEST:
+    if sum(len(f) for f in frames) + len(data or b"") > MAX_REQUEST:
         raise ProtocolError(Code.TOO_LARGE, f"a request is at most {MAX_REQUEST} bytes")
     kind_b, label, body_b = frames
     if not label or len(label) > MAX_LABEL:
@@ -447,12 +563,24 @@ def decode_request(frames: list[bytes]) -> Request:
         raise ProtocolError(Code.BAD_REQUEST, "the body must be a UTF-8 JSON object") from None
     if not isinstance(body, dict):
         raise ProtocolError(Code.BAD_REQUEST, "the body must be a JSON object")
-    return Request(kind, label, VALIDATORS[kind](body))
+    fields = VALIDATORS[kind](body)
+    if kind is Kind.PUT:
+        if data is None:
+            raise ProtocolError(Code.BAD_REQUEST, "PUT carries its bytes in a fourth frame")
+        if not 0 < len(data) <= CHUNK:
+            raise ProtocolError(Code.TOO_LARGE, f"a chunk is 1 to {CHUNK} bytes")
+        fields["data"] = data
+    return Request(kind, label, fields)
 
 
-def encode_request(kind: Kind | str, label: bytes, body: dict[str, Any]) -> list[bytes]:
-    """Request -> the three frames a client sends."""
-    return [str(kind).encode("ascii"), label, dumps(body)]
+def encode_request(
+    kind: Kind | str, label: bytes, body: dict[str, Any], data: bytes | None = None
+) -> list[bytes]:
+    """Request -> the three frames a client sends (four for PUT: its bytes last)."""
+    frames = [str(kind).encode("ascii"), label, dumps(body)]
+    if data is not None:
+        frames.append(data)
+    return frames
 
 
 # ---------------------------------------------------------------------------- replies
@@ -475,10 +603,14 @@ class Response:
     kind: str
     label: bytes
     body: dict[str, Any]
+    data: bytes = b""  # a GET's chunk (a fourth frame)
 
 
 def decode_response(frames: list[bytes]) -> Response:
     """Broker frames -> Response; raises ProtocolError for anything malformed."""
+    data = b""
+    if len(frames) == 4 and frames[3]:  # an OK to GET: the chunk's bytes last
+        *frames, data = frames
     if len(frames) != 3:
         raise ProtocolError(Code.BAD_REQUEST, f"a reply is 3 frames, not {len(frames)}")
     try:
@@ -488,7 +620,7 @@ def decode_response(frames: list[bytes]) -> Response:
         raise ProtocolError(Code.BAD_REQUEST, "a reply body must be a JSON object") from None
     if not isinstance(body, dict):
         raise ProtocolError(Code.BAD_REQUEST, "a reply body must be a JSON object")
-    return Response(kind, frames[1], body)
+    return Response(kind, frames[1], body, data)
 
 
 # ---------------------------------------------------------------------------- events
@@ -505,6 +637,15 @@ class EventKind(StrEnum):
     BAN = "ban"
     NOTICE = "notice"
     PRIVATE = "private"
+    FILE = "file"  # a file offer (issue 24): file, name, size, sha256 (and to, if private)
+
+
+class Why(StrEnum):
+    """Why a member left a room (a leave event's `why`)."""
+
+    PART = "part"  # /leave, or /join to another room
+    QUIT = "quit"  # BYE: the client said goodbye (with an optional reason)
+    LOST = "lost"  # missed its heartbeats, or its broker died and it did not come back
 
 
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))

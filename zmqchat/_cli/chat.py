@@ -29,16 +29,22 @@ from typing import Any, Final
 import zmq
 
 from zmqchat import protocol as m
+from zmqchat._cli.errors import UsageError
+from zmqchat._cli.files import COMMANDS as FILE_COMMANDS
+from zmqchat._cli.files import FileCommands, Transfer, default_downloads
 from zmqchat._cli.render import Screen, escape, escape_lines
 from zmqchat._client.library import (
     Address,
     ChatError,
     Client,
+    Status,
     broker_addresses,
     curve_keys,
     show_address,
     split_addresses,
 )
+from zmqchat._usage import Parser, command_help, program
+from zmqchat.protocol import EventKind
 
 DEFAULT_IP: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9001
@@ -48,27 +54,37 @@ QUIT_WAIT: Final = 2.0  # seconds /quit waits for unacknowledged messages before
 HISTORY: Final = 50  # events shown by /history without a number (as on joining)
 LEAVE_WORDS: Final = (".exit", "bye")
 
-HELP: Final = """\
-commands:
-  /rooms                every room, how many are in it (* = yours)
-  /join ROOM            switch to another room
-  /who [ROOM|*]         who is in this room (or ROOM; * = everyone online)
-  /msg NICK TEXT        a private message
-  /me ACTION            an action: * you wave
-  /nick NEW             change your nickname
-  /topic [TEXT]         show or set the room's topic
-  /history [N]          the room's last N events (default 50)
-  /history NICK [N]     your private conversation with NICK
-  /kick NICK [REASON]   remove someone from the room (operators)
-  /ban NICK [REASON]    ban someone from the room (operators)
-  /unban NICK           lift a ban (operators)
-  /lock, /unlock        only operators may set the topic, or everyone (operators)
-  /quit [REASON]        leave; so do .exit, bye, Ctrl+D and Ctrl+C
-  //TEXT                send a message that starts with /"""
+# The chat's commands: /help and the README's table are both made from this (_usage.py).
+COMMANDS: Final = (
+    ("/rooms", "every room with its member count; yours is marked"),
+    ("/join ROOM", "leave your room and enter ROOM (an unknown room gets the list of rooms)"),
+    ("/who [ROOM|*]", "who is in your room (or ROOM; `*`: everyone online)"),
+    ("/msg NICK TEXT", "a private message to one person (never published to a room)"),
+    ("/me ACTION", "an action: `* alice waves`"),
+    ("/nick NEW", "change your nickname (`alice is now known as alicia`)"),
+    ("/topic [TEXT]", "show or set the room's topic"),
+    ("/history [N]", f"the room's last N events (default {HISTORY})"),
+    (
+        "/history NICK [N]",
+        "your private conversation with NICK, both ways (only its two parties can read it)",
+    ),
+    ("/kick NICK [REASON]", "remove someone from the room (operators)"),
+    ("/ban NICK [REASON]", "remove someone and keep them out of the room (operators)"),
+    ("/unban NICK", "let someone banned join again (operators)"),
+    ("/lock, /unlock", "only operators may set the topic, or everyone again (operators)"),
+    *FILE_COMMANDS,
+    ("/help", "this list"),
+    (
+        "/quit [REASON]",
+        "leave, and the room sees `alice left (quit: REASON)`; so do `.exit`, `bye`, "
+        "Ctrl+D and Ctrl+C",
+    ),
+    ("//TEXT", "say TEXT, which starts with `/` (`//etc/hosts` says `/etc/hosts`)"),
+)
+HELP: Final = command_help(COMMANDS)
 
-
-class UsageError(Exception):
-    """A command typed wrong: answered locally, nothing is sent."""
+# Kinds of event that show their nick is here (completion offers it).
+PRESENT: Final = frozenset({EventKind.MSG, EventKind.ACTION, EventKind.JOIN, EventKind.PRIVATE})
 
 
 # ---------------------------------------------------------------------------- settings
@@ -105,42 +121,68 @@ def nickname(text: str) -> str:
     return text
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="client.py",
-        description="ZeroMQ chat client. Settings not given are asked "
-        "for when stdin is a terminal; otherwise IP and port take their defaults.",
+def parser() -> Parser:
+    """The client's flags, in the README's table (tests/test_readme.py checks it)."""
+    p = Parser(
+        "zmqchat",
+        "ZeroMQ chat client. Settings not given are asked for when stdin is a terminal; "
+        "otherwise the IP and port take their defaults.",
     )
-    p.add_argument(
+    flag = p.table()
+    flag(
         "-i",
         "--ip",
-        help=f"the broker's address (default {DEFAULT_IP}), or "
-        "several brokers to try in turn: h1:9001,h2:9001",
+        metavar="HOST",
+        shown=f"`{DEFAULT_IP}`, asked for on a terminal",
+        help="the broker's address, or several brokers to try in turn: `h1:9001,h2:9001`",
     )
-    p.add_argument(
+    flag(
         "-p",
         "--port",
         type=port_number,
-        help=f"the broker's command port (default {DEFAULT_PORT}), for addresses given without one",
+        metavar="PORT",
+        shown=f"`{DEFAULT_PORT}`, asked for on a terminal",
+        help="the broker's command port, for addresses given without one",
     )
-    p.add_argument("-u", "--user", type=nickname, help="your nickname")
-    p.add_argument("-r", "--room", default=DEFAULT_ROOM, help="the room to start in (lobby)")
-    p.add_argument(
-        "--json", action="store_true", help="one JSON object per event on stdout, for scripts"
+    flag(
+        "-u",
+        "--user",
+        type=nickname,
+        metavar="NICK",
+        shown="asked for on a terminal; needed otherwise",
+        help="your nickname",
     )
-    p.add_argument(
+    flag("-r", "--room", default=DEFAULT_ROOM, metavar="ROOM", help="the room to start in")
+    flag(
+        "--json",
+        action="store_true",
+        help="one JSON object per event on stdout; stdin lines are sent",
+    )
+    flag(
         "--no-color",
         "--no-colour",
         dest="no_color",
         action="store_true",
-        help="no colours (also when NO_COLOR is set)",
+        shown="colours on a terminal, unless `NO_COLOR` is set",
+        help="plain text, no colours",
     )
-    p.add_argument(
+    flag(
+        "--downloads",
+        metavar="DIR",
+        shown="`~/Downloads` if it exists, else the current folder",
+        help="where `/get` saves files",
+    )
+    flag(
         "--server-key",
         metavar="FILE",
-        help="the broker's public CURVE key file: encrypt and authenticate",
+        shown="no encryption",
+        help="the broker's public CURVE key file: encrypt and authenticate (see Security)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def tell(text: str) -> None:
@@ -195,8 +237,13 @@ def ask_nick() -> str:
         tell(f"Sorry, {escape(problem)}. Please choose another nickname.")
 
 
+def last(n: int, thing: str) -> str:
+    """`last 3 events`, `last event`."""
+    return f"last {thing}" if n == 1 else f"last {n} {thing}s"
+
+
 def fail(text: str) -> None:
-    print(f"client.py: {text}", file=sys.stderr, flush=True)
+    print(f"{program('zmqchat')}: {text}", file=sys.stderr, flush=True)
 
 
 def connect(
@@ -252,11 +299,21 @@ def connect(
 # ---------------------------------------------------------------------------- the session
 
 
-class Chat:
+class Chat(FileCommands):
     """One session's state and commands, shared by the terminal and the line front ends."""
 
-    def __init__(self, client: Client, screen: Screen, room: str, *, leave_words: bool) -> None:
+    def __init__(
+        self,
+        client: Client,
+        screen: Screen,
+        room: str,
+        *,
+        leave_words: bool,
+        downloads: str | None = None,
+    ) -> None:
         self.client, self.screen, self.room = client, screen, room
+        self.downloads = downloads or default_downloads()
+        self.transfers: dict[asyncio.Task[Any], Transfer] = {}
         self.joining = ""  # the room a /join is entering (its reply not in yet)
         self.leave_words = leave_words
         self.nicks: set[str] = set()  # for tab completion
@@ -281,6 +338,10 @@ class Chat:
             "lock": self.cmd_lock,
             "unlock": self.cmd_unlock,
             "quit": self.cmd_quit,
+            "send": self.cmd_send,
+            "files": self.cmd_files,
+            "get": self.cmd_get,
+            "rmfile": self.cmd_rmfile,
         }
 
     async def greet(self) -> None:
@@ -315,14 +376,14 @@ class Chat:
     async def show_events(self) -> None:
         """Print every event as it comes, until the client is closed."""
         async for ev in self.client:
-            if ev.kind == "status" and ev.text == "closed":
+            if ev.kind == Status.KIND and ev.text == "closed":
                 continue
-            if ev.kind == "private" and not ev.mine and ev.data.get("to") == ev.nick:
+            if ev.kind == EventKind.PRIVATE and not ev.mine and ev.data.get("to") == ev.nick:
                 continue  # a note to self: the broker's copy of our own send is shown
             self.track(ev)
             self.screen.event(ev, me=self.client.nick, room=self.room)
             if (
-                ev.kind == "status"
+                ev.kind == Status.KIND
                 and ev.room
                 and ev.room == self.room
                 and ev.room not in self.client.rooms
@@ -347,11 +408,14 @@ class Chat:
 
     def track(self, ev: Any) -> None:
         """Remember nicks seen, for completion."""
-        if ev.kind in ("msg", "action", "join", "private") and ev.nick:
+        if (
+            ev.kind in (EventKind.MSG, EventKind.ACTION, EventKind.JOIN, EventKind.PRIVATE)
+            and ev.nick
+        ):
             self.nicks.add(ev.nick)
-        elif ev.kind in ("leave", "kick", "ban"):
+        elif ev.kind in (EventKind.LEAVE, EventKind.KICK, EventKind.BAN):
             self.nicks.discard(ev.nick)
-        elif ev.kind == "nick":
+        elif ev.kind == EventKind.NICK:
             self.nicks.discard(ev.nick)
             self.nicks.add(str(ev.data.get("new", "")))
 
@@ -428,14 +492,16 @@ class Chat:
     async def quit(self, reason: str | None, wait: float | None = QUIT_WAIT) -> None:
         """Leave cleanly: wait (up to `wait` s, None = as long as it takes) for acks, say BYE."""
         self.quitting = True
+        if wait is None:  # the end of a script's input: its transfers finish first
+            await asyncio.gather(*self.transfers, return_exceptions=True)
+        else:
+            self.cancel_transfers()
         if wait is not None:
             await self.acknowledged(wait)
         elif not await self.acknowledged(TIMEOUT):
-            print(
-                f"client.py: waiting for {len(self.client.pending())} message(s) to be "
-                f"acknowledged by the broker (Ctrl+C gives up)",
-                file=sys.stderr,
-                flush=True,
+            fail(
+                f"waiting for {len(self.client.pending())} message(s) to be "
+                f"acknowledged by the broker (Ctrl+C gives up)"
             )
             await self.client.flush()
         for room, seq in self.echoes.items():  # shown back too (a cluster may ack first)
@@ -544,7 +610,7 @@ class Chat:
         if nick is not None:
             events = await self.client.private_history(nick, limit=limit)
             self.screen.note(
-                f"your last {len(events)} private messages with {nick}:"
+                f"your {last(len(events), 'private message')} with {nick}:"
                 if events
                 else f"no private messages with {nick}",
                 command="history",
@@ -555,7 +621,7 @@ class Chat:
             return
         events = await self.client.history(self.room, limit=limit)
         self.screen.note(
-            f"the last {len(events)} events of {self.room}:"
+            f"the {last(len(events), 'event')} of {self.room}:"
             if events
             else f"no history in {self.room}",
             command="history",
@@ -639,7 +705,7 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     """Run the chat until the user leaves; returns the exit status."""
     colour = terminal and not args.no_color and not os.environ.get("NO_COLOR")
     screen = Screen(json_mode=args.json, colour=colour)
-    chat = Chat(client, screen, args.room, leave_words=not args.json)
+    chat = Chat(client, screen, args.room, leave_words=not args.json, downloads=args.downloads)
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGHUP):  # leave cleanly, as on Ctrl+C

@@ -16,7 +16,8 @@ import time
 import zlib
 from typing import Any, Final
 
-from zmqchat._client.library import Event
+from zmqchat._client.library import Event, Status
+from zmqchat.protocol import EventKind
 
 # C0 and C1 controls, DEL, line/paragraph separators and the bidi controls that can make a line
 # read differently from what it holds.
@@ -30,7 +31,11 @@ DIM: Final = "2"
 BOLD: Final = "1"
 MENTION: Final = "30;43"  # black on yellow
 ERROR: Final = "31"
-NOTICE_KINDS: Final = frozenset({"join", "leave", "nick", "topic", "kick", "ban", "notice"})
+SPOKEN: Final = frozenset({EventKind.MSG, EventKind.ACTION, EventKind.PRIVATE})  # may mention
+NOTICE_KINDS: Final = frozenset(
+    {EventKind.JOIN, EventKind.LEAVE, EventKind.NICK, EventKind.TOPIC}
+    | {EventKind.KICK, EventKind.BAN, EventKind.NOTICE}
+)
 
 
 def escape(text: str) -> str:
@@ -105,29 +110,9 @@ class Render:
                 nick, BOLD + ";" + nick_colour(ev.nick) if ev.mine else nick_colour(ev.nick)
             )
         text = escape(ev.text)
-        if (
-            not dimmed
-            and not ev.mine
-            and ev.kind in ("msg", "action", "private")
-            and mentions(ev.text, me)
-        ):
+        if not dimmed and not ev.mine and ev.kind in SPOKEN and mentions(ev.text, me):
             text = self.paint(text, MENTION)
-        if ev.kind == "msg":
-            body = f"<{nick}> {text}"
-        elif ev.kind == "action":
-            body = f"* {nick} {text}"
-        elif ev.kind == "private":
-            body = (
-                f"[private -> {escape(str(ev.data.get('to', '?')))}] {text}"
-                if ev.mine
-                else f"[private] {nick}: {text}"
-            )
-        elif ev.kind == "topic":
-            body = "-- " + escape(str(ev.data.get("note") or f"topic: {ev.text}"))
-        elif ev.kind == "status":
-            body = "*** " + text
-        else:  # join, leave, nick, kick, ban, notice, and kinds a newer broker may add
-            body = "-- " + text
+        body = self.body(ev, nick, text)
         if ev.bot:
             body = "[bot] " + body
         if ev.room and room and ev.room != room:
@@ -138,9 +123,30 @@ class Render:
             return self.paint(f"{clock(ev.ts)} {body}", DIM)
         if ev.kind in NOTICE_KINDS:  # no inner colours in a notice: the whole line is muted
             body = self.paint(body, DIM)
-        elif ev.kind == "status":
+        elif ev.kind == Status.KIND:
             body = self.paint(body, BOLD)
         return self.paint(f"{clock(ev.ts)} ", DIM) + body
+
+    @staticmethod
+    def body(ev: Event, nick: str, text: str) -> str:
+        """What the event says, with its nick and text as they are to be shown."""
+        kind = ev.kind
+        if kind == EventKind.MSG:
+            return f"<{nick}> {text}"
+        if kind == EventKind.ACTION:
+            return f"* {nick} {text}"
+        if kind == EventKind.PRIVATE:
+            if ev.mine:
+                return f"[private -> {escape(str(ev.data.get('to', '?')))}] {text}"
+            return f"[private] {nick}: {text}"
+        if kind == EventKind.TOPIC:
+            return "-- " + escape(str(ev.data.get("note") or f"topic: {ev.text}"))
+        if kind == Status.KIND:
+            return "*** " + text
+        if kind == EventKind.FILE and ev.data.get("to"):  # a file offered to one person
+            to = escape(str(ev.data["to"]))
+            return f"[private -> {to}] {text}" if ev.mine else f"[private] {text}"
+        return "-- " + text  # join, leave, nick, kick, ban, notice, and kinds a newer broker adds
 
     def note(self, text: str) -> str:
         return "\n".join(f"-- {line}" for line in text.split("\n"))

@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import termios
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -28,11 +28,47 @@ from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from zmqchat._cli.render import escape
+from zmqchat._client.library import Client
 
-if TYPE_CHECKING:
-    from zmqchat._cli.chat import Chat
+__all__ = ["Front", "keys_kept", "patch_stdout", "read_terminal"]
 
-__all__ = ["keys_kept", "patch_stdout", "read_terminal"]
+
+class Front(Protocol):
+    """What the terminal needs of the chat it runs (chat.py's `Chat` is one)."""
+
+    @property
+    def client(self) -> Client: ...
+
+    @property
+    def room(self) -> str:
+        """The current room."""
+
+    @property
+    def rooms(self) -> Collection[str]:
+        """Every room, for completion."""
+
+    @property
+    def nicks(self) -> Collection[str]:
+        """The nicks seen, for completion."""
+
+    @property
+    def commands(self) -> Mapping[str, Any]:
+        """The slash commands, by name."""
+
+    @property
+    def quitting(self) -> bool: ...
+
+    async def handle(self, line: str) -> None:
+        """A typed line: a command or a message."""
+
+    async def quit(self, reason: str | None) -> None:
+        """Leave (Ctrl+D, Ctrl+C at the prompt)."""
+
+    def cancel_transfers(self) -> bool:
+        """Ctrl+C: cancel the file transfers under way; False if there were none."""
+
+    def transfers_status(self) -> str:
+        """The file transfers under way, for the toolbar ("" when none)."""
 
 
 @contextlib.contextmanager
@@ -66,7 +102,7 @@ class KeptInput(Vt100Input):
         return contextlib.nullcontext()
 
 
-async def read_terminal(chat: Chat, colour: bool) -> None:
+async def read_terminal(chat: Front, colour: bool) -> None:
     """Read and handle typed lines until the user leaves (a leave word, Ctrl+D, Ctrl+C)."""
     session: PromptSession[str] = PromptSession(
         completer=ChatCompleter(chat),
@@ -84,13 +120,18 @@ async def read_terminal(chat: Chat, colour: bool) -> None:
             # prompt_toolkit's stays a moment after the terminal leaves raw mode, and passes a
             # Ctrl+C pressed then to a prompt that has ended.
             line = await session.prompt_async(lambda: f"{chat.room}> ", handle_sigint=False)
-        except (EOFError, KeyboardInterrupt):  # Ctrl+D, Ctrl+C
+        except KeyboardInterrupt:  # Ctrl+C: cancels the file transfers, if any; else leaves
+            if chat.cancel_transfers():
+                continue
+            await chat.quit(None)
+            return
+        except EOFError:  # Ctrl+D
             await chat.quit(None)
             return
         await chat.handle(line)
 
 
-def toolbar(chat: Chat) -> str:
+def toolbar(chat: Front) -> str:
     """The bottom line: who and where we are, the connection, what is not yet delivered."""
     c = chat.client
     parts = [f"{c.nick} in {chat.room}"]
@@ -102,6 +143,9 @@ def toolbar(chat: Chat) -> str:
         parts.append(
             f"{len(pending)} message{'s' if len(pending) != 1 else ''} pending: {escape(texts)}"
         )
+    moving = chat.transfers_status()
+    if moving:
+        parts.append(escape(moving) + " (Ctrl+C cancels)")
     parts.append("/help")
     return " " + "  ·  ".join(parts)
 
@@ -109,7 +153,7 @@ def toolbar(chat: Chat) -> str:
 class ChatCompleter(Completer):
     """Tab: commands after '/', rooms after /join and /who, nicks elsewhere."""
 
-    def __init__(self, chat: Chat) -> None:
+    def __init__(self, chat: Front) -> None:
         self.chat = chat
 
     def get_completions(
@@ -123,7 +167,7 @@ class ChatCompleter(Completer):
             return
         word = document.get_word_before_cursor(WORD=True)
         command = before.split(" ", 1)[0].lower() if before.startswith("/") else ""
-        names = self.chat.rooms if command in ("/join", "/who") else self.chat.nicks - {""}
+        names = self.chat.rooms if command in ("/join", "/who") else set(self.chat.nicks) - {""}
         at_start = not command and before == word  # "bo<Tab>" -> "bob: "
         for name in sorted(names, key=str.lower):
             if name.lower().startswith(word.lower()):

@@ -27,6 +27,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MemberDescriptorType
 from typing import Any, Final
 
@@ -35,9 +36,12 @@ import zmq
 import zmq.asyncio
 
 from zmqchat import protocol as m
+from zmqchat._client import files
+from zmqchat._client.errors import ChatError, Progress
 from zmqchat._client.ordering import Fetch, RoomOrder
 
 log = logging.getLogger("zmqchat.client")
+
 
 BATCH_BYTES = 48 * 1024  # a SAY's body, at most: well under the broker's 64 KiB frame limit
 BACKOFF_CAP = 10.0  # seconds: the longest wait between reconnect attempts
@@ -100,12 +104,11 @@ def show_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class ChatError(Exception):
-    """An ERROR reply from the broker (or DISCONNECTED / TIMEOUT from the library)."""
+class Status(StrEnum):
+    """The library's own event kind, beside the broker's (protocol.EventKind): news of the
+    connection (`connection lost, reconnecting...`, kicked from a room, `closed`)."""
 
-    def __init__(self, code: str, reason: str, body: dict[str, Any] | None = None) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code, self.reason, self.body = code, reason, body or {}
+    KIND = "status"
 
 
 class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True, gc=False):
@@ -498,7 +501,7 @@ class Client:
             if not item.future.done():
                 item.future.set_exception(ChatError("CLOSED", "the client was closed"))
         self._outbox.clear()
-        self._events.put_nowait(Event("status", "closed"))
+        self._events.put_nowait(Event(Status.KIND, "closed"))
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -535,20 +538,84 @@ class Client:
         timeout: float,
         on_reply: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        label = str(next(self._labels)).encode()
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._waiting[label] = future
+        label, future = self._start(kind, body)
         if on_reply is not None:
             self._on_reply[label] = on_reply
         try:
-            assert self._dealer is not None
-            await self._dealer.send_multipart(m.encode_request(kind, label, body))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise ChatError("TIMEOUT", f"no reply to {kind} within {timeout:g} s") from None
         finally:
             self._waiting.pop(label, None)
             self._on_reply.pop(label, None)
+
+    def _start(
+        self, kind: m.Kind, body: dict[str, Any], data: bytes | None = None
+    ) -> tuple[bytes, asyncio.Future[dict[str, Any]]]:
+        """Send a command now; its reply completes the future (forget() it if unwanted).
+        A GET's chunk comes as the reply's "~data"."""
+        if self._dealer is None:
+            raise ChatError("DISCONNECTED", "not connected to the broker")
+        label = str(next(self._labels)).encode()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[label] = future
+        plain: zmq.Socket[bytes] = zmq.Socket.shadow(self._dealer.underlying)
+        try:
+            plain.send_multipart(m.encode_request(kind, label, body, data), zmq.NOBLOCK)
+        except zmq.Again:  # the queue to the broker is full: it is not reading
+            self._waiting.pop(label, None)
+            raise ChatError("TIMEOUT", "the broker is not taking requests") from None
+        return label, future
+
+    def _forget(self, label: bytes) -> None:
+        self._waiting.pop(label, None)
+        self._on_reply.pop(label, None)
+
+    async def wait_online(self, timeout: float | None = None) -> None:
+        """Until the client is connected (again): ChatError TIMEOUT after `timeout` s,
+        DISCONNECTED if it was closed or does not reconnect."""
+        if self.connected:
+            return
+        if self._closing or not self.reconnect:
+            raise ChatError("DISCONNECTED", "not connected to the broker")
+        try:
+            await asyncio.wait_for(self._online.wait(), timeout)
+        except TimeoutError:
+            raise ChatError("TIMEOUT", "the broker did not come back") from None
+
+    # ------------------------------------------------------------------ files (issue 24)
+    async def send_file(
+        self,
+        room_or_nick: str,
+        path: str,
+        name: str | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Offer a file to a room we are in, or to a person ("@bob", or a nick that is no
+        room of ours); returns the offer (its "file" is the id to download). Resumes on its
+        own after a lost connection; the broker checks the bytes against their SHA-256."""
+        return await files.send_file(self, room_or_nick, path, name, progress)
+
+    async def download(
+        self, file_id: str, folder: str = ".", *, progress: Progress | None = None
+    ) -> str:
+        """Fetch a file offered to a room we are in (or to us) into `folder`, under a safe
+        name that overwrites nothing; returns the path written. Checked against the
+        sender's SHA-256; resumes on its own after a lost connection."""
+        return await files.download(self, file_id, folder, progress)
+
+    async def files(self, room: str | None = None, *, with_nick: str | None = None) -> list[Any]:
+        """The offers of a room (or of our private conversation with a nick), oldest first."""
+        body = {"with": with_nick} if with_nick else {"room": room}
+        return list((await self.request(m.Kind.FILES, body))["files"])
+
+    async def file_info(self, file_id: str) -> dict[str, Any]:
+        return await self.request(m.Kind.FILE, {"file": file_id})
+
+    async def remove_file(self, file_id: str) -> dict[str, Any]:
+        """Operators: remove a room's file (its bytes are deleted, its offer says removed)."""
+        return await self.request(m.Kind.RMFILE, {"file": file_id})
 
     # ------------------------------------------------------------------ connection
     def _open_sockets(self) -> None:
@@ -784,6 +851,8 @@ class Client:
                         except (KeyError, TypeError, ValueError) as exc:  # not what we asked
                             fut.set_exception(ChatError("BAD_REPLY", f"unusable reply: {exc!r}"))
                             continue
+                        if resp.data:
+                            resp.body["~data"] = resp.data
                         fut.set_result(resp.body)
                     else:
                         fut.set_exception(
@@ -957,7 +1026,7 @@ class Client:
         return ev.get("nick") == self.nick
 
     def _emit_status(self, text: str, room: str | None = None) -> None:
-        self._events.put_nowait(Event("status", text, room=room, ts=time.time()))
+        self._events.put_nowait(Event(Status.KIND, text, room=room, ts=time.time()))
 
     # ------------------------------------------------------------------ acknowledged sends
     async def _queue(

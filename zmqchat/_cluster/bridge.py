@@ -80,7 +80,7 @@ class BridgeConfig:
     namespace: str
     name: str
     rooms: list[str]
-    replicas: int  # 0: up to 3, no more than the cluster has
+    replicas: int  # 0: 3 on a cluster, 1 on a single server
 
 
 class Batch:
@@ -126,6 +126,7 @@ class Bridge:
         self.inbox: deque[list[bytes]] = deque()  # commands from the broker, in order
         self.woken: asyncio.Event | None = None
         self.patient_until = 0.0  # while starting: JetStream calls are retried until then
+        # (SETUP_PATIENCE from the start on; what the broker sets up after it shares it)
         self.handlers: dict[bytes, Handler] = {
             Verb.APPEND: self._append,
             Verb.KV: self._kv,
@@ -165,7 +166,6 @@ class Bridge:
                 raise SetupFailed(f"no NATS server answered at {servers}") from None
             self.patient_until = time.monotonic() + SETUP_PATIENCE
             await self._setup()
-            self.patient_until = 0.0
         except Exception as exc:  # noqa: BLE001 - anything here means: cannot start
             reason = str(exc) or type(exc).__name__
             if not isinstance(exc, SetupFailed):
@@ -262,26 +262,27 @@ class Bridge:
 
     async def _setup(self) -> None:
         probe = self.nc.jetstream(timeout=PROBE_TIMEOUT)  # a cluster still electing: ask often
-        await self._patiently("asking JetStream for this account's limits", probe.account_info)
-        info = self.nc._server_info or {}  # read now: a new cluster's nodes know each other
-        url = self.nc.connected_url  # None if the connection dropped since _connect()
-        size = len(set(info.get("connect_urls") or []) | ({url.netloc} if url else set()))
-        self.replicas = self.cfg.replicas or min(3, max(size, 1))
+        await self.patiently("asking JetStream for this account's limits", probe.account_info)
+        # Three copies on a cluster, one on a single server. (The servers a node lists are
+        # no measure of the cluster: a node back from a restart, or a new cluster still
+        # connecting its routes, lists fewer, and a stream made with fewer copies keeps them.)
+        clustered = bool((self.nc._server_info or {}).get("cluster"))
+        self.replicas = self.cfg.replicas or (3 if clustered else 1)
         for bucket in Bucket:
-            self.kvs[bucket] = await self._patiently(
+            self.kvs[bucket] = await self.patiently(
                 f"making the bucket {self.ns}-{bucket}", partial(self._bucket, bucket)
             )
-        await self._patiently(
+        await self.patiently(
             f"making the stream {self.ns}-privates",
             lambda: self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.>"]),
         )
         for bucket in Bucket:
-            await self._patiently(
+            await self.patiently(
                 f"reading the bucket {self.ns}-{bucket}", partial(self._watch, bucket)
             )
         rooms = list(dict.fromkeys([*self.cfg.rooms, *self.rooms_seen]))
         for room in rooms:
-            await self._patiently(
+            await self.patiently(
                 f"making the stream {room_stream(self.ns, room)}",
                 partial(self._ensure_room, room),
             )
@@ -295,7 +296,7 @@ class Bridge:
             pending_bytes_limit=1 << 30,
         )
 
-    async def _patiently(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def patiently(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """A JetStream call made while starting. A cluster that has just started (or is
         loaded, or lost a node) answers late, "unavailable", "no suitable peers", "not
         found" for what another broker made a moment ago, ... while it elects its leaders

@@ -159,7 +159,7 @@ class ClusterRegistry:
                 target.locked = put and json.loads(value) is True
             elif field.startswith(("op.", "ban.")):
                 kind, _, hexed = field.partition(".")
-                group = target.ops if kind == "op" else target.bans
+                group = target.operators if kind == "op" else target.bans
                 (group.add if put else group.discard)(unhex(hexed))
 
     def _nickkey_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
@@ -178,7 +178,7 @@ class ClusterRegistry:
             {
                 "sid": ident.sid,
                 "nick": ident.nick,
-                "token": ident.token,
+                "token": ident.token_hash,
                 "pubkey": ident.pubkey,
                 "bot": ident.bot,
                 "broker": ident.broker,
@@ -224,7 +224,7 @@ class ClusterRegistry:
             if error is not None:
                 outer.fail(error)
             elif holder is None or (
-                holder.token == ident.token != "" and holder.pubkey == ident.pubkey
+                holder.token_hash == ident.token_hash != "" and holder.pubkey == ident.pubkey
             ):
                 self._claim(ident, holder, outer, tries - 1)
             else:
@@ -234,7 +234,7 @@ class ClusterRegistry:
 
     def rename(self, ident: Identity, new_nick: str, new_key: str) -> Op:
         moved = Identity(
-            ident.sid, new_nick, new_key, ident.token, ident.pubkey, ident.bot, ident.broker
+            ident.sid, new_nick, new_key, ident.token_hash, ident.pubkey, ident.bot, ident.broker
         )
         inner = self.claim(moved, self.sessions.get(new_key) if new_key == ident.key else None)
         outer = Op()
@@ -260,23 +260,23 @@ class ClusterRegistry:
         """Let the nick go if this session still holds it (a compare-and-set on its
         record): True once it did; False if the nick had moved on; UNAVAILABLE if NATS did
         not answer (the record stays ours, and Liveness settles it later)."""
-        held = self.sessions.get(ident.key)
+        key = ident.key  # as it is now (a rename changes the identity afterwards)
+        held = self.sessions.get(key)
         if held is None or held.sid != ident.sid:
             return Op.ready(False)
+        del self.sessions[key]  # so that the news of its deletion is no news to the core
         outer = Op()
 
         def deleted(op: Op) -> None:
             if conflict(op.error):
                 outer.resolve(False)
             elif op.error is not None:
+                self.sessions.setdefault(key, held)  # still ours in the bucket
                 outer.fail(op.error)
             else:
-                if self.sessions.get(ident.key) is held:
-                    del self.sessions[ident.key]
                 outer.resolve(True)
 
-        key = hexkey(ident.key)
-        self._kv(Change.DELETE, Bucket.SESSIONS, key, rev=held.rev).then(deleted)
+        self._kv(Change.DELETE, Bucket.SESSIONS, hexkey(key), rev=held.rev).then(deleted)
         return outer
 
     def reap(self, ident: Identity) -> None:
@@ -351,8 +351,8 @@ class ClusterRegistry:
                 settings = self.rooms[name] = RoomSettings(name)
                 self.saved[name] = RoomSettings(name)
                 self._kv(Change.CREATE, Bucket.ROOMS, name, b'{"created":false}')
-            if not op_keys <= settings.ops:
-                settings.ops |= op_keys
+            if not op_keys <= settings.operators:
+                settings.operators |= op_keys
                 self.save(settings)
 
     def room_names(self) -> list[str]:
@@ -376,7 +376,7 @@ class ClusterRegistry:
             if not op.value:
                 outer.resolve(False)
                 return
-            self.rooms[settings.name].ops |= settings.ops  # ours: we are its operator
+            self.rooms[settings.name].operators |= settings.operators  # ours: we are its operator
             self.save(self.rooms[settings.name]).then(
                 lambda saved: outer.fail(saved.error) if saved.error else outer.resolve(True)
             )
@@ -400,7 +400,10 @@ class ClusterRegistry:
             put("topic", settings.topic)
         if settings.locked != old.locked:
             put("locked", settings.locked)
-        for kind, new, was in (("op", settings.ops, old.ops), ("ban", settings.bans, old.bans)):
+        for kind, new, was in (
+            ("op", settings.operators, old.operators),
+            ("ban", settings.bans, old.bans),
+        ):
             for key in new - was:
                 put(f"{kind}.{hexkey(key)}", True)
             for key in was - new:
@@ -409,7 +412,7 @@ class ClusterRegistry:
             name,
             settings.topic,
             settings.locked,
-            set(settings.ops),
+            set(settings.operators),
             set(settings.bans),
             settings.created,
         )

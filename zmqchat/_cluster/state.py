@@ -32,7 +32,8 @@ from zmqchat.protocol import Code, ProtocolError, Reply
 
 if TYPE_CHECKING:
     from zmqchat._cluster.bridge import Bridge
-    from zmqchat._core.core import Config, Core
+    from zmqchat._config import Config
+    from zmqchat._core.state import Listener
 
 logger = logging.getLogger("zmqchat.cluster")
 
@@ -59,12 +60,12 @@ def require_nats() -> None:
 
 
 class CoreLink:
-    """Everything the cluster asks of the broker's core, in one place: news from the
-    registry (a nick moved, a room appeared, a push arrived, a dead broker's session to
-    settle) and which sessions are ours."""
+    """Everything the cluster tells the broker's core, in one place (the core's
+    state.Listener, once attached): a nick moved, a room appeared, a push arrived, a dead
+    broker's session to settle; and which sessions are ours."""
 
     def __init__(self) -> None:
-        self.core: Core | None = None
+        self.core: Listener | None = None
 
     def identity_changed(self, key: str, ident: Identity | None) -> None:
         if self.core is not None:
@@ -72,7 +73,7 @@ class CoreLink:
 
     def room_added(self, room: str) -> None:
         if self.core is not None:
-            self.core.add_room(room)
+            self.core.room_added(room)
 
     def routed(self, push: dict[str, Any]) -> None:
         if self.core is not None:
@@ -83,7 +84,7 @@ class CoreLink:
             self.core.reap(ident)
 
     def local_sids(self) -> set[str]:
-        return set(self.core.by_sid) if self.core is not None else set()
+        return set(self.core.local_sids()) if self.core is not None else set()
 
 
 class Cluster:
@@ -92,9 +93,10 @@ class Cluster:
 
     def __init__(self, cfg: Config) -> None:
         require_nats()
-        self.servers = [s.strip() for s in (cfg.cluster or "").split(",") if s.strip()]
+        self.cfg = cfg
+        self.servers = [s.strip() for s in (cfg.cluster_urls or "").split(",") if s.strip()]
         self.namespace, self.replicas = cfg.namespace, cfg.replicas
-        self.rooms, self.operators, self.heartbeat = cfg.rooms, cfg.ops, cfg.heartbeat
+        self.rooms, self.operators, self.heartbeat = cfg.rooms, cfg.operators, cfg.heartbeat
         self.loop = asyncio.new_event_loop()
         self.inbox: deque[list[bytes]] = deque()  # news and answers from the bridge
         self.queue: list[list[bytes]] = []  # commands of this pass, for the bridge
@@ -179,8 +181,12 @@ class Cluster:
         """Run the broker's loop (a coroutine) on this event loop, beside the bridge."""
         self.loop.run_until_complete(serve)
 
-    def attach(self, core: Core) -> None:
+    def attach(self, core: Listener) -> None:
         self.core.core = core
+
+    def commands_pending(self) -> int:
+        """Commands to NATS waiting for an answer (for the metrics)."""
+        return len(self.calls)
 
     def close(self) -> None:
         """Say we stopped (our clients' sessions are for the others to settle) and let go."""

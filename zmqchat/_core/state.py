@@ -18,7 +18,7 @@ claim) returns an `Op` that completes now (locally) or when the cluster has answ
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,23 +75,23 @@ class Op:
 def gather(ops: Iterable[Op]) -> Op:
     """One Op for several: done when all are, with their values in order; fails with the
     first error (after all are done, so nothing is left running behind the caller)."""
-    ops = list(ops)
-    if all(op.done for op in ops):
-        error = next((op.error for op in ops if op.error is not None), None)
-        return Op.failed(error) if error else Op.ready([op.value for op in ops])
+    pending = list(ops)
+    if all(op.done for op in pending):
+        error = next((op.error for op in pending if op.error is not None), None)
+        return Op.failed(error) if error else Op.ready([op.value for op in pending])
     total = Op()
-    left = [len(ops)]
+    left = [len(pending)]
 
     def one_done(_: Op) -> None:
         left[0] -= 1
         if left[0] == 0:
-            error = next((op.error for op in ops if op.error is not None), None)
+            error = next((op.error for op in pending if op.error is not None), None)
             if error is not None:
                 total.fail(error)
             else:
-                total.resolve([op.value for op in ops])
+                total.resolve([op.value for op in pending])
 
-    for op in ops:
+    for op in pending:
         op.then(one_done)
     return total
 
@@ -111,7 +111,7 @@ class Identity:
     sid: str  # the session's id, new at every HELLO
     nick: str
     key: str  # messages.nick_key(nick): the form nicks are compared in
-    token: str  # token_hash() of the client's resume secret ("" without one)
+    token_hash: str  # token_hash() of the client's resume secret ("" without one)
     pubkey: str  # the CURVE key it authenticated with ("" without CURVE)
     bot: bool
     broker: str  # the name of the broker that holds its connection
@@ -123,8 +123,8 @@ class Identity:
         else a hash of the client's resume secret, else the nick."""
         if self.pubkey:
             return "key:" + self.pubkey
-        if self.token:
-            return "tok:" + self.token[:24]
+        if self.token_hash:
+            return "tok:" + self.token_hash[:24]
         return "nick:" + self.key
 
     @property
@@ -151,7 +151,7 @@ class RoomSettings:
     name: str
     topic: str = ""
     locked: bool = False  # only operators set the topic
-    ops: set[str] = field(default_factory=set)  # nick keys
+    operators: set[str] = field(default_factory=set)  # nick keys
     bans: set[str] = field(default_factory=set)  # nick keys
     created: bool = False  # made by /join, not by --rooms
 
@@ -160,7 +160,7 @@ class RoomSettings:
             "name": self.name,
             "topic": self.topic,
             "locked": self.locked,
-            "ops": sorted(self.ops),
+            "ops": sorted(self.operators),
             "bans": sorted(self.bans),
             "created": self.created,
         }
@@ -212,12 +212,14 @@ class RoomLog(Protocol):
         will, before any reply now being made goes out)."""
 
     def append(self, room: str, drafts: list[Draft]) -> Op:
-        """Store events at the end of the room; the Op's value is their numbers. A draft
-        whose cmid is already stored in the room gets the stored number instead."""
+        """Store events at the end of the room; the Op's value is their numbers. The core
+        leaves out the drafts whose ids `known_ids` finds; a cluster may still meet one
+        stored through another broker meanwhile, and gives it its stored number."""
 
     def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
-        """(sender, room, number) of each client message id already stored, else None.
-        (A cluster keeps ids per sender: it finds only those of `owner`.)"""
+        """(sender, room, number) of each of `owner`'s client message ids already stored,
+        else None. Ids are per sender: another sender's message with the same id is not
+        found (a room's number is 0 for a private message)."""
 
     def read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
@@ -291,6 +293,26 @@ class Registry(Protocol):
 
     def bind_nick(self, key: str, pubkey: str) -> Op:
         """Register a nick to a CURVE key, if no key has it; NICK_TAKEN if another has."""
+
+
+class Listener(Protocol):
+    """What the shared state tells the core (in a cluster, news from the other brokers):
+    the core implements it, and a state implementation knows nothing more of the core."""
+
+    def identity_changed(self, key: str, ident: Identity | None) -> None:
+        """A nick moved to another session (resumed elsewhere) or was freed."""
+
+    def room_added(self, name: str) -> None:
+        """A room was made (by /join on another broker)."""
+
+    def routed(self, sid: str, kind: Reply, body: dict[str, Any]) -> None:
+        """A push for one of this broker's sessions, sent by another broker."""
+
+    def reap(self, ident: Identity) -> Op:
+        """A session of a dead broker that did not resume: announce it as lost, once."""
+
+    def local_sids(self) -> Collection[str]:
+        """The ids of the sessions connected to this broker."""
 
 
 class Presence(Protocol):

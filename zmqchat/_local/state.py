@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -54,7 +55,7 @@ class LocalLog:
 
     def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
         find = self.store.find_cmid
-        return {cmid: find(cmid) for cmid in cmids}
+        return {cmid: find(owner, cmid) for cmid in cmids}
 
     def read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
@@ -75,6 +76,15 @@ class LocalLog:
     def privates_to(self, recipient: str, since: float, limit: int) -> Op:
         return Op.ready(self.store.privates_to(recipient, since, limit))
 
+    def lag(self) -> int:
+        """Events logged but not yet in SQLite (-1 if SQLite cannot be read now)."""
+        logged = dict(self.seqs)
+        try:
+            stored = self.store.stored_seqs()
+        except sqlite3.Error:
+            return -1
+        return sum(max(0, seq - stored.get(room, 0)) for room, seq in logged.items())
+
     def follow(self) -> list[Delivery]:
         """Make this pass's appends durable (one write) and hand them over to publish."""
         self.store.commit()
@@ -91,7 +101,7 @@ class LocalRegistry:
     store. Members at the last stop are kept as they were, so their resume-joins are quiet."""
 
     def __init__(
-        self, store: Store, rooms: Iterable[str], ops: Iterable[str], allow_new_rooms: bool
+        self, store: Store, rooms: Iterable[str], operators: Iterable[str], allow_new_rooms: bool
     ) -> None:
         self.store = store
         self.sessions: dict[str, Identity] = {}
@@ -100,10 +110,10 @@ class LocalRegistry:
             self._members.setdefault(name, {})[key] = Member(key, key, "", "")
         saved = {name: RoomSettings.from_json(d) for name, d in store.room_settings().items()}
         self.rooms: dict[str, RoomSettings] = {}
-        op_keys = {m.nick_key(n) for n in ops}
+        op_keys = {m.nick_key(n) for n in operators}
         for name in rooms:
             room = saved.get(name) or RoomSettings(name, topic=store.last_topic(name))
-            room.ops |= op_keys
+            room.operators |= op_keys
             room.created = False
             self.rooms[name] = room
         if allow_new_rooms:  # rooms made by /join in earlier runs

@@ -44,18 +44,23 @@ SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
     room TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, sender TEXT NOT NULL,
     cmid TEXT, data TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS events_cmid ON events (cmid) WHERE cmid IS NOT NULL;
+DROP INDEX IF EXISTS events_cmid;
+CREATE UNIQUE INDEX IF NOT EXISTS events_sender_cmid ON events (sender, cmid)
+    WHERE cmid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_ts ON events (room, ts);
 CREATE TABLE IF NOT EXISTS privates (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
     cmid TEXT, data TEXT NOT NULL, from_key TEXT);
-CREATE UNIQUE INDEX IF NOT EXISTS privates_cmid ON privates (cmid) WHERE cmid IS NOT NULL;
+DROP INDEX IF EXISTS privates_cmid;
+CREATE UNIQUE INDEX IF NOT EXISTS privates_sender_cmid ON privates (sender, cmid)
+    WHERE cmid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS privates_to ON privates (recipient, ts);
 CREATE INDEX IF NOT EXISTS privates_from ON privates (sender, ts);
 CREATE TABLE IF NOT EXISTS nick_keys (nick TEXT PRIMARY KEY, pubkey TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, nick TEXT NOT NULL,
     PRIMARY KEY (room, nick)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, offer TEXT NOT NULL);
 """
 
 # What each record does to SQLite. A room event is ("event", room, seq, ts, sender, cmid,
@@ -69,6 +74,7 @@ SQL: Final = {
     "no_members": "DELETE FROM members",
     "nick": "INSERT OR IGNORE INTO nick_keys VALUES (?,?)",
     "room": "INSERT OR REPLACE INTO rooms VALUES (?,?)",
+    "file": "INSERT OR REPLACE INTO files VALUES (?,?)",  # a file offer (issue 24)
 }
 
 
@@ -371,12 +377,12 @@ class Store:
         self._open_segment()
         self._cmids: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._seen = CmidFilter()
-        for (cmid,) in self.db.execute(
-            "SELECT cmid FROM events WHERE cmid IS NOT NULL "
-            "UNION ALL SELECT cmid FROM privates "
+        for sender, cmid in self.db.execute(
+            "SELECT sender, cmid FROM events WHERE cmid IS NOT NULL "
+            "UNION ALL SELECT sender, cmid FROM privates "
             "WHERE cmid IS NOT NULL"
         ):
-            self._seen.add(cmid)
+            self._seen.add(sender + "\0" + cmid)
 
     def _open(self) -> None:
         self._writer_lock = writer_lock(self.path, OLD_WRITER_WAIT)
@@ -508,6 +514,15 @@ class Store:
         """Each room's highest sequence number, so numbering continues after a restart."""
         return dict(self.db.execute("SELECT room, MAX(seq) FROM events GROUP BY room"))
 
+    def stored_seqs(self) -> dict[str, int]:
+        """Each room's highest number already in SQLite, read on a connection of its own
+        (so any thread may ask): what the writer has applied of the log."""
+        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1)
+        try:
+            return dict(con.execute("SELECT room, MAX(seq) FROM events GROUP BY room"))
+        finally:
+            con.close()
+
     def last_topic(self, room: str) -> str:
         row = self.db.execute(
             'SELECT data FROM events WHERE room=? AND data LIKE \'%"kind":"topic"%\' '
@@ -516,27 +531,29 @@ class Store:
         ).fetchone()
         return json.loads(row[0]).get("text", "") if row else ""
 
-    def find_cmid(self, cmid: str) -> tuple[str, str, int] | None:
-        """(sender, room, seq) of an already stored message with this client id, if any."""
-        hit = self._cmids.get(cmid)
+    def find_cmid(self, sender: str, cmid: str) -> tuple[str, str, int] | None:
+        """(sender, room, seq) of a message already stored with this client id from this
+        sender, if any (ids are per sender: two clients using one id do not collide)."""
+        key = sender + "\0" + cmid
+        hit = self._cmids.get(key)
         if hit is not None:
             return hit
-        if not self._seen.add(cmid):  # certainly new: no query (the common case)
+        if not self._seen.add(key):  # certainly new: no query (the common case)
             return None
         self.sync()
         row = self.db.execute(
-            "SELECT sender, room, seq FROM events WHERE cmid=?", (cmid,)
+            "SELECT sender, room, seq FROM events WHERE sender=? AND cmid=?", (sender, cmid)
         ).fetchone()
         if row is None:
             row = self.db.execute(
-                "SELECT sender, '', id FROM privates WHERE cmid=?", (cmid,)
+                "SELECT sender, '', id FROM privates WHERE sender=? AND cmid=?", (sender, cmid)
             ).fetchone()
         return tuple(row) if row else None
 
-    def _remember(self, cmid: str, value: tuple[str, str, int]) -> None:
+    def _remember(self, key: str, value: tuple[str, str, int]) -> None:
         """Keep a new id at hand (find_cmid, which every id passes first, put it in the
         Bloom filter already: an id that then goes unstored costs only a query later)."""
-        self._cmids[cmid] = value
+        self._cmids[key] = value
         if len(self._cmids) > CMID_CACHE:
             self._cmids.popitem(last=False)
 
@@ -552,7 +569,7 @@ class Store:
             else encode_record(("event", room, seq, ts, sender, cmid, data.decode("utf-8")))
         )
         if cmid:
-            self._remember(cmid, (sender, room, seq))
+            self._remember(sender + "\0" + cmid, (sender, room, seq))
 
     def append_private(
         self, ts: float, sender: str, recipient: str, cmid: str, data: bytes, from_key: str = ""
@@ -564,7 +581,7 @@ class Store:
             encode_record(("private", ts, sender, recipient, cmid, data.decode("utf-8"), from_key))
         )
         self._privates_logged = True
-        self._remember(cmid, (sender, "", 0))
+        self._remember(sender + "\0" + cmid, (sender, "", 0))
 
     def commit(self) -> None:
         """Make everything added so far durable: one write to the log per broker pass."""
@@ -607,6 +624,14 @@ class Store:
 
     def save_room(self, name: str, settings: str) -> None:
         self._lines.append(encode_record(("room", name, settings)))
+
+    # ---------------------------------------------------------------- file offers (issue 24)
+    def file_offers(self) -> list[str]:
+        """Every file offer as last saved (JSON texts)."""
+        return [offer for (offer,) in self.db.execute("SELECT offer FROM files")]
+
+    def save_file(self, fid: str, offer: str) -> None:
+        self._lines.append(encode_record(("file", fid, offer)))
 
     # ---------------------------------------------------------------- CURVE nick owners
     def nick_owner(self, nick_key: str) -> str | None:

@@ -18,6 +18,24 @@ def event(logger: logging.Logger, name: str, **fields: Any) -> None:
         logger.info(name, extra={"fields": fields})
 
 
+class Throttle:
+    """At most `per_second` lines in any one-second window; counts the ones held back."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second, self.window, self.lines, self.held = per_second, -1.0, 0, 0
+
+    def allow(self, now: float) -> int | None:
+        """None: do not log this one; else how many were held back since the last line."""
+        if now >= self.window + 1.0:
+            self.window, self.lines = now, 0
+        if self.lines >= self.per_second:
+            self.held += 1
+            return None
+        self.lines += 1
+        held, self.held = self.held, 0
+        return held
+
+
 def clip(value: Any) -> Any:
     """A value as it may be logged: strings cut to MAX_FIELD characters."""
     if isinstance(value, bytes):

@@ -6,16 +6,22 @@ import argparse
 import os
 import signal
 import sys
+from typing import Final
 
 import zmq
 import zmq.auth
 
 from zmqchat import protocol as m
-from zmqchat._core.core import DEFAULT_ROOMS, Config
+from zmqchat._config import DEFAULT_ROOMS, Config
+from zmqchat._core.files_state import FileRules
 from zmqchat._local.store import StoreError
 from zmqchat._ops import logs
+from zmqchat._usage import Parser
 from zmqchat.broker._loop import Broker
+from zmqchat.broker._preflight import preflight
 from zmqchat.protocol import ProtocolError
+
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def name_arg(text: str) -> str:
@@ -25,86 +31,223 @@ def name_arg(text: str) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="ZeroMQ chat broker")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for a LAN)")
-    p.add_argument("--port", type=int, default=9001, help="command (ROUTER) port")
-    p.add_argument("--pub-port", type=int, default=9002, help="room traffic (XPUB) port")
-    p.add_argument("--rooms", default=",".join(DEFAULT_ROOMS), help="comma-separated rooms")
-    p.add_argument("--allow-new-rooms", action="store_true", help="let /join create rooms")
-    p.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval, seconds")
-    p.add_argument("--db", default="chat.db", help="SQLite history file (default ./chat.db)")
-    p.add_argument("--fsync", action="store_true", help="fsync every commit (power-loss safe)")
-    p.add_argument("--motd", help="file whose text replaces the welcome banner")
-    p.add_argument("--ops", default="", help="comma-separated operator nicks for the rooms")
-    p.add_argument("--rate", type=float, default=5.0, help="messages per second per client")
-    p.add_argument("--burst", type=int, default=20, help="messages a client may send at once")
-    p.add_argument("--gen-keys", metavar="DIR", help="write a CURVE key pair to DIR and exit")
-    p.add_argument("--curve-key", metavar="FILE", help="serve only CURVE, with this secret key")
-    p.add_argument("--allow-keys", metavar="DIR", help="with --curve-key: only these clients")
-    p.add_argument(
-        "--log-level",
-        default="WARNING",
-        help="DEBUG, INFO (a line per connection event), WARNING or ERROR",
+def size_arg(text: str) -> int:
+    """A number of bytes: 1048576, 100M, 2G, 512K (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    scale = units.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if t[-1:] in units else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size, like 100M, 2G or 512K") from None
+    if not 0 <= n * scale <= m.MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r}: from 0 to 1T")
+    return int(n * scale)
+
+
+def parser() -> Parser:
+    """The broker's flags, in the README's three tables (tests/test_readme.py checks them)."""
+    p = Parser("zmqchat.broker", "ZeroMQ chat broker")
+    flag = p.table()
+    flag(
+        "--host",
+        default=Config.host,
+        metavar="HOST",
+        help="address to bind; `0.0.0.0` serves a LAN",
     )
-    p.add_argument(
+    flag("--port", type=int, default=Config.port, metavar="N", help="the command (ROUTER) port")
+    flag(
+        "--pub-port",
+        type=int,
+        default=Config.pub_port,
+        metavar="N",
+        help="the room-traffic (XPUB) port",
+    )
+    flag("--rooms", default=",".join(DEFAULT_ROOMS), metavar="a,b,c", help="the fixed rooms")
+    flag(
+        "--allow-new-rooms",
+        action="store_true",
+        help="`/join` may create a room; its creator is its operator",
+    )
+    flag(
+        "--ops",
+        default="",
+        metavar="NICK,...",
+        help="operators of the fixed rooms (`/kick`, `/ban`, topic lock)",
+    )
+    flag(
+        "--heartbeat",
+        type=float,
+        default=Config.heartbeat,
+        metavar="S",
+        help="heartbeat interval in seconds; a client silent for 3 intervals is dropped",
+    )
+    flag(
+        "--db",
+        default=Config.db,
+        metavar="PATH",
+        shown="`chat.db` in the directory you start it from",
+        help="the SQLite history file (WAL mode), with its log `PATH-log.NNNNNN` beside it",
+    )
+    flag(
+        "--fsync",
+        action="store_true",
+        help="fdatasync the log before each acknowledgement: survives power loss, not only "
+        "a crash (its cost: [bench/README.md](bench/README.md))",
+    )
+    flag(
+        "--motd",
+        metavar="FILE",
+        shown="the built-in banner",
+        help="a text that replaces the built-in ASCII-art banner",
+    )
+    flag(
+        "--rate",
+        type=float,
+        default=Config.rate,
+        metavar="N",
+        help="messages per second per client (0 = unlimited)",
+    )
+    flag(
+        "--burst",
+        type=int,
+        default=Config.burst,
+        metavar="N",
+        help="messages a client may send at once",
+    )
+    flag(
+        "--gen-keys",
+        metavar="DIR",
+        shown="",
+        help="write a CURVE key pair to DIR (`broker.key`, `broker.key_secret`) and exit "
+        "(see Security)",
+    )
+    flag(
+        "--curve-key",
+        metavar="FILE",
+        shown="no encryption",
+        help="serve only encrypted, authenticated connections (CURVE), with this secret key",
+    )
+    flag(
+        "--allow-keys",
+        metavar="DIR",
+        shown="any client key",
+        help="with `--curve-key`: only the client public keys in DIR get in",
+    )
+    flag(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        shown="`WARNING`, or `INFO` with `--log-format json`",
+        help="`DEBUG`, `INFO` (a line per connection event: hello, quit, lost, replaced, "
+        "kicked, ...; and per malformed request, at most 10 a second), `WARNING`, `ERROR`",
+    )
+    flag(
         "--log-format",
         choices=("text", "json"),
         default="text",
-        help="log lines as text, or one JSON object each for log shippers",
+        metavar="FORMAT",
+        help="`text`, or `json`: one JSON object a line, for log shippers; what a client "
+        "sent is escaped and cut to 200 characters either way",
     )
-    p.add_argument(
+    flag(
         "--metrics-port",
         type=int,
         metavar="N",
-        help="serve Prometheus metrics on http://HOST:N/metrics (off by default)",
+        shown="off",
+        help="serve Prometheus metrics on `http://HOST:N/metrics` (see Metrics)",
     )
-    c = p.add_argument_group("several brokers (see README: Several brokers)")
-    c.add_argument(
+    flag = p.table("files (see the README: Files)")
+    flag(
+        "--max-file-size",
+        type=size_arg,
+        default=FileRules.max_size,
+        metavar="SIZE",
+        shown="`100M`",
+        help="the largest file a client may send (`100M`, `2G`, bytes)",
+    )
+    flag(
+        "--max-file-bytes-per-day",
+        type=size_arg,
+        default=FileRules.daily,
+        metavar="SIZE",
+        shown="`2G`",
+        help="what one sender may send in 24 hours",
+    )
+    flag(
+        "--keep-free",
+        type=size_arg,
+        default=FileRules.keep_free,
+        metavar="SIZE",
+        shown="`1G`",
+        help="free disk space that uploads never take",
+    )
+    flag(
+        "--upload-grace",
+        type=float,
+        default=FileRules.grace,
+        metavar="S",
+        help="how long an unfinished upload is kept for a resume, in seconds",
+    )
+    flag(
+        "--files-dir",
+        metavar="DIR",
+        shown="`DB-files` beside `--db`",
+        help="where file contents are kept",
+    )
+    flag = p.table("several brokers (see the README: Several brokers)")
+    flag(
         "--cluster",
         metavar="URLS",
-        help="NATS servers, comma-separated (nats://h1:4222,...): serve the same "
-        "rooms as every broker on that NATS JetStream cluster (no --db then)",
+        shown="off: one broker with SQLite",
+        help="NATS servers, comma-separated (`nats://h1:4222,...`; any of them will do: the "
+        "others are found): serve the same rooms as every broker of that NATS JetStream "
+        "cluster (no `--db` then)",
     )
-    c.add_argument(
+    flag(
         "--name",
         type=name_arg,
-        default=None,
-        help="this broker's name in the cluster, logs and welcome (default: host-port)",
+        metavar="NAME",
+        shown="this machine's name and the command port: `lab-9001`",
+        help="this broker's name (logs, the welcome, other brokers' view)",
     )
-    c.add_argument(
+    flag(
         "--replicas",
         type=int,
-        default=0,
-        help="copies of each room's history in the cluster (default 3, or fewer "
-        "if the cluster is smaller)",
+        default=Config.replicas,
+        metavar="N",
+        shown="3 on a NATS cluster (one of 2 nodes needs `--replicas 2`), 1 on a single server",
+        help="copies of each room's history and of the registry",
     )
-    c.add_argument(
+    flag(
         "--namespace",
         type=name_arg,
-        default="zmqchat",
-        help="prefix of the streams and buckets in NATS (several chats on one NATS)",
+        default=Config.namespace,
+        metavar="NS",
+        help="prefix of the streams and buckets this chat makes, so several chats can share "
+        "one NATS",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
-    logs.setup(a.log_level, a.log_format)
+    say = Say(p.prog)
+    # JSON logs are for a log shipper, which wants the connection events: INFO unless told.
+    logs.setup(a.log_level or ("INFO" if a.log_format == "json" else "WARNING"), a.log_format)
     if a.gen_keys:
-        if os.path.exists(os.path.join(a.gen_keys, "broker.key_secret")):
-            print(
-                f"broker: {a.gen_keys} already holds a broker key pair; clients trust its "
-                f"public key, so it is kept (remove it first to make a new one)",
-                file=sys.stderr,
-            )
-            return 2
-        os.makedirs(a.gen_keys, exist_ok=True)
-        public, secret = zmq.auth.create_certificates(a.gen_keys, "broker")
-        os.chmod(secret, 0o600)
-        print(f"wrote {public} (give to clients: --server-key) and {secret} (keep secret)")
-        return 0
+        return gen_keys(a.gen_keys, say)
     try:
         rooms = tuple(m.check_room(r.strip()) for r in a.rooms.split(",") if r.strip())
     except ProtocolError as err:
-        print(f"broker: --rooms: {err.reason}", file=sys.stderr)
-        return 2
+        return say(2, f"--rooms: {err.reason}")
+    if a.rate > 0 and a.burst < 1:
+        return say(2, "--burst: at least 1 (with --rate 0, nobody is limited)")
+    problem = preflight(a)  # before anything is created: a failed start leaves no files
+    if problem:
+        return say(1, problem)
     cfg = Config(
         host=a.host,
         port=a.port,
@@ -115,31 +258,27 @@ def main(argv: list[str] | None = None) -> int:
         db=a.db,
         fsync=a.fsync,
         motd=a.motd,
-        ops=tuple(n for n in a.ops.split(",") if n),
+        operators=tuple(n for n in a.ops.split(",") if n),
         rate=a.rate,
         burst=a.burst,
         curve_key=a.curve_key,
         allow_keys=a.allow_keys,
         name=a.name or "",
-        cluster=a.cluster,
+        cluster_urls=a.cluster,
         replicas=a.replicas,
         namespace=a.namespace,
         metrics_port=a.metrics_port,
+        files=FileRules(a.max_file_size, a.max_file_bytes_per_day, a.keep_free, a.upload_grace),
+        files_dir=a.files_dir,
     )
     try:
         broker = Broker(cfg)
     except StoreError as err:
-        print(f"broker: cannot use the history database: {err}", file=sys.stderr)
-        return 4
+        return say(4, f"cannot use the history database: {err}")
     except zmq.ZMQError as err:
-        print(
-            f"broker: cannot bind on {a.host} (ports {a.port}, {a.pub_port}): {err}",
-            file=sys.stderr,
-        )
-        return 1
+        return say(1, f"cannot bind on {a.host} (ports {a.port}, {a.pub_port}): {err}")
     except OSError as err:
-        print(f"broker: {err}", file=sys.stderr)
-        return 1
+        return say(1, str(err))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: broker.stop())
     print(
@@ -147,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         f"tcp://{a.host}:{broker.pub_port} (rooms)",
         flush=True,
     )
-    if cfg.cluster:
-        print(f"In the cluster at {cfg.cluster} as {broker.name}", flush=True)
+    if cfg.cluster_urls:
+        print(f"In the cluster at {cfg.cluster_urls} as {broker.name}", flush=True)
     if cfg.metrics_port is not None:
         print(f"Metrics on http://{a.host}:{cfg.metrics_port}/metrics", flush=True)
     if cfg.curve_key:
@@ -158,4 +297,30 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     broker.run()
+    return 0
+
+
+class Say:
+    """A start error on stderr, under the program's name as the user ran it; its status."""
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def __call__(self, status: int, text: str) -> int:
+        print(f"{self.prog}: {text}", file=sys.stderr, flush=True)
+        return status
+
+
+def gen_keys(folder: str, say: Say) -> int:
+    """--gen-keys DIR: a new key pair, never over an existing one."""
+    if os.path.exists(os.path.join(folder, "broker.key_secret")):
+        return say(
+            2,
+            f"{folder} already holds a broker key pair; clients trust its public key, so it "
+            f"is kept (remove it first to make a new one)",
+        )
+    os.makedirs(folder, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(folder, "broker")
+    os.chmod(secret, 0o600)
+    print(f"wrote {public} (give to clients: --server-key) and {secret} (keep secret)")
     return 0

@@ -1,0 +1,82 @@
+"""Files as a person and a script use them (issue 24): client.py in a terminal and with
+--json, against a broker process."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from cli_helpers import joined, watcher
+
+from conftest import wait_for
+
+CTRL_C = "\x03"
+
+
+def test_send_list_and_get_from_the_terminal_and_a_script(chat, tmp_path):
+    """In a terminal /send takes a path with spaces and says the id; a --json script sees the
+    offer as an event, /get saves it into --downloads and says where; /files lists it."""
+    folder = tmp_path / "my docs"
+    folder.mkdir()
+    src = folder / "notes v1.txt"
+    src.write_bytes(os.urandom(300_000))
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    w = watcher(chat, "bob", "--downloads", str(downloads))
+    t = chat("terminal", "-u", "alice")
+    t.ready()
+    joined(w, "alice")
+    t.type(f"/send {src}\r")
+    offer = w.wait_event(lambda e: e["kind"] == "file", "the offer")
+    assert offer["nick"] == "alice" and offer["name"] == "notes v1.txt"
+    assert offer["size"] == 300_000 and f"/get {offer['file']}" in offer["text"]
+    t.expect(f"sent notes v1.txt (293.0 KB) to lobby: id {offer['file']}")
+    w.send(f"/get {offer['file']}")
+    saved = w.wait_event(lambda e: e["kind"] == "saved", "saved")
+    assert saved["path"] == str(downloads / "notes v1.txt")
+    assert (downloads / "notes v1.txt").read_bytes() == src.read_bytes()
+    t.type("/files\r")
+    t.expect(f"{offer['file']}  notes v1.txt  293.0 KB  from alice")
+    w.send("/files")
+    listed = w.wait_event(lambda e: e["kind"] == "files", "the list")
+    assert [f["file"] for f in listed["files"]] == [offer["file"]]
+
+
+def test_script_sends_a_file_and_finishes_it_before_leaving(chat, tmp_path):
+    """A --json script's /send followed by the end of its input: the upload completes
+    first, then the script exits 0; a private /send @NICK reaches only that person."""
+    src = tmp_path / "report.csv"
+    src.write_text("a,b\n1,2\n")
+    bob = watcher(chat, "bob")
+    carol = watcher(chat, "carol")
+    s = chat("script", "--json", "-u", "deploybot")
+    joined(bob, "deploybot")
+    s.send(f"/send @bob {src}", f"/send {src}")
+    assert s.end_input(10) == 0
+    private = bob.wait_event(lambda e: e["kind"] == "file" and e.get("to"), "the private file")
+    assert private["name"] == "report.csv" and private["nick"] == "deploybot"
+    carol.wait_event(lambda e: e["kind"] == "file", "the room's file")
+    assert not [e for e in carol.events() if e["kind"] == "file" and e.get("to")]
+
+
+def test_ctrl_c_cancels_a_transfer_not_the_client(chat, tmp_path):
+    """A transfer stuck (its broker paused) shows in the toolbar; Ctrl+C cancels it and the
+    chat goes on; a second Ctrl+C, with nothing under way, leaves."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(100_000))
+    t = chat("terminal", "-u", "alice")
+    t.ready()
+    broker = chat.broker.proc
+    broker.send_signal(signal.SIGSTOP)
+    try:
+        t.type(f"/send {src}\r")
+        t.expect("sending big.bin")
+        t.type(CTRL_C)
+        t.expect("cancelled sending big.bin")
+    finally:
+        broker.send_signal(signal.SIGCONT)
+    t.type("still here\r")
+    t.expect("<alice> still here", timeout=10)
+    assert t.proc.poll() is None
+    t.type(CTRL_C)
+    wait_for(lambda: t.proc.poll() is not None, 10, "the client to leave")

@@ -1,0 +1,300 @@
+"""The state interfaces' contract (zmqchat._core.state), run against both implementations:
+one broker (memory and a real SQLite store) and a cluster (NATS JetStream, on the session's
+3-node cluster). Where the interface promises the same, both must behave the same: the
+core never learns which one it has.
+
+A feature that adds shared state adds its promises here, for both."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from zmqchat import protocol as m
+from zmqchat._config import Config
+from zmqchat._core.state import (
+    Delivery,
+    Draft,
+    Identity,
+    Member,
+    Op,
+    Registry,
+    RoomLog,
+    RoomSettings,
+)
+from zmqchat.protocol import Code, EventKind, ProtocolError
+
+ROOMS = ("lobby", "work")
+
+
+@dataclass
+class State:
+    """One implementation, and how to wait for what it does."""
+
+    log: RoomLog
+    registry: Registry
+    settle: Any  # settle(op) -> op's value, or raises its error
+    follow: Any  # follow() -> the deliveries that have become durable (waits for some)
+    broker: str
+
+
+def _local(tmp_path) -> Iterator[State]:
+    from zmqchat._local.state import LocalLog, LocalRegistry
+    from zmqchat._local.store import Store
+
+    store = Store(str(tmp_path / "chat.db"))
+    log = LocalLog(store)
+    registry = LocalRegistry(store, ROOMS, ("boss",), False)
+
+    def settle(op: Op) -> Any:
+        assert op.done, "one broker answers at once"
+        if op.error is not None:
+            raise op.error
+        return op.value
+
+    try:
+        yield State(log, registry, settle, log.follow, "b1")
+    finally:
+        store.close()
+
+
+def _cluster(nats_nodes) -> Iterator[State]:
+    from scripts.nats_local import delete_namespace
+    from zmqchat._cluster.state import Cluster
+
+    namespace = "c" + secrets.token_hex(4)
+    cfg = Config(
+        cluster_urls=nats_nodes.urls,
+        namespace=namespace,
+        rooms=ROOMS,
+        operators=("boss",),
+        heartbeat=0.5,
+    )
+    cluster = Cluster(cfg)
+    cluster.start("b1")
+
+    def run_until(done: Any, timeout: float = 10.0) -> None:
+        async def go() -> None:
+            deadline = time.monotonic() + timeout
+            while not done():
+                assert time.monotonic() < deadline, "the cluster did not answer in time"
+                cluster.send_pending()
+                await cluster.wait(0.05)
+                cluster.drain()
+
+        cluster.loop.run_until_complete(go())
+
+    def settle(op: Op) -> Any:
+        run_until(lambda: op.done)
+        if op.error is not None:
+            raise op.error
+        return op.value
+
+    def follow() -> list[Delivery]:
+        out: list[Delivery] = []
+        run_until(lambda: bool(out.extend(cluster.log.follow()) or out))
+        return out
+
+    try:
+        yield State(cluster.log, cluster.registry, settle, follow, "b1")
+    finally:
+        cluster.close()
+        delete_namespace(nats_nodes.urls, namespace)
+
+
+@pytest.fixture(params=["one broker", "cluster"])
+def state(request, tmp_path) -> Iterator[State]:
+    if request.param == "one broker":
+        yield from _local(tmp_path)
+    else:
+        yield from _cluster(request.getfixturevalue("nats_nodes"))
+
+
+def draft(text: str, owner: str = "nick:ann", cmid: str | None = None, **kw: Any) -> Draft:
+    return Draft(kw.pop("kind", EventKind.MSG), "ann", text, owner, cmid, kw or None)
+
+
+def ident(nick: str, sid: str, broker: str = "b1") -> Identity:
+    return Identity(sid, nick, m.nick_key(nick), "", "", False, broker)
+
+
+# ---------------------------------------------------------------------------- the room log
+
+
+def test_appends_are_numbered_in_order_and_delivered_once(state):
+    """A room's events get the numbers after its last one, in order, and become durable
+    deliveries of that room in that order; the departures among them are named."""
+    first = state.log.last("lobby") + 1
+    seqs = state.settle(
+        state.log.append("lobby", [draft("one"), draft("bye", kind=EventKind.LEAVE), draft("two")])
+    )
+    assert seqs == [first, first + 1, first + 2]
+    (delivery,) = [d for d in state.follow() if d.room == "lobby"]
+    assert delivery.first == first
+    assert [json.loads(e)["text"] for e in delivery.events] == ["one", "bye", "two"]
+    assert [json.loads(e)["seq"] for e in delivery.events] == seqs
+    assert delivery.departures == [first + 1]
+    assert state.log.last("lobby") == first + 2
+
+
+def test_message_ids_are_per_sender(state):
+    """A stored client message id is known for its sender, with its room and number; the
+    same id from another sender is not theirs (ids never collide across senders)."""
+    (seq,) = state.settle(state.log.append("work", [draft("hi", "nick:ann", "id-1")]))
+    state.follow()
+    assert state.log.known_ids("nick:ann", ["id-1", "id-2"]) == {
+        "id-1": ("nick:ann", "work", seq),
+        "id-2": None,
+    }
+    assert state.log.known_ids("nick:bob", ["id-1"]) == {"id-1": None}
+    (other,) = state.settle(state.log.append("work", [draft("mine too", "nick:bob", "id-1")]))
+    state.follow()
+    assert other == seq + 1
+    assert state.log.known_ids("nick:bob", ["id-1"]) == {"id-1": ("nick:bob", "work", other)}
+
+
+def test_history_reads_after_before_and_the_latest(state):
+    """read() gives the first `limit` after a number, the last `limit` before one, or the
+    latest `limit`, oldest first, as JSON texts."""
+    state.settle(state.log.append("work", [draft(f"m{i}") for i in range(1, 8)]))
+    state.follow()
+
+    def texts(**q: Any) -> list[str]:
+        base = {"after": None, "before": None, "since": None}
+        return [json.loads(t)["text"] for t in state.settle(state.log.read("work", **base | q))]
+
+    assert texts(limit=3) == ["m5", "m6", "m7"]
+    assert texts(after=2, limit=2) == ["m3", "m4"]
+    assert texts(before=3, limit=5) == ["m1", "m2"]
+    assert texts(after=7, limit=5) == []
+
+
+def test_private_messages_reach_their_recipient_and_both_parties_history(state):
+    """A private message is kept for its recipient (replay) and in the conversation of its
+    two parties, seen from either side; its id is known for its sender."""
+    ann, bob = ident("ann", "s1"), ident("bob", "s2")
+    for i, (frm, to) in enumerate([(ann, bob), (bob, ann), (ann, bob)]):
+        ts = time.time()
+        event = {"kind": "private", "nick": frm.nick, "to": to.nick, "text": f"p{i}", "ts": ts}
+        state.settle(
+            state.log.append_private(
+                ts, frm.owner, to.recipient, f"pid-{i}", m.dumps(event), frm.key
+            )
+        )
+    got = state.settle(state.log.privates_to(bob.recipient, 0.0, 10))
+    assert [json.loads(t)["text"] for t in got] == ["p0", "p2"]
+    for me, peer in ((ann, bob), (bob, ann)):
+        talk = state.settle(state.log.conversation(me.owner, peer.key, None, 10))
+        assert [json.loads(t)["text"] for t in talk] == ["p0", "p1", "p2"]
+    assert state.log.known_ids(ann.owner, ["pid-0"])["pid-0"] is not None
+    assert state.log.known_ids(bob.owner, ["pid-0"])["pid-0"] is None
+
+
+# ---------------------------------------------------------------------------- the registry
+
+
+def test_a_nick_is_held_by_one_session_and_taken_over_only_by_its_own(state):
+    """A claimed nick is held; another session's claim fails with NICK_TAKEN (in any case);
+    the same client's new session takes it over; a release frees it. (Reads answer from
+    what the broker holds: after a change, a catch-up makes it hold everything stored.)"""
+    reg = state.registry
+    first = ident("ann", "s1")
+    state.settle(reg.claim(first, None))
+    state.settle(reg.catch_up())
+    assert reg.holder(first.key).sid == "s1"
+    with pytest.raises(ProtocolError) as err:
+        state.settle(reg.claim(ident("ANN", "s2"), None))
+        state.settle(reg.catch_up())
+    assert err.value.code is Code.NICK_TAKEN
+    second = ident("ann", "s3")
+    state.settle(reg.claim(second, first))
+    state.settle(reg.catch_up())
+    assert reg.holder(first.key).sid == "s3"
+    state.settle(reg.release(first))
+    state.settle(reg.catch_up())  # the old session's release frees nothing
+    assert reg.holder(first.key).sid == "s3"
+    state.settle(reg.release(second))
+    state.settle(reg.catch_up())
+    assert reg.holder(first.key) is None
+
+
+def test_a_rename_moves_the_nick_and_its_memberships(state):
+    """After rename the session holds the new nick, the old one is free, and its rooms
+    list it under the new nick."""
+    reg = state.registry
+    ann = ident("ann", "s1")
+    state.settle(reg.claim(ann, None))
+    state.settle(reg.catch_up())
+    state.settle(reg.add_member("lobby", Member("ann", ann.key, "s1", "b1")))
+    state.settle(reg.catch_up())
+    state.settle(reg.rename(ann, "anna", m.nick_key("anna")))
+    state.settle(reg.catch_up())
+    assert reg.holder(m.nick_key("ann")) is None
+    assert reg.holder(m.nick_key("anna")).sid == "s1"
+    assert [mem.nick for mem in reg.members("lobby").values()] == ["anna"]
+
+
+def test_a_member_is_removed_only_by_the_session_that_holds_it(state):
+    """remove_member with a session id removes the member only if that session put it
+    there; without one, it removes whoever it is."""
+    reg = state.registry
+    state.settle(reg.add_member("work", Member("ann", "ann", "s1", "b1")))
+    state.settle(reg.catch_up())
+    state.settle(reg.remove_member("work", "ann", "s-other"))
+    state.settle(reg.catch_up())
+    assert "ann" in reg.members("work")
+    state.settle(reg.remove_member("work", "ann", "s1"))
+    state.settle(reg.catch_up())
+    assert "ann" not in reg.members("work")
+
+
+def test_rooms_and_their_settings(state):
+    """The configured rooms exist with their operators; a room is created once; changed
+    settings are kept."""
+    reg = state.registry
+    assert set(ROOMS) <= set(reg.room_names())
+    assert reg.settings("lobby").operators == {"boss"}
+    made = RoomSettings("den", operators={"ann"}, created=True)
+    assert state.settle(reg.create_room(made)) is True
+    assert state.settle(reg.create_room(RoomSettings("den"))) is False
+    settings = reg.settings("den")
+    settings.topic, settings.locked = "plans", True
+    settings.bans.add("bob")
+    state.settle(reg.save(settings))
+    state.settle(reg.catch_up())
+    kept = reg.settings("den")
+    assert (kept.topic, kept.locked, kept.bans, kept.operators) == (
+        "plans",
+        True,
+        {"bob"},
+        {"ann"},
+    )
+
+
+def test_a_nick_is_bound_to_the_first_key(state):
+    """bind_nick registers a nick to a CURVE key; nick_owner tells which."""
+    reg = state.registry
+    assert reg.nick_owner("ann") is None
+    state.settle(reg.bind_nick("ann", "KEY-A"))
+    state.settle(reg.catch_up())
+    assert reg.nick_owner("ann") == "KEY-A"
+
+
+def test_identities_list_every_held_session(state):
+    """identities() lists the sessions that hold nicks, and only those."""
+    reg = state.registry
+    a, b = ident("ann", "s1"), ident("bob", "s2")
+    state.settle(reg.claim(a, None))
+    state.settle(reg.catch_up())
+    state.settle(reg.claim(b, None))
+    state.settle(reg.catch_up())
+    assert {i.nick for i in reg.identities()} == {"ann", "bob"}
+    state.settle(reg.release(a))
+    state.settle(reg.catch_up())
+    assert {i.nick for i in reg.identities()} == {"bob"}

@@ -1,0 +1,182 @@
+"""The commands about a person rather than a room: HELLO (and its resume), NICK, a private
+message (PRIV), PING and BYE."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Generator
+from typing import Any, Final
+
+from zmqchat import protocol as m
+from zmqchat._core.base import MIN_REPLAY_TOKEN, CoreBase, Handler
+from zmqchat._core.session import Session
+from zmqchat._core.state import Draft, Identity, Op, gather, token_hash
+from zmqchat._ops.logs import event as log_event
+from zmqchat.protocol import Code, EventKind, Kind, ProtocolError, Reply, Why
+
+log = logging.getLogger("zmqchat.broker")
+
+REPLAY_WINDOW: Final = 600  # seconds back a resuming client may be sent private messages again
+
+
+class Sessions(CoreBase):
+    def handler_table(self) -> dict[Kind, Handler]:
+        return {
+            **super().handler_table(),
+            Kind.NICK: self._on_nick,
+            Kind.PRIV: self._on_priv,
+            Kind.PING: self._on_ping,
+            Kind.BYE: self._on_bye,
+        }
+
+    def _on_hello(
+        self, rid: bytes, session: Session | None, req: m.Request, pubkey: str = ""
+    ) -> Generator[Op, Any, dict[str, Any]]:
+        if session is not None:
+            raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {session.nick}")
+        nick, b = req.body["nick"], req.body
+        key = m.nick_key(nick)
+        yield self.registry.catch_up()  # a nick freed or taken on another broker just now
+        if self.rules.keys_required:
+            owner = self.registry.nick_owner(key)
+            if owner is not None and owner != pubkey:
+                raise ProtocolError(Code.NICK_TAKEN, f"the nickname {nick} belongs to another key")
+        holder = self.registry.holder(key)
+        hashed = token_hash(b["token"])
+        if holder is not None and not (
+            b["resume"] and hashed and hmac.compare_digest(holder.token_hash, hashed)
+        ):
+            raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
+        ident = Identity(self.tokens(8), nick, key, hashed, pubkey, b["bot"], self.name)
+        replayable = bool(pubkey) or len(b["token"]) >= MIN_REPLAY_TOKEN
+        missed: list[dict[str, Any]] = []
+        if b["resume"] and b["privates_since"] is not None and replayable:
+            missed = yield from self._missed_privates(ident, b["privates_since"])
+        if self.rules.keys_required:
+            yield self.registry.bind_nick(key, pubkey)
+        yield self.registry.claim(ident, holder)
+        if rid in self.by_rid:  # this connection said HELLO twice at once: the first won
+            self.registry.release(ident)
+            raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {self.by_rid[rid].nick}")
+        old = self.by_sid.get(holder.sid) if holder is not None else None
+        if old is not None:  # the same client, back on a new connection
+            self._drop_quietly(old)
+        now = self.clock.monotonic()
+        s = Session(rid, ident, self._bucket(now), now, replayable)
+        self.by_rid[rid], self.by_sid[ident.sid] = s, s
+        log_event(
+            log,
+            "hello",
+            nick=nick,
+            sid=ident.sid,
+            resume=b["resume"],
+            bot=b["bot"],
+            curve=bool(pubkey),
+        )
+        for event in missed:
+            self._push(s, Reply.PRIVATE, {"event": event})
+        return {
+            "nick": nick,
+            "version": m.VERSION,
+            "pub_port": self.pub_port,
+            "motd": self.motd,
+            "rooms": list(self.rooms),
+            "heartbeat": self.rules.heartbeat,
+            "rate": self.rules.rate,
+            "burst": self.rules.burst,
+            "broker": self.name,
+            "max_text": m.MAX_TEXT,
+            "max_batch": m.MAX_BATCH,
+            "time": self.clock.time(),
+        }
+
+    def _missed_privates(
+        self, ident: Identity, since: float
+    ) -> Generator[Op, Any, list[dict[str, Any]]]:
+        """For a resume: the private messages to this client at or after `since` (one may
+        have gone to its old connection as it died). Only those sent to the identity it
+        proves (a CURVE key, or a resume token of MIN_REPLAY_TOKEN characters or more; a nick
+        proves nothing) under the nick it has now, in the last REPLAY_WINDOW seconds: the
+        latest m.MAX_HISTORY of them. Read before the HELLO changes anything."""
+        since = max(since, self.clock.time() - REPLAY_WINDOW)
+        try:
+            stored = yield self.room_log.privates_to(ident.recipient, since, m.MAX_HISTORY)
+        except Exception as exc:  # the client still gets in; only this replay is missing
+            log.error("private messages for %s not read: %s", ident.nick, exc)
+            return []
+        return [json.loads(data) for data in stored]
+
+    def _on_nick(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        new = req.body["nick"]
+        key = m.nick_key(new)
+        yield self.registry.catch_up()
+        holder = self.registry.holder(key)
+        if holder is not None and holder.sid != s.sid:
+            raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
+        if self.rules.keys_required:
+            owner = self.registry.nick_owner(key)
+            if owner is not None and owner != s.ident.pubkey:
+                raise ProtocolError(Code.NICK_TAKEN, f"the nickname {new} belongs to another key")
+            yield self.registry.bind_nick(key, s.ident.pubkey)
+        old = s.nick
+        if old == new:
+            return {"nick": new}
+        yield self.registry.rename(s.ident, new, key)
+        s.ident.nick, s.ident.key = new, key
+        yield gather(
+            self._store(
+                name,
+                [
+                    Draft(
+                        EventKind.NICK,
+                        old,
+                        f"{old} is now known as {new}",
+                        m.nick_key(old),
+                        None,
+                        {"new": new},
+                    )
+                ],
+            )
+            for name in sorted(s.rooms)
+        )
+        return {"nick": new, "old": old}
+
+    def _on_priv(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        b = req.body
+        target = self.registry.holder(m.nick_key(b["to"]))
+        if target is None:  # connected just now on another broker?
+            yield self.registry.catch_up()
+            target = self.registry.holder(m.nick_key(b["to"]))
+        if target is None:
+            raise ProtocolError(Code.NO_SUCH_NICK, f"nobody called {b['to']} is connected")
+        if self.room_log.known_ids(s.ident.owner, [b["id"]])[b["id"]] is not None:
+            return {"to": target.nick, "id": b["id"], "duplicate": True}  # a retry
+        self._charge(s, 1)
+        ts = self.clock.time()
+        event = {
+            "kind": "private",
+            "nick": s.nick,
+            "to": target.nick,
+            "text": b["text"],
+            "ts": ts,
+            "cmid": b["id"],
+            "bot": s.ident.bot,
+        }
+        if b["hops"] is not None:
+            event["hops"] = b["hops"]
+        yield self.room_log.append_private(
+            ts, s.ident.owner, target.recipient, b["id"], m.dumps(event), s.key
+        )
+        self.push_to(target, Reply.PRIVATE, {"event": event})
+        return {"to": target.nick, "id": b["id"], "event": event}
+
+    def _on_ping(self, s: Session, req: m.Request) -> dict[str, Any]:
+        last = self.room_log.last
+        return {"rooms": {name: last(name) for name in s.rooms}}
+
+    def _on_bye(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
+        log_event(log, "quit", nick=s.nick, sid=s.sid, reason=req.body["reason"] or "")
+        yield self._drop(s, Why.QUIT, req.body["reason"] or "")
+        return {"bye": s.nick}

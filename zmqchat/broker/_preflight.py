@@ -1,0 +1,95 @@
+"""What can stop a broker from starting, checked before it creates anything (its database,
+lock files, history writer): a start that fails leaves no files behind and says why in one
+line that names the flag (`--motd: no such file: /nonexistent`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+
+import zmq.auth
+
+
+def preflight(a: argparse.Namespace) -> str | None:
+    """Why the broker these flags describe cannot start, or None."""
+    return (
+        readable("--motd", a.motd)
+        or curve_problem(a)
+        or ports_problem(a.host, [("--port", a.port), ("--pub-port", a.pub_port)])
+        or ports_problem(a.host, [("--metrics-port", a.metrics_port)])
+    )
+
+
+def readable(flag: str, path: str | None) -> str | None:
+    """Why the text file `path` cannot be read, or None."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read()
+    except FileNotFoundError:
+        return f"{flag}: no such file: {path}"
+    except IsADirectoryError:
+        return f"{flag}: {path} is a directory, not a file"
+    except PermissionError:
+        return f"{flag}: cannot read {path}: permission denied"
+    except UnicodeDecodeError:
+        return f"{flag}: {path} is not UTF-8 text"
+    except OSError as err:
+        return f"{flag}: cannot read {path}: {err.strerror or err}"
+    return None
+
+
+def curve_problem(a: argparse.Namespace) -> str | None:
+    """Why --curve-key or --allow-keys cannot be used, or None."""
+    if a.allow_keys is not None and a.curve_key is None:
+        return "--allow-keys: only with --curve-key (without it nobody's key is checked)"
+    if a.allow_keys is not None and not os.path.isdir(a.allow_keys):
+        return f"--allow-keys: no such directory: {a.allow_keys}"
+    if a.curve_key is None:
+        return None
+    problem = readable("--curve-key", a.curve_key)
+    if problem:
+        return problem
+    try:
+        _public, secret = zmq.auth.load_certificate(a.curve_key)
+    except (OSError, ValueError) as err:
+        return f"--curve-key: {a.curve_key} is not a key file ({err})"
+    if not secret:
+        return f"--curve-key: {a.curve_key} holds no secret key (give it broker.key_secret)"
+    return None
+
+
+def ports_problem(host: str, ports: list[tuple[str, int | None]]) -> str | None:
+    """Why one of these TCP ports cannot be bound on host, or None. Each is bound (and let
+    go again) as the broker will bind it; 0 (any free port) and None (off) are skipped."""
+    wanted: list[tuple[str, int]] = [(flag, port) for flag, port in ports if port]
+    seen: dict[int, str] = {}
+    for flag, port in wanted:
+        if not 0 <= port <= 65535:
+            return f"{flag} {port}: not a port number (1 to 65535, or 0 for any free one)"
+        if port in seen:
+            return f"{flag} {port}: the same port as {seen[port]}; give each its own"
+        seen[port] = flag
+    if not wanted:
+        return None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            None if host == "*" else host, wanted[0][1], type=socket.SOCK_STREAM
+        )[0]
+    except socket.gaierror as err:
+        with contextlib.suppress(OSError):
+            socket.if_nametoindex(host)  # a network interface's name: ZeroMQ binds to it
+            return None
+        return f"--host {host}: not an address of this machine ({err.strerror})"
+    with contextlib.ExitStack() as held:  # all held at once, as the broker will hold them
+        for flag, port in wanted:
+            probe = held.enter_context(socket.socket(family, kind, proto))
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+            try:
+                probe.bind((address[0], port, *address[2:]))
+            except OSError as err:
+                return f"{flag} {port}: cannot bind on {host}: {err.strerror or err}"
+    return None
