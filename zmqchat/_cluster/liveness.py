@@ -26,7 +26,8 @@ from zmqchat._cluster.names import Beat, Bucket
 from zmqchat._core.state import Op
 
 if TYPE_CHECKING:
-    from zmqchat._cluster.state import Cluster
+    from zmqchat._cluster.calls import Calls, CoreLink
+    from zmqchat._cluster.registry import ClusterRegistry
 
 logger = logging.getLogger("zmqchat.cluster")
 
@@ -34,8 +35,11 @@ logger = logging.getLogger("zmqchat.cluster")
 class Liveness:
     """Our beats, the other brokers' as last heard, and the sessions to settle."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+    def __init__(
+        self, calls: Calls, registry: ClusterRegistry, core: CoreLink, heartbeat: float
+    ) -> None:
+        self.calls, self.registry, self.core, self.heartbeat = calls, registry, core, heartbeat
+        self.name = ""  # ours, once we join
         self.instance = uuid.uuid4().hex[:16]
         # when each broker's beat last changed (our clock), and since when each dead one is
         self.seen: dict[str, float] = {}
@@ -48,7 +52,7 @@ class Liveness:
     @property
     def limit(self) -> float:
         """Three heartbeats: how long a broker may be silent, and its clients away."""
-        return 3 * self.cluster.heartbeat
+        return 3 * self.heartbeat
 
     def record(self, state: Beat) -> dict[str, Any]:
         return {"state": str(state), "at": time.time(), "instance": self.instance}
@@ -57,7 +61,7 @@ class Liveness:
     def beaten_by_another(self) -> bool:
         """Whether the last beat under our name is an "up" less than three heartbeats old
         from another instance: a live broker of that name, or our own last run, killed."""
-        mine = self.peers.get(self.cluster.name)
+        mine = self.peers.get(self.name)
         return (
             mine is not None
             and mine.get("state") == Beat.UP
@@ -67,7 +71,7 @@ class Liveness:
 
     def waiting_for_beat(self) -> Callable[[], bool]:
         """A condition that turns true when a beat of our name comes from elsewhere."""
-        name = self.cluster.name
+        name = self.name
         before = self.heard.get(name, 0)
         return lambda: self.heard.get(name, 0) > before
 
@@ -75,7 +79,7 @@ class Liveness:
         """Start beating, unless a live broker has our name (OSError)."""
         if another_beat:
             raise OSError(
-                f"a broker named {self.cluster.name} is already in this cluster (it is "
+                f"a broker named {self.name} is already in this cluster (it is "
                 "beating): give each broker its own --name"
             )
         self._beat()
@@ -111,11 +115,11 @@ class Liveness:
 
     def _beat(self) -> None:
         sent = time.monotonic()
-        op = self.cluster.put(Bucket.BROKERS, self.cluster.name, self.record(Beat.UP))
+        op = self.calls.put(Bucket.BROKERS, self.name, self.record(Beat.UP))
 
         def answered(op: Op) -> None:
             now = time.monotonic()
-            if op.error is None and now - sent < self.cluster.heartbeat:
+            if op.error is None and now - sent < self.heartbeat:
                 if self.healthy_since is None:
                     self.healthy_since = now
             else:
@@ -127,7 +131,7 @@ class Liveness:
         """A broker's beat record changed (None: deleted)."""
         beat = json.loads(value) if value else {}
         self.peers[name] = beat
-        if name == self.cluster.name:
+        if name == self.name:
             if beat.get("instance") != self.instance:
                 self.heard[name] = self.heard.get(name, 0) + 1
                 if beat.get("state") == Beat.UP and self.healthy_since is not None:
@@ -153,27 +157,27 @@ class Liveness:
         announces it."""
         del self.dead[broker]
         self.seen.pop(broker, None)
-        registry = self.cluster.registry
+        registry = self.registry
         for ident in list(registry.identities()):
             if ident.broker == broker:
                 registry.reap(ident)
-        record = {**self.record(Beat.GONE), "by": self.cluster.name}
+        record = {**self.record(Beat.GONE), "by": self.name}
         del record["instance"]
-        self.cluster.put(Bucket.BROKERS, broker, record)
+        self.calls.put(Bucket.BROKERS, broker, record)
 
     def _reap_orphans(self, now: float) -> None:
         """Our own sessions that no connection of ours holds: our last run's (their
         clients get the grace period to resume), or one whose nick we could not let go
         when it was lost."""
-        name, local = self.cluster.name, self.cluster.core.local_sids()
+        name, local = self.name, self.core.local_sids()
         current = set()
-        for ident in list(self.cluster.registry.identities()):
+        for ident in list(self.registry.identities()):
             if ident.broker != name or ident.sid in local:
                 continue
             current.add(ident.sid)
             since = self.orphans.setdefault(ident.sid, now)
             if now - since >= self.limit:
                 self.orphans[ident.sid] = now  # once a grace period (it may be in flight)
-                self.cluster.registry.reap(ident)
+                self.registry.reap(ident)
         for sid in [sid for sid in self.orphans if sid not in current]:
             del self.orphans[sid]

@@ -16,7 +16,7 @@ from zmqchat._cluster.names import Verb, json_answer, list_answer, msg_id, subje
 from zmqchat._core.state import Delivery, Draft, Op, gather
 
 if TYPE_CHECKING:
-    from zmqchat._cluster.state import Cluster
+    from zmqchat._cluster.calls import Calls
 
 logger = logging.getLogger("zmqchat.cluster")
 
@@ -27,8 +27,8 @@ MSGID_CACHE: Final = 200_000  # message ids remembered to recognise a retry afte
 class ClusterLog:
     """Rooms' events in their streams; the latest of each kept here for reads."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+    def __init__(self, calls: Calls) -> None:
+        self.calls = calls
         self.delivered: dict[str, int] = {}  # room -> the highest number handed to the core
         self.incoming: list[Delivery] = []
         self.acked: dict[str, int] = {}  # room -> the highest number our own appends got
@@ -47,7 +47,7 @@ class ClusterLog:
             tail = m.encode_event_tail(time.time(), d.nick, d.kind, d.text, d.cmid, d.extra)
             mid = msg_id(d.owner, d.cmid) if d.cmid is not None else uuid.uuid4().hex
             frames += [mid.encode(), str(d.kind).encode(), tail]
-        op = self.cluster.call(frames, json_answer)
+        op = self.calls.call(frames, json_answer)
 
         def stored(op: Op) -> None:  # a read after the ack includes them (read your writes)
             if op.error is None and op.value:
@@ -72,7 +72,7 @@ class ClusterLog:
             if cached is not None:
                 return Op.ready(cached)
         q = {"after": after, "before": before, "since": since, "limit": limit, "last": last}
-        return self.cluster.call([Verb.READ, room.encode(), json.dumps(q).encode()], list_answer)
+        return self.calls.call([Verb.READ, room.encode(), json.dumps(q).encode()], list_answer)
 
     def _from_cache(
         self, room: str, after: int | None, before: int | None, since: float | None, limit: int
@@ -102,7 +102,7 @@ class ClusterLog:
         to_owner, _, to_key = recipient.partition(" ")
         subject = ".".join(subject_hash(t) for t in (to_owner, to_key, sender, from_key))
         mid = msg_id(sender, cmid)
-        op = self.cluster.call([Verb.PRIV, subject.encode(), mid.encode(), data], json_answer)
+        op = self.calls.call([Verb.PRIV, subject.encode(), mid.encode(), data], json_answer)
 
         def stored(op: Op) -> None:
             if op.error is None:  # a retry of it is a duplicate from now on
@@ -112,7 +112,7 @@ class ClusterLog:
         return op
 
     def _privates(self, pattern: str, since: float, limit: int) -> Op:
-        return self.cluster.call(
+        return self.calls.call(
             [Verb.PRIVREAD, pattern.encode(), repr(since).encode(), str(limit).encode()],
             list_answer,
         )
@@ -167,6 +167,6 @@ class ClusterLog:
     def follow(self) -> list[Delivery]:
         """The events that arrived since the last pass; and the commands of this pass go
         out to the bridge now (the end of a pass of the broker's loop)."""
-        self.cluster.send_pending()
+        self.calls.send_pending()
         out, self.incoming = self.incoming, []
         return out

@@ -19,7 +19,7 @@ from zmqchat._ops.logs import event as log_event
 from zmqchat.protocol import Code, ProtocolError, Reply
 
 if TYPE_CHECKING:
-    from zmqchat._cluster.state import Cluster
+    from zmqchat._cluster.calls import Calls, CoreLink
 
 logger = logging.getLogger("zmqchat.cluster")
 
@@ -43,8 +43,8 @@ def conflict(error: BaseException | None) -> bool:
 class ClusterRegistry:
     """The registry's buckets as last heard (watched), and changes to them."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+    def __init__(self, calls: Calls, core: CoreLink, fixed_rooms: Iterable[str]) -> None:
+        self.calls, self.core, self.fixed_rooms = calls, core, list(fixed_rooms)
         self.sessions: dict[str, Identity] = {}  # nick key -> its holder
         self._members: dict[str, dict[str, Member]] = {}  # room -> nick key -> member
         self.rooms: dict[str, RoomSettings] = {}
@@ -61,7 +61,7 @@ class ClusterRegistry:
         }
 
     def _kv(self, change: Change, bucket: Bucket, key: str, value: bytes = b"", rev: int = 0) -> Op:
-        return self.cluster.kv(change, bucket, key, value, rev)
+        return self.calls.kv(change, bucket, key, value, rev)
 
     # ---------------------------------------------------------------- news
     def catch_up(self) -> Op:
@@ -76,7 +76,7 @@ class ClusterRegistry:
                 self.catching_up.append(CatchUp(op.value, outer, time.monotonic()))
                 self._caught_up()
 
-        self.cluster.call([Verb.SYNC], json_answer).then(latest)
+        self.calls.call([Verb.SYNC], json_answer).then(latest)
         return outer
 
     def _caught_up(self) -> None:
@@ -125,7 +125,7 @@ class ClusterRegistry:
                 return  # older news than what we made ourselves
             self.sessions[key] = ident
         if ident is None or old is None or old.sid != ident.sid:
-            self.cluster.core.identity_changed(key, ident)
+            self.core.identity_changed(key, ident)
 
     def _member_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
         room, _, hexed = key.partition(".")
@@ -149,7 +149,7 @@ class ClusterRegistry:
                 return
             settings = self.rooms[room] = RoomSettings(room)
             self.saved[room] = RoomSettings(room)
-            self.cluster.core.room_added(room)
+            self.core.room_added(room)
         for target in (settings, self.saved[room]):
             if field == "":
                 target.created = put and json.loads(value).get("created") is True
@@ -216,7 +216,7 @@ class ClusterRegistry:
                 old = self.sessions.get(ident.key)
                 self.sessions[ident.key] = ident
                 if old is not None and old.sid != ident.sid:
-                    self.cluster.core.identity_changed(ident.key, ident)
+                    self.core.identity_changed(ident.key, ident)
                 outer.resolve()
 
         def look_again(error: BaseException | None) -> None:
@@ -297,7 +297,7 @@ class ClusterRegistry:
                 broker=ident.broker,
                 why="did not resume after its broker stopped",
             )
-            self.cluster.core.reap(ident)
+            self.core.reap(ident)
 
         op.then(claimed)
 
@@ -356,14 +356,14 @@ class ClusterRegistry:
                 self.save(settings)
 
     def room_names(self) -> list[str]:
-        fixed = [r for r in self.cluster.rooms if r in self.rooms]
+        fixed = [r for r in self.fixed_rooms if r in self.rooms]
         return fixed + sorted(r for r in self.rooms if r not in fixed)
 
     def settings(self, room: str) -> RoomSettings | None:
         return self.rooms.get(room)
 
     def create_room(self, settings: RoomSettings) -> Op:
-        inner = self.cluster.call([Verb.ROOM, settings.name.encode()], json_answer)
+        inner = self.calls.call([Verb.ROOM, settings.name.encode()], json_answer)
         outer = Op()
 
         def made(op: Op) -> None:
@@ -452,9 +452,9 @@ class ClusterRegistry:
 class ClusterPresence:
     """Pushes for sessions on other brokers go through NATS, to that broker's subject."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+    def __init__(self, calls: Calls) -> None:
+        self.calls = calls
 
     def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
         push = {"sid": sid, "kind": str(kind), "body": body}
-        self.cluster.tell([Verb.ROUTE, broker.encode(), json.dumps(push).encode()])
+        self.calls.tell([Verb.ROUTE, broker.encode(), json.dumps(push).encode()])

@@ -8,14 +8,13 @@ reads answer at once as on a single broker; changes go to the bridge as commands
 complete their Op when NATS has answered.
 
 `Cluster` here is what the broker's loop holds: the asyncio loop it runs on in cluster mode,
-the bridge task on it, the two queues between them, and the commands under way. It is also
-the one place where the cluster calls back into the core (`CoreLink`).
+the bridge task on it, the queue of its news, and those parts put together (the commands
+for the bridge and the one way back into the core are calls.py's).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
@@ -23,12 +22,11 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
+from zmqchat._cluster.calls import Calls, CoreLink
 from zmqchat._cluster.liveness import Liveness
 from zmqchat._cluster.log import ClusterLog
-from zmqchat._cluster.names import Beat, Bucket, Change, Failure, News, Verb, json_answer
+from zmqchat._cluster.names import Beat, Bucket, News, Verb
 from zmqchat._cluster.registry import ClusterPresence, ClusterRegistry
-from zmqchat._core.state import Identity, Op
-from zmqchat.protocol import Code, ProtocolError, Reply
 
 if TYPE_CHECKING:
     from zmqchat._cluster.bridge import Bridge
@@ -42,8 +40,6 @@ CALL_DEADLINE: Final = 10.0  # seconds after which an unanswered command fails (
 STOP_WAIT: Final = 5.0  # seconds a stop waits for the bridge to let go of NATS
 TAKEOVER_WAIT: Final = 1.5  # heartbeats a start waits for another beat of its name (a beat
 # comes every half heartbeat: three chances)
-
-Decode = Callable[[list[bytes]], Any]
 
 
 def require_nats() -> None:
@@ -59,34 +55,6 @@ def require_nats() -> None:
         raise
 
 
-class CoreLink:
-    """Everything the cluster tells the broker's core, in one place (the core's
-    state.Listener, once attached): a nick moved, a room appeared, a push arrived, a dead
-    broker's session to settle; and which sessions are ours."""
-
-    def __init__(self) -> None:
-        self.core: Listener | None = None
-
-    def identity_changed(self, key: str, ident: Identity | None) -> None:
-        if self.core is not None:
-            self.core.identity_changed(key, ident)
-
-    def room_added(self, room: str) -> None:
-        if self.core is not None:
-            self.core.room_added(room)
-
-    def routed(self, push: dict[str, Any]) -> None:
-        if self.core is not None:
-            self.core.routed(push["sid"], Reply(push["kind"]), push["body"])
-
-    def reap(self, ident: Identity) -> None:
-        if self.core is not None:
-            self.core.reap(ident)
-
-    def local_sids(self) -> set[str]:
-        return set(self.core.local_sids()) if self.core is not None else set()
-
-
 class Cluster:
     """The event loop the broker runs on in cluster mode, the bridge task on it, the queues
     between them, and the commands under way."""
@@ -99,22 +67,20 @@ class Cluster:
         self.rooms, self.operators, self.heartbeat = cfg.rooms, cfg.operators, cfg.heartbeat
         self.loop = asyncio.new_event_loop()
         self.inbox: deque[list[bytes]] = deque()  # news and answers from the bridge
-        self.queue: list[list[bytes]] = []  # commands of this pass, for the bridge
-        self.calls: dict[bytes, tuple[Op, Decode, float]] = {}  # commands under way
-        self._ids = itertools.count(1)
+        self.calls = Calls()
         self.core = CoreLink()
         self.name = ""
-        self.log = ClusterLog(self)
-        self.registry = ClusterRegistry(self)
-        self.presence = ClusterPresence(self)
-        self.liveness = Liveness(self)
+        self.log = ClusterLog(self.calls)
+        self.registry = ClusterRegistry(self.calls, self.core, self.rooms)
+        self.presence = ClusterPresence(self.calls)
+        self.liveness = Liveness(self.calls, self.registry, self.core, self.heartbeat)
         self.bridge: Bridge | None = None
         self.task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[None] | None = None  # the loop's, while it waits
         self.handlers: dict[bytes, Callable[[list[bytes]], None]] = {
             News.EVENTS: self.log.arrived,
-            News.DONE: self._answered,
-            News.FAIL: self._answered,
+            News.DONE: self.calls.answered,
+            News.FAIL: self.calls.answered,
             News.KEY: self._key_changed,
             News.LAST: lambda frames: self.log.start_at(frames[1].decode(), int(frames[2])),
             News.ROUTED: lambda frames: self.core.routed(json.loads(frames[1])),
@@ -126,11 +92,12 @@ class Cluster:
         cluster cannot be reached or will not serve."""
         from zmqchat._cluster.bridge import Bridge, BridgeConfig
 
-        self.name = name
+        self.name = self.liveness.name = name
         self.bridge = Bridge(
             BridgeConfig(self.servers, self.namespace, name, list(self.rooms), self.replicas),
             self._from_bridge,
         )
+        self.calls.take = self.bridge.take
         self.task = self.loop.create_task(self.bridge.main())
         try:
             replicas = self.loop.run_until_complete(asyncio.wait_for(self._ready(), READY_WAIT))
@@ -155,7 +122,7 @@ class Cluster:
             )
         self.liveness.join(another)
         self.registry.seed(self.rooms, self.operators)
-        self.send_pending()
+        self.calls.send_pending()
 
     async def _ready(self) -> str:
         """The bridge's news until it says READY (its replicas) or FATAL (OSError)."""
@@ -184,6 +151,10 @@ class Cluster:
     def attach(self, core: Listener) -> None:
         self.core.core = core
 
+    def send_pending(self) -> None:
+        """The commands of this pass go to the bridge now."""
+        self.calls.send_pending()
+
     def commands_pending(self) -> int:
         """Commands to NATS waiting for an answer (for the metrics)."""
         return len(self.calls)
@@ -191,9 +162,9 @@ class Cluster:
     def close(self) -> None:
         """Say we stopped (our clients' sessions are for the others to settle) and let go."""
         if self.task is not None and not self.task.done():
-            self.put(Bucket.BROKERS, self.name, self.liveness.record(Beat.STOPPED))
-            self.queue.append([Verb.STOP])
-            self.send_pending()
+            self.calls.put(Bucket.BROKERS, self.name, self.liveness.record(Beat.STOPPED))
+            self.calls.tell([Verb.STOP])
+            self.calls.send_pending()
             try:
                 self.loop.run_until_complete(asyncio.wait_for(self.task, STOP_WAIT))
             except Exception:  # noqa: BLE001 - stopping anyway
@@ -212,20 +183,15 @@ class Cluster:
         that waited meanwhile is late for that, nobody is dead for it."""
         self.liveness.woke(gap)
         self.registry.woke(gap)
-        for call_id, (op, decode, sent) in list(self.calls.items()):
-            self.calls[call_id] = (op, decode, sent + gap)
+        self.calls.woke(gap)
 
     def tick(self) -> None:
         """Every half heartbeat: beat, settle dead brokers' sessions, fail what is stuck."""
         self.liveness.tick()
         now = time.monotonic()
-        for call_id, (op, _, sent) in list(self.calls.items()):
-            if now - sent > CALL_DEADLINE:  # the bridge answers everything: this is a bug
-                logger.error("cluster command %s unanswered after %g s", call_id, CALL_DEADLINE)
-                del self.calls[call_id]
-                op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
+        self.calls.expire(now, CALL_DEADLINE)
         self.registry.expire_catch_ups(now, CALL_DEADLINE)
-        self.send_pending()
+        self.calls.send_pending()
 
     # ------------------------------------------------------------------ the bridge
     async def wait(self, timeout: float) -> None:
@@ -249,24 +215,6 @@ class Cluster:
         self.inbox.append(frames)
         self.wake()
 
-    def call(self, frames: list[bytes], decode: Decode) -> Op:
-        """Send a command whose answer completes the returned Op (value: decode(frames))."""
-        call_id = str(next(self._ids)).encode()
-        op = Op()
-        self.calls[call_id] = (op, decode, time.monotonic())
-        frames.insert(1, call_id)
-        self.queue.append(frames)
-        return op
-
-    def tell(self, frames: list[bytes]) -> None:
-        """A command nobody waits for."""
-        self.queue.append(frames)
-
-    def send_pending(self) -> None:
-        if self.queue and self.bridge is not None:
-            self.bridge.take(self.queue)
-        self.queue.clear()
-
     def drain(self) -> None:
         """Everything the bridge has sent since the last look."""
         inbox = self.inbox
@@ -284,24 +232,6 @@ class Cluster:
         if handler is not None:
             handler(frames)
 
-    def _answered(self, frames: list[bytes]) -> None:
-        """DONE id Answer value... or FAIL id Failure reason: a command's Op completes."""
-        entry = self.calls.pop(frames[1], None)
-        if entry is None:
-            return
-        op, decode, _ = entry
-        if frames[0] == News.FAIL:
-            failure = frames[2].decode()
-            code = Code.UNAVAILABLE if failure == Failure.UNAVAILABLE else Code.INTERNAL
-            op.fail(ProtocolError(code, frames[3].decode(), cluster=failure))
-            return
-        try:
-            value = decode(frames[2:])
-        except Exception as exc:  # noqa: BLE001 - a reply we cannot read
-            op.fail(exc)
-        else:
-            op.resolve(value)
-
     def _key_changed(self, frames: list[bytes]) -> None:
         """KEY bucket key revision PUT|DEL value: a watched key's news."""
         bucket, key, rev, what = (f.decode() for f in frames[1:5])
@@ -310,13 +240,3 @@ class Cluster:
             self.liveness.observe(key, value if what == "PUT" else None)
         else:
             self.registry.apply(Bucket(bucket), key, int(rev), what == "PUT", value)
-
-    def kv(self, change: Change, bucket: Bucket, key: str, value: bytes = b"", rev: int = 0) -> Op:
-        """Change a key; the Op's value is its new revision (CONFLICT: a compare-and-set lost)."""
-        return self.call(
-            [Verb.KV, bucket.encode(), change, key.encode(), value, str(rev).encode()],
-            json_answer,
-        )
-
-    def put(self, bucket: Bucket, key: str, value: Any) -> Op:
-        return self.kv(Change.PUT, bucket, key, json.dumps(value).encode())
