@@ -7,10 +7,12 @@ broker's side (state.py) and this one still talk only in frames, through two que
 commands go in (append these events, change this key, read that range, route this push),
 answers and news come out (a command done or failed, a room's new events from its stream,
 a changed key of a watched bucket, a push routed to us); names.py has their verbs. A
-handler per verb (`Bridge.handlers`), a function per kind of key change (`Bridge.changes`).
+handler per verb (`Bridge.handlers`), a function per kind of key change (`Bridge.changes`);
+a room's stream is a streams.RoomStream, private messages are privates.py's.
 
 What lives in NATS (N is the namespace, `--namespace`, default zmqchat; names.py):
-    stream N-room-R       subject N.room.R: room R's events; a stream sequence is a seq
+    stream N-room-R       subject N.room.R: room R's events, a stream message holding the
+                          events numbered a..b (streams.py)
     stream N-privates     subjects N.priv.<to>.<to nick>.<from>.<from nick> (hashes of the
                           recipient's and the sender's identity and nick): private messages
     bucket N-sessions     nick -> the session that holds it (sid, broker, token hash, ...)
@@ -47,14 +49,17 @@ from zmqchat._cluster.names import (
     Change,
     Failure,
     News,
+    SeenIds,
     Verb,
     room_stream,
     room_subject,
 )
+from zmqchat._cluster.privates import Privates
+from zmqchat._cluster.streams import PROBE_AFTER, Call, RoomStream
 
 logger = logging.getLogger("zmqchat.cluster")
 
-OP_TIMEOUT: Final = 2.0  # seconds a publish or a key change may take before UNAVAILABLE
+OP_TIMEOUT: Final = 2.0  # seconds a command may take before UNAVAILABLE (the client retries)
 CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
 PING_INTERVAL: Final = 1.0  # seconds between pings of our NATS server, and
 PINGS_UNANSWERED: Final = 3  # how many may go unanswered before we use another: a server
@@ -64,9 +69,9 @@ PROBE_TIMEOUT: Final = 0.5  # seconds the first JetStream request waits (then it
 SETUP_PATIENCE: Final = 20.0  # seconds a start waits for a cluster that is still settling
 # (electing its leaders, placing replicas); state.READY_WAIT, the broker's own limit, is longer
 NOTICE_RETRY: Final = 600.0  # seconds a broker keeps trying to store a notice of its own
-DUPLICATE_RETRY: Final = 0.05  # seconds before asking again for a duplicate's number
+TICK: Final = 0.1  # seconds between looks at deadlines and messages in flight
 READ_BATCH: Final = 500  # messages per direct-get request
-PENDING_MSGS: Final = 1 << 20  # messages a stream subscription may hold before dropping
+PENDING_MSGS: Final = 1 << 20  # messages a subscription may hold before dropping
 IDLE_HEARTBEAT: Final = 1.0  # seconds: a subscription that hears nothing for two starts over
 # (its consumer was on a node that died)
 JS_NOT_ENABLED: Final = frozenset({10039, 10076})  # JetStream off: waiting will not help
@@ -83,22 +88,6 @@ class BridgeConfig:
     replicas: int  # 0: 3 on a cluster, 1 on a single server
 
 
-class Batch:
-    """Publishes answered together (one APPEND or PRIV): each acknowledgement fills its slot;
-    the call is done when all are, and fails (once) at the first error or at its deadline.
-    What each slot published is kept until it is acknowledged, to publish it again."""
-
-    __slots__ = ("call", "subject", "seqs", "left", "deadline", "reply_ids", "sent", "notices")
-
-    def __init__(self, call: bytes, subject: str, count: int, deadline: float) -> None:
-        self.call, self.subject, self.deadline = call, subject, deadline
-        self.seqs: list[int] = [0] * count
-        self.left = count  # -1: failed
-        self.reply_ids: list[str] = []
-        self.sent: list[tuple[bytes, dict[str, str]]] = []  # each slot's payload, headers
-        self.notices: list[tuple[dict[str, str], bytes]] = []
-
-
 class SetupFailed(Exception):
     """A start that cannot go on: what it was doing, and why."""
 
@@ -109,20 +98,22 @@ Handler = Callable[[list[bytes]], Awaitable[None]]
 class Bridge:
     """The NATS connection and everything done with it; see the module docstring."""
 
-    def __init__(self, cfg: BridgeConfig, to_broker: Callable[[list[bytes]], None]) -> None:
-        self.cfg, self.to_broker = cfg, to_broker
+    def __init__(
+        self, cfg: BridgeConfig, to_broker: Callable[[list[bytes]], None], seen: SeenIds
+    ) -> None:
+        self.cfg, self.to_broker, self.seen = cfg, to_broker, seen
         self.ns = cfg.namespace
         self.kvs: dict[Bucket, Any] = {}
-        self.following: dict[str, asyncio.Future[None]] = {}  # room -> done once followed
-        self.room_subs: dict[str, Any] = {}  # room -> its stream subscription
-        self.expect: dict[str, int] = {}  # room -> the next seq to hand over
-        self.outgoing: dict[str, list[tuple[int, Any]]] = {}  # room -> messages to hand over
+        self.streams: dict[str, RoomStream] = {}
+        self.made: dict[str, asyncio.Future[None]] = {}  # room -> done once its stream is
+        self.calls: dict[bytes, Call] = {}  # APPENDs under way
+        self.privates = Privates(self)
         self.tasks: set[asyncio.Future[Any]] = set()
         self.replicas = 1
-        self.rooms_seen: list[str] = []  # rooms in the registry at start
-        self.acking: dict[str, tuple[Batch, int]] = {}  # reply id -> its batch, slot
+        self.replies: dict[str, Callable[[Any], None]] = {}  # reply id -> who takes it
         self.reply_ids = itertools.count()
         self.closing = False
+        self.probing = False
         self.inbox: deque[list[bytes]] = deque()  # commands from the broker, in order
         self.woken: asyncio.Event | None = None
         self.patient_until = 0.0  # while starting: JetStream calls are retried until then
@@ -131,11 +122,12 @@ class Bridge:
             Verb.APPEND: self._append,
             Verb.KV: self._kv,
             Verb.READ: self._read,
-            Verb.PRIV: self._priv,
-            Verb.PRIVREAD: self._privread,
+            Verb.PRIV: self.privates.store,
+            Verb.PRIVREAD: self.privates.read,
             Verb.ROUTE: self._route,
             Verb.ROOM: self._room,
             Verb.FOLLOW: self._follow,
+            Verb.UNFOLLOW: self._unfollow,
             Verb.SYNC: self._sync,
         }
         self.changes: dict[bytes, Callable[[Bucket, str, bytes, int], Awaitable[int]]] = {
@@ -170,11 +162,11 @@ class Bridge:
             reason = str(exc) or type(exc).__name__
             if not isinstance(exc, SetupFailed):
                 reason = f"NATS at {servers} answered, but JetStream did not: {reason}"
-            self._send([News.FATAL, reason.encode()])
+            self.send([News.FATAL, reason.encode()])
             await self._drop_connection()
             return
-        self._send([News.READY, str(self.replicas).encode()])
-        self._spawn(self._expire_acks())
+        self.send([News.READY, str(self.replicas).encode()])
+        self.spawn(self._watchdog())
         try:
             while True:  # one command at a time, in order: appends keep the loop's order
                 while not self.inbox:
@@ -196,9 +188,9 @@ class Bridge:
         for task in list(self.tasks):
             task.cancel()
         await self._drop_connection()
-        self._send([News.STOPPED])
+        self.send([News.STOPPED])
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self._finished)
@@ -208,18 +200,32 @@ class Bridge:
         if not task.cancelled() and task.exception() is not None:  # a bug: say so
             logger.error("cluster task failed: %r", task.exception(), exc_info=task.exception())
 
-    def _send(self, frames: list[bytes]) -> None:
+    def send(self, frames: list[bytes]) -> None:
         """To the broker, in call order."""
         self.to_broker(frames)
 
-    def _done(self, call: bytes, value: Any) -> None:
-        self._send([News.DONE, call, Answer.JSON, json.dumps(value).encode()])
+    def done(self, call: bytes, value: Any) -> None:
+        self.send([News.DONE, call, Answer.JSON, json.dumps(value).encode()])
 
-    def _done_list(self, call: bytes, items: list[bytes]) -> None:
-        self._send([News.DONE, call, Answer.LIST, *items])
+    def done_list(self, call: bytes, items: list[bytes]) -> None:
+        self.send([News.DONE, call, Answer.LIST, *items])
 
-    def _fail(self, call: bytes, failure: Failure, reason: str) -> None:
-        self._send([News.FAIL, call, failure.encode(), reason.encode()])
+    def fail(self, call: bytes, failure: Failure, reason: str) -> None:
+        self.send([News.FAIL, call, failure.encode(), reason.encode()])
+
+    def reply_to(self, handler: Callable[[Any], None]) -> tuple[str, str]:
+        """A reply subject of our inbox whose message goes to handler: (its id, subject)."""
+        reply_id = str(next(self.reply_ids))
+        self.replies[reply_id] = handler
+        return reply_id, f"{self.ack_inbox}.{reply_id}"
+
+    def forget_reply(self, reply_id: str) -> None:
+        self.replies.pop(reply_id, None)
+
+    async def _replied(self, msg: Any) -> None:
+        handler = self.replies.get(msg.subject.rpartition(".")[2])
+        if handler is not None:
+            handler(msg)
 
     async def _drop_connection(self) -> None:
         self.closing = True
@@ -229,6 +235,48 @@ class Bridge:
                 await asyncio.wait_for(nc.close(), 2.0)
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
+
+    async def _watchdog(self) -> None:
+        """Every TICK: fail the commands past their deadline, publish again what went
+        unanswered, and ask our server whether it is there when something waits too long.
+        (A process that was stopped for a while does not count that against anyone.)"""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            lost, last = now - last - TICK, now
+            if lost > 1.0:
+                for call in self.calls.values():
+                    call.deadline += lost
+                for private in self.privates.storing:
+                    private.deadline += lost
+            for call in [c for c in self.calls.values() if c.deadline < now]:
+                call.done = True
+                del self.calls[call.id]
+                self.fail(call.id, Failure.UNAVAILABLE, "the cluster did not store it in time")
+            self.privates.expire(now)
+            waited = 0.0
+            for stream in self.streams.values():
+                stream.expire(now)
+                if stream.retry_due(now):
+                    stream.retry()
+                waited = max(waited, stream.waiting(now))
+            if waited > PROBE_AFTER and not self.probing:
+                self.spawn(self._probe())
+
+    async def _probe(self) -> None:
+        """A publish waits: is our server still there? (A stopped one keeps the TCP
+        connection open; the pings would say so only after a few seconds.)"""
+        self.probing = True
+        try:
+            await self.nc.flush(timeout=1)
+        except Exception:  # noqa: BLE001 - no PONG in time: another server
+            if not self.closing and self.nc.is_connected:
+                logger.warning("our NATS server does not answer; moving to another")
+                await self.nc.force_reconnect()
+        finally:
+            await asyncio.sleep(1.0)  # once a second at most
+            self.probing = False
 
     # ------------------------------------------------------------------ start
     async def _connect(self) -> None:
@@ -280,8 +328,7 @@ class Bridge:
             await self.patiently(
                 f"reading the bucket {self.ns}-{bucket}", partial(self._watch, bucket)
             )
-        rooms = list(dict.fromkeys([*self.cfg.rooms, *self.rooms_seen]))
-        for room in rooms:
+        for room in self.cfg.rooms:
             await self.patiently(
                 f"making the stream {room_stream(self.ns, room)}",
                 partial(self._ensure_room, room),
@@ -291,7 +338,7 @@ class Bridge:
         self.ack_inbox = self.nc.new_inbox()
         await self.nc.subscribe(
             f"{self.ack_inbox}.*",
-            cb=self._acked,
+            cb=self._replied,
             pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=1 << 30,
         )
@@ -365,41 +412,25 @@ class Bridge:
         return last
 
     async def _ensure_room(self, room: str) -> None:
-        """The room's stream, and our subscription to it from its end on (once, however
-        many ask at the same time)."""
-        ready = self.following.get(room)
-        if ready is None:
-            ready = self.following[room] = self.loop.create_future()
+        """The room's stream exists (once, however many ask at the same time)."""
+        made = self.made.get(room)
+        if made is None:
+            made = self.made[room] = self.loop.create_future()
             try:
-                await self._subscribe_room(room)
+                await self._ensure_stream(room_stream(self.ns, room), [room_subject(self.ns, room)])
             except BaseException as exc:
-                del self.following[room]
-                ready.set_exception(exc)
-                ready.exception()  # retrieved: whoever waits gets it too
+                del self.made[room]
+                made.set_exception(exc)
+                made.exception()  # retrieved: whoever waits gets it too
                 raise
-            ready.set_result(None)
-        await ready
+            made.set_result(None)
+        await asyncio.shield(made)
 
-    async def _subscribe_room(self, room: str) -> None:
-        last = await self._ensure_stream(room_stream(self.ns, room), [room_subject(self.ns, room)])
-        self.expect[room] = last + 1
-        self._send([News.LAST, room.encode(), str(last).encode()])
-
-        async def arrived(msg: Any) -> None:
-            await self._arrived(room, msg)
-
-        self.room_subs[room] = await self.js.subscribe(
-            room_subject(self.ns, room),
-            stream=room_stream(self.ns, room),
-            cb=arrived,
-            ordered_consumer=True,
-            idle_heartbeat=IDLE_HEARTBEAT,
-            config=api.ConsumerConfig(
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1
-            ),
-            pending_msgs_limit=PENDING_MSGS,
-            pending_bytes_limit=1 << 30,
-        )
+    def stream(self, room: str) -> RoomStream:
+        stream = self.streams.get(room)
+        if stream is None:
+            stream = self.streams[room] = RoomStream(self, room)
+        return stream
 
     # ------------------------------------------------------------------ watching buckets
     async def _watch(self, bucket: Bucket) -> None:
@@ -417,12 +448,7 @@ class Bridge:
                 headers.get("KV-Operation") not in ("DEL", "PURGE")
                 and "Nats-Marker-Reason" not in headers
             )
-            if bucket == Bucket.ROOMS and put and "." not in key:
-                if initial.is_set():
-                    self._spawn(self._follow_room(key))
-                else:
-                    self.rooms_seen.append(key)
-            self._send(
+            self.send(
                 [
                     News.KEY,
                     bucket.encode(),
@@ -462,159 +488,48 @@ class Bridge:
             raise
 
     # ------------------------------------------------------------------ room events
-    async def _arrived(self, room: str, msg: Any) -> None:
-        """A room event from its stream, in stream order: hand it over (batched)."""
-        seq = msg.metadata.sequence.stream
-        expect = self.expect[room]
-        if seq < expect:
-            return
-        if seq > expect:  # should not happen with an ordered consumer: fetch the gap
-            logger.warning(
-                "%s: events %d..%d skipped by the stream subscription; fetching",
-                room,
-                expect,
-                seq - 1,
-            )
-            for missing in await self._get_range(room, expect, seq - expect):
-                self._hand_over(room, missing)
-        self._hand_over(room, msg)
-        sub = self.room_subs.get(room)
-        if sub is not None and not sub.pending_msgs:  # the last that came: hand them over
-            self._flush_room(room)  # now, not a turn of the loop later
-
-    def _hand_over(self, room: str, msg: Any) -> None:
-        seq = msg.metadata.sequence.stream if msg.metadata else int(msg.headers["Nats-Sequence"])
-        self.expect[room] = seq + 1
-        pending = self.outgoing.get(room)
-        if pending is None:
-            pending = self.outgoing[room] = []
-            self.loop.call_soon(self._flush_room, room)
-        pending.append((seq, msg))
-
-    def _flush_room(self, room: str) -> None:
-        msgs = self.outgoing.pop(room, [])
-        if not msgs:
-            return
-        first = msgs[0][0]
-        departures, ids, frames = [], [], []
-        prefix = room.encode()
-        for seq, msg in msgs:
-            headers = msg.headers or {}
-            kind = headers.get("Zc-Kind", "")
-            if kind in ("leave", "kick", "ban"):
-                departures.append(seq)
-            msgid = headers.get("Nats-Msg-Id")
-            if msgid and kind in ("msg", "action"):
-                ids.append([msgid, seq])
-            frames.append(
-                b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq) + msg.data
-            )
-        meta = json.dumps({"departures": departures, "ids": ids}).encode()
-        self._send([News.EVENTS, prefix, str(first).encode(), meta, *frames])
-
     async def _append(self, frames: list[bytes]) -> None:
-        """APPEND id room [msgid kind tail]...: publish each; answer with their seqs."""
-        call, room = frames[1], frames[2].decode()
-        subject = room_subject(self.ns, room)
-        batch = Batch(call, subject, (len(frames) - 3) // 3, time.monotonic() + OP_TIMEOUT)
+        """APPEND id room [msgid kind tail]...: into the room's next stream message;
+        answered with their seqs once it is stored."""
+        call_id, room = frames[1], frames[2].decode()
+        events = [
+            (frames[i].decode(), frames[i + 1].decode(), frames[i + 2])
+            for i in range(3, len(frames), 3)
+        ]
+        now = time.monotonic()
+        call = Call(call_id, room, [0] * len(events), len(events), now + OP_TIMEOUT)
+        self.calls[call_id] = call
+        self.stream(room).append(call, events, now + NOTICE_RETRY)
+
+    def answer(self, call: Call) -> None:
+        """An APPEND whose events all have their seqs: answered."""
+        if call.left == 0 and not call.done:
+            call.done = True
+            self.calls.pop(call.id, None)
+            self.done(call.id, call.seqs)
+
+    async def _follow(self, frames: list[bytes]) -> None:
+        """FOLLOW id room: follow a room's stream (its first local member joins)."""
+        self.spawn(self._following(frames[1], frames[2].decode()))
+
+    async def _following(self, call: bytes, room: str) -> None:
         try:
-            for i in range(3, len(frames), 3):
-                kind = frames[i + 1].decode()
-                headers = {"Nats-Msg-Id": frames[i].decode(), "Zc-Kind": kind}
-                if kind not in ("msg", "action"):  # ours: kept trying for if this fails
-                    batch.notices.append((headers, frames[i + 2]))
-                batch.sent.append((frames[i + 2], headers))
-                await self._publish(batch, (i - 3) // 3)
-        except Exception as exc:  # noqa: BLE001 - the connection's buffer is full
-            self._settle(batch, f"the cluster did not store it: {_why(exc)}")
-
-    async def _publish(self, batch: Batch, index: int) -> None:
-        """A JetStream publish whose acknowledgement fills slot `index` of `batch`."""
-        reply_id = str(next(self.reply_ids))
-        self.acking[reply_id] = (batch, index)
-        batch.reply_ids.append(reply_id)
-        payload, headers = batch.sent[index]
-        await self.nc.publish(
-            batch.subject, payload, reply=f"{self.ack_inbox}.{reply_id}", headers=headers
-        )
-
-    async def _acked(self, msg: Any) -> None:
-        """A publish's acknowledgement (or its error), to the inbox of all of them."""
-        entry = self.acking.pop(msg.subject.rpartition(".")[2], None)
-        if entry is None:
+            await self._ensure_room(room)
+            await self.stream(room).follow()
+        except Exception as exc:  # noqa: BLE001
+            self.fail(call, Failure.UNAVAILABLE, f"the room's history did not answer: {_why(exc)}")
             return
-        batch, index = entry
-        if batch.left < 0:  # failed already
-            return
-        try:
-            answer = json.loads(msg.data) if msg.data else {}
-        except ValueError:
-            answer = {}
-        if "seq" not in answer:  # an error, or no stream answered (a status, no body)
-            error = answer.get("error", {}).get("description") or "no stream answered"
-            self._settle(batch, f"the cluster did not store it: {error}")
-            return
-        if not answer["seq"]:
-            # A duplicate of a publish still in flight (a retry that overtook it): JetStream
-            # does not know its number yet. Asked again, it answers with the number the
-            # first one got (or stores it, if the first one failed).
-            self.loop.call_later(DUPLICATE_RETRY, self._again, batch, index)
-            return
-        batch.seqs[index] = answer["seq"]
-        batch.left -= 1
-        if batch.left == 0:
-            self._done(batch.call, batch.seqs)
+        self.done(call, True)
 
-    def _again(self, batch: Batch, index: int) -> None:
-        if batch.left >= 0:
-            self._spawn(self._publish_or_settle(batch, index))
+    async def _unfollow(self, frames: list[bytes]) -> None:
+        """UNFOLLOW room: stop following a room (nobody here is in it any more)."""
+        stream = self.streams.get(frames[1].decode())
+        if stream is not None:
+            self.spawn(stream.unfollow())
 
-    async def _publish_or_settle(self, batch: Batch, index: int) -> None:
-        try:
-            await self._publish(batch, index)
-        except Exception as exc:  # noqa: BLE001 - the connection is gone
-            self._settle(batch, f"the cluster did not store it: {_why(exc)}")
-
-    def _settle(self, batch: Batch, why: str) -> None:
-        """A batch that will not be acknowledged: its call fails (once); the notices of our
-        own that were in it are published again until they are stored."""
-        if batch.left < 0:
-            return
-        batch.left = -1
-        for reply_id in batch.reply_ids:
-            self.acking.pop(reply_id, None)
-        self._fail(batch.call, Failure.UNAVAILABLE, why)
-        for headers, tail in batch.notices:
-            self._spawn(self._keep_trying(batch.subject, headers, tail))
-
-    async def _expire_acks(self) -> None:
-        """Fail the publishes that were not acknowledged in OP_TIMEOUT (of our own running
-        time: a process that was stopped for a while does not count that against them)."""
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.2)
-            now = time.monotonic()
-            lost, last = now - last - 0.2, now
-            if lost > 1.0:
-                for batch in {batch for batch, _ in self.acking.values()}:
-                    batch.deadline += lost
-            late = {batch for batch, _ in self.acking.values() if batch.deadline < now}
-            for batch in late:
-                self._settle(batch, "the cluster did not store it: no answer in time")
-
-    async def _keep_trying(self, subject: str, headers: dict[str, str], tail: bytes) -> None:
-        deadline = time.monotonic() + NOTICE_RETRY
-        while time.monotonic() < deadline:
-            try:
-                await self.js.publish(subject, tail, headers=dict(headers))
-                return
-            except Exception:  # noqa: BLE001 - the cluster is still away
-                await asyncio.sleep(1.0)
-        logger.error("gave up storing a %s notice on %s", headers.get("Zc-Kind"), subject)
-
-    # ------------------------------------------------------------------ reading
-    async def _direct(self, stream: str, request: dict[str, Any]) -> list[Any]:
-        """One direct-get batch: the messages, up to the end-of-batch marker."""
+    async def direct(self, stream: str, request: dict[str, Any]) -> list[Any]:
+        """One direct-get request: the messages, up to the end-of-batch marker (any
+        replica answers: one may lag behind the leader)."""
         inbox = self.nc.new_inbox()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -633,45 +548,26 @@ class Bridge:
                 if status is not None:  # 204 end of batch; 404 nothing there
                     return out
                 out.append(msg)
+                if "batch" not in request:  # one message, no end marker
+                    return out
         finally:
             await sub.unsubscribe()
-
-    async def _get_range(self, room: str, first: int, count: int) -> list[Any]:
-        out: list[Any] = []
-        stream = room_stream(self.ns, room)
-        while count > 0:
-            got = await self._direct(stream, {"seq": first, "batch": min(count, READ_BATCH)})
-            if not got:
-                break
-            out += got
-            last = int(got[-1].headers["Nats-Sequence"])
-            count -= last - first + 1
-            first = last + 1
-        return out
 
     async def _read(self, frames: list[bytes]) -> None:
         """READ id room {after, before, since, limit, last}: stored events as JSON texts."""
         call, room, q = frames[1], frames[2].decode(), json.loads(frames[3])
-        self._spawn(self._reading(call, room, q))
+        self.spawn(self._reading(call, room, q))
 
     async def _reading(self, call: bytes, room: str, q: dict[str, Any]) -> None:
+        if q["after"] is not None:
+            lo, hi = q["after"] + 1, q["after"] + q["limit"]
+        else:
+            hi = min(q["before"] - 1, q["last"]) if q["before"] is not None else q["last"]
+            lo = max(1, hi - q["limit"] + 1)
         try:
-            if q["after"] is not None:
-                first, count = q["after"] + 1, q["limit"]
-            else:
-                high = min(q["before"] - 1, q["last"]) if q["before"] is not None else q["last"]
-                first = max(1, high - q["limit"] + 1)
-                count = high - first + 1
-            got = await self._get_range(room, first, count) if count > 0 else []
-            found = [(int(msg.headers["Nats-Sequence"]), msg.data) for msg in got]
-            # A direct get may be answered by a replica a step behind the quorum that
-            # acknowledged what the broker knows is there: the rest from the leader.
-            have = found[-1][0] if found else first - 1
-            for seq in range(have + 1, min(first + count - 1, q["last"]) + 1):
-                raw = await self.js.get_msg(room_stream(self.ns, room), seq)
-                found.append((seq, raw.data or b""))
+            found = await self.stream(room).read(lo, hi)
         except Exception as exc:  # noqa: BLE001
-            self._fail(call, Failure.UNAVAILABLE, f"history not read: {_why(exc)}")
+            self.fail(call, Failure.UNAVAILABLE, f"history not read: {_why(exc)}")
             return
         prefix = room.encode()
         texts = []
@@ -679,59 +575,13 @@ class Bridge:
             if q["since"] is not None and _event_ts(data) < q["since"]:
                 continue
             texts.append(b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq) + data)
-        self._done_list(call, texts)
-
-    # ------------------------------------------------------------------ private messages
-    async def _priv(self, frames: list[bytes]) -> None:
-        """PRIV id subject-hashes msgid data: keep a private message."""
-        call, hashes, msgid, data = frames[1], frames[2].decode(), frames[3].decode(), frames[4]
-        batch = Batch(call, f"{self.ns}.priv.{hashes}", 1, time.monotonic() + OP_TIMEOUT)
-        batch.sent.append((data, {"Nats-Msg-Id": msgid}))
-        try:
-            await self._publish(batch, 0)
-        except Exception as exc:  # noqa: BLE001
-            self._settle(batch, f"the cluster did not store it: {_why(exc)}")
-
-    async def _privread(self, frames: list[bytes]) -> None:
-        """PRIVREAD id filter since limit: the latest private messages whose subject matches
-        N.priv.<filter> (wildcards allowed), at or after since."""
-        call, pattern = frames[1], frames[2].decode()
-        since, limit = float(frames[3]), int(frames[4])
-        self._spawn(self._privreading(call, pattern, since, limit))
-
-    async def _privreading(self, call: bytes, pattern: str, since: float, limit: int) -> None:
-        stream, subject = f"{self.ns}-privates", f"{self.ns}.priv.{pattern}"
-        start = (
-            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since))
-            + f".{int((since % 1) * 1e9):09d}Z"
-        )
-        request: dict[str, Any] = {
-            "start_time": start,
-            "next_by_subj": subject,
-            "batch": READ_BATCH,
-        }
-        out: list[bytes] = []
-        try:
-            while True:
-                got = await self._direct(stream, request)
-                out = (out + [msg.data for msg in got])[-limit:]
-                if len(got) < READ_BATCH:
-                    break
-                request = {
-                    "seq": int(got[-1].headers["Nats-Sequence"]) + 1,
-                    "next_by_subj": subject,
-                    "batch": READ_BATCH,
-                }
-        except Exception as exc:  # noqa: BLE001
-            self._fail(call, Failure.UNAVAILABLE, f"private messages not read: {_why(exc)}")
-            return
-        self._done_list(call, out)
+        self.done_list(call, texts)
 
     # ------------------------------------------------------------------ keys, rooms, pushes
     async def _kv(self, frames: list[bytes]) -> None:
         """KV id bucket Change key value revision: change a key; answer with its revision."""
         call, bucket, change, key, value, rev = frames[1:7]
-        self._spawn(
+        self.spawn(
             self._kv_change(call, Bucket(bucket.decode()), change, key.decode(), value, int(rev))
         )
 
@@ -741,13 +591,13 @@ class Bridge:
         try:
             revision = await self.changes[change](bucket, key, value, rev)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
-            self._fail(call, Failure.CONFLICT, str(exc))
+            self.fail(call, Failure.CONFLICT, str(exc))
         except Exception as exc:  # noqa: BLE001 - timeout, connection, ...: always answer
             code = getattr(exc, "err_code", None)
             failure = Failure.CONFLICT if code in WRONG_LAST_SEQUENCE else Failure.UNAVAILABLE
-            self._fail(call, failure, _why(exc))
+            self.fail(call, failure, _why(exc))
         else:
-            self._done(call, revision)
+            self.done(call, revision)
 
     async def _delete(self, bucket: Bucket, key: str, value: bytes, rev: int) -> int:
         await self.kvs[bucket].delete(key, last=rev or None)
@@ -775,7 +625,7 @@ class Bridge:
 
     async def _sync(self, frames: list[bytes]) -> None:
         """SYNC id: the latest revision of each registry bucket, from its stream's leader."""
-        self._spawn(self._syncing(frames[1]))
+        self.spawn(self._syncing(frames[1]))
 
     async def _syncing(self, call: bytes) -> None:
         try:
@@ -783,14 +633,14 @@ class Bridge:
                 *(self.js.stream_info(f"KV_{self.ns}-{bucket}") for bucket in REGISTRY)
             )
         except Exception as exc:  # noqa: BLE001
-            self._fail(call, Failure.UNAVAILABLE, f"the registry did not answer: {_why(exc)}")
+            self.fail(call, Failure.UNAVAILABLE, f"the registry did not answer: {_why(exc)}")
             return
         revs = {bucket: info.state.last_seq for bucket, info in zip(REGISTRY, infos, strict=True)}
-        self._done(call, revs)
+        self.done(call, revs)
 
     async def _room(self, frames: list[bytes]) -> None:
         """ROOM id room: make a room (its stream, then its record); answer whether we did."""
-        self._spawn(self._making_room(frames[1], frames[2].decode()))
+        self.spawn(self._making_room(frames[1], frames[2].decode()))
 
     async def _making_room(self, call: bytes, room: str) -> None:
         try:
@@ -801,33 +651,16 @@ class Bridge:
             except nats.js.errors.KeyWrongLastSequenceError:
                 created = False
         except Exception as exc:  # noqa: BLE001
-            self._fail(call, Failure.UNAVAILABLE, f"the room was not made: {_why(exc)}")
+            self.fail(call, Failure.UNAVAILABLE, f"the room was not made: {_why(exc)}")
             return
-        self._done(call, created)
-
-    async def _follow(self, frames: list[bytes]) -> None:
-        """FOLLOW room: follow a room's stream (a room another broker made)."""
-        self._spawn(self._follow_room(frames[1].decode()))
-
-    async def _follow_room(self, room: str) -> None:
-        """_ensure_room until it works: a room we do not follow never reaches our members."""
-        said = False
-        while not self.closing:
-            try:
-                await self._ensure_room(room)
-                return
-            except Exception as exc:  # noqa: BLE001 - the cluster is away: again soon
-                if not said:
-                    logger.warning("cannot follow room %s yet (%s); trying again", room, _why(exc))
-                    said = True
-                await asyncio.sleep(1.0)
+        self.done(call, created)
 
     async def _route(self, frames: list[bytes]) -> None:
         """ROUTE broker data: a push for a session held by another broker."""
         await self.nc.publish(f"{self.ns}.push.{frames[1].decode()}", frames[2])
 
     async def _routed(self, msg: Any) -> None:
-        self._send([News.ROUTED, msg.data])
+        self.send([News.ROUTED, msg.data])
 
 
 def _event_ts(tail: bytes) -> float:

@@ -1,6 +1,12 @@
 """The room log on NATS: each room's events in a stream of its own, private messages in one
-stream for all; the latest events of each room kept here, so that joins and gap repair
-read them without asking NATS."""
+stream for all (the bridge's streams.py and privates.py); the latest events of each room
+kept here, so that joins and gap repair read them without asking NATS.
+
+A broker follows only the rooms that have members on it: from the first local member's
+join (the join waits until the room's latest events are here) until a while after the
+last local member left (UNFOLLOW_AFTER), so that NATS sends each room's messages only to
+the brokers that deliver them.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,12 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from zmqchat import protocol as m
-from zmqchat._cluster.names import Verb, json_answer, list_answer, msg_id, subject_hash
+from zmqchat._cluster.names import SeenIds, Verb, json_answer, list_answer, msg_id, subject_hash
 from zmqchat._core.state import Delivery, Draft, Op, gather
 
 if TYPE_CHECKING:
@@ -21,22 +28,44 @@ if TYPE_CHECKING:
 logger = logging.getLogger("zmqchat.cluster")
 
 CACHE_EVENTS: Final = 1000  # latest events kept per room: joins and gap repair read these
-MSGID_CACHE: Final = 200_000  # message ids remembered to recognise a retry after the dedup window
+UNFOLLOW_AFTER: Final = 30.0  # seconds a room without local members is still followed
 
 
 class ClusterLog:
     """Rooms' events in their streams; the latest of each kept here for reads."""
 
-    def __init__(self, calls: Calls) -> None:
-        self.calls = calls
+    def __init__(self, calls: Calls, seen: SeenIds) -> None:
+        self.calls, self.seen = calls, seen
         self.delivered: dict[str, int] = {}  # room -> the highest number handed to the core
         self.incoming: list[Delivery] = []
         self.acked: dict[str, int] = {}  # room -> the highest number our own appends got
         self.cache: dict[str, deque[bytes]] = {}
-        self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # msg id -> room, seq
+        self.following: dict[str, Op] = {}  # room -> done once it is followed
+        self.idle: dict[str, float] = {}  # followed room -> since when it has no local member
 
     def start_at(self, room: str, last: int) -> None:
-        self.delivered.setdefault(room, last)
+        """LAST room seq: the room is followed from after seq on (its events come next)."""
+        self.delivered[room] = max(last, self.delivered.get(room, 0))
+        self.cache[room] = deque(maxlen=CACHE_EVENTS)
+
+    def follow_room(self, room: str) -> Op:
+        """Follow a room (once): done when its latest events are here."""
+        self.idle.pop(room, None)
+        op = self.following.get(room)
+        if op is None or op.error is not None:
+            op = self.following[room] = self.calls.call([Verb.FOLLOW, room.encode()], json_answer)
+        return op
+
+    def unfollow_idle(self, has_local_members: Callable[[str], bool], now: float) -> None:
+        """Stop following the rooms without local members for UNFOLLOW_AFTER."""
+        for room, op in list(self.following.items()):
+            if not op.done or has_local_members(room):
+                self.idle.pop(room, None)
+                continue
+            since = self.idle.setdefault(room, now)
+            if now - since >= UNFOLLOW_AFTER:
+                del self.following[room], self.idle[room]
+                self.calls.tell([Verb.UNFOLLOW, room.encode()])
 
     def last(self, room: str) -> int:
         return self.delivered.get(room, 0)
@@ -59,7 +88,7 @@ class ClusterLog:
     def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
         out: dict[str, tuple[str, str, int] | None] = {}
         for cmid in cmids:
-            hit = self.ids.get(msg_id(owner, cmid))
+            hit = self.seen.get(msg_id(owner, cmid))
             out[cmid] = (owner, *hit) if hit is not None else None
         return out
 
@@ -106,7 +135,7 @@ class ClusterLog:
 
         def stored(op: Op) -> None:
             if op.error is None:  # a retry of it is a duplicate from now on
-                self.ids[mid] = ("", 0)
+                self.seen.add(mid, "", 0)
 
         op.then(stored)
         return op
@@ -158,11 +187,6 @@ class ClusterLog:
         if cache is None or first > last + 1:
             cache = self.cache[room] = deque(maxlen=CACHE_EVENTS)
         cache.extend(events[max(0, last + 1 - first) :])
-        ids = self.ids
-        for mid, seq in meta["ids"]:
-            ids[mid] = (room, seq)
-        while len(ids) > MSGID_CACHE:
-            ids.popitem(last=False)
 
     def follow(self) -> list[Delivery]:
         """The events that arrived since the last pass; and the commands of this pass go

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from enum import Enum, StrEnum
 from typing import Any, Final
 
@@ -26,7 +27,8 @@ class Verb(bytes, Enum):
     KV = b"KV"  # id bucket change key value revision: DONE revision
     SYNC = b"SYNC"  # id: the registry's latest revisions; DONE {bucket: revision}
     ROOM = b"ROOM"  # id room: make a room; DONE whether we made it
-    FOLLOW = b"FOLLOW"  # room: follow a room's stream (no answer)
+    FOLLOW = b"FOLLOW"  # id room: follow a room's stream; DONE once its window is handed over
+    UNFOLLOW = b"UNFOLLOW"  # room: stop following it (no answer)
     ROUTE = b"ROUTE"  # broker data: a push for a session on that broker (no answer)
     STOP = b"STOP"  # let go of NATS (News.STOPPED once done)
 
@@ -40,7 +42,7 @@ class News(bytes, Enum):
     DONE = b"DONE"  # id Answer value...: a command's answer
     FAIL = b"FAIL"  # id Failure reason: a command that failed
     EVENTS = b"EVENTS"  # room first meta event...: a room's next events from its stream
-    LAST = b"LAST"  # room seq: where our subscription to a room's stream starts
+    LAST = b"LAST"  # room seq: we follow the room from after seq on (its events come next)
     KEY = b"KEY"  # bucket key revision PUT|DEL value: a watched key changed
     ROUTED = b"ROUTED"  # data: a push for one of our sessions, from another broker
 
@@ -131,3 +133,21 @@ def list_answer(frames: list[bytes]) -> list[str]:
     if frames[0] != Answer.LIST:
         raise ValueError(f"expected a list answer, got {frames[0]!r}")
     return [f.decode() for f in frames[1:]]
+
+
+class SeenIds:
+    """Message ids already stored, and where (room, seq; a private message's: "", 0):
+    the last `size` of them, shared by the bridge (which de-duplicates when it publishes)
+    and the broker's side (which answers a retry it recognises at once)."""
+
+    def __init__(self, size: int = 200_000) -> None:
+        self.size = size
+        self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()
+
+    def add(self, msgid: str, room: str, seq: int) -> None:
+        self.ids[msgid] = (room, seq)
+        if len(self.ids) > self.size:
+            self.ids.popitem(last=False)
+
+    def get(self, msgid: str) -> tuple[str, int] | None:
+        return self.ids.get(msgid)

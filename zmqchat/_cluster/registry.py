@@ -43,8 +43,20 @@ def conflict(error: BaseException | None) -> bool:
 class ClusterRegistry:
     """The registry's buckets as last heard (watched), and changes to them."""
 
-    def __init__(self, calls: Calls, core: CoreLink, fixed_rooms: Iterable[str]) -> None:
-        self.calls, self.core, self.fixed_rooms = calls, core, list(fixed_rooms)
+    def __init__(
+        self,
+        calls: Calls,
+        core: CoreLink,
+        fixed_rooms: Iterable[str],
+        follow: Callable[[str], Op],
+    ) -> None:
+        self.calls, self.core, self.fixed_rooms, self.follow = (
+            calls,
+            core,
+            list(fixed_rooms),
+            follow,
+        )
+        self.name = ""  # our broker's, once it has joined
         self.sessions: dict[str, Identity] = {}  # nick key -> its holder
         self._members: dict[str, dict[str, Member]] = {}  # room -> nick key -> member
         self.rooms: dict[str, RoomSettings] = {}
@@ -305,8 +317,18 @@ class ClusterRegistry:
     def members(self, room: str) -> dict[str, Member]:
         return self._members.get(room, {})
 
+    def has_local_members(self, room: str) -> bool:
+        return any(m.broker == self.name for m in self._members.get(room, {}).values())
+
     def add_member(self, room: str, member: Member) -> Op:
+        """A member in the bucket; a member of ours makes us follow the room, and its join
+        waits for that (the join's reply says where the room is)."""
         self._members.setdefault(room, {})[member.key] = member
+        if member.broker == self.name:
+            return gather([self._add_member(room, member), self.follow(room)])
+        return self._add_member(room, member)
+
+    def _add_member(self, room: str, member: Member) -> Op:
         record = {"nick": member.nick, "sid": member.sid, "broker": member.broker}
         key = f"{room}.{hexkey(member.key)}"
         self.member_revs.pop(key, None)  # until the bucket says which revision it is

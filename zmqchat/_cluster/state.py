@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 from zmqchat._cluster.calls import Calls, CoreLink
 from zmqchat._cluster.liveness import Liveness
 from zmqchat._cluster.log import ClusterLog
-from zmqchat._cluster.names import Beat, Bucket, News, Verb
+from zmqchat._cluster.names import Beat, Bucket, News, SeenIds, Verb
 from zmqchat._cluster.registry import ClusterPresence, ClusterRegistry
 
 if TYPE_CHECKING:
@@ -70,8 +70,9 @@ class Cluster:
         self.calls = Calls()
         self.core = CoreLink()
         self.name = ""
-        self.log = ClusterLog(self.calls)
-        self.registry = ClusterRegistry(self.calls, self.core, self.rooms)
+        self.seen = SeenIds()  # stored message ids: the bridge's and the room log's
+        self.log = ClusterLog(self.calls, self.seen)
+        self.registry = ClusterRegistry(self.calls, self.core, self.rooms, self.log.follow_room)
         self.presence = ClusterPresence(self.calls)
         self.liveness = Liveness(self.calls, self.registry, self.core, self.heartbeat)
         self.bridge: Bridge | None = None
@@ -92,10 +93,11 @@ class Cluster:
         cluster cannot be reached or will not serve."""
         from zmqchat._cluster.bridge import Bridge, BridgeConfig
 
-        self.name = self.liveness.name = name
+        self.name = self.liveness.name = self.registry.name = name
         self.bridge = Bridge(
             BridgeConfig(self.servers, self.namespace, name, list(self.rooms), self.replicas),
             self._from_bridge,
+            self.seen,
         )
         self.calls.take = self.bridge.take
         self.task = self.loop.create_task(self.bridge.main())
@@ -189,6 +191,7 @@ class Cluster:
         """Every half heartbeat: beat, settle dead brokers' sessions, fail what is stuck."""
         self.liveness.tick()
         now = time.monotonic()
+        self.log.unfollow_idle(self.registry.has_local_members, now)
         self.calls.expire(now, CALL_DEADLINE)
         self.registry.expire_catch_ups(now, CALL_DEADLINE)
         self.calls.send_pending()

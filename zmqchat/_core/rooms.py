@@ -59,6 +59,8 @@ class Rooms(CoreBase):
                 before = seqs[0] - 1
             else:
                 yield added
+                # read now: a broker that follows the room from this join on knows it now
+                before = self.room_log.last(name)
         if s.stage is not Stage.LIVE or s.sid not in room.members:  # gone meanwhile
             raise ProtocolError(Code.NOT_MEMBER, f"you are not in {name} any more")
         members, ops = self._listing(room)

@@ -244,7 +244,8 @@ class RoomLog(Protocol):
         first, as JSON texts."""
 
     def follow(self) -> list[Delivery]:
-        """The events that became durable since the last call, to publish."""
+        """The events that became durable since the last call, to publish: of every room
+        on one broker; in a cluster, of the rooms that have members on this broker."""
 
 
 class Registry(Protocol):
