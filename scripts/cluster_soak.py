@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.nats_local import LocalNats, free_ports  # noqa: E402
-from zmqchat import Client, Event  # noqa: E402
+from zmqchat import ChatError, Client, Event  # noqa: E402
 
 ROOMS = ("lobby", "work")
 STALL = 20.0  # seconds without any acknowledgement, while bots send, that count as a stall
@@ -95,7 +95,8 @@ class Broker:
         line = self.proc.stdout.readline()
         if not line.startswith("Broker started"):
             self.proc.wait()
-            raise RuntimeError(f"{self.name} did not start: see {self.folder}/{self.name}.log")
+            log = (self.folder / f"{self.name}.log").read_text().splitlines()
+            raise RuntimeError(f"{self.name} did not start: {log[-1] if log else '?'}")
         self.proc.stdout.readline()  # "In the cluster at ..."
 
     def signal(self, sig: int) -> None:
@@ -126,6 +127,7 @@ class Faults:
 
     began: float = field(default_factory=time.monotonic)
     log: list[tuple[float, float, str]] = field(default_factory=list)  # start, end, what
+    failed_starts: list[str] = field(default_factory=list)
 
     def count(self, prefix: str) -> int:
         return sum(1 for _, _, what in self.log if what.startswith(prefix))
@@ -149,7 +151,12 @@ async def broker_lane(brokers: list[Broker], faults: Faults, stop: asyncio.Event
         if rng.random() < 0.5:
             b.kill()
             await asyncio.sleep(rng.choice([0.0, 0.0, rng.uniform(0.5, 4.0)]))
-            await asyncio.to_thread(b.start)
+            while True:  # as a supervisor would: a start that fails is tried again
+                try:
+                    await asyncio.to_thread(b.start)
+                    break
+                except RuntimeError as err:
+                    faults.failed_starts.append(f"{faults.now():.0f} s: {err}")
             faults.log.append((start, faults.now(), f"kill -9 {b.name} and restart"))
         else:
             pause = rng.choice([rng.uniform(0.5, 3.0), rng.uniform(3.0, 9.0)])
@@ -254,9 +261,17 @@ async def send(bot: Bot, stop: asyncio.Event, acks: Acks, began: float) -> None:
 
 
 async def history(client: Client, room: str) -> list[Event]:
+    """The room's whole history (asked again while the client is still resuming)."""
     out: list[Event] = []
+    deadline = time.monotonic() + SETTLE
     while True:
-        page = await client.history(room, after=out[-1].seq if out else 0, limit=500)
+        try:
+            page = await client.history(room, after=out[-1].seq if out else 0, limit=500)
+        except ChatError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+            continue
         if not page:
             return out
         out += page
@@ -345,7 +360,7 @@ async def check(bots: list[Bot]) -> dict[str, Any]:
             f"{b.client.nick}: {e.text}"
             for b in bots
             for e in b.events
-            if e.kind == "status" and "was taken" in e.text
+            if e.kind == "status" and ("was taken" in e.text or "could not rejoin" in e.text)
         ],
         "delivered": sum(
             1 for b in bots for e in b.events if e.kind == "msg" and e.seq is not None
@@ -401,6 +416,11 @@ async def soak(minutes: float, per_broker: int, heartbeat: float, folder: Path) 
         sending_ended = faults.now()
         await asyncio.gather(*senders)
         result = await check(bots)
+        with open(folder / "statuses.log", "w") as out:  # for --keep: what each bot was told
+            for bot in bots:
+                for e in bot.events:
+                    if e.kind in ("status", "leave", "join"):
+                        print(f"{e.ts:.3f} {bot.client.nick} {e.kind} {e.text}", file=out)
         for task in listeners:
             task.cancel()
         for bot in bots:
@@ -442,7 +462,10 @@ def report(
             f"longest wait for any acknowledgement: {b - a:.1f} s at {a:.0f} s, during: "
             + (", ".join(faults.during(a, b)) or "no fault")
         )
-    print(f"leave notices: {len(result['leaves'])}  nicks lost: {len(result['renamed'])}")
+    print(f"broker starts that failed (tried again at once): {len(faults.failed_starts)}")
+    for line in faults.failed_starts:
+        print("  " + line)
+    print(f"leave notices: {len(result['leaves'])}  nicks or rooms lost: {len(result['renamed'])}")
     for line in (result["problems"] + result["leaves"] + result["renamed"])[:20]:
         print("  " + line)
     bad = (

@@ -349,7 +349,10 @@ class Bridge:
         found" for what another broker made a moment ago, ... while it elects its leaders
         and places replicas: whatever the error, the call is tried again until
         `patient_until`, and the first failure of each step says what we wait for. Only a
-        JetStream that is not enabled at all fails at once."""
+        JetStream that is not enabled at all fails at once. (What the broker sets up after
+        the bridge, its files say, gets SETUP_PATIENCE of its own.)"""
+        if self.patient_until < time.monotonic():
+            self.patient_until = time.monotonic() + SETUP_PATIENCE
         said = False
         while True:
             try:

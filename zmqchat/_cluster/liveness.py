@@ -38,6 +38,7 @@ class Liveness:
     def __init__(
         self, calls: Calls, registry: ClusterRegistry, core: CoreLink, heartbeat: float
     ) -> None:
+        self.probing = False
         self.calls, self.registry, self.core, self.heartbeat = calls, registry, core, heartbeat
         self.name = ""  # ours, once we join
         self.instance = uuid.uuid4().hex[:16]
@@ -46,6 +47,8 @@ class Liveness:
         self.dead: dict[str, float] = {}
         self.heard: dict[str, int] = {}  # broker name -> beats heard
         self.healthy_since: float | None = None  # ours getting through without a break since
+        self.trouble = 0.0  # when one of ours last failed, or was late, or was not heard back
+        self.own_heard = 0.0  # when our own beat last came back through the watch
         self.orphans: dict[str, float] = {}  # sid of a session of ours no connection holds
         self.peers: dict[str, dict[str, Any]] = {}  # broker name -> its last beat
 
@@ -89,6 +92,9 @@ class Liveness:
         """Beat; find the brokers that stopped; settle what their clients left behind."""
         self._beat()
         now = time.monotonic()
+        if now - self.own_heard > self.heartbeat:  # the watch of the beats is behind (its
+            # consumer being moved off a node that died, say): we hear nobody's, ours neither
+            self.healthy_since, self.trouble = None, now
         healthy = self.healthy_since is not None and now - self.healthy_since >= self.limit
         if healthy:
             for name, seen in list(self.seen.items()):
@@ -99,9 +105,15 @@ class Liveness:
                         self.limit,
                     )
                     self.dead[name] = now
+        # A dead broker's clients get a grace period of a working cluster to resume: while
+        # our beats or catch-ups fail or are slow (a NATS node down, a leader being
+        # elected), so may their resumes.
+        settled = now - self.trouble >= self.limit
         for name, since in list(self.dead.items()):
-            if now - since >= self.limit:
+            if now - since >= self.limit and settled:
                 self._reap_broker(name)
+        if (self.dead or self.orphans) and not self.probing:
+            self._probe_registry()
         self._reap_orphans(now)
 
     def woke(self, gap: float) -> None:
@@ -112,6 +124,7 @@ class Liveness:
             for name in table:
                 table[name] += gap
         self.healthy_since = None
+        self.trouble = time.monotonic()
 
     def _beat(self) -> None:
         sent = time.monotonic()
@@ -124,15 +137,31 @@ class Liveness:
                     self.healthy_since = now
             else:
                 self.healthy_since = None  # we cannot tell who is dead while cut off
+                self.trouble = now
 
         op.then(answered)
+
+    def _probe_registry(self) -> None:
+        """While sessions wait to be settled: can a client resume now? (A resume reads
+        every registry bucket; a bucket whose leader is being elected stalls it.)"""
+        self.probing = True
+        asked = time.monotonic()
+
+        def answered(op: Op) -> None:
+            self.probing = False
+            if op.error is not None or time.monotonic() - asked > self.heartbeat:
+                self.trouble = time.monotonic()
+
+        self.registry.catch_up().then(answered)
 
     def observe(self, name: str, value: bytes | None) -> None:
         """A broker's beat record changed (None: deleted)."""
         beat = json.loads(value) if value else {}
         self.peers[name] = beat
         if name == self.name:
-            if beat.get("instance") != self.instance:
+            if beat.get("instance") == self.instance:
+                self.own_heard = time.monotonic()
+            else:
                 self.heard[name] = self.heard.get(name, 0) + 1
                 if beat.get("state") == Beat.UP and self.healthy_since is not None:
                     logger.error(
@@ -176,7 +205,7 @@ class Liveness:
                 continue
             current.add(ident.sid)
             since = self.orphans.setdefault(ident.sid, now)
-            if now - since >= self.limit:
+            if now - since >= self.limit and now - self.trouble >= self.limit:
                 self.orphans[ident.sid] = now  # once a grace period (it may be in flight)
                 self.registry.reap(ident)
         for sid in [sid for sid in self.orphans if sid not in current]:

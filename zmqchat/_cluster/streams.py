@@ -406,6 +406,12 @@ class RoomStream:
             self.refreshing = True
             self.host.spawn(self._load_then_kick())
             return
+        for pending in [p for p in self.queue if self.host.seen.get(p.msgid) is not None]:
+            hit = self.host.seen.get(pending.msgid)
+            if hit is not None and hit[0] == self.room:  # stored by another broker meanwhile
+                self._stored(pending, hit[1])
+        if not self.queue:
+            return
         events: list[Pending] = []
         size = 0
         for pending in self.queue:
@@ -483,7 +489,7 @@ class RoomStream:
             if error.get("err_code") == WRONG_LAST:  # someone appended first
                 self.host.forget_reply(flight.reply_id)
                 self.flight = None
-                self.queue[:0] = flight.events
+                self._requeue(flight.events)
                 self.refreshing = True
                 self.host.spawn(self._refresh())
             return  # else a leader being elected, ...: published again when due
@@ -505,15 +511,22 @@ class RoomStream:
             return
         # stored earlier than we learned it (the subscription or a read was first): the
         # ids say where each went
-        for pending in flight.events:
-            hit = self.host.seen.get(pending.msgid)
-            if hit is not None:
-                self._stored(pending, hit[1])
-            else:
-                self.queue.insert(0, pending)
-        if any(self.host.seen.get(p.msgid) is None for p in flight.events):
+        self._requeue(flight.events)
+        if self.queue:
             self.refreshing = True
             self.host.spawn(self._refresh())
+
+    def _requeue(self, events: list[Pending]) -> None:
+        """A flight's events back in front of the queue, but for those stored meanwhile
+        (learned while they were in flight: they get that seq)."""
+        back = []
+        for pending in events:
+            hit = self.host.seen.get(pending.msgid)
+            if hit is not None and hit[0] == self.room:
+                self._stored(pending, hit[1])
+            else:
+                back.append(pending)
+        self.queue[:0] = back
 
     async def _refresh(self) -> None:
         """Read what others stored since what we know (then publish again)."""
