@@ -405,22 +405,11 @@ async def soak(minutes: float, per_broker: int, heartbeat: float, folder: Path) 
             )
         stop.set()
         await asyncio.gather(*lanes)
-        for node in nodes.nodes:  # everything back
-            node.signal(signal.SIGCONT)
-            if node.died() is not None:
-                node.start()
-        for b in brokers:
-            b.signal(signal.SIGCONT)
-            if b.proc is None or b.proc.poll() is not None:
-                b.start()
+        restore(nodes, brokers)
         sending_ended = faults.now()
         await asyncio.gather(*senders)
         result = await check(bots)
-        with open(folder / "statuses.log", "w") as out:  # for --keep: what each bot was told
-            for bot in bots:
-                for e in bot.events:
-                    if e.kind in ("status", "leave", "join"):
-                        print(f"{e.ts:.3f} {bot.client.nick} {e.kind} {e.text}", file=out)
+        keep_statuses(bots, folder / "statuses.log")
         for task in listeners:
             task.cancel()
         for bot in bots:
@@ -430,6 +419,27 @@ async def soak(minutes: float, per_broker: int, heartbeat: float, folder: Path) 
             b.stop()
         nodes.stop()
     return report(bots, faults, acks, result, sending_ended)
+
+
+def restore(nodes: LocalNats, brokers: list[Broker]) -> None:
+    """Everything back: stopped processes go on, dead ones start again."""
+    for node in nodes.nodes:
+        node.signal(signal.SIGCONT)
+        if node.died() is not None:
+            node.start()
+    for b in brokers:
+        b.signal(signal.SIGCONT)
+        if b.proc is None or b.proc.poll() is not None:
+            b.start()
+
+
+def keep_statuses(bots: list[Bot], path: Path) -> None:
+    """What each bot was told (its statuses, the joins and leaves it saw): for --keep."""
+    with open(path, "w") as out:
+        for bot in bots:
+            for e in bot.events:
+                if e.kind in ("status", "leave", "join"):
+                    print(f"{e.ts:.3f} {bot.client.nick} {e.kind} {e.text}", file=out)
 
 
 def report(

@@ -97,15 +97,16 @@ def file_request(rng: random.Random, i: int) -> list[bytes]:
     if pick < 0.7:
         body = {
             "upload": rng.choice(UPLOADS or ["0" * 32]),
-            "offset": rng.choice([0, 1, 65536, -1, 2**70]),
+            "offset": rng.choice([0, 1, 65536, m.CHUNK, -1, 2**70]),
         }
-        data = rng.randbytes(rng.choice([0, 1, 100, 65536, 65537]))
+        # (a frame over m.MAX_FRAME never reaches the broker: ZeroMQ drops the connection)
+        data = rng.randbytes(rng.choice([0, 1, 100, 65536, 65537, m.CHUNK]))
         extra = [rng.randbytes(5)] if rng.random() < 0.1 else []
         return [b"PUT", label, json.dumps(body).encode(), data, *extra]
     body = {
         "file": rng.choice(FILE_IDS),
         "offset": rng.choice([0, 5, 2**40, -1]),
-        "size": rng.choice([1, 65536, 10**9, 0]),
+        "size": rng.choice([1, 65536, m.CHUNK, m.CHUNK + 1, 10**9, 0]),
     }
     return [rng.choice([b"GET", b"FILE", b"RMFILE", b"FILES"]), label, json.dumps(body).encode()]
 

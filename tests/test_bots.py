@@ -851,3 +851,33 @@ def test_restarted_bot_waits_for_its_old_nick(broker, bots):
     assert bot.client.nick == "phoenix"
     assert time.monotonic() - began < 3 * 0.3 + 3.0
     old.close()
+
+
+# ---------------------------------------------------------------------------- edits (issue 23)
+def test_a_bot_hears_edits_and_removals_and_answers_with_a_quote(broker, people, bots):
+    """@bot.on_edit and @bot.on_delete get the events (naming the message they change);
+    ctx.reply(quote=True) answers the very message that woke the bot."""
+    bot, seen = Bot(), []
+
+    @bot.on_edit
+    async def edited(ctx) -> None:
+        seen.append(("edit", ctx.nick, ctx.text, ctx.event.data["ref"]))
+
+    @bot.on_delete
+    async def deleted(ctx) -> None:
+        seen.append(("delete", ctx.nick, ctx.event.data["ref"]))
+
+    @bot.command("ping")
+    async def ping(ctx) -> None:
+        await ctx.reply("pong", quote=True)
+
+    bots(bot, broker.port, "watchbot")
+    ann = people("ann")
+    seq = ann.say("lobby", "typo")
+    ann.client.edit("lobby", seq, "fixed")
+    ann.client.delete("lobby", seq)
+    wait_for(lambda: len(seen) == 2, 5, "the bot hearing both")
+    assert seen == [("edit", "ann", "fixed", seq), ("delete", "ann", seq)]
+    asked = ann.say("lobby", "!ping")
+    pong = ann.reply("watchbot", lambda t: t == "pong")
+    assert (pong.data["re"], pong.data["re_nick"]) == (asked, "ann")

@@ -682,7 +682,8 @@ def test_longest_text_accepted(broker):
 
 
 def test_oversized_frame_refused_at_socket(make_broker):
-    """A frame over 64 KiB drops its sender's connection unread; the broker serves others after."""
+    """A frame over MAX_FRAME (1 MiB) drops its sender's connection unread; the broker serves
+    others after."""
 
     async def scenario(chat: Chat) -> None:
         bob = await chat.client("bob")

@@ -101,6 +101,7 @@ def test_a_broker_restarted_at_once_takes_over_its_own_name(make_cluster_broker)
             async with Client(f"127.0.0.1:{b2.port}", nick="late") as late:
                 after = await late.say("lobby", "from the new b2")
             await until(lambda: after in view.seqs(), 10, "the new b2's message")
+            await until(lambda: "late left" in [e.text for e in view.room()], 10, "late's leave")
             assert [e.text for e in view.room() if e.kind == "leave"] == [lost, "late left"]
             await quiet.close()
 

@@ -308,6 +308,13 @@ VALID: dict[Kind, dict[str, Any]] = {
     Kind.FILE: {"file": "0123abcd"},
     Kind.RMFILE: {"file": "0123abcd"},
 }
+VALID.update(  # edits, removals and search (issue 23)
+    {
+        Kind.EDIT: {"room": "lobby", "seq": 1, "text": "x"},
+        Kind.DELETE: {"room": "lobby", "seq": 1},
+        Kind.SEARCH: {"query": "x"},
+    }
+)
 
 
 @pytest.mark.parametrize("kind", [k for k in Kind if k is not Kind.HELLO])

@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,84 @@ def test_private_file_reaches_only_its_recipient(broker, tmp_path):
                 assert ev.kind != "file" and offer["file"] not in ev.text
             assert all(e.kind != "file" for e in await carol.history("lobby"))
             assert [o["file"] for o in await bob.files(with_nick="alice")] == [offer["file"]]
+
+    asyncio.run(scenario())
+
+
+def test_a_private_file_is_for_the_client_it_was_sent_to_not_its_nick(make_broker, tmp_path):
+    """A private file follows the identity of its two parties, as private history does:
+    bob under another nick still gets it; a guest who takes the nick 'bob' once bob has
+    left gets the same refusal as anyone, and no listing of it."""
+    b = make_broker()
+    src = payload(tmp_path, "patch.diff", 3000)
+    for folder in ("bob", "guest"):
+        (tmp_path / folder).mkdir()
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "alice") as a:
+            bob = Client("127.0.0.1", b.port, "bob")
+            await bob.connect()
+            fid = (await a.send_file("@bob", str(src)))["file"]
+            await bob.set_nick("robert")
+            got = await bob.download(fid, str(tmp_path / "bob"))
+            assert Path(got).read_bytes() == src.read_bytes()
+            assert [o["file"] for o in await bob.files(with_nick="alice")] == [fid]
+            await bob.close()
+            async with Client("127.0.0.1", b.port, "robert") as guest:
+                with pytest.raises(ChatError) as err:
+                    await guest.download(fid, str(tmp_path / "guest"))
+                assert err.value.code == m.Code.NO_SUCH_FILE
+                assert await guest.files(with_nick="alice") == []
+            async with Client("127.0.0.1", b.port, "bob") as guest:
+                with pytest.raises(ChatError) as err:
+                    await guest.request(m.Kind.GET, {"file": fid, "offset": 0})
+                assert err.value.code == m.Code.NO_SUCH_FILE
+                assert await guest.files(with_nick="alice") == []
+            assert [o["file"] for o in await a.files(with_nick="bob")] == [fid]
+
+    asyncio.run(scenario())
+    assert os.listdir(tmp_path / "guest") == []
+
+
+def test_a_busy_disk_slows_an_upload_down_and_never_fails_it(
+    make_local_broker, tmp_path, monkeypatch
+):
+    """When the broker's disk is behind (its queue of chunks full) a PUT is refused with
+    RATE_LIMITED: the sender waits as told and goes on, and the file arrives whole."""
+    import zmqchat._core.files as core_files
+
+    monkeypatch.setattr(core_files, "IO_LIMIT", 1)  # one chunk queued: the next is refused
+    b = make_local_broker()
+    size = 3 * m.WINDOW * m.CHUNK // 2
+    src = payload(tmp_path, "big.bin", size)
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "alice") as a:
+            offer = await a.send_file("lobby", str(src))
+            got = await a.download(offer["file"], str(tmp_path))
+            assert Path(got).read_bytes() == src.read_bytes()
+
+    asyncio.run(scenario())
+    assert b.broker.core.stats.requests[m.Kind.UPLOAD] > 1  # it was refused, and went on
+
+
+def test_many_downloads_at_once_from_one_client_all_arrive(broker, tmp_path):
+    """Six downloads at once by one client ask for more chunks than the broker serves one
+    connection at a time: the ones over are told to wait, and every copy arrives whole."""
+    src = payload(tmp_path, "data.bin", 2 * m.WINDOW * m.CHUNK)
+    out = tmp_path / "dl"
+    out.mkdir()
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", broker.port, "alice") as a:
+            fid = (await a.send_file("lobby", str(src)))["file"]
+            async with Client("127.0.0.1", broker.port, "bob") as bob:
+                dirs = [out / str(i) for i in range(6)]
+                for d in dirs:
+                    d.mkdir()
+                got = await asyncio.gather(*(bob.download(fid, str(d)) for d in dirs))
+        for path in got:
+            assert Path(path).read_bytes() == src.read_bytes()
 
     asyncio.run(scenario())
 
@@ -297,7 +376,8 @@ def test_transfers_resume_after_the_broker_is_killed(make_broker_process, tmp_pa
     download: each goes on from where it stopped once the broker is back, and the file
     arrives whole (checked against its SHA-256)."""
     b = make_broker_process("--heartbeat", "0.3")
-    src = payload(tmp_path, "dump.bin", 5 * MB)
+    size = 3 * m.WINDOW * m.CHUNK  # a third still to send when the broker dies mid-way
+    src = payload(tmp_path, "dump.bin", size)
     out = tmp_path / "dl"
     out.mkdir()
     restarts: list[int] = []
@@ -338,4 +418,65 @@ def test_transfers_resume_after_the_broker_is_killed(make_broker_process, tmp_pa
     asyncio.run(scenario())
     assert len(restarts) == 2
     for progress in seen:  # went on from where it was, never from the start again
-        assert progress == sorted(progress) and progress[-1] == 5 * MB
+        assert progress == sorted(progress) and progress[-1] == size
+
+
+def test_transfers_go_on_through_the_other_broker_of_a_cluster(make_cluster_broker, tmp_path):
+    """kill -9 of the broker taking an upload: the client goes on through the other broker
+    from the last segment the first one shared, not from the start; kill -9 of the broker
+    serving a download: it goes on through the other from where it got to. The file
+    arrives whole (checked against its SHA-256)."""
+    from zmqchat._cluster.file_parts import SEGMENT
+
+    b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
+    size = 3 * SEGMENT + 12345
+    src = payload(tmp_path, "dump.bin", size)
+    out = tmp_path / "dl"
+    out.mkdir()
+    seen: dict[str, list[int]] = {"up": [], "down": []}
+    at_kill: dict[str, int] = {}
+
+    def hold_until_killed(what: str, broker, ready) -> Callable[[int, int], None]:
+        """A progress callback that, past two segments, kills `broker` once `ready()` and
+        holds the client until it is dead (so the transfer cannot finish first)."""
+
+        def kill() -> None:
+            wait_for(ready, 30, f"{broker.name} ready to be killed")
+            broker.proc.kill()
+            broker.proc.wait()
+
+        def progress(done: int, total: int) -> None:
+            seen[what].append(done)
+            if done >= 2 * SEGMENT and what not in at_kill:
+                at_kill[what] = done
+                killer = threading.Thread(target=kill)
+                killer.start()
+                killer.join(40)
+
+        return progress
+
+    def shared_twice() -> bool:
+        return b1.log_text().count("upload-shared") >= 2
+
+    async def scenario() -> None:
+        async with Client(f"127.0.0.1:{b1.port},127.0.0.1:{b2.port}", nick="alice") as a:
+            assert a.welcome["broker"] == "b1"
+            offer = await a.send_file(
+                "lobby", str(src), progress=hold_until_killed("up", b1, shared_twice)
+            )
+            assert a.welcome["broker"] == "b2"
+        b1.start()
+        async with Client(f"127.0.0.1:{b2.port},127.0.0.1:{b1.port}", nick="bob") as bob:
+            path = await bob.download(
+                offer["file"], str(out), progress=hold_until_killed("down", b2, lambda: True)
+            )
+            assert bob.welcome["broker"] == "b1"
+        assert Path(path).read_bytes() == src.read_bytes()
+
+    asyncio.run(scenario())
+    assert "upload-restored" in b2.log_text()
+    for what, progress in seen.items():
+        assert progress[-1] == size, what
+        after = progress[progress.index(at_kill[what]) + 1 :]
+        assert after and min(after) >= 2 * SEGMENT, (what, after[:3])  # not from the start
+    assert seen["down"] == sorted(seen["down"])  # a download loses nothing it had

@@ -25,14 +25,23 @@ ALLOWED: dict[str, set[str]] = {
     "zmqchat._config": {"zmqchat._core"},
     # file contents on disk (one broker's store, a cluster broker's cache)
     "zmqchat._blobs": {"zmqchat.protocol", "zmqchat._core"},
+    # the full-text index and edits of a history database (one broker's, a cluster broker's)
+    "zmqchat._index": {"zmqchat.protocol"},
     # the two implementations of the state interfaces
-    "zmqchat._local": {"zmqchat.protocol", "zmqchat._ops.logs", "zmqchat._core", "zmqchat._blobs"},
+    "zmqchat._local": {
+        "zmqchat.protocol",
+        "zmqchat._ops.logs",
+        "zmqchat._core",
+        "zmqchat._blobs",
+        "zmqchat._index",
+    },
     "zmqchat._cluster": {
         "zmqchat.protocol",
         "zmqchat._ops.logs",
         "zmqchat._core",
         "zmqchat._config",
         "zmqchat._blobs",
+        "zmqchat._index",
     },
     # the operator's side reads the core's counters through its own interface
     "zmqchat._ops.metrics": {"zmqchat._core"},
@@ -46,6 +55,7 @@ ALLOWED: dict[str, set[str]] = {
         "zmqchat._cluster",
         "zmqchat._usage",
         "zmqchat._blobs",
+        "zmqchat._index",
     },
     # the client library knows nothing of what is built on it
     "zmqchat._client": {"zmqchat.protocol"},

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zmqchat.protocol import (
+    CHUNK,
     MAX_BATCH,
     MAX_CMID,
     MAX_HISTORY,
@@ -93,6 +94,7 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "room": "dev",
             "relay": None,
             "hops": None,
+            "re": None,
             "msgs": [
                 {"id": "c1", "text": "héllo ✓", "action": False},
                 {"id": "c2", "text": "waves", "action": True},
@@ -133,11 +135,26 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
         {"upload": "b" * 32, "offset": 0},
         {"upload": "b" * 32, "offset": 0, "data": b"xyz"},
     ),
-    Kind.GET: ({"file": "0123abcd", "offset": 5}, {"file": "0123abcd", "offset": 5, "size": 65536}),
+    Kind.GET: ({"file": "0123abcd", "offset": 5}, {"file": "0123abcd", "offset": 5, "size": CHUNK}),
     Kind.FILES: ({"with": "bob"}, {"room": None, "with": "bob"}),
     Kind.FILE: ({"file": "0123abcd"}, {"file": "0123abcd"}),
     Kind.RMFILE: ({"file": "0123abcd"}, {"file": "0123abcd"}),
 }
+
+# Edits, removals, replies and search (issue 23)
+ROUND_TRIPS.update(
+    {
+        Kind.EDIT: (
+            {"room": "dev", "seq": 7, "text": "fixed"},
+            {"room": "dev", "seq": 7, "text": "fixed"},
+        ),
+        Kind.DELETE: ({"room": "dev", "seq": 7}, {"room": "dev", "seq": 7}),
+        Kind.SEARCH: (
+            {"query": 'deploy* "build failed"', "limit": 500},
+            {"query": 'deploy* "build failed"', "room": None, "limit": 100},
+        ),
+    }
+)
 
 
 def test_round_trip_table_covers_every_kind() -> None:

@@ -21,7 +21,7 @@ from conftest import ROOT
 from zmqchat import protocol as m
 
 DOC = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
-VOLATILE = {"ts", "grant", "pub_port", "motd", "time", "broker"}  # differ from run to run
+VOLATILE = {"ts", "grant", "pub_port", "motd", "time", "broker", "edited"}  # vary by run
 
 
 # ---------------------------------------------------------------------------- reading the doc
@@ -101,6 +101,9 @@ MINIMAL = {
     m.Kind.KICK: {"room": "lobby", "nick": "bob"},
     m.Kind.BAN: {"room": "lobby", "nick": "bob"},
     m.Kind.UNBAN: {"room": "lobby", "nick": "bob"},
+    m.Kind.EDIT: {"room": "lobby", "seq": 2, "text": "fixed"},
+    m.Kind.DELETE: {"room": "lobby", "seq": 2},
+    m.Kind.SEARCH: {"query": "fixed"},
     m.Kind.UPLOAD: {"room": "lobby", "id": "a" * 32, "name": "x", "size": 1, "sha256": "0" * 64},
     m.Kind.PUT: {"upload": "b" * 32, "offset": 0},
     m.Kind.GET: {"file": "0123abcd", "offset": 0},
@@ -210,6 +213,13 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
         private = ok(ann, "PRIV", {"to": "BOB", "text": "psst", "id": "a-2"})
         ok(ann, "PRIV", {"to": "bob", "text": "psst", "id": "a-2"})  # duplicate
         pushes.append(("PRIVATE", bob.push("PRIVATE")))
+        hi = replies["SAY"][-1]["acks"][0][1]  # edits, replies, search (section 16)
+        ok(ann, "SAY", {"room": "lobby", "msgs": [{"id": "a-3", "text": "oops"}], "re": hi})
+        oops = replies["SAY"][-1]["acks"][0][1]
+        ok(ann, "EDIT", {"room": "lobby", "seq": hi, "text": "hi all"})
+        ok(ann, "SEARCH", {"query": "hi*", "room": "lobby"})
+        ok(ann, "SEARCH", {"query": "psst"})
+        ok(ann, "DELETE", {"room": "lobby", "seq": oops})
         ok(ann, "ROOMS", {})
         ok(ann, "WHO", {"room": "lobby"})
         ok(ann, "WHO", {})
@@ -265,15 +275,20 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
     assert {e["kind"] for e in events} == EVENT_KINDS  # every kind happened, documented
     for event in events:
         assert set(event) <= EVENT_FIELDS, f"undocumented {set(event) - EVENT_FIELDS}: {event}"
+    results = [r for body in replies["SEARCH"] for r in body["results"]]
+    assert {r["kind"] for r in results} == {"msg", "private"}
+    for result in results:  # events as stored, with where they matched
+        assert set(result) <= EVENT_FIELDS | {"marks"} and result["marks"], result
 
 
 # ---------------------------------------------------------------------------- the worked session
 
 
-def session_lines() -> list[tuple[str, str]]:
-    block = re.search(r"^```frames\n(.*?)^```", DOC, re.M | re.S)
-    assert block, "PROTOCOL.md has no worked session (a ```frames block)"
-    return [tuple(line.split(None, 1)) for line in block.group(1).splitlines()]
+def sessions() -> list[list[tuple[str, str]]]:
+    """Every worked session of the document (each ```frames block)."""
+    blocks = re.findall(r"^```frames\n(.*?)^```", DOC, re.M | re.S)
+    assert blocks, "PROTOCOL.md has no worked session (a ```frames block)"
+    return [[tuple(line.split(None, 1)) for line in b.splitlines()] for b in blocks]
 
 
 def frame(text: str) -> bytes:
@@ -289,9 +304,11 @@ def steady(value: Any) -> Any:
     return value
 
 
-def test_worked_session_replays_against_a_fresh_broker(make_broker):
-    """Every request of the worked session, sent to a fresh broker, gets the reply shown;
+@pytest.mark.parametrize("session", range(len(sessions())), ids=lambda i: f"session{i + 1}")
+def test_worked_session_replays_against_a_fresh_broker(make_broker, session):
+    """Every request of each worked session, sent to a fresh broker, gets the reply shown;
     every push and published frame shown arrives, with the contents shown."""
+    lines = sessions()[session]
     broker = make_broker(heartbeat=2.0)
     ctx = zmq.Context()
     try:
@@ -299,7 +316,7 @@ def test_worked_session_replays_against_a_fresh_broker(make_broker):
         sub = ctx.socket(zmq.XSUB)
         sub.linger = 0
         grant, checked = "", 0
-        for who, rest in session_lines():
+        for who, rest in lines:
             actor = who[1:]
             if who[0] == "C":
                 kind, label, body = rest.split(" | ", 2)
@@ -331,7 +348,7 @@ def test_worked_session_replays_against_a_fresh_broker(make_broker):
                 checked += 1
             else:
                 raise AssertionError(f"unknown line {who} {rest}")
-        assert checked == sum(who[0] in "BP" for who, _ in session_lines()) >= 15
+        assert checked == sum(who[0] in "BP" for who, _ in lines) >= 15
     finally:
         ctx.destroy(linger=0)
 

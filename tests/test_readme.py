@@ -73,6 +73,37 @@ def test_readme_echo_bot_works(make_broker_process, tmp_path):
         bot.wait()
 
 
+def test_readme_file_bot_counts_the_errors_of_a_log(make_broker_process, tmp_path):
+    """The README's @bot.on_file bot downloads a log offered to its room and answers with
+    its name and how many lines say ERROR."""
+    code = next(s for s in snippets() if "@bot.on_file" in s)
+    folder = tmp_path / "bot-downloads"
+    folder.mkdir()
+    log = tmp_path / "build.log"
+    log.write_text("ok\nERROR one\nfine\nERROR two\nERROR three\n")
+    proc = make_broker_process()
+    bot = run_snippet(code.replace('"/tmp"', repr(str(folder))), proc.port, tmp_path)
+
+    async def scenario() -> str:
+        async with Client("127.0.0.1", proc.port, "newuser", backlog=0) as me:
+            for _ in range(100):  # until the bot is in the room
+                if "logbot" in await me.who("lobby"):
+                    break
+                await asyncio.sleep(0.1)
+            await me.send_file("lobby", str(log))
+            while True:
+                ev = await me.next_event(10)
+                if ev.kind == "msg" and ev.bot:
+                    return ev.text
+
+    try:
+        assert asyncio.run(scenario()) == "got your build.log, 3 errors in it"
+        assert (folder / "build.log").read_bytes() == log.read_bytes()
+    finally:
+        bot.send_signal(signal.SIGINT)
+        assert bot.wait(10) == 0, bot.stderr.read()
+
+
 # ------------------------------------------------------------------ one text for both
 
 

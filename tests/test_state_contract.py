@@ -18,6 +18,7 @@ import pytest
 
 from zmqchat import protocol as m
 from zmqchat._config import Config
+from zmqchat._core import search
 from zmqchat._core.state import (
     Delivery,
     Draft,
@@ -300,3 +301,99 @@ def test_identities_list_every_held_session(state):
     state.settle(reg.release(a))
     state.settle(reg.catch_up())
     assert {i.nick for i in reg.identities()} == {"bob"}
+
+
+# ---------------------------------------------------------------------------- edits, search
+# (issue 23: core/edits_state.py's MessageLog: message(), search(), and what an edit or a
+# removal appended to the log does to the message it names)
+
+ANN, BEN = "tok:ann-identity", "tok:ben-identity"
+
+
+def say(state: State, text: str, owner: str = ANN, room: str = "lobby") -> int:
+    cmid = secrets.token_hex(8)
+    return state.settle(state.log.append(room, [Draft(EventKind.MSG, "ann", text, owner, cmid)]))[0]
+
+
+def change(state: State, kind: EventKind, ref: int, text: str = "", room: str = "lobby") -> int:
+    draft = Draft(kind, "ann", text or f"ann {kind}d a message", ANN, None, {"ref": ref})
+    return state.settle(state.log.append(room, [draft]))[0]
+
+
+def read(state: State, room: str = "lobby") -> dict[int, dict[str, Any]]:
+    texts = state.settle(state.log.read(room, after=0, before=None, since=None, limit=500))
+    return {e["seq"]: e for e in map(json.loads, texts)}
+
+
+def find(state: State, query: str, rooms: list[str], me: str | None = None) -> list[str]:
+    found = state.settle(state.log.search(search.parse(query), rooms, me, 20))
+    return [json.loads(t)["text"] for t in found.texts]
+
+
+def test_a_message_is_found_with_its_sender(state):
+    """message() gives the event and whether the owner asked about sent it; nothing for
+    a number with no event."""
+    seq = say(state, "hello there")
+    stored = state.settle(state.log.message("lobby", seq, ANN))
+    assert (stored.event["text"], stored.event["kind"], stored.mine) == ("hello there", "msg", True)
+    assert state.settle(state.log.message("lobby", seq, BEN)).mine is False
+    assert state.settle(state.log.message("lobby", seq + 5, ANN)) is None
+
+
+def test_an_edit_changes_the_message_in_history_and_search(state):
+    """After an edit, history reads the message with the new text, marked edited at the
+    edit's time; search finds the new words, not the old ones."""
+    seq = say(state, "the deploy failed")
+    edit = change(state, EventKind.EDIT, seq, "the deploy worked")
+    events = read(state)
+    assert events[seq]["text"] == "the deploy worked"
+    assert events[seq]["edited"] == events[edit]["ts"]
+    assert (events[edit]["kind"], events[edit]["ref"]) == ("edit", seq)
+    assert find(state, "deploy", ["lobby"]) == ["the deploy worked"]
+    assert find(state, "failed", ["lobby"]) == []
+
+
+def test_a_removal_leaves_no_text_of_the_message_or_its_edits(state):
+    """A removed message and its edit read as `deleted` events; the removal names it; the
+    message is no longer found, by message() or by search."""
+    seq = say(state, "my password is swordfish")
+    edit = change(state, EventKind.EDIT, seq, "my password is tuna")
+    other = say(state, "tuna for lunch")
+    removal = change(state, EventKind.DELETE, seq)
+    events = read(state)
+    for gone in (seq, edit):
+        assert events[gone] == json.loads(m.tombstone("lobby", gone, events[gone]["ts"]))
+    assert (events[removal]["kind"], events[removal]["ref"]) == ("delete", seq)
+    assert events[other]["text"] == "tuna for lunch"
+    assert "swordfish" not in json.dumps(events) and "password" not in json.dumps(events)
+    assert state.settle(state.log.message("lobby", seq, ANN)) is None
+    assert find(state, "tuna", ["lobby"]) == ["tuna for lunch"]
+    assert find(state, "password", ["lobby"]) == []
+
+
+def test_an_edit_of_a_removed_message_keeps_no_text(state):
+    """An edit that comes after the removal (two brokers racing) is a deleted event too."""
+    seq = say(state, "oops")
+    change(state, EventKind.DELETE, seq)
+    edit = change(state, EventKind.EDIT, seq, "oops again")
+    assert read(state)[edit]["kind"] == "deleted"
+    assert find(state, "oops", ["lobby"]) == []
+
+
+def test_search_keeps_to_the_rooms_and_the_private_messages_asked_for(state):
+    """Rooms not asked for are not searched; private messages only for their two parties
+    (`me`); newest first; words, prefixes and phrases."""
+    say(state, "deploy in lobby")
+    say(state, "deployment in work", room="work")
+    data = m.dumps({"kind": "private", "nick": "ann", "to": "ben", "text": "deploy key", "ts": 1.0})
+    state.settle(state.log.append_private(time.time(), ANN, BEN + " ben", "p1", data, "ann"))
+    assert find(state, "deploy", ["lobby"]) == ["deploy in lobby"]
+    assert find(state, "deploy*", ["lobby", "work"]) == ["deployment in work", "deploy in lobby"]
+    assert find(state, '"in work"', ["lobby", "work"]) == ["deployment in work"]
+    deadline = time.monotonic() + 5  # a cluster's index follows the private stream
+    while find(state, "key", [], ANN) != ["deploy key"]:
+        assert time.monotonic() < deadline, "the private message was never indexed"
+        state.settle(state.registry.catch_up())  # a turn of a cluster's loop
+    assert find(state, "key", [], BEN) == ["deploy key"]
+    assert find(state, "key", [], "tok:someone-else") == []
+    assert find(state, "key", ["lobby", "work"]) == []

@@ -3,11 +3,18 @@
     FOLDER/objects/<sha256>        a content, complete and checked
     FOLDER/uploads/<key>.part      an upload under way (resumable until its grace runs out)
 
-Every disk access runs on one thread of its own, in the order asked (an upload's chunks are
-written in order), so a slow disk never stalls the broker's loop: each call returns an Op
-that the loop completes in `drain()` once the thread is done, woken through a pipe (`fd`).
-The thread also keeps each upload's running SHA-256 (hashlib lets go of the interpreter
-lock for large buffers, as do reads and writes).
+Disk work that may wait runs on one thread of its own, in the order asked (an upload's
+chunks are written in order), so a slow disk never stalls the broker's loop: each call
+returns an Op that the loop completes in `drain()` once the thread is done, woken through
+a pipe (`fd`). Each upload's running SHA-256 is kept by a second thread, fed by the first
+in order: a chunk is hashed while the next is written (hashlib lets go of the interpreter
+lock for large buffers, as do reads and writes), so an upload's rate is that of the slower
+of the two, not of both in turn.
+
+A read whose bytes are in the page cache is a memory copy: the loop does it itself on a
+content the thread opened for it, asking the kernel not to wait (RWF_NOWAIT), and goes to
+the thread only when the kernel would have to read the disk. That spares a download two
+thread switches per chunk; a pass reads at most INLINE_BYTES so chat is not held up.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import hashlib
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -29,9 +35,11 @@ from zmqchat.protocol import Code, ProtocolError
 log = logging.getLogger("zmqchat.files")
 
 DRAIN: Final = 256  # completions handled per pass of the loop: bounds a pass's work
-OPEN_READERS: Final = 64  # contents kept open for reading (the most recently read)
+OPEN_READERS: Final = 64  # contents kept open for reading (the most recently read), per side
+INLINE_BYTES: Final = 4 << 20  # bytes the loop reads per pass (~1 ms of copying), then the thread
+_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+: fail rather than wait for the disk
 REHASH_BLOCK: Final = 1 << 20  # bytes read at a time to hash a resumed upload's start
-SWITCH_INTERVAL: Final = 0.0005  # seconds: see DiskBlobs.__init__
+HASH_QUEUE: Final = 4  # chunks written and not yet hashed, at most (then the writer waits)
 
 
 class _Part:
@@ -41,6 +49,37 @@ class _Part:
 
     def __init__(self, fd: int, hasher: Any, written: int) -> None:
         self.fd, self.hasher, self.written = fd, hasher, written
+
+
+class _Hashing:
+    """A thread that feeds chunks to their uploads' hashers, in the order given."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Any, Any] | None] = queue.Queue(HASH_QUEUE)
+        self._thread = threading.Thread(target=self._work, name="files-hash", daemon=True)
+        self._thread.start()
+
+    def update(self, hasher: Any, data: Any) -> None:
+        self._jobs.put((hasher, data))
+
+    def settle(self) -> None:
+        """Until every chunk given so far is hashed."""
+        done = threading.Event()
+        self._jobs.put((done, None))
+        done.wait()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(5.0)
+
+    def _work(self) -> None:
+        _behind_the_loop()
+        while (job := self._jobs.get()) is not None:
+            hasher, data = job
+            if data is None:
+                hasher.set()
+            else:
+                hasher.update(data)
 
 
 class DiskBlobs:
@@ -58,13 +97,14 @@ class DiskBlobs:
         self._done: deque[tuple[Op, Any, BaseException | None]] = deque()
         self._parts: dict[str, _Part] = {}  # the thread's alone
         self._readers: OrderedDict[str, int] = OrderedDict()  # the thread's alone
+        self._open: OrderedDict[str, int] = OrderedDict()  # the loop's alone: read inline
+        self._inline = 0  # bytes read on the loop in this pass
+        self._woken = False  # the thread has written to the pipe since the last drain
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.pending = 0  # jobs asked and not yet completed
-        # The disk thread waits for the interpreter lock at most this long (Python's default,
-        # 5 ms, held a chunk's answer up to a whole interval: 50 MB/s instead of ~200).
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        self._hashing = _Hashing()
         self._thread = threading.Thread(target=self._work, name="files-io", daemon=True)
         self._thread.start()
 
@@ -82,10 +122,14 @@ class DiskBlobs:
 
     def drain(self) -> None:
         """Complete the Ops whose work is done (at most DRAIN; the rest on the next pass)."""
+        self._inline = 0
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
+        # After the pipe is read and before the deque is: a completion after this wakes us
+        # again, one before it is in the deque (cleared first, a wake-up could be lost).
+        self._woken = False
         done = self._done
         for _ in range(DRAIN):
             if not done:
@@ -111,8 +155,10 @@ class DiskBlobs:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(5.0)
-        for fd in (self._wake_r, self._wake_w):
+        self._hashing.close()
+        for fd in (self._wake_r, self._wake_w, *self._open.values()):
             os.close(fd)
+        self._open.clear()
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.folder)
@@ -131,10 +177,53 @@ class DiskBlobs:
         self._submit(self._abandon, key)
 
     def read(self, sha256: str, offset: int, size: int) -> Op:
-        return self._submit(self._read, sha256, offset, size)
+        data = self._read_now(sha256, offset, size)
+        if data is not None:
+            return Op.ready(data)
+        if sha256 in self._open:
+            return self._submit(self._read, sha256, offset, size)
+        result = Op()
+        self._submit(self._read_and_open, sha256, offset, size).then(
+            lambda op: self._opened(sha256, op, result)
+        )
+        return result
+
+    def _read_now(self, sha256: str, offset: int, size: int) -> bytearray | None:
+        """The bytes, if they are all in the page cache of a content open here; else None."""
+        fd = self._open.get(sha256)
+        if fd is None or not _NOWAIT or self._inline >= INLINE_BYTES:
+            return None
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], offset, _NOWAIT)
+        except OSError:  # EAGAIN: on the disk; EOPNOTSUPP: a file system without it
+            return None
+        self._inline += n
+        self._open.move_to_end(sha256)
+        return buf if n == size else None
+
+    def _opened(self, sha256: str, op: Op, result: Op) -> None:
+        """The thread read a content the loop has no descriptor of, and opened one for it."""
+        if op.error is not None:
+            result.fail(op.error)
+            return
+        data, fd = op.value
+        if sha256 in self._open:  # two first reads at once
+            os.close(fd)
+        else:
+            self._open[sha256] = fd
+            if len(self._open) > OPEN_READERS:
+                os.close(self._open.popitem(last=False)[1])
+        result.resolve(data)
 
     def delete(self, sha256: str) -> Op:
+        self._close_open(sha256)
         return self._submit(self._delete, sha256)
+
+    def _close_open(self, sha256: str) -> None:
+        fd = self._open.pop(sha256, None)
+        if fd is not None:
+            os.close(fd)
 
     def sweep(self, grace: float, live: set[str]) -> None:
         self._submit(self._sweep, grace, set(live))
@@ -147,6 +236,7 @@ class DiskBlobs:
 
     # ------------------------------------------------------------------ the thread
     def _work(self) -> None:
+        _behind_the_loop()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -159,7 +249,9 @@ class DiskBlobs:
                     log.warning("file operation %s failed: %s", fn.__name__, exc)
                     exc = ProtocolError(Code.NO_SPACE if _full(exc) else Code.INTERNAL, str(exc))
                 self._done.append((op, None, exc))
-            self._signal()
+            if not self._woken:  # else the loop has yet to drain: it will see this one too
+                self._woken = True
+                self._signal()
         for part in self._parts.values():
             os.close(part.fd)
         for fd in self._readers.values():
@@ -195,7 +287,7 @@ class DiskBlobs:
         while view:
             n = os.pwrite(part.fd, view, at)
             view, at = view[n:], at + n
-        part.hasher.update(data)
+        self._hashing.update(part.hasher, data)
         part.written = at
         return at
 
@@ -205,6 +297,7 @@ class DiskBlobs:
             raise ProtocolError(Code.NO_SUCH_FILE, "this upload was abandoned; start it again")
         os.close(part.fd)
         path = self._part_path(key)
+        self._hashing.settle()
         if part.hasher.hexdigest() != sha256:
             os.unlink(path)
             raise ProtocolError(
@@ -239,6 +332,10 @@ class DiskBlobs:
     def _read(self, sha256: str, offset: int, size: int) -> bytes:
         return os.pread(self._reader(sha256), size, offset)
 
+    def _read_and_open(self, sha256: str, offset: int, size: int) -> tuple[bytes, int]:
+        data = self._read(sha256, offset, size)
+        return data, os.dup(self._readers[sha256])
+
     def _delete(self, sha256: str) -> None:
         fd = self._readers.pop(sha256, None)
         if fd is not None:
@@ -260,6 +357,16 @@ class DiskBlobs:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 pass
+
+
+def _behind_the_loop() -> None:
+    """This thread yields the processor to the broker's loop (Linux schedules threads one by
+    one: a nice of 10 on this one alone), so that a chat line is not queued behind file
+    work on a busy host."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the same priority then
+        pass
 
 
 def _full(exc: BaseException) -> bool:

@@ -310,13 +310,16 @@ class Context:
             return None
         return hops
 
-    async def reply(self, text: str, *, action: bool = False) -> Any:
-        """Answer in the event's room, or privately to the sender of a private message."""
+    async def reply(self, text: str, *, action: bool = False, quote: bool = False) -> Any:
+        """Answer in the event's room, or privately to the sender of a private message;
+        `quote=True` answers that very message (people see what it answers)."""
         if self.event is None:
             raise RuntimeError("a timer has no event to reply to: use ctx.say(room, text)")
         if self.private:
             return await self.msg(self.event.nick, text)
         assert self.event.room is not None
+        if quote and self.event.kind in ("msg", "action") and self.event.seq:
+            return await self.say(self.event.room, text, action=action, re=self.event.seq)
         return await self.say(self.event.room, text, action=action)
 
     async def say(self, room: str, text: str, *, action: bool = False, **extra: Any) -> int | None:
@@ -596,6 +599,18 @@ class Bot:
     ) -> Any:
         """A private message to the bot (not one of its commands); `ctx.reply` answers privately."""
         return self._on(frozenset({"private"}), fn, pattern=pattern)
+
+    def on_edit(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None) -> Any:
+        """Someone edited a message (issue 23): `ctx.text` is its new text, `ctx.event.data`
+        has `ref`, the seq of the message edited."""
+        return self._on(frozenset({"edit"}), fn, room=room)
+
+    def on_delete(
+        self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None
+    ) -> Any:
+        """A message was deleted (issue 23): `ctx.event.data["ref"]` is its seq, `ctx.nick`
+        its sender, and `data["by"]` the operator who removed it, if it was not its sender."""
+        return self._on(frozenset({"delete"}), fn, room=room)
 
     def on_file(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None) -> Any:
         """A file offered in a room the bot is in, or to the bot alone: `ctx.file` has its

@@ -29,6 +29,7 @@ from typing import Any, Final
 import zmq
 
 from zmqchat import protocol as m
+from zmqchat._cli import edits
 from zmqchat._cli.errors import UsageError
 from zmqchat._cli.files import COMMANDS as FILE_COMMANDS
 from zmqchat._cli.files import FileCommands, Transfer, default_downloads
@@ -73,6 +74,7 @@ COMMANDS: Final = (
     ("/unban NICK", "let someone banned join again (operators)"),
     ("/lock, /unlock", "only operators may set the topic, or everyone again (operators)"),
     *FILE_COMMANDS,
+    *edits.COMMANDS,
     ("/help", "this list"),
     (
         "/quit [REASON]",
@@ -299,8 +301,9 @@ def connect(
 # ---------------------------------------------------------------------------- the session
 
 
-class Chat(FileCommands):
-    """One session's state and commands, shared by the terminal and the line front ends."""
+class Chat(FileCommands, edits.EditCommands):
+    """One session's state and commands, shared by the terminal and the line front ends
+    (the file commands: files.py; those that edit, answer and find messages: edits.py)."""
 
     def __init__(
         self,
@@ -343,6 +346,7 @@ class Chat(FileCommands):
             "get": self.cmd_get,
             "rmfile": self.cmd_rmfile,
         }
+        self.commands.update(self.edit_commands())
 
     async def greet(self) -> None:
         """The broker's banner and who and where we are."""
@@ -381,7 +385,11 @@ class Chat(FileCommands):
             if ev.kind == EventKind.PRIVATE and not ev.mine and ev.data.get("to") == ev.nick:
                 continue  # a note to self: the broker's copy of our own send is shown
             self.track(ev)
-            self.screen.event(ev, me=self.client.nick, room=self.room)
+            hidden = not self.screen.json_mode and self.hidden(ev)
+            self.remember(ev)
+            if not hidden:
+                quote = await self.quote(ev)
+                self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
             if (
                 ev.kind == Status.KIND
                 and ev.room
@@ -449,6 +457,8 @@ class Chat(FileCommands):
             except (KeyError, TypeError, ValueError) as err:  # a reply we did not expect
                 self.screen.error(f"/{name} failed: {err!r}", "INTERNAL")
             return
+        if line.startswith("s/") and self.substitution(line):  # s/old/new/: a fix
+            return
         text = line[1:] if line.startswith("//") else line
         if not self.room:
             self.screen.error(
@@ -474,6 +484,7 @@ class Chat(FileCommands):
             seq = await sending
             if room and isinstance(seq, int):  # its echo is what shows it was said
                 self.echoes[room] = max(seq, self.echoes.get(room, 0))
+                self.sent(room, seq, text)  # ours to edit
         except ChatError as err:
             short = text if len(text) <= 30 else text[:29] + "…"
             self.screen.error(f'not sent ("{short}"): {err.reason}', err.code)
@@ -626,8 +637,12 @@ class Chat(FileCommands):
             else f"no history in {self.room}",
             command="history",
         )
+        listed = {int(ev.seq or 0) for ev in events if ev.kind in edits.MESSAGE_KINDS}
         for ev in events:
-            self.screen.event(ev, me=self.client.nick, room=self.room)
+            self.remember(ev)
+            if self.screen.json_mode or not self.hidden(ev, listed):
+                quote = await self.quote(ev)
+                self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
 
     async def cmd_kick(self, arg: str) -> None:
         nick, _, reason = arg.partition(" ")

@@ -31,10 +31,12 @@ DIM: Final = "2"
 BOLD: Final = "1"
 MENTION: Final = "30;43"  # black on yellow
 ERROR: Final = "31"
-SPOKEN: Final = frozenset({EventKind.MSG, EventKind.ACTION, EventKind.PRIVATE})  # may mention
+SPOKEN: Final = frozenset(  # may mention someone
+    {EventKind.MSG, EventKind.ACTION, EventKind.PRIVATE, EventKind.EDIT}
+)
 NOTICE_KINDS: Final = frozenset(
     {EventKind.JOIN, EventKind.LEAVE, EventKind.NICK, EventKind.TOPIC}
-    | {EventKind.KICK, EventKind.BAN, EventKind.NOTICE}
+    | {EventKind.KICK, EventKind.BAN, EventKind.NOTICE, EventKind.DELETE}
 )
 
 
@@ -68,9 +70,12 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M", when)
 
 
-def event_json(ev: Event) -> str:
-    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog)."""
+def event_json(ev: Event, quote: str | None = None) -> str:
+    """One event as a JSON line: the broker's fields plus the client's view (mine, backlog;
+    for a reply, `quote`: what it answers, as shown)."""
     data: dict[str, Any] = dict(ev.data)
+    if quote is not None:
+        data["quote"] = quote
     data.update(
         kind=ev.kind,
         room=ev.room,
@@ -101,8 +106,9 @@ class Render:
     def paint(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.colour and code else text
 
-    def event(self, ev: Event, *, me: str, room: str | None) -> str:
-        """One line for one event; `me` is our nick (mentions), `room` the current room."""
+    def event(self, ev: Event, *, me: str, room: str | None, quote: str | None = None) -> str:
+        """One line for one event; `me` is our nick (mentions), `room` the current room,
+        `quote` what a reply answers."""
         dimmed = ev.backlog  # a dimmed line keeps no inner colours: a reset would end the dim
         nick = escape(ev.nick)
         if not dimmed:
@@ -112,6 +118,10 @@ class Render:
         text = escape(ev.text)
         if not dimmed and not ev.mine and ev.kind in SPOKEN and mentions(ev.text, me):
             text = self.paint(text, MENTION)
+        if ev.kind == EventKind.EDIT or ev.data.get("edited"):  # a fixed message (issue 23)
+            text += " (edited)"
+        if quote is not None:  # what a reply answers (issue 23)
+            text = f"[re {escape(quote)}] {text}"
         body = self.body(ev, nick, text)
         if ev.bot:
             body = "[bot] " + body
@@ -131,7 +141,7 @@ class Render:
     def body(ev: Event, nick: str, text: str) -> str:
         """What the event says, with its nick and text as they are to be shown."""
         kind = ev.kind
-        if kind == EventKind.MSG:
+        if kind in (EventKind.MSG, EventKind.EDIT):
             return f"<{nick}> {text}"
         if kind == EventKind.ACTION:
             return f"* {nick} {text}"
@@ -175,8 +185,12 @@ class Screen:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
 
-    def event(self, ev: Event, *, me: str, room: str | None) -> None:
-        self.write(event_json(ev) if self.json_mode else self.render.event(ev, me=me, room=room))
+    def event(self, ev: Event, *, me: str, room: str | None, quote: str | None = None) -> None:
+        self.write(
+            event_json(ev, quote)
+            if self.json_mode
+            else self.render.event(ev, me=me, room=room, quote=quote)
+        )
 
     def note(self, text: str, kind: str = "info", **data: Any) -> None:
         """A local line (a command's answer); in JSON mode an object with `kind` and `text`."""

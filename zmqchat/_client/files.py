@@ -17,6 +17,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol
 
 from zmqchat import protocol as m
@@ -45,11 +46,19 @@ class Client(Protocol):
 
 # Errors after which a transfer waits for the connection and goes on.
 RESUMABLE: Final = frozenset(
-    {"DISCONNECTED", "TIMEOUT", m.Code.UNAVAILABLE, m.Code.NO_HELLO, m.Code.BAD_OFFSET}
+    {
+        "DISCONNECTED",
+        "TIMEOUT",
+        m.Code.UNAVAILABLE,
+        m.Code.NO_HELLO,
+        m.Code.BAD_OFFSET,
+        m.Code.RATE_LIMITED,  # the broker's disk is behind (many uploads at once)
+    }
 )
 RECONNECT_WAIT: Final = 120.0  # seconds a transfer waits for the broker to come back
 CHUNK_TIMEOUT: Final = 20.0  # seconds one chunk may take (a busy disk, a loaded cluster)
 HASH_BLOCK: Final = 1 << 20
+SINK_BEHIND: Final = 4  # chunks of a download received and not yet written (4 MiB)
 
 
 def sha256_file(path: str, upto: int | None = None) -> tuple[Any, int]:
@@ -76,7 +85,7 @@ async def _recover(client: Client, err: ChatError, deadline: float) -> None:
     if not client.connected:
         await client.wait_online(max(0.1, deadline - time.monotonic()))
     else:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(min(1.0, float(err.body.get("retry_after", 0.05))))
 
 
 class _Window:
@@ -136,7 +145,9 @@ async def send_file(
         while True:
             try:
                 reply = await client.request(m.Kind.UPLOAD, body)
-                if "offer" in reply:
+                if "offer" in reply:  # all there already (sent before a lost answer, or before)
+                    if progress is not None:
+                        progress(size, size)
                     return dict(reply["offer"])
                 if int(reply["offset"]) >= size:  # the broker is finishing it: ask again
                     await asyncio.sleep(0.2)
@@ -224,18 +235,25 @@ async def download(client: Client, file_id: str, folder: str, progress: Progress
     size, sha, name = int(info["size"]), str(info["sha256"]), m.safe_name(str(info["name"]))
     part = _downloads_part(folder, file_id)
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    sink: _Sink | None = None
     try:
         if os.fstat(fd).st_size > size:
             os.ftruncate(fd, 0)
         hasher, have = await _off_loop(sha256_file, part)
         sink = _Sink(fd, hasher, have)
+        # what this broker serves per GET (65536 and 16 for the first brokers, which did not say)
+        chunk = max(1, min(int(info.get("chunk", 1 << 16)), m.CHUNK))
+        window = max(1, min(int(info.get("window", 16)), 64))
         while sink.have < size:
             try:
-                await _get_all(client, file_id, sink, size, progress)
+                await _get_all(client, file_id, sink, size, (chunk, window), progress)
             except ChatError as err:
                 await _recover(client, err, deadline)
                 deadline = time.monotonic() + RECONNECT_WAIT
+        await sink.settle()
     finally:
+        if sink is not None:
+            sink.close()  # its thread is done with the descriptor before it is closed
         os.close(fd)
     if hasher.hexdigest() != sha:
         os.unlink(part)
@@ -246,31 +264,63 @@ async def download(client: Client, file_id: str, folder: str, progress: Progress
 
 
 class _Sink:
-    """A download's partial file, its running digest and its length."""
+    """A download's partial file, its running digest and its length (`have`: the bytes
+    received, written or on their way to the file). Chunks are written and hashed in order
+    on a thread of their own while the loop reads the next ones (both let go of the
+    interpreter lock), at most SINK_BEHIND of them waiting."""
 
     def __init__(self, fd: int, hasher: Any, have: int) -> None:
         self.fd, self.hasher, self.have = fd, hasher, have
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="zmqchat-download")
+        self._behind: deque[asyncio.Future[None]] = deque()
 
-    def add(self, data: bytes) -> None:
-        os.pwrite(self.fd, data, self.have)
-        self.hasher.update(data)
+    async def add(self, data: bytes | memoryview) -> None:
+        """Queue a chunk; wait while too many are (an error of a write comes out here)."""
+        loop = asyncio.get_running_loop()
+        self._behind.append(loop.run_in_executor(self._pool, self._write, data, self.have))
         self.have += len(data)
+        while self._behind and (len(self._behind) > SINK_BEHIND or self._behind[0].done()):
+            await self._behind.popleft()
+
+    async def settle(self) -> None:
+        """Until every chunk is in the file and the digest."""
+        while self._behind:
+            await self._behind.popleft()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fut in self._behind:  # cancelled mid-way: their errors are of no use now
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+        self._behind.clear()
+
+    def _write(self, data: bytes | memoryview, at: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
+        self.hasher.update(data)
 
 
 async def _get_all(
-    client: Client, fid: str, sink: _Sink, size: int, progress: Progress | None
+    client: Client,
+    fid: str,
+    sink: _Sink,
+    size: int,
+    pace: tuple[int, int],
+    progress: Progress | None,
 ) -> None:
-    window, asked = _Window(client), sink.have
+    (chunk, credit), window, asked = pace, _Window(client), sink.have
     try:
         while sink.have < size:
-            while asked < size and len(window.sent) < m.WINDOW:
-                window.send(m.Kind.GET, {"file": fid, "offset": asked, "size": m.CHUNK})
-                asked += min(m.CHUNK, size - asked)
+            while asked < size and len(window.sent) < credit:
+                window.send(m.Kind.GET, {"file": fid, "offset": asked, "size": chunk})
+                asked += min(chunk, size - asked)
             answer = await window.next(CHUNK_TIMEOUT)
             data = answer.get("~data", b"")
             if int(answer.get("offset", -1)) != sink.have or not data:
                 raise ChatError(m.Code.BAD_OFFSET, "a chunk came out of place")
-            sink.add(data)
+            await sink.add(data)
             if progress is not None:
                 progress(sink.have, size)
     finally:

@@ -38,12 +38,13 @@ import zmq.asyncio
 from zmqchat import protocol as m
 from zmqchat._client import files
 from zmqchat._client.errors import ChatError, Progress
+from zmqchat._client.messages import Messages
 from zmqchat._client.ordering import Fetch, RoomOrder
 
 log = logging.getLogger("zmqchat.client")
 
 
-BATCH_BYTES = 48 * 1024  # a SAY's body, at most: well under the broker's 64 KiB frame limit
+BATCH_BYTES = 48 * 1024  # a SAY's body, at most: well under the broker's MAX_REQUEST (96 KiB)
 BACKOFF_CAP = 10.0  # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000  # a ZeroMQ handshake with a stopped broker gives up after this
 MINE_MEMORY = 100_000  # message ids of ours remembered, to mark our own echoes
@@ -148,8 +149,9 @@ def _split(batch: bytes) -> list[msgspec.Raw]:
 class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     """Something that happened: a room event, a private message, or a connection status.
 
-    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice (room events),
-    private, or status (local: "connection lost, reconnecting...", "reconnected", ...).
+    kind is one of msg, action, join, leave, nick, topic, kick, ban, notice, edit, delete,
+    deleted (room events), private, or status (local: "connection lost, reconnecting...",
+    "reconnected", ...).
     `data` is every field of the event as the broker sent it (a dict, made on first use).
     """
 
@@ -255,8 +257,9 @@ class _Send:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Client:
-    """A connection to the broker: commands, room events, acknowledged sends, reconnects.
+class Client(Messages):
+    """A connection to the broker: commands, room events, acknowledged sends, reconnects;
+    edits, removals, replies and search (messages.py).
 
     `host` may name several brokers ("h1:9001,h2", or a list): the first is tried first; when
     one does not answer, or the connection to it is lost, the next one in turn is tried.
@@ -412,6 +415,10 @@ class Client:
             for e in reply["events"]
         ]
 
+    def _from_wire(self, d: dict[str, Any], *, mine: bool, backlog: bool) -> Event:
+        """An Event from a reply's event (for the parts of Client in modules of their own)."""
+        return Event.from_wire(d, mine=mine, backlog=backlog)
+
     async def heard(self, room: str, seq: int, timeout: float | None = None) -> bool:
         """Wait until this client has delivered room's events up to seq (its own message
         echoed back, say): False if that takes longer than timeout or it left the room.
@@ -565,6 +572,10 @@ class Client:
         except zmq.Again:  # the queue to the broker is full: it is not reading
             self._waiting.pop(label, None)
             raise ChatError("TIMEOUT", "the broker is not taking requests") from None
+        # A send may take the descriptor's wake-up for replies that came meanwhile (ZeroMQ's
+        # descriptor is edge-triggered): reading EVENTS through the asyncio socket wakes the
+        # reader if so, as pyzmq's own send does; else they waited for the poll's timeout.
+        self._dealer.get(zmq.EVENTS)
         return label, future
 
     def _forget(self, label: bytes) -> None:
@@ -820,15 +831,22 @@ class Client:
                     last_ping = now
                     asyncio.create_task(self._ping())
 
-    def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[bytes]]:
+    def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[Any]]:
         """The messages already waiting on sock (at most 1000 a turn); each proves liveness.
-        Read through a plain socket on the same handle: no future per message."""
+        Read through a plain socket on the same handle: no future per message. A fourth
+        frame (a file's chunk) is a view of ZeroMQ's buffer, not a copy."""
         plain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         for _ in range(1000):
             try:
-                frames = plain.recv_multipart(zmq.NOBLOCK)
+                frames: list[Any] = [plain.recv(zmq.NOBLOCK)]
             except zmq.Again:
                 return
+            while plain.rcvmore:
+                if len(frames) < 3:
+                    frames.append(plain.recv(zmq.NOBLOCK))
+                else:
+                    chunk: Any = plain.recv(zmq.NOBLOCK, copy=False)
+                    frames.append(memoryview(chunk))
             self._last_heard = time.monotonic()
             yield frames
 
@@ -1082,7 +1100,7 @@ class Client:
             ):
                 break
             size += len(m.dumps(item.text)) + 80  # its id and the JSON around it
-            if batch and size > BATCH_BYTES:  # the frame must stay under MAX_FRAME
+            if batch and size > BATCH_BYTES:  # the request must stay under MAX_REQUEST
                 break
             batch.append(item)
         return batch

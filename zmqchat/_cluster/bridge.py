@@ -42,6 +42,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from zmqchat._cluster import edits
+from zmqchat._cluster.history import History
 from zmqchat._cluster.names import (
     REGISTRY,
     Answer,
@@ -77,6 +79,7 @@ IDLE_HEARTBEAT: Final = 1.0  # seconds: a subscription that hears nothing for tw
 JS_NOT_ENABLED: Final = frozenset({10039, 10076})  # JetStream off: waiting will not help
 STREAM_NAME_IN_USE: Final = 10058  # a stream (or bucket) of that name exists already
 WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})  # a compare-and-set lost
+ERASED: Final = "erased"  # the bucket of what erased stream messages held besides (history.py)
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Bridge:
         self.ns = cfg.namespace
         self.kvs: dict[Bucket, Any] = {}
         self.streams: dict[str, RoomStream] = {}
+        self.erased: Any = None  # the NS-erased bucket
         self.made: dict[str, asyncio.Future[None]] = {}  # room -> done once its stream is
         self.calls: dict[bytes, Call] = {}  # APPENDs under way
         self.privates = Privates(self)
@@ -129,6 +133,7 @@ class Bridge:
             Verb.FOLLOW: self._follow,
             Verb.UNFOLLOW: self._unfollow,
             Verb.SYNC: self._sync,
+            **edits.verbs(self),  # MSGGET, ERASE (issue 23)
         }
         self.changes: dict[bytes, Callable[[Bucket, str, bytes, int], Awaitable[int]]] = {
             Change.CREATE: lambda bucket, key, value, rev: self._create(bucket, key, value),
@@ -324,6 +329,9 @@ class Bridge:
             f"making the stream {self.ns}-privates",
             lambda: self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.>"]),
         )
+        self.erased = await self.patiently(
+            f"making the bucket {self.ns}-erased", partial(self._bucket, ERASED)
+        )
         for bucket in Bucket:
             await self.patiently(
                 f"reading the bucket {self.ns}-{bucket}", partial(self._watch, bucket)
@@ -341,6 +349,10 @@ class Bridge:
             cb=self._replied,
             pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=1 << 30,
+        )
+        await self.patiently(  # for the search index (issue 23)
+            "following the private messages",
+            lambda: edits.follow_privates(self, IDLE_HEARTBEAT),
         )
 
     async def patiently(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -377,7 +389,7 @@ class Bridge:
                     said = True
                 await asyncio.sleep(0.25)
 
-    async def _bucket(self, bucket: Bucket) -> Any:
+    async def _bucket(self, bucket: str) -> Any:
         name = f"{self.ns}-{bucket}"
         try:
             return await self.js.key_value(name)
@@ -434,6 +446,9 @@ class Bridge:
         if stream is None:
             stream = self.streams[room] = RoomStream(self, room)
         return stream
+
+    def history(self, room: str) -> History:
+        return self.stream(room).history
 
     # ------------------------------------------------------------------ watching buckets
     async def _watch(self, bucket: Bucket) -> None:
@@ -568,7 +583,7 @@ class Bridge:
             hi = min(q["before"] - 1, q["last"]) if q["before"] is not None else q["last"]
             lo = max(1, hi - q["limit"] + 1)
         try:
-            found = await self.stream(room).read(lo, hi)
+            found = await self.history(room).read(lo, hi)
         except Exception as exc:  # noqa: BLE001
             self.fail(call, Failure.UNAVAILABLE, f"history not read: {_why(exc)}")
             return

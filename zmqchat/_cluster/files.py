@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from zmqchat._blobs import DiskBlobs
+from zmqchat._cluster.file_parts import SharedUploads
 from zmqchat._core.files_state import FileOffer
 from zmqchat._core.state import Op
 from zmqchat.protocol import Code, ProtocolError
@@ -190,14 +191,11 @@ class ClusterFiles(_Async):
 
         return self.run(ask)
 
-    def listing(self, room: str | None, pair: tuple[str, str] | None) -> Op:
+    def listing(self, room: str | None, peer: str | None) -> Op:
         if room is not None:
             found = [o for o in self.offers.values() if o.room == room]
         else:
-            assert pair is not None
-            found = [
-                o for o in self.offers.values() if not o.room and {o.sender, o.to_key} == set(pair)
-            ]
+            found = [o for o in self.offers.values() if not o.room and peer in (o.sender, o.to_key)]
         return Op.ready(sorted(found, key=lambda o: o.ts))
 
     def add(self, offer: FileOffer) -> Op:
@@ -220,27 +218,68 @@ class ClusterFiles(_Async):
 
 
 class ClusterBlobs(DiskBlobs):
-    """Contents in the Object Store, with this broker's disk as their cache."""
+    """Contents in the Object Store, with this broker's disk as their cache; uploads under
+    way shared there too, a segment at a time (file_parts.py)."""
 
     def __init__(self, folder: str, cluster: Any, store: Any) -> None:
         super().__init__(folder)
         self.store = store
         self.tasks = _Async(cluster)
         self.fetching: dict[str, Op] = {}  # contents on their way into the cache
+        self.parts = SharedUploads(store, self.tasks)
+
+    def begin(self, key: str, size: int, sha256: str) -> Op:
+        """Resume from what this disk has, or from what another broker shared."""
+        result = Op()
+        restored = self.tasks.run(lambda: self.parts.restore(key, self._part_path(key), size))
+        restored.then(
+            lambda op: (
+                result.fail(op.error)
+                if op.error is not None
+                else super(ClusterBlobs, self)
+                .begin(key, size, sha256)
+                .then(lambda op: result.fail(op.error) if op.error else result.resolve(op.value))
+            )
+        )
+        return result
+
+    def write(self, key: str, offset: int, data: Any) -> Op:
+        op = super().write(key, offset, data)
+
+        def written(op: Op) -> None:
+            if op.error is None:
+                self.parts.written(key, self._part_path(key), int(op.value))
+
+        op.then(written)
+        return op
 
     def finish(self, key: str, sha256: str) -> Op:
         result = Op()
 
         def checked(op: Op) -> None:
             if op.error is not None:
+                self.parts.drop(key)
                 result.fail(op.error)
                 return
-            self.tasks.run(lambda: self._share(sha256)).then(
-                lambda op: result.fail(op.error) if op.error else result.resolve(None)
-            )
+            self.tasks.run(lambda: self._share(sha256)).then(shared)
+
+        def shared(op: Op) -> None:
+            if op.error is not None:
+                result.fail(op.error)  # the segments stay: the client may try again
+            else:
+                self.parts.drop(key)
+                result.resolve(None)
 
         super().finish(key, sha256).then(checked)
         return result
+
+    def abandon(self, key: str) -> None:
+        super().abandon(key)
+        self.parts.drop(key)
+
+    def sweep(self, grace: float, live: set[str]) -> None:
+        super().sweep(grace, live)
+        self.tasks.run(lambda: self.parts.sweep(grace, set(live)))
 
     async def _share(self, sha256: str) -> None:
         """Put a checked content into the Object Store (once: the same bytes sent again
@@ -257,7 +296,7 @@ class ClusterBlobs(DiskBlobs):
             await self.store.put(sha256, f)
 
     def read(self, sha256: str, offset: int, size: int) -> Op:
-        if self.has(sha256):
+        if sha256 in self._open or self.has(sha256):  # open here: in the cache
             return super().read(sha256, offset, size)
         fetching = self.fetching.get(sha256)
         if fetching is None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from zmqchat import protocol as m
+from zmqchat._cluster.index import ClusterIndex, LogEdits
 from zmqchat._cluster.names import SeenIds, Verb, json_answer, list_answer, msg_id, subject_hash
 from zmqchat._core.state import Delivery, Draft, Op, gather
 
@@ -31,8 +32,11 @@ CACHE_EVENTS: Final = 1000  # latest events kept per room: joins and gap repair 
 UNFOLLOW_AFTER: Final = 30.0  # seconds a room without local members is still followed
 
 
-class ClusterLog:
-    """Rooms' events in their streams; the latest of each kept here for reads."""
+class ClusterLog(LogEdits):
+    """Rooms' events in their streams; the latest of each kept here for reads (edits,
+    removals and search: index.py)."""
+
+    msg_id = staticmethod(msg_id)
 
     def __init__(self, calls: Calls, seen: SeenIds) -> None:
         self.calls, self.seen = calls, seen
@@ -42,11 +46,13 @@ class ClusterLog:
         self.cache: dict[str, deque[bytes]] = {}
         self.following: dict[str, Op] = {}  # room -> done once it is followed
         self.idle: dict[str, float] = {}  # followed room -> since when it has no local member
+        self.index = ClusterIndex(self._index_read, self._erase, self._patch_cache)  # issue 23
 
     def start_at(self, room: str, last: int) -> None:
         """LAST room seq: the room is followed from after seq on (its events come next)."""
         self.delivered[room] = max(last, self.delivered.get(room, 0))
         self.cache[room] = deque(maxlen=CACHE_EVENTS)
+        self.index.start(room, last)  # the search index reads the room up to last
 
     def follow_room(self, room: str) -> Op:
         """Follow a room (once): done when its latest events are here."""
@@ -92,7 +98,7 @@ class ClusterLog:
             out[cmid] = (owner, *hit) if hit is not None else None
         return out
 
-    def read(
+    def _read(
         self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
     ) -> Op:
         last = max(self.last(room), self.acked.get(room, 0))
@@ -187,10 +193,12 @@ class ClusterLog:
         if cache is None or first > last + 1:
             cache = self.cache[room] = deque(maxlen=CACHE_EVENTS)
         cache.extend(events[max(0, last + 1 - first) :])
+        self.index.arrived(room, first, events)  # edits, removals, search (issue 23)
 
     def follow(self) -> list[Delivery]:
         """The events that arrived since the last pass; and the commands of this pass go
         out to the bridge now (the end of a pass of the broker's loop)."""
         self.calls.send_pending()
+        self.index.commit()
         out, self.incoming = self.incoming, []
         return out

@@ -30,6 +30,8 @@ class Verb(bytes, Enum):
     FOLLOW = b"FOLLOW"  # id room: follow a room's stream; DONE once its window is handed over
     UNFOLLOW = b"UNFOLLOW"  # room: stop following it (no answer)
     ROUTE = b"ROUTE"  # broker data: a push for a session on that broker (no answer)
+    MSGGET = b"MSGGET"  # id room seq: one event as stored; DONE [data, msg id] or [] (edits.py)
+    ERASE = b"ERASE"  # room seq...: erase events from the stream (no answer; edits.py)
     STOP = b"STOP"  # let go of NATS (News.STOPPED once done)
 
 
@@ -45,6 +47,7 @@ class News(bytes, Enum):
     LAST = b"LAST"  # room seq: we follow the room from after seq on (its events come next)
     KEY = b"KEY"  # bucket key revision PUT|DEL value: a watched key changed
     ROUTED = b"ROUTED"  # data: a push for one of our sessions, from another broker
+    PRIVS = b"PRIVS"  # seq subject data...: private messages, for the search index
 
 
 class Answer(bytes, Enum):

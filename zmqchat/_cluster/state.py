@@ -85,6 +85,7 @@ class Cluster:
             News.KEY: self._key_changed,
             News.LAST: lambda frames: self.log.start_at(frames[1].decode(), int(frames[2])),
             News.ROUTED: lambda frames: self.core.routed(json.loads(frames[1])),
+            News.PRIVS: lambda frames: self.log.index.privates(frames[1:]),  # search
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -179,6 +180,7 @@ class Cluster:
             if pending:
                 self.loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
             self.loop.close()
+        self.log.index.close()
 
     def woke(self, gap: float) -> None:
         """The broker's loop did not run for `gap` seconds (stopped, or starved): nothing
@@ -193,6 +195,9 @@ class Cluster:
         now = time.monotonic()
         self.log.unfollow_idle(self.registry.has_local_members, now)
         self.calls.expire(now, CALL_DEADLINE)
+        self.log.index.retry()  # the search index (issue 23)
+        self.log.index.commit()
+        self.log.index._wake()
         self.registry.expire_catch_ups(now, CALL_DEADLINE)
         self.calls.send_pending()
 

@@ -26,7 +26,6 @@ broker that had read everything before it. What a broker knows reaches back to t
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import logging
 import time
@@ -36,6 +35,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from zmqchat import protocol as m
+from zmqchat._cluster.history import History, Stored, parse, stored_of
 from zmqchat._cluster.names import News, SeenIds, room_stream, room_subject
 
 logger = logging.getLogger("zmqchat.cluster")
@@ -52,43 +53,6 @@ DEPARTURES: Final = frozenset({"leave", "kick", "ban"})
 CLIENT_KINDS: Final = frozenset({"msg", "action"})
 
 
-@dataclass(slots=True)
-class Stored:
-    """One stream message: its sequence, and the room's events in it (a..b)."""
-
-    seq: int
-    first: int
-    kinds: list[str]
-    ids: list[str]
-    tails: list[bytes]
-
-    @property
-    def last(self) -> int:
-        return self.first + len(self.tails) - 1
-
-
-def parse(seq: int, headers: dict[str, str] | None, data: bytes) -> Stored:
-    headers = headers or {}
-    first = headers.get("Zc-First")
-    if first is None:  # one event, numbered by its stream sequence
-        return Stored(
-            seq, seq, [headers.get("Zc-Kind", "")], [headers.get("Nats-Msg-Id", "")], [data]
-        )
-    return Stored(
-        seq,
-        int(first),
-        headers.get("Zc-Kinds", "").split(","),
-        headers.get("Zc-Ids", "").split(","),
-        data.split(b"\n"),
-    )
-
-
-def stored_of(msg: Any) -> Stored:
-    """A direct get's answer as a stream message (its sequence is in a header)."""
-    headers = msg.headers or {}
-    return parse(int(headers["Nats-Sequence"]), headers, msg.data or b"")
-
-
 class Host(Protocol):
     """What a room's stream uses of the bridge."""
 
@@ -96,6 +60,7 @@ class Host(Protocol):
     js: Any
     ns: str
     seen: SeenIds
+    erased: Any
 
     def send(self, frames: list[bytes]) -> None: ...
 
@@ -162,6 +127,7 @@ class RoomStream:
         self.flight: Flight | None = None
         self.refreshing = False
         self.index: list[tuple[int, int]] = []  # (first seq, stream seq), ascending
+        self.history = History(host, room, self.index)
         self.recent: deque[Stored] = deque()  # the last WINDOW_EVENTS events' messages
         self.recent_events = 0
         # following
@@ -213,20 +179,15 @@ class RoomStream:
             events += sum(len(g.tails) for g in got)
             per_message = max(1.0, events / max(1, len(out)))
             size = max(10, int((WINDOW_EVENTS - events) / per_message) + 1)
-        if (
-            not out or out[-1].seq < last
-        ):  # the replica that answered lags: the rest from the leader
-            have = out[-1].seq if out else start - 1
-            for seq in range(have + 1, last + 1):
-                raw = await self.host.js.get_msg(self.stream, seq)
-                out.append(parse(seq, raw.headers, raw.data or b""))
-        return out
+        if not out or out[-1].seq < last:  # a replica that lags: the rest from the leader
+            out += await self.history.messages((out[-1].seq if out else start - 1) + 1, last)
+        return await self.history.filled(out)
 
     def learn(self, stored: Stored) -> None:
         """The stream's next message (in stream order; others are ignored): its ids are
         stored, the end moves on, and a room we follow gets its events."""
-        if stored.seq != self.known_seq + 1:
-            return
+        if stored.seq <= self.known_seq or stored.last <= self.known_room:
+            return  # (a stream's sequence skips what was deleted from it)
         self.known_seq, self.known_room = stored.seq, stored.last
         seen = self.host.seen
         for i, msgid in enumerate(stored.ids):
@@ -274,10 +235,7 @@ class RoomStream:
                 msgid = stored.ids[i] if i < len(stored.ids) else ""
                 if msgid and kind in CLIENT_KINDS:
                     ids.append([msgid, seq])
-                frames.append(
-                    b'{"room":"%s","seq":%d,"id":"%s:%d",' % (prefix, seq, prefix, seq)
-                    + stored.tails[i]
-                )
+                frames.append(m.numbered(self.room, seq, stored.tails[i]))
             self.handed = stored.last
         if frames:
             meta = json.dumps({"departures": departures, "ids": ids}).encode()
@@ -329,8 +287,8 @@ class RoomStream:
         if seq <= self.known_seq:
             return
         stored = parse(seq, msg.headers, msg.data or b"")
-        if seq > self.known_seq + 1:  # missed some (should not happen): read them first
-            self.host.spawn(self._catch_up_to(stored))
+        if stored.first > self.known_room + 1:  # missed some (a consumer that started over
+            self.host.spawn(self._catch_up_to(stored))  # past them): read them first
             return
         self.learn(stored)
         if self.sub is not None and not self.sub.pending_msgs:  # the last that came
@@ -343,9 +301,8 @@ class RoomStream:
             self.known_seq + 1,
             stored.seq - 1,
         )
-        for missing in await self._read_from(self.known_seq + 1, stored.seq - 1):
+        for missing in await self.history.messages(self.known_seq + 1, stored.seq):
             self.learn(missing)
-        self.learn(stored)
         self.flush()
 
     async def unfollow(self) -> None:
@@ -531,7 +488,7 @@ class RoomStream:
     async def _refresh(self) -> None:
         """Read what others stored since what we know (then publish again)."""
         try:
-            for stored in await self._read_from(self.known_seq + 1, None):
+            for stored in await self.history.messages(self.known_seq + 1, None):
                 self.learn(stored)
             self.flush()
         except Exception as exc:  # noqa: BLE001 - the cluster is away: again soon
@@ -540,63 +497,3 @@ class RoomStream:
         finally:
             self.refreshing = False
         self.kick()
-
-    # ------------------------------------------------------------------ reading
-    async def _read_from(self, start: int, end: int | None) -> list[Stored]:
-        """Stream messages start..end (None: to the stream's end as its leader has it)."""
-        out: list[Stored] = []
-        if end is None:
-            info = await self.host.js.stream_info(self.stream)
-            end = info.state.last_seq
-        seq = start
-        while seq <= end:
-            got = await self.host.direct(
-                self.stream, {"seq": seq, "batch": min(READ_BATCH, end - seq + 1)}
-            )
-            if not got:
-                break
-            for msg in got:
-                stored = stored_of(msg)
-                if stored.seq <= end:
-                    out.append(stored)
-            seq = out[-1].seq + 1 if out else seq
-            if len(got) < READ_BATCH:
-                break
-        have = out[-1].seq if out else start - 1
-        for missing in range(have + 1, end + 1):  # a lagging replica: the rest from the leader
-            raw = await self.host.js.get_msg(self.stream, missing)
-            out.append(parse(missing, raw.headers, raw.data or b""))
-        return out
-
-    async def locate(self, seq: int) -> int:
-        """The stream sequence of the message that holds room seq `seq`."""
-        at = bisect.bisect_right(self.index, (seq, 1 << 62)) - 1
-        if self.index and at >= 0:
-            return self.index[at][1]
-        lo, hi = 1, min(seq, self.index[0][1] - 1 if self.index else seq)
-        while lo < hi:  # the last message whose first seq is <= seq
-            mid = (lo + hi + 1) // 2
-            got = await self.host.direct(self.stream, {"seq": mid})
-            if got and stored_of(got[0]).first <= seq:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    async def read(self, lo: int, hi: int) -> list[tuple[int, bytes]]:
-        """The room's events lo..hi (seq, tail), as far as the stream has them."""
-        if lo > hi:
-            return []
-        start = await self.locate(lo)
-        out: list[tuple[int, bytes]] = []
-        seq = start
-        while True:
-            got = await self.host.direct(self.stream, {"seq": seq, "batch": READ_BATCH})
-            stored = [stored_of(m) for m in got]
-            for s in stored:
-                for i, tail in enumerate(s.tails):
-                    if lo <= s.first + i <= hi:
-                        out.append((s.first + i, tail))
-            if not stored or stored[-1].last >= hi or len(got) < READ_BATCH:
-                return out
-            seq = stored[-1].seq + 1

@@ -3,13 +3,15 @@
 `Core` is its parts put together, each a module of its own: the machinery every handler
 uses (base.py: dispatch, exactly one reply, publishing, subscriptions, liveness), and the
 commands about a person (sessions.py), about rooms (rooms.py), of room operators
-(moderation.py) and about files (files.py). What belongs to this broker alone is in
-session.py; what brokers share goes through the interfaces of state.py (and of
-files_state.py); the rules, the clock and randomness come in from outside (rules.py).
+(moderation.py), about files (files.py), and those that edit, delete, answer and find
+messages (edits.py). What belongs to this broker alone is in session.py; what brokers share
+goes through the interfaces of state.py (and of files_state.py, edits_state.py); the rules,
+the clock and randomness come in from outside (rules.py).
 """
 
 from __future__ import annotations
 
+from zmqchat._core.edits import Edits
 from zmqchat._core.files import Files
 from zmqchat._core.moderation import Moderation
 from zmqchat._core.rooms import Rooms
@@ -18,5 +20,5 @@ from zmqchat._core.sessions import Sessions
 __all__ = ["Core"]
 
 
-class Core(Sessions, Rooms, Moderation, Files):
+class Core(Sessions, Edits, Rooms, Moderation, Files):
     """The broker's state and rules; see base.py for how a request is answered."""

@@ -33,6 +33,7 @@ log = logging.getLogger("zmqchat.files")
 
 IO_LIMIT: Final = 64 << 20  # bytes of chunks waiting for the disk, all uploads together
 MAX_LISTING: Final = 200  # offers in one FILES reply (the newest)
+GETS_PER_CONNECTION: Final = 4 * m.WINDOW  # being read for one client: 4 downloads at full speed
 _OK: Final = b"OK"
 
 
@@ -239,7 +240,7 @@ class Files(CoreBase):
         return not op.done or bool(op.value)
 
     def _offer(self, up: Upload, s: Session) -> FileOffer:
-        to_key = ""
+        to_key = to_owner = ""
         if up.room is not None:
             self._member_room(s, up.room)  # still in it
         else:
@@ -247,7 +248,7 @@ class Files(CoreBase):
             holder = self.registry.holder(m.nick_key(up.to))
             if holder is None:
                 raise ProtocolError(Code.NO_SUCH_NICK, f"{up.to} is gone")
-            to_key = holder.key
+            to_key, to_owner = holder.key, holder.owner
         fid = self.tokens(4)
         index = self.file_index
         while index is not None and (found := index.find(fid)).done and found.value is not None:
@@ -264,6 +265,7 @@ class Files(CoreBase):
             up.to or "",
             to_key,
             self.clock.time(),
+            to_owner=to_owner,
         )
 
     def _announce(self, offer: FileOffer, s: Session) -> Op:
@@ -292,6 +294,8 @@ class Files(CoreBase):
             )
             return result
         target = self.registry.holder(offer.to_key)
+        if target is not None and target.owner != offer.to_owner:
+            target = None  # another client took the nick meanwhile: not the one it is for
         cmid = "file-" + offer.id
         event: dict[str, Any] = {
             "kind": "file",
@@ -344,8 +348,12 @@ class Files(CoreBase):
     def _on_get(self, s: Session, req: m.Request) -> object:
         index, blobs = self._parts()
         b, rid = req.body, s.rid
-        if self.gets.get(rid, 0) >= 2 * m.WINDOW:
-            raise ProtocolError(Code.BAD_REQUEST, f"at most {m.WINDOW} chunks unanswered")
+        if self.gets.get(rid, 0) >= GETS_PER_CONNECTION:  # several downloads at once: wait
+            raise ProtocolError(
+                Code.RATE_LIMITED,
+                f"at most {GETS_PER_CONNECTION} GETs unanswered per connection",
+                retry_after=0.05,
+            )
         self.gets[rid] = self.gets.get(rid, 0) + 1
         label, size = req.label, min(b["size"], m.CHUNK)
 
@@ -385,7 +393,11 @@ class Files(CoreBase):
         if op.error is not None:
             raise op.error
         offer: FileOffer | None = op.value
-        if offer is None or s.stage is Stage.GONE or not offer.readable_by(s.key, s.rooms):
+        if (
+            offer is None
+            or s.stage is Stage.GONE
+            or not offer.readable_by(s.ident.owner, s.key, s.rooms)
+        ):
             raise ProtocolError(
                 Code.NO_SUCH_FILE,
                 "no such file for you (a room's files are for its members, a private file "
@@ -400,7 +412,8 @@ class Files(CoreBase):
     def _on_file(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         index, _ = self._parts()
         found = yield index.find(req.body["file"])
-        return self._readable(s, Op.ready(found), removed=True).public()
+        offer = self._readable(s, Op.ready(found), removed=True)
+        return {**offer.public(), "chunk": m.CHUNK, "window": m.WINDOW}  # what GETs may ask
 
     def _on_files(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         index, _ = self._parts()
@@ -409,7 +422,9 @@ class Files(CoreBase):
             self._member_room(s, b["room"])
             offers = yield index.listing(b["room"], None)
         else:
-            offers = yield index.listing(None, (s.key, m.nick_key(b["with"])))
+            peer = m.nick_key(b["with"])
+            found = yield index.listing(None, peer)
+            offers = [o for o in found if o.between(s.ident.owner, s.key, peer)]
         return {"files": [o.public() for o in offers[-MAX_LISTING:]]}
 
     def _on_rmfile(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
@@ -420,7 +435,7 @@ class Files(CoreBase):
             yield self.registry.catch_up()
             if s.key not in self._settings(self._room(offer.room)).operators:
                 raise ProtocolError(Code.NOT_OPERATOR, f"you are not an operator of {offer.room}")
-        elif s.key != offer.sender:
+        elif s.ident.owner != offer.owner:
             raise ProtocolError(Code.NOT_OPERATOR, "only its sender removes a private file")
         offer.removed_by = s.nick
         yield index.save(offer)

@@ -36,7 +36,9 @@ class FileRules:
 @dataclass(slots=True)
 class FileOffer:
     """A file offered to a room or to one person. `sender` and `to_key` are nick keys;
-    `owner` is the sender's Identity.owner (its bytes per day are counted by it)."""
+    `owner` and `to_owner` the two parties' Identity.owner (the sender's bytes per day are
+    counted by it; a private file is theirs, as private history is: an account once there
+    are accounts, else the CURVE key or the client's resume token, never a nick alone)."""
 
     id: str
     sha256: str
@@ -50,6 +52,7 @@ class FileOffer:
     to_key: str = ""
     ts: float = 0.0
     removed_by: str = ""  # the operator who removed it
+    to_owner: str = ""  # the recipient's Identity.owner (a private file; "" in offers of before)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,19 +80,35 @@ class FileOffer:
             out["removed_by"] = self.removed_by
         return out
 
-    def readable_by(self, key: str, rooms: set[str]) -> bool:
-        """Whether the session with nick key `key`, in `rooms`, may have it."""
+    def readable_by(self, owner: str, key: str, rooms: set[str]) -> bool:
+        """Whether a session of identity `owner`, with nick key `key`, in `rooms`, may have
+        it: a room's members, or a private file's two identities (whoever holds their nicks
+        later is nobody to it; an offer made before identities were kept: the nicks)."""
         if self.room:
             return self.room in rooms
+        if self.to_owner:
+            return owner in (self.owner, self.to_owner)
         return key in (self.sender, self.to_key)
+
+    def between(self, owner: str, key: str, peer: str) -> bool:
+        """Whether it is a private file between identity `owner` (nick key `key`) and the
+        nick key `peer`, either way."""
+        if self.room:
+            return False
+        if self.to_owner:
+            return (self.owner == owner and self.to_key == peer) or (
+                self.to_owner == owner and self.sender == peer
+            )
+        return {self.sender, self.to_key} == {key, peer}
 
 
 class FileIndex(Protocol):
     def find(self, fid: str) -> Op:
         """The FileOffer with this id, or None."""
 
-    def listing(self, room: str | None, pair: tuple[str, str] | None) -> Op:
-        """The offers of a room, or between two nick keys (both ways), oldest first."""
+    def listing(self, room: str | None, peer: str | None) -> Op:
+        """The offers of a room, or the private offers with nick key `peer` as one of their
+        two parties (sender or recipient), oldest first."""
 
     def add(self, offer: FileOffer) -> Op:
         """Keep a new offer."""

@@ -92,6 +92,8 @@ class Rooms(CoreBase):
             extra = {**(extra or {}), "relay": req.body["relay"]}
         if req.body["hops"] is not None:
             extra = {**(extra or {}), "hops": req.body["hops"]}
+        if req.body["re"] is not None:  # a reply (issue 23: edits.py checked the message)
+            extra = {**(extra or {}), "re": req.body["re"], "re_nick": req.body["re_nick"]}
         drafts: list[Draft] = []
         fresh: dict[str, int] = {}
         for item in msgs:

@@ -23,14 +23,11 @@ class LocalFiles:
     def find(self, fid: str) -> Op:
         return Op.ready(self.offers.get(fid))
 
-    def listing(self, room: str | None, pair: tuple[str, str] | None) -> Op:
+    def listing(self, room: str | None, peer: str | None) -> Op:
         if room is not None:
             found = [o for o in self.offers.values() if o.room == room]
         else:
-            assert pair is not None
-            found = [
-                o for o in self.offers.values() if not o.room and {o.sender, o.to_key} == set(pair)
-            ]
+            found = [o for o in self.offers.values() if not o.room and peer in (o.sender, o.to_key)]
         return Op.ready(sorted(found, key=lambda o: o.ts))
 
     def add(self, offer: FileOffer) -> Op:

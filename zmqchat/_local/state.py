@@ -15,9 +15,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from zmqchat import protocol as m
+from zmqchat._core import search
+from zmqchat._core.edits_state import Found, Stored
+from zmqchat._core.search import Query
 from zmqchat._core.state import DEPARTURES, Delivery, Draft, Identity, Member, Op, RoomSettings
-from zmqchat._local.store import Store
-from zmqchat.protocol import Code, ProtocolError, Reply
+from zmqchat._local.store import CHANGES, Store
+from zmqchat.protocol import Code, EventKind, ProtocolError, Reply
 
 log = logging.getLogger("zmqchat.broker")
 
@@ -44,7 +47,11 @@ class LocalLog:
             seq += 1
             ts = time.time()
             data = m.encode_event(room, seq, ts, d.nick, d.kind, d.text, d.cmid, d.extra)
-            append(room, seq, ts, d.owner, d.cmid, data)
+            if d.kind in CHANGES:  # an edit or removal: it changes the message it names too
+                ref = int((d.extra or {})["ref"])
+                self.store.append_change(d.kind, room, seq, ts, d.owner, data, ref)
+            else:
+                append(room, seq, ts, d.owner, d.cmid, data)
             events.append(data)
             if d.kind in DEPARTURES:
                 pending.departures.append(seq)
@@ -75,6 +82,17 @@ class LocalLog:
 
     def privates_to(self, recipient: str, since: float, limit: int) -> Op:
         return Op.ready(self.store.privates_to(recipient, since, limit))
+
+    # ------------------------------------------------------------ edits, search (issue 23)
+    def message(self, room: str, seq: int, owner: str) -> Op:
+        found = self.store.message(room, seq)
+        if found is None or found[1].get("kind") == EventKind.DELETED:
+            return Op.ready(None)
+        return Op.ready(Stored(found[1], found[0] == owner))
+
+    def search(self, query: Query, rooms: list[str], me: str | None, limit: int) -> Op:
+        texts, total = self.store.search(search.expression(query), rooms, me, limit)
+        return Op.ready(Found(texts, total))
 
     def lag(self) -> int:
         """Events logged but not yet in SQLite (-1 if SQLite cannot be read now)."""

@@ -30,6 +30,11 @@ import time
 from collections import OrderedDict
 from typing import Any, Final
 
+if __name__ == "__main__" and not __package__:  # the writer, run as `python .../store.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from zmqchat import _index as messages  # noqa: E402 - edits, removals, the full-text index
+
 log = logging.getLogger("zmqchat.store")
 
 CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
@@ -76,6 +81,8 @@ SQL: Final = {
     "room": "INSERT OR REPLACE INTO rooms VALUES (?,?)",
     "file": "INSERT OR REPLACE INTO files VALUES (?,?)",  # a file offer (issue 24)
 }
+# Records that change earlier events too (issue 23): (kind, room, seq, ts, sender, data, ref).
+CHANGES: Final = {"edit": messages.apply_edit, "delete": messages.apply_delete}
 
 
 class StoreError(Exception):
@@ -114,7 +121,7 @@ def decode_record(line: bytes) -> tuple[Any, ...]:
         return ("event", room, int(seq), float(ts), sender, cmid or None, data)
     if tag == b"J\t":
         op = tuple(json.loads(rest))
-        if op and op[0] in SQL:
+        if op and (op[0] in SQL or op[0] in CHANGES):
             return op
     raise ValueError(f"unknown log record {line[:40]!r}")
 
@@ -167,9 +174,11 @@ def apply(db: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
             while j < len(ops) and ops[j][0] == kind == "event":
                 j += 1
             if kind == "event":
-                db.executemany(SQL[kind], (op[1:] for op in ops[i:j]))
+                messages.insert_events(db, [op[1:] for op in ops[i:j]])
             elif kind == "private" and len(ops[i]) == 6:  # logged before from_key was kept
                 db.execute(SQL[kind], (*ops[i][1:], None))
+            elif kind in CHANGES:
+                CHANGES[kind](db, *ops[i][1:])
             else:
                 db.execute(SQL[kind], ops[i][1:])
             i = j
@@ -195,7 +204,7 @@ def stored_events(path: str, room: str) -> list[dict[str, Any]]:
     finally:
         con.close()
     for op in logged:
-        if op[0] == "event" and op[1] == room:
+        if (op[0] == "event" or op[0] in CHANGES) and op[1] == room:
             by_seq.setdefault(op[2], op[6])
     return [json.loads(by_seq[seq]) for seq in sorted(by_seq)]
 
@@ -211,6 +220,7 @@ class Writer:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self.db.execute("PRAGMA secure_delete=ON")  # a removed message's bytes are zeroed
         self.done: dict[str, int] = {}  # segment -> bytes applied
 
     def catch_up(self, final: bool = False) -> int:
@@ -364,6 +374,7 @@ class Store:
         self._writer: subprocess.Popen[bytes] | None = None
         self._writer_lock: int | None = None
         self._lines: list[bytes] = []  # this pass's records, as log lines
+        self._roll = False  # a removal was logged: start a new segment once it is written
         self._privates_logged = False  # a private message logged since the last sync()
         self._lock = self._take_lock()
         try:
@@ -394,6 +405,7 @@ class Store:
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(privates)")}
             if "from_key" not in columns:  # a file from before private history was kept
                 self.db.execute("ALTER TABLE privates ADD COLUMN from_key TEXT")
+            messages.create(self.db)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None
         self._start_writer()
@@ -571,6 +583,14 @@ class Store:
         if cmid:
             self._remember(sender + "\0" + cmid, (sender, room, seq))
 
+    def append_change(
+        self, kind: str, room: str, seq: int, ts: float, sender: str, data: bytes, ref: int
+    ) -> None:
+        """An edit or a removal (CHANGES): an event that also changes the message `ref`."""
+        self._lines.append(encode_record((kind, room, seq, ts, sender, data.decode("utf-8"), ref)))
+        if kind == "delete":
+            self._roll = True
+
     def append_private(
         self, ts: float, sender: str, recipient: str, cmid: str, data: bytes, from_key: str = ""
     ) -> None:
@@ -595,7 +615,9 @@ class Store:
         if self.fsync:
             os.fdatasync(self._log)
         self._seg_size += len(blob)
-        if self._seg_size >= SEGMENT_BYTES:
+        if self._seg_size >= SEGMENT_BYTES or self._roll:
+            # (after a removal: the segment holding the removed text is deleted once applied)
+            self._roll = False
             self._seg += 1
             self._open_segment()
 
@@ -704,6 +726,19 @@ class Store:
             (recipient, since, limit),
         ).fetchall()
         return [r[0] for r in reversed(rows)]
+
+    # ---------------------------------------------------------------- edits and search
+    def message(self, room: str, seq: int) -> tuple[str, dict[str, Any]] | None:
+        """(sender, the event as stored now) of a room's event, with everything logged."""
+        self.sync()
+        return messages.lookup(self.db, room, seq)
+
+    def search(
+        self, expression: str, rooms: list[str], me: str | None, limit: int
+    ) -> tuple[list[str], int]:
+        """messages.search() over everything logged so far."""
+        self.sync()
+        return messages.search(self.db, expression, rooms, me, limit)
 
 
 class CmidFilter:

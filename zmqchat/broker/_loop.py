@@ -330,7 +330,7 @@ class Broker:
             if self.curve:
                 parts = router.recv_multipart(_NOBLOCK, copy=False)
                 key = parts[-1].get("User-Id")
-                frames = [p.bytes for p in parts]
+                frames = [p.bytes for p in parts[:4]] + [p.buffer for p in parts[4:]]
                 self.frame = parts[0]
                 if not key:  # fail closed: nothing without an authenticated identity
                     continue
@@ -341,7 +341,11 @@ class Broker:
                 else:
                     frames, key = [_recv(router, _NOBLOCK)], ""
                 while _get(router, _RCVMORE):
-                    frames.append(_recv(router, _NOBLOCK))
+                    # a fifth frame is a PUT's chunk: taken as a view of ZeroMQ's own buffer
+                    if len(frames) < 4:
+                        frames.append(_recv(router, _NOBLOCK))
+                    else:
+                        frames.append(memoryview(_recv(router, _NOBLOCK, False)))
             try:
                 request(frames[0], frames[1:], key)
             except Exception:  # a bug must not take the broker down for everyone
@@ -408,8 +412,10 @@ class Broker:
                 continue
             _send(router, frames[1], _MORE)
             _send(router, frames[2], _MORE)
-            if len(frames) == 5:  # a file chunk after the body (GET)
+            if len(frames) == 5:  # a file chunk after the body (GET): lent, not copied
                 _send(router, frames[3], _MORE)
+                _send(router, frames[4], _NOBLOCK, False)
+                continue
             _send(router, frames[-1], _NOBLOCK)
 
     def _shutdown(self) -> None:
