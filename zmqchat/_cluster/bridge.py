@@ -68,7 +68,7 @@ PINGS_UNANSWERED: Final = 3  # how many may go unanswered before we use another:
 # that is stopped (SIGSTOP, a frozen VM) keeps its TCP connection open, and only its silence
 # says it is gone (nats-py's default, 2 minutes x 2, was 16 s here with ours of 5 x 3)
 PROBE_TIMEOUT: Final = 0.5  # seconds the first JetStream request waits (then it is asked again)
-SETUP_PATIENCE: Final = 20.0  # seconds a start waits for a cluster that is still settling
+SETUP_PATIENCE: Final = 60.0  # seconds a start waits for a cluster that is still settling
 # (electing its leaders, placing replicas); state.READY_WAIT, the broker's own limit, is longer
 NOTICE_RETRY: Final = 600.0  # seconds a broker keeps trying to store a notice of its own
 TICK: Final = 0.1  # seconds between looks at deadlines and messages in flight

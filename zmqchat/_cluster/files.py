@@ -31,7 +31,7 @@ from zmqchat.protocol import Code, ProtocolError
 log = logging.getLogger("zmqchat.files")
 
 WATCH_TRY = 5.0  # seconds a watch of the files bucket may take to give its initial values
-SETUP_WAIT = 30.0  # seconds the start waits for the bucket and the object store (each step
+SETUP_WAIT = 70.0  # seconds the start waits for the bucket and the object store (each step
 # patiently: the bridge's SETUP_PATIENCE)
 
 

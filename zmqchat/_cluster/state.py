@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("zmqchat.cluster")
 
-READY_WAIT: Final = 30.0  # seconds a start waits for the cluster
+READY_WAIT: Final = 75.0  # seconds a start waits for the cluster (its SETUP_PATIENCE, and more)
 CALL_DEADLINE: Final = 10.0  # seconds after which an unanswered command fails (a stuck bridge)
 STOP_WAIT: Final = 5.0  # seconds a stop waits for the bridge to let go of NATS
 TAKEOVER_WAIT: Final = 1.5  # heartbeats a start waits for another beat of its name (a beat
