@@ -15,6 +15,11 @@
    their way), then while the --big-mb file goes up through the broker and down again.
 4. memory: the broker's resident memory (VmRSS, sampled every 20 ms) before and during that
    upload and download of the --big-mb file.
+5. what counting the chunks ZeroMQ holds costs (a MessageTracker per chunk, looked at each
+   pass of the loop): the --mb file downloaded from broker.py and from the same broker with
+   chunks lent untracked (bench/untracked_broker.py), both running, in turn --rounds times;
+   and the CPU time the loop's thread spends handing a 1 MiB chunk to ZeroMQ either way
+   (the broker's own send code, to a reader process, 10 rounds of 200 chunks in turn).
 
 Everything it writes goes to a temporary folder, deleted at the end.
 """
@@ -44,6 +49,7 @@ from zmqchat import protocol as m  # noqa: E402
 from zmqchat._client.files import sha256_file  # noqa: E402
 
 MB = 1 << 20
+UNTRACKED = ROOT / "bench" / "untracked_broker.py"
 
 
 def make_file(path: Path, size: int) -> None:
@@ -206,6 +212,124 @@ def run_probe(port: int, seconds: float) -> None:
     print(percentiles(asyncio.run(chat_probe(port, seconds))), flush=True)
 
 
+# ---------------------------------------------------------------------------- tracking
+
+
+async def download_rate(broker: BrokerProcess, fid: str, size: int, folder: str) -> float:
+    async with Client("127.0.0.1", broker.port, "getter") as b:
+        b.timeout = 30.0
+        t0 = time.perf_counter()
+        got = await b.download(fid, folder)
+        rate = size / MB / (time.perf_counter() - t0)
+    os.unlink(got)
+    return rate
+
+
+async def offer(broker: BrokerProcess, path: Path) -> str:
+    async with Client("127.0.0.1", broker.port, "sender") as a:
+        a.timeout = 30.0
+        return str((await a.send_file("lobby", str(path)))["file"])
+
+
+def chunk_reader(endpoint: str) -> None:
+    """--chunk-reader: a DEALER that reads what it is sent and drops it, until b"stop"."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.setsockopt(zmq.ROUTING_ID, b"reader")
+    sock.connect(endpoint)
+    sock.send(b"ready")
+    while sock.recv(copy=False).bytes != b"stop":
+        pass
+    sock.close()
+    ctx.term()
+
+
+def send_cost(rounds: int = 10, n: int = 200) -> dict[str, float]:
+    """Median microseconds of the loop thread's CPU to send a chunk: the first frame and the
+    1 MiB lent untracked, or lent with a tracker and counted (queue, lend, prune)."""
+    from zmqchat.broker._loop import _MORE, _NOBLOCK, _lend, _send
+    from zmqchat.broker._outflow import Outflow
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a chunk the reader has no room for: an error
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    reader = subprocess.Popen(
+        [sys.executable, __file__, "--chunk-reader", f"tcp://127.0.0.1:{port}"], cwd=ROOT
+    )
+    rid, _ = router.recv_multipart()
+    chunks = [os.urandom(m.CHUNK) for _ in range(m.WINDOW)]
+    spent: dict[str, list[float]] = {"tracked": [], "untracked": []}
+    for r in range(rounds):
+        for which in ("tracked", "untracked") if r % 2 == 0 else ("untracked", "tracked"):
+            outflow, cpu = Outflow(), 0.0
+            for i in range(n):
+                t0 = time.thread_time()
+                _send(router, rid, _MORE)
+                if which == "tracked":
+                    outflow.queue(rid, m.CHUNK)
+                    outflow.lend(rid, _lend(router, chunks[i % m.WINDOW]), m.CHUNK, True)
+                    outflow.prune()
+                else:
+                    _send(router, chunks[i % m.WINDOW], _NOBLOCK, False)
+                cpu += time.thread_time() - t0
+                if i % m.WINDOW == m.WINDOW - 1:
+                    time.sleep(0.008)  # a window's worth, then the reader catches up
+            spent[which].append(cpu / n * 1e6)
+    router.send_multipart([rid, b"stop"])
+    try:
+        reader.wait(60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        router.close()
+        ctx.term()
+    return {which: statistics.median(v) for which, v in spent.items()}
+
+
+def tracking_cost(path: Path, size: int, folder: str, rounds: int, flags: list[str]) -> None:
+    """Downloads from broker.py and from it without tracking, in turn (see 5. above)."""
+    brokers = {}
+    for which, script in (("tracked", ROOT / "broker.py"), ("untracked", UNTRACKED)):
+        home = Path(folder) / which
+        home.mkdir()
+        brokers[which] = BrokerProcess(home, *flags, script=script)
+    try:
+        fids = {which: asyncio.run(offer(b, path)) for which, b in brokers.items()}
+        rates: dict[str, list[float]] = {"tracked": [], "untracked": []}
+        cpu: dict[str, list[float]] = {"tracked": [], "untracked": []}
+        for n in range(rounds):
+            for which in ("tracked", "untracked") if n % 2 == 0 else ("untracked", "tracked"):
+                b = brokers[which]
+                cpu0 = cpu_s(b.proc.pid)
+                rates[which].append(asyncio.run(download_rate(b, fids[which], size, folder)))
+                cpu[which].append(cpu_s(b.proc.pid) - cpu0)
+        t, u = (statistics.median(rates[w]) for w in ("tracked", "untracked"))
+        tc, uc = (statistics.median(cpu[w]) for w in ("tracked", "untracked"))
+        print(
+            f"tracking what ZeroMQ holds, download of the {size // MB} MB file, median of "
+            f"{rounds}: tracked {t:.1f} MB/s, untracked {u:.1f} MB/s ({t / u:.2f}x); the "
+            f"broker's CPU seconds {tc:.3f} and {uc:.3f}"
+        )
+        print(
+            "  rounds, MB/s: tracked "
+            + " ".join(f"{r:.0f}" for r in rates["tracked"])
+            + "; untracked "
+            + " ".join(f"{r:.0f}" for r in rates["untracked"])
+        )
+        us = send_cost()
+        print(
+            f"  the loop's CPU to send a 1 MiB chunk (median): tracked {us['tracked']:.1f} us, "
+            f"untracked {us['untracked']:.1f} us (+{us['tracked'] - us['untracked']:.1f} us)"
+        )
+    finally:
+        for b in brokers.values():
+            b.stop()
+
+
 # ---------------------------------------------------------------------------- broker
 
 
@@ -273,9 +397,14 @@ def main() -> None:
     p.add_argument("--mb", type=int, default=200)
     p.add_argument("--big-mb", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3, help="raw and broker in turn, this often")
+    p.add_argument("--only-tracking", action="store_true", help="5. alone")
     p.add_argument("--raw-server", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--chat-probe", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--chunk-reader", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.chunk_reader:
+        chunk_reader(a.chunk_reader)
+        return
     if a.raw_server:
         raw_server(*a.raw_server)
         return
@@ -287,17 +416,11 @@ def main() -> None:
         size = a.mb * MB
         path = Path(folder) / "file.bin"
         make_file(path, size)
-        broker = BrokerProcess(
-            Path(folder),
-            "--max-file-size",
-            "4G",
-            "--keep-free",
-            "1G",
-            "--max-file-bytes-per-day",
-            "1T",
-            "--rate",
-            "100",
-        )
+        flags = ["--max-file-size", "4G", "--keep-free", "1G", "--max-file-bytes-per-day", "1T"]
+        if a.only_tracking:
+            tracking_cost(path, size, folder, a.rounds, flags)
+            return
+        broker = BrokerProcess(Path(folder), *flags, "--rate", "100")
         try:
             base = rss_kb(broker.proc.pid)
             print(f"{a.mb} MB file, {m.CHUNK >> 10} KiB chunks, {m.WINDOW} in flight, localhost:")
@@ -363,6 +486,8 @@ def main() -> None:
             )
         finally:
             broker.stop()
+        make_file(path, size)
+        tracking_cost(path, size, folder, a.rounds, flags)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -5,12 +5,18 @@
 Sends random and half-valid multipart requests from several connections, then checks the
 broker still answers. Prints requests sent, replies and errors returned, and crashes: the
 broker process dying or logging a handler exception (must be 0). Exit 1 on any crash.
+
+Two more connections never read: they ask for chunks of a real file and long HISTORY
+replies all along. The broker's peak resident memory must stay within what it may hold for
+them (HELD_PER_CONNECTION each) and a margin; past it the run fails too.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -23,7 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import BrokerProcess  # noqa: E402
+from zmqchat import Client  # noqa: E402
 from zmqchat import protocol as m  # noqa: E402
+from zmqchat._core.files import HELD_PER_CONNECTION  # noqa: E402
+
+DEAF = 2  # connections that never read
+MARGIN = 64 << 20  # bytes of peak memory over the start, beside what the deaf may hold
 
 VALUES = [
     None,
@@ -148,6 +159,36 @@ def random_request(rng: random.Random, i: int) -> list[bytes]:
     return [rng.choice(kinds), str(i).encode() if rng.random() < 0.95 else b"", raw]
 
 
+def peak_kb(pid: int, reset: bool = False) -> int:
+    """The process's peak resident memory (VmHWM) so far; `reset` starts it again."""
+    if reset:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
+def offer_file(port: int, folder: Path) -> str:
+    """A real 8 MB file in lobby, for the deaf connections to ask for."""
+    path = folder / "real.bin"
+    path.write_bytes(os.urandom(8 << 20))
+
+    async def send() -> str:
+        async with Client("127.0.0.1", port, "uploader") as a:
+            for i in range(m.MAX_HISTORY // 10):  # and a lobby whose HISTORY is long
+                await a.say("lobby", f"{i} " + "h" * 3000)
+            return str((await a.send_file("lobby", str(path)))["file"])
+
+    return asyncio.run(send())
+
+
+def deaf_request(rng: random.Random, i: int, fid: str) -> list[bytes]:
+    if rng.random() < 0.8:
+        body = {"file": fid, "offset": rng.randrange(8) * m.CHUNK}
+        return m.encode_request("GET", str(i).encode(), body)
+    return m.encode_request("HISTORY", str(i).encode(), {"room": "lobby", "limit": 500})
+
+
 def collect(socks: list[zmq.Socket], wait_ms: int) -> tuple[int, int]:
     """Read what has come on every socket: (replies and pushes, errors among them)."""
     replies = errors = 0
@@ -166,10 +207,21 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=int(time.time()))
     a = ap.parse_args()
     rng = random.Random(a.seed)
-    proc = BrokerProcess(
-        Path(tempfile.mkdtemp(prefix="fuzz-")), "--rate", "0", "--log-level", "ERROR"
-    )
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    proc = BrokerProcess(folder, "--rate", "0", "--log-level", "ERROR")
+    fid = offer_file(proc.port, folder)
     ctx = zmq.Context()
+    deaf = []
+    for n in range(DEAF):
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.setsockopt(zmq.RCVHWM, 1)  # and the kernel's buffer small: it all waits in the broker
+        s.setsockopt(zmq.RCVBUF, 1 << 16)
+        s.connect(f"tcp://127.0.0.1:{proc.port}")
+        s.send_multipart(m.encode_request("HELLO", b"h", {"version": 1, "nick": f"deaf{n}"}))
+        s.send_multipart(m.encode_request("JOIN", b"j", {"room": "lobby"}))
+        deaf.append(s)
+    start_kb = peak_kb(proc.proc.pid, reset=True)
     socks = []
     for _ in range(8):
         s = ctx.socket(zmq.DEALER)
@@ -183,6 +235,8 @@ def main() -> int:
         i += 1
         rng.choice(socks).send_multipart(random_request(rng, i))
         sent += 1
+        if rng.random() < 0.2:
+            rng.choice(deaf).send_multipart(deaf_request(rng, i, fid))
         got, failed = collect(socks, 0)
         replies, errors = replies + got, errors + failed
         if i % 50 == 0:  # each connection a session in lobby: file requests get past HELLO
@@ -197,6 +251,8 @@ def main() -> int:
         got, failed = collect(socks, 10)
         replies, errors = replies + got, errors + failed
     alive = proc.proc.poll() is None
+    grown = (peak_kb(proc.proc.pid) - start_kb) << 10 if alive else 0
+    bound = DEAF * HELD_PER_CONNECTION + MARGIN
     check = ctx.socket(zmq.DEALER)
     check.linger = 0
     check.connect(f"tcp://127.0.0.1:{proc.port}")
@@ -210,12 +266,13 @@ def main() -> int:
     print(
         f"seed {a.seed}: requests sent {sent}, replies and pushes {replies}, "
         f"errors returned {errors}, "
-        f"crashes {crashes}"
+        f"crashes {crashes}; the broker's peak memory grew by {grown >> 20} MB "
+        f"(at most {bound >> 20} MB with {DEAF} connections that never read)"
     )
-    for s in [*socks, check]:
+    for s in [*socks, *deaf, check]:
         s.close()
     ctx.term()
-    return 1 if crashes else 0
+    return 1 if crashes or grown > bound else 0
 
 
 if __name__ == "__main__":

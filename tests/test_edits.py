@@ -123,6 +123,9 @@ def test_only_the_sender_edits_and_operators_only_remove(make_broker):
             assert notice.text == "a message by alice was removed by boss"
             assert await code_of(alice.edit("lobby", seq, "again")) == "NO_SUCH_MESSAGE"
             assert await code_of(alice.delete("lobby", seq)) == "NO_SUCH_MESSAGE"
+            # bob reads history once his broker has heard the removal (in a cluster it may
+            # be on the other broker, which hears it a moment later)
+            assert await bob.heard("lobby", removal, timeout=5)
             history = {ev.seq: ev for ev in await bob.history("lobby")}
             assert history[seq].kind == "deleted" and "pills" not in json.dumps(
                 [ev.data for ev in history.values()]

@@ -11,6 +11,13 @@ deleted, as is one that lies (more bytes than announced, another digest).
 
 PUT and GET answer later, when the disk thread is done (`LATER`), without holding up the
 connection's other requests: a chat line is not queued behind a chunk.
+
+A chunk read for a GET stays in the broker's memory until the client has read it: ZeroMQ
+holds a reply until it has written it to the kernel, and a client that asks and does not
+read would have it hold thousands. So a GET is read only while what is held for its
+connection (chunks being read, and chunks lent to ZeroMQ and not yet let go: the loop's
+`Backlog`) stays within HELD_PER_CONNECTION, and what is held for all within HELD_LIMIT;
+past that it is refused with RATE_LIMITED, which the client library waits out.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import hashlib
 import logging
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from zmqchat import protocol as m
 from zmqchat._core.base import LATER, CoreBase, Handler
@@ -34,7 +41,37 @@ log = logging.getLogger("zmqchat.files")
 IO_LIMIT: Final = 64 << 20  # bytes of chunks waiting for the disk, all uploads together
 MAX_LISTING: Final = 200  # offers in one FILES reply (the newest)
 GETS_PER_CONNECTION: Final = 4 * m.WINDOW  # being read for one client: 4 downloads at full speed
+# Bytes of chunks held for one connection (being read, or waiting for the client to read
+# them): its GETs at most, and a window more for the moment between a chunk's arrival at
+# the client and the broker's seeing that ZeroMQ let go of it.
+HELD_PER_CONNECTION: Final = (GETS_PER_CONNECTION + m.WINDOW) * m.CHUNK
+HELD_LIMIT: Final = 256 << 20  # the same, all connections together: 32 downloads at full speed
 _OK: Final = b"OK"
+
+
+class Backlog(Protocol):
+    """Bytes of replies held for the connections until their clients read them: chunks in
+    the outbox, and replies the sockets have not written yet (the broker's loop keeps it:
+    broker/_outflow.py)."""
+
+    total: int
+
+    def held(self, rid: bytes) -> int: ...
+
+    def queue(self, rid: bytes, n: int) -> None:
+        """A chunk of n bytes for this connection goes in the outbox."""
+
+
+class _NoBacklog:
+    """A core without a loop (its tests): nothing is held."""
+
+    total = 0
+
+    def held(self, rid: bytes) -> int:
+        return 0
+
+    def queue(self, rid: bytes, n: int) -> None:
+        pass
 
 
 @dataclass(eq=False)
@@ -62,12 +99,14 @@ class Files(CoreBase):
     file_index: FileIndex | None = None
     blobs: Blobs | None = None
     file_rules: FileRules = FileRules()
+    backlog: Backlog = _NoBacklog()  # the loop sets its own
 
     def attach_files(self, index: FileIndex, blobs: Blobs, rules: FileRules) -> None:
         self.file_index, self.blobs, self.file_rules = index, blobs, rules
         self.uploads: dict[str, Upload] = {}
         self.io_bytes = 0  # bytes of PUTs queued for the disk
-        self.gets: dict[bytes, int] = {}  # connection -> GETs unanswered
+        self.gets: dict[bytes, tuple[int, int]] = {}  # connection -> GETs being read, bytes
+        self.reading = 0  # bytes of all the GETs being read
 
     def handler_table(self) -> dict[Kind, Handler]:
         return {
@@ -348,14 +387,9 @@ class Files(CoreBase):
     def _on_get(self, s: Session, req: m.Request) -> object:
         index, blobs = self._parts()
         b, rid = req.body, s.rid
-        if self.gets.get(rid, 0) >= GETS_PER_CONNECTION:  # several downloads at once: wait
-            raise ProtocolError(
-                Code.RATE_LIMITED,
-                f"at most {GETS_PER_CONNECTION} GETs unanswered per connection",
-                retry_after=0.05,
-            )
-        self.gets[rid] = self.gets.get(rid, 0) + 1
         label, size = req.label, min(b["size"], m.CHUNK)
+        self._may_read(rid, size)
+        self._reading(rid, 1, size)
 
         def found(op: Op) -> None:
             try:
@@ -373,20 +407,49 @@ class Files(CoreBase):
             blobs.read(offer.sha256, offset, n).then(lambda op: done(op, offset))
 
         def done(op: Op, offset: int) -> None:
-            left = self.gets.get(rid, 1) - 1
-            if left:
-                self.gets[rid] = left
-            else:
-                self.gets.pop(rid, None)
+            self._reading(rid, -1, -size)  # its bytes are the backlog's to count from here
             if op.error is not None:
                 self._later_error(rid, label, op.error)
             else:
                 data = op.value
                 body = {"file": b["file"], "offset": offset, "size": len(data)}
+                if data:
+                    self.backlog.queue(rid, len(data))
                 self._later(rid, label, body, data or None)  # past the end: no bytes frame
 
         index.find(b["file"]).then(found)
         return LATER
+
+    def _may_read(self, rid: bytes, size: int) -> None:
+        """Refuse a GET that would take what is held for its connection, or for all, past
+        its bound (see the module docstring); the refusal says when to ask again."""
+        gets, reading = self.gets.get(rid, (0, 0))
+        if gets >= GETS_PER_CONNECTION:  # several downloads at once: wait
+            raise ProtocolError(
+                Code.RATE_LIMITED,
+                f"at most {GETS_PER_CONNECTION} GETs unanswered per connection",
+                retry_after=0.05,
+            )
+        backlog = self.backlog
+        if reading + backlog.held(rid) + size > HELD_PER_CONNECTION:
+            raise ProtocolError(
+                Code.RATE_LIMITED,
+                f"{size_text(HELD_PER_CONNECTION)} of chunks wait for you to read them",
+                retry_after=0.05,
+            )
+        if self.reading + backlog.total + size > HELD_LIMIT:
+            raise ProtocolError(
+                Code.RATE_LIMITED, "the broker sends all the chunks it may at once", retry_after=0.2
+            )
+
+    def _reading(self, rid: bytes, gets: int, n: int) -> None:
+        """GETs of a connection begun (+1, their size) or answered (-1, -size)."""
+        was_gets, was = self.gets.get(rid, (0, 0))
+        if was_gets + gets:
+            self.gets[rid] = (was_gets + gets, was + n)
+        else:
+            self.gets.pop(rid, None)
+        self.reading += n
 
     def _readable(self, s: Session, op: Op, *, removed: bool = False) -> FileOffer:
         """The offer an Op found, if this session may have it; else the one same refusal."""

@@ -23,12 +23,14 @@ from zmqchat import protocol as m
 from zmqchat._blobs import DiskBlobs
 from zmqchat._config import Config
 from zmqchat._core.core import Core
+from zmqchat._core.files import HELD_PER_CONNECTION
 from zmqchat._core.files_state import FileIndex
 from zmqchat._core.session import Room
 from zmqchat._core.stats import Stats
 from zmqchat._local.files import LocalFiles
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
 from zmqchat._local.store import Store
+from zmqchat.broker._outflow import LENT, Outflow
 
 if TYPE_CHECKING:  # imported at run time only with CURVE (see _secure)
     from zmq.auth.thread import ThreadAuthenticator
@@ -100,6 +102,7 @@ class Broker:
                 motd=self.motd,
             )
             self._attach_files()
+            self.outflow = self.core.backlog = Outflow()
             if self.cluster is not None:
                 self.cluster.attach(self.core)
             if cfg.metrics_port is not None:
@@ -179,8 +182,12 @@ class Broker:
             s.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)  # ZeroMQ's 100 drops a join storm
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, m.MAX_FRAME)
-        self.router.setsockopt(zmq.RCVHWM, 10000)
-        self.router.setsockopt(zmq.SNDHWM, 10000)
+        # Requests read ahead of the loop, per connection: past this the client's sends wait
+        # (TCP pushes back), so a flood of 1 MiB PUTs holds at most 1 GB while the loop is busy.
+        self.router.setsockopt(zmq.RCVHWM, 1000)
+        # Replies a client has not read: past this many ZeroMQ drops them (the client asks
+        # again). Long ones are also counted in bytes (_outflow.py); this bounds the rest.
+        self.router.setsockopt(zmq.SNDHWM, 1000)
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.xpub.setsockopt(zmq.MAXMSGSIZE, 512)  # subscriptions are tiny; floods stay small
         self.xpub.setsockopt(zmq.SNDHWM, 2000)
@@ -246,6 +253,7 @@ class Broker:
         gap, self.last_turn = now - self.last_turn, now
         if gap > self.cfg.heartbeat:
             self._woke(gap)
+        self.outflow.prune()  # first: the GETs about to be read are weighed against it
         if subscriptions:
             self._drain_subscriptions()
         if requests:
@@ -402,21 +410,33 @@ class Broker:
             core.ack_starts.clear()
 
     def _send_replies(self, outbox: list[list[bytes]]) -> None:
-        router = self.router
+        """Frames of LENT bytes or more (a GET's chunk, a long reply) are lent to ZeroMQ,
+        not copied, and counted until it lets go of them (see _outflow.py)."""
+        router, outflow = self.router, self.outflow
         for frames in outbox:
-            rid = frames[0]
+            rid, last = frames[0], frames[-1]
+            chunk = len(frames) == 5  # a GET's: its bytes after the body, counted when queued
+            lent = chunk or len(last) >= LENT
+            if lent and not chunk and outflow.held(rid) >= HELD_PER_CONNECTION:
+                # a long reply to a client that reads none: dropped, as at the high-water
+                # mark (one past the bound goes: a client busy with downloads gets its HISTORY)
+                log.debug("reply to %s dropped: %d bytes wait for it", rid.hex(), outflow.held(rid))
+                continue
             try:  # the first frame decides: ROUTER_MANDATORY refuses a peer that is gone
                 _send(router, rid, _MORE)
             except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry
                 log.debug("reply to %s dropped: %s", rid.hex(), exc)
+                if chunk:
+                    outflow.unqueue(rid, len(last))
                 continue
             _send(router, frames[1], _MORE)
             _send(router, frames[2], _MORE)
-            if len(frames) == 5:  # a file chunk after the body (GET): lent, not copied
+            if chunk:
                 _send(router, frames[3], _MORE)
-                _send(router, frames[4], _NOBLOCK, False)
-                continue
-            _send(router, frames[-1], _NOBLOCK)
+            if lent:
+                outflow.lend(rid, _lend(router, last), len(last), chunk)
+            else:
+                _send(router, last, _NOBLOCK)
 
     def _shutdown(self) -> None:
         self.core.shutdown()
@@ -440,6 +460,15 @@ class Broker:
             self.cluster.close()
         if self.auth is not None:
             self.auth.stop()
+
+
+def _lend(sock: zmq.Socket, data: bytes) -> zmq.MessageTracker:
+    """Send the last frame of a message without copying it (even under pyzmq's copy
+    threshold); its tracker is done once ZeroMQ has let go of the bytes. The Frame holds
+    them too, so it must not outlive this call."""
+    frame = zmq.Frame(data, copy=False, track=True)
+    _send(sock, frame, _NOBLOCK)
+    return frame.tracker
 
 
 def default_name(port: int) -> str:
