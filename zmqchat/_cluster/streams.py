@@ -393,7 +393,7 @@ class RoomStream:
             self.known_room + 1,
             payload,
             headers,
-            0.0,
+            time.monotonic(),  # (published by the task below: not yet due again)
             time.monotonic(),
         )
         self.host.spawn(self._publish(self.flight))
