@@ -255,15 +255,17 @@ class ClusterRegistry:
             if op.error is not None:
                 outer.fail(op.error)
                 return
-            ops = [self.release(ident)] if new_key != ident.key else []
+            writes = [self.release(ident)] if new_key != ident.key else []
             for room, members in list(self._members.items()):
                 member = members.get(ident.key)
                 if member is not None and member.sid == ident.sid:
-                    ops.append(self.remove_member(room, ident.key))
-                    ops.append(
+                    writes.append(self.remove_member(room, ident.key))
+                    writes.append(
                         self.add_member(room, Member(new_nick, new_key, ident.sid, ident.broker))
                     )
-            gather(ops).then(lambda done: outer.fail(done.error) if done.error else outer.resolve())
+            gather(writes).then(
+                lambda done: outer.fail(done.error) if done.error else outer.resolve()
+            )
 
         inner.then(claimed)
         return outer
@@ -411,10 +413,10 @@ class ClusterRegistry:
         brokers changing different fields at once do not undo each other)."""
         name = settings.name
         old = self.saved.setdefault(name, RoomSettings(name))
-        ops = []
+        writes = []
 
         def put(field: str, value: Any) -> None:
-            ops.append(
+            writes.append(
                 self._kv(Change.PUT, Bucket.ROOMS, f"{name}.{field}", json.dumps(value).encode())
             )
 
@@ -429,7 +431,7 @@ class ClusterRegistry:
             for key in new - was:
                 put(f"{kind}.{hexkey(key)}", True)
             for key in was - new:
-                ops.append(self._kv(Change.DELETE, Bucket.ROOMS, f"{name}.{kind}.{hexkey(key)}"))
+                writes.append(self._kv(Change.DELETE, Bucket.ROOMS, f"{name}.{kind}.{hexkey(key)}"))
         self.saved[name] = RoomSettings(
             name,
             settings.topic,
@@ -438,7 +440,7 @@ class ClusterRegistry:
             set(settings.bans),
             settings.created,
         )
-        return gather(ops)
+        return gather(writes)
 
     # ---------------------------------------------------------------- CURVE
     def nick_owner(self, key: str) -> str | None:
