@@ -3,6 +3,8 @@
 
     git worktree add /tmp/before <commit>        # or: git archive <commit> | tar -x -C DIR
     python bench/compare.py --before /tmp/before/broker.py [--quick] [--reps 5]
+    python bench/compare.py --before ... --system cluster   # both as one cluster broker (the
+                                                            # same 3 NATS nodes for both)
 
 Each repetition runs the two brokers back to back (before, after, before, after, ...), so
 that whatever else the machine does falls on both alike; the figures are the medians.
@@ -35,11 +37,11 @@ def show(v: float | None) -> str:
     return "-" if v is None else f"{v:,.3g}" if v < 100 else f"{v:,.0f}"
 
 
-def run(bench: Bench, workload: str) -> dict[str, Any]:
+def run(bench: Bench, workload: str, system: str) -> dict[str, Any]:
     if workload == "W2":
-        (result,) = bench.latency("broker")
+        (result,) = bench.latency(system)
     else:
-        (result,) = bench.fanout("broker", int(workload.split("-")[1]))
+        (result,) = bench.fanout(system, int(workload.split("-")[1]))
     return result
 
 
@@ -49,23 +51,41 @@ def main() -> int:
     p.add_argument("--after", default=str(ROOT / "broker.py"), help="default: this checkout's")
     p.add_argument("--quick", action="store_true", help="short runs")
     p.add_argument("--reps", type=int, default=3, help="alternations (default 3)")
+    p.add_argument("--system", default="broker", choices=("broker", "cluster", "cluster2"))
     a = p.parse_args()
     s = replace(QUICK if a.quick else Settings(), reps=1)
     benches = {
         "before": Bench(s, Path(a.before).resolve(), None),
         "after": Bench(s, Path(a.after).resolve(), None),
     }
+    benches["after"].nats = benches["before"].nats_cluster() if a.system != "broker" else None
+    try:
+        got = alternate(benches, a.reps, a.system)
+    finally:
+        benches["after"].nats = None  # the before's: stopped once
+        benches["before"].close()
+    table(benches, got)
+    return 0
+
+
+def alternate(
+    benches: dict[str, Bench], reps: int, system: str
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
     got: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for rep in range(a.reps):
+    for rep in range(reps):
         for workload in sorted({w for w, *_ in FIGURES}):
             for name, bench in benches.items():
-                result = run(bench, workload)
+                result = run(bench, workload, system)
                 got.setdefault((name, workload), []).append(result)
                 print(
                     f"rep {rep + 1} {workload:<8} {name:<6} {result.get('rate', '')}"
                     f" {result.get('p99_ms', '')}",
                     file=sys.stderr,
                 )
+    return got
+
+
+def table(benches: dict[str, Bench], got: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
     print(f"{'figure':<22} {'unit':<12} {'before':>10} {'after':>10} {'after/before':>13}")
     for workload, key, unit, better in FIGURES:
         values = {}
@@ -81,7 +101,6 @@ def main() -> int:
             f"{workload + ' ' + key:<22} {unit:<12} {b:>10} {c:>10} {ratio:>13}"
             f"  ({better} is better)"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ the rooms' histories again).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,15 +31,43 @@ sys.path.insert(0, str(ROOT))
 from scripts.nats_local import LocalNats  # noqa: E402
 
 
+class Say:
+    """Lines for the user on stdout, which may go away (`cluster.py | tee log` stopped with
+    Ctrl+C: tee is gone first): then they are dropped, and nothing else depends on them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.gone = False
+
+    def __call__(self, line: str, err: bool = False) -> None:
+        with self.lock:
+            if self.gone and not err:
+                return
+            try:
+                print(line, file=sys.stderr if err else sys.stdout, flush=True)
+            except (BrokenPipeError, OSError):
+                if err:
+                    return
+                self.gone = True
+                # a flush at exit would fail again: stdout goes nowhere from now on
+                with contextlib.suppress(OSError):
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, sys.stdout.fileno())
+
+
+say = Say()
+
+
 def relay(stream: IO[str] | None, name: str) -> None:
-    """Print what a broker writes, each line with its name in front (a thread per stream,
-    so a broker never blocks on a full pipe)."""
+    """Show what a broker writes, each line with its name in front (a thread per stream,
+    which reads on whatever becomes of our stdout, so a broker never blocks on a full
+    pipe)."""
     if stream is None:
         return
 
     def run() -> None:
         for line in stream:
-            print(f"{name}: {line.rstrip()}", flush=True)
+            say(f"{name}: {line.rstrip()}")
 
     threading.Thread(target=run, daemon=True).start()
 
@@ -52,6 +83,50 @@ def try_it(addresses: list[str], brokers: list[subprocess.Popen[str]]) -> str:
         f"stops b1 and alice moves on)\n"
         "Ctrl+C stops everything."
     )
+
+
+def exited(proc: subprocess.Popen[str]) -> str:
+    code = proc.returncode
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def start_broker(
+    i: int, urls: str, port: int, folder: Path, broker_args: list[str]
+) -> tuple[subprocess.Popen[str], str]:
+    """Broker b<i+1> on port (its rooms on port + 1; its cache of file contents in the
+    data folder): the process, and its first line."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "broker.py"), "--cluster", urls, "--name", f"b{i + 1}"]
+        + ["--port", str(port), "--pub-port", str(port + 1)]
+        + ["--db", str(folder / f"b{i + 1}.db"), *broker_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,  # Ctrl+C is for us: we stop the brokers in order
+    )
+    relay(proc.stderr, f"b{i + 1}")
+    line = proc.stdout.readline() if proc.stdout else ""
+    return proc, line
+
+
+def serve(
+    nodes: LocalNats, brokers: dict[str, subprocess.Popen[str]], stop: threading.Event
+) -> None:
+    """Until Ctrl+C: say when a broker or one of our NATS nodes ends."""
+    told: set[str] = set()
+    while not stop.wait(0.2):
+        for name, proc in brokers.items():
+            if name not in told and proc.poll() is not None:
+                told.add(name)
+                say(f"broker {name} (pid {proc.pid}) stopped: {exited(proc)}")
+        for node in nodes.nodes:
+            why = node.died()
+            if why is not None and node.name not in told:
+                told.add(node.name)
+                say(why)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,72 +158,53 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(
-        f"starting {a.nodes} NATS nodes (data in {folder}); a new cluster takes a few "
-        f"seconds to elect its leader...",
-        flush=True,
-    )
+    brokers: dict[str, subprocess.Popen[str]] = {}
     try:
-        nodes.start()
-    except (RuntimeError, OSError) as err:
-        print(f"cluster.py: {err}", file=sys.stderr)
-        return 1
-    print(f"NATS: {nodes.urls}", flush=True)
-    brokers: list[subprocess.Popen[str]] = []
-    try:
+        say(
+            f"starting {a.nodes} NATS nodes (data in {folder}); a new cluster takes a few "
+            f"seconds to elect its leader..."
+        )
+        try:
+            nodes.start()
+        except (RuntimeError, OSError) as err:
+            say(f"cluster.py: {err}", err=True)
+            return 1
+        say(f"NATS: {nodes.urls}")
         for i in range(a.brokers):
-            port = a.port + 10 * i
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "broker.py"),
-                    "--cluster",
-                    nodes.urls,
-                    "--name",
-                    f"b{i + 1}",
-                    "--port",
-                    str(port),
-                    "--pub-port",
-                    str(port + 1),
-                    *a.broker_args,
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=ROOT,
-                start_new_session=True,
+            extra = [] if a.nodes >= 3 else ["--replicas", str(a.nodes)]
+            proc, line = start_broker(
+                i, nodes.urls, a.port + 10 * i, folder, [*extra, *a.broker_args]
             )
-            brokers.append(proc)
-            relay(proc.stderr, f"b{i + 1}")
-            line = proc.stdout.readline() if proc.stdout else ""
+            brokers[f"b{i + 1}"] = proc
             if not line.startswith("Broker started"):
-                print(f"cluster.py: broker b{i + 1} did not start (see above)", file=sys.stderr)
+                proc.wait()
+                say(f"cluster.py: broker b{i + 1} did not start: {exited(proc)} (see above)", True)
                 return 1
-            print(f"b{i + 1} (pid {proc.pid}): {line.strip()}", flush=True)
+            say(f"b{i + 1} (pid {proc.pid}): {line.strip()}")
             line = proc.stdout.readline() if proc.stdout else ""  # "In the cluster at ..."
-            print(f"b{i + 1}: {line.strip()}", flush=True)
+            say(f"b{i + 1}: {line.strip()}")
             relay(proc.stdout, f"b{i + 1}")
-        print(try_it([f"127.0.0.1:{a.port + 10 * i}" for i in range(a.brokers)], brokers))
-        while not stop.is_set():
-            for i, proc in enumerate(brokers):
-                if proc.poll() is not None:
-                    print(f"broker b{i + 1} exited ({proc.returncode})", flush=True)
-            stop.wait(0.5)
-            brokers = [b for b in brokers if b.poll() is None]
+        say(
+            try_it(
+                [f"127.0.0.1:{a.port + 10 * i}" for i in range(a.brokers)], list(brokers.values())
+            )
+        )
+        serve(nodes, brokers, stop)
     finally:
-        print("stopping...", flush=True)
-        for proc in brokers:
-            proc.terminate()
-        for proc in brokers:
+        # Everything stops whatever became of stdout; a line about it comes after.
+        for proc in brokers.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in brokers.values():
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         nodes.stop()
         if not a.dir:
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
+        say("stopped the brokers and the NATS nodes")
     return 0
 
 

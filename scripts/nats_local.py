@@ -108,6 +108,36 @@ class Node:
                 args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
             )  # Ctrl+C is for the caller
 
+    def ports_in_use(self) -> list[int]:
+        """Which of this node's ports another process holds (an old node, say)."""
+        taken = []
+        for port in (self.port, self.cluster_port, self.monitor_port):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    taken.append(port)
+        return taken
+
+    def died(self) -> str | None:
+        """Why this node's process ended (its log's last lines), or None while it runs."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        try:
+            lines = (self.folder / "nats.log").read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        why = " / ".join(line.split("] ", 1)[-1] for line in lines[-3:]) or "no log"
+        return f"NATS node {self.name} exited ({self.proc.returncode}): {why}"
+
+    def listening(self) -> bool:
+        """Whether this node takes client connections (it may not serve JetStream yet)."""
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+        except OSError:
+            return False
+        return True
+
     def healthy(self) -> bool:
         """Whether this node serves JetStream (it knows a meta leader)."""
         try:
@@ -168,13 +198,28 @@ class LocalNats:
         return ",".join(n.url for n in self.nodes)
 
     def start(self, wait: float = READY_WAIT) -> None:
+        """Start every node and wait until all of them serve JetStream. RuntimeError, saying
+        why, if a port is taken (an old cluster still running?), if one of our nodes dies
+        (another's answering on its port does not count), or if they are not ready in time."""
+        taken = sorted({port for node in self.nodes for port in node.ports_in_use()})
+        if taken:
+            raise RuntimeError(
+                f"ports {', '.join(map(str, taken))} are in use (an old cluster still "
+                "running? stop it, or choose other ports)"
+            )
         for node in self.nodes:
             node.start()
         self.wait_ready(wait)
 
     def wait_ready(self, wait: float = READY_WAIT) -> None:
         deadline = time.monotonic() + wait
-        while not all(n.healthy() for n in self.nodes):
+        while True:
+            dead = self.died()
+            if dead:
+                self.stop()
+                raise RuntimeError("; ".join(dead))
+            if all(n.healthy() for n in self.nodes):
+                return
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(
@@ -182,6 +227,10 @@ class LocalNats:
                     f"{self.nodes[0].folder / 'nats.log'}"
                 )
             time.sleep(0.1)
+
+    def died(self) -> list[str]:
+        """Why each of our nodes that ended did (none: all run)."""
+        return [why for why in (n.died() for n in self.nodes) if why is not None]
 
     def pause(self) -> None:
         for node in self.nodes:
@@ -208,7 +257,7 @@ def delete_namespace(urls: str, namespace: str) -> None:
             js = nc.jetstream(timeout=5)
             names = await js.streams_info()
             for info in names:
-                name = info.config.name
+                name = info.config.name or ""
                 if name.startswith((f"{namespace}-", f"KV_{namespace}-")):
                     await js.delete_stream(name)
         finally:

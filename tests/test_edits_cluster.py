@@ -180,3 +180,67 @@ def test_b2_started_later_rebuilds_its_index_with_edits_and_removals(make_cluste
             assert history[gone].kind == "deleted"
 
     asyncio.run(read())
+
+
+def test_a_removal_erases_one_message_of_a_batch_and_keeps_the_others(make_cluster_broker):
+    """Three messages sent at once share one stream message (a batch); removing the middle
+    one erases its text from NATS (the stream and the bucket that keeps what the batch held
+    besides) while the two others stay, in history through either broker (b2 started
+    later), and in search."""
+    b1 = make_cluster_broker("b1")
+
+    async def write() -> list[int]:
+        async with Client("127.0.0.1", b1.port, "ann") as ann:
+            await ann.say("lobby", "warm up")  # the room's stream message in flight is done
+            seqs = await asyncio.gather(
+                ann.say("lobby", "first of three"),
+                ann.say("lobby", "the vault code is 8841"),
+                ann.say("lobby", "third of three"),
+            )
+            await ann.delete("lobby", seqs[1])
+            history = {e.seq: e for e in await all_history(ann)}
+            assert [history[s].text for s in (seqs[0], seqs[2])] == [
+                "first of three",
+                "third of three",
+            ]
+            assert history[seqs[1]].kind == "deleted"
+            return list(seqs)
+
+    seqs = asyncio.run(write())
+    assert_erased(b1, make_cluster_broker.namespace, "lobby", "vault")
+    kept = f"KV_{make_cluster_broker.namespace}-erased"
+    assert stream_texts(b1, kept, "vault") == []
+    assert stream_texts(b1, kept, "of three") != []  # they were one stream message
+    b2 = make_cluster_broker("b2")
+
+    async def read() -> None:
+        async with Client("127.0.0.1", b2.port, "ben") as ben:
+            history = {e.seq: e for e in await all_history(ben)}
+            assert history[seqs[0]].text == "first of three"
+            assert history[seqs[2]].text == "third of three"
+            assert history[seqs[1]].kind == "deleted"
+            await eventually_found(ben, "three", ["third of three", "first of three"])
+            assert await found(ben, "vault") == []
+
+    asyncio.run(read())
+
+
+def stream_texts(broker, stream: str, word: str) -> list[bytes]:
+    """The messages of a stream (a bucket's, say) that hold the word."""
+
+    async def read() -> list[bytes]:
+        nc = await nats.connect(broker.args[broker.args.index("--cluster") + 1].split(","))
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(stream)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                try:
+                    out.append((await js.get_msg(stream, seq)).data or b"")
+                except nats.js.errors.NotFoundError:
+                    pass
+            return out
+        finally:
+            await nc.close()
+
+    return [data for data in asyncio.run(read()) if word.encode() in data]

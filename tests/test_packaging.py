@@ -286,3 +286,18 @@ def test_installed_broker_and_client_exchange_a_message(installed, tmp_path):
         if broker.poll() is None:
             broker.kill()
             broker.wait()
+
+
+def test_installed_broker_without_the_cluster_extra_says_what_to_install(installed, tmp_path):
+    """`zmqchat-broker --cluster ...` after a plain `pip install .` (no NATS client) says to
+    install zmqchat[cluster] and exits 1: no traceback, nothing bound or written."""
+    port, pub_port = free_ports()
+    out = run(
+        [str(installed / "zmqchat-broker"), "--cluster", "nats://127.0.0.1:4222"]
+        + ["--port", str(port), "--pub-port", str(pub_port)],
+        tmp_path,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "pip install 'zmqchat[cluster]'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -123,6 +123,8 @@ def _cluster(nats_nodes) -> Iterator[State]:
         run_until(lambda: bool(out.extend(cluster.log.follow()) or out))
         return out
 
+    for room in ROOMS:  # as a broker does from its rooms' first local members on
+        settle(cluster.log.follow_room(room))
     try:
         yield State(cluster.log, cluster.registry, settle, follow, "b1", cluster.accounts, other)
     finally:

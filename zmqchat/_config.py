@@ -35,7 +35,7 @@ class Config:
     allow_keys: str | None = None  # directory of client public keys allowed in
     name: str = ""  # shown in logs and in the welcome; made up if empty
     cluster_urls: str | None = None  # NATS URLs: share the rooms with other brokers
-    replicas: int = 0  # copies of each stream in a cluster (0: up to 3)
+    replicas: int = 0  # copies of each stream in a cluster (0: 3 on a cluster, 1 on one server)
     namespace: str = "zmqchat"  # prefix of our streams and buckets in NATS
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
     registered_only: bool = Rules.registered_only  # accounts only (issue 21)

@@ -18,22 +18,17 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from zmqchat._cluster.names import Bucket, Change, Failure, hexkey, unhex
 from zmqchat._core.accounts_state import Account, Kept
 from zmqchat._core.state import Op
 from zmqchat.protocol import Code, ProtocolError
 
-BUCKETS: Final = ("accounts", "marks", "logins")
+if TYPE_CHECKING:
+    from zmqchat._cluster.calls import Calls
+
 FAILURES_KEPT: Final = 60.0  # seconds a failed login is remembered (the core looks back 60)
-
-
-def hexkey(key: str) -> str:
-    return key.encode().hex()
-
-
-def unhex(key: str) -> str:
-    return bytes.fromhex(key).decode()
 
 
 class ClusterAccounts:
@@ -41,10 +36,10 @@ class ClusterAccounts:
 
     def __init__(
         self,
-        call: Callable[[list[bytes], Callable[[list[bytes]], Any]], Op],
+        calls: Calls,
         privates_of: Callable[[str, float, int], Op],
     ) -> None:
-        self.call = call  # a command to the bridge (Cluster.call)
+        self.calls = calls  # commands to the bridge
         self.privates_of = privates_of  # the private messages kept for an identity
         self.all: dict[str, Account] = {}
         self.rooms: defaultdict[str, dict[str, int]] = defaultdict(dict)
@@ -53,25 +48,30 @@ class ClusterAccounts:
         self.logins: dict[tuple[str, str], list[float]] = {}
 
     # ---------------------------------------------------------------- news
-    def apply(self, bucket: str, key: str, put: bool, value: bytes) -> None:
-        """A changed key of one of our buckets (the bridge watches them)."""
-        d = json.loads(value) if put and value else None
-        if bucket == "accounts":
-            name = unhex(key)
-            if d is None:
-                self.all.pop(name, None)
-            else:
-                self.all[name] = Account.from_json(name, d)
-        elif bucket == "marks":
-            self._mark(key, d)
-        elif bucket == "logins":
-            account, _, address = key.partition(".")
-            if d is None:
-                self.logins.pop((unhex(account), address), None)
-            else:
-                self.logins[(unhex(account), address)] = [float(t) for t in d]
+    def appliers(self) -> dict[Bucket, Callable[[str, int, bool, bytes], None]]:
+        """What to do with a changed key of each of our buckets (the registry's watch)."""
+        return {
+            Bucket.ACCOUNTS: self._account_news,
+            Bucket.MARKS: self._mark_news,
+            Bucket.LOGINS: self._login_news,
+        }
 
-    def _mark(self, key: str, d: Any) -> None:
+    def _account_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
+        name = unhex(key)
+        if put and value:
+            self.all[name] = Account.from_json(name, json.loads(value))
+        else:
+            self.all.pop(name, None)
+
+    def _login_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
+        account, _, address = key.partition(".")
+        if put and value:
+            self.logins[(unhex(account), address)] = [float(t) for t in json.loads(value)]
+        else:
+            self.logins.pop((unhex(account), address), None)
+
+    def _mark_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
+        d = json.loads(value) if put and value else None
         account, _, rest = key.partition(".")
         who = unhex(account)
         kind, _, what = rest.partition(".")
@@ -90,12 +90,9 @@ class ClusterAccounts:
         elif kind == "last":
             self.last[who] = d["room"] if d is not None else ""
 
-    def _kv(self, verb: str, bucket: str, key: str, value: Any = None) -> Op:
+    def _kv(self, change: Change, bucket: Bucket, key: str, value: Any = None) -> Op:
         data = json.dumps(value).encode() if value is not None else b""
-        return self.call(
-            [b"KV", bucket.encode(), verb.encode(), key.encode(), data, b"0"],
-            lambda frames: json.loads(frames[1]),
-        )
+        return self.calls.kv(change, bucket, key, data)
 
     # ---------------------------------------------------------------- accounts
     def account(self, key: str) -> Account | None:
@@ -105,7 +102,10 @@ class ClusterAccounts:
         outer = Op()
 
         def created(op: Op) -> None:
-            if isinstance(op.error, ProtocolError) and op.error.extra.get("cluster") == "CONFLICT":
+            if (
+                isinstance(op.error, ProtocolError)
+                and op.error.extra.get("cluster") == Failure.CONFLICT
+            ):
                 outer.fail(ProtocolError(Code.NICK_TAKEN, f"{account.name} is registered already"))
             elif op.error is not None:
                 outer.fail(op.error)
@@ -114,12 +114,14 @@ class ClusterAccounts:
                 self.all[account.key] = account
                 outer.resolve()
 
-        self._kv("create", "accounts", hexkey(account.key), account.to_json()).then(created)
+        self._kv(Change.CREATE, Bucket.ACCOUNTS, hexkey(account.key), account.to_json()).then(
+            created
+        )
         return outer
 
     def set_keys(self, account: Account) -> Op:
         self.all[account.key] = account
-        return self._kv("put", "accounts", hexkey(account.key), account.to_json())
+        return self._kv(Change.PUT, Bucket.ACCOUNTS, hexkey(account.key), account.to_json())
 
     def _forget(self, key: str) -> None:
         self.rooms.pop(key, None)
@@ -133,18 +135,18 @@ class ClusterAccounts:
 
     def join(self, account: Account, room: str, seq: int) -> Op:
         self.rooms[account.key][room] = seq
-        return self._kv("put", "marks", f"{hexkey(account.key)}.r.{room}", {"seq": seq})
+        return self._kv(Change.PUT, Bucket.MARKS, f"{hexkey(account.key)}.r.{room}", {"seq": seq})
 
     def part(self, account: Account, room: str) -> Op:
         self.rooms[account.key].pop(room, None)
-        return self._kv("delete", "marks", f"{hexkey(account.key)}.r.{room}")
+        return self._kv(Change.DELETE, Bucket.MARKS, f"{hexkey(account.key)}.r.{room}")
 
     def mark(self, account: Account, room: str, seq: int) -> Op:
         rooms = self.rooms[account.key]
         if room not in rooms or seq <= rooms[room]:
             return Op.ready()
         rooms[room] = seq
-        return self._kv("put", "marks", f"{hexkey(account.key)}.r.{room}", {"seq": seq})
+        return self._kv(Change.PUT, Bucket.MARKS, f"{hexkey(account.key)}.r.{room}", {"seq": seq})
 
     def mark_private(self, account: Account, peer_key: str, ts: float) -> Op:
         privates = self.privates[account.key]
@@ -152,13 +154,13 @@ class ClusterAccounts:
             return Op.ready()
         privates[peer_key] = ts
         key = f"{hexkey(account.key)}.p.{hexkey(peer_key)}"
-        return self._kv("put", "marks", key, {"ts": ts})
+        return self._kv(Change.PUT, Bucket.MARKS, key, {"ts": ts})
 
     def enter(self, account: Account, room: str) -> Op:
         if self.last.get(account.key) == room:
             return Op.ready()
         self.last[account.key] = room
-        return self._kv("put", "marks", f"{hexkey(account.key)}.last", {"room": room})
+        return self._kv(Change.PUT, Bucket.MARKS, f"{hexkey(account.key)}.last", {"room": room})
 
     # ---------------------------------------------------------------- failed logins
     def failures(self, key: str, address: str, since: float) -> list[float]:
@@ -168,7 +170,7 @@ class ClusterAccounts:
         where = (key, hexkey(address) or "-")
         recent = [t for t in self.logins.get(where, ()) if t >= at - FAILURES_KEPT] + [at]
         self.logins[where] = recent
-        return self._kv("put", "logins", f"{hexkey(key)}.{where[1]}", recent)
+        return self._kv(Change.PUT, Bucket.LOGINS, f"{hexkey(key)}.{where[1]}", recent)
 
     # ---------------------------------------------------------------- private messages
     def privates_to(self, owner: str, since: float, limit: int) -> Op:

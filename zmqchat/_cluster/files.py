@@ -15,6 +15,7 @@ a task wakes the broker's loop to send what it made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,9 @@ from zmqchat.protocol import Code, ProtocolError
 
 log = logging.getLogger("zmqchat.files")
 
-SETUP_WAIT = 20.0  # seconds the start waits for the bucket and the object store
+WATCH_TRY = 5.0  # seconds a watch of the files bucket may take to give its initial values
+SETUP_WAIT = 70.0  # seconds the start waits for the bucket and the object store (each step
+# patiently: the bridge's SETUP_PATIENCE)
 
 
 def cluster_files(cluster: Any, folder: str) -> tuple[ClusterFiles, ClusterBlobs]:
@@ -42,21 +45,34 @@ def cluster_files(cluster: Any, folder: str) -> tuple[ClusterFiles, ClusterBlobs
         from nats.js import api
 
         js = bridge.js
-        try:
-            kv = await js.key_value(f"{ns}-files")
-        except nats.js.errors.BucketNotFoundError:
-            kv = await js.create_key_value(
-                api.KeyValueConfig(bucket=f"{ns}-files", history=1, replicas=replicas)
-            )
-        try:
-            store = await js.object_store(f"{ns}-contents")
-        except nats.js.errors.BucketNotFoundError:
-            store = await js.create_object_store(
-                f"{ns}-contents", api.ObjectStoreConfig(replicas=replicas)
-            )
+
+        async def bucket() -> Any:
+            try:
+                return await js.key_value(f"{ns}-files")
+            except nats.js.errors.BucketNotFoundError:
+                return await js.create_key_value(
+                    api.KeyValueConfig(bucket=f"{ns}-files", history=1, replicas=replicas)
+                )
+
+        async def objects() -> Any:
+            try:
+                return await js.object_store(f"{ns}-contents")
+            except nats.js.errors.BucketNotFoundError:
+                return await js.create_object_store(
+                    f"{ns}-contents", api.ObjectStoreConfig(replicas=replicas)
+                )
+
+        # a cluster that is still settling answers as the bridge's start found (patiently)
+        kv = await bridge.patiently(f"making the bucket {ns}-files", bucket)
+        store = await bridge.patiently(f"making the object store {ns}-contents", objects)
         return kv, store
 
-    kv, store = cluster.loop.run_until_complete(asyncio.wait_for(setup(), SETUP_WAIT))
+    try:
+        kv, store = cluster.loop.run_until_complete(asyncio.wait_for(setup(), SETUP_WAIT))
+    except TimeoutError:  # (an OSError: the broker would print its empty text)
+        raise OSError(
+            f"the NATS cluster did not make the files bucket and object store in {SETUP_WAIT:g} s"
+        ) from None
     blobs = ClusterBlobs(folder, cluster, store)
     index = ClusterFiles(cluster, kv, blobs)
     index.start()
@@ -102,19 +118,51 @@ class ClusterFiles(_Async):
 
     def start(self) -> None:
         ready = asyncio.Event()
+        self._watching = self._watch_again(None, ready)
+        try:
+            self.cluster.loop.run_until_complete(
+                asyncio.wait_for(self._until_watched(ready), SETUP_WAIT)
+            )
+        except TimeoutError:  # (an OSError: the broker would print its empty text)
+            raise OSError(f"the files bucket's offers did not come in {SETUP_WAIT:g} s") from None
 
-        async def watch() -> None:
-            watcher = await self.kv.watchall()
+    def _watch_again(
+        self, old: asyncio.Task[Any] | None, ready: asyncio.Event
+    ) -> asyncio.Task[Any]:
+        if old is not None:
+            old.cancel()
+        task: asyncio.Task[Any] = self.cluster.loop.create_task(self._watch(ready))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _until_watched(self, ready: asyncio.Event) -> None:
+        """A watch made while a NATS node dies can stay silent: made again until its initial
+        values come (each try gets WATCH_TRY seconds), then kept."""
+        while not ready.is_set():
+            try:
+                await asyncio.wait_for(asyncio.shield(ready.wait()), WATCH_TRY)
+            except TimeoutError:
+                self._watching = self._watch_again(self._watching, ready)
+
+    async def _watch(self, ready: asyncio.Event) -> None:
+        while True:
+            try:
+                watcher = await self.kv.watchall()
+                break
+            except Exception as exc:  # noqa: BLE001 - the cluster is still settling
+                log.info("files bucket not watched yet: %r", exc)
+                await asyncio.sleep(0.5)
+        try:
             async for entry in watcher:
                 if entry is None:  # the initial values are in
                     ready.set()
                     continue
                 if entry.value and entry.operation in (None, "PUT"):
                     self._seen(FileOffer.from_json(json.loads(entry.value)))
-
-        task = self.cluster.loop.create_task(watch())
-        self.tasks.add(task)
-        self.cluster.loop.run_until_complete(asyncio.wait_for(ready.wait(), SETUP_WAIT))
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
 
     def _seen(self, offer: FileOffer) -> None:
         old = self.offers.get(offer.id)

@@ -33,10 +33,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat import _index as messages
 from zmqchat import protocol as m
+from zmqchat._cluster.names import Verb, list_answer, subject_hash
 from zmqchat._core import search
 from zmqchat._core.edits_state import Found, Stored
 from zmqchat._core.search import Query
 from zmqchat._core.state import Op
+
+if TYPE_CHECKING:
+    from zmqchat._cluster.calls import Calls
 
 log = logging.getLogger("zmqchat.cluster")
 
@@ -97,13 +101,14 @@ class ClusterIndex:
 
     # ------------------------------------------------------------------ feeding
     def start(self, room: str, last: int) -> None:
-        """A room followed from last + 1 on: index what its stream holds up to last."""
-        if room in self.indexed or room in self.rebuilding:
+        """A room followed from last + 1 on: index what its stream holds up to last (what
+        is not indexed yet: a room followed again after a while holds more)."""
+        if room in self.rebuilding:
             return
-        self.indexed[room] = 0
-        if last > 0:
+        top = self.indexed.setdefault(room, 0)
+        if last > top:
             self.rebuilding[room] = []
-            self._rebuild(room, 0, last)
+            self._rebuild(room, top, last)
 
     def _rebuild(self, room: str, after: int, last: int) -> None:
         def read(op: Op) -> None:
@@ -316,7 +321,7 @@ class LogEdits:
     msg_id: Callable[[str, str], str]  # how the room log names a client's message (state.py)
 
     if TYPE_CHECKING:  # what it uses of ClusterLog
-        cluster: Any  # the Cluster
+        calls: Calls
         index: ClusterIndex
         acked: dict[str, int]
         cache: dict[str, deque[bytes]]
@@ -356,10 +361,10 @@ class LogEdits:
 
     def _index_read(self, room: str, after: int, last: int) -> Op:
         q = {"after": after, "before": None, "since": None, "limit": REBUILD_BATCH, "last": last}
-        return self.cluster.call([b"READ", room.encode(), json.dumps(q).encode()], _texts)
+        return self.calls.call([Verb.READ, room.encode(), json.dumps(q).encode()], list_answer)
 
     def _erase(self, room: str, seqs: list[int]) -> None:
-        self.cluster.tell([b"ERASE", room.encode(), *(str(s).encode() for s in seqs)])
+        self.calls.tell([Verb.ERASE, room.encode(), *(str(s).encode() for s in seqs)])
 
     def _patch_cache(self, room: str, seqs: set[int]) -> None:
         """Edited or removed events in the latest ones kept here: as they read now."""
@@ -389,24 +394,17 @@ class LogEdits:
                 mine = isinstance(cmid, str) and stored_id == self.msg_id(owner, cmid)
                 outer.resolve(Stored(event, mine))
 
-        self.cluster.call([b"MSGGET", room.encode(), str(seq).encode()], _texts).then(got)
+        self.calls.call([Verb.MSGGET, room.encode(), str(seq).encode()], list_answer).then(got)
         return outer
 
     def search(self, query: Query, rooms: list[str], me: str | None, limit: int) -> Op:
-        from zmqchat._cluster.bridge import token
-
         outer = Op()
 
         def caught_up(_: Op) -> None:
             texts, total = self.index.search(
-                search.expression(query), rooms, token(me) if me else None, limit
+                search.expression(query), rooms, subject_hash(me) if me else None, limit
             )
             outer.resolve(Found(texts, total))
 
         self.index.caught_up({room: self.acked.get(room, 0) for room in rooms}).then(caught_up)
         return outer
-
-
-def _texts(frames: list[bytes]) -> list[str]:
-    """A bridge's list answer (DONE op list text...) as texts."""
-    return [f.decode() for f in frames[1:]]

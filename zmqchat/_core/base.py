@@ -506,6 +506,23 @@ class CoreBase:
         pending.append(self.registry.release(s.ident))
         return gather(pending)
 
+    def _lose(self, s: Session) -> None:
+        """A session silent for three heartbeats: its nick is let go first, and only if it
+        still held it (a compare-and-set in a cluster) is it announced as lost. A client
+        that resumed on another broker meanwhile holds it there: it ends here quietly."""
+        self._forget(s)
+
+        def released(op: Op) -> None:
+            rooms = [self.rooms[name] for name in sorted(s.rooms)]
+            if op.error is None and op.value is not False:
+                for room in rooms:
+                    self._leave(s, room, Why.LOST)
+            else:  # moved on (or the cluster is away: its broker settles it later)
+                for room in rooms:
+                    self._remove(s, room)
+
+        self.registry.release(s.ident).then(released)
+
     def _drop_quietly(self, s: Session) -> None:
         """End a session that its own client took over (here or on another broker): no
         notices, its memberships stay for the resume-joins to come."""
@@ -579,7 +596,7 @@ class CoreBase:
         limit = 3 * self.rules.heartbeat
         for s in [s for s in self.by_rid.values() if now - s.last_seen > limit]:
             log_event(log, "lost", nick=s.nick, sid=s.sid, why="missed 3 heartbeats")
-            self._drop(s, Why.LOST)
+            self._lose(s)
         wall = self.clock.time()
         for nonce in [n for n, exp in self.used_nonces.items() if exp < wall]:
             del self.used_nonces[nonce]

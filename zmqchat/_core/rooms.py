@@ -59,7 +59,12 @@ class Rooms(CoreBase):
                 before = seqs[0] - 1
             else:
                 yield added
-        if s.stage is not Stage.LIVE or s.sid not in room.members:  # gone meanwhile
+                # read now: a broker that follows the room from this join on knows it now
+                before = self.room_log.last(name)
+        if s.stage is not Stage.LIVE:  # the session ended meanwhile (its client resumed
+            # on another connection, say): the client says HELLO again
+            raise ProtocolError(Code.NO_HELLO, "your session ended meanwhile: say HELLO again")
+        if s.sid not in room.members:  # out of the room meanwhile (kicked, say)
             raise ProtocolError(Code.NOT_MEMBER, f"you are not in {name} any more")
         members, ops = self._listing(room)
         return {

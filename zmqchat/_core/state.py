@@ -253,7 +253,8 @@ class RoomLog(Protocol):
         first, as JSON texts."""
 
     def follow(self) -> list[Delivery]:
-        """The events that became durable since the last call, to publish."""
+        """The events that became durable since the last call, to publish: of every room
+        on one broker; in a cluster, of the rooms that have members on this broker."""
 
 
 class Registry(Protocol):
@@ -276,7 +277,8 @@ class Registry(Protocol):
         """Move a session to another nick (and its memberships with it)."""
 
     def release(self, ident: Identity) -> Op:
-        """Free the nick, if this session still holds it."""
+        """Free the nick, if this session still holds it: the Op's value says whether it
+        did (False: the nick had moved on, to its client's new session say)."""
 
     def members(self, room: str) -> dict[str, Member]:
         """The room's members by nick key (a session that is resuming elsewhere included)."""

@@ -175,9 +175,10 @@ class LocalRegistry:
         return Op.ready()
 
     def release(self, ident: Identity) -> Op:
-        if self.sessions.get(ident.key) is ident:
-            del self.sessions[ident.key]
-        return Op.ready()
+        if self.sessions.get(ident.key) is not ident:
+            return Op.ready(False)
+        del self.sessions[ident.key]
+        return Op.ready(True)
 
     # ---------------------------------------------------------------- membership
     def members(self, room: str) -> dict[str, Member]:

@@ -221,7 +221,7 @@ class ClusterStore(Store):
         import nats.errors
         import nats.js.errors
 
-        from zmqchat._cluster.accounts import hexkey
+        from zmqchat._cluster.names import hexkey
 
         try:
             nc = await nats.connect(

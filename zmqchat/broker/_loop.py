@@ -244,6 +244,7 @@ class Broker:
         """Serve until stop(); then tell every client and close."""
         self.core.peer = self._peer
         self.next_sweep = time.monotonic() + self.cfg.heartbeat / 2
+        self.last_turn, self.sweep_from = time.monotonic(), 0.0
         try:
             if self.cluster is None:
                 self._serve()
@@ -254,6 +255,10 @@ class Broker:
 
     def _pass(self, subscriptions: bool, requests: bool) -> None:
         """One turn of the loop: read what is there, carry out its effects."""
+        now = time.monotonic()
+        gap, self.last_turn = now - self.last_turn, now
+        if gap > self.cfg.heartbeat:
+            self._woke(gap)
         self.outflow.prune()  # first: the GETs about to be read are weighed against it
         if subscriptions:
             self._drain_subscriptions()
@@ -264,12 +269,29 @@ class Broker:
         if self.blobs is not None:
             self.blobs.drain()
         self._flush()
-        if time.monotonic() >= self.next_sweep:
-            self.core.sweep()
+        now = time.monotonic()
+        if now >= self.next_sweep:
+            if now >= self.sweep_from:
+                self.core.sweep()
             if self.cluster is not None:
                 self.cluster.tick()
             self._flush()
             self.next_sweep = time.monotonic() + self.cfg.heartbeat / 2
+
+    def _woke(self, gap: float) -> None:
+        """The loop did not run for `gap` seconds (the process was stopped, or starved of
+        CPU): our clients' silence meanwhile is ours, not theirs. No session is dropped
+        for missed heartbeats until they have had three more to be heard (a client that
+        moved to another broker meanwhile ends quietly when the registry says so)."""
+        log.warning(
+            "the broker did not run for %.1f s (stopped, or starved of CPU): its clients "
+            "get %g s to be heard before any is dropped",
+            gap,
+            3 * self.cfg.heartbeat,
+        )
+        self.sweep_from = time.monotonic() + 3 * self.cfg.heartbeat
+        if self.cluster is not None:
+            self.cluster.woke(gap)
 
     def _serve(self) -> None:
         """One broker: the sockets' poller is the loop."""

@@ -219,7 +219,7 @@ def parser() -> Parser:
         type=int,
         default=Config.replicas,
         metavar="N",
-        shown="3, or fewer in a smaller cluster",
+        shown="3 on a NATS cluster (one of 2 nodes needs `--replicas 2`), 1 on a single server",
         help="copies of each room's history and of the registry",
     )
     flag(
