@@ -16,6 +16,7 @@ from test_accounts import PW, client, events_until, registered
 
 from conftest import ROOT
 from zmqchat import Client
+from zmqchat._cli.catchup import Reading
 
 broker = test_accounts.broker  # one broker, and two of a cluster
 
@@ -91,6 +92,34 @@ def test_a_mark_on_one_session_drops_the_unread_count_of_the_other(broker):
     asyncio.run(main())
 
 
+def test_what_one_session_reads_comes_off_the_other_clis_unread_count(broker):
+    """The command-line client's count of unread messages in its other rooms (its prompt's
+    `lobby (+2)>` and toolbar) drops when another session of the account reads them."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "oli", rooms=("lobby", "support"))
+        reading = Reading(desktop)  # the desktop's CLI, reading lobby
+        tom = client(broker, "tomo", rooms=["support"])
+        await tom.connect()
+        said = [await tom.say("support", text) for text in ("one", "two")]
+
+        async def take_until(done) -> None:
+            deadline = time.monotonic() + 5
+            while not done():
+                reading.take(await desktop.next_event(deadline - time.monotonic()), "lobby")
+
+        await take_until(lambda: reading.elsewhere("lobby") == 2)
+        assert reading.toolbar("lobby") == "unread: support 2"
+        assert await laptop.heard("support", said[-1], 5)
+        laptop.mark("support", said[-1])
+        await laptop.send_marks()
+        await take_until(lambda: reading.elsewhere("lobby") == 0)
+        assert reading.toolbar("lobby") == ""
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
 def test_a_join_and_a_leave_on_one_session_are_followed_by_the_other(broker):
     """The laptop joins a room: the desktop is in it too (it hears it), with one join notice
     in the room; the laptop leaves it: the desktop is out, with one leave notice."""
@@ -118,6 +147,7 @@ def test_a_join_and_a_leave_on_one_session_are_followed_by_the_other(broker):
 KILLED = """
 import asyncio, sys
 from zmqchat import Client
+from zmqchat._cli.catchup import Reading
 
 async def main():
     c = Client("127.0.0.1", int(sys.argv[1]), sys.argv[2], password=sys.argv[3])
