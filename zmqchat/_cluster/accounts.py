@@ -16,8 +16,9 @@ stored through the bridge, and its Op is done when NATS has it.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from zmqchat._cluster.names import Bucket, Change, Failure, hexkey, unhex
@@ -46,15 +47,28 @@ class ClusterAccounts:
         self.privates: defaultdict[str, dict[str, float]] = defaultdict(dict)
         self.last: dict[str, str] = {}
         self.logins: dict[tuple[str, str], list[float]] = {}
+        # our own writes: a key's news is older than what we hold while one is in flight,
+        # and when it carries a revision before the one our last write got
+        self.writing: Counter[tuple[Bucket, str]] = Counter()
+        self.written: dict[tuple[Bucket, str], int] = {}
 
     # ---------------------------------------------------------------- news
     def appliers(self) -> dict[Bucket, Callable[[str, int, bool, bytes], None]]:
         """What to do with a changed key of each of our buckets (the registry's watch)."""
-        return {
+        handlers = {
             Bucket.ACCOUNTS: self._account_news,
             Bucket.MARKS: self._mark_news,
             Bucket.LOGINS: self._login_news,
         }
+        return {bucket: partial(self._news, bucket, handle) for bucket, handle in handlers.items()}
+
+    def _news(
+        self, bucket: Bucket, handle: Callable[[str, int, bool, bytes], None], *news: Any
+    ) -> None:
+        key, rev = news[0], news[1]
+        if self.writing[(bucket, key)] or rev <= self.written.get((bucket, key), 0):
+            return  # what we hold is newer: our write is under way, or came after it
+        handle(*news)
 
     def _account_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
         name = unhex(key)
@@ -92,7 +106,19 @@ class ClusterAccounts:
 
     def _kv(self, change: Change, bucket: Bucket, key: str, value: Any = None) -> Op:
         data = json.dumps(value).encode() if value is not None else b""
-        return self.calls.kv(change, bucket, key, data)
+        where = (bucket, key)
+        self.writing[where] += 1
+
+        def done(op: Op) -> None:
+            self.writing[where] -= 1
+            if not self.writing[where]:
+                del self.writing[where]
+            if op.error is None and isinstance(op.value, int):
+                self.written[where] = max(op.value, self.written.get(where, 0))
+
+        op = self.calls.kv(change, bucket, key, data)
+        op.then(done)
+        return op
 
     # ---------------------------------------------------------------- accounts
     def account(self, key: str) -> Account | None:
