@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import test_accounts
 from test_accounts import PW, client, events_until, registered
@@ -270,5 +271,37 @@ def test_a_nick_change_is_refused_while_the_account_is_on_elsewhere(broker):
         await desktop.close()
         assert await laptop.set_nick("neddy") == "neddy"
         await laptop.close()
+
+    asyncio.run(main())
+
+
+def test_the_accounts_session_on_a_broker_that_died_ends_quietly(make_cluster_broker):
+    """Two brokers of a cluster, the account's first session on b1, its second on b2: b1 is
+    killed; once b2 has settled b1's sessions, the account's nick is its b2 session's (it
+    gets private messages, WHO names it), and nobody saw the account leave."""
+
+    async def main() -> None:
+        b1 = make_cluster_broker("b1", "--scram-iterations", "4096")
+        b2 = make_cluster_broker("b2", "--scram-iterations", "4096")
+        one, two = SimpleNamespace(port=b1.port), SimpleNamespace(port=b2.port)
+        await registered(one, "nan")
+        laptop = client(one, "nan", password=PW, reconnect=False)
+        await laptop.connect()
+        desktop = client(two, "nan", password=PW)
+        await desktop.connect()
+        tom = client(two, "tomn")
+        await tom.connect()
+        b1.proc.kill()
+        b1.proc.wait()
+        await logged(SimpleNamespace(brokers=[b2]), "device-heir", 15)  # b1's session settled
+        said = await tom.say("lobby", "after b1")
+        assert await desktop.heard("lobby", said, 5)
+        assert "nan" in await tom.who("lobby") and "nan" in await tom.who()
+        await tom.msg("nan", "still there?")
+        got = await events_until(desktop, lambda g: any(e.kind == "private" for e in g))
+        assert [e.text for e in got if e.kind == "private"] == ["still there?"]
+        nan = [e.kind for e in await tom.history("lobby", limit=200) if e.nick == "nan"]
+        assert nan == ["join"]  # the registration's only
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
 
     asyncio.run(main())
