@@ -289,3 +289,32 @@ def test_register_on_one_broker_and_log_in_on_another(make_cluster_broker, start
         s.wait_line("Welcome back, jo!")
         assert s.end_input() == 0
     assert wait_for(lambda: "ivy" in operator("list", *ns).stdout, 5, "ivy listed")
+
+
+def test_two_devices_of_an_account_share_their_marks_and_rooms(achat, password_file):
+    """An account in a terminal and in a --json script at once: both get in and both stay;
+    what the terminal reads comes off the script's unread (a `marked` line with unread 0);
+    what the script reads comes off the terminal's prompt count; a /join in the script is
+    followed by the terminal."""
+    register(achat, "gil", "/join support", "/join lobby")
+    t = achat("terminal", "-u", "gil", "--password-file", password_file)
+    t.expect("Welcome back, gil!")
+    t.ready("lobby")
+    s = achat("script", "-u", "gil", "--password-file", password_file, "--json", "-r", "lobby")
+    s.wait_event(lambda e: e["kind"] == "welcome", "the script's welcome")
+    bob = achat("script", "-u", "bob", "-r", "support")
+    bob.send("one", "two")
+    bob.wait_line("two")
+    t.expect("(+2)>")  # support's two, counted while the terminal reads lobby
+    t.type("/join support\r")
+    t.expect("<bob> two")
+    marked = s.wait_event(lambda e: e["kind"] == "marked", "the terminal's mark, told")
+    assert (marked["room"], marked["unread"]) == ("support", 0)
+    s.send("/join team")  # the script joins a room: the terminal follows
+    t.expect("your account joined team on another connection")
+    s.send("/leave team")
+    t.expect("your account left team on another connection")
+    assert s.end_input() == 0
+    t.type("/quit\r")
+    assert t.exit_status() == 0
+    assert bob.end_input() == 0

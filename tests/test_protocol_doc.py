@@ -272,9 +272,14 @@ def test_replies_pushes_and_events_have_the_documented_fields(make_broker):
         first = ok(anna, "AUTH", {"account": "anna", "first": login.first()})
         proof = login.proof(first["next"])
         ok(anna, "HELLO", {"version": 1, "nick": "anna", "proof": proof})
-        pushes.append(("EXPIRED", ann.push("EXPIRED")))  # the login took ann's session over
-        ok(anna, "JOIN", {"room": "lobby"})
+        ok(anna, "JOIN", {"room": "lobby"})  # a second session of the account (ann's on)
+        ok(anna, "JOIN", {"room": "work"})
+        pushes.append(("JOINED", ann.push("JOINED")))  # the account's other session is told
+        ok(ann, "JOIN", {"room": "work"})
+        ok(anna, "LEAVE", {"room": "work"})
+        pushes.append(("LEFT", ann.push("LEFT")))
         ok(anna, "MARK", {"room": "lobby", "seq": 1})
+        pushes.append(("MARKED", ann.push("MARKED")))
         ok(anna, "MARK", {"with": "bob", "ts": 1.0})
         ok(anna, "UNREAD", {})
         ok(anna, "UNREAD", {"room": "lobby", "after": 0})
@@ -419,7 +424,7 @@ def test_accounts_session_replays_against_a_fresh_broker(make_broker):
     computed from the password and the server-first message just received)."""
     block = re.search(r"^```accounts-frames\n(.*?)^```", DOC, re.M | re.S)
     assert block, "PROTOCOL.md has no accounts session (an ```accounts-frames block)"
-    passwords = {"(ann2)": PASSWORD, "(eve)": "wrong guess here"}
+    passwords = {"(ann2)": PASSWORD, "(ann3)": PASSWORD, "(eve)": "wrong guess here"}
     broker = make_broker(heartbeat=2.0, scram_iterations=4096)
     ctx = zmq.Context()
     socks: dict[str, Raw] = {}

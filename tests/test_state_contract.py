@@ -325,6 +325,28 @@ def test_identities_list_every_held_session(state):
     assert {i.nick for i in reg.identities()} == {"bob"}
 
 
+def test_an_accounts_further_sessions_are_its_companions(state):
+    """attach() adds a session of an account beside the one holding its nick (issue 21:
+    several devices); companions() and companion() find it, identities() and holder() do
+    not; detach() removes it once."""
+    reg = state.registry
+    first, second = ident("ann", "s1"), ident("ann", "s2", broker="b2")
+    first.account = second.account = "ann"
+    state.settle(reg.claim(first, None))
+    state.settle(reg.attach(second))
+    state.settle(reg.catch_up())
+    assert [c.sid for c in reg.companions("ann")] == ["s2"]
+    found = reg.companion("s2")
+    assert found is not None and (found.nick, found.key, found.broker) == ("ann", "ann", "b2")
+    assert reg.companion("s1") is None and reg.companions("bob") == []
+    assert [i.sid for i in reg.identities()] == ["s1"] and reg.holder("ann").sid == "s1"
+    assert state.settle(reg.detach(second)) is True
+    state.settle(reg.catch_up())
+    assert reg.companions("ann") == [] and reg.companion("s2") is None
+    assert state.settle(reg.detach(second)) is False
+    assert reg.holder("ann").sid == "s1"
+
+
 # ---------------------------------------------------------------------------- accounts (issue 21)
 
 

@@ -13,7 +13,8 @@ Broker -> client on the same socket, also three frames [kind, label, body]:
     OK    label  {fields of the reply}            exactly one reply per request, or
     ERROR label  {"code": CODE, "reason": "...", "retry_after": seconds (RATE_LIMITED only)}
     push  b""    {fields}                         unsolicited: PRIVATE, GRANT, LIVE, KICKED,
-                                                  SHUTDOWN, EXPIRED (label is empty)
+                                                  SHUTDOWN, EXPIRED, and an account's
+                                                  JOINED, LEFT, MARKED (label is empty)
 
 Room socket (broker XPUB -> client XSUB), two frames [topic, batch]:
     topic  room name + 0x00 + 16 hex digits of the room's current epoch (secret, changes
@@ -125,6 +126,11 @@ class Reply(StrEnum):
     KICKED = "KICKED"  # you were removed from a room: {"room", "by", "reason"}
     SHUTDOWN = "SHUTDOWN"  # the broker is stopping: {"reason"}
     EXPIRED = "EXPIRED"  # the broker does not know you (any more): say HELLO again
+    # An account on several devices at once (issue 21): what one of its sessions did, told
+    # to the others (a private message it sent comes to them as PRIVATE).
+    JOINED = "JOINED"  # your account joined a room: {"room"}; JOIN it too (no notice)
+    LEFT = "LEFT"  # your account left a room: {"room"}; you are out of it already
+    MARKED = "MARKED"  # your account read up to: {"room", "seq"} or {"with", "ts"}
 
 
 class Code(StrEnum):
@@ -599,7 +605,9 @@ VALIDATORS: Final[dict[Kind, Callable[[dict[str, Any]], dict[str, Any]]]] = {
 # broker's, HELLO carries the client's proof (`proof`) and its welcome the broker's own
 # (`verify`). REGISTER and PASSWORD send SCRAM's salted keys, never a password. MARK keeps
 # how far an account has read a room (a seq) or a private conversation (a time); UNREAD
-# counts what is after the marks.
+# counts what is after the marks. An account may be logged in on several devices at once:
+# each is a session under the account's nick, and what one of them joins, leaves or marks
+# the others are told (the pushes JOINED, LEFT, MARKED).
 
 MAX_SCRAM: Final = 512  # characters in a SCRAM message: nonces, a proof and a nick fit in 200
 MIN_ITERATIONS: Final = 4096  # SCRAM's iteration count, lowest (RFC 7677's minimum)...

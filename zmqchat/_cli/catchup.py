@@ -2,9 +2,10 @@
 
 An account is in several rooms at once and reads one of them, the active room: its events
 are shown (and marked read as they are); the others' messages are counted, and the bottom
-toolbar shows those counts. Entering a room (`/join`) shows what is unread there, oldest
-first, up to 500 (past that, `/more` shows the next ones), then what comes. `/leave` leaves
-a room for good. `/register` makes the nick an account; `/password` changes its password.
+toolbar shows those counts (what the account reads on another device comes off them).
+Entering a room (`/join`) shows what is unread there, oldest first, up to 500 (past that,
+`/more` shows the next ones), then what comes. `/leave` leaves a room for good. `/register`
+makes the nick an account; `/password` changes its password.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class Reading:
         """Whether to show an event now; counts and marks what it must."""
         if ev.kind == Status.UNREAD:
             return self._note(ev, active)
+        if ev.kind == Status.MARKED:  # read on another device: what waits here is less
+            room = ev.data.get("room")
+            if room and room != active:
+                self.waiting[room] = [int(ev.data["unread"]), int(ev.data.get("mentions", 0))]
+            return True
         if ev.kind == EventKind.PRIVATE:
             if not ev.mine:
                 self.client.mark_private(ev.nick, ev.ts)

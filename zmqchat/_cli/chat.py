@@ -465,6 +465,8 @@ class Chat(FileCommands, edits.EditCommands):
                 continue  # a note to self: the broker's copy of our own send is shown
             if self.reading is not None and not self.reading.take(ev, self.room):
                 continue  # another room's: counted (or one shown already)
+            if ev.kind == Status.MARKED and not self.screen.json_mode:
+                continue  # read on another device: the counts changed, nothing to show
             self.track(ev)
             hidden = not self.screen.json_mode and self.hidden(ev)
             self.remember(ev)
@@ -489,6 +491,10 @@ class Chat(FileCommands, edits.EditCommands):
         if self.room != room or room in self.client.rooms or room == self.joining:
             return  # elsewhere, back in, or still joining it: cmd_join decides where we stay
         lost, self.room = self.room, ""
+        others = [r for r in self.client.rooms if r != lost] if self.client.account else []
+        if others:  # an account's other room (it left this one on another device, say)
+            await self.cmd_join(others[0])
+            return
         if lost != DEFAULT_ROOM:
             try:
                 await self.cmd_join(DEFAULT_ROOM)

@@ -103,6 +103,21 @@ class AccountClient:
         def _error(self, code: str, reason: str) -> Exception:
             raise NotImplementedError
 
+        _leaves: dict[str, int]
+        _grants: dict[str, list[str]]
+        _repairs: set[asyncio.Task[Any]]  # tasks cancelled at close
+
+        def _device_event(self, text: str, room: str | None, data: dict[str, Any]) -> Event:
+            raise NotImplementedError
+
+        async def _join(
+            self, room: str, body: dict[str, Any], backlog: int, *, unread: bool = True
+        ) -> dict[str, Any]:
+            raise NotImplementedError
+
+        def _emit_status(self, text: str, room: str | None = None) -> None:
+            raise NotImplementedError
+
     # ------------------------------------------------------------------ public
     @property
     def account(self) -> str | None:
@@ -286,6 +301,63 @@ class AccountClient:
             await self._mark_request({"room": room, "seq": seq})
         for nick, ts in privates.items():
             await self._mark_request({"with": nick, "ts": ts})
+
+    # ------------------------------------------------------------------ other devices
+    def _device_news(self, kind: str, body: dict[str, Any]) -> None:
+        """What another session of our account did: it joined a room (we join it too,
+        which makes no notice), left one (we are out of it already), or read up to a mark
+        (our unread counts drop: a `marked` event says them)."""
+        room = body.get("room")
+        if kind == m.Reply.JOINED and isinstance(room, str) and room not in self.rooms:
+            task = asyncio.create_task(self._follow_join(room))
+            self._repairs.add(task)
+            task.add_done_callback(self._repairs.discard)
+        elif kind == m.Reply.LEFT and isinstance(room, str) and room in self.rooms:
+            self._leaves[room] = self._leaves.get(room, 0) + 1  # a JOIN under way is undone
+            self.rooms.pop(room, None)
+            self._grants.pop(room, None)
+            self._emit_status(f"your account left {room} on another connection", room=room)
+        elif kind == m.Reply.MARKED:
+            task = asyncio.create_task(self._follow_mark(body))
+            self._repairs.add(task)
+            task.add_done_callback(self._repairs.discard)
+
+    async def _follow_join(self, room: str) -> None:
+        try:
+            await self._join(room, {"room": room}, 0, unread=False)
+        except Exception as err:  # noqa: BLE001 - said, and the account goes on without it
+            self._emit_status(f"could not follow your account into {room}: {err}")
+            return
+        if room in self.rooms:
+            self._emit_status(f"your account joined {room} on another connection", room=room)
+
+    async def _follow_mark(self, body: dict[str, Any]) -> None:
+        room, peer = body.get("room"), body.get("with")
+        if isinstance(room, str) and isinstance(body.get("seq"), int):
+            seq = int(body["seq"])
+            self.acct.marks[room] = max(seq, self.acct.marks.get(room, 0))
+            if self.acct.due.get(room, seq + 1) <= seq:  # read there already: not ours to send
+                del self.acct.due[room]
+            try:
+                reply = await self.unread_counts(room)
+            except Exception:  # noqa: BLE001 - counted again at the next mark or login
+                return
+            line = reply["rooms"][0] if reply.get("rooms") else {}
+            text = f"read up to {seq} in {room} on another connection"
+        elif isinstance(peer, str) and isinstance(body.get("ts"), (int, float)):
+            ts = float(body["ts"])
+            self.acct.private_marks[peer] = max(ts, self.acct.private_marks.get(peer, 0.0))
+            try:
+                await self.unread_counts()
+            except Exception:  # noqa: BLE001
+                return
+            line = self.acct.unread_privates.get(peer, {"with": peer, "unread": 0, "mentions": 0})
+            text = f"read up to {ts} from {peer} on another connection"
+        else:
+            return
+        data = {**line, **body, "unread": int(line.get("unread", 0))}
+        data.setdefault("mentions", 0)
+        self._events.put_nowait(self._device_event(text, room, data))
 
     async def _mark_request(self, body: dict[str, Any]) -> None:
         try:

@@ -116,6 +116,7 @@ class Status(StrEnum):
 
     KIND = "status"
     UNREAD = "unread"  # an account's: what waits in a room or from a person (accounts.py)
+    MARKED = "marked"  # an account's: read up to here on another device (its counts now)
 
 
 class _EventFields(msgspec.Struct, frozen=True, repr_omit_defaults=True, gc=False):
@@ -992,8 +993,10 @@ class Client(AccountClient, Messages):
         room = body.get("room")
         if kind == m.Reply.PRIVATE:
             ev = body.get("event", {})
-            if self._new_private(ev):
-                self._events.put_nowait(Event.from_wire(ev, mine=False))
+            if self._new_private(ev):  # ours when our account sent it from another device
+                self._events.put_nowait(Event.from_wire(ev, mine=ev.get("nick") == self.nick))
+        elif kind in (m.Reply.JOINED, m.Reply.LEFT, m.Reply.MARKED):
+            self._device_news(kind, body)  # accounts.py: what another device of ours did
         elif kind == m.Reply.GRANT and room in self.rooms:
             self._subscribe(room, str(body.get("grant")))
         elif kind == m.Reply.LIVE and room in self.rooms:
@@ -1118,6 +1121,9 @@ class Client(AccountClient, Messages):
 
     def _unread_event(self, text: str, room: str | None, data: dict[str, Any]) -> Event:
         return Event(Status.UNREAD, text, room=room, ts=time.time(), data=data)
+
+    def _device_event(self, text: str, room: str | None, data: dict[str, Any]) -> Event:
+        return Event(Status.MARKED, text, room=room, ts=time.time(), data=data)
 
     def _error(self, code: str, reason: str) -> Exception:
         return ChatError(code, reason)

@@ -187,7 +187,7 @@ class Liveness:
         del self.dead[broker]
         self.seen.pop(broker, None)
         registry = self.registry
-        for ident in list(registry.identities()):
+        for ident in registry.every_session():
             if ident.broker == broker:
                 registry.reap(ident)
         record = {**self.record(Beat.GONE), "by": self.name}
@@ -200,7 +200,7 @@ class Liveness:
         when it was lost."""
         name, local = self.name, self.core.local_sids()
         current = set()
-        for ident in list(self.registry.identities()):
+        for ident in self.registry.every_session():
             if ident.broker != name or ident.sid in local:
                 continue
             current.add(ident.sid)

@@ -58,6 +58,7 @@ class ClusterRegistry:
         )
         self.name = ""  # our broker's, once it has joined
         self.sessions: dict[str, Identity] = {}  # nick key -> its holder
+        self.devices: dict[str, Identity] = {}  # sid -> an account's further session
         self._members: dict[str, dict[str, Member]] = {}  # room -> nick key -> member
         self.rooms: dict[str, RoomSettings] = {}
         self.saved: dict[str, RoomSettings] = {}  # as the bucket has them
@@ -121,6 +122,9 @@ class ClusterRegistry:
             self._caught_up()
 
     def _session_news(self, hexed: str, rev: int, put: bool, value: bytes) -> None:
+        if "." in hexed:  # an account's further session: ACCOUNT.SID
+            self._device_news(hexed, rev, put, value)
+            return
         key = unhex(hexed)
         old = self.sessions.get(key)
         if not put:
@@ -146,6 +150,13 @@ class ClusterRegistry:
             self.sessions[key] = ident
         if ident is None or old is None or old.sid != ident.sid:
             self.core.identity_changed(key, ident)
+
+    def _device_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
+        sid = key.partition(".")[2]
+        if not put:
+            self.devices.pop(sid, None)
+        else:
+            self.devices[sid] = _identity(json.loads(value), rev)
 
     def _member_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
         room, _, hexed = key.partition(".")
@@ -193,9 +204,10 @@ class ClusterRegistry:
     def identities(self) -> Iterable[Identity]:
         return self.sessions.values()
 
-    def _record(self, ident: Identity) -> bytes:
+    def _record(self, ident: Identity, with_key: bool = False) -> bytes:
         return json.dumps(
             {
+                **({"key": ident.key} if with_key else {}),
                 "sid": ident.sid,
                 "nick": ident.nick,
                 "token": ident.token_hash,
@@ -312,6 +324,9 @@ class ClusterRegistry:
     def reap(self, ident: Identity) -> None:
         """Claim a dead broker's session (compare-and-set on its record: only one broker
         wins), then announce it as lost."""
+        if ident.sid in self.devices:  # an account's further session: ended quietly
+            self.detach(ident).then(lambda op: None if op.error else self.core.reap(ident))
+            return
         op = self._kv(Change.DELETE, Bucket.SESSIONS, hexkey(ident.key), rev=ident.rev)
 
         def claimed(op: Op) -> None:
@@ -331,12 +346,50 @@ class ClusterRegistry:
 
         op.then(claimed)
 
+    # ---------------------------------------------------------------- devices
+    def companions(self, account: str) -> list[Identity]:
+        return [c for c in self.devices.values() if c.account == account]
+
+    def companion(self, sid: str) -> Identity | None:
+        return self.devices.get(sid)
+
+    def every_session(self) -> list[Identity]:
+        """Holders and companions: what Liveness settles."""
+        return [*self.sessions.values(), *self.devices.values()]
+
+    def attach(self, ident: Identity) -> Op:
+        self.devices[ident.sid] = ident
+        key = f"{hexkey(ident.account)}.{ident.sid}"
+        op = self._kv(Change.PUT, Bucket.SESSIONS, key, self._record(ident, with_key=True))
+
+        def stored(op: Op) -> None:
+            if op.error is None:
+                ident.rev = op.value
+
+        op.then(stored)
+        return op
+
+    def detach(self, ident: Identity) -> Op:
+        if self.devices.pop(ident.sid, None) is None:
+            return Op.ready(False)
+        outer = Op()
+        key = f"{hexkey(ident.account)}.{ident.sid}"
+        self._kv(Change.DELETE, Bucket.SESSIONS, key).then(
+            lambda op: outer.fail(op.error) if op.error is not None else outer.resolve(True)
+        )
+        return outer
+
     # ---------------------------------------------------------------- membership
     def members(self, room: str) -> dict[str, Member]:
         return self._members.get(room, {})
 
     def has_local_members(self, room: str) -> bool:
-        return any(m.broker == self.name for m in self._members.get(room, {}).values())
+        """A member here, or a member whose account has a session here (its record may
+        name its session on another broker)."""
+        here = {i.key for i in self.every_session() if i.broker == self.name}
+        return any(
+            m.broker == self.name or m.key in here for m in self._members.get(room, {}).values()
+        )
 
     def add_member(self, room: str, member: Member) -> Op:
         """A member in the bucket; a member of ours makes us follow the room, and its join
@@ -498,3 +551,18 @@ class ClusterPresence:
     def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
         push = {"sid": sid, "kind": str(kind), "body": body}
         self.calls.tell([Verb.ROUTE, broker.encode(), json.dumps(push).encode()])
+
+
+def _identity(d: dict[str, Any], rev: int) -> Identity:
+    """A companion's record (it names its nick key: its bucket key names its account)."""
+    return Identity(
+        d["sid"],
+        d["nick"],
+        d["key"],
+        d["token"],
+        d["pubkey"],
+        d["bot"],
+        d["broker"],
+        rev,
+        d.get("account", ""),
+    )

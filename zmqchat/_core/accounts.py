@@ -4,7 +4,7 @@ AUTH and HELLO's `proof` log in with SCRAM-SHA-256 (zmqchat/_scram.py); REGISTER
 session's nick an account; PASSWORD changes its password. A logged-in session's identity
 names its account (`Identity.account`): bans and operator rights follow the account whatever
 its nick (`Identity.principal`), private messages are kept for the account, and a new login
-takes over the account's earlier session at once (the earlier one is told, and stays away).
+while an earlier session is on is one more session of the account (devices.py).
 An account stays in its rooms when its session ends, without leave notices, and comes back
 to them without join notices: it leaves a room by LEAVE, or by being kicked or banned. What
 an account has read, and what is unread, is catchup.py.
@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from zmqchat import protocol as m
 from zmqchat._core.accounts_state import Account, AccountStore, NoAccounts
-from zmqchat._core.base import Handler, Opener, replaced
+from zmqchat._core.base import Handler, Opener
 from zmqchat._core.moderation import Moderation
 from zmqchat._core.rooms import Rooms
 from zmqchat._core.session import Room, Session
@@ -28,7 +28,7 @@ from zmqchat._core.sessions import Sessions
 from zmqchat._core.state import Identity, Member, Op, gather
 from zmqchat._ops.logs import event as log_event
 from zmqchat._scram import Keys, ScramError, Verifier
-from zmqchat.protocol import Code, Kind, ProtocolError, Reply, Why
+from zmqchat.protocol import Code, Kind, ProtocolError, Why
 
 log = logging.getLogger("zmqchat.broker")
 
@@ -150,40 +150,17 @@ class Accounts(Sessions, Rooms, Moderation):
         return account.key, {**welcome, "account": account.name, "verify": final}
 
     def _logged_in(self, s: Session) -> dict[str, Any]:
-        """A logged-in session: the account's other session ends; the welcome says which
-        rooms the account is in and which it was in last."""
+        """A logged-in session (the account's others, if any, go on: devices.py); the
+        welcome says which rooms the account is in and which it was in last."""
         account = self.accounts.account(s.ident.account) if s.ident.account else None
         if account is None:
             return {}
         self.logged_in[s.sid] = account
-        for ident in list(self.registry.identities()):
-            if ident.account == account.key and ident.sid != s.sid:
-                self._end(ident, s.ident)
         kept = self.accounts.kept(account)
         joined = [room for room in kept.rooms if room in self.rooms]
         log_event(log, "login", account=account.name, nick=s.nick, sid=s.sid)
         last = kept.last_room if kept.last_room in joined else ""
         return {"joined": joined, "last_room": last}
-
-    def _end(self, ident: Identity, by: Identity) -> None:
-        """End an account's session that a new login replaces (here, or on its broker)."""
-        local = self.by_sid.get(ident.sid)
-        if local is None:
-            if ident.broker and ident.broker != self.name:
-                self.presence.send(ident.broker, ident.sid, Reply.EXPIRED, replaced(by))
-            return
-        self._drop_quietly(local)
-        self._replaced(local, by)
-        self.registry.release(local.ident)
-
-    def routed(self, sid: str, kind: Reply, body: dict[str, Any]) -> None:
-        s = self.by_sid.get(sid)
-        if s is not None and kind is Reply.EXPIRED and body.get("replaced"):
-            self._drop_quietly(s)  # a login of its account on another broker
-            self._push(s, kind, body)
-            self.registry.release(s.ident)
-            return
-        super().routed(sid, kind, body)
 
     # ------------------------------------------------------------------ registering
     def _on_register(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
@@ -291,7 +268,7 @@ class Accounts(Sessions, Rooms, Moderation):
         for name in sorted(s.rooms):
             self._remove(s, self.rooms[name])
         self._forget(s)
-        pending.append(self.registry.release(s.ident))
+        pending.append(self._release(s.ident))
         log_event(log, "account-away", account=s.ident.account, nick=s.nick, why=str(why))
         return gather(pending)
 
@@ -304,7 +281,7 @@ class Accounts(Sessions, Rooms, Moderation):
             if (member := self.registry.members(name).get(ident.key)) is not None
             and member.sid == ident.sid
         ]
-        pending.append(self.registry.release(ident))
+        pending.append(self._release(ident))
         return gather(pending)
 
     def _forget(self, s: Session) -> None:

@@ -275,12 +275,15 @@ class CoreBase:
         elif ident.broker and ident.broker != self.name:
             self.presence.send(ident.broker, ident.sid, kind, body)
 
+    def _tell_others(self, s: Session, kind: Reply, body: dict[str, Any]) -> None:
+        """A push for the other sessions of this session's account (accounts.py)."""
+
     def routed(self, sid: str, kind: Reply, body: dict[str, Any]) -> None:
         """A push another broker sent to one of our sessions (gone meanwhile: dropped)."""
         s = self.by_sid.get(sid)
         if s is None:
             return
-        if kind is Reply.KICKED:
+        if kind in (Reply.KICKED, Reply.LEFT):
             room = self.rooms.get(str(body.get("room")))
             if room is None or s.sid not in room.members:
                 return
@@ -335,24 +338,33 @@ class CoreBase:
         ev = json.loads(data)
         if ev.get("kind") not in ("kick", "ban"):
             return
-        target = self._local_by_key(m.nick_key(str(ev.get("nick", ""))))
-        if target is None or target.sid not in room.members:
-            return
-        self._remove(target, room, rekey=False)  # the caller re-keys after the notice
-        self._push(
-            target,
-            Reply.KICKED,
-            {
-                "room": room.name,
-                "by": ev.get("by", ""),
-                "reason": ev.get("reason", ""),
-                "kind": ev["kind"],
-            },
-        )
+        for target in self._locals_by_key(m.nick_key(str(ev.get("nick", "")))):
+            if target.sid not in room.members:
+                continue
+            self._remove(target, room, rekey=False)  # the caller re-keys after the notice
+            self._push(
+                target,
+                Reply.KICKED,
+                {
+                    "room": room.name,
+                    "by": ev.get("by", ""),
+                    "reason": ev.get("reason", ""),
+                    "kind": ev["kind"],
+                },
+            )
 
-    def _local_by_key(self, key: str) -> Session | None:
+    def _locals_by_key(self, key: str) -> list[Session]:
+        """Our sessions under a nick: its holder's, and an account's further ones."""
+        return [s for s in self.by_sid.values() if s.key == key and self._live(key, s.sid)]
+
+    def _live(self, key: str, sid: str) -> bool:
+        """Whether session `sid` is one under nick `key` now: the nick's holder, or one of
+        its account's further sessions (devices)."""
         ident = self.registry.holder(key)
-        return self.by_sid.get(ident.sid) if ident is not None else None
+        if ident is not None and ident.sid == sid:
+            return True
+        other = self.registry.companion(sid)
+        return other is not None and other.key == key
 
     def _rekey_after(self, room: Room, seq: int) -> None:
         room.rekey_after = seq if room.rekey_after is None else max(room.rekey_after, seq)
@@ -430,7 +442,8 @@ class CoreBase:
         here = [
             (mem, ident)
             for mem in self.registry.members(room.name).values()
-            if (ident := self.registry.holder(mem.key)) is not None and ident.sid == mem.sid
+            if self._live(mem.key, mem.sid)
+            and (ident := self.registry.holder(mem.key) or self.registry.companion(mem.sid))
         ]
         return (
             sorted(mem.nick for mem, _ in here),
@@ -457,8 +470,7 @@ class CoreBase:
 
     def _present(self, mem: Member) -> bool:
         """Whether a member record is held by the session now holding its nick."""
-        ident = self.registry.holder(mem.key)
-        return ident is not None and ident.sid == mem.sid
+        return self._live(mem.key, mem.sid)
 
     def _append(
         self, room: Room, kind: EventKind, s: Session | Identity | Member, text: str, **extra: Any
@@ -503,7 +515,7 @@ class CoreBase:
         """End a session with leave notices in its rooms; its nick is free again."""
         pending = [self._leave(s, self.rooms[name], why, reason) for name in sorted(s.rooms)]
         self._forget(s)
-        pending.append(self.registry.release(s.ident))
+        pending.append(self._release(s.ident))
         return gather(pending)
 
     def _lose(self, s: Session) -> None:
@@ -521,7 +533,7 @@ class CoreBase:
                 for room in rooms:
                     self._remove(s, room)
 
-        self.registry.release(s.ident).then(released)
+        self._release(s.ident).then(released)
 
     def _drop_quietly(self, s: Session) -> None:
         """End a session that its own client took over (here or on another broker): no
@@ -542,6 +554,13 @@ class CoreBase:
         for s in [s for s in self.by_sid.values() if s.key == key]:
             if ident is not None and ident.sid == s.sid:
                 continue
+            if self.registry.companion(s.sid) is not None or (
+                ident is not None
+                and ident.account
+                and ident.account == s.ident.account
+                and ident.token_hash != s.ident.token_hash
+            ):
+                continue  # another device of the same account: it goes on (accounts.py)
             log_event(
                 log,
                 "moved" if ident is not None else "ended",
@@ -574,8 +593,13 @@ class CoreBase:
                         bot=ident.bot,
                     )
                 )
-        pending.append(self.registry.release(ident))
+        pending.append(self._release(ident))
         return gather(pending)
+
+    def _release(self, ident: Identity) -> Op:
+        """A session ends: its nick is free (accounts.py: or held by another of its
+        account's sessions); the Op's value says whether it was free by this."""
+        return self.registry.release(ident)
 
     def _bucket(self, now: float) -> Bucket:
         """A new session's rate limit: a full burst."""

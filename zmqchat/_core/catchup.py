@@ -21,7 +21,7 @@ from zmqchat._core.accounts_state import Account, Kept
 from zmqchat._core.base import Handler
 from zmqchat._core.session import Session
 from zmqchat._core.state import Op, gather
-from zmqchat.protocol import Code, Kind, ProtocolError
+from zmqchat.protocol import Code, Kind, ProtocolError, Reply
 
 UNREAD_SCAN: Final = 5000  # events read per room to count its unread: past that, `more`
 PRIVATE_SCAN: Final = 1000  # the latest private messages read to count the unread ones
@@ -64,10 +64,16 @@ class CatchUp(Accounts):
             if room not in self.accounts.kept(account).rooms:
                 raise ProtocolError(Code.NOT_MEMBER, f"you are not in {room}")
             yield self.accounts.mark(account, room, min(b["seq"], self.room_log.last(room)))
-            return {"room": room, "seq": self.accounts.kept(account).rooms.get(room, b["seq"])}
-        peer = m.nick_key(b["with"])
-        yield self.accounts.mark_private(account, peer, min(b["ts"], self.clock.time()))
-        return {"with": b["with"], "ts": self.accounts.kept(account).privates.get(peer, b["ts"])}
+            reply = {"room": room, "seq": self.accounts.kept(account).rooms.get(room, b["seq"])}
+        else:
+            peer = m.nick_key(b["with"])
+            yield self.accounts.mark_private(account, peer, min(b["ts"], self.clock.time()))
+            reply = {
+                "with": b["with"],
+                "ts": self.accounts.kept(account).privates.get(peer, b["ts"]),
+            }
+        self._tell_others(s, Reply.MARKED, reply)  # the account's other devices (devices.py)
+        return reply
 
     def _on_unread(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         account = self._account(s)

@@ -4,7 +4,8 @@
 uses (base.py: dispatch, exactly one reply, publishing, subscriptions, liveness), and the
 commands about a person (sessions.py), about rooms (rooms.py), of room operators
 (moderation.py), about files (files.py), those that edit, delete, answer and find messages
-(edits.py), of accounts (accounts.py) and of catching up (catchup.py). What belongs to this
+(edits.py), of accounts (accounts.py), an account's several devices (devices.py) and of
+catching up (catchup.py). What belongs to this
 broker alone is in session.py; what brokers share goes through the interfaces of state.py
 (and of files_state.py, edits_state.py and accounts_state.py); the rules,
 the clock and randomness come in from outside (rules.py).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from zmqchat._core.accounts import Accounts
 from zmqchat._core.catchup import CatchUp
+from zmqchat._core.devices import Devices
 from zmqchat._core.edits import Edits
 from zmqchat._core.files import Files
 from zmqchat._core.moderation import Moderation
@@ -23,5 +25,5 @@ from zmqchat._core.sessions import Sessions
 __all__ = ["Core"]
 
 
-class Core(CatchUp, Accounts, Sessions, Edits, Rooms, Moderation, Files):
+class Core(CatchUp, Devices, Accounts, Sessions, Edits, Rooms, Moderation, Files):
     """The broker's state and rules; see base.py for how a request is answered."""

@@ -48,8 +48,9 @@ class Moderation(CoreBase):
             reason=reason,
         )
         gone = self.registry.remove_member(room.name, target.key, target.sid)
-        local = self.by_sid.get(target.sid)
-        if local is not None and local.sid in room.members:
+        for local in self._locals_by_key(target.key):  # an account's every session here
+            if local.sid not in room.members:
+                continue
             self._remove(local, room)
             self._push(
                 local,
@@ -65,8 +66,12 @@ class Moderation(CoreBase):
     def _target_by_principal(self, room: Room, principal: str) -> Member | None:
         """The member of a room that an account is in under another nick, if any."""
         for member in self.registry.members(room.name).values():
-            ident = self.registry.holder(member.key)
-            if ident is not None and ident.sid == member.sid and ident.principal == principal:
+            ident = self.registry.holder(member.key) or self.registry.companion(member.sid)
+            if (
+                ident is not None
+                and self._live(member.key, member.sid)
+                and ident.principal == principal
+            ):
                 return member
         return None
 

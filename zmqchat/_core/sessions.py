@@ -46,11 +46,18 @@ class Sessions(CoreBase):
                 raise ProtocolError(Code.NICK_TAKEN, f"the nickname {nick} belongs to another key")
         holder = self.registry.holder(key)
         hashed = token_hash(b["token"])
+        own = bool(
+            holder is not None
+            and b["resume"]
+            and hashed
+            and hmac.compare_digest(holder.token_hash, hashed)
+        )
+        # an account on another device: a further session under its nick (accounts.py)
+        device = bool(account and holder is not None and holder.account == account and not own)
         if (
             holder is not None
-            and not (b["resume"] and hashed and hmac.compare_digest(holder.token_hash, hashed))
-            # an account takes its nick back: from its own earlier session, or from a guest
-            # who had it before the account was registered
+            and not own
+            # an account takes its nick from a guest who had it before it was registered
             and not (account and holder.account in ("", account))
         ):
             raise ProtocolError(
@@ -64,11 +71,14 @@ class Sessions(CoreBase):
             missed = yield from self._missed_privates(ident, b["privates_since"])
         if self.rules.keys_required and not account:
             yield self.registry.bind_nick(key, pubkey)
-        yield self.registry.claim(ident, holder)
+        if device:
+            yield from self._attach(ident, bool(b["resume"]))
+        else:
+            yield self.registry.claim(ident, holder)
         if rid in self.by_rid:  # this connection said HELLO twice at once: the first won
-            self.registry.release(ident)
+            self._release(ident)
             raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {self.by_rid[rid].nick}")
-        old = self.by_sid.get(holder.sid) if holder is not None else None
+        old = self.by_sid.get(holder.sid) if holder is not None and not device else None
         if old is not None:  # the same client (or account), back on a new connection
             self._drop_quietly(old)
             self._replaced(old, ident)
@@ -111,6 +121,12 @@ class Sessions(CoreBase):
         if False:  # a generator, which the accounts' login is (it may wait for the state)
             yield Op.ready()
         return "", {}
+
+    def _attach(self, ident: Identity, resume: bool) -> Generator[Op, Any, None]:
+        """A further session of a logged-in account (accounts.py)."""
+        if False:
+            yield Op.ready()
+        raise ProtocolError(Code.NICK_TAKEN, f"the nickname {ident.nick} is taken")
 
     def _logged_in(self, s: Session) -> dict[str, Any]:
         """A new session is there (accounts.py): more fields for its welcome."""
@@ -217,6 +233,7 @@ class Sessions(CoreBase):
             ts, s.ident.owner, target.recipient, b["id"], m.dumps(event), s.key
         )
         self.push_to(target, Reply.PRIVATE, {"event": event})
+        self._tell_others(s, Reply.PRIVATE, {"event": event})  # its account's other devices
         return {"to": target.nick, "id": b["id"], "event": event}
 
     def _on_ping(self, s: Session, req: m.Request) -> dict[str, Any]:

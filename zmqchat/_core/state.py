@@ -280,6 +280,21 @@ class Registry(Protocol):
         """Free the nick, if this session still holds it: the Op's value says whether it
         did (False: the nick had moved on, to its client's new session say)."""
 
+    # An account's further sessions (devices): an account logged in on several devices at
+    # once holds its nick with one session (`holder`); its others are its companions, under
+    # the same nick, wherever they are.
+    def companions(self, account: str) -> list[Identity]:
+        """The account's sessions besides the one holding its nick."""
+
+    def companion(self, sid: str) -> Identity | None:
+        """A companion session by its id."""
+
+    def attach(self, ident: Identity) -> Op:
+        """Add a companion session of `ident.account` (its nick's holder is of the account)."""
+
+    def detach(self, ident: Identity) -> Op:
+        """Remove a companion session: the Op's value says whether it was one."""
+
     def members(self, room: str) -> dict[str, Member]:
         """The room's members by nick key (a session that is resuming elsewhere included)."""
 

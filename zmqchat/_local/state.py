@@ -123,6 +123,7 @@ class LocalRegistry:
     ) -> None:
         self.store = store
         self.sessions: dict[str, Identity] = {}
+        self._companions: dict[str, Identity] = {}  # sid -> an account's further session
         self._members: dict[str, dict[str, Member]] = {}
         for key, name in store.take_members():
             self._members.setdefault(name, {})[key] = Member(key, key, "", "")
@@ -179,6 +180,20 @@ class LocalRegistry:
             return Op.ready(False)
         del self.sessions[ident.key]
         return Op.ready(True)
+
+    # ---------------------------------------------------------------- devices
+    def companions(self, account: str) -> list[Identity]:
+        return [c for c in self._companions.values() if c.account == account]
+
+    def companion(self, sid: str) -> Identity | None:
+        return self._companions.get(sid)
+
+    def attach(self, ident: Identity) -> Op:
+        self._companions[ident.sid] = ident
+        return Op.ready()
+
+    def detach(self, ident: Identity) -> Op:
+        return Op.ready(self._companions.pop(ident.sid, None) is not None)
 
     # ---------------------------------------------------------------- membership
     def members(self, room: str) -> dict[str, Member]:

@@ -1,0 +1,307 @@
+"""An account on several devices at once (issue 21: "marks shared by two sessions of one
+account"), through the client library as a user's two clients would use it, against one
+broker and against two brokers of a cluster (the fixtures of test_accounts.py: each new
+client on the other broker, so a laptop and a desktop are on different brokers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import test_accounts
+from test_accounts import PW, client, events_until, registered
+
+from conftest import ROOT
+from zmqchat import Client
+from zmqchat._cli.catchup import Reading
+
+broker = test_accounts.broker  # one broker, and two of a cluster
+
+
+async def devices(broker, nick: str, rooms=("lobby",)) -> tuple[Client, Client]:
+    """Two logged-in sessions of `nick`'s account (registered here), both connected."""
+    await registered(broker, nick, rooms)
+    laptop = client(broker, nick, password=PW, rooms=list(rooms))
+    await laptop.connect()
+    desktop = client(broker, nick, password=PW, rooms=list(rooms))
+    await desktop.connect()
+    assert laptop.connected and desktop.connected
+    return laptop, desktop
+
+
+def test_two_sessions_of_an_account_both_receive_room_and_private_messages(broker):
+    """Both sessions hear the room and get a private message to the account; what one
+    sends privately the other is shown too (as its own); /who names the account once."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "ivy")
+        tom = client(broker, "tomi")
+        await tom.connect()
+        said = await tom.say("lobby", "hello ivy")
+        assert await laptop.heard("lobby", said, 5) and await desktop.heard("lobby", said, 5)
+        await tom.msg("ivy", "psst")
+        for c in (laptop, desktop):
+            got = await events_until(c, lambda g: any(e.kind == "private" for e in g))
+            assert [(e.nick, e.text, e.mine) for e in got if e.kind == "private"] == [
+                ("tomi", "psst", False)
+            ]
+        await laptop.msg("tomi", "on my laptop")
+        got = await events_until(desktop, lambda g: any(e.kind == "private" for e in g))
+        echo = [e for e in got if e.kind == "private"][0]
+        assert (echo.nick, echo.text, echo.mine, echo.data["to"]) == (
+            "ivy",
+            "on my laptop",
+            True,
+            "tomi",
+        )
+        got = await events_until(
+            tom, lambda g: any(e.kind == "private" and e.nick == "ivy" for e in g)
+        )
+        assert [e.text for e in got if e.kind == "private" and e.nick == "ivy"] == ["on my laptop"]
+        assert (await tom.who("lobby")).count("ivy") == 1
+        assert (await tom.who()).count("ivy") == 1
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
+def test_a_mark_on_one_session_drops_the_unread_count_of_the_other(broker):
+    """The laptop reads the room: the desktop is told, and its unread count drops to 0."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "jem")
+        tom = client(broker, "tomj")
+        await tom.connect()
+        seqs = [await tom.say("lobby", f"news {i}") for i in range(3)]
+        assert await laptop.heard("lobby", seqs[-1], 5)
+        assert await desktop.heard("lobby", seqs[-1], 5)
+        counted = await desktop.unread_counts("lobby")
+        assert counted["rooms"][0]["unread"] == 3 and desktop.unread["lobby"]["unread"] == 3
+        laptop.mark("lobby", seqs[-1])
+        await laptop.send_marks()
+        got = await events_until(desktop, lambda g: any(e.kind == "marked" for e in g))
+        marked = [e for e in got if e.kind == "marked"][0]
+        assert (marked.room, marked.data["seq"], marked.data["unread"]) == ("lobby", seqs[-1], 0)
+        assert desktop.unread["lobby"]["unread"] == 0
+        assert desktop.marks["lobby"] == seqs[-1]
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
+def test_what_one_session_reads_comes_off_the_other_clis_unread_count(broker):
+    """The command-line client's count of unread messages in its other rooms (its prompt's
+    `lobby (+2)>` and toolbar) drops when another session of the account reads them."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "oli", rooms=("lobby", "support"))
+        reading = Reading(desktop)  # the desktop's CLI, reading lobby
+        tom = client(broker, "tomo", rooms=["support"])
+        await tom.connect()
+        said = [await tom.say("support", text) for text in ("one", "two")]
+
+        async def take_until(done) -> None:
+            deadline = time.monotonic() + 5
+            while not done():
+                reading.take(await desktop.next_event(deadline - time.monotonic()), "lobby")
+
+        await take_until(lambda: reading.elsewhere("lobby") == 2)
+        assert reading.toolbar("lobby") == "unread: support 2"
+        assert await laptop.heard("support", said[-1], 5)
+        laptop.mark("support", said[-1])
+        await laptop.send_marks()
+        await take_until(lambda: reading.elsewhere("lobby") == 0)
+        assert reading.toolbar("lobby") == ""
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
+def test_a_join_and_a_leave_on_one_session_are_followed_by_the_other(broker):
+    """The laptop joins a room: the desktop is in it too (it hears it), with one join notice
+    in the room; the laptop leaves it: the desktop is out, with one leave notice."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "kit")
+        tom = client(broker, "tomk", rooms=["lobby", "support"])
+        await tom.connect()
+        await laptop.join("support")
+        got = await events_until(desktop, lambda g: any("joined support" in e.text for e in g))
+        assert "support" in desktop.rooms and got[-1].kind == "status"
+        said = await tom.say("support", "for kit")
+        assert await desktop.heard("support", said, 5) and await laptop.heard("support", said, 5)
+        await laptop.leave("support")
+        await events_until(desktop, lambda g: any("left support" in e.text for e in g))
+        assert "support" not in desktop.rooms
+        kit = [e.kind for e in await tom.history("support", limit=50) if e.nick == "kit"]
+        assert kit == ["join", "leave"]
+        assert "kit" not in await tom.who("support")
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
+KILLED = """
+import asyncio, sys
+from zmqchat import Client
+from zmqchat._cli.catchup import Reading
+
+async def main():
+    c = Client("127.0.0.1", int(sys.argv[1]), sys.argv[2], password=sys.argv[3])
+    await c.connect()
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+class Lines(logging.Handler):
+    """The broker's log lines (an in-process broker's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.names.append(record.getMessage())
+
+
+LINES = Lines()
+
+
+async def logged(broker, name: str, timeout: float = 10.0) -> None:
+    """Wait until a broker has logged the event `name` (a cluster's in its log file)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if hasattr(broker, "brokers"):
+            if any(f"zmqchat.broker {name} " in b.log_text() for b in broker.brokers):
+                return
+        elif name in LINES.names:
+            return
+        assert time.monotonic() < deadline, f"no {name} logged"
+        await asyncio.sleep(0.05)
+
+
+def test_a_killed_session_of_an_account_ends_quietly_while_another_is_on(broker):
+    """kill -9 of one of the account's clients: the other session goes on, hears the room
+    and gets private messages; nobody sees a leave (nor a join), also after the killed
+    session's heartbeats ran out; a new login after that is quiet too."""
+
+    log = logging.getLogger("zmqchat.broker")
+    log.addHandler(LINES)
+    level = log.level
+    log.setLevel(logging.INFO)
+
+    async def main() -> None:
+        await registered(broker, "lux")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED, str(broker.port), "lux", PW],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            live = client(broker, "lux", password=PW)
+            await live.connect()
+            proc.kill()
+            proc.wait()
+            await logged(broker, "device-lost")  # its 3 heartbeats ran out: it is ended
+            tom = client(broker, "toml")
+            await tom.connect()
+            said = await tom.say("lobby", "still there?")
+            assert await live.heard("lobby", said, 5) and "lux" in await tom.who("lobby")
+            await tom.msg("lux", "hi")
+            got = await events_until(live, lambda g: any(e.kind == "private" for e in g))
+            assert not [e for e in got if e.kind in ("leave", "join") and e.nick == "lux"]
+            again = client(broker, "lux", password=PW)
+            await again.connect()
+            await again.close()
+            lux = [e.kind for e in await tom.history("lobby", limit=200) if e.nick == "lux"]
+            assert lux == ["join"]  # the registration's only
+            assert live.connected
+            await asyncio.gather(live.close(), tom.close())
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.removeHandler(LINES)
+        log.setLevel(level)
+
+
+def test_a_ban_takes_every_session_of_the_account_out(broker):
+    """An operator bans the account: both its sessions are out of the room, and told."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "max")
+        boss = client(broker, "boss")
+        await boss.connect()
+        await boss.ban("lobby", "max", "spam")
+        for c in (laptop, desktop):
+            await events_until(c, lambda g: any("banned from lobby" in e.text for e in g))
+            assert "lobby" not in c.rooms
+        assert "max" not in await boss.who("lobby")
+        await asyncio.gather(laptop.close(), desktop.close(), boss.close())
+
+    asyncio.run(main())
+
+
+def test_a_nick_change_is_refused_while_the_account_is_on_elsewhere(broker):
+    """A nick change would leave the account's other sessions under the old nick: it is
+    refused with a clear error while they are on, and allowed once alone."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "ned")
+        try:
+            await laptop.set_nick("neddy")
+        except Exception as err:  # noqa: BLE001
+            assert "other connection" in str(err)
+        else:
+            raise AssertionError("the nick change was allowed")
+        assert laptop.nick == "ned"
+        await desktop.close()
+        assert await laptop.set_nick("neddy") == "neddy"
+        await laptop.close()
+
+    asyncio.run(main())
+
+
+def test_the_accounts_session_on_a_broker_that_died_ends_quietly(make_cluster_broker):
+    """Two brokers of a cluster, the account's first session on b1, its second on b2: b1 is
+    killed; once b2 has settled b1's sessions, the account's nick is its b2 session's (it
+    gets private messages, WHO names it), and nobody saw the account leave."""
+
+    async def main() -> None:
+        b1 = make_cluster_broker("b1", "--scram-iterations", "4096")
+        b2 = make_cluster_broker("b2", "--scram-iterations", "4096")
+        one, two = SimpleNamespace(port=b1.port), SimpleNamespace(port=b2.port)
+        await registered(one, "nan")
+        laptop = client(one, "nan", password=PW, reconnect=False)
+        await laptop.connect()
+        desktop = client(two, "nan", password=PW)
+        await desktop.connect()
+        tom = client(two, "tomn")
+        await tom.connect()
+        b1.proc.kill()
+        b1.proc.wait()
+        await logged(SimpleNamespace(brokers=[b2]), "device-heir", 15)  # b1's session settled
+        said = await tom.say("lobby", "after b1")
+        assert await desktop.heard("lobby", said, 5)
+        assert "nan" in await tom.who("lobby") and "nan" in await tom.who()
+        await tom.msg("nan", "still there?")
+        got = await events_until(desktop, lambda g: any(e.kind == "private" for e in g))
+        assert [e.text for e in got if e.kind == "private"] == ["still there?"]
+        nan = [e.kind for e in await tom.history("lobby", limit=200) if e.nick == "nan"]
+        assert nan == ["join"]  # the registration's only
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
