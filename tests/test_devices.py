@@ -69,6 +69,33 @@ def test_two_sessions_of_an_account_both_receive_room_and_private_messages(broke
     asyncio.run(main())
 
 
+def test_a_private_message_sent_on_one_device_is_the_others_own_whatever_the_case(broker):
+    """The account logged in as `Ivo` on the laptop and `ivo` on the desktop (one nick: case
+    is folded): what the laptop sends privately is shown on the desktop as its own, not as
+    a message from someone called `Ivo`."""
+
+    async def main() -> None:
+        await registered(broker, "ivo")
+        laptop = client(broker, "Ivo", password=PW)
+        await laptop.connect()
+        desktop = client(broker, "ivo", password=PW)
+        await desktop.connect()
+        tom = client(broker, "tomv")
+        await tom.connect()
+        await laptop.msg("tomv", "from the laptop")
+        got = await events_until(desktop, lambda g: any(e.kind == "private" for e in g))
+        echo = [e for e in got if e.kind == "private"][0]
+        assert (echo.nick, echo.text, echo.data["to"], echo.mine) == (
+            "Ivo",
+            "from the laptop",
+            "tomv",
+            True,
+        )
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
 def test_a_mark_on_one_session_drops_the_unread_count_of_the_other(broker):
     """The laptop reads the room: the desktop is told, and its unread count drops to 0."""
 
