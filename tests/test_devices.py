@@ -172,6 +172,32 @@ def test_a_join_and_a_leave_on_one_session_are_followed_by_the_other(broker):
     asyncio.run(main())
 
 
+def test_a_room_joined_and_left_at_once_on_one_device_stays_left(broker):
+    """The laptop joins a room and leaves it straight away: the desktop, told JOINED, asks
+    to follow when the account has left again; that is refused, and the account stays out
+    (no second join notice, neither device in it)."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "kip")
+        tom = client(broker, "tomp", rooms=["lobby", "team"])
+        await tom.connect()
+        await asyncio.gather(laptop.join("team"), laptop.leave("team"))
+        # a MARKED pushed after that JOINED: once the desktop shows it, it has answered
+        # the JOINED (its JOIN went before the UNREAD that its `marked` event waits for)
+        said = await tom.say("lobby", "mark me")
+        assert await laptop.heard("lobby", said, 5)
+        laptop.mark("lobby", said)
+        await laptop.send_marks()
+        await events_until(desktop, lambda g: any(e.kind == "marked" for e in g))
+        kip = [e.kind for e in await tom.history("team", limit=50) if e.nick == "kip"]
+        assert kip == ["join", "leave"]
+        assert "team" not in desktop.rooms and "team" not in laptop.rooms
+        assert "kip" not in await tom.who("team")
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
 KILLED = """
 import asyncio, sys
 from zmqchat import Client

@@ -5,11 +5,12 @@ broker) adds a further session under that nick, a companion (Registry.attach), i
 ending the first. Everything the account receives, each session receives: room traffic (each
 session joins the account's rooms, quietly), private messages to it and those it sent (so a
 conversation reads the same everywhere), kicks and bans. What one session does for the
-account, the others are told: JOINED (they join the room too, quietly), LEFT (they are out of
-it already), MARKED (their unread counts drop). The nick stays with the account while any of
-its sessions lives: when its holder ends, a companion takes it over, with no notice. A nick
-change is refused while the account has other sessions (they would be left under the old
-nick).
+account, the others are told: JOINED (they join the room too, quietly, with JOIN's `follow`:
+refused if the account has left the room again since, so that a late follower does not
+join it anew), LEFT (they are out of it already), MARKED (their unread counts drop). The
+nick stays with the account while any of its sessions lives: when its holder ends, a
+companion takes it over, with no notice. A nick change is refused while the account has
+other sessions (they would be left under the old nick).
 """
 
 from __future__ import annotations
@@ -157,6 +158,13 @@ class Devices(Accounts):
 
     # ------------------------------------------------------------------ rooms
     def _on_join(self, s: Session, req: Any) -> Generator[Op, Any, dict[str, Any]]:
+        if req.body["follow"]:  # after JOINED: the account may have left the room since
+            yield self.registry.catch_up()  # a LEAVE on another broker just now
+            account = self.logged_in.get(s.sid)
+            if account is None or req.body["room"] not in self.accounts.kept(account).rooms:
+                raise ProtocolError(
+                    Code.NOT_MEMBER, f"your account is not in {req.body['room']} any more"
+                )
         reply: dict[str, Any] = yield from super()._on_join(s, req)
         if s.ident.account and "mark" not in reply:  # the account's new room
             self._tell_others(s, Reply.JOINED, {"room": reply["room"]})
