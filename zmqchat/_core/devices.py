@@ -184,6 +184,15 @@ class Devices(Accounts):
         yield self.registry.remove_member(name, s.key)
         return reply
 
+    def routed(self, sid: str, kind: Reply, body: dict[str, Any]) -> None:
+        """LEFT from another broker: this session is out of the room, and so is the member
+        record that names it (that broker's remove may have gone by an older record)."""
+        s = self.by_sid.get(sid)
+        room = str(body.get("room"))
+        if kind is Reply.LEFT and s is not None and room in s.rooms:
+            self.registry.remove_member(room, s.key, s.sid)
+        super().routed(sid, kind, body)
+
     def _kick(self, s: Session, room: Room, target: Member, reason: str, kind: Any) -> Op:
         op = super()._kick(s, room, target, reason, kind)
         holder = self.registry.holder(target.key)
