@@ -358,3 +358,39 @@ def test_the_accounts_session_on_a_broker_that_died_ends_quietly(make_cluster_br
         await asyncio.gather(laptop.close(), desktop.close(), tom.close())
 
     asyncio.run(main())
+
+
+def test_a_login_on_one_broker_as_the_holder_ends_on_another_keeps_the_nick(make_cluster_broker):
+    """The account's only session (on b1) ends just as a new one logs in on b2 (a race: the
+    test tries it at a series of moments): whichever way it falls, the new session holds the
+    account's nick (WHO names it), and no session under it is left without its holder."""
+
+    async def main() -> None:
+        b1 = make_cluster_broker("b1", "--scram-iterations", "4096")
+        b2 = make_cluster_broker("b2", "--scram-iterations", "4096")
+        one, two = SimpleNamespace(port=b1.port), SimpleNamespace(port=b2.port)
+        await registered(one, "oda")
+        tom = client(one, "tomd")
+        await tom.connect()
+        for i in range(20):
+            laptop = client(one, "oda", password=PW, reconnect=False)
+            await laptop.connect()
+            desktop = client(two, "oda", password=PW, reconnect=False)
+
+            await asyncio.gather(ends_after(laptop, 0.002 * i), desktop.connect())
+            deadline = time.monotonic() + 5
+            while "oda" not in await tom.who():
+                assert time.monotonic() < deadline, f"try {i}: the nick has no holder"
+                await asyncio.sleep(0.05)
+            await desktop.close()
+            while "oda" in await tom.who():  # free again for the next try
+                assert time.monotonic() < deadline, f"try {i}: the nick is still held"
+                await asyncio.sleep(0.05)
+        await tom.close()
+
+    asyncio.run(main())
+
+
+async def ends_after(c: Client, delay: float) -> None:
+    await asyncio.sleep(delay)  # the moment the race is tried at, not a wait for a state
+    await c.close()

@@ -68,6 +68,43 @@ class Devices(Accounts):
                 yield self.registry.detach(earlier)
         yield self.registry.attach(ident)
         log_event(log, "device", account=ident.account, nick=ident.nick, sid=ident.sid)
+        if self.registry.holder(ident.key) is not None:
+            return
+        # its holder ended meanwhile (on another broker that did not know of this session
+        # yet): the nick is this session's, else it would be held by nobody (missing from
+        # WHO, its companions' nick free)
+        try:
+            yield self.registry.claim(ident, None)
+        except ProtocolError:  # another session of the account took it just now
+            return  # this one stays its companion
+        log_event(log, "device-heir", account=ident.account, sid=ident.sid, after="")
+        yield self.registry.detach(ident)
+
+    def identity_changed(self, key: str, ident: Identity | None) -> None:
+        """A nick freed on another broker (cluster) while a session of ours is one of its
+        account's companions: that broker let its holder go without knowing of ours (it
+        ended as ours logged in); ours takes the nick over."""
+        super().identity_changed(key, ident)
+        if ident is not None:
+            return
+        heir = next(
+            (
+                s.ident
+                for s in self.by_sid.values()
+                if s.key == key and self.registry.companion(s.sid) is not None
+            ),
+            None,
+        )
+        if heir is None:
+            return
+        chosen = heir
+
+        def claimed(op: Op) -> None:
+            if op.error is None:  # else another broker's session of the account has it
+                log_event(log, "device-heir", account=chosen.account, sid=chosen.sid, after="freed")
+                self.registry.detach(chosen)
+
+        self.registry.claim(heir, None).then(claimed)
 
     def _release(self, ident: Identity) -> Op:
         """A companion ending is let go; a holder with companions hands its nick to one
