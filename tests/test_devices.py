@@ -96,6 +96,32 @@ def test_a_private_message_sent_on_one_device_is_the_others_own_whatever_the_cas
     asyncio.run(main())
 
 
+def test_a_file_offered_privately_on_one_device_is_shown_on_the_other(broker, tmp_path):
+    """The laptop offers a file to tom privately: the desktop is shown the offer too, as
+    its own (a conversation reads the same on both), and tom gets it once."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "ida")
+        tom = client(broker, "tomf")
+        await tom.connect()
+        path = tmp_path / "notes.txt"
+        path.write_bytes(b"the minutes\n" * 100)
+        offer = await laptop.send_file("@tomf", str(path))
+        got = await events_until(desktop, lambda g: any(e.kind == "file" for e in g))
+        echo = [e for e in got if e.kind == "file"][0]
+        assert (echo.nick, echo.data["to"], echo.data["file"], echo.mine) == (
+            "ida",
+            "tomf",
+            offer["file"],
+            True,
+        )
+        got = await events_until(tom, lambda g: any(e.kind == "file" for e in g))
+        assert [e.data["file"] for e in got if e.kind == "file"] == [offer["file"]]
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
 def test_a_mark_on_one_session_drops_the_unread_count_of_the_other(broker):
     """The laptop reads the room: the desktop is told, and its unread count drops to 0."""
 
