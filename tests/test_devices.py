@@ -420,3 +420,54 @@ def test_a_login_on_one_broker_as_the_holder_ends_on_another_keeps_the_nick(make
 async def ends_after(c: Client, delay: float) -> None:
     await asyncio.sleep(delay)  # the moment the race is tried at, not a wait for a state
     await c.close()
+
+
+def test_a_session_whose_record_another_broker_settled_is_told_to_come_back(
+    make_cluster_broker, nats_nodes
+):
+    """The desktop's session on b2 is settled by another broker (its record deleted, as b1
+    does when it takes b2 for dead: b2 cut off from NATS past its grace while its clients
+    stay connected): b2 ends it and tells the client, which comes back on its own and gets
+    the account's private messages again (it is not left connected, hearing nothing)."""
+
+    async def main() -> None:
+        b1 = make_cluster_broker("b1", "--scram-iterations", "4096")
+        b2 = make_cluster_broker("b2", "--scram-iterations", "4096")
+        one, two = SimpleNamespace(port=b1.port), SimpleNamespace(port=b2.port)
+        await registered(one, "zoe")
+        laptop = client(one, "zoe", password=PW)
+        await laptop.connect()
+        desktop = client(two, "zoe", password=PW)
+        await desktop.connect()
+        tom = client(one, "tomz")
+        await tom.connect()
+        assert await delete_companions(nats_nodes.urls, make_cluster_broker.namespace) == 1
+        deadline = time.monotonic() + 10
+        for i in range(1000):
+            await tom.msg("zoe", f"ping {i}")
+            try:
+                ev = await desktop.next_event(0.2)
+            except TimeoutError:
+                ev = None
+            if ev is not None and ev.kind == "private" and ev.nick == "tomz":
+                break
+            assert time.monotonic() < deadline, "the desktop gets nothing for the account"
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
+async def delete_companions(urls: str, namespace: str) -> int:
+    """Delete the companion records of the namespace's sessions bucket, as another broker
+    settling them does; how many there were."""
+    import nats
+
+    nc = await nats.connect(urls.split(","), connect_timeout=2)
+    try:
+        kv = await nc.jetstream(timeout=5).key_value(f"{namespace}-sessions")
+        companions = [k for k in await kv.keys() if "." in k]
+        for key in companions:
+            await kv.delete(key)
+        return len(companions)
+    finally:
+        await nc.close()

@@ -81,10 +81,18 @@ class Devices(Accounts):
         yield self.registry.detach(ident)
 
     def identity_changed(self, key: str, ident: Identity | None) -> None:
-        """A nick freed on another broker (cluster) while a session of ours is one of its
-        account's companions: that broker let its holder go without knowing of ours (it
-        ended as ours logged in); ours takes the nick over."""
+        """A nick's holder changed, or a companion's record went (cluster). A session of
+        ours under the nick that is neither its holder nor a companion any more was settled
+        by another broker (which took ours for dead): it ends, and its client is told. A
+        nick freed while a session of ours is one of its account's companions: that broker
+        let its holder go without knowing of ours (it ended as ours logged in); ours takes
+        the nick over."""
         super().identity_changed(key, ident)
+        for s in [s for s in self.by_sid.values() if s.key == key and s.ident.account]:
+            if not self._live(key, s.sid):  # its record is gone: another broker settled it
+                log_event(log, "ended", nick=s.nick, sid=s.sid, to="")
+                self._drop_quietly(s)  # its client comes back (and is a companion again)
+                self._push(s, Reply.EXPIRED, {"reason": "your session was ended"})
         if ident is not None:
             return
         heir = next(
