@@ -997,7 +997,8 @@ class Client(AccountClient, Messages):
         if kind == m.Reply.PRIVATE:
             ev = body.get("event", {})
             if self._new_private(ev):  # ours when our account sent it from another device
-                self._events.put_nowait(Event.from_wire(ev, mine=ev.get("nick") == self.nick))
+                mine = m.nick_key(str(ev.get("nick", ""))) == m.nick_key(self.nick)
+                self._events.put_nowait(Event.from_wire(ev, mine=mine))
         elif kind in (m.Reply.JOINED, m.Reply.LEFT, m.Reply.MARKED):
             self._device_news(kind, body)  # accounts.py: what another device of ours did
         elif kind == m.Reply.GRANT and room in self.rooms:

@@ -155,7 +155,9 @@ class ClusterRegistry:
     def _device_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
         sid = key.partition(".")[2]
         if not put:
-            self.devices.pop(sid, None)
+            gone = self.devices.pop(sid, None)
+            if gone is not None:  # deleted elsewhere (ours are gone here first): the core
+                self.core.identity_changed(gone.key, self.sessions.get(gone.key))  # looks
         else:
             self.devices[sid] = _identity(json.loads(value), rev)
 

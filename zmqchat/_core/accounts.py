@@ -237,13 +237,29 @@ class Accounts(Sessions, Rooms, Moderation):
         if account is None:
             return reply
         room = reply["room"]
+        if req.body["follow"]:  # devices.py: only while the account is in it
+            yield from self._still_followed(s, room)
         mark = self.accounts.kept(account).rooms.get(room)
         joined = self.room_log.last(room)  # its own join notice is not news to it
         ops = [] if mark is not None else [self.accounts.join(account, room, joined)]
-        if not req.body["resume"]:
+        if not req.body["resume"] and not req.body["follow"]:
             ops.append(self.accounts.enter(account, room))
         yield gather(ops)
         return reply if mark is None else {**reply, "mark": mark}
+
+    def _still_followed(self, s: Session, room: str) -> Generator[Op, Any, None]:
+        """A JOIN after JOINED (devices.py): the account may have left the room on another
+        broker meanwhile. Once we have heard all that was stored before now (its LEAVE's
+        record, if the LEFT push came before this session was in the room), or the LEFT
+        took this session out, it is refused and this session's join undone."""
+        yield self.registry.catch_up()
+        account = self.logged_in.get(s.sid)
+        if account is not None and room in self.accounts.kept(account).rooms:
+            if s.sid in self.rooms[room].members:
+                return
+        self._remove(s, self.rooms[room])
+        yield self.registry.remove_member(room, s.key, s.sid)
+        raise ProtocolError(Code.NOT_MEMBER, f"your account is not in {room} any more")
 
     def _on_leave(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         reply: dict[str, Any] = yield from super()._on_leave(s, req)
