@@ -51,6 +51,9 @@ class ClusterAccounts:
         # and when it carries a revision before the one our last write got
         self.writing: Counter[tuple[Bucket, str]] = Counter()
         self.written: dict[tuple[Bucket, str], int] = {}
+        # the newest news of a key that came while our write to it was under way: applied
+        # after it if it turns out newer (another broker wrote after us)
+        self.held: dict[tuple[Bucket, str], tuple[Callable[..., None], tuple[Any, ...]]] = {}
 
     # ---------------------------------------------------------------- news
     def appliers(self) -> dict[Bucket, Callable[[str, int, bool, bytes], None]]:
@@ -66,8 +69,14 @@ class ClusterAccounts:
         self, bucket: Bucket, handle: Callable[[str, int, bool, bytes], None], *news: Any
     ) -> None:
         key, rev = news[0], news[1]
-        if self.writing[(bucket, key)] or rev <= self.written.get((bucket, key), 0):
-            return  # what we hold is newer: our write is under way, or came after it
+        where = (bucket, key)
+        if rev <= self.written.get(where, 0):
+            return  # what we hold is newer: our write came after it
+        if self.writing[where]:  # under way: which is newer, we know when it is stored
+            held = self.held.get(where)
+            if held is None or held[1][1] < rev:
+                self.held[where] = (handle, news)
+            return
         handle(*news)
 
     def _account_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
@@ -111,10 +120,15 @@ class ClusterAccounts:
 
         def done(op: Op) -> None:
             self.writing[where] -= 1
-            if not self.writing[where]:
-                del self.writing[where]
             if op.error is None and isinstance(op.value, int):
                 self.written[where] = max(op.value, self.written.get(where, 0))
+            if self.writing[where]:
+                return
+            del self.writing[where]
+            held = self.held.pop(where, None)
+            # a delete answers no revision (0): what came meanwhile is not known to be newer
+            if held is not None and self.written.get(where, 0) and held[1][1] > self.written[where]:
+                held[0](*held[1])
 
         op = self.calls.kv(change, bucket, key, data)
         op.then(done)
