@@ -377,9 +377,15 @@ class ClusterRegistry:
             return Op.ready(False)
         outer = Op()
         key = f"{hexkey(ident.account)}.{ident.sid}"
-        self._kv(Change.DELETE, Bucket.SESSIONS, key).then(
-            lambda op: outer.fail(op.error) if op.error is not None else outer.resolve(True)
-        )
+
+        def deleted(op: Op) -> None:
+            if op.error is not None:
+                self.devices.setdefault(ident.sid, ident)  # still in the bucket: ours to end
+                outer.fail(op.error)
+            else:
+                outer.resolve(True)
+
+        self._kv(Change.DELETE, Bucket.SESSIONS, key).then(deleted)
         return outer
 
     # ---------------------------------------------------------------- membership
@@ -389,7 +395,11 @@ class ClusterRegistry:
     def has_local_members(self, room: str) -> bool:
         """A member here, or a member whose account has a session here (its record may
         name its session on another broker)."""
-        here = {i.key for i in self.every_session() if i.broker == self.name}
+        # (only an account on several devices has sessions on several brokers: the
+        # companions and their holders, not every session, each half heartbeat and room)
+        holders = (self.sessions.get(c.key) for c in self.devices.values())
+        here = {c.key for c in self.devices.values() if c.broker == self.name}
+        here.update(h.key for h in holders if h is not None and h.broker == self.name)
         return any(
             m.broker == self.name or m.key in here for m in self._members.get(room, {}).values()
         )
