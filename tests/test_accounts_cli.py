@@ -227,6 +227,31 @@ def test_the_operator_manages_accounts_while_the_broker_runs(achat, password_fil
     assert operator("del", "gus", *db).returncode == 1
 
 
+def test_a_missing_password_file_is_said_plainly_under_the_name_as_run(tmp_path):
+    """The operator's command names itself as it was run (`broker.py accounts`, not an
+    installed command's name) and, like the client, says what is wrong with a password
+    file in words, not as Python's exception text; nothing is created."""
+    missing = str(tmp_path / "no-such-file")
+    db = str(tmp_path / "chat.db")
+    done = operator("add", "gus", "--db", db, "--password-file", missing)
+    assert done.returncode == 1
+    assert (
+        done.stderr == f"broker.py accounts: --password-file {missing}: no such file or directory\n"
+    )
+    done = operator("del", "gus", "--db", db)
+    assert (done.returncode, done.stderr.split(": ")[0]) == (1, "broker.py accounts")
+    client = subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), "-u", "gus", "--password-file", missing],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert client.returncode == 2
+    assert client.stderr == f"client.py: --password-file {missing}: no such file or directory\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_accounts_rooms_and_marks_survive_kill_9_of_the_broker(achat, password_file):
     """An account, its rooms and what it has read are on disk like the history: after a
     kill -9 of the broker the account logs in, is back in its rooms and is told what it
