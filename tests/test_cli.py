@@ -150,6 +150,7 @@ def test_taken_nick_without_terminal_exits_3(chat):
     assert s.end_input() == 3
     assert any("taken" in line and "-u" in line for line in s.errors), s.errors
     assert not any("Traceback" in line for line in s.errors)
+    assert not any("silent" in line for line in s.errors), s.errors  # alice is there: not gone
 
 
 def test_unreachable_broker_is_an_error_not_a_hang(chat):

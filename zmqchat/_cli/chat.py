@@ -276,8 +276,8 @@ def fail(text: str) -> None:
 
 def waiting(nick: str, seconds: float) -> None:
     tell(
-        f"The nickname {nick} is still held by a connection that went silent; it is free "
-        f"within {seconds:.0f} s if that one is gone: waiting for it..."
+        f"The nickname {nick} is in use; if its connection was just lost, it is free "
+        f"within {seconds:.0f} s: waiting to see..."
     )
 
 
@@ -299,6 +299,7 @@ def connect(
     """A connected Client, or the exit status; a refused nick is asked again if we can,
     and a registered nick's password if we may (`may_ask`: a terminal, not --json)."""
     where = ", ".join(show_address(h, p) for h, p in addresses)
+    announced = ""  # the nick "Connecting ..." was said for (not again after the password)
     while True:
         nick = nick or ask_nick()
         client = Client(
@@ -310,8 +311,9 @@ def connect(
             on_wait=functools.partial(waiting, nick),
             **curve,
         )
-        if interactive:
+        if interactive and nick != announced:
             tell(f"Connecting to {where} as {nick}...")
+            announced = nick
         try:
             runner.run(client.connect())
             return client
