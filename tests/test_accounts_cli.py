@@ -207,6 +207,26 @@ def test_after_a_login_the_unread_is_said_shown_and_counted(achat, password_file
     assert s.events()[0]["room"] == "support"  # where it was last
 
 
+def test_join_says_where_you_are_before_what_is_unread_there(achat, password_file):
+    """/join of one of the account's rooms: `you are now in lobby` heads the room's unread
+    messages (it came after them, as if they were the room left behind)."""
+    register(achat, "fay", "/join support")  # in lobby and support, last in support
+    bob = achat("script", "-u", "bob")
+    bob.send("news for the lobby")
+    bob.wait_line("<bob> news for the lobby")
+    assert bob.end_input() == 0
+    s = achat("script", "-u", "fay", "--password-file", password_file)
+    s.wait_line("Welcome back, fay! You are in support")
+    s.send("/join lobby")
+    s.wait_line("<bob> news for the lobby")
+    assert s.end_input() == 0
+    said = [line for line in s.lines if "you are now in lobby" in line or "<bob>" in line]
+    assert [line.split(" ", 1)[1] for line in said] == [
+        "you are now in lobby",
+        "<bob> news for the lobby",
+    ], s.lines
+
+
 def test_the_operator_manages_accounts_while_the_broker_runs(achat, password_file):
     """`broker.py accounts add|list|passwd|del` on the broker's database, the broker
     running: each change counts at the next login."""

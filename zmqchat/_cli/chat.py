@@ -649,6 +649,16 @@ class Chat(FileCommands, edits.EditCommands):
         if arg not in self.client.rooms:  # kicked as we came in (that was said): stay put
             self.room = old
             return
+        self.nicks.update(reply.get("members", []))
+        if arg not in self.rooms:
+            self.rooms.append(arg)
+        topic = reply.get("topic") or ""
+        self.screen.note(  # said before what is unread there, as the header of it
+            f"you are now in {arg}" + (f"; topic: {topic}" if topic else ""),
+            command="join",
+            room=arg,
+            topic=topic,
+        )
         if self.reading is not None:  # an account stays in the room it was in
             self.reading.entered(arg)
             if back:
@@ -658,16 +668,6 @@ class Chat(FileCommands, edits.EditCommands):
                 await self.client.leave(old)
             except ChatError as err:
                 self.screen.error(f"could not leave {old}: {err.reason}", err.code)
-        self.nicks.update(reply.get("members", []))
-        if arg not in self.rooms:
-            self.rooms.append(arg)
-        topic = reply.get("topic") or ""
-        self.screen.note(
-            f"you are now in {arg}" + (f"; topic: {topic}" if topic else ""),
-            command="join",
-            room=arg,
-            topic=topic,
-        )
 
     async def cmd_who(self, arg: str) -> None:
         room = None if arg == "*" else arg or self.room
