@@ -544,7 +544,10 @@ class Chat(FileCommands, edits.EditCommands):
             except UsageError as err:
                 self.screen.error(f"usage: {err}", "USAGE")
             except ChatError as err:
-                self.screen.error(err.reason, err.code)
+                if err.code == m.Code.ROOM_INVALID and not self.room:  # our room was "": none
+                    self.screen.error(f"/{name}: you are in no room: /join ROOM first", err.code)
+                else:
+                    self.screen.error(err.reason, err.code)
             except (KeyError, TypeError, ValueError) as err:  # a reply we did not expect
                 self.screen.error(f"/{name} failed: {err!r}", "INTERNAL")
             return
