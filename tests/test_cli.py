@@ -411,3 +411,23 @@ def test_the_bottom_line_of_a_client_in_no_room_says_so(broker):
     in_lobby, nowhere = asyncio.run(scenario())
     assert in_lobby == " carol in lobby  ·  /help"
     assert nowhere == " carol, in no room  ·  /help"
+
+
+def test_a_host_that_does_not_exist_is_said_at_once():
+    """-i with a host name that names no machine (a typo): said at once as such, status 1,
+    not after the 5 s wait for an answer as a broker that does not run."""
+    began = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, CLIENT, "-i", "nosuchhost.invalid", "-u", "zed"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=15,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "client.py: cannot reach the broker at nosuchhost.invalid:9001: "
+        "no such host: nosuchhost.invalid\n"
+    )
+    assert time.monotonic() - began < 4.0

@@ -25,6 +25,7 @@ import functools
 import getpass
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -281,6 +282,16 @@ def waiting(nick: str, seconds: float) -> None:
     )
 
 
+def resolves(host: str) -> bool:
+    """Whether a host name (or address) names a machine: a typo is said at once, not as a
+    broker that does not answer within the timeout."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):  # socket.gaierror is an OSError
+        return False
+    return True
+
+
 AUTH_CODES: Final = frozenset(
     {m.Code.AUTH_FAILED, m.Code.NO_ACCOUNT, m.Code.ACCOUNTS_ONLY, m.Code.RATE_LIMITED}
 )
@@ -299,6 +310,10 @@ def connect(
     """A connected Client, or the exit status; a refused nick is asked again if we can,
     and a registered nick's password if we may (`may_ask`: a terminal, not --json)."""
     where = ", ".join(show_address(h, p) for h, p in addresses)
+    unknown = [h for h, _ in addresses if not resolves(h)]
+    if len(unknown) == len(addresses):  # none of them could ever answer
+        fail(f"cannot reach the broker at {where}: no such host: {escape(', '.join(unknown))}")
+        return 1
     announced = ""  # the nick "Connecting ..." was said for (not again after the password)
     while True:
         nick = nick or ask_nick()
