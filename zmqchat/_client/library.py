@@ -735,7 +735,10 @@ class Client(AccountClient, Messages):
         }
         if resume and self._privates_since is not None:
             body["privates_since"] = self._privates_since  # any pushed to a dying connection
-        timeout = self.timeout if not resume else max(1.0, self.heartbeat)
+        # A resume gives up sooner, to go on to the next broker: but not so soon that a
+        # cluster broker that is slow to answer (its cluster busy) is given up while it
+        # takes us in (that session, its client gone, would then hold our nick).
+        timeout = self.timeout if not resume else max(2.0, self.heartbeat)
         login = await self._login(body, timeout)  # an account's: AUTH, and the proof
         reply = await self._request_once(m.Kind.HELLO, body, timeout)
         self._logged_in(login, reply)

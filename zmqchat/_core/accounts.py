@@ -76,7 +76,7 @@ class Accounts(Sessions, Rooms, Moderation):
         key = m.nick_key(name)
         if session is not None and session.ident.account != key:
             raise ProtocolError(Code.NOT_ALLOWED, "in a session, AUTH is for your own account")
-        yield self.registry.catch_up()  # registered on another broker just now
+        yield self.registry.catch_up(accounts=True)  # registered on another broker just now
         account = self.accounts.account(key)
         if account is None:
             raise ProtocolError(Code.NO_ACCOUNT, f"{name} is not a registered account")
@@ -167,7 +167,7 @@ class Accounts(Sessions, Rooms, Moderation):
         if s.ident.account:
             raise ProtocolError(Code.NOT_ALLOWED, f"you are logged in as {s.nick}'s account")
         keys = self._keys(req.body)
-        yield self.registry.catch_up()
+        yield self.registry.catch_up(accounts=True)
         if self.accounts.account(s.key) is not None:
             raise ProtocolError(Code.NICK_TAKEN, f"{s.nick} is registered already")
         account = Account(s.nick, s.key, keys, self.clock.time())
