@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,17 @@ def exited(proc: subprocess.Popen[str]) -> str:
     return f"exit status {code}"
 
 
+def in_use(port: int) -> bool:
+    """Whether another process listens on the port (a broker still running, say)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT does not count
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def start_broker(
     i: int, urls: str, port: int, folder: Path, broker_args: list[str]
 ) -> tuple[subprocess.Popen[str], str]:
@@ -159,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     brokers: dict[str, subprocess.Popen[str]] = {}
+    wanted = [p for i in range(a.brokers) for p in (a.port + 10 * i, a.port + 10 * i + 1)]
+    taken = [p for p in wanted if in_use(p)]
+    if taken:  # said before any NATS node starts, with the way out
+        which = (
+            f"port {taken[0]} is" if len(taken) == 1 else f"ports {', '.join(map(str, taken))} are"
+        )
+        say(
+            f"cluster.py: the brokers' {which} in use (a broker still running? stop it, or "
+            "choose others: --port N)",
+            True,
+        )
+        return 1
     try:
         say(
             f"starting {a.nodes} NATS nodes (data in {folder}); a new cluster takes a few "

@@ -86,6 +86,7 @@ def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
     t.expect("Password for alice: ")
     t.type(PW + "\n")
     t.expect("Welcome back, alice! You are in lobby")
+    assert t.text.count("Connecting to") == 1, t.text  # not said again after the password
     t.ready()
     t.type("\x04")
     assert t.exit_status() == 0
@@ -171,7 +172,7 @@ def test_a_guest_waits_for_its_nick_after_its_client_was_killed(achat):
     first.proc.wait()
     again = achat("script", "-u", "eve")
     again.wait_line("Welcome, eve!", timeout=20)  # the nick is held 3 heartbeats (6 s)
-    assert any("still held by a connection that went silent" in e for e in again.errors)
+    assert any("if its connection was just lost, it is free within" in e for e in again.errors)
     assert again.end_input() == 0
 
 
@@ -206,6 +207,26 @@ def test_after_a_login_the_unread_is_said_shown_and_counted(achat, password_file
     assert s.events()[0]["room"] == "support"  # where it was last
 
 
+def test_join_says_where_you_are_before_what_is_unread_there(achat, password_file):
+    """/join of one of the account's rooms: `you are now in lobby` heads the room's unread
+    messages (it came after them, as if they were the room left behind)."""
+    register(achat, "fay", "/join support")  # in lobby and support, last in support
+    bob = achat("script", "-u", "bob")
+    bob.send("news for the lobby")
+    bob.wait_line("<bob> news for the lobby")
+    assert bob.end_input() == 0
+    s = achat("script", "-u", "fay", "--password-file", password_file)
+    s.wait_line("Welcome back, fay! You are in support")
+    s.send("/join lobby")
+    s.wait_line("<bob> news for the lobby")
+    assert s.end_input() == 0
+    said = [line for line in s.lines if "you are now in lobby" in line or "<bob>" in line]
+    assert [line.split(" ", 1)[1] for line in said] == [
+        "you are now in lobby",
+        "<bob> news for the lobby",
+    ], s.lines
+
+
 def test_the_operator_manages_accounts_while_the_broker_runs(achat, password_file):
     """`broker.py accounts add|list|passwd|del` on the broker's database, the broker
     running: each change counts at the next login."""
@@ -225,6 +246,31 @@ def test_the_operator_manages_accounts_while_the_broker_runs(achat, password_fil
     s.wait_line("Welcome, gus!")
     assert s.end_input() == 0
     assert operator("del", "gus", *db).returncode == 1
+
+
+def test_a_missing_password_file_is_said_plainly_under_the_name_as_run(tmp_path):
+    """The operator's command names itself as it was run (`broker.py accounts`, not an
+    installed command's name) and, like the client, says what is wrong with a password
+    file in words, not as Python's exception text; nothing is created."""
+    missing = str(tmp_path / "no-such-file")
+    db = str(tmp_path / "chat.db")
+    done = operator("add", "gus", "--db", db, "--password-file", missing)
+    assert done.returncode == 1
+    assert (
+        done.stderr == f"broker.py accounts: --password-file {missing}: no such file or directory\n"
+    )
+    done = operator("del", "gus", "--db", db)
+    assert (done.returncode, done.stderr.split(": ")[0]) == (1, "broker.py accounts")
+    client = subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), "-u", "gus", "--password-file", missing],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert client.returncode == 2
+    assert client.stderr == f"client.py: --password-file {missing}: no such file or directory\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_accounts_rooms_and_marks_survive_kill_9_of_the_broker(achat, password_file):

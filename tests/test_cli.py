@@ -7,6 +7,7 @@ Nothing sleeps to synchronise: every wait is for output, with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -150,6 +151,7 @@ def test_taken_nick_without_terminal_exits_3(chat):
     assert s.end_input() == 3
     assert any("taken" in line and "-u" in line for line in s.errors), s.errors
     assert not any("Traceback" in line for line in s.errors)
+    assert not any("silent" in line for line in s.errors), s.errors  # alice is there: not gone
 
 
 def test_unreachable_broker_is_an_error_not_a_hang(chat):
@@ -368,3 +370,64 @@ def test_kicked_user_falls_back_to_lobby(make_broker_process, started):
     assert carol.wait_line("* lobby").startswith("-- * lobby")
     carol.wait_line("<carol> still talking")
     assert carol.end_input() == 0
+
+
+def test_kicked_out_of_lobby_the_room_commands_say_you_are_in_no_room(make_broker_process, started):
+    """Kicked from lobby you are in no room: /who or /topic say to /join a room (not that a
+    room name is 1 to 32 of a-z, ...)."""
+    broker = make_broker_process("--ops", "boss")
+    boss = Script("-i", "127.0.0.1", "-p", str(broker.port), "--json", "-u", "boss")
+    started.append(boss.proc)
+    boss.wait_event(lambda e: e["kind"] == "welcome", "boss's welcome")
+    t = Terminal("-i", "127.0.0.1", "-p", str(broker.port), "-u", "carol")
+    started.append(t.proc)
+    t.ready()
+    boss.send("/kick carol bye now")
+    t.expect("you are in no room now: /join ROOM to go on")
+    for command in ("/who", "/topic"):
+        t.type(command + "\r")
+        t.expect(f"{command}: you are in no room: /join ROOM first")
+    assert "a room name is" not in t.text
+    t.type("/quit\r")
+    assert t.exit_status() == 0
+    assert boss.end_input() == 0
+
+
+def test_the_bottom_line_of_a_client_in_no_room_says_so(broker):
+    """The terminal's bottom line, out of every room: `carol, in no room`, not `carol in `."""
+    from zmqchat._cli.chat import Chat
+    from zmqchat._cli.render import Screen
+    from zmqchat._cli.terminal import toolbar
+    from zmqchat._client.library import Client
+
+    async def scenario() -> list[str]:
+        async with Client("127.0.0.1", broker.port, "carol") as client:
+            screen = Screen(json_mode=False, colour=False)
+            lines = [
+                toolbar(Chat(client, screen, room, leave_words=False)) for room in ("lobby", "")
+            ]
+            return lines
+
+    in_lobby, nowhere = asyncio.run(scenario())
+    assert in_lobby == " carol in lobby  ·  /help"
+    assert nowhere == " carol, in no room  ·  /help"
+
+
+def test_a_host_that_does_not_exist_is_said_at_once():
+    """-i with a host name that names no machine (a typo): said at once as such, status 1,
+    not after the 5 s wait for an answer as a broker that does not run."""
+    began = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, CLIENT, "-i", "nosuchhost.invalid", "-u", "zed"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=15,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "client.py: cannot reach the broker at nosuchhost.invalid:9001: "
+        "no such host: nosuchhost.invalid\n"
+    )
+    assert time.monotonic() - began < 4.0

@@ -228,3 +228,17 @@ def test_the_cluster_script_refuses_ports_an_old_cluster_holds(tmp_path):
         assert all(n.died() is None for n in old.nodes)  # the old one is left alone
     finally:
         old.stop()
+
+
+def test_the_cluster_script_says_at_once_when_a_brokers_port_is_taken(tmp_path):
+    """A broker (or anything) already on the first broker's port: scripts/cluster.py says
+    which port and how to choose others, before it starts any NATS node."""
+    base, port = script_ports()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        proc = run_script(base, port, tmp_path / "new")
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out
+    assert f"the brokers' port {port} is in use" in out and "--port N" in out, out
+    assert "NATS" not in out  # nothing was started

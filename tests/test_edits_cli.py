@@ -19,6 +19,8 @@ def test_a_fixed_line_reaches_the_room_and_survives_a_broker_restart(chat):
     t.expect("Welcome, alice!")
     joined(w, "alice")
     t.ready()
+    t.type("/edit too early\r")  # typed right, nothing to edit: not a usage error
+    t.expect("!! you have no message in lobby to edit (only those sent from this client count)")
     t.type("teh deploy is done\r")
     said = w.wait_event(lambda e: e["kind"] == "msg" and e["nick"] == "alice", "alice's line")
     t.type("s/teh/the/\r")
@@ -28,7 +30,7 @@ def test_a_fixed_line_reaches_the_room_and_survives_a_broker_restart(chat):
     t.type("/edit the deploy is DONE\r")
     w.wait_event(lambda e: e.get("text") == "the deploy is DONE", "the /edit")
     t.type("s/nothing/here/\r")
-    t.expect("'nothing' is not in your last message")
+    t.expect("!! 'nothing' is not in your last message: nothing was changed")
     chat.broker.stop()
     chat.broker.start()
     late = chat("script", "--json", "-u", "late")

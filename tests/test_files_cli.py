@@ -80,3 +80,20 @@ def test_ctrl_c_cancels_a_transfer_not_the_client(chat, tmp_path):
     assert t.proc.poll() is None
     t.type(CTRL_C)
     wait_for(lambda: t.proc.poll() is not None, 10, "the client to leave")
+
+
+def test_a_folder_or_a_wrong_id_is_said_at_once_for_what_it_is(chat, tmp_path):
+    """/send of a folder says it is a folder (not `no such file`: it is there); /get of
+    something that cannot be a file id says so at once, without starting a transfer."""
+    folder = tmp_path / "my docs"
+    folder.mkdir()
+    t = chat("terminal", "-u", "alice")
+    t.ready()
+    t.type(f"/send {folder}\r")
+    t.expect(f"{folder} is a folder: /send takes one file (zip or tar the folder)")
+    t.type("/get zzz\r")
+    t.expect("'zzz' is not a file id (8 to 16 of 0-9a-f; /files lists them)")
+    assert "no such file" not in t.text and "getting zzz" not in t.text
+    t.ready()
+    t.type("/quit\r")
+    assert t.exit_status() == 0

@@ -28,7 +28,10 @@ def from_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             line = f.readline()
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:  # `no such file or directory`, not `[Errno 2] ...: 'path'`
+        reason = (err.strerror or str(err)).lower()
+        raise PasswordError(f"--password-file {path}: {reason}") from None
+    except UnicodeDecodeError as err:
         raise PasswordError(f"--password-file {path}: {err}") from None
     password = line.rstrip("\r\n")
     if not password:

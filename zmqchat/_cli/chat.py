@@ -25,6 +25,7 @@ import functools
 import getpass
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -276,9 +277,19 @@ def fail(text: str) -> None:
 
 def waiting(nick: str, seconds: float) -> None:
     tell(
-        f"The nickname {nick} is still held by a connection that went silent; it is free "
-        f"within {seconds:.0f} s if that one is gone: waiting for it..."
+        f"The nickname {nick} is in use; if its connection was just lost, it is free "
+        f"within {seconds:.0f} s: waiting to see..."
     )
+
+
+def resolves(host: str) -> bool:
+    """Whether a host name (or address) names a machine: a typo is said at once, not as a
+    broker that does not answer within the timeout."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):  # socket.gaierror is an OSError
+        return False
+    return True
 
 
 AUTH_CODES: Final = frozenset(
@@ -299,6 +310,11 @@ def connect(
     """A connected Client, or the exit status; a refused nick is asked again if we can,
     and a registered nick's password if we may (`may_ask`: a terminal, not --json)."""
     where = ", ".join(show_address(h, p) for h, p in addresses)
+    unknown = [h for h, _ in addresses if not resolves(h)]
+    if len(unknown) == len(addresses):  # none of them could ever answer
+        fail(f"cannot reach the broker at {where}: no such host: {escape(', '.join(unknown))}")
+        return 1
+    announced = ""  # the nick "Connecting ..." was said for (not again after the password)
     while True:
         nick = nick or ask_nick()
         client = Client(
@@ -310,8 +326,9 @@ def connect(
             on_wait=functools.partial(waiting, nick),
             **curve,
         )
-        if interactive:
+        if interactive and nick != announced:
             tell(f"Connecting to {where} as {nick}...")
+            announced = nick
         try:
             runner.run(client.connect())
             return client
@@ -542,7 +559,10 @@ class Chat(FileCommands, edits.EditCommands):
             except UsageError as err:
                 self.screen.error(f"usage: {err}", "USAGE")
             except ChatError as err:
-                self.screen.error(err.reason, err.code)
+                if err.code == m.Code.ROOM_INVALID and not self.room:  # our room was "": none
+                    self.screen.error(f"/{name}: you are in no room: /join ROOM first", err.code)
+                else:
+                    self.screen.error(err.reason, err.code)
             except (KeyError, TypeError, ValueError) as err:  # a reply we did not expect
                 self.screen.error(f"/{name} failed: {err!r}", "INTERNAL")
             return
@@ -647,6 +667,16 @@ class Chat(FileCommands, edits.EditCommands):
         if arg not in self.client.rooms:  # kicked as we came in (that was said): stay put
             self.room = old
             return
+        self.nicks.update(reply.get("members", []))
+        if arg not in self.rooms:
+            self.rooms.append(arg)
+        topic = reply.get("topic") or ""
+        self.screen.note(  # said before what is unread there, as the header of it
+            f"you are now in {arg}" + (f"; topic: {topic}" if topic else ""),
+            command="join",
+            room=arg,
+            topic=topic,
+        )
         if self.reading is not None:  # an account stays in the room it was in
             self.reading.entered(arg)
             if back:
@@ -656,16 +686,6 @@ class Chat(FileCommands, edits.EditCommands):
                 await self.client.leave(old)
             except ChatError as err:
                 self.screen.error(f"could not leave {old}: {err.reason}", err.code)
-        self.nicks.update(reply.get("members", []))
-        if arg not in self.rooms:
-            self.rooms.append(arg)
-        topic = reply.get("topic") or ""
-        self.screen.note(
-            f"you are now in {arg}" + (f"; topic: {topic}" if topic else ""),
-            command="join",
-            room=arg,
-            topic=topic,
-        )
 
     async def cmd_who(self, arg: str) -> None:
         room = None if arg == "*" else arg or self.room

@@ -162,10 +162,11 @@ class EditCommands:
     # ------------------------------------------------------------------ commands
     def _last_mine(self, verb: str) -> int:
         said = self.said.get(self.room)
-        if not said:
-            raise UsageError(
+        if not said:  # typed right, nothing to act on: not a usage error
+            raise ChatError(
+                m.Code.NO_SUCH_MESSAGE,
                 f"you have no message in {self.room} to {verb} "
-                "(only those sent from this client count)"
+                "(only those sent from this client count)",
             )
         return max(said)
 
@@ -178,11 +179,15 @@ class EditCommands:
         old, new, every = _unescape(found[1]), _unescape(found[2]), bool(found[3])
         try:
             seq = self._last_mine("edit")
-            text = self.said[self.room][seq]
-            if not old or old not in text:
-                raise UsageError(f"{old!r} is not in your last message" if old else "s/OLD/NEW/")
-        except UsageError as err:
-            self.screen.error(f"usage: {err}", "USAGE")
+        except ChatError as err:
+            self.screen.error(err.reason, err.code)
+            return True
+        text = self.said[self.room][seq]
+        if not old:
+            self.screen.error("usage: s/OLD/NEW/", "USAGE")
+            return True
+        if old not in text:
+            self.screen.error(f"{old!r} is not in your last message: nothing was changed", "USAGE")
             return True
         fixed = text.replace(old, new) if every else text.replace(old, new, 1)
         self._edit(seq, fixed)

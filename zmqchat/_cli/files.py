@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from zmqchat._cli.errors import UsageError
 from zmqchat._cli.render import Screen, escape
 from zmqchat._client.library import ChatError, Client
-from zmqchat.protocol import size_text
+from zmqchat.protocol import FILE_ID_RE, size_text
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -115,6 +115,12 @@ class FileCommands:
         if not path or target in ("", "@"):
             raise UsageError("/send PATH  or  /send @NICK PATH")
         path = os.path.expanduser(path)
+        if os.path.isdir(path):
+            self.screen.error(
+                f"{escape(path)} is a folder: /send takes one file (zip or tar the folder)",
+                "NO_SUCH_FILE",
+            )
+            return
         if not os.path.isfile(path):
             self.screen.error(f"{escape(path)}: no such file", "NO_SUCH_FILE")
             return
@@ -143,6 +149,12 @@ class FileCommands:
         fid = arg.strip().lower()
         if not fid:
             raise UsageError("/get ID   (/files lists the ids)")
+        if not FILE_ID_RE.match(fid):  # said at once, not as a transfer that failed
+            self.screen.error(
+                f"'{escape(fid)}' is not a file id (8 to 16 of 0-9a-f; /files lists them)",
+                "NO_SUCH_FILE",
+            )
+            return
         transfer = Transfer("getting", fid)
         self.screen.note(f"getting {fid}: progress below, Ctrl+C cancels", kind="getting", file=fid)
 

@@ -154,7 +154,7 @@ def prompt(chat: Front) -> str:
 def toolbar(chat: Front) -> str:
     """The bottom line: who and where we are, the connection, what is not yet delivered."""
     c = chat.client
-    parts = [f"{c.nick} in {chat.room}"]
+    parts = [f"{c.nick} in {chat.room}" if chat.room else f"{c.nick}, in no room"]
     if not c.connected:
         parts.append("offline, reconnecting...")
     pending = c.pending()

@@ -23,7 +23,7 @@ from typing import Any, Final
 from zmqchat import protocol as m
 from zmqchat._passwords import PasswordError, ask_new, from_file
 from zmqchat._scram import DEFAULT_ITERATIONS, Keys, make_keys, password_problem
-from zmqchat._usage import Parser
+from zmqchat._usage import Parser, program
 
 NATS_TIMEOUT: Final = 10.0  # seconds an operation on the cluster may take
 
@@ -67,8 +67,9 @@ class Refused(Exception):
 
 
 def main(argv: list[str]) -> int:
+    prog = f"{program('zmqchat.broker')} accounts"  # as run: `broker.py accounts` too
     p = argparse.ArgumentParser(
-        prog="zmqchat-broker accounts",
+        prog=prog,
         description="Manage the chat's accounts: add NICK and passwd NICK ask for a password "
         "twice (from a pipe, its next two lines) unless --password-file gives it; del NICK "
         "removes an account with its rooms and marks; list shows them all.",
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> int:
         )
         print(store.run(a.action, a.nick, keys))
     except (PasswordError, Refused) as err:
-        print(f"zmqchat-broker accounts: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 1
     except (EOFError, KeyboardInterrupt):
         print(file=sys.stderr)
