@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
@@ -604,10 +605,15 @@ class Chat(FileCommands, edits.EditCommands):
         Not Client.flush(timeout): when its timeout expires it cancels the sends it waited
         for, and they would no longer be tracked.
         """
-        if not self.sends:
-            return True
-        _, pending = await asyncio.wait(set(self.sends), timeout=timeout)
-        return not pending
+        deadline = time.monotonic() + timeout
+        while True:  # an s/// waiting for the lines before it sends its edit afterwards
+            waiting = self.sends | self.edits_under_way
+            left = deadline - time.monotonic()
+            if not waiting:
+                return True
+            if left <= 0:
+                return False
+            await asyncio.wait(waiting, timeout=left)
 
     async def quit(self, reason: str | None, wait: float | None = QUIT_WAIT) -> None:
         """Leave cleanly: wait (up to `wait` s, None = as long as it takes) for acks, say BYE."""

@@ -15,6 +15,7 @@ broker's history only for what it has not seen.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
@@ -34,6 +35,7 @@ QUOTE_WORDS: Final = 6  # words of a quoted message shown with a reply
 QUOTE_CHARS: Final = 40  # ... and at most this many characters of them
 SUBSTITUTE: Final = re.compile(r"s/((?:\\.|[^\\/])*)/((?:\\.|[^\\/])*)/(g?)\s*")
 MESSAGE_KINDS: Final = ("msg", "action")
+ACK_WAIT: Final = 5.0  # seconds an edit waits for the lines typed before it to be stored
 # Rows of the chat's commands (chat.py: /help and the README's table are made from them).
 COMMANDS: Final = (
     (
@@ -68,6 +70,12 @@ def _int(value: Any) -> int:
     return value if type(value) is int else 0
 
 
+async def _stored(sends: set[asyncio.Task[Any]]) -> None:
+    """Wait a while for these sends to be acknowledged (or refused)."""
+    if sends:
+        await asyncio.wait(sends, timeout=ACK_WAIT)
+
+
 def _unescape(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
 
@@ -82,10 +90,13 @@ class EditCommands:
 
         def send(self, start: Callable[[], Awaitable[Any]], text: str, room: str = "") -> None: ...
 
+        sends: set[asyncio.Task[Any]]
+
     def edit_commands(self) -> dict[str, Callable[[str], Awaitable[None]]]:
         self.seen: dict[str, OrderedDict[int, tuple[str, str]]] = {}  # room -> seq -> said
         self.said: dict[str, OrderedDict[int, str]] = {}  # room -> seq -> our text
         self.last_by: dict[str, dict[str, int]] = {}  # room -> nick key -> its last message
+        self.edits_under_way: set[asyncio.Future[None]] = set()  # s/// waiting for acks
         return {
             "edit": self.cmd_edit,
             "delete": self.cmd_delete,
@@ -177,21 +188,34 @@ class EditCommands:
         if found is None or not self.room:
             return False
         old, new, every = _unescape(found[1]), _unescape(found[2]), bool(found[3])
+        if not old:
+            self.screen.error("usage: s/OLD/NEW/", "USAGE")
+            return True
+        typed_after = set(self.sends)
+        task = asyncio.ensure_future(self._substitute(self.room, old, new, every, typed_after))
+        self.edits_under_way.add(task)
+        task.add_done_callback(self.edits_under_way.discard)
+        return True
+
+    async def _substitute(
+        self, room: str, old: str, new: str, every: bool, after: set[asyncio.Task[Any]]
+    ) -> None:
+        """s/old/new/ once the lines typed before it are stored: the last of them is the
+        one to fix (in a cluster the room may show a line before its acknowledgement)."""
+        await _stored(after)
+        if room != self.room:
+            return
         try:
             seq = self._last_mine("edit")
         except ChatError as err:
             self.screen.error(err.reason, err.code)
-            return True
+            return
         text = self.said[self.room][seq]
-        if not old:
-            self.screen.error("usage: s/OLD/NEW/", "USAGE")
-            return True
         if old not in text:
             self.screen.error(f"{old!r} is not in your last message: nothing was changed", "USAGE")
-            return True
+            return
         fixed = text.replace(old, new) if every else text.replace(old, new, 1)
         self._edit(seq, fixed)
-        return True
 
     def _edit(self, seq: int, text: str) -> None:
         room = self.room
@@ -204,11 +228,13 @@ class EditCommands:
     async def cmd_edit(self, arg: str) -> None:
         if not arg:
             raise UsageError("/edit TEXT   (replaces your last message in this room)")
+        await _stored(set(self.sends))  # the lines typed before it: the last is the one
         self._edit(self._last_mine("edit"), arg)
 
     async def cmd_delete(self, arg: str) -> None:
         if arg:
             raise UsageError("/delete   (deletes your last message in this room)")
+        await _stored(set(self.sends))
         seq = self._last_mine("delete")
         await self.client.delete(self.room, seq)
         self.said[self.room].pop(seq, None)
