@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 from dataclasses import replace
@@ -65,6 +66,8 @@ def main() -> int:
     finally:
         benches["after"].nats = None  # the before's: stopped once
         benches["before"].close()
+        for bench in benches.values():  # logs and databases (~170 MB a run), as bench.py does
+            shutil.rmtree(bench.tmp, ignore_errors=True)
     table(benches, got)
     return 0
 
