@@ -71,7 +71,7 @@ async def registered(broker, nick: str, rooms=("lobby",), password: str = PW) ->
     await c.close()
 
 
-async def events_until(c: Client, done, timeout: float = 5.0) -> list:
+async def events_until(c: Client, done, timeout: float = 15.0) -> list:
     """The events `c` delivers until done(events) is true."""
     got: list = []
     deadline = time.monotonic() + timeout

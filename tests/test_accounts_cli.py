@@ -170,7 +170,7 @@ def test_a_guest_waits_for_its_nick_after_its_client_was_killed(achat):
     first.proc.kill()
     first.proc.wait()
     again = achat("script", "-u", "eve")
-    again.wait_line("Welcome, eve!", timeout=8)
+    again.wait_line("Welcome, eve!", timeout=20)  # the nick is held 3 heartbeats (6 s)
     assert any("still held by a connection that went silent" in e for e in again.errors)
     assert again.end_input() == 0
 

@@ -69,6 +69,59 @@ def test_two_sessions_of_an_account_both_receive_room_and_private_messages(broke
     asyncio.run(main())
 
 
+def test_a_private_message_sent_on_one_device_is_the_others_own_whatever_the_case(broker):
+    """The account logged in as `Ivo` on the laptop and `ivo` on the desktop (one nick: case
+    is folded): what the laptop sends privately is shown on the desktop as its own, not as
+    a message from someone called `Ivo`."""
+
+    async def main() -> None:
+        await registered(broker, "ivo")
+        laptop = client(broker, "Ivo", password=PW)
+        await laptop.connect()
+        desktop = client(broker, "ivo", password=PW)
+        await desktop.connect()
+        tom = client(broker, "tomv")
+        await tom.connect()
+        await laptop.msg("tomv", "from the laptop")
+        got = await events_until(desktop, lambda g: any(e.kind == "private" for e in g))
+        echo = [e for e in got if e.kind == "private"][0]
+        assert (echo.nick, echo.text, echo.data["to"], echo.mine) == (
+            "Ivo",
+            "from the laptop",
+            "tomv",
+            True,
+        )
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
+def test_a_file_offered_privately_on_one_device_is_shown_on_the_other(broker, tmp_path):
+    """The laptop offers a file to tom privately: the desktop is shown the offer too, as
+    its own (a conversation reads the same on both), and tom gets it once."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "ida")
+        tom = client(broker, "tomf")
+        await tom.connect()
+        path = tmp_path / "notes.txt"
+        path.write_bytes(b"the minutes\n" * 100)
+        offer = await laptop.send_file("@tomf", str(path))
+        got = await events_until(desktop, lambda g: any(e.kind == "file" for e in g))
+        echo = [e for e in got if e.kind == "file"][0]
+        assert (echo.nick, echo.data["to"], echo.data["file"], echo.mine) == (
+            "ida",
+            "tomf",
+            offer["file"],
+            True,
+        )
+        got = await events_until(tom, lambda g: any(e.kind == "file" for e in g))
+        assert [e.data["file"] for e in got if e.kind == "file"] == [offer["file"]]
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
 def test_a_mark_on_one_session_drops_the_unread_count_of_the_other(broker):
     """The laptop reads the room: the desktop is told, and its unread count drops to 0."""
 
@@ -140,6 +193,32 @@ def test_a_join_and_a_leave_on_one_session_are_followed_by_the_other(broker):
         kit = [e.kind for e in await tom.history("support", limit=50) if e.nick == "kit"]
         assert kit == ["join", "leave"]
         assert "kit" not in await tom.who("support")
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
+def test_a_room_joined_and_left_at_once_on_one_device_stays_left(broker):
+    """The laptop joins a room and leaves it straight away: the desktop, told JOINED, asks
+    to follow when the account has left again; that is refused, and the account stays out
+    (no second join notice, neither device in it)."""
+
+    async def main() -> None:
+        laptop, desktop = await devices(broker, "kip")
+        tom = client(broker, "tomp", rooms=["lobby", "team"])
+        await tom.connect()
+        await asyncio.gather(laptop.join("team"), laptop.leave("team"))
+        # a MARKED pushed after that JOINED: once the desktop shows it, it has answered
+        # the JOINED (its JOIN went before the UNREAD that its `marked` event waits for)
+        said = await tom.say("lobby", "mark me")
+        assert await laptop.heard("lobby", said, 5)
+        laptop.mark("lobby", said)
+        await laptop.send_marks()
+        await events_until(desktop, lambda g: any(e.kind == "marked" for e in g))
+        kip = [e.kind for e in await tom.history("team", limit=50) if e.nick == "kip"]
+        assert kip == ["join", "leave"]
+        assert "team" not in desktop.rooms and "team" not in laptop.rooms
+        assert "kip" not in await tom.who("team")
         await asyncio.gather(laptop.close(), desktop.close(), tom.close())
 
     asyncio.run(main())
@@ -305,3 +384,90 @@ def test_the_accounts_session_on_a_broker_that_died_ends_quietly(make_cluster_br
         await asyncio.gather(laptop.close(), desktop.close(), tom.close())
 
     asyncio.run(main())
+
+
+def test_a_login_on_one_broker_as_the_holder_ends_on_another_keeps_the_nick(make_cluster_broker):
+    """The account's only session (on b1) ends just as a new one logs in on b2 (a race: the
+    test tries it at a series of moments): whichever way it falls, the new session holds the
+    account's nick (WHO names it), and no session under it is left without its holder."""
+
+    async def main() -> None:
+        b1 = make_cluster_broker("b1", "--scram-iterations", "4096")
+        b2 = make_cluster_broker("b2", "--scram-iterations", "4096")
+        one, two = SimpleNamespace(port=b1.port), SimpleNamespace(port=b2.port)
+        await registered(one, "oda")
+        tom = client(one, "tomd")
+        await tom.connect()
+        for i in range(20):
+            laptop = client(one, "oda", password=PW, reconnect=False)
+            await laptop.connect()
+            desktop = client(two, "oda", password=PW, reconnect=False)
+
+            await asyncio.gather(ends_after(laptop, 0.002 * i), desktop.connect())
+            deadline = time.monotonic() + 5
+            while "oda" not in await tom.who():
+                assert time.monotonic() < deadline, f"try {i}: the nick has no holder"
+                await asyncio.sleep(0.05)
+            await desktop.close()
+            while "oda" in await tom.who():  # free again for the next try
+                assert time.monotonic() < deadline, f"try {i}: the nick is still held"
+                await asyncio.sleep(0.05)
+        await tom.close()
+
+    asyncio.run(main())
+
+
+async def ends_after(c: Client, delay: float) -> None:
+    await asyncio.sleep(delay)  # the moment the race is tried at, not a wait for a state
+    await c.close()
+
+
+def test_a_session_whose_record_another_broker_settled_is_told_to_come_back(
+    make_cluster_broker, nats_nodes
+):
+    """The desktop's session on b2 is settled by another broker (its record deleted, as b1
+    does when it takes b2 for dead: b2 cut off from NATS past its grace while its clients
+    stay connected): b2 ends it and tells the client, which comes back on its own and gets
+    the account's private messages again (it is not left connected, hearing nothing)."""
+
+    async def main() -> None:
+        b1 = make_cluster_broker("b1", "--scram-iterations", "4096")
+        b2 = make_cluster_broker("b2", "--scram-iterations", "4096")
+        one, two = SimpleNamespace(port=b1.port), SimpleNamespace(port=b2.port)
+        await registered(one, "zoe")
+        laptop = client(one, "zoe", password=PW)
+        await laptop.connect()
+        desktop = client(two, "zoe", password=PW)
+        await desktop.connect()
+        tom = client(one, "tomz")
+        await tom.connect()
+        assert await delete_companions(nats_nodes.urls, make_cluster_broker.namespace) == 1
+        deadline = time.monotonic() + 10
+        for i in range(1000):
+            await tom.msg("zoe", f"ping {i}")
+            try:
+                ev = await desktop.next_event(0.2)
+            except TimeoutError:
+                ev = None
+            if ev is not None and ev.kind == "private" and ev.nick == "tomz":
+                break
+            assert time.monotonic() < deadline, "the desktop gets nothing for the account"
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
+async def delete_companions(urls: str, namespace: str) -> int:
+    """Delete the companion records of the namespace's sessions bucket, as another broker
+    settling them does; how many there were."""
+    import nats
+
+    nc = await nats.connect(urls.split(","), connect_timeout=2)
+    try:
+        kv = await nc.jetstream(timeout=5).key_value(f"{namespace}-sessions")
+        companions = [k for k in await kv.keys() if "." in k]
+        for key in companions:
+            await kv.delete(key)
+        return len(companions)
+    finally:
+        await nc.close()

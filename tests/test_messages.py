@@ -83,7 +83,10 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "proof": None,
         },
     ),
-    Kind.JOIN: ({"room": "dev", "resume": True}, {"room": "dev", "resume": True}),
+    Kind.JOIN: (
+        {"room": "dev", "resume": True, "follow": True},
+        {"room": "dev", "resume": True, "follow": True},
+    ),
     Kind.LEAVE: ({"room": "dev"}, {"room": "dev"}),
     Kind.SAY: (
         {
@@ -216,7 +219,7 @@ def test_request_round_trips(kind: Kind) -> None:
 def test_request_ignores_unknown_fields() -> None:
     """Unknown body fields are dropped, not refused, so newer clients still talk to this broker."""
     req = decode_request(encode_request(Kind.JOIN, LABEL, {"room": "dev", "colour": "red"}))
-    assert req.body == {"room": "dev", "resume": False}
+    assert req.body == {"room": "dev", "resume": False, "follow": False}
 
 
 def test_who_without_room_means_everyone() -> None:

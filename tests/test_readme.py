@@ -172,3 +172,27 @@ def test_readme_synopsis_of_the_client_is_its_usage():
     """The README's `python client.py [...]` line lists the flags as --help's usage does."""
     usage = help_text(str(ROOT / "client.py")).split(" ZeroMQ chat client")[0]
     assert f"    python client.py {usage.removeprefix('usage: client.py [-h] ')}\n" in README
+
+
+def test_the_layout_names_every_module_of_the_package():
+    """The README's Layout table has a line for each module of zmqchat/ (a row may name
+    several of one folder: `zmqchat/_cluster/log.py`, `registry.py`)."""
+    layout = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in layout.splitlines() if line.startswith("| `zmqchat/")]
+    named: set[str] = set()
+    for row in rows:
+        cell = row.split("|")[1]
+        folder = ""
+        for name in re.findall(r"`([^`]+\.py)`", cell):
+            if "/" in name:
+                folder = name.rsplit("/", 1)[0]
+                named.add(name)
+            else:
+                named.add(f"{folder}/{name}")
+    modules = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "zmqchat").rglob("*.py")
+        if p.name != "__init__.py" or p.parent.name == "zmqchat"
+    }
+    assert sorted(modules - named) == []
+    assert sorted(named - modules) == []

@@ -372,7 +372,11 @@ def _v_hello(b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v_join(b: dict[str, Any]) -> dict[str, Any]:
-    return {"room": check_room(b.get("room")), "resume": b.get("resume") is True}
+    return {
+        "room": check_room(b.get("room")),
+        "resume": b.get("resume") is True,
+        "follow": b.get("follow") is True,  # after JOINED: only while the account is in it
+    }
 
 
 def _v_room(b: dict[str, Any]) -> dict[str, Any]:

@@ -312,20 +312,23 @@ class AccountClient:
             task = asyncio.create_task(self._follow_join(room))
             self._repairs.add(task)
             task.add_done_callback(self._repairs.discard)
-        elif kind == m.Reply.LEFT and isinstance(room, str) and room in self.rooms:
+        elif kind == m.Reply.LEFT and isinstance(room, str):
             self._leaves[room] = self._leaves.get(room, 0) + 1  # a JOIN under way is undone
-            self.rooms.pop(room, None)
-            self._grants.pop(room, None)
-            self._emit_status(f"your account left {room} on another connection", room=room)
+            if room in self.rooms:
+                self.rooms.pop(room, None)
+                self._grants.pop(room, None)
+                self._emit_status(f"your account left {room} on another connection", room=room)
         elif kind == m.Reply.MARKED:
             task = asyncio.create_task(self._follow_mark(body))
             self._repairs.add(task)
             task.add_done_callback(self._repairs.discard)
 
     async def _follow_join(self, room: str) -> None:
-        try:
-            await self._join(room, {"room": room}, 0, unread=False)
+        try:  # `follow`: refused if the account has left the room again meanwhile
+            await self._join(room, {"room": room, "follow": True}, 0, unread=False)
         except Exception as err:  # noqa: BLE001 - said, and the account goes on without it
+            if getattr(err, "code", None) == m.Code.NOT_MEMBER:
+                return  # it left again: a LEFT said so (or says so next)
             self._emit_status(f"could not follow your account into {room}: {err}")
             return
         if room in self.rooms:

@@ -735,7 +735,10 @@ class Client(AccountClient, Messages):
         }
         if resume and self._privates_since is not None:
             body["privates_since"] = self._privates_since  # any pushed to a dying connection
-        timeout = self.timeout if not resume else max(1.0, self.heartbeat)
+        # A resume gives up sooner, to go on to the next broker: but not so soon that a
+        # cluster broker that is slow to answer (its cluster busy) is given up while it
+        # takes us in (that session, its client gone, would then hold our nick).
+        timeout = self.timeout if not resume else max(2.0, self.heartbeat)
         login = await self._login(body, timeout)  # an account's: AUTH, and the proof
         reply = await self._request_once(m.Kind.HELLO, body, timeout)
         self._logged_in(login, reply)
@@ -994,7 +997,8 @@ class Client(AccountClient, Messages):
         if kind == m.Reply.PRIVATE:
             ev = body.get("event", {})
             if self._new_private(ev):  # ours when our account sent it from another device
-                self._events.put_nowait(Event.from_wire(ev, mine=ev.get("nick") == self.nick))
+                mine = m.nick_key(str(ev.get("nick", ""))) == m.nick_key(self.nick)
+                self._events.put_nowait(Event.from_wire(ev, mine=mine))
         elif kind in (m.Reply.JOINED, m.Reply.LEFT, m.Reply.MARKED):
             self._device_news(kind, body)  # accounts.py: what another device of ours did
         elif kind == m.Reply.GRANT and room in self.rooms:

@@ -46,6 +46,7 @@ from nats.js import api
 from zmqchat._cluster import edits
 from zmqchat._cluster.history import History
 from zmqchat._cluster.names import (
+    ACCOUNT_BUCKETS,
     REGISTRY,
     Answer,
     Bucket,
@@ -643,18 +644,20 @@ class Bridge:
             return revision
 
     async def _sync(self, frames: list[bytes]) -> None:
-        """SYNC id: the latest revision of each registry bucket, from its stream's leader."""
-        self.spawn(self._syncing(frames[1]))
+        """SYNC id [accounts]: the latest revision of each registry bucket (and the
+        accounts' buckets), from its stream's leader."""
+        buckets = (*REGISTRY, *ACCOUNT_BUCKETS) if frames[2:] == [b"accounts"] else REGISTRY
+        self.spawn(self._syncing(frames[1], buckets))
 
-    async def _syncing(self, call: bytes) -> None:
+    async def _syncing(self, call: bytes, buckets: tuple[Bucket, ...]) -> None:
         try:
             infos = await asyncio.gather(
-                *(self.js.stream_info(f"KV_{self.ns}-{bucket}") for bucket in REGISTRY)
+                *(self.js.stream_info(f"KV_{self.ns}-{bucket}") for bucket in buckets)
             )
         except Exception as exc:  # noqa: BLE001
             self.fail(call, Failure.UNAVAILABLE, f"the registry did not answer: {_why(exc)}")
             return
-        revs = {bucket: info.state.last_seq for bucket, info in zip(REGISTRY, infos, strict=True)}
+        revs = {bucket: info.state.last_seq for bucket, info in zip(buckets, infos, strict=True)}
         self.done(call, revs)
 
     async def _room(self, frames: list[bytes]) -> None:

@@ -55,11 +55,13 @@ class ClusterLog(LogEdits):
         self.index.start(room, last)  # the search index reads the room up to last
 
     def follow_room(self, room: str) -> Op:
-        """Follow a room (once): done when its latest events are here."""
+        """Follow a room: done when its events up to what its stream has now are here (a
+        join waits for it, so that its reply says where the room really is)."""
         self.idle.pop(room, None)
-        op = self.following.get(room)
-        if op is None or op.error is not None:
-            op = self.following[room] = self.calls.call([Verb.FOLLOW, room.encode()], json_answer)
+        op = self.calls.call([Verb.FOLLOW, room.encode()], json_answer)
+        known = self.following.get(room)
+        if known is None or known.error is not None:
+            self.following[room] = op
         return op
 
     def unfollow_idle(self, has_local_members: Callable[[str], bool], now: float) -> None:

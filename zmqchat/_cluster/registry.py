@@ -77,7 +77,7 @@ class ClusterRegistry:
         return self.calls.kv(change, bucket, key, value, rev)
 
     # ---------------------------------------------------------------- news
-    def catch_up(self) -> Op:
+    def catch_up(self, accounts: bool = False) -> Op:
         """Done once we have heard every change stored before now (asked of each bucket's
         stream leader): what a command reads afterwards is what every broker agrees on."""
         outer = Op()
@@ -89,7 +89,8 @@ class ClusterRegistry:
                 self.catching_up.append(CatchUp(op.value, outer, time.monotonic()))
                 self._caught_up()
 
-        self.calls.call([Verb.SYNC], json_answer).then(latest)
+        frames: list[bytes] = [Verb.SYNC, b"accounts"] if accounts else [Verb.SYNC]
+        self.calls.call(frames, json_answer).then(latest)
         return outer
 
     def _caught_up(self) -> None:
@@ -154,7 +155,9 @@ class ClusterRegistry:
     def _device_news(self, key: str, rev: int, put: bool, value: bytes) -> None:
         sid = key.partition(".")[2]
         if not put:
-            self.devices.pop(sid, None)
+            gone = self.devices.pop(sid, None)
+            if gone is not None:  # deleted elsewhere (ours are gone here first): the core
+                self.core.identity_changed(gone.key, self.sessions.get(gone.key))  # looks
         else:
             self.devices[sid] = _identity(json.loads(value), rev)
 

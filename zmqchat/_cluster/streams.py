@@ -244,11 +244,15 @@ class RoomStream:
     # ------------------------------------------------------------------ following
     async def follow(self) -> None:
         """Follow the room: the last WINDOW_EVENTS events to the broker, then each new
-        message as it is stored (an ordered consumer from the end on)."""
+        message as it is stored (an ordered consumer from the end on). Followed already:
+        what the stream has now is read first (a subscription may lag, and a client that
+        resumes here must not be told the room is at an older seq than it has seen)."""
         if self.following:
+            await self.caught_up()
             return
         await self.loaded()
         if self.following:
+            await self.caught_up()
             return
         self.handed = (self.recent[0].first if self.recent else self.known_room + 1) - 1
         self.host.send([News.LAST, self.room.encode(), str(self.handed).encode()])
@@ -260,6 +264,12 @@ class RoomStream:
         except BaseException:
             self.following = False
             raise
+
+    async def caught_up(self) -> None:
+        """Everything the stream's leader has now, learned (and handed over)."""
+        for stored in await self.history.messages(self.known_seq + 1, None):
+            self.learn(stored)
+        self.flush()
 
     async def _subscribe(self) -> None:
         from nats.js import api

@@ -76,7 +76,7 @@ class Accounts(Sessions, Rooms, Moderation):
         key = m.nick_key(name)
         if session is not None and session.ident.account != key:
             raise ProtocolError(Code.NOT_ALLOWED, "in a session, AUTH is for your own account")
-        yield self.registry.catch_up()  # registered on another broker just now
+        yield self.registry.catch_up(accounts=True)  # registered on another broker just now
         account = self.accounts.account(key)
         if account is None:
             raise ProtocolError(Code.NO_ACCOUNT, f"{name} is not a registered account")
@@ -167,7 +167,7 @@ class Accounts(Sessions, Rooms, Moderation):
         if s.ident.account:
             raise ProtocolError(Code.NOT_ALLOWED, f"you are logged in as {s.nick}'s account")
         keys = self._keys(req.body)
-        yield self.registry.catch_up()
+        yield self.registry.catch_up(accounts=True)
         if self.accounts.account(s.key) is not None:
             raise ProtocolError(Code.NICK_TAKEN, f"{s.nick} is registered already")
         account = Account(s.nick, s.key, keys, self.clock.time())
@@ -237,13 +237,29 @@ class Accounts(Sessions, Rooms, Moderation):
         if account is None:
             return reply
         room = reply["room"]
+        if req.body["follow"]:  # devices.py: only while the account is in it
+            yield from self._still_followed(s, room)
         mark = self.accounts.kept(account).rooms.get(room)
         joined = self.room_log.last(room)  # its own join notice is not news to it
         ops = [] if mark is not None else [self.accounts.join(account, room, joined)]
-        if not req.body["resume"]:
+        if not req.body["resume"] and not req.body["follow"]:
             ops.append(self.accounts.enter(account, room))
         yield gather(ops)
         return reply if mark is None else {**reply, "mark": mark}
+
+    def _still_followed(self, s: Session, room: str) -> Generator[Op, Any, None]:
+        """A JOIN after JOINED (devices.py): the account may have left the room on another
+        broker meanwhile. Once we have heard all that was stored before now (its LEAVE's
+        record, if the LEFT push came before this session was in the room), or the LEFT
+        took this session out, it is refused and this session's join undone."""
+        yield self.registry.catch_up()
+        account = self.logged_in.get(s.sid)
+        if account is not None and room in self.accounts.kept(account).rooms:
+            if s.sid in self.rooms[room].members:
+                return
+        self._remove(s, self.rooms[room])
+        yield self.registry.remove_member(room, s.key, s.sid)
+        raise ProtocolError(Code.NOT_MEMBER, f"your account is not in {room} any more")
 
     def _on_leave(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         reply: dict[str, Any] = yield from super()._on_leave(s, req)

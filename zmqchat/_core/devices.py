@@ -5,11 +5,12 @@ broker) adds a further session under that nick, a companion (Registry.attach), i
 ending the first. Everything the account receives, each session receives: room traffic (each
 session joins the account's rooms, quietly), private messages to it and those it sent (so a
 conversation reads the same everywhere), kicks and bans. What one session does for the
-account, the others are told: JOINED (they join the room too, quietly), LEFT (they are out of
-it already), MARKED (their unread counts drop). The nick stays with the account while any of
-its sessions lives: when its holder ends, a companion takes it over, with no notice. A nick
-change is refused while the account has other sessions (they would be left under the old
-nick).
+account, the others are told: JOINED (they join the room too, quietly, with JOIN's `follow`:
+refused if the account has left the room again since, so that a late follower does not
+join it anew), LEFT (they are out of it already), MARKED (their unread counts drop). The
+nick stays with the account while any of its sessions lives: when its holder ends, a
+companion takes it over, with no notice. A nick change is refused while the account has
+other sessions (they would be left under the old nick).
 """
 
 from __future__ import annotations
@@ -67,6 +68,51 @@ class Devices(Accounts):
                 yield self.registry.detach(earlier)
         yield self.registry.attach(ident)
         log_event(log, "device", account=ident.account, nick=ident.nick, sid=ident.sid)
+        if self.registry.holder(ident.key) is not None:
+            return
+        # its holder ended meanwhile (on another broker that did not know of this session
+        # yet): the nick is this session's, else it would be held by nobody (missing from
+        # WHO, its companions' nick free)
+        try:
+            yield self.registry.claim(ident, None)
+        except ProtocolError:  # another session of the account took it just now
+            return  # this one stays its companion
+        log_event(log, "device-heir", account=ident.account, sid=ident.sid, after="")
+        yield self.registry.detach(ident)
+
+    def identity_changed(self, key: str, ident: Identity | None) -> None:
+        """A nick's holder changed, or a companion's record went (cluster). A session of
+        ours under the nick that is neither its holder nor a companion any more was settled
+        by another broker (which took ours for dead): it ends, and its client is told. A
+        nick freed while a session of ours is one of its account's companions: that broker
+        let its holder go without knowing of ours (it ended as ours logged in); ours takes
+        the nick over."""
+        super().identity_changed(key, ident)
+        for s in [s for s in self.by_sid.values() if s.key == key and s.ident.account]:
+            if not self._live(key, s.sid):  # its record is gone: another broker settled it
+                log_event(log, "ended", nick=s.nick, sid=s.sid, to="")
+                self._drop_quietly(s)  # its client comes back (and is a companion again)
+                self._push(s, Reply.EXPIRED, {"reason": "your session was ended"})
+        if ident is not None:
+            return
+        heir = next(
+            (
+                s.ident
+                for s in self.by_sid.values()
+                if s.key == key and self.registry.companion(s.sid) is not None
+            ),
+            None,
+        )
+        if heir is None:
+            return
+        chosen = heir
+
+        def claimed(op: Op) -> None:
+            if op.error is None:  # else another broker's session of the account has it
+                log_event(log, "device-heir", account=chosen.account, sid=chosen.sid, after="freed")
+                self.registry.detach(chosen)
+
+        self.registry.claim(heir, None).then(claimed)
 
     def _release(self, ident: Identity) -> Op:
         """A companion ending is let go; a holder with companions hands its nick to one
@@ -157,6 +203,13 @@ class Devices(Accounts):
 
     # ------------------------------------------------------------------ rooms
     def _on_join(self, s: Session, req: Any) -> Generator[Op, Any, dict[str, Any]]:
+        if req.body["follow"]:  # after JOINED: the account may have left the room since
+            yield self.registry.catch_up()  # a LEAVE on another broker just now
+            account = self.logged_in.get(s.sid)
+            if account is None or req.body["room"] not in self.accounts.kept(account).rooms:
+                raise ProtocolError(
+                    Code.NOT_MEMBER, f"your account is not in {req.body['room']} any more"
+                )
         reply: dict[str, Any] = yield from super()._on_join(s, req)
         if s.ident.account and "mark" not in reply:  # the account's new room
             self._tell_others(s, Reply.JOINED, {"room": reply["room"]})
@@ -175,6 +228,15 @@ class Devices(Accounts):
             super().push_to(other, Reply.LEFT, {"room": name})  # routed() takes it out there
         yield self.registry.remove_member(name, s.key)
         return reply
+
+    def routed(self, sid: str, kind: Reply, body: dict[str, Any]) -> None:
+        """LEFT from another broker: this session is out of the room, and so is the member
+        record that names it (that broker's remove may have gone by an older record)."""
+        s = self.by_sid.get(sid)
+        room = str(body.get("room"))
+        if kind is Reply.LEFT and s is not None and room in s.rooms:
+            self.registry.remove_member(room, s.key, s.sid)
+        super().routed(sid, kind, body)
 
     def _kick(self, s: Session, room: Room, target: Member, reason: str, kind: Any) -> Op:
         op = super()._kick(s, room, target, reason, kind)

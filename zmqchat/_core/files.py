@@ -358,6 +358,7 @@ class Files(CoreBase):
                 return
             assert target is not None
             self.push_to(target, Reply.PRIVATE, {"event": event})
+            self._tell_others(s, Reply.PRIVATE, {"event": event})  # its account's other devices
             result.resolve(event)
 
         op.then(kept)

@@ -53,7 +53,11 @@ class Rooms(CoreBase):
             s.rooms.add(name)
             was = self.registry.members(name).get(s.key)
             added = self.registry.add_member(name, Member(s.nick, s.key, s.sid, self.name))
-            if not (req.body["resume"] and was is not None) and not self._returning(s, name):
+            if (
+                not (req.body["resume"] and was is not None)
+                and not req.body["follow"]  # an account's other device, after JOINED
+                and not self._returning(s, name)
+            ):
                 joined = self._append(room, EventKind.JOIN, s, f"{s.nick} joined", bot=s.ident.bot)
                 seqs, _ = yield gather([joined, added])
                 before = seqs[0] - 1

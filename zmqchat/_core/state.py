@@ -262,7 +262,9 @@ class Registry(Protocol):
     everything stored before it was called (a cluster's other brokers included). Every
     change returns an Op done once it is stored, so a reply sent after it is true."""
 
-    def catch_up(self) -> Op: ...
+    def catch_up(self, accounts: bool = False) -> Op:
+        """Also the accounts' state (accounts, their marks, failed logins) if `accounts`:
+        a login reads it; the rest of the registry is what every other command reads."""
 
     def holder(self, key: str) -> Identity | None:
         """The session that holds a nick (by nick key), wherever it is."""

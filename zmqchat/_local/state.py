@@ -142,7 +142,7 @@ class LocalRegistry:
                         name, topic=store.last_topic(name), created=True
                     )
 
-    def catch_up(self) -> Op:
+    def catch_up(self, accounts: bool = False) -> Op:
         return Op.ready()
 
     # ---------------------------------------------------------------- sessions

@@ -270,6 +270,9 @@ class Broker:
             self.blobs.drain()
         self._flush()
         now = time.monotonic()
+        if now - self.last_turn > self.cfg.heartbeat:  # stopped during this very pass
+            self._woke(now - self.last_turn)
+            self.last_turn = now
         if now >= self.next_sweep:
             if now >= self.sweep_from:
                 self.core.sweep()
