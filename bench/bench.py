@@ -272,6 +272,11 @@ class Cluster:
         self.bench, self.system, self.label = bench, system, label
         self.loads: list[Child] = []
         self.starts = 0
+        # A database of its own (a restart keeps it): compare.py runs a label again in each
+        # repetition, and a broker on the last one's history is not the same measurement
+        # (a broker from before the package move never heard its receivers' probe on one).
+        bench.clusters += 1
+        self.db = bench.tmp / f"{label}-{system}-{bench.clusters}.db"
         # Every run starts with nothing dirty in the page cache: the kernel writing back an
         # earlier run's files (the broker's history above all) would stall this one.
         os.sync()
@@ -307,6 +312,9 @@ class Cluster:
                     "--rooms",
                     ",".join(["bench", *(f"r{n:02d}" for n in range(ROOMS))]),
                 ]
+                if self.bench.profile:
+                    prof = self.bench.profile / f"{self.system}-{self.label}-b{i + 1}.prof"
+                    argv[1:1] = ["-m", "cProfile", "-o", str(prof)]
                 child = Child(f"{self.label}-{self.system}-b{i + 1}", argv, logdir)
                 line = child.expect_line(lambda ln: ln.startswith(b"Broker started"), 60)
                 ports = [int(w.rsplit(b":", 1)[1]) for w in line.split() if w.startswith(b"tcp:")]
@@ -315,7 +323,7 @@ class Cluster:
             self.addr = self.addrs[0]
             return self.brokers[0]
         if self.system in ("broker", FSYNC):
-            db = self.db = logdir / f"{self.label}-{self.system}.db"
+            db = self.db
             rooms = ",".join(["bench", *(f"r{i:02d}" for i in range(ROOMS))])
             argv = [
                 py,
@@ -455,6 +463,7 @@ class Bench:
         self.profile = profile
         self.tmp = Path(tempfile.mkdtemp(prefix="chatbench-"))
         self.nats: LocalNats | None = None
+        self.clusters = 0  # systems started so far (each has its own database)
 
     def nats_cluster(self) -> LocalNats:
         """3 NATS JetStream nodes, started on first use and kept for the whole run."""

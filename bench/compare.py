@@ -13,6 +13,8 @@ that whatever else the machine does falls on both alike; the figures are the med
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import sys
 from dataclasses import replace
@@ -64,6 +66,8 @@ def main() -> int:
     finally:
         benches["after"].nats = None  # the before's: stopped once
         benches["before"].close()
+        for bench in benches.values():  # logs and databases (~170 MB a run), as bench.py does
+            shutil.rmtree(bench.tmp, ignore_errors=True)
     table(benches, got)
     return 0
 
@@ -76,16 +80,26 @@ def alternate(
         for workload in sorted({w for w, *_ in FIGURES}):
             for name, bench in benches.items():
                 result = run(bench, workload, system)
+                result["load"] = os.getloadavg()[0]  # other work on the machine
                 got.setdefault((name, workload), []).append(result)
                 print(
                     f"rep {rep + 1} {workload:<8} {name:<6} {result.get('rate', '')}"
-                    f" {result.get('p99_ms', '')}",
+                    f" {result.get('p99_ms', '')} lost {result.get('lost', '-')}"
+                    f" dups {result.get('dups', '-')} load {result['load']:.2f}",
                     file=sys.stderr,
+                    flush=True,
                 )
     return got
 
 
 def table(benches: dict[str, Bench], got: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    runs = [r for results in got.values() for r in results]
+    loads = [r["load"] for r in runs]
+    bad = sum(r.get("lost", 0) + r.get("dups", 0) for r in runs)
+    print(
+        f"{len(runs)} runs; load average {min(loads):.1f} to {max(loads):.1f} (median"
+        f" {statistics.median(loads):.1f}); lost + duplicated in all runs: {bad}"
+    )
     print(f"{'figure':<22} {'unit':<12} {'before':>10} {'after':>10} {'after/before':>13}")
     for workload, key, unit, better in FIGURES:
         values = {}
