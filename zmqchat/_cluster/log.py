@@ -78,6 +78,30 @@ class ClusterLog(LogEdits):
     def last(self, room: str) -> int:
         return self.delivered.get(room, 0)
 
+    def read(
+        self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
+    ) -> Op:
+        """Stored events (LogEdits.read), once the room is followed here. A member whose
+        join still waits for the follow may ask already (its client resumed here holding a
+        gap, and a ping's reply names its rooms): the room's end is not here yet, and an
+        answer now would say the room has nothing after `after` (a soak's client gave up
+        on 579 stored events so). A follow that failed fails the read."""
+        follow = self.following.get(room)
+        if follow is None or (follow.done and follow.error is None):
+            return super().read(room, after=after, before=before, since=since, limit=limit)
+        if follow.error is not None:
+            return Op.failed(follow.error)
+        outer = Op()
+
+        def followed(_: Op) -> None:  # (or another follow under way now: it waits again)
+            op = self.read(room, after=after, before=before, since=since, limit=limit)
+            op.then(
+                lambda op: outer.resolve(op.value) if op.error is None else outer.fail(op.error)
+            )
+
+        follow.then(followed)
+        return outer
+
     def append(self, room: str, drafts: list[Draft]) -> Op:
         frames = [Verb.APPEND, room.encode()]
         for d in drafts:
