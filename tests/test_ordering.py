@@ -140,6 +140,27 @@ def test_empty_history_reply_while_holding_events_skips_to_them():
     assert list(result.skipped) == [3, 4] and seqs(result.ready) == [5]
 
 
+def test_empty_history_reply_from_a_broker_behind_skips_nothing():
+    """Heard 1..2 and 6..7 live on one broker, then resumed on another that has not got the
+    room's latest events yet: its history has nothing after 2 and says the room is at 4, 2
+    or 0 (not followed there yet). 3..5 are not given up on; the next fetch, once that broker
+    has them, delivers them and what was held."""
+    order = RoomOrder[Ev]()
+    order.receive(evs(1, 2))
+    order.receive(evs(6, 7))
+    for behind in (0, 2, 4):
+        fetch = order.fetch()
+        assert fetch is not None and fetch.after == 2
+        result = order.fetched(fetch, [], behind)
+        assert result.ready == [] and not result.skipped and result.next is None
+        assert order.last == 2 and order.held
+    order.reached(7)  # the next ping
+    fetch = order.fetch()
+    assert fetch is not None
+    result = order.fetched(fetch, evs(3, 4, 5, 6, 7), 7)
+    assert seqs(result.ready) == [3, 4, 5, 6, 7] and not result.skipped
+
+
 def test_empty_history_reply_ends_the_repair_until_told_again():
     """A ping said 9 but history has nothing after 4 and the room is at 4: no more fetching
     (no loop of empty fetches) until the room is reported ahead again."""

@@ -160,7 +160,10 @@ class RoomOrder(Generic[E]):
         seq as the reply gives it. Numbers that history lacks below its first event (with no
         event, below the first one we hold) are skipped: they will never come. A reply with
         no event while we hold none says the room ends at seq and ends this repair (a later
-        receive() or reached() may start another)."""
+        receive() or reached() may start another). One with no event and a seq below what we
+        hold comes from a broker behind what we heard (in a cluster, one that has not got the
+        room's latest events yet): it skips nothing, and ends this repair until the room is
+        reported again."""
         if fetch is not self._fetch:  # stale: failed, or the broker started over
             return Fetched([], range(0), None)
         self._fetch = None
@@ -169,6 +172,8 @@ class RoomOrder(Generic[E]):
             ready, first = self.receive(events), min(seqs)  # history has none in (after, first)
         elif self._buffer:  # history has none after fetch.after at all
             ready, first = [], min(self._buffer)
+            if seq < first - 1:  # says so a broker behind what we heard: none for us yet
+                return Fetched([], range(0), None)
         else:
             self.target = max(self.last, min(self.target, seq))
             return Fetched([], range(0), None)

@@ -78,6 +78,33 @@ class ClusterLog(LogEdits):
     def last(self, room: str) -> int:
         return self.delivered.get(room, 0)
 
+    def read(
+        self, room: str, *, after: int | None, before: int | None, since: float | None, limit: int
+    ) -> Op:
+        """Stored events (LogEdits.read), once the room is followed here. A member whose
+        join still waits for the follow may ask already (its client resumed here holding a
+        gap, and a ping's reply names its rooms): the room's end is not here yet, and an
+        answer now would say the room has nothing after `after` (a soak's client gave up
+        on 579 stored events so). A follow that failed is asked for again, as a join would."""
+        follow = self.following.get(room)
+        if follow is not None and follow.error is not None:
+            follow = self.follow_room(room)
+        if follow is None or (follow.done and follow.error is None):
+            return super().read(room, after=after, before=before, since=since, limit=limit)
+        outer = Op()
+
+        def followed(op: Op) -> None:
+            if op.error is not None:
+                outer.fail(op.error)
+                return
+            done = super(ClusterLog, self).read(
+                room, after=after, before=before, since=since, limit=limit
+            )
+            done.then(lambda r: outer.resolve(r.value) if r.error is None else outer.fail(r.error))
+
+        follow.then(followed)
+        return outer
+
     def append(self, room: str, drafts: list[Draft]) -> Op:
         frames = [Verb.APPEND, room.encode()]
         for d in drafts:

@@ -1,0 +1,112 @@
+"""History reads on a cluster broker that is only now following a room.
+
+A client that resumes on another broker holding a gap (events it heard live there, some
+missing before them) asks history for the gap as soon as a ping's reply names the room,
+which can be while its JOIN still waits for this broker to follow the room. The read must
+give the stored events then, not an empty answer that says history lacks them.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from zmqchat._config import Config
+from zmqchat._core.state import Draft, Op
+from zmqchat.protocol import EventKind, ProtocolError
+
+
+@pytest.fixture
+def cluster_config(nats_nodes) -> Iterator[Config]:
+    from scripts.nats_local import delete_namespace
+
+    namespace = "r" + secrets.token_hex(4)
+    yield Config(cluster_urls=nats_nodes.urls, namespace=namespace, rooms=("lobby",), heartbeat=0.5)
+    delete_namespace(nats_nodes.urls, namespace)
+
+
+def run(cluster: Any, until: Any, timeout: float) -> None:
+    """Run the broker's side of one cluster until until() (at most timeout seconds)."""
+
+    async def go() -> None:
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            cluster.send_pending()
+            await cluster.wait(0.05)
+            cluster.drain()
+
+    cluster.loop.run_until_complete(go())
+
+
+def settle(cluster: Any, op: Op, timeout: float = 10.0) -> Any:
+    """Run the broker's side of one cluster until op is done: its value, or its error."""
+    run(cluster, lambda: op.done, timeout)
+    assert op.done, "the cluster did not answer in time"
+    if op.error is not None:
+        raise op.error
+    return op.value
+
+
+def texts(found: list[str]) -> list[str]:
+    return [json.loads(t)["text"] for t in found]
+
+
+@pytest.fixture
+def brokers(cluster_config) -> Iterator[Any]:
+    """make(name): a cluster broker's state (the first one is given five messages in
+    lobby, m0..m4, seqs 1..5, stored through it)."""
+    from zmqchat._cluster.state import Cluster
+
+    started: list[Any] = []
+
+    def make(name: str) -> Any:
+        cluster = Cluster(cluster_config)
+        cluster.start(name)
+        started.append(cluster)
+        if len(started) == 1:
+            settle(cluster, cluster.log.follow_room("lobby"))
+            drafts = [Draft(EventKind.MSG, "ann", f"m{i}", "nick:ann", f"id{i}") for i in range(5)]
+            assert settle(cluster, cluster.log.append("lobby", drafts)) == [1, 2, 3, 4, 5]
+        return cluster
+
+    yield make
+    for cluster in reversed(started):
+        cluster.close()
+
+
+def test_a_read_while_the_room_is_being_followed_gives_the_stored_events(brokers):
+    brokers("b1")
+    b2 = brokers("b2")
+    following = b2.log.follow_room("lobby")  # as a member's join (or resume) here does
+    assert not following.done
+    read = b2.log.read("lobby", after=2, before=None, since=None, limit=100)
+    assert texts(settle(b2, read)) == ["m2", "m3", "m4"]
+    assert following.done and b2.log.last("lobby") == 5
+
+
+def test_a_read_after_the_rooms_follow_failed_follows_it_again(brokers, nats_nodes):
+    """While NATS is away the follow fails (and so does a read); once it is back, a read
+    follows the room again and gives its events: never an answer without them."""
+    brokers("b1")
+    b2 = brokers("b2")
+    nats_nodes.pause()
+    try:
+        failed = b2.log.follow_room("lobby")
+        with pytest.raises(ProtocolError):
+            settle(b2, failed)
+    finally:
+        nats_nodes.resume()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            found = settle(b2, b2.log.read("lobby", after=2, before=None, since=None, limit=9))
+            break
+        except ProtocolError:  # the cluster is settling again
+            assert time.monotonic() < deadline, "the room was not followed again"
+            run(b2, lambda: False, 0.5)
+    assert texts(found) == ["m2", "m3", "m4"]
