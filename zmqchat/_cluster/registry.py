@@ -135,17 +135,7 @@ class ClusterRegistry:
             ident = None
         else:
             d = json.loads(value)
-            ident = Identity(
-                d["sid"],
-                d["nick"],
-                key,
-                d["token"],
-                d["pubkey"],
-                d["bot"],
-                d["broker"],
-                rev,
-                d.get("account", ""),
-            )
+            ident = _identity({**d, "key": key}, rev)
             if old is not None and old.sid == ident.sid and old.rev > rev:
                 return  # older news than what we made ourselves
             self.sessions[key] = ident
