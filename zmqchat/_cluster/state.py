@@ -199,8 +199,8 @@ class Cluster:
         self.log.unfollow_idle(self.registry.has_local_members, now)
         self.calls.expire(now, CALL_DEADLINE)
         self.log.index.retry()  # the search index (issue 23)
-        self.log.index.commit()
-        self.log.index._wake()
+        self.log.index.settle()
+        self.log.index._wake()  # (waits that are over by their deadline)
         self.registry.expire_catch_ups(now, CALL_DEADLINE)
         self.calls.send_pending()
 
