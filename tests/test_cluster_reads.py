@@ -110,3 +110,40 @@ def test_a_read_after_the_rooms_follow_failed_follows_it_again(brokers, nats_nod
             assert time.monotonic() < deadline, "the room was not followed again"
             run(b2, lambda: False, 0.5)
     assert texts(found) == ["m2", "m3", "m4"]
+
+
+class LaggingReplica:
+    """The bridge, but its direct gets answered by a replica that has the stream only up
+    to stream sequence `has` (a follower behind its leader)."""
+
+    def __init__(self, bridge: Any, has: int) -> None:
+        self.bridge, self.has = bridge, has
+        self.js, self.ns, self.erased = bridge.js, bridge.ns, bridge.erased
+
+    async def direct(self, stream: str, request: dict[str, Any]) -> list[Any]:
+        got = await self.bridge.direct(stream, request)
+        return [msg for msg in got if int(msg.headers["Nats-Sequence"]) <= self.has]
+
+
+def test_a_read_from_a_replica_that_lags_gives_every_stored_event(brokers):
+    """A direct get may be answered by a replica behind the stream's leader: a history read
+    of events the broker knows are stored still gives all of them (the rest from the
+    leader); one that asks past the end gives what there is."""
+    from zmqchat._cluster.history import History
+
+    b1 = brokers("b1")
+    for i in range(5, 9):  # four more stream messages: m5..m8, seqs 6..9
+        drafts = [Draft(EventKind.MSG, "ann", f"m{i}", "nick:ann", f"id{i}")]
+        assert settle(b1, b1.log.append("lobby", drafts)) == [i + 1]
+    history = History(LaggingReplica(b1.bridge, has=2), "lobby", [])
+
+    def read(lo: int, hi: int, known: int) -> list[str]:
+        found = b1.loop.run_until_complete(history.read(lo, hi, known))
+        assert [seq for seq, _ in found] == list(range(lo, lo + len(found)))
+        return [json.loads(b'{"seq":0,' + tail)["text"] for _, tail in found]
+
+    full = read(3, 9, 9)
+    assert full == [f"m{i}" for i in range(2, 9)]
+    assert read(7, 20, 9) == ["m6", "m7", "m8"]
+    lagging = read(3, 9, 0)  # (none known: what the replica has, which is less)
+    assert lagging == full[: len(lagging)] and len(lagging) < len(full)

@@ -585,7 +585,7 @@ class Bridge:
             hi = min(q["before"] - 1, q["last"]) if q["before"] is not None else q["last"]
             lo = max(1, hi - q["limit"] + 1)
         try:
-            found = await self.history(room).read(lo, hi)
+            found = await self.history(room).read(lo, hi, q["last"])
         except Exception as exc:  # noqa: BLE001
             self.fail(call, Failure.UNAVAILABLE, f"history not read: {_why(exc)}")
             return

@@ -191,8 +191,9 @@ class History:
                 hi = mid - 1
         return lo
 
-    async def events(self, lo: int, hi: int) -> list[tuple[int, bytes, str, str]]:
-        """The room's events lo..hi: (seq, tail, kind, message id), as far as it has them."""
+    async def events(self, lo: int, hi: int, known: int = 0) -> list[tuple[int, bytes, str, str]]:
+        """The room's events lo..hi: (seq, tail, kind, message id), as far as it has them;
+        up to `known` (stored, as the broker knows) even from a replica that lags."""
         out: list[tuple[int, bytes, str, str]] = []
         if lo > hi:
             return out
@@ -208,16 +209,38 @@ class History:
             batch = await self.filled(([previous] if previous else []) + got)
             for stored in batch[1:] if previous else batch:
                 _take(stored, lo, hi, out)
-            if not got or got[-1].last >= hi or len(got) < READ_BATCH:
+            if got and got[-1].last >= hi:
+                return out
+            if not got or len(got) < READ_BATCH:  # the end, as the replica that answered has it
+                end = min(hi, known)
+                if (out[-1][0] if out else lo - 1) < end:  # it lags: the rest from the leader
+                    before = got[-1] if got else previous
+                    rest = await self._from_leader(got[-1].seq + 1 if got else seq, end)
+                    batch = await self.filled(([before] if before else []) + rest)
+                    for stored in batch[1:] if before else batch:
+                        _take(stored, lo, hi, out)
                 return out
             previous, seq = got[-1], got[-1].seq + 1
 
-    async def read(self, lo: int, hi: int) -> list[tuple[int, bytes]]:
-        return [(seq, tail) for seq, tail, _, _ in await self.events(lo, hi)]
+    async def _from_leader(self, seq: int, end: int) -> list[Stored]:
+        """The room's messages from stream sequence `seq` on, read from the stream's leader,
+        up to the one that holds room seq `end`."""
+        out: list[Stored] = []
+        while not out or out[-1].last < end:
+            try:
+                raw = await self.host.js.get_msg(self.stream, seq, subject=self.subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            out.append(parse(raw.seq, raw.headers, raw.data or b""))
+            seq = raw.seq + 1
+        return out
+
+    async def read(self, lo: int, hi: int, known: int = 0) -> list[tuple[int, bytes]]:
+        return [(seq, tail) for seq, tail, _, _ in await self.events(lo, hi, known)]
 
     async def message(self, seq: int) -> tuple[bytes, str] | None:
         """A room event's tail and message id; None if there is none (or it was erased)."""
-        for at, tail, kind, msgid in await self.events(seq, seq):
+        for at, tail, kind, msgid in await self.events(seq, seq, seq):
             if at == seq and kind != DELETED:
                 return tail, msgid
         return None
