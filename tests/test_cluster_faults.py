@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,5 +179,77 @@ def test_a_resume_always_wins_over_its_own_stale_session(make_cluster_broker):
             assert reply.kind == "ERROR" and reply.body["code"] == "NICK_TAKEN"
             for s in [first, *socks, stranger]:
                 s.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_client_silent_past_its_heartbeats_may_still_resume_elsewhere(make_cluster_broker):
+    """A client that goes silent on b1 (its resume there cut short, say) and resumes on b2
+    a little after b1 stopped waiting for it is not announced as gone: b1 holds its nick
+    and rooms for a grace period. A client that never comes back is announced as lost,
+    once, after that grace."""
+    b1, b2 = make_cluster_broker("b1"), make_cluster_broker("b2")
+    ctx = zmq.Context()
+    ctx.linger = 0
+
+    def ask(port: int, kind: str, body: dict) -> tuple[zmq.Socket, m.Response]:
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(f"tcp://127.0.0.1:{port}")
+        return s, request(s, kind, body)
+
+    def request(s: zmq.Socket, kind: str, body: dict) -> m.Response:
+        s.send_multipart(m.encode_request(kind, b"r", body))
+        assert s.poll(15000), f"no reply to {kind}"
+        reply = m.decode_response(s.recv_multipart())
+        assert reply.kind == "OK", reply.body
+        return reply
+
+    async def scenario() -> None:
+        async with Client(f"127.0.0.1:{b2.port}", nick="alice") as alice:
+            view = Listener(alice)
+            socks = []
+            for nick in ("ghost", "quiet"):
+                hello = {"version": 1, "nick": nick, "token": f"{nick}-token-xxxxxxxxxxxx"}
+                s, _ = ask(b1.port, "HELLO", hello)
+                request(s, "JOIN", {"room": "lobby"})
+                socks.append(s)
+            await until(
+                lambda: {"ghost joined", "quiet joined"} <= {e.text for e in view.events},
+                10,
+                "both joined",
+            )
+            # both silent from here on: b1 stops waiting for them after three heartbeats
+            await until(
+                lambda: re.search(r"(held|lost) nick=ghost", b1.log_text()), 10, "b1 done waiting"
+            )
+            body = {"version": 1, "nick": "ghost", "token": "ghost-token-xxxxxxxxxxxx"}
+            back, _ = ask(b2.port, "HELLO", {**body, "resume": True})
+            request(back, "JOIN", {"room": "lobby", "resume": True})
+            socks.append(back)
+
+            async def keep_alive() -> None:  # ghost, on b2, beats from now on
+                while True:
+                    back.send_multipart(m.encode_request("PING", b"p", {}))
+                    while back.poll(0):
+                        back.recv_multipart()
+                    await asyncio.sleep(CLUSTER_HEARTBEAT / 2)
+
+            beating = asyncio.create_task(keep_alive())
+            lost = "quiet left (connection lost)"
+            await until(lambda: lost in [e.text for e in view.events], 20, "quiet's notice")
+            await asyncio.sleep(GRACE)  # (ghost's would have come with quiet's)
+            seq = await alice.say("lobby", "still here?")
+            await until(lambda: seq in view.seqs(), 10, "alice's line")
+            assert [e.text for e in view.events if e.kind == "leave"] == [lost]
+            assert "ghost" in await alice.who("lobby")
+            history = await all_history(alice)
+            assert [e.text for e in history if e.kind == "leave"] == [lost]
+            beating.cancel()
+            for s in socks:
+                s.close()
+
+    try:
+        asyncio.run(scenario())
     finally:
         ctx.destroy(linger=0)

@@ -314,6 +314,12 @@ class ClusterRegistry:
         self._kv(Change.DELETE, Bucket.SESSIONS, hexkey(key), rev=held.rev).then(deleted)
         return outer
 
+    def keeps_lost(self) -> bool:
+        """Its record stays ours in the sessions bucket: a session of ours that no
+        connection holds, which Liveness settles after a grace period unless its client
+        resumes it meanwhile (on any broker: the record moves, and it is not ours)."""
+        return True
+
     def reap(self, ident: Identity) -> None:
         """Claim a dead broker's session (compare-and-set on its record: only one broker
         wins), then announce it as lost."""

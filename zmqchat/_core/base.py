@@ -521,7 +521,17 @@ class CoreBase:
     def _lose(self, s: Session) -> None:
         """A session silent for three heartbeats: its nick is let go first, and only if it
         still held it (a compare-and-set in a cluster) is it announced as lost. A client
-        that resumed on another broker meanwhile holds it there: it ends here quietly."""
+        that resumed on another broker meanwhile holds it there: it ends here quietly.
+        In a cluster it ends here quietly anyway, and its nick and memberships are held for
+        a grace period: its client may be on its way to another broker (its resume here
+        cut short, say), and is announced as lost only if it does not get there."""
+        if self.registry.keeps_lost():
+            log_event(log, "held", nick=s.nick, sid=s.sid, why="missed 3 heartbeats")
+            for name in sorted(s.rooms):
+                self._remove(s, self.rooms[name])
+            self._forget(s)
+            return
+        log_event(log, "lost", nick=s.nick, sid=s.sid, why="missed 3 heartbeats")
         self._forget(s)
 
         def released(op: Op) -> None:
@@ -619,7 +629,6 @@ class CoreBase:
         now = self.clock.monotonic()
         limit = 3 * self.rules.heartbeat
         for s in [s for s in self.by_rid.values() if now - s.last_seen > limit]:
-            log_event(log, "lost", nick=s.nick, sid=s.sid, why="missed 3 heartbeats")
             self._lose(s)
         wall = self.clock.time()
         for nonce in [n for n, exp in self.used_nonces.items() if exp < wall]:

@@ -139,11 +139,15 @@ class Sessions(CoreBase):
         meanwhile (`silent` shorter than the wait) is there, and the nick taken."""
         s = self.by_sid.get(holder.sid)
         limit = 3 * self.rules.heartbeat
-        if s is None:  # on another broker: free at the latest 3 heartbeats after it went silent
-            return {"free_in": limit}
-        silent = self.clock.monotonic() - s.last_seen
         margin = self.rules.heartbeat / 2  # sweeps run every half heartbeat
-        return {"free_in": round(max(limit - silent, 0.0) + margin, 3), "silent": round(silent, 3)}
+        # a cluster keeps a lost session's nick a grace period more (for its client to
+        # resume elsewhere), settled at a sweep after it
+        held = limit + 2 * margin if self.registry.keeps_lost() else 0.0
+        if s is None:  # elsewhere (another broker's, or held): free at the latest then
+            return {"free_in": limit + held}
+        silent = self.clock.monotonic() - s.last_seen
+        free_in = max(limit - silent, 0.0) + margin + held
+        return {"free_in": round(free_in, 3), "silent": round(silent, 3)}
 
     def _missed_privates(
         self, ident: Identity, since: float

@@ -282,6 +282,11 @@ class Registry(Protocol):
         """Free the nick, if this session still holds it: the Op's value says whether it
         did (False: the nick had moved on, to its client's new session say)."""
 
+    def keeps_lost(self) -> bool:
+        """Whether a session of ours that went silent keeps its nick and memberships for a
+        grace period, for its client to resume it on another broker (a cluster: it is
+        settled, as lost, only if none does), rather than ending now (one broker)."""
+
     # An account's further sessions (devices): an account logged in on several devices at
     # once holds its nick with one session (`holder`); its others are its companions, under
     # the same nick, wherever they are.

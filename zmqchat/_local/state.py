@@ -175,6 +175,9 @@ class LocalRegistry:
                 self.add_member(room, Member(new_nick, new_key, ident.sid, ident.broker))
         return Op.ready()
 
+    def keeps_lost(self) -> bool:
+        return False  # no other broker to resume on: a silent session ends now
+
     def release(self, ident: Identity) -> Op:
         if self.sessions.get(ident.key) is not ident:
             return Op.ready(False)
