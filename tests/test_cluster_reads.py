@@ -147,3 +147,21 @@ def test_a_read_from_a_replica_that_lags_gives_every_stored_event(brokers):
     assert read(7, 20, 9) == ["m6", "m7", "m8"]
     lagging = read(3, 9, 0)  # (none known: what the replica has, which is less)
     assert lagging == full[: len(lagging)] and len(lagging) < len(full)
+
+
+def test_a_room_followed_again_is_where_its_stream_is_when_the_follow_is_done(brokers):
+    """A broker that stopped following a room (no members of its own for a while) and
+    follows it again for a join knows the room's end by the time the follow is done: a
+    resuming client's JOIN reply must not say the room is where it was when the broker
+    stopped (the client took that for a new history and heard 370 events again)."""
+    b1 = brokers("b1")
+    b2 = brokers("b2")
+    assert settle(b2, b2.log.follow_room("lobby")) is not None and b2.log.last("lobby") == 5
+    later = time.monotonic() + 3600
+    b2.log.unfollow_idle(lambda room: False, later)  # idle from now...
+    b2.log.unfollow_idle(lambda room: False, later + 3600)  # ...for long enough: unfollowed
+    run(b2, lambda: False, 0.5)
+    drafts = [Draft(EventKind.MSG, "ann", f"n{i}", "nick:ann", f"n{i}") for i in range(4)]
+    assert settle(b1, b1.log.append("lobby", drafts)) == [6, 7, 8, 9]
+    settle(b2, b2.log.follow_room("lobby"))
+    assert b2.log.last("lobby") == 9

@@ -250,7 +250,11 @@ class RoomStream:
         if self.following:
             await self.caught_up()
             return
+        again = self.known_seq >= 0  # followed before (or written to): what came since
         await self.loaded()
+        if again:  # first, or the broker is told the room is where it was then
+            for stored in await self.history.messages(self.known_seq + 1, None):
+                self.learn(stored)
         if self.following:
             await self.caught_up()
             return
