@@ -13,7 +13,10 @@ last message: stream sequence L, room seq N). It publishes its next message as a
 a = N + 1 and `Nats-Expected-Last-Sequence: L`, so JetStream stores it only if nothing
 came in between; if something did, the publish is refused, the broker reads what it had
 missed and tries again. One message of a room is in flight from a broker at a time; what
-arrives meanwhile waits and goes in the next. A message that gets no answer is published
+arrives meanwhile waits and goes in the next. (A second one in flight would need to be
+stored only right after the first, which `Nats-Expected-Last-Msg-Id` says; but nats-server
+2.15.1 leaves a replicated stream without a leader once it refuses a message by that
+header: bench/README.md, "Issue 22 on a quiet host".) A message that gets no answer is published
 again (same `Nats-Msg-Id`: JetStream stores it once) until it is answered.
 
 De-duplication: a client message's id is remembered once it is stored (SeenIds); an event
