@@ -165,3 +165,24 @@ def test_a_room_followed_again_is_where_its_stream_is_when_the_follow_is_done(br
     assert settle(b1, b1.log.append("lobby", drafts)) == [6, 7, 8, 9]
     settle(b2, b2.log.follow_room("lobby"))
     assert b2.log.last("lobby") == 9
+
+
+def test_events_a_read_did_not_get_to_are_left_out_not_shown_as_deleted():
+    """A read from a stream may come back short at its end (a replica behind its leader,
+    a message not stored yet): the seqs past what it got are not erased ones, and a client
+    shown them as `deleted` would never get them (a soak's client lost 256 so). A hole
+    between events read is an erased one."""
+    from zmqchat import protocol as m
+    from zmqchat._cluster.index import ClusterIndex
+
+    index = ClusterIndex(read=lambda *a: Op(), erase=lambda *a: None, changed=lambda *a: None)
+    try:
+
+        def said(seq: int) -> str:
+            return m.numbered("lobby", seq, m.encode_event_tail(1.0, "ann", "msg", f"m{seq}"))
+
+        got = [said(1).decode(), said(3).decode()]
+        patched = [json.loads(t) for t in index.patch("lobby", got, 1, 5, None)]
+        assert [(e["seq"], e["kind"]) for e in patched] == [(1, "msg"), (2, "deleted"), (3, "msg")]
+    finally:
+        index.close()

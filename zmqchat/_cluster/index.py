@@ -266,6 +266,7 @@ class ClusterIndex:
         ):
             return texts  # the usual case: all there, none changed
         by_seq = {seq_of(t): t for t in texts}
+        read_to = max(by_seq, default=low - 1)
         out: list[str] = []
         for seq in range(low, high + 1):
             text = by_seq.get(seq)
@@ -274,6 +275,8 @@ class ClusterIndex:
             if text is None or seq in changed:
                 now = self.current(room, seq)
                 if now is None:
+                    if text is None and seq > read_to:  # past what the read got to: not
+                        break  # read (yet), not erased (a client asks again for it)
                     if text is None:  # erased, and not (yet) known here
                         now = m.tombstone(room, seq, _near(by_seq, seq))
                     else:
