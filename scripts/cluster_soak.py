@@ -16,10 +16,10 @@ At the end it brings everything back, waits for the last acknowledgements, and c
 every acknowledged message reached every bot exactly once and in seq order, that each
 room's history holds each once at the seq it was acknowledged with and has no gap, that no
 bot was announced as leaving while connected and none lost its nick, and that
-acknowledgements never stalled. It prints sent, acknowledged, delivered, lost, duplicated, the faults injected and
-the longest waits; exit status 1 on any loss, duplicate, lost nick or stall, or a bot
-announced as gone while it was connected (one cut off from every broker for longer than
-its grace is announced, rightly: that is reported, not failed).
+acknowledgements never stalled. It prints sent, acknowledged, delivered, lost, duplicated,
+the faults injected and the longest waits; exit status 1 on any loss, duplicate, lost nick
+or stall, or a bot announced as gone while it was connected (one cut off from every broker
+for longer than its grace is announced, rightly: that is reported, not failed).
 """
 
 from __future__ import annotations
