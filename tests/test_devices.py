@@ -461,11 +461,20 @@ async def delete_companions(urls: str, namespace: str) -> int:
     """Delete the companion records of the namespace's sessions bucket, as another broker
     settling them does; how many there were."""
     import nats
+    import nats.js.errors
 
     nc = await nats.connect(urls.split(","), connect_timeout=2)
     try:
         kv = await nc.jetstream(timeout=5).key_value(f"{namespace}-sessions")
-        companions = [k for k in await kv.keys() if "." in k]
+        deadline = time.monotonic() + 10
+        while True:  # a listing may come from a replica that has not got them yet
+            try:
+                companions = [k for k in await kv.keys() if "." in k]
+            except nats.js.errors.NoKeysError:
+                companions = []
+            if companions or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
         for key in companions:
             await kv.delete(key)
         return len(companions)
