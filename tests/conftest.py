@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -92,16 +93,40 @@ def broker(make_broker) -> RunningBroker:
     return make_broker()
 
 
-def free_ports(n: int = 2) -> list[int]:
+def port_free(port: int) -> bool:
+    """Whether a server could listen on the port (as servers do, with SO_REUSEADDR: the
+    connections a stopped server leaves in TIME_WAIT do not hold it)."""
     import socket
 
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+PORTS_EACH = 1000  # ports per test process, from PORTS_FROM on (scripts/cluster.py's test
+PORTS_FROM = 12000  # takes its own at random in 20000-28002 and 29000-32711)
+_next_port = [0]
+
+
+def free_ports(n: int = 2) -> list[int]:
+    """Ports nobody listens on, from this test process's own range below the kernel's
+    ephemeral one (32768 and up here): a port the kernel picked for us could be given to
+    any outgoing connection (another worker's, NATS's) before our broker binds it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first = PORTS_FROM + PORTS_EACH * (int(worker[2:] or 0) % 4)
+    ports: list[int] = []
+    for _ in range(PORTS_EACH):
+        port = first + _next_port[0] % PORTS_EACH
+        _next_port[0] += 1
+        if port_free(port):
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise RuntimeError(f"no {n} free ports in {first}..{first + PORTS_EACH - 1}")
 
 
 class BrokerProcess:

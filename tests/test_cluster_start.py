@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq
 
 from conftest import ROOT, wait_for
+from conftest import port_free as free
 from scripts.nats_local import LocalNats
 from zmqchat import Client
 from zmqchat._config import Config
@@ -109,18 +110,6 @@ def script_ports() -> tuple[int, int]:
         wanted = [base + d + i for d in (0, 2000, 4000) for i in range(3)]
         if all(free(p) for p in [*wanted, port, port + 1, port + 10, port + 11]):
             return base, port
-
-
-def free(port: int) -> bool:
-    """Whether a server could listen on the port (as servers do, with SO_REUSEADDR: the
-    connections a stopped server leaves in TIME_WAIT do not hold it)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def run_script(base: int, port: int, folder: Path) -> subprocess.Popen[str]:
