@@ -70,7 +70,9 @@ def operator(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
     """/register asks the password twice without showing it; -u with a registered nick asks
-    'Password for NICK: ' (not echoed) and logs in; a wrong password exits with status 4."""
+    'Password for NICK: ' (not echoed) and logs in; a wrong password is asked for again
+    (a typo does not end the session), and after 3 wrong ones the client exits with
+    status 4."""
     t = achat("terminal", "-u", "alice")
     t.ready()
     t.type("/register\r")
@@ -94,8 +96,20 @@ def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
     t = achat("terminal", "-u", "alice")
     t.expect("Password for alice: ")
     t.type("not-the-password\n")
-    t.expect("wrong password for alice")
+    t.expect("Sorry, wrong password for alice. Try again.")
+    t.expect("Password for alice: ")
+    t.type(PW + "\n")
+    t.expect("Welcome back, alice! You are in lobby")
+    t.ready()
+    t.type("\x04")
+    assert t.exit_status() == 0
+    t = achat("terminal", "-u", "alice")
+    for _ in range(3):
+        t.expect("Password for alice: ")
+        t.type("not-the-password\n")
+    t.expect("wrong password for alice (3 tries)")
     assert t.exit_status() == 4
+    assert t.text.count("Password for alice: ") == 3, t.text
 
 
 def test_a_script_logs_in_from_a_file_or_the_environment_and_is_never_asked(

@@ -293,9 +293,31 @@ def resolves(host: str) -> bool:
     return True
 
 
+PASSWORD_TRIES: Final = 3  # passwords asked for at the prompt before the client gives up
 AUTH_CODES: Final = frozenset(
     {m.Code.AUTH_FAILED, m.Code.NO_ACCOUNT, m.Code.ACCOUNTS_ONLY, m.Code.RATE_LIMITED}
 )
+
+
+def refused_login(
+    err: ChatError, nick: str, password: str | None, asked: int, may_ask: bool, interactive: bool
+) -> str | int:
+    """A login refused: the password to try next (asked for at the prompt: the first, or
+    again after a typo, PASSWORD_TRIES in all), or the exit status."""
+    reason = escape(err.reason)
+    if err.code == m.Code.AUTH_REQUIRED:
+        if may_ask and password is None:
+            return getpass.getpass(f"Password for {nick}: ")
+        fail(
+            f"{reason}; give it with --password-file FILE or {passwords.ENV}"
+            + ("" if may_ask else " (--json never asks)" if interactive else "")
+        )
+        return 4
+    if err.code == m.Code.AUTH_FAILED and 0 < asked < PASSWORD_TRIES:
+        tell(f"Sorry, {reason}. Try again.")  # a typo does not end the session
+        return getpass.getpass(f"Password for {nick}: ")
+    fail(reason + (f" ({asked} tries)" if asked > 1 else ""))
+    return 4
 
 
 def connect(
@@ -316,6 +338,7 @@ def connect(
         fail(f"cannot reach the broker at {where}: no such host: {escape(', '.join(unknown))}")
         return 1
     announced = ""  # the nick "Connecting ..." was said for (not again after the password)
+    asked = 0  # passwords asked for at the prompt (for this nick)
     while True:
         nick = nick or ask_nick()
         client = Client(
@@ -336,22 +359,16 @@ def connect(
         except ChatError as err:
             runner.run(client.close())
             reason = escape(err.reason)
-            if err.code == m.Code.AUTH_REQUIRED:
-                if may_ask and password is None:
-                    password = getpass.getpass(f"Password for {nick}: ")
-                    continue
-                fail(
-                    f"{reason}; give it with --password-file FILE or {passwords.ENV}"
-                    + ("" if may_ask else " (--json never asks)" if interactive else "")
-                )
-                return 4
-            if err.code in AUTH_CODES:
-                fail(reason)
-                return 4
+            if err.code == m.Code.AUTH_REQUIRED or err.code in AUTH_CODES:
+                again = refused_login(err, nick, password, asked, may_ask, interactive)
+                if isinstance(again, int):
+                    return again
+                password, asked = again, asked + 1
+                continue
             if err.code in (m.Code.NICK_TAKEN, m.Code.NICK_INVALID):
                 if interactive:
                     tell(f"Sorry, {reason}. Please choose another nickname.")
-                    nick, password = "", None
+                    nick, password, asked = "", None, 0
                     continue
                 fail(
                     f"cannot use the nickname {escape(nick)!r}: {reason}; "
