@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -502,6 +503,46 @@ def test_private_message_reaches_only_recipient(broker):
         assert not [e for e in everything if e.kind == "private" or "psst" in e.text], show(
             everything
         )
+
+    run(broker, scenario)
+
+
+def test_an_answer_to_a_private_message_comes_after_the_senders_own_copy(broker):
+    """A bot that answers a private message at once: the sender sees its own copy first,
+    then the answer. (The copy was queued only when the sender's coroutine went on, after
+    its reader had read the answer too, if both had come: a busy client, a terminal's, saw
+    1 answer in 4 first.) Here the sender's loop is held until the bot, on a thread of its
+    own, has answered: both are waiting on its socket."""
+
+    async def scenario(chat: Chat) -> None:
+        ann = await chat.client("ann")
+        bot = BlockingClient(HOST, broker.port, "bot", rooms=["lobby"])
+        answered = threading.Event()
+
+        async def answer() -> None:
+            while True:
+                ev = await bot._client.next_event()
+                if ev.kind == "private" and not ev.mine:
+                    await bot._client.msg("ann", "re: " + ev.text)
+                    answered.set()
+
+        answering = asyncio.run_coroutine_threadsafe(answer(), bot._loop)
+        try:
+            for i in range(3):
+                answered.clear()
+                before = set(ann._waiting)
+                sending = asyncio.create_task(ann.msg("bot", f"q{i}"))
+                deadline = time.monotonic() + 5
+                while set(ann._waiting) <= before and time.monotonic() < deadline:
+                    await asyncio.sleep(0)  # until it is sent (its reply is on its way)
+                assert answered.wait(5), "the bot did not answer"  # (the loop held meanwhile)
+                await sending
+                got = await saw(ann, f"re: q{i}", "private")
+                privates = [e.text for e in got if e.kind == "private"]
+                assert privates == [f"q{i}", f"re: q{i}"], privates
+        finally:
+            answering.cancel()
+            bot.close()
 
     run(broker, scenario)
 

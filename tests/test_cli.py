@@ -174,10 +174,16 @@ def test_unreachable_broker_is_an_error_not_a_hang(chat):
 
 @pytest.mark.parametrize(
     "words, notice",
-    [(".exit", "bob left"), ("bye", "bob left"), ("/quit gone home", "bob left (quit: gone home)")],
+    [
+        (".exit", "bob left"),
+        ("bye", "bob left"),
+        ("Bye", "bob left"),
+        ("/quit gone home", "bob left (quit: gone home)"),
+    ],
 )
 def test_leaving_words_exit_cleanly(chat, words, notice):
-    """.exit, bye and /quit REASON end the terminal client with 0; the others see it leave."""
+    """.exit, bye (in any case) and /quit REASON end the terminal client with 0; the others
+    see it leave."""
     w = watcher(chat)
     t = chat("terminal", "-u", "bob")
     t.expect("Welcome, bob!")
@@ -275,6 +281,10 @@ def test_history_with_a_nick_shows_the_private_conversation(chat):
     carol.wait_line("no private messages with bob")
     carol.send("/history bob x")
     carol.wait_line("usage: /history [NICK] [N]")
+    carol.send("/history -5")  # a bad N, not a nick: the usage, not the nickname rules
+    usage = lambda: [ln for ln in carol.lines if "usage: /history [NICK] [N]" in ln]  # noqa: E731
+    wait_for(lambda: len(usage()) == 2, 5, "the usage again")
+    assert not [ln for ln in carol.lines if "nickname" in ln]
     for c in (alice, bob, carol):
         assert c.end_input() == 0
 
@@ -304,7 +314,7 @@ def test_join_switches_rooms_and_unknown_rooms_are_listed(chat):
     w = watcher(chat)
     s = chat("script", "-u", "alice")
     joined(w, "alice")
-    s.send("/join nowhere", "/join work", "/rooms")
+    s.send("/join nowhere", "/join #Work", "/rooms")  # (IRC's # and any case: it is work)
     error = s.wait_line("nowhere")
     assert "lobby" in error and "work" in error
     w.wait_event(lambda e: e["kind"] == "leave" and e["nick"] == "alice", "alice leaving lobby")

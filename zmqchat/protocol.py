@@ -263,6 +263,12 @@ def nick_key(nick: str) -> str:
     return unicodedata.normalize("NFKC", folded)
 
 
+def room_as_typed(text: str) -> str:
+    """A room name as a person types it: `Lobby` and IRC's `#lobby` are lobby (room
+    names are lowercase); what is left is checked by check_room."""
+    return text.strip().removeprefix("#").lower()
+
+
 def check_room(room: Any) -> str:
     """Return the room name or raise ROOM_INVALID."""
     if not isinstance(room, str) or not ROOM_RE.match(room):

@@ -16,7 +16,7 @@ from typing import Protocol
 from zmqchat._cli.render import Screen
 from zmqchat._client.library import ChatError, Client, Event, Status
 from zmqchat._passwords import PasswordError, ask_new
-from zmqchat.protocol import EventKind
+from zmqchat.protocol import EventKind, room_as_typed
 
 ROOM_KINDS = frozenset({EventKind.MSG, EventKind.ACTION})  # what counts as unread in a room
 
@@ -172,7 +172,7 @@ def account_commands(chat: Chat) -> dict[str, Callable[[str], Awaitable[None]]]:
         await chat.reading.catch_up(chat, chat.room)
 
     async def cmd_leave(arg: str) -> None:
-        room = arg or chat.room
+        room = room_as_typed(arg) or chat.room
         if not room or room not in chat.client.rooms:
             raise ChatError("NOT_MEMBER", f"you are not in {room or 'a room'}")
         await chat.client.leave(room)

@@ -94,8 +94,8 @@ COMMANDS: Final = (
     ("/help", "this list"),
     (
         "/quit [REASON]",
-        "leave, and the room sees `alice left (quit: REASON)`; so do `.exit`, `bye`, "
-        "Ctrl+D and Ctrl+C",
+        "leave, and the room sees `alice left (quit: REASON)` (an account's rooms see "
+        "nothing: it stays in them); so do `.exit`, `bye`, Ctrl+D and Ctrl+C",
     ),
     ("//TEXT", "say TEXT, which starts with `/` (`//etc/hosts` says `/etc/hosts`)"),
 )
@@ -173,6 +173,7 @@ def parser() -> Parser:
     flag(
         "-r",
         "--room",
+        type=m.room_as_typed,
         metavar="ROOM",
         shown=f"`{DEFAULT_ROOM}`; an account: the room it was in last",
         help="the room to start in",
@@ -278,8 +279,8 @@ def fail(text: str) -> None:
 
 def waiting(nick: str, seconds: float) -> None:
     tell(
-        f"The nickname {nick} is in use; if its connection was just lost, it is free "
-        f"within {seconds:.0f} s: waiting to see..."
+        f"The nickname {nick} is in use; if that was you and your connection was just lost, "
+        f"it is free within {seconds:.0f} s: waiting to see..."
     )
 
 
@@ -316,7 +317,8 @@ def refused_login(
     if err.code == m.Code.AUTH_FAILED and 0 < asked < PASSWORD_TRIES:
         tell(f"Sorry, {reason}. Try again.")  # a typo does not end the session
         return getpass.getpass(f"Password for {nick}: ")
-    fail(reason + (f" ({asked} tries)" if asked > 1 else ""))
+    tries = asked > 1 and err.code == m.Code.AUTH_FAILED
+    fail(reason + (f" ({asked} tries)" if tries else ""))
     return 4
 
 
@@ -556,7 +558,7 @@ class Chat(FileCommands, edits.EditCommands):
         line = line.rstrip("\r\n")
         if not line.strip() or self.quitting:
             return
-        if self.leave_words and line.strip() in LEAVE_WORDS:
+        if self.leave_words and line.strip().lower() in LEAVE_WORDS:
             await self.quit(None)
             return
         if line.startswith("/") and not line.startswith("//"):
@@ -673,6 +675,7 @@ class Chat(FileCommands, edits.EditCommands):
     async def cmd_join(self, arg: str) -> None:
         if not arg or " " in arg:
             raise UsageError("/join ROOM")
+        arg = m.room_as_typed(arg)
         if arg == self.room and arg in self.client.rooms:
             self.screen.note(f"you are already in {arg}")
             return
@@ -711,7 +714,7 @@ class Chat(FileCommands, edits.EditCommands):
                 self.screen.error(f"could not leave {old}: {err.reason}", err.code)
 
     async def cmd_who(self, arg: str) -> None:
-        room = None if arg == "*" else arg or self.room
+        room = None if arg == "*" else m.room_as_typed(arg) or self.room
         members = await self.client.who(room)
         self.nicks.update(members)
         where = f"in {room}" if room else "online"
@@ -751,7 +754,8 @@ class Chat(FileCommands, edits.EditCommands):
 
     async def cmd_history(self, arg: str) -> None:
         words = arg.split()
-        nick = words.pop(0) if words and not words[0].isdigit() else None
+        number = words and words[0].lstrip("+-").isdigit()  # (-5: a bad N, not a nick)
+        nick = words.pop(0) if words and not number else None
         if len(words) > 1 or (words and not (words[0].isdigit() and int(words[0]) > 0)):
             raise UsageError("/history [NICK] [N]   (N a number of events, 1 or more)")
         limit = min(int(words[0]) if words else HISTORY, m.MAX_HISTORY)

@@ -1197,15 +1197,19 @@ class Client(AccountClient, Messages):
     async def _send_batch(self, batch: list[_Send]) -> None:
         first = batch[0]
         if first.kind == "priv":
+
+            def copy(reply: dict[str, Any]) -> None:  # ours, as its reply is read: before
+                if reply.get("event"):  # an answer that came right behind it
+                    self._events.put_nowait(Event.from_wire(reply["event"], mine=True))
+
             reply = await self.request(
                 m.Kind.PRIV,
                 {"to": first.target, "text": first.text, "id": first.cmid, **first.extra},
+                on_reply=copy,
             )
             self._outbox.pop(first.cmid, None)
             if not first.future.done():
                 first.future.set_result(reply.get("event") or reply)
-            if reply.get("event"):
-                self._events.put_nowait(Event.from_wire(reply["event"], mine=True))
             return
         body = {
             "room": first.target,
