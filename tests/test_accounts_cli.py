@@ -112,6 +112,31 @@ def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
     assert t.text.count("Password for alice: ") == 3, t.text
 
 
+def test_an_account_fixes_and_deletes_what_it_said_before_it_logged_in_again(achat, password_file):
+    """An account's messages are its own from any session: logged in again, `s/OLD/NEW/`
+    fixes the last one it said in the room before, and /delete removes it. A guest has
+    nothing to fix after it comes back (its old messages were another client's)."""
+    register(achat, "alice", "I will fix thsi later")
+    w = achat("script", "--json", "-u", "watcher")
+    w.wait_event(lambda e: e["kind"] == "join" and e["nick"] == "watcher", "watcher joining")
+    s = achat("script", "-u", "alice", "--password-file", password_file)
+    s.wait_line("Welcome back, alice!")
+    s.send("s/thsi/this/")
+    edit = w.wait_event(lambda e: e["kind"] == "edit" and e["nick"] == "alice", "the edit")
+    assert edit["text"] == "I will fix this later"
+    s.send("/delete")
+    w.wait_event(lambda e: e["kind"] == "delete" and e["nick"] == "alice", "the removal")
+    assert s.end_input() == 0
+    guest = achat("script", "-u", "gus")
+    guest.send("a guest's line")
+    w.wait_event(lambda e: e.get("text") == "a guest's line", "the guest's line")
+    assert guest.end_input() == 0
+    guest = achat("script", "-u", "gus")
+    guest.send("s/line/word/")
+    assert "only those sent from this client count" in guest.wait_line("no message in lobby")
+    assert guest.end_input() == 0
+
+
 def test_a_script_logs_in_from_a_file_or_the_environment_and_is_never_asked(
     achat, password_file, tmp_path
 ):

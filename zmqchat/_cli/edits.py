@@ -171,15 +171,29 @@ class EditCommands:
         return ev.backlog and ref in self.seen.get(ev.room, {})
 
     # ------------------------------------------------------------------ commands
-    def _last_mine(self, verb: str) -> int:
-        said = self.said.get(self.room)
-        if not said:  # typed right, nothing to act on: not a usage error
-            raise ChatError(
-                m.Code.NO_SUCH_MESSAGE,
-                f"you have no message in {self.room} to {verb} "
-                "(only those sent from this client count)",
-            )
-        return max(said)
+    async def _last_mine(self, verb: str) -> tuple[int, str]:
+        """Our last message in the room (seq, text): one sent from this client; an
+        account's nick is its alone, so for an account also the last one under its nick
+        in the room's history (sent before it logged in again, or from another device:
+        the broker checks it is ours)."""
+        room, said = self.room, self.said.get(self.room)
+        if said:
+            seq = max(said)
+            return seq, said[seq]
+        if self.client.acct.account:
+            me = m.nick_key(self.client.nick)
+            for ev in reversed(await self.client.history(room, limit=m.MAX_HISTORY)):
+                if ev.kind in MESSAGE_KINDS and m.nick_key(ev.nick) == me and ev.seq:
+                    return int(ev.seq), ev.text
+        raise ChatError(  # typed right, nothing to act on: not a usage error
+            m.Code.NO_SUCH_MESSAGE,
+            f"you have no message in {room} to {verb} "
+            + (
+                f"(in its last {m.MAX_HISTORY} events)"
+                if self.client.acct.account
+                else "(only those sent from this client count)"
+            ),
+        )
 
     def substitution(self, line: str) -> bool:
         """`s/old/new/` on its own line: edit our last message in the room. Whether the
@@ -206,11 +220,12 @@ class EditCommands:
         if room != self.room:
             return
         try:
-            seq = self._last_mine("edit")
+            seq, text = await self._last_mine("edit")
         except ChatError as err:
             self.screen.error(err.reason, err.code)
             return
-        text = self.said[self.room][seq]
+        if room != self.room:
+            return
         if old not in text:
             self.screen.error(f"{old!r} is not in your last message: nothing was changed", "USAGE")
             return
@@ -229,15 +244,16 @@ class EditCommands:
         if not arg:
             raise UsageError("/edit TEXT   (replaces your last message in this room)")
         await _stored(set(self.sends))  # the lines typed before it: the last is the one
-        self._edit(self._last_mine("edit"), arg)
+        self._edit((await self._last_mine("edit"))[0], arg)
 
     async def cmd_delete(self, arg: str) -> None:
         if arg:
             raise UsageError("/delete   (deletes your last message in this room)")
         await _stored(set(self.sends))
-        seq = self._last_mine("delete")
-        await self.client.delete(self.room, seq)
-        self.said[self.room].pop(seq, None)
+        room = self.room
+        seq, _ = await self._last_mine("delete")
+        await self.client.delete(room, seq)
+        self.said.get(room, OrderedDict()).pop(seq, None)
 
     async def cmd_purge(self, arg: str) -> None:
         words = arg.split()
