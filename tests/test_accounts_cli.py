@@ -77,6 +77,12 @@ def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
     t.ready()
     t.type("/register\r")
     t.expect("Password:")
+    t.type("short\r")  # too short: said at once, not after typing it twice
+    t.expect("a password is at least 8 characters; nothing was changed")
+    assert "Again:" not in t.text
+    t.ready()
+    t.type("/register\r")
+    t.expect("Password:")
     t.type(PW + "\r")
     t.expect("Again:")
     t.type(PW + "\r")
@@ -165,10 +171,12 @@ def test_a_script_logs_in_from_a_file_or_the_environment_and_is_never_asked(
 
 
 def test_a_password_is_changed_with_password(achat, password_file):
-    """/password asks the old password once and the new one twice; then only the new
-    one logs in."""
+    """/password asks the old password once and the new one twice; a wrong old one
+    changes nothing, and says so; then only the new one logs in."""
     register(achat, "cy")
     s = achat("script", "-u", "cy", "--password-file", password_file)
+    s.send("/password", "not-the-old-one", "n3w-secret", "n3w-secret")
+    assert "nothing was changed" in s.wait_line("wrong password for cy")
     s.send("/password", PW, "n3w-secret", "n3w-secret")
     s.wait_line("your password is changed")
     assert s.end_input() == 0

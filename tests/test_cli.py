@@ -290,9 +290,9 @@ def test_history_with_a_nick_shows_the_private_conversation(chat):
 
 
 def test_help_lists_every_command_and_counts_read_right(chat):
-    """/help lists every command of the README's table; `//TEXT` says a line that starts
-    with /; `/history 1` and `/history bob 1` read "the last event", "your last private
-    message" (not "the last 1 events")."""
+    """/help lists every command of the README's table (`/help WORD` those about WORD);
+    `//TEXT` says a line that starts with /; `/history 1` and `/history bob 1` read "the
+    last event", "your last private message" (not "the last 1 events")."""
     from zmqchat._cli.chat import COMMANDS
 
     w = watcher(chat)
@@ -307,6 +307,14 @@ def test_help_lists_every_command_and_counts_read_right(chat):
     for usage, _ in COMMANDS:
         s.wait_line(f"  {usage}  ")  # the command, then its meaning in a column beside it
     assert s.end_input() == 0
+    j = chat("script", "--json", "-u", "bob")
+    j.send("/help edit")
+    about = j.wait_event(lambda e: e.get("command") == "help", "/help edit")["text"]
+    assert "/edit TEXT" in about and "s/OLD/NEW/" in about and "/join" not in about, about
+    j.send("/help nothing-like-it")
+    none = j.wait_event(lambda e: "nothing-like-it" in e.get("text", ""), "/help of nothing")
+    assert none["text"] == "no command about 'nothing-like-it': /help lists them all"
+    assert j.end_input() == 0
 
 
 def test_join_switches_rooms_and_unknown_rooms_are_listed(chat):

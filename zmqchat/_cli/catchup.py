@@ -16,6 +16,7 @@ from typing import Protocol
 from zmqchat._cli.render import Screen
 from zmqchat._client.library import ChatError, Client, Event, Status
 from zmqchat._passwords import PasswordError, ask_new
+from zmqchat._scram import password_problem
 from zmqchat.protocol import EventKind, room_as_typed
 
 ROOM_KINDS = frozenset({EventKind.MSG, EventKind.ACTION})  # what counts as unread in a room
@@ -29,6 +30,7 @@ class Chat(Protocol):
     room: str
     reading: Reading | None
     ask_secret: Callable[[str], Awaitable[str]]
+    secret_typed: bool
 
     async def cmd_join(self, arg: str) -> None: ...
 
@@ -162,7 +164,10 @@ def account_commands(chat: Chat) -> dict[str, Callable[[str], Awaitable[None]]]:
             raise ChatError("NOT_ALLOWED", "you are not logged in to an account: /register first")
         old = await chat.ask_secret("Old password: ")
         new = await _new_password(chat, "New password: ")
-        await chat.client.change_password(old, new)
+        try:
+            await chat.client.change_password(old, new)
+        except ChatError as err:
+            raise ChatError(err.code, f"{err.reason}; nothing was changed") from None
         chat.screen.note("your password is changed", command="password")
 
     async def cmd_more(arg: str) -> None:
@@ -198,6 +203,11 @@ async def _new_password(chat: Chat, first: str) -> str:
     answers: list[str] = []
     for prompt in (first, "Again: "):
         answers.append(await chat.ask_secret(prompt))
+        # At a terminal an unusable password is said at once, not after it is typed twice;
+        # from a pipe the next two lines are the password's, whatever they hold: both read.
+        problem = password_problem(answers[0])
+        if chat.secret_typed and problem is not None:
+            raise ChatError("BAD_REQUEST", f"{problem}; nothing was changed")
     try:
         return ask_new(lambda _prompt: answers.pop(0), first)
     except PasswordError as err:

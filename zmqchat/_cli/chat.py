@@ -91,7 +91,7 @@ COMMANDS: Final = (
     ("/more", "an account: the next 500 unread events of this room, past the first 500"),
     *FILE_COMMANDS,
     *edits.COMMANDS,
-    ("/help", "this list"),
+    ("/help [WORD]", "this list; with WORD, the commands about it (`/help edit`)"),
     (
         "/quit [REASON]",
         "leave, and the room sees `alice left (quit: REASON)` (an account's rooms see "
@@ -450,6 +450,7 @@ class Chat(FileCommands, edits.EditCommands):
         self.reading: Reading | None = Reading(client) if client.account else None
         # how a secret is asked for here: set by the front end (no echo on a terminal)
         self.ask_secret: Callable[[str], Awaitable[str]] = self._no_secret
+        self.secret_typed = False  # asked at a terminal's prompt (not the next line of a pipe)
 
     async def _no_secret(self, prompt: str) -> str:
         raise ChatError("USAGE", "no way to ask for a password here")
@@ -656,7 +657,20 @@ class Chat(FileCommands, edits.EditCommands):
 
     # ------------------------------------------------------------------ commands
     async def cmd_help(self, arg: str) -> None:
-        self.screen.note(HELP, command="help")
+        word = arg.strip().lstrip("/").lower()
+        if not word:
+            self.screen.note(HELP, command="help")
+            return
+        about = [  # (not /help itself: its example would match)
+            (u, what)
+            for u, what in COMMANDS
+            if (word in u.lower() or word in what.lower())
+            and (not u.startswith("/help") or word == "help")
+        ]
+        if not about:
+            self.screen.note(f"no command about {word!r}: /help lists them all", command="help")
+            return
+        self.screen.note(command_help(about), command="help")
 
     async def cmd_rooms(self, arg: str) -> None:
         rooms = await self.client.list_rooms()

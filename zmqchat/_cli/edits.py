@@ -40,7 +40,7 @@ ACK_WAIT: Final = 5.0  # seconds an edit waits for the lines typed before it to 
 COMMANDS: Final = (
     (
         "s/OLD/NEW/",
-        "fix your last message in the room: its first OLD becomes NEW (`s/OLD/NEW/g`: every one)",
+        "edit your last message in the room: its first OLD becomes NEW (`s/OLD/NEW/g`: every one)",
     ),
     ("/edit TEXT", "replace your last message in the room; everyone sees it `(edited)`"),
     ("/delete", "delete your last message in the room: its text is gone, not hidden"),

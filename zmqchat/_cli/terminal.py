@@ -71,6 +71,7 @@ class Front(Protocol):
         """The file transfers under way, for the toolbar ("" when none)."""
 
     ask_secret: Callable[[str], Awaitable[str]]  # how to ask for a password (set here)
+    secret_typed: bool  # it is asked at this terminal's prompt (set here)
 
     def waiting(self) -> str:
         """An account's other rooms with unread messages, for the toolbar ("" if none)."""
@@ -126,7 +127,7 @@ async def read_terminal(chat: Front, colour: bool) -> None:
         asking: PromptSession[str] = PromptSession(input=KeptInput(sys.stdin))
         return await asking.prompt_async(prompt, is_password=True, handle_sigint=False)
 
-    chat.ask_secret = secret
+    chat.ask_secret, chat.secret_typed = secret, True
     while not chat.quitting:
         try:
             # No SIGINT handler of prompt_toolkit's: at the prompt Ctrl+C is a key; a signal
