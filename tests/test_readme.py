@@ -47,7 +47,8 @@ async def ask(port: int, line: str, want: str) -> str:
 
 
 def test_readme_weather_bot_is_short_and_works(make_broker_process, tmp_path):
-    """The README's command bot is under 15 lines and answers !weather and !help."""
+    """The README's command bot is under 15 lines, says it is connected, and answers
+    !weather and !help."""
     code = next(s for s in snippets() if "@bot.command" in s)
     assert len([ln for ln in code.splitlines() if ln.strip()]) < 15
     proc = make_broker_process()
@@ -59,6 +60,9 @@ def test_readme_weather_bot_is_short_and_works(make_broker_process, tmp_path):
     finally:
         bot.send_signal(signal.SIGINT)
         assert bot.wait(10) == 0, bot.stderr.read()
+    said = bot.stderr.read()
+    assert f"weatherbot connected to 127.0.0.1:{proc.port}, in lobby" in said, said
+    assert "weatherbot stopped" in said, said
 
 
 def test_readme_echo_bot_works(make_broker_process, tmp_path):

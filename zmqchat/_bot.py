@@ -646,7 +646,12 @@ class Bot:
         rooms: Iterable[str] = ("lobby",),
         **options: Any,
     ) -> None:
-        """Connect and serve until Ctrl+C (or SIGTERM, or `stop()`); for scripts."""
+        """Connect and serve until Ctrl+C (or SIGTERM, or `stop()`); for scripts. A script
+        that set up no logging is told what the bot does (connected, reconnecting, a
+        handler's error, stopped) on stderr."""
+        if not logging.getLogger().handlers:
+            logging.basicConfig(format="%(message)s")  # (others' warnings, as before)
+            log.setLevel(logging.INFO)
         try:
             asyncio.run(self.arun(host, port, nick, rooms, **options))
         except KeyboardInterrupt:  # where the loop cannot catch signals itself
