@@ -330,6 +330,22 @@ def test_join_switches_rooms_and_unknown_rooms_are_listed(chat):
     assert s.end_input() == 0
 
 
+def test_tab_after_msg_completes_anyone_online_in_any_room(chat):
+    """`/msg rob<Tab>` completes robert, who is online in another room: the line sent is
+    `/msg robert hello` (the screen shows the completion drawn in place)."""
+    r = watcher(chat, "robert", "-r", "work")
+    t = chat("terminal", "-u", "ann")
+    t.expect("Welcome, ann!")
+    t.ready()
+    t.type("/msg rob\t")
+    t.expect("ert")  # what Tab added
+    t.type("hello\r")
+    got = r.wait_event(lambda e: e["kind"] == "private", "ann's private message")
+    assert (got["nick"], got["text"]) == ("ann", "hello")
+    t.type("\x04")
+    assert t.exit_status() == 0
+
+
 def test_typed_line_survives_incoming_messages(chat):
     """In a terminal, a half-typed line is kept while messages arrive, and is then sent whole."""
     w = watcher(chat)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import termios
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -28,7 +29,9 @@ from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from zmqchat._cli.render import escape
-from zmqchat._client.library import Client
+from zmqchat._client.library import ChatError, Client
+
+ONLINE_EVERY: Final = 3.0  # seconds between asking who is online, for /msg's Tab
 
 __all__ = ["Front", "keys_kept", "patch_stdout", "read_terminal"]
 
@@ -179,6 +182,25 @@ class ChatCompleter(Completer):
 
     def __init__(self, chat: Front) -> None:
         self.chat = chat
+        self.online: set[str] = set()  # everyone online, as the broker last said
+        self.asked = -ONLINE_EVERY
+
+    async def get_completions_async(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> AsyncGenerator[Completion, None]:
+        """As get_completions; the nick after /msg may be anyone online, in any room: the
+        broker is asked who is (at most every ONLINE_EVERY seconds)."""
+        before = document.text_before_cursor
+        if before.lower().startswith("/msg ") and " " not in before[5:]:
+            now = time.monotonic()
+            if now - self.asked >= ONLINE_EVERY:
+                self.asked = now
+                try:
+                    self.online = set(await self.chat.client.who(None))
+                except ChatError:
+                    pass
+        for completion in self.get_completions(document, complete_event):
+            yield completion
 
     def get_completions(
         self, document: Document, complete_event: CompleteEvent
@@ -192,7 +214,11 @@ class ChatCompleter(Completer):
         word = document.get_word_before_cursor(WORD=True)
         command = before.split(" ", 1)[0].lower() if before.startswith("/") else ""
         names = self.chat.rooms if command in ("/join", "/who") else set(self.chat.nicks) - {""}
+        if command == "/msg":
+            names = (set(names) | self.online) - {self.chat.client.nick}
         at_start = not command and before == word  # "bo<Tab>" -> "bob: "
+        first_arg = bool(command) and " " not in before[len(command) + 1 :]  # "/msg bob "
+        end = ": " if at_start else " " if first_arg else ""  # (mid-sentence: "hi bob")
         for name in sorted(names, key=str.lower):
             if name.lower().startswith(word.lower()):
-                yield Completion(name + (": " if at_start else ""), -len(word), display=name)
+                yield Completion(name + end, -len(word), display=name)
