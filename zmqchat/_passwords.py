@@ -64,6 +64,11 @@ def line_reader() -> Callable[[str], str]:
     return from_pipe
 
 
+def unusable(password: str) -> str | None:
+    """Why a new password would be refused (said before it is asked again), or None."""
+    return password_problem(password)
+
+
 def ask_new(ask: Callable[[str], str] | None = None, first: str = "Password: ") -> str:
     """A new password, asked twice; PasswordError if they differ or it is unusable."""
     ask = ask or line_reader()

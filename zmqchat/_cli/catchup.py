@@ -15,8 +15,7 @@ from typing import Protocol
 
 from zmqchat._cli.render import Screen
 from zmqchat._client.library import ChatError, Client, Event, Status
-from zmqchat._passwords import PasswordError, ask_new
-from zmqchat._scram import password_problem
+from zmqchat._passwords import PasswordError, ask_new, unusable
 from zmqchat.protocol import EventKind, room_as_typed
 
 ROOM_KINDS = frozenset({EventKind.MSG, EventKind.ACTION})  # what counts as unread in a room
@@ -205,7 +204,7 @@ async def _new_password(chat: Chat, first: str) -> str:
         answers.append(await chat.ask_secret(prompt))
         # At a terminal an unusable password is said at once, not after it is typed twice;
         # from a pipe the next two lines are the password's, whatever they hold: both read.
-        problem = password_problem(answers[0])
+        problem = unusable(answers[0])
         if chat.secret_typed and problem is not None:
             raise ChatError("BAD_REQUEST", f"{problem}; nothing was changed")
     try:
