@@ -13,7 +13,9 @@ from conftest import wait_for
 
 def test_a_fixed_line_reaches_the_room_and_survives_a_broker_restart(chat):
     """s/old/new/ and /edit in the terminal: the room sees the edit and the terminal shows
-    the line `(edited)`; after the broker restarts, a newcomer's backlog has the new text."""
+    the line `(edited)` (s/old/new without its closing slash too, when old is in the last
+    line; else it is text); after the broker restarts, a newcomer's backlog has the new
+    text."""
     w = watcher(chat)
     t = chat("terminal", "-u", "alice")
     t.expect("Welcome, alice!")
@@ -39,6 +41,12 @@ def test_a_fixed_line_reaches_the_room_and_survives_a_broker_restart(chat):
     t.expect("reconnected")
     t.type("/history 5\r")
     t.expect("<alice> the deploy is DONE (edited)")
+    t.type("s/DONE/done\r")  # the closing slash forgotten: still an edit (DONE is there)
+    w.wait_event(lambda e: e.get("text") == "the deploy is done", "the s/// edit, unclosed")
+    t.type("s/he/it\r")  # no closing slash, 'he' in the last line: an edit, not text
+    w.wait_event(lambda e: e.get("text") == "tit deploy is done", "a word of it, unclosed")
+    t.type("s/xyz/abc\r")  # xyz is not in it: text, said to the room as typed
+    w.wait_event(lambda e: e["kind"] == "msg" and e.get("text") == "s/xyz/abc", "as text")
     t.type("bye\r")
     assert t.exit_status() == 0
 

@@ -34,6 +34,8 @@ REMEMBERED: Final = 2000  # messages kept per room to quote and to find "NICK's 
 QUOTE_WORDS: Final = 6  # words of a quoted message shown with a reply
 QUOTE_CHARS: Final = 40  # ... and at most this many characters of them
 SUBSTITUTE: Final = re.compile(r"s/((?:\\.|[^\\/])*)/((?:\\.|[^\\/])*)/(g?)\s*")
+# s/old/new without its closing slash (each a word): an edit only if old is in our last line
+SUBSTITUTE_OPEN: Final = re.compile(r"s/((?:\\.|[^\\/\s])+)/((?:\\.|[^\\/\s])*)()")
 MESSAGE_KINDS: Final = ("msg", "action")
 ACK_WAIT: Final = 5.0  # seconds an edit waits for the lines typed before it to be stored
 # Rows of the chat's commands (chat.py: /help and the README's table are made from them).
@@ -198,7 +200,7 @@ class EditCommands:
     def substitution(self, line: str) -> bool:
         """`s/old/new/` on its own line: edit our last message in the room. Whether the
         line was one."""
-        found = SUBSTITUTE.fullmatch(line)
+        found = SUBSTITUTE.fullmatch(line) or self._open_substitution(line)
         if found is None or not self.room:
             return False
         old, new, every = _unescape(found[1]), _unescape(found[2]), bool(found[3])
@@ -210,6 +212,15 @@ class EditCommands:
         self.edits_under_way.add(task)
         task.add_done_callback(self.edits_under_way.discard)
         return True
+
+    def _open_substitution(self, line: str) -> re.Match[str] | None:
+        """`s/old/new` without its closing slash: an edit too when old is in our last
+        message here (as sent from this client); else it is text ("s/he/it will do")."""
+        found = SUBSTITUTE_OPEN.fullmatch(line)
+        said = self.said.get(self.room)
+        if found is None or not said or _unescape(found[1]) not in said[max(said)]:
+            return None
+        return found
 
     async def _substitute(
         self, room: str, old: str, new: str, every: bool, after: set[asyncio.Task[Any]]
