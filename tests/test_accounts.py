@@ -502,6 +502,28 @@ def test_an_account_added_by_the_operator_takes_its_nick_from_a_guest(broker, tm
     asyncio.run(main())
 
 
+def test_a_password_changed_on_one_device_ends_the_other_devices_sessions(broker):
+    """An account on two devices (on two brokers of a cluster); one changes the password:
+    the other's session ends within seconds and its client says it cannot log in again
+    (a leaked password, changed, locks out whoever else holds it, at once); the device
+    that changed it stays."""
+
+    async def main() -> None:
+        await registered(broker, "rae")
+        one, other = client(broker, "rae", password=PW), client(broker, "rae", password=PW)
+        await one.connect()
+        await other.connect()
+        await one.change_password(PW, "a new password")
+        got = await events_until(other, lambda got: any("cannot log in" in e.text for e in got))
+        assert got[-1].text == "cannot log in again: wrong password for rae"
+        assert await one.say("lobby", "still here") > 0
+        assert one.connected and not other.connected
+        await one.close()
+        await other.close()
+
+    asyncio.run(main())
+
+
 def test_a_client_whose_password_changed_meanwhile_stops_reconnecting(make_local_broker, tmp_path):
     """When the broker comes back and the account's password is not the one the client
     has (the operator changed it meanwhile), the client says so and stops, instead of

@@ -277,19 +277,25 @@ def test_join_says_where_you_are_before_what_is_unread_there(achat, password_fil
 
 def test_the_operator_manages_accounts_while_the_broker_runs(achat, password_file):
     """`broker.py accounts add|list|passwd|del` on the broker's database, the broker
-    running: each change counts at the next login."""
+    running: each change counts at the next login, and passwd and del end the account's
+    live sessions within seconds (the client says it cannot log in again)."""
     db = ["--db", achat.broker.args[achat.broker.args.index("--db") + 1]]
     done = operator("add", "gus", *db, "--password-file", password_file, "--iterations", "4096")
     assert (done.returncode, done.stdout) == (0, "added gus\n")
     assert operator("add", "GUS", *db, "--password-file", password_file).returncode == 1
     s = achat("script", "-u", "gus", "--password-file", password_file)
     s.wait_line("Welcome back, gus!")
-    assert s.end_input() == 0
     assert operator("list", *db).stdout.startswith("gus  (registered ")
     done = operator("passwd", "gus", *db, "--iterations", "4096", stdin="n3w-secret\nn3w-secret\n")
     assert done.returncode == 0 and "Password for gus: " in done.stderr
+    s.wait_line("cannot log in again: wrong password for gus", timeout=15)  # (it was on)
+    s.end_input()
     assert achat("script", "-u", "gus", "--password-file", password_file).end_input() == 4
+    s = achat("script", "-u", "gus", ZMQCHAT_PASSWORD="n3w-secret")
+    s.wait_line("Welcome back, gus!")
     assert operator("del", "gus", *db).stdout == "removed gus\n"
+    s.wait_line("cannot log in again: gus is not a registered account", timeout=15)
+    s.end_input()
     s = achat("script", "-u", "gus")  # a guest's nick again
     s.wait_line("Welcome, gus!")
     assert s.end_input() == 0

@@ -36,6 +36,7 @@ FAILURES: Final = 5  # failed logins to one account from one address...
 FAILURE_WINDOW: Final = 60.0  # ...within this many seconds make the next ones wait
 AUTH_TTL: Final = 30.0  # seconds from AUTH to the HELLO (or PASSWORD) that completes it
 MAX_AUTHS: Final = 10_000  # logins under way at once: memory stays bounded
+RECHECK: Final = 2.0  # seconds between looks at the logged-in accounts' records
 
 
 @dataclass(eq=False)
@@ -55,6 +56,7 @@ class Accounts(Sessions, Rooms, Moderation):
         self.accounts: AccountStore = accounts if accounts is not None else NoAccounts()
         self.auths: dict[bytes, Pending] = {}
         self.logged_in: dict[str, Account] = {}  # session id -> its account
+        self.recheck_at = 0.0
         super().__init__(*args, **kwargs)
 
     def handler_table(self) -> dict[Kind, Handler]:
@@ -310,3 +312,30 @@ class Accounts(Sessions, Rooms, Moderation):
         now = self.clock.monotonic()
         for rid in [rid for rid, p in self.auths.items() if p.expires < now]:
             del self.auths[rid]
+        if now >= self.recheck_at:
+            self.recheck_at = now + RECHECK
+            self._recheck()
+
+    def _recheck(self) -> None:
+        """An account the operator removed, or whose password changed since a session of
+        it logged in (`zmqchat-broker accounts del|passwd`, or /password on another
+        device): those sessions end. Their client, resuming, cannot log in again with what
+        it has, and says so. (A session's own /password changes its record here at once,
+        on a cluster broker too: it stays.)"""
+        records: dict[str, Account | None] = {}
+        for sid, account in list(self.logged_in.items()):
+            if account.key not in records:
+                records[account.key] = self.accounts.account(account.key)
+            now, s = records[account.key], self.by_sid.get(sid)
+            if s is None or _same(now, account):
+                continue
+            why = "account removed" if now is None else "password changed"
+            log_event(log, "account-ended", account=account.name, nick=s.nick, why=why)
+            self._drop(s, Why.LOST)
+
+
+def _same(a: Account | None, b: Account | None) -> bool:
+    """The same record: the same registration, with the same password."""
+    if a is None or b is None:
+        return a is b
+    return a.created == b.created and a.keys == b.keys

@@ -2,9 +2,10 @@
 (issue 21), and the broker's flags about them.
 
 Against one broker's SQLite database (`--db`, default ./chat.db; the broker may be running:
-a change counts at its next login) or a cluster's buckets (`--cluster URLS`, with the
-brokers' `--namespace`). Passwords are read as the client reads them (zmqchat/_cli/
-passwords.py) and only SCRAM's salted keys are stored.
+a change counts at its next login, and passwd and del end the account's live sessions
+within seconds) or a cluster's buckets (`--cluster URLS`, with the brokers' `--namespace`).
+Passwords are read as the client reads them (zmqchat/_cli/passwords.py) and only SCRAM's
+salted keys are stored.
 Exit status: 0 done, 1 refused (no such account, registered already, a store that cannot
 be used or reached), 2 usage.
 """
