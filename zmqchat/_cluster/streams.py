@@ -16,8 +16,9 @@ missed and tries again. One message of a room is in flight from a broker at a ti
 arrives meanwhile waits and goes in the next. (A second one in flight would need to be
 stored only right after the first, which `Nats-Expected-Last-Msg-Id` says; but nats-server
 2.15.1 leaves a replicated stream without a leader once it refuses a message by that
-header: bench/README.md, "Issue 22 on a quiet host".) A message that gets no answer is published
-again (same `Nats-Msg-Id`: JetStream stores it once) until it is answered.
+header: bench/README.md, "Issue 22 on a quiet host"; and two in flight without any guard
+gave W1F nothing and W2 worse: "Issue 22, a fourth stop".) A message that gets no answer
+is published again (same `Nats-Msg-Id`: JetStream stores it once) until it is answered.
 
 De-duplication: a client message's id is remembered once it is stored (SeenIds); an event
 whose id is stored, queued or in flight is not published again, its sender gets the seq it
