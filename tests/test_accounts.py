@@ -518,6 +518,8 @@ def test_a_password_changed_on_one_device_ends_the_other_devices_sessions(broker
         assert got[-1].text == "cannot log in again: wrong password for rae"
         assert await one.say("lobby", "still here") > 0
         assert one.connected and not other.connected
+        assert other.login_refused is not None and one.login_refused is None
+        assert other.login_refused.code == "AUTH_FAILED"
         await one.close()
         await other.close()
 

@@ -13,7 +13,8 @@ Exit status: 0 left normally, 1 could not connect (or messages were left undeliv
 2 usage (no nickname and no terminal to ask for one; a nickname that can never be valid, told
 before connecting; an unreadable --server-key or --password-file), 3 nickname refused by the
 broker (taken), 4 not let in as an account: a wrong or missing password, too many failed
-logins, no such account, or a broker for accounts only (catchup.py, passwords.py).
+logins, no such account, or a broker for accounts only (catchup.py, passwords.py); or let out
+for good while it ran (the account's password changed elsewhere, or the account was removed).
 """
 
 from __future__ import annotations
@@ -933,7 +934,7 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
             + " | ".join(escape(text) for _, text in lost[:5])
         )
         return 1
-    return 0
+    return 4 if client.login_refused is not None else 0  # (the status line said why)
 
 
 def main(argv: list[str] | None = None) -> int:

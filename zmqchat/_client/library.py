@@ -276,7 +276,9 @@ class Client(AccountClient, Messages):
     all the account's rooms; `rooms` (default: the account's last room, else lobby) are
     entered with what is unread there, at most `unread` events (see accounts.py). A guest
     whose nick is still held by a connection that was lost waits for it, up to
-    `wait_for_nick` seconds (`on_wait(seconds)` is told how long it may take).
+    `wait_for_nick` seconds (`on_wait(seconds)` is told how long it may take). An account
+    session can end for good: its password changed or the account was removed meanwhile;
+    the client then stops (a status event says why) and `login_refused` holds the error.
     """
 
     def __init__(
@@ -313,6 +315,7 @@ class Client(AccountClient, Messages):
         self.welcome: dict[str, Any] = {}
         self.heartbeat = 2.0
         self.connected = False
+        self.login_refused: ChatError | None = None  # why a resume could not log in again
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._curve = (server_key, *(keypair or zmq.curve_keypair())) if server_key else None
         self._token = secrets.token_hex(16)  # proves a reconnect is us, to re-claim the nick
@@ -805,6 +808,7 @@ class Client(AccountClient, Messages):
             except ChatError as err:
                 if err.code in REFUSED_LOGIN:  # the password changed, the account went: stop
                     self.connected, self._closing = False, True
+                    self.login_refused = err
                     self._emit_status(f"cannot log in again: {err.reason}")
                     return
                 if err.code == m.Code.NICK_TAKEN:
