@@ -17,6 +17,7 @@ import zmq
 from conftest import ROOT, BrokerPair, ClusterBroker, RunningBroker
 from zmqchat import ChatError, Client
 from zmqchat import protocol as m
+from zmqchat._bot import Bot
 
 PW = "correct horse"
 ITERATIONS = 4096  # SCRAM's least: tests log in often
@@ -515,13 +516,38 @@ def test_a_password_changed_on_one_device_ends_the_other_devices_sessions(broker
         await other.connect()
         await one.change_password(PW, "a new password")
         got = await events_until(other, lambda got: any("cannot log in" in e.text for e in got))
-        assert got[-1].text == "cannot log in again: wrong password for rae"
+        assert got[-1].text == "cannot log in again: the password for rae was changed"
         assert await one.say("lobby", "still here") > 0
         assert one.connected and not other.connected
         assert other.login_refused is not None and one.login_refused is None
         assert other.login_refused.code == "AUTH_FAILED"
         await one.close()
         await other.close()
+
+    asyncio.run(main())
+
+
+def test_a_bot_whose_password_changed_stops_and_says_why(broker):
+    """A bot logged in to an account whose password is changed (on another device, here;
+    the operator's passwd alike) stops instead of running on with a closed client:
+    `arun` raises the refusal (and `run()` exits with it)."""
+
+    async def main() -> None:
+        await registered(broker, "botty")
+        bot = Bot()
+        running = asyncio.create_task(bot.arun("127.0.0.1", broker.port, "botty", password=PW))
+        deadline = time.monotonic() + 15
+        while bot.client is None or not bot.client.connected:
+            assert time.monotonic() < deadline and not running.done(), "the bot did not log in"
+            await asyncio.sleep(0.02)
+        owner = client(broker, "botty", password=PW)
+        await owner.connect()
+        await owner.change_password(PW, "a new password")
+        with pytest.raises(ChatError) as refused:
+            await asyncio.wait_for(running, 15)
+        assert refused.value.code == m.Code.AUTH_FAILED
+        assert refused.value.reason == "the password for botty was changed"
+        await owner.close()
 
     asyncio.run(main())
 

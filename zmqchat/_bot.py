@@ -712,7 +712,9 @@ class Bot:
         _ready: threading.Event | None = None,
         **options: Any,
     ) -> None:
-        """Connect (retrying while the broker is unreachable) and serve until `stop()`."""
+        """Connect (retrying while the broker is unreachable) and serve until `stop()`; a
+        bot logged in to an account stops, raising the client's ChatError, when it cannot
+        log in again (the account's password was changed, or the account removed)."""
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self.client = None
@@ -743,6 +745,8 @@ class Bot:
             for sig in signals:
                 self._loop.remove_signal_handler(sig)
             await self._shutdown(loops)
+        if self.client is not None and self.client.login_refused is not None:  # run(): exit 1
+            raise self.client.login_refused
 
     async def _shutdown(self, loops: list[asyncio.Task]) -> None:
         """Stop the loops and the running handlers, say BYE, end the event iterators."""
@@ -853,6 +857,10 @@ class Bot:
                 log.exception("cannot dispatch %s", describe(ev))
             if ev.room is not None and isinstance(ev.seq, int):
                 self._handled[ev.room] = max(self._handled.get(ev.room, 0), ev.seq)
+            if self.client.login_refused is not None:  # its account's password changed, or
+                assert self._stopping is not None  # the account went: the client stopped
+                self._stopping.set()
+                return
 
     def _dispatch(self, ev: Event) -> None:
         if ev.kind == Status.KIND:

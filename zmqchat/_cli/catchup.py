@@ -165,8 +165,10 @@ def account_commands(chat: Chat) -> dict[str, Callable[[str], Awaitable[None]]]:
         new = await _new_password(chat, "New password: ")
         try:
             await chat.client.change_password(old, new)
-        except ChatError as err:
-            raise ChatError(err.code, f"{err.reason}; nothing was changed") from None
+        except ChatError as err:  # refused: nothing changed; lost on the way: who knows
+            unsure = err.code in ("TIMEOUT", "DISCONNECTED", "CLOSED")
+            after = "it may or may not have changed" if unsure else "nothing was changed"
+            raise ChatError(err.code, f"{err.reason}; {after}") from None
         chat.screen.note("your password is changed", command="password")
 
     async def cmd_more(arg: str) -> None:

@@ -1021,6 +1021,11 @@ class Client(AccountClient, Messages):
         elif kind == m.Reply.EXPIRED and body.get("replaced"):
             self.reconnect = False  # our account logged in elsewhere: that one goes on
             self._lost(str(body.get("reason") or "logged in from another connection"))
+        elif kind == m.Reply.EXPIRED and body.get("refused"):
+            reason = str(body.get("reason") or "the account's password was changed")
+            self.reconnect = False  # no login with our password would be let in now
+            self.login_refused = ChatError(str(body["refused"]), reason)
+            self._lost(f"cannot log in again: {reason}")
 
     async def _ping(self) -> None:
         try:

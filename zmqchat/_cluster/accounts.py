@@ -160,8 +160,21 @@ class ClusterAccounts:
         return outer
 
     def set_keys(self, account: Account) -> Op:
+        """The new password's record, here at once (the session that changed it is checked
+        against it); back to the old one if the cluster did not take it."""
+        before, outer = self.all.get(account.key), Op()
         self.all[account.key] = account
-        return self._kv(Change.PUT, Bucket.ACCOUNTS, hexkey(account.key), account.to_json())
+
+        def stored(op: Op) -> None:
+            if op.error is None:
+                outer.resolve()
+                return
+            if before is not None and self.all.get(account.key) is account:
+                self.all[account.key] = before  # (a watched change since stays)
+            outer.fail(op.error)
+
+        self._kv(Change.PUT, Bucket.ACCOUNTS, hexkey(account.key), account.to_json()).then(stored)
+        return outer
 
     def _forget(self, key: str) -> None:
         self.rooms.pop(key, None)

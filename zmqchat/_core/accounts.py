@@ -28,7 +28,7 @@ from zmqchat._core.sessions import Sessions
 from zmqchat._core.state import Identity, Member, Op, gather
 from zmqchat._ops.logs import event as log_event
 from zmqchat._scram import Keys, ScramError, Verifier
-from zmqchat.protocol import Code, Kind, ProtocolError, Why
+from zmqchat.protocol import Code, Kind, ProtocolError, Reply, Why
 
 log = logging.getLogger("zmqchat.broker")
 
@@ -56,6 +56,8 @@ class Accounts(Sessions, Rooms, Moderation):
         self.accounts: AccountStore = accounts if accounts is not None else NoAccounts()
         self.auths: dict[bytes, Pending] = {}
         self.logged_in: dict[str, Account] = {}  # session id -> its account
+        self.proved: dict[bytes, tuple[Account, float]] = {}  # a login's record, until HELLO
+        self.changing: set[str] = set()  # session ids whose /password is under way
         self.recheck_at = 0.0
         super().__init__(*args, **kwargs)
 
@@ -123,6 +125,11 @@ class Accounts(Sessions, Rooms, Moderation):
         except ScramError:  # a wrong password (or a garbled proof)
             pass
         else:
+            if not _same(self.accounts.account(account.key), account):  # since its AUTH
+                raise ProtocolError(
+                    Code.AUTH_FAILED,
+                    f"the password for {account.name} changed meanwhile: log in again",
+                )
             return account, final
         log_event(log, "login-failed", account=account.name, address=pending.address)
         try:
@@ -149,13 +156,19 @@ class Accounts(Sessions, Rooms, Moderation):
         account, final = yield from self._verify(rid, body["proof"])
         if key != account.key and self.accounts.account(key) is not None:
             raise ProtocolError(Code.NICK_TAKEN, f"the nickname {nick} is another account")
+        self.proved[rid] = (account, self.clock.monotonic() + AUTH_TTL)
         return account.key, {**welcome, "account": account.name, "verify": final}
 
     def _logged_in(self, s: Session) -> dict[str, Any]:
         """A logged-in session (the account's others, if any, go on: devices.py); the
-        welcome says which rooms the account is in and which it was in last."""
-        account = self.accounts.account(s.ident.account) if s.ident.account else None
-        if account is None:
+        welcome says which rooms the account is in and which it was in last. The session
+        is held to the record its password was proved against: a change since, and the
+        next recheck ends it."""
+        proved, _ = self.proved.pop(s.rid, (None, 0.0))
+        if not s.ident.account:
+            return {}
+        account = proved if proved is not None else self.accounts.account(s.ident.account)
+        if account is None or account.key != s.ident.account:
             return {}
         self.logged_in[s.sid] = account
         kept = self.accounts.kept(account)
@@ -204,8 +217,13 @@ class Accounts(Sessions, Rooms, Moderation):
         if proved.key != account.key:
             raise ProtocolError(Code.AUTH_FAILED, "that login was for another account")
         changed = dataclasses.replace(account, keys=keys)
-        yield self.accounts.set_keys(changed)
-        self.logged_in[s.sid] = changed
+        self.changing.add(s.sid)  # (a recheck meanwhile must not take it for another's)
+        try:
+            yield self.accounts.set_keys(changed)
+        finally:
+            self.changing.discard(s.sid)
+        if s.sid in self.logged_in:  # (unless the session ended meanwhile)
+            self.logged_in[s.sid] = changed
         log_event(log, "password-changed", account=account.name, sid=s.sid)
         return {"account": account.name}
 
@@ -306,24 +324,32 @@ class Accounts(Sessions, Rooms, Moderation):
         super()._forget(s)
         self.logged_in.pop(s.sid, None)
         self.auths.pop(s.rid, None)
+        self.proved.pop(s.rid, None)
 
     def sweep(self) -> None:
         super().sweep()
         now = self.clock.monotonic()
         for rid in [rid for rid, p in self.auths.items() if p.expires < now]:
             del self.auths[rid]
+        for rid in [rid for rid, (_, until) in self.proved.items() if until < now]:
+            del self.proved[rid]
         if now >= self.recheck_at:
             self.recheck_at = now + RECHECK
-            self._recheck()
+            try:
+                self._recheck()
+            except Exception:  # the store unreadable just now: at the next sweep
+                log.exception("could not recheck the logged-in accounts")
 
     def _recheck(self) -> None:
         """An account the operator removed, or whose password changed since a session of
         it logged in (`zmqchat-broker accounts del|passwd`, or /password on another
-        device): those sessions end. Their client, resuming, cannot log in again with what
-        it has, and says so. (A session's own /password changes its record here at once,
-        on a cluster broker too: it stays.)"""
+        device): those sessions end, and their client is told (EXPIRED, `refused`: a
+        client that misses it finds out as it resumes). A session's own /password, under
+        way or done, keeps it."""
         records: dict[str, Account | None] = {}
         for sid, account in list(self.logged_in.items()):
+            if sid in self.changing:
+                continue
             if account.key not in records:
                 records[account.key] = self.accounts.account(account.key)
             now, s = records[account.key], self.by_sid.get(sid)
@@ -331,6 +357,12 @@ class Accounts(Sessions, Rooms, Moderation):
                 continue
             why = "account removed" if now is None else "password changed"
             log_event(log, "account-ended", account=account.name, nick=s.nick, why=why)
+            code, reason = (
+                (Code.NO_ACCOUNT, f"the account {account.name} was removed")
+                if now is None
+                else (Code.AUTH_FAILED, f"the password for {account.name} was changed")
+            )
+            self._push(s, Reply.EXPIRED, {"reason": reason, "refused": code})
             self._drop(s, Why.LOST)
 
 

@@ -1,0 +1,116 @@
+"""Accounts in the core, without sockets (test_core.py's harness): the races between a
+password change and the sessions and logins under way, which only a clock the test moves
+and a store whose writes the test holds can show."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tests.test_core import Conn, Harness, _close_stores  # noqa: F401 - (its fixture)
+from zmqchat._core.core import Core
+from zmqchat._core.state import Op
+from zmqchat._local.accounts import LocalAccounts
+from zmqchat._scram import Login, make_keys
+from zmqchat.protocol import Code
+
+ITERATIONS = 4096
+OLD, NEW = "old password", "new password"
+
+
+class HeldAccounts(LocalAccounts):
+    """A store whose password changes show at once but are stored when the test says, as
+    a cluster broker's are (its own copy at once, the cluster's answer later)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.held: list[Op] = []
+
+    def register(self, account: Any) -> Op:
+        super().set_keys(account)  # (a registration is not held)
+        return Op.ready()
+
+    def set_keys(self, account: Any) -> Op:
+        super().set_keys(account)
+        op = Op()
+        self.held.append(op)
+        return op
+
+
+def with_accounts(accounts_type: type[LocalAccounts] = LocalAccounts) -> tuple[Harness, Any]:
+    h = Harness(scram_iterations=ITERATIONS)
+    accounts = accounts_type(h.store)
+    h.core = Core(
+        h.cfg.rules(),
+        h.log,
+        h.registry,
+        h.core.presence,
+        name="b1",
+        pub_port=9002,
+        motd="",
+        clock=h.clock,
+        accounts=accounts,
+    )
+    return h, accounts
+
+
+def registered(h: Harness, nick: str) -> Conn:
+    c = h.conn(nick)
+    c.hello(nick)
+    c.ask("REGISTER", **make_keys(OLD, ITERATIONS).to_wire())
+    return c
+
+
+def sweeps(h: Harness, seconds: float, *beating: Conn) -> None:
+    """The broker's sweeps over `seconds` (the accounts are rechecked every 2 s), the
+    `beating` connections sending their heartbeats."""
+    for _ in range(int(seconds)):
+        h.clock.advance(1.0)
+        for c in beating:
+            c.send("PING")
+        h.core.sweep()
+        h.flush()
+
+
+def test_a_session_keeps_its_own_password_change_while_it_is_being_stored():
+    """The 2 s recheck comes while the session's own /password is being stored (the
+    record here already new, its session's not yet): the session stays, and is answered."""
+    h, accounts = with_accounts(HeldAccounts)
+    ann = registered(h, "ann")
+    login = Login("ann", OLD)
+    proof = login.proof(ann.ask("AUTH", account="ann", first=login.first())["next"])
+    label = ann.send("PASSWORD", proof=proof, **make_keys(NEW, ITERATIONS).to_wire())
+    assert ann.reply(label) == ("", {})  # waiting for the store
+    sweeps(h, 5, ann)
+    accounts.held.pop().resolve()
+    h.flush()
+    assert ann.reply(label) == ("OK", {"account": "ann"})
+    sweeps(h, 5, ann)
+    assert [s.nick for s in h.core.by_sid.values()] == ["ann"]
+    assert h.core.logged_in and "rooms" in ann.ask("PING")
+
+
+def test_a_login_begun_before_the_password_changed_is_not_let_in_after():
+    """Someone who has the old password starts a login (AUTH); the password is changed
+    (the operator, or the owner on another device) before they send their proof: they are
+    refused, and nothing is left of them."""
+    h, accounts = with_accounts()
+    registered(h, "ann").ask("BYE")
+    thief = h.conn("thief")
+    login = Login("ann", OLD)
+    answer = thief.ask("AUTH", account="ann", first=login.first())
+    record = accounts.account("ann")
+    accounts.set_keys(dataclasses.replace(record, keys=make_keys(NEW, ITERATIONS)))
+    kind, got = thief.reply(
+        thief.send(
+            "HELLO",
+            version=1,
+            nick="ann",
+            token="thief-token-0123456789",
+            proof=login.proof(answer["next"]),
+        )
+    )
+    assert (kind, got["code"]) == ("ERROR", Code.AUTH_FAILED)
+    assert "changed meanwhile" in got["reason"]
+    sweeps(h, 5, thief)
+    assert h.core.by_sid == {}
