@@ -83,6 +83,18 @@ def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
     t.ready()
     t.type("/register\r")
     t.expect("Password:")
+    t.type("\x03")  # Ctrl+C at the password: the command is cancelled, not the chat
+    t.expect("cancelled: nothing was changed")
+    t.ready()
+    t.type("/register\r")
+    t.expect("Password:")
+    t.type(PW + "\r")
+    t.expect("Again:")
+    t.type("\x04")  # Ctrl+D, likewise
+    t.expect("cancelled: nothing was changed")
+    t.ready()
+    t.type("/register\r")
+    t.expect("Password:")
     t.type(PW + "\r")
     t.expect("Again:")
     t.type(PW + "\r")
@@ -90,6 +102,16 @@ def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
     t.type("/quit\r")
     assert t.exit_status() == 0
     assert PW not in t.text
+    t = achat("terminal", "-u", "alice")
+    t.expect("alice is a registered account (Enter alone: choose another nickname).")
+    t.expect("Password for alice: ")
+    t.type("\n")  # not alice after all
+    t.expect("Nickname: ")
+    t.type("alicia\n")
+    t.expect("Welcome, alicia!")
+    t.ready()
+    t.type("\x04")
+    assert t.exit_status() == 0
     t = achat("terminal", "-u", "alice")
     t.expect("Password for alice: ")
     t.type(PW + "\n")

@@ -305,10 +305,12 @@ def refused_login(
     err: ChatError, nick: str, password: str | None, asked: int, may_ask: bool, interactive: bool
 ) -> str | int:
     """A login refused: the password to try next (asked for at the prompt: the first, or
-    again after a typo, PASSWORD_TRIES in all), or the exit status."""
+    again after a typo, PASSWORD_TRIES in all; "" when Enter alone was typed: another
+    nickname is asked for), or the exit status."""
     reason = escape(err.reason)
     if err.code == m.Code.AUTH_REQUIRED:
         if may_ask and password is None:
+            tell(f"{nick} is a registered account (Enter alone: choose another nickname).")
             return getpass.getpass(f"Password for {nick}: ")
         fail(
             f"{reason}; give it with --password-file FILE or {passwords.ENV}"
@@ -366,6 +368,9 @@ def connect(
                 again = refused_login(err, nick, password, asked, may_ask, interactive)
                 if isinstance(again, int):
                     return again
+                if not again:  # Enter alone: not this account, another nickname
+                    nick, password, asked = "", None, 0
+                    continue
                 password, asked = again, asked + 1
                 continue
             if err.code in (m.Code.NICK_TAKEN, m.Code.NICK_INVALID):

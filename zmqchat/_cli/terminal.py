@@ -128,7 +128,10 @@ async def read_terminal(chat: Front, colour: bool) -> None:
 
     async def secret(prompt: str) -> str:  # /register, /password: never echoed
         asking: PromptSession[str] = PromptSession(input=KeptInput(sys.stdin))
-        return await asking.prompt_async(prompt, is_password=True, handle_sigint=False)
+        try:
+            return await asking.prompt_async(prompt, is_password=True, handle_sigint=False)
+        except (KeyboardInterrupt, EOFError):  # Ctrl+C, Ctrl+D: the command, not the chat
+            raise ChatError("CANCELLED", "cancelled: nothing was changed") from None
 
     chat.ask_secret, chat.secret_typed = secret, True
     while not chat.quitting:
