@@ -349,6 +349,34 @@ def test_a_missing_password_file_is_said_plainly_under_the_name_as_run(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_operators_password_is_read_twice_and_what_is_wrong_is_said_first(tmp_path):
+    """`accounts add` with one line on its input says the password is read twice (it exited
+    1 saying nothing) and creates nothing; `passwd` of an account that is not there, or with
+    a --db that is not there, says so before it asks for a password."""
+    db = str(tmp_path / "chat.db")
+    done = operator("add", "gus", "--db", db, stdin="only-one-line\n")
+    assert done.returncode == 1
+    assert done.stderr.endswith(
+        "broker.py accounts: no password: it is read twice (two lines from a pipe), or give it "
+        "with --password-file FILE; nothing was changed\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+    done = operator("passwd", "gus", "--db", db, stdin="s3cret-pass\ns3cret-pass\n")
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"broker.py accounts: {db}: no such database (--db the broker's, or --cluster URLS)\n",
+    )
+    done = operator("add", "gus", "--db", db, stdin="s3cret-pass\ns3cret-pass\n")
+    assert (done.returncode, done.stdout) == (0, "added gus\n")
+    for args, said in (
+        (("passwd", "ivy"), "no account ivy"),
+        (("add", "GUS"), "gus is registered already"),
+    ):
+        done = operator(*args, "--db", db, stdin="an0ther-pass\nan0ther-pass\n")
+        assert (done.returncode, done.stderr) == (1, f"broker.py accounts: {said}\n")
+        assert "Password" not in done.stderr  # nothing was asked
+
+
 def test_accounts_rooms_and_marks_survive_kill_9_of_the_broker(achat, password_file):
     """An account, its rooms and what it has read are on disk like the history: after a
     kill -9 of the broker the account logs in, is back in its rooms and is told what it

@@ -98,15 +98,29 @@ def main(argv: list[str]) -> int:
     if not m.MIN_ITERATIONS <= a.iterations <= m.MAX_ITERATIONS:
         p.error(f"--iterations: from {m.MIN_ITERATIONS} to {m.MAX_ITERATIONS}")
     try:
+        store: Store | None = None
+        if a.action == "passwd" or (a.action == "add" and os.path.exists(a.db)):
+            if not a.cluster:  # a wrong --db or nick is said before the password is asked
+                local = store = LocalStore(a.db, a.action)
+                local.expect(a.nick, registered=a.action == "passwd")
         keys = _keys(a) if a.action in ("add", "passwd") else None
-        store: Store = (
-            ClusterStore(a.cluster, a.namespace) if a.cluster else LocalStore(a.db, a.action)
-        )
+        if store is None:  # (add: the database is made once the password is there)
+            store = (
+                ClusterStore(a.cluster, a.namespace) if a.cluster else LocalStore(a.db, a.action)
+            )
         print(store.run(a.action, a.nick, keys))
     except (PasswordError, Refused) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 1
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:  # the input ended before the password was read twice
+        print(file=sys.stderr)
+        print(
+            f"{prog}: no password: it is read twice (two lines from a pipe), or give it with "
+            "--password-file FILE; nothing was changed",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
         print(file=sys.stderr)
         return 1
     return 0
@@ -151,6 +165,22 @@ class LocalStore(Store):
         except sqlite3.Error as err:
             raise Refused(f"{path}: {err}") from None
         self.path = path
+
+    def expect(self, nick: str, registered: bool) -> None:
+        """Refused (and closed) unless `nick` is an account (`registered`), or is not."""
+        try:
+            found = self.db.execute(
+                "SELECT data FROM accounts WHERE key=?", (m.nick_key(nick),)
+            ).fetchone()
+        except sqlite3.Error as err:
+            self.db.close()
+            raise Refused(f"{self.path}: {err}") from None
+        if registered and not found:
+            self.db.close()
+            raise Refused(f"no account {nick}")
+        if found and not registered:
+            self.db.close()
+            raise Refused(f"{json.loads(found[0])['name']} is registered already")
 
     def run(self, action: str, nick: str | None, keys: Keys | None) -> str:
         try:
