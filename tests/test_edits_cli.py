@@ -73,7 +73,9 @@ def test_a_deleted_line_is_gone_from_history_search_and_the_files(chat, tmp_path
     alice.wait_line("nothing found for hunter2 in lobby")
     alice.wait_line("nothing found for something in lobby")
     lines = list(alice.lines)
-    start = lines.index(alice.wait_line("events of lobby:"))
+    header = alice.wait_line("events of lobby (")  # the deleted ones are not listed:
+    assert header.endswith("not shown on their own: edits, deleted messages):"), header
+    start = lines.index(header)
     listing = lines[start : lines.index("-- nothing found for hunter2 in lobby")]
     assert any("alice deleted a message" in line for line in listing)
     assert not any("hunter2" in line or "something" in line for line in listing)

@@ -173,7 +173,11 @@ def account_commands(chat: Chat) -> dict[str, Callable[[str], Awaitable[None]]]:
 
     async def cmd_more(arg: str) -> None:
         if chat.reading is None or chat.room not in chat.reading.held:
-            chat.screen.note(f"nothing more unread in {chat.room or 'this room'}")
+            chat.screen.note(
+                f"nothing more unread in {chat.room}"
+                if chat.room
+                else "you are in no room: /join one to read it"
+            )
             return
         await chat.reading.catch_up(chat, chat.room)
 

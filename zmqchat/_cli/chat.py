@@ -792,18 +792,21 @@ class Chat(FileCommands, edits.EditCommands):
                 self.screen.event(ev, me=self.client.nick, room=self.room)
             return
         events = await self.client.history(self.room, limit=limit)
+        listed = {int(ev.seq or 0) for ev in events if ev.kind in edits.MESSAGE_KINDS}
+        shown = [ev for ev in events if self.screen.json_mode or not self.hidden(ev, listed)]
+        folded = len(events) - len(shown)  # edits and the like, shown in the lines they change
         self.screen.note(
-            f"the {last(len(events), 'event')} of {self.room}:"
+            f"the {last(len(events), 'event')} of {self.room}"
+            + (f" ({folded} not shown on their own: edits, deleted messages):" if folded else ":")
             if events
             else f"no history in {self.room}",
             command="history",
         )
-        listed = {int(ev.seq or 0) for ev in events if ev.kind in edits.MESSAGE_KINDS}
         for ev in events:
             self.remember(ev)
-            if self.screen.json_mode or not self.hidden(ev, listed):
-                quote = await self.quote(ev)
-                self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
+        for ev in shown:
+            quote = await self.quote(ev)
+            self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
 
     async def cmd_kick(self, arg: str) -> None:
         nick, _, reason = arg.partition(" ")

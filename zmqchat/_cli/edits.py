@@ -45,7 +45,7 @@ COMMANDS: Final = (
         "edit your last message in the room: its first OLD becomes NEW (`s/OLD/NEW/g`: every one)",
     ),
     ("/edit TEXT", "replace your last message in the room; everyone sees it `(edited)`"),
-    ("/delete", "delete your last message in the room: its text is gone, not hidden"),
+    ("/delete", "delete your last message in the room: its text is gone from the history"),
     ("/purge NICK [N]", "remove NICK's last N messages in the room, default 1 (operators)"),
     ("/reply NICK TEXT", "answer NICK's last message in the room (shown with a short quote of it)"),
     (
