@@ -205,7 +205,8 @@ def parser() -> Parser:
         shown="off: one broker with SQLite",
         help="NATS servers, comma-separated (`nats://h1:4222,...`; any of them will do: the "
         "others are found): serve the same rooms as every broker of that NATS JetStream "
-        "cluster (no `--db` then)",
+        "cluster (the history is there, not in `--db`, which then names only where this broker "
+        "caches file contents: `DB-files-NAME`, or `--files-dir`)",
     )
     flag(
         "--name",
