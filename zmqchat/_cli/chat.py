@@ -493,8 +493,9 @@ class Chat(FileCommands, edits.EditCommands):
             self.screen.write(escape_lines(motd.strip("\n")))
         via = f" (via {escape(c.broker)})" if len(c.addresses) > 1 else ""  # which of them
         also = f"; your other rooms: {', '.join(others)}" if others else ""
+        been = c.account and (c.welcome.get("joined") or c.welcome.get("last_room"))
         self.screen.write(
-            f"Welcome{' back' if c.account else ''}, {escape(c.nick)}! You are in "
+            f"Welcome{' back' if been else ''}, {escape(c.nick)}! You are in "
             f"{self.room}{via}{also}. Type /help for the commands, /quit to leave."
         )
         if topic:
