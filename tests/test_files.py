@@ -287,6 +287,25 @@ def test_size_limit_refuses_cleanly_and_leaves_nothing(make_local_broker, tmp_pa
     assert stored(b) == ([], [])
 
 
+def test_the_daily_limit_counts_uploads_under_way(make_local_broker, tmp_path):
+    """Files sent at once each count against what one sender may send a day while they are
+    still being uploaded (four 900-byte files against a 3,000-byte day: the fourth was let
+    in when they went together)."""
+    b = make_local_broker(files=m_rules(daily=3000))
+    sources = [payload(tmp_path, f"s{i}.bin", 900) for i in range(4)]
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b.port, "alice") as a:
+            got = await asyncio.gather(
+                *(a.send_file("lobby", str(src)) for src in sources), return_exceptions=True
+            )
+            refused = [g for g in got if isinstance(g, ChatError)]
+            assert len(refused) == 1 and refused[0].code == m.Code.QUOTA, got
+            assert len(await a.files("lobby")) == 3
+
+    asyncio.run(scenario())
+
+
 def m_rules(**kw):
     from zmqchat._core.files_state import FileRules
 

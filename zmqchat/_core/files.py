@@ -146,6 +146,7 @@ class Files(CoreBase):
         up = self.uploads.get(key)
         if up is None:
             sent = yield index.sent_since(owner, self.clock.time() - DAY)
+            sent += sum(u.size for u in self.uploads.values() if u.owner == owner)  # under way
             if sent + b["size"] > rules.daily:
                 raise ProtocolError(
                     Code.QUOTA,
