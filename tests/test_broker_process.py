@@ -16,13 +16,15 @@ from conftest import ROOT, free_ports
 from zmqchat import Client
 
 
-def test_sigterm_tells_clients_and_exits_zero_within_two_seconds(make_broker_process):
-    """SIGTERM: every client hears the broker is shutting down; exit 0 within 2 s."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_tells_clients_and_exits_zero_within_two_seconds(make_broker_process, sig):
+    """SIGTERM, and SIGHUP (the terminal a broker runs in is closed): every client hears
+    the broker is shutting down; exit 0 within 2 s."""
     proc = make_broker_process()
 
     async def scenario() -> None:
         async with Client("127.0.0.1", proc.port, "alice") as a:
-            proc.proc.send_signal(signal.SIGTERM)
+            proc.proc.send_signal(sig)
             t = time.monotonic()
             while True:
                 ev = await a.next_event(3)
@@ -113,10 +115,6 @@ FAILED_STARTS = {
         ["--metrics-port", "{busy}"],
         "--metrics-port {busy}: cannot bind on 127.0.0.1: Address already in use",
     ),
-    "both ports the same": (
-        ["--port", "{free}", "--pub-port", "{free}"],
-        "--pub-port {free}: the same port as --port",
-    ),
     "missing motd": (["--motd", "/nonexistent"], "--motd: no such file: /nonexistent"),
     "motd a folder": (["--motd", "/"], "--motd: / is a directory, not a file"),
     "missing curve key": (["--curve-key", "nokey"], "--curve-key: no such file: nokey"),
@@ -151,15 +149,57 @@ def test_a_broker_that_cannot_start_says_why_and_leaves_no_files(case, listening
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_burst_of_zero_with_a_rate_is_a_usage_error(tmp_path):
-    """--burst 0 would refuse every message: a usage error (status 2), nothing created."""
+USAGE_ERRORS = {
+    "burst 0 with a rate": (
+        ["--burst", "0"],
+        "--burst: at least 1 (with --rate 0, nobody is limited)",
+    ),
+    "both ports the same": (
+        ["--port", "9555", "--pub-port", "9555"],
+        "--pub-port 9555: the same port as --port; give each its own",
+    ),
+    "metrics on the command port": (
+        ["--port", "9555", "--metrics-port", "9555"],
+        "--metrics-port 9555: the same port as --port; give each its own",
+    ),
+    "not a port": (
+        ["--port", "99999"],
+        "--port 99999: not a port number (1 to 65535, or 0 for any free one)",
+    ),
+    "allow-keys alone": (
+        ["--allow-keys", "."],
+        "--allow-keys: only with --curve-key (without it nobody's key is checked)",
+    ),
+    "heartbeat 0": (["--heartbeat", "0"], "--heartbeat 0: at least 0.1 seconds"),
+    "heartbeat below 0": (["--heartbeat", "-1"], "--heartbeat -1: at least 0.1 seconds"),
+    "rate below 0": (["--rate", "-1"], "--rate -1: 0 (nobody is limited) or more"),
+    "grace below 0": (["--upload-grace", "-5"], "--upload-grace -5: 0 seconds or more"),
+    "no rooms": (
+        ["--rooms", ""],
+        "--rooms: at least one room (or --allow-new-rooms: /join makes them)",
+    ),
+    "a room twice": (["--rooms", "lobby,work,lobby"], "--rooms: lobby named twice"),
+    "an operator nobody can be": (
+        ["--ops", "teacher,9bad"],
+        "--ops: '9bad' can never be a nickname: ",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_flags_that_make_no_sense_are_usage_errors(case, tmp_path):
+    """A flag value the broker cannot work with (a heartbeat of 0 made every client drop
+    and reconnect in a loop; an empty --rooms let no client in) is a usage error: status
+    2, one line that names the flag, nothing created."""
+    args, said = USAGE_ERRORS[case]
     run = subprocess.run(
-        [sys.executable, str(ROOT / "broker.py"), "--burst", "0", "--port", "0"],
+        [sys.executable, str(ROOT / "broker.py"), *args],
         capture_output=True,
         text=True,
         timeout=10,
         cwd=tmp_path,
     )
-    assert run.returncode == 2
-    assert run.stderr == "broker.py: --burst: at least 1 (with --rate 0, nobody is limited)\n"
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("broker.py: " + said), run.stderr
+    assert run.stderr.count("\n") == 1
     assert not list(tmp_path.iterdir())

@@ -19,8 +19,7 @@ from zmqchat._ops import logs
 from zmqchat._usage import Parser
 from zmqchat.broker import _accounts_cli as accounts_cli
 from zmqchat.broker._loop import Broker
-from zmqchat.broker._preflight import preflight
-from zmqchat.protocol import ProtocolError
+from zmqchat.broker._preflight import preflight, usage_problem
 
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -250,12 +249,11 @@ def serve(argv: list[str]) -> int:
     logs.setup(a.log_level or ("INFO" if a.log_format == "json" else "WARNING"), a.log_format)
     if a.gen_keys:
         return gen_keys(a.gen_keys, say)
-    try:
-        rooms = tuple(m.check_room(r.strip()) for r in a.rooms.split(",") if r.strip())
-    except ProtocolError as err:
-        return say(2, f"--rooms: {err.reason}")
-    if a.rate > 0 and a.burst < 1:
-        return say(2, "--burst: at least 1 (with --rate 0, nobody is limited)")
+    rooms = tuple(r.strip() for r in a.rooms.split(",") if r.strip())
+    problem = usage_problem(a, rooms)
+    if problem:
+        return say(2, problem)
+    rooms = tuple(m.check_room(r) for r in rooms)
     problem = preflight(a)  # before anything is created: a failed start leaves no files
     if problem:
         return say(1, problem)
@@ -291,7 +289,7 @@ def serve(argv: list[str]) -> int:
         return say(1, f"cannot bind on {a.host} (ports {a.port}, {a.pub_port}): {err}")
     except OSError as err:
         return say(1, str(err))
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (HUP: its terminal closed)
         signal.signal(sig, lambda *_: broker.stop())
     print(
         f"Broker started on tcp://{a.host}:{broker.port} (commands) and "

@@ -11,14 +11,68 @@ import socket
 
 import zmq.auth
 
+from zmqchat import protocol as m
+
+
+def usage_problem(a: argparse.Namespace, rooms: tuple[str, ...]) -> str | None:
+    """Why these flags make no sense together or alone (exit status 2), or None."""
+    return rooms_problem(a, rooms) or ports_usage(a) or values_problem(a)
+
+
+def rooms_problem(a: argparse.Namespace, rooms: tuple[str, ...]) -> str | None:
+    for room in rooms:
+        try:
+            m.check_room(room)
+        except m.ProtocolError as err:
+            return f"--rooms: {err.reason}"
+    if not rooms and not a.allow_new_rooms:
+        return "--rooms: at least one room (or --allow-new-rooms: /join makes them)"
+    twice = sorted({r for r in rooms if rooms.count(r) > 1})
+    return f"--rooms: {', '.join(twice)} named twice" if twice else None
+
+
+def ports_usage(a: argparse.Namespace) -> str | None:
+    ports = [("--port", a.port), ("--pub-port", a.pub_port), ("--metrics-port", a.metrics_port)]
+    seen: dict[int, str] = {}
+    for flag, port in ports:
+        if port is None or port == 0:
+            continue
+        if not 0 <= port <= 65535:
+            return f"{flag} {port}: not a port number (1 to 65535, or 0 for any free one)"
+        if port in seen:
+            return f"{flag} {port}: the same port as {seen[port]}; give each its own"
+        seen[port] = flag
+    return None
+
+
+def values_problem(a: argparse.Namespace) -> str | None:
+    if a.allow_keys is not None and a.curve_key is None:
+        return "--allow-keys: only with --curve-key (without it nobody's key is checked)"
+    if a.rate > 0 and a.burst < 1:
+        return "--burst: at least 1 (with --rate 0, nobody is limited)"
+    if not a.heartbeat >= 0.1:
+        return f"--heartbeat {a.heartbeat:g}: at least 0.1 seconds"
+    if not a.rate >= 0:
+        return f"--rate {a.rate:g}: 0 (nobody is limited) or more"
+    if not a.upload_grace >= 0:
+        return f"--upload-grace {a.upload_grace:g}: 0 seconds or more"
+    for nick in (n.strip() for n in a.ops.split(",") if n.strip()):
+        try:
+            m.check_nick(nick)
+        except m.ProtocolError as err:
+            return f"--ops: {nick!r} can never be a nickname: {err.reason}"
+    return None
+
 
 def preflight(a: argparse.Namespace) -> str | None:
     """Why the broker these flags describe cannot start, or None."""
     return (
         readable("--motd", a.motd)
         or curve_problem(a)
-        or ports_problem(a.host, [("--port", a.port), ("--pub-port", a.pub_port)])
-        or ports_problem(a.host, [("--metrics-port", a.metrics_port)])
+        or ports_problem(
+            a.host,
+            [("--port", a.port), ("--pub-port", a.pub_port), ("--metrics-port", a.metrics_port)],
+        )
     )
 
 
@@ -44,8 +98,6 @@ def readable(flag: str, path: str | None) -> str | None:
 
 def curve_problem(a: argparse.Namespace) -> str | None:
     """Why --curve-key or --allow-keys cannot be used, or None."""
-    if a.allow_keys is not None and a.curve_key is None:
-        return "--allow-keys: only with --curve-key (without it nobody's key is checked)"
     if a.allow_keys is not None and not os.path.isdir(a.allow_keys):
         return f"--allow-keys: no such directory: {a.allow_keys}"
     if a.curve_key is None:
