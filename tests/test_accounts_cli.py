@@ -330,7 +330,7 @@ def test_a_missing_password_file_is_said_plainly_under_the_name_as_run(tmp_path)
     file in words, not as Python's exception text; nothing is created."""
     missing = str(tmp_path / "no-such-file")
     db = str(tmp_path / "chat.db")
-    done = operator("add", "gus", "--db", db, "--password-file", missing)
+    done = operator("add", "gus", "--db", db, "--create", "--password-file", missing)
     assert done.returncode == 1
     assert (
         done.stderr == f"broker.py accounts: --password-file {missing}: no such file or directory\n"
@@ -351,22 +351,26 @@ def test_a_missing_password_file_is_said_plainly_under_the_name_as_run(tmp_path)
 
 def test_the_operators_password_is_read_twice_and_what_is_wrong_is_said_first(tmp_path):
     """`accounts add` with one line on its input says the password is read twice (it exited
-    1 saying nothing) and creates nothing; `passwd` of an account that is not there, or with
-    a --db that is not there, says so before it asks for a password."""
+    1 saying nothing) and creates nothing; a --db that is not there is refused (add made a
+    new, empty one: `--create` does), and `passwd` of an account that is not there says so,
+    before a password is asked for."""
     db = str(tmp_path / "chat.db")
-    done = operator("add", "gus", "--db", db, stdin="only-one-line\n")
+    done = operator("add", "gus", "--db", db, "--create", stdin="only-one-line\n")
     assert done.returncode == 1
     assert done.stderr.endswith(
         "broker.py accounts: no password: it is read twice (two lines from a pipe), or give it "
         "with --password-file FILE; nothing was changed\n"
     )
     assert list(tmp_path.iterdir()) == []
-    done = operator("passwd", "gus", "--db", db, stdin="s3cret-pass\ns3cret-pass\n")
-    assert (done.returncode, done.stderr) == (
-        1,
-        f"broker.py accounts: {db}: no such database (--db the broker's, or --cluster URLS)\n",
-    )
-    done = operator("add", "gus", "--db", db, stdin="s3cret-pass\ns3cret-pass\n")
+    for action, hint in (("passwd", ")"), ("add", "; --create makes a new one)")):
+        done = operator(action, "gus", "--db", db, stdin="s3cret-pass\ns3cret-pass\n")
+        assert (done.returncode, done.stderr) == (
+            1,
+            f"broker.py accounts: {db}: no such database (--db the broker's, or --cluster "
+            f"URLS{hint}\n",
+        )  # (a typo in --db, or the wrong folder: no new, empty database the broker never reads)
+        assert list(tmp_path.iterdir()) == []
+    done = operator("add", "gus", "--db", db, "--create", stdin="s3cret-pass\ns3cret-pass\n")
     assert (done.returncode, done.stdout) == (0, "added gus\n")
     for args, said in (
         (("passwd", "ivy"), "no account ivy"),

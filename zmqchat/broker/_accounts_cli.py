@@ -78,6 +78,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("action", choices=("add", "passwd", "del", "list"))
     p.add_argument("nick", nargs="?", help="the account (its registered nickname)")
     p.add_argument("--db", default="chat.db", help="the broker's database (default ./chat.db)")
+    p.add_argument(
+        "--create",
+        action="store_true",
+        help="add: make the database if there is none yet (accounts before the broker's first "
+        "start); without it a --db that is not there is refused",
+    )
     p.add_argument("--cluster", metavar="URLS", help="a cluster's NATS servers instead of --db")
     p.add_argument("--namespace", default="zmqchat", help="the cluster brokers' --namespace")
     p.add_argument("--password-file", metavar="FILE", help="the password: this file's first line")
@@ -99,6 +105,11 @@ def main(argv: list[str]) -> int:
         p.error(f"--iterations: from {m.MIN_ITERATIONS} to {m.MAX_ITERATIONS}")
     try:
         store: Store | None = None
+        if not a.cluster and not a.create and not os.path.exists(a.db):
+            raise Refused(
+                f"{a.db}: no such database (--db the broker's, or --cluster URLS"
+                + ("; --create makes a new one)" if a.action == "add" else ")")
+            )
         if a.action == "passwd" or (a.action == "add" and os.path.exists(a.db)):
             if not a.cluster:  # a wrong --db or nick is said before the password is asked
                 local = store = LocalStore(a.db, a.action)
