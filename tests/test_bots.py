@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -815,6 +816,13 @@ def test_usage_is_derived_from_the_signature():
         cmd.bind(["on", "2", "x"])
     with pytest.raises(TypeError):
         Command.from_function("bad", lambda: None)
+
+    def double(ctx: Context, n: int | None = None, x: Optional[float] = None) -> None: ...  # noqa: UP045
+
+    cmd = Command.from_function("double", double)  # X | None and Optional[X]: as X
+    assert cmd.bind(["4", "2.5"]) == [4, 2.5] and cmd.bind([]) == [None, None]
+    with pytest.raises(UsageError, match="bad N 'four'"):
+        cmd.bind(["four"])
 
 
 def test_arguments_split_like_a_shell_but_apostrophes_are_letters():

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 from test_chat import Chat, run, saw
 
+from zmqchat import BlockingClient, ChatError
 from zmqchat import protocol as m
 from zmqchat._client.library import Client, Event, _Inbox
 from zmqchat._client.ordering import RoomOrder
@@ -182,3 +183,44 @@ def test_client_behind_a_busy_room_catches_up_in_order(make_broker):
         assert all(e.mine for e in own if e.kind == "msg")
 
     run(b, scenario)
+
+
+def test_what_no_broker_could_be_sent_is_refused_at_the_call(broker):
+    """Text that is not a str, or not valid Unicode (a lone surrogate, as os.fsdecode gives
+    for a file name in another encoding), or a field that is not JSON: that call fails with
+    BAD_REQUEST, and the sends after it go (each one stopped every later send, silently).
+    A send before connect() says so instead of waiting; rooms="work" is one room."""
+
+    async def scenario(chat: Chat) -> None:
+        ann = await chat.client("ann", rooms="work")  # type: ignore[arg-type]
+        assert list(ann.rooms) == ["work"]
+        for bad in (
+            lambda: ann.say("work", "a\ud800b"),
+            lambda: ann.say("work", b"bytes"),  # type: ignore[arg-type]
+            lambda: ann.msg("ann", "x", tags={1, 2}),
+        ):
+            with pytest.raises(ChatError) as refused:
+                await bad()
+            assert refused.value.code == "BAD_REQUEST", refused.value
+        assert await ann.say("work", "still works") > 0
+        late = Client("127.0.0.1", chat.broker.port, "late", ctx=chat.ctx)
+        with pytest.raises(ChatError) as early:
+            await late.say("lobby", "too soon")
+        assert early.value.code == "DISCONNECTED" and "connect() first" in early.value.reason
+
+    run(broker, scenario)
+
+
+def test_blocking_client_closes_with_with_and_iterates_events(broker):
+    """`with BlockingClient(...) as c:` closes it; `for event in c:` reads its events; a
+    call after close() is ChatError CLOSED (it was the event loop's RuntimeError)."""
+    with BlockingClient("127.0.0.1", broker.port, "script") as script:
+        with BlockingClient("127.0.0.1", broker.port, "reader") as reader:
+            seq = script.say("lobby", "one for the loop")
+            for ev in reader:
+                if ev.text == "one for the loop":
+                    assert (ev.nick, ev.seq) == ("script", seq)
+                    break
+    with pytest.raises(ChatError) as closed:
+        script.say("lobby", "after the end")
+    assert closed.value.code == "CLOSED"

@@ -36,6 +36,8 @@ import shlex
 import signal
 import threading
 import time
+import types
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -143,8 +145,12 @@ _FALSE = {"0", "no", "n", "false", "off"}
 
 
 def _convert(p: inspect.Parameter, word: str) -> Any:
-    """Apply a parameter's annotation to one word: int, float, bool or any one-argument callable."""
+    """Apply a parameter's annotation to one word: int, float, bool or any one-argument
+    callable; `X | None` and `Optional[X]` as X (the word is there: it is not None)."""
     kind = p.annotation
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        kind = args[0]
     if kind is p.empty or kind is str or isinstance(kind, str):
         return word
     try:
@@ -726,7 +732,9 @@ class Bot:
         signals = self._catch_signals()
         loops: list[asyncio.Task] = []
         try:
-            self.client = await self._connect(host, port, nick, list(rooms), retry, options)
+            self.client = await self._connect(
+                host, port, nick, [rooms] if isinstance(rooms, str) else list(rooms), retry, options
+            )
             if self.client is None:  # stopped before the broker answered
                 return
             log.info(

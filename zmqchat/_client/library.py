@@ -16,6 +16,7 @@ several brokers, `Client("h1:9001,h2:9001")`, through the next one in turn).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -307,6 +308,8 @@ class Client(AccountClient, Messages):
         self._name = ""  # its name, if its welcome says
         self.nick, self.bot = nick, bot
         self.backlog, self.reconnect, self.timeout = backlog, reconnect, timeout
+        if isinstance(rooms, str):  # rooms="work": one room, not the letters of its name
+            rooms = [rooms]
         self.want_rooms = list(rooms) if rooms is not None else None
         self.acct = AccountState(password, account, unread)
         self.wait_for_nick, self.on_wait = wait_for_nick, on_wait
@@ -329,7 +332,7 @@ class Client(AccountClient, Messages):
         self._sub: zmq.asyncio.Socket | None = None
         self._behind = False
         self._tasks: list[asyncio.Task] = []
-        self._repairs: set[asyncio.Task] = set()  # history fetches under way
+        self._repairs: set[asyncio.Task] = set()  # history fetches and pings under way
         self._closing = False
         self._closed = False
         self._mine: OrderedDict[str, None] = OrderedDict()  # our recent message ids
@@ -903,7 +906,9 @@ class Client(AccountClient, Messages):
                     self._lost("connection lost")
                 elif now - last_ping >= self.heartbeat:
                     last_ping = now
-                    asyncio.create_task(self._ping())
+                    ping = asyncio.create_task(self._ping())
+                    self._repairs.add(ping)  # (cancelled by close() too)
+                    ping.add_done_callback(self._repairs.discard)
 
     def _ready(self, sock: zmq.asyncio.Socket) -> Iterator[list[Any]]:
         """The messages already waiting on sock (at most 1000 a turn); each proves liveness.
@@ -1150,6 +1155,9 @@ class Client(AccountClient, Messages):
     ) -> Any:
         if self._closing:
             raise ChatError("CLOSED", "the client was closed")
+        if not self.welcome:  # (a send while reconnecting waits; one before connect() would not)
+            raise ChatError("DISCONNECTED", "not connected to the broker: connect() first")
+        _sendable(text, extra)
         cmid = uuid.uuid4().hex
         remember(self._mine, cmid, MINE_MEMORY)
         future = asyncio.get_running_loop().create_future()
@@ -1171,10 +1179,16 @@ class Client(AccountClient, Messages):
                     if err.code in ("TIMEOUT", "DISCONNECTED", m.Code.NO_HELLO, m.Code.UNAVAILABLE):
                         await asyncio.sleep(0.05)
                         continue  # resent as it is: the broker drops what it already has
-                    for item in batch:
-                        self._outbox.pop(item.cmid, None)
-                        if not item.future.done():
-                            item.future.set_exception(err)
+                    self._fail(batch, err)
+                except Exception as exc:  # noqa: BLE001 - a bug must not stop every later send
+                    log.exception("cannot send %d message(s)", len(batch))
+                    self._fail(batch, ChatError("BAD_REQUEST", f"cannot be sent: {exc}"))
+
+    def _fail(self, batch: list[_Send], err: ChatError) -> None:
+        for item in batch:
+            self._outbox.pop(item.cmid, None)
+            if not item.future.done():
+                item.future.set_exception(err)
 
     def _next_batch(self) -> list[_Send]:
         first = next(iter(self._outbox.values()))
@@ -1232,6 +1246,23 @@ class Client(AccountClient, Messages):
                 item.future.set_result(seq)
 
 
+def _sendable(text: Any, extra: dict[str, Any]) -> None:
+    """ChatError BAD_REQUEST, at the call, for what no broker could be sent: not a str,
+    text that is not valid Unicode (a lone surrogate, from os.fsdecode of a name in
+    another encoding), fields that are not JSON."""
+    if not isinstance(text, str):
+        raise ChatError("BAD_REQUEST", f"the text must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+        m.dumps(extra)
+    except UnicodeEncodeError as exc:
+        raise ChatError(
+            "BAD_REQUEST", f"the text is not valid Unicode (at character {exc.start})"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise ChatError("BAD_REQUEST", f"a field cannot be sent: {exc}") from None
+
+
 def curve_keys(
     server_key_file: str, config_dir: str | None = None
 ) -> tuple[bytes, tuple[bytes, bytes]]:
@@ -1256,7 +1287,8 @@ def curve_keys(
 
 
 class BlockingClient:
-    """The same client for simple scripts: plain calls, an event loop in a background thread."""
+    """The same client for simple scripts: plain calls, an event loop in a background thread;
+    `with BlockingClient(...) as c:` closes it, `for event in c:` reads its events."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
@@ -1266,10 +1298,27 @@ class BlockingClient:
         try:
             self._call(self._client.connect())
         except BaseException:  # a refused nick must not leave a thread and a loop behind
+            with contextlib.suppress(Exception):  # (nor a session: a JOIN refused after HELLO)
+                self._call(self._client.close(), timeout=5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
             self._loop.close()
             raise
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Event]:
+        """Every event, as `async for` gives them, until the client is closed."""
+        events = self._client.__aiter__()
+        while self._thread.is_alive():
+            try:
+                yield self._call(events.__anext__())
+            except StopAsyncIteration:
+                return
 
     @staticmethod
     async def _make(*args: Any, **kwargs: Any) -> Client:
@@ -1286,7 +1335,13 @@ class BlockingClient:
         attr = getattr(self._client, name)
         if not asyncio.iscoroutinefunction(attr):
             return attr
-        return lambda *a, **kw: self._call(attr(*a, **kw))
+
+        def call(*a: Any, **kw: Any) -> Any:
+            if not self._thread.is_alive():
+                raise ChatError("CLOSED", "the client was closed")
+            return self._call(attr(*a, **kw))
+
+        return call
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds."""
