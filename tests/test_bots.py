@@ -606,12 +606,19 @@ def test_plain_handler_runs_on_a_thread_beside_the_others(broker, people, bots):
         gate.set()
         return "opening"
 
+    @bot.command("who")
+    def who(ctx: Context) -> str:  # the client's calls block in a plain def too
+        return ", ".join(ctx.client.who("lobby"))
+
     bots(bot, broker.port, "gatekeeper")
     ann = people("ann")
     ann.say("lobby", "!wait")
     ann.say("lobby", "!open")
     got = ann.wait(lambda e: e.nick == "gatekeeper", count=2, what="two replies")
     assert [e.text for e in got] == ["the gate opened", "opening"]
+    ann.say("lobby", "!who")
+    got = ann.wait(lambda e: e.nick == "gatekeeper" and "ann" in e.text, what="who is here")
+    assert got[-1].text == "ann, gatekeeper"
 
 
 def weather_bot(gate: threading.Event) -> Bot:

@@ -390,13 +390,16 @@ class Context:
 
 
 class SyncContext:
-    """The Context a plain `def` handler gets (on its own thread): its methods block."""
+    """The Context a plain `def` handler gets (on its own thread): its methods block, and
+    so do those of its `client` (`ctx.client.search(...)` returns the results)."""
 
-    def __init__(self, ctx: Context, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, ctx: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._ctx, self._loop = ctx, loop
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._ctx, name)
+        if isinstance(attr, Client):
+            return SyncContext(attr, self._loop)
         if not inspect.iscoroutinefunction(attr):
             return attr
 
