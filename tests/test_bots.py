@@ -24,7 +24,7 @@ from typing import Optional
 import pytest
 
 from conftest import ROOT, RunningBroker, free_ports, wait_for
-from zmqchat import BlockingClient, Event
+from zmqchat import BlockingClient, ChatError, Event
 from zmqchat._bot import Bot, Command, Context, UsageError, split_args
 
 HOST = "127.0.0.1"
@@ -866,6 +866,17 @@ def test_restarted_bot_waits_for_its_old_nick(broker, bots):
     assert bot.client.nick == "phoenix"
     assert time.monotonic() - began < 3 * 0.3 + 3.0
     old.close()
+
+
+def test_a_bot_whose_nick_someone_uses_says_so_at_once(broker, people):
+    """A bot started under a nick a live client holds (heard from within its heartbeat) is
+    refused within a few seconds, saying the nick is taken (it retried for 35 s)."""
+    people("watcher")
+    began = time.monotonic()
+    with pytest.raises(ChatError) as refused:
+        Bot().start(HOST, broker.port, "watcher", timeout=20)
+    assert refused.value.code == "NICK_TAKEN"
+    assert time.monotonic() - began < 8  # a heartbeat or two to hear the holder, not 35 s
 
 
 # ---------------------------------------------------------------------------- edits (issue 23)

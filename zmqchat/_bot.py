@@ -798,7 +798,13 @@ class Bot:
                 return client
             except ChatError as err:
                 await client.close()
-                taken = err.code == "NICK_TAKEN" and time.monotonic() < give_up_taken
+                # A holder gone silent (our previous run) was waited for by connect() already
+                # (the broker said when it frees the nick); a live one is not waited for.
+                taken = (
+                    err.code == "NICK_TAKEN"
+                    and "free_in" not in err.body
+                    and time.monotonic() < give_up_taken
+                )
                 if not retry or not (taken or err.code in ("TIMEOUT", "DISCONNECTED")):
                     raise
                 if taken:  # most likely our own previous run, until the broker drops it
