@@ -737,8 +737,8 @@ def test_pattern_room_filters_and_private_replies(broker, people, bots):
     bot = Bot()
 
     @bot.on_message(room="work", pattern=r"^(\d+) \+ (\d+)$")
-    async def add(ctx: Context) -> str:
-        return str(int(ctx.match[1]) + int(ctx.match[2]))
+    async def add(ctx: Context) -> int:
+        return int(ctx.match[1]) + int(ctx.match[2])  # a number is said as its text
 
     @bot.on_private
     async def secret(ctx: Context) -> str:

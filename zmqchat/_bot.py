@@ -659,7 +659,7 @@ class Bot:
         that set up no logging is told what the bot does (connected, reconnecting, a
         handler's error, stopped) on stderr."""
         if not logging.getLogger().handlers:
-            logging.basicConfig(format="%(message)s")  # (others' warnings, as before)
+            logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
             log.setLevel(logging.INFO)
         try:
             asyncio.run(self.arun(host, port, nick, rooms, **options))
@@ -972,7 +972,8 @@ class Bot:
     async def _invoke(
         self, fn: Handler, ctx: Context, what: str, command: Command | None = None
     ) -> None:
-        """Run one handler; its string result is the reply; nothing it raises escapes."""
+        """Run one handler; its string (or number) result is the reply; nothing it raises
+        escapes."""
         try:
             args = command.bind(ctx.args) if command is not None else []
             if inspect.iscoroutinefunction(fn):
@@ -981,8 +982,14 @@ class Bot:
                 assert self._slots is not None and self._loop is not None
                 async with self._slots:
                     result = await _in_thread(fn, SyncContext(ctx, self._loop), *args)
+            if isinstance(result, (int, float)) and not isinstance(result, bool):
+                result = str(result)  # `return n + 1` answers the number
             if isinstance(result, str) and result and ctx.event is not None:
                 await ctx.reply(result)
+            elif result is not None and ctx.event is not None:
+                log.warning(
+                    "%s returned %s, not text: nothing was said", what, type(result).__name__
+                )
         except asyncio.CancelledError:
             raise
         except UsageError as err:
@@ -1011,7 +1018,10 @@ class Bot:
                 continue
             self._inflight += 1
             try:
-                await self._invoke(timer.fn, Context(self, None), f"every({timer.seconds:g})")
+                name = getattr(timer.fn, "__name__", "timer")
+                await self._invoke(
+                    timer.fn, Context(self, None), f"{name} (every {timer.seconds:g} s)"
+                )
             finally:
                 self._inflight -= 1
 
