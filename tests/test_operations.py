@@ -105,6 +105,7 @@ def test_connection_events_are_logged_as_json_lines_with_client_text_escaped(mak
     async def visit() -> None:
         client = Client("127.0.0.1", b.port, "ann")
         await client.connect()
+        await client.topic("lobby", "exams on friday")  # what changes a room is logged too
         await client.close(reason)
 
     asyncio.run(visit())
@@ -117,6 +118,9 @@ def test_connection_events_are_logged_as_json_lines_with_client_text_escaped(mak
     assert events["quit"]["nick"] == "ann"
     assert events["quit"]["reason"] == reason  # decoded from its escaped JSON
     assert all(re.match(r"\d{4}-\d\d-\d\dT", line["ts"]) for line in lines)
+    assert (events["topic"]["by"], events["topic"]["topic"]) == ("ann", "exams on friday")
+    assert events["started"]["port"] == b.port and events["started"]["broker"]  # and when
+    assert lines[-1]["event"] == "stopped"  # it ended, in the same log
 
 
 def test_json_logs_keep_a_level_given_with_them(make_broker_process):

@@ -95,6 +95,7 @@ class Moderation(CoreBase):
         if target is not None:
             yield gather([saved, self._kick(s, room, target, reason, EventKind.BAN)])
         else:
+            log_event(log, "banned", nick=nick, room=room.name, by=s.nick, reason=reason)
             yield saved
             yield self._store(
                 room.name,
@@ -115,6 +116,7 @@ class Moderation(CoreBase):
         yield self.registry.catch_up()
         room, settings = self._op_room(s, req)
         settings.bans -= {m.nick_key(req.body["nick"]), self._principal_of(req.body["nick"])}
+        log_event(log, "unbanned", nick=req.body["nick"], room=room.name, by=s.nick)
         yield self.registry.save(settings)
         yield self._append(
             room, EventKind.NOTICE, s, f"{req.body['nick']} was unbanned by {s.nick}"

@@ -159,6 +159,7 @@ class Rooms(CoreBase):
             if s.ident.principal not in settings.operators:
                 raise ProtocolError(Code.NOT_OPERATOR, f"you are not an operator of {room.name}")
             settings.locked = lock
+            log_event(log, "locked" if lock else "unlocked", room=room.name, by=s.nick)
             ops.append(self.registry.save(settings))
             ops.append(
                 self._append(
@@ -177,6 +178,7 @@ class Rooms(CoreBase):
         if any(ord(c) < 32 for c in text):
             raise ProtocolError(Code.BAD_REQUEST, "a topic is one line of text")
         settings.topic = text
+        log_event(log, "topic", room=room.name, by=s.nick, topic=text)
         ops.append(self.registry.save(settings))
         ops.append(
             self._append(

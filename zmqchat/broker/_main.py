@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from zmqchat.broker._loop import Broker
 from zmqchat.broker._preflight import preflight, usage_problem
 
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+log = logging.getLogger("zmqchat.broker")
 
 
 def name_arg(text: str) -> str:
@@ -141,7 +143,8 @@ def parser() -> Parser:
         metavar="LEVEL",
         shown="`WARNING`, or `INFO` with `--log-format json`",
         help="`DEBUG`, `INFO` (a line per connection event: hello, quit, lost, replaced, "
-        "kicked, ...; and per malformed request, at most 10 a second), `WARNING`, `ERROR`",
+        "...; per operator's act: kicked, banned, unbanned, topic, locked; the start and the "
+        "stop; and per malformed request, at most 10 a second), `WARNING`, `ERROR`",
     )
     flag(
         "--log-format",
@@ -306,7 +309,11 @@ def serve(argv: list[str]) -> int:
             + (f"; only the keys in {cfg.allow_keys} may connect" if cfg.allow_keys else ""),
             flush=True,
         )
+    started = {"port": broker.port, "pub_port": broker.pub_port, "broker": broker.name}
+    logs.event(log, "started", db=cfg.db if not cfg.cluster_urls else "", **started)
     broker.run()
+    logs.event(log, "stopped", broker=broker.name)
+    print("Broker stopped", flush=True)
     return 0
 
 
