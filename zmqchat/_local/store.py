@@ -36,6 +36,7 @@ if __name__ == "__main__" and not __package__:  # the writer, run as `python ...
 from zmqchat import _index as messages  # noqa: E402 - edits, removals, the full-text index
 
 log = logging.getLogger("zmqchat.store")
+LOG_FORMAT_ENV: Final = "ZMQCHAT_LOG_FORMAT"  # set by the broker for its history writer
 
 CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
 SEGMENT_BYTES: Final = 4 << 20  # the log goes on in a new segment past this size
@@ -292,7 +293,12 @@ def writer_main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker says when to stop
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s history writer: %(message)s")
+    if os.environ.get(LOG_FORMAT_ENV) == "json":  # the broker's --log-format json: one format
+        from zmqchat._ops import logs
+
+        logs.setup("INFO", "json")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s history writer: %(message)s")
     if args.lock_fd is None:  # started by hand: take the writer lock ourselves
         try:
             writer_lock(args.writer, wait=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any, Final
 
@@ -88,6 +89,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str, fmt: str) -> None:
+    os.environ["ZMQCHAT_LOG_FORMAT"] = fmt  # the history writer, a process of ours, logs alike
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
