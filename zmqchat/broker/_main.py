@@ -95,7 +95,7 @@ def parser() -> Parser:
         "--fsync",
         action="store_true",
         help="fdatasync the log before each acknowledgement: survives power loss, not only "
-        "a crash (its cost: [bench/README.md](bench/README.md))",
+        "a crash (its cost is measured in the source's bench/README.md)",
     )
     flag(
         "--motd",
