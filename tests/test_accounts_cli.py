@@ -74,30 +74,22 @@ def test_register_in_a_terminal_then_log_in_at_the_prompt(achat):
     (a typo does not end the session), and after 3 wrong ones the client exits with
     status 4."""
     t = achat("terminal", "-u", "alice")
-    t.ready()
-    t.type("/register\r")
-    t.expect("Password:")
-    t.type("short\r")  # too short: said at once, not after typing it twice
+
+    def register(*answers: str) -> None:  # /register, its prompts answered with these keys
+        t.ready()
+        t.type("/register\r")
+        for prompt, keys in zip(("Password:", "Again:"), answers, strict=False):
+            t.expect(prompt)
+            t.type(keys)
+
+    register("short\r")  # too short: said at once, not after typing it twice
     t.expect("a password is at least 8 characters; nothing was changed")
     assert "Again:" not in t.text
-    t.ready()
-    t.type("/register\r")
-    t.expect("Password:")
-    t.type("\x03")  # Ctrl+C at the password: the command is cancelled, not the chat
+    register("\x03")  # Ctrl+C at the password: the command is cancelled, not the chat
     t.expect("cancelled: nothing was changed")
-    t.ready()
-    t.type("/register\r")
-    t.expect("Password:")
-    t.type(PW + "\r")
-    t.expect("Again:")
-    t.type("\x04")  # Ctrl+D, likewise
+    register(PW + "\r", "\x04")  # Ctrl+D, likewise
     t.expect("cancelled: nothing was changed")
-    t.ready()
-    t.type("/register\r")
-    t.expect("Password:")
-    t.type(PW + "\r")
-    t.expect("Again:")
-    t.type(PW + "\r")
+    register(PW + "\r", PW + "\r")
     t.expect("alice is registered: it is yours from now on")
     t.type("/quit\r")
     assert t.exit_status() == 0
