@@ -758,6 +758,10 @@ def test_pattern_room_filters_and_private_replies(broker, people, bots):
                     return f"you said {ev.text}"
         return ""
 
+    @bot.command("pong")
+    async def pong(ctx: Context) -> int | None:
+        return await ctx.reply("pong")  # its seq: answered already, not said again
+
     bots(bot, broker.port, "helper", ("lobby", "work"))
     ann = people("ann", ("lobby", "work"))
     ann.say("lobby", "2 + 2")
@@ -766,6 +770,8 @@ def test_pattern_room_filters_and_private_replies(broker, people, bots):
     ann.reply("helper", lambda t: t == "42", room="work")
     ann.client.msg("helper", "quiet please")
     ann.reply("helper", lambda t: t == "psst, ann: QUIET PLEASE", room=None)
+    ann.say("lobby", "!pong")
+    ann.reply("helper", lambda t: t == "pong")
     ann.say("lobby", "!next")
     ann.reply("helper", lambda t: t == "go on")
     ann.say("lobby", "this one")
@@ -775,6 +781,7 @@ def test_pattern_room_filters_and_private_replies(broker, people, bots):
     ann.reply("helper", lambda t: t == "bob is gone", room="work")
     answers = [e.text for e in ann.seen if e.nick == "helper"]
     assert "4" not in answers and not any(e.room is None and e.kind == "msg" for e in ann.seen)
+    assert answers[answers.index("pong") + 1] == "go on"  # (the reply's seq was not said)
 
 
 def test_every_runs_periodically_with_a_hop_count(broker, people, bots):

@@ -36,6 +36,36 @@ def test_sigterm_tells_clients_and_exits_zero_within_two_seconds(make_broker_pro
     asyncio.run(scenario())
 
 
+def test_a_broker_under_nohup_outlives_a_hangup(tmp_path):
+    """Started with SIGHUP ignored (`nohup`), the broker keeps serving after a SIGHUP (its
+    operator logged out); SIGTERM still stops it cleanly."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "broker.py"), "--port", "0", "--pub-port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    )
+    try:
+        started = proc.stdout.readline()
+        port = int(started.split("tcp://127.0.0.1:")[1].split(" ")[0])
+        proc.send_signal(signal.SIGHUP)
+
+        async def visit() -> None:
+            async with Client("127.0.0.1", port, "ann") as ann:
+                assert await ann.say("lobby", "still here") > 0
+
+        asyncio.run(visit())
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def test_ctrl_c_exits_zero(make_broker_process):
     """Ctrl+C (SIGINT) stops the broker cleanly with status 0 and no traceback."""
     proc = make_broker_process()
@@ -192,6 +222,8 @@ def test_flags_that_make_no_sense_are_usage_errors(case, tmp_path):
     and reconnect in a loop; an empty --rooms let no client in) is a usage error: status
     2, one line that names the flag, nothing created."""
     args, said = USAGE_ERRORS[case]
+    if "--port" not in args:  # (were the check gone, it would not take the default ports)
+        args = [*args, "--port", "0", "--pub-port", "0"]
     run = subprocess.run(
         [sys.executable, str(ROOT / "broker.py"), *args],
         capture_output=True,

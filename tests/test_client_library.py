@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import logging
+import threading
 
 import msgspec
 import pytest
@@ -216,11 +217,17 @@ def test_blocking_client_closes_with_with_and_iterates_events(broker):
     call after close() is ChatError CLOSED (it was the event loop's RuntimeError)."""
     with BlockingClient("127.0.0.1", broker.port, "script") as script:
         with BlockingClient("127.0.0.1", broker.port, "reader") as reader:
+            watchdog = threading.Timer(10, reader.close)  # (a lost message ends the loop)
+            watchdog.start()
             seq = script.say("lobby", "one for the loop")
+            heard = None
             for ev in reader:
                 if ev.text == "one for the loop":
-                    assert (ev.nick, ev.seq) == ("script", seq)
+                    heard = ev
                     break
-    with pytest.raises(ChatError) as closed:
-        script.say("lobby", "after the end")
-    assert closed.value.code == "CLOSED"
+            watchdog.cancel()
+            assert heard is not None and (heard.nick, heard.seq) == ("script", seq)
+    for call in (lambda: script.say("lobby", "after the end"), script.next_event):
+        with pytest.raises(ChatError) as closed:
+            call()
+        assert closed.value.code == "CLOSED"

@@ -72,22 +72,44 @@ def sweeps(h: Harness, seconds: float, *beating: Conn) -> None:
         h.flush()
 
 
+def logged_in(h: Harness, name: str, nick: str) -> Conn:
+    """A connection logged in to the account `nick` with the old password."""
+    c = h.conn(name)
+    login = Login(nick, OLD)
+    answer = c.ask("AUTH", account=nick, first=login.first())
+    c.ask(
+        "HELLO",
+        version=1,
+        nick=nick,
+        token=f"{name}-token-0123456789",
+        proof=login.proof(answer["next"]),
+    )
+    return c
+
+
 def test_a_session_keeps_its_own_password_change_while_it_is_being_stored():
     """The 2 s recheck comes while the session's own /password is being stored (the
-    record here already new, its session's not yet): the session stays, and is answered."""
+    record here already new, its session's not yet): the session stays, and is answered;
+    the account's other device is not told anything until the change is stored, then it
+    ends."""
     h, accounts = with_accounts(HeldAccounts)
     ann = registered(h, "ann")
+    phone = logged_in(h, "phone", "ann")
     login = Login("ann", OLD)
     proof = login.proof(ann.ask("AUTH", account="ann", first=login.first())["next"])
     label = ann.send("PASSWORD", proof=proof, **make_keys(NEW, ITERATIONS).to_wire())
     assert ann.reply(label) == ("", {})  # waiting for the store
-    sweeps(h, 5, ann)
+    sweeps(h, 5, ann, phone)
+    assert len(h.core.by_sid) == 2 and phone.pushes("EXPIRED") == []
     accounts.held.pop().resolve()
     h.flush()
     assert ann.reply(label) == ("OK", {"account": "ann"})
-    sweeps(h, 5, ann)
+    sweeps(h, 5, ann, phone)
     assert [s.nick for s in h.core.by_sid.values()] == ["ann"]
     assert h.core.logged_in and "rooms" in ann.ask("PING")
+    assert phone.pushes("EXPIRED") == [
+        {"reason": "the password for ann was changed", "refused": "AUTH_FAILED"}
+    ]
 
 
 def test_a_login_begun_before_the_password_changed_is_not_let_in_after():

@@ -35,7 +35,6 @@ import re
 import shlex
 import signal
 import threading
-import time
 import types
 import typing
 from collections import deque
@@ -50,7 +49,6 @@ log = logging.getLogger("zmqchat.bot")
 
 MAX_HOPS = 3  # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
 MAX_THREADS = 16  # plain-def handlers running at once; more wait their turn
-NICK_WAIT = 30.0  # seconds a taken nick is retried at start: a previous run still holds it
 ROOM_KINDS = frozenset(EventKind) - {EventKind.PRIVATE}  # every room event
 
 Handler = Callable[..., Any]
@@ -342,7 +340,7 @@ class Context:
         seq = None
         for chunk in _chunks(text, int(self.client.welcome.get("max_text", 4000))):
             seq = await self.client.say(room, chunk, action=action, hops=hops, **extra)
-        return seq
+        return Sent(seq) if seq is not None else None
 
     async def me(self, room: str, text: str) -> int | None:
         """An action (`* bot waves`) in a room."""
@@ -387,6 +385,11 @@ class Context:
 
     async def topic(self, room: str, text: str | None = None) -> str:
         return await self.client.topic(room, text)
+
+
+class Sent(int):
+    """The seq of a message the bot said (what ctx.say and ctx.reply return): a handler
+    that returns it (`return await ctx.reply(...)`) has answered already."""
 
 
 class SyncContext:
@@ -780,7 +783,6 @@ class Bot:
         options: dict[str, Any],
     ) -> Client | None:
         delay = 0.5
-        give_up_taken = time.monotonic() + NICK_WAIT
         assert self._stopping is not None
         while True:
             client = Client(host, port, nick, rooms=rooms, bot=True, **options)
@@ -798,29 +800,17 @@ class Bot:
                 return client
             except ChatError as err:
                 await client.close()
-                # A holder gone silent (our previous run) was waited for by connect() already
-                # (the broker said when it frees the nick); a live one is not waited for.
-                taken = (
-                    err.code == "NICK_TAKEN"
-                    and "free_in" not in err.body
-                    and time.monotonic() < give_up_taken
-                )
-                if not retry or not (taken or err.code in ("TIMEOUT", "DISCONNECTED")):
+                # A nick our previous run still holds was waited for by connect() (the broker
+                # said when it frees it); a taken nick is taken: only the broker is retried.
+                if not retry or err.code not in ("TIMEOUT", "DISCONNECTED"):
                     raise
-                if taken:  # most likely our own previous run, until the broker drops it
-                    log.warning(
-                        "the nick %s is taken (by this bot's previous run?); retrying in %.1f s",
-                        nick,
-                        delay,
-                    )
-                else:
-                    log.warning(
-                        "cannot reach the broker at %s:%d (%s); retrying in %.1f s",
-                        host,
-                        port,
-                        err.reason,
-                        delay,
-                    )
+                log.warning(
+                    "cannot reach the broker at %s:%d (%s); retrying in %.1f s",
+                    host,
+                    port,
+                    err.reason,
+                    delay,
+                )
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
                 return None
@@ -874,8 +864,8 @@ class Bot:
                 log.exception("cannot dispatch %s", describe(ev))
             if ev.room is not None and isinstance(ev.seq, int):
                 self._handled[ev.room] = max(self._handled.get(ev.room, 0), ev.seq)
-            if self.client.login_refused is not None:  # its account's password changed, or
-                assert self._stopping is not None  # the account went: the client stopped
+            if self.client.stopped:  # by itself: its account's password changed, the account
+                assert self._stopping is not None  # went, or another login of it took over
                 self._stopping.set()
                 return
 
@@ -982,14 +972,10 @@ class Bot:
                 assert self._slots is not None and self._loop is not None
                 async with self._slots:
                     result = await _in_thread(fn, SyncContext(ctx, self._loop), *args)
-            if isinstance(result, (int, float)) and not isinstance(result, bool):
-                result = str(result)  # `return n + 1` answers the number
+            if isinstance(result, (int, float)) and not isinstance(result, (bool, Sent)):
+                result = str(result)  # `return n + 1` answers the number (not a say's seq)
             if isinstance(result, str) and result and ctx.event is not None:
                 await ctx.reply(result)
-            elif result is not None and ctx.event is not None:
-                log.warning(
-                    "%s returned %s, not text: nothing was said", what, type(result).__name__
-                )
         except asyncio.CancelledError:
             raise
         except UsageError as err:

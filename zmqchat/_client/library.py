@@ -514,6 +514,12 @@ class Client(AccountClient, Messages):
         else its address."""
         return self._name or self.address
 
+    @property
+    def stopped(self) -> bool:
+        """Closed, or stopped by itself for good (`reconnect=False` and the connection
+        lost; another login of the account took over; `login_refused`)."""
+        return self._closing
+
     def pending(self) -> list[tuple[str, str]]:
         """(room or nick, text) of every send not yet acknowledged."""
         return [(s.target, s.text) for s in self._outbox.values()]
@@ -1345,6 +1351,8 @@ class BlockingClient:
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds."""
+        if not self._thread.is_alive():
+            raise ChatError("CLOSED", "the client was closed")
         try:
             return self._call(self._client.next_event(timeout))
         except TimeoutError:

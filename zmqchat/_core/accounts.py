@@ -57,7 +57,7 @@ class Accounts(Sessions, Rooms, Moderation):
         self.auths: dict[bytes, Pending] = {}
         self.logged_in: dict[str, Account] = {}  # session id -> its account
         self.proved: dict[bytes, tuple[Account, float]] = {}  # a login's record, until HELLO
-        self.changing: set[str] = set()  # session ids whose /password is under way
+        self.changing: dict[str, int] = {}  # account key -> its /password changes under way
         self.recheck_at = 0.0
         super().__init__(*args, **kwargs)
 
@@ -125,7 +125,10 @@ class Accounts(Sessions, Rooms, Moderation):
         except ScramError:  # a wrong password (or a garbled proof)
             pass
         else:
-            if not _same(self.accounts.account(account.key), account):  # since its AUTH
+            now = self.accounts.account(account.key)
+            if now is None:  # removed since its AUTH
+                raise ProtocolError(Code.NO_ACCOUNT, f"{account.name} is not a registered account")
+            if not _same(now, account):  # its password changed since
                 raise ProtocolError(
                     Code.AUTH_FAILED,
                     f"the password for {account.name} changed meanwhile: log in again",
@@ -217,11 +220,14 @@ class Accounts(Sessions, Rooms, Moderation):
         if proved.key != account.key:
             raise ProtocolError(Code.AUTH_FAILED, "that login was for another account")
         changed = dataclasses.replace(account, keys=keys)
-        self.changing.add(s.sid)  # (a recheck meanwhile must not take it for another's)
+        key = account.key  # a recheck waits until the change is stored (or is not)
+        self.changing[key] = self.changing.get(key, 0) + 1
         try:
             yield self.accounts.set_keys(changed)
         finally:
-            self.changing.discard(s.sid)
+            self.changing[key] -= 1
+            if not self.changing[key]:
+                del self.changing[key]
         if s.sid in self.logged_in:  # (unless the session ended meanwhile)
             self.logged_in[s.sid] = changed
         log_event(log, "password-changed", account=account.name, sid=s.sid)
@@ -348,7 +354,7 @@ class Accounts(Sessions, Rooms, Moderation):
         way or done, keeps it."""
         records: dict[str, Account | None] = {}
         for sid, account in list(self.logged_in.items()):
-            if sid in self.changing:
+            if account.key in self.changing:
                 continue
             if account.key not in records:
                 records[account.key] = self.accounts.account(account.key)

@@ -90,6 +90,7 @@ class Upload:
     touched: float
     inflight: int = 0
     finishing: bool = False
+    offered: bool = False  # in the file index: counted there against the daily limit
     waiting: list[tuple[bytes, bytes]] = field(default_factory=list)  # (rid, label) of the last PUT
 
 
@@ -146,7 +147,9 @@ class Files(CoreBase):
         up = self.uploads.get(key)
         if up is None:
             sent = yield index.sent_since(owner, self.clock.time() - DAY)
-            sent += sum(u.size for u in self.uploads.values() if u.owner == owner)  # under way
+            sent += sum(  # those under way, not yet in the index
+                u.size for u in self.uploads.values() if u.owner == owner and not u.offered
+            )
             if sent + b["size"] > rules.daily:
                 raise ProtocolError(
                     Code.QUOTA,
@@ -259,6 +262,7 @@ class Files(CoreBase):
         def stored(op: Op, offer: FileOffer) -> None:
             if op.error is not None:
                 return fail(op.error)
+            up.offered = True
             assert s is not None
             self._announce(offer, s).then(announced)
 

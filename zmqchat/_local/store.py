@@ -36,7 +36,7 @@ if __name__ == "__main__" and not __package__:  # the writer, run as `python ...
 from zmqchat import _index as messages  # noqa: E402 - edits, removals, the full-text index
 
 log = logging.getLogger("zmqchat.store")
-LOG_FORMAT_ENV: Final = "ZMQCHAT_LOG_FORMAT"  # set by the broker for its history writer
+LOG_FORMAT_ENV: Final = "ZMQCHAT_LOG_FORMAT"  # the broker's log format, for its writer
 
 CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
 SEGMENT_BYTES: Final = 4 << 20  # the log goes on in a new segment past this size
@@ -481,10 +481,13 @@ class Store:
             "--lock-fd",
             str(lock),
         ]
+        from zmqchat._ops import logs
+
         self._writer = subprocess.Popen(
             cmd + (["--fsync"] if self.fsync else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            env={**os.environ, LOG_FORMAT_ENV: logs.FORMAT},  # its log as the broker's
             pass_fds=(lock,),
             start_new_session=True,
         )  # no Ctrl+C from a terminal

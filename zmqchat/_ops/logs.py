@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any, Final
 
 MAX_FIELD: Final = 200  # characters of a client-given value in a log line
+
+
+FORMAT = "text"  # the format setup() chose
 
 
 def event(logger: logging.Logger, name: str, **fields: Any) -> None:
@@ -89,7 +91,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str, fmt: str) -> None:
-    os.environ["ZMQCHAT_LOG_FORMAT"] = fmt  # the history writer, a process of ours, logs alike
+    global FORMAT
+    FORMAT = fmt  # (the history writer, a process of ours, is started to log alike)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

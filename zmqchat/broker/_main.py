@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -292,7 +293,11 @@ def serve(argv: list[str]) -> int:
         return say(1, f"cannot bind on {a.host} (ports {a.port}, {a.pub_port}): {err}")
     except OSError as err:
         return say(1, str(err))
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (HUP: its terminal closed)
+    stops = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # its terminal closed; unless nohup ignores it
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        stops.append(hangup)
+    for sig in stops:
         signal.signal(sig, lambda *_: broker.stop())
     print(
         f"Broker started on tcp://{a.host}:{broker.port} (commands) and "
@@ -313,7 +318,8 @@ def serve(argv: list[str]) -> int:
     logs.event(log, "started", db=cfg.db if not cfg.cluster_urls else "", **started)
     broker.run()
     logs.event(log, "stopped", broker=broker.name)
-    print("Broker stopped", flush=True)
+    with contextlib.suppress(OSError):  # (a terminal that hung up)
+        print("Broker stopped", flush=True)
     return 0
 
 
