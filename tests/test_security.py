@@ -145,6 +145,11 @@ def test_kicked_member_with_open_socket_hears_nothing_more(make_broker):
             await until(
                 lambda: any("kicked" in e.text for e in seen_mal.events if e.kind == "status")
             )
+            told = [e for e in seen_mal.events if e.kind == "status" and "kicked" in e.text]
+            assert (told[0].room, told[0].data) == (
+                "lobby",
+                {"removed": "kicked", "by": "boss", "reason": "spam"},  # for a bot to act on
+            )
             for g in old_grants:  # try to get back in with old grants
                 mal._sub.send(b"\x01" + g.encode())
             await boss.say("lobby", "after")

@@ -158,9 +158,10 @@ class Event(_EventFields, frozen=True, repr_omit_defaults=True, gc=False):
     """Something that happened: a room event, a private message, or a connection status.
 
     kind is one of msg, action, join, leave, nick, topic, kick, ban, notice, edit, delete,
-    deleted (room events), private, status (local: "connection lost, reconnecting...",
-    "reconnected", ...), or unread (local, for an account: what waits in a room or from a
-    person; see accounts.py).
+    deleted, file (room events), private, status (local: "connection lost, reconnecting...",
+    "reconnected", "you were kicked from work by boss" with data removed/by/reason, ...), or
+    unread and marked (local, for an account: what waits in a room or from a person, and what
+    another device read; see accounts.py).
     `data` is every field of the event as the broker sent it (a dict, made on first use).
     """
 
@@ -1025,7 +1026,13 @@ class Client(AccountClient, Messages):
             del self.rooms[room]
             verb = "banned" if body.get("kind") == "ban" else "kicked"
             reason = f" ({body.get('reason')})" if body.get("reason") else ""
-            self._emit_status(f"you were {verb} from {room} by {body.get('by')}{reason}", room=room)
+            self._emit_status(
+                f"you were {verb} from {room} by {body.get('by')}{reason}",
+                room=room,
+                removed=verb,  # for a bot: what happened, by whom, why
+                by=body.get("by"),
+                reason=body.get("reason") or "",
+            )
         elif kind == m.Reply.SHUTDOWN:
             self._emit_status("the broker is shutting down")
             self._lost("connection lost")
@@ -1152,8 +1159,9 @@ class Client(AccountClient, Messages):
     def _error(self, code: str, reason: str) -> Exception:
         return ChatError(code, reason)
 
-    def _emit_status(self, text: str, room: str | None = None) -> None:
-        self._events.put_nowait(Event(Status.KIND, text, room=room, ts=time.time()))
+    def _emit_status(self, text: str, room: str | None = None, **data: Any) -> None:
+        event = Event(Status.KIND, text, room=room, ts=time.time(), data=data or None)
+        self._events.put_nowait(event)
 
     # ------------------------------------------------------------------ acknowledged sends
     async def _queue(
