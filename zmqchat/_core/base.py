@@ -429,7 +429,7 @@ class CoreBase:
     def _member_room(self, s: Session, name: str) -> Room:
         room = self._room(name)
         if s.sid not in room.members:
-            raise ProtocolError(Code.NOT_MEMBER, f"you are not in {name}; /join {name} first")
+            raise ProtocolError(Code.NOT_MEMBER, f"you are not in {name}: join it first")
         return room
 
     def _settings(self, room: Room) -> RoomSettings:
