@@ -1268,7 +1268,8 @@ def _sendable(text: Any, extra: dict[str, Any]) -> None:
         raise ChatError("BAD_REQUEST", f"the text must be a str, not {type(text).__name__}")
     try:
         text.encode("utf-8")
-        m.dumps(extra)
+        if extra:
+            m.dumps(extra)
     except UnicodeEncodeError as exc:
         raise ChatError(
             "BAD_REQUEST", f"the text is not valid Unicode (at character {exc.start})"
@@ -1339,6 +1340,9 @@ class BlockingClient:
         return Client(*args, **kwargs)
 
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        if not self._thread.is_alive():  # closed: its loop is gone
+            coro.close()
+            raise ChatError("CLOSED", "the client was closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     @property
@@ -1350,17 +1354,10 @@ class BlockingClient:
         if not asyncio.iscoroutinefunction(attr):
             return attr
 
-        def call(*a: Any, **kw: Any) -> Any:
-            if not self._thread.is_alive():
-                raise ChatError("CLOSED", "the client was closed")
-            return self._call(attr(*a, **kw))
-
-        return call
+        return lambda *a, **kw: self._call(attr(*a, **kw))
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds."""
-        if not self._thread.is_alive():
-            raise ChatError("CLOSED", "the client was closed")
         try:
             return self._call(self._client.next_event(timeout))
         except TimeoutError:

@@ -178,20 +178,21 @@ class LocalStore(Store):
         self.path = path
 
     def expect(self, nick: str, registered: bool) -> None:
-        """Refused (and closed) unless `nick` is an account (`registered`), or is not."""
+        """Refused (and closed) unless `nick` is an account (`registered`), or is not:
+        said before a password is asked for (run() checks again as it writes)."""
         try:
-            found = self.db.execute(
-                "SELECT data FROM accounts WHERE key=?", (m.nick_key(nick),)
-            ).fetchone()
+            _expected(nick, self._found(nick), registered)
         except sqlite3.Error as err:
             self.db.close()
             raise Refused(f"{self.path}: {err}") from None
-        if registered and not found:
+        except Refused:
             self.db.close()
-            raise Refused(f"no account {nick}")
-        if found and not registered:
-            self.db.close()
-            raise Refused(f"{json.loads(found[0])['name']} is registered already")
+            raise
+
+    def _found(self, nick: str) -> Any:
+        return self.db.execute(
+            "SELECT data FROM accounts WHERE key=?", (m.nick_key(nick),)
+        ).fetchone()
 
     def run(self, action: str, nick: str | None, keys: Keys | None) -> str:
         try:
@@ -207,17 +208,14 @@ class LocalStore(Store):
             return _listing([json.loads(data) for (data,) in rows])
         assert nick is not None
         key = m.nick_key(nick)
-        found = self.db.execute("SELECT data FROM accounts WHERE key=?", (key,)).fetchone()
+        found = self._found(nick)
+        _expected(nick, found, registered=action != "add")
         if action == "add":
-            if found:
-                raise Refused(f"{json.loads(found[0])['name']} is registered already")
             assert keys is not None
             self.db.execute(
                 "INSERT INTO accounts VALUES (?,?)", (key, json.dumps(_record(nick, keys)))
             )
             return f"added {nick}"
-        if not found:
-            raise Refused(f"no account {nick}")
         name = json.loads(found[0])["name"]
         if action == "passwd":
             assert keys is not None
@@ -234,6 +232,14 @@ class LocalStore(Store):
             self.db.execute(f"DELETE FROM {table} WHERE {column}=?", (key,))
         self.db.execute("COMMIT")
         return f"removed {name}"
+
+
+def _expected(nick: str, found: Any, registered: bool) -> None:
+    """Refused unless `nick` is an account (`registered`, its row `found`), or is not."""
+    if registered and not found:
+        raise Refused(f"no account {nick}")
+    if found and not registered:
+        raise Refused(f"{json.loads(found[0])['name']} is registered already")
 
 
 def _listing(records: list[dict[str, Any]]) -> str:

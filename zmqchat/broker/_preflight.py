@@ -116,15 +116,9 @@ def curve_problem(a: argparse.Namespace) -> str | None:
 
 def ports_problem(host: str, ports: list[tuple[str, int | None]]) -> str | None:
     """Why one of these TCP ports cannot be bound on host, or None. Each is bound (and let
-    go again) as the broker will bind it; 0 (any free port) and None (off) are skipped."""
+    go again) as the broker will bind it; 0 (any free port) and None (off) are skipped.
+    (Numbers out of range and one port given twice are usage errors: ports_usage.)"""
     wanted: list[tuple[str, int]] = [(flag, port) for flag, port in ports if port]
-    seen: dict[int, str] = {}
-    for flag, port in wanted:
-        if not 0 <= port <= 65535:
-            return f"{flag} {port}: not a port number (1 to 65535, or 0 for any free one)"
-        if port in seen:
-            return f"{flag} {port}: the same port as {seen[port]}; give each its own"
-        seen[port] = flag
     if not wanted:
         return None
     try:
