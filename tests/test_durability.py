@@ -341,7 +341,7 @@ class KickedWithJoinReply(Relay):
     back; or, with `kick_later`, passes the reply and holds the KICKED until `let_kick()`."""
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, broker_port: int, room: str, *, kick_later: bool
+        self, ctx: zmq.asyncio.Context, broker_port: int, room: str, *, kick_later: bool = False
     ) -> None:
         self.room = room.encode()
         self.joins: set[bytes] = set()
