@@ -205,8 +205,11 @@ def nats_nodes(tmp_path_factory):
 class ClusterBroker(BrokerProcess):
     """`python broker.py --cluster ...` as a process; its log goes to a file."""
 
-    def __init__(self, tmp: Path, urls: str, namespace: str, name: str, *args: str) -> None:
+    def __init__(
+        self, tmp: Path, urls: str, namespace: str, name: str, *args: str, wait: bool = True
+    ) -> None:
         self.log_path = tmp / f"{name}.log"
+        self.wait = wait  # for its first start to be said (else: started() does)
         super().__init__(
             tmp,
             "--cluster",
@@ -232,6 +235,12 @@ class ClusterBroker(BrokerProcess):
                 text=True,
                 cwd=ROOT,
             )
+        if self.wait:
+            self.started()
+        self.wait = True
+
+    def started(self) -> None:
+        """Wait until the broker says it started."""
         line = self.proc.stdout.readline()
         assert line.startswith("Broker started"), line + self.log_path.read_text()
         self.proc.stdout.readline()  # "In the cluster at ... as NAME"
@@ -249,8 +258,8 @@ def make_cluster_broker(nats_nodes, tmp_path):
     namespace = "t" + secrets.token_hex(4)
     started: list[ClusterBroker] = []
 
-    def make(name: str, *args: str) -> ClusterBroker:
-        b = ClusterBroker(tmp_path, nats_nodes.urls, namespace, name, *args)
+    def make(name: str, *args: str, wait: bool = True) -> ClusterBroker:
+        b = ClusterBroker(tmp_path, nats_nodes.urls, namespace, name, *args, wait=wait)
         started.append(b)
         return b
 
@@ -279,7 +288,9 @@ class BrokerPair:
                 key, value = "ops", ",".join(value)
             flag = f"--{key.replace('_', '-')}"
             flags += [flag] if value is True else [flag, str(value)]  # True: a switch
-        self.brokers = [make("b1", *flags), make("b2", *flags)]
+        self.brokers = [make("b1", *flags, wait=False), make("b2", *flags, wait=False)]
+        for b in self.brokers:  # started at once, as an operator's two hosts may be
+            b.started()
         self._turn = 0
         self._last = self.brokers[0]
 

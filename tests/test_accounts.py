@@ -41,8 +41,11 @@ def broker(request, tmp_path_factory):
 
     nodes = request.getfixturevalue("nats_nodes")
     namespace = "a" + secrets.token_hex(4)
-    pair = BrokerPair(lambda name, *args: ClusterBroker(tmp, nodes.urls, namespace, name, *args),
-                      **SHARED)  # fmt: skip
+
+    def make(name: str, *args: str, wait: bool = True) -> ClusterBroker:
+        return ClusterBroker(tmp, nodes.urls, namespace, name, *args, wait=wait)
+
+    pair = BrokerPair(make, **SHARED)
     yield pair
     for b in pair.brokers:
         b.proc.kill()

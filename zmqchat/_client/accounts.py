@@ -341,8 +341,9 @@ class AccountClient:
             self.acct.marks[room] = max(seq, self.acct.marks.get(room, 0))
             if self.acct.due.get(room, seq + 1) <= seq:  # read there already: not ours to send
                 del self.acct.due[room]
-            try:
-                reply = await self.unread_counts(room)
+            try:  # counted from the mark as told: on a cluster our broker may not have
+                # heard of it yet (the push can come before the marks bucket's news)
+                reply = await self.unread_counts(room, after=self.acct.marks[room])
             except Exception:  # noqa: BLE001 - counted again at the next mark or login
                 return
             line = reply["rooms"][0] if reply.get("rooms") else {}

@@ -115,6 +115,7 @@ class Bridge:
         self.calls: dict[bytes, Call] = {}  # APPENDs under way
         self.privates = Privates(self)
         self.tasks: set[asyncio.Future[Any]] = set()
+        self.watchdog: asyncio.Future[Any] | None = None
         self.replicas = 1
         self.replies: dict[str, Callable[[Any], None]] = {}  # reply id -> who takes it
         self.reply_ids = itertools.count()
@@ -173,7 +174,8 @@ class Bridge:
             await self._drop_connection()
             return
         self.send([News.READY, str(self.replicas).encode()])
-        self.spawn(self._watchdog())
+        self.watchdog = asyncio.ensure_future(self._watchdog())  # until we stop: not one of
+        self.watchdog.add_done_callback(self._finished)  # the tasks _close gives time to end
         try:
             while True:  # one command at a time, in order: appends keep the loop's order
                 while not self.inbox:
@@ -194,6 +196,8 @@ class Bridge:
             await asyncio.wait(list(self.tasks), timeout=1.0)
         for task in list(self.tasks):
             task.cancel()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         await self._drop_connection()
         self.send([News.STOPPED])
 
@@ -323,26 +327,29 @@ class Bridge:
         # connecting its routes, lists fewer, and a stream made with fewer copies keeps them.)
         clustered = bool((self.nc._server_info or {}).get("cluster"))
         self.replicas = self.cfg.replicas or (3 if clustered else 1)
-        for bucket in Bucket:
-            self.kvs[bucket] = await self.patiently(
-                f"making the bucket {self.ns}-{bucket}", partial(self._bucket, bucket)
-            )
-        await self.patiently(
-            f"making the stream {self.ns}-privates",
-            lambda: self._ensure_stream(f"{self.ns}-privates", [f"{self.ns}.priv.>"]),
+        # Each stream or bucket made is a round of the cluster's consensus: made one after
+        # another, a fresh namespace's fourteen took a second; made at once, a fifth of it.
+        made = await self.together(
+            {f"making the bucket {self.ns}-{b}": partial(self._bucket, b) for b in Bucket}
+            | {
+                f"making the bucket {self.ns}-{ERASED}": partial(self._bucket, ERASED),
+                f"making the stream {self.ns}-privates": partial(
+                    self._ensure_stream, f"{self.ns}-privates", [f"{self.ns}.priv.>"]
+                ),
+            }
         )
-        self.erased = await self.patiently(
-            f"making the bucket {self.ns}-erased", partial(self._bucket, ERASED)
-        )
-        for bucket in Bucket:
+        self.kvs.update(zip(Bucket, made, strict=False))
+        self.erased = made[len(Bucket)]
+        for bucket in Bucket:  # one after another: each is quick, and its keys come in order
             await self.patiently(
                 f"reading the bucket {self.ns}-{bucket}", partial(self._watch, bucket)
             )
-        for room in self.cfg.rooms:
-            await self.patiently(
-                f"making the stream {room_stream(self.ns, room)}",
-                partial(self._ensure_room, room),
-            )
+        await self.together(
+            {
+                f"making the stream {room_stream(self.ns, room)}": partial(self._ensure_room, room)
+                for room in self.cfg.rooms
+            }
+        )
         push = f"{self.ns}.push.{self.cfg.name}"
         await self.nc.subscribe(push, cb=self._routed)
         self.ack_inbox = self.nc.new_inbox()
@@ -357,17 +364,31 @@ class Bridge:
             lambda: edits.follow_privates(self, IDLE_HEARTBEAT),
         )
 
-    async def patiently(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def together(self, steps: dict[str, Callable[[], Awaitable[Any]]]) -> list[Any]:
+        """Setup steps that do not wait on each other, at once (patiently, each); their
+        values in order. The first to fail for good fails the setup and ends the others."""
+        told: list[str] = []  # the cluster is not ready: said once for them all
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.patiently(w, c, told)) for w, c in steps.items()]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # SetupFailed, say: what main() reports
+        return [task.result() for task in tasks]
+
+    async def patiently(
+        self, what: str, call: Callable[[], Awaitable[Any]], told: list[str] | None = None
+    ) -> Any:
         """A JetStream call made while starting. A cluster that has just started (or is
         loaded, or lost a node) answers late, "unavailable", "no suitable peers", "not
         found" for what another broker made a moment ago, ... while it elects its leaders
         and places replicas: whatever the error, the call is tried again until
         `patient_until`, and the first failure of each step says what we wait for. Only a
         JetStream that is not enabled at all fails at once. (What the broker sets up after
-        the bridge, its files say, gets SETUP_PATIENCE of its own.)"""
+        the bridge, its files say, gets SETUP_PATIENCE of its own.) Steps taken together
+        share `told`, so that the wait is said once for them."""
         if self.patient_until < time.monotonic():
             self.patient_until = time.monotonic() + SETUP_PATIENCE
-        said = False
+        told = [] if told is None else told
         while True:
             try:
                 return await call()
@@ -380,7 +401,8 @@ class Bridge:
                         f"{what}: {why} (still so after waiting {SETUP_PATIENCE:g} s for "
                         f"the cluster to settle)"
                     ) from None
-                if not said:
+                if not told:
+                    told.append(what)
                     logger.warning(
                         "the NATS cluster is not ready yet (%s: %s); waiting up to %.0f s "
                         "for it to settle",
@@ -388,7 +410,6 @@ class Bridge:
                         why,
                         max(0.0, self.patient_until - time.monotonic()),
                     )
-                    said = True
                 await asyncio.sleep(0.25)
 
     async def _bucket(self, bucket: str) -> Any:

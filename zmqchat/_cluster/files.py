@@ -63,8 +63,12 @@ def cluster_files(cluster: Any, folder: str) -> tuple[ClusterFiles, ClusterBlobs
                 )
 
         # a cluster that is still settling answers as the bridge's start found (patiently)
-        kv = await bridge.patiently(f"making the bucket {ns}-files", bucket)
-        store = await bridge.patiently(f"making the object store {ns}-contents", objects)
+        kv, store = await bridge.together(
+            {
+                f"making the bucket {ns}-files": bucket,
+                f"making the object store {ns}-contents": objects,
+            }
+        )
         return kv, store
 
     try:
