@@ -395,6 +395,29 @@ def test_an_accounts_rooms_and_marks_are_kept(state):
     assert (again.rooms, again.privates) == ({"lobby": 9}, {"cy": 100.5})
 
 
+@pytest.mark.parametrize("state", ["cluster"], indirect=True)
+def test_a_mark_told_by_another_broker_counts_before_its_news(state):
+    """Another broker's push saying the account read further (MARKED) can come before the
+    marks bucket's news of it: heard_mark counts it at once, forward only, in the account's
+    rooms only. (One broker has one database: there a stored mark is seen at once.)"""
+    acct = account("hal")
+    state.settle(state.accounts.register(acct))
+    state.settle(state.accounts.join(acct, "lobby", 3))
+    state.settle(state.accounts.mark_private(acct, "cy", 50.0))
+    other = state.other()
+    wait_for(lambda: other.kept(acct).rooms == {"lobby": 3}, 10, "the mark on the other broker")
+    state.accounts.mark(acct, "lobby", 9)  # under way: nothing of it drained on the other
+    state.accounts.mark_private(acct, "cy", 100.5)
+    assert (other.kept(acct).rooms, other.kept(acct).privates) == ({"lobby": 3}, {"cy": 50.0})
+    other.heard_mark(acct, "lobby", "", 9)
+    other.heard_mark(acct, None, "cy", 100.5)
+    other.heard_mark(acct, "work", "", 4)  # not its room: nothing
+    other.heard_mark(acct, "lobby", "", 5)  # never back
+    other.heard_mark(acct, None, "cy", 60.0)
+    kept = other.kept(acct)
+    assert (kept.rooms, kept.privates) == ({"lobby": 9}, {"cy": 100.5})
+
+
 def test_failed_logins_are_counted_by_account_and_address(state):
     """Failed logins count for their account and address only, from the time asked."""
     state.settle(state.accounts.failed("dee", "10.0.0.1", 100.0))

@@ -209,6 +209,14 @@ class ClusterAccounts:
         key = f"{hexkey(account.key)}.p.{hexkey(peer_key)}"
         return self._kv(Change.PUT, Bucket.MARKS, key, {"ts": ts})
 
+    def heard_mark(self, account: Account, room: str | None, peer_key: str, value: float) -> None:
+        # as the marks bucket's news will say (_mark_news): forward only
+        rooms, privates = self.rooms[account.key], self.privates[account.key]
+        if room is None:
+            privates[peer_key] = max(value, privates.get(peer_key, 0.0))
+        elif room in rooms:
+            rooms[room] = max(int(value), rooms[room])
+
     def enter(self, account: Account, room: str) -> Op:
         if self.last.get(account.key) == room:
             return Op.ready()

@@ -72,6 +72,11 @@ class AccountStore(Protocol):
     def mark_private(self, account: Account, peer_key: str, ts: float) -> Op:
         """The account has read its private messages from `peer_key` up to time `ts`."""
 
+    def heard_mark(self, account: Account, room: str | None, peer_key: str, value: float) -> None:
+        """A mark another broker stored (in `room`, or else of the conversation with
+        `peer_key`), told by its push to one of our sessions, which can come before the
+        news of it: counted from at once (forward only, in the account's rooms only)."""
+
     def enter(self, account: Account, room: str) -> Op:
         """The room the account is in now: where its next login starts."""
 
@@ -113,6 +118,9 @@ class NoAccounts:
 
     def mark_private(self, account: Account, peer_key: str, ts: float) -> Op:
         return Op.ready()
+
+    def heard_mark(self, account: Account, room: str | None, peer_key: str, value: float) -> None:
+        pass
 
     def enter(self, account: Account, room: str) -> Op:
         return Op.ready()

@@ -23,7 +23,7 @@ from zmqchat._core.accounts import Accounts
 from zmqchat._core.session import Room, Session
 from zmqchat._core.state import Identity, Member, Op, gather
 from zmqchat._ops.logs import event as log_event
-from zmqchat.protocol import Code, ProtocolError, Reply, Why
+from zmqchat.protocol import Code, ProtocolError, Reply, Why, nick_key
 
 log = logging.getLogger("zmqchat.broker")
 
@@ -231,11 +231,18 @@ class Devices(Accounts):
 
     def routed(self, sid: str, kind: Reply, body: dict[str, Any]) -> None:
         """LEFT from another broker: this session is out of the room, and so is the member
-        record that names it (that broker's remove may have gone by an older record)."""
+        record that names it (that broker's remove may have gone by an older record).
+        MARKED: the mark counts here at once (the session asks its unread counts next)."""
         s = self.by_sid.get(sid)
         room = str(body.get("room"))
         if kind is Reply.LEFT and s is not None and room in s.rooms:
             self.registry.remove_member(room, s.key, s.sid)
+        account = self.logged_in.get(sid) if kind is Reply.MARKED else None
+        if account is not None:
+            if isinstance(body.get("seq"), int):
+                self.accounts.heard_mark(account, room, "", body["seq"])
+            elif isinstance(body.get("with"), str) and isinstance(body.get("ts"), (int, float)):
+                self.accounts.heard_mark(account, None, nick_key(body["with"]), body["ts"])
         super().routed(sid, kind, body)
 
     def _kick(self, s: Session, room: Room, target: Member, reason: str, kind: Any) -> Op:

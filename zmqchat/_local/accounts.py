@@ -80,6 +80,9 @@ class LocalAccounts:
             self.store.account_change("acct_private", account.key, peer_key, ts)
         return Op.ready()
 
+    def heard_mark(self, account: Account, room: str | None, peer_key: str, value: float) -> None:
+        pass  # one broker, one database: a stored mark is seen at once
+
     def enter(self, account: Account, room: str) -> Op:
         kept = self.kept(account)
         if kept.last_room != room:
