@@ -328,7 +328,7 @@ class Bridge:
         clustered = bool((self.nc._server_info or {}).get("cluster"))
         self.replicas = self.cfg.replicas or (3 if clustered else 1)
         # Each stream or bucket made is a round of the cluster's consensus: made one after
-        # another, a fresh namespace's fourteen took a second; made at once, a fifth of it.
+        # another, a fresh namespace's fourteen took a second; made at once, half of it.
         made = await self.together(
             {f"making the bucket {self.ns}-{b}": partial(self._bucket, b) for b in Bucket}
             | {
