@@ -253,7 +253,9 @@ def test_privates_nicks_new_rooms_and_history_across_brokers(make_cluster_broker
             await until(lambda: "garden" not in bob.rooms, what="bob out of garden")
             for i in range(30):
                 await alice.say("lobby", f"line {i}")
-            b3 = make_cluster_broker("b3")
+            # started off the event loop: alice and bob go on beating meanwhile (a start
+            # that blocked the loop past 3 heartbeats on a loaded host cut alice off)
+            b3 = await asyncio.to_thread(make_cluster_broker, "b3")
             async with Client("127.0.0.1", b3.port, "carol", backlog=10) as carol:
                 early = await carol.history("lobby", after=0, limit=5)
                 late = await all_history(carol)
