@@ -63,6 +63,10 @@ def test_a_paused_broker_blames_nobody_when_it_wakes(make_cluster_broker):
         await sending
         for view in views:
             await until(lambda view=view: acked[-1] in view.seqs(), 10, "the last line")
+            # dave's leave, appended through b2, may come after the sender's last line
+            await until(
+                lambda view=view: any(e.kind == "leave" for e in view.events), 10, "dave's leave"
+            )
             assert [e.text for e in view.events if e.kind == "leave"] == ["dave left"]
         seqs = views[0].seqs()
         assert seqs == list(range(seqs[0], seqs[-1] + 1))
