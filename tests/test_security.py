@@ -320,8 +320,9 @@ def test_flood_does_not_starve_another_client(make_broker):
         trips.append(time.perf_counter() - t)
     call(flood, "PING", {}, b"end", timeout=30000)  # answered once the flood is read
     worked = time.perf_counter() - start
-    # Starved, the first round trip would take about as long as the whole flood.
-    assert max(trips) < worked / 4, (
+    # Starved, the first round trip would take about as long as the whole flood (a loaded
+    # host can still hold one trip a while: a CI run saw 235 ms of a 623 ms flood).
+    assert max(trips) < worked / 2, (
         f"slowest round trip {max(trips) * 1e3:.1f} ms, the flood {worked * 1e3:.0f} ms"
     )
     flood.close()
