@@ -19,9 +19,9 @@ class HeldLog:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def append(self, room: str, drafts: list[Draft]) -> Op:
+    def append(self, room: str, drafts: list[Draft], heard: int | None = None) -> Op:
         waiting = Op()
-        self.held.append((self.inner.append(room, drafts), waiting))
+        self.held.append((self.inner.append(room, drafts, heard), waiting))
         return waiting
 
     def release(self, error: BaseException | None = None) -> None:

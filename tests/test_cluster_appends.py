@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 
 import nats
+import zmq
 from test_cluster import Listener, all_history, until
 
 from zmqchat import Client
+from zmqchat import protocol as m
 from zmqchat._cluster.history import Stored, parse
 
 
@@ -81,3 +83,60 @@ def test_two_brokers_appending_to_one_room_at_once_number_it_without_gaps(
         assert len(stored) < 240 + 20  # messages went in batches (joins and leaves alone)
 
     asyncio.run(scenario())
+
+
+def test_a_retry_from_long_ago_to_a_broker_new_to_the_room_is_stored_once(make_cluster_broker):
+    """A message stored through b1, whose acknowledgement its client never got; 1,200 more
+    messages after it (more than the 1,000 events a broker reads back when it comes to a
+    room); then the client resumes on b2, started only now, and sends it again with the same
+    id and the room's seq it had heard when it first sent it. b2 reads the room back to there
+    and acknowledges the first copy's seq: history holds the message once. A new message
+    after it is stored at the room's next seq."""
+    b1 = make_cluster_broker("b1", "--rate", "0")
+    ctx = zmq.Context()
+    ctx.linger = 0
+    token = "resume-token-of-ann-" + "x" * 12
+
+    def ask(s: zmq.Socket, kind: str, body: dict) -> dict:
+        s.send_multipart(m.encode_request(kind, b"t", body))
+        assert s.poll(15000), f"no reply to {kind}"
+        reply = m.decode_response(s.recv_multipart())
+        assert reply.kind == "OK", (kind, reply.body)
+        return reply.body
+
+    def dealer(port: int) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(f"tcp://127.0.0.1:{port}")
+        return s
+
+    def say(s: zmq.Socket, msgs: list[tuple[str, str]], heard: int) -> list[int]:
+        body = {"room": "lobby", "msgs": [{"id": i, "text": t} for i, t in msgs], "heard": heard}
+        return [seq for _, seq in ask(s, "SAY", body)["acks"]]
+
+    try:
+        s1 = dealer(b1.port)
+        ask(s1, "HELLO", {"version": 1, "nick": "ann", "token": token})
+        heard = ask(s1, "JOIN", {"room": "lobby"})["seq"]
+        [first] = say(s1, [("late-1", "said once")], heard)
+        for k in range(60):  # (one stream message each: a broker reads back 50 at first)
+            say(s1, [(f"fill-{k}-{i}", f"fill {k} {i}") for i in range(20)], first)
+        end = ask(s1, "HISTORY", {"room": "lobby", "limit": 1})["seq"]
+        assert end >= first + 1200
+        s1.close()  # (its SAY's reply lost with it, as far as its client knows)
+
+        b2 = make_cluster_broker("b2", "--rate", "0")
+        s2 = dealer(b2.port)
+        ask(s2, "HELLO", {"version": 1, "nick": "ann", "token": token, "resume": True})
+        ask(s2, "JOIN", {"room": "lobby", "resume": True})
+        assert say(s2, [("late-1", "said once")], heard) == [first]
+        [after] = say(s2, [("after-1", "said later")], end)
+        assert after > end
+        tail = ask(s2, "HISTORY", {"room": "lobby", "after": first, "limit": 500})["events"]
+        tail += ask(s2, "HISTORY", {"room": "lobby", "after": first + 500, "limit": 500})["events"]
+        tail += ask(s2, "HISTORY", {"room": "lobby", "after": first + 1000, "limit": 500})["events"]
+        texts = [e["text"] for e in tail if e["kind"] == "msg"]
+        assert "said once" not in texts and texts.count("said later") == 1
+        assert len([t for t in texts if t.startswith("fill ")]) == 1200
+    finally:
+        ctx.destroy(linger=0)

@@ -277,12 +277,14 @@ class DropFirstAck(Relay):
 
     def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
         self.says: set[bytes] = set()
+        self.bodies: list[dict] = []  # every SAY's, as sent
         self.dropped = 0
         super().__init__(ctx, broker_port)
 
     def up(self, rid: bytes, frames: list[bytes]) -> bool:
         if frames[0] == b"SAY":
             self.says.add(frames[1])
+            self.bodies.append(json.loads(frames[2]))
         return True
 
     def down(self, rid: bytes, frames: list[bytes]) -> list[list[bytes]]:
@@ -294,14 +296,19 @@ class DropFirstAck(Relay):
 
 def test_lost_acknowledgement_is_retried_without_duplicate(broker, tmp_path):
     """The broker's reply to a SAY is lost: the client retries, the message is stored and
-    delivered once, and the send completes with its one sequence number."""
+    delivered once, and the send completes with its one sequence number. Both sends say
+    the room's seq the client had heard when it first sent it (where a broker new to the
+    room would look back to for the first copy): below the message's own."""
 
     async def scenario() -> None:
         relay = DropFirstAck(zmq.asyncio.Context.instance(), broker.port)
         a = await Member(relay.port, "ann").start()
         b = await Member(broker.port, "ben").start()
+        await until(lambda: a.client.rooms["lobby"].last >= b.client.rooms["lobby"].last, 5, "ben")
+        heard = a.client.rooms["lobby"].last
         seq = await asyncio.wait_for(a.client.say("lobby", "only once"), 10)
         assert relay.dropped == 1
+        assert [body["heard"] for body in relay.bodies] == [heard, heard] and heard < seq
         await until(lambda: seq in b.seqs(), 5, "delivery")
         stored = [e for e in db_events(Path(broker.cfg.db)) if e["text"] == "only once"]
         assert [e["seq"] for e in stored] == [seq]

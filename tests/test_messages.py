@@ -101,6 +101,7 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "relay": None,
             "hops": None,
             "re": None,
+            "heard": None,
             "msgs": [
                 {"id": "c1", "text": "héllo ✓", "action": False},
                 {"id": "c2", "text": "waves", "action": True},
@@ -335,6 +336,8 @@ BAD_REQUESTS: list[tuple[str, list[bytes], Code]] = [
         Code.BAD_REQUEST,
     ),
     ("say relay not string", raw("SAY", {**say("x"), "relay": 1}), Code.BAD_REQUEST),
+    ("say heard negative", raw("SAY", {**say("x"), "heard": -1}), Code.BAD_REQUEST),
+    ("say heard string", raw("SAY", {**say("x"), "heard": "7"}), Code.BAD_REQUEST),
     ("history limit string", raw("HISTORY", {"room": "dev", "limit": "10"}), Code.BAD_REQUEST),
     ("history room and with", raw("HISTORY", {"room": "dev", "with": "bob"}), Code.BAD_REQUEST),
     ("history with a bad nick", raw("HISTORY", {"with": "b b"}), Code.NICK_INVALID),

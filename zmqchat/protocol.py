@@ -397,6 +397,7 @@ def _v_say(b: dict[str, Any]) -> dict[str, Any]:
         "relay": _text(b, "relay", MAX_NICK + MAX_ROOM + 1, required=False),
         "hops": min(hops, MAX_HOPS) if hops is not None else None,
         "re": _int(b, "re", low=1),  # a reply to the room's message with this seq (issue 23)
+        "heard": _int(b, "heard"),  # the room's seq the sender had when it first sent them
     }
 
 

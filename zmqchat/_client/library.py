@@ -265,6 +265,7 @@ class _Send:
     cmid: str
     future: asyncio.Future
     extra: dict[str, Any] = field(default_factory=dict)
+    heard: int | None = None  # the room's seq we had when it was queued: it is stored after
 
 
 class Client(AccountClient, Messages):
@@ -1175,7 +1176,9 @@ class Client(AccountClient, Messages):
         cmid = uuid.uuid4().hex
         remember(self._mine, cmid, MINE_MEMORY)
         future = asyncio.get_running_loop().create_future()
-        self._outbox[cmid] = _Send(kind, target, text, action, cmid, future, extra)
+        order = self.rooms.get(target) if kind == "say" else None
+        heard = max(order.last, order.target) if order is not None else None
+        self._outbox[cmid] = _Send(kind, target, text, action, cmid, future, extra, heard)
         self._work.set()
         return await future
 
@@ -1252,6 +1255,9 @@ class Client(AccountClient, Messages):
             "room": first.target,
             "msgs": [{"id": i.cmid, "text": i.text, "action": i.action} for i in batch],
         }
+        heard = [i.heard for i in batch if i.heard is not None]
+        if heard:  # a retry's first copy is after this: a broker new to the room looks back
+            body["heard"] = min(heard)  # to there for it
         body.update(first.extra)
         reply = await self.request(m.Kind.SAY, body, timeout=max(2.0, self.heartbeat))
         for cmid, seq in reply.get("acks", []):

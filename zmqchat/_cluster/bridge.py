@@ -530,17 +530,19 @@ class Bridge:
 
     # ------------------------------------------------------------------ room events
     async def _append(self, frames: list[bytes]) -> None:
-        """APPEND id room [msgid kind tail]...: into the room's next stream message;
-        answered with their seqs once it is stored."""
+        """APPEND id room heard [msgid kind tail]...: into the room's next stream message;
+        answered with their seqs once it is stored (`heard`: the room's seq its client had
+        when it first sent them, or empty)."""
         call_id, room = frames[1], frames[2].decode()
+        heard = int(frames[3]) if frames[3] else None
         events = [
             (frames[i].decode(), frames[i + 1].decode(), frames[i + 2])
-            for i in range(3, len(frames), 3)
+            for i in range(4, len(frames), 3)
         ]
         now = time.monotonic()
         call = Call(call_id, room, [0] * len(events), len(events), now + OP_TIMEOUT)
         self.calls[call_id] = call
-        self.stream(room).append(call, events, now + NOTICE_RETRY)
+        self.stream(room).append(call, events, now + NOTICE_RETRY, heard)
 
     def answer(self, call: Call) -> None:
         """An APPEND whose events all have their seqs: answered."""

@@ -105,8 +105,8 @@ class ClusterLog(LogEdits):
         follow.then(followed)
         return outer
 
-    def append(self, room: str, drafts: list[Draft]) -> Op:
-        frames = [Verb.APPEND, room.encode()]
+    def append(self, room: str, drafts: list[Draft], heard: int | None = None) -> Op:
+        frames = [Verb.APPEND, room.encode(), b"" if heard is None else str(heard).encode()]
         for d in drafts:
             tail = m.encode_event_tail(time.time(), d.nick, d.kind, d.text, d.cmid, d.extra)
             mid = msg_id(d.owner, d.cmid) if d.cmid is not None else uuid.uuid4().hex

@@ -153,11 +153,14 @@ class SeenIds:
     def __init__(self, size: int = 200_000) -> None:
         self.size = size
         self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self.forgot: dict[str, int] = {}  # room -> the highest seq whose id was let go
 
     def add(self, msgid: str, room: str, seq: int) -> None:
         self.ids[msgid] = (room, seq)
         if len(self.ids) > self.size:
-            self.ids.popitem(last=False)
+            _, (room, seq) = self.ids.popitem(last=False)
+            if seq > self.forgot.get(room, 0):
+                self.forgot[room] = seq
 
     def get(self, msgid: str) -> tuple[str, int] | None:
         return self.ids.get(msgid)

@@ -24,7 +24,11 @@ De-duplication: a client message's id is remembered once it is stored (SeenIds);
 whose id is stored, queued or in flight is not published again, its sender gets the seq it
 has. The expected-last-sequence rule makes this complete: a message is stored only by a
 broker that had read everything before it. What a broker knows reaches back to the last
-`WINDOW_EVENTS` events before it began writing to or following the room.
+`WINDOW_EVENTS` events before it began writing to or following the room; further for a
+client's message whose SAY says the room's seq its client had heard when it first sent it
+(`heard`: its first copy, if any, is after that): a broker that knows ids only from later
+reads the room back to there first (MAX_READBACK events at most), so that a retry after a
+long outage, to a broker that came to the room since, is still recognised.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ MAX_BYTES: Final = 512 * 1024  # bytes in one (NATS's default max_payload is 1 M
 RETRY_EVERY: Final = 0.5  # seconds an unanswered message waits before it is published again
 PROBE_AFTER: Final = 1.0  # seconds one may wait before we ask whether our server is there
 WINDOW_EVENTS: Final = 1000  # events read back when a broker first writes to or follows a room
+MAX_READBACK: Final = 100_000  # events read further back for a retry whose sender heard less
 INDEX_MESSAGES: Final = 100_000  # stream messages whose first seq a room remembers
 READ_BATCH: Final = 500  # messages per direct-get request
 WRONG_LAST: Final = 10071  # JetStream: "wrong last sequence: N"
@@ -134,6 +139,9 @@ class RoomStream:
         self.history = History(host, room, self.index)
         self.recent: deque[Stored] = deque()  # the last WINDOW_EVENTS events' messages
         self.recent_events = 0
+        self.ids_from = 0  # the room's first seq whose message ids we know (0: not loaded)
+        self.checking: list[tuple[Call, list[tuple[str, str, bytes]], float, int | None]] | None
+        self.checking = None  # APPENDs held while the room is read back (_look_back)
         # following
         self.following = False
         self.sub: Any = None
@@ -159,6 +167,7 @@ class RoomStream:
                 self.known_seq, self.known_room = (
                     (window[0].seq - 1, window[0].first - 1) if window else (0, 0)
                 )
+                self.ids_from = self.known_room + 1
             for stored in window:
                 self.learn(stored)
             self.loading.set_result(None)
@@ -334,8 +343,77 @@ class RoomStream:
                 pass
 
     # ------------------------------------------------------------------ appending
-    def append(self, call: Call, events: list[tuple[str, str, bytes]], keep_until: float) -> None:
-        """An APPEND's events (msgid, kind, tail), in order, into the queue."""
+    def append(
+        self,
+        call: Call,
+        events: list[tuple[str, str, bytes]],
+        keep_until: float,
+        heard: int | None = None,
+    ) -> None:
+        """An APPEND's events (msgid, kind, tail), in order, into the queue. One whose
+        client messages may be retries of copies stored before the ids we know (their
+        sender had heard less than that when it first sent them) waits while the room is
+        read back to there; the APPENDs after it wait their turn behind it."""
+        if self.checking is not None:
+            self.checking.append((call, events, keep_until, heard))
+            return
+        if heard is not None and self._before_known(heard, events):
+            self.checking = [(call, events, keep_until, heard)]
+            self.host.spawn(self._look_back())
+            return
+        self._enqueue(call, events, keep_until)
+
+    def _known_from(self) -> int:
+        """The room's first seq from which every stored message's id is known here (0:
+        the stream not read yet)."""
+        return max(self.ids_from, self.host.seen.forgot.get(self.room, 0) + 1)
+
+    def _before_known(self, heard: int, events: list[tuple[str, str, bytes]]) -> bool:
+        """Whether a client message of these, its id unknown here, may have been stored
+        before the ids we know: its sender had heard only up to `heard`."""
+        if self.known_seq >= 0 and heard + 1 >= self._known_from():
+            return False
+        seen = self.host.seen
+        return any(
+            kind in CLIENT_KINDS and seen.get(msgid) is None and msgid not in self.by_id
+            for msgid, kind, _ in events
+        )
+
+    async def _look_back(self) -> None:
+        """The held APPENDs, in order: each room read back first if it needs it."""
+        try:
+            while self.checking:
+                call, events, keep_until, heard = self.checking[0]
+                if heard is not None and not call.done and self._before_known(heard, events):
+                    try:
+                        await self.loaded()
+                        await self._read_back(heard)
+                    except Exception as exc:  # noqa: BLE001 - the cluster is away: again soon
+                        logger.info("%s: could not read back to seq %d (%s)", self.room, heard, exc)
+                        await asyncio.sleep(RETRY_EVERY)
+                        continue
+                del self.checking[0]
+                if call.done:  # failed meanwhile: its client sends them again
+                    events = [e for e in events if e[1] not in CLIENT_KINDS]
+                self._enqueue(call, events, keep_until)
+        finally:
+            self.checking = None
+
+    async def _read_back(self, heard: int) -> None:
+        """Learn the ids of the room's messages from seq heard + 1 up to those we know
+        (MAX_READBACK events at most)."""
+        known_from = self._known_from()
+        lo = max(heard + 1, known_from - MAX_READBACK, 1)
+        if self.known_seq < 0 or lo >= known_from:
+            return
+        seen = self.host.seen
+        for seq, _, kind, msgid in await self.history.events(lo, known_from - 1):
+            if msgid and kind in CLIENT_KINDS:
+                seen.add(msgid, self.room, seq)
+        self.ids_from = min(self.ids_from, lo)
+        logger.info("%s: read back to seq %d for a retry's first copy", self.room, lo)
+
+    def _enqueue(self, call: Call, events: list[tuple[str, str, bytes]], keep_until: float) -> None:
         for slot, (msgid, kind, tail) in enumerate(events):
             hit = self.host.seen.get(msgid)
             if hit is not None and hit[0] == self.room:  # stored already: its seq

@@ -480,12 +480,12 @@ class CoreBase:
             room.name, [Draft(kind, nick, text, m.nick_key(nick), None, extra or None)]
         )
 
-    def _store(self, room: str, drafts: list[Draft]) -> Op:
+    def _store(self, room: str, drafts: list[Draft], heard: int | None = None) -> Op:
         """Append events to a room's log (counted by kind)."""
         events = self.stats.events
         for d in drafts:
             events[d.kind] += 1
-        return self.room_log.append(room, drafts)
+        return self.room_log.append(room, drafts, heard)
 
     def _remove(self, s: Session, room: Room, *, rekey: bool = True) -> None:
         """Take a session of ours out of a room's audience and re-key the room once all

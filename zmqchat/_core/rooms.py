@@ -106,7 +106,7 @@ class Rooms(CoreBase):
                 kind = EventKind.ACTION if item["action"] else EventKind.MSG
                 fresh[cmid] = len(drafts)
                 drafts.append(Draft(kind, s.nick, item["text"], owner, cmid, extra))
-        op = self._store(room.name, drafts) if drafts else Op.ready([])
+        op = self._store(room.name, drafts, req.body["heard"]) if drafts else Op.ready([])
         if not op.done:  # a cluster: answered once it has stored them
             return self._say_stored(room.name, msgs, known, fresh, op)
         if op.error is not None:

@@ -220,10 +220,12 @@ class RoomLog(Protocol):
         """The highest number of the room's events that this broker has published (or
         will, before any reply now being made goes out)."""
 
-    def append(self, room: str, drafts: list[Draft]) -> Op:
+    def append(self, room: str, drafts: list[Draft], heard: int | None = None) -> Op:
         """Store events at the end of the room; the Op's value is their numbers. The core
         leaves out the drafts whose ids `known_ids` finds; a cluster may still meet one
-        stored through another broker meanwhile, and gives it its stored number."""
+        stored through another broker meanwhile, and gives it its stored number. `heard`:
+        the drafts' ids were first sent when the room was at that number, so none of them
+        is stored at or before it (a cluster's broker looks back to there for them)."""
 
     def known_ids(self, owner: str, cmids: list[str]) -> dict[str, tuple[str, str, int] | None]:
         """(sender, room, number) of each of `owner`'s client message ids already stored,

@@ -37,7 +37,7 @@ class LocalLog:
     def last(self, room: str) -> int:
         return self.seqs.get(room, 0)
 
-    def append(self, room: str, drafts: list[Draft]) -> Op:
+    def append(self, room: str, drafts: list[Draft], heard: int | None = None) -> Op:
         seq = self.seqs.get(room, 0)
         pending = self._pending.get(room)
         if pending is None:
