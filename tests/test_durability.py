@@ -18,7 +18,8 @@ import zmq
 import zmq.asyncio
 
 from conftest import ROOT
-from zmqchat import Client, Event
+from zmqchat import ChatError, Client, Event
+from zmqchat import protocol as m
 from zmqchat._local import store
 
 HB = "0.3"
@@ -684,3 +685,29 @@ def test_corrupted_database_is_refused_at_start(tmp_path):
         assert run.returncode == 4, (name, run.stdout, run.stderr)
         assert "cannot use the history database" in run.stderr
         assert "Traceback" not in run.stderr
+
+
+def test_a_request_made_while_reconnecting_waits_for_the_resume(make_broker):
+    """The broker goes away and comes back: who() and history() asked while the client is
+    reconnecting wait for its resume and answer; one asked with a timeout shorter than the
+    outage fails with TIMEOUT, saying so."""
+    broker = make_broker()
+
+    async def scenario() -> None:
+        ann = await Member(broker.port, "ann", timeout=15).start()
+        seq = await ann.client.say("lobby", "before the outage")
+        broker.stop()
+        await until(lambda: any("reconnecting" in s for s in ann.statuses()), 10, "the loss")
+        who = asyncio.create_task(ann.client.who("lobby"))
+        history = asyncio.create_task(ann.client.history("lobby", after=seq - 1))
+        with pytest.raises(ChatError) as short:
+            await ann.client.request(m.Kind.ROOMS, {}, timeout=0.3)
+        assert short.value.code == "TIMEOUT" and "not reconnected" in short.value.reason
+        assert not who.done() and not history.done()
+        broker.start()
+        assert "ann" in await asyncio.wait_for(who, 20)
+        assert [e.text for e in await history][:1] == ["before the outage"]
+        assert "lobby" in ann.client.rooms
+        await close_all([ann])
+
+    asyncio.run(scenario())

@@ -595,16 +595,40 @@ class Client(AccountClient, Messages):
         on_reply: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Send one command and wait for its reply; RATE_LIMITED is waited out and resent.
-        on_reply(body) runs as the OK reply is read, before any message after it."""
+        on_reply(body) runs as the OK reply is read, before any message after it. Made
+        while the client reconnects, it waits for that first (within the same timeout); one
+        under way when the connection is lost fails with DISCONNECTED (it may have been done)."""
+        timeout = timeout or self.timeout
+        if not self._online.is_set() and kind is not m.Kind.HELLO:
+            started = time.monotonic()
+            await self._until_resumed(timeout)
+            timeout = max(0.1, timeout - (time.monotonic() - started))
         while True:
             if not self.connected and kind is not m.Kind.HELLO:
                 raise ChatError("DISCONNECTED", "not connected to the broker")
             try:
-                return await self._request_once(kind, body, timeout or self.timeout, on_reply)
+                return await self._request_once(kind, body, timeout, on_reply)
             except ChatError as err:
                 if err.code != m.Code.RATE_LIMITED:
                     raise
                 await asyncio.sleep(float(err.body.get("retry_after", 0.2)))
+
+    async def _until_resumed(self, timeout: float) -> None:
+        """A request made while the client resumes its session waits until it has (but
+        the resume's own requests, and any while it is not reconnecting)."""
+        resuming = self._resuming
+        if (
+            resuming is None
+            or resuming.done()
+            or asyncio.current_task() is resuming
+            or self._closing
+            or not self.reconnect
+        ):
+            return
+        try:
+            await asyncio.wait_for(self._online.wait(), timeout)
+        except TimeoutError:
+            raise ChatError("TIMEOUT", f"not reconnected within {timeout:g} s") from None
 
     async def _request_once(
         self,
