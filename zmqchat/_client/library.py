@@ -1275,7 +1275,7 @@ class Client(AccountClient, Messages):
             if not first.future.done():
                 first.future.set_result(reply.get("event") or reply)
             return
-        body = {
+        body: dict[str, Any] = {
             "room": first.target,
             "msgs": [{"id": i.cmid, "text": i.text, "action": i.action} for i in batch],
         }
