@@ -4,13 +4,16 @@ processes (conftest: nats_nodes, make_cluster_broker), clients through the libra
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from typing import Any
 
+import pytest
 import zmq
 
-from conftest import wait_for
+from conftest import CLUSTER_HEARTBEAT, wait_for
 from zmqchat import ChatError, Client, Event
 from zmqchat import protocol as m
 
@@ -84,6 +87,35 @@ def test_two_brokers_serve_one_room(make_cluster_broker):
                     raise AssertionError(f"{nick} got in")
                 except ChatError as err:
                     assert err.code == "NICK_TAKEN"
+
+    asyncio.run(scenario())
+
+
+def test_a_nick_held_on_another_broker_is_refused_once_its_holder_is_heard(make_cluster_broker):
+    """A nick held by a live client on b1, asked for on b2: b2 asks b1 how long its holder
+    has been silent and says so (`silent`, as for a holder of its own), so a client that
+    would wait for a lost holder's nick is refused at its first look again, not at the end
+    of the lost-holder wait (`free_in`: a cluster holds a lost nick longer, for failover)."""
+    b1, b2 = make_cluster_broker("b1", wait=False), make_cluster_broker("b2", wait=False)
+    b1.started(), b2.started()
+
+    async def scenario() -> None:
+        async with Client("127.0.0.1", b1.port, "alice"):
+            began = time.monotonic()
+            with pytest.raises(ChatError) as refused:
+                await Client("127.0.0.1", b2.port, "alice", timeout=3).connect()
+            took = time.monotonic() - began
+            assert refused.value.code == "NICK_TAKEN"
+            assert refused.value.body["silent"] < 3 * CLUSTER_HEARTBEAT
+            assert took < refused.value.body["free_in"] < 4 * 3 * CLUSTER_HEARTBEAT
+            os.kill(b1.proc.pid, signal.SIGSTOP)  # b1 cannot answer: b2 does not wait on it
+            try:
+                twin = Client("127.0.0.1", b2.port, "alice", timeout=3, wait_for_nick=0)
+                with pytest.raises(ChatError) as refused:
+                    await twin.connect()
+                assert refused.value.code == "NICK_TAKEN" and "silent" not in refused.value.body
+            finally:
+                os.kill(b1.proc.pid, signal.SIGCONT)
 
     asyncio.run(scenario())
 

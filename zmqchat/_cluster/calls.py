@@ -119,6 +119,9 @@ class CoreLink:
         if self.core is not None:
             self.core.routed(push["sid"], Reply(push["kind"]), push["body"])
 
+    def silent_for(self, sid: str) -> float | None:
+        return self.core.silent_for(sid) if self.core is not None else None
+
     def reap(self, ident: Identity) -> None:
         if self.core is not None:
             self.core.reap(ident)

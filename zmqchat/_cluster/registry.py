@@ -5,6 +5,7 @@ sessions on other brokers go to that broker's subject (ClusterPresence)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -552,13 +553,42 @@ class ClusterRegistry:
 
 
 class ClusterPresence:
-    """Pushes for sessions on other brokers go through NATS, to that broker's subject."""
+    """Pushes for sessions on other brokers go through NATS, to that broker's subject; so
+    do questions about them ("how long has this session been silent?") and their answers."""
 
-    def __init__(self, calls: Calls) -> None:
-        self.calls = calls
+    def __init__(self, calls: Calls, wait: float) -> None:
+        self.calls, self.wait = calls, wait  # wait: seconds a question waits for its answer
+        self.name = ""  # this broker's
+        self.asking: dict[str, tuple[Op, float]] = {}  # question id -> (its Op, asked when)
+        self._ids = itertools.count(1)
 
     def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
-        push = {"sid": sid, "kind": str(kind), "body": body}
+        self._route(broker, {"sid": sid, "kind": str(kind), "body": body})
+
+    def silent(self, broker: str, sid: str) -> Op:
+        question, op = str(next(self._ids)), Op()
+        self.asking[question] = (op, time.monotonic())
+        self._route(broker, {"sid": sid, "ask": "silent", "from": self.name, "q": question})
+        return op
+
+    def asked(self, push: dict[str, Any], silent: float | None) -> None:
+        """Answer another broker's question about one of our sessions."""
+        self._route(str(push["from"]), {"answer": push["q"], "silent": silent})
+
+    def answered(self, push: dict[str, Any]) -> None:
+        entry = self.asking.pop(str(push["answer"]), None)
+        if entry is not None:
+            silent = push.get("silent")
+            entry[0].resolve(float(silent) if isinstance(silent, (int, float)) else None)
+
+    def expire(self, now: float) -> None:
+        """Questions unanswered for `wait` seconds: not known (their broker is away)."""
+        for question, (op, asked) in list(self.asking.items()):
+            if now - asked >= self.wait:
+                del self.asking[question]
+                op.resolve(None)
+
+    def _route(self, broker: str, push: dict[str, Any]) -> None:
         self.calls.tell([Verb.ROUTE, broker.encode(), json.dumps(push).encode()])
 
 

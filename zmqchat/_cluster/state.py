@@ -39,6 +39,7 @@ logger = logging.getLogger("zmqchat.cluster")
 READY_WAIT: Final = 75.0  # seconds a start waits for the cluster (its SETUP_PATIENCE, and more)
 CALL_DEADLINE: Final = 10.0  # seconds after which an unanswered command fails (a stuck bridge)
 STOP_WAIT: Final = 5.0  # seconds a stop waits for the bridge to let go of NATS
+ASK_WAIT: Final = 1.0  # seconds a question to another broker waits (checked every half heartbeat)
 TAKEOVER_WAIT: Final = 1.5  # heartbeats a start waits for another beat of its name (a beat
 # comes every half heartbeat: three chances)
 
@@ -74,7 +75,7 @@ class Cluster:
         self.seen = SeenIds()  # stored message ids: the bridge's and the room log's
         self.log = ClusterLog(self.calls, self.seen)
         self.registry = ClusterRegistry(self.calls, self.core, self.rooms, self.log.follow_room)
-        self.presence = ClusterPresence(self.calls)
+        self.presence = ClusterPresence(self.calls, min(self.heartbeat, ASK_WAIT))
         self.accounts = ClusterAccounts(self.calls, self.log.privates_of)  # issue 21
         self.registry.appliers.update(self.accounts.appliers())
         self.liveness = Liveness(self.calls, self.registry, self.core, self.heartbeat)
@@ -87,7 +88,7 @@ class Cluster:
             News.FAIL: self.calls.answered,
             News.KEY: self._key_changed,
             News.LAST: lambda frames: self.log.start_at(frames[1].decode(), int(frames[2])),
-            News.ROUTED: lambda frames: self.core.routed(json.loads(frames[1])),
+            News.ROUTED: self._routed,
             News.PRIVS: lambda frames: self.log.index.privates(frames[1:]),  # search
         }
 
@@ -97,7 +98,7 @@ class Cluster:
         cluster cannot be reached or will not serve."""
         from zmqchat._cluster.bridge import Bridge, BridgeConfig
 
-        self.name = self.liveness.name = self.registry.name = name
+        self.name = self.liveness.name = self.registry.name = self.presence.name = name
         self.bridge = Bridge(
             BridgeConfig(self.servers, self.namespace, name, list(self.rooms), self.replicas),
             self._from_bridge,
@@ -198,6 +199,7 @@ class Cluster:
         now = time.monotonic()
         self.log.unfollow_idle(self.registry.has_local_members, now)
         self.calls.expire(now, CALL_DEADLINE)
+        self.presence.expire(now)
         self.log.index.retry()  # the search index (issue 23)
         self.log.index.settle()
         self.log.index._wake()  # (waits that are over by their deadline)
@@ -242,6 +244,16 @@ class Cluster:
         handler = self.handlers.get(frames[0])
         if handler is not None:
             handler(frames)
+
+    def _routed(self, frames: list[bytes]) -> None:
+        """ROUTED push: for one of our sessions, or a question about one, or an answer."""
+        push = json.loads(frames[1])
+        if "ask" in push:
+            self.presence.asked(push, self.core.silent_for(str(push["sid"])))
+        elif "answer" in push:
+            self.presence.answered(push)
+        else:
+            self.core.routed(push)
 
     def _key_changed(self, frames: list[bytes]) -> None:
         """KEY bucket key revision PUT|DEL value: a watched key's news."""

@@ -133,6 +133,10 @@ class CoreBase:
     def local_sids(self) -> Collection[str]:
         return self.by_sid.keys()
 
+    def silent_for(self, sid: str) -> float | None:
+        s = self.by_sid.get(sid)
+        return None if s is None else self.clock.monotonic() - s.last_seen
+
     def add_room(self, name: str) -> Room:
         room = self.rooms.get(name)
         if room is None:

@@ -60,9 +60,8 @@ class Sessions(CoreBase):
             # an account takes its nick from a guest who had it before it was registered
             and not (account and holder.account in ("", account))
         ):
-            raise ProtocolError(
-                Code.NICK_TAKEN, f"the nickname {holder.nick} is taken", **self._held(holder)
-            )
+            held = yield from self._held(holder)
+            raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken", **held)
         ident = Identity(self.tokens(8), nick, key, hashed, pubkey, b["bot"], self.name)
         ident.account = account
         replayable = bool(pubkey) or len(b["token"]) >= MIN_REPLAY_TOKEN or bool(account)
@@ -132,20 +131,21 @@ class Sessions(CoreBase):
         """A new session is there (accounts.py): more fields for its welcome."""
         return {}
 
-    def _held(self, holder: Identity) -> dict[str, Any]:
+    def _held(self, holder: Identity) -> Generator[Op, Any, dict[str, Any]]:
         """For NICK_TAKEN: when the nick will be free (`free_in` seconds) if its holder's
-        connection stays silent, and, for a holder on this broker, how long it has been
-        silent (`silent`). A client may wait and ask again: a holder that is heard from
-        meanwhile (`silent` shorter than the wait) is there, and the nick taken."""
-        s = self.by_sid.get(holder.sid)
+        connection stays silent, and how long it has been silent (`silent`: its broker,
+        this one or another, says). A client may wait and ask again: a holder that is
+        heard from meanwhile (`silent` shorter than the wait) is there, and the nick taken."""
         limit = 3 * self.rules.heartbeat
         margin = self.rules.heartbeat / 2  # sweeps run every half heartbeat
         # a cluster keeps a lost session's nick a grace period more (for its client to
         # resume elsewhere), settled at a sweep after it
         held = limit + 2 * margin if self.registry.keeps_lost() else 0.0
-        if s is None:  # elsewhere (another broker's, or held): free at the latest then
+        silent = self.silent_for(holder.sid)
+        if silent is None and holder.broker and holder.broker != self.name:
+            silent = yield self.presence.silent(holder.broker, holder.sid)
+        if silent is None:  # held (its broker dead, or it no longer knows it): free by then
             return {"free_in": limit + held}
-        silent = self.clock.monotonic() - s.last_seen
         free_in = max(limit - silent, 0.0) + margin + held
         return {"free_in": round(free_in, 3), "silent": round(silent, 3)}
 

@@ -348,7 +348,14 @@ class Listener(Protocol):
     def local_sids(self) -> Collection[str]:
         """The ids of the sessions connected to this broker."""
 
+    def silent_for(self, sid: str) -> float | None:
+        """Seconds since one of this broker's sessions was last heard (None: not ours)."""
+
 
 class Presence(Protocol):
     def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
         """Deliver a push to a session held by another broker."""
+
+    def silent(self, broker: str, sid: str) -> Op:
+        """Seconds since a session held by another broker was last heard, as that broker
+        says (the Op's value; None if it does not know it, or does not answer in time)."""

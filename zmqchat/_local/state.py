@@ -247,3 +247,6 @@ class LocalPresence:
 
     def send(self, broker: str, sid: str, kind: Reply, body: dict[str, Any]) -> None:
         log.warning("push %s for session %s on unknown broker %s dropped", kind, sid, broker)
+
+    def silent(self, broker: str, sid: str) -> Op:
+        return Op.ready(None)
