@@ -400,3 +400,30 @@ def test_a_script_piping_into_a_cluster_sees_its_own_lines(make_cluster_broker):
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     mine = [e["text"] for e in events if e.get("kind") == "msg" and e.get("mine")]
     assert mine == lines
+
+
+def test_the_failed_logins_a_cluster_keeps_expire(make_cluster_broker, nats_nodes):
+    """The cluster's record of failed logins (per account and address; one counts for a
+    minute) lets each go after 10 minutes, also in a bucket made before that rule: it does
+    not grow with every address that ever tried a password."""
+    import nats
+
+    bucket = f"{make_cluster_broker.namespace}-logins"
+
+    async def on_nats(what: Any) -> Any:
+        nc = await nats.connect(nats_nodes.urls.split(","))
+        try:
+            return await what(nc.jetstream())
+        finally:
+            await nc.close()
+
+    async def make_old(js: Any) -> None:  # as a broker of an earlier version made it
+        await js.create_key_value(bucket=bucket, history=1)
+
+    async def kept_for(js: Any) -> float:
+        return (await js.stream_info(f"KV_{bucket}")).config.max_age
+
+    asyncio.run(on_nats(make_old))
+    assert not asyncio.run(on_nats(kept_for))
+    make_cluster_broker("b1")
+    assert asyncio.run(on_nats(kept_for)) == 600.0

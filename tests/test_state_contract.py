@@ -31,6 +31,7 @@ from zmqchat._core.state import (
     RoomLog,
     RoomSettings,
 )
+from zmqchat._local.accounts import FAILURES_KEPT
 from zmqchat._scram import make_keys
 from zmqchat.protocol import Code, EventKind, ProtocolError
 
@@ -536,3 +537,15 @@ def test_search_keeps_to_the_rooms_and_the_private_messages_asked_for(state):
     assert find(state, "key", [], BEN) == ["deploy key"]
     assert find(state, "key", [], "tok:someone-else") == []
     assert find(state, "key", ["lobby", "work"]) == []
+
+
+def test_failed_logins_are_forgotten_once_they_no_longer_count(state):
+    """A failed login counts for about a minute (FAILURES_KEPT); failures from addresses
+    that stopped long ago are let go as new ones come, so that logins tried from ever new
+    addresses do not pile up in memory."""
+    for i in range(50):
+        state.settle(state.accounts.failed("dee", f"10.0.1.{i}", 100.0))
+    assert state.accounts.failures("dee", "10.0.1.7", 0.0) == [100.0]
+    state.settle(state.accounts.failed("dee", "10.0.2.1", 100.0 + FAILURES_KEPT + 1))
+    assert all(state.accounts.failures("dee", f"10.0.1.{i}", 0.0) == [] for i in range(50))
+    assert state.accounts.failures("dee", "10.0.2.1", 0.0) == [100.0 + FAILURES_KEPT + 1]

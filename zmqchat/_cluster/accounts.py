@@ -228,6 +228,10 @@ class ClusterAccounts:
         return [at for at in self.logins.get((key, hexkey(address) or "-"), ()) if at >= since]
 
     def failed(self, key: str, address: str, at: float) -> Op:
+        for old in [
+            w for w, times in self.logins.items() if not times or times[-1] < at - FAILURES_KEPT
+        ]:
+            del self.logins[old]  # forgotten as new ones come (in the bucket: LOGINS_TTL)
         where = (key, hexkey(address) or "-")
         recent = [t for t in self.logins.get(where, ()) if t >= at - FAILURES_KEPT] + [at]
         self.logins[where] = recent

@@ -70,6 +70,8 @@ PINGS_UNANSWERED: Final = 3  # how many may go unanswered before we use another:
 # that is stopped (SIGSTOP, a frozen VM) keeps its TCP connection open, and only its silence
 # says it is gone (nats-py's default, 2 minutes x 2, was 16 s here with ours of 5 x 3)
 PROBE_TIMEOUT: Final = 0.5  # seconds the first JetStream request waits (then it is asked again)
+# seconds a bucket's key lives: failed logins count for FAILURES_KEPT (accounts.py), no more
+BUCKET_TTL: Final[dict[str, float]] = {Bucket.LOGINS: 600.0}
 SETUP_PATIENCE: Final = 60.0  # seconds a start waits for a cluster that is still settling
 # (electing its leaders, placing replicas); state.READY_WAIT, the broker's own limit, is longer
 NOTICE_RETRY: Final = 600.0  # seconds a broker keeps trying to store a notice of its own
@@ -413,19 +415,30 @@ class Bridge:
                 await asyncio.sleep(0.25)
 
     async def _bucket(self, bucket: str) -> Any:
-        name = f"{self.ns}-{bucket}"
+        name, ttl = f"{self.ns}-{bucket}", BUCKET_TTL.get(bucket)
         try:
-            return await self.js.key_value(name)
+            kv = await self.js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             pass
+        else:
+            if ttl is not None:  # (a bucket made before it had one)
+                await self._keep_for(f"KV_{name}", ttl)
+            return kv
         try:
             return await self.js.create_key_value(
-                api.KeyValueConfig(bucket=name, history=1, replicas=self.replicas)
+                api.KeyValueConfig(bucket=name, history=1, replicas=self.replicas, ttl=ttl)
             )
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:
                 raise
             return await self.js.key_value(name)  # made by another broker just now
+
+    async def _keep_for(self, stream: str, ttl: float) -> None:
+        """A stream's messages expire after `ttl` seconds."""
+        info = await self.js.stream_info(stream)
+        if info.config.max_age != ttl:
+            info.config.max_age = ttl
+            await self.js.update_stream(info.config)
 
     async def _ensure_stream(self, name: str, subjects: list[str]) -> int:
         """Make the stream if it is not there; return its last sequence number."""
