@@ -690,14 +690,23 @@ def test_corrupted_database_is_refused_at_start(tmp_path):
 def test_a_request_made_while_reconnecting_waits_for_the_resume(make_broker):
     """The broker goes away and comes back: who() and history() asked while the client is
     reconnecting wait for its resume and answer; one asked with a timeout shorter than the
-    outage fails with TIMEOUT, saying so."""
+    outage fails with TIMEOUT, saying so; one waiting when its client is closed fails at
+    once with CLOSED."""
     broker = make_broker()
 
     async def scenario() -> None:
         ann = await Member(broker.port, "ann", timeout=15).start()
+        bob = await Member(broker.port, "bob", timeout=15).start()
         seq = await ann.client.say("lobby", "before the outage")
         broker.stop()
-        await until(lambda: any("reconnecting" in s for s in ann.statuses()), 10, "the loss")
+        for m_ in (ann, bob):
+            await until(lambda m_=m_: any("reconnecting" in s for s in m_.statuses()), 10, "loss")
+        closed = asyncio.create_task(bob.client.who("lobby"))
+        assert not (await asyncio.wait({closed}, timeout=0.3))[0]  # waiting for the resume
+        await bob.client.close()
+        with pytest.raises(ChatError) as gone:
+            await asyncio.wait_for(closed, 2)
+        assert gone.value.code == "CLOSED"
         who = asyncio.create_task(ann.client.who("lobby"))
         history = asyncio.create_task(ann.client.history("lobby", after=seq - 1))
         with pytest.raises(ChatError) as short:

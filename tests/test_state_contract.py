@@ -20,7 +20,7 @@ from conftest import wait_for
 from zmqchat import protocol as m
 from zmqchat._config import Config
 from zmqchat._core import search
-from zmqchat._core.accounts_state import Account, AccountStore
+from zmqchat._core.accounts_state import FAILURES_KEPT, Account, AccountStore
 from zmqchat._core.state import (
     Delivery,
     Draft,
@@ -31,7 +31,6 @@ from zmqchat._core.state import (
     RoomLog,
     RoomSettings,
 )
-from zmqchat._local.accounts import FAILURES_KEPT
 from zmqchat._scram import make_keys
 from zmqchat.protocol import Code, EventKind, ProtocolError
 

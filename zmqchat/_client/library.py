@@ -561,7 +561,7 @@ class Client(AccountClient, Messages):
         if self.connected:
             try:
                 await asyncio.wait_for(self.send_marks(), 1.0)  # what was read, counted
-                await self.request(m.Kind.BYE, {"reason": reason}, timeout=1.0)
+                await self._request_once(m.Kind.BYE, {"reason": reason}, 1.0)
             except (TimeoutError, ChatError):
                 pass
         self._closing = True
@@ -625,10 +625,20 @@ class Client(AccountClient, Messages):
             or not self.reconnect
         ):
             return
+        online = asyncio.ensure_future(self._online.wait())
         try:
-            await asyncio.wait_for(self._online.wait(), timeout)
-        except TimeoutError:
-            raise ChatError("TIMEOUT", f"not reconnected within {timeout:g} s") from None
+            await asyncio.wait({online, resuming}, timeout=timeout, return_when="FIRST_COMPLETED")
+        finally:
+            online.cancel()
+        if self._online.is_set():
+            return
+        if self.login_refused is not None:  # the resume ended without a session
+            raise self.login_refused
+        if self._closing:
+            raise ChatError("CLOSED", "the client was closed")
+        if resuming.done():
+            raise ChatError("DISCONNECTED", "not connected to the broker")
+        raise ChatError("TIMEOUT", f"not reconnected within {timeout:g} s")
 
     async def _request_once(
         self,
@@ -856,6 +866,13 @@ class Client(AccountClient, Messages):
             delay = min(BACKOFF_CAP, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
 
+    def _started_over(self, room: str, seq: int) -> None:
+        """A room's history started over at seq: what we are sending there is stored, if at
+        all, after that now."""
+        for item in self._outbox.values():
+            if item.kind == "say" and item.target == room and item.heard is not None:
+                item.heard = min(item.heard, seq)
+
     async def _join(
         self, room: str, body: dict[str, Any], backlog: int, *, unread: bool = True
     ) -> dict[str, Any]:
@@ -877,6 +894,7 @@ class Client(AccountClient, Messages):
                 fresh.append(True)
             elif order.joined(seq):  # a broker that started over: a new history
                 fresh.append(True)
+                self._started_over(room, seq)
             else:
                 self._repair_if_missing(room, order)
 
@@ -1279,9 +1297,9 @@ class Client(AccountClient, Messages):
             "room": first.target,
             "msgs": [{"id": i.cmid, "text": i.text, "action": i.action} for i in batch],
         }
-        heard = [i.heard for i in batch if i.heard is not None]
-        if heard:  # a retry's first copy is after this: a broker new to the room looks back
-            body["heard"] = min(heard)  # to there for it
+        heard = [i.heard for i in batch]
+        if None not in heard:  # a retry's first copy is after this: a broker new to the room
+            body["heard"] = min(h for h in heard if h is not None)  # looks back to there
         body.update(first.extra)
         reply = await self.request(m.Kind.SAY, body, timeout=max(2.0, self.heartbeat))
         for cmid, seq in reply.get("acks", []):

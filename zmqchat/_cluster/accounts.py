@@ -19,17 +19,15 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from zmqchat._cluster.names import Bucket, Change, Failure, hexkey, unhex
-from zmqchat._core.accounts_state import Account, Kept
+from zmqchat._core.accounts_state import FAILURES_KEPT, Account, Kept
 from zmqchat._core.state import Op
 from zmqchat.protocol import Code, ProtocolError
 
 if TYPE_CHECKING:
     from zmqchat._cluster.calls import Calls
-
-FAILURES_KEPT: Final = 60.0  # seconds a failed login is remembered (the core looks back 60)
 
 
 class ClusterAccounts:
@@ -228,10 +226,9 @@ class ClusterAccounts:
         return [at for at in self.logins.get((key, hexkey(address) or "-"), ()) if at >= since]
 
     def failed(self, key: str, address: str, at: float) -> Op:
-        for old in [
-            w for w, times in self.logins.items() if not times or times[-1] < at - FAILURES_KEPT
-        ]:
-            del self.logins[old]  # forgotten as new ones come (in the bucket: LOGINS_TTL)
+        stale = at - FAILURES_KEPT
+        for old in [w for w, times in self.logins.items() if not times or times[-1] < stale]:
+            del self.logins[old]  # forgotten as new ones come (the bucket's: bridge.BUCKET_TTL)
         where = (key, hexkey(address) or "-")
         recent = [t for t in self.logins.get(where, ()) if t >= at - FAILURES_KEPT] + [at]
         self.logins[where] = recent

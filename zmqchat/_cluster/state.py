@@ -75,7 +75,7 @@ class Cluster:
         self.seen = SeenIds()  # stored message ids: the bridge's and the room log's
         self.log = ClusterLog(self.calls, self.seen)
         self.registry = ClusterRegistry(self.calls, self.core, self.rooms, self.log.follow_room)
-        self.presence = ClusterPresence(self.calls, min(self.heartbeat, ASK_WAIT))
+        self.presence = ClusterPresence(self.calls, ASK_WAIT)
         self.accounts = ClusterAccounts(self.calls, self.log.privates_of)  # issue 21
         self.registry.appliers.update(self.accounts.appliers())
         self.liveness = Liveness(self.calls, self.registry, self.core, self.heartbeat)

@@ -27,8 +27,9 @@ broker that had read everything before it. What a broker knows reaches back to t
 `WINDOW_EVENTS` events before it began writing to or following the room; further for a
 client's message whose SAY says the room's seq its client had heard when it first sent it
 (`heard`: its first copy, if any, is after that): a broker that knows ids only from later
-reads the room back to there first (MAX_READBACK events at most), so that a retry after a
-long outage, to a broker that came to the room since, is still recognised.
+reads the room back to there first (from the newest, until it finds them; MAX_READBACK
+events at most), so that a retry after a long outage, to a broker that came to the room
+since, is still recognised.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ MAX_BYTES: Final = 512 * 1024  # bytes in one (NATS's default max_payload is 1 M
 RETRY_EVERY: Final = 0.5  # seconds an unanswered message waits before it is published again
 PROBE_AFTER: Final = 1.0  # seconds one may wait before we ask whether our server is there
 WINDOW_EVENTS: Final = 1000  # events read back when a broker first writes to or follows a room
-MAX_READBACK: Final = 100_000  # events read further back for a retry whose sender heard less
+MAX_READBACK: Final = 20_000  # events read further back for a retry whose sender heard less
+READBACK_CHUNK: Final = 2000  # events of one read of them
 INDEX_MESSAGES: Final = 100_000  # stream messages whose first seq a room remembers
 READ_BATCH: Final = 500  # messages per direct-get request
 WRONG_LAST: Final = 10071  # JetStream: "wrong last sequence: N"
@@ -140,6 +142,7 @@ class RoomStream:
         self.recent: deque[Stored] = deque()  # the last WINDOW_EVENTS events' messages
         self.recent_events = 0
         self.ids_from = 0  # the room's first seq whose message ids we know (0: not loaded)
+        self.floor = 0  # the room's seq no read back goes before
         self.checking: list[tuple[Call, list[tuple[str, str, bytes]], float, int | None]] | None
         self.checking = None  # APPENDs held while the room is read back (_look_back)
         # following
@@ -168,6 +171,7 @@ class RoomStream:
                     (window[0].seq - 1, window[0].first - 1) if window else (0, 0)
                 )
                 self.ids_from = self.known_room + 1
+                self.floor = self.ids_from - MAX_READBACK  # (read back no further, ever)
             for stored in window:
                 self.learn(stored)
             self.loading.set_result(None)
@@ -353,15 +357,15 @@ class RoomStream:
         """An APPEND's events (msgid, kind, tail), in order, into the queue. One whose
         client messages may be retries of copies stored before the ids we know (their
         sender had heard less than that when it first sent them) waits while the room is
-        read back to there; the APPENDs after it wait their turn behind it."""
-        if self.checking is not None:
-            self.checking.append((call, events, keep_until, heard))
+        read back to there, one such APPEND at a time; the others go on. (A client has one
+        SAY per room waiting for its reply, PROTOCOL.md says, if its order is to hold.)"""
+        if heard is None or not self._before_known(heard, events):
+            self._enqueue(call, events, keep_until)
             return
-        if heard is not None and self._before_known(heard, events):
-            self.checking = [(call, events, keep_until, heard)]
+        if self.checking is None:
+            self.checking = []
             self.host.spawn(self._look_back())
-            return
-        self._enqueue(call, events, keep_until)
+        self.checking.append((call, events, keep_until, heard))
 
     def _known_from(self) -> int:
         """The room's first seq from which every stored message's id is known here (0:
@@ -380,14 +384,17 @@ class RoomStream:
         )
 
     async def _look_back(self) -> None:
-        """The held APPENDs, in order: each room read back first if it needs it."""
+        """The held APPENDs, in turn: the room read back for each that still needs it."""
         try:
             while self.checking:
                 call, events, keep_until, heard = self.checking[0]
+                found: dict[str, int] = {}
                 if heard is not None and not call.done and self._before_known(heard, events):
                     try:
                         await self.loaded()
-                        await self._read_back(heard)
+                        seen = self.host.seen
+                        unknown = {i for i, k, _ in events if k in CLIENT_KINDS and not seen.get(i)}
+                        found = await self._read_back(heard, unknown)
                     except Exception as exc:  # noqa: BLE001 - the cluster is away: again soon
                         logger.info("%s: could not read back to seq %d (%s)", self.room, heard, exc)
                         await asyncio.sleep(RETRY_EVERY)
@@ -395,27 +402,44 @@ class RoomStream:
                 del self.checking[0]
                 if call.done:  # failed meanwhile: its client sends them again
                     events = [e for e in events if e[1] not in CLIENT_KINDS]
-                self._enqueue(call, events, keep_until)
+                self._enqueue(call, events, keep_until, found)
         finally:
             self.checking = None
 
-    async def _read_back(self, heard: int) -> None:
-        """Learn the ids of the room's messages from seq heard + 1 up to those we know
-        (MAX_READBACK events at most)."""
+    async def _read_back(self, heard: int, wanted: set[str]) -> dict[str, int]:
+        """Learn the ids of the room's messages from seq heard + 1 up to those we know,
+        READBACK_CHUNK events at a time from the newest, until the `wanted` ids are found
+        (MAX_READBACK events at most, and never before `floor`): where each wanted one is.
+        (Kept apart too: learned ids may push older ones out of SeenIds, these among them.)"""
         known_from = self._known_from()
-        lo = max(heard + 1, known_from - MAX_READBACK, 1)
+        lo = max(heard + 1, known_from - MAX_READBACK, self.floor, 1)
+        found: dict[str, int] = {}
         if self.known_seq < 0 or lo >= known_from:
-            return
-        seen = self.host.seen
-        for seq, _, kind, msgid in await self.history.events(lo, known_from - 1):
-            if msgid and kind in CLIENT_KINDS:
-                seen.add(msgid, self.room, seq)
-        self.ids_from = min(self.ids_from, lo)
-        logger.info("%s: read back to seq %d for a retry's first copy", self.room, lo)
+            return found
+        seen, hi = self.host.seen, known_from - 1
+        while hi >= lo and len(found) < len(wanted):
+            start = max(lo, hi - READBACK_CHUNK + 1)
+            for seq, _, kind, msgid in await self.history.events(start, hi, hi):
+                if msgid and kind in CLIENT_KINDS:
+                    seen.add(msgid, self.room, seq)
+                    if msgid in wanted:
+                        found[msgid] = seq
+            self.ids_from = min(self.ids_from, start)  # every id from there on is learned
+            hi = start - 1
+        logger.info("%s: read back to seq %d for a retry's first copy", self.room, hi + 1)
+        return found
 
-    def _enqueue(self, call: Call, events: list[tuple[str, str, bytes]], keep_until: float) -> None:
+    def _enqueue(
+        self,
+        call: Call,
+        events: list[tuple[str, str, bytes]],
+        keep_until: float,
+        found: dict[str, int] | None = None,
+    ) -> None:
         for slot, (msgid, kind, tail) in enumerate(events):
             hit = self.host.seen.get(msgid)
+            if found and msgid in found:  # read back for it just now
+                hit = (self.room, found[msgid])
             if hit is not None and hit[0] == self.room:  # stored already: its seq
                 self._fill(call, slot, hit[1])
                 continue

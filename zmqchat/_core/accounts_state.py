@@ -13,11 +13,13 @@ reads answer from what the implementation holds; a change returns an Op done onc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from zmqchat._core.state import Op
 from zmqchat._scram import Keys
 from zmqchat.protocol import Code, ProtocolError
+
+FAILURES_KEPT: Final = 60.0  # seconds a failed login is remembered (the core looks back 60)
 
 
 @dataclass(frozen=True, slots=True)

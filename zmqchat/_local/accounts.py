@@ -14,12 +14,10 @@ import json
 import time
 from collections import defaultdict
 
-from zmqchat._core.accounts_state import Account, Kept
+from zmqchat._core.accounts_state import FAILURES_KEPT, Account, Kept
 from zmqchat._core.state import Op
 from zmqchat._local.store import Store
 from zmqchat.protocol import Code, ProtocolError
-
-FAILURES_KEPT = 60.0  # seconds a failed login is remembered (the core's limit looks back 60)
 
 
 class LocalAccounts:
