@@ -498,9 +498,12 @@ class SessionGoneAtRejoin(Relay):
 
     def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
         self.answered = 0
+        self.hellos_after = 0  # HELLOs after that answer
         super().__init__(ctx, broker_port)
 
     def answer(self, rid: bytes, frames: list[bytes]) -> list[bytes] | None:
+        if frames[0] == b"HELLO" and self.answered:
+            self.hellos_after += 1
         if frames[0] == b"JOIN" and json.loads(frames[2]).get("resume") and not self.answered:
             self.answered += 1
             return [
@@ -514,7 +517,9 @@ class SessionGoneAtRejoin(Relay):
 def test_session_gone_while_rejoining_is_resumed_again(make_broker):
     """The broker restarts; the client's session is gone again as it rejoins its room: it
     resumes once more and is back in the room, where its next message goes (it used to
-    drop the room, and the message failed with NOT_MEMBER)."""
+    drop the room, and the message failed with NOT_MEMBER). It resumes once: a second
+    resume running beside the first (the NO_HELLO read also counted as a lost connection)
+    replaced the session the first had just made, and the two went on doing so."""
     broker = make_broker()
 
     async def scenario() -> None:
@@ -527,6 +532,11 @@ def test_session_gone_while_rejoining_is_resumed_again(make_broker):
         assert not [s for s in ann.statuses() if s.startswith("could not rejoin")]
         seq = await asyncio.wait_for(ann.client.say("lobby", "still here"), 10)
         assert seq > 0
+        watch_until = time.monotonic() + 1.5  # (longer than a second resume's backoff)
+        while time.monotonic() < watch_until:  # watched: nothing may happen here
+            assert relay.hellos_after == 1, "a second resume said HELLO again"
+            await asyncio.sleep(0.05)
+        assert ann.statuses().count("reconnected") == 1
         relay.task.cancel()
         await close_all([ann])
 

@@ -814,7 +814,8 @@ class Client(AccountClient, Messages):
                 fut.set_exception(ChatError("DISCONNECTED", why))
         self._emit_status(f"{why}, reconnecting..." if self.reconnect else why)
         if self.reconnect:
-            self._resuming = asyncio.create_task(self._resume())
+            if self._resuming is None or self._resuming.done():  # (one under way goes on:
+                self._resuming = asyncio.create_task(self._resume())  # what it waits on fails)
         else:
             self._closing = True
 
@@ -845,6 +846,8 @@ class Client(AccountClient, Messages):
                             raise
                         self.rooms.pop(room, None)  # gone, or we were banned meanwhile
                         self._emit_status(f"could not rejoin {room}: {err.reason}", room=room)
+                if not self.connected:  # lost again while rejoining: once more
+                    raise ChatError("DISCONNECTED", "the connection was lost while rejoining")
                 moved = self._name and self._name != before  # another broker than before
                 self._emit_status(f"reconnected (via {self._name})" if moved else "reconnected")
                 self._online.set()  # our pending sends go now, into rooms we are in again
