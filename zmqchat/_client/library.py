@@ -827,8 +827,10 @@ class Client(AccountClient, Messages):
             self._reset = True  # the reader swaps in fresh sockets
             while self._reset and not self._closing:
                 await asyncio.sleep(0.01)
+            welcomed = False
             try:
                 await self._hello(resume=True)
+                welcomed = True
                 for room in list(self.rooms):
                     if room not in self.rooms:  # left (or kicked from) meanwhile
                         continue
@@ -866,6 +868,8 @@ class Client(AccountClient, Messages):
                     self.nick = self.nick[: m.MAX_NICK - 1] + "_"
                 self.connected = False
                 self._online.clear()
+                if welcomed:  # a broker let us in, then was lost: a new outage, tried
+                    attempt = 0  # again at once elsewhere (as a resume of its own was)
             delay = min(BACKOFF_CAP, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
 
