@@ -377,11 +377,16 @@ class RoomStream:
         before the ids we know: its sender had heard only up to `heard`."""
         if self.known_seq >= 0 and heard + 1 >= self._known_from():
             return False
+        return bool(self._unknown(events))
+
+    def _unknown(self, events: list[tuple[str, str, bytes]]) -> set[str]:
+        """The client messages' ids among these that are neither stored nor queued here."""
         seen = self.host.seen
-        return any(
-            kind in CLIENT_KINDS and seen.get(msgid) is None and msgid not in self.by_id
+        return {
+            msgid
             for msgid, kind, _ in events
-        )
+            if kind in CLIENT_KINDS and seen.get(msgid) is None and msgid not in self.by_id
+        }
 
     async def _look_back(self) -> None:
         """The held APPENDs, in turn: the room read back for each that still needs it."""
@@ -392,9 +397,7 @@ class RoomStream:
                 if heard is not None and not call.done and self._before_known(heard, events):
                     try:
                         await self.loaded()
-                        seen = self.host.seen
-                        unknown = {i for i, k, _ in events if k in CLIENT_KINDS and not seen.get(i)}
-                        found = await self._read_back(heard, unknown)
+                        found = await self._read_back(heard, self._unknown(events))
                     except Exception as exc:  # noqa: BLE001 - the cluster is away: again soon
                         logger.info("%s: could not read back to seq %d (%s)", self.room, heard, exc)
                         await asyncio.sleep(RETRY_EVERY)
