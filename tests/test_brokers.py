@@ -16,11 +16,20 @@ import pytest
 import zmq
 import zmq.asyncio
 from cli_helpers import Script, Terminal, joined
-from test_chat import Chat, run, saw
+from test_chat import Chat, run, saw, until
 from test_durability import Relay
 
 from conftest import ROOT, free_ports
-from zmqchat._client.library import ChatError, Client, broker_addresses, split_addresses
+from zmqchat import protocol as m
+from zmqchat._client.library import (
+    BACKOFF_CAP,
+    ChatError,
+    Client,
+    broker_addresses,
+    failover_order,
+    reconnect_delay,
+    split_addresses,
+)
 from zmqchat.broker._loop import default_name
 
 HOST = "127.0.0.1"
@@ -132,6 +141,88 @@ class Named(Relay):
             if "pub_port" in body:  # the welcome
                 frames = [*frames[:2], json.dumps({**body, "broker": self.name}).encode()]
         return [frames]
+
+
+class Refusing(Relay):
+    """A broker address that answers every HELLO at once with UNAVAILABLE (as a cluster
+    broker cut off from its cluster does), counting them."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
+        self.hellos = 0
+        super().__init__(ctx, broker_port)
+
+    def answer(self, rid: bytes, frames: list[bytes]) -> list[bytes] | None:
+        self.hellos += frames[0] == b"HELLO"
+        return m.encode_error(frames[1], m.ProtocolError(m.Code.UNAVAILABLE, "cut off"))
+
+
+def test_a_lost_brokers_clients_spread_over_the_brokers_left(make_broker, tmp_path):
+    """Twenty clients on b1, each given b1, b2 and b3 in that order; b1 stops: every one
+    reconnects, and they spread over b2 and b3 instead of all moving to b2, the next address
+    in their lists (all on one would be one chance in 2^19)."""
+    b1 = make_broker()
+    b2, b3 = (make_broker(db=str(tmp_path / f"b{i}.db")) for i in (2, 3))
+    hosts = [f"{HOST}:{b.port}" for b in (b1, b2, b3)]
+
+    async def scenario(chat: Chat) -> None:
+        bots = [Client(hosts, nick=f"bot{i}", bot=True, ctx=chat.ctx) for i in range(20)]
+        chat.clients += bots
+        await asyncio.gather(*(c.connect() for c in bots))
+        assert {c.address for c in bots} == {hosts[0]}
+        await asyncio.to_thread(b1.stop)
+        for c in bots:
+            await until(c, lambda e: e.text.startswith("reconnected"), "reconnected", 15)
+        spread = {h: sum(c.address == h for c in bots) for h in hosts}
+        assert spread[hosts[0]] == 0 and spread[hosts[1]] and spread[hosts[2]], spread
+
+    run(b1, scenario)
+
+
+def test_a_resume_tries_each_other_broker_once_before_the_lost_one(make_broker, tmp_path):
+    """ann's addresses: b1, two brokers that refuse every HELLO, then b2. When b1 stops, her
+    resume goes round the others (in an order of its own) before it tries any twice: each
+    refusing broker is asked at most once before she is back in her room through b2."""
+    b1, b2 = make_broker(), make_broker(db=str(tmp_path / "b2.db"))
+
+    async def scenario(chat: Chat) -> None:
+        r1, r2 = Refusing(chat.ctx, b2.port), Refusing(chat.ctx, b2.port)
+        try:
+            hosts = [(HOST, b1.port), (HOST, r1.port), (HOST, r2.port), (HOST, b2.port)]
+            ann = Client(hosts, nick="ann", ctx=chat.ctx)
+            chat.clients.append(ann)
+            await ann.connect()
+            await asyncio.to_thread(b1.stop)
+            await until(ann, lambda e: e.text.startswith("reconnected"), "reconnected", 15)
+            assert ann.address == f"{HOST}:{b2.port}" and list(ann.rooms) == ["lobby"]
+            assert r1.hellos <= 1 and r2.hellos <= 1, (r1.hellos, r2.hellos)
+        finally:
+            for relay in (r1, r2):
+                relay.task.cancel()
+
+    run(b1, scenario)
+
+
+def test_failover_order_puts_the_others_first_in_every_order():
+    """The lost broker comes last; the others come first in each of their orders."""
+    orders = {tuple(failover_order(1, 4)) for _ in range(500)}
+    assert all(o[-1] == 1 and sorted(o[:-1]) == [0, 2, 3] for o in orders)
+    assert len(orders) == 6  # every order of three, over 500 draws
+    assert failover_order(0, 1) == [0]
+
+
+def test_reconnect_waits_grow_only_after_every_broker_failed():
+    """With three brokers, the waits stay at most half a second while brokers are left to
+    try, and double with each round that all of them failed, up to the cap; with one
+    broker, each failure is a round."""
+    waits = [[reconnect_delay(tried, 3) for _ in range(50)] for tried in range(1, 10)]
+    assert all(0.25 <= w <= 0.5 for row in waits[:3] for w in row)
+    assert all(0.5 <= w <= 1.0 for row in waits[3:6] for w in row)
+    assert all(1.0 <= w <= 2.0 for row in waits[6:9] for w in row)
+    for t in (1, 2, 3):  # one broker: 0.5, 1, 2 s at most
+        assert all(
+            0.25 * 2 ** (t - 1) <= reconnect_delay(t, 1) <= 0.5 * 2 ** (t - 1) for _ in range(50)
+        )
+    assert all(BACKOFF_CAP / 2 <= reconnect_delay(40, 3) <= BACKOFF_CAP for _ in range(50))
 
 
 def test_reconnected_status_names_the_broker_when_it_has_a_name(make_broker, tmp_path):

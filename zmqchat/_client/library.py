@@ -59,6 +59,24 @@ EVENTS_PER_TURN = 1_000  # room events decoded before the reader yields: a 40,00
 # backlog read in turns this size goes 1.5 times as fast as in one
 
 
+def reconnect_delay(tried: int, brokers: int) -> float:
+    """The wait before the next reconnect attempt, after `tried` brokers refused or did not
+    answer since the last one that let us in: short while this round still has brokers not
+    tried, then doubling with each round that every broker failed, up to BACKOFF_CAP (with
+    one broker, each attempt is a round). Jittered, so clients do not come back in step."""
+    rounds = max(0, tried - 1) // max(1, brokers)
+    return min(BACKOFF_CAP, 0.5 * 2**rounds) * random.uniform(0.5, 1.0)
+
+
+def failover_order(now: int, count: int) -> list[int]:
+    """The order in which to try a lost broker's replacements: the other addresses shuffled
+    (so the clients of a lost broker spread over the rest instead of all moving to the same
+    one), then the lost one itself."""
+    others = [i for i in range(count) if i != now]
+    random.shuffle(others)
+    return [*others, now]
+
+
 def remember(memory: OrderedDict[str, None], key: str, limit: int) -> None:
     """Add a key to a bounded memory of recent keys, forgetting the oldest past `limit`."""
     memory[key] = None
@@ -304,7 +322,7 @@ class Client(AccountClient, Messages):
         wait_for_nick: float = 30.0,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
-        self.addresses = broker_addresses(host, port)  # tried in turn, from the first
+        self.addresses = broker_addresses(host, port)  # connect: in turn, from the first
         self.host, self.port = self.addresses[0]  # the one we use now
         self._at = 0  # its index in addresses
         self._name = ""  # its name, if its welcome says
@@ -750,9 +768,10 @@ class Client(AccountClient, Messages):
     def _endpoint(self, port: int) -> str:
         return f"tcp://{show_address(self.host, port)}"
 
-    def _move_on(self) -> None:
-        """Use the next broker address in turn (with only one: the same again)."""
-        self._at = (self._at + 1) % len(self.addresses)
+    def _move_on(self, at: int | None = None) -> None:
+        """Use the broker address at index `at`, by default the next one in turn (with only
+        one: the same again)."""
+        self._at = (self._at + 1) % len(self.addresses) if at is None else at
         self.host, self.port = self.addresses[self._at]
         self._name = ""
 
@@ -820,10 +839,12 @@ class Client(AccountClient, Messages):
             self._closing = True
 
     async def _resume(self) -> None:
-        attempt, before = 0, self._name
+        before = self._name
+        tried = 0  # brokers tried since the last one that let us in
+        order = itertools.cycle(failover_order(self._at, len(self.addresses)))
         while not self._closing:
-            attempt += 1
-            self._move_on()  # the next broker in turn (or the only one again)
+            tried += 1
+            self._move_on(next(order))  # another broker (or the only one again)
             self._reset = True  # the reader swaps in fresh sockets
             while self._reset and not self._closing:
                 await asyncio.sleep(0.01)
@@ -869,9 +890,9 @@ class Client(AccountClient, Messages):
                 self.connected = False
                 self._online.clear()
                 if welcomed:  # a broker let us in, then was lost: a new outage, tried
-                    attempt = 0  # again at once elsewhere (as a resume of its own was)
-            delay = min(BACKOFF_CAP, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
-            await asyncio.sleep(delay)
+                    tried = 0  # again at once elsewhere (as a resume of its own was)
+                    order = itertools.cycle(failover_order(self._at, len(self.addresses)))
+            await asyncio.sleep(reconnect_delay(tried, len(self.addresses)))
 
     def _started_over(self, room: str, seq: int) -> None:
         """A room's history started over at seq: what we are sending there is stored, if at
