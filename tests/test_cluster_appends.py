@@ -9,6 +9,7 @@ run on without a gap.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import nats
 import zmq
@@ -138,5 +139,98 @@ def test_a_retry_from_long_ago_to_a_broker_new_to_the_room_is_stored_once(make_c
         texts = [e["text"] for e in tail if e["kind"] == "msg"]
         assert "said once" not in texts and texts.count("said later") == 1
         assert len([t for t in texts if t.startswith("fill ")]) == 1200
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def raw_messages(urls: str, stream: str) -> list[bytes]:
+    """The data of every message of a stream, read straight from NATS."""
+    nc = await nats.connect(urls.split(","))
+    try:
+        js = nc.jetstream()
+        last = (await js.stream_info(stream)).state.last_seq
+        return [(await js.get_msg(stream, seq)).data or b"" for seq in range(1, last + 1)]
+    finally:
+        await nc.close()
+
+
+DUPLICATE_WINDOW = 0.2  # seconds: the privates stream's, made short (JetStream's default: 2 min)
+
+
+async def make_privates_stream(urls: str, namespace: str) -> None:
+    """The cluster's privates stream, made before its brokers with a short duplicate window,
+    so that a retry the stream no longer recognises comes in a test's seconds."""
+    nc = await nats.connect(urls.split(","))
+    try:
+        await nc.jetstream().add_stream(
+            name=f"{namespace}-privates",
+            subjects=[f"{namespace}.priv.>"],
+            allow_direct=True,
+            duplicate_window=DUPLICATE_WINDOW,
+        )
+    finally:
+        await nc.close()
+
+
+def test_a_private_message_retried_past_the_duplicate_window_is_kept_once(
+    make_cluster_broker, nats_nodes
+):
+    """ann's private message to bob is kept through b1, and its acknowledgement never reaches
+    her; she resumes on b2 and sends it again with the same id, saying it is a retry, after
+    the stream's duplicate window (here 0.2 s; JetStream's default is 2 minutes: a client
+    away that long). b2 finds it kept and answers `duplicate`: bob hears it once, and the
+    privates stream holds it once. A new private message after it is delivered."""
+    namespace = make_cluster_broker.namespace
+    asyncio.run(make_privates_stream(nats_nodes.urls, namespace))
+    b1, b2 = make_cluster_broker("b1", wait=False), make_cluster_broker("b2", wait=False)
+    b1.started(), b2.started()
+    ctx = zmq.Context()
+    ctx.linger = 0
+    token = "resume-token-of-ann-" + "x" * 12
+
+    def dealer(port: int) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(f"tcp://127.0.0.1:{port}")
+        return s
+
+    def ask(s: zmq.Socket, kind: str, body: dict) -> dict:
+        s.send_multipart(m.encode_request(kind, b"t", body))
+        while True:
+            assert s.poll(15000), f"no reply to {kind}"
+            reply = m.decode_response(s.recv_multipart())
+            if reply.label == b"t":  # (pushes have none)
+                assert reply.kind == "OK", (kind, reply.body)
+                return reply.body
+            if reply.kind == "PRIVATE":
+                heard.append(reply.body["event"]["text"])
+
+    heard: list[str] = []
+    try:
+        bob = dealer(b1.port)
+        ask(bob, "HELLO", {"version": 1, "nick": "bob"})
+        s1 = dealer(b1.port)
+        ask(s1, "HELLO", {"version": 1, "nick": "ann", "token": token})
+        psst = {"to": "bob", "text": "psst", "id": "p-1"}
+        assert "event" in ask(s1, "PRIV", psst)
+        kept_at = time.monotonic()
+        s1.close()  # (its reply lost with it, as far as its client knows)
+        # the scenario is a retry later than the window (not a wait for anything to happen)
+        time.sleep(max(0.0, kept_at + 2 * DUPLICATE_WINDOW - time.monotonic()))
+        s2 = dealer(b2.port)
+        ask(s2, "HELLO", {"version": 1, "nick": "ann", "token": token, "resume": True})
+        again = ask(s2, "PRIV", {**psst, "retry": True})
+        assert again.get("duplicate") is True and "event" not in again, again
+        assert "event" in ask(s2, "PRIV", {"to": "bob", "text": "and then", "id": "p-2"})
+        ask(bob, "PING", {})  # (the pushes before its answer are read meanwhile)
+        deadline = 10.0
+        while "and then" not in heard:
+            assert bob.poll(deadline * 1000), f"bob heard only {heard}"
+            reply = m.decode_response(bob.recv_multipart())
+            if reply.kind == "PRIVATE":
+                heard.append(reply.body["event"]["text"])
+        assert heard == ["psst", "and then"]
+        kept = asyncio.run(raw_messages(nats_nodes.urls, f"{namespace}-privates"))
+        assert sum(b'"p-1"' in data for data in kept) == 1, kept
     finally:
         ctx.destroy(linger=0)

@@ -274,16 +274,18 @@ class Relay:
 
 
 class DropFirstAck(Relay):
-    """A relay that swallows the first reply to a SAY: a real lost acknowledgement."""
+    """A relay that swallows the first reply to a SAY (or another kind of request): a real
+    lost acknowledgement."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int, kind: bytes = b"SAY") -> None:
         self.says: set[bytes] = set()
-        self.bodies: list[dict] = []  # every SAY's, as sent
+        self.bodies: list[dict] = []  # every such request's, as sent
         self.dropped = 0
+        self.kind = kind
         super().__init__(ctx, broker_port)
 
     def up(self, rid: bytes, frames: list[bytes]) -> bool:
-        if frames[0] == b"SAY":
+        if frames[0] == self.kind:
             self.says.add(frames[1])
             self.bodies.append(json.loads(frames[2]))
         return True
@@ -314,6 +316,31 @@ def test_lost_acknowledgement_is_retried_without_duplicate(broker, tmp_path):
         stored = [e for e in db_events(Path(broker.cfg.db)) if e["text"] == "only once"]
         assert [e["seq"] for e in stored] == [seq]
         assert [e.text for e in b.events if e.kind == "msg"] == ["only once"]
+        relay.task.cancel()
+        await close_all([a, b])
+
+    asyncio.run(scenario())
+
+
+def test_lost_private_acknowledgement_is_retried_as_a_retry(broker):
+    """The broker's reply to a private message is lost: the client sends it again, saying
+    it is a retry (a cluster broker that did not keep the first copy then looks for it);
+    ben hears it once, and ann sees her own copy once, as she would have."""
+
+    async def scenario() -> None:
+        relay = DropFirstAck(zmq.asyncio.Context.instance(), broker.port, b"PRIV")
+        a = await Member(relay.port, "ann").start()
+        b = await Member(broker.port, "ben").start()
+        await asyncio.wait_for(a.client.msg("ben", "only once"), 10)
+        assert relay.dropped == 1
+        assert [body.get("retry") for body in relay.bodies] == [None, True]
+        await asyncio.wait_for(a.client.msg("ben", "and then"), 10)
+        await until(lambda: "and then" in [e.text for e in b.events], 5, "the second")
+        assert [e.text for e in b.events if e.kind == "private"] == ["only once", "and then"]
+        await until(lambda: "and then" in [e.text for e in a.events], 5, "ann's own copy")
+        mine = [(e.text, e.nick, e.data["to"]) for e in a.events if e.kind == "private"]
+        assert mine == [("only once", "ann", "ben"), ("and then", "ann", "ben")]
+        assert all(e.mine for e in a.events if e.kind == "private")
         relay.task.cancel()
         await close_all([a, b])
 

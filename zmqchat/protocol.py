@@ -408,6 +408,7 @@ def _v_priv(b: dict[str, Any]) -> dict[str, Any]:
         "text": _text(b, "text", MAX_TEXT),
         "id": _text(b, "id", MAX_CMID),
         "hops": min(hops, MAX_HOPS) if hops is not None else None,
+        "retry": b.get("retry") is True,  # sent before: its answer was lost
     }
 
 

@@ -284,14 +284,16 @@ class _Send:
     future: asyncio.Future
     extra: dict[str, Any] = field(default_factory=dict)
     heard: int | None = None  # the room's seq we had when it was queued: it is stored after
+    sent: bool = False  # sent before (a private message's retry says so)
 
 
 class Client(AccountClient, Messages):
     """A connection to the broker: commands, room events, acknowledged sends, reconnects;
     edits, removals, replies and search (messages.py).
 
-    `host` may name several brokers ("h1:9001,h2", or a list): the first is tried first; when
-    one does not answer, or the connection to it is lost, the next one in turn is tried.
+    `host` may name several brokers ("h1:9001,h2", or a list): connect() tries them in turn
+    from the first; when the connection is lost, the others are tried in an order of this
+    client's own (clients spread over the brokers left), the lost one last.
 
     With `password`, it logs in to the account `account` (default: the nick) and is back in
     all the account's rooms; `rooms` (default: the account's last room, else lobby) are
@@ -1312,11 +1314,23 @@ class Client(AccountClient, Messages):
                 if reply.get("event"):  # an answer that came right behind it
                     self._events.put_nowait(Event.from_wire(reply["event"], mine=True))
 
-            reply = await self.request(
-                m.Kind.PRIV,
-                {"to": first.target, "text": first.text, "id": first.cmid, **first.extra},
-                on_reply=copy,
-            )
+            priv = {"to": first.target, "text": first.text, "id": first.cmid, **first.extra}
+            if first.sent:  # its answer was lost: a broker that did not keep it looks back
+                priv["retry"] = True
+            first.sent = True
+            reply = await self.request(m.Kind.PRIV, priv, on_reply=copy)
+            if reply.get("duplicate") and not reply.get("event"):  # the first reply was lost,
+                event = {  # and with it our copy: made here, as the broker had made it
+                    "kind": m.EventKind.PRIVATE,
+                    "nick": self.nick,
+                    "to": reply.get("to", first.target),
+                    "text": first.text,
+                    "ts": time.time(),  # (ours: the broker's is not in a duplicate's reply)
+                    "cmid": first.cmid,
+                    "bot": self.bot,
+                }
+                reply["event"] = event
+                self._events.put_nowait(Event.from_wire(event, mine=True))
             self._outbox.pop(first.cmid, None)
             if not first.future.done():
                 first.future.set_result(reply.get("event") or reply)

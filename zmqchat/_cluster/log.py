@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("zmqchat.cluster")
 
 CACHE_EVENTS: Final = 1000  # latest events kept per room: joins and gap repair read these
+PRIVATE_READBACK: Final = 500  # a retried private message is looked for among the latest
+# this many from its sender to its recipient (its client sends in order: it is the oldest
+# of its own that is not acknowledged)
 UNFOLLOW_AFTER: Final = 30.0  # seconds a room without local members is still followed
 
 
@@ -174,6 +177,26 @@ class ClusterLog(LogEdits):
 
         op.then(stored)
         return op
+
+    def private_kept(self, sender: str, recipient: str, cmid: str, since: float) -> Op:
+        """Read back the latest private messages from sender to recipient, under any nicks
+        of theirs, for one with this id (a retry past the stream's duplicate window, to a
+        broker that did not store the first copy)."""
+        to_owner = recipient.partition(" ")[0]
+        pattern = f"{subject_hash(to_owner)}.*.{subject_hash(sender)}.*"
+        outer = Op()
+
+        def read(op: Op) -> None:
+            if op.error is not None:
+                outer.fail(op.error)
+                return
+            found = any(json.loads(text).get("cmid") == cmid for text in op.value)
+            if found:  # a retry of it is a duplicate here from now on
+                self.seen.add(msg_id(sender, cmid), "", 0)
+            outer.resolve(found)
+
+        self._privates(pattern, since, PRIVATE_READBACK).then(read)
+        return outer
 
     def _privates(self, pattern: str, since: float, limit: int) -> Op:
         return self.calls.call(

@@ -19,6 +19,7 @@ from zmqchat.protocol import Code, EventKind, Kind, ProtocolError, Reply, Why
 log = logging.getLogger("zmqchat.broker")
 
 REPLAY_WINDOW: Final = 600  # seconds back a resuming client may be sent private messages again
+RETRY_WINDOW: Final = 86_400  # seconds back a retried private message is looked for (a day)
 
 
 class Sessions(CoreBase):
@@ -218,8 +219,15 @@ class Sessions(CoreBase):
             target = self._account_recipient(b["to"])
         if target is None:
             raise ProtocolError(Code.NO_SUCH_NICK, f"nobody called {b['to']} is connected")
+        duplicate = {"to": target.nick, "id": b["id"], "duplicate": True}
         if self.room_log.known_ids(s.ident.owner, [b["id"]])[b["id"]] is not None:
-            return {"to": target.nick, "id": b["id"], "duplicate": True}  # a retry
+            return duplicate  # a retry
+        if b["retry"] and (
+            yield self.room_log.private_kept(
+                s.ident.owner, target.recipient, b["id"], self.clock.time() - RETRY_WINDOW
+            )
+        ):
+            return duplicate  # a retry, kept through another broker a while ago
         self._charge(s, 1)
         ts = self.clock.time()
         event = {

@@ -246,6 +246,14 @@ class RoomLog(Protocol):
         (Identity.owner), `recipient` the recipient's (Identity.recipient), `from_key` the
         sender's nick key."""
 
+    def private_kept(self, sender: str, recipient: str, cmid: str, since: float) -> Op:
+        """Whether a private message with this id from `sender` to `recipient` (identities)
+        is kept (at or after `since`), which `known_ids` did not know: for a client's
+        retry. One broker's `known_ids` knows every one (False); a cluster's broker knows
+        those it stored or saw, and the stream recognises the rest only within its
+        duplicate window, so it reads the latest ones between the two back (True if
+        found)."""
+
     def conversation(self, me: str, peer_key: str, since: float | None, limit: int) -> Op:
         """The latest `limit` private messages between identity `me` and nick key
         `peer_key`, both ways, oldest first, as JSON texts."""
