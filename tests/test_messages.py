@@ -109,8 +109,8 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     Kind.PRIV: (
-        {"to": "bob", "text": "psst", "id": "c3"},
-        {"to": "bob", "text": "psst", "id": "c3", "hops": None},
+        {"to": "bob", "text": "psst", "id": "c3", "retry": True},
+        {"to": "bob", "text": "psst", "id": "c3", "hops": None, "retry": True},
     ),
     Kind.ROOMS: ({}, {}),
     Kind.WHO: ({"room": "dev"}, {"room": "dev"}),
