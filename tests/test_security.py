@@ -407,6 +407,41 @@ def test_curve_refuses_unknown_keys(make_broker, tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_key_added_to_allow_keys_gets_in_and_a_removed_one_no_longer_does(make_broker, tmp_path):
+    """An operator copies a new client's public key into the --allow-keys folder while the
+    broker runs: that client gets in without a restart. Removing a key keeps its holder
+    out from then on."""
+    broker_secret, allowed, server, mine, stranger = curve_setup(tmp_path)
+    b = make_broker(curve_key=broker_secret, allow_keys=str(allowed))
+
+    async def attempt(nick: str, keypair: tuple[bytes, bytes]) -> bool:
+        c = Client("127.0.0.1", b.port, nick, server_key=server, keypair=keypair, timeout=1.0)
+        try:
+            await c.connect()
+        except ChatError as err:
+            assert err.code == "TIMEOUT"
+            return False
+        await c.close()
+        return True
+
+    async def until_attempt(nick: str, keypair: tuple[bytes, bytes], gets_in: bool) -> None:
+        deadline = time.monotonic() + 15
+        while await attempt(nick, keypair) != gets_in:
+            assert time.monotonic() < deadline, f"{nick} {'still out' if gets_in else 'still in'}"
+
+    async def scenario() -> None:
+        assert not await attempt("newcomer", stranger)
+        key = (tmp_path / "stranger" / "client.key").read_bytes()
+        (allowed / "newcomer.key").write_bytes(key)
+        await until_attempt("newcomer", stranger, gets_in=True)
+        assert await attempt("keyed", mine)
+        (allowed / "me.key").unlink()
+        await until_attempt("keyed", mine, gets_in=False)
+        assert await attempt("newcomer", stranger)
+
+    asyncio.run(scenario())
+
+
 def test_curve_fails_closed_without_its_authenticator(make_local_broker, tmp_path):
     """With the authenticator gone, nothing connects, not even an allowed key (a property
     of each broker's own sockets, so one broker shows it)."""

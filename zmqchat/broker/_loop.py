@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -76,6 +77,7 @@ class Broker:
         self.ctx = ctx or zmq.Context.instance()
         self.stopping = False
         self.auth: ThreadAuthenticator | None = None
+        self.keys_seen: list[tuple[str, int, int]] | None = None  # --allow-keys, as last read
         self.curve = cfg.curve_key is not None
         self.store: Store | None = None
         self.blobs: DiskBlobs | None = None
@@ -220,12 +222,36 @@ class Broker:
         self.auth.configure_curve(
             domain="chat", location=self.cfg.allow_keys or zmq.auth.CURVE_ALLOW_ANY
         )
+        self.keys_seen = self._allowed_files()
         for sock in (self.router, self.xpub):
             sock.curve_secretkey = secret
             sock.curve_publickey = public
             sock.curve_server = True
             sock.zap_domain = b"chat"
             sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+    def _allowed_files(self) -> list[tuple[str, int, int]] | None:
+        """--allow-keys' files (name, modified, size), or None without it (or unreadable)."""
+        if self.cfg.allow_keys is None:
+            return None
+        try:
+            with os.scandir(self.cfg.allow_keys) as found:
+                return sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in found)
+        except OSError:
+            return None
+
+    def _reload_keys(self) -> None:
+        """A key added to --allow-keys, or removed, counts from the next connection: the
+        folder is looked at every half heartbeat (a connection already in keeps going)."""
+        if self.auth is None or self.cfg.allow_keys is None:
+            return
+        now = self._allowed_files()
+        if now is None or now == self.keys_seen:
+            return
+        self.keys_seen = now
+        self.auth.configure_curve(domain="chat", location=self.cfg.allow_keys)
+        keys = len(self.auth.certs.get("chat", {}))
+        log.info("--allow-keys: %d client keys may connect now (%s)", keys, self.cfg.allow_keys)
 
     def _bind_one(self, sock: zmq.Socket, port: int) -> int:
         if port == 0:
@@ -278,6 +304,7 @@ class Broker:
                 self.core.sweep()
             if self.cluster is not None:
                 self.cluster.tick()
+            self._reload_keys()
             self._flush()
             self.next_sweep = time.monotonic() + self.cfg.heartbeat / 2
 
