@@ -180,8 +180,9 @@ def test_a_lost_brokers_clients_spread_over_the_brokers_left(make_broker, tmp_pa
 
 def test_a_resume_tries_each_other_broker_once_before_the_lost_one(make_broker, tmp_path):
     """ann's addresses: b1, two brokers that refuse every HELLO, then b2. When b1 stops, her
-    resume goes round the others (in an order of its own) before it tries any twice: each
-    refusing broker is asked at most once before she is back in her room through b2."""
+    resume goes round the others (in an order of its own, drawn once, not anew at each try)
+    before it tries any twice: each refusing broker is asked at most once before she is
+    back in her room through b2."""
     b1, b2 = make_broker(), make_broker(db=str(tmp_path / "b2.db"))
 
     async def scenario(chat: Chat) -> None:
@@ -211,17 +212,15 @@ def test_failover_order_puts_the_others_first_in_every_order():
 
 
 def test_reconnect_waits_grow_only_after_every_broker_failed():
-    """With three brokers, the waits stay at most half a second while brokers are left to
-    try, and double with each round that all of them failed, up to the cap; with one
-    broker, each failure is a round."""
-    waits = [[reconnect_delay(tried, 3) for _ in range(50)] for tried in range(1, 10)]
-    assert all(0.25 <= w <= 0.5 for row in waits[:3] for w in row)
-    assert all(0.5 <= w <= 1.0 for row in waits[3:6] for w in row)
-    assert all(1.0 <= w <= 2.0 for row in waits[6:9] for w in row)
-    for t in (1, 2, 3):  # one broker: 0.5, 1, 2 s at most
-        assert all(
-            0.25 * 2 ** (t - 1) <= reconnect_delay(t, 1) <= 0.5 * 2 ** (t - 1) for _ in range(50)
-        )
+    """With three brokers, the waits stay at most a quarter of a second until all three
+    have failed once, and double with each round in which they all failed, up to the cap;
+    with one broker, each failure is a round (0.5, 1, 2 s at most)."""
+    waits = [[reconnect_delay(tried, 3) for _ in range(50)] for tried in range(9)]
+    assert all(0.125 <= w <= 0.25 for row in waits[:3] for w in row)
+    assert all(0.25 <= w <= 0.5 for row in waits[3:6] for w in row)
+    assert all(0.5 <= w <= 1.0 for row in waits[6:9] for w in row)
+    for t in (1, 2, 3):
+        assert all(0.25 * 2 ** (t - 1) <= reconnect_delay(t, 1) <= 0.25 * 2**t for _ in range(50))
     assert all(BACKOFF_CAP / 2 <= reconnect_delay(40, 3) <= BACKOFF_CAP for _ in range(50))
 
 

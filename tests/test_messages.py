@@ -109,8 +109,8 @@ ROUND_TRIPS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     Kind.PRIV: (
-        {"to": "bob", "text": "psst", "id": "c3", "retry": True},
-        {"to": "bob", "text": "psst", "id": "c3", "hops": None, "retry": True},
+        {"to": "bob", "text": "psst", "id": "c3", "retry": 2.5},
+        {"to": "bob", "text": "psst", "id": "c3", "hops": None, "retry": 2.5},
     ),
     Kind.ROOMS: ({}, {}),
     Kind.WHO: ({"room": "dev"}, {"room": "dev"}),
@@ -368,6 +368,16 @@ BAD_REQUESTS: list[tuple[str, list[bytes], Code]] = [
     ),
     # missing fields
     ("priv without text", raw("PRIV", {"to": "bob", "id": "c"}), Code.BAD_REQUEST),
+    (
+        "priv retry not seconds",
+        raw("PRIV", {"to": "bob", "text": "x", "id": "c", "retry": True}),
+        Code.BAD_REQUEST,
+    ),
+    (
+        "priv retry negative",
+        raw("PRIV", {"to": "bob", "text": "x", "id": "c", "retry": -1}),
+        Code.BAD_REQUEST,
+    ),
     ("priv without id", raw("PRIV", {"to": "bob", "text": "x"}), Code.BAD_REQUEST),
     ("priv empty text", raw("PRIV", {"to": "bob", "text": "", "id": "c"}), Code.BAD_REQUEST),
     ("say without msgs", raw("SAY", {"room": "dev"}), Code.BAD_REQUEST),

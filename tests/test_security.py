@@ -409,8 +409,8 @@ def test_curve_refuses_unknown_keys(make_broker, tmp_path):
 
 def test_a_key_added_to_allow_keys_gets_in_and_a_removed_one_no_longer_does(make_broker, tmp_path):
     """An operator copies a new client's public key into the --allow-keys folder while the
-    broker runs: that client gets in without a restart. Removing a key keeps its holder
-    out from then on."""
+    broker runs: that client gets in without a restart, though a file beside it holds no
+    key (left out). Removing a key keeps its holder out from then on."""
     broker_secret, allowed, server, mine, stranger = curve_setup(tmp_path)
     b = make_broker(curve_key=broker_secret, allow_keys=str(allowed))
 
@@ -432,6 +432,7 @@ def test_a_key_added_to_allow_keys_gets_in_and_a_removed_one_no_longer_does(make
     async def scenario() -> None:
         assert not await attempt("newcomer", stranger)
         key = (tmp_path / "stranger" / "client.key").read_bytes()
+        (allowed / "half-copied.key").write_text("# nothing yet\n")
         (allowed / "newcomer.key").write_bytes(key)
         await until_attempt("newcomer", stranger, gets_in=True)
         assert await attempt("keyed", mine)

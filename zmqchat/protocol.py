@@ -342,6 +342,18 @@ def _say_items(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _seconds(b: dict[str, Any], name: str) -> float | None:
+    """An optional duration: a number of seconds, 0 or more."""
+    value = b.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e12:
+        raise ProtocolError(
+            Code.BAD_REQUEST, f"field {name!r} must be a number of seconds, 0 or more"
+        )
+    return float(value)
+
+
 def _time(b: dict[str, Any], name: str) -> float | None:
     """An optional time (UTC seconds) as a float: SQLite takes any float, and no integer too
     large for one gets through."""
@@ -408,7 +420,7 @@ def _v_priv(b: dict[str, Any]) -> dict[str, Any]:
         "text": _text(b, "text", MAX_TEXT),
         "id": _text(b, "id", MAX_CMID),
         "hops": min(hops, MAX_HOPS) if hops is not None else None,
-        "retry": b.get("retry") is True,  # sent before: its answer was lost
+        "retry": _seconds(b, "retry"),  # sent this long ago before, and its answer was lost
     }
 
 

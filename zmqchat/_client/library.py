@@ -61,11 +61,12 @@ EVENTS_PER_TURN = 1_000  # room events decoded before the reader yields: a 40,00
 
 def reconnect_delay(tried: int, brokers: int) -> float:
     """The wait before the next reconnect attempt, after `tried` brokers refused or did not
-    answer since the last one that let us in: short while this round still has brokers not
-    tried, then doubling with each round that every broker failed, up to BACKOFF_CAP (with
-    one broker, each attempt is a round). Jittered, so clients do not come back in step."""
-    rounds = max(0, tried - 1) // max(1, brokers)
-    return min(BACKOFF_CAP, 0.5 * 2**rounds) * random.uniform(0.5, 1.0)
+    answer since the last one that let us in: at most a quarter of a second until every
+    broker has failed once, doubling with each round in which all of them failed, up to
+    BACKOFF_CAP (with one broker, each attempt is a round: 0.5, 1, 2 s...). Jittered, so
+    clients do not come back in step."""
+    rounds = tried // max(1, brokers)
+    return min(BACKOFF_CAP, 0.25 * 2**rounds) * random.uniform(0.5, 1.0)
 
 
 def failover_order(now: int, count: int) -> list[int]:
@@ -284,7 +285,7 @@ class _Send:
     future: asyncio.Future
     extra: dict[str, Any] = field(default_factory=dict)
     heard: int | None = None  # the room's seq we had when it was queued: it is stored after
-    sent: bool = False  # sent before (a private message's retry says so)
+    first_sent: float | None = None  # when it first left (monotonic): a retry says how long ago
 
 
 class Client(AccountClient, Messages):
@@ -613,6 +614,7 @@ class Client(AccountClient, Messages):
         timeout: float | None = None,
         *,
         on_reply: Callable[[dict[str, Any]], None] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Send one command and wait for its reply; RATE_LIMITED is waited out and resent.
         on_reply(body) runs as the OK reply is read, before any message after it. Made
@@ -627,7 +629,7 @@ class Client(AccountClient, Messages):
             if not self.connected and kind is not m.Kind.HELLO:
                 raise ChatError("DISCONNECTED", "not connected to the broker")
             try:
-                return await self._request_once(kind, body, timeout, on_reply)
+                return await self._request_once(kind, body, timeout, on_reply, on_sent)
             except ChatError as err:
                 if err.code != m.Code.RATE_LIMITED:
                     raise
@@ -666,10 +668,13 @@ class Client(AccountClient, Messages):
         body: dict[str, Any],
         timeout: float,
         on_reply: Callable[[dict[str, Any]], None] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         label, future = self._start(kind, body)
         if on_reply is not None:
             self._on_reply[label] = on_reply
+        if on_sent is not None:  # it has left (its reply may still be lost)
+            on_sent()
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -891,9 +896,11 @@ class Client(AccountClient, Messages):
                     self.nick = self.nick[: m.MAX_NICK - 1] + "_"
                 self.connected = False
                 self._online.clear()
-                if welcomed:  # a broker let us in, then was lost: a new outage, tried
-                    tried = 0  # again at once elsewhere (as a resume of its own was)
+                if welcomed and err.code in ("DISCONNECTED", m.Code.NO_HELLO):  # a broker let
+                    tried = 0  # us in, then was lost: a new outage, tried again at once
                     order = itertools.cycle(failover_order(self._at, len(self.addresses)))
+                    # (one that let us in but could not rejoin us, UNAVAILABLE or TIMEOUT,
+                    # counts as a failure: the wait grows if every broker is like it)
             await asyncio.sleep(reconnect_delay(tried, len(self.addresses)))
 
     def _started_over(self, room: str, seq: int) -> None:
@@ -1314,11 +1321,14 @@ class Client(AccountClient, Messages):
                 if reply.get("event"):  # an answer that came right behind it
                     self._events.put_nowait(Event.from_wire(reply["event"], mine=True))
 
+            def sent() -> None:
+                if first.first_sent is None:
+                    first.first_sent = time.monotonic()
+
             priv = {"to": first.target, "text": first.text, "id": first.cmid, **first.extra}
-            if first.sent:  # its answer was lost: a broker that did not keep it looks back
-                priv["retry"] = True
-            first.sent = True
-            reply = await self.request(m.Kind.PRIV, priv, on_reply=copy)
+            if first.first_sent is not None:  # its answer was lost: a broker that did not
+                priv["retry"] = round(time.monotonic() - first.first_sent, 3)  # keep it looks
+            reply = await self.request(m.Kind.PRIV, priv, on_reply=copy, on_sent=sent)  # back
             if reply.get("duplicate") and not reply.get("event"):  # the first reply was lost,
                 event = {  # and with it our copy: made here, as the broker had made it
                     "kind": m.EventKind.PRIVATE,

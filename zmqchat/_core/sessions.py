@@ -20,6 +20,7 @@ log = logging.getLogger("zmqchat.broker")
 
 REPLAY_WINDOW: Final = 600  # seconds back a resuming client may be sent private messages again
 RETRY_WINDOW: Final = 86_400  # seconds back a retried private message is looked for (a day)
+RETRY_MARGIN: Final = 60.0  # seconds more: the brokers' clocks may differ that much
 
 
 class Sessions(CoreBase):
@@ -222,10 +223,9 @@ class Sessions(CoreBase):
         duplicate = {"to": target.nick, "id": b["id"], "duplicate": True}
         if self.room_log.known_ids(s.ident.owner, [b["id"]])[b["id"]] is not None:
             return duplicate  # a retry
-        if b["retry"] and (
-            yield self.room_log.private_kept(
-                s.ident.owner, target.recipient, b["id"], self.clock.time() - RETRY_WINDOW
-            )
+        since = self.clock.time() - min(b["retry"] or 0.0, RETRY_WINDOW) - RETRY_MARGIN
+        if b["retry"] is not None and (
+            yield self.room_log.private_kept(s.ident.owner, target.recipient, b["id"], since)
         ):
             return duplicate  # a retry, kept through another broker a while ago
         self._charge(s, 1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -32,6 +31,7 @@ from zmqchat._local.accounts import LocalAccounts
 from zmqchat._local.files import LocalFiles
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
 from zmqchat._local.store import Store
+from zmqchat.broker._keys import AllowedKeys
 from zmqchat.broker._outflow import LENT, Outflow
 
 if TYPE_CHECKING:  # imported at run time only with CURVE (see _secure)
@@ -77,7 +77,7 @@ class Broker:
         self.ctx = ctx or zmq.Context.instance()
         self.stopping = False
         self.auth: ThreadAuthenticator | None = None
-        self.keys_seen: list[tuple[str, int, int]] | None = None  # --allow-keys, as last read
+        self.allowed = AllowedKeys(cfg.allow_keys) if cfg.allow_keys is not None else None
         self.curve = cfg.curve_key is not None
         self.store: Store | None = None
         self.blobs: DiskBlobs | None = None
@@ -219,10 +219,11 @@ class Broker:
 
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
-        self.auth.configure_curve(
-            domain="chat", location=self.cfg.allow_keys or zmq.auth.CURVE_ALLOW_ANY
-        )
-        self.keys_seen = self._allowed_files()
+        if self.allowed is None:
+            self.auth.configure_curve(domain="chat", location=zmq.auth.CURVE_ALLOW_ANY)
+        else:
+            self.auth.certs["chat"] = {}  # nobody, until the folder is read
+            self._reload_keys()
         for sock in (self.router, self.xpub):
             sock.curve_secretkey = secret
             sock.curve_publickey = public
@@ -230,28 +231,16 @@ class Broker:
             sock.zap_domain = b"chat"
             sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
-    def _allowed_files(self) -> list[tuple[str, int, int]] | None:
-        """--allow-keys' files (name, modified, size), or None without it (or unreadable)."""
-        if self.cfg.allow_keys is None:
-            return None
-        try:
-            with os.scandir(self.cfg.allow_keys) as found:
-                return sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in found)
-        except OSError:
-            return None
-
     def _reload_keys(self) -> None:
         """A key added to --allow-keys, or removed, counts from the next connection: the
         folder is looked at every half heartbeat (a connection already in keeps going)."""
-        if self.auth is None or self.cfg.allow_keys is None:
+        if self.auth is None or self.allowed is None:
             return
-        now = self._allowed_files()
-        if now is None or now == self.keys_seen:
+        keys = self.allowed.changed()
+        if keys is None:
             return
-        self.keys_seen = now
-        self.auth.configure_curve(domain="chat", location=self.cfg.allow_keys)
-        keys = len(self.auth.certs.get("chat", {}))
-        log.info("--allow-keys: %d client keys may connect now (%s)", keys, self.cfg.allow_keys)
+        self.auth.certs["chat"] = keys  # (the authenticator's thread reads it per handshake)
+        log.info("--allow-keys: %d client keys may connect (%s)", len(keys), self.allowed.folder)
 
     def _bind_one(self, sock: zmq.Socket, port: int) -> int:
         if port == 0:
