@@ -845,10 +845,14 @@ class Client(AccountClient, Messages):
         else:
             self._closing = True
 
+    def _failover(self) -> Iterator[int]:
+        """The brokers to try from the one we use now, round and round (failover_order)."""
+        return itertools.cycle(failover_order(self._at, len(self.addresses)))
+
     async def _resume(self) -> None:
         before = self._name
         tried = 0  # brokers tried since the last one that let us in
-        order = itertools.cycle(failover_order(self._at, len(self.addresses)))
+        order = self._failover()
         while not self._closing:
             tried += 1
             self._move_on(next(order))  # another broker (or the only one again)
@@ -897,10 +901,10 @@ class Client(AccountClient, Messages):
                 self.connected = False
                 self._online.clear()
                 if welcomed and err.code in ("DISCONNECTED", m.Code.NO_HELLO):  # a broker let
-                    tried = 0  # us in, then was lost: a new outage, tried again at once
-                    order = itertools.cycle(failover_order(self._at, len(self.addresses)))
-                    # (one that let us in but could not rejoin us, UNAVAILABLE or TIMEOUT,
-                    # counts as a failure: the wait grows if every broker is like it)
+                    tried, order = 0, self._failover()  # us in, then was lost: a new outage,
+                    # tried again at once (one that let us in but could not rejoin us,
+                    # UNAVAILABLE or TIMEOUT, counts as a failure: the wait grows if every
+                    # broker is like it)
             await asyncio.sleep(reconnect_delay(tried, len(self.addresses)))
 
     def _started_over(self, room: str, seq: int) -> None:

@@ -230,7 +230,7 @@ class ClusterAccounts:
         for old in [w for w, times in self.logins.items() if not times or times[-1] < stale]:
             del self.logins[old]  # forgotten as new ones come (the bucket's: bridge.BUCKET_TTL)
         where = (key, hexkey(address) or "-")
-        recent = [t for t in self.logins.get(where, ()) if t >= at - FAILURES_KEPT] + [at]
+        recent = [t for t in self.logins.get(where, ()) if t >= stale] + [at]
         self.logins[where] = recent
         return self._kv(Change.PUT, Bucket.LOGINS, f"{hexkey(key)}.{where[1]}", recent)
 

@@ -223,11 +223,10 @@ class Sessions(CoreBase):
         duplicate = {"to": target.nick, "id": b["id"], "duplicate": True}
         if self.room_log.known_ids(s.ident.owner, [b["id"]])[b["id"]] is not None:
             return duplicate  # a retry
-        since = self.clock.time() - min(b["retry"] or 0.0, RETRY_WINDOW) - RETRY_MARGIN
-        if b["retry"] is not None and (
-            yield self.room_log.private_kept(s.ident.owner, target.recipient, b["id"], since)
-        ):
-            return duplicate  # a retry, kept through another broker a while ago
+        if b["retry"] is not None:  # sent before: kept through another broker a while ago?
+            since = self.clock.time() - min(b["retry"], RETRY_WINDOW) - RETRY_MARGIN
+            if (yield self.room_log.private_kept(s.ident.owner, target.recipient, b["id"], since)):
+                return duplicate
         self._charge(s, 1)
         ts = self.clock.time()
         event = {
