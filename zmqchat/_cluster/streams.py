@@ -179,7 +179,9 @@ class RoomStream:
 
     async def _window(self) -> list[Stored]:
         """The stream's last messages, back to WINDOW_EVENTS events, read from its leader
-        (a replica may lag: the end must be the end)."""
+        (a replica may lag: the end must be the end). Each get may be answered by another
+        replica: one that lags answers short, and what it lacks is read from the leader, not
+        taken for erased messages (a hole would be filled with `deleted` events)."""
         info = await self.host.js.stream_info(self.stream)
         last = info.state.last_seq
         if last == 0:
@@ -190,8 +192,12 @@ class RoomStream:
             size = min(READ_BATCH, start - 1, size)
             start -= size
             request = {"seq": start, "batch": size}
+            upper = out[0].seq if out else last + 1  # (read already from there on)
             got = [stored_of(m) for m in await self.host.direct(self.stream, request)]
-            got = [g for g in got if g.seq < (out[0].seq if out else last + 1)]
+            got = [g for g in got if g.seq < upper]
+            end = got[-1].seq if got else start - 1
+            if end < upper - 1:  # answered by a replica behind the one before: the rest
+                got += await self.history.messages(end + 1, upper - 1)  # (not erased ones)
             out = got + out
             events += sum(len(g.tails) for g in got)
             per_message = max(1.0, events / max(1, len(out)))
