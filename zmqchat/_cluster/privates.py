@@ -5,6 +5,7 @@ client's missed ones and a conversation's history are read by subject."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -16,6 +17,8 @@ from zmqchat._cluster.names import Failure
 logger = logging.getLogger("zmqchat.cluster")
 
 READ_BATCH: Final = 500  # messages per direct-get request
+LEADER_WAIT: Final = 2.0  # seconds a read from the stream's leader may take
+NOT_FOUND: Final = 404
 AGAIN_AFTER: Final = 0.05  # seconds before a duplicate of one in flight is asked about again
 
 
@@ -131,17 +134,39 @@ class Privates:
         }
         out: list[bytes] = []
         try:
+            last = 0  # the stream sequence of the latest one read
             while True:
                 got = await self.host.direct(stream, request)
                 out = (out + [msg.data for msg in got])[-limit:]
+                last = int(got[-1].headers["Nats-Sequence"]) if got else last
                 if len(got) < READ_BATCH:
                     break
-                request = {
-                    "seq": int(got[-1].headers["Nats-Sequence"]) + 1,
-                    "next_by_subj": subject,
-                    "batch": READ_BATCH,
-                }
+                request = {"seq": last + 1, "next_by_subj": subject, "batch": READ_BATCH}
         except Exception as exc:  # noqa: BLE001
             self.host.fail(call, Failure.UNAVAILABLE, f"private messages not read: {exc}")
             return
+        # any replica answers a direct get, and one behind the leader (a node just started
+        # or woken) lacks the latest: whatever follows, from the leader
+        after: dict[str, Any] = {"seq": last + 1} if last else {"start_time": start}
+        try:
+            while found := await self._leader_next(stream, {**after, "next_by_subj": subject}):
+                out = (out + [found[1]])[-limit:]
+                after = {"seq": found[0] + 1}
+        except Exception as exc:  # noqa: BLE001 - no leader now (one being elected): as read
+            logger.info("private messages read without the stream's leader: %r", exc)
         self.host.done_list(call, out)
+
+    async def _leader_next(self, stream: str, request: dict[str, Any]) -> tuple[int, bytes] | None:
+        """The stream leader's first message that the request names (its sequence and
+        data); None if there is none."""
+        answer = await self.host.nc.request(
+            f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps(request).encode(), timeout=LEADER_WAIT
+        )
+        body = json.loads(answer.data)
+        error = body.get("error")
+        if error is not None:
+            if error.get("code") == NOT_FOUND:
+                return None
+            raise OSError(error.get("description", "the stream's leader did not answer"))
+        message = body["message"]
+        return int(message["seq"]), base64.b64decode(message.get("data") or "")
