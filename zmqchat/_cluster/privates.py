@@ -17,7 +17,7 @@ from zmqchat._cluster.names import Failure
 logger = logging.getLogger("zmqchat.cluster")
 
 READ_BATCH: Final = 500  # messages per direct-get request
-LEADER_WAIT: Final = 2.0  # seconds a read from the stream's leader may take
+LEADER_WAIT: Final = 0.5  # seconds the leader may take to answer (a resume waits for it)
 NOT_FOUND: Final = 404
 AGAIN_AFTER: Final = 0.05  # seconds before a duplicate of one in flight is asked about again
 
