@@ -257,3 +257,54 @@ def test_a_client_silent_past_its_heartbeats_may_still_resume_elsewhere(make_clu
         asyncio.run(scenario())
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_broker_paused_while_it_writes_keeps_its_nats_server(make_cluster_broker):
+    """A broker stopped (SIGSTOP) for two seconds while its client's messages are being
+    stored: when it wakes, the answers it has not read yet are waiting in its connection,
+    behind what its subscriptions got meanwhile. Its own pause is no reason to think its
+    NATS server gone and leave it (a reconnect that fails whatever was under way); it goes
+    on, and every message is stored once, in order."""
+    b1 = make_cluster_broker("b1", "--rate", "0")  # (the sender as fast as it can)
+
+    async def scenario() -> None:
+        sender = Client(f"127.0.0.1:{b1.port}", nick="sender", bot=True)
+        alice = Client(f"127.0.0.1:{b1.port}", nick="alice")
+        for c in (sender, alice):
+            await c.connect()
+        view = Listener(alice)
+        acked: list[int] = []
+        stop = asyncio.Event()
+
+        async def send() -> None:
+            i = 0
+            while not stop.is_set():
+                sends = [sender.say("lobby", f"line {i}.{j}") for j in range(20)]
+                acked.extend(await asyncio.gather(*sends))
+                i += 1
+
+        async def more(what: str) -> None:
+            n = len(acked)
+            await until(lambda: len(acked) > n + 200, 20, what)
+
+        sending = asyncio.create_task(send())
+        for _ in range(3):
+            await more("traffic")
+            os.kill(b1.proc.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(2.0)  # the pause (the client goes on sending)
+            finally:
+                os.kill(b1.proc.pid, signal.SIGCONT)
+        await more("traffic after the pauses")
+        stop.set()
+        await sending
+        await until(lambda: acked[-1] in view.seqs(), 10, "the last line")
+        said = [e.seq for e in view.room() if e.kind == "msg" and e.nick == "sender"]
+        assert said == sorted(acked) and len(set(said)) == len(said)
+        for c in (sender, alice):
+            await c.close()
+
+    asyncio.run(scenario())
+    assert b1.log_text().count("did not run for") == 3
+    assert "our NATS server does not answer" not in b1.log_text()
+    assert "encountered error" not in b1.log_text()

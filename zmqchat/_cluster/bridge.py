@@ -63,6 +63,8 @@ from zmqchat._cluster.streams import PROBE_AFTER, Call, RoomStream
 
 logger = logging.getLogger("zmqchat.cluster")
 
+PROBE_WAIT: Final = 1.0  # seconds our server has to answer a probe's PING (or send anything)
+PROBE_PATIENCE: Final = 30  # seconds the probe's PING is left to be answered after that
 OP_TIMEOUT: Final = 2.0  # seconds a command may take before UNAVAILABLE (the client retries)
 CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
 PING_INTERVAL: Final = 1.0  # seconds between pings of our NATS server, and
@@ -263,6 +265,8 @@ class Bridge:
                     call.deadline += lost
                 for private in self.privates.storing:
                     private.deadline += lost
+                for stream in self.streams.values():
+                    stream.woke(lost)
             for call in [c for c in self.calls.values() if c.deadline < now]:
                 call.done = True
                 del self.calls[call.id]
@@ -279,12 +283,20 @@ class Bridge:
 
     async def _probe(self) -> None:
         """A publish waits: is our server still there? (A stopped one keeps the TCP
-        connection open; the pings would say so only after a few seconds.)"""
+        connection open; the pings would say so only after a few seconds.) One that sends
+        us anything while we wait for its PONG is there: we are only behind in reading
+        what it sent (after a pause of ours, on a busy machine), and the PONG comes after."""
         self.probing = True
+        heard = self.nc.stats["in_msgs"]
+        # (nats-py's flush, timed out, leaves its PONG's future cancelled in its queue, and
+        # the late PONG then fails its read loop: the flush is given long and not cancelled)
+        pong = asyncio.ensure_future(self.nc.flush(timeout=PROBE_PATIENCE))
+        pong.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
-            await self.nc.flush(timeout=1)
-        except Exception:  # noqa: BLE001 - no PONG in time: another server
-            if not self.closing and self.nc.is_connected:
+            await asyncio.wait_for(asyncio.shield(pong), PROBE_WAIT)
+        except Exception:  # noqa: BLE001 - no PONG in time: another server, if it is silent
+            silent = self.nc.stats["in_msgs"] == heard
+            if silent and not self.closing and self.nc.is_connected:
                 logger.warning("our NATS server does not answer; moving to another")
                 await self.nc.force_reconnect()
         finally:

@@ -555,6 +555,12 @@ class RoomStream:
         """Whether the message in flight went unanswered for RETRY_EVERY."""
         return self.flight is not None and now - self.flight.sent_at >= RETRY_EVERY
 
+    def woke(self, gap: float) -> None:
+        """The process did not run for `gap` seconds: the message in flight did not wait
+        for our server meanwhile."""
+        if self.flight is not None:
+            self.flight.born += gap
+
     def waiting(self, now: float) -> float:
         """How long the message in flight has waited for its answer (0: none in flight)."""
         return now - self.flight.born if self.flight is not None else 0.0
