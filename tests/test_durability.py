@@ -759,3 +759,42 @@ def test_a_request_made_while_reconnecting_waits_for_the_resume(make_broker):
         await close_all([ann])
 
     asyncio.run(scenario())
+
+
+class SilentAfterHello(Relay):
+    """A relay whose first client connection goes silent once its HELLO is answered: the
+    JOIN after it, and everything else both ways, lost (a broker stalled past the client's
+    heartbeats just as it joins its rooms). Later connections pass."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, broker_port: int) -> None:
+        self.first: bytes | None = None
+        self.hello = b""
+        super().__init__(ctx, broker_port)
+
+    def up(self, rid: bytes, frames: list[bytes]) -> bool:
+        if self.first is None:
+            self.first = rid
+        if rid == self.first and frames[0] == b"HELLO":
+            self.hello = frames[1]
+        return rid != self.first or frames[0] == b"HELLO"
+
+    def down(self, rid: bytes, frames: list[bytes]) -> list[list[bytes]]:
+        return [frames] if rid != self.first or frames[1] == self.hello else []
+
+
+def test_a_connection_lost_while_joining_the_starting_rooms_is_not_a_failed_connect(broker):
+    """The broker answers HELLO, then nothing (its JOIN lost): connect() does not fail with
+    DISCONNECTED; the client resumes and joins its room, and talks there."""
+
+    async def scenario() -> None:
+        relay = SilentAfterHello(zmq.asyncio.Context.instance(), broker.port)
+        b = await Member(broker.port, "ben").start()
+        a = await asyncio.wait_for(Member(relay.port, "ann").start(), 10)
+        assert "lobby" in a.client.rooms and a.client.connected
+        seq = await a.client.say("lobby", "here after all")
+        await until(lambda: seq in b.seqs(), 5, "ann's message at ben")
+        assert any(text.startswith("reconnected") for text in a.statuses())
+        relay.task.cancel()
+        await close_all([a, b])
+
+    asyncio.run(scenario())

@@ -50,6 +50,7 @@ BATCH_BYTES = 48 * 1024  # a SAY's body, at most: well under the broker's MAX_RE
 BACKOFF_CAP = 10.0  # seconds: the longest wait between reconnect attempts
 HANDSHAKE_MS = 2000  # a ZeroMQ handshake with a stopped broker gives up after this
 MINE_MEMORY = 100_000  # message ids of ours remembered, to mark our own echoes
+START_JOINS = 3  # tries of a starting room's JOIN that the connection was lost under
 PRIVATE_MEMORY = 1_000  # private message ids remembered, to drop one pushed again
 # a reconnect refused these: trying again would not help (an account's login)
 REFUSED_LOGIN: Final = frozenset(
@@ -370,7 +371,8 @@ class Client(AccountClient, Messages):
     async def connect(self) -> dict[str, Any]:
         """Say HELLO (ChatError on a taken or invalid nick), then join the starting rooms.
         A broker that does not answer within `timeout` is passed over for the next one;
-        ChatError TIMEOUT when none did."""
+        ChatError TIMEOUT when none did. A connection lost while the rooms are joined is
+        resumed, and the joins go on."""
         for left in range(len(self.addresses) - 1, -1, -1):
             self._open_sockets()
             if not self._tasks:
@@ -397,11 +399,25 @@ class Client(AccountClient, Messages):
             await self._summary()
         self.want_rooms = self._start_rooms(self.want_rooms)
         for room in self.want_rooms:
-            await self.join(room)
+            await self._join_at_start(room)
         for room in self.welcome.get("joined", []) if self.acct.account else ():
             if room not in self.rooms:  # the account's other rooms: back in them, quietly
                 await self._join(room, {"room": room, "resume": True}, 0, unread=False)
         return self.welcome
+
+    async def _join_at_start(self, room: str) -> None:
+        """A starting room, joined even if the connection is lost meanwhile (a broker that
+        stalls past our heartbeats as we join): the JOIN is made again once resumed."""
+        for attempt in range(START_JOINS):
+            try:
+                await self.join(room)
+                return
+            except ChatError as err:
+                lost = err.code == "DISCONNECTED" and self.reconnect and not self._closing
+                if not lost or attempt == START_JOINS - 1:
+                    raise
+                if room in self.rooms:  # its reply came before the loss: rejoined by the resume
+                    return
 
     async def _hello_or_wait(self) -> None:
         """HELLO; for a guest whose nick is held by a connection that has gone silent, ask
