@@ -416,8 +416,7 @@ class Client(AccountClient, Messages):
                 lost = err.code == "DISCONNECTED" and self.reconnect and not self._closing
                 if not lost or attempt == START_JOINS - 1:
                     raise
-                if room in self.rooms:  # its reply came before the loss: rejoined by the resume
-                    return
+                # (again even if in it now: a JOIN of a member changes nothing, its backlog comes)
 
     async def _hello_or_wait(self) -> None:
         """HELLO; for a guest whose nick is held by a connection that has gone silent, ask

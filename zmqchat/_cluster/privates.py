@@ -18,6 +18,7 @@ logger = logging.getLogger("zmqchat.cluster")
 
 READ_BATCH: Final = 500  # messages per direct-get request
 LEADER_WAIT: Final = 0.5  # seconds the leader may take to answer (a resume waits for it)
+LEADER_BUDGET: Final = 1.0  # seconds of reading what the replicas lacked, one at a time
 NOT_FOUND: Final = 404
 AGAIN_AFTER: Final = 0.05  # seconds before a duplicate of one in flight is asked about again
 
@@ -147,11 +148,15 @@ class Privates:
             return
         # any replica answers a direct get, and one behind the leader (a node just started
         # or woken) lacks the latest: whatever follows, from the leader
+        # (one message a request: a walk that takes longer than LEADER_BUDGET stops there)
         after: dict[str, Any] = {"seq": last + 1} if last else {"start_time": start}
+        until = time.monotonic() + LEADER_BUDGET
         try:
             while found := await self._leader_next(stream, {**after, "next_by_subj": subject}):
                 out = (out + [found[1]])[-limit:]
                 after = {"seq": found[0] + 1}
+                if time.monotonic() > until:
+                    raise TimeoutError(f"more than {LEADER_BUDGET:g} s")
         except Exception as exc:  # noqa: BLE001 - no leader now (one being elected): as read
             logger.info("private messages read without the stream's leader: %r", exc)
         self.host.done_list(call, out)

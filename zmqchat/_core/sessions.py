@@ -67,9 +67,9 @@ class Sessions(CoreBase):
         ident = Identity(self.tokens(8), nick, key, hashed, pubkey, b["bot"], self.name)
         ident.account = account
         replayable = bool(pubkey) or len(b["token"]) >= MIN_REPLAY_TOKEN or bool(account)
-        missed = Op.ready([])  # read beside the claim (on a cluster each may take a while)
+        missed: list[dict[str, Any]] = []
         if b["resume"] and b["privates_since"] is not None and replayable:
-            missed = self._missed_privates(ident, b["privates_since"])
+            missed = yield from self._missed_privates(ident, b["privates_since"])
         if self.rules.keys_required and not account:
             yield self.registry.bind_nick(key, pubkey)
         if device:
@@ -96,7 +96,7 @@ class Sessions(CoreBase):
             bot=b["bot"],
             curve=bool(pubkey),
         )
-        for event in (yield from self._replay(ident, missed)):
+        for event in missed:
             self._push(s, Reply.PRIVATE, {"event": event})
         return {
             "nick": nick,
@@ -151,19 +151,17 @@ class Sessions(CoreBase):
         free_in = max(limit - silent, 0.0) + margin + held
         return {"free_in": round(free_in, 3), "silent": round(silent, 3)}
 
-    def _missed_privates(self, ident: Identity, since: float) -> Op:
+    def _missed_privates(
+        self, ident: Identity, since: float
+    ) -> Generator[Op, Any, list[dict[str, Any]]]:
         """For a resume: the private messages to this client at or after `since` (one may
         have gone to its old connection as it died). Only those sent to the identity it
         proves (a CURVE key, or a resume token of MIN_REPLAY_TOKEN characters or more; a nick
         proves nothing) under the nick it has now, in the last REPLAY_WINDOW seconds: the
-        latest m.MAX_HISTORY of them. Asked for before the HELLO changes anything."""
+        latest m.MAX_HISTORY of them. Read before the HELLO changes anything."""
         since = max(since, self.clock.time() - REPLAY_WINDOW)
-        return self.room_log.privates_to(ident.recipient, since, m.MAX_HISTORY)
-
-    def _replay(self, ident: Identity, missed: Op) -> Generator[Op, Any, list[dict[str, Any]]]:
-        """What _missed_privates read, once it has."""
         try:
-            stored = yield missed
+            stored = yield self.room_log.privates_to(ident.recipient, since, m.MAX_HISTORY)
         except Exception as exc:  # the client still gets in; only this replay is missing
             log.error("private messages for %s not read: %s", ident.nick, exc)
             return []
