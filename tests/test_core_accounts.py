@@ -8,9 +8,11 @@ import dataclasses
 from typing import Any
 
 from tests.test_core import Conn, Harness, _close_stores  # noqa: F401 - (its fixture)
+from zmqchat._core.accounts_state import Account
 from zmqchat._core.core import Core
 from zmqchat._core.state import Op
 from zmqchat._local.accounts import LocalAccounts
+from zmqchat._local.state import LocalRegistry
 from zmqchat._scram import Login, make_keys
 from zmqchat.protocol import Code
 
@@ -37,9 +39,38 @@ class HeldAccounts(LocalAccounts):
         return op
 
 
-def with_accounts(accounts_type: type[LocalAccounts] = LocalAccounts) -> tuple[Harness, Any]:
+class RegisteredElsewhere(LocalAccounts):
+    """A cluster broker's accounts as its core sees them: an account registered through
+    another broker just now is heard here only when a catch-up that includes the accounts
+    is done (AccountsNewsOnCatchUp)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.unheard: list[Account] = []
+
+    def hear(self) -> None:
+        for account in self.unheard:
+            super().register(account)
+        self.unheard.clear()
+
+
+class AccountsNewsOnCatchUp(LocalRegistry):
+    accounts: RegisteredElsewhere
+
+    def catch_up(self, accounts: bool = False) -> Op:
+        if accounts:
+            self.accounts.hear()
+        return Op.ready()
+
+
+def with_accounts(
+    accounts_type: type[LocalAccounts] = LocalAccounts,
+    registry_type: type[LocalRegistry] = LocalRegistry,
+) -> tuple[Harness, Any]:
     h = Harness(scram_iterations=ITERATIONS)
     accounts = accounts_type(h.store)
+    if registry_type is not LocalRegistry:
+        h.registry = registry_type(h.store, h.cfg.rooms, h.cfg.operators, h.cfg.allow_new_rooms)
     h.core = Core(
         h.cfg.rules(),
         h.log,
@@ -136,3 +167,36 @@ def test_a_login_begun_before_the_password_changed_is_not_let_in_after():
     assert "changed meanwhile" in got["reason"]
     sweeps(h, 5, thief)
     assert h.core.by_sid == {}
+
+
+def test_a_nick_registered_on_another_broker_just_now_is_an_account_here():
+    """On a cluster an account registered through another broker is heard here a moment
+    later. What asks whether a nick is an account waits for that news: a guest's HELLO
+    under the nick is told to log in, a guest's NICK to it is refused, a private message
+    to it (away) is kept for the account."""
+    h, accounts = with_accounts(RegisteredElsewhere, AccountsNewsOnCatchUp)
+    h.registry.accounts = accounts
+
+    def elsewhere(nick: str) -> None:
+        accounts.unheard.append(Account(nick, nick, make_keys(OLD, ITERATIONS), 1.0))
+
+    elsewhere("ann")
+    guest = h.conn("guest")
+    kind, got = guest.reply(guest.send("HELLO", version=1, nick="ann", token="guest-token-0"))
+    assert (kind, got["code"]) == ("ERROR", Code.AUTH_REQUIRED)
+    elsewhere("eve")  # a guest's resume under a nick it does not hold (its session gone)
+    kind, got = guest.reply(
+        guest.send("HELLO", version=1, nick="eve", token="guest-token-0", resume=True)
+    )
+    assert (kind, got["code"]) == ("ERROR", Code.AUTH_REQUIRED)
+    bea = h.conn("bea")
+    bea.hello("bea")
+    elsewhere("cat")
+    kind, got = bea.reply(bea.send("NICK", nick="cat"))
+    assert (kind, got["code"], got["reason"]) == (
+        "ERROR",
+        Code.NICK_TAKEN,
+        "cat is a registered account",
+    )
+    elsewhere("dan")
+    assert bea.ask("PRIV", to="dan", text="for when you are back", id="p1")["to"] == "dan"

@@ -91,7 +91,9 @@ REGISTRY: Final = (Bucket.SESSIONS, Bucket.MEMBERS, Bucket.ROOMS, Bucket.NICKKEY
 # what a catch-up waits for (beats are not registry state), and a login's also the accounts':
 # each bucket is a request to its stream's leader, and a catch-up waits for the slowest (in
 # the cluster soak, every HELLO waiting for seven instead of four gave 100-180 leave notices
-# in 3 minutes: resumes that took longer than a client waits, while a node was stopped)
+# in 3 minutes: resumes that took longer than a client waits, while a node was stopped; a
+# guest's resume of the nick it holds waits for the four, a guest's new HELLO for all seven:
+# the accounts say whether its nick is registered, sessions.py)
 
 
 class Beat(StrEnum):

@@ -278,7 +278,7 @@ class Accounts(Sessions, Rooms, Moderation):
         broker meanwhile. Once we have heard all that was stored before now (its LEAVE's
         record, if the LEFT push came before this session was in the room), or the LEFT
         took this session out, it is refused and this session's join undone."""
-        yield self.registry.catch_up()
+        yield self.registry.catch_up(accounts=True)
         account = self.logged_in.get(s.sid)
         if account is not None and room in self.accounts.kept(account).rooms:
             if s.sid in self.rooms[room].members:

@@ -40,20 +40,20 @@ class Sessions(CoreBase):
             raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {session.nick}")
         nick, b = req.body["nick"], req.body
         key = m.nick_key(nick)
-        yield self.registry.catch_up()  # a nick freed or taken on another broker just now
+        # a nick freed or taken on another broker just now; a guest's, registered there just
+        # now? A guest resuming the nick it holds needs no more (only its holder registers a
+        # nick), and resumes under a stopped node are what must stay quick (names.py)
+        guest = b["proof"] is None
+        yield self.registry.catch_up(accounts=guest and not b["resume"])
+        if guest and b["resume"] and not self._holds(key, b):
+            yield self.registry.catch_up(accounts=True)
         account, extras = yield from self._login(rid, nick, key, b)  # accounts.py: "" = a guest
         if self.rules.keys_required and not account:
             owner = self.registry.nick_owner(key)
             if owner is not None and owner != pubkey:
                 raise ProtocolError(Code.NICK_TAKEN, f"the nickname {nick} belongs to another key")
         holder = self.registry.holder(key)
-        hashed = token_hash(b["token"])
-        own = bool(
-            holder is not None
-            and b["resume"]
-            and hashed
-            and hmac.compare_digest(holder.token_hash, hashed)
-        )
+        own = self._holds(key, b)
         # an account on another device: a further session under its nick (accounts.py)
         device = bool(account and holder is not None and holder.account == account and not own)
         if (
@@ -64,7 +64,9 @@ class Sessions(CoreBase):
         ):
             held = yield from self._held(holder)
             raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken", **held)
-        ident = Identity(self.tokens(8), nick, key, hashed, pubkey, b["bot"], self.name)
+        ident = Identity(
+            self.tokens(8), nick, key, token_hash(b["token"]), pubkey, b["bot"], self.name
+        )
         ident.account = account
         replayable = bool(pubkey) or len(b["token"]) >= MIN_REPLAY_TOKEN or bool(account)
         missed: list[dict[str, Any]] = []
@@ -167,10 +169,21 @@ class Sessions(CoreBase):
             return []
         return [json.loads(data) for data in stored]
 
+    def _holds(self, key: str, b: dict[str, Any]) -> bool:
+        """A resuming HELLO from the client that holds this nick (its token's hash)."""
+        holder = self.registry.holder(key)
+        hashed = token_hash(b["token"])
+        return bool(
+            holder is not None
+            and b["resume"]
+            and hashed
+            and hmac.compare_digest(holder.token_hash, hashed)
+        )
+
     def _on_nick(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         new = req.body["nick"]
         key = m.nick_key(new)
-        yield self.registry.catch_up()
+        yield self.registry.catch_up(accounts=True)  # taken, or registered, elsewhere just now?
         holder = self.registry.holder(key)
         if holder is not None and holder.sid != s.sid:
             raise ProtocolError(Code.NICK_TAKEN, f"the nickname {holder.nick} is taken")
@@ -213,8 +226,8 @@ class Sessions(CoreBase):
     def _on_priv(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         b = req.body
         target = self.registry.holder(m.nick_key(b["to"]))
-        if target is None:  # connected just now on another broker?
-            yield self.registry.catch_up()
+        if target is None:  # connected (or an account registered) just now on another broker?
+            yield self.registry.catch_up(accounts=True)
             target = self.registry.holder(m.nick_key(b["to"]))
         if target is None:  # an account: kept for it, under whatever nick, or until it is back
             target = self._account_recipient(b["to"])

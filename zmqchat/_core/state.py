@@ -274,7 +274,9 @@ class Registry(Protocol):
 
     def catch_up(self, accounts: bool = False) -> Op:
         """Also the accounts' state (accounts, their marks, failed logins) if `accounts`:
-        a login reads it; the rest of the registry is what every other command reads."""
+        what a login reads, and what asks whether a nick is an account (a guest's HELLO
+        or NICK, a private message to a nick nobody holds); the rest of the registry is
+        what every other command reads."""
 
     def holder(self, key: str) -> Identity | None:
         """The session that holds a nick (by nick key), wherever it is."""
