@@ -661,6 +661,32 @@ def test_replies_come_in_the_order_of_the_commands(broker, people, bots):
     assert got[2] == "usage: !weather CITY (CITY is missing)"
 
 
+def test_help_about_another_bots_command_is_left_to_that_bot(broker, people, bots):
+    """Two bots in lobby: `!help weather` is answered by the weather bot alone (the other
+    does not say it has no such command), `!help` by both; asked privately, a bot says
+    it has no such command."""
+    weather = bots(weather_bot(threading.Event()), broker.port, "weatherbot")
+    dice = Bot()
+
+    @dice.command("roll")
+    def roll(ctx: Context) -> str:
+        """Roll a die."""
+        return "4"
+
+    bots(dice, broker.port, "dicebot")
+    ann = people("ann")
+    ann.say("lobby", "!help weather")
+    ann.say("lobby", "!help")
+    ann.reply("weatherbot", lambda t: t == "!weather CITY - Today's weather in CITY.")
+    ann.reply("dicebot", lambda t: t.startswith("commands: ") and "| !roll - Roll a die." in t)
+    settle(broker, "lobby", weather, dice)
+    assert [e.text.split(":")[0] for e in ann.seen if e.nick == "dicebot"] == ["commands"]
+    ann.client.msg("dicebot", "!help weather")
+    assert ann.reply("dicebot", lambda t: True, room=None).text == (
+        "no command !weather; !help lists them"
+    )
+
+
 def test_a_slow_handler_holds_up_only_its_own_conversation(broker, people, bots):
     """While a slow command in lobby waits, commands in another room and from another person
     in private are answered at once; private replies to one person keep their order too."""

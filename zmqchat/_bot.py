@@ -1012,13 +1012,14 @@ class Bot:
                 self._inflight -= 1
 
     # ------------------------------------------------------------------ help
-    async def _cmd_help(self, ctx: Context, command: str = "") -> str:
+    async def _cmd_help(self, ctx: Context, command: str = "") -> str | None:
         """List the commands, or describe one: !help COMMAND."""
         p = self.prefix
         if command:
             cmd = self.commands.get(command.lower().removeprefix(p))
-            if cmd is None:
-                return f"no command {p}{command}; {p}help lists them"
+            if cmd is None:  # in a room, maybe another bot's: that one answers
+                private = ctx.event is not None and ctx.event.kind == EventKind.PRIVATE
+                return f"no command {p}{command}; {p}help lists them" if private else None
             return f"{p}{cmd.usage}" + (f" - {cmd.help}" if cmd.help else "")
         lines = [
             f"{p}{c.usage}" + (f" - {c.summary}" if c.summary else "")
