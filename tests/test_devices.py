@@ -354,6 +354,40 @@ def test_a_nick_change_is_refused_while_the_account_is_on_elsewhere(broker):
     asyncio.run(main())
 
 
+def test_a_login_while_the_account_is_on_under_another_nick_joins_it_there(broker):
+    """The laptop took another nick (alone then: allowed); the desktop logs in to the
+    account under its own name: it is the account's second device under the laptop's
+    nick, not a second person (one name in /who, a private message reaches both, a nick
+    change refused on either)."""
+
+    async def main() -> None:
+        await registered(broker, "nia")
+        laptop = client(broker, "nia", password=PW)
+        await laptop.connect()
+        assert await laptop.set_nick("nina") == "nina"
+        desktop = client(broker, "nia", password=PW)
+        await desktop.connect()
+        assert (desktop.account, desktop.nick) == ("nia", "nina")
+        tom = client(broker, "tomas")
+        await tom.connect()
+        who = await tom.who()
+        assert (who.count("nina"), who.count("nia")) == (1, 0)
+        await tom.msg("nina", "psst")
+        for c in (laptop, desktop):
+            got = await events_until(c, lambda g: any(e.kind == "private" for e in g))
+            assert [(e.nick, e.text) for e in got if e.kind == "private"] == [("tomas", "psst")]
+        for c in (laptop, desktop):
+            try:
+                await c.set_nick("nia")
+            except Exception as err:  # noqa: BLE001
+                assert "other connection" in str(err)
+            else:
+                raise AssertionError("a nick change was allowed")
+        await asyncio.gather(laptop.close(), desktop.close(), tom.close())
+
+    asyncio.run(main())
+
+
 def test_the_accounts_session_on_a_broker_that_died_ends_quietly(make_cluster_broker):
     """Two brokers of a cluster, the account's first session on b1, its second on b2: b1 is
     killed; once b2 has settled b1's sessions, the account's nick is its b2 session's (it

@@ -1,16 +1,17 @@
 """An account on several devices at once (issue 21): a laptop and a desktop both logged in.
 
-A login of an account whose nick is held already by a session of the same account (on any
-broker) adds a further session under that nick, a companion (Registry.attach), instead of
-ending the first. Everything the account receives, each session receives: room traffic (each
-session joins the account's rooms, quietly), private messages to it and those it sent (so a
-conversation reads the same everywhere), kicks and bans. What one session does for the
-account, the others are told: JOINED (they join the room too, quietly, with JOIN's `follow`:
-refused if the account has left the room again since, so that a late follower does not
-join it anew), LEFT (they are out of it already), MARKED (their unread counts drop). The
-nick stays with the account while any of its sessions lives: when its holder ends, a
-companion takes it over, with no notice. A nick change is refused while the account has
-other sessions (they would be left under the old nick).
+A login of an account that has a session already (on any broker, under the nick it asked for
+or the one that session took since) adds a further session under that session's nick, a
+companion (Registry.attach), instead of ending the first or taking a second nick. Everything
+the account receives, each session receives: room traffic (each session joins the account's
+rooms, quietly), private messages to it and those it sent (so a conversation reads the same
+everywhere), kicks and bans. What one session does for the account, the others are told:
+JOINED (they join the room too, quietly, with JOIN's `follow`: refused if the account has
+left the room again since, so that a late follower does not join it anew), LEFT (they are
+out of it already), MARKED (their unread counts drop). The nick stays with the account while
+any of its sessions lives: when its holder ends, a companion takes it over, with no notice.
+A nick change is refused while the account has other sessions (they would be left under the
+old nick).
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ class Devices(Accounts):
         super().push_to(ident, kind, body)
 
     # ------------------------------------------------------------------ logging in
+    def _account_holder(self, account: str) -> Identity | None:
+        for ident in self.registry.identities():
+            if ident.account == account:
+                return ident
+        return None
+
     def _attach(self, ident: Identity, resume: bool) -> Generator[Op, Any, None]:
         """A further session of the account. A resume of one of its companions (the same
         client, its earlier connection lost) takes that one's place."""

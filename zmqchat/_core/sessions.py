@@ -40,19 +40,13 @@ class Sessions(CoreBase):
             raise ProtocolError(Code.ALREADY_HELLO, f"already connected as {session.nick}")
         nick, b = req.body["nick"], req.body
         key = m.nick_key(nick)
-        # a nick freed or taken on another broker just now; a guest's, registered there just
-        # now? A guest resuming the nick it holds needs no more (only its holder registers a
-        # nick), and resumes under a stopped node are what must stay quick (names.py)
-        guest = b["proof"] is None
-        yield self.registry.catch_up(accounts=guest and not b["resume"])
-        if guest and b["resume"] and not self._holds(key, b):
-            yield self.registry.catch_up(accounts=True)
+        yield from self._hello_catch_up(key, b)
         account, extras = yield from self._login(rid, nick, key, b)  # accounts.py: "" = a guest
         if self.rules.keys_required and not account:
             owner = self.registry.nick_owner(key)
             if owner is not None and owner != pubkey:
                 raise ProtocolError(Code.NICK_TAKEN, f"the nickname {nick} belongs to another key")
-        holder = self.registry.holder(key)
+        nick, key, holder = self._nick_for(account, nick, key)
         own = self._holds(key, b)
         # an account on another device: a further session under its nick (accounts.py)
         device = bool(account and holder is not None and holder.account == account and not own)
@@ -125,6 +119,10 @@ class Sessions(CoreBase):
             yield Op.ready()
         return "", {}
 
+    def _account_holder(self, account: str) -> Identity | None:
+        """The session that holds a logged-in account's nick, whatever it is (devices.py)."""
+        return None
+
     def _attach(self, ident: Identity, resume: bool) -> Generator[Op, Any, None]:
         """A further session of a logged-in account (accounts.py)."""
         if False:
@@ -168,6 +166,26 @@ class Sessions(CoreBase):
             log.error("private messages for %s not read: %s", ident.nick, exc)
             return []
         return [json.loads(data) for data in stored]
+
+    def _hello_catch_up(self, key: str, b: dict[str, Any]) -> Generator[Op, Any, None]:
+        """A nick freed or taken on another broker just now; a guest's, registered there
+        just now? A guest resuming the nick it holds needs no more (only its holder
+        registers a nick), and resumes under a stopped node are what must stay quick."""
+        guest = b["proof"] is None
+        yield self.registry.catch_up(accounts=guest and not b["resume"])
+        if guest and b["resume"] and not self._holds(key, b):
+            yield self.registry.catch_up(accounts=True)
+
+    def _nick_for(self, account: str, nick: str, key: str) -> tuple[str, str, Identity | None]:
+        """The nick a HELLO is to have (and its key, and who holds it now): the one asked
+        for, or the one the account is on under already (it took another since: this is
+        a further device of it, devices.py)."""
+        holder = self.registry.holder(key)
+        if account and (holder is None or holder.account != account):
+            current = self._account_holder(account)
+            if current is not None:
+                return current.nick, current.key, current
+        return nick, key, holder
 
     def _holds(self, key: str, b: dict[str, Any]) -> bool:
         """A resuming HELLO from the client that holds this nick (its token's hash)."""
