@@ -547,6 +547,21 @@ def test_an_answer_to_a_private_message_comes_after_the_senders_own_copy(broker)
     run(broker, scenario)
 
 
+def test_a_private_message_to_oneself_is_shown_once(broker):
+    """A note to self (/msg with one's own nick) comes to its sender once, not as its copy
+    and again as the message received."""
+
+    async def scenario(chat: Chat) -> None:
+        bob = await chat.client("bob")
+        await bob.msg("bob", "note to self")
+        await bob.msg("bob", "second note")
+        got = await saw(bob, "second note", "private")
+        notes = [(e.text, e.mine) for e in got if e.kind == "private"]
+        assert notes == [("note to self", True), ("second note", True)], notes
+
+    run(broker, scenario)
+
+
 def test_private_message_to_absent_nick_refused(broker):
     """A private message to a nick nobody holds fails with NO_SUCH_NICK and is not retried."""
 

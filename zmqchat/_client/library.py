@@ -1239,6 +1239,17 @@ class Client(AccountClient, Messages):
             self._privates_since = max(self._privates_since, float(ts))
         return True
 
+    def _own_private(self, ev: dict[str, Any]) -> bool:
+        """Whether our copy of a private message we sent is news: one to ourselves comes
+        pushed too (and then the push is the first, or the copy is)."""
+        cmid = ev.get("cmid")
+        if not isinstance(cmid, str) or m.nick_key(str(ev.get("to", ""))) != m.nick_key(self.nick):
+            return True
+        if cmid in self._privates:
+            return False
+        remember(self._privates, cmid, PRIVATE_MEMORY)
+        return True
+
     def _is_mine(self, ev: dict[str, Any]) -> bool:
         """Ours if it carries one of our message ids, or (joins, nick changes) our nick."""
         cmid = ev.get("cmid")
@@ -1332,37 +1343,41 @@ class Client(AccountClient, Messages):
             batch.append(item)
         return batch
 
+    async def _send_private(self, first: _Send) -> None:
+        def copy(reply: dict[str, Any]) -> None:  # ours, as its reply is read: before
+            event = reply.get("event")  # an answer that came right behind it
+            if event and self._own_private(event):
+                self._events.put_nowait(Event.from_wire(event, mine=True))
+
+        def sent() -> None:
+            if first.first_sent is None:
+                first.first_sent = time.monotonic()
+
+        priv = {"to": first.target, "text": first.text, "id": first.cmid, **first.extra}
+        if first.first_sent is not None:  # its answer was lost: a broker that did not
+            priv["retry"] = round(time.monotonic() - first.first_sent, 3)  # keep it looks
+        reply = await self.request(m.Kind.PRIV, priv, on_reply=copy, on_sent=sent)  # back
+        if reply.get("duplicate") and not reply.get("event"):  # the first reply was lost,
+            event = {  # and with it our copy: made here, as the broker had made it
+                "kind": m.EventKind.PRIVATE,
+                "nick": self.nick,
+                "to": reply.get("to", first.target),
+                "text": first.text,
+                "ts": time.time(),  # (ours: the broker's is not in a duplicate's reply)
+                "cmid": first.cmid,
+                "bot": self.bot,
+            }
+            reply["event"] = event
+            if self._own_private(event):
+                self._events.put_nowait(Event.from_wire(event, mine=True))
+        self._outbox.pop(first.cmid, None)
+        if not first.future.done():
+            first.future.set_result(reply.get("event") or reply)
+
     async def _send_batch(self, batch: list[_Send]) -> None:
         first = batch[0]
         if first.kind == "priv":
-
-            def copy(reply: dict[str, Any]) -> None:  # ours, as its reply is read: before
-                if reply.get("event"):  # an answer that came right behind it
-                    self._events.put_nowait(Event.from_wire(reply["event"], mine=True))
-
-            def sent() -> None:
-                if first.first_sent is None:
-                    first.first_sent = time.monotonic()
-
-            priv = {"to": first.target, "text": first.text, "id": first.cmid, **first.extra}
-            if first.first_sent is not None:  # its answer was lost: a broker that did not
-                priv["retry"] = round(time.monotonic() - first.first_sent, 3)  # keep it looks
-            reply = await self.request(m.Kind.PRIV, priv, on_reply=copy, on_sent=sent)  # back
-            if reply.get("duplicate") and not reply.get("event"):  # the first reply was lost,
-                event = {  # and with it our copy: made here, as the broker had made it
-                    "kind": m.EventKind.PRIVATE,
-                    "nick": self.nick,
-                    "to": reply.get("to", first.target),
-                    "text": first.text,
-                    "ts": time.time(),  # (ours: the broker's is not in a duplicate's reply)
-                    "cmid": first.cmid,
-                    "bot": self.bot,
-                }
-                reply["event"] = event
-                self._events.put_nowait(Event.from_wire(event, mine=True))
-            self._outbox.pop(first.cmid, None)
-            if not first.future.done():
-                first.future.set_result(reply.get("event") or reply)
+            await self._send_private(first)
             return
         body: dict[str, Any] = {
             "room": first.target,
