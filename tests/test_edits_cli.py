@@ -51,6 +51,27 @@ def test_a_fixed_line_reaches_the_room_and_survives_a_broker_restart(chat):
     assert t.exit_status() == 0
 
 
+def test_a_short_history_shows_a_message_edited_twice_once(chat):
+    """/history N too short to hold a message edited twice (only its two edits): the
+    message is shown once, as it reads now, not as two lines."""
+    w = watcher(chat)
+    alice = chat("script", "-u", "alice")
+    joined(w, "alice")
+    alice.send("the deploy is dnoe")
+    w.wait_event(lambda e: e.get("text") == "the deploy is dnoe", "the line")
+    alice.send("/edit the deploy is done", "/edit the deploy is DONE")
+    w.wait_event(lambda e: e.get("text") == "the deploy is DONE", "the second edit")
+    alice.send("/history 2", "/rooms")
+    alice.wait_line("rooms (* = you are here):")
+    lines = list(alice.lines)
+    header = alice.wait_line("events of lobby (")
+    listing = lines[lines.index(header) + 1 : lines.index("-- rooms (* = you are here):")]
+    assert [line.split(" ", 1)[1] for line in listing] == [
+        "[earlier] <alice> the deploy is DONE (edited)"
+    ], listing
+    assert alice.end_input() == 0
+
+
 def test_a_deleted_line_is_gone_from_history_search_and_the_files(chat, tmp_path: Path):
     """/delete: the room sees `alice deleted a message`; /history and /search show
     nothing of it; once the broker has stopped, no file of its history holds the text."""

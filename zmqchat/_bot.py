@@ -159,7 +159,10 @@ def _convert(p: inspect.Parameter, word: str) -> Any:
         if isinstance(kind, type) or inspect.isfunction(kind):
             return kind(word)
     except (ValueError, TypeError) as err:
-        detail = f": {err}" if str(err) and str(err) != word else ""
+        # Python's own words for int and float ("invalid literal for int() with base 10")
+        # are for programmers: say what was wanted; a converter of the bot's says its own
+        known = {int: ": not a whole number", float: ": not a number", bool: ": yes or no"}
+        detail = known.get(kind) or (f": {err}" if str(err) and str(err) != word else "")
         raise UsageError(f"bad {p.name.upper()} {word!r}{detail}") from None
     return word
 
