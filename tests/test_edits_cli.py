@@ -28,7 +28,7 @@ def test_a_fixed_line_reaches_the_room_and_survives_a_broker_restart(chat):
     t.type("s/teh/the/\r")
     edit = w.wait_event(lambda e: e["kind"] == "edit", "the s/// edit")
     assert (edit["text"], edit["nick"], edit["ref"]) == ("the deploy is done", "alice", said["seq"])
-    t.expect("<alice> the deploy is done (edited)")
+    t.expect("<alice> the deploy is done (edited) [was: teh deploy is done]")
     t.type("/edit the deploy is DONE\r")
     w.wait_event(lambda e: e.get("text") == "the deploy is DONE", "the /edit")
     t.type("s/nothing/here/\r")

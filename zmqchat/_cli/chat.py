@@ -514,9 +514,10 @@ class Chat(FileCommands, edits.EditCommands):
                 continue  # read on another device: the counts changed, nothing to show
             self.track(ev)
             hidden = not self.screen.json_mode and self.hidden(ev)
+            was = self.was(ev)  # an edit: what its message said before
             self.remember(ev)
             if not hidden:
-                quote = await self.quote(ev)
+                quote = was if was is not None else await self.quote(ev)
                 self.screen.event(ev, me=self.client.nick, room=self.room, quote=quote)
             if (
                 ev.kind == Status.KIND

@@ -58,13 +58,17 @@ COMMANDS: Final = (
 
 def quote_of(nick: str, text: str) -> str:
     """A short quote: the sender and the first words of what they said."""
+    return f"{nick}: {first_words(text)}"
+
+
+def first_words(text: str) -> str:
     words = text.split()
     short = " ".join(words[:QUOTE_WORDS])
     if len(short) > QUOTE_CHARS:
         short = short[: QUOTE_CHARS - 1].rstrip()
     if short != " ".join(words):
         short += "…"
-    return f"{nick}: {short}"
+    return short
 
 
 def _int(value: Any) -> int:
@@ -141,6 +145,14 @@ class EditCommands:
             last = self.last_by.get(room, {})
             for key in [k for k, s in last.items() if s == gone]:
                 del last[key]
+
+    def was(self, ev: Event) -> str | None:
+        """For an edit of a message shown here (before remember() takes the edit in): the
+        first words it said before, so that the edit says which message it changed."""
+        if ev.kind != "edit" or ev.room is None or ev.backlog:
+            return None
+        known = self.seen.get(ev.room, OrderedDict()).get(_int(ev.data.get("ref")))
+        return first_words(known[1]) if known is not None and known[1] != ev.text else None
 
     async def quote(self, ev: Event) -> str | None:
         """The short quote a reply is shown with ("bob: is the deploy…"), asked of history

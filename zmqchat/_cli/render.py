@@ -71,7 +71,8 @@ def clock(ts: float) -> str:
 
 def event_json(ev: Event, quote: str | None = None, me: str = "") -> str:
     """One event as a JSON line: the broker's fields plus the client's view (mine, backlog;
-    for a reply, `quote`: what it answers, as shown; `mention` when it names `me`)."""
+    for a reply, `quote`: what it answers, as shown; for an edit, what its message said
+    before, when this client had shown it; `mention` when it names `me`)."""
     data: dict[str, Any] = dict(ev.data)
     if quote is not None:
         data["quote"] = quote
@@ -123,7 +124,9 @@ class Render:
             text = self.paint(text, MENTION)
         if ev.kind == EventKind.EDIT or ev.data.get("edited"):  # a fixed message (issue 23)
             text += " (edited)"
-        if quote is not None:  # what a reply answers (issue 23)
+        if quote is not None and ev.kind == EventKind.EDIT:  # what the message said before
+            text += f" [was: {escape(quote)}]"
+        elif quote is not None:  # what a reply answers (issue 23)
             text = f"[re {escape(quote)}] {text}"
         body = self.body(ev, nick, text)
         if ev.bot:
