@@ -214,6 +214,18 @@ def test_json_lines_arrive_in_order_and_end_of_input_waits_for_acks(chat):
     assert welcome["kind"] == "welcome" and welcome["nick"] == "deploybot"
 
 
+def test_quit_with_a_line_the_broker_never_got_says_so_and_exits_1(chat):
+    """The broker is gone (kill -9); a line typed, then /quit: the client gives up after
+    its wait, names the line that was not delivered and exits 1, not 0."""
+    s = chat("script", "-u", "carl")
+    s.wait_line("Welcome, carl!")
+    chat.broker.proc.kill()
+    chat.broker.proc.wait()
+    s.send("are you there?", "/quit")
+    assert s.proc.wait(15) == 1
+    assert "1 message(s) were not delivered: are you there?" in "\n".join(s.errors), s.errors
+
+
 def test_control_characters_from_the_network_are_escaped(chat):
     """ESC and BEL in a message reach neither a terminal nor a plain reader raw: shown as \\x1b."""
     t = chat("terminal", "-u", "tina")

@@ -428,6 +428,7 @@ class Chat(FileCommands, edits.EditCommands):
         self.sends: set[asyncio.Task] = set()  # messages on their way, until acknowledged
         self.echoes: dict[str, int] = {}  # room -> the number of our latest message
         self.quitting = False
+        self.unsent: list[tuple[str, str]] = []  # what was still unacknowledged at the end
         self.finished = asyncio.Event()
         self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "rooms": self.cmd_rooms,
@@ -660,6 +661,7 @@ class Chat(FileCommands, edits.EditCommands):
             await self.client.flush()
         for room, seq in self.echoes.items():  # shown back too (a cluster may ack first)
             await self.client.heard(room, seq, QUIT_WAIT)
+        self.unsent = self.unsent or self.client.pending()  # (closing fails them)
         await self.client.close(reason or None)
         self.finished.set()
 
@@ -947,7 +949,7 @@ async def chat_session(client: Client, args: argparse.Namespace, terminal: bool)
     error = None if reader.cancelled() else reader.exception()
     if error is not None:
         raise error  # a bug: show it, now that the client has left
-    lost = client.pending()
+    lost = chat.unsent or client.pending()
     if lost:
         fail(
             f"{len(lost)} message(s) were not delivered: "
