@@ -323,6 +323,9 @@ def test_help_lists_every_command_and_counts_read_right(chat):
     j.send("/help edit")
     about = j.wait_event(lambda e: e.get("command") == "help", "/help edit")["text"]
     assert "/edit TEXT" in about and "s/OLD/NEW/" in about and "/join" not in about, about
+    j.send("/help /join")  # the command itself, not every one whose text says "join"
+    about = j.wait_event(lambda e: e.get("command") == "help" and "/join" in e["text"], "/join")
+    assert "/unban" in str(COMMANDS) and "/unban" not in about["text"], about
     j.send("/help nothing-like-it")
     none = j.wait_event(lambda e: "nothing-like-it" in e.get("text", ""), "/help of nothing")
     assert none["text"] == "no command about 'nothing-like-it': /help lists them all"

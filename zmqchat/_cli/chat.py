@@ -92,7 +92,7 @@ COMMANDS: Final = (
     ("/more", "an account: the next 500 unread events of this room, past the first 500"),
     *FILE_COMMANDS,
     *edits.COMMANDS,
-    ("/help [WORD]", "this list; with WORD, the commands about it (`/help edit`)"),
+    ("/help [WORD]", "this list; with WORD, the commands about it (`/help edit`, `/help /join`)"),
     (
         "/quit [REASON]",
         "leave, and the room sees `alice left (quit: REASON)` (an account's rooms see "
@@ -671,12 +671,19 @@ class Chat(FileCommands, edits.EditCommands):
         if not word:
             self.screen.note(HELP, command="help")
             return
-        about = [  # (not /help itself: its example would match)
-            (u, what)
-            for u, what in COMMANDS
-            if (word in u.lower() or word in what.lower())
-            and (not u.startswith("/help") or word == "help")
+        named = [  # /help /join: that command (not those whose text mentions joining)
+            (u, what) for u, what in COMMANDS if u.split()[0].lower() == "/" + word
         ]
+        about = (
+            named
+            if named and arg.strip().startswith("/")
+            else [
+                (u, what)  # (not /help itself: its example would match)
+                for u, what in COMMANDS
+                if (word in u.lower() or word in what.lower())
+                and (not u.startswith("/help") or word == "help")
+            ]
+        )
         if not about:
             self.screen.note(f"no command about {word!r}: /help lists them all", command="help")
             return
