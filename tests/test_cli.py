@@ -195,6 +195,22 @@ def test_leaving_words_exit_cleanly(chat, words, notice):
     assert leave["text"] == notice
 
 
+def test_a_line_over_the_limit_stays_at_the_prompt_to_be_shortened(chat):
+    """4,001 characters and Enter: not sent and not lost; the prompt keeps the line and
+    says the limit; one Backspace and Enter send it."""
+    w = watcher(chat)
+    t = chat("terminal", "-u", "bob")
+    t.expect("Welcome, bob!")
+    joined(w, "bob")
+    t.ready()
+    t.type("y" * 4001 + "\r")
+    t.expect("4001 characters, the limit is 4000: shorten it to send it")
+    t.type("\x7f\r")  # Backspace, Enter
+    said = w.wait_event(lambda e: e["kind"] == "msg" and e["nick"] == "bob", "bob's line")
+    assert said["text"] == "y" * 4000
+    assert [e for e in w.events() if e["kind"] == "msg"] == [said]
+
+
 # ---------------------------------------------------------------------------- scripts
 
 

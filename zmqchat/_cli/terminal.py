@@ -27,6 +27,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.input.vt100 import Vt100Input
 from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.validation import ValidationError, Validator
 
 from zmqchat._cli.render import escape
 from zmqchat._client.library import ChatError, Client
@@ -124,6 +125,8 @@ async def read_terminal(chat: Front, colour: bool) -> None:
         erase_when_done=True,  # the line comes back from the broker, timestamped: shown once
         color_depth=None if colour else ColorDepth.MONOCHROME,
         input=KeptInput(sys.stdin),
+        validator=TooLong(chat),
+        validate_while_typing=False,
     )
 
     async def secret(prompt: str) -> str:  # /register, /password: never echoed
@@ -150,6 +153,25 @@ async def read_terminal(chat: Front, colour: bool) -> None:
             await chat.quit(None)
             return
         await chat.handle(line)
+
+
+class TooLong(Validator):
+    """A line longer than the broker takes is not accepted: it stays at the prompt to be
+    shortened, the reason below it (the broker's limit, from its welcome)."""
+
+    def __init__(self, chat: Front) -> None:
+        self.chat = chat
+
+    def validate(self, document: Document) -> None:
+        line = document.text
+        if line.startswith("/") and not line.startswith("//"):
+            return  # a command: its own checks
+        text = line[1:] if line.startswith("//") else line
+        limit = int(self.chat.client.welcome.get("max_text", 0)) or len(text)
+        if len(text) > limit:
+            raise ValidationError(
+                len(line), f"{len(text)} characters, the limit is {limit}: shorten it to send it"
+            )
 
 
 def prompt(chat: Front) -> str:
