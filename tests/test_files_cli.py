@@ -84,7 +84,9 @@ def test_ctrl_c_cancels_a_transfer_not_the_client(chat, tmp_path):
 
 def test_a_folder_or_a_wrong_id_is_said_at_once_for_what_it_is(chat, tmp_path):
     """/send of a folder says it is a folder (not `no such file`: it is there); /get of
-    something that cannot be a file id says so at once, without starting a transfer."""
+    something that cannot be a file id says so at once, without starting a transfer; a
+    /get of an id nobody has and a /send to a nick nobody has say that nothing moved, and
+    why."""
     folder = tmp_path / "my docs"
     folder.mkdir()
     t = chat("terminal", "-u", "alice")
@@ -94,6 +96,14 @@ def test_a_folder_or_a_wrong_id_is_said_at_once_for_what_it_is(chat, tmp_path):
     t.type("/get zzz\r")
     t.expect("'zzz' is not a file id (8 to 16 of 0-9a-f; /files lists them)")
     assert "no such file" not in t.text and "getting zzz" not in t.text
+    src = tmp_path / "notes.txt"
+    src.write_text("x" * 200_000)
+    t.type("/get deadbeef\r")  # a file id, of no file: refused, and no transfer was begun
+    t.expect("getting deadbeef... (Ctrl+C cancels)")
+    t.expect("deadbeef not downloaded: no such file")
+    t.type(f"/send @nobody {src}\r")
+    t.expect("sending notes.txt (195.3 KB) to nobody... (Ctrl+C cancels)")
+    t.expect("notes.txt not sent: nobody called nobody is connected")
     t.ready()
     t.type("/quit\r")
     assert t.exit_status() == 0

@@ -89,7 +89,8 @@ class FileCommands:
             except asyncio.CancelledError:
                 self.screen.note(f"cancelled {transfer.verb} {transfer.name}", kind="cancelled")
             except ChatError as err:
-                self.screen.error(f"{transfer.name}: {err.reason}", err.code)
+                failed = "not sent" if transfer.verb == "sending" else "not downloaded"
+                self.screen.error(f"{transfer.name} {failed}: {err.reason}", err.code)
             except OSError as err:
                 self.screen.error(f"{transfer.name}: {err.strerror or err}", "OS_ERROR")
 
@@ -127,7 +128,8 @@ class FileCommands:
         name = os.path.basename(path)
         transfer = Transfer("sending", name)
         self.screen.note(
-            f"sending {name} ({size_text(os.path.getsize(path))}): progress below, Ctrl+C cancels",
+            f"sending {name} ({size_text(os.path.getsize(path))}) to {target.lstrip('@')}... "
+            "(Ctrl+C cancels)",
             kind="sending",
             name=name,
         )
@@ -156,7 +158,7 @@ class FileCommands:
             )
             return
         transfer = Transfer("getting", fid)
-        self.screen.note(f"getting {fid}: progress below, Ctrl+C cancels", kind="getting", file=fid)
+        self.screen.note(f"getting {fid}... (Ctrl+C cancels)", kind="getting", file=fid)
 
         async def get() -> None:
             path = await self.client.download(fid, self.downloads, progress=transfer.update)
