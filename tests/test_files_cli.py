@@ -107,3 +107,17 @@ def test_a_folder_or_a_wrong_id_is_said_at_once_for_what_it_is(chat, tmp_path):
     t.ready()
     t.type("/quit\r")
     assert t.exit_status() == 0
+
+
+def test_files_are_listed_in_columns():
+    """/files: names, sizes and senders line up whatever their lengths."""
+    from zmqchat._cli.files import offer_lines
+
+    offers = [
+        {"file": "0d05b25b", "name": "my log.txt", "size": 22, "nick": "alice", "ts": 0},
+        {"file": "4374bbcf", "name": "big.bin", "size": 3_000_000, "nick": "bo", "ts": 0},
+    ]
+    first, second = offer_lines(offers)
+    assert first.startswith("  0d05b25b  my log.txt  22 bytes  from alice  ")
+    assert second.startswith("  4374bbcf  big.bin       2.9 MB  from bo     ")
+    assert first.index("from") == second.index("from")

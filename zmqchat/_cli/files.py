@@ -73,6 +73,30 @@ def unquote(text: str) -> str:
     return text
 
 
+def offer_lines(offers: list[dict[str, Any]]) -> list[str]:
+    """/files: a line per file, in columns (id, name, size, sender, when)."""
+    rows = [
+        (
+            str(o["file"]),
+            escape(str(o["name"])),
+            size_text(int(o["size"])),
+            f"from {escape(str(o['nick']))}",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(float(o.get("ts", 0)))),
+            f"  (removed by {o.get('removed_by')})" if o.get("removed") else "",
+        )
+        for o in offers
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = []
+    for *cells, when, gone in rows:
+        padded = [
+            cell.rjust(width) if i == 2 else cell.ljust(width)  # sizes to the right
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        lines.append("  " + "  ".join(padded) + f"  {when}{gone}")
+    return lines
+
+
 class FileCommands:
     """The file commands of the chat (mixed into Chat, which provides these)."""
 
@@ -178,13 +202,7 @@ class FileCommands:
             self.screen.note(f"no files in {self.room}" if not nick else f"no files with {nick}")
             return
         lines = [f"files in {self.room}:" if not nick else f"files with {nick}:"]
-        for o in offers:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(o.get("ts", 0))))
-            gone = f"  (removed by {o.get('removed_by')})" if o.get("removed") else ""
-            lines.append(
-                f"  {o['file']}  {escape(str(o['name']))}  {size_text(int(o['size']))}  "
-                f"from {escape(str(o['nick']))}  {when}{gone}"
-            )
+        lines += offer_lines(offers)
         self.screen.note("\n".join(lines), kind="files", files=offers)
 
     async def cmd_rmfile(self, arg: str) -> None:
