@@ -51,6 +51,18 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def in_use(port: int) -> bool:
+    """Whether another process listens on the port (an old node or broker still running);
+    a socket of one that ended a moment ago, in TIME_WAIT, does not count."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 class Node:
     """One nats-server process with JetStream, part of a cluster."""
 
@@ -110,14 +122,7 @@ class Node:
 
     def ports_in_use(self) -> list[int]:
         """Which of this node's ports another process holds (an old node, say)."""
-        taken = []
-        for port in (self.port, self.cluster_port, self.monitor_port):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    taken.append(port)
-        return taken
+        return [p for p in (self.port, self.cluster_port, self.monitor_port) if in_use(p)]
 
     def died(self) -> str | None:
         """Why this node's process ended (its log's last lines), or None while it runs."""

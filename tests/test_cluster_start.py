@@ -231,3 +231,28 @@ def test_the_cluster_script_says_at_once_when_a_brokers_port_is_taken(tmp_path):
     assert proc.returncode == 1, out
     assert f"the brokers' port {port} is in use" in out and "--port N" in out, out
     assert "NATS" not in out  # nothing was started
+
+
+def test_a_port_left_in_time_wait_is_free_for_a_new_cluster():
+    """Run again at once after Ctrl+C, scripts/cluster.py found its ports `in use`: the
+    connections the old nodes had closed were in TIME_WAIT. Only a listener counts."""
+    from scripts.nats_local import in_use
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Go's servers do
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert in_use(port)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the listening side closes first: its end waits in TIME_WAIT
+            client.recv(1)  # (the close has arrived)
+    with socket.socket() as plain:  # what the check did before: a bind without SO_REUSEADDR
+        try:
+            plain.bind(("127.0.0.1", port))
+            held = False
+        except OSError:
+            held = True
+    assert held, "no socket of the port was left in TIME_WAIT: the test proves nothing"
+    assert not in_use(port)
