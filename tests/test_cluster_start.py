@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+import pytest
 import zmq
 
 from conftest import ROOT, wait_for
@@ -256,3 +257,32 @@ def test_a_port_left_in_time_wait_is_free_for_a_new_cluster():
             held = True
     assert held, "no socket of the port was left in TIME_WAIT: the test proves nothing"
     assert not in_use(port)
+
+
+def test_a_broker_started_before_its_nats_servers_waits_for_them(tmp_path, caplog):
+    """Brought up together (containers, a deployment script), the broker may start before
+    any NATS server listens: it says it waits, and starts once they are there."""
+    nodes = LocalNats(tmp_path / "late", 3)
+    try:
+        with ThreadPoolExecutor(1) as one:
+            starting = one.submit(start_broker, nodes.urls, "b1", tmp_path)
+            wait_for(lambda: "no NATS server answers at" in caplog.text, 20, "the broker waiting")
+            assert not starting.done()
+            for node in nodes.nodes:
+                node.start()
+            assert starting.result(timeout=90) == ""
+    finally:
+        for node in nodes.nodes:
+            node.kill()
+
+
+@pytest.mark.parametrize(
+    ("urls", "said"),
+    [
+        ("http://127.0.0.1:4222", "not a NATS server's address (nats://HOST:PORT)"),
+        ("nats://127.0.0.1:4222 nats://127.0.0.1:4223", "separate the NATS servers with commas"),
+    ],
+)
+def test_what_cannot_be_a_nats_address_is_said_at_once(urls, said, tmp_path):
+    """A wrong scheme or a list with spaces is refused before any wait for an answer."""
+    assert said in start_broker(urls, "b1", tmp_path)  # (no NATS server was asked)

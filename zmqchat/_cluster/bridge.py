@@ -66,7 +66,8 @@ logger = logging.getLogger("zmqchat.cluster")
 PROBE_WAIT: Final = 1.0  # seconds our server has to answer a probe's PING (or send anything)
 PROBE_PATIENCE: Final = 30  # seconds the probe's PING is left to be answered after that
 OP_TIMEOUT: Final = 2.0  # seconds a command may take before UNAVAILABLE (the client retries)
-CONNECT_TIMEOUT: Final = 10.0  # seconds to reach the cluster at start
+CONNECT_TIMEOUT: Final = 10.0  # seconds one try to reach the cluster at start may take
+CONNECT_RETRY: Final = 1.0  # seconds between those tries (for up to SETUP_PATIENCE)
 PING_INTERVAL: Final = 1.0  # seconds between pings of our NATS server, and
 PINGS_UNANSWERED: Final = 3  # how many may go unanswered before we use another: a server
 # that is stopped (SIGSTOP, a frozen VM) keeps its TCP connection open, and only its silence
@@ -164,11 +165,8 @@ class Bridge:
         self.woken = asyncio.Event()
         servers = ", ".join(self.cfg.servers)
         try:
-            try:
-                await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
-            except Exception:  # noqa: BLE001 - whatever it was, nobody answered
-                raise SetupFailed(f"no NATS server answered at {servers}") from None
             self.patient_until = time.monotonic() + SETUP_PATIENCE
+            await self._first_connect(servers)
             await self._setup()
         except Exception as exc:  # noqa: BLE001 - anything here means: cannot start
             reason = str(exc) or type(exc).__name__
@@ -304,6 +302,27 @@ class Bridge:
             self.probing = False
 
     # ------------------------------------------------------------------ start
+    async def _first_connect(self, servers: str) -> None:
+        """Connect, trying again until `patient_until`: a broker may start before its NATS
+        servers (containers brought up together); the wait is said once."""
+        told = False
+        while True:
+            try:
+                await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
+                return
+            except Exception:  # noqa: BLE001 - whatever it was, nobody answered
+                if time.monotonic() + CONNECT_RETRY > self.patient_until:
+                    raise SetupFailed(
+                        f"no NATS server answered at {servers} (tried for {SETUP_PATIENCE:g} s)"
+                    ) from None
+            if not told:
+                told = True
+                left = self.patient_until - time.monotonic()
+                logger.warning(
+                    "no NATS server answers at %s yet; trying again for up to %.0f s", servers, left
+                )
+            await asyncio.sleep(CONNECT_RETRY)
+
     async def _connect(self) -> None:
         async def disconnected() -> None:
             if not self.closing:

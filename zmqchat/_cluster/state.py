@@ -57,6 +57,16 @@ def require_nats() -> None:
         raise
 
 
+def check_server(server: str) -> None:
+    """OSError for what cannot be a NATS server's address (said at once, not after a
+    minute of trying to reach it): nats://HOST:PORT (tls://, ws://, wss://) or HOST:PORT."""
+    if any(c.isspace() for c in server):
+        raise OSError(f"--cluster {server!r}: separate the NATS servers with commas")
+    scheme = server.split("://", 1)[0] if "://" in server else "nats"
+    if scheme not in ("nats", "tls", "ws", "wss"):
+        raise OSError(f"--cluster {server}: not a NATS server's address (nats://HOST:PORT)")
+
+
 class Cluster:
     """The event loop the broker runs on in cluster mode, the bridge task on it, the queues
     between them, and the commands under way."""
@@ -65,6 +75,8 @@ class Cluster:
         require_nats()
         self.cfg = cfg
         self.servers = [s.strip() for s in (cfg.cluster_urls or "").split(",") if s.strip()]
+        for server in self.servers:
+            check_server(server)
         self.namespace, self.replicas = cfg.namespace, cfg.replicas
         self.rooms, self.operators, self.heartbeat = cfg.rooms, cfg.operators, cfg.heartbeat
         self.loop = asyncio.new_event_loop()
