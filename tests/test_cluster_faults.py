@@ -132,6 +132,33 @@ def test_a_broker_restarted_at_once_takes_over_its_own_name(make_cluster_broker)
     assert "a broker named b1 is already in this cluster" in twin.stderr
 
 
+def test_a_paused_broker_replaced_under_its_name_stops_when_it_wakes(make_cluster_broker):
+    """b1 paused (SIGSTOP); a new b1 started meanwhile takes over (no beat comes from the
+    paused one). Woken, the old b1 hears the newer one, says it was started again and
+    exits 1, instead of both beating under one name for ever; the new b1 serves on."""
+    old = make_cluster_broker("b1")
+    b2 = make_cluster_broker("b2")
+    old.proc.send_signal(signal.SIGSTOP)
+    try:
+        new = make_cluster_broker("b1")
+    finally:
+        old.proc.send_signal(signal.SIGCONT)
+    assert old.proc.wait(20) == 1
+    said = old.log_path.read_text()
+    assert "broker b1 was started again elsewhere" in said, said[-2000:]
+    assert new.proc.poll() is None
+
+    async def chat() -> None:
+        async with (
+            Client(f"127.0.0.1:{new.port}", nick="on_new") as a,
+            Client(f"127.0.0.1:{b2.port}", nick="on_b2") as b,
+        ):
+            seq = await a.say("lobby", "from the new b1")
+            assert await b.heard("lobby", seq, 10)
+
+    asyncio.run(chat())
+
+
 def test_a_resume_always_wins_over_its_own_stale_session(make_cluster_broker):
     """A client's session held on one broker, then two resumes of it (its token) arriving at
     the same instant on both brokers, as when a resume read late overtakes the next one:

@@ -9,7 +9,8 @@ restart; one whose nick it could not let go while NATS was away).
 A beat carries the broker's instance (new at every start), so a broker restarted under the
 same name tells its own dead self, whose last beat may be seconds old, from a second
 broker given the same name: it waits for one more beat of that name and takes over if
-none comes. A broker that did not run for a while (stopped with SIGSTOP, or starved of
+none comes. The one taken over from, if it was only paused, stops when it wakes and hears
+the newer one (each beat says when its broker started). A broker that did not run for a while (stopped with SIGSTOP, or starved of
 CPU) heard nothing meanwhile: it does not hold that silence against the others.
 """
 
@@ -42,6 +43,10 @@ class Liveness:
         self.calls, self.registry, self.core, self.heartbeat = calls, registry, core, heartbeat
         self.name = ""  # ours, once we join
         self.instance = uuid.uuid4().hex[:16]
+        self.started = time.time()  # in our beats: which of two of one name is the newer
+        self.joined = False  # beating (a start refused never did)
+        self.replaced = False  # a newer broker of our name took over while we did not run
+        self.twins: set[str] = set()  # other instances of our name we have said we hear
         # when each broker's beat last changed (our clock), and since when each dead one is
         self.seen: dict[str, float] = {}
         self.dead: dict[str, float] = {}
@@ -58,7 +63,12 @@ class Liveness:
         return 3 * self.heartbeat
 
     def record(self, state: Beat) -> dict[str, Any]:
-        return {"state": str(state), "at": time.time(), "instance": self.instance}
+        return {
+            "state": str(state),
+            "at": time.time(),
+            "instance": self.instance,
+            "started": self.started,
+        }
 
     # ------------------------------------------------------------------ joining
     def beaten_by_another(self) -> bool:
@@ -85,6 +95,7 @@ class Liveness:
                 f"a broker named {self.name} is already in this cluster (it is "
                 "beating): give each broker its own --name"
             )
+        self.joined = True
         self._beat()
 
     # ------------------------------------------------------------------ every half heartbeat
@@ -163,11 +174,8 @@ class Liveness:
                 self.own_heard = time.monotonic()
             else:
                 self.heard[name] = self.heard.get(name, 0) + 1
-                if beat.get("state") == Beat.UP and self.healthy_since is not None:
-                    logger.error(
-                        "another broker beats under our name %s: give each its own --name",
-                        name,
-                    )
+                if beat.get("state") == Beat.UP and self.joined:
+                    self._twin(beat)
             return
         self.heard[name] = self.heard.get(name, 0) + 1
         state = beat.get("state")
@@ -178,6 +186,35 @@ class Liveness:
         elif state == Beat.STOPPED and name not in self.dead:
             self.dead[name] = time.monotonic()  # stopped on purpose: no need to wait
             self.seen.pop(name, None)
+
+    def _twin(self, beat: dict[str, Any]) -> None:
+        """Another broker beats under our name. Started after us, it took over while we
+        did not run (paused longer than the others wait, our beats stopped, a supervisor
+        started it): we stop, and our clients resume on the others. Started before us, it
+        is that earlier run, woken: it stops when it hears us. Else, two brokers were
+        given one name."""
+        instance, started = str(beat.get("instance")), beat.get("started")
+        newer = isinstance(started, (int, float)) and started > self.started
+        if newer and not self.replaced:
+            self.replaced = True
+            logger.error(
+                "broker %s was started again while this one did not run, and took over: "
+                "this one stops (its clients resume on the others)",
+                self.name,
+            )
+        if newer or instance in self.twins:
+            return
+        self.twins.add(instance)
+        if isinstance(started, (int, float)):
+            logger.warning(
+                "an earlier run of broker %s beats again (it did not run for a while): it "
+                "stops once it hears this one",
+                self.name,
+            )
+        else:
+            logger.error(
+                "another broker beats under our name %s: give each its own --name", self.name
+            )
 
     # ------------------------------------------------------------------ settling
     def _reap_broker(self, broker: str) -> None:

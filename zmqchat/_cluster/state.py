@@ -130,7 +130,7 @@ class Cluster:
         if self.liveness.beaten_by_another():  # alive, or our own last run (killed)?
             logger.warning(
                 "a broker named %s beat less than %g s ago: waiting %g s for its next beat "
-                "(none: it was this broker's last run, and this one takes over)",
+                "(if none comes, that was this broker's last run, and this one takes over)",
                 name,
                 self.liveness.limit,
                 TAKEOVER_WAIT * self.heartbeat,
@@ -139,6 +139,8 @@ class Cluster:
             another = self.loop.run_until_complete(
                 self._news_until(heard, TAKEOVER_WAIT * self.heartbeat)
             )
+            if not another:
+                logger.warning("no beat came: this broker takes over from its last run")
         self.liveness.join(another)
         self.registry.seed(self.rooms, self.operators)
         self.calls.send_pending()
@@ -181,7 +183,9 @@ class Cluster:
     def close(self) -> None:
         """Say we stopped (our clients' sessions are for the others to settle) and let go."""
         if self.task is not None and not self.task.done():
-            self.calls.put(Bucket.BROKERS, self.name, self.liveness.record(Beat.STOPPED))
+            if self.liveness.joined and not self.liveness.replaced:  # (else the name's
+                # record is another's: a live broker's, or the one that took over from us)
+                self.calls.put(Bucket.BROKERS, self.name, self.liveness.record(Beat.STOPPED))
             self.calls.tell([Verb.STOP])
             self.calls.send_pending()
             try:

@@ -76,6 +76,7 @@ class Broker:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         self.stopping = False
+        self.failure = ""  # why it stopped, if not asked to (the exit status is then 1)
         self.auth: ThreadAuthenticator | None = None
         self.allowed = AllowedKeys(cfg.allow_keys) if cfg.allow_keys is not None else None
         self.curve = cfg.curve_key is not None
@@ -293,6 +294,9 @@ class Broker:
                 self.core.sweep()
             if self.cluster is not None:
                 self.cluster.tick()
+                if self.cluster.liveness.replaced:  # another broker of our name took over
+                    self.failure = f"broker {self.name} was started again elsewhere"
+                    self.stop()
             self._reload_keys()
             self._flush()
             self.next_sweep = time.monotonic() + self.cfg.heartbeat / 2

@@ -320,7 +320,7 @@ def serve(argv: list[str]) -> int:
     logs.event(log, "stopped", broker=broker.name)
     with contextlib.suppress(OSError):  # (a terminal that hung up)
         print("Broker stopped", flush=True)
-    return 0
+    return say(1, broker.failure) if broker.failure else 0
 
 
 class Say:
