@@ -214,8 +214,8 @@ def test_a_broker_cut_off_from_nats_acknowledges_nothing_until_it_is_back(
     make_cluster_broker, nats_nodes
 ):
     """Every NATS node paused (SIGSTOP): a broker acknowledges nothing it could not store,
-    still answers pings, its client's sends stay pending; when NATS is back they are
-    acknowledged, each stored once."""
+    still answers pings, its client's sends stay pending, its log says the cluster fails
+    what it asks; when NATS is back they are acknowledged, each stored once."""
     b1 = make_cluster_broker("b1")
 
     async def scenario() -> None:
@@ -234,6 +234,12 @@ def test_a_broker_cut_off_from_nats_acknowledges_nothing_until_it_is_back(
                     assert not any(f.done() for f in sends), "acknowledged while cut off"
                     await asyncio.sleep(0.05)
                 assert len(ann.pending()) == 5 and ann.connected  # pings still answered
+                await until(  # and its operator is told why, not left with silence
+                    lambda: "the NATS cluster is not carrying out what this broker asks"
+                    in b1.log_path.read_text(),
+                    10,
+                    "the broker's warning",
+                )
             finally:
                 nats_nodes.resume()
             await asyncio.wait_for(asyncio.gather(*sends), 60)

@@ -35,6 +35,9 @@ class Calls:
         self.under_way: dict[bytes, tuple[Op, Decode, float]] = {}
         self._ids = itertools.count(1)
         self.take: Callable[[list[list[bytes]]], None] | None = None  # the bridge's
+        self.failed = 0  # commands the cluster could not carry out since the last report
+        self.last_failure = ""  # the latest one's reason
+        self.next_report = 0.0  # (monotonic) when report() may say that again
 
     def __len__(self) -> int:
         return len(self.under_way)
@@ -76,6 +79,9 @@ class Calls:
         if frames[0] == News.FAIL:
             failure = frames[2].decode()
             code = Code.UNAVAILABLE if failure == Failure.UNAVAILABLE else Code.INTERNAL
+            if failure == Failure.UNAVAILABLE:
+                self.failed += 1
+                self.last_failure = frames[3].decode(errors="replace")
             op.fail(ProtocolError(code, frames[3].decode(), cluster=failure))
             return
         try:
@@ -93,6 +99,25 @@ class Calls:
                 logger.error("cluster command %s unanswered after %g s", call_id, deadline)
                 del self.under_way[call_id]
                 op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
+
+    def report(self, now: float, every: float) -> None:
+        """At most every `every` seconds, say how many commands the cluster failed (or
+        has left unanswered that long) meanwhile: while NATS is away or has lost its
+        majority, an operator sees why nothing is acknowledged, not one line and silence."""
+        if now < self.next_report:
+            return
+        waiting = sum(1 for _, _, sent in self.under_way.values() if now - sent > every)
+        if self.failed or waiting:
+            logger.warning(
+                "the NATS cluster is not carrying out what this broker asks: %d commands "
+                "failed in the last %.0f s, %d have waited longer (latest: %s); clients' "
+                "messages wait unacknowledged and are sent again",
+                self.failed,
+                every,
+                waiting,
+                self.last_failure or "no answer",
+            )
+        self.failed, self.next_report = 0, now + every
 
     def woke(self, gap: float) -> None:
         for call_id, (op, decode, sent) in list(self.under_way.items()):

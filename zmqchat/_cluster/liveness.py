@@ -7,11 +7,12 @@ its own sessions that no connection of its holds any more (its last run's, after
 restart; one whose nick it could not let go while NATS was away).
 
 A beat carries the broker's instance (new at every start), so a broker restarted under the
-same name tells its own dead self, whose last beat may be seconds old, from a second
-broker given the same name: it waits for one more beat of that name and takes over if
-none comes. The one taken over from, if it was only paused, stops when it wakes and hears
-the newer one (each beat says when its broker started). A broker that did not run for a while (stopped with SIGSTOP, or starved of
-CPU) heard nothing meanwhile: it does not hold that silence against the others.
+same name tells its own dead self, whose last beat may be seconds old, from a second broker
+given the same name: it waits for one more beat of that name and takes over if none comes.
+The one taken over from, if it was only paused, stops when it wakes and hears the newer one
+(each beat says when its broker started). A broker that did not run for a while (stopped
+with SIGSTOP, or starved of CPU) heard nothing meanwhile: it does not hold that silence
+against the others.
 """
 
 from __future__ import annotations

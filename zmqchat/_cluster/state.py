@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("zmqchat.cluster")
 
 READY_WAIT: Final = 75.0  # seconds a start waits for the cluster (its SETUP_PATIENCE, and more)
+REPORT_EVERY: Final = 5  # heartbeats between warnings that the cluster fails what we ask
 CALL_DEADLINE: Final = 10.0  # seconds after which an unanswered command fails (a stuck bridge)
 STOP_WAIT: Final = 5.0  # seconds a stop waits for the bridge to let go of NATS
 ASK_WAIT: Final = 1.0  # seconds a question to another broker waits (checked every half heartbeat)
@@ -215,6 +216,7 @@ class Cluster:
         now = time.monotonic()
         self.log.unfollow_idle(self.registry.has_local_members, now)
         self.calls.expire(now, CALL_DEADLINE)
+        self.calls.report(now, REPORT_EVERY * self.heartbeat)
         self.presence.expire(now)
         self.log.index.retry()  # the search index (issue 23)
         self.log.index.settle()
