@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -112,24 +115,61 @@ def start_broker(
     return proc, line
 
 
+def typed_names(wanted: queue.Queue[str]) -> None:
+    """The names typed on stdin (b1, n2, ...), for serve() to start again (a thread)."""
+
+    def run() -> None:
+        for line in sys.stdin:
+            if line.strip():
+                wanted.put(line.strip())
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def serve(
-    nodes: LocalNats, brokers: dict[str, subprocess.Popen[str]], stop: threading.Event
+    nodes: LocalNats,
+    brokers: dict[str, subprocess.Popen[str]],
+    restart: Callable[[str], subprocess.Popen[str] | None],
+    stop: threading.Event,
 ) -> None:
-    """Until Ctrl+C: say when a broker or one of our NATS nodes ends."""
+    """Until Ctrl+C: say when a broker or one of our NATS nodes ends; start again the one
+    whose name is typed (still ours: Ctrl+C stops it, its data stays where it was)."""
     told: set[str] = set()
+    wanted: queue.Queue[str] = queue.Queue()
+    typed_names(wanted)
     while not stop.wait(0.2):
         for name, proc in brokers.items():
             if name not in told and proc.poll() is not None:
                 told.add(name)
-                say(f"broker {name} (pid {proc.pid}) stopped: {exited(proc)}")
+                say(
+                    f"broker {name} (pid {proc.pid}) stopped: {exited(proc)}; type {name} "
+                    "and Enter to start it again"
+                )
         for node in nodes.nodes:
             why = node.died()
             if why is not None and node.name not in told:
                 told.add(node.name)
-                say(why)
+                say(f"{why}; type {node.name} and Enter to start it again")
+        while not wanted.empty():
+            name = wanted.get()
+            node = next((n for n in nodes.nodes if n.name == name), None)
+            if name in brokers and brokers[name].poll() is not None:
+                proc = restart(name)
+                if proc is not None:
+                    brokers[name] = proc
+                    told.discard(name)
+            elif node is not None and node.died() is not None:
+                node.start()
+                told.discard(name)
+                say(f"NATS node {name} started again (pid {node.proc.pid if node.proc else '?'})")
+            elif name in brokers or node is not None:
+                say(f"{name} is running")
+            else:
+                known = ", ".join([*brokers, *(n.name for n in nodes.nodes)])
+                say(f"no {name} here: type one of {known} to start it again once it stops")
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="3 NATS nodes and 2 brokers on this machine")
     p.add_argument("--dir", help="keep the NATS data here (default: a temporary folder)")
     p.add_argument(
@@ -148,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=3, help="how many NATS nodes")
     p.add_argument("broker_args", nargs="*", help="more flags for every broker (after --)")
     a = p.parse_args(argv)
+    if a.brokers < 1 or a.nodes < 1:
+        p.error("--brokers and --nodes take 1 or more")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = arguments(argv)
     folder = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="zmqchat-nats-"))
     ports = [
         port
@@ -182,26 +229,34 @@ def main(argv: list[str] | None = None) -> int:
             say(f"cluster.py: {err}", err=True)
             return 1
         say(f"NATS: {nodes.urls}")
-        for i in range(a.brokers):
+
+        def start(name: str, again: bool = False) -> subprocess.Popen[str] | None:
+            i = int(name[1:]) - 1
             extra = [] if a.nodes >= 3 else ["--replicas", str(a.nodes)]
             proc, line = start_broker(
                 i, nodes.urls, a.port + 10 * i, folder, [*extra, *a.broker_args]
             )
-            brokers[f"b{i + 1}"] = proc
             if not line.startswith("Broker started"):
                 proc.wait()
-                say(f"cluster.py: broker b{i + 1} did not start: {exited(proc)} (see above)", True)
-                return 1
-            say(f"b{i + 1} (pid {proc.pid}): {line.strip()}")
+                say(f"cluster.py: broker {name} did not start: {exited(proc)} (see above)", True)
+                return None
+            say(f"{name} (pid {proc.pid}){' started again' if again else ''}: {line.strip()}")
             line = proc.stdout.readline() if proc.stdout else ""  # "In the cluster at ..."
-            say(f"b{i + 1}: {line.strip()}")
-            relay(proc.stdout, f"b{i + 1}")
+            say(f"{name}: {line.strip()}")
+            relay(proc.stdout, name)
+            return proc
+
+        for i in range(a.brokers):
+            proc = start(f"b{i + 1}")
+            if proc is None:
+                return 1
+            brokers[f"b{i + 1}"] = proc
         say(
             try_it(
                 [f"127.0.0.1:{a.port + 10 * i}" for i in range(a.brokers)], list(brokers.values())
             )
         )
-        serve(nodes, brokers, stop)
+        serve(nodes, brokers, partial(start, again=True), stop)
     finally:
         # Everything stops whatever became of stdout; a line about it comes after.
         for proc in brokers.values():

@@ -132,8 +132,12 @@ class Node:
             lines = (self.folder / "nats.log").read_text(errors="replace").splitlines()
         except OSError:
             lines = []
+        code = self.proc.returncode
+        if code < 0:  # a signal: its log's last lines are whatever it was doing then
+            how = signal.Signals(-code).name
+            return f"NATS node {self.name} (pid {self.proc.pid}) killed by {how}"
         why = " / ".join(line.split("] ", 1)[-1] for line in lines[-3:]) or "no log"
-        return f"NATS node {self.name} exited ({self.proc.returncode}): {why}"
+        return f"NATS node {self.name} exited ({code}): {why}"
 
     def listening(self) -> bool:
         """Whether this node takes client connections (it may not serve JetStream yet)."""

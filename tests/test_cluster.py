@@ -235,8 +235,10 @@ def test_a_broker_cut_off_from_nats_acknowledges_nothing_until_it_is_back(
                     await asyncio.sleep(0.05)
                 assert len(ann.pending()) == 5 and ann.connected  # pings still answered
                 await until(  # and its operator is told why, not left with silence
-                    lambda: "the NATS cluster is not carrying out what this broker asks"
-                    in b1.log_path.read_text(),
+                    lambda: (
+                        "the NATS cluster is not carrying out what this broker asks"
+                        in b1.log_path.read_text()
+                    ),
                     10,
                     "the broker's warning",
                 )

@@ -117,6 +117,7 @@ def run_script(base: int, port: int, folder: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "cluster.py"), "--nats-port", str(base)]
         + ["--port", str(port), "--dir", str(folder)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -137,9 +138,9 @@ def read_until(proc: subprocess.Popen[str], start: str, lines: list[str]) -> str
 
 def test_the_cluster_script_runs_a_cluster_says_what_ends_and_stops_on_ctrl_c(tmp_path):
     """scripts/cluster.py, as the README has a new user run it: 3 NATS nodes and 2 brokers
-    on this machine; a client on each broker hears the other; a broker killed is reported;
-    piped into a reader that goes away (`| tee log`, Ctrl+C), Ctrl+C still stops everything
-    and frees every port."""
+    on this machine; a client on each broker hears the other; a broker killed is reported,
+    and started again when its name is typed; piped into a reader that goes away (`| tee
+    log`, Ctrl+C), Ctrl+C still stops everything and frees every port."""
     base, port = script_ports()
     proc = run_script(base, port, tmp_path / "nats")
     lines: list[str] = []
@@ -176,7 +177,18 @@ def test_the_cluster_script_runs_a_cluster_says_what_ends_and_stops_on_ctrl_c(tm
         asyncio.run(chat())
         os.kill(pids["b1"], signal.SIGKILL)
         said = read_until(proc, f"broker b1 (pid {pids['b1']}) stopped", lines)
-        assert "killed by SIGKILL" in said
+        assert "killed by SIGKILL; type b1 and Enter to start it again" in said
+        proc.stdin.write("b1\n")  # typed in the script's terminal: b1 again, its own
+        proc.stdin.flush()
+        again = read_until(proc, "b1 (pid ", lines)
+        assert " started again: Broker started on " in again, again
+        pids["b1 again"] = int(again.split()[2].rstrip(")"))
+
+        async def back() -> None:
+            async with Client(f"127.0.0.1:{port}", nick="carol") as c:
+                assert c.welcome["broker"] == "b1"
+
+        asyncio.run(back())
         proc.stdout.close()  # the reader is gone: every line from now on is a broken pipe
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
