@@ -75,7 +75,7 @@ class SharedUploads:
             return
         self.shared[key] = whole
         for i in range(n, whole):
-            op = self.tasks.run(lambda i=i: self._put(key, path, i))
+            op = self.tasks.run(lambda i=i: self._put(key, path, i), f"storing part {i} of {key}")
             self.putting.setdefault(key, []).append(op)
             op.then(lambda op, key=key: self._put_done(key, op))
 
@@ -137,7 +137,7 @@ class SharedUploads:
         def go(_: Op | None = None) -> None:
             if any(not op.done for op in pending):
                 return
-            self.tasks.run(delete).then(
+            self.tasks.run(delete, "deleting stored parts").then(
                 lambda op: result.fail(op.error) if op.error else result.resolve()
             )
 

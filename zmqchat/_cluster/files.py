@@ -90,7 +90,8 @@ class _Async:
         self.cluster = cluster
         self.tasks: set[asyncio.Task[Any]] = set()
 
-    def run(self, make: Callable[[], Awaitable[Any]]) -> Op:
+    def run(self, make: Callable[[], Awaitable[Any]], what: str) -> Op:
+        """`what`: the operation, as the log says it if it fails ("sweeping ...")."""
         op = Op()
 
         async def go() -> None:
@@ -99,7 +100,8 @@ class _Async:
             except ProtocolError as err:
                 op.fail(err)
             except Exception as exc:  # noqa: BLE001 - NATS unreachable, timeouts: retry later
-                log.warning("cluster file operation failed: %r", exc)
+                why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+                log.warning("files: %s failed: %s", what, why or type(exc).__name__)
                 op.fail(ProtocolError(Code.UNAVAILABLE, f"the cluster did not answer: {exc}"))
             else:
                 op.resolve(value)
@@ -193,7 +195,7 @@ class ClusterFiles(_Async):
             self._seen(found)
             return found
 
-        return self.run(ask)
+        return self.run(ask, "reading the files index")
 
     def listing(self, room: str | None, peer: str | None) -> Op:
         if room is not None:
@@ -208,7 +210,7 @@ class ClusterFiles(_Async):
     def save(self, offer: FileOffer) -> Op:
         self.offers[offer.id] = offer
         data = json.dumps(offer.to_json()).encode()
-        return self.run(lambda: self.kv.put(offer.id, data))
+        return self.run(lambda: self.kv.put(offer.id, data), f"storing the offer {offer.id}")
 
     def sent_since(self, owner: str, since: float) -> Op:
         return Op.ready(
@@ -235,7 +237,9 @@ class ClusterBlobs(DiskBlobs):
     def begin(self, key: str, size: int, sha256: str) -> Op:
         """Resume from what this disk has, or from what another broker shared."""
         result = Op()
-        restored = self.tasks.run(lambda: self.parts.restore(key, self._part_path(key), size))
+        restored = self.tasks.run(
+            lambda: self.parts.restore(key, self._part_path(key), size), f"restoring upload {key}"
+        )
         restored.then(
             lambda op: (
                 result.fail(op.error)
@@ -265,7 +269,9 @@ class ClusterBlobs(DiskBlobs):
                 self.parts.drop(key)
                 result.fail(op.error)
                 return
-            self.tasks.run(lambda: self._share(sha256)).then(shared)
+            self.tasks.run(lambda: self._share(sha256), f"sharing content {sha256[:12]}").then(
+                shared
+            )
 
         def shared(op: Op) -> None:
             if op.error is not None:
@@ -283,7 +289,9 @@ class ClusterBlobs(DiskBlobs):
 
     def sweep(self, grace: float, live: set[str]) -> None:
         super().sweep(grace, live)
-        self.tasks.run(lambda: self.parts.sweep(grace, set(live)))
+        self.tasks.run(
+            lambda: self.parts.sweep(grace, set(live)), "sweeping unfinished uploads' parts"
+        )
 
     async def _share(self, sha256: str) -> None:
         """Put a checked content into the Object Store (once: the same bytes sent again
@@ -304,7 +312,9 @@ class ClusterBlobs(DiskBlobs):
             return super().read(sha256, offset, size)
         fetching = self.fetching.get(sha256)
         if fetching is None:
-            fetching = self.fetching[sha256] = self.tasks.run(lambda: self._fetch(sha256))
+            fetching = self.fetching[sha256] = self.tasks.run(
+                lambda: self._fetch(sha256), f"fetching content {sha256[:12]}"
+            )
 
             def fetched_here(_: Op) -> None:
                 self.fetching.pop(sha256, None)
@@ -350,7 +360,7 @@ class ClusterBlobs(DiskBlobs):
             except nats.js.errors.NotFoundError:
                 pass
 
-        return self.tasks.run(remove)
+        return self.tasks.run(remove, "removing a file")
 
     def forget(self, sha256: str) -> None:
         """Drop the cached copy only."""

@@ -57,6 +57,7 @@ class Liveness:
         self.own_heard = 0.0  # when our own beat last came back through the watch
         self.orphans: dict[str, float] = {}  # sid of a session of ours no connection holds
         self.peers: dict[str, dict[str, Any]] = {}  # broker name -> its last beat
+        self.settled: set[str] = set()  # brokers taken for dead whose sessions we settled
 
     @property
     def limit(self) -> float:
@@ -182,8 +183,9 @@ class Liveness:
         state = beat.get("state")
         if state == Beat.UP:
             self.seen[name] = time.monotonic()
-            if self.dead.pop(name, None) is not None:
+            if self.dead.pop(name, None) is not None or name in self.settled:
                 logger.warning("broker %s is beating again", name)
+            self.settled.discard(name)
         elif state == Beat.STOPPED and name not in self.dead:
             self.dead[name] = time.monotonic()  # stopped on purpose: no need to wait
             self.seen.pop(name, None)
@@ -224,6 +226,7 @@ class Liveness:
         announces it."""
         del self.dead[broker]
         self.seen.pop(broker, None)
+        self.settled.add(broker)
         registry = self.registry
         for ident in registry.every_session():
             if ident.broker == broker:
