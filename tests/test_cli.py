@@ -211,6 +211,26 @@ def test_a_line_over_the_limit_stays_at_the_prompt_to_be_shortened(chat):
     assert [e for e in w.events() if e["kind"] == "msg"] == [said]
 
 
+def test_ctrl_c_clears_a_typed_line_and_leaves_from_an_empty_one(chat):
+    """Ctrl+C with half a line typed clears it (nothing sent, the client stays); the next
+    line goes out alone; Ctrl+C on an empty line leaves, with status 0."""
+    w = watcher(chat)
+    t = chat("terminal", "-u", "bob")
+    t.expect("Welcome, bob!")
+    joined(w, "bob")
+    t.ready()
+    t.type("half a thought")
+    t.expect("half a thought")
+    t.type("\x03")  # Ctrl+C
+    t.type("hello\r")
+    said = w.wait_event(lambda e: e["kind"] == "msg" and e["nick"] == "bob", "bob's line")
+    assert said["text"] == "hello" and t.proc.poll() is None
+    t.ready()
+    t.type("\x03")
+    assert t.exit_status() == 0
+    assert [e["text"] for e in w.events() if e["kind"] == "msg"] == ["hello"]
+
+
 # ---------------------------------------------------------------------------- scripts
 
 

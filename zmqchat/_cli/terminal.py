@@ -25,6 +25,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.input.vt100 import Vt100Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.validation import ValidationError, Validator
@@ -127,6 +128,7 @@ async def read_terminal(chat: Front, colour: bool) -> None:
         input=KeptInput(sys.stdin),
         validator=TooLong(chat),
         validate_while_typing=False,
+        key_bindings=ctrl_c_clears_first(),
     )
 
     async def secret(prompt: str) -> str:  # /register, /password: never echoed
@@ -153,6 +155,22 @@ async def read_terminal(chat: Front, colour: bool) -> None:
             await chat.quit(None)
             return
         await chat.handle(line)
+
+
+def ctrl_c_clears_first() -> KeyBindings:
+    """Ctrl+C with a line typed clears the line (as in a shell); on an empty line it is
+    what it was: it cancels the transfers under way, else leaves."""
+    keys = KeyBindings()
+
+    @keys.add("c-c")
+    def _(event: KeyPressEvent) -> None:
+        buffer = event.current_buffer
+        if buffer.text:
+            buffer.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt())
+
+    return keys
 
 
 class TooLong(Validator):
