@@ -96,7 +96,8 @@ COMMANDS: Final = (
     (
         "/quit [REASON]",
         "leave, and the room sees `alice left (quit: REASON)` (an account's rooms see "
-        "nothing: it stays in them); so do `.exit`, `bye`, Ctrl+D and Ctrl+C (on an empty line: it clears a typed one)",
+        "nothing: it stays in them); so do `.exit`, `bye`, Ctrl+D and Ctrl+C (on an empty "
+        "line: it clears a typed one)",
     ),
     ("//TEXT", "say TEXT, which starts with `/` (`//etc/hosts` says `/etc/hosts`)"),
 )
