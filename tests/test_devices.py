@@ -461,8 +461,9 @@ def test_a_session_whose_record_another_broker_settled_is_told_to_come_back(
 ):
     """The desktop's session on b2 is settled by another broker (its record deleted, as b1
     does when it takes b2 for dead: b2 cut off from NATS past its grace while its clients
-    stay connected): b2 ends it and tells the client, which comes back on its own and gets
-    the account's private messages again (it is not left connected, hearing nothing)."""
+    stay connected): b2 ends it and tells the client, which says so, comes back on its own
+    and gets the account's private messages again (it is not left connected, hearing
+    nothing)."""
 
     async def main() -> None:
         b1 = make_cluster_broker("b1", "--scram-iterations", "4096")
@@ -477,15 +478,19 @@ def test_a_session_whose_record_another_broker_settled_is_told_to_come_back(
         await tom.connect()
         assert await delete_companions(nats_nodes.urls, make_cluster_broker.namespace) == 1
         deadline = time.monotonic() + 10
+        seen = []
         for i in range(1000):
             await tom.msg("zoe", f"ping {i}")
             try:
                 ev = await desktop.next_event(0.2)
             except TimeoutError:
                 ev = None
+            seen.append(ev)
             if ev is not None and ev.kind == "private" and ev.nick == "tomz":
                 break
             assert time.monotonic() < deadline, "the desktop gets nothing for the account"
+        said = [e.text for e in seen if e is not None and e.kind == "status"]
+        assert "your session was ended, reconnecting..." in said, said  # told, not silent
         await asyncio.gather(laptop.close(), desktop.close(), tom.close())
 
     asyncio.run(main())

@@ -1143,6 +1143,9 @@ class Client(AccountClient, Messages):
             self.reconnect = False  # no login with our password would be let in now
             self.login_refused = ChatError(str(body["refused"]), reason)
             self._lost(f"cannot log in again: {reason}")
+        elif kind == m.Reply.EXPIRED:  # our broker was taken for dead (it did not run for
+            # a while) and another settled our session: we come back now, and say so
+            self._lost(str(body.get("reason") or "your session was ended"))
 
     async def _ping(self) -> None:
         try:
