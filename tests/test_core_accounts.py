@@ -47,11 +47,15 @@ class RegisteredElsewhere(LocalAccounts):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.unheard: list[Account] = []
+        self.unheard_joins: list[tuple[str, str]] = []  # (account key, room)
 
     def hear(self) -> None:
         for account in self.unheard:
             super().register(account)
+        for key, room in self.unheard_joins:
+            super().join(self.account(key), room, 0)
         self.unheard.clear()
+        self.unheard_joins.clear()
 
 
 class AccountsNewsOnCatchUp(LocalRegistry):
@@ -200,3 +204,14 @@ def test_a_nick_registered_on_another_broker_just_now_is_an_account_here():
     )
     elsewhere("dan")
     assert bea.ask("PRIV", to="dan", text="for when you are back", id="p1")["to"] == "dan"
+
+
+def test_a_join_after_joined_waits_for_the_accounts_join_made_on_another_broker():
+    """The account joined `work` through another broker, which told this session
+    (JOINED) before this broker heard the account's record of it: the session's JOIN
+    (follow) waits for that record and is let in, not refused as 'not in work any more'."""
+    h, accounts = with_accounts(RegisteredElsewhere, AccountsNewsOnCatchUp)
+    h.registry.accounts = accounts
+    ann = registered(h, "ann")
+    accounts.unheard_joins.append(("ann", "work"))
+    assert ann.ask("JOIN", room="work", follow=True)["room"] == "work"

@@ -211,7 +211,7 @@ class Devices(Accounts):
     # ------------------------------------------------------------------ rooms
     def _on_join(self, s: Session, req: Any) -> Generator[Op, Any, dict[str, Any]]:
         if req.body["follow"]:  # after JOINED: the account may have left the room since
-            yield self.registry.catch_up()  # a LEAVE on another broker just now
+            yield self.registry.catch_up(accounts=True)  # its JOIN, or a LEAVE, just now
             account = self.logged_in.get(s.sid)
             if account is None or req.body["room"] not in self.accounts.kept(account).rooms:
                 raise ProtocolError(
