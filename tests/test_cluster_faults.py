@@ -13,10 +13,11 @@ import sys
 import threading
 import time
 
+import pytest
 import zmq
 from test_cluster import Listener, all_history, until
 
-from conftest import CLUSTER_HEARTBEAT, ROOT, free_ports
+from conftest import CLUSTER_HEARTBEAT, ROOT, free_ports, wait_for
 from zmqchat import Client
 from zmqchat import protocol as m
 
@@ -132,14 +133,20 @@ def test_a_broker_restarted_at_once_takes_over_its_own_name(make_cluster_broker)
     assert "a broker named b1 is already in this cluster" in twin.stderr
 
 
-def test_a_paused_broker_replaced_under_its_name_stops_when_it_wakes(make_cluster_broker):
+@pytest.mark.parametrize("settled", [False, True], ids=["at once", "once settled"])
+def test_a_paused_broker_replaced_under_its_name_stops_when_it_wakes(make_cluster_broker, settled):
     """b1 paused (SIGSTOP); a new b1 started meanwhile takes over (no beat comes from the
-    paused one). Woken, the old b1 hears the newer one, says it was started again and
-    exits 1, instead of both beating under one name for ever; the new b1 serves on."""
+    paused one), at once or once b2 has taken the old one for dead and settled its
+    sessions. Woken, the old b1 hears the newer one, says it was started again and exits
+    1, instead of both beating under one name for ever; the new b1 serves on."""
     old = make_cluster_broker("b1")
     b2 = make_cluster_broker("b2")
     old.proc.send_signal(signal.SIGSTOP)
     try:
+        if settled:
+            wait_for(
+                lambda: "broker b1 taken for dead" in b2.log_path.read_text(), 20, "b2 settling"
+            )
         new = make_cluster_broker("b1")
     finally:
         old.proc.send_signal(signal.SIGCONT)

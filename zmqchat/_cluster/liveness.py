@@ -10,9 +10,9 @@ A beat carries the broker's instance (new at every start), so a broker restarted
 same name tells its own dead self, whose last beat may be seconds old, from a second broker
 given the same name: it waits for one more beat of that name and takes over if none comes.
 The one taken over from, if it was only paused, stops when it wakes and hears the newer one
-(each beat says when its broker started). A broker that did not run for a while (stopped
-with SIGSTOP, or starved of CPU) heard nothing meanwhile: it does not hold that silence
-against the others.
+(whose beats name the instance it took over from). A broker that did not run for a while
+(stopped with SIGSTOP, or starved of CPU) heard nothing meanwhile: it does not hold that
+silence against the others.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Liveness:
         self.calls, self.registry, self.core, self.heartbeat = calls, registry, core, heartbeat
         self.name = ""  # ours, once we join
         self.instance = uuid.uuid4().hex[:16]
-        self.started = time.time()  # in our beats: which of two of one name is the newer
+        self.took_over = ""  # the instance of our name we took over from (in our beats)
         self.joined = False  # beating (a start refused never did)
         self.replaced = False  # a newer broker of our name took over while we did not run
         self.twins: set[str] = set()  # other instances of our name we have said we hear
@@ -65,12 +65,8 @@ class Liveness:
         return 3 * self.heartbeat
 
     def record(self, state: Beat) -> dict[str, Any]:
-        return {
-            "state": str(state),
-            "at": time.time(),
-            "instance": self.instance,
-            "started": self.started,
-        }
+        beat = {"state": str(state), "at": time.time(), "instance": self.instance}
+        return {**beat, "took_over": self.took_over} if self.took_over else beat
 
     # ------------------------------------------------------------------ joining
     def beaten_by_another(self) -> bool:
@@ -97,6 +93,10 @@ class Liveness:
                 f"a broker named {self.name} is already in this cluster (it is "
                 "beating): give each broker its own --name"
             )
+        mine = self.peers.get(self.name) or {}
+        last = mine.get("instance")
+        if mine.get("state") in (Beat.UP, Beat.GONE) and last and last != self.instance:
+            self.took_over = str(last)  # (told to it in our beats, should it wake)
         self.joined = True
         self._beat()
 
@@ -191,27 +191,27 @@ class Liveness:
             self.seen.pop(name, None)
 
     def _twin(self, beat: dict[str, Any]) -> None:
-        """Another broker beats under our name. Started after us, it took over while we
-        did not run (paused longer than the others wait, our beats stopped, a supervisor
-        started it): we stop, and our clients resume on the others. Started before us, it
-        is that earlier run, woken: it stops when it hears us. Else, two brokers were
-        given one name."""
-        instance, started = str(beat.get("instance")), beat.get("started")
-        newer = isinstance(started, (int, float)) and started > self.started
-        if newer and not self.replaced:
-            self.replaced = True
-            logger.error(
-                "broker %s was started again while this one did not run, and took over: "
-                "this one stops (its clients resume on the others)",
-                self.name,
-            )
-        if newer or instance in self.twins:
+        """Another broker beats under our name. One that took over from us (its beats say
+        so: we did not run for longer than the others wait, and a supervisor started it):
+        we stop, and our clients resume on the others. The one we took over from, woken:
+        it stops when it hears us. Else two brokers were given one name."""
+        instance = str(beat.get("instance"))
+        if beat.get("took_over") == self.instance:
+            if not self.replaced:
+                self.replaced = True
+                logger.error(
+                    "broker %s was started again while this one did not run, and took "
+                    "over: this one stops (its clients resume on the others)",
+                    self.name,
+                )
+            return
+        if instance in self.twins:
             return
         self.twins.add(instance)
-        if isinstance(started, (int, float)):
+        if instance == self.took_over:
             logger.warning(
-                "an earlier run of broker %s beats again (it did not run for a while): it "
-                "stops once it hears this one",
+                "the run of broker %s that this one took over from beats again (it did not "
+                "run for a while): it stops once it hears this one",
                 self.name,
             )
         else:
@@ -227,12 +227,15 @@ class Liveness:
         del self.dead[broker]
         self.seen.pop(broker, None)
         self.settled.add(broker)
+        logger.warning("broker %s taken for dead: settling the sessions it held", broker)
         registry = self.registry
         for ident in registry.every_session():
             if ident.broker == broker:
                 registry.reap(ident)
-        record = {**self.record(Beat.GONE), "by": self.name}
-        del record["instance"]
+        record = {"state": str(Beat.GONE), "at": time.time(), "by": self.name}
+        instance = self.peers.get(broker, {}).get("instance")
+        if instance:  # the run taken for dead: one that takes its name over says so to it
+            record["instance"] = instance
         self.calls.put(Bucket.BROKERS, broker, record)
 
     def _reap_orphans(self, now: float) -> None:
