@@ -116,12 +116,20 @@ def start_broker(
 
 
 def typed_names(wanted: queue.Queue[str]) -> None:
-    """The names typed on stdin (b1, n2, ...), for serve() to start again (a thread)."""
+    """The names typed on stdin (b1, n2, ...), for serve() to start again (a thread). Not
+    read when the script runs in the background (`&`: a read would stop it, and with it
+    the relay of the brokers' logs) or stdin cannot be read (`nohup`)."""
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) != os.getpgrp():
+            return
+    except OSError:
+        return
 
     def run() -> None:
-        for line in sys.stdin:
-            if line.strip():
-                wanted.put(line.strip())
+        with contextlib.suppress(OSError, ValueError):
+            for line in sys.stdin:
+                if line.strip():
+                    wanted.put(line.strip())
 
     threading.Thread(target=run, daemon=True).start()
 

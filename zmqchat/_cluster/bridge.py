@@ -66,8 +66,7 @@ logger = logging.getLogger("zmqchat.cluster")
 PROBE_WAIT: Final = 1.0  # seconds our server has to answer a probe's PING (or send anything)
 PROBE_PATIENCE: Final = 30  # seconds the probe's PING is left to be answered after that
 OP_TIMEOUT: Final = 2.0  # seconds a command may take before UNAVAILABLE (the client retries)
-CONNECT_TIMEOUT: Final = 10.0  # seconds one try to reach the cluster at start may take
-CONNECT_RETRY: Final = 1.0  # seconds between those tries (for up to SETUP_PATIENCE)
+CONNECT_TIMEOUT: Final = 3.0  # seconds a start waits for NATS before it says it waits
 PING_INTERVAL: Final = 1.0  # seconds between pings of our NATS server, and
 PINGS_UNANSWERED: Final = 3  # how many may go unanswered before we use another: a server
 # that is stopped (SIGSTOP, a frozen VM) keeps its TCP connection open, and only its silence
@@ -303,25 +302,25 @@ class Bridge:
 
     # ------------------------------------------------------------------ start
     async def _first_connect(self, servers: str) -> None:
-        """Connect, trying again until `patient_until`: a broker may start before its NATS
-        servers (containers brought up together); the wait is said once."""
-        told = False
-        while True:
-            try:
-                await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
-                return
-            except Exception:  # noqa: BLE001 - whatever it was, nobody answered
-                if time.monotonic() + CONNECT_RETRY > self.patient_until:
-                    raise SetupFailed(
-                        f"no NATS server answered at {servers} (tried for {SETUP_PATIENCE:g} s)"
-                    ) from None
-            if not told:
-                told = True
-                left = self.patient_until - time.monotonic()
+        """Connect, for up to `patient_until`: a broker may start before its NATS servers
+        (containers brought up together). nats-py tries the servers again and again itself
+        (max_reconnect_attempts -1 counts for a first connection too); the wait is said
+        once, after CONNECT_TIMEOUT."""
+        connecting = asyncio.ensure_future(self._connect())
+        try:
+            done, _ = await asyncio.wait({connecting}, timeout=CONNECT_TIMEOUT)
+            if not done:
                 logger.warning(
-                    "no NATS server answers at %s yet; trying again for up to %.0f s", servers, left
+                    "no NATS server answers at %s yet; trying for up to %.0f s more",
+                    servers,
+                    self.patient_until - time.monotonic(),
                 )
-            await asyncio.sleep(CONNECT_RETRY)
+            await asyncio.wait_for(connecting, max(0.0, self.patient_until - time.monotonic()))
+        except Exception:  # noqa: BLE001 - whatever it was, nobody answered
+            connecting.cancel()
+            raise SetupFailed(
+                f"no NATS server answered at {servers} (tried for {SETUP_PATIENCE:g} s)"
+            ) from None
 
     async def _connect(self) -> None:
         async def disconnected() -> None:

@@ -97,24 +97,24 @@ class Calls:
         for call_id, (op, _, sent) in list(self.under_way.items()):
             if now - sent > deadline:
                 logger.error("cluster command %s unanswered after %g s", call_id, deadline)
+                self.failed += 1
+                self.last_failure = f"no answer in {deadline:g} s"
                 del self.under_way[call_id]
                 op.fail(ProtocolError(Code.UNAVAILABLE, "the cluster did not answer"))
 
     def report(self, now: float, every: float) -> None:
         """At most every `every` seconds, say how many commands the cluster failed (or
-        has left unanswered that long) meanwhile: while NATS is away or has lost its
-        majority, an operator sees why nothing is acknowledged, not one line and silence."""
+        left unanswered: expire()) meanwhile: while NATS is away or has lost its majority,
+        an operator sees why nothing is acknowledged, not one line and silence."""
         if now < self.next_report:
             return
-        waiting = sum(1 for _, _, sent in self.under_way.values() if now - sent > every)
-        if self.failed or waiting:
+        if self.failed:
             logger.warning(
                 "the NATS cluster is not carrying out what this broker asks: %d commands "
-                "failed in the last %.0f s, %d have waited longer (latest: %s); clients' "
-                "messages wait unacknowledged and are sent again",
+                "failed in the last %.0f s (latest: %s); clients' messages wait "
+                "unacknowledged and are sent again",
                 self.failed,
                 every,
-                waiting,
                 self.last_failure or "no answer",
             )
         self.failed, self.next_report = 0, now + every
