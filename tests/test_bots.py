@@ -563,7 +563,8 @@ def test_bot_reconnects_after_broker_restart_and_answers(broker, bots):
 
 
 def test_handler_exception_is_logged_with_its_event_and_bot_goes_on(broker, people, bots, caplog):
-    """A handler that raises (async or plain) is logged with the event; the bot carries on."""
+    """A command whose handler raises (async or plain) is logged with the event, whoever
+    asked is told it failed (not why: that is for the log), and the bot carries on."""
     caplog.set_level(logging.ERROR, logger="bot")
     bot = echo_bot()
 
@@ -581,6 +582,8 @@ def test_handler_exception_is_logged_with_its_event_and_bot_goes_on(broker, peop
     ann.say("lobby", "!crash now")
     ann.say("lobby", "!echo still here")
     ann.reply("fragile", lambda t: t == "still here")
+    said = [e.text for e in ann.seen if e.nick == "fragile"]
+    assert said == ["sorry, !boom failed", "sorry, !crash failed", "still here"], said
     wait_for(lambda: len(caplog.records) >= 2, what="two error records")
     logged = {r.getMessage(): r for r in caplog.records}
     boom_line = next(m for m in logged if "!boom" in m)
@@ -685,6 +688,24 @@ def test_help_about_another_bots_command_is_left_to_that_bot(broker, people, bot
     assert ann.reply("dicebot", lambda t: True, room=None).text == (
         "no command !weather; !help lists them"
     )
+
+
+def test_help_speaks_with_the_bots_own_prefix(broker, people, bots):
+    """A bot whose prefix is `%`: its help lists `%help [COMMAND]` and says `%help COMMAND`,
+    not the default `!`."""
+    bot = Bot(prefix="%")
+
+    @bot.command("roll")
+    def roll(ctx: Context) -> str:
+        """Roll a die."""
+        return "4"
+
+    bots(bot, broker.port, "pctbot")
+    ann = people("ann")
+    ann.say("lobby", "%help")
+    listing = ann.reply("pctbot", lambda t: t.startswith("commands:")).text
+    assert "%help [COMMAND] - List the commands, or describe one: %help COMMAND." in listing
+    assert "!" not in listing, listing
 
 
 def test_a_slow_handler_holds_up_only_its_own_conversation(broker, people, bots):
@@ -825,6 +846,28 @@ def test_every_runs_periodically_with_a_hop_count(broker, people, bots):
     bots(bot, broker.port, "clock")
     got = ann.wait(lambda e: e.nick == "clock" and e.kind == "msg", count=2, what="2 ticks")
     assert [(e.text, e.data["hops"]) for e in got] == [("tick 0", 1), ("tick 1", 1)]
+
+
+def test_a_timer_that_overran_is_not_run_again_back_to_back(broker, bots):
+    """A run of `@bot.every(0.2)` that takes 0.7 s (or a stall: the broker gone a while)
+    is followed by the next run in its turn, not by the missed ones at once."""
+    bot = Bot()
+    starts: list[float] = []
+    gate = threading.Event()
+
+    @bot.every(0.2)
+    def tick(ctx: Context) -> None:
+        starts.append(time.monotonic())
+        if len(starts) == 1:
+            assert gate.wait(5), "the gate was never opened"
+
+    bots(bot, broker.port, "clock")
+    wait_for(lambda: starts, 5, "the first run")
+    wait_for(lambda: time.monotonic() - starts[0] > 0.7, 5, "three periods of the first run")
+    gate.set()
+    wait_for(lambda: len(starts) >= 4, 5, "three more runs")
+    gaps = [b - a for a, b in zip(starts[1:4], starts[2:4], strict=False)]
+    assert all(gap >= 0.19 for gap in gaps), gaps  # (a sleep is never shorter than asked)
 
 
 # ---------------------------------------------------------------------------- commands, offline

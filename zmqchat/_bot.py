@@ -596,7 +596,9 @@ class Bot:
         pattern: str | re.Pattern | None = None,
     ) -> Any:
         """A message or action in a room (not one of this bot's commands); `ctx.match` holds
-        the pattern's match."""
+        the pattern's match. A plain `def` handler runs on a thread of its own, at the same
+        time as the others (the next message's may start first): state they share needs
+        a lock; an `async def` handler runs on the bot's loop, between its awaits alone."""
         return self._on(frozenset({"msg", "action"}), fn, room=room, pattern=pattern)
 
     def on_join(self, fn: Handler | None = None, *, room: str | Iterable[str] | None = None) -> Any:
@@ -735,7 +737,11 @@ class Bot:
         self.client = None
         self._slots = asyncio.Semaphore(self.max_threads)
         if self._help and self.commands and "help" not in self.commands:
-            self.commands["help"] = Command.from_function("help", self._cmd_help)
+            helper = Command.from_function("help", self._cmd_help)
+            p = self.prefix  # its docstring's example with this bot's prefix
+            helper.help = helper.help.replace("!help", f"{p}help")
+            helper.summary = helper.summary.replace("!help", f"{p}help")
+            self.commands["help"] = helper
         options.setdefault("backlog", 0)  # old commands in the backlog are not answered again
         options.setdefault("unread", 0)  # nor, for a bot's account, those sent while it was away
         signals = self._catch_signals()
@@ -989,6 +995,8 @@ class Bot:
             await self._safe_reply(ctx, f"usage: {self.prefix}{command.usage}{detail}")
         except Exception:
             log.exception("handler %s failed on %s", what, describe(ctx.event))
+            if command is not None and ctx.event is not None:  # whoever asked is told
+                await self._safe_reply(ctx, f"sorry, {self.prefix}{command.name} failed")
 
     async def _safe_reply(self, ctx: Context, text: str) -> None:
         try:
@@ -997,22 +1005,22 @@ class Bot:
             log.warning("could not answer %s: %s", describe(ctx.event), err)
 
     async def _tick(self, timer: _Timer) -> None:
-        """Call a timer every `seconds` (skipped while disconnected, never two at once)."""
+        """Call a timer every `seconds` (skipped while disconnected, never two at once; the
+        runs a slow run or a stall overlapped are skipped, not made up for back to back)."""
         loop = asyncio.get_running_loop()
         due = loop.time() + timer.seconds
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
-            due = max(due + timer.seconds, loop.time())
-            if self.client is None or not self.client.connected:
-                continue
-            self._inflight += 1
-            try:
-                name = getattr(timer.fn, "__name__", "timer")
-                await self._invoke(
-                    timer.fn, Context(self, None), f"{name} (every {timer.seconds:g} s)"
-                )
-            finally:
-                self._inflight -= 1
+            if self.client is not None and self.client.connected:
+                self._inflight += 1
+                try:
+                    name = getattr(timer.fn, "__name__", "timer")
+                    await self._invoke(
+                        timer.fn, Context(self, None), f"{name} (every {timer.seconds:g} s)"
+                    )
+                finally:
+                    self._inflight -= 1
+            due += (int((loop.time() - due) // timer.seconds) + 1) * timer.seconds
 
     # ------------------------------------------------------------------ help
     async def _cmd_help(self, ctx: Context, command: str = "") -> str | None:

@@ -468,6 +468,8 @@ class Client(AccountClient, Messages):
         return (await self.request(m.Kind.ROOMS, {}))["rooms"]
 
     async def who(self, room: str | None = None) -> list[str]:
+        """The nicks in `room` (one you may see), or with None everyone connected (on
+        every broker of a cluster)."""
         return (await self.request(m.Kind.WHO, {"room": room}))["members"]
 
     async def set_nick(self, nick: str) -> str:
