@@ -593,6 +593,26 @@ def test_handler_exception_is_logged_with_its_event_and_bot_goes_on(broker, peop
     assert "crashed on a thread" in str(logged[crash_line].exc_info[1])
 
 
+def test_an_async_handler_that_blocks_is_named_in_the_log(broker, people, bots, caplog):
+    """An `async def` command that calls time.sleep holds the bot's loop: the log says
+    how long, which handler started last, and that blocking work belongs in a plain def."""
+    caplog.set_level(logging.WARNING, logger="zmqchat.bot")
+    bot = Bot()
+
+    @bot.command("block")
+    async def block(ctx: Context) -> str:
+        time.sleep(1.5)  # the mistake
+        return "done"
+
+    bots(bot, broker.port, "blocky")
+    ann = people("ann")
+    ann.say("lobby", "!block")
+    ann.reply("blocky", lambda t: t == "done")
+    wait_for(lambda: "held its loop" in caplog.text, 5, "the warning")
+    assert "the last one to start: !block" in caplog.text, caplog.text
+    assert "belongs in a plain def handler" in caplog.text
+
+
 def test_plain_handler_runs_on_a_thread_beside_the_others(broker, people, bots):
     """A plain def handler that blocks does not stop the others from running (here, the one
     that unblocks it); their replies still come in the order of the commands."""

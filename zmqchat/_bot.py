@@ -50,6 +50,8 @@ log = logging.getLogger("zmqchat.bot")
 MAX_HOPS = 3  # bot replies in one chain: enough for a bridge plus an answer, no ping-pong
 MAX_THREADS = 16  # plain-def handlers running at once; more wait their turn
 ROOM_KINDS = frozenset(EventKind) - {EventKind.PRIVATE}  # every room event
+LOOP_CHECK = 0.5  # seconds between looks at whether the bot's loop runs
+LOOP_HELD = 1.0  # seconds late that a look says a handler held the loop
 
 Handler = Callable[..., Any]
 
@@ -546,6 +548,7 @@ class Bot:
         self._lines: dict[str, deque[_Turn]] = {}  # conversation -> its turns not yet over
         self._streak: dict[str, int] = {}  # private conversation -> bot messages in a row
         self._inflight = 0
+        self._on_loop = ""  # the async handler that started last (named if the loop is held)
 
     # ------------------------------------------------------------------ decorators
     def command(
@@ -761,6 +764,7 @@ class Bot:
             )
             loops = [asyncio.create_task(self._dispatcher())]
             loops += [asyncio.create_task(self._tick(t)) for t in self.timers]
+            loops.append(asyncio.create_task(self._watch_the_loop()))
             if _ready is not None:
                 _ready.set()
             await self._stopping.wait()
@@ -976,6 +980,7 @@ class Bot:
         try:
             args = command.bind(ctx.args) if command is not None else []
             if inspect.iscoroutinefunction(fn):
+                self._on_loop = what  # (named if it holds the loop: _watch_the_loop)
                 result = await fn(ctx, *args)
             else:
                 assert self._slots is not None and self._loop is not None
@@ -1003,6 +1008,24 @@ class Bot:
             await ctx.reply(text)
         except ChatError as err:
             log.warning("could not answer %s: %s", describe(ctx.event), err)
+
+    async def _watch_the_loop(self) -> None:
+        """Say when the bot's loop was held (an `async def` handler that blocks, with
+        time.sleep or a slow call): the bot hears nothing and answers nobody meanwhile,
+        and the broker may take it for gone."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(LOOP_CHECK)
+            held = loop.time() - asked - LOOP_CHECK
+            if held >= LOOP_HELD:
+                log.warning(
+                    "the bot did nothing for %.1f s: an async handler held its loop (the "
+                    "last one to start: %s); blocking work belongs in a plain def handler, "
+                    "which runs on a thread",
+                    held,
+                    self._on_loop or "?",
+                )
 
     async def _tick(self, timer: _Timer) -> None:
         """Call a timer every `seconds` (skipped while disconnected, never two at once; the
