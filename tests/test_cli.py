@@ -209,6 +209,11 @@ def test_a_line_over_the_limit_stays_at_the_prompt_to_be_shortened(chat):
     said = w.wait_event(lambda e: e["kind"] == "msg" and e["nick"] == "bob", "bob's line")
     assert said["text"] == "y" * 4000
     assert [e for e in w.events() if e["kind"] == "msg"] == [said]
+    t.type("/msg watcher " + "z" * 4001 + "\r")  # the text of a /msg counts the same
+    t.expect("4001 characters, the limit is 4000: shorten it to send it")
+    t.type("\x7f\r")
+    note = w.wait_event(lambda e: e["kind"] == "private", "bob's private message")
+    assert note["text"] == "z" * 4000
 
 
 def test_ctrl_c_clears_a_typed_line_and_leaves_from_an_empty_one(chat):

@@ -182,9 +182,15 @@ class TooLong(Validator):
 
     def validate(self, document: Document) -> None:
         line = document.text
-        if line.startswith("/") and not line.startswith("//"):
-            return  # a command: its own checks
-        text = line[1:] if line.startswith("//") else line
+        word, _, rest = line.partition(" ")
+        if word.lower() == "/me":
+            text = rest
+        elif word.lower() in ("/msg", "/reply"):  # /msg NICK TEXT, /reply NICK TEXT
+            text = rest.partition(" ")[2]
+        elif line.startswith("/") and not line.startswith("//"):
+            return  # another command: its own checks
+        else:
+            text = line[1:] if line.startswith("//") else line
         limit = int(self.chat.client.welcome.get("max_text", 0)) or len(text)
         if len(text) > limit:
             raise ValidationError(
