@@ -47,7 +47,7 @@ class Liveness:
         self.took_over = ""  # the instance of our name we took over from (in our beats)
         self.joined = False  # beating (a start refused never did)
         self.replaced = False  # a newer broker of our name took over while we did not run
-        self.twins: set[str] = set()  # other instances of our name we have said we hear
+        self.twins: dict[str, int] = {}  # other instances of our name -> beats heard
         # when each broker's beat last changed (our clock), and since when each dead one is
         self.seen: dict[str, float] = {}
         self.dead: dict[str, float] = {}
@@ -205,9 +205,9 @@ class Liveness:
                     self.name,
                 )
             return
-        if instance in self.twins:
-            return
-        self.twins.add(instance)
+        self.twins[instance] = self.twins.get(instance, 0) + 1
+        if self.twins[instance] != 2:  # said once; a first one alone may be a beat of a
+            return  # run killed just before we took over, stored late (a node away)
         if instance == self.took_over:
             logger.warning(
                 "the run of broker %s that this one took over from beats again (it did not "
