@@ -581,7 +581,8 @@ class Chat(FileCommands, edits.EditCommands):
                     "UNKNOWN_COMMAND",
                 )
                 return
-            if command not in (self.cmd_msg, self.cmd_me):  # those are sends: queued in order
+            if command not in (self.cmd_msg, self.cmd_me, self.cmd_quit):  # sends: queued in
+                # order; /quit waits for them itself (QUIT_WAIT)
                 # Let earlier messages land first: a script's "hi", "/join work" must not
                 # leave the room before "hi" is in it.
                 await self.acknowledged(TIMEOUT)
