@@ -235,3 +235,88 @@ def test_flags_that_make_no_sense_are_usage_errors(case, tmp_path):
     assert run.stderr.startswith("broker.py: " + said), run.stderr
     assert run.stderr.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+LOG_LIMIT = 256 * 1024  # bytes a file of the broker may grow to (RLIMIT_FSIZE): a full disk
+
+
+def test_a_log_that_cannot_be_written_holds_every_acknowledgement_until_it_can(tmp_path):
+    """The history log stops taking writes (a full disk; here the file-size limit of the
+    broker's process): nothing more is acknowledged, the broker says why and stays up;
+    once writes go through again, what waited is acknowledged, stored once; after a kill
+    -9 then, history holds every message ever acknowledged."""
+    import resource
+
+    port, pub_port = free_ports()
+    args = [sys.executable, str(ROOT / "broker.py"), "--port", str(port)]
+    args += ["--pub-port", str(pub_port), "--db", str(tmp_path / "chat.db"), "--rate", "0"]
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (LOG_LIMIT, resource.RLIM_INFINITY))
+
+    err = open(tmp_path / "broker.err", "w")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=limited)
+
+    def said() -> str:
+        return (tmp_path / "broker.err").read_text()
+
+    async def chat() -> tuple[dict[int, str], list[int]]:
+        acked: dict[int, str] = {}
+        async with Client(f"127.0.0.1:{port}", nick="filler", timeout=5) as c:
+            for i in range(1000):  # ~2 KB each: past the limit within a few hundred
+                send = asyncio.ensure_future(c.say("lobby", f"m{i} " + "x" * 2000))
+                done, _ = await asyncio.wait({send}, timeout=3)
+                if not done:
+                    break
+                acked[send.result()] = f"m{i}"
+            else:
+                raise AssertionError("the log never stopped taking writes")
+            assert "the history log cannot be written (File too large)" in said(), said()
+            assert proc.poll() is None  # up, holding
+            for pid in [proc.pid, *children(proc.pid)]:  # the disk has room again
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+            held = await asyncio.wait_for(send, 30)  # the held message, now stored
+            acked[held] = f"m{i}"
+            last = await c.say("lobby", "after")
+            acked[last] = "after"
+        return acked, sorted(acked)
+
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("Broker started")
+        acked, seqs = asyncio.run(chat())
+        assert "the history log is written again" in said()
+        proc.kill()
+        proc.wait()
+        again = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            assert again.stdout is not None and again.stdout.readline().startswith("Broker")
+
+            async def read() -> dict[int, str]:
+                async with Client(f"127.0.0.1:{port}", nick="reader") as r:
+                    kept: dict[int, str] = {}
+                    before = None
+                    while True:
+                        page = await r.history("lobby", before=before, limit=500)
+                        msgs = [e for e in page if e.kind == "msg"]
+                        kept.update({int(e.seq): e.text.split(" ")[0] for e in msgs})
+                        if len(page) < 500:
+                            return kept
+                        before = min(int(e.seq) for e in page)
+
+            kept = asyncio.run(read())
+        finally:
+            again.kill()
+            again.wait()
+        assert {seq: kept.get(seq) for seq in seqs} == acked  # each where it was acknowledged
+        assert sorted(kept.values()) == sorted(set(kept.values()))  # and stored once
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.close()
+
+
+def children(pid: int) -> list[int]:
+    """The processes a process started (the broker's history writer)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]

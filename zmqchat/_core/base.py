@@ -60,6 +60,7 @@ MALFORMED: Final = frozenset(
     {Code.BAD_REQUEST, Code.BAD_VERSION, Code.UNKNOWN_COMMAND, Code.TOO_LARGE}
 )
 MALFORMED_LOGS: Final = 10
+DISK_TOLD_EVERY: Final = 10.0  # seconds between errors saying requests fail on the disk
 _OK: Final = b"OK"
 _SAY: Final = [b"SAY"]
 
@@ -109,6 +110,7 @@ class CoreBase:
         self.ack_starts: list[float] = []  # arrival times of the SAYs answered in outbox
         self.peer: Callable[[bytes], str] = _no_peer  # the loop says where a request came from
         self.malformed_lines = Throttle(MALFORMED_LOGS)
+        self.disk_told = -DISK_TOLD_EVERY  # (monotonic) when requests failing on it were said
         self.handlers: dict[Kind, Handler] = self.handler_table()
         self.openers: dict[Kind, Opener] = self.opener_table()
 
@@ -236,6 +238,17 @@ class CoreBase:
                 return True
             except ProtocolError as err:
                 self._error(rid, label, err)
+                return True
+            except OSError as exc:  # the disk (full, gone): this request may work later
+                now = self.clock.monotonic()
+                if now - self.disk_told >= DISK_TOLD_EVERY:
+                    log.error("requests fail: the broker cannot use its files: %s", exc)
+                    self.disk_told = now
+                self._error(
+                    rid,
+                    label,
+                    ProtocolError(Code.UNAVAILABLE, "the broker cannot read its files now"),
+                )
                 return True
             except Exception:
                 log.exception("error handling a request from %s", rid.hex())

@@ -17,6 +17,7 @@ waits for that writer to finish.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
@@ -39,6 +40,7 @@ log = logging.getLogger("zmqchat.store")
 LOG_FORMAT_ENV: Final = "ZMQCHAT_LOG_FORMAT"  # the broker's log format, for its writer
 
 CMID_CACHE: Final = 50_000  # recent client message ids kept in memory; older ones hit the index
+WRITER_TOLD_EVERY: Final = 10.0  # seconds between the writer's errors while it cannot write
 SEGMENT_BYTES: Final = 4 << 20  # the log goes on in a new segment past this size
 WRITER_DELAY: Final = 0.02  # seconds the writer gathers records per transaction
 WRITER_NICE: Final = 10  # the writer's niceness: background work
@@ -102,8 +104,9 @@ SQL: Final = {
 CHANGES: Final = {"edit": messages.apply_edit, "delete": messages.apply_delete}
 
 
-class StoreError(Exception):
-    """The database cannot be used (corrupt, truncated, not a database, unwritable)."""
+class StoreError(OSError):
+    """The database cannot be used (corrupt, truncated, not a database, unwritable); at
+    run time, an OSError like any other failure of the disk (a request gets UNAVAILABLE)."""
 
 
 # ---------------------------------------------------------------------------- the log
@@ -201,7 +204,8 @@ def apply(db: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
             i = j
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):  # (SQLite may have rolled back itself:
+            db.execute("ROLLBACK")  # a full disk) the error said is the first one
         raise
 
 
@@ -239,6 +243,7 @@ class Writer:
         self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self.db.execute("PRAGMA secure_delete=ON")  # a removed message's bytes are zeroed
         self.done: dict[str, int] = {}  # segment -> bytes applied
+        self.failing, self.told = 0, 0.0  # rounds failed in a row; when that was last said
 
     def catch_up(self, final: bool = False) -> int:
         """Apply every complete record logged so far; with final, the broker has stopped
@@ -262,6 +267,23 @@ class Writer:
                 pass
             self.done.pop(seg, None)
         return len(ops)
+
+    def step(self, final: bool) -> tuple[bytes, int]:
+        """catch_up(), as the broker is answered ("ok", or "error why"), and how many
+        records were applied (-1: none could be). A failure is said at once, then every
+        WRITER_TOLD_EVERY seconds while it lasts (a full disk fails every round)."""
+        try:
+            applied = self.catch_up(final=final)
+        except sqlite3.Error as exc:  # the log keeps it all: try again next round
+            self.failing += 1
+            if time.monotonic() - self.told >= WRITER_TOLD_EVERY:
+                log.error("cannot write the history yet (%d tries): %s", self.failing, exc)
+                self.told = time.monotonic()
+            return f"error {exc}\n".encode(), -1
+        if self.failing:
+            log.warning("the history is written again, after %d failed tries", self.failing)
+        self.failing, self.told = 0, 0.0
+        return b"ok\n", applied
 
     def close(self) -> None:
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -320,13 +342,8 @@ def writer_main(argv: list[str]) -> int:
                 return 0
             *cmds, buf = (buf + chunk).split(b"\n")
         stop = b"stop" in cmds
-        try:
-            applied = writer.catch_up(final=stop)
-        except sqlite3.Error as exc:  # the log keeps it all: try again next round
-            log.error("cannot write the history yet: %s", exc)
-            reply = f"error {exc}\n".encode()
-        else:
-            reply = b"ok\n"
+        reply, applied = writer.step(final=stop)
+        if applied >= 0:
             # Busy: every WRITER_DELAY. Quiet: look less and less often (an idle broker
             # costs nothing); a read still makes us catch up at once.
             delay = WRITER_DELAY if applied else min(delay * 2, WRITER_IDLE)
@@ -429,6 +446,8 @@ class Store:
             if "from_key" not in columns:  # a file from before private history was kept
                 self.db.execute("ALTER TABLE privates ADD COLUMN from_key TEXT")
             messages.create(self.db)
+            self.db.execute("DELETE FROM members WHERE 0")  # can we write? (read-only:
+            # SQLite opens it anyway, and only a write says so)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None
         self._start_writer()
@@ -458,7 +477,14 @@ class Store:
             page = int.from_bytes(header[16:18], "big")
             page = 65536 if page == 1 else page
             pages = int.from_bytes(header[28:32], "big")
-            if size % page or (pages and size < pages * page):
+            # the page count in the header counts only while its "version valid for" is the
+            # change counter (SQLite's file format); with a write-ahead log not yet copied
+            # in (a checkpoint cut short by a full disk), the pages are there: SQLite reads
+            # them, and the integrity check below says whether all is well
+            valid = header[24:28] == header[92:96]
+            wal = self.path + "-wal"
+            pending = os.path.exists(wal) and os.path.getsize(wal) > 0
+            if size % page or (pages and valid and not pending and size < pages * page):
                 raise StoreError(f"{self.path}: file is truncated ({size} bytes)")
         rows = self.db.execute("PRAGMA integrity_check").fetchall()
         if rows != [("ok",)]:
@@ -537,7 +563,10 @@ class Store:
         self._privates_logged = self._accounts_logged = False
 
     def close(self) -> None:
-        self.commit()
+        try:
+            self.commit()
+        except StoreError as exc:  # (none of them was acknowledged: they are lost)
+            log.error("%s: %d records not written at the stop", exc, len(self._lines))
         os.close(self._log)
         try:
             self._ask_writer(b"stop")
@@ -634,12 +663,19 @@ class Store:
         if not self._lines:
             return
         blob = b"".join(self._lines)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(self._log, view) :]
+            if self.fsync:
+                os.fdatasync(self._log)
+        except OSError as exc:  # a full disk, say: the records stay here, to be written
+            with contextlib.suppress(OSError):  # again; what got out is cut off, or a torn
+                os.ftruncate(self._log, self._seg_size)  # record would spoil the next one
+            raise StoreError(
+                f"{self.path}: the history log cannot be written ({exc.strerror or exc})"
+            ) from None
         self._lines = []
-        view = memoryview(blob)
-        while view:
-            view = view[os.write(self._log, view) :]
-        if self.fsync:
-            os.fdatasync(self._log)
         self._seg_size += len(blob)
         if self._seg_size >= SEGMENT_BYTES or self._roll:
             # (after a removal: the segment holding the removed text is deleted once applied)

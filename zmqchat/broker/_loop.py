@@ -30,7 +30,7 @@ from zmqchat._core.stats import Stats
 from zmqchat._local.accounts import LocalAccounts
 from zmqchat._local.files import LocalFiles
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
-from zmqchat._local.store import Store
+from zmqchat._local.store import Store, StoreError
 from zmqchat.broker._keys import AllowedKeys
 from zmqchat.broker._outflow import LENT, Outflow
 
@@ -43,6 +43,7 @@ __all__ = ["Broker"]
 
 DRAIN: Final = 1000  # requests handled per pass before committing: bounds latency
 FLUSH_EVENTS: Final = 128  # pending events that make a pass flush early: a pipeline
+UNSTORED_EVERY: Final = 10.0  # seconds between errors while the history log cannot be written
 LISTEN_BACKLOG: Final = 4096  # connections waiting to be accepted (the kernel caps it)
 # Plain ints: pyzmq's flag enums cost microseconds per use, and the loop sends every event.
 _NOBLOCK: Final = int(zmq.NOBLOCK)
@@ -77,6 +78,7 @@ class Broker:
         self.ctx = ctx or zmq.Context.instance()
         self.stopping = False
         self.failure = ""  # why it stopped, if not asked to (the exit status is then 1)
+        self.unstored_since = self.unstored_told = 0.0  # the log cannot be written (_flush)
         self.auth: ThreadAuthenticator | None = None
         self.allowed = AllowedKeys(cfg.allow_keys) if cfg.allow_keys is not None else None
         self.curve = cfg.curve_key is not None
@@ -424,7 +426,15 @@ class Broker:
         """Durable, then published, then replied: nothing is acknowledged before it is
         stored, and the events of a pass reach subscribers before the replies."""
         core = self.core
-        for delivery in self.log.follow():
+        try:
+            deliveries = self.log.follow()
+        except StoreError as exc:  # a full disk, say: nothing goes out until it is stored
+            self._unstored(exc)
+            return
+        if self.unstored_since:
+            log.warning("the history log is written again: %s", self.cfg.db)
+            self.unstored_since = 0.0
+        for delivery in deliveries:
             core.deliver(delivery)
         if core.pubs:
             xpub = self.xpub
@@ -440,6 +450,21 @@ class Broker:
             for started in core.ack_starts:
                 acknowledged(now - started)
             core.ack_starts.clear()
+
+    def _unstored(self, exc: StoreError) -> None:
+        """The log cannot be written: this pass's events, publications and replies (its
+        acknowledgements) wait, kept in order, and every pass tries again; said at once,
+        then every UNSTORED_EVERY seconds."""
+        now = time.monotonic()
+        if not self.unstored_since or now - self.unstored_told >= UNSTORED_EVERY:
+            log.error(
+                "%s; nothing is stored, published or acknowledged until it can be (%d "
+                "replies wait): free some space, or see to the disk",
+                exc,
+                len(self.core.outbox),
+            )
+            self.unstored_told = now
+        self.unstored_since = self.unstored_since or now
 
     def _send_replies(self, outbox: list[list[bytes]]) -> None:
         """Frames of LENT bytes or more (a GET's chunk, a long reply) are lent to ZeroMQ,
