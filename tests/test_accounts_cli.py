@@ -289,6 +289,26 @@ def test_join_says_where_you_are_before_what_is_unread_there(achat, password_fil
     ], s.lines
 
 
+def test_a_message_edited_twice_while_away_is_caught_up_with_once(achat, password_file):
+    """While fay is away bob says a line in lobby and edits it twice: when she comes back
+    and joins lobby, its catch-up shows the line once, as it reads now, not the line and
+    then each edit again."""
+    register(achat, "fay", "/join support")  # in lobby and support, last in support
+    bob = achat("script", "-u", "bob")
+    bob.send("the fix is in banana", "/edit the fix is in cherry", "/edit the fix is in kiwi")
+    bob.wait_line("<bob> the fix is in kiwi (edited)")
+    bob.send("done for today")
+    bob.wait_line("<bob> done for today")
+    assert bob.end_input() == 0
+    s = achat("script", "-u", "fay", "--password-file", password_file)
+    s.wait_line("Welcome back, fay! You are in support")
+    s.send("/join lobby")
+    s.wait_line("<bob> done for today")
+    assert s.end_input() == 0
+    said = [line.split(" ", 1)[1] for line in s.lines if "<bob>" in line]
+    assert said == ["<bob> the fix is in kiwi (edited)", "<bob> done for today"], s.lines
+
+
 def test_the_operator_manages_accounts_while_the_broker_runs(achat, password_file):
     """`broker.py accounts add|list|passwd|del` on the broker's database, the broker
     running: each change counts at the next login, and passwd and del end the account's

@@ -33,6 +33,13 @@ class Chat(Protocol):
 
     async def cmd_join(self, arg: str) -> None: ...
 
+    def listing(self, events: list[Event]) -> list[Event]:
+        """The events of a listing a person is shown (edits.py)."""
+
+    def remember(self, ev: Event) -> None: ...
+
+    async def quote(self, ev: Event) -> str | None: ...
+
 
 class Reading:
     """What an account's client has shown of each room, and what waits in the others."""
@@ -118,9 +125,13 @@ class Reading:
             came = self.loading.pop(room)
         self.held.discard(room)
         self.entered(room)
+        shown = {id(ev) for ev in chat.listing(caught.events)}  # each message once, as now
         for ev in caught.events:
             if self.take(ev, room):
-                chat.screen.event(ev, me=client.nick, room=room)
+                chat.remember(ev)
+                if id(ev) in shown:
+                    quote = await chat.quote(ev)
+                    chat.screen.event(ev, me=client.nick, room=room, quote=quote)
         if caught.more:
             self.held.add(room)
             chat.screen.note(

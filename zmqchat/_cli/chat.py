@@ -805,18 +805,7 @@ class Chat(FileCommands, edits.EditCommands):
                 self.screen.event(ev, me=self.client.nick, room=self.room)
             return
         events = await self.client.history(self.room, limit=limit)
-        listed = {int(ev.seq or 0) for ev in events if ev.kind in edits.MESSAGE_KINDS}
-        # an edit of a message before the listing is shown, as the message: its last edit
-        last_edit = {ev.data.get("ref"): ev.seq for ev in events if ev.kind == EventKind.EDIT}
-        shown = [
-            ev
-            for ev in events
-            if self.screen.json_mode
-            or not (
-                self.hidden(ev, listed)
-                or (ev.kind == EventKind.EDIT and last_edit[ev.data.get("ref")] != ev.seq)
-            )
-        ]
+        shown = self.listing(events)
         folded = len(events) - len(shown)  # edits and the like, shown in the lines they change
         self.screen.note(
             f"the {last(len(events), 'event')} of {self.room}"

@@ -172,6 +172,21 @@ class EditCommands:
             return f"{ev.data.get('re_nick', '?')}: a deleted message"
         return quote_of(*known)
 
+    def listing(self, events: list[Event]) -> list[Event]:
+        """Of a listing (/history, a catch-up), the events a person is shown: a message
+        once, as it reads now (its edits and what is left of it deleted folded in); an
+        edit of a message before the listing as that message: its last edit only."""
+        if self.screen.json_mode:
+            return list(events)
+        listed = {int(ev.seq or 0) for ev in events if ev.kind in MESSAGE_KINDS}
+        last_edit = {ev.data.get("ref"): ev.seq for ev in events if ev.kind == "edit"}
+        return [
+            ev
+            for ev in events
+            if not self.hidden(ev, listed)
+            and not (ev.kind == "edit" and last_edit[ev.data.get("ref")] != ev.seq)
+        ]
+
     def hidden(self, ev: Event, listed: set[int] | None = None) -> bool:
         """Events a person is not shown: what is left of a deleted message, and an edit
         whose message is shown already (edited) in the same listing or backlog."""
