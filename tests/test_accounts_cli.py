@@ -309,6 +309,30 @@ def test_a_message_edited_twice_while_away_is_caught_up_with_once(achat, passwor
     assert said == ["<bob> the fix is in kiwi (edited)", "<bob> done for today"], s.lines
 
 
+def test_a_private_file_offer_seen_is_read_and_own_lines_are_not_unread(
+    achat, password_file, tmp_path
+):
+    """fay, on, is offered a file privately and says a line from a script of her own in
+    a room she is not looking at; back later, nothing of either is waiting for her."""
+    register(achat, "fay", "/join support")  # last in support
+    doc = tmp_path / "notes.txt"
+    doc.write_text("the notes")
+    s = achat("script", "-u", "fay", "--password-file", password_file, "--json")
+    s.wait_event(lambda e: e["kind"] == "welcome", "fay's welcome")
+    bob = achat("script", "-u", "bob")
+    bob.send(f"/send @fay {doc}")
+    s.wait_event(lambda e: e["kind"] == "file" and e.get("to"), "the private offer")
+    mine = achat("script", "-u", "fay", "--password-file", password_file, "-r", "lobby")
+    mine.send("a line from my script in lobby")  # (a second session of the account)
+    s.wait_event(lambda e: e["kind"] == "marked" or e.get("room") == "lobby", "news of it")
+    assert mine.end_input() == 0 and bob.end_input() == 0
+    assert s.end_input() == 0
+    again = achat("script", "-u", "fay", "--password-file", password_file, "--json")
+    again.wait_event(lambda e: e["kind"] == "welcome", "the welcome")
+    assert again.end_input() == 0
+    assert not [e for e in again.events() if e["kind"] == "unread"], again.events()
+
+
 def test_the_operator_manages_accounts_while_the_broker_runs(achat, password_file):
     """`broker.py accounts add|list|passwd|del` on the broker's database, the broker
     running: each change counts at the next login, and passwd and del end the account's
@@ -484,3 +508,16 @@ def test_two_devices_of_an_account_share_their_marks_and_rooms(achat, password_f
     t.type("/quit\r")
     assert t.exit_status() == 0
     assert bob.end_input() == 0
+
+
+def test_the_accounts_own_lines_from_elsewhere_are_not_counted_unread():
+    """The toolbar's count of another room: a line under the account's nick (sent from
+    its other device or a script of its own) is not something to read; bob's is."""
+    from zmqchat import Client
+    from zmqchat._cli.catchup import Reading
+    from zmqchat._client.library import Event
+
+    reading = Reading(Client("127.0.0.1", 9, "Fay"))
+    reading.take(Event("msg", "from my script", "fay", "lobby", 5, mine=False), "support")
+    reading.take(Event("msg", "hi fay", "bob", "lobby", 6), "support")
+    assert reading.waiting == {"lobby": [1, 1]}  # what the toolbar shows: lobby 1 (1 @you)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from zmqchat import protocol as m
 from zmqchat._cli.render import Screen
 from zmqchat._client.library import ChatError, Client, Event, Status
 from zmqchat._passwords import PasswordError, ask_new, unusable
@@ -60,8 +61,8 @@ class Reading:
             if room and room != active:
                 self.waiting[room] = [int(ev.data["unread"]), int(ev.data.get("mentions", 0))]
             return True
-        if ev.kind == EventKind.PRIVATE:
-            if not ev.mine:
+        if ev.kind == EventKind.PRIVATE or (ev.kind == EventKind.FILE and ev.data.get("to")):
+            if not self._own(ev):  # a private message or file offer, shown: read
                 self.client.mark_private(ev.nick, ev.ts)
             return True
         if not ev.room or not isinstance(ev.seq, int):
@@ -70,7 +71,7 @@ class Reading:
             self.loading[ev.room].append(ev)
             return False
         if ev.room != active:
-            if ev.kind in ROOM_KINDS and not ev.mine:
+            if ev.kind in ROOM_KINDS and not self._own(ev):
                 count = self.waiting.setdefault(ev.room, [0, 0])
                 count[0] += 1
                 count[1] += self.client.mentions(ev)
@@ -80,6 +81,11 @@ class Reading:
         self.shown[ev.room] = ev.seq
         self.client.mark(ev.room, ev.seq)
         return True
+
+    def _own(self, ev: Event) -> bool:
+        """Sent by us: from this client, or under the account's nick (its other devices,
+        its scripts): not for us to read."""
+        return ev.mine or m.nick_key(ev.nick) == m.nick_key(self.client.nick)
 
     def _note(self, ev: Event, active: str) -> bool:
         """An `unread` line from the library: what waits in a room (counted for the
