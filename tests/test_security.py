@@ -170,6 +170,12 @@ def test_kicked_member_with_open_socket_hears_nothing_more(make_broker):
             assert err.value.code == "BANNED"
             await boss.unban("lobby", "mallory")
             await mal.join("lobby")
+            with pytest.raises(ChatError) as err:  # a typo, or unbanned already: said so
+                await boss.unban("lobby", "mallory")
+            assert (err.value.code, err.value.reason) == (
+                "NO_SUCH_NICK",
+                "mallory is not banned from lobby",
+            )
 
     asyncio.run(scenario())
 

@@ -115,7 +115,12 @@ class Moderation(CoreBase):
     def _on_unban(self, s: Session, req: m.Request) -> Generator[Op, Any, dict[str, Any]]:
         yield self.registry.catch_up()
         room, settings = self._op_room(s, req)
-        settings.bans -= {m.nick_key(req.body["nick"]), self._principal_of(req.body["nick"])}
+        keys = {m.nick_key(req.body["nick"]), self._principal_of(req.body["nick"])}
+        if not keys & settings.bans:  # a typo must not look like it worked, to everyone
+            raise ProtocolError(
+                Code.NO_SUCH_NICK, f"{req.body['nick']} is not banned from {room.name}"
+            )
+        settings.bans -= keys
         log_event(log, "unbanned", nick=req.body["nick"], room=room.name, by=s.nick)
         yield self.registry.save(settings)
         yield self._append(
