@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import time
@@ -11,7 +12,9 @@ import time
 import pytest
 import zmq
 import zmq.asyncio
+import zmq.auth
 
+from conftest import wait_for
 from zmqchat import ChatError, Client, curve_keys
 from zmqchat import protocol as m
 
@@ -413,10 +416,14 @@ def test_curve_refuses_unknown_keys(make_broker, tmp_path):
     asyncio.run(scenario())
 
 
-def test_a_key_added_to_allow_keys_gets_in_and_a_removed_one_no_longer_does(make_broker, tmp_path):
+def test_a_key_added_to_allow_keys_gets_in_and_a_removed_one_no_longer_does(
+    make_broker, tmp_path, caplog
+):
     """An operator copies a new client's public key into the --allow-keys folder while the
     broker runs: that client gets in without a restart, though a file beside it holds no
-    key (left out). Removing a key keeps its holder out from then on."""
+    key (left out); before, the broker's log said its key was refused. Removing a key
+    keeps its holder out from then on."""
+    caplog.set_level(logging.INFO, logger="zmqchat.broker")
     broker_secret, allowed, server, mine, stranger = curve_setup(tmp_path)
     b = make_broker(curve_key=broker_secret, allow_keys=str(allowed))
 
@@ -438,6 +445,13 @@ def test_a_key_added_to_allow_keys_gets_in_and_a_removed_one_no_longer_does(make
     async def scenario() -> None:
         assert not await attempt("newcomer", stranger)
         key = (tmp_path / "stranger" / "client.key").read_bytes()
+        refused = zmq.auth.load_certificate(tmp_path / "stranger" / "client.key")[0].decode()
+        brokers = getattr(b, "brokers", [])  # a pair of processes logs to files
+
+        def logged() -> str:
+            return "".join(x.log_text() for x in brokers) if brokers else caplog.text
+
+        wait_for(lambda: f"a client with key {refused} was refused" in logged(), 5, "said")
         (allowed / "half-copied.key").write_text("# nothing yet\n")
         (allowed / "newcomer.key").write_bytes(key)
         await until_attempt("newcomer", stranger, gets_in=True)

@@ -389,7 +389,8 @@ def connect(
                     f"cannot reach the broker at {where} (no answer within "
                     f"{TIMEOUT:g} s); is it running, and is that its command port"
                     + (
-                        "; is --server-key its key?"
+                        "; is --server-key its key; does it let your key in (--allow-keys: "
+                        "yours is ~/.config/zmqchat/client.key)?"
                         if curve
                         else "? (a broker with encryption needs --server-key)"
                     )

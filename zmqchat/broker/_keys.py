@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import zmq.auth
 
 log = logging.getLogger("zmqchat.broker")
+REFUSAL_EVERY = 60.0  # seconds between lines about one refused client key
 
 Signature = list[tuple[str, int, int, int, int]]
 
@@ -61,3 +63,23 @@ class AllowedKeys:
                 continue
             keys[public] = True
         return keys
+
+
+class RefusalLog(logging.LoggerAdapter[logging.Logger]):
+    """The authenticator's log (pyzmq says everything at DEBUG): a client refused for a
+    key not in --allow-keys is said at INFO, once a minute per key, so that an operator
+    sees why someone cannot get in."""
+
+    def __init__(self) -> None:
+        super().__init__(log, {})
+        self.told: dict[str, float] = {}
+
+    def debug(self, msg: object, *args: object, **kw: object) -> None:
+        if args and args[0] == "DENIED" and "(CURVE)" in str(msg):
+            key = args[-1].decode() if isinstance(args[-1], bytes) else str(args[-1])
+            now = time.monotonic()
+            if now - self.told.get(key, -REFUSAL_EVERY) >= REFUSAL_EVERY:
+                self.told[key] = now
+                log.info("--allow-keys: a client with key %s was refused (not in the folder)", key)
+            return
+        log.debug(msg, *args)

@@ -31,7 +31,7 @@ from zmqchat._local.accounts import LocalAccounts
 from zmqchat._local.files import LocalFiles
 from zmqchat._local.state import LocalLog, LocalPresence, LocalRegistry
 from zmqchat._local.store import Store, StoreError
-from zmqchat.broker._keys import AllowedKeys
+from zmqchat.broker._keys import AllowedKeys, RefusalLog
 from zmqchat.broker._outflow import LENT, Outflow
 
 if TYPE_CHECKING:  # imported at run time only with CURVE (see _secure)
@@ -220,7 +220,7 @@ class Broker:
         # Imported only here: asyncio and ssl come with it, 8 MB a plain broker never uses.
         from zmq.auth.thread import ThreadAuthenticator
 
-        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth = ThreadAuthenticator(self.ctx, log=RefusalLog())
         self.auth.start()
         if self.allowed is None:
             self.auth.configure_curve(domain="chat", location=zmq.auth.CURVE_ALLOW_ANY)
