@@ -410,7 +410,7 @@ def test_the_operators_password_is_read_twice_and_what_is_wrong_is_said_first(tm
     assert (done.returncode, done.stdout) == (0, "added gus\n")
     for args, said in (
         (("passwd", "ivy"), "no account ivy"),
-        (("add", "GUS"), "gus is registered already"),
+        (("add", "GUS"), "gus is registered already (a new password: accounts passwd gus)"),
     ):
         done = operator(*args, "--db", db, stdin="an0ther-pass\nan0ther-pass\n")
         assert (done.returncode, done.stderr) == (1, f"broker.py accounts: {said}\n")

@@ -443,6 +443,32 @@ def test_server_key_chats_over_curve(make_broker_process, started, tmp_path):
     bob.wait_event(lambda e: e.get("text") == "over an encrypted line", "alice's message")
     assert (tmp_path / "alice" / "zmqchat" / "client.key_secret").exists()
     assert bob.end_input() == 0
+    clash = tmp_path / "report.txt"  # --gen-keys of a file: one line, no traceback
+    clash.write_text("a report")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "broker.py"), "--gen-keys", str(clash)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert (run.returncode, run.stderr) == (
+        2,
+        f"broker.py: --gen-keys {clash}: a file, not a folder\n",
+    )
+
+
+def test_a_downloads_folder_that_is_not_there_is_said_at_start(tmp_path):
+    """--downloads naming no folder is a usage error before anything connects (it was said
+    only at the first /get)."""
+    run = subprocess.run(
+        [sys.executable, CLIENT, "-u", "bob", "--downloads", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 2
+    assert run.stderr.rstrip().endswith(f"--downloads {tmp_path / 'nope'}: no such folder")
 
 
 def test_kicked_user_falls_back_to_lobby(make_broker_process, started):

@@ -215,7 +215,11 @@ def parser() -> Parser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.downloads is not None and not os.path.isdir(os.path.expanduser(args.downloads)):
+        p.error(f"--downloads {args.downloads}: no such folder")  # (said now, not at a /get)
+    return args
 
 
 def tell(text: str) -> None:

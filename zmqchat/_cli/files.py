@@ -196,7 +196,8 @@ class FileCommands:
         nick = arg.strip().lstrip("@")
         offers = await (self.client.files(with_nick=nick) if nick else self.client.files(self.room))
         if self.screen.json_mode:
-            self.screen.note(f"{len(offers)} files", kind="files", files=offers)
+            count = f"{len(offers)} file{'' if len(offers) == 1 else 's'}"
+            self.screen.note(count, kind="files", files=offers)
             return
         if not offers:
             self.screen.note(f"no files in {self.room}" if not nick else f"no files with {nick}")

@@ -239,7 +239,8 @@ def _expected(nick: str, found: Any, registered: bool) -> None:
     if registered and not found:
         raise Refused(f"no account {nick}")
     if found and not registered:
-        raise Refused(f"{json.loads(found[0])['name']} is registered already")
+        name = json.loads(found[0])["name"]
+        raise Refused(f"{name} is registered already (a new password: accounts passwd {name})")
 
 
 def _listing(records: list[dict[str, Any]]) -> str:
@@ -294,7 +295,10 @@ class ClusterStore(Store):
                 found = None
             if action == "add":
                 if found is not None:
-                    raise Refused(f"{found['name']} is registered already")
+                    raise Refused(
+                        f"{found['name']} is registered already (a new password: accounts "
+                        f"passwd {found['name']})"
+                    )
                 assert keys is not None
                 try:
                     await accounts.create(key, json.dumps(_record(nick, keys)).encode())

@@ -342,8 +342,13 @@ def gen_keys(folder: str, say: Say) -> int:
             f"{folder} already holds a broker key pair; clients trust its public key, so it "
             f"is kept (remove it first to make a new one)",
         )
-    os.makedirs(folder, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(folder, "broker")
-    os.chmod(secret, 0o600)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        public, secret = zmq.auth.create_certificates(folder, "broker")
+        os.chmod(secret, 0o600)
+    except FileExistsError:
+        return say(2, f"--gen-keys {folder}: a file, not a folder")
+    except OSError as err:
+        return say(1, f"--gen-keys {folder}: {err.strerror or err}")
     print(f"wrote {public} (give to clients: --server-key) and {secret} (keep secret)")
     return 0
