@@ -96,15 +96,9 @@ def broker(make_broker) -> RunningBroker:
 def port_free(port: int) -> bool:
     """Whether a server could listen on the port (as servers do, with SO_REUSEADDR: the
     connections a stopped server leaves in TIME_WAIT do not hold it)."""
-    import socket
+    from scripts.nats_local import in_use
 
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    return not in_use(port)
 
 
 PORTS_EACH = 1000  # ports per test process, from PORTS_FROM on (scripts/cluster.py's test

@@ -658,6 +658,18 @@ def weather_bot(gate: threading.Event) -> Bot:
     return bot
 
 
+def die_bot(prefix: str = "!") -> Bot:
+    """A bot with one command, roll."""
+    bot = Bot(prefix=prefix)
+
+    @bot.command("roll")
+    def roll(ctx: Context) -> str:
+        """Roll a die."""
+        return "4"
+
+    return bot
+
+
 def held(bot: Bot, conversation: str) -> int:
     """How many of the bot's handlers have a reply waiting for an earlier one's turn."""
     return sum(turn.waiting for turn in bot._lines.get(conversation, ()))
@@ -689,14 +701,7 @@ def test_help_about_another_bots_command_is_left_to_that_bot(broker, people, bot
     does not say it has no such command), `!help` by both; asked privately, a bot says
     it has no such command."""
     weather = bots(weather_bot(threading.Event()), broker.port, "weatherbot")
-    dice = Bot()
-
-    @dice.command("roll")
-    def roll(ctx: Context) -> str:
-        """Roll a die."""
-        return "4"
-
-    bots(dice, broker.port, "dicebot")
+    dice = bots(die_bot(), broker.port, "dicebot")
     ann = people("ann")
     ann.say("lobby", "!help weather")
     ann.say("lobby", "!help")
@@ -713,14 +718,7 @@ def test_help_about_another_bots_command_is_left_to_that_bot(broker, people, bot
 def test_help_speaks_with_the_bots_own_prefix(broker, people, bots):
     """A bot whose prefix is `%`: its help lists `%help [COMMAND]` and says `%help COMMAND`,
     not the default `!`."""
-    bot = Bot(prefix="%")
-
-    @bot.command("roll")
-    def roll(ctx: Context) -> str:
-        """Roll a die."""
-        return "4"
-
-    bots(bot, broker.port, "pctbot")
+    bots(die_bot(prefix="%"), broker.port, "pctbot")
     ann = people("ann")
     ann.say("lobby", "%help")
     listing = ann.reply("pctbot", lambda t: t.startswith("commands:")).text

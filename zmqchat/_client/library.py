@@ -1235,10 +1235,8 @@ class Client(AccountClient, Messages):
         """Whether a pushed private message is news (after a reconnect the broker pushes
         again those sent since the last one we had); moves our privates_since on."""
         cmid = ev.get("cmid")
-        if isinstance(cmid, str):
-            if cmid in self._privates:
-                return False
-            remember(self._privates, cmid, PRIVATE_MEMORY)
+        if isinstance(cmid, str) and not self._first_time(cmid):
+            return False
         ts = ev.get("ts")
         if isinstance(ts, (int, float)) and self._privates_since is not None:
             self._privates_since = max(self._privates_since, float(ts))
@@ -1250,6 +1248,10 @@ class Client(AccountClient, Messages):
         cmid = ev.get("cmid")
         if not isinstance(cmid, str) or m.nick_key(str(ev.get("to", ""))) != m.nick_key(self.nick):
             return True
+        return self._first_time(cmid)
+
+    def _first_time(self, cmid: str) -> bool:
+        """Whether a private message's id is new here (then it is remembered)."""
         if cmid in self._privates:
             return False
         remember(self._privates, cmid, PRIVATE_MEMORY)

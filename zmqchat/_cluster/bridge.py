@@ -39,7 +39,6 @@ from functools import partial
 from typing import Any, Final
 
 import nats
-import nats.errors
 import nats.js.errors
 from nats.js import api
 
@@ -57,6 +56,7 @@ from zmqchat._cluster.names import (
     Verb,
     room_stream,
     room_subject,
+    why,
 )
 from zmqchat._cluster.privates import Privates
 from zmqchat._cluster.streams import PROBE_AFTER, Call, RoomStream
@@ -425,12 +425,12 @@ class Bridge:
             try:
                 return await call()
             except Exception as exc:  # noqa: BLE001 - see above
-                why = _why(exc)
+                reason = why(exc)
                 if getattr(exc, "err_code", None) in JS_NOT_ENABLED:
-                    raise SetupFailed(f"{what}: {why} (is JetStream enabled?)") from None
+                    raise SetupFailed(f"{what}: {reason} (is JetStream enabled?)") from None
                 if time.monotonic() > self.patient_until:
                     raise SetupFailed(
-                        f"{what}: {why} (still so after waiting {SETUP_PATIENCE:g} s for "
+                        f"{what}: {reason} (still so after waiting {SETUP_PATIENCE:g} s for "
                         f"the cluster to settle)"
                     ) from None
                 if not told:
@@ -439,7 +439,7 @@ class Bridge:
                         "the NATS cluster is not ready yet (%s: %s); waiting up to %.0f s "
                         "for it to settle",
                         what,
-                        why,
+                        reason,
                         max(0.0, self.patient_until - time.monotonic()),
                     )
                 await asyncio.sleep(0.25)
@@ -603,7 +603,7 @@ class Bridge:
             await self._ensure_room(room)
             await self.stream(room).follow()
         except Exception as exc:  # noqa: BLE001
-            self.fail(call, Failure.UNAVAILABLE, f"the room's history did not answer: {_why(exc)}")
+            self.fail(call, Failure.UNAVAILABLE, f"the room's history did not answer: {why(exc)}")
             return
         self.done(call, True)
 
@@ -653,7 +653,7 @@ class Bridge:
         try:
             found = await self.history(room).read(lo, hi, q["last"])
         except Exception as exc:  # noqa: BLE001
-            self.fail(call, Failure.UNAVAILABLE, f"history not read: {_why(exc)}")
+            self.fail(call, Failure.UNAVAILABLE, f"history not read: {why(exc)}")
             return
         prefix = room.encode()
         texts = []
@@ -681,7 +681,7 @@ class Bridge:
         except Exception as exc:  # noqa: BLE001 - timeout, connection, ...: always answer
             code = getattr(exc, "err_code", None)
             failure = Failure.CONFLICT if code in WRONG_LAST_SEQUENCE else Failure.UNAVAILABLE
-            self.fail(call, failure, _why(exc))
+            self.fail(call, failure, why(exc))
         else:
             self.done(call, revision)
 
@@ -721,7 +721,7 @@ class Bridge:
                 *(self.js.stream_info(f"KV_{self.ns}-{bucket}") for bucket in buckets)
             )
         except Exception as exc:  # noqa: BLE001
-            self.fail(call, Failure.UNAVAILABLE, f"the registry did not answer: {_why(exc)}")
+            self.fail(call, Failure.UNAVAILABLE, f"the registry did not answer: {why(exc)}")
             return
         revs = {bucket: info.state.last_seq for bucket, info in zip(buckets, infos, strict=True)}
         self.done(call, revs)
@@ -739,7 +739,7 @@ class Bridge:
             except nats.js.errors.KeyWrongLastSequenceError:
                 created = False
         except Exception as exc:  # noqa: BLE001
-            self.fail(call, Failure.UNAVAILABLE, f"the room was not made: {_why(exc)}")
+            self.fail(call, Failure.UNAVAILABLE, f"the room was not made: {why(exc)}")
             return
         self.done(call, created)
 
@@ -757,9 +757,3 @@ def _event_ts(tail: bytes) -> float:
         return float(tail[5 : tail.index(b",", 5)])
     except ValueError:
         return 0.0
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__

@@ -79,10 +79,11 @@ class Calls:
         if frames[0] == News.FAIL:
             failure = frames[2].decode()
             code = Code.UNAVAILABLE if failure == Failure.UNAVAILABLE else Code.INTERNAL
+            reason = frames[3].decode(errors="replace")
             if failure == Failure.UNAVAILABLE:
                 self.failed += 1
-                self.last_failure = frames[3].decode(errors="replace")
-            op.fail(ProtocolError(code, frames[3].decode(), cluster=failure))
+                self.last_failure = reason
+            op.fail(ProtocolError(code, reason, cluster=failure))
             return
         try:
             value = decode(frames[2:])

@@ -24,6 +24,7 @@ from typing import Any
 
 from zmqchat._blobs import DiskBlobs
 from zmqchat._cluster.file_parts import SharedUploads
+from zmqchat._cluster.names import why
 from zmqchat._core.files_state import FileOffer
 from zmqchat._core.state import Op
 from zmqchat.protocol import Code, ProtocolError
@@ -100,8 +101,7 @@ class _Async:
             except ProtocolError as err:
                 op.fail(err)
             except Exception as exc:  # noqa: BLE001 - NATS unreachable, timeouts: retry later
-                why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
-                log.warning("files: %s failed: %s", what, why or type(exc).__name__)
+                log.warning("files: %s failed: %s", what, why(exc))
                 op.fail(ProtocolError(Code.UNAVAILABLE, f"the cluster did not answer: {exc}"))
             else:
                 op.resolve(value)

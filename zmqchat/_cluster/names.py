@@ -166,3 +166,11 @@ class SeenIds:
 
     def get(self, msgid: str) -> tuple[str, int] | None:
         return self.ids.get(msgid)
+
+
+def why(exc: BaseException) -> str:
+    """An exception of the cluster's as a log or error line says it (nats-py's timeouts are
+    TimeoutErrors, whichever way they come)."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__

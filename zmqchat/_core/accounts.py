@@ -244,10 +244,15 @@ class Accounts(Sessions, Rooms, Moderation):
         account = self.accounts.account(m.nick_key(nick))
         if account is None:
             return None
+        return self._account_holder(account.key) or Identity(
+            "", account.name, account.key, "", "", False, "", account=account.key
+        )
+
+    def _account_holder(self, account: str) -> Identity | None:
         for ident in self.registry.identities():
-            if ident.account == account.key:
+            if ident.account == account:
                 return ident
-        return Identity("", account.name, account.key, "", "", False, "", account=account.key)
+        return None
 
     def _may_take(self, s: Session, nick: str, key: str) -> None:
         owner = self.accounts.account(key)

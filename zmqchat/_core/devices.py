@@ -58,12 +58,6 @@ class Devices(Accounts):
         super().push_to(ident, kind, body)
 
     # ------------------------------------------------------------------ logging in
-    def _account_holder(self, account: str) -> Identity | None:
-        for ident in self.registry.identities():
-            if ident.account == account:
-                return ident
-        return None
-
     def _attach(self, ident: Identity, resume: bool) -> Generator[Op, Any, None]:
         """A further session of the account. A resume of one of its companions (the same
         client, its earlier connection lost) takes that one's place."""
