@@ -405,7 +405,11 @@ def test_a_mark_told_by_another_broker_counts_before_its_news(state):
     state.settle(state.accounts.join(acct, "lobby", 3))
     state.settle(state.accounts.mark_private(acct, "cy", 50.0))
     other = state.other()
-    wait_for(lambda: other.kept(acct).rooms == {"lobby": 3}, 10, "the mark on the other broker")
+    wait_for(  # both marks: they are two keys, heard in either order
+        lambda: (other.kept(acct).rooms, other.kept(acct).privates) == ({"lobby": 3}, {"cy": 50.0}),
+        10,
+        "the marks on the other broker",
+    )
     state.accounts.mark(acct, "lobby", 9)  # under way: nothing of it drained on the other
     state.accounts.mark_private(acct, "cy", 100.5)
     assert (other.kept(acct).rooms, other.kept(acct).privates) == ({"lobby": 3}, {"cy": 50.0})
